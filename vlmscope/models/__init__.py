@@ -1,0 +1,1 @@
+"""Models layer: adapters per family, HookedVLM, hook points, token masks and the offline zoo."""
