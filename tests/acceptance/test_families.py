@@ -1,0 +1,203 @@
+"""One acceptance suite over every zoo family, gated by the adapters' capability flags.
+
+Truth comes from transformers itself: its hidden_states and eager attentions, its logits without
+hooks, per-sample runs, and the processor's own count of image placeholder tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.conftest import random_image
+from vlmscope.models import zoo
+from vlmscope.models.hooked import HookedVLM
+
+FAMILIES = zoo.names()
+
+PROMPTS = ["what colour is the circle", "how many squares are there in the image"]
+
+
+def samples(multimodal: bool) -> list[tuple[str, list[Any]]]:
+    """Two samples with different lengths and (for VLMs) 1 and 2 images of different sizes."""
+    if not multimodal:
+        return [(PROMPTS[0], []), (PROMPTS[1] + " and how many circles", [])]
+    return [
+        (PROMPTS[0], [random_image(32, 40, seed=1)]),
+        (PROMPTS[1], [random_image(48, 32, seed=2), random_image(32, 32, seed=3)]),
+    ]
+
+
+def batch(vlm: HookedVLM, items: list[tuple[str, list[Any]]], side: str = "right") -> Any:
+    return vlm.prepare(
+        [p for p, _ in items], images=[im for _, im in items] if items[0][1] else None,
+        padding_side=side,
+    )  # fmt: skip
+
+
+_LOADED: dict[tuple[str, str], HookedVLM] = {}
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def load(zoo_path: Callable[[str], Path]) -> Callable[[str, str], HookedVLM]:
+    def get(name: str, attn: str = "sdpa") -> HookedVLM:
+        key = (name, attn)
+        if key not in _LOADED:
+            _LOADED[key] = HookedVLM.from_pretrained(
+                zoo_path(name), device="cpu", dtype=torch.float32, attn_implementation=attn
+            )
+        return _LOADED[key]
+
+    return get
+
+
+def test_resid_post_equals_hidden_states(family: str, load: Callable[..., HookedVLM]) -> None:
+    vlm = load(family)
+    inputs = batch(vlm, samples(zoo.spec(family).multimodal))
+    out, cache = vlm.run_with_cache(inputs, names=["lm.blocks.*.hook_resid_post", "lm.blocks.0.hook_resid_pre"])
+    hf = vlm.model(**inputs, output_hidden_states=True, use_cache=False)
+    hs = hf.hidden_states
+    n = vlm.adapter.n_layers
+    assert len(hs) == n + 1
+    torch.testing.assert_close(cache["lm.blocks.0.hook_resid_pre"], hs[0], atol=1e-5, rtol=0)
+    for i in range(n - 1):
+        torch.testing.assert_close(cache[f"lm.blocks.{i}.hook_resid_post"], hs[i + 1], atol=1e-5, rtol=0)
+    # The last hidden state is after the final norm.
+    last = vlm.adapter.norm()(cache[f"lm.blocks.{n - 1}.hook_resid_post"])
+    torch.testing.assert_close(last, hs[n], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.logits, hf.logits, atol=0, rtol=0)
+
+
+def test_residual_stream_strictness(family: str, load: Callable[..., HookedVLM]) -> None:
+    vlm = load(family)
+    inputs = batch(vlm, samples(zoo.spec(family).multimodal))
+    _, cache = vlm.run_with_cache(inputs, names=["lm.blocks.*.hook_resid_pre", "lm.blocks.*.hook_resid_post"])
+    same = [
+        torch.equal(cache[f"lm.blocks.{i}.hook_resid_post"], cache[f"lm.blocks.{i + 1}.hook_resid_pre"])
+        for i in range(vlm.adapter.n_layers - 1)
+    ]
+    if vlm.adapter.capabilities.strict_residual_stream:
+        assert all(same)
+    else:
+        assert not all(same), "family flagged non-strict but every layer boundary is exact"
+
+
+def test_patterns_equal_eager_attentions(family: str, load: Callable[..., HookedVLM]) -> None:
+    sdpa, eager = load(family, "sdpa"), load(family, "eager")
+    inputs = batch(sdpa, samples(zoo.spec(family).multimodal))
+    valid = sdpa.masks(inputs).valid
+    _, cache = sdpa.run_with_cache(inputs, names="lm.blocks.*.attn.hook_pattern")
+    ref = eager.model(**inputs, output_attentions=True, use_cache=False).attentions
+    assert len(ref) == sdpa.adapter.n_layers
+    for i, r in enumerate(ref):
+        got = cache[f"lm.blocks.{i}.attn.hook_pattern"]
+        # Rows of padding queries are undefined in HF (fully masked); compare real queries.
+        q = valid[:, None, :, None].expand_as(got)
+        torch.testing.assert_close(got[q], r[q].float(), atol=1e-5, rtol=0)
+
+
+def test_noop_hooks_leave_logits_exact(family: str, load: Callable[..., HookedVLM]) -> None:
+    vlm = load(family)
+    inputs = batch(vlm, samples(zoo.spec(family).multimodal))
+    clean = vlm.forward(inputs).logits
+    calls: list[str] = []
+
+    def identity(t: torch.Tensor, ctx: Any) -> torch.Tensor | None:
+        calls.append(ctx.name)
+        return None if ctx.name.endswith("hook_pattern") else t.clone()
+
+    hooked = vlm.run_with_hooks(inputs, [("*", identity)]).logits
+    assert torch.equal(clean, hooked)
+    assert set(calls) == set(vlm.hook_names())
+
+
+def _count_hooks(model: torch.nn.Module) -> int:
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._forward_hooks_with_kwargs)
+        for m in model.modules()
+    )
+
+
+def test_no_hook_remains_after_exception(family: str, load: Callable[..., HookedVLM]) -> None:
+    vlm = load(family)
+    inputs = batch(vlm, samples(zoo.spec(family).multimodal))
+    before = _count_hooks(vlm.model)
+
+    def boom(t: torch.Tensor, ctx: Any) -> None:
+        if ctx.layer == vlm.adapter.n_layers - 1:
+            raise RuntimeError("hook failed")
+
+    with pytest.raises(RuntimeError, match="hook failed"):
+        vlm.run_with_hooks(inputs, [("lm.blocks.*.hook_resid_post", boom), ("lm.blocks.*.attn.hook_pattern", lambda t, c: None)])
+    assert _count_hooks(vlm.model) == before
+    with pytest.raises(KeyError), vlm.hooks([("lm.blocks.*.mlp.hook_in", lambda t, c: None)]):
+        assert _count_hooks(vlm.model) > before
+        raise KeyError("inside the block")
+    assert _count_hooks(vlm.model) == before
+    assert vlm._handles == []
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_batch_equals_single_runs(family: str, side: str, load: Callable[..., HookedVLM]) -> None:
+    vlm = load(family)
+    items = samples(zoo.spec(family).multimodal)
+    inputs = batch(vlm, items, side)
+    valid = vlm.masks(inputs).valid
+    names = ["lm.blocks.*.hook_resid_post"]
+    out, cache = vlm.run_with_cache(inputs, names=names)
+    for b, item in enumerate(items):
+        single = batch(vlm, [item], side)
+        s_out, s_cache = vlm.run_with_cache(single, names=names)
+        pos = valid[b]
+        assert int(pos.sum()) == single["input_ids"].shape[1]
+        torch.testing.assert_close(out.logits[b][pos], s_out.logits[0], atol=1e-4, rtol=0)
+        for k in s_cache:
+            torch.testing.assert_close(cache[k][b][pos], s_cache[k][0], atol=1e-4, rtol=0)
+
+
+def test_image_mask_and_patch_map(family: str, load: Callable[..., HookedVLM]) -> None:
+    vlm = load(family)
+    if not vlm.adapter.capabilities.has_vision:
+        pytest.skip("text-only family")
+    items = samples(True)
+    inputs = batch(vlm, items)
+    masks = vlm.masks(inputs)
+    proc = vlm.processor
+    image_id = getattr(proc.tokenizer, "image_token_id", None) or proc.image_token_id
+    assert masks.image_token_counts() == (inputs["input_ids"] == image_id).sum(1).tolist()
+    # Per image, the adapter's layout has as many tokens as the processor's own formula says.
+    sizes = [(im.height, im.width) for _, images in items for im in images]
+    expected = proc._get_num_multimodal_tokens(image_sizes=sizes)["num_image_tokens"]
+    assert [len(g) for g in vlm.adapter.image_token_grids(inputs)] == list(expected)
+    assert masks.images_per_sample() == [len(im) for _, im in items]
+    assert not (masks.image & masks.special).any() and not (masks.image & masks.pad).any()
+    if not vlm.adapter.capabilities.patch_grid:
+        return
+    pm = masks.patch_map
+    for b, (_, images) in enumerate(items):
+        for k in range(len(images)):
+            cells = pm[b][(pm[b, :, 0] == k)]
+            assert len(cells) > 0
+            for view in cells[:, 1].unique().tolist():
+                grid = cells[(cells[:, 1] == view) & (cells[:, 3] >= 0)][:, 2:]
+                rows, cols = int(grid[:, 0].max()) + 1, int(grid[:, 1].max()) + 1
+                # Every cell of the view's grid exactly once.
+                assert len(grid) == rows * cols
+                assert len({tuple(c) for c in grid.tolist()}) == rows * cols
+
+
+def test_saved_model_loads_with_same_logits(family: str, load: Callable[..., HookedVLM]) -> None:
+    in_memory, processor = zoo.build(family)
+    vlm = load(family)
+    ref = HookedVLM(in_memory, processor)
+    inputs = batch(ref, samples(zoo.spec(family).multimodal))
+    torch.testing.assert_close(ref.forward(inputs).logits, vlm.forward(inputs).logits, atol=0, rtol=0)

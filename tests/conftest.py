@@ -1,0 +1,47 @@
+"""Test setup: no network, quiet transformers, zoo models built once per session on disk."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from vlmscope.models import zoo  # noqa: E402
+
+hf_logging.set_verbosity_error()
+hf_logging.disable_progress_bar()
+torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+@pytest.fixture(scope="session")
+def zoo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One directory for the session's saved zoo models ($VLMSCOPE_TEST_ZOO reuses a folder)."""
+    keep = os.environ.get("VLMSCOPE_TEST_ZOO")
+    return Path(keep) if keep else tmp_path_factory.mktemp("zoo")
+
+
+@pytest.fixture(scope="session")
+def zoo_path(zoo_dir: Path):  # type: ignore[no-untyped-def]
+    """Function name -> path of that zoo model saved with save_pretrained."""
+
+    def get(name: str) -> Path:
+        return zoo.cached_path(name, zoo_dir)
+
+    return get
+
+
+def random_image(h: int, w: int, seed: int = 0) -> Image.Image:
+    """A noise image: distinct pixels so any mix-up of images changes activations."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8"))

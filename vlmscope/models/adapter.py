@@ -1,0 +1,322 @@
+"""Model adapters: one declared component mapping per family, over the unmodified HF model.
+
+An adapter never runs the model itself. It names where the language model's layers, attention,
+MLP, norms, vision blocks and projector live, gives the dimensions, lays out image tokens on a
+patch grid, and recomputes attention patterns from hooked q and k with the family's own RoPE.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a family supports; acceptance tests are gated on these flags."""
+
+    has_vision: bool = True
+    #: resid_post[i] is exactly resid_pre[i+1] (False when something is added between layers).
+    strict_residual_stream: bool = True
+    #: each image's tokens form one unbroken run of image-token ids.
+    contiguous_image_tokens: bool = True
+    #: image tokens map to (image, view, row, col) cells of a patch grid.
+    patch_grid: bool = True
+    #: the text attention uses sliding windows on some layers.
+    sliding_window: bool = False
+    #: attention logits are soft-capped (tanh) before the softmax.
+    attn_softcap: bool = False
+    #: HF's hidden_states output includes everything added between layers (so it is comparable
+    #: with hook_resid_post); False where extra inputs are added outside the decoder layers.
+    hidden_states_are_layer_outputs: bool = True
+
+    def to_dict(self) -> dict[str, bool]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class LayerMap:
+    """Dotted paths of a decoder layer's parts, relative to the layer module.
+
+    `attn_out` and `mlp_out` name the module whose output is the block's contribution to the
+    residual stream (after a post-norm where the family has one); `mlp_in_norm` is the norm that
+    reads the mid-layer residual stream.
+    """
+
+    attn: str = "self_attn"
+    q: str = "self_attn.q_proj"
+    k: str = "self_attn.k_proj"
+    v: str = "self_attn.v_proj"
+    o: str = "self_attn.o_proj"
+    q_norm: str | None = None
+    k_norm: str | None = None
+    attn_in_norm: str = "input_layernorm"
+    attn_out: str = "self_attn.o_proj"
+    mlp: str = "mlp"
+    mlp_in_norm: str = "post_attention_layernorm"
+    mlp_out: str = "mlp"
+    mlp_projections: Mapping[str, str] = field(
+        default_factory=lambda: {
+            "gate": "mlp.gate_proj",
+            "up": "mlp.up_proj",
+            "down": "mlp.down_proj",
+        }
+    )
+
+
+GEMMA_LAYER = LayerMap(
+    attn_out="post_attention_layernorm",
+    mlp_in_norm="pre_feedforward_layernorm",
+    mlp_out="post_feedforward_layernorm",
+)
+
+
+def get_submodule(root: nn.Module, path: str) -> nn.Module:
+    """`root.get_submodule(path)` with an error that says which family path was wrong."""
+    try:
+        return root.get_submodule(path)
+    except AttributeError as e:
+        raise AttributeError(
+            f"{type(root).__name__} has no submodule {path!r}; the adapter's component "
+            "mapping does not match this model"
+        ) from e
+
+
+@dataclass
+class AttentionInputs:
+    """What the attention module received in one forward: enough to recompute its pattern."""
+
+    position_embeddings: Any = None
+    attention_mask: torch.Tensor | None = None
+
+
+class ModelAdapter:
+    """Base adapter. Subclasses declare paths and flags; most need no code at all."""
+
+    #: family name shown by `vlmscope models`.
+    family: ClassVar[str] = "base"
+    #: config.model_type values this adapter handles.
+    model_types: ClassVar[tuple[str, ...]] = ()
+    #: config.architectures values this adapter handles.
+    architectures: ClassVar[tuple[str, ...]] = ()
+    #: dotted path of the text decoder model (has the layer list, final norm, embeddings).
+    language_model: ClassVar[str] = "model.language_model"
+    layers: ClassVar[str] = "layers"
+    final_norm: ClassVar[str] = "norm"
+    embed_tokens: ClassVar[str] = "embed_tokens"
+    lm_head: ClassVar[str] = "lm_head"
+    #: dotted path of the vision encoder's block list, and of the projector into the LM.
+    vision_blocks: ClassVar[str | None] = None
+    projector: ClassVar[str | None] = None
+    layer_map: ClassVar[LayerMap] = LayerMap()
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    #: token strings whose ids are image placeholders in the LM input.
+    image_token_strings: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: nn.Module, processor: Any = None) -> None:
+        self.model = model
+        self.processor = processor
+        self.config = model.config
+        self.text_config = model.config.get_text_config(decoder=True)
+
+    # --- component access -------------------------------------------------------------------
+    def lm(self) -> nn.Module:
+        """The text decoder model (embeddings, layers, final norm)."""
+        return get_submodule(self.model, self.language_model)
+
+    def blocks(self) -> nn.ModuleList:
+        """The language model's decoder layers."""
+        return get_submodule(self.lm(), self.layers)  # type: ignore[return-value]
+
+    def block(self, i: int) -> nn.Module:
+        return self.blocks()[i]
+
+    def part(self, i: int, name: str) -> nn.Module:
+        """Part `name` of LayerMap (e.g. "attn", "mlp_in_norm") of decoder layer `i`."""
+        path = getattr(self.layer_map, name)
+        if path is None:
+            raise AttributeError(f"{self.family} layers have no {name}")
+        return get_submodule(self.block(i), path)
+
+    def norm(self) -> nn.Module:
+        return get_submodule(self.lm(), self.final_norm)
+
+    def embedding(self) -> nn.Module:
+        return get_submodule(self.lm(), self.embed_tokens)
+
+    def unembed(self) -> nn.Module:
+        return get_submodule(self.model, self.lm_head)
+
+    def vision_block_list(self) -> nn.ModuleList | None:
+        if self.vision_blocks is None:
+            return None
+        return get_submodule(self.model, self.vision_blocks)  # type: ignore[return-value]
+
+    def projector_module(self) -> nn.Module | None:
+        if self.projector is None:
+            return None
+        return get_submodule(self.model, self.projector)
+
+    # --- dimensions -------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks())
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.text_config.num_attention_heads)
+
+    @property
+    def n_kv_heads(self) -> int:
+        return int(getattr(self.text_config, "num_key_value_heads", None) or self.n_heads)
+
+    @property
+    def d_head(self) -> int:
+        hd = getattr(self.text_config, "head_dim", None)
+        return int(hd) if hd else self.d_model // self.n_heads
+
+    @property
+    def d_model(self) -> int:
+        return int(self.text_config.hidden_size)
+
+    @property
+    def d_mlp(self) -> int:
+        return int(self.text_config.intermediate_size)
+
+    @property
+    def n_vision_layers(self) -> int:
+        blocks = self.vision_block_list()
+        return 0 if blocks is None else len(blocks)
+
+    def dims(self) -> dict[str, int]:
+        """All dimensions in one dict, as stored next to dictionaries trained on this model."""
+        return {
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.n_kv_heads,
+            "d_head": self.d_head,
+            "d_model": self.d_model,
+            "d_mlp": self.d_mlp,
+            "n_vision_layers": self.n_vision_layers,
+        }
+
+    # --- tokens -----------------------------------------------------------------------------
+    def image_token_ids(self) -> tuple[int, ...]:
+        """Ids of the placeholder tokens that the LM sees in place of image features."""
+        ids = []
+        for attr in ("image_token_id", "image_token_index"):
+            v = getattr(self.config, attr, None)
+            if isinstance(v, int) and v >= 0:
+                ids.append(v)
+        tok = self.tokenizer
+        if tok is not None:
+            for s in self.image_token_strings:
+                i = tok.convert_tokens_to_ids(s)
+                if isinstance(i, int) and i != tok.unk_token_id:
+                    ids.append(i)
+        return tuple(dict.fromkeys(ids))
+
+    @property
+    def tokenizer(self) -> Any:
+        p = self.processor
+        return getattr(p, "tokenizer", p)
+
+    def special_token_ids(self) -> tuple[int, ...]:
+        """BOS/EOS/pad and every added special token (chat-template and image markers),
+        except the image placeholders themselves."""
+        tok = self.tokenizer
+        if tok is None:
+            return ()
+        ids = set(getattr(tok, "all_special_ids", []) or [])
+        for i, t in getattr(tok, "added_tokens_decoder", {}).items():
+            if getattr(t, "special", False):
+                ids.add(int(i))
+        ids -= set(self.image_token_ids())
+        return tuple(sorted(ids))
+
+    def image_token_grids(self, inputs: Mapping[str, Any]) -> list[torch.Tensor]:
+        """For every image in `inputs` (in pixel_values order): a LongTensor [n_tokens, 3] of
+        (view, row, col) per image token, in sequence order. view 0 is the whole image (or its
+        base/global view); tiles and high-resolution views count from 1; col -1 marks a
+        row-separator token that belongs to the image but not to a grid cell."""
+        raise NotImplementedError(f"{self.family}: image token layout not implemented")
+
+    # --- attention --------------------------------------------------------------------------
+    def sliding_window(self, i: int) -> int | None:
+        """The sliding window of layer i, None where it attends to everything before it."""
+        tc = self.text_config
+        window = getattr(tc, "sliding_window", None)
+        types = getattr(tc, "layer_types", None)
+        if window is None or types is None:
+            return None
+        return int(window) if types[i] == "sliding_attention" else None
+
+    def apply_rope(
+        self, i: int, q: torch.Tensor, k: torch.Tensor, position_embeddings: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE with the family's own function (q, k: [batch, heads, pos, d_head])."""
+        cos, sin = position_embeddings
+        module = sys.modules[type(self.part(i, "attn")).__module__]
+        return module.apply_rotary_pos_emb(q, k, cos, sin)
+
+    def attention_scores(
+        self, i: int, q: torch.Tensor, k: torch.Tensor, ctx: AttentionInputs
+    ) -> torch.Tensor:
+        """Masked pre-softmax scores [batch, heads, q_pos, k_pos] of layer i from the raw
+        q_proj / k_proj outputs as [batch, pos, heads, d_head], as the model computes them."""
+        attn = self.part(i, "attn")
+        if self.layer_map.q_norm is not None:
+            q = self.part(i, "q_norm")(q)
+        if self.layer_map.k_norm is not None:
+            k = self.part(i, "k_norm")(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        if ctx.position_embeddings is not None:
+            q, k = self.apply_rope(i, q, k, ctx.position_embeddings)
+        groups = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(groups, dim=1)
+        scores = (q @ k.transpose(-1, -2)) * attn.scaling
+        cap = getattr(attn, "attn_logit_softcapping", None) or getattr(
+            self.text_config, "attn_logit_softcapping", None
+        )
+        if cap:
+            scores = torch.tanh(scores / cap) * cap
+        return self._mask_scores(i, scores, ctx.attention_mask, attn)
+
+    def _mask_scores(
+        self, i: int, scores: torch.Tensor, mask: Any, attn: nn.Module
+    ) -> torch.Tensor:
+        n_q, n_k = scores.shape[-2:]
+        if isinstance(mask, torch.Tensor):
+            m = mask[..., :n_q, :n_k]
+            if m.dtype == torch.bool:
+                return scores.masked_fill(~m, float("-inf"))
+            return scores + m.to(scores.dtype)
+        if mask is not None:
+            raise TypeError(
+                f"cannot recompute attention patterns from a {type(mask).__name__} mask; "
+                "load the model with attn_implementation='sdpa' or 'eager'"
+            )
+        if not getattr(attn, "is_causal", True):
+            return scores
+        qi = torch.arange(n_k - n_q, n_k, device=scores.device)[:, None]
+        ki = torch.arange(n_k, device=scores.device)[None, :]
+        allowed = ki <= qi
+        window = self.sliding_window(i)
+        if window is not None:
+            allowed &= qi - ki < window
+        return scores.masked_fill(~allowed, float("-inf"))
+
+    def attention_pattern(
+        self, i: int, q: torch.Tensor, k: torch.Tensor, ctx: AttentionInputs
+    ) -> torch.Tensor:
+        """Softmaxed attention pattern [batch, heads, q_pos, k_pos], computed in fp32."""
+        scores = self.attention_scores(i, q.float(), k.float(), ctx)
+        return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(family={self.family!r})"

@@ -1,0 +1,500 @@
+"""HookedVLM: named hook points on an unmodified Hugging Face VLM or causal LM.
+
+All hooks are PyTorch hooks registered from the one table in hook_points.py and removed when
+their context ends, also on exceptions. Nothing in the HF model is patched or reimplemented.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from vlmscope.models.adapter import AttentionInputs, ModelAdapter
+from vlmscope.models.hook_points import ResolvedHook, resolve_names
+from vlmscope.models.masks import TokenKind, TokenMasks, compute_masks
+from vlmscope.models.registry import resolve_adapter
+
+HookFn = Callable[[torch.Tensor, "HookContext"], "torch.Tensor | None"]
+MaskSpec = TokenKind | torch.Tensor | None
+
+
+@dataclass
+class HookContext:
+    """Passed to every hook function: which hook fired, on which layer, for which batch."""
+
+    name: str
+    layer: int | None
+    masks: TokenMasks | None
+
+
+class ActivationCache(dict[str, torch.Tensor]):
+    """Activations by hook name. With a token mask, LM activations are stored as
+    [n_selected_tokens, ...] in row-major (sample, position) order of `positions`."""
+
+    def __init__(self, masks: TokenMasks | None = None, positions: torch.Tensor | None = None):
+        super().__init__()
+        self.masks = masks
+        self.positions = positions
+
+    def stack(self, pattern: str) -> torch.Tensor:
+        """Stack the cached tensors whose names match `pattern` (fnmatch), in layer order."""
+        import fnmatch
+
+        keys = [k for k in self if fnmatch.fnmatchcase(k, pattern)]
+        if not keys:
+            raise KeyError(f"no cached activation matches {pattern!r}; cached: {list(self)[:8]}")
+        return torch.stack([self[k] for k in keys])
+
+
+def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}  # fmt: skip
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
+    return names[dtype]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_hf(
+    name_or_path: str | os.PathLike[str],
+    *,
+    dtype: str | torch.dtype | None = None,
+    attn_implementation: str | None = "sdpa",
+    **model_kwargs: Any,
+) -> tuple[nn.Module, Any]:
+    """Load model and processor with the Auto classes, as a user of transformers would."""
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        AutoTokenizer,
+    )
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    path = str(name_or_path)
+    config = AutoConfig.from_pretrained(path)
+    is_vlm = config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    auto = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
+    kwargs = dict(model_kwargs)
+    if dtype is not None:
+        kwargs["dtype"] = _dtype(dtype)
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    model = auto.from_pretrained(path, **kwargs)
+    processor: Any
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        processor = AutoTokenizer.from_pretrained(path)
+    return model.eval(), processor
+
+
+def _first_tensor(x: Any) -> torch.Tensor:
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+class HookedVLM:
+    """An HF VLM (or causal LM) with stable hook names, caches and token masks.
+
+    >>> vlm = HookedVLM.from_pretrained("llava-hf/llava-1.5-7b-hf", dtype="bfloat16")
+    >>> inputs = vlm.prepare("What colour is the circle?", images=[img])
+    >>> logits, cache = vlm.run_with_cache(inputs, names="lm.blocks.*.hook_resid_post")
+    """
+
+    def __init__(
+        self, model: nn.Module, processor: Any = None, adapter: ModelAdapter | None = None
+    ) -> None:
+        self.model = model
+        self.processor = processor
+        self.adapter = adapter if adapter is not None else resolve_adapter(model, processor)
+        self._handles: list[RemovableHandle] = []
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike[str],
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        attn_implementation: str | None = "sdpa",
+        **model_kwargs: Any,
+    ) -> HookedVLM:
+        """Load a hub name or local path through transformers' from_pretrained and wrap it."""
+        model, processor = load_hf(
+            name_or_path, dtype=dtype, attn_implementation=attn_implementation, **model_kwargs
+        )
+        model.to(torch.device(device) if device is not None else default_device())
+        return cls(model, processor)
+
+    # --- basics ---------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.adapter.tokenizer
+
+    def hook_names(self, pattern: str | list[str] | None = None) -> list[str]:
+        """Concrete hook names, all or those matching `pattern` (with * wildcards)."""
+        return [r.name for r in resolve_names(self.adapter, pattern)]
+
+    def prepare(
+        self,
+        prompts: str | Sequence[Any],
+        images: Any = None,
+        *,
+        add_generation_prompt: bool = True,
+        padding_side: str | None = None,
+    ) -> Mapping[str, torch.Tensor]:
+        """Process prompts and images into model inputs on the model's device.
+
+        A prompt is a string (wrapped into one user turn, images first, when the processor has a
+        chat template) or a list of chat messages. `images` holds one image or a list per prompt.
+        """
+        batch = [prompts] if isinstance(prompts, str) or _is_messages(prompts) else list(prompts)
+        per_sample = _images_per_sample(images, len(batch))
+        proc = self.processor
+        template = getattr(proc, "chat_template", None) or getattr(
+            self.tokenizer, "chat_template", None
+        )
+        texts = []
+        for p, imgs in zip(batch, per_sample, strict=True):
+            if isinstance(p, str) and template is not None:
+                content = [{"type": "image"} for _ in imgs] + [{"type": "text", "text": p}]
+                p = [{"role": "user", "content": content}]
+            if not isinstance(p, str):
+                p = proc.apply_chat_template(
+                    p, add_generation_prompt=add_generation_prompt, tokenize=False
+                )
+            texts.append(p)
+        tok = self.tokenizer
+        old_side = tok.padding_side
+        if padding_side is not None:
+            tok.padding_side = padding_side
+        try:
+            if any(per_sample):
+                out = proc(text=texts, images=per_sample, padding=True, return_tensors="pt")
+            elif proc is tok:
+                out = proc(texts, padding=True, return_tensors="pt")
+            else:
+                out = proc(text=texts, padding=True, return_tensors="pt")
+        finally:
+            tok.padding_side = old_side
+        return out.to(self.device)
+
+    def masks(self, inputs: Mapping[str, Any]) -> TokenMasks:
+        """Token masks and patch map of a processed batch; raises if images and placeholders
+        disagree, naming the sample."""
+        pv = inputs.get("pixel_values")
+        grids = None
+        if pv is not None:
+            try:
+                grids = self.adapter.image_token_grids(inputs)
+            except NotImplementedError:
+                grids = None
+        masks = compute_masks(
+            inputs["input_ids"],
+            inputs.get("attention_mask"),
+            self.adapter.image_token_ids(),
+            self.adapter.special_token_ids(),
+            grids,
+            images_given=pv is not None,
+        )
+        return masks
+
+    def _model_inputs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        dev = self.device
+        out = {}
+        for k, v in inputs.items():
+            if isinstance(v, torch.Tensor):
+                v = v.to(dev)
+                if v.is_floating_point() and k in ("pixel_values", "pixel_values_videos"):
+                    v = v.to(self.dtype)
+            out[k] = v
+        return out
+
+    def forward(self, inputs: Mapping[str, Any], **kwargs: Any) -> Any:
+        """Validate the batch, then run the HF model on it (no KV cache unless asked)."""
+        self.masks(inputs)
+        kwargs.setdefault("use_cache", False)
+        return self.model(**self._model_inputs(inputs), **kwargs)
+
+    __call__ = forward
+
+    # --- hooks ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def hooks(
+        self,
+        fwd_hooks: Sequence[tuple[str, HookFn]] = (),
+        masks: TokenMasks | None = None,
+    ) -> Iterator[HookedVLM]:
+        """Register `(name_or_pattern, fn)` hooks for the duration of the block.
+
+        `fn(activation, ctx)` returns None to leave the activation unchanged or a tensor of the
+        same shape to replace it. Every hook is removed on exit, also when an exception escapes.
+        """
+        handles: list[RemovableHandle] = []
+        try:
+            for pattern, fn in fwd_hooks:
+                for rh in resolve_names(self.adapter, pattern):
+                    handles += self._attach(rh, fn, masks)
+            self._handles += handles
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+            self._handles = [h for h in self._handles if h not in handles]
+
+    def run_with_hooks(
+        self, inputs: Mapping[str, Any], fwd_hooks: Sequence[tuple[str, HookFn]], **kwargs: Any
+    ) -> Any:
+        """One forward pass with the given hooks; returns the HF model output."""
+        masks = self.masks(inputs)
+        with self.hooks(fwd_hooks, masks=masks):
+            return self.forward(inputs, **kwargs)
+
+    def run_with_cache(
+        self,
+        inputs: Mapping[str, Any],
+        names: str | list[str] | None = None,
+        *,
+        mask: MaskSpec = None,
+        fwd_hooks: Sequence[tuple[str, HookFn]] = (),
+        detach: bool = True,
+        device: str | torch.device | None = None,
+        **kwargs: Any,
+    ) -> tuple[Any, ActivationCache]:
+        """Forward pass that records activations of `names` (default: every hook point).
+
+        `mask` ("all", "image", "text" or a [batch, seq] bool tensor) keeps only the selected
+        token positions of LM activations, flattened to [n_tokens, ...]; padding is always
+        dropped by the string forms. Vision and projector activations are kept whole.
+        """
+        masks = self.masks(inputs)
+        positions = None
+        if isinstance(mask, str):
+            positions = masks.select(mask)
+        elif isinstance(mask, torch.Tensor):
+            positions = mask.bool().cpu()
+        cache = ActivationCache(masks, positions)
+        pos_dev = positions.to(self.device) if positions is not None else None
+
+        def store(t: torch.Tensor, ctx: HookContext) -> None:
+            x = t.detach() if detach else t
+            if pos_dev is not None and ctx.name.startswith("lm."):
+                if ctx.name.endswith("hook_pattern"):
+                    x = x.transpose(1, 2)[pos_dev]
+                else:
+                    x = x[pos_dev]
+            cache[ctx.name] = x.to(device) if device is not None else x
+            return None
+
+        resolved = resolve_names(self.adapter, names)
+        grad = contextlib.nullcontext() if not detach else torch.no_grad()
+        with grad, self.hooks(list(fwd_hooks), masks=masks):
+            handles: list[RemovableHandle] = []
+            try:
+                for rh in resolved:
+                    handles += self._attach(rh, store, masks)
+                out = self.forward(inputs, **kwargs)
+            finally:
+                for h in handles:
+                    h.remove()
+        return out, cache
+
+    def _target(self, rh: ResolvedHook) -> nn.Module:
+        t, i, a = rh.point.target, rh.layer, self.adapter
+        if t == "block":
+            return a.block(i)  # type: ignore[arg-type]
+        if t == "vision_block":
+            blocks = a.vision_block_list()
+            assert blocks is not None
+            return blocks[i]  # type: ignore[index]
+        if t == "projector":
+            mod = a.projector_module()
+            assert mod is not None
+            return mod
+        return a.part(i, t)  # type: ignore[arg-type]
+
+    def _attach(
+        self, rh: ResolvedHook, fn: HookFn, masks: TokenMasks | None
+    ) -> list[RemovableHandle]:
+        ctx = HookContext(rh.name, rh.layer, masks)
+        p = rh.point
+        heads = {"q_heads": self.adapter.n_heads, "kv_heads": self.adapter.n_kv_heads}.get(
+            p.view or ""
+        )
+
+        def call(t: torch.Tensor) -> torch.Tensor | None:
+            v = t.unflatten(-1, (heads, -1)) if heads else t
+            r = fn(v, ctx)
+            if r is None:
+                return None
+            if r.shape != v.shape:
+                raise ValueError(
+                    f"hook on {rh.name} returned shape {tuple(r.shape)}, expected {tuple(v.shape)}"
+                )
+            return r.flatten(-2) if heads else r
+
+        module = self._target(rh)
+        if p.io == "computed":
+            return self._attach_pattern(rh, fn, ctx)
+        if p.io == "out":
+
+            def out_hook(_m: nn.Module, _args: Any, output: Any) -> Any:
+                r = call(_first_tensor(output))
+                if r is None:
+                    return None
+                if isinstance(output, tuple):
+                    return (r, *output[1:])
+                return r
+
+            return [module.register_forward_hook(out_hook)]
+
+        # io == "in": the tensor is the first positional argument or `hidden_states`.
+        resid_mid = p.target == "mlp_in_norm"
+        pending: dict[str, torch.Tensor] = {}
+
+        def in_hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            if args:
+                t = args[0]
+            else:
+                key = next(k for k in ("hidden_states", "x", "input") if k in kwargs)
+                t = kwargs[key]
+            r = call(t)
+            if r is None:
+                return None
+            if resid_mid:
+                pending["delta"] = r - t
+            if args:
+                return (r, *args[1:]), kwargs
+            return args, {**kwargs, key: r}
+
+        handles = [module.register_forward_pre_hook(in_hook, with_kwargs=True)]
+        if resid_mid:
+            # The norm's input edit must also reach the residual branch that bypasses the MLP.
+            def carry(_m: nn.Module, _args: Any, output: Any) -> Any:
+                delta = pending.pop("delta", None)
+                if delta is None:
+                    return None
+                if isinstance(output, tuple):
+                    return (output[0] + delta, *output[1:])
+                return output + delta
+
+            handles.append(self.adapter.block(rh.layer).register_forward_hook(carry, prepend=True))  # type: ignore[arg-type]
+        return handles
+
+    def _attach_pattern(
+        self, rh: ResolvedHook, fn: HookFn, ctx: HookContext
+    ) -> list[RemovableHandle]:
+        i = rh.layer
+        assert i is not None
+        a = self.adapter
+        seen: dict[str, Any] = {}
+
+        def grab(key: str) -> Callable[[nn.Module, Any, Any], None]:
+            def hook(_m: nn.Module, _args: Any, output: Any) -> None:
+                seen[key] = _first_tensor(output)
+
+            return hook
+
+        def pre(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            seen["ctx"] = AttentionInputs(
+                kwargs.get("position_embeddings"), kwargs.get("attention_mask")
+            )
+
+        def post(_m: nn.Module, _args: Any, _output: Any) -> None:
+            q = seen.pop("q").unflatten(-1, (a.n_heads, -1))
+            k = seen.pop("k").unflatten(-1, (a.n_kv_heads, -1))
+            pattern = a.attention_pattern(i, q, k, seen.pop("ctx"))
+            if fn(pattern, ctx) is not None:
+                raise RuntimeError(
+                    f"{rh.name} is read-only: patterns are recomputed from q and k; edit "
+                    "hook_q / hook_k (or hook_z for the output) instead"
+                )
+
+        attn = a.part(i, "attn")
+        return [
+            a.part(i, "q").register_forward_hook(grab("q")),
+            a.part(i, "k").register_forward_hook(grab("k")),
+            attn.register_forward_pre_hook(pre, with_kwargs=True),
+            attn.register_forward_hook(post),
+        ]
+
+    # --- ready-made hook functions ----------------------------------------------------------
+    @staticmethod
+    def zero_ablate(positions: torch.Tensor | None = None) -> HookFn:
+        """Hook that zeroes the activation, at `positions` ([batch, seq] bool) or everywhere."""
+
+        def fn(t: torch.Tensor, ctx: HookContext) -> torch.Tensor:
+            if positions is None:
+                return torch.zeros_like(t)
+            return t.masked_fill(_expand(positions, t), 0.0)
+
+        return fn
+
+    @staticmethod
+    def patch(source: torch.Tensor, positions: torch.Tensor | None = None) -> HookFn:
+        """Hook that replaces the activation by `source` (same shape), at `positions` or all."""
+
+        def fn(t: torch.Tensor, ctx: HookContext) -> torch.Tensor:
+            src = source.to(t.device, t.dtype)
+            if positions is None:
+                return src.expand_as(t).clone()
+            return torch.where(_expand(positions, t), src, t)
+
+        return fn
+
+    @staticmethod
+    def add(vector: torch.Tensor, positions: torch.Tensor | None = None, scale: float = 1.0) -> HookFn:
+        """Hook that adds `scale * vector` (broadcast over positions), at `positions` or all."""
+
+        def fn(t: torch.Tensor, ctx: HookContext) -> torch.Tensor:
+            v = vector.to(t.device, t.dtype) * scale
+            if positions is None:
+                return t + v
+            return t + v * _expand(positions, t).to(t.dtype)
+
+        return fn
+
+
+def _expand(positions: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    p = positions.to(t.device).bool()
+    return p.reshape(*p.shape, *([1] * (t.dim() - p.dim())))
+
+
+def _is_messages(x: Any) -> bool:
+    return isinstance(x, list) and len(x) > 0 and isinstance(x[0], dict) and "role" in x[0]
+
+
+def _images_per_sample(images: Any, n: int) -> list[list[Any]]:
+    if images is None:
+        return [[] for _ in range(n)]
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    if n == 1 and not any(isinstance(x, (list, tuple)) for x in images):
+        return [list(images)]
+    if len(images) != n:
+        raise ValueError(f"got {len(images)} image lists for {n} prompts; give one list per prompt")
+    return [list(x) if isinstance(x, (list, tuple)) else [x] for x in images]
+
+
+__all__ = ["ActivationCache", "HookContext", "HookFn", "HookedVLM"]
