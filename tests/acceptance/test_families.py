@@ -63,14 +63,18 @@ def load(zoo_path: Callable[[str], Path]) -> Callable[[str, str], HookedVLM]:
 def test_resid_post_equals_hidden_states(family: str, load: Callable[..., HookedVLM]) -> None:
     vlm = load(family)
     inputs = batch(vlm, samples(zoo.spec(family).multimodal))
-    out, cache = vlm.run_with_cache(inputs, names=["lm.blocks.*.hook_resid_post", "lm.blocks.0.hook_resid_pre"])
+    out, cache = vlm.run_with_cache(
+        inputs, names=["lm.blocks.*.hook_resid_post", "lm.blocks.0.hook_resid_pre"]
+    )
     hf = vlm.model(**inputs, output_hidden_states=True, use_cache=False)
     hs = hf.hidden_states
     n = vlm.adapter.n_layers
     assert len(hs) == n + 1
     torch.testing.assert_close(cache["lm.blocks.0.hook_resid_pre"], hs[0], atol=1e-5, rtol=0)
     for i in range(n - 1):
-        torch.testing.assert_close(cache[f"lm.blocks.{i}.hook_resid_post"], hs[i + 1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            cache[f"lm.blocks.{i}.hook_resid_post"], hs[i + 1], atol=1e-5, rtol=0
+        )
     # The last hidden state is after the final norm.
     last = vlm.adapter.norm()(cache[f"lm.blocks.{n - 1}.hook_resid_post"])
     torch.testing.assert_close(last, hs[n], atol=1e-5, rtol=0)
@@ -80,9 +84,13 @@ def test_resid_post_equals_hidden_states(family: str, load: Callable[..., Hooked
 def test_residual_stream_strictness(family: str, load: Callable[..., HookedVLM]) -> None:
     vlm = load(family)
     inputs = batch(vlm, samples(zoo.spec(family).multimodal))
-    _, cache = vlm.run_with_cache(inputs, names=["lm.blocks.*.hook_resid_pre", "lm.blocks.*.hook_resid_post"])
+    _, cache = vlm.run_with_cache(
+        inputs, names=["lm.blocks.*.hook_resid_pre", "lm.blocks.*.hook_resid_post"]
+    )
     same = [
-        torch.equal(cache[f"lm.blocks.{i}.hook_resid_post"], cache[f"lm.blocks.{i + 1}.hook_resid_pre"])
+        torch.equal(
+            cache[f"lm.blocks.{i}.hook_resid_post"], cache[f"lm.blocks.{i + 1}.hook_resid_pre"]
+        )
         for i in range(vlm.adapter.n_layers - 1)
     ]
     if vlm.adapter.capabilities.strict_residual_stream:
@@ -137,7 +145,13 @@ def test_no_hook_remains_after_exception(family: str, load: Callable[..., Hooked
             raise RuntimeError("hook failed")
 
     with pytest.raises(RuntimeError, match="hook failed"):
-        vlm.run_with_hooks(inputs, [("lm.blocks.*.hook_resid_post", boom), ("lm.blocks.*.attn.hook_pattern", lambda t, c: None)])
+        vlm.run_with_hooks(
+            inputs,
+            [
+                ("lm.blocks.*.hook_resid_post", boom),
+                ("lm.blocks.*.attn.hook_pattern", lambda t, c: None),
+            ],
+        )
     assert _count_hooks(vlm.model) == before
     with pytest.raises(KeyError), vlm.hooks([("lm.blocks.*.mlp.hook_in", lambda t, c: None)]):
         assert _count_hooks(vlm.model) > before
@@ -147,7 +161,9 @@ def test_no_hook_remains_after_exception(family: str, load: Callable[..., Hooked
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_padded_batch_equals_single_runs(family: str, side: str, load: Callable[..., HookedVLM]) -> None:
+def test_padded_batch_equals_single_runs(
+    family: str, side: str, load: Callable[..., HookedVLM]
+) -> None:
     vlm = load(family)
     items = samples(zoo.spec(family).multimodal)
     inputs = batch(vlm, items, side)
@@ -200,4 +216,6 @@ def test_saved_model_loads_with_same_logits(family: str, load: Callable[..., Hoo
     vlm = load(family)
     ref = HookedVLM(in_memory, processor)
     inputs = batch(ref, samples(zoo.spec(family).multimodal))
-    torch.testing.assert_close(ref.forward(inputs).logits, vlm.forward(inputs).logits, atol=0, rtol=0)
+    torch.testing.assert_close(
+        ref.forward(inputs).logits, vlm.forward(inputs).logits, atol=0, rtol=0
+    )

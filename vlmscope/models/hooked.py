@@ -464,7 +464,9 @@ class HookedVLM:
         return fn
 
     @staticmethod
-    def add(vector: torch.Tensor, positions: torch.Tensor | None = None, scale: float = 1.0) -> HookFn:
+    def add(
+        vector: torch.Tensor, positions: torch.Tensor | None = None, scale: float = 1.0
+    ) -> HookFn:
         """Hook that adds `scale * vector` (broadcast over positions), at `positions` or all."""
 
         def fn(t: torch.Tensor, ctx: HookContext) -> torch.Tensor:

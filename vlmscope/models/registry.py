@@ -29,7 +29,9 @@ def register_adapter(cls: A) -> A:
     _FAMILIES[cls.family] = cls
     for mt in cls.model_types:
         if mt in _BY_MODEL_TYPE:
-            raise ValueError(f"model_type {mt!r} claimed by {_BY_MODEL_TYPE[mt].family} and {cls.family}")
+            raise ValueError(
+                f"model_type {mt!r} claimed by {_BY_MODEL_TYPE[mt].family} and {cls.family}"
+            )
         _BY_MODEL_TYPE[mt] = cls
     for arch in cls.architectures:
         _BY_ARCHITECTURE[arch] = cls

@@ -54,7 +54,9 @@ def _layer_map(layer: nn.Module) -> LayerMap | None:
     if not all(hasattr(a, p) for p in _PROJ):
         return None
     children = dict(layer.named_children())
-    gemma_style = "pre_feedforward_layernorm" in children and "post_feedforward_layernorm" in children
+    gemma_style = (
+        "pre_feedforward_layernorm" in children and "post_feedforward_layernorm" in children
+    )
     base = GEMMA_LAYER if gemma_style else LayerMap()
     if not gemma_style and (
         "input_layernorm" not in children or "post_attention_layernorm" not in children

@@ -16,7 +16,9 @@ def grid_cells(rows: int, cols: int, view: int = 0, newline: bool = False) -> to
     r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
     cells = torch.stack([torch.full_like(r, view), r, c], dim=-1)
     if newline:
-        nl = torch.stack([torch.full((rows,), view), torch.arange(rows), torch.full((rows,), -1)], -1)
+        nl = torch.stack(
+            [torch.full((rows,), view), torch.arange(rows), torch.full((rows,), -1)], -1
+        )
         cells = torch.cat([cells, nl[:, None, :]], dim=1)
     return cells.reshape(-1, 3)
 
