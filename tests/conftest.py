@@ -9,15 +9,15 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers.utils import logging as hf_logging
 
-from vlmscope.models import zoo  # noqa: E402
+from vlmscope.models import zoo
 
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()

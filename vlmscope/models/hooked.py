@@ -71,7 +71,7 @@ def load_hf(
     name_or_path: str | os.PathLike[str],
     *,
     dtype: str | torch.dtype | None = None,
-    attn_implementation: str | None = "sdpa",
+    attn_implementation: str | None = None,
     **model_kwargs: Any,
 ) -> tuple[nn.Module, Any]:
     """Load model and processor with the Auto classes, as a user of transformers would."""
@@ -129,7 +129,7 @@ class HookedVLM:
         *,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
-        attn_implementation: str | None = "sdpa",
+        attn_implementation: str | None = None,
         **model_kwargs: Any,
     ) -> HookedVLM:
         """Load a hub name or local path through transformers' from_pretrained and wrap it."""

@@ -1,0 +1,186 @@
+"""HookedVLM edits checked against equivalent edits elsewhere in the network, plus bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.conftest import random_image
+from vlmscope.models.hooked import HookedVLM
+from vlmscope.models.masks import ImageTokenMismatchError
+
+
+@pytest.fixture(scope="module")
+def llava(zoo_path: Any) -> HookedVLM:
+    return HookedVLM.from_pretrained(zoo_path("llava"), device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def gemma2(zoo_path: Any) -> HookedVLM:
+    return HookedVLM.from_pretrained(zoo_path("gemma2"), device="cpu", dtype=torch.float32)
+
+
+def llava_inputs(vlm: HookedVLM) -> Any:
+    return vlm.prepare(
+        ["what colour is the circle", "how many squares"],
+        images=[[random_image(32, 32, 1)], [random_image(32, 32, 2), random_image(40, 32, 3)]],
+    )
+
+
+@pytest.mark.parametrize("which", ["llava", "gemma2"])
+def test_resid_mid_edit_equals_attn_out_edit(which: str, request: pytest.FixtureRequest) -> None:
+    """attn.hook_out is the attention's contribution to the residual: adding v there and adding
+    v to resid_mid must give the same logits (this checks resid_mid's carry-over)."""
+    vlm: HookedVLM = request.getfixturevalue(which)
+    inputs = llava_inputs(vlm) if which == "llava" else vlm.prepare(["one two three four five six"])
+    v = torch.randn(vlm.adapter.d_model, generator=torch.Generator().manual_seed(0))
+    a = vlm.run_with_hooks(inputs, [("lm.blocks.1.hook_resid_mid", HookedVLM.add(v))]).logits
+    b = vlm.run_with_hooks(inputs, [("lm.blocks.1.attn.hook_out", HookedVLM.add(v))]).logits
+    clean = vlm.forward(inputs).logits
+    assert (a - clean).abs().max() > 1e-3
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_resid_post_edit_equals_next_resid_pre_edit(llava: HookedVLM) -> None:
+    inputs = llava_inputs(llava)
+    v = torch.randn(llava.adapter.d_model, generator=torch.Generator().manual_seed(1))
+    a = llava.run_with_hooks(inputs, [("lm.blocks.0.hook_resid_post", HookedVLM.add(v))]).logits
+    b = llava.run_with_hooks(inputs, [("lm.blocks.1.hook_resid_pre", HookedVLM.add(v))]).logits
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_hook_z_head_view(llava: HookedVLM) -> None:
+    """Adding u to head h of z equals adding o_proj's columns of head h times u to attn_out."""
+    inputs = llava_inputs(llava)
+    a = llava.adapter
+    h, u = 2, torch.randn(a.d_head, generator=torch.Generator().manual_seed(2))
+    w_o = a.part(0, "o").weight  # [d_model, heads * d_head]
+    delta = w_o[:, h * a.d_head : (h + 1) * a.d_head] @ u
+
+    def add_head(t: torch.Tensor, ctx: Any) -> torch.Tensor:
+        t = t.clone()
+        t[:, :, h] += u
+        return t
+
+    x = llava.run_with_hooks(inputs, [("lm.blocks.0.attn.hook_z", add_head)]).logits
+    y = llava.run_with_hooks(inputs, [("lm.blocks.0.attn.hook_out", HookedVLM.add(delta))]).logits
+    torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+
+def test_patching_a_whole_stream_transplants_the_run(gemma2: HookedVLM) -> None:
+    tok = gemma2.tokenizer
+    ids_a = torch.tensor([[tok.bos_token_id, 20, 31, 42, 53, 64, 75, 86, 97, 108, 119]])
+    ids_b = torch.tensor([[tok.bos_token_id, 21, 30, 45, 50, 66, 70, 88, 90, 100, 111]])
+    a, b = {"input_ids": ids_a}, {"input_ids": ids_b}
+    out_b, cache_b = gemma2.run_with_cache(b, names="lm.blocks.1.hook_resid_pre")
+    hook = HookedVLM.patch(cache_b["lm.blocks.1.hook_resid_pre"])
+    patched = gemma2.run_with_hooks(a, [("lm.blocks.1.hook_resid_pre", hook)]).logits
+    torch.testing.assert_close(patched, out_b.logits, atol=0, rtol=0)
+    # Patching only the last position changes only the last position's logits.
+    pos = torch.zeros(1, ids_a.shape[1], dtype=torch.bool)
+    pos[0, -1] = True
+    only_last = gemma2.run_with_hooks(
+        a,
+        [
+            (
+                "lm.blocks.1.hook_resid_pre",
+                HookedVLM.patch(cache_b["lm.blocks.1.hook_resid_pre"], pos),
+            )
+        ],
+    ).logits
+    clean_a = gemma2.forward(a).logits
+    torch.testing.assert_close(only_last[0, :-1], clean_a[0, :-1], atol=0, rtol=0)
+    assert (only_last[0, -1] - clean_a[0, -1]).abs().max() > 1e-3
+
+
+def test_zero_ablation_at_image_positions(llava: HookedVLM) -> None:
+    inputs = llava_inputs(llava)
+    masks = llava.masks(inputs)
+    _, cache = llava.run_with_cache(
+        inputs,
+        names="lm.blocks.0.hook_resid_pre",
+        fwd_hooks=[("lm.blocks.0.hook_resid_pre", HookedVLM.zero_ablate(masks.image))],
+    )
+    x = cache["lm.blocks.0.hook_resid_pre"]
+    assert (x[masks.image] == 0).all()
+    assert (x[masks.text].abs().sum(-1) > 0).all()
+
+
+def test_masked_cache_keeps_selected_tokens(llava: HookedVLM) -> None:
+    inputs = llava_inputs(llava)
+    names = [
+        "lm.blocks.1.hook_resid_mid",
+        "lm.blocks.1.attn.hook_q",
+        "lm.blocks.1.attn.hook_pattern",
+    ]
+    _, full = llava.run_with_cache(inputs, names=names)
+    _, img = llava.run_with_cache(inputs, names=names, mask="image")
+    m = img.masks.image
+    assert img["lm.blocks.1.hook_resid_mid"].shape == (int(m.sum()), llava.adapter.d_model)
+    torch.testing.assert_close(
+        img["lm.blocks.1.hook_resid_mid"], full["lm.blocks.1.hook_resid_mid"][m]
+    )
+    torch.testing.assert_close(img["lm.blocks.1.attn.hook_q"], full["lm.blocks.1.attn.hook_q"][m])
+    pat = full["lm.blocks.1.attn.hook_pattern"].transpose(1, 2)[m]
+    torch.testing.assert_close(img["lm.blocks.1.attn.hook_pattern"], pat)
+
+
+def test_pattern_is_read_only(llava: HookedVLM) -> None:
+    with pytest.raises(RuntimeError, match="read-only"):
+        llava.run_with_hooks(
+            llava_inputs(llava), [("lm.blocks.0.attn.hook_pattern", lambda t, c: t * 2)]
+        )
+
+
+def test_wrong_shape_from_hook(llava: HookedVLM) -> None:
+    with pytest.raises(ValueError, match=r"lm\.blocks\.0\.mlp\.hook_out returned shape"):
+        llava.run_with_hooks(
+            llava_inputs(llava), [("lm.blocks.0.mlp.hook_out", lambda t, c: t[:, :1])]
+        )
+
+
+def test_unknown_hook_lists_close_matches(llava: HookedVLM) -> None:
+    with pytest.raises(KeyError, match=r"did you mean lm\.blocks\.1\.hook_resid_post"):
+        llava.hook_names("lm.blocks.1.hook_resid_pst")
+    with pytest.raises(KeyError, match="no hook point matches"):
+        llava.hook_names("lm.blocks.7.hook_resid_post")
+    assert len(llava.hook_names("lm.blocks.*.attn.hook_*")) == 6 * llava.adapter.n_layers
+
+
+def _forward_counter(vlm: HookedVLM) -> tuple[list[int], Any]:
+    calls: list[int] = []
+    h = vlm.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    return calls, h
+
+
+def test_images_and_placeholders_disagree_before_forward(llava: HookedVLM) -> None:
+    inputs = dict(llava_inputs(llava))
+    calls, h = _forward_counter(llava)
+    try:
+        img = llava.adapter.image_token_ids()[0]
+        ids = inputs["input_ids"].clone()
+        first = (ids[1] == img).nonzero()[0, 0]
+        ids[1, first] = llava.tokenizer.convert_tokens_to_ids("the")
+        with pytest.raises(ImageTokenMismatchError, match="sample 1 has 31 image tokens"):
+            llava.forward({**inputs, "input_ids": ids})
+        no_img = ids.masked_fill(ids == img, 5)
+        with pytest.raises(ImageTokenMismatchError, match="no sample contains an image token"):
+            llava.forward({**inputs, "input_ids": no_img})
+        assert calls == []
+    finally:
+        h.remove()
+
+
+def test_prepare_rejects_wrong_number_of_image_lists(llava: HookedVLM) -> None:
+    with pytest.raises(ValueError, match="got 1 image lists for 2 prompts"):
+        llava.prepare(["a", "b"], images=[[random_image(32, 32)]])
+
+
+def test_from_pretrained_accepts_dtype_names(zoo_path: Any, tmp_path: Path) -> None:
+    vlm = HookedVLM.from_pretrained(zoo_path("llama"), device="cpu", dtype="bfloat16")
+    assert vlm.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype"):
+        HookedVLM.from_pretrained(zoo_path("llama"), device="cpu", dtype="float8")
