@@ -61,7 +61,7 @@ HOOK_POINTS: tuple[HookPoint, ...] = (
     HookPoint("lm.blocks.{i}.attn.hook_z", "o", "in", "q_heads",
               "per-head attention output [batch, pos, heads, d_head], before o_proj"),
     HookPoint("lm.blocks.{i}.attn.hook_pattern", "attn", "computed", None,
-              "attention pattern [batch, heads, q_pos, k_pos], recomputed from q and k (read-only)"),
+              "attention pattern [batch, heads, q, k], recomputed from q and k (read-only)"),
     HookPoint("lm.blocks.{i}.attn.hook_out", "attn_out", "out", None,
               "attention block's contribution to the residual stream"),
     HookPoint("lm.blocks.{i}.mlp.hook_in", "mlp", "in", None,

@@ -110,7 +110,8 @@ def compute_masks(
     if images_given and image_grids is None:
         if sum(counts) == 0:
             raise ImageTokenMismatchError(
-                f"images were given but no sample contains an image token (ids {list(image_token_ids)})"
+                "images were given but no sample contains an image token "
+                f"(ids {list(image_token_ids)})"
             )
         return TokenMasks(ids, valid, image, special, patch_map, image_sample)
     if not image_grids:

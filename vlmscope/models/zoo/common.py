@@ -100,7 +100,9 @@ def train_tokenizer(
         **kwargs,
     )
     # Every marker must be an unsplittable special token, named or not.
-    fast.add_special_tokens({"additional_special_tokens": extra}, replace_extra_special_tokens=False)
+    fast.add_special_tokens(
+        {"additional_special_tokens": extra}, replace_extra_special_tokens=False
+    )
     return fast
 
 
