@@ -31,9 +31,6 @@ class Capabilities:
     sliding_window: bool = False
     #: attention logits are soft-capped (tanh) before the softmax.
     attn_softcap: bool = False
-    #: HF's hidden_states output includes everything added between layers (so it is comparable
-    #: with hook_resid_post); False where extra inputs are added outside the decoder layers.
-    hidden_states_are_layer_outputs: bool = True
 
     def to_dict(self) -> dict[str, bool]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

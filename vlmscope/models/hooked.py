@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -94,11 +95,22 @@ def load_hf(
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     model = auto.from_pretrained(path, **kwargs)
+    # Zoo models saved to disk name small image-only processor subclasses (no torchvision
+    # video processor); importing the zoo registers them with AutoProcessor.
+    from vlmscope.models import zoo
+
+    zoo.names()
     processor: Any
     try:
         processor = AutoProcessor.from_pretrained(path)
     except (OSError, ValueError, TypeError):
         processor = AutoTokenizer.from_pretrained(path)
+    if is_vlm and not hasattr(processor, "image_processor"):
+        warnings.warn(
+            f"{path} is an image-text model but no image processor was found with it; "
+            "prepare() can only process text for it",
+            stacklevel=3,
+        )
     return model.eval(), processor
 
 

@@ -36,6 +36,7 @@ class ZooSpec:
 
 
 _ZOO: dict[str, ZooSpec] = {}
+_LOADED = False
 
 
 def register(
@@ -54,8 +55,10 @@ def register(
 
 def _load_entries() -> None:
     """Import every family module of this package once; importing one registers its builders."""
-    if _ZOO:
+    global _LOADED
+    if _LOADED:
         return
+    _LOADED = True
     for info in pkgutil.iter_modules(__path__):
         if info.name != "common":
             importlib.import_module(f"{__name__}.{info.name}")
