@@ -1,0 +1,338 @@
+"""Records -> model batches, through the model's own processor and chat template.
+
+Each record is processed alone (so one bad record costs only itself), truncated to ctx_len
+without ever cutting an image's token block, then collated: per-token tensors are padded,
+image tensors concatenated, exactly as the processor would have batched them.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from vlmscope.models.masks import TokenMasks
+
+#: Per-token tensors ([1, seq] per sample) and the value they are padded with (None: pad id).
+TOKEN_KEYS: dict[str, int | None] = {
+    "input_ids": None,
+    "attention_mask": 0,
+    "token_type_ids": 0,
+    "mm_token_type_ids": 0,
+}
+
+
+class RecordLike(Protocol):
+    """What processing needs from a data record (see vlmscope.data.sources.Record)."""
+
+    row_id: str
+    messages: list[dict[str, Any]]
+    images: list[Any]
+    text: str
+
+
+class SkipRecord(Exception):
+    """A record that cannot become a sample; `reason` is counted, not fatal."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Sample:
+    """One processed record: the processor's tensors for it, with a batch dim of 1."""
+
+    row_id: str
+    tensors: dict[str, torch.Tensor]
+    #: number of answer (last assistant turn) tokens at the end of the sequence.
+    n_answer: int = 0
+    truncated: bool = False
+
+    @property
+    def length(self) -> int:
+        return int(self.tensors["input_ids"].shape[1])
+
+
+@dataclass
+class Batch:
+    """Collated model inputs plus what every later stage needs alongside them."""
+
+    inputs: dict[str, torch.Tensor]
+    row_ids: list[str]
+    #: [batch, seq] bool: tokens of the last assistant turn (the answer).
+    answer: torch.Tensor
+    masks: TokenMasks | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return len(self.row_ids)
+
+    def to(self, device: torch.device | str) -> Batch:
+        inputs = {k: v.to(device) for k, v in self.inputs.items()}
+        masks = self.masks.to(device) if self.masks is not None else None
+        return Batch(inputs, self.row_ids, self.answer.to(device), masks, self.extra)
+
+
+class SampleEncoder:
+    """Turns one record into a Sample with the model's processor and chat template."""
+
+    def __init__(
+        self,
+        processor: Any,
+        ctx_len: int,
+        image_token_ids: Sequence[int] = (),
+        add_generation_prompt: bool = False,
+    ) -> None:
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.ctx_len = int(ctx_len)
+        self.image_token_ids = torch.tensor(list(image_token_ids), dtype=torch.long)
+        self.add_generation_prompt = add_generation_prompt
+        self.has_images = hasattr(processor, "image_processor")
+        self.template = getattr(processor, "chat_template", None) or getattr(
+            self.tokenizer, "chat_template", None
+        )
+
+    def render(self, record: RecordLike) -> tuple[str, str]:
+        """(full text, answer text): the answer is the last assistant turn's rendered suffix."""
+        msgs = record.messages
+        if not msgs:
+            if not record.text or not record.text.strip():
+                raise SkipRecord("empty_text")
+            return record.text, ""
+        if self.template is None:
+            # No chat template (e.g. PaliGemma): the prompt is the user text, the answer the
+            # assistant text, joined the way such processors expect ("prefix\nsuffix").
+            user = " ".join(_text_of(m) for m in msgs if m["role"] != "assistant")
+            answer = " ".join(_text_of(m) for m in msgs if m["role"] == "assistant")
+            return (f"{user}\n{answer}" if answer else user), answer
+        full = self._apply(msgs, self.add_generation_prompt and msgs[-1]["role"] != "assistant")
+        if msgs[-1]["role"] != "assistant":
+            return full, ""
+        prefix = self._apply(msgs[:-1], True)
+        return full, full[len(prefix) :] if full.startswith(prefix) else ""
+
+    def _apply(self, msgs: list[dict[str, Any]], gen: bool) -> str:
+        owner = self.processor if hasattr(self.processor, "apply_chat_template") else self.tokenizer
+        return owner.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False)
+
+    def encode(self, record: RecordLike) -> Sample:
+        text, answer = self.render(record)
+        images = list(record.images or [])
+        if images and not self.has_images:
+            raise SkipRecord("images_for_text_model", "this model has no image processor")
+        try:
+            if images:
+                out = self.processor(text=[text], images=[images], return_tensors="pt")
+            elif self.processor is self.tokenizer:
+                out = self.processor([text], return_tensors="pt", add_special_tokens=True)
+            else:
+                out = self.processor(text=[text], return_tensors="pt")
+        except (ValueError, IndexError, TypeError, RuntimeError) as e:
+            raise SkipRecord("processor_error", str(e)[:200]) from e
+        tensors = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+        ids = tensors["input_ids"][0]
+        if images and not bool(torch.isin(ids, self.image_token_ids).any()):
+            raise SkipRecord("image_placeholder_mismatch", "no image token in the prompt")
+        n_answer = 0
+        if answer:
+            # The chat template supplies any leading special tokens; count the answer alone.
+            n_answer = len(self.tokenizer(answer, add_special_tokens=False)["input_ids"])
+        sample = Sample(record.row_id, tensors, n_answer=min(n_answer, len(ids)))
+        return self._truncate(sample)
+
+    def _truncate(self, sample: Sample) -> Sample:
+        n = sample.length
+        if n <= self.ctx_len:
+            return sample
+        ids = sample.tensors["input_ids"][0]
+        img = torch.isin(ids, self.image_token_ids).nonzero()
+        if len(img) and int(img.max()) >= self.ctx_len:
+            raise SkipRecord(
+                "exceeds_ctx_len", f"{n} tokens, image tokens reach position {int(img.max())}"
+            )
+        cut = {
+            k: (v[:, : self.ctx_len] if k in TOKEN_KEYS else v) for k, v in sample.tensors.items()
+        }
+        kept_answer = max(0, sample.n_answer - (n - self.ctx_len))
+        return Sample(sample.row_id, cut, n_answer=kept_answer, truncated=True)
+
+
+def _text_of(message: Mapping[str, Any]) -> str:
+    c = message["content"]
+    if isinstance(c, str):
+        return c
+    return " ".join(p.get("text", "") for p in c if p.get("type") == "text")
+
+
+def collate(samples: Sequence[Sample], pad_token_id: int, padding_side: str = "right") -> Batch:
+    """Pad per-token tensors to the longest sample, concatenate image tensors along their
+    first dim (zero-padding ragged trailing dims, as processors pad tiles and patches)."""
+    if not samples:
+        raise ValueError("cannot collate an empty list of samples")
+    longest = max(s.length for s in samples)
+    keys = dict.fromkeys(k for s in samples for k in s.tensors)
+    inputs: dict[str, torch.Tensor] = {}
+    for k in keys:
+        parts = [s.tensors[k] for s in samples if k in s.tensors]
+        if k in TOKEN_KEYS:
+            fill = pad_token_id if TOKEN_KEYS[k] is None else TOKEN_KEYS[k]
+            inputs[k] = torch.cat([_pad_seq(p, longest, fill, padding_side) for p in parts])  # type: ignore[arg-type]
+        else:
+            inputs[k] = _cat_ragged(parts)
+    answer = torch.zeros(len(samples), longest, dtype=torch.bool)
+    for b, s in enumerate(samples):
+        end = s.length if padding_side == "right" else longest
+        if s.n_answer:
+            answer[b, end - s.n_answer : end] = True
+    return Batch(inputs, [s.row_id for s in samples], answer)
+
+
+def _pad_seq(t: torch.Tensor, length: int, fill: int, side: str) -> torch.Tensor:
+    n = length - t.shape[1]
+    if n == 0:
+        return t
+    pad = torch.full((t.shape[0], n, *t.shape[2:]), fill, dtype=t.dtype)
+    return torch.cat([t, pad] if side == "right" else [pad, t], dim=1)
+
+
+def _cat_ragged(parts: list[torch.Tensor]) -> torch.Tensor:
+    if all(p.shape[1:] == parts[0].shape[1:] for p in parts):
+        return torch.cat(parts)
+    shape = [max(p.shape[d] for p in parts) for d in range(1, parts[0].dim())]
+    out = []
+    for p in parts:
+        q = torch.zeros(p.shape[0], *shape, dtype=p.dtype)
+        q[(slice(None), *(slice(0, s) for s in p.shape[1:]))] = p
+        out.append(q)
+    return torch.cat(out)
+
+
+@dataclass
+class SkipCounter:
+    """Counts skipped records by reason and keeps the first few row ids of each."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    keep: int = 5
+
+    def add(self, reason: str, row_id: str) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        ex = self.examples.setdefault(reason, [])
+        if len(ex) < self.keep:
+            ex.append(row_id)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        if not self.counts:
+            return "no records skipped"
+        parts = [
+            f"{r}: {n} (e.g. {', '.join(self.examples[r][:3])})" for r, n in self.counts.items()
+        ]
+        return f"{self.total} records skipped - " + "; ".join(parts)
+
+
+# --- worker processes ------------------------------------------------------------------------
+_WORKER_ENCODER: SampleEncoder | None = None
+
+
+def _init_worker(factory: Callable[[], SampleEncoder]) -> None:
+    global _WORKER_ENCODER
+    torch.set_num_threads(1)
+    _WORKER_ENCODER = factory()
+
+
+def _encode_in_worker(record: Any) -> Sample | SkipRecord:
+    assert _WORKER_ENCODER is not None
+    try:
+        return _WORKER_ENCODER.encode(record)
+    except SkipRecord as e:
+        return e
+
+
+def encode_stream(
+    records: Iterable[RecordLike],
+    encoder: SampleEncoder,
+    skips: SkipCounter,
+    *,
+    strict: bool = False,
+    workers: int = 0,
+    on_skip: Callable[[str, str, str], None] | None = None,
+) -> Iterator[Sample]:
+    """Encode records in order, skipping (and counting) the ones that cannot be processed.
+
+    With `workers > 0` encoding runs in that many processes; order is kept, and memory stays
+    flat because records are consumed lazily in small chunks.
+    """
+
+    def handle(record_id: str, result: Sample | SkipRecord) -> Sample | None:
+        if isinstance(result, SkipRecord):
+            if strict:
+                raise SkipRecord(result.reason, f"row {record_id}: {result.detail}")
+            skips.add(result.reason, record_id)
+            if on_skip is not None:
+                on_skip(result.reason, record_id, result.detail)
+            return None
+        return result
+
+    if workers <= 0:
+        for r in records:
+            try:
+                res: Sample | SkipRecord = encoder.encode(r)
+            except SkipRecord as e:
+                res = e
+            s = handle(r.row_id, res)
+            if s is not None:
+                yield s
+        return
+    ctx = mp.get_context("spawn")
+    ids: list[str] = []
+
+    def tagged() -> Iterator[Any]:
+        for r in records:
+            ids.append(r.row_id)
+            yield r
+
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(_EncoderFactory(encoder),)) as pool:
+        for i, res in enumerate(pool.imap(_encode_in_worker, tagged(), chunksize=4)):
+            s = handle(ids[i], res)
+            if s is not None:
+                yield s
+
+
+class _EncoderFactory:
+    """Picklable recipe that rebuilds an encoder inside a worker process."""
+
+    def __init__(self, encoder: SampleEncoder) -> None:
+        self.processor = encoder.processor
+        self.ctx_len = encoder.ctx_len
+        self.image_token_ids = encoder.image_token_ids.tolist()
+        self.add_generation_prompt = encoder.add_generation_prompt
+
+    def __call__(self) -> SampleEncoder:
+        return SampleEncoder(
+            self.processor, self.ctx_len, self.image_token_ids, self.add_generation_prompt
+        )
+
+
+def batches(
+    samples: Iterable[Sample], batch_size: int, pad_token_id: int, padding_side: str = "right"
+) -> Iterator[Batch]:
+    """Group samples into collated batches of `batch_size` (the last one may be smaller)."""
+    buf: list[Sample] = []
+    for s in samples:
+        buf.append(s)
+        if len(buf) == batch_size:
+            yield collate(buf, pad_token_id, padding_side)
+            buf = []
+    if buf:
+        yield collate(buf, pad_token_id, padding_side)
