@@ -60,13 +60,14 @@ def test_collate_equals_processor_batching(name: str, zoo_path: Any) -> None:
     recs = records(zoo.spec(name).multimodal)
     batch = collate([enc.encode(r) for r in recs], vlm.tokenizer.pad_token_id, "right")
     texts = [enc.render(r)[0] for r in recs]
+    suffix = {"suffix": [enc.render(r)[1] for r in recs]} if enc.takes_suffix else {}
     if recs[0].images:
         ref = vlm.processor(
-            text=texts, images=[r.images for r in recs], padding=True, return_tensors="pt"
+            text=texts, images=[r.images for r in recs], padding=True, return_tensors="pt", **suffix
         )
     else:
         ref = vlm.processor(texts, padding=True, return_tensors="pt")
-    ref = {k: v for k, v in ref.items() if isinstance(v, torch.Tensor)}
+    ref = {k: v for k, v in ref.items() if isinstance(v, torch.Tensor) and k != "labels"}
     assert set(batch.inputs) == set(ref)
     for k, v in ref.items():
         assert torch.equal(batch.inputs[k], v), k

@@ -7,6 +7,7 @@ image tensors concatenated, exactly as the processor would have batched them.
 
 from __future__ import annotations
 
+import inspect
 import multiprocessing as mp
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -98,6 +99,8 @@ class SampleEncoder:
         self.template = getattr(processor, "chat_template", None) or getattr(
             self.tokenizer, "chat_template", None
         )
+        params = inspect.signature(type(processor).__call__).parameters
+        self.takes_suffix = "suffix" in params
 
     def render(self, record: RecordLike) -> tuple[str, str]:
         """(full text, answer text): the answer is the last assistant turn's rendered suffix."""
@@ -107,10 +110,12 @@ class SampleEncoder:
                 raise SkipRecord("empty_text")
             return record.text, ""
         if self.template is None:
-            # No chat template (e.g. PaliGemma): the prompt is the user text, the answer the
-            # assistant text, joined the way such processors expect ("prefix\nsuffix").
+            # No chat template: the prompt is the user text and the answer the assistant text;
+            # a processor that takes a `suffix` (PaliGemma) gets the answer as that suffix.
             user = " ".join(_text_of(m) for m in msgs if m["role"] != "assistant")
             answer = " ".join(_text_of(m) for m in msgs if m["role"] == "assistant")
+            if self.takes_suffix:
+                return user, answer
             return (f"{user}\n{answer}" if answer else user), answer
         full = self._apply(msgs, self.add_generation_prompt and msgs[-1]["role"] != "assistant")
         if msgs[-1]["role"] != "assistant":
@@ -127,21 +132,28 @@ class SampleEncoder:
         images = list(record.images or [])
         if images and not self.has_images:
             raise SkipRecord("images_for_text_model", "this model has no image processor")
+        extra: dict[str, Any] = {}
+        if self.template is None and self.takes_suffix and answer:
+            extra["suffix"] = [answer]
         try:
             if images:
-                out = self.processor(text=[text], images=[images], return_tensors="pt")
+                out = self.processor(text=[text], images=[images], return_tensors="pt", **extra)
             elif self.processor is self.tokenizer:
                 out = self.processor([text], return_tensors="pt", add_special_tokens=True)
             else:
                 out = self.processor(text=[text], return_tensors="pt")
         except (ValueError, IndexError, TypeError, RuntimeError) as e:
             raise SkipRecord("processor_error", str(e)[:200]) from e
-        tensors = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+        # Processors that build training labels (PaliGemma) are not the loss here: drop them.
+        tensors = {k: v for k, v in out.items() if isinstance(v, torch.Tensor) and k != "labels"}
         ids = tensors["input_ids"][0]
         if images and not bool(torch.isin(ids, self.image_token_ids).any()):
             raise SkipRecord("image_placeholder_mismatch", "no image token in the prompt")
         n_answer = 0
-        if answer:
+        if extra:
+            # The suffix is exactly the tokens marked 1 in token_type_ids (prefix-LM models).
+            n_answer = int(tensors["token_type_ids"][0].sum())
+        elif answer:
             # The chat template supplies any leading special tokens; count the answer alone.
             n_answer = len(self.tokenizer(answer, add_special_tokens=False)["input_ids"])
         sample = Sample(record.row_id, tensors, n_answer=min(n_answer, len(ids)))

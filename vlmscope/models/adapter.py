@@ -114,6 +114,10 @@ class ModelAdapter:
     capabilities: ClassVar[Capabilities] = Capabilities()
     #: token strings whose ids are image placeholders in the LM input.
     image_token_strings: ClassVar[tuple[str, ...]] = ()
+    #: the model numbers positions 0..n-1 regardless of padding, so a left-padded batch needs
+    #: position_ids from the attention mask (as generate() passes them); False where the
+    #: model derives positions from the mask itself (M-RoPE, PaliGemma).
+    positions_from_padding: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, processor: Any = None) -> None:
         self.model = model

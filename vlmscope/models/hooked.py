@@ -210,6 +210,7 @@ class HookedVLM:
                 out = proc(text=texts, padding=True, return_tensors="pt")
         finally:
             tok.padding_side = old_side
+        out.pop("labels", None)  # PaliGemma's processor adds training labels; not an input here
         return out.to(self.device)
 
     def masks(self, inputs: Mapping[str, Any]) -> TokenMasks:
@@ -247,7 +248,20 @@ class HookedVLM:
         """Validate the batch, then run the HF model on it (no KV cache unless asked)."""
         self.masks(inputs)
         kwargs.setdefault("use_cache", False)
-        return self.model(**self._model_inputs(inputs), **kwargs)
+        model_inputs = self._model_inputs(inputs)
+        mask = model_inputs.get("attention_mask")
+        if (
+            self.adapter.positions_from_padding
+            and "position_ids" not in model_inputs
+            and "position_ids" not in kwargs
+            and mask is not None
+            and mask.dim() == 2
+            and bool((mask[:, 0] == 0).any())
+        ):
+            # Left padding: count positions from each sample's first real token, so a sample
+            # gets the same positions (and activations) as when run alone.
+            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        return self.model(**model_inputs, **kwargs)
 
     __call__ = forward
 

@@ -21,6 +21,7 @@ class QwenVLAdapter(ModelAdapter):
 
     vision_blocks = "model.visual.blocks"
     projector = "model.visual.merger"
+    positions_from_padding = False
 
     def image_token_grids(self, inputs: Mapping[str, Any]) -> list[torch.Tensor]:
         m = int(self.config.vision_config.spatial_merge_size)

@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["ZooSpec", "build", "names", "register", "save", "cached_path", "spec"]
+__all__ = ["ZooSpec", "build", "cached_path", "names", "register", "save", "spec"]
 
 # Bump when a builder changes, so cached copies on disk are rebuilt.
-ZOO_VERSION = "1"
+ZOO_VERSION = "2"
 
 
 @dataclass(frozen=True)

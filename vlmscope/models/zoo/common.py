@@ -137,7 +137,8 @@ LLAVA_USER_ASSISTANT = (
 )
 GEMMA_TURNS = (
     "{% for message in messages %}<start_of_turn>"
-    "{% if message['role'] == 'assistant' %}model{% else %}{{ message['role'] }}{% endif %}\n"
+    "{% if message['role'] == 'assistant' %}model{% else %}{{ message['role'] }}{% endif %}"
+    "{{ '\\n' }}"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
     "{% if part['type'] == 'image' %}{{ image_marker }}"
@@ -148,5 +149,5 @@ GEMMA_TURNS = (
 
 
 def gemma_template(image_marker: str = "") -> str:
-    """Gemma-style turn template; `image_marker` is what an image part expands to before processing."""
+    """Gemma-style turn template; `image_marker` is what an image part becomes in the text."""
     return GEMMA_TURNS.replace("{{ image_marker }}", image_marker)
