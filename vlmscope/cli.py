@@ -37,22 +37,21 @@ def cmd_models(args: argparse.Namespace) -> int:
     fams = families()
     zoo_names = set(names())
     flags = list(next(iter(fams.values())).capabilities.to_dict())
-    short = {f: "".join(w[0] for w in f.split("_")) for f in flags}
-    print("Supported families (adapter resolved from config.model_type / architectures):\n")
-    head = f"{'family':<16} {'zoo':<4} {'model_type':<18} " + " ".join(
-        f"{short[f]:>4}" for f in flags
+    print("Supported families (adapter chosen by config.model_type / architectures):\n")
+    head = f"{'family':<16} {'zoo':<4} {'model_type':<16} " + " ".join(
+        f"{i + 1:>2}" for i in range(len(flags))
     )
     print(head)
     print("-" * len(head))
     for name, cls in sorted(fams.items()):
         caps = cls.capabilities.to_dict()
         row = (
-            f"{name:<16} {'yes' if name in zoo_names else '-':<4} {','.join(cls.model_types):<18} "
+            f"{name:<16} {'yes' if name in zoo_names else '-':<4} {','.join(cls.model_types):<16} "
         )
-        print(row + " ".join(f"{'x' if caps[f] else '.':>4}" for f in flags))
-    print("\nCapability flags:")
-    for f in flags:
-        print(f"  {short[f]:>4}  {f}")
+        print(row + " ".join(f"{'x' if caps[f] else '.':>2}" for f in flags))
+    print("\nCapability flags (x = yes):")
+    for i, f in enumerate(flags):
+        print(f"  {i + 1:>2}  {f}")
     print("\nHook points ({i} = layer index; patterns accept * wildcards):")
     for p in HOOK_POINTS:
         print(f"  {p.template:<38} {p.doc}")
@@ -208,7 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except BrokenPipeError:  # output piped into `head` and closed early
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
