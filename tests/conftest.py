@@ -8,6 +8,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Generated data (the shapes world) and zoo copies go to a per-session folder, not ~/.cache.
+os.environ.setdefault("VLMSCOPE_CACHE", __import__("tempfile").mkdtemp(prefix="vlmscope-test-"))
 
 from pathlib import Path
 

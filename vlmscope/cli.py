@@ -8,6 +8,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from vlmscope.training.config import SuggestingParser, build_train_parser
+
 DEMO_PROMPT = "What colour is the circle?"
 
 
@@ -148,6 +150,34 @@ def _demo_image() -> Any:
     return img
 
 
+# --- vlmscope train -------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from vlmscope.training.config import config_from_args
+
+    try:
+        cfg = config_from_args(args)  # validated before any model is loaded
+    except ValueError as e:
+        args.parser.error(str(e))
+    _quiet_transformers()
+    from vlmscope.training.trainer import TrainingError, train
+
+    try:
+        result = train(cfg)
+    except TrainingError as e:
+        print(f"vlmscope train: error: {e}", file=sys.stderr)
+        return 1
+    print_unit_table(result.fvu_per_unit, result.l0_per_unit, result.dead_per_unit)
+    print(f"\n{result.step} steps, {result.tokens} tokens; dictionaries in {result.dictionaries}")
+    return 0
+
+
+def print_unit_table(fvu: dict[str, float], l0: dict[str, float], dead: dict[str, float]) -> None:
+    """Per-unit FVU, L0 and dead % as a short table."""
+    print(f"\n{'unit':<34} {'FVU':>8} {'L0':>8} {'dead %':>8}")
+    for u in fvu:
+        print(f"{u:<34} {fvu[u]:>8.4f} {l0[u]:>8.2f} {100 * dead[u]:>8.2f}")
+
+
 # --- vlmscope zoo ----------------------------------------------------------------------------
 def cmd_zoo(args: argparse.Namespace) -> int:
     _quiet_transformers()
@@ -166,12 +196,14 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = SuggestingParser(
         prog="vlmscope",
         description="Find circuits inside vision-language models: hooks, sparse dictionaries, "
         "replacement models and attribution graphs.",
     )
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(
+        dest="cmd", required=True, metavar="COMMAND", parser_class=SuggestingParser
+    )
 
     m = sub.add_parser("models", help="list supported model families, hook points and flags")
     m.set_defaults(func=cmd_models)
@@ -193,6 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", default=None, help="float32, bfloat16 or float16 (default: checkpoint's)"
     )
     d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser(
+        "train",
+        help="train SAEs, transcoders or a cross-layer transcoder on a model's activations",
+        description="Train sparse dictionaries on a VLM while it reads a dataset: one model "
+        "forward per batch feeds every layer. Outputs go to OUTPUT_DIR/RUN_NAME/ "
+        "(dictionaries/, checkpoint/, metrics.jsonl). Example: vlmscope train toy shapes "
+        "--sae.transcode --sae.n_targets 4 --sae.expansion-factor 4 --sae.k 8",
+    )
+    build_train_parser(t)
+    t.set_defaults(func=cmd_train, parser=t)
 
     z = sub.add_parser("zoo", help="the offline zoo of tiny models (list, save)")
     zs = z.add_subparsers(dest="zoo_cmd", required=True, metavar="ZOO_COMMAND")

@@ -53,6 +53,8 @@ class Sample:
     #: number of answer (last assistant turn) tokens at the end of the sequence.
     n_answer: int = 0
     truncated: bool = False
+    #: the record's row index in its dataset (-1 if unknown), to resume after it.
+    position: int = -1
 
     @property
     def length(self) -> int:
@@ -69,6 +71,8 @@ class Batch:
     answer: torch.Tensor
     masks: TokenMasks | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: dataset row index of each sample (-1 if unknown).
+    positions: list[int] = field(default_factory=list)
 
     @property
     def size(self) -> int:
@@ -77,7 +81,9 @@ class Batch:
     def to(self, device: torch.device | str) -> Batch:
         inputs = {k: v.to(device) for k, v in self.inputs.items()}
         masks = self.masks.to(device) if self.masks is not None else None
-        return Batch(inputs, self.row_ids, self.answer.to(device), masks, self.extra)
+        return Batch(
+            inputs, self.row_ids, self.answer.to(device), masks, self.extra, self.positions
+        )
 
 
 class SampleEncoder:
@@ -156,7 +162,12 @@ class SampleEncoder:
         elif answer:
             # The chat template supplies any leading special tokens; count the answer alone.
             n_answer = len(self.tokenizer(answer, add_special_tokens=False)["input_ids"])
-        sample = Sample(record.row_id, tensors, n_answer=min(n_answer, len(ids)))
+        sample = Sample(
+            record.row_id,
+            tensors,
+            n_answer=min(n_answer, len(ids)),
+            position=int(getattr(record, "position", -1)),
+        )
         return self._truncate(sample)
 
     def _truncate(self, sample: Sample) -> Sample:
@@ -173,7 +184,7 @@ class SampleEncoder:
             k: (v[:, : self.ctx_len] if k in TOKEN_KEYS else v) for k, v in sample.tensors.items()
         }
         kept_answer = max(0, sample.n_answer - (n - self.ctx_len))
-        return Sample(sample.row_id, cut, n_answer=kept_answer, truncated=True)
+        return Sample(sample.row_id, cut, kept_answer, True, sample.position)
 
 
 def _text_of(message: Mapping[str, Any]) -> str:
@@ -203,7 +214,9 @@ def collate(samples: Sequence[Sample], pad_token_id: int, padding_side: str = "r
         end = s.length if padding_side == "right" else longest
         if s.n_answer:
             answer[b, end - s.n_answer : end] = True
-    return Batch(inputs, [s.row_id for s in samples], answer)
+    return Batch(
+        inputs, [s.row_id for s in samples], answer, positions=[s.position for s in samples]
+    )
 
 
 def _pad_seq(t: torch.Tensor, length: int, fill: int, side: str) -> torch.Tensor:

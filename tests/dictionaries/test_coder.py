@@ -1,0 +1,330 @@
+"""SparseCoder (SAE / transcoder): maps and losses against dense references and hand values,
+init, decoder-norm upkeep, dead latents and AuxK, input checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vlmscope.dictionaries.coder import NonFiniteError, SparseCoder, check_finite, fvu
+from vlmscope.dictionaries.config import SparseCoderConfig
+
+
+def randomize(coder: SparseCoder, seed: int = 0) -> None:
+    """Non-trivial values for every parameter, so no term can hide behind a zero."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in coder.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+
+
+def dense_topk_reference(coder: SparseCoder, x: torch.Tensor) -> torch.Tensor:
+    """Reconstruction computed densely from the formulas in coder.py's docstring."""
+    k = coder.cfg.k
+    inp = x - coder.b_dec if coder.cfg.kind == "sae" else x
+    pre = inp @ coder.W_enc.T + coder.b_enc
+    kth = pre.sort(dim=1, descending=True).values[:, k - 1 : k]
+    acts = torch.where(pre >= kth, pre.relu(), torch.zeros_like(pre))
+    out = acts @ coder.W_dec + coder.b_dec
+    if coder.W_skip is not None:
+        out = out + x @ coder.W_skip.T
+    return out
+
+
+@pytest.mark.parametrize("kind", ["sae", "transcoder"])
+def test_forward_matches_dense_reference_in_values_and_gradients(kind: str) -> None:
+    skip = kind == "transcoder"
+    cfg = SparseCoderConfig(kind=kind, d_in=6, num_latents=20, k=3, skip_connection=skip)
+    coder = SparseCoder(cfg).eval()
+    randomize(coder)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(10, 6, generator=gen)
+    y = torch.randn(10, 6, generator=gen) if kind == "transcoder" else None
+    target = x if y is None else y
+
+    out = coder(x, y)
+    want = dense_topk_reference(coder, x)
+    torch.testing.assert_close(out.reconstruction, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(coder.decode(coder.encode(x), x), want, atol=1e-5, rtol=0)
+    assert out.l0.item() <= 3
+
+    out.fvu.backward()
+    sparse_grads = {n: p.grad.clone() for n, p in coder.named_parameters() if p.grad is not None}
+    coder.zero_grad()
+    fvu(target, dense_topk_reference(coder, x)).backward()
+    dense_grads = {n: p.grad for n, p in coder.named_parameters() if p.grad is not None}
+    assert sparse_grads.keys() == dense_grads.keys() == dict(coder.named_parameters()).keys()
+    for name, grad in dense_grads.items():
+        torch.testing.assert_close(sparse_grads[name], grad, atol=1e-5, rtol=0, msg=name)
+
+
+def test_fvu_by_hand() -> None:
+    target = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    recon = torch.tensor([[1.0, 3.0], [2.0, 4.0]])
+    # SSE = 1 + 1; the mean is [2, 3], so SST = 1 + 1 + 1 + 1.
+    assert fvu(target, recon).item() == pytest.approx(0.5)
+
+
+def test_fvu_of_exact_reconstruction_is_zero() -> None:
+    # Encoder rows [I; -I] and decoder rows [I; -I] with k = d: each coordinate is carried by
+    # exactly one of +e_i, -e_i (the positive one), so the reconstruction is exact.
+    d = 4
+    cfg = SparseCoderConfig(d_in=d, num_latents=2 * d, k=d)
+    coder = SparseCoder(cfg)
+    eye = torch.eye(d)
+    with torch.no_grad():
+        coder.W_enc.copy_(torch.cat([eye, -eye]))
+        coder.W_dec.copy_(torch.cat([eye, -eye]))
+        coder.b_enc.zero_()
+        coder.b_dec.zero_()
+    x = torch.randn(32, d, generator=torch.Generator().manual_seed(0))
+    out = coder(x)
+    assert torch.equal(out.reconstruction, x)
+    assert out.fvu.item() == 0.0
+    assert out.l0.item() == d
+
+
+def test_fvu_of_predicting_the_mean_is_one() -> None:
+    cfg = SparseCoderConfig(kind="transcoder", d_in=5, d_out=3, num_latents=10, k=2)
+    coder = SparseCoder(cfg)  # transcoder init: decoder zero
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 5, generator=gen), torch.randn(64, 3, generator=gen) * 3 + 1
+    coder.init_from_data(x, y)  # b_dec = mean of y
+    out = coder(x, y)
+    torch.testing.assert_close(out.reconstruction, y.mean(0).expand(64, 3))
+    assert out.fvu.item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_sae_init_ties_encoder_to_decoder_with_unit_rows() -> None:
+    coder = SparseCoder(SparseCoderConfig(d_in=8, num_latents=32, k=4))
+    assert torch.equal(coder.W_enc, coder.W_dec)
+    torch.testing.assert_close(coder.W_dec.norm(dim=1), torch.ones(32))
+    x = torch.randn(100, 8) + 5
+    coder.init_from_data(x)
+    torch.testing.assert_close(coder.b_dec.detach(), x.mean(0))
+
+
+def test_transcoder_init() -> None:
+    cfg = SparseCoderConfig(kind="transcoder", d_in=8, d_out=4, num_latents=32, k=4)
+    coder = SparseCoder(cfg)
+    torch.testing.assert_close(coder.W_enc.norm(dim=1), torch.ones(32))
+    assert (coder.W_dec == 0).all()
+    normed = SparseCoder(SparseCoderConfig(**{**cfg.to_dict(), "normalize_decoder": True}))
+    torch.testing.assert_close(normed.W_dec.norm(dim=1), torch.ones(32))
+
+
+def test_mean_norm_scales_inputs_and_returns_caller_units() -> None:
+    cfg = SparseCoderConfig(
+        kind="transcoder", d_in=6, d_out=4, num_latents=16, k=3, normalize_activations="mean_norm"
+    )
+    coder = SparseCoder(cfg)
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(50, 6, generator=gen) * 7, torch.randn(50, 4, generator=gen) * 0.2
+    with pytest.raises(RuntimeError, match="call init_from_data"):
+        coder(x, y)
+    coder.init_from_data(x, y)
+    s_in, s_out = coder.input_scale.item(), coder.output_scale.item()
+    assert (x * s_in).norm(dim=1).mean().item() == pytest.approx(math.sqrt(6), rel=1e-5)
+    assert (y * s_out).norm(dim=1).mean().item() == pytest.approx(math.sqrt(4), rel=1e-5)
+    randomize(coder, seed=4)
+    pre = coder.pre_activations(x)
+    torch.testing.assert_close(pre, (x * s_in) @ coder.W_enc.T + coder.b_enc)
+    codes = coder.encode(x)
+    want = (codes.to_dense() @ coder.W_dec + coder.b_dec) / s_out
+    torch.testing.assert_close(coder.decode(codes), want)
+    out = coder(x, y)
+    torch.testing.assert_close(out.reconstruction, want)
+    # The loss lives in the normalised space; FVU is a ratio, so it equals the raw-unit FVU.
+    assert out.fvu.item() == pytest.approx(fvu(y, want).item(), rel=1e-5)
+
+
+def test_decoder_norm_helpers() -> None:
+    coder = SparseCoder(SparseCoderConfig(d_in=5, num_latents=12, k=2))
+    with torch.no_grad():
+        coder.W_dec.mul_(torch.linspace(0.5, 3.0, 12)[:, None])
+    directions = coder.W_dec.detach() / coder.W_dec.detach().norm(dim=1, keepdim=True)
+    coder.set_decoder_norm_to_unit_norm()
+    torch.testing.assert_close(coder.W_dec.norm(dim=1), torch.ones(12))
+    torch.testing.assert_close(coder.W_dec.detach(), directions)
+
+    grad = torch.randn(12, 5)
+    coder.W_dec.grad = grad.clone()
+    coder.remove_gradient_parallel_to_decoder_directions()
+    w = coder.W_dec.detach()
+    want = grad - (grad * w).sum(dim=1, keepdim=True) * w
+    torch.testing.assert_close(coder.W_dec.grad, want)
+    torch.testing.assert_close(
+        (coder.W_dec.grad * w).sum(dim=1), torch.zeros(12), atol=1e-6, rtol=0
+    )
+
+
+def train_steps(coder: SparseCoder, steps: int, renorm: bool, seed: int = 0) -> list[float]:
+    """Trainer-style loop; returns max |row norm - 1| of the decoder after each step."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(coder.parameters(), lr=1e-2)
+    deviations = []
+    for _ in range(steps):
+        out = coder(torch.randn(64, coder.cfg.d_in, generator=gen))
+        opt.zero_grad()
+        out.loss.backward()
+        if renorm:
+            coder.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        if renorm:
+            coder.set_decoder_norm_to_unit_norm()
+        deviations.append((coder.W_dec.norm(dim=1) - 1).abs().max().item())
+    return deviations
+
+
+def test_decoder_stays_unit_norm_during_training_and_drifts_without_upkeep() -> None:
+    cfg = SparseCoderConfig(d_in=8, num_latents=32, k=4)
+    torch.manual_seed(0)
+    kept = train_steps(SparseCoder(cfg), 20, renorm=True)
+    torch.manual_seed(0)
+    drifted = train_steps(SparseCoder(cfg), 20, renorm=False)
+    assert max(kept) < 1e-5
+    assert drifted[-1] > 0.01
+
+
+def test_dead_latent_counter_by_hand() -> None:
+    cfg = SparseCoderConfig(d_in=4, num_latents=6, k=1, dead_tokens_threshold=5, aux_k_coeff=0.0)
+    coder = SparseCoder(cfg).train()
+    with torch.no_grad():
+        coder.W_enc.copy_(torch.cat([torch.eye(4), -torch.eye(4)[:2]]))
+        coder.b_enc.fill_(-1.0)
+        coder.b_dec.zero_()
+    x = torch.tensor(
+        [[2.0, 0.0, 0.0, 0.0], [0.0, 0.0, 3.0, 0.0], [-4.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.5]]
+    )
+    out = coder(x)
+    # Rows 0-2 fire latents 0, 2 and 4 (the -e_0 row); row 3's best pre-activation is
+    # 0.5 - 1 < 0 (latent 3), kept by TopK with value 0: that is not firing.
+    assert out.codes.indices[3].tolist() == [3] and out.codes.values[3].tolist() == [0.0]
+    assert coder.num_tokens_since_fired.tolist() == [0, 4, 0, 4, 0, 4]
+    coder(x[:1])
+    assert coder.num_tokens_since_fired.tolist() == [0, 5, 1, 5, 1, 5]
+    assert coder.dead_mask().tolist() == [False, True, False, True, False, True]
+    coder.eval()(x)  # eval does not count
+    assert coder.num_tokens_since_fired.tolist() == [0, 5, 1, 5, 1, 5]
+
+
+def test_auxk_loss_by_hand() -> None:
+    # Two dead latents and aux_k = 3: both are used, and the loss is scaled by 2 / 3.
+    cfg = SparseCoderConfig(d_in=3, num_latents=6, k=1, aux_k=3, dead_tokens_threshold=10)
+    coder = SparseCoder(cfg).train()
+    randomize(coder, seed=5)
+    with torch.no_grad():
+        coder.num_tokens_since_fired.copy_(torch.tensor([0, 10, 10, 0, 0, 0]))
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(6))
+    out = coder(x)
+    pre = (x - coder.b_dec) @ coder.W_enc.T + coder.b_enc
+    residual = x - out.reconstruction
+    e_hat = pre[:, 1:2].clamp_min(0) * coder.W_dec[1] + pre[:, 2:3].clamp_min(0) * coder.W_dec[2]
+    assert (pre[:, 1:3] > 0).any()
+    sst = (x - x.mean(0)).pow(2).sum()
+    want = 2 / 3 * (e_hat - residual).pow(2).sum() / sst
+    assert out.auxk.item() == pytest.approx(want.item(), rel=1e-5)
+    assert out.loss.item() == pytest.approx(out.fvu.item() + cfg.aux_k_coeff * out.auxk.item())
+    assert coder.eval()(x).auxk.item() == 0.0
+
+
+def _sparse_features(gen: torch.Generator, n: int, feats: torch.Tensor) -> torch.Tensor:
+    active = (torch.rand(n, feats.shape[0], generator=gen) < 4 / feats.shape[0]).float()
+    return (active * (torch.rand(n, feats.shape[0], generator=gen) + 0.5)) @ feats
+
+
+def _dead_fraction_after_training(aux_k_coeff: float) -> float:
+    """Train a TopK SAE with a high learning rate on sparse combinations of 1024 random
+    directions in R^32 (more than its 512 latents can cover, so the residual keeps structure
+    for revived latents to learn); return the fraction of latents that never fire on 4096
+    fresh samples."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.randn(1024, 32, generator=gen)
+    feats /= feats.norm(dim=1, keepdim=True)
+    cfg = SparseCoderConfig(
+        d_in=32, num_latents=512, k=4, aux_k=16, aux_k_coeff=aux_k_coeff, dead_tokens_threshold=2560
+    )
+    sae = SparseCoder(cfg)
+    sae.init_from_data(_sparse_features(gen, 2048, feats))
+    opt = torch.optim.Adam(sae.parameters(), lr=3e-2)
+    for _ in range(100):
+        out = sae(_sparse_features(gen, 256, feats))
+        opt.zero_grad()
+        out.loss.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        sae.set_decoder_norm_to_unit_norm()
+    with torch.no_grad():
+        codes = sae.eval().encode(_sparse_features(gen, 4096, feats))
+    fired = torch.zeros(512, dtype=torch.bool)
+    fired[codes.indices[codes.values > 0]] = True
+    return 1.0 - fired.float().mean().item()
+
+
+def test_auxk_reduces_dead_latents() -> None:
+    without = _dead_fraction_after_training(0.0)
+    with_auxk = _dead_fraction_after_training(1 / 32)
+    # Measured with seeds 0-5 in place of 0: 0.44-0.47 dead without AuxK, 0.23-0.31 with it.
+    assert without > 0.35, "the setting must kill latents for the comparison to mean anything"
+    assert with_auxk < without - 0.08
+
+
+def test_jumprelu_loss_includes_the_l0_penalty() -> None:
+    cfg = SparseCoderConfig(
+        d_in=4, num_latents=8, activation="jumprelu", sparsity_coeff=0.1, jumprelu_bandwidth=0.1
+    )
+    coder = SparseCoder(cfg).train()
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+    out = coder(x)
+    pre = (x - coder.b_dec) @ coder.W_enc.T + coder.b_enc
+    l0 = (pre > cfg.jumprelu_init_threshold).sum(1).float().mean().item()
+    assert out.sparsity.item() == pytest.approx(l0)
+    assert out.l0.item() == pytest.approx(l0)
+    assert out.auxk.item() == 0.0  # nothing is dead yet
+    assert out.loss.item() == pytest.approx(out.fvu.item() + 0.1 * l0)
+
+
+def test_non_finite_inputs_raise() -> None:
+    coder = SparseCoder(SparseCoderConfig(kind="transcoder", d_in=4, num_latents=8, k=2))
+    x, y = torch.randn(3, 4), torch.randn(3, 4)
+    bad = x.clone()
+    bad[0, 1], bad[2, 2] = float("nan"), float("inf")
+    with pytest.raises(NonFiniteError, match=r"^x has 1 NaN and 1 Inf values"):
+        coder(bad, y)
+    bad_y = y.clone()
+    bad_y[1, 0] = float("-inf")
+    with pytest.raises(NonFiniteError, match=r"^y has 0 NaN and 1 Inf values"):
+        coder(x, bad_y)
+    with pytest.raises(ValueError, match="init_from_data x"):
+        coder.init_from_data(bad, y)
+    coder.check_inputs = False  # the trainer may opt out of the per-step sync
+    assert torch.isnan(coder(bad, y).reconstruction).any()
+    check_finite("fine", x)
+
+
+def test_shape_and_argument_errors() -> None:
+    sae = SparseCoder(SparseCoderConfig(d_in=8, num_latents=16, k=2))
+    with pytest.raises(ValueError, match=r"x must be \[N, 8\], got \(4, 7\)"):
+        sae(torch.zeros(4, 7))
+    with pytest.raises(ValueError, match="do not pass y"):
+        sae(torch.zeros(4, 8), torch.zeros(4, 8))
+    tc = SparseCoder(
+        SparseCoderConfig(
+            kind="transcoder", d_in=8, d_out=3, num_latents=16, k=2, skip_connection=True
+        )
+    )
+    with pytest.raises(ValueError, match="needs the target y"):
+        tc(torch.zeros(4, 8))
+    with pytest.raises(ValueError, match=r"y must be \[N, 3\], got \(4, 8\)"):
+        tc(torch.zeros(4, 8), torch.zeros(4, 8))
+    with pytest.raises(ValueError, match="4 rows but y has 5"):
+        tc(torch.zeros(4, 8), torch.zeros(5, 3))
+    with pytest.raises(ValueError, match="skip connection; pass x"):
+        tc.decode(tc.encode(torch.zeros(4, 8)))
+    with pytest.raises(ValueError, match="use CrossLayerTranscoder"):
+        SparseCoder(SparseCoderConfig(kind="clt", d_in=4, n_layers=2))
+    with pytest.raises(ValueError, match="d_in not set"):
+        SparseCoder(SparseCoderConfig())

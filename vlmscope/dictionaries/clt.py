@@ -1,0 +1,423 @@
+"""CrossLayerTranscoder: per-layer encoders, decoders that write to later layers.
+
+Source layer l encodes x_l (the resid_mid of layer l) into codes a_l with its own encoder and
+activation. Its decoder W_dec_l [F, n_out(l), d_out] writes to target layers
+l .. l + n_out(l) - 1, n_out(l) = min(n_targets or L, L - l). The output of target t is
+
+    y_t = b_dec_t [+ W_skip_t x_t] + sum over sources s <= t with t < s + n_out(s) of
+          W_dec_s[:, t - s]^T a_s
+
+Everything tied to one layer index (its encoder, its decoder, the bias/skip/scales of its
+target, its dead-latent counter) lives in `layers[l]`, which is also what one file holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlmscope.dictionaries.activations import SparseCodes, build_activation
+from vlmscope.dictionaries.coder import (
+    check_finite,
+    fvu,
+    mean_norm_scale,
+    random_unit_rows,
+    remove_parallel_grad_,
+    unit_norm_rows_,
+    update_dead_counter_,
+)
+from vlmscope.dictionaries.config import SparseCoderConfig
+from vlmscope.dictionaries.kernels import sparse_decode
+
+if TYPE_CHECKING:
+    import os
+
+
+@dataclass
+class CLTForwardOutput:
+    """What `CrossLayerTranscoder.forward` returns.
+
+    reconstruction: per target layer [N, d_out], caller's units. codes, pre_acts: per source
+    layer. fvu: sum over target layers of each layer's FVU (fvu_per_layer [L]); auxk: AuxK
+    summed the same way; sparsity: JumpReLU L0 summed over layers; l0: active latents per row
+    summed over layers (l0_per_layer [L], detached). loss: fvu + aux_k_coeff * auxk +
+    sparsity_coeff * sparsity.
+    """
+
+    reconstruction: list[Tensor]
+    codes: list[SparseCodes]
+    pre_acts: list[Tensor]
+    fvu: Tensor
+    fvu_per_layer: Tensor
+    auxk: Tensor
+    sparsity: Tensor
+    l0: Tensor
+    l0_per_layer: Tensor
+    loss: Tensor
+
+
+class CLTLayer(nn.Module):
+    """The parameters and state of layer l of a CLT (source l and target l)."""
+
+    input_scale: Tensor
+    output_scale: Tensor
+    num_tokens_since_fired: Tensor
+    W_skip: nn.Parameter | None
+
+    def __init__(
+        self,
+        cfg: SparseCoderConfig,
+        layer: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.layer = layer
+        f, d_in, d_out, n_out = cfg.num_latents, cfg.d_in, cfg.d_out, cfg.n_out(layer)
+        kw = {"device": device, "dtype": dtype}
+        self.W_enc = nn.Parameter(torch.empty(f, d_in, **kw))
+        self.b_enc = nn.Parameter(torch.zeros(f, **kw))
+        self.W_dec = nn.Parameter(torch.empty(f, n_out, d_out, **kw))
+        self.b_dec = nn.Parameter(torch.zeros(d_out, **kw))
+        self.W_skip = nn.Parameter(torch.zeros(d_out, d_in, **kw)) if cfg.skip_connection else None
+        self.activation = build_activation(cfg)
+        if device is not None or dtype is not None:
+            self.activation.to(device=device, dtype=dtype)
+        unset = 0.0 if cfg.normalize_activations == "mean_norm" else 1.0
+        self.register_buffer("input_scale", torch.full((), unset, device=device))
+        self.register_buffer("output_scale", torch.full((), unset, device=device))
+        self.register_buffer(
+            "num_tokens_since_fired", torch.zeros(f, dtype=torch.int64, device=device)
+        )
+
+    @property
+    def n_out(self) -> int:
+        """Number of target layers this layer's decoder writes to."""
+        return self.W_dec.shape[1]
+
+
+class CrossLayerTranscoder(nn.Module):
+    """A CLT over `cfg.n_layers` layers (see the module docstring)."""
+
+    check_inputs: bool = True
+
+    def __init__(
+        self,
+        cfg: SparseCoderConfig,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if cfg.kind != "clt":
+            raise ValueError(f"CrossLayerTranscoder needs kind='clt', got {cfg.kind!r}")
+        cfg.check_buildable()
+        self.cfg = cfg
+        self.layers = nn.ModuleList(
+            CLTLayer(cfg, layer, device, dtype) for layer in range(cfg.n_layers)
+        )
+        self.reset_parameters()
+
+    # ---------------------------------------------------------------- init
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Encoder rows random unit vectors; decoders zero (random unit rows with
+        normalize_decoder); biases and skips zero."""
+        for layer in self._layers():
+            layer.W_enc.copy_(random_unit_rows(layer.W_enc))
+            if self.cfg.normalize_decoder:
+                layer.W_dec.copy_(random_unit_rows(layer.W_dec))
+            else:
+                layer.W_dec.zero_()
+            layer.b_enc.zero_()
+            layer.b_dec.zero_()
+            if layer.W_skip is not None:
+                layer.W_skip.zero_()
+
+    @torch.no_grad()
+    def init_from_data(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> None:
+        """Per layer: estimate normalisation scales (if any) and set b_dec_t to mean(y_t)."""
+        xs, ys = self._as_lists(xs, ys)
+        for layer, x, y in zip(self._layers(), xs, ys, strict=True):
+            check_finite(f"init_from_data xs[{layer.layer}]", x)
+            check_finite(f"init_from_data ys[{layer.layer}]", y)
+            if self.cfg.normalize_activations == "mean_norm":
+                layer.input_scale.fill_(mean_norm_scale(x))
+                layer.output_scale.fill_(mean_norm_scale(y))
+            layer.b_dec.copy_((y.float() * layer.output_scale).mean(dim=0))
+
+    # ---------------------------------------------------------------- properties
+
+    @property
+    def n_layers(self) -> int:
+        return self.cfg.n_layers
+
+    @property
+    def num_latents(self) -> int:
+        return self.cfg.num_latents
+
+    @property
+    def b_dec(self) -> Tensor:
+        """[L, d_out] decoder biases of the target layers (a stacked copy, for reading)."""
+        return torch.stack([layer.b_dec for layer in self._layers()])
+
+    def dead_mask(self) -> Tensor:
+        """[L, F] bool: latents of each source layer that have not fired for a while."""
+        counters = torch.stack([layer.num_tokens_since_fired for layer in self._layers()])
+        return counters >= self.cfg.dead_tokens_threshold
+
+    # ---------------------------------------------------------------- maps
+
+    def pre_activations(self, xs: Sequence[Tensor]) -> list[Tensor]:
+        """Per source layer, [N, F] encoder pre-activations (normalised space)."""
+        xs = self._as_list("xs", xs, self.cfg.d_in)
+        return [
+            self._pre(layer, self._scale_in(layer, x))
+            for layer, x in zip(self._layers(), xs, strict=True)
+        ]
+
+    def encode(self, xs: Sequence[Tensor]) -> list[SparseCodes]:
+        """Per source layer, the sparse codes of xs[l] [N, d_in]."""
+        pres = self.pre_activations(xs)
+        return [layer.activation(pre) for layer, pre in zip(self._layers(), pres, strict=True)]
+
+    def decode(
+        self, codes: Sequence[SparseCodes], xs: Sequence[Tensor] | None = None
+    ) -> list[Tensor]:
+        """Per target layer, [N, d_out] outputs in the caller's units (xs needed for W_skip)."""
+        if len(codes) != self.n_layers:
+            raise ValueError(f"decode: expected codes for {self.n_layers} layers, got {len(codes)}")
+        xs_n: list[Tensor] | None = None
+        if self.cfg.skip_connection:
+            if xs is None:
+                raise ValueError("decode: this CLT has skip connections; pass xs")
+            xs_list = self._as_list("xs", xs, self.cfg.d_in)
+            xs_n = [
+                self._scale_in(layer, x) for layer, x in zip(self._layers(), xs_list, strict=True)
+            ]
+        outs = self._decode_n(codes, xs_n)
+        return [
+            out / self._scale(layer.output_scale)
+            for layer, out in zip(self._layers(), outs, strict=True)
+        ]
+
+    def encode_layer(self, layer: int, x: Tensor) -> SparseCodes:
+        """Codes of source `layer` alone, for models run layer by layer (a replacement model
+        whose later inputs depend on earlier reconstructions)."""
+        lay = self._layers()[layer]
+        return lay.activation(self._pre(lay, self._scale_in(lay, x)))
+
+    def decode_layer(
+        self, target: int, codes: Mapping[int, SparseCodes], x: Tensor | None = None
+    ) -> Tensor:
+        """Output of target layer `target` [N, d_out] in the caller's units, from the codes of
+        every source s <= target whose window reaches it (all must be in `codes`). `x` is the
+        target layer's own input, needed only with skip connections."""
+        layers = self._layers()
+        lay = layers[target]
+        out: Tensor | None = None
+        for s in range(target + 1):
+            src = layers[s]
+            if target - s >= src.n_out:
+                continue
+            if s not in codes:
+                raise KeyError(f"decode_layer({target}): codes of source layer {s} are missing")
+            c = codes[s]
+            part = sparse_decode(c.values, c.indices, src.W_dec[:, target - s])
+            out = part if out is None else out + part
+        assert out is not None  # source `target` always reaches its own layer
+        out = out + lay.b_dec
+        if lay.W_skip is not None:
+            if x is None:
+                raise ValueError("decode_layer: this CLT has skip connections; pass x")
+            out = out + F.linear(self._scale_in(lay, x), lay.W_skip)
+        return out / self._scale(lay.output_scale)
+
+    def forward(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> CLTForwardOutput:
+        """Encode every layer, decode into every target, and compute the losses."""
+        xs, ys = self._as_lists(xs, ys)
+        if self.check_inputs:
+            for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+                check_finite(f"xs[{i}]", x)
+                check_finite(f"ys[{i}]", y)
+        layers = self._layers()
+        xs_n = [self._scale_in(layer, x) for layer, x in zip(layers, xs, strict=True)]
+        ys_n = [
+            y.to(layer.W_dec.dtype) * self._scale(layer.output_scale)
+            for layer, y in zip(layers, ys, strict=True)
+        ]
+        pres = [self._pre(layer, x_n) for layer, x_n in zip(layers, xs_n, strict=True)]
+        codes = [layer.activation(pre) for layer, pre in zip(layers, pres, strict=True)]
+        recons_n = self._decode_n(codes, xs_n)
+        fvus = torch.stack([fvu(y_n, r_n) for y_n, r_n in zip(ys_n, recons_n, strict=True)])
+
+        auxk = pres[0].new_zeros((), dtype=torch.float32)
+        if self.training:
+            dead = self.dead_mask()
+            for layer, c in zip(layers, codes, strict=True):
+                update_dead_counter_(layer.num_tokens_since_fired, c, xs[0].shape[0])
+            if self.cfg.aux_k_coeff > 0:
+                auxk = self._auxk(pres, dead, ys_n, recons_n)
+        sparsity = torch.stack(
+            [
+                layer.activation.sparsity_loss(pre).float()
+                for layer, pre in zip(layers, pres, strict=True)
+            ]
+        ).sum()
+        l0s = torch.stack([c.l0().float().mean() for c in codes]).detach()
+        loss = fvus.sum() + self.cfg.aux_k_coeff * auxk + self.cfg.sparsity_coeff * sparsity
+        return CLTForwardOutput(
+            reconstruction=[
+                r / self._scale(layer.output_scale)
+                for layer, r in zip(layers, recons_n, strict=True)
+            ],
+            codes=codes,
+            pre_acts=pres,
+            fvu=fvus.sum(),
+            fvu_per_layer=fvus.detach(),
+            auxk=auxk,
+            sparsity=sparsity,
+            l0=l0s.sum(),
+            l0_per_layer=l0s,
+            loss=loss,
+        )
+
+    # ---------------------------------------------------------------- decoder norm
+
+    @torch.no_grad()
+    def set_decoder_norm_to_unit_norm(self) -> None:
+        """Rescale each latent's whole decoder (all its target layers together) to unit norm."""
+        for layer in self._layers():
+            unit_norm_rows_(layer.W_dec)
+
+    @torch.no_grad()
+    def remove_gradient_parallel_to_decoder_directions(self) -> None:
+        """Drop the gradient component along each latent's (flattened) decoder."""
+        for layer in self._layers():
+            remove_parallel_grad_(layer.W_dec)
+
+    # ---------------------------------------------------------------- files
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write `path/config.json` and `path/layer_{l}.safetensors` (see io.py)."""
+        from vlmscope.dictionaries.io import save_clt
+
+        return save_clt(self, path)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> CrossLayerTranscoder:
+        """Read a folder written by `save`, checking tensors against its config."""
+        from vlmscope.dictionaries.io import load_clt
+
+        return load_clt(path, device=device, dtype=dtype)
+
+    # ---------------------------------------------------------------- internals
+
+    def _layers(self) -> list[CLTLayer]:
+        return list(self.layers)  # type: ignore[arg-type]
+
+    def _as_list(self, name: str, ts: Sequence[Tensor], width: int) -> list[Tensor]:
+        ts = list(ts)
+        if len(ts) != self.n_layers:
+            raise ValueError(f"{name}: expected {self.n_layers} layers, got {len(ts)}")
+        for i, t in enumerate(ts):
+            if t.ndim != 2 or t.shape[1] != width:
+                raise ValueError(f"{name}[{i}] must be [N, {width}], got {tuple(t.shape)}")
+            if t.shape[0] != ts[0].shape[0]:
+                raise ValueError(f"{name}[{i}] has {t.shape[0]} rows, {name}[0] {ts[0].shape[0]}")
+        return ts
+
+    def _as_lists(
+        self, xs: Sequence[Tensor], ys: Sequence[Tensor]
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        xs = self._as_list("xs", xs, self.cfg.d_in)
+        ys = self._as_list("ys", ys, self.cfg.d_out)
+        if xs[0].shape[0] != ys[0].shape[0]:
+            raise ValueError(f"xs have {xs[0].shape[0]} rows but ys have {ys[0].shape[0]}")
+        return xs, ys
+
+    def _scale(self, scale: Tensor) -> Tensor:
+        if self.cfg.normalize_activations == "mean_norm" and not bool(scale > 0):
+            raise RuntimeError(
+                "normalize_activations='mean_norm' but the scales are not estimated yet; call "
+                "init_from_data(xs, ys) with a sample of activations first"
+            )
+        return scale.to(self.layers[0].W_enc.dtype)
+
+    def _scale_in(self, layer: CLTLayer, x: Tensor) -> Tensor:
+        return x.to(layer.W_enc.dtype) * self._scale(layer.input_scale)
+
+    @staticmethod
+    def _pre(layer: CLTLayer, x_n: Tensor) -> Tensor:
+        return F.linear(x_n, layer.W_enc, layer.b_enc)
+
+    def _decode_sources(self, codes: Sequence[SparseCodes], n_rows: int) -> list[Tensor]:
+        """Per target, the sum of decoder contributions (no bias, no skip)."""
+        layers = self._layers()
+        outs: list[Tensor | None] = [None] * self.n_layers
+        for s, (layer, c) in enumerate(zip(layers, codes, strict=True)):
+            if c.num_latents != self.num_latents or c.values.shape[0] != n_rows:
+                raise ValueError(
+                    f"codes[{s}]: expected {n_rows} rows over {self.num_latents} latents, got "
+                    f"{c.values.shape[0]} rows over {c.num_latents}"
+                )
+            f, n_out, d = layer.W_dec.shape
+            contrib = sparse_decode(c.values, c.indices, layer.W_dec.reshape(f, n_out * d))
+            contrib = contrib.view(n_rows, n_out, d)
+            for j in range(n_out):
+                prev = outs[s + j]
+                outs[s + j] = contrib[:, j] if prev is None else prev + contrib[:, j]
+        return [
+            o if o is not None else layers[0].b_dec.new_zeros(n_rows, self.cfg.d_out) for o in outs
+        ]
+
+    def _decode_n(self, codes: Sequence[SparseCodes], xs_n: list[Tensor] | None) -> list[Tensor]:
+        n_rows = codes[0].values.shape[0]
+        outs = self._decode_sources(codes, n_rows)
+        result = []
+        for t, layer in enumerate(self._layers()):
+            out = outs[t] + layer.b_dec
+            if layer.W_skip is not None:
+                assert xs_n is not None
+                out = out + F.linear(xs_n[t], layer.W_skip)
+            result.append(out)
+        return result
+
+    def _auxk(
+        self, pres: list[Tensor], dead: Tensor, ys_n: list[Tensor], recons_n: list[Tensor]
+    ) -> Tensor:
+        """AuxK summed over targets: each layer's dead latents (top aux_k of their
+        pre-activations) decode through their windows to reconstruct the residuals."""
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return pres[0].new_zeros((), dtype=torch.float32)
+        aux_k = self.cfg.aux_k or max(self.cfg.d_out // 2, 1)
+        scale = min(n_dead / (aux_k * self.n_layers), 1.0)
+        aux_codes = []
+        for pre, dead_l in zip(pres, dead, strict=True):
+            k = max(min(aux_k, int(dead_l.sum())), 1)
+            masked = pre.masked_fill(~dead_l, -torch.inf)
+            values, indices = masked.topk(k, dim=1, sorted=False)
+            # Layers with no dead latent contribute zeros (relu(-inf) = 0).
+            aux_codes.append(SparseCodes(values.relu(), indices, self.num_latents))
+        e_hats = self._decode_sources(aux_codes, pres[0].shape[0])
+        total = pres[0].new_zeros((), dtype=torch.float32)
+        for e_hat, y_n, r_n in zip(e_hats, ys_n, recons_n, strict=True):
+            residual = (y_n - r_n).detach().float()
+            sst = (y_n.float() - y_n.float().mean(dim=0)).pow(2).sum()
+            err = (e_hat.float() - residual).pow(2).sum()
+            total = total + err / sst.clamp_min(torch.finfo(sst.dtype).tiny)
+        return scale * total

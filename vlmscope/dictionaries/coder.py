@@ -1,0 +1,386 @@
+"""SparseCoder: an SAE or a (per-layer) transcoder mapping [N, d_in] to [N, d_out].
+
+    x_n  = x * input_scale                                  (1 unless normalize_activations)
+    pre  = W_enc @ (x_n - b_dec) + b_enc                    (SAE: b_dec is also the input centre)
+    pre  = W_enc @ x_n + b_enc                              (transcoder)
+    code = activation(pre)                                  (SparseCodes, see activations.py)
+    y_n  = W_dec^T code + b_dec [+ W_skip @ x_n]
+    y    = y_n / output_scale
+
+`encode` takes and `decode` returns tensors in the caller's units; losses are computed in the
+normalised space (FVU and AuxK are ratios, so the scale cancels). Inputs are checked for
+NaN/Inf on every `forward` (one host sync); set `coder.check_inputs = False` to skip it, and
+call `check_finite` yourself where you want it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlmscope.dictionaries.activations import SparseCodes, build_activation
+from vlmscope.dictionaries.config import SparseCoderConfig
+from vlmscope.dictionaries.kernels import sparse_decode
+
+if TYPE_CHECKING:
+    import os
+
+
+class NonFiniteError(ValueError):
+    """An input tensor holds NaN or Inf values."""
+
+
+def check_finite(name: str, tensor: Tensor) -> None:
+    """Raise NonFiniteError naming `name` and counting NaN/Inf entries (one host sync)."""
+    finite = torch.isfinite(tensor)
+    if bool(finite.all()):
+        return
+    n_nan = int(torch.isnan(tensor).sum())
+    n_inf = int((~finite).sum()) - n_nan
+    raise NonFiniteError(
+        f"{name} has {n_nan} NaN and {n_inf} Inf values (of {tensor.numel()}, shape "
+        f"{tuple(tensor.shape)}); dictionaries need finite activations"
+    )
+
+
+def fvu(target: Tensor, reconstruction: Tensor) -> Tensor:
+    """Fraction of variance unexplained: SSE / sum of squared deviations from the batch mean.
+
+    0 for an exact reconstruction, 1 for predicting the batch mean of `target` [N, D].
+    """
+    target = target.float()
+    sse = (target - reconstruction.float()).pow(2).sum()
+    sst = (target - target.mean(dim=0)).pow(2).sum()
+    return sse / sst.clamp_min(torch.finfo(sst.dtype).tiny)
+
+
+def unit_norm_rows_(weight: Tensor) -> None:
+    """Scale each row of `weight` viewed as [F, -1] to unit L2 norm, in place."""
+    rows = weight.data.view(weight.shape[0], -1)
+    rows.div_(rows.norm(dim=1, keepdim=True).clamp_min(torch.finfo(rows.dtype).eps))
+
+
+def remove_parallel_grad_(weight: Tensor) -> None:
+    """Project out of weight.grad (viewed as [F, -1]) its component along each row of weight."""
+    if weight.grad is None:
+        return
+    rows = weight.data.view(weight.shape[0], -1)
+    grad = weight.grad.view(weight.shape[0], -1)
+    unit = rows / rows.norm(dim=1, keepdim=True).clamp_min(torch.finfo(rows.dtype).eps)
+    grad.sub_((grad * unit).sum(dim=1, keepdim=True) * unit)
+
+
+def auxk_loss(
+    pre: Tensor,
+    dead: Tensor,
+    residual: Tensor,
+    decode: Callable[[SparseCodes], Tensor],
+    aux_k: int,
+    sst: Tensor,
+) -> Tensor:
+    """AuxK (Gao et al. 2024): dead latents' top-aux_k activations reconstruct the residual.
+
+    Returns scale * ||decode(aux codes) - residual||^2 / sst with scale = min(n_dead / aux_k, 1)
+    (as in EleutherAI's sparsify), 0 when nothing is dead. `residual` should be detached.
+    """
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return pre.new_zeros((), dtype=torch.float32)
+    k = min(aux_k, n_dead)
+    scale = min(n_dead / aux_k, 1.0)
+    masked = pre.masked_fill(~dead, -torch.inf)
+    values, indices = masked.topk(k, dim=1, sorted=False)
+    codes = SparseCodes(values.relu(), indices, pre.shape[1])
+    err = (decode(codes).float() - residual.float()).pow(2).sum()
+    return scale * err / sst.clamp_min(torch.finfo(sst.dtype).tiny)
+
+
+@dataclass
+class ForwardOutput:
+    """What `SparseCoder.forward` returns.
+
+    reconstruction: [N, d_out] in the caller's units. codes: SparseCodes. pre_acts: [N, F]
+    encoder pre-activations (normalised space). fvu, auxk, sparsity: scalar losses (auxk is 0
+    outside training or with no dead latents; sparsity is the JumpReLU L0 with its
+    pseudo-gradient, else 0). l0: mean active latents per row (detached). loss: fvu +
+    aux_k_coeff * auxk + sparsity_coeff * sparsity, what a trainer minimises.
+    """
+
+    reconstruction: Tensor
+    codes: SparseCodes
+    pre_acts: Tensor
+    fvu: Tensor
+    auxk: Tensor
+    sparsity: Tensor
+    l0: Tensor
+    loss: Tensor
+
+
+class SparseCoder(nn.Module):
+    """An SAE (kind "sae") or transcoder (kind "transcoder"); see the module docstring."""
+
+    input_scale: Tensor
+    output_scale: Tensor
+    num_tokens_since_fired: Tensor
+    W_skip: nn.Parameter | None
+    check_inputs: bool = True
+
+    def __init__(
+        self,
+        cfg: SparseCoderConfig,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if cfg.kind not in ("sae", "transcoder"):
+            raise ValueError(
+                f"SparseCoder is for kind 'sae' or 'transcoder'; use CrossLayerTranscoder for "
+                f"{cfg.kind!r}"
+            )
+        cfg.check_buildable()
+        self.cfg = cfg
+        f, d_in, d_out = cfg.num_latents, cfg.d_in, cfg.d_out
+        kw = {"device": device, "dtype": dtype}
+        self.W_enc = nn.Parameter(torch.empty(f, d_in, **kw))
+        self.b_enc = nn.Parameter(torch.zeros(f, **kw))
+        self.W_dec = nn.Parameter(torch.empty(f, d_out, **kw))
+        self.b_dec = nn.Parameter(torch.zeros(d_out, **kw))
+        self.W_skip = nn.Parameter(torch.zeros(d_out, d_in, **kw)) if cfg.skip_connection else None
+        self.activation = build_activation(cfg)
+        if device is not None or dtype is not None:
+            self.activation.to(device=device, dtype=dtype)
+        unset = 0.0 if cfg.normalize_activations == "mean_norm" else 1.0
+        self.register_buffer("input_scale", torch.full((), unset, device=device))
+        self.register_buffer("output_scale", torch.full((), unset, device=device))
+        self.register_buffer(
+            "num_tokens_since_fired", torch.zeros(f, dtype=torch.int64, device=device)
+        )
+        self.reset_parameters()
+
+    # ---------------------------------------------------------------- init
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Random init as in the TopK-SAE literature.
+
+        SAE: decoder rows random unit vectors, W_enc = W_dec^T (Gao et al. 2024).
+        Transcoder: encoder rows random unit vectors; decoder zero (as in EleutherAI's
+        sparsify), so the initial output is b_dec (the data mean after `init_from_data`), or
+        random unit rows when normalize_decoder is set (a zero row has no direction to keep).
+        """
+        cfg = self.cfg
+        if cfg.kind == "sae":
+            self.W_dec.copy_(random_unit_rows(self.W_dec))
+            # Both are stored [F, d]: "W_enc = W_dec^T" means equal rows here.
+            self.W_enc.copy_(self.W_dec)
+        else:
+            self.W_enc.copy_(random_unit_rows(self.W_enc))
+            if cfg.normalize_decoder:
+                self.W_dec.copy_(random_unit_rows(self.W_dec))
+            else:
+                self.W_dec.zero_()
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+        if self.W_skip is not None:
+            self.W_skip.zero_()
+
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor, y: Tensor | None = None) -> None:
+        """Estimate the normalisation scales (if any) and set b_dec to the target's mean.
+
+        x: [N, d_in] sample of inputs; y: [N, d_out] matching targets (transcoders only).
+        """
+        target = self._target(x, y)
+        check_finite("init_from_data x", x)
+        check_finite("init_from_data y", target)
+        if self.cfg.normalize_activations == "mean_norm":
+            self.input_scale.fill_(mean_norm_scale(x))
+            self.output_scale.fill_(mean_norm_scale(target))
+        self.b_dec.copy_((target.float() * self.output_scale).mean(dim=0))
+
+    # ---------------------------------------------------------------- properties
+
+    @property
+    def num_latents(self) -> int:
+        return self.cfg.num_latents
+
+    def dead_mask(self) -> Tensor:
+        """[F] bool: latents that have not fired for `dead_tokens_threshold` training rows."""
+        return self.num_tokens_since_fired >= self.cfg.dead_tokens_threshold
+
+    # ---------------------------------------------------------------- maps
+
+    def pre_activations(self, x: Tensor) -> Tensor:
+        """[N, F] encoder pre-activations of inputs x [N, d_in] (normalised space)."""
+        self._check_shape("x", x, self.cfg.d_in)
+        return self._pre(self._scale_in(x))
+
+    def encode(self, x: Tensor) -> SparseCodes:
+        """Sparse codes of inputs x [N, d_in]."""
+        return self.activation(self.pre_activations(x))
+
+    def decode(self, codes: SparseCodes, x: Tensor | None = None) -> Tensor:
+        """[N, d_out] output of `codes`, in the caller's units; x is needed for W_skip."""
+        x_n = None
+        if self.W_skip is not None:
+            if x is None:
+                raise ValueError("decode: this transcoder has a skip connection; pass x")
+            self._check_shape("x", x, self.cfg.d_in)
+            x_n = self._scale_in(x)
+        return self._decode_n(codes, x_n) / self._scale(self.output_scale)
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> ForwardOutput:
+        """Encode x [N, d_in], decode, and compute the losses against y (SAE: against x)."""
+        target = self._target(x, y)
+        self._check_shape("x", x, self.cfg.d_in)
+        self._check_shape("y", target, self.cfg.d_out)
+        if x.shape[0] != target.shape[0]:
+            raise ValueError(f"x has {x.shape[0]} rows but y has {target.shape[0]}")
+        if self.check_inputs:
+            check_finite("x", x)
+            if y is not None:
+                check_finite("y", y)
+        x_n = self._scale_in(x)
+        out_scale = self._scale(self.output_scale)
+        target_n = target.to(self.W_dec.dtype) * out_scale
+        pre = self._pre(x_n)
+        codes = self.activation(pre)
+        recon_n = self._decode_n(codes, x_n)
+        loss_fvu = fvu(target_n, recon_n)
+
+        auxk = pre.new_zeros((), dtype=torch.float32)
+        if self.training:
+            dead = self.dead_mask()
+            self._update_dead(codes, x.shape[0])
+            if self.cfg.aux_k_coeff > 0:
+                sst = (target_n.float() - target_n.float().mean(dim=0)).pow(2).sum()
+                auxk = auxk_loss(
+                    pre,
+                    dead,
+                    (target_n - recon_n).detach(),
+                    lambda c: sparse_decode(c.values, c.indices, self.W_dec),
+                    self.cfg.aux_k or max(self.cfg.d_out // 2, 1),
+                    sst,
+                )
+        sparsity = self.activation.sparsity_loss(pre).float()
+        loss = loss_fvu + self.cfg.aux_k_coeff * auxk + self.cfg.sparsity_coeff * sparsity
+        return ForwardOutput(
+            reconstruction=recon_n / out_scale,
+            codes=codes,
+            pre_acts=pre,
+            fvu=loss_fvu,
+            auxk=auxk,
+            sparsity=sparsity,
+            l0=codes.l0().float().mean().detach(),
+            loss=loss,
+        )
+
+    # ---------------------------------------------------------------- decoder norm
+
+    @torch.no_grad()
+    def set_decoder_norm_to_unit_norm(self) -> None:
+        """Rescale decoder rows to unit norm (trainer: after each optimiser step)."""
+        unit_norm_rows_(self.W_dec)
+
+    @torch.no_grad()
+    def remove_gradient_parallel_to_decoder_directions(self) -> None:
+        """Drop the gradient component that would change decoder row norms (before the step)."""
+        remove_parallel_grad_(self.W_dec)
+
+    # ---------------------------------------------------------------- files
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write `path/cfg.json` and `path/sae.safetensors` (see io.py); returns the folder."""
+        from vlmscope.dictionaries.io import save_sparse_coder
+
+        return save_sparse_coder(self, path)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> SparseCoder:
+        """Read a folder written by `save`, checking tensors against its config."""
+        from vlmscope.dictionaries.io import load_sparse_coder
+
+        return load_sparse_coder(path, device=device, dtype=dtype)
+
+    # ---------------------------------------------------------------- internals
+
+    def _target(self, x: Tensor, y: Tensor | None) -> Tensor:
+        if self.cfg.kind == "sae":
+            if y is not None:
+                raise ValueError("an SAE reconstructs its input; do not pass y")
+            return x
+        if y is None:
+            raise ValueError("a transcoder needs the target y (e.g. the MLP output) as well as x")
+        return y
+
+    def _check_shape(self, name: str, t: Tensor, width: int) -> None:
+        if t.ndim != 2 or t.shape[1] != width:
+            raise ValueError(
+                f"{type(self).__name__}: {name} must be [N, {width}], got {tuple(t.shape)}"
+            )
+
+    def _scale(self, scale: Tensor) -> Tensor:
+        if self.cfg.normalize_activations == "mean_norm" and not bool(scale > 0):
+            raise RuntimeError(
+                "normalize_activations='mean_norm' but the scale is not estimated yet; call "
+                "init_from_data(x, y) with a sample of activations first"
+            )
+        return scale.to(self.W_enc.dtype)
+
+    def _scale_in(self, x: Tensor) -> Tensor:
+        return x.to(self.W_enc.dtype) * self._scale(self.input_scale)
+
+    def _pre(self, x_n: Tensor) -> Tensor:
+        if self.cfg.kind == "sae":
+            x_n = x_n - self.b_dec
+        return F.linear(x_n, self.W_enc, self.b_enc)
+
+    def _decode_n(self, codes: SparseCodes, x_n: Tensor | None) -> Tensor:
+        if codes.num_latents != self.num_latents:
+            raise ValueError(
+                f"codes have {codes.num_latents} latents, this coder {self.num_latents}"
+            )
+        out = sparse_decode(codes.values, codes.indices, self.W_dec) + self.b_dec
+        if self.W_skip is not None:
+            assert x_n is not None
+            out = out + F.linear(x_n, self.W_skip)
+        return out
+
+    @torch.no_grad()
+    def _update_dead(self, codes: SparseCodes, n_rows: int) -> None:
+        update_dead_counter_(self.num_tokens_since_fired, codes, n_rows)
+
+
+def update_dead_counter_(counter: Tensor, codes: SparseCodes, n_rows: int) -> None:
+    """Add n_rows to every latent's counter and reset those active in `codes` to 0."""
+    counter += n_rows
+    counter[codes.indices[codes.active()]] = 0
+
+
+def random_unit_rows(like: Tensor) -> Tensor:
+    """Gaussian tensor shaped like `like` with each row (viewed as [F, -1]) of unit norm."""
+    out = torch.randn(like.shape, device=like.device, dtype=like.dtype)
+    unit_norm_rows_(out)
+    return out
+
+
+def mean_norm_scale(x: Tensor) -> float:
+    """sqrt(width) / mean row L2 norm: scales x so that its mean row norm is sqrt(width)."""
+    mean_norm = float(x.float().norm(dim=1).mean())
+    if not mean_norm > 0:
+        raise ValueError("cannot estimate a normalisation scale from all-zero activations")
+    return math.sqrt(x.shape[1]) / mean_norm

@@ -1,0 +1,540 @@
+"""Saving, loading and exporting dictionaries: JSON configs + safetensors, never pickle.
+
+vlmscope layout (read back by `load_dictionaries`):
+
+    one SparseCoder            <dir>/cfg.json + <dir>/sae.safetensors
+    per-hookpoint coders       <dir>/config.json (type "sparse_coders", list of hookpoints)
+                               <dir>/<hookpoint>/cfg.json + sae.safetensors
+    CrossLayerTranscoder       <dir>/config.json (type "clt", the config)
+                               <dir>/layer_{l}.safetensors (everything of `clt.layers[l]`)
+
+Every file is written under a temporary name and renamed, and the config last, so a crash
+never leaves a torn file and a folder with a config has all its weights. Loading checks every
+tensor name and shape against the config and says which file, tensor and shapes disagree.
+
+Exporters fold the normalisation scales into the weights (the exported dictionary computes the
+same outputs on raw activations) and write:
+
+    circuit-tracer, CLT        config.yaml (model_kind: cross_layer_transcoder, hooks)
+                               W_enc_{l}.safetensors: W_enc_{l} [F, d], b_enc_{l} [F], b_dec_{l}
+                               [d], threshold_{l} [F] (JumpReLU/BatchTopK), W_skip_{l} [d, d]
+                               (applied as x @ W_skip, circuit-tracer's CLT convention)
+                               W_dec_{l}.safetensors: W_dec_{l} [F, L - l, d], zero beyond the
+                               n_targets window
+    circuit-tracer, per-layer  config.yaml (model_kind: transcoder_set, hooks, activation, k)
+                               layer_{l}.safetensors: W_enc [F, d_in], W_dec [F, d_out], b_enc,
+                               b_dec, W_skip [d_out, d_in] (applied as x @ W_skip.T), and
+                               "activation_function.threshold" [F] for JumpReLU/BatchTopK
+    SAELens (SAEs)             cfg.json + sae_weights.safetensors: W_enc [d_in, d_sae], W_dec
+                               [d_sae, d_in], b_enc, b_dec, threshold (jumprelu)
+
+BatchTopK exports as JumpReLU with its eval threshold for every latent, which is exactly its
+eval behaviour. TopK has no threshold: SAELens "topk" matches it (top-k, then ReLU);
+circuit-tracer's per-layer TopK keeps the raw top-k values without a ReLU (different only for
+rows with fewer than k positive pre-activations), and its CLT has no TopK, so a TopK CLT is
+refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from vlmscope.dictionaries.activations import BatchTopK, SparseActivation
+from vlmscope.dictionaries.clt import CrossLayerTranscoder
+from vlmscope.dictionaries.coder import SparseCoder
+from vlmscope.dictionaries.config import SparseCoderConfig
+
+FORMAT = "vlmscope.dictionaries"
+FORMAT_VERSION = 1
+RUN_CONFIG = "config.json"
+CODER_CONFIG = "cfg.json"
+CODER_WEIGHTS = "sae.safetensors"
+
+PathLike = str | os.PathLike[str]
+
+
+class DictionaryFormatError(ValueError):
+    """A dictionary folder or file is missing pieces, corrupt, or disagrees with its config."""
+
+
+# ---------------------------------------------------------------------------- file helpers
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = _tmp_name(path)
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _write_text_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def _write_safetensors(path: Path, tensors: Mapping[str, Tensor]) -> None:
+    """safetensors file of detached, contiguous CPU copies, written atomically."""
+    plain = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+    tmp = _tmp_name(path)
+    save_file(plain, str(tmp), metadata={"format": FORMAT})
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a vlmscope dictionary folder?")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DictionaryFormatError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(obj, dict):
+        raise DictionaryFormatError(f"{path} must hold a JSON object")
+    return obj
+
+
+def _read_header(path: Path, expected_type: str | None) -> dict[str, Any]:
+    obj = _read_json(path)
+    if obj.get("format") != FORMAT:
+        raise DictionaryFormatError(f"{path}: 'format' is {obj.get('format')!r}, not {FORMAT!r}")
+    if obj.get("format_version") != FORMAT_VERSION:
+        raise DictionaryFormatError(
+            f"{path}: format_version {obj.get('format_version')!r} is not supported "
+            f"(this vlmscope reads {FORMAT_VERSION})"
+        )
+    if expected_type is not None and obj.get("type") != expected_type:
+        raise DictionaryFormatError(
+            f"{path}: type is {obj.get('type')!r}, expected {expected_type!r}"
+        )
+    return obj
+
+
+def _read_config(path: Path, obj: dict[str, Any]) -> SparseCoderConfig:
+    try:
+        return SparseCoderConfig.from_dict(obj["config"])
+    except KeyError:
+        raise DictionaryFormatError(f"{path} has no 'config'") from None
+    except (TypeError, ValueError) as err:
+        raise DictionaryFormatError(f"{path}: invalid config: {err}") from None
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (the weights its config refers to)")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for corrupt headers
+        raise DictionaryFormatError(f"{path} is not a readable safetensors file: {err}") from None
+
+
+def _load_checked(module: nn.Module, tensors: dict[str, Tensor], path: Path) -> None:
+    """Copy `tensors` into `module` after checking names and shapes against its config."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise DictionaryFormatError(
+            f"{path}: tensors do not match the config: missing {missing}, unexpected {unexpected}"
+        )
+    wrong = [
+        f"tensor {name!r} has shape {tuple(tensors[name].shape)} but the config implies "
+        f"{tuple(want.shape)}"
+        for name, want in expected.items()
+        if tensors[name].shape != want.shape
+    ]
+    if wrong:
+        raise DictionaryFormatError(f"{path}: " + "; ".join(wrong))
+    module.load_state_dict(tensors)
+
+
+def _file_dtype(tensors: Mapping[str, Tensor], dtype: torch.dtype | None) -> torch.dtype | None:
+    if dtype is not None:
+        return dtype
+    w = tensors.get("W_enc")
+    return w.dtype if w is not None and w.is_floating_point() else None
+
+
+def _check_hookpoint(name: object) -> str:
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in (".", "..", RUN_CONFIG)
+        or any(c in name for c in ("/", "\\", "\0"))
+    ):
+        raise ValueError(
+            f"hookpoint {name!r} cannot name a folder (empty, '.', '..', {RUN_CONFIG!r}, or "
+            "containing a path separator)"
+        )
+    return name
+
+
+def _header(kind: str, **extra: Any) -> dict[str, Any]:
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "type": kind, **extra}
+
+
+# ---------------------------------------------------------------------------- vlmscope layout
+
+
+def save_sparse_coder(coder: SparseCoder, path: PathLike) -> Path:
+    """Write `path/sae.safetensors`, then `path/cfg.json`; returns the folder."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_safetensors(folder / CODER_WEIGHTS, coder.state_dict())
+    _write_json(folder / CODER_CONFIG, _header("sparse_coder", config=coder.cfg.to_dict()))
+    return folder
+
+
+def load_sparse_coder(
+    path: PathLike, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> SparseCoder:
+    """Read a folder written by `save_sparse_coder`."""
+    folder = Path(path)
+    cfg_path = folder / CODER_CONFIG
+    cfg = _read_config(cfg_path, _read_header(cfg_path, "sparse_coder"))
+    tensors = _read_safetensors(folder / CODER_WEIGHTS)
+    coder = SparseCoder(cfg, dtype=_file_dtype(tensors, dtype))
+    _load_checked(coder, tensors, folder / CODER_WEIGHTS)
+    return coder.to(device) if device is not None else coder
+
+
+def save_clt(clt: CrossLayerTranscoder, path: PathLike) -> Path:
+    """Write `path/layer_{l}.safetensors` for every layer, then `path/config.json`."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    for layer in clt.layers:
+        _write_safetensors(folder / f"layer_{layer.layer}.safetensors", layer.state_dict())
+    _write_json(folder / RUN_CONFIG, _header("clt", config=clt.cfg.to_dict()))
+    return folder
+
+
+def load_clt(
+    path: PathLike, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> CrossLayerTranscoder:
+    """Read a folder written by `save_clt`."""
+    folder = Path(path)
+    cfg_path = folder / RUN_CONFIG
+    cfg = _read_config(cfg_path, _read_header(cfg_path, "clt"))
+    files = [folder / f"layer_{layer}.safetensors" for layer in range(cfg.n_layers)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{folder}: config.json says n_layers={cfg.n_layers} but {missing} are missing"
+        )
+    clt: CrossLayerTranscoder | None = None
+    for layer, file in enumerate(files):
+        tensors = _read_safetensors(file)
+        if clt is None:
+            clt = CrossLayerTranscoder(cfg, dtype=_file_dtype(tensors, dtype))
+        _load_checked(clt.layers[layer], tensors, file)
+    assert clt is not None
+    return clt.to(device) if device is not None else clt
+
+
+def save_dictionaries(
+    dictionaries: Mapping[str, SparseCoder] | CrossLayerTranscoder,
+    path: PathLike,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Save one run: a CLT, or SparseCoders keyed by hookpoint (one subfolder each).
+
+    `metadata` (JSON-serialisable) goes into the run's config.json for per-hookpoint runs.
+    """
+    if isinstance(dictionaries, CrossLayerTranscoder):
+        return save_clt(dictionaries, path)
+    if not isinstance(dictionaries, Mapping) or not dictionaries:
+        raise TypeError("save_dictionaries expects a CrossLayerTranscoder or a non-empty mapping")
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, coder in dictionaries.items():
+        if not isinstance(coder, SparseCoder):
+            raise TypeError(f"dictionaries[{name!r}] is a {type(coder).__name__}, not SparseCoder")
+        save_sparse_coder(coder, folder / _check_hookpoint(name))
+    header = _header("sparse_coders", hookpoints=list(dictionaries), metadata=dict(metadata or {}))
+    _write_json(folder / RUN_CONFIG, header)
+    return folder
+
+
+def load_dictionaries(
+    path: PathLike, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> dict[str, SparseCoder] | CrossLayerTranscoder | SparseCoder:
+    """Load whatever `path` holds: a run of per-hookpoint coders (dict, in saved order), a
+    CLT, or a single SparseCoder folder."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder")
+    if not (folder / RUN_CONFIG).is_file():
+        if (folder / CODER_CONFIG).is_file():
+            return load_sparse_coder(folder, device=device, dtype=dtype)
+        raise FileNotFoundError(
+            f"{folder} has neither {RUN_CONFIG} (a run) nor {CODER_CONFIG} (one dictionary)"
+        )
+    header = _read_header(folder / RUN_CONFIG, None)
+    kind = header.get("type")
+    if kind == "clt":
+        return load_clt(folder, device=device, dtype=dtype)
+    if kind != "sparse_coders":
+        raise DictionaryFormatError(f"{folder / RUN_CONFIG}: unknown type {kind!r}")
+    hookpoints = header.get("hookpoints")
+    if not isinstance(hookpoints, list) or not hookpoints:
+        raise DictionaryFormatError(f"{folder / RUN_CONFIG}: 'hookpoints' must be a list")
+    return {
+        _check_hookpoint(name): load_sparse_coder(folder / name, device=device, dtype=dtype)
+        for name in hookpoints
+    }
+
+
+# ---------------------------------------------------------------------------- exporters
+
+
+def _yaml_scalar(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid double-quoted YAML scalar
+    raise TypeError(f"cannot write {type(value).__name__} as a YAML scalar")
+
+
+def _write_yaml(path: Path, values: Mapping[str, object]) -> None:
+    """Flat `key: scalar` YAML written by hand (no YAML dependency)."""
+    lines = []
+    for key, value in values.items():
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ValueError(f"YAML key {key!r} is not a plain identifier")
+        lines.append(f"{key}: {_yaml_scalar(value)}")
+    _write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def _cast(t: Tensor, dtype: torch.dtype | None) -> Tensor:
+    return t.detach().to(dtype) if dtype is not None else t.detach()
+
+
+def _threshold(activation: SparseActivation, what: str) -> Tensor | None:
+    """Eval threshold of an activation for export; checks BatchTopK has estimated one."""
+    if isinstance(activation, BatchTopK) and int(activation.num_updates) == 0:
+        raise ValueError(f"{what}: BatchTopK threshold not estimated yet (no training steps)")
+    return activation.export_threshold()
+
+
+def _folded_coder(coder: SparseCoder) -> dict[str, Tensor]:
+    """W_enc, b_enc, W_dec, b_dec, W_skip of `coder` acting on raw (unnormalised) tensors.
+
+    Pre-activations are unchanged, so thresholds and top-k choices carry over exactly.
+    """
+    s_in = float(coder._scale(coder.input_scale))
+    s_out = float(coder._scale(coder.output_scale))
+    out = {
+        "W_enc": coder.W_enc.detach() * s_in,
+        "b_enc": coder.b_enc.detach().clone(),
+        "W_dec": coder.W_dec.detach() / s_out,
+        "b_dec": coder.b_dec.detach() / s_out,
+    }
+    if coder.W_skip is not None:
+        out["W_skip"] = coder.W_skip.detach() * (s_in / s_out)
+    return out
+
+
+def export_circuit_tracer(
+    dictionaries: CrossLayerTranscoder | Sequence[SparseCoder] | Mapping[int, SparseCoder],
+    path: PathLike,
+    *,
+    feature_input_hook: str = "hook_resid_mid",
+    feature_output_hook: str = "hook_mlp_out",
+    dtype: torch.dtype | None = None,
+    extra_config: Mapping[str, str | int | float | bool] | None = None,
+) -> Path:
+    """Write a CLT, or per-layer transcoders (layer 0..L-1), in circuit-tracer's layout.
+
+    The hook names are circuit-tracer's (TransformerLens-style) names, written as given.
+    `extra_config` adds flat keys to config.yaml (e.g. model_name).
+    """
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    config: dict[str, object]
+    if isinstance(dictionaries, CrossLayerTranscoder):
+        _export_ct_clt(dictionaries, folder, dtype)
+        config = {
+            "model_kind": "cross_layer_transcoder",
+            "feature_input_hook": feature_input_hook,
+            "feature_output_hook": feature_output_hook,
+        }
+    else:
+        coders = _layer_list(dictionaries)
+        _export_ct_transcoders(coders, folder, dtype)
+        config = {
+            "model_kind": "transcoder_set",
+            "feature_input_hook": feature_input_hook,
+            "feature_output_hook": feature_output_hook,
+        }
+        if coders[0].cfg.activation == "topk":
+            config.update(activation="topk", k=coders[0].cfg.k)
+        else:
+            config["activation"] = "jumprelu"
+    config.update(extra_config or {})
+    _write_yaml(folder / "config.yaml", config)
+    return folder
+
+
+def _layer_list(
+    dictionaries: Sequence[SparseCoder] | Mapping[int, SparseCoder],
+) -> list[SparseCoder]:
+    if isinstance(dictionaries, Mapping):
+        keys = sorted(dictionaries)
+        if keys != list(range(len(keys))):
+            raise ValueError(
+                f"circuit-tracer needs a transcoder for every layer 0..L-1, got {keys}"
+            )
+        coders = [dictionaries[k] for k in keys]
+    else:
+        coders = list(dictionaries)
+    if not coders:
+        raise ValueError("no transcoders to export")
+    for i, coder in enumerate(coders):
+        if not isinstance(coder, SparseCoder) or coder.cfg.kind != "transcoder":
+            raise TypeError(f"layer {i}: circuit-tracer transcoder sets take transcoders")
+    first = coders[0].cfg
+    for i, coder in enumerate(coders):
+        c = coder.cfg
+        same = (c.num_latents, c.d_in, c.d_out, c.activation, c.skip_connection) == (
+            first.num_latents,
+            first.d_in,
+            first.d_out,
+            first.activation,
+            first.skip_connection,
+        )
+        if not same or (c.activation == "topk" and c.k != first.k):
+            raise ValueError(
+                f"layer {i}: every transcoder of a set needs the same sizes, activation, k and "
+                "skip connection"
+            )
+    return coders
+
+
+def _export_ct_transcoders(
+    coders: list[SparseCoder], folder: Path, dtype: torch.dtype | None
+) -> None:
+    for layer, coder in enumerate(coders):
+        tensors = _folded_coder(coder)
+        threshold = _threshold(coder.activation, f"layer {layer}")
+        if threshold is not None:
+            tensors["activation_function.threshold"] = threshold
+        tensors = {name: _cast(t, dtype) for name, t in tensors.items()}
+        _write_safetensors(folder / f"layer_{layer}.safetensors", tensors)
+
+
+def _export_ct_clt(clt: CrossLayerTranscoder, folder: Path, dtype: torch.dtype | None) -> None:
+    cfg = clt.cfg
+    if cfg.activation == "topk":
+        raise ValueError(
+            "circuit-tracer's CrossLayerTranscoder supports only ReLU and JumpReLU; a TopK CLT "
+            "cannot be exported exactly (train with batchtopk or jumprelu)"
+        )
+    n_layers = cfg.n_layers
+    layers = list(clt.layers)
+    s_in = [float(clt._scale(layer.input_scale)) for layer in layers]
+    s_out = [float(clt._scale(layer.output_scale)) for layer in layers]
+    for l_idx, layer in enumerate(layers):
+        enc = {
+            f"W_enc_{l_idx}": layer.W_enc.detach() * s_in[l_idx],
+            f"b_enc_{l_idx}": layer.b_enc.detach().clone(),
+            f"b_dec_{l_idx}": layer.b_dec.detach() / s_out[l_idx],
+        }
+        threshold = _threshold(layer.activation, f"layer {l_idx}")
+        if threshold is not None:
+            enc[f"threshold_{l_idx}"] = threshold
+        if layer.W_skip is not None:
+            enc[f"W_skip_{l_idx}"] = (layer.W_skip.detach() * (s_in[l_idx] / s_out[l_idx])).T
+        f, n_out, d = layer.W_dec.shape
+        w_dec = layer.W_dec.new_zeros(f, n_layers - l_idx, d)
+        for j in range(n_out):
+            w_dec[:, j] = layer.W_dec.detach()[:, j] / s_out[l_idx + j]
+        _write_safetensors(
+            folder / f"W_enc_{l_idx}.safetensors", {k: _cast(v, dtype) for k, v in enc.items()}
+        )
+        _write_safetensors(
+            folder / f"W_dec_{l_idx}.safetensors", {f"W_dec_{l_idx}": _cast(w_dec, dtype)}
+        )
+
+
+def export_saelens(
+    coders: SparseCoder | Mapping[str, SparseCoder],
+    path: PathLike,
+    *,
+    hook_name: str | None = None,
+    hook_names: Mapping[str, str] | None = None,
+    model_name: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write SAEs in SAELens' layout: `cfg.json` + `sae_weights.safetensors`.
+
+    One SAE goes into `path`; a mapping hookpoint -> SAE into `path/<hookpoint>/`, with SAELens
+    hook name `hook_names[hookpoint]` (default: the hookpoint itself). A single SAE's hook name
+    is `hook_name`, else `cfg.metadata["hook_name"]`. The model name defaults to
+    `cfg.metadata["model_name"]`.
+    """
+    folder = Path(path)
+    if isinstance(coders, Mapping):
+        for key, coder in coders.items():
+            name = (hook_names or {}).get(key, key)
+            export_saelens(
+                coder,
+                folder / _check_hookpoint(key),
+                hook_name=name,
+                model_name=model_name,
+                dtype=dtype,
+            )
+        return folder
+    coder = coders
+    cfg = coder.cfg
+    if cfg.kind != "sae":
+        raise ValueError(f"SAELens export is for SAEs; this dictionary is a {cfg.kind}")
+    hook = hook_name if hook_name is not None else cfg.metadata.get("hook_name")
+    if not isinstance(hook, str):
+        raise ValueError("export_saelens: pass hook_name (or set cfg.metadata['hook_name'])")
+    folded = _folded_coder(coder)
+    # SAELens computes (x - b_dec) @ W_enc + b_enc: W_enc is [d_in, d_sae].
+    tensors = {
+        "W_enc": folded["W_enc"].T,
+        "W_dec": folded["W_dec"],
+        "b_enc": folded["b_enc"],
+        "b_dec": folded["b_dec"],
+    }
+    threshold = _threshold(coder.activation, "export_saelens")
+    if threshold is not None:
+        tensors["threshold"] = threshold
+    tensors = {name: _cast(t, dtype) for name, t in tensors.items()}
+    sae_cfg: dict[str, Any] = {
+        "architecture": "topk" if cfg.activation == "topk" else "jumprelu",
+        "d_in": cfg.d_in,
+        "d_sae": cfg.num_latents,
+        "dtype": str(tensors["W_enc"].dtype).removeprefix("torch."),
+        "device": "cpu",
+        "model_name": model_name if model_name is not None else cfg.metadata.get("model_name"),
+        "hook_name": hook,
+        "hook_head_index": None,
+        "activation_fn": "topk" if cfg.activation == "topk" else "relu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",  # the scale is folded into the weights
+        "finetuning_scaling_factor": False,
+        "reshape_activations": "none",
+    }
+    if cfg.activation == "topk":
+        sae_cfg["k"] = cfg.k
+        sae_cfg["activation_fn_kwargs"] = {"k": cfg.k}
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_safetensors(folder / "sae_weights.safetensors", tensors)
+    _write_json(folder / "cfg.json", sae_cfg)
+    return folder
