@@ -165,6 +165,7 @@ class Trainer:
             "dims": vlm.adapter.dims(),
             "layers": self.layers,
             "tokens": cfg.tokens,
+            "include_special_tokens": cfg.include_special_tokens,
         }
         coder_cfg = cfg.sae.coder_config()
         self.bundle = DictionaryBundle.create(

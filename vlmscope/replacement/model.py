@@ -1,0 +1,228 @@
+"""ReplacementModel: the model with its MLP outputs replaced by dictionary reconstructions.
+
+For a CLT, layer l's encoder reads the resid_mid of the *same* (replaced) forward pass and the
+output written at layer t sums the decoders of every source s <= t. With `error_terms=True` the
+difference to the true MLP output is added back, so the model computes what the original does,
+while the reconstruction carries the gradient (what attribution needs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from vlmscope.dictionaries import SparseCodes
+from vlmscope.models.hooked import HookContext, HookedVLM, HookFn
+from vlmscope.training.bundle import DictionaryBundle
+
+ReplaceTokens = Literal["trained", "all"]
+
+
+@dataclass
+class ActiveFeatures:
+    """Active features of one or more forward passes, as parallel 1-D tensors.
+
+    unit[n] indexes `units` (for a CLT: the source layer), position is absolute in the sequence
+    (also during cached generation), feature the latent index, value its activation.
+    """
+
+    units: list[str]
+    unit: list[Tensor] = field(default_factory=list)
+    batch: list[Tensor] = field(default_factory=list)
+    position: list[Tensor] = field(default_factory=list)
+    feature: list[Tensor] = field(default_factory=list)
+    value: list[Tensor] = field(default_factory=list)
+
+    def add(self, unit: int, codes: SparseCodes, shape: tuple[int, int], offset: int) -> None:
+        active = codes.values != 0
+        rows, slot = active.nonzero(as_tuple=True)
+        b, s = shape
+        self.unit.append(torch.full_like(rows, unit).cpu())
+        self.batch.append((rows // s).cpu())
+        self.position.append((rows % s + offset).cpu())
+        self.feature.append(codes.indices[rows, slot].cpu())
+        self.value.append(codes.values[rows, slot].detach().float().cpu())
+
+    def table(self) -> dict[str, Tensor]:
+        """All records concatenated: {"unit", "batch", "position", "feature", "value"}."""
+        cat = {
+            "unit": self.unit,
+            "batch": self.batch,
+            "position": self.position,
+            "feature": self.feature,
+            "value": self.value,
+        }
+        return {
+            k: torch.cat(v)
+            if v
+            else torch.zeros(0, dtype=torch.float32 if k == "value" else torch.long)
+            for k, v in cat.items()
+        }
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.value)
+
+
+class ReplacementModel:
+    """A HookedVLM whose dictionary-covered hook points are replaced by reconstructions.
+
+    `replace_tokens="trained"` replaces at the tokens the dictionaries were trained on (never
+    padding; BOS and chat-template markers only if they were included) and keeps the true
+    activation elsewhere; "all" replaces at every non-padding token.
+    """
+
+    def __init__(
+        self,
+        vlm: HookedVLM,
+        dictionaries: DictionaryBundle | str | os.PathLike[str],
+        error_terms: bool = False,
+        *,
+        replace_tokens: ReplaceTokens = "trained",
+    ) -> None:
+        if not isinstance(dictionaries, DictionaryBundle):
+            dictionaries = DictionaryBundle.load(dictionaries, device=vlm.device)
+        dictionaries.check_model(vlm.adapter)  # before any forward pass
+        self.vlm = vlm
+        self.bundle = dictionaries.to(vlm.device).eval()
+        self.error_terms = error_terms
+        if replace_tokens not in ("trained", "all"):
+            raise ValueError(f"replace_tokens must be 'trained' or 'all', not {replace_tokens!r}")
+        self.replace_tokens = replace_tokens
+        info = self.bundle.model_info
+        self.trained_tokens = info.get("tokens", "all")
+        self.trained_special = bool(info.get("include_special_tokens", False))
+        self.last_features: ActiveFeatures | None = None
+        self.last_errors: dict[str, Tensor] = {}
+
+    # --- which positions are replaced -------------------------------------------------------
+    def _replace_mask(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+        a = self.vlm.adapter
+        ids = input_ids.cpu()
+        image = torch.isin(ids, torch.tensor(a.image_token_ids(), dtype=ids.dtype))
+        special = torch.isin(ids, torch.tensor(a.special_token_ids(), dtype=ids.dtype)) & ~image
+        valid = torch.ones_like(image)
+        if attention_mask is not None and attention_mask.dim() == 2:
+            valid = attention_mask[:, -ids.shape[1] :].bool().cpu()
+        if self.replace_tokens == "all":
+            return valid
+        keep = valid if self.trained_special else valid & ~special
+        if self.trained_tokens == "image":
+            keep &= image
+        elif self.trained_tokens == "text":
+            keep &= ~image
+        return keep
+
+    # --- hooks ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _installed(self, capture: bool = False, record_errors: bool = False) -> Iterator[None]:
+        b = self.bundle
+        state: dict[str, Any] = {}
+        codes: dict[int, SparseCodes] = {}
+        xs: dict[int, Tensor] = {}
+        features = ActiveFeatures(b.units) if capture else None
+        errors: dict[str, Tensor] = {}
+
+        def on_call(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids is None:
+                raise ValueError("the replacement model needs input_ids to place its dictionaries")
+            mask = kwargs.get("attention_mask")
+            state["mask"] = self._replace_mask(ids, mask).to(ids.device)
+            # Absolute positions during cached generation start after what the cache holds.
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            past = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
+            state["offset"] = int(past)
+            codes.clear()
+            xs.clear()
+
+        def read(i: int) -> HookFn:
+            def fn(t: Tensor, ctx: HookContext) -> None:
+                x = t.reshape(-1, t.shape[-1]).float()
+                xs[i] = x
+                codes[i] = b.encode_unit(i, x)
+                if features is not None:
+                    features.add(i, codes[i], (t.shape[0], t.shape[1]), state["offset"])
+
+            return fn
+
+        def write(i: int) -> HookFn:
+            def fn(t: Tensor, ctx: HookContext) -> Tensor:
+                y = b.decode_unit(i, codes, xs[i]).reshape(t.shape).to(t.dtype)
+                mask = state["mask"].reshape(*state["mask"].shape, *([1] * (t.dim() - 2)))
+                if record_errors:
+                    errors[ctx.name] = (t - y).detach()
+                if self.error_terms:
+                    y = y + (t - y).detach()
+                return torch.where(mask, y, t)
+
+            return fn
+
+        def read_write(i: int) -> HookFn:
+            r, w = read(i), write(i)
+
+            def fn(t: Tensor, ctx: HookContext) -> Tensor:
+                r(t, ctx)
+                return w(t, ctx)
+
+            return fn
+
+        hooks: list[tuple[str, HookFn]] = []
+        for i, (rd, wr) in enumerate(zip(b.reads, b.writes, strict=True)):
+            if rd == wr:
+                hooks.append((rd, read_write(i)))
+            else:
+                hooks += [(rd, read(i)), (wr, write(i))]
+        handle = self.vlm.model.register_forward_pre_hook(on_call, with_kwargs=True)
+        try:
+            with self.vlm.hooks(hooks):
+                yield
+        finally:
+            handle.remove()
+            self.last_features = features
+            self.last_errors = errors
+
+    # --- running ------------------------------------------------------------------------------
+    def forward(
+        self,
+        inputs: Mapping[str, Any],
+        *,
+        capture_features: bool = False,
+        record_errors: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """The replaced model's output; `capture_features` fills `last_features`."""
+        with self._installed(capture_features, record_errors):
+            return self.vlm.forward(inputs, **kwargs)
+
+    __call__ = forward
+
+    def run_with_cache(
+        self,
+        inputs: Mapping[str, Any],
+        names: str | list[str] | None = None,
+        *,
+        capture_features: bool = False,
+        **kwargs: Any,
+    ) -> tuple[Any, Any]:
+        """HookedVLM.run_with_cache on the replaced model (caches see replaced activations)."""
+        with self._installed(capture_features):
+            return self.vlm.run_with_cache(inputs, names, **kwargs)
+
+    @torch.no_grad()
+    def generate(
+        self, inputs: Mapping[str, Any], *, capture_features: bool = False, **generate_kwargs: Any
+    ) -> Tensor:
+        """`model.generate` with the replacement applied at every step (KV cache included)."""
+        self.vlm.masks(inputs)
+        model_inputs = self.vlm._model_inputs(inputs)
+        with self._installed(capture_features):
+            return self.vlm.model.generate(**model_inputs, **generate_kwargs)
+
+    def units(self) -> Sequence[str]:
+        return self.bundle.units
