@@ -42,7 +42,7 @@ class ActiveFeatures:
     def add(self, unit: int, codes: SparseCodes, shape: tuple[int, int], offset: int) -> None:
         active = codes.values != 0
         rows, slot = active.nonzero(as_tuple=True)
-        b, s = shape
+        s = shape[1]
         self.unit.append(torch.full_like(rows, unit).cpu())
         self.batch.append((rows // s).cpu())
         self.position.append((rows % s + offset).cpu())
