@@ -1,0 +1,130 @@
+"""Freezing attention patterns and normalisation scales of an unmodified HF model.
+
+A `record` pass stores every LM attention pattern and every norm's scale; a `replay` pass uses
+the stored values, so the model becomes linear in its residual stream (attention mixes values
+with fixed weights, norms multiply by fixed per-position scales). Attention runs through an
+attention function registered with transformers (the family's own eager code when recording);
+norms are rescaled by forward hooks. Nothing in the model is patched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+from vlmscope.models.hooked import HookedVLM
+
+FROZEN_ATTENTION = "vlmscope_frozen"
+
+
+@dataclass
+class FreezeState:
+    """Patterns by LM layer ([1, heads, q, k]) and norm scales by module name ([1, seq, 1])."""
+
+    mode: Literal["record", "replay"] = "record"
+    patterns: dict[int, Tensor] = field(default_factory=dict)
+    scales: dict[str, Tensor] = field(default_factory=dict)
+
+
+_STATE: ContextVar[FreezeState | None] = ContextVar("vlmscope_freeze", default=None)
+
+
+def _frozen_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor]:
+    state = _STATE.get()
+    layer = int(module.layer_idx)
+    if state is None or state.mode == "record":
+        eager = sys.modules[type(module).__module__].eager_attention_forward
+        out, weights = eager(module, query, key, value, attention_mask, **kwargs)
+        if state is not None:
+            state.patterns[layer] = weights.detach().float()
+        return out, weights
+    if layer not in state.patterns:
+        raise RuntimeError(f"no recorded attention pattern for layer {layer}; record first")
+    weights = state.patterns[layer]
+    groups = weights.shape[1] // value.shape[1]
+    v = value.repeat_interleave(groups, dim=1) if groups > 1 else value
+    out = torch.matmul(weights.to(v.dtype), v).transpose(1, 2).contiguous()
+    return out, weights
+
+
+AttentionInterface.register(FROZEN_ATTENTION, _frozen_attention)
+AttentionMaskInterface.register(FROZEN_ATTENTION, eager_mask)
+
+
+def _is_norm(m: nn.Module) -> bool:
+    return isinstance(m, nn.LayerNorm) or type(m).__name__.endswith("RMSNorm")
+
+
+def _eps(m: nn.Module) -> float:
+    for attr in ("variance_epsilon", "eps", "epsilon"):
+        v = getattr(m, attr, None)
+        if isinstance(v, float):
+            return v
+    return 1e-6
+
+
+def norm_scale(m: nn.Module, x: Tensor) -> Tensor:
+    """The per-position scale s(x) a norm divides by: 1/rms (RMSNorm) or 1/std (LayerNorm)."""
+    xf = x.float()
+    if isinstance(m, nn.LayerNorm):
+        return torch.rsqrt(xf.var(-1, keepdim=True, unbiased=False) + m.eps)
+    return torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + _eps(m))
+
+
+def _norm_hook(name: str, state: FreezeState) -> Any:
+    def hook(m: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor | None:
+        x = args[0]
+        s = norm_scale(m, x)
+        if state.mode == "record":
+            state.scales[name] = s.detach()
+            return None
+        if name not in state.scales:
+            raise RuntimeError(f"no recorded scale for norm {name}; record first")
+        # out = s(x) * h(x) with h linear (after centering for LayerNorm): rescaling by
+        # s0 / s(x) leaves the value at the recorded point and drops s's dependence on x.
+        ratio = state.scales[name] / s
+        bias = getattr(m, "bias", None) if isinstance(m, nn.LayerNorm) else None
+        if bias is not None:
+            return ((out.float() - bias) * ratio + bias).to(out.dtype)
+        return (out.float() * ratio).to(out.dtype)
+
+    return hook
+
+
+@contextlib.contextmanager
+def frozen(vlm: HookedVLM, state: FreezeState) -> Iterator[FreezeState]:
+    """Run the LM with recorded (mode "record") or replayed (mode "replay") attention
+    patterns and norm scales. Use the same prompt (or copies of it) in both passes."""
+    tc = vlm.adapter.text_config
+    old = tc._attn_implementation
+    lm = vlm.adapter.lm()
+    handles = [
+        m.register_forward_hook(_norm_hook(name, state))
+        for name, m in lm.named_modules()
+        if _is_norm(m)
+    ]
+    token = _STATE.set(state)
+    tc._attn_implementation = FROZEN_ATTENTION
+    try:
+        yield state
+    finally:
+        tc._attn_implementation = old
+        _STATE.reset(token)
+        for h in handles:
+            h.remove()
