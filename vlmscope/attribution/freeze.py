@@ -33,6 +33,9 @@ class FreezeState:
     mode: Literal["record", "replay"] = "record"
     patterns: dict[int, Tensor] = field(default_factory=dict)
     scales: dict[str, Tensor] = field(default_factory=dict)
+    #: what a replay freezes: attention patterns, norm scales, or both.
+    attention: bool = True
+    norms: bool = True
 
 
 _STATE: ContextVar[FreezeState | None] = ContextVar("vlmscope_freeze", default=None)
@@ -48,10 +51,10 @@ def _frozen_attention(
 ) -> tuple[Tensor, Tensor]:
     state = _STATE.get()
     layer = int(module.layer_idx)
-    if state is None or state.mode == "record":
+    if state is None or state.mode == "record" or not state.attention:
         eager = sys.modules[type(module).__module__].eager_attention_forward
         out, weights = eager(module, query, key, value, attention_mask, **kwargs)
-        if state is not None:
+        if state is not None and state.mode == "record":
             state.patterns[layer] = weights.detach().float()
         return out, weights
     if layer not in state.patterns:
@@ -93,6 +96,8 @@ def _norm_hook(name: str, state: FreezeState) -> Any:
         s = norm_scale(m, x)
         if state.mode == "record":
             state.scales[name] = s.detach()
+            return None
+        if not state.norms:
             return None
         if name not in state.scales:
             raise RuntimeError(f"no recorded scale for norm {name}; record first")

@@ -120,8 +120,11 @@ class ReplacementModel:
 
     # --- hooks ------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _installed(self, capture: bool = False, record_errors: bool = False) -> Iterator[None]:
+    def _installed(
+        self, capture: bool = False, record_errors: bool = False, error_terms: bool | None = None
+    ) -> Iterator[None]:
         b = self.bundle
+        use_errors = self.error_terms if error_terms is None else error_terms
         state: dict[str, Any] = {}
         codes: dict[int, SparseCodes] = {}
         xs: dict[int, Tensor] = {}
@@ -143,7 +146,9 @@ class ReplacementModel:
 
         def read(i: int) -> HookFn:
             def fn(t: Tensor, ctx: HookContext) -> None:
-                x = t.reshape(-1, t.shape[-1]).float()
+                # One row per (sample, position): head-view hooks ([B, S, H, d_head]) are
+                # flattened over heads, as the trainer trains their dictionaries.
+                x = t.reshape(t.shape[0] * t.shape[1], -1).float()
                 xs[i] = x
                 codes[i] = b.encode_unit(i, x)
                 if features is not None:
@@ -157,7 +162,7 @@ class ReplacementModel:
                 mask = state["mask"].reshape(*state["mask"].shape, *([1] * (t.dim() - 2)))
                 if record_errors:
                     errors[ctx.name] = (t - y).detach()
-                if self.error_terms:
+                if use_errors:
                     y = y + (t - y).detach()
                 return torch.where(mask, y, t)
 
@@ -194,10 +199,12 @@ class ReplacementModel:
         *,
         capture_features: bool = False,
         record_errors: bool = False,
+        error_terms: bool | None = None,
         **kwargs: Any,
     ) -> Any:
-        """The replaced model's output; `capture_features` fills `last_features`."""
-        with self._installed(capture_features, record_errors):
+        """The replaced model's output; `capture_features` fills `last_features`,
+        `record_errors` fills `last_errors` (true minus reconstructed, per written hook)."""
+        with self._installed(capture_features, record_errors, error_terms):
             return self.vlm.forward(inputs, **kwargs)
 
     __call__ = forward

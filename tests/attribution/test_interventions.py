@@ -1,0 +1,86 @@
+"""Interventions: no-op reproduces the model; set features match hand-computed effects."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tests.attribution.test_attribute import prompt
+from tests.replacement.test_model import random_clt, vlm_for
+from vlmscope.attribution.attribute import attribute
+from vlmscope.attribution.interventions import (
+    ablate_on_image,
+    generate_with_interventions,
+    intervene,
+    steer_on_image,
+)
+from vlmscope.replacement.model import ReplacementModel
+
+
+def test_no_intervention_reproduces_the_model(zoo_path: Any) -> None:
+    vlm = vlm_for("llava", zoo_path)
+    inputs = prompt(vlm, "llava")
+    rm = ReplacementModel(vlm, random_clt(vlm, seed=2))
+    for freeze in (True, False):
+        res = intervene(rm, inputs, [], freeze_attention=freeze)
+        torch.testing.assert_close(res.logits, vlm.forward(inputs).logits, atol=1e-4, rtol=0)
+
+
+def test_frozen_intervention_on_logits_matches_the_graph(zoo_path: Any) -> None:
+    """With attention and norms frozen, setting a last-layer feature to 0 changes the demeaned
+    target logits by minus its direct edges (nothing downstream can respond)."""
+    vlm = vlm_for("llava", zoo_path)
+    inputs = prompt(vlm, "llava")
+    bundle = random_clt(vlm, seed=3)
+    rm = ReplacementModel(vlm, bundle, replace_tokens="all")
+    graph = attribute(rm, None, inputs, batch_size=16)
+    # A last-layer feature at the last position: its decoder reaches the logits directly.
+    last = graph.n_layers - 1
+    at_end = (graph.features[:, 0] == last) & (graph.features[:, 1] == graph.n_pos - 1)
+    j = int(at_end.nonzero()[0, 0])
+    layer, pos, feat = graph.features[j].tolist()
+    res = intervene(rm, inputs, [(layer, pos, feat, 0.0)], freeze_attention=True, freeze_norms=True)
+    w_u = vlm.adapter.unembed().weight.detach()
+    tg = torch.tensor([t.token_id for t in graph.logit_targets])
+
+    def demeaned(logits: torch.Tensor) -> torch.Tensor:
+        x = logits[0, -1]
+        return (x - x.mean())[tg]
+
+    # The model's logits are lm_head(final norm); demeaning over the vocabulary matches the
+    # demeaned unembedding rows used as attribution targets.
+    assert w_u.shape[0] == res.logits.shape[-1]
+    change = demeaned(res.logits) - demeaned(res.clean_logits)
+    edges = graph.adjacency[graph.logit_slice, j]
+    torch.testing.assert_close(change, -edges, atol=1e-4, rtol=0)
+    assert edges.abs().max() > 1e-3
+
+
+def test_steering_and_ablation_on_image_positions(zoo_path: Any) -> None:
+    vlm = vlm_for("llava", zoo_path)
+    inputs = prompt(vlm, "llava")
+    rm = ReplacementModel(vlm, random_clt(vlm, seed=4))
+    steered = steer_on_image(rm, inputs, layer=0, feature=3, value=5.0)
+    image = vlm.masks(inputs).image[0]
+    t = steered.features.table()
+    at = (t["unit"] == 0) & (t["feature"] == 3)
+    assert set(t["position"][at].tolist()) == set(image.nonzero().squeeze(1).tolist())
+    assert torch.allclose(t["value"][at], torch.tensor(5.0))
+    assert (steered.logits - steered.clean_logits).abs().max() > 1e-3
+    ablated = ablate_on_image(rm, inputs, layer=0, feature=3)
+    t = ablated.features.table()
+    assert not bool(((t["unit"] == 0) & (t["feature"] == 3)).any())
+
+
+def test_generation_with_interventions(zoo_path: Any) -> None:
+    vlm = vlm_for("llava", zoo_path)
+    inputs = prompt(vlm, "llava")
+    rm = ReplacementModel(vlm, random_clt(vlm, seed=5))
+    plain = vlm.model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    same = generate_with_interventions(rm, inputs, [], max_new_tokens=4, do_sample=False)
+    assert torch.equal(plain, same)
+    steered = generate_with_interventions(
+        rm, inputs, [(1, None, 7, 50.0)], max_new_tokens=4, do_sample=False
+    )
+    assert steered.shape == plain.shape

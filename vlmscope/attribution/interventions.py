@@ -1,0 +1,205 @@
+"""Interventions on dictionary features: set, ablate or steer features and watch the output.
+
+As in circuit-tracer, an intervention runs the replacement model with the reconstruction
+errors of the clean run held fixed: with no intervention it reproduces the original model,
+and setting a feature changes its decoder outputs, which later features then read. Attention
+patterns (and, optionally, norm scales) can be frozen at their clean values, isolating the
+effect that flows through the residual stream and the MLP replacements.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vlmscope.attribution.freeze import FreezeState, frozen
+from vlmscope.dictionaries import SparseCodes
+from vlmscope.models.hooked import HookContext
+from vlmscope.replacement.model import ActiveFeatures, ReplacementModel
+
+#: (layer, position, feature, value); position None means every position (also generated ones).
+Intervention = tuple[int, int | None, int, float]
+
+
+@dataclass
+class InterventionResult:
+    logits: Tensor
+    clean_logits: Tensor
+    #: active features of the intervened run (values after the intervention).
+    features: ActiveFeatures
+
+
+def _override(codes: SparseCodes, items: Sequence[tuple[int, int, float]]) -> SparseCodes:
+    """Codes with (row, feature, value) set, appending columns for features not yet active."""
+    values, indices = codes.values.clone(), codes.indices.clone()
+    extra: dict[int, int] = {}
+    appended: list[tuple[int, int, float]] = []
+    for row, feat, val in items:
+        hit = (indices[row] == feat) & (values[row] != 0)
+        if bool(hit.any()):
+            values[row, hit] = val
+        else:
+            extra[row] = extra.get(row, 0) + 1
+            appended.append((row, feat, val))
+    if appended:
+        width = max(extra.values())
+        values = torch.cat([values, values.new_zeros(values.shape[0], width)], dim=1)
+        indices = torch.cat([indices, indices.new_zeros(indices.shape[0], width)], dim=1)
+        used: dict[int, int] = {}
+        for row, feat, val in appended:
+            col = codes.values.shape[1] + used.get(row, 0)
+            used[row] = used.get(row, 0) + 1
+            indices[row, col] = feat
+            values[row, col] = val
+    return SparseCodes(values, indices, codes.num_latents)
+
+
+class _Session:
+    """Hooks of one intervened run: fixed clean errors, feature overrides."""
+
+    def __init__(self, rm: ReplacementModel, interventions: Sequence[Intervention]) -> None:
+        self.rm = rm
+        self.errors: dict[str, Tensor] = {}
+        self.by_layer: dict[int, list[tuple[int | None, int, float]]] = {}
+        n = len(rm.bundle.reads)
+        for layer, pos, feat, val in interventions:
+            if not 0 <= layer < n:
+                raise ValueError(f"intervention on layer {layer}: the dictionaries have {n}")
+            if not 0 <= feat < rm.bundle.cfg.num_latents:
+                raise ValueError(f"feature {feat} out of range ({rm.bundle.cfg.num_latents})")
+            self.by_layer.setdefault(layer, []).append((pos, feat, float(val)))
+
+    @contextlib.contextmanager
+    def hooks(self, features: ActiveFeatures | None, fixed_errors: bool) -> Iterator[None]:
+        rm, b = self.rm, self.rm.bundle
+        codes: dict[int, SparseCodes] = {}
+        clean_codes: dict[int, SparseCodes] = {}
+        xs: dict[int, Tensor] = {}
+        state: dict[str, Any] = {}
+
+        def on_call(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            state["mask"] = rm._replace_mask(ids, kwargs.get("attention_mask")).to(ids.device)
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            state["offset"] = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
+            state["shape"] = tuple(ids.shape)
+
+        def read(i: int) -> Any:
+            def fn(t: Tensor, ctx: HookContext) -> None:
+                x = t.reshape(-1, t.shape[-1]).float()
+                xs[i] = x
+                c = clean_codes[i] = b.encode_unit(i, x)
+                bsz, seq = t.shape[0], t.shape[1]
+                items = []
+                for pos, feat, val in self.by_layer.get(i, []):
+                    cols = range(seq) if pos is None else [pos - state["offset"]]
+                    for p in cols:
+                        if 0 <= p < seq:
+                            items += [(bi * seq + p, feat, val) for bi in range(bsz)]
+                codes[i] = _override(c, items) if items else c
+                if features is not None:
+                    features.add(i, codes[i], (bsz, seq), state["offset"])
+
+            return fn
+
+        def write(i: int) -> Any:
+            def fn(t: Tensor, ctx: HookContext) -> Tensor:
+                y = b.decode_unit(i, codes, xs[i]).reshape(t.shape).to(t.dtype)
+                err = self.errors.get(ctx.name) if fixed_errors else None
+                if err is None or err.shape != t.shape:
+                    # Generated positions: the error of this very step keeps the MLP exact
+                    # up to the change the intervention makes.
+                    clean = b.decode_unit(i, clean_codes, xs[i]).reshape(t.shape)
+                    err = t - clean.to(t.dtype)
+                mask = state["mask"].reshape(*state["mask"].shape, 1)
+                return torch.where(mask, y + err, t)
+
+            return fn
+
+        hooks = [(r, read(i)) for i, r in enumerate(b.reads)]
+        hooks += [(w, write(i)) for i, w in enumerate(b.writes)]
+        handle = rm.vlm.model.register_forward_pre_hook(on_call, with_kwargs=True)
+        try:
+            with rm.vlm.hooks(hooks):
+                yield
+        finally:
+            handle.remove()
+
+
+@torch.no_grad()
+def intervene(
+    model: ReplacementModel,
+    inputs: Mapping[str, Any],
+    interventions: Sequence[Intervention],
+    *,
+    freeze_attention: bool = True,
+    freeze_norms: bool = False,
+) -> InterventionResult:
+    """Logits and active features of the replacement model (clean errors held fixed) with
+    `interventions` applied, plus the clean logits for comparison."""
+    rm, vlm = model, model.vlm
+    session = _Session(rm, interventions)
+    state = FreezeState(mode="record", attention=freeze_attention, norms=freeze_norms)
+    with frozen(vlm, state):
+        clean = rm.forward(inputs, record_errors=True, error_terms=True)
+    session.errors = dict(rm.last_errors)
+    state.mode = "replay"
+    feats = ActiveFeatures(rm.bundle.units)
+    ctx = frozen(vlm, state) if (freeze_attention or freeze_norms) else contextlib.nullcontext()
+    with ctx, session.hooks(feats, fixed_errors=True):
+        out = vlm.forward(inputs)
+    return InterventionResult(out.logits, clean.logits, feats)
+
+
+def image_interventions(
+    model: ReplacementModel, inputs: Mapping[str, Any], layer: int, feature: int, value: float
+) -> list[Intervention]:
+    """One intervention per image token of the (single) prompt: set `feature` to `value`."""
+    masks = model.vlm.masks(inputs)
+    if masks.image.shape[0] != 1:
+        raise ValueError("image interventions take one prompt (batch size 1)")
+    return [(layer, int(p), feature, value) for p in masks.image[0].nonzero().squeeze(1)]
+
+
+def ablate_on_image(
+    model: ReplacementModel, inputs: Mapping[str, Any], layer: int, feature: int, **kw: Any
+) -> InterventionResult:
+    """Zero a feature at every image position."""
+    return intervene(model, inputs, image_interventions(model, inputs, layer, feature, 0.0), **kw)
+
+
+def steer_on_image(
+    model: ReplacementModel,
+    inputs: Mapping[str, Any],
+    layer: int,
+    feature: int,
+    value: float,
+    **kw: Any,
+) -> InterventionResult:
+    """Set a feature to `value` at every image position."""
+    its = image_interventions(model, inputs, layer, feature, value)
+    return intervene(model, inputs, its, **kw)
+
+
+@torch.no_grad()
+def generate_with_interventions(
+    model: ReplacementModel,
+    inputs: Mapping[str, Any],
+    interventions: Sequence[Intervention],
+    **generate_kwargs: Any,
+) -> Tensor:
+    """`generate` with features set as given. Prompt positions run the replacement model with
+    the clean prompt's errors fixed; interventions with position None also apply at every
+    generated position."""
+    rm, vlm = model, model.vlm
+    session = _Session(rm, interventions)
+    rm.forward(inputs, record_errors=True, error_terms=True)
+    session.errors = dict(rm.last_errors)
+    vlm.masks(inputs)
+    with session.hooks(None, fixed_errors=True):
+        return vlm.model.generate(**vlm._model_inputs(inputs), **generate_kwargs)
