@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from vlmscope.replacement.evaluate import add_eval_arguments, run_eval_command
 from vlmscope.training.config import SuggestingParser, build_train_parser
 
 DEMO_PROMPT = "What colour is the circle?"
@@ -178,6 +179,11 @@ def print_unit_table(fvu: dict[str, float], l0: dict[str, float], dead: dict[str
         print(f"{u:<34} {fvu[u]:>8.4f} {l0[u]:>8.2f} {100 * dead[u]:>8.2f}")
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    _quiet_transformers()
+    return run_eval_command(args)
+
+
 # --- vlmscope zoo ----------------------------------------------------------------------------
 def cmd_zoo(args: argparse.Namespace) -> int:
     _quiet_transformers()
@@ -236,6 +242,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build_train_parser(t)
     t.set_defaults(func=cmd_train, parser=t)
+
+    e = sub.add_parser(
+        "eval",
+        help="evaluate dictionaries as a replacement for the model's MLPs (FVU, CE score, KL)",
+        description="Evaluate trained dictionaries on a dataset: reconstruction (FVU, normalised "
+        "MSE, L0, dead latents) per layer for image and text tokens, and the replacement "
+        "model's CE-loss score, KL and top-1 agreement with one layer and all layers replaced. "
+        "Writes metrics.json next to the dictionaries.",
+    )
+    add_eval_arguments(e)
+    e.set_defaults(func=cmd_eval)
 
     z = sub.add_parser("zoo", help="the offline zoo of tiny models (list, save)")
     zs = z.add_subparsers(dest="zoo_cmd", required=True, metavar="ZOO_COMMAND")

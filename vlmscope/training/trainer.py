@@ -86,9 +86,9 @@ def open_training_data(cfg: TrainConfig) -> Any:
 
         n = int(name.split(":", 1)[1]) if ":" in name else 4000
         folder = default_cache_dir().parent / "data" / f"shapes-n{n}-seed{cfg.seed}"
-        path = folder / "train.parquet"
+        path = folder / f"{cfg.split}.parquet"  # splits draw disjoint seed streams
         if not path.exists():
-            shapes.write_dataset(folder, n=n, seed=cfg.seed, split="train")
+            shapes.write_dataset(folder, n=n, seed=cfg.seed, split=cfg.split)
         return open_dataset(path, schema="chat", strict=cfg.strict)
     return open_dataset(
         name,
