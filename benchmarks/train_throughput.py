@@ -1,0 +1,266 @@
+"""Training throughput of SAEs, transcoders and CLTs: dictionary step alone and end to end.
+
+    python benchmarks/train_throughput.py                      # toy VLM on CPU
+    python benchmarks/train_throughput.py --llava7b --layers 4  # LLaVA-7B-shaped, needs a GPU
+
+Prints tokens/s, peak memory and the time split (model forward / encoder / decoder /
+backward / optimizer) for each dictionary kind; on a GPU also the fraction of the chip's peak
+bf16 matmul FLOP/s that the dictionary step reaches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from vlmscope.dictionaries import CrossLayerTranscoder, SparseCoder, SparseCoderConfig
+from vlmscope.dictionaries.kernels import sparse_decode
+
+#: dense bf16 tensor-core peaks (no sparsity), used for the MFU column.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def timed(
+    device: torch.device, fn: Callable[[], object], split: dict[str, float], key: str
+) -> object:
+    sync(device)
+    t = time.perf_counter()
+    out = fn()
+    sync(device)
+    split[key] = split.get(key, 0.0) + time.perf_counter() - t
+    return out
+
+
+def build(kind: str, d: int, n_layers: int, latents: int, k: int, device: torch.device):  # type: ignore[no-untyped-def]
+    if kind == "clt":
+        cfg = SparseCoderConfig(kind="clt", d_in=d, num_latents=latents, k=k, n_layers=n_layers)
+        return CrossLayerTranscoder(cfg, device=device)
+    cfg = SparseCoderConfig(kind=kind, d_in=d, num_latents=latents, k=k)
+    return torch.nn.ModuleList([SparseCoder(cfg, device=device) for _ in range(n_layers)])
+
+
+def dictionary_step(
+    kind: str, model: torch.nn.Module, xs: list[torch.Tensor], ys: list[torch.Tensor],
+    opt: torch.optim.Optimizer, device: torch.device, split: dict[str, float],
+) -> None:  # fmt: skip
+    """One training step split into encoder / decoder / backward / optimizer time."""
+    if kind == "clt":
+        clt = model
+        pres = timed(
+            device,
+            lambda: [clt._pre(layer, x) for layer, x in zip(clt.layers, xs, strict=True)],
+            split,
+            "encoder",
+        )  # type: ignore[attr-defined]
+        codes = timed(
+            device,
+            lambda: [layer.activation(p) for layer, p in zip(clt.layers, pres, strict=True)],
+            split,
+            "encoder",
+        )  # type: ignore[arg-type]
+        recon = timed(device, lambda: clt._decode_n(codes, None), split, "decoder")  # type: ignore[attr-defined]
+    else:
+        pres = timed(
+            device,
+            lambda: [c._pre(c._scale_in(x)) for c, x in zip(model, xs, strict=True)],
+            split,
+            "encoder",
+        )  # type: ignore[attr-defined]
+        codes = timed(
+            device,
+            lambda: [c.activation(p) for c, p in zip(model, pres, strict=True)],
+            split,
+            "encoder",
+        )  # type: ignore[arg-type,attr-defined]
+        recon = timed(
+            device,
+            lambda: [
+                sparse_decode(cd.values, cd.indices, c.W_dec) + c.b_dec
+                for c, cd in zip(model, codes, strict=True)
+            ],  # type: ignore[arg-type,attr-defined]
+            split,
+            "decoder",
+        )
+
+    def backward() -> None:
+        loss = sum(((r - y) ** 2).mean() for r, y in zip(recon, ys, strict=True))  # type: ignore[arg-type]
+        loss.backward()  # type: ignore[union-attr]
+
+    timed(device, backward, split, "backward")
+    timed(device, lambda: (opt.step(), opt.zero_grad(set_to_none=True)), split, "optimizer")
+
+
+def dictionary_flops(kind: str, n: int, d: int, latents: int, k: int, n_layers: int) -> float:
+    """Matmul FLOPs of one step: encoder (dense, x3 for fwd+bwd) and decoder (k rows per token)."""
+    enc = 3 * 2 * n * d * latents * n_layers
+    targets = n_layers * (n_layers + 1) / 2 if kind == "clt" else n_layers
+    dec = 3 * 2 * n * k * d * targets
+    return float(enc + dec)
+
+
+def bench_dictionaries(args: argparse.Namespace, device: torch.device, d: int) -> list[dict]:
+    rows = []
+    n = args.tokens
+    for kind in ("sae", "transcoder", "clt"):
+        torch.manual_seed(0)
+        model = build(kind, d, args.layers, args.latents or 8 * d, args.k, device)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        model.to(dtype)
+        xs = [torch.randn(n, d, device=device, dtype=dtype) for _ in range(args.layers)]
+        ys = (
+            xs
+            if kind == "sae"
+            else [torch.randn(n, d, device=device, dtype=dtype) for _ in range(args.layers)]
+        )
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        split: dict[str, float] = {}
+        for _ in range(args.warmup):
+            dictionary_step(kind, model, xs, ys, opt, device, {})
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(args.steps):
+            dictionary_step(kind, model, xs, ys, opt, device, split)
+        total = sum(split.values())
+        row = {
+            "kind": kind,
+            "tokens_per_s": n * args.steps / total,
+            "peak_mb": peak_memory_mb(device),
+            **{k: 1000 * v / args.steps for k, v in split.items()},
+        }
+        if device.type == "cuda":
+            flops = dictionary_flops(kind, n, d, args.latents or 8 * d, args.k, args.layers)
+            name = torch.cuda.get_device_name(device)
+            peak = next((v for key, v in PEAK_TFLOPS.items() if key in name), None)
+            row["tflops"] = flops * args.steps / total / 1e12
+            row["mfu"] = row["tflops"] / peak if peak else float("nan")
+        rows.append(row)
+    return rows
+
+
+def bench_end_to_end(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """Model forward with hooks + dictionary step, as the trainer runs it."""
+    from vlmscope.data.processing import SampleEncoder, batches
+    from vlmscope.models.hooked import HookedVLM
+    from vlmscope.training.bundle import mlp_out, resid_mid
+    from vlmscope.training.config import TrainConfig
+    from vlmscope.training.trainer import open_training_data, resolve_model_path
+
+    vlm = HookedVLM.from_pretrained(resolve_model_path(args.model), device=str(device))
+    data = open_training_data(TrainConfig(model=args.model, dataset="shapes:512", max_steps=1))
+    enc = SampleEncoder(vlm.processor, 512, vlm.adapter.image_token_ids())
+    pad = vlm.tokenizer.pad_token_id or 0
+    batch_list = list(batches((enc.encode(r) for r in data), args.batch_size, pad))[
+        : args.warmup + args.steps
+    ]
+    n_layers, d = vlm.adapter.n_layers, vlm.adapter.d_model
+    rows = []
+    for kind in ("sae", "transcoder", "clt"):
+        torch.manual_seed(0)
+        model = build(kind, d, n_layers, args.latents or 8 * d, args.k, device)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        reads = (
+            [f"lm.blocks.{i}.hook_resid_post" for i in range(n_layers)]
+            if kind == "sae"
+            else [resid_mid(i) for i in range(n_layers)]
+        )
+        writes = reads if kind == "sae" else [mlp_out(i) for i in range(n_layers)]
+        split: dict[str, float] = {}
+        n_tok = 0
+        names = list(dict.fromkeys(reads + writes))
+        for step, batch in enumerate(batch_list):
+            s = split if step >= args.warmup else {}
+            masks = vlm.masks(batch.inputs)
+
+            def fwd(batch=batch, masks=masks, names=names):  # type: ignore[no-untyped-def]
+                return vlm.run_with_cache(batch.inputs, names=names, mask=masks.select("all"))[1]
+
+            cache = timed(device, fwd, s, "model_forward")
+            xs = [cache[r].float() for r in reads]  # type: ignore[index]
+            ys = [cache[w].float() for w in writes]  # type: ignore[index]
+            dictionary_step(kind, model, xs, ys, opt, device, s)
+            if step >= args.warmup:
+                n_tok += xs[0].shape[0]
+        total = sum(split.values())
+        rows.append({"kind": kind, "tokens_per_s": n_tok / total, "peak_mb": peak_memory_mb(device),
+                     **{k: 1000 * v / args.steps for k, v in split.items()}})  # fmt: skip
+    return rows
+
+
+def llava7b_dims(args: argparse.Namespace, device: torch.device) -> int:
+    """LLaVA-7B's LM width; the dictionary benchmark needs only the widths (random data)."""
+    return 4096
+
+
+def print_table(title: str, rows: list[dict]) -> None:
+    keys = [k for k in ("tokens_per_s", "peak_mb", "model_forward", "encoder", "decoder",
+                        "backward", "optimizer", "tflops", "mfu") if k in rows[0]]  # fmt: skip
+    print(f"\n{title}")
+    print(f"{'kind':<11}" + "".join(f"{k:>15}" for k in keys))
+    for r in rows:
+        print(f"{r['kind']:<11}" + "".join(f"{r[k]:>15.2f}" for k in keys))
+    print("(times in ms per step; peak_mb is the process peak RSS on CPU, allocated memory on GPU)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", default="toy", help="model for the end-to-end run (default: toy)")
+    p.add_argument("--llava7b", action="store_true", help="dictionary step at LLaVA-7B width (GPU)")
+    p.add_argument("--layers", type=int, default=4, help="layers trained at once")
+    p.add_argument("--latents", type=int, default=0, help="latents per layer (default 8 x d)")
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--tokens", type=int, default=2048, help="tokens per dictionary step")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per model forward")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
+          f"threads: {torch.get_num_threads()}, torch {torch.__version__}")  # fmt: skip
+    if args.llava7b:
+        if device.type != "cuda":
+            print("--llava7b needs a GPU; skipped")
+            return
+        d = llava7b_dims(args, device)
+        print_table(f"dictionary step, d={d}, {args.layers} layers, {args.tokens} tokens",
+                    bench_dictionaries(args, device, d))  # fmt: skip
+        return
+    from vlmscope.models.hooked import HookedVLM
+    from vlmscope.training.trainer import resolve_model_path
+
+    d = HookedVLM.from_pretrained(resolve_model_path(args.model), device="cpu").adapter.d_model
+    print_table(f"dictionary step alone, d={d}, {args.layers} layers, {args.tokens} tokens",
+                bench_dictionaries(args, device, d))  # fmt: skip
+    print_table(f"end to end on {args.model} (forward + dictionaries), batch {args.batch_size}",
+                bench_end_to_end(args, device))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
