@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from vlmscope.attribution.cli import add_attribute_arguments, run_attribute_command
 from vlmscope.replacement.evaluate import add_eval_arguments, run_eval_command
 from vlmscope.training.config import SuggestingParser, build_train_parser
 
@@ -184,6 +185,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return run_eval_command(args)
 
 
+def cmd_attribute(args: argparse.Namespace) -> int:
+    _quiet_transformers()
+    return run_attribute_command(args)
+
+
 # --- vlmscope zoo ----------------------------------------------------------------------------
 def cmd_zoo(args: argparse.Namespace) -> int:
     _quiet_transformers()
@@ -253,6 +259,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_eval_arguments(e)
     e.set_defaults(func=cmd_eval)
+
+    a = sub.add_parser(
+        "attribute",
+        help="build an attribution graph (image patches, words, features, logits) for a prompt",
+        description="Attribution graph of one prompt through the local replacement model: "
+        "writes the graph JSON (circuit-tracer / Neuronpedia layout with image-patch nodes), "
+        "the raw graph (graph.safetensors) and a heatmap of each image's patch influence.",
+    )
+    add_attribute_arguments(a)
+    a.set_defaults(func=cmd_attribute)
 
     z = sub.add_parser("zoo", help="the offline zoo of tiny models (list, save)")
     zs = z.add_subparsers(dest="zoo_cmd", required=True, metavar="ZOO_COMMAND")

@@ -169,7 +169,8 @@ def _assemble(
         logit_targets=targets,
         input_tokens=[tok.decode([int(i)]) for i in ids] if tok is not None else [],
         metadata={
-            "model": bundle.model_info.get("name"),
+            "model": getattr(vlm.model, "name_or_path", None) or bundle.model_info.get("name"),
+            "dictionaries_trained_on": bundle.model_info.get("name"),
             "family": vlm.adapter.family,
             "dictionaries": bundle.kind,
             "hooks": {"reads": bundle.reads, "writes": bundle.writes},

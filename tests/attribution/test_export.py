@@ -1,0 +1,371 @@
+"""Graph export: viewer JSON layout, raw round trip, patch influence, heatmaps, the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.attribution.test_graph import hand_graph
+from tests.conftest import random_image
+from tests.replacement.test_model import random_clt, vlm_for
+from vlmscope.attribution.cli import add_attribute_arguments, run_attribute_command
+from vlmscope.attribution.export import (
+    center_crop_box,
+    concentration,
+    image_grids,
+    load_raw,
+    patch_influence,
+    render_heatmap,
+    save_heatmap_png,
+    save_json,
+    save_raw,
+    to_json,
+)
+from vlmscope.attribution.graph import Graph, LogitTarget, prune
+
+
+def image_graph() -> Graph:
+    """One layer, 6 positions: <s>, image 0 (view 0: (0,0), (0,1), a row separator),
+    image 1 (view 1: (1,0)), a text token; one feature f0 at position 5, one logit.
+
+    Nodes: f0 | e(0,0..5) = 1..6 | in0..in5 = 7..12 | L = 13. The logit reads f0 (10) and every
+    input (1, 2, 3, 4, 5, 5), so with a one-hot logit weight input p has influence w_p / 30 (plus
+    f0's 1/3, split evenly between in5 and e(0,5)).
+    """
+    a = torch.zeros(14, 14)
+    a[13, 0] = 10.0
+    a[13, 7:13] = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 5.0])
+    a[0, 12], a[0, 6] = 2.0, -2.0
+    pm = torch.full((6, 4), -1, dtype=torch.long)
+    pm[1], pm[2], pm[3], pm[4] = (
+        torch.tensor([0, 0, 0, 0]),
+        torch.tensor([0, 0, 0, 1]),
+        torch.tensor([0, 0, 0, -1]),
+        torch.tensor([1, 1, 1, 0]),
+    )
+    return Graph(
+        adjacency=a,
+        features=torch.tensor([[0, 5, 7]]),
+        activations=torch.tensor([2.0]),
+        n_layers=1,
+        input_ids=torch.tensor([1, 4, 4, 4, 4, 20]),
+        input_kinds=["special", "image", "image", "image", "image", "text"],
+        patch_map=pm,
+        logit_targets=[LogitTarget(30, " red", 0.75)],
+        input_tokens=["<s>", "<image>", "<image>", "<image>", "<image>", " red"],
+        metadata={"model": "hand", "family": "test", "hooks": {"reads": ["a"], "writes": ["b"]}},
+    )
+
+
+def hand_image_graph() -> Graph:
+    """The hand-computed graph with its two inputs relabelled as image 0's patches (0,0), (0,1)."""
+    pm = torch.tensor([[0, 0, 0, 0], [0, 0, 0, 1]])
+    return replace(hand_graph(), input_kinds=["image", "image"], patch_map=pm)
+
+
+def check_structure(data: dict[str, Any], graph: Graph) -> None:
+    """Invariants of every exported graph (circuit-tracer layout plus our image fields)."""
+    assert set(data) >= {"metadata", "qParams", "nodes", "links"}
+    meta = data["metadata"]
+    for key in ("slug", "scan", "prompt_tokens", "prompt", "node_threshold", "schema_version"):
+        assert key in meta
+    assert meta["prompt_tokens"] == graph.input_tokens
+    assert data["qParams"] == {
+        "pinnedIds": [],
+        "supernodes": [],
+        "linkType": "both",
+        "clickedId": "",
+        "sg_pos": "",
+    }
+    ids = [n["node_id"] for n in data["nodes"]]
+    assert len(ids) == len(set(ids))
+    for link in data["links"]:
+        assert link["source"] in ids and link["target"] in ids
+    by_pos = {n["ctx_idx"]: n for n in data["nodes"] if n["layer"] == "E"}
+    assert sorted(by_pos) == list(range(graph.n_pos))  # every input is written
+    for pos, n in by_pos.items():
+        kind = graph.input_kinds[pos]
+        assert n["node_id"] == f"E_{int(graph.input_ids[pos])}_{pos}"
+        assert n["feature_type"] == ("image patch" if kind == "image" else "embedding")
+        assert n.get("special", False) == (kind == "special")
+        if kind == "image":
+            img, view, r, c = graph.patch_map[pos].tolist()
+            assert n["image"] == {"index": img, "view": view, "row": r, "col": c}
+    logits = [n for n in data["nodes"] if n["feature_type"] == "logit"]
+    assert [n["feature"] for n in logits] == [t.token_id for t in graph.logit_targets]
+    assert [n["is_target_logit"] for n in logits] == [i == 0 for i in range(len(logits))]
+
+
+# --- JSON -----------------------------------------------------------------------------------------
+def test_json_keeps_only_pruned_nodes_and_their_edges() -> None:
+    g = hand_graph()
+    data = to_json(g, node_threshold=0.8, edge_threshold=0.98, slug="pets", prompt_text="the pet")
+    check_structure(data, g)
+    # At 0.8 the error nodes are pruned (see test_graph); all 8 remaining edges stay.
+    ids = {n["node_id"] for n in data["nodes"]}
+    assert ids == {"0_3_1", "1_5_1", "E_10_0", "E_11_1", "3_7_1", "3_8_1"}
+    links = {(x["source"], x["target"]): x["weight"] for x in data["links"]}
+    assert len(links) == 8
+    assert links[("E_10_0", "0_3_1")] == 3.0 and links[("0_3_1", "3_7_1")] == 2.0
+    f1 = next(n for n in data["nodes"] if n["node_id"] == "1_5_1")
+    assert f1["feature_type"] == "cross layer transcoder"
+    assert (f1["layer"], f1["ctx_idx"], f1["jsNodeId"], f1["activation"]) == ("1", 1, "1_5-0", 0.25)
+    assert f1["feature"] == (1 + 5) * (1 + 5 + 1) // 2 + 5  # circuit-tracer's cantor pairing
+    assert f1["influence"] == pytest.approx(83 / 172)  # cumulative share at its rank
+    cat = next(n for n in data["nodes"] if n["node_id"] == "3_7_1")
+    assert (cat["layer"], cat["jsNodeId"], cat["token_prob"]) == ("3", "L_7-1", 0.5)
+    assert cat["clerp"] == 'Output " cat" (p=0.500)'
+    meta = data["metadata"]
+    assert (meta["slug"], meta["prompt"], meta["model"], meta["family"]) == (
+        "pets",
+        "the pet",
+        "hand",
+        "test",
+    )
+    assert meta["replacement_score"] == pytest.approx(70 / 96, abs=1e-6)
+    assert meta["completeness_score"] == pytest.approx(242 / 268, abs=1e-6)
+    assert "images" not in data
+
+
+def test_json_error_nodes_use_circuit_tracer_ids() -> None:
+    g = hand_graph()
+    data = to_json(g, node_threshold=0.95, edge_threshold=1.0)
+    check_structure(data, g)
+    errors = {
+        n["node_id"]: n for n in data["nodes"] if n["feature_type"] == "mlp reconstruction error"
+    }
+    assert set(errors) == {"0_-1_1", "1_-1_1"}  # e(0,0) and e(1,0) have no influence: pruned
+    e = errors["0_-1_1"]
+    assert (e["feature"], e["layer"], e["ctx_idx"], e["jsNodeId"]) == (-1, "0", 1, "0_-1-1")
+    links = {(x["source"], x["target"]) for x in data["links"]}
+    assert ("0_-1_1", "1_5_1") in links and ("1_-1_1", "3_7_1") in links
+    # A prune result passed in is used as is.
+    pr = prune(g, 0.8, 0.98)
+    assert to_json(g, prune_result=pr, node_threshold=0.8) == to_json(g, node_threshold=0.8)
+
+
+def test_json_image_patches_and_images_section(tmp_path: Path) -> None:
+    g = image_graph()
+    pics = [random_image(32, 40, 1), random_image(24, 24, 2)]
+    data = to_json(g, images=pics, slug="s")
+    check_structure(data, g)
+    sep = next(n for n in data["nodes"] if n["ctx_idx"] == 3)
+    assert sep["image"] == {"index": 0, "view": 0, "row": 0, "col": -1}
+    assert data["images"][0]["grid"] == {"0": [1, 2]}
+    assert data["images"][1]["grid"] == {"1": [2, 1]}
+    for entry, pic in zip(data["images"], pics, strict=True):
+        assert (entry["width"], entry["height"]) == pic.size
+        head, b64 = entry["data"].split(",", 1)
+        assert head == "data:image/png;base64"
+        decoded = Image.open(io.BytesIO(base64.b64decode(b64)))
+        assert decoded.size == pic.size
+        assert (np.asarray(decoded.convert("RGB")) == np.asarray(pic)).all()
+    paths = []
+    for i, pic in enumerate(pics):
+        paths.append(tmp_path / f"{i}.png")
+        pic.save(paths[-1])
+    out = save_json(g, tmp_path / "g.json", image_paths=paths, slug="s")
+    on_disk = json.loads(out.read_text())
+    assert on_disk == to_json(g, image_paths=paths, slug="s")
+    assert [(e["path"], e["width"], e["height"]) for e in on_disk["images"]] == [
+        (str(paths[0]), 40, 32),
+        (str(paths[1]), 24, 24),
+    ]
+    with pytest.raises(ValueError, match="2 image"):
+        to_json(g, images=pics[:1])
+    with pytest.raises(ValueError, match=r"missing\.png"):
+        to_json(g, image_paths=[paths[0], tmp_path / "missing.png"])
+
+
+# --- raw ------------------------------------------------------------------------------------------
+def assert_same_graph(a: Graph, b: Graph) -> None:
+    for name in ("adjacency", "features", "activations", "input_ids", "patch_map"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype and torch.equal(x, y), name
+    assert a.n_layers == b.n_layers
+    assert a.input_kinds == b.input_kinds and a.input_tokens == b.input_tokens
+    assert a.logit_targets == b.logit_targets
+    assert a.metadata == b.metadata
+
+
+@pytest.mark.parametrize("make", [hand_graph, image_graph])
+def test_raw_round_trip_is_exact(make: Any, tmp_path: Path) -> None:
+    g = make()
+    g.logit_targets[0] = LogitTarget(g.logit_targets[0].token_id, "\x16 odd\n", 0.1361197680234909)
+    g.adjacency[0, -1] = 1e-30  # a value JSON text would round
+    back = load_raw(save_raw(g, tmp_path / "g.safetensors"))
+    assert_same_graph(g, back)
+    assert [p.name for p in tmp_path.iterdir()] == ["g.safetensors"]  # no temporary left
+
+
+def test_load_raw_rejects_other_safetensors(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "w.safetensors"))
+    with pytest.raises(ValueError, match="not a vlmscope raw graph"):
+        load_raw(tmp_path / "w.safetensors")
+
+
+# --- patch influence, heatmaps, concentration -----------------------------------------------------
+def test_patch_influence_by_hand() -> None:
+    g = hand_image_graph()
+    # One-hot on L0: in0 = 3/16 + 3/16, in1 = 1/8 + 1/16 + 1/16 (see test_graph's derivation).
+    assert torch.equal(patch_influence(g, 0)[0][0], torch.tensor([[0.375, 0.25]]))
+    assert torch.equal(patch_influence(g, 1)[0][0], torch.tensor([[0.09375, 0.84375]]))
+    assert torch.equal(patch_influence(g, -1)[0][0], torch.tensor([[0.09375, 0.84375]]))
+    # None weights the logits by probability (1/2, 1/4): the graph's own node influence.
+    assert torch.equal(patch_influence(g, None)[0][0], torch.tensor([[27 / 128, 43 / 128]]))
+    with pytest.raises(IndexError):
+        patch_influence(g, 2)
+    assert patch_influence(hand_graph()) == {}  # no image tokens
+
+
+def test_patch_influence_layout_skips_separators() -> None:
+    g = image_graph()
+    assert image_grids(g) == {0: {0: (1, 2)}, 1: {1: (2, 1)}}
+    heat = patch_influence(g, 0)
+    assert set(heat) == {0, 1} and set(heat[0]) == {0} and set(heat[1]) == {1}
+    torch.testing.assert_close(heat[0][0], torch.tensor([[2 / 30, 3 / 30]]))  # not the 4/30
+    torch.testing.assert_close(heat[1][1], torch.tensor([[0.0], [5 / 30]]))
+    torch.testing.assert_close(patch_influence(g, None)[1][1], 0.75 * heat[1][1])
+
+
+def test_heatmap_png_sizes_and_overlay(tmp_path: Path) -> None:
+    g = image_graph()
+    pic = random_image(32, 40, 3)
+    p = save_heatmap_png(g, pic, tmp_path / "h.png")
+    assert Image.open(p).size == (40, 32)
+    p = save_heatmap_png(g, pic, tmp_path / "h2.png", view=1, image_index=1, scale=3, caption=False)
+    out = Image.open(p).convert("RGB")
+    assert out.size == (120, 96)
+    big = pic.resize((120, 96), Image.Resampling.NEAREST)
+    # Row 0 of image 1's grid has no influence (unchanged); row 1 carries all of it (coloured).
+    assert out.getpixel((60, 20)) == big.getpixel((60, 20))
+    assert out.getpixel((60, 80)) != big.getpixel((60, 80))
+    with pytest.raises(ValueError, match="no view 0"):
+        save_heatmap_png(g, pic, tmp_path / "x.png", view=0, image_index=1)
+    # A region: pixels outside it stay as they were.
+    heat = torch.tensor([[1.0, 1.0], [1.0, 1.0]])
+    r = render_heatmap(pic, heat, region=(4, 0, 36, 32))
+    assert r.getpixel((1, 5)) == pic.getpixel((1, 5)) and r.getpixel((20, 5)) != pic.getpixel(
+        (20, 5)
+    )
+
+
+def test_center_crop_box_matches_clip_preprocessing() -> None:
+    proc = SimpleNamespace(
+        do_center_crop=True,
+        do_resize=True,
+        crop_size={"height": 32, "width": 32},
+        size={"shortest_edge": 32},
+    )
+    assert center_crop_box((40, 32), proc) == (4.0, 0.0, 36.0, 32.0)
+    assert center_crop_box((80, 64), proc) == (8.0, 0.0, 72.0, 64.0)
+    assert center_crop_box((40, 32), SimpleNamespace(do_center_crop=False)) is None
+
+
+def test_concentration() -> None:
+    heat = torch.tensor([[1.0, 3.0], [-2.0, 0.0]])  # negative influence counts as 0
+    assert concentration(heat, [(0, 1)]) == 0.75
+    assert concentration(heat, [[0, 1], [0, 1], (1, 0)]) == 0.75  # shapes-world lists, repeats
+    assert concentration(heat, torch.tensor([[True, False], [False, False]])) == 0.25
+    assert concentration(torch.zeros(2, 2), [(0, 0)]) == 0.0
+    with pytest.raises(ValueError, match="outside"):
+        concentration(heat, [(2, 0)])
+    heat = patch_influence(hand_image_graph(), 0)[0][0]
+    assert concentration(heat, [(0, 0)]) == 0.6  # 0.375 / 0.625
+
+
+# --- CLI ------------------------------------------------------------------------------------------
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_attribute_arguments(p)
+    return p.parse_args(argv)
+
+
+@pytest.fixture(scope="module")
+def llava_setup(zoo_path: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("attribute-cli")
+    vlm = vlm_for("llava", zoo_path)
+    random_clt(vlm, n_targets=2, seed=1).save(folder / "dicts")
+    random_image(32, 40, 7).save(folder / "img.png")
+    (folder / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    return {"model": zoo_path("llava"), "dicts": folder / "dicts", "dir": folder}
+
+
+def cli_args(s: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return [
+        "--model", str(s["model"]), "--dictionaries", str(s["dicts"]),
+        "--prompt", "what colour is the circle", "--out", str(out), *extra,
+    ]  # fmt: skip
+
+
+def test_cli_writes_json_raw_and_heatmap(llava_setup: dict[str, Path], capsys: Any) -> None:
+    s = llava_setup
+    out = s["dir"] / "run" / "graph.json"
+    img = str(s["dir"] / "img.png")
+    argv = cli_args(s, out, "--image", img, "--max-feature-nodes", "48", "--batch-size", "16")
+    assert run_attribute_command(parse(argv)) == 0
+    printed = capsys.readouterr().out
+    assert "replacement score" in printed and "completeness score" in printed
+    data = json.loads(out.read_text())
+    raw = load_raw(out.with_suffix(".safetensors"))
+    check_structure(data, raw)
+    assert raw.n_features == 48
+    assert data["metadata"]["family"] == "llava"
+    assert data["images"][0]["path"] == str(Path(img).resolve())
+    assert data["images"][0]["grid"] == {"0": [4, 4]}
+    assert sum(n["feature_type"] == "image patch" for n in data["nodes"]) == 16
+    # The raw file alone rebuilds the same viewer JSON.
+    again = to_json(
+        raw,
+        slug="graph",
+        prompt_text="what colour is the circle",
+        image_paths=[Path(img).resolve()],
+    )
+    assert again == data
+    png = Image.open(s["dir"] / "run" / "graph.heatmap.png")
+    assert png.size == (320, 256)  # 40x32 upscaled x8 so the short side reaches 256
+
+
+@pytest.mark.parametrize(
+    ("name", "why"), [("missing.png", "no such file"), ("bad.png", "cannot read")]
+)
+def test_cli_bad_image_is_a_clear_error(
+    llava_setup: dict[str, Path], capsys: Any, name: str, why: str
+) -> None:
+    s = llava_setup
+    out = s["dir"] / f"bad-{name}" / "graph.json"
+    rc = run_attribute_command(parse(cli_args(s, out, "--image", str(s["dir"] / name))))
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert why in err and name in err
+    assert not out.parent.exists()  # nothing was loaded or written
+
+
+def test_cli_text_only_model(zoo_path: Any, tmp_path: Path, capsys: Any) -> None:
+    vlm = vlm_for("llama", zoo_path)
+    random_clt(vlm, seed=2).save(tmp_path / "dicts")
+    s = {"model": zoo_path("llama"), "dicts": tmp_path / "dicts"}
+    out = tmp_path / "text" / "g.json"
+    assert run_attribute_command(parse(cli_args(s, out, "--max-feature-nodes", "16"))) == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["g.json", "g.safetensors"]
+    data = json.loads(out.read_text())
+    assert "images" not in data
+    assert {n["feature_type"] for n in data["nodes"]} <= {
+        "cross layer transcoder", "mlp reconstruction error", "embedding", "logit",
+    }  # fmt: skip
+    random_image(8, 8).save(tmp_path / "i.png")
+    rc = run_attribute_command(parse(cli_args(s, out, "--image", str(tmp_path / "i.png"))))
+    assert rc == 2 and "text-only" in capsys.readouterr().err

@@ -1,0 +1,234 @@
+"""`vlmscope attribute`: one prompt (text, or images and text) -> attribution graph files.
+
+Writes the viewer JSON, the raw graph (`<out stem>.safetensors`, to re-prune later) and, when
+the prompt has images, a heatmap PNG of the image patches' influence on the top logit. Inputs
+are checked before the model loads, so a typo costs seconds, not a model load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from vlmscope.attribution.export import (
+    center_crop_box,
+    patch_influence,
+    save_heatmap_png,
+    save_json,
+    save_raw,
+    top_patches,
+)
+
+
+class AttributeInputError(ValueError):
+    """A bad argument or input file, found before any model is loaded."""
+
+
+def add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `vlmscope attribute` (the lead's cli.py calls this on its subparser)."""
+    parser.add_argument(
+        "--model", required=True, help="zoo entry name, `toy`, or a HF model name / local path"
+    )
+    parser.add_argument(
+        "--dictionaries",
+        required=True,
+        help="folder of dictionaries saved by `vlmscope train` / DictionaryBundle.save",
+    )
+    parser.add_argument(
+        "--image",
+        dest="images",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="IMG",
+        help="image file(s) shown with the prompt, in order (repeatable)",
+    )
+    parser.add_argument("--prompt", required=True, help="the question or text to attribute")
+    parser.add_argument(
+        "--out", default="graph.json", help="viewer JSON to write (default: graph.json)"
+    )
+    parser.add_argument(
+        "--slug", default=None, help="graph name in the viewer (default: the --out file's stem)"
+    )
+    parser.add_argument(
+        "--max-feature-nodes",
+        type=int,
+        default=None,
+        help="explore at most N features, most influential first (default: all active)",
+    )
+    parser.add_argument(
+        "--node-threshold",
+        type=float,
+        default=0.8,
+        help="keep nodes holding this share of influence on the logits (default: 0.8)",
+    )
+    parser.add_argument(
+        "--edge-threshold",
+        type=float,
+        default=0.98,
+        help="keep edges holding this share of influence (default: 0.98)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=64, help="backward passes per batch (default: 64)"
+    )
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)"
+    )
+    parser.add_argument(
+        "--dtype", default=None, help="float32, bfloat16 or float16 (default: checkpoint's)"
+    )
+    parser.add_argument(
+        "--embed-images",
+        action="store_true",
+        help="embed the images in the JSON as PNG data (default: reference their paths)",
+    )
+    parser.add_argument(
+        "--heatmap",
+        default=None,
+        metavar="PATH",
+        help="heatmap PNG (default: <out stem>.heatmap.png next to --out; one per image, "
+        "numbered, when there are several)",
+    )
+
+
+def _check_args(args: argparse.Namespace) -> list[Any]:
+    """Validate flags and read the images; every problem names the flag or file at fault."""
+    from PIL import Image
+
+    if not args.prompt.strip():
+        raise AttributeInputError("--prompt is empty")
+    for name in ("node_threshold", "edge_threshold"):
+        v = getattr(args, name)
+        if not 0.0 <= v <= 1.0:
+            raise AttributeInputError(f"--{name.replace('_', '-')} must be in [0, 1], got {v}")
+    if args.batch_size < 1:
+        raise AttributeInputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_feature_nodes is not None and args.max_feature_nodes < 0:
+        raise AttributeInputError(f"--max-feature-nodes must be >= 0, got {args.max_feature_nodes}")
+    if not Path(args.dictionaries).is_dir():
+        raise AttributeInputError(f"--dictionaries: no folder at {args.dictionaries}")
+    images = []
+    for p in args.images:
+        path = Path(p)
+        if not path.is_file():
+            raise AttributeInputError(f"--image: no such file: {path}")
+        try:
+            with Image.open(path) as im:
+                im.load()
+                images.append(im.convert("RGB"))
+        except Exception as e:  # PIL raises several types for corrupt files
+            raise AttributeInputError(f"--image: cannot read {path} as an image: {e}") from e
+    out = Path(args.out)
+    if out.exists() and out.is_dir():
+        raise AttributeInputError(f"--out {out} is a folder; give a file name such as graph.json")
+    if out.suffix == ".safetensors":
+        raise AttributeInputError(f"--out {out}: the raw graph takes that name; use a .json name")
+    return images
+
+
+def _heatmap_paths(args: argparse.Namespace, n_images: int) -> list[Path]:
+    out = Path(args.out)
+    first = Path(args.heatmap) if args.heatmap else out.with_name(f"{out.stem}.heatmap.png")
+    if n_images <= 1:
+        return [first][:n_images]
+    return [first.with_name(f"{first.stem}-{i}{first.suffix or '.png'}") for i in range(n_images)]
+
+
+def run_attribute_command(args: argparse.Namespace) -> int:
+    """Run `vlmscope attribute`; 0 on success, 2 for bad input, 1 when the run fails."""
+    try:
+        images = _check_args(args)
+    except AttributeInputError as e:
+        print(f"vlmscope attribute: error: {e}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+    from vlmscope.attribution.attribute import attribute
+    from vlmscope.attribution.graph import graph_scores, prune
+    from vlmscope.models.hooked import HookedVLM
+    from vlmscope.training.bundle import DictionaryBundle, ModelMismatchError
+    from vlmscope.training.trainer import resolve_model_path
+
+    try:
+        path = resolve_model_path(args.model)
+        print(f"Loading {args.model} ({path})")
+        vlm = HookedVLM.from_pretrained(path, device=args.device, dtype=args.dtype)
+        if images and not vlm.adapter.capabilities.has_vision:
+            raise AttributeInputError(
+                f"{args.model} is a text-only model ({vlm.adapter.family}); drop --image"
+            )
+        bundle = DictionaryBundle.load(args.dictionaries, device=vlm.device)
+        bundle.check_model(vlm.adapter)
+        inputs = vlm.prepare(args.prompt, images=images or None)
+        graph = attribute(
+            vlm,
+            bundle,
+            inputs,
+            max_feature_nodes=args.max_feature_nodes,
+            batch_size=args.batch_size,
+            progress=True,
+        )
+    except (AttributeInputError, ModelMismatchError, OSError, ValueError) as e:
+        print(f"vlmscope attribute: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, AttributeInputError) else 1
+
+    pr = prune(graph, args.node_threshold, args.edge_threshold)
+    replacement, completeness = graph_scores(graph)
+    n_img = sum(k == "image" for k in graph.input_kinds)
+    print(
+        f"\nGraph: {graph.n_pos} positions ({n_img} image), {graph.n_features} features "
+        f"explored, {graph.n_layers} layers; kept {int(pr.node_mask[: graph.n_features].sum())} "
+        f"features and {int(pr.edge_mask.sum())} edges after pruning"
+    )
+    print(f"replacement score  {replacement:.4f}\ncompleteness score {completeness:.4f}")
+    print(f"\n{'logit':<20} {'prob':>7}")
+    for t in graph.logit_targets[:5]:
+        print(f"{t.token!r:<20} {t.probability:>7.4f}")
+
+    out = Path(args.out)
+    slug = args.slug or out.stem
+    json_path = save_json(
+        graph,
+        out,
+        prune_result=pr,
+        node_threshold=args.node_threshold,
+        edge_threshold=args.edge_threshold,
+        slug=slug,
+        prompt_text=args.prompt,
+        image_paths=None if args.embed_images else [str(Path(p).resolve()) for p in args.images],
+        images=images if args.embed_images else None,
+    )
+    raw_path = save_raw(graph, out.with_suffix(".safetensors"))
+    written = [json_path, raw_path]
+    heat = patch_influence(graph, 0)
+    proc = getattr(vlm.processor, "image_processor", None)
+    for i, (img, png) in enumerate(zip(images, _heatmap_paths(args, len(images)), strict=True)):
+        if 0 not in heat.get(i, {}):
+            continue  # the processor dropped this image's base view (nothing to draw)
+        scale = max(1, math.ceil(256 / max(1, min(img.size))))
+        region = center_crop_box(img.size, proc) if proc is not None else None
+        written.append(
+            save_heatmap_png(graph, img, png, 0, 0, image_index=i, region=region, scale=scale)
+        )
+        cells = ", ".join(f"({r},{c}) {v:.3f}" for r, c, v in top_patches(heat[i][0]))
+        print(f"image {i}: top patches (row, col) on {graph.logit_targets[0].token!r}: {cells}")
+    print("\nWrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point (`python -m vlmscope.attribution.cli`) until cli.py wires it."""
+    parser = argparse.ArgumentParser(prog="vlmscope attribute", description=__doc__)
+    add_attribute_arguments(parser)
+    return run_attribute_command(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
