@@ -25,10 +25,10 @@ def test_models_lists_families_hooks_and_flags(capsys: pytest.CaptureFixture[str
 def test_demo_prints_shapes_and_mask(
     model: str, zoo_path: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["demo", "--model", str(zoo_path(model)), "--device", "cpu"]) == 0
+    assert main(["demo", "--inspect", "--model", str(zoo_path(model)), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "lm.blocks.0.hook_resid_post" in out
-    assert "Token mask:" in out
+    assert "token mask:" in out
     if model != "llama":
         assert "[IMG x" in out and "patch map:" in out
         assert "projector.hook_out" in out

@@ -6,7 +6,6 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from vlmscope.attribution.cli import add_attribute_arguments, run_attribute_command
 from vlmscope.replacement.evaluate import add_eval_arguments, run_eval_command
@@ -21,15 +20,6 @@ def _quiet_transformers() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-
-
-def _model_path(model: str) -> str:
-    """A zoo entry name builds (once) and returns its saved folder; anything else passes through."""
-    from vlmscope.models import zoo
-
-    if model in zoo.names() and not os.path.exists(model):
-        return str(zoo.cached_path(model))
-    return model
 
 
 # --- vlmscope models -------------------------------------------------------------------------
@@ -64,92 +54,21 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 # --- vlmscope demo ---------------------------------------------------------------------------
-def _token_strip(vlm: Any, inputs: Any, masks: Any, b: int = 0) -> str:
-    """The prompt as tokens, with each run of image tokens folded into one [IMG xN] marker."""
-    tok = vlm.tokenizer
-    ids = inputs["input_ids"][b].tolist()
-    parts: list[str] = []
-    run = 0
-    for s, t in enumerate(ids):
-        if not masks.valid[b, s]:
-            continue
-        if masks.image[b, s]:
-            run += 1
-            continue
-        if run:
-            parts.append(f"[IMG x{run}]")
-            run = 0
-        text = tok.convert_ids_to_tokens(t)
-        parts.append(f"<{text}>" if masks.special[b, s] and not text.startswith("<") else text)
-    if run:
-        parts.append(f"[IMG x{run}]")
-    return " ".join(p.replace("Ġ", "_").replace("Ċ", "\\n") for p in parts)
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     _quiet_transformers()
-    import torch
+    from vlmscope.demo import DemoBudget, demo_image, run_demo, show_model
 
-    from vlmscope.models.hooked import HookedVLM
+    if args.inspect:
+        from vlmscope.models.hooked import HookedVLM
+        from vlmscope.training.trainer import resolve_model_path
 
-    path = _model_path(args.model)
-    print(f"Loading {args.model} from {path}")
-    vlm = HookedVLM.from_pretrained(path, device=args.device, dtype=args.dtype)
-    a = vlm.adapter
-    print(f"adapter: {a.family}; dims: {a.dims()}")
-    images = None
-    if a.capabilities.has_vision:
-        images = [_demo_image()]
-    inputs = vlm.prepare(args.prompt, images=images)
-    masks = vlm.masks(inputs)
-    names = [
-        "lm.blocks.*.hook_resid_post",
-        "lm.blocks.0.attn.hook_pattern",
-        "lm.blocks.0.mlp.hook_out",
-    ]
-    if a.projector is not None:
-        names.append("projector.hook_out")
-    out, cache = vlm.run_with_cache(inputs, names=names)
-    print(
-        f"\nPrompt tokens ({inputs['input_ids'].shape[1]}):\n  {_token_strip(vlm, inputs, masks)}"
-    )
-    print(
-        f"\nToken mask: {int(masks.image.sum())} image, {int(masks.text.sum())} text, "
-        f"{int(masks.special.sum())} special, {int(masks.pad.sum())} padding"
-    )
-    row = "".join(
-        "I" if i else ("S" if s else "t")
-        for i, s in zip(masks.image[0], masks.special[0], strict=True)
-    )
-    print(f"  per position (I image, S special, t text): {row}")
-    if bool(masks.image.any()):
-        pm = masks.patch_map[0][masks.image[0]]
-        cells = pm[pm[:, 3] >= 0]
-        rows, cols = int(cells[:, 2].max()) + 1, int(cells[:, 3].max()) + 1
-        print(
-            f"  patch map: {len(pm)} image tokens on a {rows}x{cols} grid (image, view, row, col)"
-        )
-    print("\nCached activations:")
-    for k, v in cache.items():
-        print(f"  {k:<38} {tuple(v.shape)}")
-    top = torch.softmax(out.logits[0, -1].float(), -1).topk(3)
-    guesses = ", ".join(
-        f"{vlm.tokenizer.decode([int(i)])!r} {p:.2f}"
-        for p, i in zip(top.values, top.indices, strict=True)
-    )
-    print(f"\nNext-token top 3: {guesses}")
+        path = resolve_model_path(args.model)
+        print(f"Loading {args.model} from {path}")
+        vlm = HookedVLM.from_pretrained(path, device=args.device, dtype=args.dtype)
+        show_model(vlm, args.prompt, demo_image())
+        return 0
+    run_demo(args.model, args.out, args.device, DemoBudget.quick() if args.quick else None)
     return 0
-
-
-def _demo_image() -> Any:
-    """A small picture of a red circle and a blue square (no files needed)."""
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (64, 64), "white")
-    d = ImageDraw.Draw(img)
-    d.ellipse((6, 6, 30, 30), fill="red")
-    d.rectangle((36, 36, 58, 58), fill="blue")
-    return img
 
 
 # --- vlmscope train -------------------------------------------------------------------------
@@ -222,20 +141,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser(
         "demo",
-        help="run an image+text prompt through a model and show activations and token masks",
-        description="Load a model (a zoo name or a HF path), run an image+text prompt, and print "
-        "the cached activation shapes and the image-token mask.",
+        help="the whole pipeline on the toy VLM: masks, CLT training, evaluation, attribution",
+        description="Runs the main job end to end on the shipped toy VLM and the shapes world: "
+        "shows a prompt's token masks and activations, trains a cross-layer transcoder (and "
+        "per-layer transcoders of the same budget for comparison), evaluates the CLT as a "
+        "replacement model and attributes 'What colour is the circle?' to image patches. "
+        "Takes a few minutes on a CPU; --inspect does only the first step.",
     )
-    d.add_argument(
-        "--model", default="llava", help="zoo entry name or HF name/path (default: llava)"
-    )
-    d.add_argument("--prompt", default=DEMO_PROMPT, help="question asked about the demo image")
+    d.add_argument("--model", default="toy", help="toy (default), a zoo name or a HF name/path")
+    d.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     d.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)"
     )
     d.add_argument(
-        "--dtype", default=None, help="float32, bfloat16 or float16 (default: checkpoint's)"
+        "--dtype", default=None, help="model dtype for --inspect (default: checkpoint's)"
     )
+    d.add_argument(
+        "--quick", action="store_true", help="tiny budgets: a smoke run in about a minute"
+    )
+    d.add_argument(
+        "--inspect", action="store_true", help="only load the model and show masks and activations"
+    )
+    d.add_argument("--prompt", default=DEMO_PROMPT, help="prompt for --inspect")
     d.set_defaults(func=cmd_demo)
 
     t = sub.add_parser(

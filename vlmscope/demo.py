@@ -1,0 +1,297 @@
+"""`vlmscope demo`: the whole pipeline on the shipped toy VLM and the shapes world.
+
+1. load the model and show a prompt's tokens, token masks and cached activation shapes;
+2. train a cross-layer transcoder (CLT) on the model while it reads shapes-world questions;
+3. train per-layer transcoders with the same latent budget and sparsity, and compare their
+   held-out reconstruction error with the CLT's;
+4. evaluate the CLT as a replacement for the MLPs (FVU, CE-loss score, KL, top-1 agreement);
+5. attribute "What colour is the circle?" on a held-out image, write the graph JSON and a
+   patch heatmap, and measure how much of the image's influence falls on the circle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlmscope.models.hooked import HookedVLM
+
+QUESTION = "What colour is the circle?"
+
+
+@dataclass
+class DemoBudget:
+    """How long each stage runs; `quick` is for tests and smoke runs."""
+
+    train_tokens: int = 120_000
+    expansion_factor: int = 4
+    k: int = 8
+    batch_size: int = 16
+    eval_tokens: int = 20_000
+    max_feature_nodes: int = 400
+    n_train: int = 3000
+
+    @classmethod
+    def quick(cls) -> DemoBudget:
+        return cls(train_tokens=6_000, eval_tokens=2_000, max_feature_nodes=64, n_train=200)
+
+
+def _section(n: int, title: str) -> None:
+    print(f"\n=== {n}/5 {title} " + "=" * max(0, 66 - len(title)))
+
+
+def _token_strip(vlm: HookedVLM, inputs: Any, masks: Any, b: int = 0) -> str:
+    """The prompt as tokens, with each run of image tokens folded into one [IMG xN] marker."""
+    tok = vlm.tokenizer
+    parts: list[str] = []
+    run = 0
+    for s, t in enumerate(inputs["input_ids"][b].tolist()):
+        if not masks.valid[b, s]:
+            continue
+        if masks.image[b, s]:
+            run += 1
+            continue
+        if run:
+            parts.append(f"[IMG x{run}]")
+            run = 0
+        parts.append(tok.convert_ids_to_tokens(t))
+    if run:
+        parts.append(f"[IMG x{run}]")
+    return " ".join(p.replace("Ġ", "_").replace("Ċ", "\\n") for p in parts)
+
+
+def demo_image() -> Any:
+    """A small picture of a red circle and a blue square (no files needed)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (64, 64), "white")
+    d = ImageDraw.Draw(img)
+    d.ellipse((6, 6, 30, 30), fill="red")
+    d.rectangle((36, 36, 58, 58), fill="blue")
+    return img
+
+
+def show_model(vlm: HookedVLM, prompt: str, image: Any) -> None:
+    """Tokens, masks and cached activation shapes of one image+text prompt."""
+    a = vlm.adapter
+    print(f"adapter: {a.family}; dims: {a.dims()}")
+    inputs = vlm.prepare(prompt, images=[image] if a.capabilities.has_vision else None)
+    masks = vlm.masks(inputs)
+    names = [
+        "lm.blocks.*.hook_resid_post",
+        "lm.blocks.0.attn.hook_pattern",
+        "lm.blocks.0.mlp.hook_out",
+    ]
+    if a.projector is not None:
+        names.append("projector.hook_out")
+    out, cache = vlm.run_with_cache(inputs, names=names)
+    print(f"prompt tokens ({inputs['input_ids'].shape[1]}): {_token_strip(vlm, inputs, masks)}")
+    print(
+        f"token mask: {int(masks.image.sum())} image, {int(masks.text.sum())} text, "
+        f"{int(masks.special.sum())} special, {int(masks.pad.sum())} padding"
+    )
+    row = "".join(
+        "I" if i else ("S" if s else "t")
+        for i, s in zip(masks.image[0], masks.special[0], strict=True)
+    )
+    print(f"  per position (I image, S special, t text): {row}")
+    if bool(masks.image.any()):
+        pm = masks.patch_map[0][masks.image[0]]
+        cells = pm[pm[:, 3] >= 0]
+        rows, cols = int(cells[:, 2].max()) + 1, int(cells[:, 3].max()) + 1
+        print(
+            f"  patch map: {len(pm)} image tokens on a {rows}x{cols} grid (image, view, row, col)"
+        )
+    print("cached activations:")
+    for k, v in cache.items():
+        print(f"  {k:<38} {tuple(v.shape)}")
+    top = torch.softmax(out.logits[0, -1].float(), -1).topk(3)
+    guesses = ", ".join(
+        f"{vlm.tokenizer.decode([int(i)])!r} {p:.2f}"
+        for p, i in zip(top.values, top.indices, strict=True)
+    )
+    print(f"next-token top 3: {guesses}")
+
+
+def _train(
+    vlm: HookedVLM, model: str, kind: str, n_targets: int, out: Path, budget: DemoBudget
+) -> Any:
+    from vlmscope.training.config import SaeArgs, TrainConfig
+    from vlmscope.training.trainer import train
+
+    cfg = TrainConfig(
+        model=model,
+        dataset=f"shapes:{budget.n_train}",
+        sae=SaeArgs(
+            kind=kind, expansion_factor=budget.expansion_factor, k=budget.k, n_targets=n_targets
+        ),
+        batch_size=budget.batch_size,
+        max_tokens=budget.train_tokens,
+        output_dir=str(out),
+        run_name=kind,
+        save_every=10**9,
+        log_every=10,
+    )
+    return train(cfg, vlm, progress=True)
+
+
+def _heldout(budget: DemoBudget) -> Any:
+    from vlmscope.training.config import TrainConfig
+    from vlmscope.training.trainer import open_training_data
+
+    return open_training_data(
+        TrainConfig(model="-", dataset=f"shapes:{budget.n_train}", split="test", max_steps=1)
+    )
+
+
+def attribution_example(
+    vlm: HookedVLM, dictionaries: Path, out: Path, n_scan: int = 400
+) -> dict[str, Any]:
+    """Attribute QUESTION on a held-out shapes image with exactly one circle; report how much
+    of the image-patch influence on the top logit lands on the circle's patches."""
+    from vlmscope.attribution.attribute import attribute
+    from vlmscope.attribution.export import (
+        concentration,
+        patch_influence,
+        save_heatmap_png,
+        save_json,
+        save_raw,
+    )
+    from vlmscope.attribution.graph import graph_scores, prune
+    from vlmscope.data import shapes
+
+    sample = next(
+        s
+        for s in shapes.generate(n_scan, seed=1, split="attribution")
+        if sum(o.shape == "circle" for o in s.objects) == 1
+    )
+    image = sample.image
+    circle = next(o for o in sample.objects if o.shape == "circle")
+    inputs = vlm.prepare(QUESTION, images=[image])
+    graph = attribute(vlm, dictionaries, inputs, max_feature_nodes=max_feature_nodes, batch_size=32)
+    pruned = prune(graph)
+    replacement, completeness = graph_scores(graph)
+    out.mkdir(parents=True, exist_ok=True)
+    image_path = out / "attribution_image.png"
+    image.save(image_path)
+    save_json(
+        graph,
+        out / "graph.json",
+        prune_result=pruned,
+        slug="demo-circle-colour",
+        prompt_text=QUESTION,
+        image_paths=[str(image_path)],
+    )
+    save_raw(graph, out / "graph.safetensors")
+    save_heatmap_png(graph, image, out / "heatmap.png", logit_index=0, scale=4)
+    heat = patch_influence(graph, logit_index=0)[0][0]
+    # Ground-truth patches of the circle on the model's own grid (the image is not cropped).
+    label_px = image.width // heat.shape[1]
+    labels = shapes.object_patches(circle, shapes.ShapesConfig(), label_px)
+    conc = concentration(heat, labels)
+    share = len(labels) / heat.numel()
+    top = graph.logit_targets[0]
+    print(f'prompt: "{QUESTION}" on a held-out image with a {circle.colour} circle')
+    print(f"top logit: {top.token!r} (p={top.probability:.2f}); correct answer: {circle.colour!r}")
+    n_active = graph.metadata["n_active_features"]
+    kept = f"{int(pruned.node_mask.sum())} nodes, {int(pruned.edge_mask.sum())} edges"
+    print(f"graph: {graph.n_features} of {n_active} active features explored; kept {kept}")
+    print(f"replacement score {replacement:.3f}, completeness score {completeness:.3f}")
+    print(
+        f"image influence on the circle's {len(labels)} of {heat.numel()} patches: "
+        f"{100 * conc:.1f}% (uniform would be {100 * share:.1f}%)"
+    )
+    print(f"wrote {out / 'graph.json'}, {out / 'graph.safetensors'}, {out / 'heatmap.png'}")
+    return {
+        "answer": circle.colour,
+        "top_logit": top.token.strip(),
+        "top_probability": top.probability,
+        "replacement_score": replacement,
+        "completeness_score": completeness,
+        "circle_concentration": conc,
+        "uniform_share": share,
+    }
+
+
+def run_demo(
+    model: str = "toy",
+    out_dir: str | os.PathLike[str] = "demo_out",
+    device: str | None = None,
+    budget: DemoBudget | None = None,
+) -> dict[str, Any]:
+    """Run the five stages and return their headline numbers (also written as summary.json)."""
+    from vlmscope.cli import print_unit_table
+    from vlmscope.replacement.evaluate import evaluate
+    from vlmscope.training.trainer import resolve_model_path
+
+    budget = budget or DemoBudget()
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        import shutil
+
+        shutil.rmtree(out)  # the demo owns this folder: start from a clean slate
+    summary: dict[str, Any] = {"model": model}
+
+    _section(1, "model, token masks and activations")
+    path = resolve_model_path(model)
+    vlm = HookedVLM.from_pretrained(path, device=device, dtype=torch.float32)
+    show_model(vlm, QUESTION, demo_image())
+
+    _section(2, "train a cross-layer transcoder on the shapes world")
+    clt = _train(vlm, path, "clt", 0, out / "runs", budget)
+    print_unit_table(clt.fvu_per_unit, clt.l0_per_unit, clt.dead_per_unit)
+
+    _section(3, "per-layer transcoders with the same latent budget and L0")
+    plt = _train(vlm, path, "transcoder", 0, out / "runs", budget)
+    print_unit_table(plt.fvu_per_unit, plt.l0_per_unit, plt.dead_per_unit)
+    reports = {}
+    for name, res in (("clt", clt), ("transcoders", plt)):
+        reports[name] = evaluate(
+            vlm,
+            res.dictionaries,
+            _heldout(budget),
+            max_tokens=budget.eval_tokens,
+            per_layer=False,
+            progress=False,
+            batch_size=budget.batch_size,
+        )
+    nmse = {k: r.reconstruction["all"]["overall"]["normalized_mse"] for k, r in reports.items()}
+    l0 = {k: r.reconstruction["all"]["overall"]["l0"] for k, r in reports.items()}
+    print(
+        f"\nheld-out normalised MSE (all layers):  CLT {nmse['clt']:.4f}   "
+        f"per-layer transcoders {nmse['transcoders']:.4f}"
+    )
+    print(f"mean L0 per layer:  CLT {l0['clt']:.1f}   transcoders {l0['transcoders']:.1f}")
+    better = "lower" if nmse["clt"] < nmse["transcoders"] else "NOT lower"
+    print(f"-> the CLT's reconstruction error is {better} at the same budget")
+    summary["heldout_nmse"] = nmse
+
+    _section(4, "evaluate the CLT as a replacement for the MLPs")
+    report = evaluate(
+        vlm,
+        clt.dictionaries,
+        _heldout(budget),
+        max_tokens=budget.eval_tokens,
+        progress=False,
+        batch_size=budget.batch_size,
+    )
+    print(report.table())
+    report.save(Path(clt.dictionaries) / "metrics.json")
+    summary["eval"] = {
+        "ce_loss_score": report.next_token["all"]["all_layers"]["ce_loss_score"],
+        "kl": report.next_token["all"]["all_layers"]["kl"],
+        "top1_answer": report.next_token["answer"]["all_layers"]["top1_agreement"],
+    }
+
+    _section(5, "attribution graph for a shapes-world question")
+    summary["attribution"] = attribution_example(
+        vlm, clt.dictionaries, out / "attribution", budget.max_feature_nodes
+    )
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+    print(f"\nsummary written to {out / 'summary.json'}")
+    return summary
