@@ -150,7 +150,7 @@ def _heldout(budget: DemoBudget) -> Any:
 
 
 def attribution_example(
-    vlm: HookedVLM, dictionaries: Path, out: Path, n_scan: int = 400
+    vlm: HookedVLM, dictionaries: Path, out: Path, max_feature_nodes: int = 400, n_scan: int = 400
 ) -> dict[str, Any]:
     """Attribute QUESTION on a held-out shapes image with exactly one circle; report how much
     of the image-patch influence on the top logit lands on the circle's patches."""
