@@ -7,12 +7,33 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from vlmscope.attribution.attribute import attribute
+    from vlmscope.dictionaries import CrossLayerTranscoder, SparseCoder, SparseCoderConfig
     from vlmscope.models.hooked import HookedVLM
+    from vlmscope.replacement.model import ReplacementModel
+    from vlmscope.training.bundle import DictionaryBundle
 
-# Heavy imports (torch, transformers) wait until a name is used, so `vlmscope --help` is quick.
-_LAZY = {"HookedVLM": "vlmscope.models.hooked"}
+# Heavy imports (torch, transformers) wait until a name is used.
+_LAZY = {
+    "HookedVLM": "vlmscope.models.hooked",
+    "SparseCoder": "vlmscope.dictionaries",
+    "SparseCoderConfig": "vlmscope.dictionaries",
+    "CrossLayerTranscoder": "vlmscope.dictionaries",
+    "DictionaryBundle": "vlmscope.training.bundle",
+    "ReplacementModel": "vlmscope.replacement.model",
+    "attribute": "vlmscope.attribution.attribute",
+}
 
-__all__ = ["HookedVLM", "__version__"]
+__all__ = [
+    "CrossLayerTranscoder",
+    "DictionaryBundle",
+    "HookedVLM",
+    "ReplacementModel",
+    "SparseCoder",
+    "SparseCoderConfig",
+    "__version__",
+    "attribute",
+]
 
 
 def __getattr__(name: str) -> Any:
