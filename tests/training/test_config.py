@@ -75,3 +75,20 @@ def test_help_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
     for flag in (flags + " --max-tokens --hookpoints --tokens --device").split():
         assert flag in out
     assert "(default:" in out
+
+
+def test_sae_flags_mirror_the_dictionary_config() -> None:
+    """--sae.* flags are SparseCoderConfig's fields with its defaults (plus kind/transcode);
+    a field added to one and not the other fails here."""
+    import dataclasses
+
+    from vlmscope.dictionaries import SparseCoderConfig
+    from vlmscope.training.config import _DERIVED_SAE_FIELDS, SaeArgs
+
+    coder = {f.name: f for f in dataclasses.fields(SparseCoderConfig)}
+    args = {f.name: f for f in dataclasses.fields(SaeArgs)}
+    assert set(args) - {"transcode"} == set(coder) - _DERIVED_SAE_FIELDS
+    for name, f in args.items():
+        if name in ("kind", "transcode"):
+            continue
+        assert f.default == coder[name].default, name
