@@ -127,7 +127,9 @@ def test_every_edge_equals_a_measured_effect(name: str, zoo_path: Any) -> None:
     vlm = vlm_for(name, zoo_path)
     bundle = random_clt(vlm, n_targets=2, seed=1)
     inputs = prompt(vlm, name)
-    graph = attribute(vlm, bundle, inputs, batch_size=16)
+    # A feature budget below the active count also exercises the influence-ordered search.
+    graph = attribute(vlm, bundle, inputs, batch_size=32, max_feature_nodes=96)
+    assert graph.n_features == min(96, graph.metadata["n_active_features"])
     probe = FrozenProbe(vlm, bundle, inputs, graph)
     # The frozen replay reproduces the model.
     torch.testing.assert_close(probe.clean_logits, vlm.forward(inputs).logits, atol=1e-4, rtol=0)
