@@ -177,3 +177,15 @@ def test_sae_on_hookpoints(tmp_path: Path, zoo_path: Any, llava: HookedVLM) -> N
     res = train(cfg, llava, progress=False)
     b = DictionaryBundle.load(res.dictionaries)
     assert b.kind == "sae" and len(b.reads) == 3 and b.cfg.d_in == 64
+
+
+def test_missing_logger_package_fails_before_loading(tmp_path: Path, monkeypatch: Any) -> None:
+    import importlib.util
+
+    import vlmscope.models.hooked as hooked
+
+    monkeypatch.setattr(hooked.HookedVLM, "from_pretrained", lambda *a, **k: 1 / 0)
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    with pytest.raises(TrainingError, match="pip install wandb"):
+        Trainer(config(tmp_path, Path("m"), "--log-to-wandb"), progress=False)

@@ -147,6 +147,7 @@ class Trainer:
                 f"{self.run_dir} already holds a run (checkpoint at {existing}); pass --resume "
                 "to continue it or choose another --run-name"
             )
+        _check_loggers(cfg)
         torch.manual_seed(cfg.seed)
         if vlm is None:
             vlm = HookedVLM.from_pretrained(
@@ -411,6 +412,19 @@ class Trainer:
 
 
 _HEAD_HOOKS = {"hook_q", "hook_k", "hook_v", "hook_z"}
+
+
+def _check_loggers(cfg: TrainConfig) -> None:
+    """Optional loggers must be importable before hours of model loading, not after."""
+    import importlib.util
+
+    wanted = {"wandb": cfg.log_to_wandb, "tensorboard": cfg.log_to_tensorboard}
+    for package, on in wanted.items():
+        if on and importlib.util.find_spec(package) is None:
+            raise TrainingError(
+                f"--log-to-{package} needs the {package} package: pip install {package}"
+                + (" (WANDB_MODE=offline logs without a network)" if package == "wandb" else "")
+            )
 
 
 def _default_run_name(cfg: TrainConfig) -> str:
