@@ -189,3 +189,17 @@ def test_missing_logger_package_fails_before_loading(tmp_path: Path, monkeypatch
         pytest.skip("wandb is installed here")
     with pytest.raises(TrainingError, match="pip install wandb"):
         Trainer(config(tmp_path, Path("m"), "--log-to-wandb"), progress=False)
+
+
+def test_resume_with_other_settings_is_refused(
+    tmp_path: Path, zoo_path: Any, llava: HookedVLM
+) -> None:
+    train(config(tmp_path, zoo_path("llava"), "--max-steps 2"), llava, progress=False)
+    with pytest.raises(TrainingError, match=r"--sae: .*--batch-size: 4 -> 8"):
+        Trainer(config(tmp_path, zoo_path("llava"), "--resume --sae.k 5 --batch-size 8"), llava,
+                progress=False)  # fmt: skip
+    # A larger budget is a continuation, not a different run.
+    res = train(
+        config(tmp_path, zoo_path("llava"), "--resume --max-steps 4"), llava, progress=False
+    )
+    assert res.step == 4

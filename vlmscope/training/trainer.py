@@ -147,6 +147,8 @@ class Trainer:
                 f"{self.run_dir} already holds a run (checkpoint at {existing}); pass --resume "
                 "to continue it or choose another --run-name"
             )
+        if existing is not None:
+            _check_resumable(self.run_dir / "train_config.json", cfg)
         _check_loggers(cfg)
         torch.manual_seed(cfg.seed)
         if vlm is None:
@@ -412,6 +414,29 @@ class Trainer:
 
 
 _HEAD_HOOKS = {"hook_q", "hook_k", "hook_v", "hook_z"}
+
+
+#: settings a resumed run must share with the run it continues (the budget may grow).
+_RESUME_FIXED = ("model", "dataset", "sae", "layers", "hookpoints", "tokens", "loss_fn",
+                 "include_special_tokens", "batch_size", "grad_acc_steps", "ctx_len", "seed",
+                 "schema", "split", "lr")  # fmt: skip
+
+
+def _check_resumable(saved_path: Path, cfg: TrainConfig) -> None:
+    """Refuse to resume with settings that would make the continued run a different run."""
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (OSError, ValueError):
+        return  # written at the start of fit(); a run killed before it has nothing to compare
+    now = cfg.to_dict()
+    diff = [f"--{k.replace('_', '-')}: {saved.get(k)!r} -> {now[k]!r}"
+            for k in _RESUME_FIXED if k in saved and saved[k] != now[k]]  # fmt: skip
+    if diff:
+        raise TrainingError(
+            "--resume with settings that differ from the run's: "
+            + "; ".join(diff)
+            + " (use the original flags, or start a new --run-name)"
+        )
 
 
 def _check_loggers(cfg: TrainConfig) -> None:
