@@ -1,0 +1,96 @@
+"""The shipped toy VLM: loads like a hub model, answers held-out questions, and is trainable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import vlmscope.models.toy as toy
+from vlmscope.data.processing import SampleEncoder, collate
+from vlmscope.data.shapes import generate
+from vlmscope.models.hooked import HookedVLM
+from vlmscope.models.toy import ToyModelMissingError, toy_path
+from vlmscope.models.toy.train import (
+    CTX_LEN,
+    answer_loss,
+    build_toy,
+    generate_answers,
+    heldout_samples,
+    sample_stream,
+    train_toy,
+)
+
+
+@pytest.fixture(scope="module")
+def vlm() -> HookedVLM:
+    return HookedVLM.from_pretrained(toy_path(), device="cpu")
+
+
+@pytest.mark.parametrize("qtype", ["colour", "shape"])
+def test_shipped_toy_answers_heldout_questions(vlm: HookedVLM, qtype: str) -> None:
+    samples = heldout_samples(60, question_types=(qtype,))
+    preds = generate_answers(vlm, samples)
+    wrong = [
+        (s.question, s.answer, p) for s, p in zip(samples, preds, strict=True) if p != s.answer
+    ]
+    assert len(wrong) <= 6, f"{len(wrong)}/60 wrong, e.g. {wrong[:5]}"
+
+
+def test_prepare_builds_the_training_prompt(vlm: HookedVLM) -> None:
+    """What a user types (`prepare(question, images=[img])`) is token for token the prompt the
+    model was trained on, minus the answer."""
+    s = generate(1, seed=5, split="check")[0]
+    enc = SampleEncoder(vlm.processor, CTX_LEN, vlm.adapter.image_token_ids())
+    from vlmscope.data.sources import Record
+
+    sample = enc.encode(Record(row_id=s.id, messages=s.messages(), images=[s.image]))
+    ids = sample.tensors["input_ids"][0]
+    prompt = vlm.prepare(s.question, images=[s.image])
+    assert sample.n_answer == len(s.answer.split()) + 1  # answer words + </s>
+    torch.testing.assert_close(prompt["input_ids"][0], ids[: -sample.n_answer])
+    torch.testing.assert_close(prompt["pixel_values"], sample.tensors["pixel_values"])
+
+
+def test_batched_generation_matches_one_at_a_time(vlm: HookedVLM) -> None:
+    samples = heldout_samples(2)[:6]  # mixed question types -> prompts of different lengths
+    assert generate_answers(vlm, samples) == [generate_answers(vlm, [s])[0] for s in samples]
+
+
+def test_toy_path_says_how_to_train(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(toy, "TOY_DIR", tmp_path / "nothing")
+    with pytest.raises(ToyModelMissingError, match="vlmscope zoo train-toy"):
+        toy.toy_path()
+
+
+def test_a_few_steps_lower_the_loss() -> None:
+    model, processor = build_toy(seed=0)
+    stream = sample_stream(processor, seed=0, steps=1, batch_size=8)
+    batch = collate([x for _, x in stream], processor.tokenizer.pad_token_id)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(6):
+        loss, _ = answer_loss(model, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_build_is_deterministic() -> None:
+    a, _ = build_toy(seed=3)
+    b, _ = build_toy(seed=3)
+    for (n, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(p, q), n
+
+
+def test_train_toy_saves_a_loadable_model(tmp_path: Path) -> None:
+    out = tmp_path / "toy"
+    metrics = train_toy(out, steps=2, batch_size=4, eval_n=0, progress=False)
+    assert metrics["steps_done"] == 2
+    assert (out / "model.safetensors").is_file() and (out / "training.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders
+    loaded = HookedVLM.from_pretrained(out, device="cpu")
+    assert loaded.adapter.family == "llava"
