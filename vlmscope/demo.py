@@ -282,11 +282,19 @@ def run_demo(
     )
     print(report.table())
     report.save(Path(clt.dictionaries) / "metrics.json")
+    # The toy is trained to predict answers only; its loss on image and question tokens is
+    # noise that zero-ablation can even lower, so the headline figures are on answer tokens.
+    answer = report.next_token["answer"]["all_layers"]
     summary["eval"] = {
-        "ce_loss_score": report.next_token["all"]["all_layers"]["ce_loss_score"],
-        "kl": report.next_token["all"]["all_layers"]["kl"],
-        "top1_answer": report.next_token["answer"]["all_layers"]["top1_agreement"],
+        "ce_loss_score_answer": answer["ce_loss_score"],
+        "kl_answer": answer["kl"],
+        "top1_answer": answer["top1_agreement"],
     }
+    print(
+        f"\n-> on answer tokens, with every MLP replaced: CE-loss score "
+        f"{answer['ce_loss_score']:.3f}, KL {answer['kl']:.4f}, top-1 agreement "
+        f"{answer['top1_agreement']:.1%}"
+    )
 
     _section(5, "attribution graph for a shapes-world question")
     summary["attribution"] = attribution_example(

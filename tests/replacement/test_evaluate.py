@@ -273,7 +273,16 @@ def test_random_clt_against_hand_computation(llava: HookedVLM, generated: list[B
         assert nt["all_layers"]["kl"] > 1e-3
         assert nt["all_layers"]["top1_agreement"] < 1.0
         assert all(m["kl"] > 1e-3 for m in nt["per_layer"].values())
-    assert "all layers" in report.table()
+    table = report.table()
+    assert "all layers" in table
+    # The random zoo model's loss is near chance: whether ablation raises it decides the note.
+    raised = [g for g, r in report.next_token.items() if
+              r["all_layers"]["ce_zero_ablation"] > r["ce_original"]]  # fmt: skip
+    assert table.count("does not raise the loss") == len(report.next_token) - len(raised)
+    report.next_token["answer"]["all_layers"]["ce_zero_ablation"] = ans["ce_original"] - 1.0
+    assert report.table().count("does not raise the loss") == len(report.next_token) - len(
+        [g for g in raised if g != "answer"]
+    )
 
 
 def test_no_per_layer_passes_and_budgets(llava: HookedVLM, generated: list[Batch]) -> None:

@@ -325,6 +325,11 @@ class EvalReport:
             )
             if not res["n_positions"]:
                 continue
+            if not res["all_layers"]["ce_zero_ablation"] > res["ce_original"]:
+                lines.append(
+                    "  (zero-ablating every MLP does not raise the loss here: the model has not "
+                    "learned to predict these tokens, so the score says little)"
+                )
             lines.append("  " + head)
             rows = [("all layers", res["all_layers"]), *res["per_layer"].items()]
             for name, m in rows:
