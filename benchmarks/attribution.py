@@ -1,4 +1,4 @@
-"""Attribution time and peak memory against the number of positions (0, 1 and 4 images).
+"""Attribution time and peak memory against the number of positions (0 to 40 images).
 
     python benchmarks/attribution.py                                  # toy VLM, random CLT
     python benchmarks/attribution.py --model llava --dictionaries DIR
@@ -57,7 +57,7 @@ def main() -> None:
     p.add_argument(
         "--dictionaries", default=None, help="trained dictionaries (default: random CLT)"
     )
-    p.add_argument("--images", type=int, nargs="+", default=[0, 1, 4])
+    p.add_argument("--images", type=int, nargs="+", default=[0, 1, 4, 16, 40])
     p.add_argument("--max-feature-nodes", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--k", type=int, default=8)

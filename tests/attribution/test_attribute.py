@@ -130,6 +130,8 @@ def test_every_edge_equals_a_measured_effect(name: str, zoo_path: Any) -> None:
     # A feature budget below the active count also exercises the influence-ordered search.
     graph = attribute(vlm, bundle, inputs, batch_size=32, max_feature_nodes=96)
     assert graph.n_features == min(96, graph.metadata["n_active_features"])
+    # Weights left the autograd graph only while attributing.
+    assert all(p.requires_grad for p in [*vlm.model.parameters(), *bundle.parameters()])
     probe = FrozenProbe(vlm, bundle, inputs, graph)
     # The frozen replay reproduces the model.
     torch.testing.assert_close(probe.clean_logits, vlm.forward(inputs).logits, atol=1e-4, rtol=0)
@@ -167,3 +169,29 @@ def test_every_edge_equals_a_measured_effect(name: str, zoo_path: Any) -> None:
         eff = probe.measure(deltas, None) - probe.base
         check_column(probe, graph, j, eff)
     assert probe.largest > 0.05, "every checked edge is ~0: the test would not catch errors"
+
+
+def test_partial_influence_equals_the_square_matrix_series() -> None:
+    """The rectangular propagation used to rank features gives the influence of the square
+    adjacency whose uncomputed rows are zero (computed independently with `influence`)."""
+    from vlmscope.attribution.attribute import _partial_influence
+    from vlmscope.attribution.graph import influence, normalize_rows
+
+    gen = torch.Generator().manual_seed(0)
+    n_feat, n_other, n_logits = 12, 5, 2
+    n_cols = n_feat + n_other
+    # Feature f only reads from later-indexed features and the other columns: a DAG.
+    computed = [3, 7, 0, 10]
+    rows = torch.randn(n_logits + len(computed), n_cols, generator=gen)
+    for r, f in enumerate(computed, start=n_logits):
+        rows[r, : f + 1] = 0
+    row_node = torch.tensor([n_cols, n_cols + 1, *computed])
+    probs = torch.tensor([0.7, 0.2])
+    square = torch.zeros(n_cols + n_logits, n_cols + n_logits)
+    square[row_node, :n_cols] = rows
+    weights = torch.zeros(n_cols + n_logits)
+    weights[n_cols:] = probs
+    want = influence(normalize_rows(square), weights)[:n_cols]
+    got = _partial_influence(rows, row_node, probs, n_cols, n_logits)
+    torch.testing.assert_close(got, want)
+    assert got[computed].gt(0).any()  # paths through computed features do count

@@ -17,7 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from vlmscope.attribution.context import AttributionContext
-from vlmscope.attribution.graph import Graph, LogitTarget, influence, normalize_rows
+from vlmscope.attribution.graph import Graph, LogitTarget, normalize_rows
 from vlmscope.models.hooked import HookedVLM
 from vlmscope.replacement.model import ReplacementModel
 from vlmscope.training.bundle import DictionaryBundle
@@ -118,13 +118,26 @@ def attribute(
 def _partial_influence(
     rows: Tensor, row_node: Tensor, probs: Tensor, n_cols: int, n_logits: int
 ) -> Tensor:
-    """Influence on the logits of every column node, using only the rows computed so far."""
-    n_nodes = n_cols + n_logits
-    a = torch.zeros(n_nodes, n_nodes)
-    a[row_node] = torch.cat([rows, torch.zeros(len(rows), n_logits)], dim=1)
-    w = torch.zeros(n_nodes)
-    w[n_cols:] = probs
-    return influence(normalize_rows(a), w)
+    """Influence on the logits of every column node, using only the rows computed so far.
+
+    The same series as `influence` on the square matrix whose uncomputed rows are zero, but
+    propagated through the [rows, columns] block itself: memory stays linear in the number of
+    active features (the square matrix over all of them is what runs out of memory on long,
+    image-heavy prompts)."""
+    norm = normalize_rows(rows)
+    is_logit = row_node >= n_cols
+    weight = torch.zeros(len(rows))
+    weight[is_logit] = probs[row_node[is_logit] - n_cols]
+    feature_row = ~is_logit
+    total = torch.zeros(n_cols)
+    for _ in range(len(rows) + 1):  # a DAG: no path is longer than the number of rows
+        current = weight @ norm
+        if not bool(current.any()):
+            return total
+        total += current
+        weight = torch.zeros(len(rows))
+        weight[feature_row] = current[row_node[feature_row]]
+    raise RuntimeError("partial influence did not converge: the computed rows form a cycle")
 
 
 def _assemble(

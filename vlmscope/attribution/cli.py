@@ -57,8 +57,10 @@ def add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-feature-nodes",
         type=int,
-        default=None,
-        help="explore at most N features, most influential first (default: all active)",
+        default=4096,
+        help="explore at most N features, most influential first; 0 explores every active "
+        "feature. Host memory for the edge rows is about 4 bytes x N x (active features + "
+        "(layers + 1) x positions) (default: 4096)",
     )
     parser.add_argument(
         "--node-threshold",
@@ -107,7 +109,7 @@ def _check_args(args: argparse.Namespace) -> list[Any]:
             raise AttributeInputError(f"--{name.replace('_', '-')} must be in [0, 1], got {v}")
     if args.batch_size < 1:
         raise AttributeInputError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.max_feature_nodes is not None and args.max_feature_nodes < 0:
+    if args.max_feature_nodes < 0:
         raise AttributeInputError(f"--max-feature-nodes must be >= 0, got {args.max_feature_nodes}")
     if not Path(args.dictionaries).is_dir():
         raise AttributeInputError(f"--dictionaries: no folder at {args.dictionaries}")
@@ -171,7 +173,7 @@ def run_attribute_command(args: argparse.Namespace) -> int:
             vlm,
             bundle,
             inputs,
-            max_feature_nodes=args.max_feature_nodes,
+            max_feature_nodes=args.max_feature_nodes or None,
             batch_size=args.batch_size,
             progress=True,
         )

@@ -190,6 +190,7 @@ class AttributionContext:
         hooks += [(r, read) for r in b.reads] + [(w, write) for w in b.writes]
         with (
             torch.enable_grad(),
+            _no_parameter_grads(vlm.model, b),
             frozen(vlm, self.freeze),
             vlm.hooks(hooks),
             _hook(vlm.adapter.norm(), final),
@@ -261,6 +262,21 @@ def _hook(module: torch.nn.Module, fn: Any) -> Iterator[None]:
         yield
     finally:
         h.remove()
+
+
+@contextlib.contextmanager
+def _no_parameter_grads(*modules: torch.nn.Module) -> Iterator[None]:
+    """Parameters leave the autograd graph for the block: attribution differentiates with
+    respect to its leaves only, and a graph through the weights would keep every layer's input
+    (and the vision tower's activations) alive for weight gradients nobody asks for."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def _zeros_if_none(g: Tensor | None, like: Tensor) -> Tensor:

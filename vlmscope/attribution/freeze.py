@@ -62,12 +62,34 @@ def _frozen_attention(
     weights = state.patterns[layer]
     groups = weights.shape[1] // value.shape[1]
     v = value.repeat_interleave(groups, dim=1) if groups > 1 else value
-    out = torch.matmul(weights.to(v.dtype), v).transpose(1, 2).contiguous()
-    return out, weights
+    return _mix(weights.to(v.dtype), v).transpose(1, 2).contiguous(), weights
+
+
+def _mix(weights: Tensor, v: Tensor) -> Tensor:
+    """weights @ v for v [copies, heads, k, d] and one recorded pattern [1, heads, q, k].
+
+    A broadcast matmul would materialise the pattern once per copy (and autograd would keep
+    those copies): [copies, heads, q, k] per layer is what grows with the square of the prompt
+    length. Folding the copies into the value's columns multiplies by the single pattern."""
+    c, h, k, d = v.shape
+    if weights.shape[0] != 1 or c == 1:
+        return torch.matmul(weights, v)
+    folded = v.permute(1, 2, 0, 3).reshape(h, k, c * d)
+    out = torch.matmul(weights[0], folded)  # [heads, q, copies * d]
+    return out.reshape(h, -1, c, d).permute(2, 0, 1, 3)
+
+
+def _frozen_mask(*args: Any, **kwargs: Any) -> Tensor | None:
+    """The eager 4-D mask, except while replaying frozen patterns, which carry the mask
+    already: no [copies, 1, q, k] tensor is built for nothing."""
+    state = _STATE.get()
+    if state is not None and state.mode == "replay" and state.attention:
+        return None
+    return eager_mask(*args, **kwargs)
 
 
 AttentionInterface.register(FROZEN_ATTENTION, _frozen_attention)
-AttentionMaskInterface.register(FROZEN_ATTENTION, eager_mask)
+AttentionMaskInterface.register(FROZEN_ATTENTION, _frozen_mask)
 
 
 def _is_norm(m: nn.Module) -> bool:
