@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from vlmscope.cli import main
 from vlmscope.models.hook_points import HOOK_POINTS
@@ -38,3 +41,33 @@ def test_unknown_subcommand_is_an_error(capsys: pytest.CaptureFixture[str]) -> N
     with pytest.raises(SystemExit) as e:
         main(["bogus"])
     assert e.value.code == 2
+
+
+def test_zoo_save_names_the_zoo_for_an_unknown_entry(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["zoo", "save", "nosuch", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "no zoo model 'nosuch'" in err and "llava" in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_train_strict_stops_at_a_bad_record_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = [
+        {"id": "ok", "image": "present.png",
+         "conversations": [{"from": "human", "value": "<image>\nWhat colour?"},
+                           {"from": "gpt", "value": "red"}]},
+        {"id": "gone", "image": "missing.png",
+         "conversations": [{"from": "human", "value": "<image>\nWhat shape?"},
+                           {"from": "gpt", "value": "circle"}]},
+    ]  # fmt: skip
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "present.png")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["train", "toy", str(data), "--image-root", str(tmp_path), "--strict", "--max-steps",
+            "4", "--batch-size", "1", "--output-dir", str(tmp_path / "ck")]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "vlmscope train: error:" in err and "missing.png" in err

@@ -80,11 +80,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     except ValueError as e:
         args.parser.error(str(e))
     _quiet_transformers()
+    from vlmscope.data.sources import BadRecordError
     from vlmscope.training.trainer import TrainingError, train
 
     try:
         result = train(cfg)
-    except TrainingError as e:
+    except (TrainingError, BadRecordError) as e:  # BadRecordError: --strict stopped the run
         print(f"vlmscope train: error: {e}", file=sys.stderr)
         return 1
     print_unit_table(result.fvu_per_unit, result.l0_per_unit, result.dead_per_unit)
@@ -120,6 +121,13 @@ def cmd_zoo(args: argparse.Namespace) -> int:
             print(f"{n:<16} {'image+text' if s.multimodal else 'text':<11} {s.description}")
         return 0
     if args.zoo_cmd == "save":
+        if args.name not in zoo.names():
+            print(
+                f"vlmscope zoo save: error: no zoo model {args.name!r}; the zoo has: "
+                f"{', '.join(zoo.names())}",
+                file=sys.stderr,
+            )
+            return 2
         out = zoo.save(args.name, args.out, seed=args.seed)
         print(f"saved {args.name} to {out}")
         return 0
@@ -152,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         "shows a prompt's token masks and activations, trains a cross-layer transcoder (and "
         "per-layer transcoders of the same budget for comparison), evaluates the CLT as a "
         "replacement model and attributes 'What colour is the circle?' to image patches. "
-        "Takes a few minutes on a CPU; --inspect does only the first step.",
+        "Takes about a minute on a 2-core CPU; --inspect does only the first step.",
     )
     d.add_argument("--model", default="toy", help="toy (default), a zoo name or a HF name/path")
     d.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
@@ -163,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", default=None, help="model dtype for --inspect (default: checkpoint's)"
     )
     d.add_argument(
-        "--quick", action="store_true", help="tiny budgets: a smoke run in about a minute"
+        "--quick", action="store_true", help="tiny budgets: a smoke run in seconds"
     )
     d.add_argument(
         "--inspect", action="store_true", help="only load the model and show masks and activations"
