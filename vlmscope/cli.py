@@ -170,9 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--dtype", default=None, help="model dtype for --inspect (default: checkpoint's)"
     )
-    d.add_argument(
-        "--quick", action="store_true", help="tiny budgets: a smoke run in seconds"
-    )
+    d.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run in seconds")
     d.add_argument(
         "--inspect", action="store_true", help="only load the model and show masks and activations"
     )
