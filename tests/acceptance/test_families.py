@@ -222,6 +222,36 @@ def test_image_mask_and_patch_map(family: str, load: Callable[..., HookedVLM]) -
                 assert len({tuple(c) for c in grid.tolist()}) == rows * cols
 
 
+def test_prepare_tokenizes_as_transformers_does(
+    family: str, load: Callable[..., HookedVLM]
+) -> None:
+    """prepare() gives exactly the ids of the processor's own apply_chat_template(tokenize=True)
+    (one BOS where the template writes one, not a second from the tokenizer)."""
+    vlm = load(family)
+    proc, tok = vlm.processor, vlm.tokenizer
+    items = samples(zoo.spec(family).multimodal)
+    got = batch(vlm, items)
+    if getattr(proc, "chat_template", None) is None:  # PaliGemma: the processor, no template
+        ref = proc(text=[p for p, _ in items], images=[im for _, im in items], padding=True,
+                   return_tensors="pt")  # fmt: skip
+    else:
+        convs = [
+            [{"role": "user", "content": [{"type": "image", "image": i} for i in im]
+              + [{"type": "text", "text": p}]}]
+            for p, im in items
+        ]  # fmt: skip
+        ref = proc.apply_chat_template(
+            convs, tokenize=True, add_generation_prompt=True, padding=True, return_dict=True,
+            return_tensors="pt",
+        )  # fmt: skip
+    assert torch.equal(got["input_ids"], ref["input_ids"])
+    assert torch.equal(got["attention_mask"], ref["attention_mask"])
+    if tok.bos_token_id is not None:
+        bos = (got["input_ids"] == tok.bos_token_id).sum(1)
+        assert bos.tolist() == (ref["input_ids"] == tok.bos_token_id).sum(1).tolist()
+        assert bos.tolist() == [1, 1]
+
+
 def test_saved_model_loads_with_same_logits(family: str, load: Callable[..., HookedVLM]) -> None:
     in_memory, processor = zoo.build(family)
     vlm = load(family)

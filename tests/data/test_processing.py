@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from tests.conftest import random_image
-from vlmscope.data.processing import SampleEncoder, SkipCounter, SkipRecord, collate, encode_stream
+from vlmscope.data.processing import (
+    STREAM_CHUNK,
+    SampleEncoder,
+    SkipCounter,
+    SkipRecord,
+    batches,
+    collate,
+    encode_stream,
+)
 from vlmscope.models import zoo
 from vlmscope.models.hooked import HookedVLM
 
@@ -44,6 +52,22 @@ def records(multimodal: bool) -> list[Rec]:
     ]
 
 
+def with_images(r: Rec) -> list[dict[str, Any]]:
+    """The record's messages with its images in the image parts, as apply_chat_template
+    takes them."""
+    images = iter(r.images)
+    return [
+        {
+            **m,
+            "content": [
+                {"type": "image", "image": next(images)} if p["type"] == "image" else p
+                for p in m["content"]
+            ],
+        }
+        for m in r.messages
+    ]
+
+
 _VLMS: dict[str, HookedVLM] = {}
 
 
@@ -59,18 +83,25 @@ def test_collate_equals_processor_batching(name: str, zoo_path: Any) -> None:
     enc = SampleEncoder(vlm.processor, ctx_len=4096, image_token_ids=vlm.adapter.image_token_ids())
     recs = records(zoo.spec(name).multimodal)
     batch = collate([enc.encode(r) for r in recs], vlm.tokenizer.pad_token_id, "right")
-    texts = [enc.render(r)[0] for r in recs]
-    suffix = {"suffix": [enc.render(r)[1] for r in recs]} if enc.takes_suffix else {}
-    if recs[0].images:
+    if enc.template is not None:
+        # transformers' own tokenization of the conversations, images included.
+        ref = vlm.processor.apply_chat_template(
+            [with_images(r) for r in recs], tokenize=True, padding=True, return_dict=True,
+            return_tensors="pt",
+        )  # fmt: skip
+    else:  # PaliGemma: no chat template; prompt and answer (suffix) go to the processor
+        texts, answers = zip(*(enc.render(r) for r in recs), strict=True)
         ref = vlm.processor(
-            text=texts, images=[r.images for r in recs], padding=True, return_tensors="pt", **suffix
-        )
-    else:
-        ref = vlm.processor(texts, padding=True, return_tensors="pt")
+            text=list(texts), images=[r.images for r in recs], suffix=list(answers),
+            padding=True, return_tensors="pt",
+        )  # fmt: skip
     ref = {k: v for k, v in ref.items() if isinstance(v, torch.Tensor) and k != "labels"}
     assert set(batch.inputs) == set(ref)
     for k, v in ref.items():
         assert torch.equal(batch.inputs[k], v), k
+    bos = vlm.tokenizer.bos_token_id
+    if bos is not None:  # one BOS per sample where the family uses one, never two
+        assert (batch.inputs["input_ids"] == bos).sum(1).tolist() == [1, 1]
     # The answer mask covers the rendered answer, which starts with the answer word.
     for b, r in enumerate(recs):
         ans_ids = batch.inputs["input_ids"][b][batch.answer[b]]
@@ -97,6 +128,45 @@ def test_truncation_never_cuts_an_image_block(zoo_path: Any) -> None:
     assert e.value.reason == "exceeds_ctx_len"
 
 
+@pytest.mark.parametrize(
+    ("name", "closer"),
+    [
+        ("qwen2_vl", "<|vision_end|>"),
+        ("qwen2_5_vl", "<|vision_end|>"),
+        ("gemma3", "<end_of_image>"),
+        ("idefics3", "<fake_token_around_image>"),
+        ("smolvlm", "<fake_token_around_image>"),
+        ("llava", None),  # no closing marker: the block ends with its last image token
+    ],
+)
+def test_truncation_keeps_the_image_blocks_closing_marker(
+    name: str, closer: str | None, zoo_path: Any
+) -> None:
+    vlm = vlm_for(name, zoo_path)
+    ids = vlm.adapter.image_token_ids()
+    rec = Rec("r", chat("what colour is the circle " * 5, "red", 1), [random_image(32, 32)])
+    full = SampleEncoder(vlm.processor, 4096, ids).encode(rec)
+    full_ids = full.tensors["input_ids"][0]
+    last_img = int(torch.isin(full_ids, torch.tensor(ids)).nonzero().max())
+    tok = vlm.tokenizer
+    if closer is None:
+        end = last_img
+        assert tok.convert_ids_to_tokens(int(full_ids[end + 1])) not in tok.all_special_tokens
+    else:
+        end = last_img + 1
+        assert tok.convert_ids_to_tokens(int(full_ids[end])) == closer
+        # Cutting right after the last image token would drop the closer: the record is skipped.
+        with pytest.raises(SkipRecord) as e:
+            SampleEncoder(vlm.processor, last_img + 1, ids).encode(rec)
+        assert e.value.reason == "exceeds_ctx_len"
+    cut = SampleEncoder(vlm.processor, end + 1, ids).encode(rec)
+    assert cut.truncated and torch.equal(cut.tensors["input_ids"][0], full_ids[: end + 1])
+    for k, v in full.tensors.items():
+        if k not in ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids"):
+            assert torch.equal(cut.tensors[k], v), k
+    vlm.forward(cut.tensors)  # the kept block is one the model accepts
+
+
 def test_stream_counts_skips_and_keeps_order(zoo_path: Any) -> None:
     vlm = vlm_for("llava", zoo_path)
     enc = SampleEncoder(vlm.processor, 4096, vlm.adapter.image_token_ids())
@@ -116,14 +186,59 @@ def test_stream_counts_skips_and_keeps_order(zoo_path: Any) -> None:
         list(encode_stream([good[0], bad[0]], enc, SkipCounter(), strict=True))
 
 
-def test_worker_processes_give_the_same_samples(zoo_path: Any) -> None:
+def test_worker_processes_give_the_same_samples_reading_ahead_a_bounded_window(
+    zoo_path: Any,
+) -> None:
+    """Workers give the serial samples in order, and read only a bounded window of records
+    ahead of the consumer (a larger-than-memory dataset must stream with flat memory)."""
     vlm = vlm_for("llava", zoo_path)
     enc = SampleEncoder(vlm.processor, 4096, vlm.adapter.image_token_ids())
-    recs = records(True) * 2
-    a = list(encode_stream(recs, enc, SkipCounter()))
-    b = list(encode_stream(recs, enc, SkipCounter(), workers=2))
-    assert [s.row_id for s in a] == [s.row_id for s in b]
+    texts = [Rec(f"t{i}", chat(f"say {i}", "ok", 0)) for i in range(12)]
+    recs = [*records(True), Rec("empty", [], [], ""), *records(True), *texts]
+    pulled = 0
+
+    def source() -> Any:
+        nonlocal pulled
+        for r in recs:
+            pulled += 1
+            yield r
+
+    skips_a, skips_b = SkipCounter(), SkipCounter()
+    a = list(encode_stream(recs, enc, skips_a))
+    stream = encode_stream(source(), enc, skips_b, workers=1)
+    b = [next(stream)]
+    # 2 tasks per worker in flight plus the one refilled after the first result.
+    assert pulled <= (2 * 1 + 1) * STREAM_CHUNK < len(recs)
+    b += list(stream)
+    assert pulled == len(recs)
+    assert skips_a.counts == skips_b.counts == {"empty_text": 1}
+    assert skips_b.examples == {"empty_text": ["empty"]}
+    assert [s.row_id for s in a] == [s.row_id for s in b] and len(b) == len(recs) - 1
     for x, y in zip(a, b, strict=True):
         assert x.tensors.keys() == y.tensors.keys()
         for k in x.tensors:
             assert torch.equal(x.tensors[k], y.tensors[k])
+
+
+@pytest.mark.parametrize("name", zoo.names())
+def test_batches_carry_the_token_masks(name: str, zoo_path: Any) -> None:
+    """Batch.masks, filled by the batching step, is what the model computes for the batch, and
+    its counts match the records and the processor's placeholders."""
+    vlm = vlm_for(name, zoo_path)
+    enc = SampleEncoder(vlm.processor, 4096, vlm.adapter.image_token_ids())
+    recs = records(zoo.spec(name).multimodal)
+    pad = vlm.tokenizer.pad_token_id
+    (batch,) = batches([enc.encode(r) for r in recs], 2, pad, "left", masks=vlm.masks)
+    m, ref = batch.masks, vlm.masks(batch.inputs)
+    assert m is not None
+    for f in ("input_ids", "valid", "image", "special", "patch_map"):
+        assert torch.equal(getattr(m, f), getattr(ref, f)), f
+    assert m.image_sample == ref.image_sample
+    assert torch.equal(m.valid, batch.inputs["attention_mask"].bool())
+    assert m.images_per_sample() == [len(r.images) for r in recs]
+    if zoo.spec(name).multimodal:
+        proc = vlm.processor
+        image_id = getattr(proc.tokenizer, "image_token_id", None) or proc.image_token_id
+        assert m.image_token_counts() == (batch.inputs["input_ids"] == image_id).sum(1).tolist()
+    assert batch.to("cpu").masks is not None
+    assert collate([enc.encode(recs[0])], pad).masks is None  # no masks function, no masks

@@ -7,8 +7,10 @@ from typing import Any
 
 import pytest
 import torch
+from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from tests.conftest import random_image
+from vlmscope.models.adapters.generic import DecoderNotFoundError
 from vlmscope.models.hooked import HookedVLM
 from vlmscope.models.masks import ImageTokenMismatchError
 
@@ -156,7 +158,7 @@ def _forward_counter(vlm: HookedVLM) -> tuple[list[int], Any]:
     return calls, h
 
 
-def test_images_and_placeholders_disagree_before_forward(llava: HookedVLM) -> None:
+def test_one_lost_placeholder_names_the_sample(llava: HookedVLM) -> None:
     inputs = dict(llava_inputs(llava))
     calls, h = _forward_counter(llava)
     try:
@@ -174,9 +176,91 @@ def test_images_and_placeholders_disagree_before_forward(llava: HookedVLM) -> No
         h.remove()
 
 
+_LOADED: dict[str, HookedVLM] = {}
+
+#: family -> expected error for: pixel_values with text-only prompts; sample 0's prompt with
+#: 2 image placeholders but 1 image for it; sample 1's image missing.
+MISMATCH = {
+    "llava": (
+        "2 image.s. were given but no sample contains an image token",
+        r"sample 1 has 16 image tokens but no images are left for it \(2 images given for the "
+        "batch",
+        r"sample 1 has 16 image tokens but no images are left for it \(1 image given for the "
+        "batch",
+    ),
+    "llava_onevision": (
+        "2 image.s. were given but no sample contains an image token",
+        # 2 images of a multi-image sample: a 4x4 base grid + 1 newline each; 1 image: tiled.
+        r"sample 0 has 34 image tokens, but the images assigned to it in order \(image 0 of "
+        r"the 2 images given, \[36\] tokens each\) give 36",
+        r"sample 1 should have 1 image \(batch_num_images\) but no images are left for it "
+        r"\(1 image given for the batch\)",
+    ),
+    "idefics3": (
+        r"sample 0 has no image tokens but pixel_values holds 5 real image view\(s\)",
+        r"sample 0 has image tokens for 10 view\(s\) \(2 image\(s\).* holds 5 real",
+        r"sample 1 has image tokens for 5 view\(s\) .* holds 0 real image",
+    ),
+    "smolvlm": (
+        r"sample 0 has no image tokens but pixel_values holds 5 real image view\(s\)",
+        r"sample 0 has image tokens for 10 view\(s\) \(2 image\(s\).* holds 5 real",
+        r"sample 1 has image tokens for 5 view\(s\) .* holds 0 real image",
+    ),
+}
+
+
+@pytest.mark.parametrize("family", sorted(MISMATCH))
+def test_images_and_placeholders_disagree_before_forward(family: str, zoo_path: Any) -> None:
+    """Prompts and images that disagree fail in masks(), naming the sample, before the model
+    runs (where transformers would fail with its own error, or silently misplace images)."""
+    if family not in _LOADED:
+        _LOADED[family] = HookedVLM.from_pretrained(zoo_path(family), device="cpu")
+    vlm = _LOADED[family]
+    prompts = ["what colour is the circle", "how many squares"]
+    a, b, c = random_image(32, 32, 1), random_image(32, 32, 2), random_image(40, 32, 3)
+    one = dict(vlm.prepare(prompts, images=[[a], [b]]))
+    two = dict(vlm.prepare(prompts, images=[[a, c], [b]]))
+    text = dict(vlm.prepare(prompts))
+    images = {k: v for k, v in one.items() if k not in text}
+    if "pixel_attention_mask" in one:  # Idefics3/SmolVLM: sample 1's views become padding
+        missing = {**one, "pixel_values": one["pixel_values"].clone()}
+        missing["pixel_values"][1] = 0
+    else:
+        missing = {k: v[:1] if k in ("pixel_values", "image_sizes") else v for k, v in one.items()}
+    cases = [
+        {**text, **images},
+        {**one, "input_ids": two["input_ids"], "attention_mask": two["attention_mask"]},
+        missing,
+    ]
+    calls, h = _forward_counter(vlm)
+    try:
+        for inputs, expected in zip(cases, MISMATCH[family], strict=True):
+            with pytest.raises(ImageTokenMismatchError, match=expected):
+                vlm.forward(inputs)
+        assert calls == []
+        vlm.forward(one)  # the consistent batch runs
+        assert calls == [1]
+    finally:
+        h.remove()
+
+
 def test_prepare_rejects_wrong_number_of_image_lists(llava: HookedVLM) -> None:
     with pytest.raises(ValueError, match="got 1 image lists for 2 prompts"):
         llava.prepare(["a", "b"], images=[[random_image(32, 32)]])
+
+
+def test_checkpoint_without_decoder_is_a_clear_error(tmp_path: Path) -> None:
+    """A saved vision-only model fails with vlmscope's error, not transformers' list of every
+    causal-LM config class."""
+    cfg = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        image_size=16, patch_size=8,
+    )  # fmt: skip
+    CLIPVisionModel(cfg).save_pretrained(tmp_path / "clip")
+    with pytest.raises(
+        DecoderNotFoundError, match=r"model_type='clip_vision_model'.*AutoModelForCausalLM"
+    ):
+        HookedVLM.from_pretrained(tmp_path / "clip", device="cpu")
 
 
 def test_from_pretrained_accepts_dtype_names(zoo_path: Any, tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlmscope.models.masks import ImageTokenMismatchError, compute_masks
+from vlmscope.models.masks import ImageTokenMismatchError, check_images_per_sample, compute_masks
 
 IMG, BOS, PAD = 9, 1, 0
 
@@ -42,6 +42,28 @@ def test_count_mismatch_names_the_sample() -> None:
     ids = torch.tensor([[BOS, IMG, IMG, 5], [BOS, IMG, 5, 6]])
     with pytest.raises(ImageTokenMismatchError, match="sample 1 has 1 image tokens"):
         compute_masks(ids, None, [IMG], [BOS], [grid(2), grid(2)])
+
+
+def test_sample_with_no_image_left_says_so() -> None:
+    ids = torch.tensor([[BOS, IMG, IMG, 5], [BOS, IMG, IMG, 6]])
+    with pytest.raises(
+        ImageTokenMismatchError,
+        match=r"^sample 1 has 2 image tokens but no images are left for it \(1 image given for "
+        r"the batch, all taken by the samples before it\)",
+    ):
+        compute_masks(ids, None, [IMG], [BOS], [grid(2)])
+
+
+def test_declared_images_per_sample_must_add_up() -> None:
+    check_images_per_sample([1, 2], 3, "batch_num_images")
+    with pytest.raises(
+        ImageTokenMismatchError,
+        match=r"^sample 1 should have 2 images \(batch_num_images\) but only 1 image is left "
+        r"for it \(2 images given for the batch\)$",
+    ):
+        check_images_per_sample([1, 2], 2, "batch_num_images")
+    with pytest.raises(ImageTokenMismatchError, match=r"^4 images given for the batch but "):
+        check_images_per_sample([1, 2], 4, "batch_num_images")
 
 
 def test_images_without_placeholders() -> None:

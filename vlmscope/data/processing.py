@@ -8,13 +8,17 @@ image tensors concatenated, exactly as the processor would have batched them.
 from __future__ import annotations
 
 import inspect
+import itertools
 import multiprocessing as mp
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.pool import AsyncResult
 from typing import Any, Protocol
 
 import torch
 
+from vlmscope.models.chat import add_special_tokens_for_rendered, tokenizer_special_ids
 from vlmscope.models.masks import TokenMasks
 
 #: Per-token tensors ([1, seq] per sample) and the value they are padded with (None: pad id).
@@ -69,6 +73,7 @@ class Batch:
     row_ids: list[str]
     #: [batch, seq] bool: tokens of the last assistant turn (the answer).
     answer: torch.Tensor
+    #: per-sample token masks of `inputs`, when collate was given the model's masks function.
     masks: TokenMasks | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     #: dataset row index of each sample (-1 if unknown).
@@ -100,6 +105,7 @@ class SampleEncoder:
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.ctx_len = int(ctx_len)
         self.image_token_ids = torch.tensor(list(image_token_ids), dtype=torch.long)
+        self.special_ids = tokenizer_special_ids(self.tokenizer) - set(image_token_ids)
         self.add_generation_prompt = add_generation_prompt
         self.has_images = hasattr(processor, "image_processor")
         self.template = getattr(processor, "chat_template", None) or getattr(
@@ -141,13 +147,20 @@ class SampleEncoder:
         extra: dict[str, Any] = {}
         if self.template is None and self.takes_suffix and answer:
             extra["suffix"] = [answer]
+        kw: dict[str, Any] = {}
+        if self.template is not None and record.messages:
+            # Template output holds its own BOS where the template writes one: tokenize it as
+            # apply_chat_template(tokenize=True) does, so no family gets a second BOS.
+            kw["add_special_tokens"] = add_special_tokens_for_rendered(self.processor, [text])
         try:
             if images:
-                out = self.processor(text=[text], images=[images], return_tensors="pt", **extra)
+                out = self.processor(
+                    text=[text], images=[images], return_tensors="pt", **extra, **kw
+                )
             elif self.processor is self.tokenizer:
-                out = self.processor([text], return_tensors="pt", add_special_tokens=True)
+                out = self.processor([text], return_tensors="pt", **kw)
             else:
-                out = self.processor(text=[text], return_tensors="pt")
+                out = self.processor(text=[text], return_tensors="pt", **kw)
         except (ValueError, IndexError, TypeError, RuntimeError) as e:
             raise SkipRecord("processor_error", str(e)[:200]) from e
         # Processors that build training labels (PaliGemma) are not the loss here: drop them.
@@ -176,10 +189,19 @@ class SampleEncoder:
             return sample
         ids = sample.tensors["input_ids"][0]
         img = torch.isin(ids, self.image_token_ids).nonzero()
-        if len(img) and int(img.max()) >= self.ctx_len:
-            raise SkipRecord(
-                "exceeds_ctx_len", f"{n} tokens, image tokens reach position {int(img.max())}"
-            )
+        if len(img):
+            # The block ends after the special tokens right behind the last image token: the
+            # closing marker (<|vision_end|>, <end_of_image>, <fake_token_around_image>) is
+            # part of it, and a block cut before it is one the model never saw in training.
+            end = int(img.max())
+            while end + 1 < n and int(ids[end + 1]) in self.special_ids:
+                end += 1
+            if end >= self.ctx_len:
+                raise SkipRecord(
+                    "exceeds_ctx_len",
+                    f"{n} tokens, the image block (with its closing markers) reaches position "
+                    f"{end}",
+                )
         cut = {
             k: (v[:, : self.ctx_len] if k in TOKEN_KEYS else v) for k, v in sample.tensors.items()
         }
@@ -194,9 +216,21 @@ def _text_of(message: Mapping[str, Any]) -> str:
     return " ".join(p.get("text", "") for p in c if p.get("type") == "text")
 
 
-def collate(samples: Sequence[Sample], pad_token_id: int, padding_side: str = "right") -> Batch:
+#: Computes a processed batch's token masks: HookedVLM.masks, which knows the adapter.
+MasksFn = Callable[[Mapping[str, torch.Tensor]], TokenMasks]
+
+
+def collate(
+    samples: Sequence[Sample],
+    pad_token_id: int,
+    padding_side: str = "right",
+    masks: MasksFn | None = None,
+) -> Batch:
     """Pad per-token tensors to the longest sample, concatenate image tensors along their
-    first dim (zero-padding ragged trailing dims, as processors pad tiles and patches)."""
+    first dim (zero-padding ragged trailing dims, as processors pad tiles and patches).
+
+    With `masks` (e.g. `vlm.masks`) the batch carries its token masks, computed (and its images
+    checked against their placeholders) here, once, rather than by every stage that reads it."""
     if not samples:
         raise ValueError("cannot collate an empty list of samples")
     longest = max(s.length for s in samples)
@@ -215,7 +249,11 @@ def collate(samples: Sequence[Sample], pad_token_id: int, padding_side: str = "r
         if s.n_answer:
             answer[b, end - s.n_answer : end] = True
     return Batch(
-        inputs, [s.row_id for s in samples], answer, positions=[s.position for s in samples]
+        inputs,
+        [s.row_id for s in samples],
+        answer,
+        masks=masks(inputs) if masks is not None else None,
+        positions=[s.position for s in samples],
     )
 
 
@@ -268,6 +306,8 @@ class SkipCounter:
 
 # --- worker processes ------------------------------------------------------------------------
 _WORKER_ENCODER: SampleEncoder | None = None
+#: records per task sent to a worker; each worker has at most two tasks in flight.
+STREAM_CHUNK = 4
 
 
 def _init_worker(factory: Callable[[], SampleEncoder]) -> None:
@@ -276,12 +316,15 @@ def _init_worker(factory: Callable[[], SampleEncoder]) -> None:
     _WORKER_ENCODER = factory()
 
 
-def _encode_in_worker(record: Any) -> Sample | SkipRecord:
+def _encode_chunk_in_worker(records: list[Any]) -> list[Sample | SkipRecord]:
     assert _WORKER_ENCODER is not None
-    try:
-        return _WORKER_ENCODER.encode(record)
-    except SkipRecord as e:
-        return e
+    out: list[Sample | SkipRecord] = []
+    for record in records:
+        try:
+            out.append(_WORKER_ENCODER.encode(record))
+        except SkipRecord as e:
+            out.append(e)
+    return out
 
 
 def encode_stream(
@@ -296,7 +339,7 @@ def encode_stream(
     """Encode records in order, skipping (and counting) the ones that cannot be processed.
 
     With `workers > 0` encoding runs in that many processes; order is kept, and memory stays
-    flat because records are consumed lazily in small chunks.
+    flat: at most 2 * workers chunks of STREAM_CHUNK records are read ahead of the consumer.
     """
 
     def handle(record_id: str, result: Sample | SkipRecord) -> Sample | None:
@@ -320,18 +363,30 @@ def encode_stream(
                 yield s
         return
     ctx = mp.get_context("spawn")
-    ids: list[str] = []
-
-    def tagged() -> Iterator[Any]:
-        for r in records:
-            ids.append(r.row_id)
-            yield r
-
+    source = iter(records)
+    # A bounded window of chunks in flight: workers never run more than `window` chunks ahead
+    # of the consumer, so a dataset larger than memory streams with flat memory.
+    window = 2 * workers
+    pending: deque[tuple[list[str], AsyncResult[list[Sample | SkipRecord]]]] = deque()
     with ctx.Pool(workers, initializer=_init_worker, initargs=(_EncoderFactory(encoder),)) as pool:
-        for i, res in enumerate(pool.imap(_encode_in_worker, tagged(), chunksize=4)):
-            s = handle(ids[i], res)
-            if s is not None:
-                yield s
+
+        def submit() -> None:
+            while len(pending) < window:
+                chunk = list(itertools.islice(source, STREAM_CHUNK))
+                if not chunk:
+                    return
+                task = pool.apply_async(_encode_chunk_in_worker, (chunk,))
+                pending.append(([r.row_id for r in chunk], task))
+
+        submit()
+        while pending:
+            row_ids, task = pending.popleft()
+            results = task.get()
+            submit()
+            for record_id, res in zip(row_ids, results, strict=True):
+                s = handle(record_id, res)
+                if s is not None:
+                    yield s
 
 
 class _EncoderFactory:
@@ -350,14 +405,19 @@ class _EncoderFactory:
 
 
 def batches(
-    samples: Iterable[Sample], batch_size: int, pad_token_id: int, padding_side: str = "right"
+    samples: Iterable[Sample],
+    batch_size: int,
+    pad_token_id: int,
+    padding_side: str = "right",
+    masks: MasksFn | None = None,
 ) -> Iterator[Batch]:
-    """Group samples into collated batches of `batch_size` (the last one may be smaller)."""
+    """Group samples into collated batches of `batch_size` (the last one may be smaller); with
+    `masks` (e.g. `vlm.masks`) each batch carries its token masks."""
     buf: list[Sample] = []
     for s in samples:
         buf.append(s)
         if len(buf) == batch_size:
-            yield collate(buf, pad_token_id, padding_side)
+            yield collate(buf, pad_token_id, padding_side, masks)
             buf = []
     if buf:
-        yield collate(buf, pad_token_id, padding_side)
+        yield collate(buf, pad_token_id, padding_side, masks)

@@ -15,6 +15,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from vlmscope.models.chat import tokenizer_special_ids
+
 
 @dataclass(frozen=True)
 class Capabilities:
@@ -230,14 +232,7 @@ class ModelAdapter:
     def special_token_ids(self) -> tuple[int, ...]:
         """BOS/EOS/pad and every added special token (chat-template and image markers),
         except the image placeholders themselves."""
-        tok = self.tokenizer
-        if tok is None:
-            return ()
-        ids = set(getattr(tok, "all_special_ids", []) or [])
-        for i, t in getattr(tok, "added_tokens_decoder", {}).items():
-            if getattr(t, "special", False):
-                ids.add(int(i))
-        ids -= set(self.image_token_ids())
+        ids = tokenizer_special_ids(self.tokenizer) - set(self.image_token_ids())
         return tuple(sorted(ids))
 
     def image_token_grids(self, inputs: Mapping[str, Any]) -> list[torch.Tensor]:

@@ -18,6 +18,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from vlmscope.models.adapter import AttentionInputs, ModelAdapter
+from vlmscope.models.adapters.generic import DecoderNotFoundError
+from vlmscope.models.chat import add_special_tokens_for_rendered
 from vlmscope.models.hook_points import ResolvedHook, resolve_names
 from vlmscope.models.masks import TokenKind, TokenMasks, compute_masks
 from vlmscope.models.registry import resolve_adapter
@@ -83,12 +85,28 @@ def load_hf(
         AutoProcessor,
         AutoTokenizer,
     )
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
 
     path = str(name_or_path)
     config = AutoConfig.from_pretrained(path)
     is_vlm = config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
     auto = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
+    remote = set(getattr(config, "auto_map", None) or {})
+    if (
+        not is_vlm
+        and config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        and not remote & {auto.__name__, AutoModelForImageTextToText.__name__}
+    ):
+        # Say so before transformers' long "Unrecognized configuration class" list.
+        raise DecoderNotFoundError(
+            f"no usable decoder in model_type={config.model_type!r} ({path}): it has no "
+            "text-generating model class; searched transformers' AutoModelForImageTextToText "
+            "and AutoModelForCausalLM mappings (a vision-only or encoder-only checkpoint has "
+            "no language-model decoder to hook)"
+        )
     kwargs = dict(model_kwargs)
     if dtype is not None:
         kwargs["dtype"] = _dtype(dtype)
@@ -187,27 +205,33 @@ class HookedVLM:
         template = getattr(proc, "chat_template", None) or getattr(
             self.tokenizer, "chat_template", None
         )
-        texts = []
+        texts, rendered = [], []
         for p, imgs in zip(batch, per_sample, strict=True):
             if isinstance(p, str) and template is not None:
                 content = [{"type": "image"} for _ in imgs] + [{"type": "text", "text": p}]
                 p = [{"role": "user", "content": content}]
+            rendered.append(not isinstance(p, str))
             if not isinstance(p, str):
                 p = proc.apply_chat_template(
                     p, add_generation_prompt=add_generation_prompt, tokenize=False
                 )
             texts.append(p)
+        # Template output already holds its special tokens (a BOS, where the template writes
+        # one): tokenize it as apply_chat_template(tokenize=True) does, never adding a second.
+        kw: dict[str, Any] = {}
+        if all(rendered):
+            kw["add_special_tokens"] = add_special_tokens_for_rendered(proc, texts)
         tok = self.tokenizer
         old_side = tok.padding_side
         if padding_side is not None:
             tok.padding_side = padding_side
         try:
             if any(per_sample):
-                out = proc(text=texts, images=per_sample, padding=True, return_tensors="pt")
+                out = proc(text=texts, images=per_sample, padding=True, return_tensors="pt", **kw)
             elif proc is tok:
-                out = proc(texts, padding=True, return_tensors="pt")
+                out = proc(texts, padding=True, return_tensors="pt", **kw)
             else:
-                out = proc(text=texts, padding=True, return_tensors="pt")
+                out = proc(text=texts, padding=True, return_tensors="pt", **kw)
         finally:
             tok.padding_side = old_side
         out.pop("labels", None)  # PaliGemma's processor adds training labels; not an input here

@@ -136,12 +136,7 @@ def compute_masks(
             got += image_grids[nxt].shape[0]
             nxt += 1
         if got != need:
-            sizes = [g.shape[0] for g in image_grids[first:nxt]]
-            raise ImageTokenMismatchError(
-                f"sample {bi} has {need} image tokens, but the images assigned to it "
-                f"(indices {first}..{nxt - 1}, {sizes} tokens each) give {got}; the prompt's "
-                "image placeholders and the images passed disagree"
-            )
+            raise ImageTokenMismatchError(_short_of_images(bi, need, got, first, image_grids, nxt))
         pos = image[bi].nonzero().squeeze(1)
         if need:
             cells = torch.cat(
@@ -158,3 +153,51 @@ def compute_masks(
             f"only {nxt}; samples have {counts} image tokens"
         )
     return TokenMasks(ids, valid, image, special, patch_map, image_sample)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _short_of_images(
+    sample: int, need: int, got: int, first: int, image_grids: list[torch.Tensor], nxt: int
+) -> str:
+    """Why sample `sample`'s image tokens do not match the images assigned to it in order."""
+    given = _plural(len(image_grids), "image")
+    if first >= len(image_grids):
+        return (
+            f"sample {sample} has {need} image tokens but no images are left for it "
+            f"({given} given for the batch, all taken by the samples before it); the prompts' "
+            "image placeholders and the images passed disagree"
+        )
+    sizes = [g.shape[0] for g in image_grids[first:nxt]]
+    which = f"image {first}" if nxt - first == 1 else f"images {first}..{nxt - 1}"
+    return (
+        f"sample {sample} has {need} image tokens, but the images assigned to it in order "
+        f"({which} of the {given} given, {sizes} tokens each) give {got}; the prompt's "
+        "image placeholders and the images passed disagree"
+    )
+
+
+def check_images_per_sample(per_sample: Sequence[int], n_given: int, source: str) -> None:
+    """Raise ImageTokenMismatchError, naming the sample, when `per_sample` image counts (as
+    `source` declares them) do not add up to the `n_given` images of the batch."""
+    start = 0
+    for b, n in enumerate(per_sample):
+        if start + n > n_given:
+            left = max(0, n_given - start)
+            rest = (
+                "no images are"
+                if not left
+                else f"only {_plural(left, 'image')} " + ("is" if left == 1 else "are")
+            )
+            raise ImageTokenMismatchError(
+                f"sample {b} should have {_plural(n, 'image')} ({source}) but {rest} left for "
+                f"it ({_plural(n_given, 'image')} given for the batch)"
+            )
+        start += n
+    if start != n_given:
+        raise ImageTokenMismatchError(
+            f"{_plural(n_given, 'image')} given for the batch but {source} accounts for only "
+            f"{start} ({list(per_sample)} per sample)"
+        )

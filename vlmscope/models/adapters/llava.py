@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from vlmscope.models.adapter import Capabilities, ModelAdapter
+from vlmscope.models.masks import ImageTokenMismatchError, check_images_per_sample
 from vlmscope.models.registry import register_adapter
 
 
@@ -47,6 +48,18 @@ class LlavaAdapter(ModelAdapter):
         return [cells] * pv.shape[0]
 
 
+def image_sizes(inputs: Mapping[str, Any]) -> list[list[int]]:
+    """`image_sizes` rows, checked to be one per image of pixel_values ([images, tiles, ...])."""
+    sizes = inputs["image_sizes"].tolist()
+    n = inputs["pixel_values"].shape[0]
+    if len(sizes) != n:
+        raise ImageTokenMismatchError(
+            f"image_sizes has {len(sizes)} rows but pixel_values holds {n} images; give one "
+            "size per image, as the processor does"
+        )
+    return sizes
+
+
 def anyres_cells(
     image_size: tuple[int, int],
     pinpoints: list[list[int]],
@@ -82,7 +95,7 @@ class LlavaNextAdapter(LlavaAdapter):
         g = int(vc.image_size) // int(vc.patch_size)
         return [
             anyres_cells((int(h), int(w)), self.config.image_grid_pinpoints, int(vc.image_size), g)
-            for h, w in inputs["image_sizes"].tolist()
+            for h, w in image_sizes(inputs)
         ]
 
 
@@ -96,8 +109,10 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         vc = self.config.vision_config
         g = int(vc.image_size) // int(vc.patch_size)
         max_patches = int(self.config.vision_aspect_ratio.removeprefix("anyres_max_"))
-        sizes = inputs["image_sizes"].tolist()
+        sizes = image_sizes(inputs)
         per_sample = inputs.get("batch_num_images")
+        if per_sample is not None:
+            check_images_per_sample(per_sample.tolist(), len(sizes), "batch_num_images")
         # Samples with several images keep only the base view plus one newline token.
         tiled = (
             [n == 1 for n in per_sample.tolist() for _ in range(n)]
