@@ -50,10 +50,12 @@ def test_decoder_shapes_follow_the_window() -> None:
     ]
     full = make_clt(4, 0)
     assert [layer.W_dec.shape[1] for layer in full.layers] == [4, 3, 2, 1]
+    wide = make_clt(4, 16)  # a window past the last layer is clamped to the layers that exist
+    assert [layer.W_dec.shape[1] for layer in wide.layers] == [4, 3, 2, 1]
     assert clt.b_dec.shape == (4, 3)
 
 
-@pytest.mark.parametrize(("n_targets", "window"), [(2, 2), (0, 4), (1, 1)])
+@pytest.mark.parametrize(("n_targets", "window"), [(2, 2), (0, 4), (1, 1), (16, 4)])
 def test_decode_sums_sources_within_the_window(n_targets: int, window: int) -> None:
     clt = make_clt(4, n_targets)
     randomize(clt)

@@ -73,7 +73,6 @@ def test_unknown_keys_are_rejected_with_a_suggestion() -> None:
         ({"d_in": 4, "d_out": 5}, "d_out=5 != d_in=4"),
         ({"skip_connection": True}, "skip_connection is for transcoders"),
         ({"n_layers": 2}, "n_layers and n_targets are for kind='clt'"),
-        ({"kind": "clt", "n_layers": 2, "n_targets": 3}, "n_targets=3 exceeds n_layers=2"),
         ({"activation": "jumprelu"}, "jumprelu needs sparsity_coeff > 0"),
         ({"jumprelu_bandwidth": 0.0}, "jumprelu_bandwidth must be"),
         ({"jumprelu_init_threshold": -1.0}, "jumprelu_init_threshold must be"),
@@ -130,3 +129,13 @@ def test_clt_window() -> None:
     assert [everything.n_out(layer) for layer in range(5)] == [5, 4, 3, 2, 1]
     with pytest.raises(IndexError):
         cfg.n_out(5)
+
+
+def test_clt_window_wider_than_the_layers_is_clamped() -> None:
+    """n_targets is a window: 16 on 3 layers means every later layer, as n_targets=0 does."""
+    wide = SparseCoderConfig(kind="clt", expansion_factor=2, k=4, n_targets=16)
+    filled = wide.with_dims(8, n_layers=3)
+    assert filled.n_targets == 16  # what the user asked for is kept
+    assert filled.window() == 3
+    assert [filled.n_out(layer) for layer in range(3)] == [3, 2, 1]
+    assert SparseCoderConfig.from_dict(filled.to_dict()) == filled

@@ -4,6 +4,7 @@ files are read back and evaluated by hand with each tool's formulas."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -357,8 +358,70 @@ def test_circuit_tracer_clt_export(tmp_path: Path, activation: str) -> None:
 
 
 def test_circuit_tracer_refuses_a_topk_clt(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="supports only ReLU and JumpReLU"):
+    with pytest.raises(ValueError, match="supports only ReLU and JumpReLU") as e:
         export_circuit_tracer(make_clt("topk"), tmp_path)
+    assert "train it with --sae.activation jumprelu" in str(e.value)
+    assert not tmp_path.joinpath("config.yaml").exists()
+
+
+def run_metadata(layers: list[int], n_model_layers: int, name: str = "org/vlm") -> dict:
+    """What `vlmscope train` records in cfg.metadata (see training/bundle.py)."""
+    return {
+        "vlmscope_bundle": {
+            "reads": [f"lm.blocks.{i}.hook_resid_mid" for i in layers],
+            "writes": [f"lm.blocks.{i}.mlp.hook_out" for i in layers],
+            "model": {"name": name, "dims": {"n_layers": n_model_layers, "d_model": D}},
+        }
+    }
+
+
+@pytest.mark.parametrize(("layers", "n_model"), [([1, 2, 3], 4), ([0, 1, 2], 4)])
+def test_circuit_tracer_refuses_a_clt_on_some_of_the_layers(
+    tmp_path: Path, layers: list[int], n_model: int
+) -> None:
+    """circuit-tracer numbers the model's layers 0..L-1: a subset would shift every index."""
+    clt = make_clt("jumprelu")
+    clt.cfg.metadata = run_metadata(layers, n_model)
+    with pytest.raises(
+        ValueError, match=rf"0\.\.L-1 of the {n_model}-layer model.*{re.escape(str(layers))}"
+    ):
+        export_circuit_tracer(clt, tmp_path)
+    clt.cfg.metadata = run_metadata([0, 1, 2], 3)
+    export_circuit_tracer(clt, tmp_path)  # every layer of a 3-layer model
+    assert (tmp_path / "W_enc_2.safetensors").is_file()
+
+
+def test_circuit_tracer_takes_a_transcoder_run_keyed_by_hook_name(tmp_path: Path) -> None:
+    coders = [make_coder("transcoder", "jumprelu", seed=s) for s in range(3)]
+    for c in coders:
+        c.cfg.metadata = run_metadata([0, 1, 2], 3)
+    by_hook = {f"lm.blocks.{i}.hook_resid_mid": coders[i] for i in (2, 0, 1)}  # any order
+    export_circuit_tracer(by_hook, tmp_path / "hooks")
+    export_circuit_tracer(dict(enumerate(coders)), tmp_path / "ints")
+    for layer in range(3):
+        a = load_file(str(tmp_path / "hooks" / f"layer_{layer}.safetensors"))
+        b = load_file(str(tmp_path / "ints" / f"layer_{layer}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for c in coders:  # now as if trained with --layers 1 2 on a 4-layer model
+        c.cfg.metadata = run_metadata([1, 2], 4)
+    subset = {f"lm.blocks.{i}.hook_resid_mid": coders[i] for i in (1, 2)}
+    with pytest.raises(ValueError, match=r"0\.\.L-1 of the 4-layer model; .*\[1, 2\]"):
+        export_circuit_tracer(subset, tmp_path / "subset")
+    with pytest.raises(ValueError, match=r"0\.\.L-1 of the 4-layer model; .*\[1, 2\]"):
+        export_circuit_tracer([coders[1], coders[2]], tmp_path / "list")  # a list of that run
+    with pytest.raises(
+        ValueError, match=r"read lm\.blocks\.<i>\.hook_resid_mid, got 'lm\.blocks\.0\.x'"
+    ):
+        export_circuit_tracer({"lm.blocks.0.x": coders[0]}, tmp_path / "bad")
+
+
+def test_saelens_model_name_comes_from_the_training_run(tmp_path: Path) -> None:
+    coder = make_coder("sae", "topk", metadata=run_metadata([0], 3, name="org/the-vlm"))
+    export_saelens({"lm.blocks.0.hook_resid_post": coder}, tmp_path)
+    cfg = json.loads((tmp_path / "lm.blocks.0.hook_resid_post" / "cfg.json").read_text())
+    assert cfg["model_name"] == "org/the-vlm"
+    export_saelens(coder, tmp_path / "named", hook_name="h", model_name="given")
+    assert json.loads((tmp_path / "named" / "cfg.json").read_text())["model_name"] == "given"
 
 
 def test_circuit_tracer_transcoder_set_export(tmp_path: Path) -> None:

@@ -45,6 +45,16 @@ def test_kind_resolution() -> None:
         ("--loss-fn kl", "use transcoders"),
         ("--sae.activation jumprelu", "sparsity_coeff > 0"),
         ("--layers 1 1", "duplicates"),
+        # Conflicting flags: one would silently override the other.
+        ("--sae.kind sae --sae.transcode", "--sae.kind sae reconstructs a hook point but"),
+        ("--sae.kind transcoder --sae.n_targets 4", "--sae.n_targets 4 asks for a CLT window"),
+        ("--sae.n_targets 4", "add --sae.transcode"),
+        # A CLT source writes to the layers right after it: a gap would misroute it.
+        ("--sae.transcode --sae.n_targets 2 --layers 0 2", "a CLT needs contiguous --layers"),
+        ("--device foo", "--device must be cpu, cuda, cuda:N, mps or xpu, got 'foo'"),
+        ("--hookpoints vision.blocks.0.hook_resid_post", "patterns start with 'lm.'"),
+        ("--hookpoints projector.hook_out", "patterns start with 'lm.'"),
+        ("--hookpoints lm.blocks.0.attn.hook_pattern", "exclude attn.hook_pattern"),
     ],
 )
 def test_bad_flags_fail_before_any_model_loads(
@@ -62,6 +72,34 @@ def test_bad_flags_fail_before_any_model_loads(
     assert message in capsys.readouterr().err
 
 
+def test_cuda_device_on_a_machine_without_cuda_fails_before_loading(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    import vlmscope.models.hooked as hooked
+
+    monkeypatch.setattr(hooked.HookedVLM, "from_pretrained", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        main(["train", "MODEL", "DATA", "--device", "cuda"])
+    assert e.value.code == 2
+    assert "--device cuda: CUDA is not available on this machine" in capsys.readouterr().err
+    # The config itself (e.g. written for a cluster job) is not tied to this machine.
+    assert TrainConfig(device="cuda:1").device == "cuda:1"
+
+
+def test_shapes_dataset_size_must_be_a_number() -> None:
+    with pytest.raises(ValueError, match="shapes:N needs a positive integer N, got 'shapes:x'"):
+        TrainConfig(dataset="shapes:x")
+    assert TrainConfig(dataset="shapes:12").is_shapes_dataset()
+
+
+def test_n_targets_1_with_a_transcoder_is_consistent() -> None:
+    cfg = parse_train_args(["m", "d", "--sae.kind", "transcoder", "--sae.n_targets", "1"])
+    assert cfg.sae.coder_config().kind == "transcoder"
+
+
 def test_config_round_trips_through_dict() -> None:
     cfg = parse_train_args(USER_COMMAND.split())
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
@@ -75,6 +113,37 @@ def test_help_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
     for flag in (flags + " --max-tokens --hookpoints --tokens --device").split():
         assert flag in out
     assert "(default:" in out
+
+
+def test_every_flag_has_real_help() -> None:
+    """No flag's help is the placeholder made from its name; each says what it does."""
+    import argparse
+
+    from vlmscope.training.config import build_train_parser
+
+    parser = build_train_parser()
+    flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert len(flags) > 40
+    for action in flags:
+        text = (action.help or "").split(" (default:")[0]
+        placeholder = action.dest.split(".")[-1].replace("_", " ")
+        assert text != placeholder and len(text.split()) >= 4, (action.dest, action.help)
+        assert action.help is not None and "(default:" in action.help, action.dest
+    helps = {a.dest: a.help for a in flags}
+    assert helps["save_every"].startswith("write a checkpoint every this many optimizer steps")
+    assert "cuda if available, else cpu" in helps["device"]
+    assert "(default: hook_resid_post of --layers)" in helps["hookpoints"]
+    assert isinstance(parser, argparse.ArgumentParser)
+
+
+def test_a_field_without_help_fails_when_the_parser_is_built(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from vlmscope.training import config as config_module
+
+    monkeypatch.delitem(config_module._HELP, "ctx_len")
+    with pytest.raises(KeyError, match="'ctx_len' has no --help text"):
+        config_module.build_train_parser()
 
 
 def test_sae_flags_mirror_the_dictionary_config() -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +19,12 @@ import torch
 from vlmscope.models.hooked import HookedVLM
 from vlmscope.training.bundle import DictionaryBundle, ModelMismatchError
 from vlmscope.training.config import TrainConfig, parse_train_args
-from vlmscope.training.trainer import Trainer, TrainingError, train
+from vlmscope.training.trainer import CheckpointError, Trainer, TrainingError, train
 
 DATA = "shapes:48"
 
 
-def config(out: Path, model: Path, extra: str = "", name: str = "run") -> TrainConfig:
+def config(out: Path, model: Path | str, extra: str = "", name: str = "run") -> TrainConfig:
     flags = (
         f"{model} {DATA} --sae.transcode --sae.n_targets 2 --sae.expansion-factor 2 --sae.k 4 "
         f"--batch-size 4 --max-steps 8 --save-every 4 --log-every 1 --output-dir {out} "
@@ -138,8 +141,8 @@ def test_unwritable_output_fails_before_loading(tmp_path: Path, monkeypatch: Any
 def test_layers_and_hooks_that_do_not_exist(
     tmp_path: Path, zoo_path: Any, llava: HookedVLM
 ) -> None:
-    with pytest.raises(TrainingError, match=r"--layers \[7\] do not exist: the model has 3"):
-        Trainer(config(tmp_path, zoo_path("llava"), "--layers 0 7"), llava, progress=False)
+    with pytest.raises(TrainingError, match=r"--layers \[3\] do not exist: the model has 3"):
+        Trainer(config(tmp_path, zoo_path("llava"), "--layers 2 3"), llava, progress=False)
     flags = f"m {DATA} --hookpoints lm.blocks.0.hook_resid_pst --max-steps 2"
     sae = parse_train_args([*flags.split(), "--output-dir", str(tmp_path)])
     with pytest.raises(TrainingError, match=r"did you mean lm\.blocks\.0\.hook_resid_post"):
@@ -203,3 +206,274 @@ def test_resume_with_other_settings_is_refused(
         config(tmp_path, zoo_path("llava"), "--resume --max-steps 4"), llava, progress=False
     )
     assert res.step == 4
+
+
+@contextlib.contextmanager
+def deadline(seconds: int) -> Iterator[None]:
+    """Fail (instead of hanging the suite) if the body runs longer than `seconds`."""
+
+    def stop(*_: object) -> None:
+        raise TimeoutError(f"still running after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def metrics_of(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_issue_command_with_a_window_wider_than_the_layers(
+    tmp_path: Path, zoo_path: Any, llava: HookedVLM
+) -> None:
+    """--sae.n_targets 16 on --layers 0 1 2 is a window: clamped to the layers after each source."""
+    flags = (
+        f"{zoo_path('llava')} {DATA} --sae.transcode --sae.n_targets 16 --sae.expansion-factor 2 "
+        "--sae.k 32 --layers 0 1 2 --loss-fn fvu --batch-size 2 --grad-acc-steps 16 --lr 3e-4 "
+        f"--run-name NAME --ctx-len 512 --max-steps 1 --output-dir {tmp_path}"
+    )
+    res = train(parse_train_args(flags.split()), llava, progress=False)
+    clt = DictionaryBundle.load(res.dictionaries).clt
+    assert clt is not None and res.step == 1
+    # Source l writes to layers l..2: 3, 2 and 1 targets.
+    assert [tuple(layer.W_dec.shape) for layer in clt.layers] == [(128, 3, 64), (128, 2, 64),
+                                                                 (128, 1, 64)]  # fmt: skip
+
+
+def test_image_tokens_on_text_only_data_stop_instead_of_looping(
+    tmp_path: Path, zoo_path: Any, llava: HookedVLM
+) -> None:
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"text": f"plain text line {i}"}) + "\n" for i in range(5)))
+    cfg = parse_train_args(
+        f"{zoo_path('llava')} {data} --sae.transcode --tokens image --max-steps 3 --batch-size 2 "
+        f"--output-dir {tmp_path}".split()
+    )
+    with (
+        deadline(60),
+        pytest.raises(
+            TrainingError,
+            match=r"--tokens image selected no tokens in a full pass over '.*text\.jsonl'",
+        ),
+    ):
+        train(cfg, llava, progress=False)
+
+
+class FakeSafetensorError(Exception):
+    """Not an OSError, like the error safetensors raises when the disk is full."""
+
+
+def test_a_checkpoint_that_cannot_be_written_keeps_the_previous_one(
+    tmp_path: Path, zoo_path: Any, monkeypatch: Any, capsys: Any
+) -> None:
+    import vlmscope.training.checkpoint as ckpt
+    from vlmscope.cli import main
+
+    real, calls = ckpt.save_file, {"n": 0}
+
+    def disk_full_at_second_checkpoint(*a: Any, **k: Any) -> None:
+        calls["n"] += 1  # two files (optimizer, rng) per checkpoint
+        if calls["n"] > 2:
+            raise FakeSafetensorError("No space left on device")
+        real(*a, **k)
+
+    monkeypatch.setattr(ckpt, "save_file", disk_full_at_second_checkpoint)
+    flags = (
+        f"train {zoo_path('llava')} {DATA} --sae.transcode --sae.n_targets 2 --sae.k 4 "
+        f"--sae.expansion-factor 2 --batch-size 2 --max-steps 4 --save-every 2 --device cpu "
+        f"--output-dir {tmp_path} --run-name run"
+    )
+    assert main(flags.split()) == 1  # a one-line error, not a traceback
+    err = capsys.readouterr().err
+    assert "vlmscope train: error: cannot write checkpoint under" in err
+    assert "FakeSafetensorError: No space left on device" in err
+    assert "the previous checkpoint is intact" in err
+    run = tmp_path / "run"
+    assert not list(run.glob(".checkpoint.tmp-*"))
+    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    assert state["train_state"]["step"] == 2
+    DictionaryBundle.load(run / "checkpoint" / "dictionaries")  # whole and loadable
+    assert issubclass(CheckpointError, TrainingError)
+
+
+def test_final_dictionaries_that_cannot_be_written_and_stale_temporaries(
+    tmp_path: Path, zoo_path: Any, llava: HookedVLM, monkeypatch: Any
+) -> None:
+    run = tmp_path / "run"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = run / f".checkpoint.tmp-{dead.pid}"  # left by a run killed while writing
+    (stale / "dictionaries").mkdir(parents=True)
+    real = DictionaryBundle.save
+
+    def half_then_fail(self: DictionaryBundle, path: Any) -> Path:
+        if Path(path).name.startswith(".dictionaries.tmp-"):
+            real(self, path)
+            raise FakeSafetensorError("No space left on device")
+        return real(self, path)
+
+    monkeypatch.setattr(DictionaryBundle, "save", half_then_fail)
+    with pytest.raises(CheckpointError, match=r"cannot write the final dictionaries .*--resume"):
+        train(config(tmp_path, zoo_path("llava"), "--max-steps 2"), llava, progress=False)
+    assert not stale.exists()
+    assert not (run / "dictionaries").exists() and not list(run.glob(".dictionaries.tmp-*"))
+    assert json.loads((run / "checkpoint" / "state.json").read_text())["train_state"]["step"] == 2
+    monkeypatch.setattr(DictionaryBundle, "save", real)
+    res = train(config(tmp_path, zoo_path("llava"), "--max-steps 2 --resume"), llava,
+                progress=False)  # fmt: skip
+    assert res.step == 2 and DictionaryBundle.load(res.dictionaries).kind == "clt"
+
+
+def test_bad_inputs_fail_before_the_model_loads(
+    tmp_path: Path, zoo_path: Any, monkeypatch: Any
+) -> None:
+    import dataclasses
+
+    import vlmscope.models.hooked as hooked
+
+    def no_load(*a: Any, **k: Any) -> None:
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(hooked.HookedVLM, "from_pretrained", no_load)
+    with pytest.raises(TrainingError, match=r"model path '\./no-such-model' does not exist"):
+        Trainer(config(tmp_path, "./no-such-model"), progress=False)
+    missing = tmp_path / "missing.jsonl"
+    cfg = dataclasses.replace(config(tmp_path, Path("m")), dataset=str(missing))
+    with pytest.raises(TrainingError, match=r"cannot open dataset .*no such file or folder"):
+        Trainer(cfg, progress=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = dataclasses.replace(config(tmp_path, Path("m")), device="cuda")
+    with pytest.raises(TrainingError, match="--device cuda: CUDA is not available"):
+        Trainer(cfg, progress=False)
+
+
+def test_a_model_that_cannot_load_and_k_above_the_latents(
+    tmp_path: Path, zoo_path: Any, llava: HookedVLM, monkeypatch: Any
+) -> None:
+    import vlmscope.models.hooked as hooked
+
+    def hub_miss(*a: Any, **k: Any) -> None:
+        raise OSError("org/none is not a local folder and is not a valid model identifier")
+
+    monkeypatch.setattr(hooked.HookedVLM, "from_pretrained", hub_miss)
+    with pytest.raises(TrainingError, match="cannot load model 'org/none': org/none is not a"):
+        Trainer(config(tmp_path, Path("org/none")), progress=False)
+    cfg = config(tmp_path, zoo_path("llava"), "--sae.expansion-factor 1 --sae.k 100")
+    with pytest.raises(
+        TrainingError,
+        match=r"--sae\.k 100 is more than the 64 latents per dictionary "
+        r"\(--sae\.expansion-factor 1 x width 64\)",
+    ):
+        Trainer(cfg, llava, progress=False)
+
+
+def test_lr_schedule_follows_max_steps_without_a_token_budget(
+    tmp_path: Path, zoo_path: Any, llava: HookedVLM
+) -> None:
+    cfg = config(tmp_path, zoo_path("llava"), "--max-steps 4 --lr 1e-3 --lr-decay-fraction 0.5")
+    assert cfg.max_tokens == 1_000_000  # the default token budget, far from reached
+    res = train(cfg, llava, progress=False)
+    assert res.tokens < 10_000
+    # After step s, (s + 1) / 4 of the budget is done: warm-up (5%) is over after step 1, the
+    # decay covers the last half: lr * (1 - 0.75) / 0.5 at step 3, 0 at step 4.
+    lrs = [m["lr"] for m in metrics_of(res.run_dir)]
+    assert lrs == pytest.approx([1e-3, 1e-3, 5e-4, 0.0], rel=1e-12, abs=1e-15)
+
+
+def test_spliced_loss_counts_running_statistics_once(
+    tmp_path: Path, zoo_path: Any, llava: HookedVLM, monkeypatch: Any
+) -> None:
+    from vlmscope.dictionaries.activations import BatchTopK
+
+    cfg = config(
+        tmp_path, zoo_path("llava"), "--loss-fn ce --sae.activation batchtopk --max-steps 3"
+    )
+    trainer = Trainer(cfg, llava, progress=False)
+    bundle = trainer.bundle
+    spliced_rows: list[int] = []
+    encode_unit = bundle.encode_unit
+
+    def spy(i: int, x: torch.Tensor) -> Any:
+        if i == 0:
+            spliced_rows.append(x.shape[0])
+        return encode_unit(i, x)
+
+    monkeypatch.setattr(bundle, "encode_unit", spy)  # only the spliced pass encodes per unit
+    res = trainer.fit()
+    acts = bundle.activations()
+    assert all(isinstance(a, BatchTopK) for a in acts)
+    assert [int(a.num_updates) for a in acts] == [3, 3, 3]  # one threshold update per step
+    assert all(a.track_statistics for a in acts)  # restored after each spliced pass
+    # The spliced pass splices exactly the selected tokens (no padding, BOS or markers).
+    assert len(spliced_rows) == 3 and sum(spliced_rows) == res.tokens
+    assert bundle.clt is not None
+    assert max(int(layer.num_tokens_since_fired.max()) for layer in bundle.clt.layers) <= res.tokens
+
+
+def test_sae_hook_points_of_other_or_mixed_widths(
+    tmp_path: Path, zoo_path: Any, llava: HookedVLM
+) -> None:
+    def sae(hooks: str) -> TrainConfig:
+        return parse_train_args(
+            f"{zoo_path('llava')} {DATA} --hookpoints {hooks} --sae.expansion-factor 1 --sae.k 4 "
+            f"--max-steps 1 --batch-size 2 --output-dir {tmp_path}".split()
+        )
+
+    with pytest.raises(TrainingError, match="different widths") as e:
+        Trainer(sae("lm.blocks.0.attn.hook_k lm.blocks.0.hook_resid_post"), llava, progress=False)
+    # The key projection has 2 kv heads x 16 = 32 dims; the residual stream 64.
+    assert "lm.blocks.0.attn.hook_k: 32" in str(e.value)
+    assert "lm.blocks.0.hook_resid_post: 64" in str(e.value)
+    with pytest.raises(TrainingError, match=r"\['lm\.blocks\.0\.attn\.hook_pattern'\].*cannot"):
+        Trainer(sae("lm.blocks.0.attn.*"), llava, progress=False)
+    res = train(sae("lm.blocks.0.attn.hook_k lm.blocks.1.attn.hook_k"), llava, progress=False)
+    bundle = DictionaryBundle.load(res.dictionaries)
+    assert bundle.reads == ["lm.blocks.0.attn.hook_k", "lm.blocks.1.attn.hook_k"]
+    assert bundle.cfg.d_in == 32
+
+
+def test_trained_runs_load_into_the_exporters(
+    tmp_path: Path, zoo_path: Any, llava: HookedVLM
+) -> None:
+    from safetensors.torch import load_file
+
+    from vlmscope.dictionaries import SparseCoder, load_dictionaries
+    from vlmscope.dictionaries.io import export_circuit_tracer, export_saelens
+
+    model = zoo_path("llava")
+    tc = parse_train_args(
+        f"{model} {DATA} --sae.kind transcoder --sae.activation batchtopk --sae.k 4 "
+        f"--sae.expansion-factor 2 --batch-size 2 --max-steps 2 --output-dir {tmp_path} "
+        "--run-name tc".split()
+    )
+    loaded = load_dictionaries(train(tc, llava, progress=False).dictionaries)
+    assert isinstance(loaded, dict)
+    reads = [f"lm.blocks.{i}.hook_resid_mid" for i in range(3)]
+    assert list(loaded) == reads
+    export_circuit_tracer(loaded, tmp_path / "ct")
+    _, cache = llava.run_with_cache(llava.prepare(["a red square"]), names=reads, mask="all")
+    for layer, read in enumerate(reads):
+        coder, x = loaded[read].eval(), cache[read].float()
+        w = load_file(str(tmp_path / "ct" / f"layer_{layer}.safetensors"))
+        pre = x @ w["W_enc"].T + w["b_enc"]  # circuit-tracer's JumpReLU transcoder, by hand
+        acts = pre * (pre > w["activation_function.threshold"])
+        codes = coder.encode(x)
+        assert 0 < codes.l0().float().mean() < coder.num_latents
+        torch.testing.assert_close(acts @ w["W_dec"] + w["b_dec"], coder.decode(codes),
+                                   atol=1e-5, rtol=0)  # fmt: skip
+    sae = parse_train_args(
+        f"{model} {DATA} --layers 1 --sae.k 4 --sae.expansion-factor 1 --batch-size 2 "
+        f"--max-steps 1 --output-dir {tmp_path} --run-name sae".split()
+    )
+    saes = load_dictionaries(train(sae, llava, progress=False).dictionaries)
+    assert isinstance(saes, dict) and isinstance(saes["lm.blocks.1.hook_resid_post"], SparseCoder)
+    export_saelens(saes, tmp_path / "saelens")
+    cfg = json.loads(
+        (tmp_path / "saelens" / "lm.blocks.1.hook_resid_post" / "cfg.json").read_text()
+    )
+    assert cfg["model_name"] == str(model)

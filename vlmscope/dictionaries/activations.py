@@ -83,9 +83,14 @@ def pack_codes(values: Tensor, mask: Tensor, order: Tensor, min_width: int = 1) 
 
 
 class SparseActivation(nn.Module):
-    """Base class: `forward(pre [N, F]) -> SparseCodes`; behaviour may differ in eval mode."""
+    """Base class: `forward(pre [N, F]) -> SparseCodes`; behaviour may differ in eval mode.
+
+    `track_statistics`: whether a training-mode forward updates running estimates (BatchTopK's
+    threshold). A trainer turns it off for extra forwards over rows already counted.
+    """
 
     name: str = ""
+    track_statistics: bool = True
 
     def __init__(self, num_latents: int) -> None:
         super().__init__()
@@ -178,7 +183,8 @@ class BatchTopK(SparseActivation):
             mask = torch.zeros_like(flat, dtype=torch.bool)
             mask[kept.indices] = True
             mask = mask.view_as(acts) & (acts > 0)
-            self._update_threshold(kept.values.detach())
+            if self.track_statistics:
+                self._update_threshold(kept.values.detach())
         else:
             if int(self.num_updates) == 0:
                 raise RuntimeError(

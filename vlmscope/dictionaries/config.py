@@ -56,7 +56,8 @@ class SparseCoderConfig:
     n_layers: number of source layers L of a CLT (0 until known; CLT only).
     n_targets: CLT window: the decoder of source layer l writes to layers
         l .. min(l + n_targets, L) - 1; 0 means every later layer. n_targets = 1 is a set of
-        per-layer transcoders.
+        per-layer transcoders. A window wider than the layers that exist is clamped to them
+        (the same command works on a model, or a --layers selection, of any depth).
     normalize_decoder: keep decoder rows at unit norm (the trainer calls
         `set_decoder_norm_to_unit_norm` each step); None means True for SAEs, else False.
     aux_k, aux_k_coeff: AuxK loss of Gao et al. (2024): the aux_k largest pre-activations of
@@ -188,8 +189,6 @@ class SparseCoderConfig:
                 raise bad("skip_connection is for transcoders and CLTs, not SAEs")
         if self.kind != "clt" and (self.n_layers or self.n_targets):
             raise bad(f"n_layers and n_targets are for kind='clt', not {self.kind!r}")
-        if self.kind == "clt" and self.n_layers and self.n_targets > self.n_layers:
-            raise bad(f"n_targets={self.n_targets} exceeds n_layers={self.n_layers}")
 
     def check_buildable(self) -> None:
         """Raise unless every dimension a module needs is known (the trainer fills them in)."""
@@ -221,7 +220,10 @@ class SparseCoderConfig:
         return SparseCoderConfig.from_dict(values)
 
     def window(self) -> int:
-        """Number of target layers a CLT source layer can write to (n_targets or all)."""
+        """Number of target layers a CLT source layer can write to (n_targets or all),
+        clamped to n_layers once that is known."""
+        if self.n_targets and self.n_layers:
+            return min(self.n_targets, self.n_layers)
         return self.n_targets or self.n_layers
 
     def n_out(self, layer: int) -> int:

@@ -33,6 +33,11 @@ eval behaviour. TopK has no threshold: SAELens "topk" matches it (top-k, then Re
 circuit-tracer's per-layer TopK keeps the raw top-k values without a ReLU (different only for
 rows with fewer than k positive pre-activations), and its CLT has no TopK, so a TopK CLT is
 refused.
+
+Runs written by `vlmscope train` carry their hook bindings and model in
+`cfg.metadata["vlmscope_bundle"]` (reads, writes, model name and dims). The exporters use it
+to take a run as `load_dictionaries` returns it, to name the model, and to refuse a run on a
+subset of the layers for circuit-tracer, which numbers a model's layers 0..L-1 and expects all.
 """
 
 from __future__ import annotations
@@ -60,6 +65,10 @@ CODER_CONFIG = "cfg.json"
 CODER_WEIGHTS = "sae.safetensors"
 
 PathLike = str | os.PathLike[str]
+
+#: cfg.metadata key under which vlmscope.training records a run's hook bindings and model.
+RUN_METADATA = "vlmscope_bundle"
+_RESID_MID = re.compile(r"lm\.blocks\.(\d+)\.hook_resid_mid")
 
 
 class DictionaryFormatError(ValueError):
@@ -347,8 +356,46 @@ def _folded_coder(coder: SparseCoder) -> dict[str, Tensor]:
     return out
 
 
+def _run_metadata(cfg: SparseCoderConfig) -> dict[str, Any]:
+    """The training run's bindings and model info (empty for dictionaries built by hand)."""
+    meta = cfg.metadata.get(RUN_METADATA)
+    return meta if isinstance(meta, dict) else {}
+
+
+def _model_layers(cfg: SparseCoderConfig) -> int | None:
+    """Number of layers of the model the run was trained on, when recorded."""
+    model = _run_metadata(cfg).get("model")
+    n = model.get("dims", {}).get("n_layers") if isinstance(model, dict) else None
+    return n if isinstance(n, int) else None
+
+
+def _layer_of(hook: object) -> int:
+    """Layer index of `lm.blocks.{i}.hook_resid_mid`, where circuit-tracer's features read."""
+    match = _RESID_MID.fullmatch(hook) if isinstance(hook, str) else None
+    if match is None:
+        raise ValueError(
+            f"circuit-tracer transcoders read lm.blocks.<i>.hook_resid_mid, got {hook!r}"
+        )
+    return int(match.group(1))
+
+
+def _check_every_layer(layers: list[int], n_model: int | None) -> None:
+    """circuit-tracer numbers the model's layers 0..L-1 and loads one dictionary for each:
+    exporting a subset would silently shift every layer index."""
+    want = list(range(n_model if n_model is not None else len(layers)))
+    if layers != want:
+        of = f" of the {n_model}-layer model" if n_model is not None else ""
+        raise ValueError(
+            f"circuit-tracer needs a transcoder for every layer 0..L-1{of}; these dictionaries "
+            f"are for layers {layers}: train on every layer (no --layers) to export"
+        )
+
+
 def export_circuit_tracer(
-    dictionaries: CrossLayerTranscoder | Sequence[SparseCoder] | Mapping[int, SparseCoder],
+    dictionaries: CrossLayerTranscoder
+    | Sequence[SparseCoder]
+    | Mapping[int, SparseCoder]
+    | Mapping[str, SparseCoder],
     path: PathLike,
     *,
     feature_input_hook: str = "hook_resid_mid",
@@ -358,13 +405,17 @@ def export_circuit_tracer(
 ) -> Path:
     """Write a CLT, or per-layer transcoders (layer 0..L-1), in circuit-tracer's layout.
 
+    Transcoders come as a list (index = layer), a mapping layer -> transcoder, or a mapping
+    `lm.blocks.{i}.hook_resid_mid` -> transcoder (a `vlmscope train` run as `load_dictionaries`
+    returns it). Dictionaries trained on a subset of the model's layers are refused.
     The hook names are circuit-tracer's (TransformerLens-style) names, written as given.
     `extra_config` adds flat keys to config.yaml (e.g. model_name).
     """
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
     config: dict[str, object]
     if isinstance(dictionaries, CrossLayerTranscoder):
+        _check_clt_layers(dictionaries.cfg)
+        folder.mkdir(parents=True, exist_ok=True)
         _export_ct_clt(dictionaries, folder, dtype)
         config = {
             "model_kind": "cross_layer_transcoder",
@@ -373,6 +424,7 @@ def export_circuit_tracer(
         }
     else:
         coders = _layer_list(dictionaries)
+        folder.mkdir(parents=True, exist_ok=True)
         _export_ct_transcoders(coders, folder, dtype)
         config = {
             "model_kind": "transcoder_set",
@@ -388,23 +440,42 @@ def export_circuit_tracer(
     return folder
 
 
+def _check_clt_layers(cfg: SparseCoderConfig) -> None:
+    if cfg.activation == "topk":
+        raise ValueError(
+            "circuit-tracer's CrossLayerTranscoder supports only ReLU and JumpReLU, and a TopK "
+            "CLT has no threshold form, so it cannot be exported exactly: train it with "
+            "--sae.activation jumprelu (or batchtopk, whose eval threshold exports as JumpReLU)"
+        )
+    reads = _run_metadata(cfg).get("reads")
+    layers = [_layer_of(r) for r in reads] if reads else list(range(cfg.n_layers))
+    _check_every_layer(layers, _model_layers(cfg))
+
+
 def _layer_list(
-    dictionaries: Sequence[SparseCoder] | Mapping[int, SparseCoder],
+    dictionaries: Sequence[SparseCoder] | Mapping[int, SparseCoder] | Mapping[str, SparseCoder],
 ) -> list[SparseCoder]:
     if isinstance(dictionaries, Mapping):
-        keys = sorted(dictionaries)
-        if keys != list(range(len(keys))):
-            raise ValueError(
-                f"circuit-tracer needs a transcoder for every layer 0..L-1, got {keys}"
-            )
-        coders = [dictionaries[k] for k in keys]
+        by_layer = {
+            key if isinstance(key, int) else _layer_of(key): coder
+            for key, coder in dictionaries.items()
+        }
+        if len(by_layer) != len(dictionaries):
+            raise ValueError(f"two transcoders for one layer: {list(dictionaries)}")
+        layers = sorted(by_layer)
+        coders = [by_layer[k] for k in layers]
     else:
         coders = list(dictionaries)
+        layers = list(range(len(coders)))
     if not coders:
         raise ValueError("no transcoders to export")
     for i, coder in enumerate(coders):
         if not isinstance(coder, SparseCoder) or coder.cfg.kind != "transcoder":
             raise TypeError(f"layer {i}: circuit-tracer transcoder sets take transcoders")
+    reads = _run_metadata(coders[0].cfg).get("reads")
+    if reads and not isinstance(dictionaries, Mapping):
+        layers = [_layer_of(r) for r in reads]  # a list of a run's coders, in the run's order
+    _check_every_layer(layers, _model_layers(coders[0].cfg))
     first = coders[0].cfg
     for i, coder in enumerate(coders):
         c = coder.cfg
@@ -437,11 +508,6 @@ def _export_ct_transcoders(
 
 def _export_ct_clt(clt: CrossLayerTranscoder, folder: Path, dtype: torch.dtype | None) -> None:
     cfg = clt.cfg
-    if cfg.activation == "topk":
-        raise ValueError(
-            "circuit-tracer's CrossLayerTranscoder supports only ReLU and JumpReLU; a TopK CLT "
-            "cannot be exported exactly (train with batchtopk or jumprelu)"
-        )
     n_layers = cfg.n_layers
     layers = list(clt.layers)
     s_in = [float(clt._scale(layer.input_scale)) for layer in layers]
@@ -469,6 +535,14 @@ def _export_ct_clt(clt: CrossLayerTranscoder, folder: Path, dtype: torch.dtype |
         )
 
 
+def _model_name(cfg: SparseCoderConfig) -> str | None:
+    name = cfg.metadata.get("model_name")
+    if name is None:
+        model = _run_metadata(cfg).get("model")
+        name = model.get("name") if isinstance(model, dict) else None
+    return name if isinstance(name, str) else None
+
+
 def export_saelens(
     coders: SparseCoder | Mapping[str, SparseCoder],
     path: PathLike,
@@ -483,7 +557,7 @@ def export_saelens(
     One SAE goes into `path`; a mapping hookpoint -> SAE into `path/<hookpoint>/`, with SAELens
     hook name `hook_names[hookpoint]` (default: the hookpoint itself). A single SAE's hook name
     is `hook_name`, else `cfg.metadata["hook_name"]`. The model name defaults to
-    `cfg.metadata["model_name"]`.
+    `cfg.metadata["model_name"]`, else the model a `vlmscope train` run was trained on.
     """
     folder = Path(path)
     if isinstance(coders, Mapping):
@@ -522,7 +596,7 @@ def export_saelens(
         "d_sae": cfg.num_latents,
         "dtype": str(tensors["W_enc"].dtype).removeprefix("torch."),
         "device": "cpu",
-        "model_name": model_name if model_name is not None else cfg.metadata.get("model_name"),
+        "model_name": model_name if model_name is not None else _model_name(cfg),
         "hook_name": hook,
         "hook_head_index": None,
         "activation_fn": "topk" if cfg.activation == "topk" else "relu",

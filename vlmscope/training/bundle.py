@@ -8,8 +8,9 @@ an attribution graph can refuse dictionaries made for another model before any f
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,6 +177,20 @@ class DictionaryBundle(nn.Module):
         if self.clt is not None:
             return [layer.activation for layer in self.clt.layers]  # type: ignore[union-attr]
         return [c.activation for c in self.coders]  # type: ignore[union-attr]
+
+    @contextlib.contextmanager
+    def frozen_statistics(self) -> Iterator[None]:
+        """Training-mode forwards inside leave running estimates (BatchTopK thresholds) alone;
+        dead-latent counters only change in `forward`, never in encode/decode_unit."""
+        acts = self.activations()
+        before = [getattr(a, "track_statistics", True) for a in acts]
+        for a in acts:
+            a.track_statistics = False  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            for a, flag in zip(acts, before, strict=True):
+                a.track_statistics = flag  # type: ignore[assignment]
 
     def _dicts(self) -> list[Any]:
         return [self.clt] if self.clt is not None else list(self.coders)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +21,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlmscope.training.bundle import DictionaryBundle
+from vlmscope.training.errors import CheckpointError
 
 CHECKPOINT = "checkpoint"
+DICTIONARIES = "dictionaries"
 _OLD = ".checkpoint.old"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written or read; the message says which file and why."""
+_TMP = ".tmp-"
 
 
 def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -62,12 +62,8 @@ def save_checkpoint(
     state: dict[str, Any],
 ) -> Path:
     """Write a checkpoint atomically; the previous one survives any failure of this call."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".checkpoint.tmp-{os.getpid()}"
-    final = run_dir / CHECKPOINT
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+
+    def write(tmp: Path) -> None:
         bundle.save(tmp / "dictionaries")
         tensors, scalars = optimizer_to_flat(optimizer)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
@@ -77,18 +73,79 @@ def save_checkpoint(
                 rng[f"cuda.{i}"] = s
         save_file(rng, str(tmp / "rng.safetensors"))
         (tmp / "state.json").write_text(json.dumps({**state, "optimizer": scalars}, indent=1))
-    except OSError as e:
+
+    return write_folder_atomically(
+        run_dir, CHECKPOINT, write, "checkpoint", "the previous checkpoint is intact"
+    )
+
+
+def save_final_dictionaries(run_dir: Path, bundle: DictionaryBundle) -> Path:
+    """Write `<run>/dictionaries` atomically (a failed write leaves no half folder)."""
+    return write_folder_atomically(
+        run_dir,
+        DICTIONARIES,
+        bundle.save,
+        "the final dictionaries",
+        f"the checkpoint in {run_dir / CHECKPOINT} holds the trained state: make room and "
+        "rerun the same command with --resume to write them",
+    )
+
+
+def write_folder_atomically(
+    run_dir: Path, name: str, write: Callable[[Path], object], what: str, recovery: str
+) -> Path:
+    """Fill a temporary folder with `write(tmp)`, then swap it in as `run_dir/name` by renames.
+
+    Any failure of `write` (disk full raises safetensors' own error type, not OSError) removes
+    the temporary folder and raises CheckpointError; the folder it replaces stays whole.
+    """
+    tmp = run_dir / f".{name}{_TMP}{os.getpid()}"
+    final = run_dir / name
+    old = run_dir / f".{name}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        write(tmp)
+        if final.exists():  # else `old` may be the only whole copy (a crash between renames)
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        tmp.rename(final)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not final.exists() and old.exists():
+            old.rename(final)  # a failed swap puts the previous folder back
+        if not isinstance(e, Exception):  # Ctrl-C, SystemExit: not a write error
+            raise
         raise CheckpointError(
-            f"cannot write checkpoint under {run_dir}: {e}; the previous checkpoint is intact"
+            f"cannot write {what} under {run_dir} ({type(e).__name__}: {e}); {recovery}"
         ) from e
-    old = run_dir / _OLD
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete temporary folders left by a process that died while writing (one run per folder,
+    so a temporary of another live process can only be a user's mistake; those are kept)."""
+    removed = []
+    for name in (CHECKPOINT, DICTIONARIES):
+        for tmp in run_dir.glob(f".{name}{_TMP}*"):
+            pid = tmp.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+                continue
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
 
 
 def find_checkpoint(run_dir: Path) -> Path | None:

@@ -58,6 +58,28 @@ class SaeArgs:
             return "clt" if self.n_targets > 1 else "transcoder"
         return "sae"
 
+    def check_conflicts(self) -> None:
+        """Refuse flag combinations where one flag would silently override another."""
+        kind = self.resolved_kind()
+        if self.kind == "sae" and self.transcode:
+            raise ValueError(
+                "--sae.kind sae reconstructs a hook point but --sae.transcode asks for a "
+                "transcoder: drop one of them (--sae.kind transcoder or clt implies --transcode)"
+            )
+        if self.n_targets and kind == "sae":
+            raise ValueError(
+                f"--sae.n_targets {self.n_targets} is the window of a cross-layer transcoder, "
+                "not an SAE setting: add --sae.transcode (or --sae.kind clt)"
+            )
+        if self.n_targets > 1 and kind != "clt":
+            raise ValueError(
+                f"--sae.kind {kind} is a per-layer transcoder (one target layer) but "
+                f"--sae.n_targets {self.n_targets} asks for a CLT window: use --sae.kind clt "
+                "or drop --sae.n_targets"
+            )
+        if self.skip_connection and kind == "sae":
+            raise ValueError("--sae.skip-connection is for transcoders: add --sae.transcode")
+
     def coder_config(self) -> SparseCoderConfig:
         """A SparseCoderConfig without model dimensions (validated now, filled in later)."""
         kind = self.resolved_kind()
@@ -67,35 +89,28 @@ class SaeArgs:
             if f.name not in ("kind", "transcode")
         }
         if kind != "clt":
-            values["n_targets"] = 0
+            values["n_targets"] = 0  # 0 or 1 here (check_conflicts): one target, the same
         return SparseCoderConfig(kind=kind, **values)
 
 
 @dataclass
 class TrainConfig:
-    """Everything `vlmscope train` needs. MODEL and DATASET are positional."""
+    """Everything `vlmscope train` needs. MODEL and DATASET are positional; what each field
+    means is its --help text in `_HELP` below."""
 
     model: str = ""
     dataset: str = ""
     sae: SaeArgs = field(default_factory=SaeArgs)
-    #: LM layers to train on (default: all). For a CLT, its source and target layers.
     layers: list[int] = field(default_factory=list)
-    #: hook-point patterns to train SAEs on (kind sae; default: resid_post of `layers`).
     hookpoints: list[str] = field(default_factory=list)
-    #: which tokens train the dictionaries; padding is always excluded.
     tokens: str = "all"
-    #: also train on BOS and chat-template control tokens (excluded by default).
     include_special_tokens: bool = False
     loss_fn: str = "fvu"
     batch_size: int = 8
     grad_acc_steps: int = 1
-    #: learning rate; 0 scales 2e-4 by 1/sqrt(num_latents / 2**14), as in the TopK-SAE work.
     lr: float = 0.0
-    #: fraction of the token budget (or of max_steps) over which the learning rate warms up.
     lr_warmup_fraction: float = 0.05
-    #: fraction of max_tokens at the end over which the learning rate decays linearly to 0.
     lr_decay_fraction: float = 0.2
-    #: tokens over which k anneals from the input width down to sae.k (0: no annealing).
     k_anneal_tokens: int = 0
     max_tokens: int = 1_000_000
     max_steps: int = 0
@@ -110,13 +125,10 @@ class TrainConfig:
     seed: int = 0
     log_to_wandb: bool = False
     log_to_tensorboard: bool = False
-    #: dataset schema (auto, llava, chat, text), split, image root for relative paths.
     schema: str = "auto"
     split: str = "train"
     image_root: str = ""
-    #: stop at the first bad record instead of skipping and counting it.
     strict: bool = False
-    #: processes that preprocess records (0: in the training process).
     workers: int = 0
 
     def __post_init__(self) -> None:
@@ -152,10 +164,38 @@ class TrainConfig:
             raise bad(f"--layers has duplicates: {self.layers}")
         if self.dtype and self.dtype not in ("float32", "bfloat16", "float16", "fp32", "bf16"):
             raise bad(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.device:
+            try:
+                _parse_device(self.device)
+            except ValueError as e:
+                raise bad(str(e)) from None
+        if self.is_shapes_dataset() and ":" in self.dataset:
+            n = self.dataset.split(":", 1)[1]
+            if not n.isdigit() or int(n) < 1:
+                raise bad(f"DATASET shapes:N needs a positive integer N, got {self.dataset!r}")
+        try:
+            self.sae.check_conflicts()
+        except ValueError as e:
+            raise bad(str(e)) from None
         kind = self.sae.resolved_kind()
+        if kind == "clt" and self.layers:
+            want = list(range(min(self.layers), max(self.layers) + 1))
+            if sorted(self.layers) != want:
+                raise bad(
+                    f"a CLT needs contiguous --layers (layer l's features write to the MLP "
+                    f"outputs of the layers right after it), got {self.layers}; use --layers "
+                    f"{' '.join(map(str, want))}, or per-layer transcoders (--sae.kind transcoder)"
+                )
         if self.hookpoints and kind != "sae":
             raise bad("--hookpoints selects SAE hook points; transcoders and CLTs read resid_mid "
                       "and write mlp.hook_out of --layers")  # fmt: skip
+        for pattern in self.hookpoints:
+            if not pattern.startswith("lm.") or pattern.endswith("hook_pattern"):
+                raise bad(
+                    f"--hookpoints {pattern!r}: the trainer trains on per-token language-model "
+                    "vectors, so patterns start with 'lm.' and exclude attn.hook_pattern "
+                    "(e.g. 'lm.blocks.*.hook_resid_post')"
+                )
         if self.loss_fn != "fvu" and kind == "sae":
             raise bad("--loss-fn ce/kl splice dictionaries in for MLP outputs: use transcoders "
                       "or a CLT (--sae.transcode)")  # fmt: skip
@@ -163,6 +203,31 @@ class TrainConfig:
             self.sae.coder_config()
         except (TypeError, ValueError) as e:
             raise bad(str(e)) from None
+
+    def is_shapes_dataset(self) -> bool:
+        """DATASET `shapes` or `shapes:N` names the generated shapes world, not a file."""
+        return self.dataset == "shapes" or self.dataset.startswith("shapes:")
+
+    def check_environment(self) -> None:
+        """Checks that depend on this machine (kept out of `validate`, so a config can be
+        written on a machine without the GPU it will run on): the --device exists here."""
+        if not self.device:
+            return
+        import torch
+
+        dev = _parse_device(self.device)
+        if dev.type == "cuda":
+            n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if n == 0:
+                raise ValueError(f"--device {self.device}: CUDA is not available on this machine")
+            if dev.index is not None and dev.index >= n:
+                raise ValueError(
+                    f"--device {self.device}: this machine has {n} CUDA device(s) (0..{n - 1})"
+                )
+        elif dev.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"--device {self.device}: MPS is not available on this machine")
+        elif dev.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+            raise ValueError(f"--device {self.device}: XPU is not available on this machine")
 
     def lr_for(self, num_latents: int) -> float:
         return self.lr or 2e-4 / math.sqrt(num_latents / 2**14)
@@ -181,27 +246,88 @@ class TrainConfig:
         return cls(sae=sae, **values)
 
 
+_DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+def _parse_device(text: str) -> Any:
+    """torch.device of --device, or a ValueError that names the flag and what is accepted."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in _DEVICE_TYPES:
+        raise ValueError(f"--device must be cpu, cuda, cuda:N, mps or xpu, got {text!r}")
+    return dev
+
+
 # --- CLI generation ----------------------------------------------------------------------------
+#: --help of every flag; a field without an entry fails when the parser is built.
 _HELP = {
     "model": "HF model name or local path (a zoo name such as `toy` or `llava` also works)",
-    "dataset": "Parquet/JSONL/JSON file or folder, a save_to_disk folder, or `shapes`",
-    "sae.kind": "sae | transcoder | clt (default: from --sae.transcode / --sae.n_targets)",
+    "dataset": "Parquet/JSONL/JSON file or folder, a save_to_disk folder, a hub dataset name, "
+    "or `shapes` / `shapes:N` (the generated shapes world, N samples)",
+    "sae.kind": "sae: reconstruct hook points; transcoder: predict each layer's MLP output "
+    "from its resid_mid; clt: cross-layer transcoder "
+    "(default: from --sae.transcode / --sae.n_targets)",
     "sae.transcode": "predict MLP outputs from resid_mid (transcoder; CLT if n_targets > 1)",
-    "sae.activation": "topk | batchtopk | jumprelu",
+    "sae.activation": "topk: k latents per token; batchtopk: k per token on average over the "
+    "batch, a learned threshold at inference; jumprelu: learned per-latent thresholds "
+    "(needs --sae.sparsity-coeff > 0)",
     "sae.expansion_factor": "latents per input dimension (when --sae.num-latents is 0)",
     "sae.num_latents": "dictionary size per layer (0: expansion_factor * d_model)",
     "sae.k": "active latents per token (topk, batchtopk)",
-    "sae.n_targets": "CLT: later layers each source writes to (0: all later layers)",
+    "sae.n_targets": "CLT window: source layer l writes to the MLP outputs of layers "
+    "l .. l+N-1, clamped to the last layer (0: all later layers)",
     "sae.skip_connection": "learn a linear skip W_skip from input to output (transcoders)",
-    "sae.normalize_decoder": "keep decoder rows unit-norm (default: yes for SAEs)",
+    "sae.normalize_decoder": "keep every latent's decoder row at unit norm after each step "
+    "(default: yes for SAEs, no for transcoders and CLTs)",
     "sae.aux_k": "AuxK: dead latents used to model the residual (0: d_model / 2)",
-    "sae.aux_k_coeff": "AuxK loss weight",
+    "sae.aux_k_coeff": "weight of the AuxK loss that revives dead latents (0: off)",
     "sae.dead_tokens_threshold": "a latent is dead after this many tokens without firing",
-    "sae.jumprelu_init_threshold": "JumpReLU initial threshold",
-    "sae.jumprelu_bandwidth": "JumpReLU pseudo-gradient kernel width",
+    "sae.jumprelu_init_threshold": "initial JumpReLU threshold of every latent",
+    "sae.jumprelu_bandwidth": "width of the rectangle kernel of JumpReLU's threshold "
+    "pseudo-gradient",
     "sae.sparsity_coeff": "JumpReLU L0 penalty weight (must be > 0 for jumprelu)",
     "sae.threshold_momentum": "BatchTopK eval threshold EMA (0: plain mean)",
     "sae.normalize_activations": "none | mean_norm (scale inputs to mean norm sqrt(d))",
+    "layers": "LM layers to train on; for a transcoder/CLT its source and target layers "
+    "(a CLT's must be contiguous) (default: all layers)",
+    "hookpoints": "SAE hook-point patterns with * wildcards, lm.* per-token hooks of one width, "
+    "e.g. 'lm.blocks.*.hook_resid_post' (default: hook_resid_post of --layers)",
+    "tokens": "which token positions train the dictionaries; padding is always excluded",
+    "include_special_tokens": "also train on BOS and chat-template control tokens",
+    "loss_fn": "fvu: reconstruction error; ce / kl: next-token loss / KL to the clean model "
+    "with the dictionaries spliced in for the MLP outputs (transcoders and CLTs)",
+    "batch_size": "samples (image + conversation) per forward pass",
+    "grad_acc_steps": "forward passes whose gradients add up to one optimizer step",
+    "lr": "Adam learning rate; 0 scales 2e-4 by 1/sqrt(num_latents / 2**14)",
+    "lr_warmup_fraction": "fraction of the budget (--max-tokens or --max-steps, whichever ends "
+    "the run) over which the learning rate rises linearly from 0",
+    "lr_decay_fraction": "fraction of the budget at its end over which the learning rate "
+    "decays linearly to 0",
+    "k_anneal_tokens": "tokens over which k anneals from the input width down to --sae.k "
+    "(0: no annealing; not for jumprelu)",
+    "max_tokens": "stop after this many training tokens (selected positions; 0: no token limit)",
+    "max_steps": "stop after this many optimizer steps (0: no step limit)",
+    "ctx_len": "truncate each sample to this many tokens",
+    "save_every": "write a checkpoint every this many optimizer steps (and at the end)",
+    "log_every": "append metrics to metrics.jsonl every this many optimizer steps",
+    "run_name": "name of the run folder under --output-dir (default: MODEL-KIND)",
+    "output_dir": "folder that holds one subfolder per run",
+    "resume": "continue the run in the run folder from its last checkpoint",
+    "device": "cpu, cuda, cuda:N, mps or xpu (default: cuda if available, else cpu)",
+    "dtype": "model weights dtype; dictionaries train in float32 (default: the checkpoint's own)",
+    "seed": "random seed of the initialisation and the generated shapes dataset",
+    "log_to_wandb": "also log metrics to Weights & Biases (WANDB_MODE=offline works offline)",
+    "log_to_tensorboard": "also log metrics to TensorBoard (in the run folder)",
+    "schema": "dataset record schema; auto picks it from the column names",
+    "split": "dataset split (files or folders named by split, or a hub split)",
+    "image_root": "folder that relative image paths resolve against "
+    "(default: the dataset's folder)",
+    "strict": "stop at the first bad record instead of skipping and counting it",
+    "workers": "processes that preprocess records (0: the training process itself)",
 }
 
 
@@ -233,41 +359,29 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, prefix: str = "") ->
         if path in ("model", "dataset"):
             continue
         default = getattr(doc_default, f.name)
-        help_text = _HELP.get(path, _field_doc(cls, f.name))
+        if path not in _HELP:
+            raise KeyError(f"TrainConfig field {path!r} has no --help text in _HELP")
+        help_text = _HELP[path]
         kw: dict[str, Any] = {"dest": path, "default": argparse.SUPPRESS}
         args = typing.get_args(typ)
         origin = typing.get_origin(typ)
         if typ is bool or (origin in (typing.Union, types.UnionType) and bool in args):
             kw["action"] = argparse.BooleanOptionalAction
-            kw["help"] = f"{help_text} (default: {default})"
+            shown = default
         elif origin is list:
             kw["nargs"] = "+"
             kw["type"] = args[0]
-            kw["help"] = f"{help_text} (default: {default or 'all'})"
+            shown = default
         else:
             kw["type"] = typ
             if path in _CHOICES:
                 kw["choices"] = _CHOICES[path]
             else:
                 kw["metavar"] = {"str": "TEXT"}.get(typ.__name__, typ.__name__.upper())
-            kw["help"] = f"{help_text} (default: {default!r})"
+            shown = repr(default)
+        # A help text that explains its own default (e.g. "default: all layers") keeps it.
+        kw["help"] = help_text if "(default:" in help_text else f"{help_text} (default: {shown})"
         parser.add_argument(*_flag_names(path), **kw)
-
-
-def _field_doc(cls: type, name: str) -> str:
-    """The `#:` comment above a field in the source, used as its --help text."""
-    import inspect
-
-    lines = inspect.getsource(cls).splitlines()
-    for i, line in enumerate(lines):
-        if line.strip().startswith(f"{name}:"):
-            docs = []
-            j = i - 1
-            while j >= 0 and lines[j].strip().startswith("#:"):
-                docs.insert(0, lines[j].strip()[2:].strip())
-                j -= 1
-            return " ".join(docs) or name.replace("_", " ")
-    return name.replace("_", " ")
 
 
 class SuggestingParser(argparse.ArgumentParser):
@@ -308,7 +422,8 @@ def build_train_parser(parser: argparse.ArgumentParser | None = None) -> argpars
 
 
 def config_from_args(ns: argparse.Namespace) -> TrainConfig:
-    """TrainConfig from parsed flags (validation errors name the flag)."""
+    """TrainConfig from parsed flags, checked against this machine too (errors name the
+    flag)."""
     values: dict[str, Any] = {}
     sae: dict[str, Any] = {}
     for key, v in vars(ns).items():
@@ -316,7 +431,12 @@ def config_from_args(ns: argparse.Namespace) -> TrainConfig:
             sae[key[4:]] = v
         elif key in {f.name for f in dataclasses.fields(TrainConfig)}:
             values[key] = v
-    return TrainConfig(sae=SaeArgs(**sae), **values)
+    cfg = TrainConfig(sae=SaeArgs(**sae), **values)
+    try:
+        cfg.check_environment()  # a command is about to run here: --device must exist here
+    except ValueError as e:
+        raise ValueError(f"invalid training config: {e}") from None
+    return cfg
 
 
 def parse_train_args(argv: Sequence[str]) -> TrainConfig:

@@ -3,7 +3,9 @@
 The model runs once per batch under hooks that cache the read and written hook points at the
 selected tokens (padding never, BOS and chat-template markers only if asked); the dictionaries
 train on those activations. With loss ce/kl a second, spliced forward replaces the MLP outputs
-by the dictionaries' reconstructions and compares with the clean logits of the same batch.
+at the selected tokens by the dictionaries' reconstructions and compares with the clean logits
+of the same batch. Bad settings, data, hooks or sizes stop with a TrainingError that names the
+flag, preferably before the model loads.
 """
 
 from __future__ import annotations
@@ -26,13 +28,26 @@ from vlmscope.data.processing import Batch, SampleEncoder, SkipCounter, batches,
 from vlmscope.dictionaries import NonFiniteError, check_finite
 from vlmscope.models.hooked import HookContext, HookedVLM
 from vlmscope.training.bundle import DictionaryBundle, mlp_out, resid_mid
-from vlmscope.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from vlmscope.training.checkpoint import (
+    find_checkpoint,
+    load_checkpoint,
+    remove_stale_temporaries,
+    save_checkpoint,
+    save_final_dictionaries,
+)
 from vlmscope.training.config import TrainConfig
+from vlmscope.training.errors import CheckpointError, TrainingError
 from vlmscope.training.logging import MetricsLogger
 
-
-class TrainingError(RuntimeError):
-    """Training stopped on bad data or state; the message names the step, hook and batch."""
+__all__ = [
+    "CheckpointError",
+    "TrainResult",
+    "Trainer",
+    "TrainingError",
+    "open_training_data",
+    "resolve_model_path",
+    "train",
+]
 
 
 @dataclass
@@ -75,12 +90,28 @@ def resolve_model_path(model: str) -> str:
     return model
 
 
+def _looks_like_local_path(name: str) -> bool:
+    """A name that can only be a local path (hub names look like `org/name`)."""
+    return name.startswith(("/", "./", "../", "~")) or name in (".", "..")
+
+
+def load_model(cfg: TrainConfig) -> HookedVLM:
+    """The model of cfg.model; a missing path or hub name is a TrainingError, not a traceback."""
+    if _looks_like_local_path(cfg.model) and not os.path.exists(cfg.model):
+        raise TrainingError(f"model path {cfg.model!r} does not exist")
+    try:
+        path = resolve_model_path(cfg.model)
+        return HookedVLM.from_pretrained(path, device=cfg.device or None, dtype=cfg.dtype or None)
+    except (OSError, ValueError) as e:
+        raise TrainingError(f"cannot load model {cfg.model!r}: {e}") from e
+
+
 def open_training_data(cfg: TrainConfig) -> Any:
     """The dataset named by cfg.dataset; `shapes` / `shapes:N` is a generated shapes world."""
     from vlmscope.data import open_dataset
 
     name = cfg.dataset
-    if name == "shapes" or name.startswith("shapes:"):
+    if cfg.is_shapes_dataset():
         from vlmscope.data import shapes
         from vlmscope.models.zoo import default_cache_dir
 
@@ -124,6 +155,13 @@ def bindings(cfg: TrainConfig, vlm: HookedVLM) -> tuple[list[str], list[str], li
                 names = vlm.hook_names(cfg.hookpoints)
             except KeyError as e:  # unknown hook point: the message lists close matches
                 raise TrainingError(str(e.args[0])) from None
+            untrainable = [h for h in names if not trainable_hook(h)]
+            if untrainable:
+                raise TrainingError(
+                    f"--hookpoints {cfg.hookpoints} match {untrainable[:4]}, which the trainer "
+                    "cannot train on: it trains on per-token language-model vectors (lm.* hook "
+                    "points other than attn.hook_pattern); narrow the patterns"
+                )
         else:
             names = [f"lm.blocks.{layer}.hook_resid_post" for layer in layers]
         return names, names, layers
@@ -140,6 +178,10 @@ class Trainer:
         self.progress = progress
         self.run_name = cfg.run_name or _default_run_name(cfg)
         self.run_dir = Path(cfg.output_dir) / self.run_name
+        try:
+            cfg.check_environment()
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
         check_writable(self.run_dir)
         existing = find_checkpoint(self.run_dir)
         if existing is not None and not cfg.resume:
@@ -149,19 +191,23 @@ class Trainer:
             )
         if existing is not None:
             _check_resumable(self.run_dir / "train_config.json", cfg)
+        remove_stale_temporaries(self.run_dir)  # left by a run killed while writing
         _check_loggers(cfg)
+        # The data opens before the model loads: a missing file fails in seconds, not minutes.
+        try:
+            self.dataset = open_training_data(cfg)
+        except (OSError, ValueError, ImportError, RuntimeError) as e:
+            raise TrainingError(f"cannot open dataset {cfg.dataset!r}: {e}") from e
         torch.manual_seed(cfg.seed)
         if vlm is None:
-            vlm = HookedVLM.from_pretrained(
-                resolve_model_path(cfg.model), device=cfg.device or None, dtype=cfg.dtype or None
-            )
+            vlm = load_model(cfg)
         self.vlm = vlm
         self.vlm.model.requires_grad_(False)
         self.device = vlm.device
         self.reads, self.writes, self.layers = bindings(cfg, vlm)
         width = vlm.adapter.d_model
         if cfg.sae.resolved_kind() == "sae":
-            width = self._hook_width(self.reads[0])
+            width = self._hook_width(self.reads)
         info = {
             "name": cfg.model,
             "family": vlm.adapter.family,
@@ -171,9 +217,12 @@ class Trainer:
             "include_special_tokens": cfg.include_special_tokens,
         }
         coder_cfg = cfg.sae.coder_config()
-        self.bundle = DictionaryBundle.create(
-            coder_cfg, self.reads, self.writes, width, width, info, device=self.device
-        )
+        try:
+            self.bundle = DictionaryBundle.create(
+                coder_cfg, self.reads, self.writes, width, width, info, device=self.device
+            )
+        except ValueError as e:
+            raise TrainingError(_explain_size_error(cfg, width, e)) from None
         self.lr = cfg.lr_for(self.bundle.cfg.num_latents)
         self.optimizer = torch.optim.Adam(self.bundle.parameters(), lr=self.lr)
         self.state = TrainState()
@@ -184,17 +233,24 @@ class Trainer:
             warnings.warn(
                 f"--resume: no checkpoint in {self.run_dir}; starting fresh", stacklevel=2
             )
-        self.dataset = open_training_data(cfg)
         ids = vlm.adapter.image_token_ids()
         self.encoder = SampleEncoder(vlm.processor, cfg.ctx_len, ids)
         self.skips = SkipCounter(dict(self.state.skips), dict(self.state.skip_examples))
+        self._selected_in_pass = False  # whether the current pass over the data selected tokens
 
-    def _hook_width(self, name: str) -> int:
-        """Width of an SAE hook point, read off one tiny forward pass."""
+    def _hook_width(self, names: list[str]) -> int:
+        """The one width of the SAE hook points (a head hook counts heads x head width), read
+        off one tiny forward pass the way training reads them; mixed widths are refused."""
         probe = self.vlm.prepare(["a"])
-        _, cache = self.vlm.run_with_cache(probe, names=[name])
-        t = cache[name]
-        return int(t.shape[-1] * (t.shape[-2] if name.split(".")[-1] in _HEAD_HOOKS else 1))
+        _, cache = self.vlm.run_with_cache(probe, names=names, mask="all")
+        widths = {name: int(cache[name].flatten(1).shape[1]) for name in names}
+        if len(set(widths.values())) > 1:
+            listed = ", ".join(f"{n}: {w}" for n, w in widths.items())
+            raise TrainingError(
+                f"--hookpoints select hook points of different widths ({listed}); one run "
+                "trains dictionaries of one width: run once per width"
+            )
+        return widths[names[0]]
 
     # --- data --------------------------------------------------------------------------------
     def _batches(self) -> Iterator[tuple[Batch, int]]:
@@ -206,13 +262,20 @@ class Trainer:
                 data, self.encoder, self.skips, strict=cfg.strict, workers=cfg.workers
             )
             pad = self.vlm.tokenizer.pad_token_id
+            full_pass = self.state.rows == 0
             got_any = False
+            self._selected_in_pass = False  # fit() sets it when a batch selects tokens
             for batch in batches(samples, cfg.batch_size, pad if pad is not None else 0):
                 got_any = True
                 yield batch, batch.positions[-1] + 1
-            if not got_any and self.state.rows == 0:
+            if not got_any and full_pass:
                 raise TrainingError(
                     f"dataset {cfg.dataset!r} produced no usable samples ({self.skips.summary()})"
+                )
+            if full_pass and not self._selected_in_pass:
+                raise TrainingError(
+                    f"--tokens {cfg.tokens} selected no tokens in a full pass over "
+                    f"{cfg.dataset!r}{_NO_TOKENS_HINT[cfg.tokens]}"
                 )
             self.state.epoch += 1
             self.state.rows = 0
@@ -243,26 +306,31 @@ class Trainer:
     def _spliced_loss(
         self, batch: Batch, clean_logits: torch.Tensor, positions: torch.Tensor
     ) -> torch.Tensor:
-        """CE or KL of the model with every written hook replaced by its reconstruction."""
+        """CE or KL of the model with every written hook replaced by its reconstruction at the
+        selected positions (the others keep the model's own values, as in training). Running
+        statistics (BatchTopK's threshold, dead-latent counters) are left alone: the training
+        forward already counted this batch, once and on the selected tokens only."""
         b = self.bundle
         codes: dict[int, Any] = {}
         inputs: dict[int, torch.Tensor] = {}
         index = {name: i for i, name in enumerate(b.reads)}
         out_index = {name: i for i, name in enumerate(b.writes)}
+        spliced = positions.to(self.device)
 
         def read(t: torch.Tensor, ctx: HookContext) -> None:
             i = index[ctx.name]
-            x = t.reshape(-1, t.shape[-1]).float()
+            x = t[spliced].float()
             inputs[i] = x
             codes[i] = b.encode_unit(i, x)
 
         def write(t: torch.Tensor, ctx: HookContext) -> torch.Tensor:
             i = out_index[ctx.name]
             y = b.decode_unit(i, codes, inputs[i])
-            return y.reshape(t.shape).to(t.dtype)
+            return t.index_put((spliced,), y.to(t.dtype))
 
         hooks = [(r, read) for r in b.reads] + [(w, write) for w in b.writes]
-        logits = self.vlm.run_with_hooks(batch.inputs, hooks).logits.float()
+        with b.frozen_statistics():
+            logits = self.vlm.run_with_hooks(batch.inputs, hooks).logits.float()
         pos = positions.to(logits.device)
         if self.cfg.loss_fn == "kl":
             logp = F.log_softmax(clean_logits.float(), -1)[pos]
@@ -273,9 +341,12 @@ class Trainer:
         return F.cross_entropy(logits[:, :-1][sel], targets[sel])
 
     def _lr_at(self, tokens: int, step: int) -> float:
-        """Linear warm-up, constant, linear decay to 0, as fractions of the budget."""
+        """Linear warm-up, constant, linear decay to 0, as fractions of the budget: of
+        whichever of --max-tokens and --max-steps ends the run first (the larger fraction)."""
         cfg = self.cfg
-        frac = tokens / cfg.max_tokens if cfg.max_tokens else (step + 1) / max(cfg.max_steps, 1)
+        fracs = [tokens / cfg.max_tokens] if cfg.max_tokens else []
+        fracs += [(step + 1) / cfg.max_steps] if cfg.max_steps else []
+        frac = min(1.0, max(fracs))
         warm = min(1.0, frac / cfg.lr_warmup_fraction) if cfg.lr_warmup_fraction else 1.0
         start = 1.0 - cfg.lr_decay_fraction
         decay = 1.0 if frac <= start else max(0.0, (1.0 - frac) / max(1e-12, 1.0 - start))
@@ -323,6 +394,7 @@ class Trainer:
                 if n_tok == 0:
                     st.rows = rows_after
                     continue
+                self._selected_in_pass = True
                 if not st.initialized:
                     b.init_from_data(xs, ys)
                     st.initialized = True
@@ -374,7 +446,7 @@ class Trainer:
             warnings.warn("the data ended inside a gradient-accumulation cycle; its gradient "
                           "was dropped", stacklevel=2)  # fmt: skip
         self._checkpoint()
-        out_dir = b.save(self.run_dir / "dictionaries")
+        out_dir = save_final_dictionaries(self.run_dir, b)
         if self.skips.total:
             print(self.skips.summary())
         units = b.units
@@ -413,7 +485,35 @@ class Trainer:
         )
 
 
-_HEAD_HOOKS = {"hook_q", "hook_k", "hook_v", "hook_z"}
+def trainable_hook(name: str) -> bool:
+    """Hook points whose activations are one vector per LM token (what the trainer selects):
+    not vision/projector hooks (no LM token positions), not attention patterns (maps)."""
+    return name.startswith("lm.") and not name.endswith("hook_pattern")
+
+
+_NO_TOKENS_HINT = {
+    "image": " (its records have no images, or the model has no image tokens): use "
+    "--tokens all or --tokens text",
+    "text": ": use --tokens all or --tokens image",
+    "all": ": every token is padding, BOS or a chat-template marker; pass --include-special-tokens",
+}
+
+
+def _explain_size_error(cfg: TrainConfig, width: int, err: ValueError) -> str:
+    """A dictionary-size error in terms of the flags that set the sizes."""
+    sae = cfg.sae
+    latents = sae.num_latents or sae.expansion_factor * width
+    if sae.activation != "jumprelu" and sae.k > latents:
+        size = (
+            f"--sae.num-latents {sae.num_latents}"
+            if sae.num_latents
+            else f"--sae.expansion-factor {sae.expansion_factor} x width {width}"
+        )
+        return (
+            f"--sae.k {sae.k} is more than the {latents} latents per dictionary ({size}); "
+            "lower --sae.k or raise --sae.expansion-factor / --sae.num-latents"
+        )
+    return f"cannot build the dictionaries with these --sae.* flags: {err}"
 
 
 #: settings a resumed run must share with the run it continues (the budget may grow).
