@@ -477,3 +477,29 @@ def test_trained_runs_load_into_the_exporters(
         (tmp_path / "saelens" / "lm.blocks.1.hook_resid_post" / "cfg.json").read_text()
     )
     assert cfg["model_name"] == str(model)
+
+
+def test_bad_records_are_counted_when_the_run_stops_mid_pass(
+    tmp_path: Path, zoo_path: Any, llava: HookedVLM, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Reader-level rejections (missing, corrupt image) are reported at the end of a run that
+    never finishes a pass, and the checkpoint keeps them."""
+    from PIL import Image
+
+    Image.new("RGB", (40, 32), "red").save(tmp_path / "good.png")
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    turns = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]
+    images = ["missing.png", "corrupt.png"] + ["good.png"] * 30
+    rows = [{"id": str(i), "image": im, "conversations": turns} for i, im in enumerate(images)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = parse_train_args(
+        f"{zoo_path('llava')} {data} --sae.transcode --sae.expansion-factor 2 --sae.k 4 "
+        f"--batch-size 2 --max-steps 2 --save-every 1 --output-dir {tmp_path / 'out'}".split()
+    )
+    res = train(cfg, llava, progress=False)
+    assert res.step == 2  # 6 of 32 rows read: the pass did not end
+    out = capsys.readouterr().out
+    assert "2 records skipped" in out and "missing_image" in out and "corrupt_image" in out
+    state = json.loads((res.run_dir / "checkpoint" / "state.json").read_text())
+    assert state["train_state"]["skips"] == {"missing_image": 1, "corrupt_image": 1}

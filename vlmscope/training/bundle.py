@@ -42,6 +42,24 @@ def mlp_out(layer: int) -> str:
     return f"lm.blocks.{layer}.mlp.hook_out"
 
 
+_D_MODEL_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "mlp.hook_in",
+                  "mlp.hook_out", "attn.hook_out")  # fmt: skip
+
+
+def hook_width(name: str, dims: Mapping[str, int]) -> int | None:
+    """Width of an LM hook point's activation per token (heads flattened), from the model's
+    dimensions; None where it is not known from them (vision, projector, patterns)."""
+    if not name.startswith("lm."):
+        return None
+    if name.endswith(_D_MODEL_HOOKS):
+        return dims["d_model"]
+    if name.endswith(("attn.hook_q", "attn.hook_z")):
+        return dims["n_heads"] * dims["d_head"]
+    if name.endswith(("attn.hook_k", "attn.hook_v")):
+        return dims["n_kv_heads"] * dims["d_head"]
+    return None
+
+
 @dataclass
 class BundleOutput:
     """Losses and metrics of one training forward, per unit and summed."""
@@ -248,6 +266,14 @@ class DictionaryBundle(nn.Module):
         missing = [h for h in self.hook_names() if h not in available]
         if missing:
             problems.append(f"hook points not in this model: {missing[:4]}")
+        # The weights themselves, whatever the metadata says (it may be absent or hand-made).
+        d_in, d_out = self.cfg.d_in, self.cfg.d_out or self.cfg.d_in
+        for side, names, width in (("reads", self.reads, d_in), ("writes", self.writes, d_out)):
+            for h in names:
+                want = hook_width(h, dims)
+                if want is not None and width != want:
+                    problems.append(f"{h}: dictionaries {side} width {width}, model {want}")
+                    break
         if problems:
             name = info.get("name", "?")
             raise ModelMismatchError(

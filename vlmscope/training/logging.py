@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from vlmscope.training.errors import TrainingError
+
 
 class MetricsLogger:
     """Appends one JSON object per logged step to `<run>/metrics.jsonl` (kept across resumes)."""
@@ -55,11 +57,24 @@ class MetricsLogger:
                     keep.append(line)
             except json.JSONDecodeError:
                 continue  # a line torn by a crash
-        self.path.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+        # Atomically: a crash here must not lose the metrics of the steps being resumed.
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+            tmp.replace(self.path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise TrainingError(f"cannot rewrite {self.path} for --resume: {e}") from e
 
     def log(self, metrics: dict[str, Any]) -> None:
-        self._file.write(json.dumps(metrics, allow_nan=True) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(metrics, allow_nan=True) + "\n")
+            self._file.flush()
+        except OSError as e:  # e.g. the disk filled up; the last checkpoint is intact
+            raise TrainingError(
+                f"cannot write {self.path} at step {metrics.get('step')}: {e}; "
+                "free space and continue with --resume"
+            ) from e
         flat = dict(_flatten(metrics))
         step = int(metrics.get("step", 0))
         if self._wandb is not None:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from vlmscope.data.processing import Batch, SampleEncoder, SkipCounter, batches, encode_stream
+from vlmscope.data.sources import BadRecord
 from vlmscope.dictionaries import NonFiniteError, check_finite
 from vlmscope.models.hooked import HookContext, HookedVLM
 from vlmscope.training.bundle import DictionaryBundle, mlp_out, resid_mid
@@ -198,6 +199,10 @@ class Trainer:
             self.dataset = open_training_data(cfg)
         except (OSError, ValueError, ImportError, RuntimeError) as e:
             raise TrainingError(f"cannot open dataset {cfg.dataset!r}: {e}") from e
+        # Records the reader rejects (missing or corrupt images, bad columns) join the run's
+        # skip counts, so they are reported at the end and kept in checkpoints even when the
+        # run stops before a pass over the data ends.
+        self.dataset.on_bad_record = self._count_bad_record
         torch.manual_seed(cfg.seed)
         if vlm is None:
             vlm = load_model(cfg)
@@ -238,6 +243,9 @@ class Trainer:
         self.skips = SkipCounter(dict(self.state.skips), dict(self.state.skip_examples))
         self._selected_in_pass = False  # whether the current pass over the data selected tokens
 
+    def _count_bad_record(self, bad: BadRecord) -> None:
+        self.skips.add(bad.reason, bad.row_id)
+
     def _hook_width(self, names: list[str]) -> int:
         """The one width of the SAE hook points (a head hook counts heads x head width), read
         off one tiny forward pass the way training reads them; mixed widths are refused."""
@@ -265,7 +273,8 @@ class Trainer:
             full_pass = self.state.rows == 0
             got_any = False
             self._selected_in_pass = False  # fit() sets it when a batch selects tokens
-            for batch in batches(samples, cfg.batch_size, pad if pad is not None else 0):
+            pad_id = pad if pad is not None else 0
+            for batch in batches(samples, cfg.batch_size, pad_id, masks=self.vlm.masks):
                 got_any = True
                 yield batch, batch.positions[-1] + 1
             if not got_any and full_pass:
@@ -282,7 +291,7 @@ class Trainer:
 
     # --- one step ----------------------------------------------------------------------------
     def _activations(self, batch: Batch) -> tuple[list[torch.Tensor], list[torch.Tensor], Any]:
-        masks = self.vlm.masks(batch.inputs)
+        masks = batch.masks if batch.masks is not None else self.vlm.masks(batch.inputs)
         positions = masks.select(self.cfg.tokens, include_special=self.cfg.include_special_tokens)
         out, cache = self.vlm.run_with_cache(
             batch.inputs, names=self.bundle.hook_names(), mask=positions
