@@ -2,6 +2,7 @@
 
     python benchmarks/attribution.py                                  # toy VLM, random CLT
     python benchmarks/attribution.py --model llava --dictionaries DIR
+    python benchmarks/attribution.py --prune-memory                   # prune / scores only
 
 Each prompt is attributed with the same settings; the table gives positions, active features,
 explored features, wall time and peak memory (process RSS on CPU, allocated memory on GPU).
@@ -18,6 +19,7 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -49,7 +51,58 @@ def random_clt(vlm, expansion: int, k: int):  # type: ignore[no-untyped-def]
     return b
 
 
+def synthetic_graph(
+    n_features: int, n_layers: int, n_pos: int, n_logits: int, density: float
+) -> Any:
+    """A random DAG-shaped graph: feature rows read earlier features and every other column."""
+    from vlmscope.attribution.graph import Graph, LogitTarget
+
+    gen = torch.Generator().manual_seed(0)
+    n = n_features + (n_layers + 1) * n_pos + n_logits
+    a = torch.zeros(n, n)
+    for r in [*range(n_features), *range(n - n_logits, n)]:  # row by row: no big temporaries
+        a[r] = torch.randn(n, generator=gen) * (torch.rand(n, generator=gen) < density)
+    a[:n_features, :n_features].tril_(-1)
+    logits = [LogitTarget(i, str(i), 1 / n_logits) for i in range(n_logits)]
+    return Graph(a, torch.zeros(n_features, 3, dtype=torch.long), torch.ones(n_features),
+                 n_layers, torch.zeros(n_pos, dtype=torch.long), ["text"] * n_pos,
+                 torch.full((n_pos, 4), -1), logits)  # fmt: skip
+
+
+def prune_child(which: str, density: float) -> None:
+    """One measurement in a fresh process (peak RSS is per process): prints a table row."""
+    from vlmscope.attribution.graph import graph_scores, prune
+
+    g = synthetic_graph(1000, 8, 600, 3, density)
+    mb = g.adjacency.numel() * 4 / 2**20
+    before = peak_mb(torch.device("cpu"))
+    t = time.perf_counter()
+    prune(g) if which == "prune" else graph_scores(g)
+    dt = time.perf_counter() - t
+    extra = peak_mb(torch.device("cpu")) - before
+    print(f"{which:>13} {density:>8} {g.adjacency.shape[0]:>6} {mb:>9.0f} {extra:>10.0f} "
+          f"{extra / mb:>8.1f}x {dt:>8.2f}")  # fmt: skip
+
+
+def prune_memory() -> None:
+    """Peak host memory of prune() and graph_scores() against the dense adjacency's size."""
+    import subprocess
+
+    print(f"CPU, threads {torch.get_num_threads()}; 1000 features, 8 layers, 600 positions, "
+          "3 logits (random rows of the given density)")  # fmt: skip
+    cols = ("function", "density", "nodes", "adj MB", "+peak MB", "ratio", "seconds")
+    print(" ".join(f"{c:>{13 if i == 0 else 8}}" for i, c in enumerate(cols)))
+    for which in ("prune", "graph_scores"):
+        for density in (0.05, 1.0):
+            cmd = [sys.executable, __file__, "--prune-child", which, str(density)]
+            subprocess.run(cmd, check=True)
+
+
 def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--prune-child":
+        torch.set_num_threads(min(2, torch.get_num_threads()))
+        prune_child(sys.argv[2], float(sys.argv[3]))
+        return
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -62,7 +115,15 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--prune-memory",
+        action="store_true",
+        help="measure prune() / graph_scores() peak host memory on synthetic graphs instead",
+    )
     args = p.parse_args()
+    if args.prune_memory:
+        prune_memory()
+        return
     from transformers.utils import logging as hf_logging
 
     from vlmscope.attribution.attribute import attribute

@@ -7,6 +7,7 @@ perturbed, and the change of every feature pre-activation and demeaned logit is 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 from tests.conftest import random_image
 from tests.replacement.test_model import random_clt, vlm_for
 from vlmscope.attribution.attribute import attribute
+from vlmscope.attribution.export import load_raw, save_raw, to_json
 from vlmscope.attribution.freeze import FreezeState, frozen
 from vlmscope.attribution.graph import Graph
 from vlmscope.models import zoo
@@ -28,32 +30,50 @@ def prompt(vlm: HookedVLM, name: str) -> Any:
     return vlm.prepare("what colour is the circle and the square")
 
 
+def layer_of(hook: str) -> int:
+    """`lm.blocks.3.hook_resid_mid` -> 3."""
+    return int(hook.split(".")[2])
+
+
 class FrozenProbe:
-    """Forward passes of the frozen model with one source perturbed."""
+    """Forward passes of the frozen model with one source perturbed.
+
+    Every LM layer's MLP output is held at its clean value (not only the layers the
+    dictionaries cover); perturbations are keyed by model layer.
+    """
 
     def __init__(self, vlm: HookedVLM, bundle: DictionaryBundle, inputs: Any, graph: Graph):
         self.vlm, self.bundle, self.inputs, self.graph = vlm, bundle, inputs, graph
+        self.n_layers = vlm.adapter.n_layers
+        self.mlp_hooks = [f"lm.blocks.{i}.mlp.hook_out" for i in range(self.n_layers)]
+        self.units = [layer_of(r) for r in bundle.reads]  # unit -> model layer
         self.state = FreezeState(mode="record")
         self.embed: torch.Tensor | None = None
-        self.mlp: dict[str, torch.Tensor] = {}
+        self.mlp: dict[int, torch.Tensor] = {}
 
         def grab_embed(t: torch.Tensor, ctx: Any) -> None:
             self.embed = t.detach().clone()
 
         def grab_mlp(t: torch.Tensor, ctx: Any) -> None:
-            self.mlp[ctx.name] = t.detach().clone()
+            self.mlp[layer_of(ctx.name)] = t.detach().clone()
 
         hooks = [("lm.blocks.0.hook_resid_pre", grab_embed)] + [
-            (w, grab_mlp) for w in bundle.writes
+            (w, grab_mlp) for w in self.mlp_hooks
         ]
         with torch.no_grad(), frozen(vlm, self.state), vlm.hooks(hooks):
             self.clean_logits = vlm.forward(inputs).logits
+        assert sorted(self.mlp) == list(range(self.n_layers))  # every MLP is frozen
         self.state.mode = "replay"
         self.base = self.measure({}, None)
 
     def measure(
-        self, d_mlp: dict[int, tuple[int, torch.Tensor]], d_embed: tuple[int, torch.Tensor] | None
+        self,
+        d_mlp: dict[int, tuple[int, torch.Tensor]],
+        d_embed: tuple[int, torch.Tensor] | None,
+        deepstack_pos: int | None = None,
     ) -> torch.Tensor:
+        """Feature pre-activations and demeaned target logits; `deepstack_pos` also adds the
+        model's own DeepStack visual features (Qwen3-VL) once more at that position."""
         b, g = self.bundle, self.graph
         mids: dict[int, torch.Tensor] = {}
         store: dict[str, torch.Tensor] = {}
@@ -64,39 +84,48 @@ class FrozenProbe:
                 e[0, d_embed[0]] += d_embed[1]
             return e
 
-        def write(i: int) -> Any:
-            def fn(t: torch.Tensor, ctx: Any) -> torch.Tensor:
-                y = self.mlp[ctx.name].clone()
-                if i in d_mlp:
-                    y[0, d_mlp[i][0]] += d_mlp[i][1]
-                return y
+        def write(t: torch.Tensor, ctx: Any) -> torch.Tensor:
+            layer = layer_of(ctx.name)
+            y = self.mlp[layer].clone()
+            if layer in d_mlp:
+                y[0, d_mlp[layer][0]] += d_mlp[layer][1]
+            return y
 
-            return fn
-
-        def read(i: int) -> Any:
-            def fn(t: torch.Tensor, ctx: Any) -> None:
-                mids[i] = t[0].detach().clone()
-
-            return fn
+        def read(t: torch.Tensor, ctx: Any) -> None:
+            mids[layer_of(ctx.name)] = t[0].detach().clone()
 
         def final(_m: Any, _a: Any, out: torch.Tensor) -> None:
             store["final"] = out[0, -1].detach().clone()
 
         hooks = [("lm.blocks.0.hook_resid_pre", embed)]
-        hooks += [(r, read(i)) for i, r in enumerate(b.reads)] + [
-            (w, write(i)) for i, w in enumerate(b.writes)
-        ]
-        with torch.no_grad(), frozen(self.vlm, self.state), self.vlm.hooks(hooks):
-            h = self.vlm.adapter.norm().register_forward_hook(final)  # after the freeze hooks
-            try:
-                self.vlm.forward(self.inputs)
-            finally:
-                h.remove()
+        hooks += [(r, read) for r in b.reads] + [(w, write) for w in self.mlp_hooks]
+        lm = self.vlm.adapter.lm()
+        if deepstack_pos is not None and hasattr(lm, "_deepstack_process"):
+            own = lm._deepstack_process
+
+            def again(h: torch.Tensor, mask: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+                out = own(h, mask, embeds)
+                extra = torch.zeros_like(h)
+                extra[mask.to(h.device)] = embeds.to(h.dtype)
+                out[:, deepstack_pos] += extra[:, deepstack_pos]
+                return out
+
+            lm._deepstack_process = again  # this instance only, removed below
+        try:
+            with torch.no_grad(), frozen(self.vlm, self.state), self.vlm.hooks(hooks):
+                h = self.vlm.adapter.norm().register_forward_hook(final)  # after freeze hooks
+                try:
+                    self.vlm.forward(self.inputs)
+                finally:
+                    h.remove()
+        finally:
+            lm.__dict__.pop("_deepstack_process", None)
         clt = b.clt
         assert clt is not None
         pre = []
         for layer, pos, f in g.features.tolist():
-            w = clt.layers[layer].W_enc[f] * clt.layers[layer].input_scale
+            unit = clt.layers[self.units.index(layer)]
+            w = unit.W_enc[f] * unit.input_scale
             pre.append(mids[layer][pos] @ w.detach())
         w_u = self.vlm.adapter.unembed().weight.detach()
         logits = w_u @ store["final"]
@@ -119,17 +148,15 @@ def check_column(probe: FrozenProbe, graph: Graph, col: int, effect: torch.Tenso
     torch.testing.assert_close(effect[nf:], expected[nf:], atol=1e-5, rtol=0)
 
 
-FAMILIES = ["llama", "llava", "qwen2_vl", "gemma3", "smolvlm"]
-
-
-@pytest.mark.parametrize("name", FAMILIES)
-def test_every_edge_equals_a_measured_effect(name: str, zoo_path: Any) -> None:
-    vlm = vlm_for(name, zoo_path)
-    bundle = random_clt(vlm, n_targets=2, seed=1)
-    inputs = prompt(vlm, name)
+def check_every_edge(vlm: HookedVLM, bundle: DictionaryBundle, inputs: Any) -> FrozenProbe:
+    """Attribute, then check sampled columns of every node kind against measured effects."""
     # A feature budget below the active count also exercises the influence-ordered search.
     graph = attribute(vlm, bundle, inputs, batch_size=32, max_feature_nodes=96)
     assert graph.n_features == min(96, graph.metadata["n_active_features"])
+    # Layers are the model's, whatever the dictionaries cover.
+    assert graph.n_layers == vlm.adapter.n_layers
+    covered = [layer_of(r) for r in bundle.reads]
+    assert set(graph.features[:, 0].tolist()) <= set(covered)
     # Weights left the autograd graph only while attributing.
     assert all(p.requires_grad for p in [*vlm.model.parameters(), *bundle.parameters()])
     probe = FrozenProbe(vlm, bundle, inputs, graph)
@@ -138,37 +165,78 @@ def test_every_edge_equals_a_measured_effect(name: str, zoo_path: Any) -> None:
     n_pos = graph.n_pos
     gen = torch.Generator().manual_seed(0)
     positions = [*torch.randint(0, n_pos, (3,), generator=gen).tolist(), n_pos - 1]
-    # Input nodes (tokens and, for VLMs, image patches): add the embedding again.
+    # Input nodes (tokens and, for VLMs, image patches): add what the position injects again,
+    # its embedding and (Qwen3-VL) its DeepStack visual features.
     image_pos = [p for p in range(n_pos) if graph.input_kinds[p] == "image"][:2]
     for p in positions + image_pos:
-        eff = probe.measure({}, (p, probe.embed[0, p])) - probe.base  # type: ignore[index]
+        eff = probe.measure({}, (p, probe.embed[0, p]), deepstack_pos=p) - probe.base  # type: ignore[index]
         check_column(probe, graph, graph.input_index(p), eff)
-    # Error nodes: add the error vector again.
+        if p in image_pos and hasattr(vlm.adapter.lm(), "_deepstack_process"):
+            # Not a vacuous check: the DeepStack part alone moves the logits.
+            no_ds = probe.measure({}, (p, probe.embed[0, p])) - probe.base  # type: ignore[index]
+            assert (eff - no_ds)[graph.n_features :].abs().max() > 1e-4
+    # Error nodes: add the error vector again. At a layer without a dictionary the error is
+    # the whole (frozen, clean) MLP output.
     from vlmscope.attribution.context import AttributionContext
 
     ctx = AttributionContext(vlm, bundle, inputs, torch.ones(n_pos, dtype=torch.bool))
     ctx.record()
     for layer in range(graph.n_layers):
         for p in positions[:2]:
-            eff = probe.measure({layer: (p, ctx.errors[layer][p])}, None) - probe.base
+            err = ctx.errors[layer][p]
+            if layer not in covered:
+                torch.testing.assert_close(err, probe.mlp[layer][0, p], atol=0, rtol=0)
+            eff = probe.measure({layer: (p, err)}, None) - probe.base
             check_column(probe, graph, graph.error_index(layer, p), eff)
     # Feature nodes: double the activation (add its decoder contributions once more).
     clt = bundle.clt
     assert clt is not None
     for j in torch.randperm(graph.n_features, generator=gen)[:6].tolist():
         layer, pos, f = graph.features[j].tolist()
+        s = covered.index(layer)
         a = float(graph.activations[j])
         deltas = {}
-        for t in range(layer, graph.n_layers):
-            if t - layer < clt.layers[layer].n_out:
-                deltas[t] = (
-                    pos,
-                    a * clt.layers[layer].W_dec[f, t - layer].detach() / clt.layers[t].output_scale,
-                )
+        for t in range(s, len(covered)):
+            if t - s < clt.layers[s].n_out:
+                vec = clt.layers[s].W_dec[f, t - s].detach() / clt.layers[t].output_scale
+                deltas[covered[t]] = (pos, a * vec)
         # One position per layer in this probe: apply each layer's delta.
         eff = probe.measure(deltas, None) - probe.base
         check_column(probe, graph, j, eff)
     assert probe.largest > 0.05, "every checked edge is ~0: the test would not catch errors"
+    return probe
+
+
+FAMILIES = ["llama", "llava", "qwen2_vl", "qwen3_vl", "gemma3", "smolvlm"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_edge_equals_a_measured_effect(name: str, zoo_path: Any) -> None:
+    vlm = vlm_for(name, zoo_path)
+    check_every_edge(vlm, random_clt(vlm, n_targets=2, seed=1), prompt(vlm, name))
+
+
+def test_every_edge_with_dictionaries_on_some_layers(zoo_path: Any, tmp_path: Path) -> None:
+    """A CLT on layers 0 and 2 of 3 (`train --layers 0 2`): layer 1's real MLP must not pass
+    gradients; its output is an error node, and nodes carry model layer numbers."""
+    vlm = vlm_for("llava", zoo_path)
+    bundle = random_clt(vlm, n_targets=2, seed=1, layers=[0, 2])
+    probe = check_every_edge(vlm, bundle, prompt(vlm, "llava"))
+    graph = probe.graph
+    assert set(graph.features[:, 0].tolist()) == {0, 2}
+    assert graph.metadata["layers"] == [0, 2]
+    # Layer 1's error nodes carry its MLP output, and it does reach the logits.
+    p = graph.n_pos - 1
+    assert graph.adjacency[graph.logit_slice, graph.error_index(1, p)].abs().max() > 1e-3
+    # The viewer JSON and the raw file number layers as the model does; logits sit above.
+    data = to_json(graph, node_threshold=1.0, edge_threshold=1.0)
+    layers = {n["feature_type"]: set() for n in data["nodes"]}
+    for n in data["nodes"]:
+        layers[n["feature_type"]].add(n["layer"])
+    assert layers["cross layer transcoder"] == {"0", "2"}
+    assert layers["mlp reconstruction error"] == {"0", "1", "2"}
+    assert layers["logit"] == {"4"}
+    assert load_raw(save_raw(graph, tmp_path / "g.safetensors")).n_layers == 3
 
 
 def test_partial_influence_equals_the_square_matrix_series() -> None:

@@ -369,3 +369,69 @@ def test_cli_text_only_model(zoo_path: Any, tmp_path: Path, capsys: Any) -> None
     random_image(8, 8).save(tmp_path / "i.png")
     rc = run_attribute_command(parse(cli_args(s, out, "--image", str(tmp_path / "i.png"))))
     assert rc == 2 and "text-only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("make", ["empty", "sae"])
+def test_cli_bad_dictionaries_fail_before_the_model_loads(
+    llava_setup: dict[str, Path], tmp_path: Path, capsys: Any, monkeypatch: Any, make: str
+) -> None:
+    from vlmscope.dictionaries import SparseCoderConfig
+    from vlmscope.models.hooked import HookedVLM
+    from vlmscope.training.bundle import DictionaryBundle
+
+    def no_load(*a: Any, **k: Any) -> Any:
+        raise AssertionError("the model was loaded before the dictionaries were checked")
+
+    monkeypatch.setattr(HookedVLM, "from_pretrained", no_load)
+    dicts = tmp_path / "dicts"
+    dicts.mkdir()
+    if make == "sae":
+        cfg = SparseCoderConfig(kind="sae", expansion_factor=2, k=4)
+        hooks = ["lm.blocks.0.hook_resid_post"]
+        DictionaryBundle.create(cfg, hooks, hooks, 64, 64, {"name": "x"}).save(dicts)
+    s = {**llava_setup, "dicts": dicts}
+    rc = run_attribute_command(parse(cli_args(s, tmp_path / "g.json")))
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"--dictionaries {dicts}" in err
+    assert ("neither config.json" in err) if make == "empty" else ("holds SAEs" in err)
+
+
+def test_cli_target_and_logit_flags(
+    llava_setup: dict[str, Path], zoo_path: Any, capsys: Any
+) -> None:
+    """--max-n-logits / --desired-logit-prob reach attribute(); --target picks the logit the
+    graph and the heatmap are about; a multi-token --target is refused."""
+    s = llava_setup
+    img = str(s["dir"] / "img.png")
+    out = s["dir"] / "logits" / "g.json"
+    few = ["--image", img, "--max-feature-nodes", "8"]
+    flags = ["--max-n-logits", "3", "--desired-logit-prob", "1.0"]
+    assert run_attribute_command(parse(cli_args(s, out, *few, *flags))) == 0
+    top = load_raw(out.with_suffix(".safetensors")).logit_targets
+    assert len(top) == 3  # p=1.0 is never reached by 3 tokens: the cap decides
+    flags = ["--max-n-logits", "3", "--desired-logit-prob", "1e-6"]
+    assert run_attribute_command(parse(cli_args(s, out, *few, *flags))) == 0
+    assert len(load_raw(out.with_suffix(".safetensors")).logit_targets) == 1
+    # A chosen word (one token) and the second most likely token's id.
+    tok = vlm_for("llava", zoo_path).tokenizer
+    one = [
+        w
+        for w in ("circle", "what", "the", "a")
+        if len(tok.encode(w, add_special_tokens=False)) == 1
+    ]
+    text = next(w for w in one if tok.encode(w, add_special_tokens=False)[0] != top[0].token_id)
+    (word,) = tok.encode(text, add_special_tokens=False)
+    for target, tid in ((text, word), (str(top[1].token_id), top[1].token_id)):
+        capsys.readouterr()
+        assert run_attribute_command(parse(cli_args(s, out, *few, "--target", target))) == 0
+        raw = load_raw(out.with_suffix(".safetensors"))
+        assert [t.token_id for t in raw.logit_targets] == [tid]
+        assert f"on {tok.decode([tid])!r}" in capsys.readouterr().out
+        # The written heatmap is the one of the targeted logit.
+        pic = Image.open(img)
+        region = center_crop_box(pic.size, vlm_for("llava", zoo_path).processor.image_processor)
+        want = save_heatmap_png(raw, pic, s["dir"] / "want.png", 0, region=region, scale=8)
+        assert Image.open(want).tobytes() == Image.open(out.with_suffix(".heatmap.png")).tobytes()
+    rc = run_attribute_command(parse(cli_args(s, out, *few, "--target", "what colour is")))
+    assert rc == 2 and "not one" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 
 from tests.attribution.test_attribute import prompt
@@ -84,3 +85,47 @@ def test_generation_with_interventions(zoo_path: Any) -> None:
         rm, inputs, [(1, None, 7, 50.0)], max_new_tokens=4, do_sample=False
     )
     assert steered.shape == plain.shape
+
+
+def test_positions_the_dictionaries_do_not_replace_are_refused(zoo_path: Any) -> None:
+    """Out of range, negative, BOS: each a clear error naming the position and why."""
+    vlm = vlm_for("llava", zoo_path)
+    inputs = prompt(vlm, "llava")
+    rm = ReplacementModel(vlm, random_clt(vlm, seed=6))  # trained without special tokens
+    n = inputs["input_ids"].shape[1]
+    assert bool(vlm.masks(inputs).special[0, 0])  # BOS
+    cases = [
+        (n, rf"position {n} is out of range: the prompt has {n} positions"),
+        (-1, r"position -1 is negative"),
+        (0, r"position 0 \(token '<s>'\) is not replaced .* special token"),
+    ]
+    for pos, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            intervene(rm, inputs, [(1, pos, 3, 10.0)])
+    with pytest.raises(ValueError, match=rf"position {n + 4} is out of range.*plus 3 generated"):
+        generate_with_interventions(rm, inputs, [(1, n + 4, 3, 10.0)], max_new_tokens=3)
+    # Padding: the shorter prompt of a left-padded batch starts with padding.
+    batch = vlm.prepare(["what colour", "what colour is the big circle"], padding_side="left")
+    assert not bool(batch["attention_mask"][0, 0])
+    with pytest.raises(ValueError, match=r"position 0 \(sample 0, .*padding"):
+        intervene(rm, batch, [(1, 0, 3, 10.0)])
+    # A replaced position and position None (every replaced position) still work.
+    r = intervene(rm, inputs, [(1, n - 1, 3, 50.0)])
+    assert (r.logits - r.clean_logits).abs().max() > 1e-3
+    res = intervene(rm, inputs, [(1, None, 3, 50.0)])
+    t = res.features.table()
+    at = t["position"][(t["unit"] == 1) & (t["feature"] == 3)]
+    assert 0 not in at.tolist() and len(at) == n - 1
+
+
+def test_layers_are_model_layers_with_dictionaries_on_some_layers(zoo_path: Any) -> None:
+    """With a CLT on layers 0 and 2, intervening on layer 2 sets unit 1; layer 1 is refused."""
+    vlm = vlm_for("llava", zoo_path)
+    inputs = prompt(vlm, "llava")
+    rm = ReplacementModel(vlm, random_clt(vlm, seed=7, layers=[0, 2]))
+    n = inputs["input_ids"].shape[1]
+    t = intervene(rm, inputs, [(2, n - 1, 5, 9.0)]).features.table()
+    hit = (t["unit"] == 1) & (t["position"] == n - 1) & (t["feature"] == 5)
+    assert t["value"][hit].tolist() == [9.0]
+    with pytest.raises(ValueError, match=r"layer 1: the dictionaries cover layers \[0, 2\]"):
+        intervene(rm, inputs, [(1, n - 1, 5, 9.0)])

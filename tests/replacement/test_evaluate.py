@@ -360,7 +360,12 @@ def test_cli_writes_metrics_json(
     assert set(metrics) == {
         "model", "dictionaries", "kind", "units", "writes", "replace_tokens", "per_layer",
         "n_batches", "n_samples", "n_tokens", "forward_passes", "reconstruction", "next_token",
+        "dataset", "split", "max_tokens", "same_data_as_training",
     }  # fmt: skip
+    # What was measured: the held-out split of the shapes world by default, and the budget.
+    assert (metrics["dataset"], metrics["split"], metrics["max_tokens"]) == (DATA, "test", 100)
+    assert metrics["same_data_as_training"] is None  # no training run next to these
+    assert f"data: {DATA}, split test; token budget 100" in out
     assert metrics["kind"] == "clt" and metrics["per_layer"] is False
     assert metrics["n_batches"] >= 1 and metrics["n_tokens"] >= 100  # whole batches
     assert metrics["forward_passes"] == 3 * metrics["n_batches"]
@@ -374,6 +379,30 @@ def test_cli_writes_metrics_json(
     }  # fmt: skip
     assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []  # no temp files
     DictionaryBundle.load(folder)  # metrics.json next to the dictionaries does not disturb them
+
+
+def test_cli_warns_when_evaluating_on_the_training_data(
+    tmp_path: Path, zoo_path: Any, llava: HookedVLM, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Dictionaries of a run trained on `shapes` (split train, seed 0): evaluating shapes:8 on
+    split train scores a prefix of the training stream, so it warns and says so in the JSON;
+    the default split (test) does not."""
+    run = tmp_path / "run"
+    folder = random_clt(llava).save(run / "dictionaries")
+    train_cfg = TrainConfig(model="llava", dataset="shapes", split="train", seed=0)
+    (run / "train_config.json").write_text(json.dumps(train_cfg.to_dict()))
+    base = [str(zoo_path("llava")), str(folder), DATA, "--max-tokens", "50", "--batch-size",
+            "2", "--device", "cpu", "--no-per-layer", "--no-progress"]  # fmt: skip
+    assert run_eval_command(_parse([*base, "--split", "train"])) == 0
+    got = capsys.readouterr()
+    assert "WARNING" in got.err and "trained on" in got.err and "WARNING" in got.out
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert (metrics["split"], metrics["same_data_as_training"]) == ("train", True)
+    assert run_eval_command(_parse(base)) == 0
+    got = capsys.readouterr()
+    assert "WARNING" not in got.err + got.out
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert (metrics["split"], metrics["same_data_as_training"]) == ("test", False)
 
 
 def test_cli_mismatch_fails_before_any_forward(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +25,16 @@ def vlm_for(name: str, zoo_path: Any) -> HookedVLM:
     return _VLMS[name]
 
 
-def random_clt(vlm: HookedVLM, n_targets: int = 0, seed: int = 0) -> DictionaryBundle:
-    """A CLT with random (untrained) weights: reconstructions far from the truth."""
+def random_clt(
+    vlm: HookedVLM, n_targets: int = 0, seed: int = 0, layers: Sequence[int] | None = None
+) -> DictionaryBundle:
+    """A CLT with random (untrained) weights: reconstructions far from the truth. `layers`:
+    the LM layers it covers (default: all), as `vlmscope train --layers` makes them."""
     torch.manual_seed(seed)
     a = vlm.adapter
     cfg = SparseCoderConfig(kind="clt", expansion_factor=2, k=4, n_targets=n_targets)
-    layers = range(a.n_layers)
-    info = {"name": "test", "family": a.family, "dims": a.dims(), "tokens": "all"}
+    layers = list(range(a.n_layers)) if layers is None else list(layers)
+    info = {"name": "test", "family": a.family, "dims": a.dims(), "tokens": "all", "layers": layers}
     b = DictionaryBundle.create(cfg, [resid_mid(i) for i in layers], [mlp_out(i) for i in layers],
                                 a.d_model, a.d_model, info)  # fmt: skip
     with torch.no_grad():
@@ -138,6 +142,38 @@ def test_capture_features_records_active_latents(zoo_path: Any) -> None:
         assert abs(got[k] - want[k]) < 1e-5
 
 
+def test_capture_features_only_at_replaced_positions(zoo_path: Any) -> None:
+    """A padded batch: nothing recorded at padding or BOS (not replaced), and the records are
+    exactly the active latents of the original residuals at the replaced positions."""
+    vlm = vlm_for("llava", zoo_path)
+    inputs = inputs_for(vlm, "llava")
+    masks = vlm.masks(inputs)
+    assert bool(masks.pad.any()) and bool(masks.special.any())
+    bundle = random_clt(vlm)
+    rm = ReplacementModel(vlm, bundle, error_terms=True)  # residuals stay the original's
+    rm.forward(inputs, capture_features=True)
+    t = rm.last_features.table()  # type: ignore[union-attr]
+    keep = masks.valid & ~masks.special  # trained on all tokens but special ones
+    assert bool(keep[t["batch"], t["position"]].all())
+    n = vlm.adapter.n_layers
+    _, cache = vlm.run_with_cache(inputs, names=[resid_mid(i) for i in range(n)])
+    want = set()
+    clt = bundle.clt
+    assert clt is not None
+    with torch.no_grad():
+        for i in range(n):
+            x = cache[resid_mid(i)]
+            codes = clt.encode_layer(i, x.reshape(-1, x.shape[-1]))
+            rows, slot = (codes.values != 0).nonzero(as_tuple=True)
+            for r, f in zip(rows.tolist(), codes.indices[rows, slot].tolist(), strict=True):
+                b, p = divmod(r, x.shape[1])
+                if keep[b, p]:
+                    want.add((i, b, p, f))
+    got = list(zip(*(t[k].tolist() for k in ("unit", "batch", "position", "feature")), strict=True))
+    assert len(got) == len(want) > 0
+    assert set(got) == want
+
+
 @pytest.mark.parametrize("name", ["llava", "qwen2_vl"])
 def test_generate_with_replacement(name: str, zoo_path: Any) -> None:
     vlm = vlm_for(name, zoo_path)
@@ -155,6 +191,24 @@ def test_generate_with_replacement(name: str, zoo_path: Any) -> None:
     n = inputs["input_ids"].shape[1]
     pos = rm.last_features.table()["position"]  # type: ignore[union-attr]
     assert set(range(n, n + 3)) <= set(pos.tolist())
+
+
+def test_generation_refuses_right_padding(zoo_path: Any) -> None:
+    """Right padding would make generation continue after the padding: a clear error."""
+    from vlmscope.attribution.interventions import generate_with_interventions
+
+    vlm = vlm_for("llava", zoo_path)
+    prompts = ["what colour is the circle", "how many"]
+    right = vlm.prepare(prompts, padding_side="right")
+    assert not bool(right["attention_mask"][:, -1].all())
+    rm = ReplacementModel(vlm, random_clt(vlm), error_terms=True)
+    with pytest.raises(ValueError, match=r"left padding: prepare\(..., padding_side='left'\)"):
+        rm.generate(right, max_new_tokens=2)
+    with pytest.raises(ValueError, match="left padding"):
+        generate_with_interventions(rm, right, [], max_new_tokens=2)
+    left = vlm.prepare(prompts, padding_side="left")
+    plain = vlm.model.generate(**left, max_new_tokens=3, do_sample=False)
+    assert torch.equal(rm.generate(left, max_new_tokens=3, do_sample=False), plain)
 
 
 def test_dictionaries_for_another_model(zoo_path: Any, tmp_path: Path) -> None:

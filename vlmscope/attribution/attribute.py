@@ -72,6 +72,10 @@ def attribute(
     n_feat, n_pos, n_layers = len(feats), masks.valid.shape[1], ctx.n_layers
     tok = vlm.tokenizer
     if logit_targets is not None:
+        vocab = ctx.logits.shape[-1]
+        bad = [i for i in logit_targets if not 0 <= int(i) < vocab]
+        if bad or not logit_targets:
+            raise ValueError(f"logit_targets {bad or '[]'}: need token ids in [0, {vocab})")
         probs = torch.softmax(ctx.logits, -1)
         targets = [LogitTarget(i, tok.decode([i]), float(probs[i])) for i in logit_targets]
     else:
@@ -187,6 +191,8 @@ def _assemble(
             "family": vlm.adapter.family,
             "dictionaries": bundle.kind,
             "hooks": {"reads": bundle.reads, "writes": bundle.writes},
+            # Model layers with a dictionary; every other layer's MLP output is an error node.
+            "layers": list(ctx.unit_layers),
             "n_active_features": n_feat,
         },
     )

@@ -75,6 +75,26 @@ def add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
         help="keep edges holding this share of influence (default: 0.98)",
     )
     parser.add_argument(
+        "--desired-logit-prob",
+        type=float,
+        default=0.95,
+        help="attribute the most likely next tokens until their probabilities sum to this "
+        "(default: 0.95)",
+    )
+    parser.add_argument(
+        "--max-n-logits",
+        type=int,
+        default=10,
+        help="attribute at most this many next-token logits (default: 10)",
+    )
+    parser.add_argument(
+        "--target",
+        default=None,
+        metavar="TOKEN",
+        help="attribute this next token instead of the most likely ones: a token string "
+        "(e.g. ' red'; it must be one token) or a token id (digits). The heatmap shows it",
+    )
+    parser.add_argument(
         "--batch-size", type=int, default=64, help="backward passes per batch (default: 64)"
     )
     parser.add_argument(
@@ -109,6 +129,14 @@ def _check_args(args: argparse.Namespace) -> list[Any]:
             raise AttributeInputError(f"--{name.replace('_', '-')} must be in [0, 1], got {v}")
     if args.batch_size < 1:
         raise AttributeInputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not 0.0 < args.desired_logit_prob <= 1.0:
+        raise AttributeInputError(
+            f"--desired-logit-prob must be in (0, 1], got {args.desired_logit_prob}"
+        )
+    if args.max_n_logits < 1:
+        raise AttributeInputError(f"--max-n-logits must be >= 1, got {args.max_n_logits}")
+    if args.target is not None and args.target == "":
+        raise AttributeInputError("--target is empty; give a token string or a token id")
     if args.max_feature_nodes < 0:
         raise AttributeInputError(f"--max-feature-nodes must be >= 0, got {args.max_feature_nodes}")
     if not Path(args.dictionaries).is_dir():
@@ -130,6 +158,25 @@ def _check_args(args: argparse.Namespace) -> list[Any]:
     if out.suffix == ".safetensors":
         raise AttributeInputError(f"--out {out}: the raw graph takes that name; use a .json name")
     return images
+
+
+def target_token(tokenizer: Any, target: str) -> int:
+    """The token id `--target` names: an id (digits), else a string that must encode to
+    exactly one token (no special tokens added)."""
+    vocab = len(tokenizer)
+    if target.strip().isdigit() and target == target.strip():
+        tid = int(target)
+        if tid >= vocab:
+            raise AttributeInputError(f"--target {tid}: the vocabulary has {vocab} tokens")
+        return tid
+    ids = tokenizer.encode(target, add_special_tokens=False)
+    if len(ids) != 1:
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        raise AttributeInputError(
+            f"--target {target!r} is {len(ids)} tokens {pieces}, not one; give a single token "
+            "(mind the leading space) or a token id"
+        )
+    return int(ids[0])
 
 
 def _heatmap_paths(args: argparse.Namespace, n_images: int) -> list[Path]:
@@ -159,6 +206,16 @@ def run_attribute_command(args: argparse.Namespace) -> int:
     from vlmscope.training.trainer import resolve_model_path
 
     try:
+        # The dictionaries load first (small, on the CPU): a bad folder fails before the model.
+        try:
+            bundle = DictionaryBundle.load(args.dictionaries)
+        except (OSError, ValueError) as e:
+            raise AttributeInputError(f"--dictionaries {args.dictionaries}: {e}") from e
+        if bundle.kind == "sae":
+            raise AttributeInputError(
+                f"--dictionaries {args.dictionaries} holds SAEs; attribution needs transcoders "
+                "or a CLT that replace MLP outputs"
+            )
         path = resolve_model_path(args.model)
         print(f"Loading {args.model} ({path})")
         vlm = HookedVLM.from_pretrained(path, device=args.device, dtype=args.dtype)
@@ -166,14 +223,18 @@ def run_attribute_command(args: argparse.Namespace) -> int:
             raise AttributeInputError(
                 f"{args.model} is a text-only model ({vlm.adapter.family}); drop --image"
             )
-        bundle = DictionaryBundle.load(args.dictionaries, device=vlm.device)
         bundle.check_model(vlm.adapter)
+        bundle = bundle.to(vlm.device)
+        target = None if args.target is None else [target_token(vlm.tokenizer, args.target)]
         inputs = vlm.prepare(args.prompt, images=images or None)
         graph = attribute(
             vlm,
             bundle,
             inputs,
             max_feature_nodes=args.max_feature_nodes or None,
+            desired_logit_prob=args.desired_logit_prob,
+            max_n_logits=args.max_n_logits,
+            logit_targets=target,
             batch_size=args.batch_size,
             progress=True,
         )
@@ -184,10 +245,13 @@ def run_attribute_command(args: argparse.Namespace) -> int:
     pr = prune(graph, args.node_threshold, args.edge_threshold)
     replacement, completeness = graph_scores(graph)
     n_img = sum(k == "image" for k in graph.input_kinds)
+    covered = graph.metadata.get("layers", [])
+    partial = f" (dictionaries on {covered})" if len(covered) < graph.n_layers else ""
+    kept = int(pr.node_mask[: graph.n_features].sum())
     print(
         f"\nGraph: {graph.n_pos} positions ({n_img} image), {graph.n_features} features "
-        f"explored, {graph.n_layers} layers; kept {int(pr.node_mask[: graph.n_features].sum())} "
-        f"features and {int(pr.edge_mask.sum())} edges after pruning"
+        f"explored, {graph.n_layers} layers{partial}; kept {kept} features and "
+        f"{int(pr.edge_mask.sum())} edges after pruning"
     )
     print(f"replacement score  {replacement:.4f}\ncompleteness score {completeness:.4f}")
     print(f"\n{'logit':<20} {'prob':>7}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -30,9 +31,10 @@ class Graph:
     """An attribution graph over one prompt; see the module docstring for the node order."""
 
     adjacency: Tensor
-    #: [n_features, 3] (layer, position, feature index) of the selected feature nodes.
+    #: [n_features, 3] (model layer, position, feature index) of the selected feature nodes.
     features: Tensor
     activations: Tensor
+    #: the model's LM layers (errors: one per layer and position, also where no dictionary is).
     n_layers: int
     input_ids: Tensor
     #: per position: "text", "image" or "special".
@@ -96,9 +98,13 @@ class Graph:
 
 
 def normalize_rows(matrix: Tensor) -> Tensor:
-    """|A| with each row scaled to sum to 1 (rows of zeros stay zero)."""
-    a = matrix.abs()
-    return a / a.sum(dim=1, keepdim=True).clamp(min=1e-10)
+    """|A| with each row scaled to sum to 1 (rows of zeros stay zero); one new matrix."""
+    return _normalize_abs_(matrix.abs())
+
+
+def _normalize_abs_(a: Tensor) -> Tensor:
+    """Scale the rows of `a` (already >= 0) in place to sum to 1: no second matrix."""
+    return a.div_(a.sum(dim=1, keepdim=True).clamp(min=1e-10))
 
 
 def influence(normalized: Tensor, logit_weights: Tensor, max_iter: int = 10_000) -> Tensor:
@@ -118,14 +124,27 @@ def node_influence(graph: Graph) -> Tensor:
 
 
 def _threshold(scores: Tensor, keep: float) -> Tensor:
-    """The smallest score among the top scores that hold `keep` of the total."""
-    ordered = torch.sort(scores, descending=True).values
+    """The smallest score among the top scores (all >= 0) that hold `keep` of the total.
+
+    Sorted in place on a copy, without the int64 index tensor torch.sort also returns (twice
+    the size of the scores: for the edge scores of a dense graph that was most of prune's
+    memory); the running total covers only the positive scores (the zeros at the end add
+    nothing to it)."""
+    ordered = scores.clone()
+    if ordered.device.type == "cpu" and ordered.dtype in (torch.float32, torch.float64):
+        negated = ordered.neg_().numpy()
+        negated.sort()  # ascending in place: descending of the scores
+        positive = int(np.searchsorted(negated, negated.dtype.type(0)))  # no mask, no cast
+        ordered.neg_()
+    else:
+        ordered = torch.sort(ordered, descending=True).values
+        positive = int(torch.count_nonzero(ordered > 0))
     total = ordered.sum()
     if total <= 0:
         return ordered[0]
-    cum = torch.cumsum(ordered, 0) / total
-    idx = min(int(torch.searchsorted(cum, torch.tensor(keep, dtype=cum.dtype))), len(cum) - 1)
-    return ordered[idx]
+    cum = torch.cumsum(ordered[:positive], 0).div_(total)
+    idx = int(torch.searchsorted(cum, torch.tensor(keep, dtype=cum.dtype)))
+    return ordered[min(idx, len(ordered) - 1)]
 
 
 @dataclass
@@ -145,17 +164,23 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
             raise ValueError(f"{name} must be in [0, 1], got {v}")
     a = graph.adjacency
     w = graph.logit_weights()
-    infl = influence(normalize_rows(a), w)
+    # One work matrix, reused: |A| normalised, then the pruned |A| normalised, then the edge
+    # scores (each step in place), so memory stays near one copy of the adjacency.
+    work = normalize_rows(a)
+    infl = influence(work, w)
     node_mask = infl >= _threshold(infl, node_threshold)
     fixed = graph.input_slice.start  # inputs and logits are always kept
     node_mask[fixed:] = True
-    pruned = a.clone()
+    pruned = torch.abs(a, out=work)
     pruned[~node_mask] = 0
     pruned[:, ~node_mask] = 0
-    norm = normalize_rows(pruned)
-    edge_scores = norm * (influence(norm, w) + w)[:, None]
+    nonzero = pruned != 0
+    norm = _normalize_abs_(pruned)
+    edge_scores = norm.mul_((influence(norm, w) + w)[:, None])
     edge_mask = edge_scores >= _threshold(edge_scores.flatten(), edge_threshold)
-    edge_mask &= pruned != 0
+    del work, pruned, norm, edge_scores
+    edge_mask &= nonzero
+    del nonzero
     nf = graph.n_features
     while True:
         before = node_mask.clone()

@@ -10,6 +10,8 @@ effect that flows through the residual stream and the MLP replacements.
 from __future__ import annotations
 
 import contextlib
+import operator
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,10 +22,60 @@ from torch import Tensor
 from vlmscope.attribution.freeze import FreezeState, frozen
 from vlmscope.dictionaries import SparseCodes
 from vlmscope.models.hooked import HookContext
-from vlmscope.replacement.model import ActiveFeatures, ReplacementModel
+from vlmscope.replacement.model import ActiveFeatures, ReplacementModel, check_left_padded
 
-#: (layer, position, feature, value); position None means every position (also generated ones).
+#: (layer, position, feature, value): the model's LM layer (as in a graph's features), the
+#: position in the sequence (None: every position the dictionaries replace, generated ones too).
 Intervention = tuple[int, int | None, int, float]
+
+
+def layer_units(bundle: Any) -> dict[int, int]:
+    """Model layer -> the bundle unit reading at that layer, for layers with exactly one unit."""
+    found: dict[int, list[int]] = {}
+    for u, hook in enumerate(bundle.reads):
+        m = re.match(r"^lm\.blocks\.(\d+)\.", hook)
+        if m is not None:
+            found.setdefault(int(m.group(1)), []).append(u)
+    return {layer: us[0] for layer, us in found.items() if len(us) == 1}
+
+
+def _check_position(
+    rm: ReplacementModel, ids: Tensor, attn: Tensor | None, pos: int, limit: int
+) -> int:
+    """`pos` if every sample's dictionaries replace it; else a ValueError naming why not."""
+    seq = ids.shape[1]
+    if pos < 0:
+        raise ValueError(f"intervention position {pos} is negative: positions count from 0")
+    if pos >= limit:
+        more = f" (plus {limit - seq} generated)" if limit > seq else ""
+        raise ValueError(
+            f"intervention position {pos} is out of range: the prompt has {seq} positions "
+            f"(0..{seq - 1}){more}"
+        )
+    if pos >= seq:
+        return pos  # a generated position: replaced when it is generated
+    for b in range(ids.shape[0]):
+        why = rm.not_replaced_reason(ids, attn, b, pos)
+        if why is not None:
+            tok = rm.vlm.tokenizer.decode([int(ids[b, pos])]) if rm.vlm.tokenizer else ""
+            sample = f"sample {b}, " if ids.shape[0] > 1 else ""
+            raise ValueError(
+                f"intervention position {pos} ({sample}token {tok!r}) is not replaced by the "
+                f"dictionaries: {why}"
+            )
+    return pos
+
+
+def _generation_limit(model: Any, seq: int, kwargs: Mapping[str, Any]) -> int | None:
+    """The sequence length generation can reach, from the kwargs or the generation config."""
+    cfg = getattr(model, "generation_config", None)
+    new = kwargs.get("max_new_tokens")
+    if new is None and "max_length" not in kwargs:
+        new = getattr(cfg, "max_new_tokens", None)
+    if new is not None:
+        return seq + int(new)
+    total = kwargs.get("max_length", getattr(cfg, "max_length", None))
+    return int(total) if total is not None else None
 
 
 @dataclass
@@ -62,17 +114,32 @@ def _override(codes: SparseCodes, items: Sequence[tuple[int, int, float]]) -> Sp
 class _Session:
     """Hooks of one intervened run: fixed clean errors, feature overrides."""
 
-    def __init__(self, rm: ReplacementModel, interventions: Sequence[Intervention]) -> None:
+    def __init__(
+        self,
+        rm: ReplacementModel,
+        interventions: Sequence[Intervention],
+        inputs: Mapping[str, Any],
+        limit: int | None = None,
+    ) -> None:
+        """Check every intervention against the dictionaries and the prompt. Positions at or
+        past the prompt's end are allowed below `limit` (generation), else rejected."""
         self.rm = rm
         self.errors: dict[str, Tensor] = {}
         self.by_layer: dict[int, list[tuple[int | None, int, float]]] = {}
-        n = len(rm.bundle.reads)
+        units = layer_units(rm.bundle)
+        ids, attn = inputs["input_ids"], inputs.get("attention_mask")
+        seq = ids.shape[1]
+        limit = seq if limit is None else limit
         for layer, pos, feat, val in interventions:
-            if not 0 <= layer < n:
-                raise ValueError(f"intervention on layer {layer}: the dictionaries have {n}")
+            if layer not in units:
+                raise ValueError(
+                    f"intervention on layer {layer}: the dictionaries cover layers {sorted(units)}"
+                )
             if not 0 <= feat < rm.bundle.cfg.num_latents:
                 raise ValueError(f"feature {feat} out of range ({rm.bundle.cfg.num_latents})")
-            self.by_layer.setdefault(layer, []).append((pos, feat, float(val)))
+            if pos is not None:
+                pos = _check_position(rm, ids, attn, int(operator.index(pos)), limit)
+            self.by_layer.setdefault(units[layer], []).append((pos, feat, float(val)))
 
     @contextlib.contextmanager
     def hooks(self, features: ActiveFeatures | None, fixed_errors: bool) -> Iterator[None]:
@@ -103,7 +170,7 @@ class _Session:
                             items += [(bi * seq + p, feat, val) for bi in range(bsz)]
                 codes[i] = _override(c, items) if items else c
                 if features is not None:
-                    features.add(i, codes[i], (bsz, seq), state["offset"])
+                    features.add(i, codes[i], (bsz, seq), state["offset"], state["mask"])
 
             return fn
 
@@ -141,9 +208,13 @@ def intervene(
     freeze_norms: bool = False,
 ) -> InterventionResult:
     """Logits and active features of the replacement model (clean errors held fixed) with
-    `interventions` applied, plus the clean logits for comparison."""
+    `interventions` applied, plus the clean logits for comparison.
+
+    Layers are the model's (as a graph's features carry them); a position must be one the
+    dictionaries replace (not padding, nor a token kind they were not trained on), else
+    ValueError: setting a feature there would change nothing."""
     rm, vlm = model, model.vlm
-    session = _Session(rm, interventions)
+    session = _Session(rm, interventions, inputs)
     state = FreezeState(mode="record", attention=freeze_attention, norms=freeze_norms)
     with frozen(vlm, state):
         clean = rm.forward(inputs, record_errors=True, error_terms=True)
@@ -197,7 +268,9 @@ def generate_with_interventions(
     the clean prompt's errors fixed; interventions with position None also apply at every
     generated position."""
     rm, vlm = model, model.vlm
-    session = _Session(rm, interventions)
+    check_left_padded(inputs)
+    limit = _generation_limit(vlm.model, inputs["input_ids"].shape[1], generate_kwargs)
+    session = _Session(rm, interventions, inputs, limit)
     rm.forward(inputs, record_errors=True, error_terms=True)
     session.errors = dict(rm.last_errors)
     vlm.masks(inputs)

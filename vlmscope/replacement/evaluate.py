@@ -255,6 +255,13 @@ class EvalReport:
     reconstruction: dict[str, dict[str, Any]] = field(default_factory=dict)
     next_token: dict[str, dict[str, Any]] = field(default_factory=dict)
     dictionaries: str | None = None
+    #: what was evaluated: the dataset, its split and the token budget (None: all of it).
+    dataset: str | None = None
+    split: str | None = None
+    max_tokens: int | None = None
+    #: True when dataset and split are the dictionaries' training data (scores are then
+    #: optimistic); None when the training run is unknown.
+    same_data_as_training: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; NaN (an empty group, an undefined score) becomes None (null)."""
@@ -262,6 +269,10 @@ class EvalReport:
             {
                 "model": self.model,
                 "dictionaries": self.dictionaries,
+                "dataset": self.dataset,
+                "split": self.split,
+                "max_tokens": self.max_tokens,
+                "same_data_as_training": self.same_data_as_training,
                 "kind": self.kind,
                 "units": self.units,
                 "writes": self.writes,
@@ -295,9 +306,13 @@ class EvalReport:
         lines = [
             f"{self.model}: {self.kind} over {len(self.units)} units; {self.n_tokens} tokens in "
             f"{self.n_samples} samples, {self.forward_passes} forward passes",
-            "",
-            "Reconstruction (clean activations)",
+            f"data: {self.dataset or '(given batches)'}"
+            + (f", split {self.split}" if self.split else "")
+            + f"; token budget {self.max_tokens if self.max_tokens else 'none (all data)'}",
         ]
+        if self.same_data_as_training:
+            lines.append(f"WARNING: {TRAINING_DATA_WARNING}")
+        lines += ["", "Reconstruction (clean activations)"]
         head = f"{'unit':<{w}} {'FVU':>8} {'EV':>8} {'nMSE':>8} {'L0':>8} {'dead %':>7}"
         for group, res in self.reconstruction.items():
             lines.append(f"  tokens: {group} ({res['n_tokens']})")
@@ -631,6 +646,8 @@ def evaluate(
     ctx_len: int = 2048,
     progress: bool = True,
     model_name: str | None = None,
+    dataset: str | None = None,
+    split: str | None = None,
 ) -> EvalReport:
     """Evaluate dictionaries on `vlm` (see the module docstring for every definition).
 
@@ -640,9 +657,10 @@ def evaluate(
     `tokens` picks the reconstruction groups (default all three: "all", "image", "text").
     `per_layer=False` skips the 2 L single-layer passes. `replace_tokens` is the
     ReplacementModel's: where replacement and zero ablation act. Dictionaries made for another
-    model raise ModelMismatchError before any forward pass. Memory: besides the model's logits,
-    one batch's clean next-token log-probs ([positions, vocab] float32) and every unit's sparse
-    codes are held; lower `batch_size` for large vocabularies.
+    model raise ModelMismatchError before any forward pass. `dataset` / `split` name the data
+    in the report (with `max_tokens`), so a metrics file says what it measured. Memory:
+    besides the model's logits, one batch's clean next-token log-probs ([positions, vocab]
+    float32) and every unit's sparse codes are held; lower `batch_size` for large vocabularies.
     """
     from tqdm.auto import tqdm
 
@@ -695,10 +713,53 @@ def evaluate(
         n_samples=n_samples,
         n_tokens=n_tokens,
         dictionaries=path,
+        dataset=dataset,
+        split=split,
+        max_tokens=max_tokens or None,
     )
 
 
 # --- command line --------------------------------------------------------------------------------
+TRAINING_DATA_WARNING = (
+    "this dataset and split are the ones the dictionaries were trained on: the scores measure "
+    "fit, not generalisation (evaluate another --split)"
+)
+
+
+def training_config(dictionaries: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The train_config.json of the run that wrote `dictionaries` (the run folder, or a
+    checkpoint inside it), or None when there is none to read."""
+    folder = Path(dictionaries).resolve()
+    for d in (folder, folder.parent, folder.parent.parent):
+        f = d / "train_config.json"
+        if f.is_file():
+            try:
+                data = json.loads(f.read_text())
+            except (OSError, ValueError):
+                return None
+            return data if isinstance(data, dict) else None
+    return None
+
+
+def same_data_as_training(dictionaries: str | os.PathLike[str], cfg: Any) -> bool | None:
+    """Whether `cfg`'s dataset and split are the training run's (None: run unknown). Two
+    shapes worlds with the same seed and split overlap whatever their size: a smaller one is a
+    prefix of a larger one."""
+    run = training_config(dictionaries)
+    if run is None or "dataset" not in run:
+        return None
+    if run.get("split", "train") != cfg.split:
+        return False
+    trained = str(run["dataset"])
+    if cfg.is_shapes_dataset():  # as TrainConfig.is_shapes_dataset, for the run's dataset
+        shapes = trained == "shapes" or trained.startswith("shapes:")
+        return shapes and int(run.get("seed", 0)) == int(cfg.seed)
+    if trained == cfg.dataset:
+        return True
+    a, b = Path(trained), Path(cfg.dataset)
+    return a.exists() and b.exists() and a.resolve() == b.resolve()
+
+
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Flags of `vlmscope eval MODEL DICTIONARIES DATASET`."""
     p = parser
@@ -754,7 +815,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         choices=("float32", "bfloat16", "float16"),
         help="model dtype (default: the checkpoint's)",
     )
-    p.add_argument("--split", default="train", help="dataset split (default: train)")
+    p.add_argument(
+        "--split",
+        default=None,
+        help="dataset split (default: `test` for the generated shapes world, whose `train` "
+        "split is what `vlmscope train` trains on; `train` for other datasets)",
+    )
     p.add_argument(
         "--schema",
         default="auto",
@@ -792,7 +858,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
     # A parser that leaves out some optional flags still works: their defaults apply.
     defaults = {"max_batches": 0, "tokens": None, "per_layer": True, "replace_tokens": "trained",
-                "device": None, "dtype": None, "split": "train", "schema": "auto",
+                "device": None, "dtype": None, "split": None, "schema": "auto",
                 "image_root": "", "output": None, "progress": True}  # fmt: skip
     args = argparse.Namespace(**{**defaults, **vars(args)})
     for flag in ("max_tokens", "max_batches"):
@@ -819,12 +885,17 @@ def run_eval_command(args: argparse.Namespace) -> int:
             dataset=args.dataset,
             batch_size=args.batch_size,
             ctx_len=args.ctx_len,
-            split=args.split,
+            split=args.split or "train",
             schema=args.schema,
             image_root=args.image_root,
         )
     except ValueError as e:
         return fail(str(e), 2)
+    if not args.split and cfg.is_shapes_dataset():
+        cfg.split = "test"  # held out: `train` is the stream the dictionaries were trained on
+    same = same_data_as_training(args.dictionaries, cfg)
+    if same:
+        print(f"vlmscope eval: WARNING: {TRAINING_DATA_WARNING}", file=sys.stderr)
     try:
         vlm = HookedVLM.from_pretrained(
             resolve_model_path(args.model), device=args.device or None, dtype=args.dtype or None
@@ -851,10 +922,13 @@ def run_eval_command(args: argparse.Namespace) -> int:
             ctx_len=args.ctx_len,
             progress=args.progress,
             model_name=args.model,
+            dataset=args.dataset,
+            split=cfg.split,
         )
     except (OSError, ValueError) as e:
         return fail(str(e))
     report.dictionaries = str(args.dictionaries)
+    report.same_data_as_training = same
     print(report.table())
     report.save(out)
     print(f"\nmetrics written to {out}")

@@ -39,8 +39,20 @@ class ActiveFeatures:
     feature: list[Tensor] = field(default_factory=list)
     value: list[Tensor] = field(default_factory=list)
 
-    def add(self, unit: int, codes: SparseCodes, shape: tuple[int, int], offset: int) -> None:
+    def add(
+        self,
+        unit: int,
+        codes: SparseCodes,
+        shape: tuple[int, int],
+        offset: int,
+        keep: Tensor | None = None,
+    ) -> None:
+        """Record the nonzero codes of one hook call; `keep` ([batch, seq] bool) limits them to
+        the positions the dictionaries replace (padding and kept-original tokens are not
+        features of the replacement model)."""
         active = codes.values != 0
+        if keep is not None:
+            active &= keep.reshape(-1, 1).to(active.device)
         rows, slot = active.nonzero(as_tuple=True)
         s = shape[1]
         self.unit.append(torch.full_like(rows, unit).cpu())
@@ -118,6 +130,25 @@ class ReplacementModel:
             keep &= ~image
         return keep
 
+    def not_replaced_reason(
+        self, input_ids: Tensor, attention_mask: Tensor | None, sample: int, position: int
+    ) -> str | None:
+        """Why the dictionaries leave (sample, position) alone, or None where they replace it;
+        for error messages that name the culprit."""
+        if bool(self._replace_mask(input_ids, attention_mask)[sample, position]):
+            return None
+        a = self.vlm.adapter
+        tok_row = input_ids[sample]
+        tok = int(tok_row[position])
+        m = attention_mask
+        if m is not None and m.dim() == 2 and not bool(m[sample, -len(tok_row) + position]):
+            return "it is padding"
+        if tok in a.image_token_ids():
+            return "it is an image token and the dictionaries were trained on text tokens"
+        if tok in a.special_token_ids():
+            return "it is a special token (BOS, chat template), which the dictionaries skip"
+        return "it is a text token and the dictionaries were trained on image tokens"
+
     # --- hooks ------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _installed(
@@ -152,7 +183,8 @@ class ReplacementModel:
                 xs[i] = x
                 codes[i] = b.encode_unit(i, x)
                 if features is not None:
-                    features.add(i, codes[i], (t.shape[0], t.shape[1]), state["offset"])
+                    shape = (t.shape[0], t.shape[1])
+                    features.add(i, codes[i], shape, state["offset"], state["mask"])
 
             return fn
 
@@ -226,6 +258,7 @@ class ReplacementModel:
         self, inputs: Mapping[str, Any], *, capture_features: bool = False, **generate_kwargs: Any
     ) -> Tensor:
         """`model.generate` with the replacement applied at every step (KV cache included)."""
+        check_left_padded(inputs)
         self.vlm.masks(inputs)
         model_inputs = self.vlm._model_inputs(inputs)
         with self._installed(capture_features):
@@ -233,3 +266,17 @@ class ReplacementModel:
 
     def units(self) -> Sequence[str]:
         return self.bundle.units
+
+
+def check_left_padded(inputs: Mapping[str, Any]) -> None:
+    """Raise unless every prompt of the batch ends at the last position: with right padding,
+    generation would continue after the padding and answer the wrong prompt."""
+    mask = inputs.get("attention_mask")
+    if mask is None or mask.dim() != 2:
+        return
+    short = (mask[:, -1] == 0).nonzero().squeeze(1).tolist()
+    if short:
+        raise ValueError(
+            f"generation needs left padding: prepare(..., padding_side='left') "
+            f"(samples {short} end in padding)"
+        )
