@@ -427,3 +427,18 @@ def test_cli_mismatch_fails_before_any_forward(
     assert not (folder / "metrics.json").exists()
     assert run_eval_command(_parse([*argv[:1], str(tmp_path / "missing"), DATA])) == 1
     assert "cannot load dictionaries" in capsys.readouterr().err
+
+
+def test_provenance_in_the_dictionaries_is_used_away_from_the_run(
+    tmp_path: Path, llava: HookedVLM
+) -> None:
+    from vlmscope.replacement.evaluate import same_data_as_training
+
+    bundle = random_clt(llava)
+    bundle.model_info["data"] = {"dataset": "shapes", "split": "train", "seed": 0}
+    folder = bundle.save(tmp_path / "moved")  # no train_config.json above it
+    on_train = TrainConfig(model="llava", dataset="shapes:8", split="train", seed=0)
+    assert same_data_as_training(folder, on_train) is True
+    on_test = TrainConfig(model="llava", dataset="shapes:8", split="test", seed=0)
+    assert same_data_as_training(folder, on_test) is False
+    assert same_data_as_training(random_clt(llava).save(tmp_path / "bare"), on_train) is None

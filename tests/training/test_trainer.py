@@ -62,6 +62,7 @@ def test_clt_training_writes_outputs_and_learns(
     assert bundle.writes[2] == "lm.blocks.2.mlp.hook_out"
     assert bundle.clt is not None and bundle.clt.cfg.n_targets == 2
     bundle.check_model(llava.adapter)
+    assert bundle.model_info["data"] == {"dataset": DATA, "split": "train", "seed": 0}
 
 
 def test_training_is_deterministic(tmp_path: Path, zoo_path: Any, llava: HookedVLM) -> None:

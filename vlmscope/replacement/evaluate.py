@@ -738,7 +738,11 @@ def training_config(dictionaries: str | os.PathLike[str]) -> dict[str, Any] | No
             except (OSError, ValueError):
                 return None
             return data if isinstance(data, dict) else None
-    return None
+    try:  # moved away from its run folder: the provenance stored in the dictionaries
+        data = DictionaryBundle.load(folder).model_info.get("data")
+    except Exception:  # not loadable here; the caller reports that properly
+        return None
+    return dict(data) if isinstance(data, dict) else None
 
 
 def same_data_as_training(dictionaries: str | os.PathLike[str], cfg: Any) -> bool | None:

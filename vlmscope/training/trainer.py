@@ -220,6 +220,8 @@ class Trainer:
             "layers": self.layers,
             "tokens": cfg.tokens,
             "include_special_tokens": cfg.include_special_tokens,
+            # Provenance travels with the dictionaries (eval warns on the same data).
+            "data": {"dataset": cfg.dataset, "split": cfg.split, "seed": cfg.seed},
         }
         coder_cfg = cfg.sae.coder_config()
         try:
