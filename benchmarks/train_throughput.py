@@ -2,6 +2,9 @@
 
     python benchmarks/train_throughput.py                      # toy VLM on CPU
     python benchmarks/train_throughput.py --llava7b --layers 4  # LLaVA-7B-shaped, needs a GPU
+    python benchmarks/train_throughput.py --llava7b --allow-cpu --lm-layers 2 --vision-layers 2 \
+        --layers 2 --steps 2 --warmup 1 --batch-size 1 --tokens 64 --latents 4096 --expansion 1 \
+        --k 8   # smoke run on a CPU
 
 Prints tokens/s, peak memory and the time split (model forward / encoder / decoder /
 backward / optimizer) for each dictionary kind; on a GPU also the fraction of the chip's peak
@@ -207,14 +210,91 @@ def bench_end_to_end(args: argparse.Namespace, device: torch.device) -> list[dic
     return rows
 
 
-def llava7b_dims(args: argparse.Namespace, device: torch.device) -> int:
-    """LLaVA-7B's LM width; the dictionary benchmark needs only the widths (random data)."""
-    return 4096
+def llava7b_random(lm_layers: int, vision_layers: int, device: torch.device, dtype: torch.dtype):  # type: ignore[no-untyped-def]
+    """A randomly initialised model of LLaVA-1.5-7B's shape (CLIP ViT-L/14 at 336 px: 576 image
+    tokens; Llama-7B decoder of width 4096), cut to `lm_layers` / `vision_layers` layers, with a
+    working processor. Throughput depends on shapes, not on trained weights."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from vlmscope.models.hooked import HookedVLM
+    from vlmscope.models.zoo.common import LLAVA_USER_ASSISTANT, train_tokenizer
+
+    tok = train_tokenizer(
+        ["<image>"], named_tokens={"image_token": "<image>"}, chat_template=LLAVA_USER_ASSISTANT
+    )
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(
+            size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}
+        ),
+        tokenizer=tok,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_USER_ASSISTANT,
+    )
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
+                              num_hidden_layers=vision_layers, image_size=336, patch_size=14,
+                              projection_dim=768)  # fmt: skip
+    text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008,
+                       num_hidden_layers=lm_layers, num_attention_heads=32, num_key_value_heads=32,
+                       max_position_embeddings=4096, rms_norm_eps=1e-5,
+                       pad_token_id=tok.pad_token_id)  # fmt: skip
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_id=tok.convert_tokens_to_ids("<image>"),
+                         vision_feature_layer=-2, vision_feature_select_strategy="default",
+                         pad_token_id=tok.pad_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(config).to(dtype).eval()
+    return HookedVLM(model, processor)
+
+
+def bench_trainer(args: argparse.Namespace, vlm, label: str) -> list[dict]:  # type: ignore[no-untyped-def]
+    """The trainer itself (`vlmscope train`'s code: hooks, masks, AuxK, dead-latent counters,
+    finite checks, optimizer), timed from its own metrics after the warm-up steps."""
+    import json
+    import tempfile
+
+    from vlmscope.training.config import parse_train_args
+    from vlmscope.training.trainer import train
+
+    n_layers = vlm.adapter.n_layers
+    layers = " ".join(str(i) for i in range(min(args.layers, n_layers)))
+    rows = []
+    for kind in ("sae", "transcoder", "clt"):
+        with tempfile.TemporaryDirectory() as out:
+            hooks = " --hookpoints lm.blocks.*.hook_resid_post" if kind == "sae" else ""
+            flags = (f"{label} shapes:512 --sae.kind {kind} --layers {layers}{hooks} "
+                     f"--sae.expansion-factor {args.expansion} --sae.k {args.k} "
+                     f"--batch-size {args.batch_size} "
+                     f"--max-steps {args.warmup + args.steps} --max-tokens 0 --log-every 1 "
+                     f"--save-every 100000 --ctx-len 1024 --output-dir {out} --run-name {kind} "
+                     f"--device {vlm.device}")  # fmt: skip
+            cfg = parse_train_args(flags.split())
+            if vlm.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(vlm.device)
+            res = train(cfg, vlm, progress=False)
+            logs = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+        # tokens_per_s is cumulative from the start: recover the time at each logged step.
+        first, last = logs[args.warmup - 1], logs[-1]
+        secs = last["tokens"] / last["tokens_per_s"] - first["tokens"] / first["tokens_per_s"]
+        rows.append({"kind": kind, "tokens_per_s": (last["tokens"] - first["tokens"]) / secs,
+                     "peak_mb": peak_memory_mb(vlm.device),
+                     "ms_per_step": 1000 * secs / args.steps})  # fmt: skip
+    return rows
 
 
 def print_table(title: str, rows: list[dict]) -> None:
-    keys = [k for k in ("tokens_per_s", "peak_mb", "model_forward", "encoder", "decoder",
-                        "backward", "optimizer", "tflops", "mfu") if k in rows[0]]  # fmt: skip
+    order = ("tokens_per_s", "peak_mb", "ms_per_step", "model_forward", "encoder", "decoder",
+             "backward", "optimizer", "tflops", "mfu")  # fmt: skip
+    keys = [k for k in order if k in rows[0]]
     print(f"\n{title}")
     print(f"{'kind':<11}" + "".join(f"{k:>15}" for k in keys))
     for r in rows:
@@ -230,12 +310,16 @@ def main() -> None:
     p.add_argument("--llava7b", action="store_true", help="dictionary step at LLaVA-7B width (GPU)")
     p.add_argument("--layers", type=int, default=4, help="layers trained at once")
     p.add_argument("--latents", type=int, default=0, help="latents per layer (default 8 x d)")
+    p.add_argument("--expansion", type=int, default=8, help="trainer runs: latents per dimension")
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--tokens", type=int, default=2048, help="tokens per dictionary step")
     p.add_argument("--batch-size", type=int, default=8, help="samples per model forward")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--lm-layers", type=int, default=32, help="--llava7b: decoder layers built")
+    p.add_argument("--vision-layers", type=int, default=24, help="--llava7b: CLIP layers built")
+    p.add_argument("--allow-cpu", action="store_true", help="--llava7b on CPU (a smoke run)")
     args = p.parse_args()
     device = torch.device(args.device)
     from transformers.utils import logging as hf_logging
@@ -245,12 +329,16 @@ def main() -> None:
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
           f"threads: {torch.get_num_threads()}, torch {torch.__version__}")  # fmt: skip
     if args.llava7b:
-        if device.type != "cuda":
-            print("--llava7b needs a GPU; skipped")
+        if device.type != "cuda" and not args.allow_cpu:
+            print("--llava7b needs a GPU (--allow-cpu runs it anyway, slowly); skipped")
             return
-        d = llava7b_dims(args, device)
-        print_table(f"dictionary step, d={d}, {args.layers} layers, {args.tokens} tokens",
-                    bench_dictionaries(args, device, d))  # fmt: skip
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        print_table(f"dictionary step alone, d=4096, {args.layers} layers, {args.tokens} tokens",
+                    bench_dictionaries(args, device, 4096))  # fmt: skip
+        vlm = llava7b_random(args.lm_layers, args.vision_layers, device, dtype)
+        print_table(f"trainer end to end, random LLaVA-7B shape ({args.lm_layers} LM layers, "
+                    f"{args.vision_layers} vision layers, {dtype}), batch {args.batch_size}",
+                    bench_trainer(args, vlm, "llava-7b-random"))  # fmt: skip
         return
     from vlmscope.models.hooked import HookedVLM
     from vlmscope.training.trainer import resolve_model_path
@@ -260,6 +348,9 @@ def main() -> None:
                 bench_dictionaries(args, device, d))  # fmt: skip
     print_table(f"end to end on {args.model} (forward + dictionaries), batch {args.batch_size}",
                 bench_end_to_end(args, device))  # fmt: skip
+    vlm = HookedVLM.from_pretrained(resolve_model_path(args.model), device=str(device))
+    print_table(f"trainer end to end on {args.model}, batch {args.batch_size}",
+                bench_trainer(args, vlm, args.model))  # fmt: skip
 
 
 if __name__ == "__main__":
