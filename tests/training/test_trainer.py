@@ -504,3 +504,24 @@ def test_bad_records_are_counted_when_the_run_stops_mid_pass(
     assert "2 records skipped" in out and "missing_image" in out and "corrupt_image" in out
     state = json.loads((res.run_dir / "checkpoint" / "state.json").read_text())
     assert state["train_state"]["skips"] == {"missing_image": 1, "corrupt_image": 1}
+
+
+def test_columns_with_other_names_train_when_mapped(
+    tmp_path: Path, zoo_path: Any, llava: HookedVLM
+) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (40, 32), "blue").save(tmp_path / "a.png")
+    msgs = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "blue"}]},
+    ]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"conv": msgs, "pics": ["a.png"]}) + "\n" for _ in range(4)))
+    base = (f"{zoo_path('llava')} {data} --schema chat --sae.transcode --sae.expansion-factor 2 "
+            f"--sae.k 4 --batch-size 2 --max-steps 2 --output-dir {tmp_path}")  # fmt: skip
+    with pytest.raises(TrainingError, match=r"needs column .messages.*--columns messages=NAME"):
+        train(parse_train_args(f"{base} --run-name plain".split()), llava, progress=False)
+    cfg = parse_train_args(f"{base} --run-name mapped --columns messages=conv images=pics".split())
+    res = train(cfg, llava, progress=False)
+    assert res.step == 2 and res.tokens > 0

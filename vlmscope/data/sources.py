@@ -36,7 +36,7 @@ import logging
 import os
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Protocol, TextIO
 
@@ -126,6 +126,11 @@ class ColumnMap:
     def required(self, schema: str) -> str:
         """The column without which no row of this schema can be valid."""
         return {"llava": self.conversations, "chat": self.messages, "text": self.text}[schema]
+
+
+def _column_key(cm: ColumnMap, name: str) -> str:
+    """The ColumnMap field that holds column `name` (for error messages)."""
+    return next(f.name for f in fields(cm) if getattr(cm, f.name) == name)
 
 
 @dataclass(frozen=True)
@@ -458,7 +463,8 @@ def detect_schema(columns: set[str] | list[str], cm: ColumnMap | None = None) ->
             return schema
     raise ValueError(
         f"cannot detect the schema from columns {sorted(cols)}: expected {cm.conversations!r} "
-        f"(llava), {cm.messages!r} (chat) or {cm.text!r} (text); pass columns=ColumnMap(...)"
+        f"(llava), {cm.messages!r} (chat) or {cm.text!r} (text); map other names with "
+        "columns=ColumnMap(...) (on the command line: --columns messages=NAME ...)"
     )
 
 
@@ -1093,7 +1099,8 @@ def open_dataset(
     elif cm.required(schema) not in cols:
         raise ValueError(
             f"schema {schema!r} needs column {cm.required(schema)!r} but {sources[0].name} has "
-            f"{sorted(cols)}; pass columns=ColumnMap(...) to map names"
+            f"{sorted(cols)}; map other names with columns=ColumnMap(...) (on the command line: "
+            f"--columns {_column_key(cm, cm.required(schema))}=NAME)"
         )
     loader = _ImageLoader(
         Path(image_root).expanduser() if image_root is not None else base,

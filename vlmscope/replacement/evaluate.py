@@ -839,6 +839,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         help="folder that relative image paths resolve against",
     )
     p.add_argument(
+        "--columns",
+        nargs="+",
+        default=[],
+        metavar="KEY=NAME",
+        help="source column names that differ from the schema's, e.g. messages=conversation "
+        "(as in `vlmscope train`)",
+    )
+    p.add_argument(
         "--output",
         default=None,
         metavar="PATH",
@@ -863,7 +871,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
     # A parser that leaves out some optional flags still works: their defaults apply.
     defaults = {"max_batches": 0, "tokens": None, "per_layer": True, "replace_tokens": "trained",
                 "device": None, "dtype": None, "split": None, "schema": "auto",
-                "image_root": "", "output": None, "progress": True}  # fmt: skip
+                "image_root": "", "columns": [], "output": None, "progress": True}  # fmt: skip
     args = argparse.Namespace(**{**defaults, **vars(args)})
     for flag in ("max_tokens", "max_batches"):
         if getattr(args, flag) < 0:
@@ -892,6 +900,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
             split=args.split or "train",
             schema=args.schema,
             image_root=args.image_root,
+            columns=list(args.columns),
         )
     except ValueError as e:
         return fail(str(e), 2)

@@ -26,6 +26,23 @@ TOKEN_KINDS = ("all", "image", "text")
 _DERIVED_SAE_FIELDS = {"d_in", "d_out", "n_layers", "metadata"}
 
 
+COLUMN_KEYS = ("messages", "images", "text", "id", "conversations", "image")
+"""The ColumnMap fields `--columns KEY=NAME` can rename."""
+
+
+def column_map(pairs: Sequence[str]) -> dict[str, str]:
+    """`--columns` pairs as ColumnMap keyword arguments; a bad pair names itself."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, name = pair.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--columns {pair!r}: expected KEY=NAME, e.g. messages=conversation")
+        if key not in COLUMN_KEYS:
+            raise ValueError(f"--columns {pair!r}: KEY must be one of {', '.join(COLUMN_KEYS)}")
+        out[key] = name
+    return out
+
+
 @dataclass
 class SaeArgs:
     """The `--sae.*` group: the dictionary architecture (see SparseCoderConfig) plus
@@ -128,6 +145,7 @@ class TrainConfig:
     schema: str = "auto"
     split: str = "train"
     image_root: str = ""
+    columns: list[str] = field(default_factory=list)
     strict: bool = False
     workers: int = 0
 
@@ -169,6 +187,10 @@ class TrainConfig:
                 _parse_device(self.device)
             except ValueError as e:
                 raise bad(str(e)) from None
+        try:
+            column_map(self.columns)
+        except ValueError as e:
+            raise bad(str(e)) from None
         if self.is_shapes_dataset() and ":" in self.dataset:
             n = self.dataset.split(":", 1)[1]
             if not n.isdigit() or int(n) < 1:
@@ -326,6 +348,8 @@ _HELP = {
     "split": "dataset split (files or folders named by split, or a hub split)",
     "image_root": "folder that relative image paths resolve against "
     "(default: the dataset's folder)",
+    "columns": "source column names that differ from the schema's, as KEY=NAME with KEY one "
+    f"of {', '.join(COLUMN_KEYS)} (e.g. --columns messages=conversation images=pictures)",
     "strict": "stop at the first bad record instead of skipping and counting it",
     "workers": "processes that preprocess records (0: the training process itself)",
 }

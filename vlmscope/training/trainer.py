@@ -122,10 +122,14 @@ def open_training_data(cfg: TrainConfig) -> Any:
         if not path.exists():
             shapes.write_dataset(folder, n=n, seed=cfg.seed, split=cfg.split)
         return open_dataset(path, schema="chat", strict=cfg.strict)
+    from vlmscope.data.sources import ColumnMap
+    from vlmscope.training.config import column_map
+
     return open_dataset(
         name,
         schema=cfg.schema,
         image_root=cfg.image_root or None,
+        columns=ColumnMap(**column_map(cfg.columns)),
         strict=cfg.strict,
         split=cfg.split,
     )
@@ -530,7 +534,7 @@ def _explain_size_error(cfg: TrainConfig, width: int, err: ValueError) -> str:
 #: settings a resumed run must share with the run it continues (the budget may grow).
 _RESUME_FIXED = ("model", "dataset", "sae", "layers", "hookpoints", "tokens", "loss_fn",
                  "include_special_tokens", "batch_size", "grad_acc_steps", "ctx_len", "seed",
-                 "schema", "split", "lr")  # fmt: skip
+                 "schema", "split", "columns", "lr")  # fmt: skip
 
 
 def _check_resumable(saved_path: Path, cfg: TrainConfig) -> None:
