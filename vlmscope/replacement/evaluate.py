@@ -416,7 +416,7 @@ def iter_batches(
     encoder = SampleEncoder(vlm.processor, ctx_len, vlm.adapter.image_token_ids())
     samples = encode_stream(records(), encoder, skips if skips is not None else SkipCounter())
     pad = vlm.tokenizer.pad_token_id
-    yield from batches(samples, batch_size, pad if pad is not None else 0)
+    yield from batches(samples, batch_size, pad if pad is not None else 0, masks=vlm.masks)
 
 
 # --- evaluation ----------------------------------------------------------------------------------
@@ -687,7 +687,7 @@ def evaluate(
     bar = tqdm(total=max_tokens or None, unit="tok", disable=not progress, desc="eval")
     try:
         for batch in iter_batches(vlm, data, batch_size=batch_size, ctx_len=ctx_len, skips=skips):
-            masks = vlm.masks(batch.inputs)
+            masks = batch.masks if batch.masks is not None else vlm.masks(batch.inputs)
             ev.run(batch, masks)
             n_batches += 1
             n_samples += batch.size
