@@ -170,7 +170,7 @@ class SparseCoderConfig:
         if self.activation == "jumprelu" and self.sparsity_coeff <= 0:
             raise bad(
                 "jumprelu needs sparsity_coeff > 0: without the L0 penalty nothing makes the "
-                "codes sparse"
+                "codes sparse (on the command line: --sae.sparsity-coeff, e.g. 0.01)"
             )
         if self.jumprelu_init_threshold <= 0 or not math.isfinite(self.jumprelu_init_threshold):
             raise bad("jumprelu_init_threshold must be a finite number > 0")

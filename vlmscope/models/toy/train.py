@@ -313,7 +313,7 @@ def _lr_at(step: int, cfg: ToyTrainConfig) -> float:
 
 
 def train_toy(
-    out_dir: str | os.PathLike[str] = TOY_DIR,
+    out_dir: str | os.PathLike[str],
     *,
     steps: int | None = None,
     minutes: float | None = None,
@@ -572,7 +572,12 @@ def multi_object_accuracy(details: dict[str, Any]) -> dict[str, tuple[float, int
 def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Flags of `vlmscope zoo train-toy`."""
     d = ToyTrainConfig()
-    p.add_argument("--out", default=str(TOY_DIR), help="output folder (default: the shipped toy)")
+    p.add_argument(
+        "--out",
+        default="shapes_llava",
+        help="output folder (default: ./shapes_llava); the shipped toy is in "
+        f"{TOY_DIR} and is replaced only if you name that folder",
+    )
     p.add_argument("--minutes", type=float, default=d.minutes, help="wall-clock cap in minutes")
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
