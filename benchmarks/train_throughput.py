@@ -28,6 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from vlmscope.dictionaries import CrossLayerTranscoder, SparseCoder, SparseCoderConfig
 from vlmscope.dictionaries.kernels import sparse_decode
+from vlmscope.models.hooked import HookedVLM
 
 #: dense bf16 tensor-core peaks (no sparsity), used for the MFU column.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -161,15 +162,13 @@ def bench_dictionaries(args: argparse.Namespace, device: torch.device, d: int) -
     return rows
 
 
-def bench_end_to_end(args: argparse.Namespace, device: torch.device) -> list[dict]:
+def bench_end_to_end(args: argparse.Namespace, vlm: HookedVLM, device: torch.device) -> list[dict]:
     """Model forward with hooks + dictionary step, as the trainer runs it."""
     from vlmscope.data.processing import SampleEncoder, batches
-    from vlmscope.models.hooked import HookedVLM
     from vlmscope.training.bundle import mlp_out, resid_mid
     from vlmscope.training.config import TrainConfig
-    from vlmscope.training.trainer import open_training_data, resolve_model_path
+    from vlmscope.training.trainer import open_training_data
 
-    vlm = HookedVLM.from_pretrained(resolve_model_path(args.model), device=str(device))
     data = open_training_data(TrainConfig(model=args.model, dataset="shapes:512", max_steps=1))
     enc = SampleEncoder(vlm.processor, 512, vlm.adapter.image_token_ids())
     pad = vlm.tokenizer.pad_token_id or 0
@@ -210,7 +209,9 @@ def bench_end_to_end(args: argparse.Namespace, device: torch.device) -> list[dic
     return rows
 
 
-def llava7b_random(lm_layers: int, vision_layers: int, device: torch.device, dtype: torch.dtype):  # type: ignore[no-untyped-def]
+def llava7b_random(
+    lm_layers: int, vision_layers: int, device: torch.device, dtype: torch.dtype
+) -> HookedVLM:
     """A randomly initialised model of LLaVA-1.5-7B's shape (CLIP ViT-L/14 at 336 px: 576 image
     tokens; Llama-7B decoder of width 4096), cut to `lm_layers` / `vision_layers` layers, with a
     working processor. Throughput depends on shapes, not on trained weights."""
@@ -219,26 +220,15 @@ def llava7b_random(lm_layers: int, vision_layers: int, device: torch.device, dty
         LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
-        LlavaProcessor,
     )
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from vlmscope.models.hooked import HookedVLM
     from vlmscope.models.zoo.common import LLAVA_USER_ASSISTANT, train_tokenizer
+    from vlmscope.models.zoo.llava import llava_processor
 
     tok = train_tokenizer(
         ["<image>"], named_tokens={"image_token": "<image>"}, chat_template=LLAVA_USER_ASSISTANT
     )
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(
-            size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}
-        ),
-        tokenizer=tok,
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=LLAVA_USER_ASSISTANT,
-    )
+    processor = llava_processor(tok, 336, 14)
     vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
                               num_hidden_layers=vision_layers, image_size=336, patch_size=14,
                               projection_dim=768)  # fmt: skip
@@ -256,7 +246,7 @@ def llava7b_random(lm_layers: int, vision_layers: int, device: torch.device, dty
     return HookedVLM(model, processor)
 
 
-def bench_trainer(args: argparse.Namespace, vlm, label: str) -> list[dict]:  # type: ignore[no-untyped-def]
+def bench_trainer(args: argparse.Namespace, vlm: HookedVLM, label: str) -> list[dict]:
     """The trainer itself (`vlmscope train`'s code: hooks, masks, AuxK, dead-latent counters,
     finite checks, optimizer), timed from its own metrics after the warm-up steps."""
     import json
@@ -340,15 +330,14 @@ def main() -> None:
                     f"{args.vision_layers} vision layers, {dtype}), batch {args.batch_size}",
                     bench_trainer(args, vlm, "llava-7b-random"))  # fmt: skip
         return
-    from vlmscope.models.hooked import HookedVLM
     from vlmscope.training.trainer import resolve_model_path
 
-    d = HookedVLM.from_pretrained(resolve_model_path(args.model), device="cpu").adapter.d_model
+    vlm = HookedVLM.from_pretrained(resolve_model_path(args.model), device=str(device))
+    d = vlm.adapter.d_model
     print_table(f"dictionary step alone, d={d}, {args.layers} layers, {args.tokens} tokens",
                 bench_dictionaries(args, device, d))  # fmt: skip
     print_table(f"end to end on {args.model} (forward + dictionaries), batch {args.batch_size}",
-                bench_end_to_end(args, device))  # fmt: skip
-    vlm = HookedVLM.from_pretrained(resolve_model_path(args.model), device=str(device))
+                bench_end_to_end(args, vlm, device))  # fmt: skip
     print_table(f"trainer end to end on {args.model}, batch {args.batch_size}",
                 bench_trainer(args, vlm, args.model))  # fmt: skip
 

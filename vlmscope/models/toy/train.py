@@ -141,10 +141,8 @@ def _tokenizer_texts(config: shapes.ShapesConfig) -> list[str]:
 def build_processor(config: shapes.ShapesConfig | None = None, patch_size: int = PATCH) -> Any:
     """LlavaProcessor: BPE tokenizer trained on shapes-world text (answer words are single
     tokens), the LLaVA USER/ASSISTANT chat template, and a PIL CLIP image processor at 64 px."""
-    from transformers import LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
     from vlmscope.models.zoo.common import LLAVA_USER_ASSISTANT, train_tokenizer
+    from vlmscope.models.zoo.llava import llava_processor
 
     config = config or shapes.ShapesConfig()
     tokenizer = train_tokenizer(
@@ -157,17 +155,7 @@ def build_processor(config: shapes.ShapesConfig | None = None, patch_size: int =
     for word in " ".join(shapes.answer_vocabulary(config)).split():
         if len(tokenizer.tokenize(" " + word)) != 1:
             raise RuntimeError(f"answer word {word!r} is not a single token")
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    )
-    return LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=LLAVA_USER_ASSISTANT,
-    )
+    return llava_processor(tokenizer, IMAGE_SIZE, patch_size)
 
 
 def build_toy(seed: int = 0, patch_size: int = PATCH) -> tuple[nn.Module, Any]:

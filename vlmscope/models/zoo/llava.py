@@ -38,22 +38,29 @@ def tiny_llama_text_config(vocab_size: int, **overrides: Any) -> LlamaConfig:
     return LlamaConfig(**kw)
 
 
+def llava_processor(tokenizer: Any, image_size: int, patch_size: int) -> LlavaProcessor:
+    """LLaVA-1.5's processor around `tokenizer`: square CLIP images of `image_size` px, one
+    image token per patch (plus CLS, dropped by the "default" feature strategy), USER/ASSISTANT
+    chat template. Shared by the zoo, the toy VLM and the LLaVA-7B-shaped benchmark model."""
+    return LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(
+            size={"shortest_edge": image_size},
+            crop_size={"height": image_size, "width": image_size},
+        ),
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_USER_ASSISTANT,
+    )
+
+
 @register("llava", description="LLaVA-1.5 (CLIP + MLP projector + Llama)")
 def build_llava() -> tuple[Any, Any]:
     tokenizer = train_tokenizer(
         ["<image>"], named_tokens={"image_token": "<image>"}, chat_template=LLAVA_USER_ASSISTANT
     )
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=PATCH,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=LLAVA_USER_ASSISTANT,
-    )
+    processor = llava_processor(tokenizer, IMAGE_SIZE, PATCH)
     vision = CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=64,
