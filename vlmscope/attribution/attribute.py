@@ -81,7 +81,8 @@ def attribute(
     else:
         targets = select_logits(ctx.logits, tok, desired_logit_prob, max_n_logits)
     w_u = vlm.adapter.unembed().weight.detach().float()
-    logit_vecs = [w_u[t.token_id] - w_u.mean(0) for t in targets]
+    w_mean = w_u.mean(0)
+    logit_vecs = [w_u[t.token_id] - w_mean for t in targets]
     n_logits = len(targets)
     n_cols = n_feat + n_layers * n_pos + n_pos
     max_feats = n_feat if max_feature_nodes is None else min(max_feature_nodes, n_feat)
@@ -165,7 +166,7 @@ def _assemble(
     new_index = torch.full((n_feat,), -1, dtype=torch.long)
     new_index[selected] = torch.arange(len(selected))
     for r, node in enumerate(row_node.tolist()):
-        if node >= n_feat + (rows.shape[1] - n_feat):  # a logit row
+        if node >= rows.shape[1]:  # a logit row (node index past every column)
             dst = n - n_logits + (node - rows.shape[1])
         else:
             dst = int(new_index[node])

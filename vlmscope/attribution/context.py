@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from vlmscope.attribution.freeze import FreezeState, frozen
+from vlmscope.dictionaries import SparseCodes
 from vlmscope.models.hooked import HookContext, HookedVLM
 from vlmscope.training.bundle import DictionaryBundle, mlp_out
 
@@ -139,9 +140,8 @@ class AttributionContext:
         def resid_pre(t: Tensor, ctx: HookContext) -> None:
             between(int(ctx.layer) - 1, t)  # type: ignore[arg-type]
 
-        def final(_m: Any, args: Any, out: Tensor) -> None:
+        def final(_m: Any, args: Any, _out: Tensor) -> None:
             between(self.n_layers - 1, args[0])
-            store["final"] = out[0].detach().float()
             if self.n_layers - 1 in injected:  # no family does this; refuse, never mis-attribute
                 where = injected[self.n_layers - 1].abs().sum(-1).nonzero().squeeze(1).tolist()
                 raise ValueError(
@@ -158,11 +158,8 @@ class AttributionContext:
             out = vlm.forward(self.inputs)
         self.logits = out.logits[0, -1].float()
         self.embeddings = store["embed"]  # [seq, d]
-        self.final_resid = store["final"]
         #: per model layer, the true MLP output.
         self.mlp_outputs = [outs[layer] for layer in range(self.n_layers)]
-        #: per unit, its read activation.
-        self.resid_mid = [mids[i] for i in range(self.n_units)]
         #: model layer -> what is added to the residual stream after it outside the layers.
         self.injected = injected
         # Reconstruction where the dictionaries replace; elsewhere (other positions, layers
@@ -178,6 +175,9 @@ class AttributionContext:
             recon = b.decode_unit(t, masked, mids[t]).float() * keep[:, None]
             self.errors.append(o - recon)
         self.features = self._feature_table({s: _mask_codes(c, keep) for s, c in codes.items()})
+        #: per unit, the indices of its rows in `features` (fixed for every backward pass).
+        unit = self.features.unit
+        self._unit_rows = [(unit == s).nonzero().squeeze(1) for s in range(self.n_units)]
 
     def _feature_table(self, codes: Mapping[int, Any]) -> ActiveFeatureTable:
         units, layers, pos, feat, act, enc = [], [], [], [], [], []
@@ -202,32 +202,34 @@ class AttributionContext:
             torch.cat(units),
         )
 
+    def _module(self, s: int) -> Any:
+        """Unit s's dictionary: the CLT's layer s, or transcoder s."""
+        b = self.bundle
+        return b.clt.layers[s] if b.clt is not None else b.coders[s]
+
     def _encoder_rows(self, s: int, f: Tensor) -> Tensor:
         """d(pre-activation of feature f of unit s) / d(resid_mid): scaled encoder rows."""
-        b = self.bundle
-        if b.clt is not None:
-            layer = b.clt.layers[s]
-            return (layer.W_enc[f] * layer.input_scale).detach().float()
-        coder = b.coders[s]
-        return (coder.W_enc[f] * coder.input_scale).detach().float()  # type: ignore[index]
+        mod = self._module(s)
+        return (mod.W_enc[f] * mod.input_scale).detach().float()
+
+    def decoder_targets(self, s: int) -> range:
+        """The units whose MLP output unit s's decoders write: t in s .. s + n_out - 1 for a
+        CLT, s alone for a transcoder."""
+        n_out = self.bundle.clt.layers[s].n_out if self.bundle.clt is not None else 1
+        return range(s, min(s + n_out, self.n_units))
 
     def decoder_rows(self, s: int, t: int, f: Tensor) -> Tensor:
-        """The vector a unit activation of features f (unit s) adds to unit t's MLP output."""
-        b = self.bundle
-        if b.clt is not None:
-            layer, target = b.clt.layers[s], b.clt.layers[t]
-            if t - s >= layer.n_out:
-                return torch.zeros(len(f), b.cfg.d_out, device=f.device)
-            return (layer.W_dec[f, t - s] / target.output_scale).detach().float()
-        if s != t:
-            return torch.zeros(len(f), b.cfg.d_out, device=f.device)
-        coder = b.coders[s]
-        return (coder.W_dec[f] / coder.output_scale).detach().float()  # type: ignore[index]
+        """The vector a unit activation of features f (unit s) adds to unit t's MLP output;
+        zeros for a t outside `decoder_targets(s)`."""
+        if t not in self.decoder_targets(s):
+            return torch.zeros(len(f), self.bundle.cfg.d_out, device=f.device)
+        w_dec = self._module(s).W_dec
+        rows = w_dec[f, t - s] if self.bundle.clt is not None else w_dec[f]
+        return (rows / self._module(t).output_scale).detach().float()
 
     def skip(self, t: int, x: Tensor) -> Tensor | None:
         """The linear skip path's output of unit t (None without skip connections)."""
-        b = self.bundle
-        mod = b.clt.layers[t] if b.clt is not None else b.coders[t]
+        mod = self._module(t)
         w = getattr(mod, "W_skip", None)
         if w is None:
             return None
@@ -330,16 +332,13 @@ class AttributionContext:
         feats = self.features
         cols = []
         feat_cols = torch.zeros(g_embed.shape[0], len(feats), device=g_embed.device)
-        for s in range(self.n_units):
-            sel = (feats.unit == s).nonzero().squeeze(1)
+        for s, sel in enumerate(self._unit_rows):
             if len(sel) == 0:
                 continue
             pos, f, a = feats.position[sel], feats.feature[sel], feats.activation[sel]
             total = torch.zeros(g_embed.shape[0], len(sel), device=g_embed.device)
-            for t in range(s, self.n_units):
+            for t in self.decoder_targets(s):
                 dec = self.decoder_rows(s, t, f)
-                if not bool(dec.any()):
-                    continue
                 total += torch.einsum("bnd,nd->bn", g_mlp[self.unit_layers[t]][:, pos], dec)
             feat_cols[:, sel] = total * a
         cols.append(feat_cols)
@@ -382,10 +381,8 @@ def _zeros_if_none(g: Tensor | None, like: Tensor) -> Tensor:
     return torch.zeros_like(like) if g is None else g
 
 
-def _mask_codes(codes: Any, keep: Tensor) -> Any:
+def _mask_codes(codes: SparseCodes, keep: Tensor) -> SparseCodes:
     """Codes with every entry at a non-replaced position set to zero."""
-    from vlmscope.dictionaries import SparseCodes
-
     vals = codes.values * keep[:, None].to(codes.values.dtype)
     return SparseCodes(vals, codes.indices, codes.num_latents)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import operator
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,10 +18,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vlmscope.attribution.context import _READ_RE
 from vlmscope.attribution.freeze import FreezeState, frozen
 from vlmscope.dictionaries import SparseCodes
 from vlmscope.models.hooked import HookContext
-from vlmscope.replacement.model import ActiveFeatures, ReplacementModel, check_left_padded
+from vlmscope.replacement.model import (
+    ActiveFeatures,
+    ReplacementModel,
+    check_left_padded,
+    flat_rows,
+    unit_hooks,
+)
 
 #: (layer, position, feature, value): the model's LM layer (as in a graph's features), the
 #: position in the sequence (None: every position the dictionaries replace, generated ones too).
@@ -33,7 +39,7 @@ def layer_units(bundle: Any) -> dict[int, int]:
     """Model layer -> the bundle unit reading at that layer, for layers with exactly one unit."""
     found: dict[int, list[int]] = {}
     for u, hook in enumerate(bundle.reads):
-        m = re.match(r"^lm\.blocks\.(\d+)\.", hook)
+        m = _READ_RE.match(hook)
         if m is not None:
             found.setdefault(int(m.group(1)), []).append(u)
     return {layer: us[0] for layer, us in found.items() if len(us) == 1}
@@ -149,17 +155,9 @@ class _Session:
         xs: dict[int, Tensor] = {}
         state: dict[str, Any] = {}
 
-        def on_call(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            state["mask"] = rm._replace_mask(ids, kwargs.get("attention_mask")).to(ids.device)
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
-            state["offset"] = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
-            state["shape"] = tuple(ids.shape)
-
         def read(i: int) -> Any:
             def fn(t: Tensor, ctx: HookContext) -> None:
-                x = t.reshape(-1, t.shape[-1]).float()
-                xs[i] = x
+                x = xs[i] = flat_rows(t)
                 c = clean_codes[i] = b.encode_unit(i, x)
                 bsz, seq = t.shape[0], t.shape[1]
                 items = []
@@ -188,14 +186,8 @@ class _Session:
 
             return fn
 
-        hooks = [(r, read(i)) for i, r in enumerate(b.reads)]
-        hooks += [(w, write(i)) for i, w in enumerate(b.writes)]
-        handle = rm.vlm.model.register_forward_pre_hook(on_call, with_kwargs=True)
-        try:
-            with rm.vlm.hooks(hooks):
-                yield
-        finally:
-            handle.remove()
+        with rm._call_state(state), rm.vlm.hooks(unit_hooks(b, read, write)):
+            yield
 
 
 @torch.no_grad()

@@ -46,7 +46,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,7 +60,7 @@ from vlmscope.dictionaries import SparseCodes
 from vlmscope.dictionaries import fvu as fvu
 from vlmscope.models.hooked import HookContext, HookedVLM, HookFn
 from vlmscope.models.masks import TokenKind, TokenMasks
-from vlmscope.replacement.model import ReplacementModel, ReplaceTokens
+from vlmscope.replacement.model import ReplacementModel, ReplaceTokens, flat_rows, unit_hooks
 from vlmscope.training.bundle import DictionaryBundle
 
 RECON_GROUPS: tuple[TokenKind, ...] = ("all", "image", "text")
@@ -420,11 +420,6 @@ def iter_batches(
 
 
 # --- evaluation ----------------------------------------------------------------------------------
-def _flat(t: Tensor) -> Tensor:
-    """[B, S, ...] -> [B * S, D] float rows (head views flattened, as in training)."""
-    return t.reshape(t.shape[0] * t.shape[1], -1).float()
-
-
 class _Evaluator:
     """Runs the forward passes of one batch and feeds the accumulators."""
 
@@ -513,14 +508,14 @@ class _Evaluator:
 
         def read(i: int) -> HookFn:
             def fn(t: Tensor, ctx: HookContext) -> None:
-                xs[i] = _flat(t)
+                xs[i] = flat_rows(t)
                 codes[i] = b.encode_unit(i, xs[i])
 
             return fn
 
         def write(i: int) -> HookFn:
             def fn(t: Tensor, ctx: HookContext) -> None:
-                y = _flat(t)
+                y = flat_rows(t)
                 y_hat = b.decode_unit(i, codes, xs.pop(i))
                 for g, rows in group_rows.items():
                     c = codes[i]
@@ -529,30 +524,8 @@ class _Evaluator:
 
             return fn
 
-        logits = self._forward(batch, self._pairs(read, write))
+        logits = self._forward(batch, unit_hooks(b, read, write))
         return codes, logits
-
-    def _pairs(
-        self,
-        read: Callable[[int], HookFn],
-        write: Callable[[int], HookFn],
-        units: Iterable[int] | None = None,
-    ) -> list[tuple[str, HookFn]]:
-        """Hooks for the units' reads and writes (one hook when a unit reads what it writes)."""
-        b = self.b
-        hooks: list[tuple[str, HookFn]] = []
-        for i in units if units is not None else range(len(b.units)):
-            r, w = read(i), write(i)
-            if b.reads[i] == b.writes[i]:
-
-                def both(t: Tensor, ctx: HookContext, r: HookFn = r, w: HookFn = w) -> Any:
-                    r(t, ctx)
-                    return w(t, ctx)
-
-                hooks.append((b.reads[i], both))
-            else:
-                hooks += [(b.reads[i], r), (b.writes[i], w)]
-        return hooks
 
     def _single(
         self, t: int, codes: Mapping[int, SparseCodes], replace: Tensor
@@ -563,7 +536,7 @@ class _Evaluator:
 
         def read(i: int) -> HookFn:
             def fn(t_: Tensor, ctx: HookContext) -> None:
-                xs[i] = _flat(t_)  # clean: nothing before unit t's write is replaced
+                xs[i] = flat_rows(t_)  # clean: nothing before unit t's write is replaced
 
             return fn
 
@@ -575,7 +548,7 @@ class _Evaluator:
 
             return fn
 
-        return self._pairs(read, write, [t])
+        return unit_hooks(self.b, read, write, [t])
 
     def report(self, **meta: Any) -> EvalReport:
         b = self.b

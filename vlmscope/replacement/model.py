@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -151,16 +151,10 @@ class ReplacementModel:
 
     # --- hooks ------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _installed(
-        self, capture: bool = False, record_errors: bool = False, error_terms: bool | None = None
-    ) -> Iterator[None]:
-        b = self.bundle
-        use_errors = self.error_terms if error_terms is None else error_terms
-        state: dict[str, Any] = {}
-        codes: dict[int, SparseCodes] = {}
-        xs: dict[int, Tensor] = {}
-        features = ActiveFeatures(b.units) if capture else None
-        errors: dict[str, Tensor] = {}
+    def _call_state(self, state: dict[str, Any], *per_call: dict[Any, Any]) -> Iterator[None]:
+        """For the block, before every call of the HF model: state["mask"], the positions the
+        dictionaries replace, and state["offset"], the absolute position of the call's first
+        token (after what a KV cache holds); the `per_call` dicts are emptied."""
 
         def on_call(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             ids = kwargs.get("input_ids", args[0] if args else None)
@@ -172,14 +166,30 @@ class ReplacementModel:
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
             past = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
             state["offset"] = int(past)
-            codes.clear()
-            xs.clear()
+            for d in per_call:
+                d.clear()
+
+        handle = self.vlm.model.register_forward_pre_hook(on_call, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    @contextlib.contextmanager
+    def _installed(
+        self, capture: bool = False, record_errors: bool = False, error_terms: bool | None = None
+    ) -> Iterator[None]:
+        b = self.bundle
+        use_errors = self.error_terms if error_terms is None else error_terms
+        state: dict[str, Any] = {}
+        codes: dict[int, SparseCodes] = {}
+        xs: dict[int, Tensor] = {}
+        features = ActiveFeatures(b.units) if capture else None
+        errors: dict[str, Tensor] = {}
 
         def read(i: int) -> HookFn:
             def fn(t: Tensor, ctx: HookContext) -> None:
-                # One row per (sample, position): head-view hooks ([B, S, H, d_head]) are
-                # flattened over heads, as the trainer trains their dictionaries.
-                x = t.reshape(t.shape[0] * t.shape[1], -1).float()
+                x = flat_rows(t)
                 xs[i] = x
                 codes[i] = b.encode_unit(i, x)
                 if features is not None:
@@ -200,27 +210,10 @@ class ReplacementModel:
 
             return fn
 
-        def read_write(i: int) -> HookFn:
-            r, w = read(i), write(i)
-
-            def fn(t: Tensor, ctx: HookContext) -> Tensor:
-                r(t, ctx)
-                return w(t, ctx)
-
-            return fn
-
-        hooks: list[tuple[str, HookFn]] = []
-        for i, (rd, wr) in enumerate(zip(b.reads, b.writes, strict=True)):
-            if rd == wr:
-                hooks.append((rd, read_write(i)))
-            else:
-                hooks += [(rd, read(i)), (wr, write(i))]
-        handle = self.vlm.model.register_forward_pre_hook(on_call, with_kwargs=True)
         try:
-            with self.vlm.hooks(hooks):
+            with self._call_state(state, codes, xs), self.vlm.hooks(unit_hooks(b, read, write)):
                 yield
         finally:
-            handle.remove()
             self.last_features = features
             self.last_errors = errors
 
@@ -266,6 +259,35 @@ class ReplacementModel:
 
     def units(self) -> Sequence[str]:
         return self.bundle.units
+
+
+def flat_rows(t: Tensor) -> Tensor:
+    """[B, S, ...] -> [B * S, D] float rows, one per (sample, position): head-view hooks
+    ([B, S, H, d_head]) are flattened over heads, as the trainer trains their dictionaries."""
+    return t.reshape(t.shape[0] * t.shape[1], -1).float()
+
+
+def unit_hooks(
+    bundle: DictionaryBundle,
+    read: Callable[[int], HookFn],
+    write: Callable[[int], HookFn],
+    units: Iterable[int] | None = None,
+) -> list[tuple[str, HookFn]]:
+    """Hooks for the units' reads and writes (one hook, read then write, where a unit reads
+    the hook point it writes)."""
+    hooks: list[tuple[str, HookFn]] = []
+    for i in units if units is not None else range(len(bundle.units)):
+        r, w = read(i), write(i)
+        if bundle.reads[i] == bundle.writes[i]:
+
+            def both(t: Tensor, ctx: HookContext, r: HookFn = r, w: HookFn = w) -> Any:
+                r(t, ctx)
+                return w(t, ctx)
+
+            hooks.append((bundle.reads[i], both))
+        else:
+            hooks += [(bundle.reads[i], r), (bundle.writes[i], w)]
+    return hooks
 
 
 def check_left_padded(inputs: Mapping[str, Any]) -> None:
