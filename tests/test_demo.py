@@ -20,3 +20,15 @@ def test_quick_demo_on_the_toy_vlm(tmp_path: Path) -> None:
     for name in ("graph.json", "graph.safetensors", "heatmap.png"):
         assert (tmp_path / "demo" / "attribution" / name).exists()
     assert (tmp_path / "demo" / "summary.json").exists()
+
+
+def test_demo_keeps_other_files_in_its_output_folder(tmp_path: Path) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    earlier = out / "runs" / "clt"  # an earlier demo's run: would block a new run of that name
+    earlier.mkdir(parents=True)
+    (earlier / "train_config.json").write_text("{}")
+    run_demo("toy", out, device="cpu", budget=DemoBudget.quick())
+    assert (out / "notes.txt").read_text() == "keep me"
+    assert (out / "summary.json").exists() and (earlier / "dictionaries").is_dir()
