@@ -268,9 +268,14 @@ class HookedVLM:
             out[k] = v
         return out
 
-    def forward(self, inputs: Mapping[str, Any], **kwargs: Any) -> Any:
-        """Validate the batch, then run the HF model on it (no KV cache unless asked)."""
-        self.masks(inputs)
+    def forward(
+        self, inputs: Mapping[str, Any], *, masks: TokenMasks | None = None, **kwargs: Any
+    ) -> Any:
+        """Validate the batch, then run the HF model on it (no KV cache unless asked).
+
+        `masks`: the batch's masks, already computed (and so validated) by the caller."""
+        if masks is None:
+            self.masks(inputs)
         kwargs.setdefault("use_cache", False)
         model_inputs = self._model_inputs(inputs)
         mask = model_inputs.get("attention_mask")
@@ -314,12 +319,19 @@ class HookedVLM:
             self._handles = [h for h in self._handles if h not in handles]
 
     def run_with_hooks(
-        self, inputs: Mapping[str, Any], fwd_hooks: Sequence[tuple[str, HookFn]], **kwargs: Any
+        self,
+        inputs: Mapping[str, Any],
+        fwd_hooks: Sequence[tuple[str, HookFn]],
+        *,
+        masks: TokenMasks | None = None,
+        **kwargs: Any,
     ) -> Any:
-        """One forward pass with the given hooks; returns the HF model output."""
-        masks = self.masks(inputs)
+        """One forward pass with the given hooks; returns the HF model output. `masks`: the
+        batch's masks when the caller has them (else they are computed here)."""
+        if masks is None:
+            masks = self.masks(inputs)
         with self.hooks(fwd_hooks, masks=masks):
-            return self.forward(inputs, **kwargs)
+            return self.forward(inputs, masks=masks, **kwargs)
 
     def run_with_cache(
         self,
@@ -330,6 +342,7 @@ class HookedVLM:
         fwd_hooks: Sequence[tuple[str, HookFn]] = (),
         detach: bool = True,
         device: str | torch.device | None = None,
+        masks: TokenMasks | None = None,
         **kwargs: Any,
     ) -> tuple[Any, ActivationCache]:
         """Forward pass that records activations of `names` (default: every hook point).
@@ -337,8 +350,10 @@ class HookedVLM:
         `mask` ("all", "image", "text" or a [batch, seq] bool tensor) keeps only the selected
         token positions of LM activations, flattened to [n_tokens, ...]; padding is always
         dropped by the string forms. Vision and projector activations are kept whole.
+        `masks`: the batch's masks when the caller has them (else they are computed here).
         """
-        masks = self.masks(inputs)
+        if masks is None:
+            masks = self.masks(inputs)
         positions = None
         if isinstance(mask, str):
             positions = masks.select(mask)
@@ -364,7 +379,7 @@ class HookedVLM:
             try:
                 for rh in resolved:
                     handles += self._attach(rh, store, masks)
-                out = self.forward(inputs, **kwargs)
+                out = self.forward(inputs, masks=masks, **kwargs)
             finally:
                 for h in handles:
                     h.remove()

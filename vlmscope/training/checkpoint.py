@@ -25,7 +25,7 @@ from vlmscope.training.errors import CheckpointError
 
 CHECKPOINT = "checkpoint"
 DICTIONARIES = "dictionaries"
-_OLD = ".checkpoint.old"
+_OLD = f".{CHECKPOINT}.old"  # where write_folder_atomically moves the checkpoint it replaces
 _TMP = ".tmp-"
 
 

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from vlmscope.data.sources import ColumnMap
 from vlmscope.dictionaries.config import SparseCoderConfig
 
 LOSSES = ("fvu", "ce", "kl")
@@ -26,12 +27,12 @@ TOKEN_KINDS = ("all", "image", "text")
 _DERIVED_SAE_FIELDS = {"d_in", "d_out", "n_layers", "metadata"}
 
 
-COLUMN_KEYS = ("messages", "images", "text", "id", "conversations", "image")
+COLUMN_KEYS = tuple(f.name for f in dataclasses.fields(ColumnMap))
 """The ColumnMap fields `--columns KEY=NAME` can rename."""
 
 
-def column_map(pairs: Sequence[str]) -> dict[str, str]:
-    """`--columns` pairs as ColumnMap keyword arguments; a bad pair names itself."""
+def column_map(pairs: Sequence[str]) -> ColumnMap:
+    """`--columns` pairs as a ColumnMap; a bad pair names itself."""
     out: dict[str, str] = {}
     for pair in pairs:
         key, sep, name = pair.partition("=")
@@ -40,7 +41,19 @@ def column_map(pairs: Sequence[str]) -> dict[str, str]:
         if key not in COLUMN_KEYS:
             raise ValueError(f"--columns {pair!r}: KEY must be one of {', '.join(COLUMN_KEYS)}")
         out[key] = name
-    return out
+    return ColumnMap(**out)
+
+
+def trainable_hook(name: str) -> bool:
+    """Hook points (or patterns) whose activations are one vector per LM token (what the
+    trainer selects): not vision/projector hooks (no LM token positions), not attention
+    patterns (maps)."""
+    return name.startswith("lm.") and not name.endswith("hook_pattern")
+
+
+def is_shapes_dataset(name: str) -> bool:
+    """DATASET `shapes` or `shapes:N` names the generated shapes world, not a file."""
+    return name == "shapes" or name.startswith("shapes:")
 
 
 @dataclass
@@ -212,7 +225,7 @@ class TrainConfig:
             raise bad("--hookpoints selects SAE hook points; transcoders and CLTs read resid_mid "
                       "and write mlp.hook_out of --layers")  # fmt: skip
         for pattern in self.hookpoints:
-            if not pattern.startswith("lm.") or pattern.endswith("hook_pattern"):
+            if not trainable_hook(pattern):
                 raise bad(
                     f"--hookpoints {pattern!r}: the trainer trains on per-token language-model "
                     "vectors, so patterns start with 'lm.' and exclude attn.hook_pattern "
@@ -228,7 +241,7 @@ class TrainConfig:
 
     def is_shapes_dataset(self) -> bool:
         """DATASET `shapes` or `shapes:N` names the generated shapes world, not a file."""
-        return self.dataset == "shapes" or self.dataset.startswith("shapes:")
+        return is_shapes_dataset(self.dataset)
 
     def check_environment(self) -> None:
         """Checks that depend on this machine (kept out of `validate`, so a config can be

@@ -28,6 +28,7 @@ from vlmscope.data.processing import Batch, SampleEncoder, SkipCounter, batches,
 from vlmscope.data.sources import BadRecord
 from vlmscope.dictionaries import NonFiniteError, check_finite
 from vlmscope.models.hooked import HookContext, HookedVLM
+from vlmscope.models.masks import TokenMasks
 from vlmscope.training.bundle import DictionaryBundle, mlp_out, resid_mid
 from vlmscope.training.checkpoint import (
     find_checkpoint,
@@ -36,7 +37,7 @@ from vlmscope.training.checkpoint import (
     save_checkpoint,
     save_final_dictionaries,
 )
-from vlmscope.training.config import TrainConfig
+from vlmscope.training.config import TrainConfig, column_map, trainable_hook
 from vlmscope.training.errors import CheckpointError, TrainingError
 from vlmscope.training.logging import MetricsLogger
 
@@ -122,14 +123,11 @@ def open_training_data(cfg: TrainConfig) -> Any:
         if not path.exists():
             shapes.write_dataset(folder, n=n, seed=cfg.seed, split=cfg.split)
         return open_dataset(path, schema="chat", strict=cfg.strict)
-    from vlmscope.data.sources import ColumnMap
-    from vlmscope.training.config import column_map
-
     return open_dataset(
         name,
         schema=cfg.schema,
         image_root=cfg.image_root or None,
-        columns=ColumnMap(**column_map(cfg.columns)),
+        columns=column_map(cfg.columns),
         strict=cfg.strict,
         split=cfg.split,
     )
@@ -247,7 +245,6 @@ class Trainer:
         ids = vlm.adapter.image_token_ids()
         self.encoder = SampleEncoder(vlm.processor, cfg.ctx_len, ids)
         self.skips = SkipCounter(dict(self.state.skips), dict(self.state.skip_examples))
-        self._selected_in_pass = False  # whether the current pass over the data selected tokens
 
     def _count_bad_record(self, bad: BadRecord) -> None:
         self.skips.add(bad.reason, bad.row_id)
@@ -270,16 +267,16 @@ class Trainer:
     def _batches(self) -> Iterator[tuple[Batch, int]]:
         """(batch, rows consumed after it) from the saved position, epoch after epoch."""
         cfg = self.cfg
+        pad = self.vlm.tokenizer.pad_token_id
+        pad_id = pad if pad is not None else 0
         while True:
             data = self.dataset.skip(self.state.rows) if self.state.rows else self.dataset
             samples = encode_stream(
                 data, self.encoder, self.skips, strict=cfg.strict, workers=cfg.workers
             )
-            pad = self.vlm.tokenizer.pad_token_id
             full_pass = self.state.rows == 0
             got_any = False
-            self._selected_in_pass = False  # fit() sets it when a batch selects tokens
-            pad_id = pad if pad is not None else 0
+            tokens_before = self.state.tokens  # fit() counts the tokens each batch selects
             for batch in batches(samples, cfg.batch_size, pad_id, masks=self.vlm.masks):
                 got_any = True
                 yield batch, batch.positions[-1] + 1
@@ -287,7 +284,7 @@ class Trainer:
                 raise TrainingError(
                     f"dataset {cfg.dataset!r} produced no usable samples ({self.skips.summary()})"
                 )
-            if full_pass and not self._selected_in_pass:
+            if full_pass and self.state.tokens == tokens_before:
                 raise TrainingError(
                     f"--tokens {cfg.tokens} selected no tokens in a full pass over "
                     f"{cfg.dataset!r}{_NO_TOKENS_HINT[cfg.tokens]}"
@@ -300,7 +297,7 @@ class Trainer:
         masks = batch.masks if batch.masks is not None else self.vlm.masks(batch.inputs)
         positions = masks.select(self.cfg.tokens, include_special=self.cfg.include_special_tokens)
         out, cache = self.vlm.run_with_cache(
-            batch.inputs, names=self.bundle.hook_names(), mask=positions
+            batch.inputs, names=self.bundle.hook_names(), mask=positions, masks=masks
         )
         xs = [cache[r].flatten(1).float() for r in self.reads]
         ys = [cache[w].flatten(1).float() for w in self.writes]
@@ -319,7 +316,7 @@ class Trainer:
         return xs, ys, (out, masks, positions)
 
     def _spliced_loss(
-        self, batch: Batch, clean_logits: torch.Tensor, positions: torch.Tensor
+        self, batch: Batch, clean_logits: torch.Tensor, masks: TokenMasks, positions: torch.Tensor
     ) -> torch.Tensor:
         """CE or KL of the model with every written hook replaced by its reconstruction at the
         selected positions (the others keep the model's own values, as in training). Running
@@ -345,7 +342,7 @@ class Trainer:
 
         hooks = [(r, read) for r in b.reads] + [(w, write) for w in b.writes]
         with b.frozen_statistics():
-            logits = self.vlm.run_with_hooks(batch.inputs, hooks).logits.float()
+            logits = self.vlm.run_with_hooks(batch.inputs, hooks, masks=masks).logits.float()
         pos = positions.to(logits.device)
         if self.cfg.loss_fn == "kl":
             logp = F.log_softmax(clean_logits.float(), -1)[pos]
@@ -404,12 +401,11 @@ class Trainer:
             for batch, rows_after in self._batches():
                 if self._done():
                     break
-                xs, ys, (out, _masks, positions) = self._activations(batch)
+                xs, ys, (out, masks, positions) = self._activations(batch)
                 n_tok = xs[0].shape[0]
                 if n_tok == 0:
                     st.rows = rows_after
                     continue
-                self._selected_in_pass = True
                 if not st.initialized:
                     b.init_from_data(xs, ys)
                     st.initialized = True
@@ -421,7 +417,7 @@ class Trainer:
                 loss = res.loss
                 if cfg.loss_fn != "fvu":
                     extra = res.loss - res.fvu  # AuxK and sparsity terms
-                    loss = self._spliced_loss(batch, out.logits, positions) + extra
+                    loss = self._spliced_loss(batch, out.logits, masks, positions) + extra
                 if not torch.isfinite(loss):
                     raise TrainingError(
                         f"step {st.step}: loss became {loss.item()} (batch rows "
@@ -498,12 +494,6 @@ class Trainer:
         save_checkpoint(
             self.run_dir, self.bundle, self.optimizer, {"train_state": self.state.__dict__}
         )
-
-
-def trainable_hook(name: str) -> bool:
-    """Hook points whose activations are one vector per LM token (what the trainer selects):
-    not vision/projector hooks (no LM token positions), not attention patterns (maps)."""
-    return name.startswith("lm.") and not name.endswith("hook_pattern")
 
 
 _NO_TOKENS_HINT = {
