@@ -195,7 +195,9 @@ def bench_end_to_end(args: argparse.Namespace, vlm: HookedVLM, device: torch.dev
             masks = vlm.masks(batch.inputs)
 
             def fwd(batch=batch, masks=masks, names=names):  # type: ignore[no-untyped-def]
-                return vlm.run_with_cache(batch.inputs, names=names, mask=masks.select("all"))[1]
+                return vlm.run_with_cache(
+                    batch.inputs, names=names, mask=masks.select("all"), masks=masks
+                )[1]
 
             cache = timed(device, fwd, s, "model_forward")
             xs = [cache[r].float() for r in reads]  # type: ignore[index]

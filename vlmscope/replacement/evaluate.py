@@ -58,10 +58,12 @@ from torch import Tensor
 from vlmscope.data.processing import Batch, SampleEncoder, SkipCounter, batches, encode_stream
 from vlmscope.dictionaries import SparseCodes
 from vlmscope.dictionaries import fvu as fvu
+from vlmscope.files import write_text_atomically
 from vlmscope.models.hooked import HookContext, HookedVLM, HookFn
 from vlmscope.models.masks import TokenKind, TokenMasks
 from vlmscope.replacement.model import ReplacementModel, ReplaceTokens, flat_rows, unit_hooks
 from vlmscope.training.bundle import DictionaryBundle
+from vlmscope.training.config import is_shapes_dataset
 
 RECON_GROUPS: tuple[TokenKind, ...] = ("all", "image", "text")
 NEXT_TOKEN_GROUPS: tuple[str, ...] = ("all", "text", "answer")
@@ -289,16 +291,7 @@ class EvalReport:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write to_dict() as JSON atomically (temporary file, then rename); returns the path."""
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-            os.replace(tmp, out)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        return out
+        return write_text_atomically(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
     def table(self) -> str:
         """The report as short plain-text tables (reconstruction, then next-token)."""
@@ -446,10 +439,12 @@ class _Evaluator:
         }
         self.forward_passes = 0
 
-    def _forward(self, batch: Batch, hooks: Sequence[tuple[str, HookFn]]) -> Tensor:
+    def _forward(
+        self, batch: Batch, hooks: Sequence[tuple[str, HookFn]], masks: TokenMasks
+    ) -> Tensor:
         self.forward_passes += 1
-        with self.vlm.hooks(list(hooks)):
-            return self.vlm.forward(batch.inputs).logits
+        with self.vlm.hooks(list(hooks), masks=masks):
+            return self.vlm.forward(batch.inputs, masks=masks).logits
 
     def run(self, batch: Batch, masks: TokenMasks) -> None:
         b, dev = self.b, self.vlm.device
@@ -489,14 +484,14 @@ class _Evaluator:
             c = ce_clean[m]
             self.next[g]["clean"].add(c, torch.zeros_like(c), torch.ones_like(c, dtype=torch.bool))
         self.forward_passes += 1
-        score("replaced", self.rm.forward(batch.inputs).logits)
+        score("replaced", self.rm.forward(batch.inputs, masks=masks).logits)
         zero = HookedVLM.zero_ablate(replace)
-        score("zero", self._forward(batch, [(w, zero) for w in b.writes]))
+        score("zero", self._forward(batch, [(w, zero) for w in b.writes], masks))
         if not self.per_layer:
             return
         for t, w in enumerate(b.writes):
-            score(f"replaced:{t}", self._forward(batch, self._single(t, codes, replace)))
-            score(f"zero:{t}", self._forward(batch, [(w, zero)]))
+            score(f"replaced:{t}", self._forward(batch, self._single(t, codes, replace), masks))
+            score(f"zero:{t}", self._forward(batch, [(w, zero)], masks))
 
     def _clean(self, batch: Batch, masks: TokenMasks) -> tuple[dict[int, SparseCodes], Tensor]:
         """Clean forward: encode every unit's read, decode its write, accumulate the stats."""
@@ -524,7 +519,7 @@ class _Evaluator:
 
             return fn
 
-        logits = self._forward(batch, unit_hooks(b, read, write))
+        logits = self._forward(batch, unit_hooks(b, read, write), masks)
         return codes, logits
 
     def _single(
@@ -728,9 +723,8 @@ def same_data_as_training(dictionaries: str | os.PathLike[str], cfg: Any) -> boo
     if run.get("split", "train") != cfg.split:
         return False
     trained = str(run["dataset"])
-    if cfg.is_shapes_dataset():  # as TrainConfig.is_shapes_dataset, for the run's dataset
-        shapes = trained == "shapes" or trained.startswith("shapes:")
-        return shapes and int(run.get("seed", 0)) == int(cfg.seed)
+    if cfg.is_shapes_dataset():
+        return is_shapes_dataset(trained) and int(run.get("seed", 0)) == int(cfg.seed)
     if trained == cfg.dataset:
         return True
     a, b = Path(trained), Path(cfg.dataset)
