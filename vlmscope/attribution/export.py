@@ -35,6 +35,7 @@ from vlmscope.attribution.graph import (
     normalize_rows,
     prune,
 )
+from vlmscope.files import write_atomically, write_text_atomically
 
 SCHEMA_VERSION = 1
 RAW_FORMAT = "vlmscope.graph"
@@ -303,15 +304,7 @@ def _input_node(graph: Graph, pos: int, token_id: int, infl: float | None) -> di
 def save_json(graph: Graph, path: PathLike, **kwargs: Any) -> Path:
     """Write `to_json(graph, **kwargs)` to `path` (via a temporary file, so never torn)."""
     data = to_json(graph, **kwargs)
-    return _write_text(Path(path), json.dumps(data, separators=(",", ":"), allow_nan=False))
-
-
-def _write_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomically(path, json.dumps(data, separators=(",", ":"), allow_nan=False))
 
 
 # --- raw graph ------------------------------------------------------------------------------------
@@ -349,11 +342,8 @@ def save_raw(graph: Graph, path: PathLike) -> Path:
         header = json.dumps(info)
     except TypeError as e:
         raise TypeError(f"graph.metadata must be JSON-serialisable to save it: {e}") from e
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"format": RAW_FORMAT, RAW_KEY: header})
-    os.replace(tmp, path)
-    return path
+    meta = {"format": RAW_FORMAT, RAW_KEY: header}
+    return write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def load_raw(path: PathLike) -> Graph:
@@ -570,12 +560,7 @@ def save_heatmap_png(
         which = "all logits" if logit_index is None else f'"{t.token}" p={t.probability:.2f}'
         text = f"-> {which}"
     png = render_heatmap(img, heat[view], region=region, scale=scale, caption=text)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    png.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    return write_atomically(path, lambda tmp: png.save(tmp, format="PNG"))
 
 
 def top_patches(heat: Tensor, k: int = 3) -> list[tuple[int, int, float]]:

@@ -57,6 +57,7 @@ from vlmscope.dictionaries.activations import BatchTopK, SparseActivation
 from vlmscope.dictionaries.clt import CrossLayerTranscoder
 from vlmscope.dictionaries.coder import SparseCoder
 from vlmscope.dictionaries.config import SparseCoderConfig
+from vlmscope.files import write_atomically, write_text_atomically
 
 FORMAT = "vlmscope.dictionaries"
 FORMAT_VERSION = 1
@@ -78,26 +79,14 @@ class DictionaryFormatError(ValueError):
 # ---------------------------------------------------------------------------- file helpers
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = _tmp_name(path)
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    _write_text_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+    write_text_atomically(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
 def _write_safetensors(path: Path, tensors: Mapping[str, Tensor]) -> None:
     """safetensors file of detached, contiguous CPU copies, written atomically."""
     plain = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
-    tmp = _tmp_name(path)
-    save_file(plain, str(tmp), metadata={"format": FORMAT})
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: save_file(plain, str(tmp), metadata={"format": FORMAT}))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -324,7 +313,7 @@ def _write_yaml(path: Path, values: Mapping[str, object]) -> None:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
             raise ValueError(f"YAML key {key!r} is not a plain identifier")
         lines.append(f"{key}: {_yaml_scalar(value)}")
-    _write_text_atomic(path, "\n".join(lines) + "\n")
+    write_text_atomically(path, "\n".join(lines) + "\n")
 
 
 def _cast(t: Tensor, dtype: torch.dtype | None) -> Tensor:
