@@ -1,11 +1,11 @@
-"""On-the-fly training: one VLM forward per batch feeds every layer's dictionary.
+"""The training loop: dictionaries learn from the activations a source yields.
 
-The model runs once per batch under hooks that cache the read and written hook points at the
-selected tokens (padding never, BOS and chat-template markers only if asked); the dictionaries
-train on those activations. With loss ce/kl a second, spliced forward replaces the MLP outputs
-at the selected tokens by the dictionaries' reconstructions and compares with the clean logits
-of the same batch. Bad settings, data, hooks or sizes stop with a TrainingError that names the
-flag, preferably before the model loads.
+The source decides where activations come from (`training/sources.py`: a model forward per
+batch today, a store of captured activations or a per-rank slice of either); the trainer owns
+the dictionaries, the optimiser, the learning-rate and k schedules, metrics and checkpoints.
+With loss ce/kl the source splices the dictionaries back into the model for the same batch.
+Bad settings, data, hooks or sizes stop with a TrainingError that names the flag, preferably
+before the model loads.
 """
 
 from __future__ import annotations
@@ -15,21 +15,16 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from vlmscope.data.processing import Batch, SampleEncoder, SkipCounter, batches, encode_stream
-from vlmscope.data.sources import BadRecord
-from vlmscope.dictionaries import NonFiniteError, check_finite
-from vlmscope.models.hooked import HookContext, HookedVLM
-from vlmscope.models.masks import TokenMasks
-from vlmscope.training.bundle import DictionaryBundle, mlp_out, resid_mid
+from vlmscope.data.processing import SkipCounter
+from vlmscope.models.hooked import HookedVLM
+from vlmscope.training.bundle import DictionaryBundle
 from vlmscope.training.checkpoint import (
     find_checkpoint,
     load_checkpoint,
@@ -37,33 +32,32 @@ from vlmscope.training.checkpoint import (
     save_checkpoint,
     save_final_dictionaries,
 )
-from vlmscope.training.config import TrainConfig, column_map, trainable_hook
+from vlmscope.training.config import TrainConfig
 from vlmscope.training.errors import CheckpointError, TrainingError
 from vlmscope.training.logging import MetricsLogger
+from vlmscope.training.sources import (
+    ActivationSource,
+    LiveSource,
+    TrainState,
+    bindings,
+    load_model,
+    open_training_data,
+    resolve_model_path,
+)
 
 __all__ = [
     "CheckpointError",
     "TrainResult",
+    "TrainState",
     "Trainer",
     "TrainingError",
+    "bindings",
+    "load_model",
+    "open_source",
     "open_training_data",
     "resolve_model_path",
     "train",
 ]
-
-
-@dataclass
-class TrainState:
-    """Everything besides tensors that a resumed run needs to continue exactly."""
-
-    step: int = 0
-    tokens: int = 0
-    epoch: int = 0
-    #: rows of the dataset consumed in the current epoch (the next row to read).
-    rows: int = 0
-    skips: dict[str, int] = field(default_factory=dict)
-    skip_examples: dict[str, list[str]] = field(default_factory=dict)
-    initialized: bool = False
 
 
 @dataclass
@@ -77,60 +71,14 @@ class TrainResult:
     dead_per_unit: dict[str, float]
 
 
-def resolve_model_path(model: str) -> str:
-    """`toy` is the shipped toy VLM, a zoo name builds that tiny model; else a HF name/path."""
-    from vlmscope.models import zoo
-
-    if os.path.exists(model):
-        return model
-    if model == "toy":
-        from vlmscope.models.toy import toy_path
-
-        return str(toy_path())
-    if model in zoo.names():
-        return str(zoo.cached_path(model))
-    return model
-
-
-def _looks_like_local_path(name: str) -> bool:
-    """A name that can only be a local path (hub names look like `org/name`)."""
-    return name.startswith(("/", "./", "../", "~")) or name in (".", "..")
-
-
-def load_model(cfg: TrainConfig) -> HookedVLM:
-    """The model of cfg.model; a missing path or hub name is a TrainingError, not a traceback."""
-    if _looks_like_local_path(cfg.model) and not os.path.exists(cfg.model):
-        raise TrainingError(f"model path {cfg.model!r} does not exist")
-    try:
-        path = resolve_model_path(cfg.model)
-        return HookedVLM.from_pretrained(path, device=cfg.device or None, dtype=cfg.dtype or None)
-    except (OSError, ValueError) as e:
-        raise TrainingError(f"cannot load model {cfg.model!r}: {e}") from e
-
-
-def open_training_data(cfg: TrainConfig) -> Any:
-    """The dataset named by cfg.dataset; `shapes` / `shapes:N` is a generated shapes world."""
-    from vlmscope.data import open_dataset
-
-    name = cfg.dataset
-    if cfg.is_shapes_dataset():
-        from vlmscope.data import shapes
-        from vlmscope.models.zoo import default_cache_dir
-
-        n = int(name.split(":", 1)[1]) if ":" in name else 4000
-        folder = default_cache_dir().parent / "data" / f"shapes-n{n}-seed{cfg.seed}"
-        path = folder / f"{cfg.split}.parquet"  # splits draw disjoint seed streams
-        if not path.exists():
-            shapes.write_dataset(folder, n=n, seed=cfg.seed, split=cfg.split)
-        return open_dataset(path, schema="chat", strict=cfg.strict)
-    return open_dataset(
-        name,
-        schema=cfg.schema,
-        image_root=cfg.image_root or None,
-        columns=column_map(cfg.columns),
-        strict=cfg.strict,
-        split=cfg.split,
-    )
+def open_source(cfg: TrainConfig, vlm: HookedVLM | None = None) -> ActivationSource:
+    """The source of cfg's activations, opened in order: the data first (a missing file fails
+    in seconds, not after minutes of model loading), then the seed, then the model."""
+    source = LiveSource(cfg)
+    source.open_data()
+    torch.manual_seed(cfg.seed)
+    source.bind_model(vlm)
+    return source
 
 
 def check_writable(folder: Path) -> None:
@@ -144,43 +92,57 @@ def check_writable(folder: Path) -> None:
         raise TrainingError(f"cannot write to output folder {folder}: {e}") from e
 
 
-def bindings(cfg: TrainConfig, vlm: HookedVLM) -> tuple[list[str], list[str], list[int]]:
-    """(read hooks, written hooks, layers) of the run, checked against the model."""
-    n = vlm.adapter.n_layers
-    bad = [layer for layer in cfg.layers if layer >= n]
-    if bad:
-        raise TrainingError(f"--layers {bad} do not exist: the model has {n} layers (0..{n - 1})")
-    layers = sorted(cfg.layers) if cfg.layers else list(range(n))
-    kind = cfg.sae.resolved_kind()
-    if kind == "sae":
-        if cfg.hookpoints:
-            try:
-                names = vlm.hook_names(cfg.hookpoints)
-            except KeyError as e:  # unknown hook point: the message lists close matches
-                raise TrainingError(str(e.args[0])) from None
-            untrainable = [h for h in names if not trainable_hook(h)]
-            if untrainable:
-                raise TrainingError(
-                    f"--hookpoints {cfg.hookpoints} match {untrainable[:4]}, which the trainer "
-                    "cannot train on: it trains on per-token language-model vectors (lm.* hook "
-                    "points other than attn.hook_pattern); narrow the patterns"
-                )
-        else:
-            names = [f"lm.blocks.{layer}.hook_resid_post" for layer in layers]
-        return names, names, layers
-    return [resid_mid(layer) for layer in layers], [mlp_out(layer) for layer in layers], layers
-
-
 class Trainer:
-    """Trains a DictionaryBundle on a HookedVLM as configured by a TrainConfig."""
+    """Trains a DictionaryBundle on the activations of a source, as a TrainConfig says.
+
+    Construction runs in phases, each named below, so that cheap checks fail before expensive
+    work: (1) the run folder (writable, not another run's, resumable), (2) the source (the data
+    opens before the model loads), (3) the dictionaries and optimiser, (4) the checkpoint's
+    state when resuming. `fit` then trains until the token or step budget ends.
+    """
 
     def __init__(
-        self, cfg: TrainConfig, vlm: HookedVLM | None = None, progress: bool = True
+        self,
+        cfg: TrainConfig,
+        vlm: HookedVLM | None = None,
+        progress: bool = True,
+        source: ActivationSource | None = None,
     ) -> None:
         self.cfg = cfg
         self.progress = progress
         self.run_name = cfg.run_name or _default_run_name(cfg)
         self.run_dir = Path(cfg.output_dir) / self.run_name
+        existing = self._prepare_run_dir()
+        self.source = source if source is not None else open_source(cfg, vlm)
+        self.device = self.source.device
+        self.reads, self.writes, self.layers = (
+            self.source.reads,
+            self.source.writes,
+            self.source.layers,
+        )
+        self._build_dictionaries()
+        self.state = TrainState()
+        if existing is not None:
+            self._restore(existing)
+        elif cfg.resume:
+            warnings.warn(
+                f"--resume: no checkpoint in {self.run_dir}; starting fresh", stacklevel=2
+            )
+
+    @property
+    def vlm(self) -> HookedVLM | None:
+        """The model behind a live source (None for sources without one)."""
+        return getattr(self.source, "vlm", None)
+
+    @property
+    def skips(self) -> SkipCounter:
+        return self.source.skips
+
+    # --- phases of construction ----------------------------------------------------------
+    def _prepare_run_dir(self) -> Path | None:
+        """Check the machine, the output folder and the loggers; return the checkpoint to
+        resume from, if any."""
+        cfg = self.cfg
         try:
             cfg.check_environment()
         except ValueError as e:
@@ -196,162 +158,33 @@ class Trainer:
             _check_resumable(self.run_dir / "train_config.json", cfg)
         remove_stale_temporaries(self.run_dir)  # left by a run killed while writing
         _check_loggers(cfg)
-        # The data opens before the model loads: a missing file fails in seconds, not minutes.
-        try:
-            self.dataset = open_training_data(cfg)
-        except (OSError, ValueError, ImportError, RuntimeError) as e:
-            raise TrainingError(f"cannot open dataset {cfg.dataset!r}: {e}") from e
-        # Records the reader rejects (missing or corrupt images, bad columns) join the run's
-        # skip counts, so they are reported at the end and kept in checkpoints even when the
-        # run stops before a pass over the data ends.
-        self.dataset.on_bad_record = self._count_bad_record
-        torch.manual_seed(cfg.seed)
-        if vlm is None:
-            vlm = load_model(cfg)
-        self.vlm = vlm
-        self.vlm.model.requires_grad_(False)
-        self.device = vlm.device
-        self.reads, self.writes, self.layers = bindings(cfg, vlm)
-        width = vlm.adapter.d_model
-        if cfg.sae.resolved_kind() == "sae":
-            width = self._hook_width(self.reads)
-        info = {
-            "name": cfg.model,
-            "family": vlm.adapter.family,
-            "dims": vlm.adapter.dims(),
-            "layers": self.layers,
-            "tokens": cfg.tokens,
-            "include_special_tokens": cfg.include_special_tokens,
-            # Provenance travels with the dictionaries (eval warns on the same data).
-            "data": {"dataset": cfg.dataset, "split": cfg.split, "seed": cfg.seed},
-        }
-        coder_cfg = cfg.sae.coder_config()
+        return existing
+
+    def _build_dictionaries(self) -> None:
+        """Fresh dictionaries for the source's hooks and widths, and their optimiser."""
+        cfg, src = self.cfg, self.source
         try:
             self.bundle = DictionaryBundle.create(
-                coder_cfg, self.reads, self.writes, width, width, info, device=self.device
+                cfg.sae.coder_config(),
+                src.reads,
+                src.writes,
+                src.d_in,
+                src.d_out,
+                src.model_info(),
+                device=self.device,
             )
         except ValueError as e:
-            raise TrainingError(_explain_size_error(cfg, width, e)) from None
+            raise TrainingError(_explain_size_error(cfg, src.d_in, e)) from None
         self.lr = cfg.lr_for(self.bundle.cfg.num_latents)
         self.optimizer = torch.optim.Adam(self.bundle.parameters(), lr=self.lr)
-        self.state = TrainState()
-        if existing is not None:
-            raw = load_checkpoint(existing, self.bundle, self.optimizer)
-            self.state = TrainState(**raw["train_state"])
-        elif cfg.resume:
-            warnings.warn(
-                f"--resume: no checkpoint in {self.run_dir}; starting fresh", stacklevel=2
-            )
-        ids = vlm.adapter.image_token_ids()
-        self.encoder = SampleEncoder(vlm.processor, cfg.ctx_len, ids)
-        self.skips = SkipCounter(dict(self.state.skips), dict(self.state.skip_examples))
 
-    def _count_bad_record(self, bad: BadRecord) -> None:
-        self.skips.add(bad.reason, bad.row_id)
-
-    def _hook_width(self, names: list[str]) -> int:
-        """The one width of the SAE hook points (a head hook counts heads x head width), read
-        off one tiny forward pass the way training reads them; mixed widths are refused."""
-        probe = self.vlm.prepare(["a"])
-        _, cache = self.vlm.run_with_cache(probe, names=names, mask="all")
-        widths = {name: int(cache[name].flatten(1).shape[1]) for name in names}
-        if len(set(widths.values())) > 1:
-            listed = ", ".join(f"{n}: {w}" for n, w in widths.items())
-            raise TrainingError(
-                f"--hookpoints select hook points of different widths ({listed}); one run "
-                "trains dictionaries of one width: run once per width"
-            )
-        return widths[names[0]]
-
-    # --- data --------------------------------------------------------------------------------
-    def _batches(self) -> Iterator[tuple[Batch, int]]:
-        """(batch, rows consumed after it) from the saved position, epoch after epoch."""
-        cfg = self.cfg
-        pad = self.vlm.tokenizer.pad_token_id
-        pad_id = pad if pad is not None else 0
-        while True:
-            data = self.dataset.skip(self.state.rows) if self.state.rows else self.dataset
-            samples = encode_stream(
-                data, self.encoder, self.skips, strict=cfg.strict, workers=cfg.workers
-            )
-            full_pass = self.state.rows == 0
-            got_any = False
-            tokens_before = self.state.tokens  # fit() counts the tokens each batch selects
-            for batch in batches(samples, cfg.batch_size, pad_id, masks=self.vlm.masks):
-                got_any = True
-                yield batch, batch.positions[-1] + 1
-            if not got_any and full_pass:
-                raise TrainingError(
-                    f"dataset {cfg.dataset!r} produced no usable samples ({self.skips.summary()})"
-                )
-            if full_pass and self.state.tokens == tokens_before:
-                raise TrainingError(
-                    f"--tokens {cfg.tokens} selected no tokens in a full pass over "
-                    f"{cfg.dataset!r}{_NO_TOKENS_HINT[cfg.tokens]}"
-                )
-            self.state.epoch += 1
-            self.state.rows = 0
+    def _restore(self, checkpoint: Path) -> None:
+        """Dictionaries, optimiser, RNG, counters and data cursor from a checkpoint."""
+        raw = load_checkpoint(checkpoint, self.bundle, self.optimizer)
+        self.state = TrainState(**raw["train_state"])
+        self.source.skips = SkipCounter(dict(self.state.skips), dict(self.state.skip_examples))
 
     # --- one step ----------------------------------------------------------------------------
-    def _activations(self, batch: Batch) -> tuple[list[torch.Tensor], list[torch.Tensor], Any]:
-        masks = batch.masks if batch.masks is not None else self.vlm.masks(batch.inputs)
-        positions = masks.select(self.cfg.tokens, include_special=self.cfg.include_special_tokens)
-        out, cache = self.vlm.run_with_cache(
-            batch.inputs, names=self.bundle.hook_names(), mask=positions, masks=masks
-        )
-        xs = [cache[r].flatten(1).float() for r in self.reads]
-        ys = [cache[w].flatten(1).float() for w in self.writes]
-        # In forward order, so the error names the first hook where the values broke.
-        pairs = [
-            p for i in range(len(xs)) for p in ((self.reads[i], xs[i]), (self.writes[i], ys[i]))
-        ]
-        for name, t in pairs:
-            try:
-                check_finite(name, t)
-            except NonFiniteError as e:
-                raise TrainingError(
-                    f"step {self.state.step}: {e} (batch rows {batch.row_ids[:4]}"
-                    f"{'...' if batch.size > 4 else ''}); the last checkpoint is intact"
-                ) from None
-        return xs, ys, (out, masks, positions)
-
-    def _spliced_loss(
-        self, batch: Batch, clean_logits: torch.Tensor, masks: TokenMasks, positions: torch.Tensor
-    ) -> torch.Tensor:
-        """CE or KL of the model with every written hook replaced by its reconstruction at the
-        selected positions (the others keep the model's own values, as in training). Running
-        statistics (BatchTopK's threshold, dead-latent counters) are left alone: the training
-        forward already counted this batch, once and on the selected tokens only."""
-        b = self.bundle
-        codes: dict[int, Any] = {}
-        inputs: dict[int, torch.Tensor] = {}
-        index = {name: i for i, name in enumerate(b.reads)}
-        out_index = {name: i for i, name in enumerate(b.writes)}
-        spliced = positions.to(self.device)
-
-        def read(t: torch.Tensor, ctx: HookContext) -> None:
-            i = index[ctx.name]
-            x = t[spliced].float()
-            inputs[i] = x
-            codes[i] = b.encode_unit(i, x)
-
-        def write(t: torch.Tensor, ctx: HookContext) -> torch.Tensor:
-            i = out_index[ctx.name]
-            y = b.decode_unit(i, codes, inputs[i])
-            return t.index_put((spliced,), y.to(t.dtype))
-
-        hooks = [(r, read) for r in b.reads] + [(w, write) for w in b.writes]
-        with b.frozen_statistics():
-            logits = self.vlm.run_with_hooks(batch.inputs, hooks, masks=masks).logits.float()
-        pos = positions.to(logits.device)
-        if self.cfg.loss_fn == "kl":
-            logp = F.log_softmax(clean_logits.float(), -1)[pos]
-            logq = F.log_softmax(logits, -1)[pos]
-            return (logp.exp() * (logp - logq)).sum(-1).mean()
-        targets = batch.inputs["input_ids"][:, 1:].to(logits.device)
-        sel = pos[:, :-1] & batch.inputs["attention_mask"][:, 1:].to(logits.device).bool()
-        return F.cross_entropy(logits[:, :-1][sel], targets[sel])
-
     def _lr_at(self, tokens: int, step: int) -> float:
         """Linear warm-up, constant, linear decay to 0, as fractions of the budget: of
         whichever of --max-tokens and --max-steps ends the run first (the larger fraction)."""
@@ -398,13 +231,12 @@ class Trainer:
         last: dict[str, Any] = {}
         t0, tok0 = time.perf_counter(), st.tokens
         try:
-            for batch, rows_after in self._batches():
+            for batch in self.source.batches(st):
                 if self._done():
                     break
-                xs, ys, (out, masks, positions) = self._activations(batch)
-                n_tok = xs[0].shape[0]
+                xs, ys, n_tok = batch.xs, batch.ys, batch.n_tokens
                 if n_tok == 0:
-                    st.rows = rows_after
+                    self._commit(batch.cursor)
                     continue
                 if not st.initialized:
                     b.init_from_data(xs, ys)
@@ -416,8 +248,13 @@ class Trainer:
                 res = b(xs, ys)
                 loss = res.loss
                 if cfg.loss_fn != "fvu":
+                    if batch.spliced_loss is None:
+                        raise TrainingError(
+                            f"--loss-fn {cfg.loss_fn} splices the dictionaries into the model; "
+                            "this source has no model: use --loss-fn fvu"
+                        )
                     extra = res.loss - res.fvu  # AuxK and sparsity terms
-                    loss = self._spliced_loss(batch, out.logits, masks, positions) + extra
+                    loss = batch.spliced_loss(b, cfg.loss_fn) + extra
                 if not torch.isfinite(loss):
                     raise TrainingError(
                         f"step {st.step}: loss became {loss.item()} (batch rows "
@@ -425,7 +262,7 @@ class Trainer:
                     )
                 (loss / cfg.grad_acc_steps).backward()
                 st.tokens += n_tok
-                st.rows = rows_after
+                self._commit(batch.cursor)
                 bar.update(n_tok)
                 micro += 1
                 if micro % cfg.grad_acc_steps:
@@ -488,20 +325,17 @@ class Trainer:
             "tokens_per_s": round(tps, 1),
         }
 
+    def _commit(self, cursor: dict[str, Any]) -> None:
+        """Move the data cursor past a batch that has been trained on (or had no tokens)."""
+        for key, value in cursor.items():
+            setattr(self.state, key, value)
+
     def _checkpoint(self) -> None:
         self.state.skips = dict(self.skips.counts)
         self.state.skip_examples = {k: list(v) for k, v in self.skips.examples.items()}
         save_checkpoint(
             self.run_dir, self.bundle, self.optimizer, {"train_state": self.state.__dict__}
         )
-
-
-_NO_TOKENS_HINT = {
-    "image": " (its records have no images, or the model has no image tokens): use "
-    "--tokens all or --tokens text",
-    "text": ": use --tokens all or --tokens image",
-    "all": ": every token is padding, BOS or a chat-template marker; pass --include-special-tokens",
-}
 
 
 def _explain_size_error(cfg: TrainConfig, width: int, err: ValueError) -> str:

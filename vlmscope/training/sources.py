@@ -1,0 +1,376 @@
+"""Where training activations come from: the trainer asks a *source*, never a model.
+
+A source knows which hook points the run reads and writes, their widths and the model they came
+from, and yields `ActivationBatch`es: per-unit inputs `xs` and targets `ys` at the selected
+tokens, plus the data cursor to commit once the batch has been trained on (so a checkpoint
+taken after it resumes at the next batch). The trainer owns the dictionaries, the optimiser,
+the schedule and the checkpoints; it does not know whether activations come from
+
+- `LiveSource`: a model forward with hooks per batch of the dataset (on-the-fly training), or
+- a store of captured activations, or a per-rank slice of either (later sources).
+
+Only a live source can splice dictionaries back into the model (`loss_fn` ce/kl); others leave
+`ActivationBatch.spliced_loss` as None and the config refuses those losses for them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from vlmscope.data.processing import Batch, SampleEncoder, SkipCounter, batches, encode_stream
+from vlmscope.data.sources import BadRecord
+from vlmscope.dictionaries import NonFiniteError, check_finite
+from vlmscope.models.hooked import HookContext, HookedVLM
+from vlmscope.models.masks import TokenMasks
+from vlmscope.training.bundle import DictionaryBundle, mlp_out, resid_mid
+from vlmscope.training.config import TrainConfig, column_map, trainable_hook
+from vlmscope.training.errors import TrainingError
+
+__all__ = [
+    "ActivationBatch",
+    "ActivationSource",
+    "LiveSource",
+    "TrainState",
+    "bindings",
+    "load_model",
+    "open_training_data",
+    "resolve_model_path",
+]
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that a resumed run needs to continue exactly."""
+
+    step: int = 0
+    tokens: int = 0
+    epoch: int = 0
+    #: rows of the dataset consumed in the current epoch (the next row to read).
+    rows: int = 0
+    skips: dict[str, int] = field(default_factory=dict)
+    skip_examples: dict[str, list[str]] = field(default_factory=dict)
+    initialized: bool = False
+
+
+#: (bundle, loss_fn) -> the model's ce/kl loss with the bundle spliced in at the batch's tokens.
+SplicedLoss = Callable[[DictionaryBundle, str], torch.Tensor]
+
+
+@dataclass
+class ActivationBatch:
+    """One training batch: `xs[i]` [N, d_in] read and `ys[i]` [N, d_out] written by unit i."""
+
+    xs: list[torch.Tensor]
+    ys: list[torch.Tensor]
+    #: TrainState fields to set once this batch has been trained on (the data cursor).
+    cursor: dict[str, Any]
+    #: rows (or record ids) the batch came from, for error messages.
+    row_ids: list[str] = field(default_factory=list)
+    spliced_loss: SplicedLoss | None = None
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.xs[0].shape[0]) if self.xs else 0
+
+
+class ActivationSource(Protocol):
+    """What the trainer needs from wherever activations come from."""
+
+    reads: list[str]
+    writes: list[str]
+    layers: list[int]
+    d_in: int
+    d_out: int
+    device: torch.device
+    skips: SkipCounter
+
+    def model_info(self) -> dict[str, Any]:
+        """Provenance recorded in the dictionaries (model name, family, dims, layers, data)."""
+        ...
+
+    def batches(self, state: TrainState) -> Iterator[ActivationBatch]:
+        """Batches from the cursor in `state` on, epoch after epoch (the trainer stops)."""
+        ...
+
+
+# --- models and data -----------------------------------------------------------------------
+def resolve_model_path(model: str) -> str:
+    """`toy` is the shipped toy VLM, a zoo name builds that tiny model; else a HF name/path."""
+    from vlmscope.models import zoo
+
+    if os.path.exists(model):
+        return model
+    if model == "toy":
+        from vlmscope.models.toy import toy_path
+
+        return str(toy_path())
+    if model in zoo.names():
+        return str(zoo.cached_path(model))
+    return model
+
+
+def _looks_like_local_path(name: str) -> bool:
+    """A name that can only be a local path (hub names look like `org/name`)."""
+    return name.startswith(("/", "./", "../", "~")) or name in (".", "..")
+
+
+def load_model(cfg: TrainConfig) -> HookedVLM:
+    """The model of cfg.model; a missing path or hub name is a TrainingError, not a traceback."""
+    if _looks_like_local_path(cfg.model) and not os.path.exists(cfg.model):
+        raise TrainingError(f"model path {cfg.model!r} does not exist")
+    try:
+        path = resolve_model_path(cfg.model)
+        return HookedVLM.from_pretrained(path, device=cfg.device or None, dtype=cfg.dtype or None)
+    except (OSError, ValueError) as e:
+        raise TrainingError(f"cannot load model {cfg.model!r}: {e}") from e
+
+
+def open_training_data(cfg: TrainConfig) -> Any:
+    """The dataset named by cfg.dataset; `shapes` / `shapes:N` is a generated shapes world."""
+    from vlmscope.data import open_dataset
+
+    name = cfg.dataset
+    if cfg.is_shapes_dataset():
+        from vlmscope.data import shapes
+        from vlmscope.models.zoo import default_cache_dir
+
+        n = int(name.split(":", 1)[1]) if ":" in name else 4000
+        folder = default_cache_dir().parent / "data" / f"shapes-n{n}-seed{cfg.seed}"
+        path = folder / f"{cfg.split}.parquet"  # splits draw disjoint seed streams
+        if not path.exists():
+            shapes.write_dataset(folder, n=n, seed=cfg.seed, split=cfg.split)
+        return open_dataset(path, schema="chat", strict=cfg.strict)
+    return open_dataset(
+        name,
+        schema=cfg.schema,
+        image_root=cfg.image_root or None,
+        columns=column_map(cfg.columns),
+        strict=cfg.strict,
+        split=cfg.split,
+    )
+
+
+def bindings(cfg: TrainConfig, vlm: HookedVLM) -> tuple[list[str], list[str], list[int]]:
+    """(read hooks, written hooks, layers) of the run, checked against the model."""
+    n = vlm.adapter.n_layers
+    bad = [layer for layer in cfg.layers if layer >= n]
+    if bad:
+        raise TrainingError(f"--layers {bad} do not exist: the model has {n} layers (0..{n - 1})")
+    layers = sorted(cfg.layers) if cfg.layers else list(range(n))
+    kind = cfg.sae.resolved_kind()
+    if kind == "sae":
+        if cfg.hookpoints:
+            try:
+                names = vlm.hook_names(cfg.hookpoints)
+            except KeyError as e:  # unknown hook point: the message lists close matches
+                raise TrainingError(str(e.args[0])) from None
+            untrainable = [h for h in names if not trainable_hook(h)]
+            if untrainable:
+                raise TrainingError(
+                    f"--hookpoints {cfg.hookpoints} match {untrainable[:4]}, which the trainer "
+                    "cannot train on: it trains on per-token language-model vectors (lm.* hook "
+                    "points other than attn.hook_pattern); narrow the patterns"
+                )
+        else:
+            names = [f"lm.blocks.{layer}.hook_resid_post" for layer in layers]
+        return names, names, layers
+    return [resid_mid(layer) for layer in layers], [mlp_out(layer) for layer in layers], layers
+
+
+_NO_TOKENS_HINT = {
+    "image": " (its records have no images, or the model has no image tokens): use "
+    "--tokens all or --tokens text",
+    "text": ": use --tokens all or --tokens image",
+    "all": ": every token is padding, BOS or a chat-template marker; pass --include-special-tokens",
+}
+
+
+# --- the live source -------------------------------------------------------------------------
+class LiveSource:
+    """Activations from a model forward per batch of a dataset (one forward feeds every unit).
+
+    Opening it is two phases with a gap between them: `open_data` (cheap: a missing file fails
+    in seconds) and `bind_model` (loads the model unless one is given, checks the hooks, reads
+    their widths). The cursor is the dataset row after the batch, within the current epoch.
+    """
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.skips = SkipCounter()
+        self.dataset: Any = None
+        self.vlm: HookedVLM | None = None
+
+    # --- phases --------------------------------------------------------------------------
+    def open_data(self) -> None:
+        """Open the dataset; records its reader rejects (missing or corrupt images, bad
+        columns) join the run's skip counts, kept in checkpoints."""
+        try:
+            self.dataset = open_training_data(self.cfg)
+        except (OSError, ValueError, ImportError, RuntimeError) as e:
+            raise TrainingError(f"cannot open dataset {self.cfg.dataset!r}: {e}") from e
+        self.dataset.on_bad_record = self._count_bad_record
+
+    def bind_model(self, vlm: HookedVLM | None = None) -> None:
+        """Load (or take) the model, freeze it and bind the run's hook points to it."""
+        cfg = self.cfg
+        vlm = vlm if vlm is not None else load_model(cfg)
+        vlm.model.requires_grad_(False)
+        self.vlm = vlm
+        self.device = vlm.device
+        self.reads, self.writes, self.layers = bindings(cfg, vlm)
+        width = vlm.adapter.d_model
+        if cfg.sae.resolved_kind() == "sae":
+            width = self._hook_width(self.reads)
+        self.d_in = self.d_out = width
+        self.encoder = SampleEncoder(vlm.processor, cfg.ctx_len, vlm.adapter.image_token_ids())
+
+    def model_info(self) -> dict[str, Any]:
+        cfg, vlm = self.cfg, self._model()
+        return {
+            "name": cfg.model,
+            "family": vlm.adapter.family,
+            "dims": vlm.adapter.dims(),
+            "layers": self.layers,
+            "tokens": cfg.tokens,
+            "include_special_tokens": cfg.include_special_tokens,
+            # Provenance travels with the dictionaries (eval warns on the same data).
+            "data": {"dataset": cfg.dataset, "split": cfg.split, "seed": cfg.seed},
+        }
+
+    def _model(self) -> HookedVLM:
+        if self.vlm is None:
+            raise RuntimeError("LiveSource.bind_model() has not run")
+        return self.vlm
+
+    def _count_bad_record(self, bad: BadRecord) -> None:
+        self.skips.add(bad.reason, bad.row_id)
+
+    def _hook_width(self, names: list[str]) -> int:
+        """The one width of the SAE hook points (a head hook counts heads x head width), read
+        off one tiny forward pass the way training reads them; mixed widths are refused."""
+        vlm = self._model()
+        probe = vlm.prepare(["a"])
+        _, cache = vlm.run_with_cache(probe, names=names, mask="all")
+        widths = {name: int(cache[name].flatten(1).shape[1]) for name in names}
+        if len(set(widths.values())) > 1:
+            listed = ", ".join(f"{n}: {w}" for n, w in widths.items())
+            raise TrainingError(
+                f"--hookpoints select hook points of different widths ({listed}); one run "
+                "trains dictionaries of one width: run once per width"
+            )
+        return widths[names[0]]
+
+    # --- batches -----------------------------------------------------------------------------
+    def batches(self, state: TrainState) -> Iterator[ActivationBatch]:
+        for batch, rows_after in self._model_batches(state):
+            xs, ys, out, masks, positions = self._activations(batch, state.step)
+            spliced = None
+            if self.cfg.loss_fn != "fvu":
+
+                def spliced(bundle: DictionaryBundle, loss_fn: str, batch: Batch = batch,
+                            out: Any = out, masks: TokenMasks = masks,
+                            positions: torch.Tensor = positions) -> torch.Tensor:  # fmt: skip
+                    return self._spliced_loss(bundle, loss_fn, batch, out.logits, masks, positions)
+
+            yield ActivationBatch(xs, ys, {"rows": rows_after}, list(batch.row_ids), spliced)
+
+    def _model_batches(self, state: TrainState) -> Iterator[tuple[Batch, int]]:
+        """(batch, rows consumed after it) from the saved position, epoch after epoch."""
+        cfg, vlm = self.cfg, self._model()
+        pad = vlm.tokenizer.pad_token_id
+        pad_id = pad if pad is not None else 0
+        while True:
+            data = self.dataset.skip(state.rows) if state.rows else self.dataset
+            samples = encode_stream(
+                data, self.encoder, self.skips, strict=cfg.strict, workers=cfg.workers
+            )
+            full_pass = state.rows == 0
+            got_any = False
+            tokens_before = state.tokens  # the trainer counts the tokens each batch selects
+            for batch in batches(samples, cfg.batch_size, pad_id, masks=vlm.masks):
+                got_any = True
+                yield batch, batch.positions[-1] + 1
+            if not got_any and full_pass:
+                raise TrainingError(
+                    f"dataset {cfg.dataset!r} produced no usable samples ({self.skips.summary()})"
+                )
+            if full_pass and state.tokens == tokens_before:
+                raise TrainingError(
+                    f"--tokens {cfg.tokens} selected no tokens in a full pass over "
+                    f"{cfg.dataset!r}{_NO_TOKENS_HINT[cfg.tokens]}"
+                )
+            state.epoch += 1
+            state.rows = 0
+
+    def _activations(
+        self, batch: Batch, step: int
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], Any, TokenMasks, torch.Tensor]:
+        vlm = self._model()
+        masks = batch.masks if batch.masks is not None else vlm.masks(batch.inputs)
+        positions = masks.select(self.cfg.tokens, include_special=self.cfg.include_special_tokens)
+        names = list(dict.fromkeys(self.reads + self.writes))
+        out, cache = vlm.run_with_cache(batch.inputs, names=names, mask=positions, masks=masks)
+        xs = [cache[r].flatten(1).float() for r in self.reads]
+        ys = [cache[w].flatten(1).float() for w in self.writes]
+        # In forward order, so the error names the first hook where the values broke.
+        pairs = [
+            p for i in range(len(xs)) for p in ((self.reads[i], xs[i]), (self.writes[i], ys[i]))
+        ]
+        for name, t in pairs:
+            try:
+                check_finite(name, t)
+            except NonFiniteError as e:
+                raise TrainingError(
+                    f"step {step}: {e} (batch rows {batch.row_ids[:4]}"
+                    f"{'...' if batch.size > 4 else ''}); the last checkpoint is intact"
+                ) from None
+        return xs, ys, out, masks, positions
+
+    def _spliced_loss(
+        self,
+        b: DictionaryBundle,
+        loss_fn: str,
+        batch: Batch,
+        clean_logits: torch.Tensor,
+        masks: TokenMasks,
+        positions: torch.Tensor,
+    ) -> torch.Tensor:
+        """CE or KL of the model with every written hook replaced by its reconstruction at the
+        selected positions (the others keep the model's own values, as in training). Running
+        statistics (BatchTopK's threshold, dead-latent counters) are left alone: the training
+        forward already counted this batch, once and on the selected tokens only."""
+        vlm = self._model()
+        codes: dict[int, Any] = {}
+        inputs: dict[int, torch.Tensor] = {}
+        index = {name: i for i, name in enumerate(b.reads)}
+        out_index = {name: i for i, name in enumerate(b.writes)}
+        spliced = positions.to(self.device)
+
+        def read(t: torch.Tensor, ctx: HookContext) -> None:
+            i = index[ctx.name]
+            x = t[spliced].float()
+            inputs[i] = x
+            codes[i] = b.encode_unit(i, x)
+
+        def write(t: torch.Tensor, ctx: HookContext) -> torch.Tensor:
+            i = out_index[ctx.name]
+            y = b.decode_unit(i, codes, inputs[i])
+            return t.index_put((spliced,), y.to(t.dtype))
+
+        hooks = [(r, read) for r in b.reads] + [(w, write) for w in b.writes]
+        with b.frozen_statistics():
+            logits = vlm.run_with_hooks(batch.inputs, hooks, masks=masks).logits.float()
+        pos = positions.to(logits.device)
+        if loss_fn == "kl":
+            logp = F.log_softmax(clean_logits.float(), -1)[pos]
+            logq = F.log_softmax(logits, -1)[pos]
+            return (logp.exp() * (logp - logq)).sum(-1).mean()
+        targets = batch.inputs["input_ids"][:, 1:].to(logits.device)
+        sel = pos[:, :-1] & batch.inputs["attention_mask"][:, 1:].to(logits.device).bool()
+        return F.cross_entropy(logits[:, :-1][sel], targets[sel])
