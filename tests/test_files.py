@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,3 +27,48 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path: Path) -> None:
         write_atomically(target, half_then_fail)
     assert target.read_text() == "v1"
     assert sorted(p.name for p in target.parent.iterdir()) == ["out.json"]
+
+
+_HOLDER = """
+import sys, time
+from vlmscope.files import lock_folder
+lock = lock_folder(sys.argv[1], "run folder")
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def _start_holder(folder: Path) -> subprocess.Popen[str]:
+    """Another process (as a second `vlmscope` command would be) that holds the lock."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(folder)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def test_a_second_writer_is_refused_with_the_holders_pid_and_host(tmp_path: Path) -> None:
+    from vlmscope.files import FolderLockedError, lock_folder
+
+    holder = _start_holder(tmp_path)
+    try:
+        with pytest.raises(FolderLockedError) as err:
+            lock_folder(tmp_path, "run folder")
+        assert f"pid {holder.pid} on host {socket.gethostname()}" in str(err.value)
+    finally:
+        holder.terminate()
+        holder.wait(30)
+
+
+def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path: Path) -> None:
+    from vlmscope.files import LOCK_NAME, lock_folder
+
+    holder = _start_holder(tmp_path)
+    os.kill(holder.pid, signal.SIGKILL)  # no cleanup: the lock file stays behind
+    holder.wait(30)
+    assert (tmp_path / LOCK_NAME).exists()
+    with lock_folder(tmp_path) as lock:
+        assert lock.stale_holder is not None and lock.stale_holder["pid"] == holder.pid
+    assert not (tmp_path / LOCK_NAME).exists()
+    with lock_folder(tmp_path) as lock:  # released cleanly: nothing stale the next time
+        assert lock.stale_holder is None

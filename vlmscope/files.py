@@ -24,3 +24,105 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[Path], objec
 def write_text_atomically(path: str | os.PathLike[str], text: str) -> Path:
     """`write_atomically` for UTF-8 text."""
     return write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+# --- one writer per output folder ------------------------------------------------------------
+LOCK_NAME = ".vlmscope.lock"
+
+
+class FolderLockedError(RuntimeError):
+    """Another live process writes this folder; the message names its pid, host and command."""
+
+
+class FolderLock:
+    """An exclusive advisory lock on an output folder, held while one process writes it.
+
+    The kernel releases a `flock` when its holder dies (kill -9 included), so a lock left by a
+    dead process is taken over, never obeyed; the lock file keeps the holder's pid, host and
+    command so that a refused writer can say who holds the folder. On a host without `fcntl`
+    (Windows) the lock is advisory only through the file's contents.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], what: str = "folder") -> None:
+        self.folder = Path(folder)
+        self.what = what
+        self.path = self.folder / LOCK_NAME
+        self._fd: int | None = None
+        #: the holder recorded in a lock file that was stale (its process gone), if any.
+        self.stale_holder: dict[str, object] | None = None
+
+    def acquire(self) -> FolderLock:
+        import json
+        import socket
+        import sys
+        import time
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            fcntl = None  # type: ignore[assignment]
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                who = (
+                    f"pid {holder.get('pid')} on host {holder.get('host')}"
+                    + (f" ({holder.get('command')})" if holder.get("command") else "")
+                    if holder
+                    else "another process"
+                )
+                raise FolderLockedError(
+                    f"{self.what} {self.folder} is in use by {who}: wait for it to finish, "
+                    "or write elsewhere"
+                ) from None
+        previous = _read_holder(fd)
+        if previous and previous.get("pid") != os.getpid():
+            self.stale_holder = previous  # we hold the flock, so its writer is gone
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": " ".join(sys.argv[:6])[:200],
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.ftruncate(fd, 0)
+            self.path.unlink(missing_ok=True)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)  # closing drops the flock
+
+    def __enter__(self) -> FolderLock:
+        return self if self._fd is not None else self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def lock_folder(folder: str | os.PathLike[str], what: str = "folder") -> FolderLock:
+    """Acquire the folder's writer lock (use as a context manager, or call `release()`)."""
+    return FolderLock(folder, what).acquire()
+
+
+def _read_holder(fd: int) -> dict[str, object]:
+    import json
+
+    try:
+        raw = os.pread(fd, 4096, 0)
+        holder = json.loads(raw.decode()) if raw.strip() else {}
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
