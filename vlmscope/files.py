@@ -15,10 +15,36 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[Path], objec
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        apply_umask(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def umask() -> int:
+    """The process's file-creation mask (read without changing it where /proc allows)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read it by setting it, then put it back at once
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | os.PathLike[str]) -> None:
+    """Give a written file the mode a plain `open()` would: 0666 minus the umask. Some
+    writers (safetensors) create their files 0600, which would make a shared run folder
+    readable by its author alone while its JSON files are readable by all."""
+    path = Path(path)
+    targets = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    mode = 0o666 & ~umask()
+    for p in targets:
+        os.chmod(p, mode)
 
 
 def write_text_atomically(path: str | os.PathLike[str], text: str) -> Path:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from vlmscope.files import apply_umask
 from vlmscope.training.bundle import DictionaryBundle
 from vlmscope.training.errors import CheckpointError
 
@@ -107,6 +108,7 @@ def write_folder_atomically(
         run_dir.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
         write(tmp)
+        apply_umask(tmp)
         if final.exists():  # else `old` may be the only whole copy (a crash between renames)
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
