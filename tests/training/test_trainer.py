@@ -525,3 +525,54 @@ def test_columns_with_other_names_train_when_mapped(
     cfg = parse_train_args(f"{base} --run-name mapped --columns messages=conv images=pics".split())
     res = train(cfg, llava, progress=False)
     assert res.step == 2 and res.tokens > 0
+
+
+# --- one run per folder, nothing escapes, nothing left behind (issue 16) ---------------------
+def test_a_second_training_with_the_same_run_name_is_refused(
+    tmp_path: Path, zoo_path: Any, llava: HookedVLM
+) -> None:
+    import socket
+
+    first = Trainer(config(tmp_path, zoo_path("llava")), llava, progress=False)
+    try:
+        with pytest.raises(TrainingError, match=rf"in use by pid {os.getpid()} on host "
+                           rf"{socket.gethostname()}"):  # fmt: skip
+            Trainer(config(tmp_path, zoo_path("llava"), "--resume"), llava, progress=False)
+        first.fit()  # the refused run touched nothing: the first one trains and saves
+    finally:
+        first.close()
+    res = train(config(tmp_path, zoo_path("llava"), "--resume --max-steps 9"), llava,
+                progress=False)  # fmt: skip
+    assert res.step == 9  # the lock went with the first run
+
+
+def test_a_run_that_fails_before_training_leaves_no_folder(
+    tmp_path: Path, zoo_path: Any, llava: HookedVLM
+) -> None:
+    with pytest.raises(TrainingError, match=r"--sae\.k 999 is more than"):
+        Trainer(config(tmp_path, zoo_path("llava"), "--sae.k 999"), llava, progress=False)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(TrainingError, match="does not exist"):
+        Trainer(config(tmp_path, "./no-such-model", name="other"), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_progress_counts_steps_under_max_steps_and_logs_lines_off_a_terminal(
+    tmp_path: Path, zoo_path: Any, llava: HookedVLM, capsys: Any, monkeypatch: Any
+) -> None:
+    monkeypatch.setenv("VLMSCOPE_PROGRESS_SECONDS", "0")
+    train(config(tmp_path, zoo_path("llava"), "--max-steps 3"), llava, progress=True)
+    err = capsys.readouterr().err
+    assert "\r" not in err  # stderr is not a terminal here: whole lines, no redraws
+    lines = [line for line in err.splitlines() if line.startswith("run:")]
+    assert lines and "3/3" in lines[-1] and "step" in lines[-1]
+    assert "100%" in lines[-1]
+
+
+def test_written_files_follow_the_umask(tmp_path: Path, zoo_path: Any, llava: HookedVLM) -> None:
+    from vlmscope.files import umask
+
+    res = train(config(tmp_path, zoo_path("llava"), "--max-steps 2"), llava, progress=False)
+    files = [p for p in res.run_dir.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    assert {p.stat().st_mode & 0o777 for p in files} == {0o666 & ~umask()}

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from vlmscope.data.processing import SkipCounter
+from vlmscope.files import FolderLock, FolderLockedError, lock_folder
 from vlmscope.models.hooked import HookedVLM
+from vlmscope.progress import progress_bar
 from vlmscope.training.bundle import DictionaryBundle
 from vlmscope.training.checkpoint import (
     find_checkpoint,
@@ -112,22 +113,40 @@ class Trainer:
         self.progress = progress
         self.run_name = cfg.run_name or _default_run_name(cfg)
         self.run_dir = Path(cfg.output_dir) / self.run_name
-        existing = self._prepare_run_dir()
-        self.source = source if source is not None else open_source(cfg, vlm)
-        self.device = self.source.device
-        self.reads, self.writes, self.layers = (
-            self.source.reads,
-            self.source.writes,
-            self.source.layers,
-        )
-        self._build_dictionaries()
-        self.state = TrainState()
-        if existing is not None:
-            self._restore(existing)
-        elif cfg.resume:
-            warnings.warn(
-                f"--resume: no checkpoint in {self.run_dir}; starting fresh", stacklevel=2
+        self._lock: FolderLock | None = None
+        self._created_run_dir = not self.run_dir.exists()
+        try:
+            existing = self._prepare_run_dir()
+            self.source = source if source is not None else open_source(cfg, vlm)
+            self.device = self.source.device
+            self.reads, self.writes, self.layers = (
+                self.source.reads,
+                self.source.writes,
+                self.source.layers,
             )
+            self._build_dictionaries()
+            self.state = TrainState()
+            if existing is not None:
+                self._restore(existing)
+            elif cfg.resume:
+                warnings.warn(
+                    f"--resume: no checkpoint in {self.run_dir}; starting fresh", stacklevel=2
+                )
+        except BaseException:
+            self.close()  # a run that never started leaves no lock and no empty folder
+            raise
+
+    def close(self) -> None:
+        """Release the run folder (and remove it if this run created it and wrote nothing)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        if self._created_run_dir and self.run_dir.is_dir() and not any(self.run_dir.iterdir()):
+            self.run_dir.rmdir()
+
+    def __del__(self) -> None:
+        if getattr(self, "_lock", None) is not None:
+            self._lock.release()  # type: ignore[union-attr]
 
     @property
     def vlm(self) -> HookedVLM | None:
@@ -148,6 +167,10 @@ class Trainer:
         except ValueError as e:
             raise TrainingError(str(e)) from None
         check_writable(self.run_dir)
+        try:
+            self._lock = lock_folder(self.run_dir, "run folder")
+        except FolderLockedError as e:
+            raise TrainingError(f"{e} (another `vlmscope train` with this --run-name?)") from None
         existing = find_checkpoint(self.run_dir)
         if existing is not None and not cfg.resume:
             raise TrainingError(
@@ -213,6 +236,14 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
+        """Train until the budget ends; checkpoints, final dictionaries, per-unit results.
+        The run folder stays locked until the last file is written."""
+        try:
+            return self._fit()
+        finally:
+            self.close()
+
+    def _fit(self) -> TrainResult:
         cfg, st, b = self.cfg, self.state, self.bundle
         logger = MetricsLogger(
             self.run_dir,
@@ -223,9 +254,17 @@ class Trainer:
             resume_step=st.step,
         )
         (self.run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-        total = cfg.max_tokens or None
-        bar = tqdm(total=total, initial=st.tokens, unit="tok", unit_scale=True,
-                   disable=not self.progress, desc=self.run_name, dynamic_ncols=True)  # fmt: skip
+        # The bar counts what ends the run: steps under --max-steps, else tokens.
+        by_steps = cfg.max_steps > 0
+        bar = progress_bar(
+            cfg.max_steps if by_steps else (cfg.max_tokens or None),
+            initial=st.step if by_steps else st.tokens,
+            unit="step" if by_steps else "tok",
+            unit_scale=not by_steps,
+            disable=not self.progress,
+            desc=self.run_name,
+            dynamic_ncols=True,
+        )
         b.train()
         micro = 0
         last: dict[str, Any] = {}
@@ -263,7 +302,8 @@ class Trainer:
                 (loss / cfg.grad_acc_steps).backward()
                 st.tokens += n_tok
                 self._commit(batch.cursor)
-                bar.update(n_tok)
+                if not by_steps:
+                    bar.update(n_tok)
                 micro += 1
                 if micro % cfg.grad_acc_steps:
                     continue
@@ -277,10 +317,14 @@ class Trainer:
                 if b.cfg.normalize_decoder:
                     b.set_decoder_norm_to_unit_norm()
                 st.step += 1
+                if by_steps:
+                    bar.update(1)
                 last = self._metrics(
                     loss, res, lr, k, (st.tokens - tok0) / (time.perf_counter() - t0)
                 )
-                bar.set_postfix(loss=f"{last['loss']:.4f}", fvu=f"{last['fvu']:.3f}")
+                bar.set_postfix(
+                    loss=f"{last['loss']:.4f}", fvu=f"{last['fvu']:.3f}", tokens=st.tokens
+                )
                 if st.step % cfg.log_every == 0 or self._done():
                     logger.log(last)
                 if st.step % cfg.save_every == 0:
