@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from vlmscope.cli import main
@@ -160,4 +162,50 @@ def test_sae_flags_mirror_the_dictionary_config() -> None:
     for name, f in args.items():
         if name in ("kind", "transcode"):
             continue
+        if name == "n_targets":  # None = not given; it resolves to the coder's default
+            assert f.default is None
+            assert SaeArgs().coder_config().n_targets == coder[name].default
+            continue
         assert f.default == coder[name].default, name
+
+
+@pytest.mark.parametrize(
+    ("flags", "kind", "n_targets"),
+    [
+        ("--sae.transcode", "transcoder", 0),
+        ("--sae.transcode --sae.n_targets 1", "transcoder", 0),
+        ("--sae.transcode --sae.n_targets 0", "clt", 0),  # 0: every later layer, as --help says
+        ("--sae.transcode --sae.n_targets 3", "clt", 3),
+        ("--sae.kind clt", "clt", 0),
+    ],
+)
+def test_n_targets_means_what_the_help_says(flags: str, kind: str, n_targets: int) -> None:
+    cfg = parse_train_args(["m", "d", *flags.split()])
+    assert cfg.sae.resolved_kind() == kind
+    assert cfg.sae.coder_config().n_targets == n_targets
+
+
+def test_negative_n_targets_and_escaping_run_names_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"--sae\.n_targets must be >= 0"):
+        parse_train_args_or_raise("m d --sae.transcode --sae.n_targets -2")
+    for name in ("../../escaped_run", "a/b", "..", "/abs"):
+        with pytest.raises(ValueError, match="--run-name must be one folder name"):
+            parse_train_args_or_raise(f"m d --run-name {name}")
+
+
+def test_a_negative_number_is_read_as_a_value(capsys: Any) -> None:
+    """`--lr -1e-3` reaches validation (which explains the refusal), not argparse's
+    'expected one argument'."""
+    with pytest.raises(SystemExit):
+        parse_train_args(["m", "d", "--lr", "-1e-3"])
+    err = capsys.readouterr().err
+    assert "--lr must be a finite number >= 0, got -0.001" in err
+    assert "expected one argument" not in err
+    cfg = parse_train_args(["m", "d", "--sae.jumprelu-init-threshold", "1e-3", "--seed", "-3"])
+    assert cfg.sae.jumprelu_init_threshold == 1e-3 and cfg.seed == -3
+
+
+def parse_train_args_or_raise(flags: str) -> TrainConfig:
+    from vlmscope.training.config import build_train_parser, config_from_args
+
+    return config_from_args(build_train_parser().parse_args(flags.split()))

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -51,6 +52,14 @@ def trainable_hook(name: str) -> bool:
     return name.startswith("lm.") and not name.endswith("hook_pattern")
 
 
+def _is_plain_folder_name(name: str) -> bool:
+    """A name that stays inside its parent folder: one component, not . or .., no separator."""
+    import os
+
+    seps = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
+    return name not in (".", "..") and not any(sep in name for sep in seps) and "\0" not in name
+
+
 def is_shapes_dataset(name: str) -> bool:
     """DATASET `shapes` or `shapes:N` names the generated shapes world, not a file."""
     return name == "shapes" or name.startswith("shapes:")
@@ -68,7 +77,8 @@ class SaeArgs:
     expansion_factor: int = 32
     num_latents: int = 0
     k: int = 32
-    n_targets: int = 0
+    #: None: not given (a per-layer transcoder with --sae.transcode); 0: every later layer.
+    n_targets: int | None = None
     skip_connection: bool = False
     normalize_decoder: bool | None = None
     aux_k: int = 0
@@ -81,27 +91,33 @@ class SaeArgs:
     normalize_activations: str = "none"
 
     def resolved_kind(self) -> str:
-        """`kind` if given; else clt for --transcode with n_targets > 1, transcoder, or sae."""
+        """`kind` if given; else for --transcode a CLT when n_targets asks for a window (0: all
+        later layers, or > 1) and a per-layer transcoder otherwise; else an SAE."""
         if self.kind:
             return self.kind
         if self.transcode:
-            return "clt" if self.n_targets > 1 else "transcoder"
+            return "transcoder" if self.n_targets in (None, 1) else "clt"
         return "sae"
 
     def check_conflicts(self) -> None:
         """Refuse flag combinations where one flag would silently override another."""
+        if self.n_targets is not None and self.n_targets < 0:
+            raise ValueError(
+                f"--sae.n_targets must be >= 0 (0: every later layer, N: layers l .. l+N-1), "
+                f"got {self.n_targets}"
+            )
         kind = self.resolved_kind()
         if self.kind == "sae" and self.transcode:
             raise ValueError(
                 "--sae.kind sae reconstructs a hook point but --sae.transcode asks for a "
                 "transcoder: drop one of them (--sae.kind transcoder or clt implies --transcode)"
             )
-        if self.n_targets and kind == "sae":
+        if self.n_targets is not None and kind == "sae":
             raise ValueError(
                 f"--sae.n_targets {self.n_targets} is the window of a cross-layer transcoder, "
                 "not an SAE setting: add --sae.transcode (or --sae.kind clt)"
             )
-        if self.n_targets > 1 and kind != "clt":
+        if self.n_targets not in (None, 1) and kind != "clt":
             raise ValueError(
                 f"--sae.kind {kind} is a per-layer transcoder (one target layer) but "
                 f"--sae.n_targets {self.n_targets} asks for a CLT window: use --sae.kind clt "
@@ -119,7 +135,9 @@ class SaeArgs:
             if f.name not in ("kind", "transcode")
         }
         if kind != "clt":
-            values["n_targets"] = 0  # 0 or 1 here (check_conflicts): one target, the same
+            values["n_targets"] = 0  # None or 1 here (check_conflicts): one target, the same
+        elif self.n_targets is None:
+            values["n_targets"] = 0  # a CLT asked for by --sae.kind clt: every later layer
         return SparseCoderConfig(kind=kind, **values)
 
 
@@ -181,6 +199,11 @@ class TrainConfig:
         for name in ("max_tokens", "max_steps", "k_anneal_tokens", "workers"):
             if getattr(self, name) < 0:
                 raise bad(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.run_name and not _is_plain_folder_name(self.run_name):
+            raise bad(
+                f"--run-name must be one folder name inside --output-dir (no path separators, "
+                f"not '.' or '..'), got {self.run_name!r}"
+            )
         if self.max_tokens == 0 and self.max_steps == 0:
             raise bad("set --max-tokens or --max-steps")
         if self.lr < 0 or not math.isfinite(self.lr):
@@ -313,8 +336,9 @@ _HELP = {
     "sae.expansion_factor": "latents per input dimension (when --sae.num-latents is 0)",
     "sae.num_latents": "dictionary size per layer (0: expansion_factor * d_model)",
     "sae.k": "active latents per token (topk, batchtopk)",
-    "sae.n_targets": "CLT window: source layer l writes to the MLP outputs of layers "
-    "l .. l+N-1, clamped to the last layer (0: all later layers)",
+    "sae.n_targets": "CLT window with --sae.transcode: source layer l writes to the MLP outputs "
+    "of layers l .. l+N-1, clamped to the last layer; 0: all later layers (default: not set, "
+    "a per-layer transcoder; --sae.kind clt alone means all later layers)",
     "sae.skip_connection": "learn a linear skip W_skip from input to output (transcoders)",
     "sae.normalize_decoder": "keep every latent's decoder row at unit norm after each step "
     "(default: yes for SAEs, no for transcoders and CLTs)",
@@ -410,6 +434,8 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, prefix: str = "") ->
             kw["type"] = args[0]
             shown = default
         else:
+            if origin in (typing.Union, types.UnionType):  # X | None: a value of type X
+                typ = next(a for a in args if a is not type(None))
             kw["type"] = typ
             if path in _CHOICES:
                 kw["choices"] = _CHOICES[path]
@@ -422,7 +448,13 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, prefix: str = "") ->
 
 
 class SuggestingParser(argparse.ArgumentParser):
-    """argparse that suggests the closest flag for an unknown one."""
+    """argparse that suggests the closest flag for an unknown one, and reads any negative
+    number as a value (`--lr -1e-3`): no vlmscope flag looks like a number."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # argparse's own pattern misses exponents (-1e-3) and would call it an unknown flag.
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
     def _all_options(self) -> list[str]:
         """Option strings of this parser and of its subcommands' parsers."""
