@@ -71,3 +71,17 @@ def test_train_strict_stops_at_a_bad_record_without_a_traceback(
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "vlmscope train: error:" in err and "missing.png" in err
+
+
+def test_zoo_shapes_image_writes_the_scene_it_describes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from vlmscope.data import shapes
+
+    out = tmp_path / "shapes.png"
+    assert main(["zoo", "shapes-image", str(out), "--shape", "square"]) == 0
+    sample = shapes.example_with_one("square")
+    assert sum(o.shape == "square" for o in sample.objects) == 1
+    with Image.open(out) as im:  # the pixels of the sample it names, not just any picture
+        assert list(im.convert("RGB").getdata()) == list(sample.image.convert("RGB").getdata())
+    assert sample.caption in capsys.readouterr().out

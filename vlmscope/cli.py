@@ -131,6 +131,13 @@ def cmd_zoo(args: argparse.Namespace) -> int:
         out = zoo.save(args.name, args.out, seed=args.seed)
         print(f"saved {args.name} to {out}")
         return 0
+    if args.zoo_cmd == "shapes-image":
+        from vlmscope.data import shapes
+
+        sample = shapes.example_with_one(args.shape)
+        sample.image.save(args.out)
+        print(f"wrote {args.out}: {sample.caption}")
+        return 0
     from vlmscope.models.toy import train as toy_train
 
     if args.zoo_cmd == "train-toy":
@@ -218,6 +225,21 @@ def build_parser() -> argparse.ArgumentParser:
     save.add_argument("name", help="zoo entry name (see `vlmscope zoo list`)")
     save.add_argument("out", help="output folder")
     save.add_argument("--seed", type=int, default=0, help="initialisation seed")
+    img = zs.add_parser(
+        "shapes-image",
+        help="write a held-out shapes-world image to attribute (the demo's, by default)",
+        description="Writes a held-out shapes-world scene with exactly one object of --shape "
+        "(default: the circle scene the demo attributes) as a PNG, and prints its caption.",
+    )
+    img.add_argument("out", nargs="?", default="shapes.png", help="PNG path (default: shapes.png)")
+    from vlmscope.data.shapes import SHAPES
+
+    img.add_argument(
+        "--shape",
+        default="circle",
+        choices=SHAPES,
+        help="the scene holds exactly one of these (default: circle)",
+    )
     from vlmscope.models.toy import train as toy_train
 
     toy_train.add_train_args(

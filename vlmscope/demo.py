@@ -166,11 +166,7 @@ def attribution_example(
     from vlmscope.attribution.graph import graph_scores, prune
     from vlmscope.data import shapes
 
-    sample = next(
-        s
-        for s in shapes.generate(n_scan, seed=1, split="attribution")
-        if sum(o.shape == "circle" for o in s.objects) == 1
-    )
+    sample = shapes.example_with_one("circle", n_scan=n_scan)
     image = sample.image
     circle = next(o for o in sample.objects if o.shape == "circle")
     inputs = vlm.prepare(QUESTION, images=[image])

@@ -160,6 +160,48 @@ def _check_args(args: argparse.Namespace) -> list[Any]:
     return images
 
 
+def _processor_side(image_processor: Any) -> int | None:
+    """The side length, in pixels, that the image processor resizes images towards."""
+    for attr in ("crop_size", "size"):
+        size = getattr(image_processor, attr, None)
+        if isinstance(size, int):
+            return size
+        if size is None:
+            continue
+        keys = ("height", "width", "shortest_edge")  # a dict, or transformers' SizeDict
+        found = [size.get(k) if isinstance(size, dict) else getattr(size, k, None) for k in keys]
+        sides = [v for v in found if isinstance(v, int)]
+        if sides:
+            return min(sides)
+    pixels = getattr(image_processor, "min_pixels", None)  # Qwen-style dynamic resolution
+    return int(math.sqrt(pixels)) if isinstance(pixels, int) and pixels > 0 else None
+
+
+def input_warnings(processor: Any, images: list[Any], prompt: str) -> list[str]:
+    """Inputs the model will accept but probably not read well: an image far below the
+    processor's resolution (its patches are upsampled blur), or a prompt that places fewer
+    image placeholders than there are images."""
+    out = []
+    side = _processor_side(getattr(processor, "image_processor", None))
+    for i, img in enumerate(images):
+        w, h = img.size
+        if side is not None and min(w, h) * 4 <= side:
+            out.append(
+                f"image {i} is {w}x{h} px; the processor resizes it to about {side} px, so its "
+                "patches hold little more than an upsampled blur"
+            )
+    token = getattr(processor, "image_token", None)
+    if images and isinstance(token, str) and token and token in prompt:
+        n = prompt.count(token)
+        if n != len(images):
+            out.append(
+                f"the prompt places {n} image placeholder(s) {token!r} but {len(images)} "
+                "image(s) were given; vlmscope adds one placeholder per image before the "
+                f"prompt, so drop {token!r} from --prompt"
+            )
+    return out
+
+
 def target_token(tokenizer: Any, target: str) -> int:
     """The token id `--target` names: an id (digits), else a string that must encode to
     exactly one token (no special tokens added)."""
@@ -224,6 +266,8 @@ def run_attribute_command(args: argparse.Namespace) -> int:
                 f"{args.model} is a text-only model ({vlm.adapter.family}); drop --image"
             )
         bundle.check_model(vlm.adapter)
+        for warning in input_warnings(vlm.processor, images, args.prompt):
+            print(f"vlmscope attribute: warning: {warning}", file=sys.stderr)
         bundle = bundle.to(vlm.device)
         target = None if args.target is None else [target_token(vlm.tokenizer, args.target)]
         inputs = vlm.prepare(args.prompt, images=images or None)

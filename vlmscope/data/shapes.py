@@ -471,6 +471,17 @@ def generate(
     return list(iter_samples(n, seed, split, config, start))
 
 
+def example_with_one(
+    shape: str = "circle", seed: int = 1, split: str = "attribution", n_scan: int = 400
+) -> ShapesSample:
+    """The first sample of a split whose scene holds exactly one object of `shape` (the demo's
+    attribution image, and the one `vlmscope zoo shapes-image` writes)."""
+    for s in iter_samples(n_scan, seed=seed, split=split):
+        if sum(o.shape == shape for o in s.objects) == 1:
+            return s
+    raise ValueError(f"no scene with exactly one {shape} among {n_scan} samples of {split!r}")
+
+
 # --------------------------------------------------------------------------------------------
 # Writing
 
