@@ -81,13 +81,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.parser.error(str(e))
     _quiet_transformers()
     from vlmscope.data.sources import BadRecordError
+    from vlmscope.training.distributed import AgreedError
     from vlmscope.training.trainer import TrainingError, train
 
+    main_rank = os.environ.get("RANK", "0") == "0"  # torchrun: only rank 0 reports
     try:
         result = train(cfg)
     except (TrainingError, BadRecordError) as e:  # BadRecordError: --strict stopped the run
-        print(f"vlmscope train: error: {e}", file=sys.stderr)
+        if main_rank or not isinstance(e, AgreedError):  # an agreed error is the same on all
+            print(f"vlmscope train: error: {e}", file=sys.stderr)
         return 1
+    if not main_rank:
+        return 0
     print_unit_table(result.fvu_per_unit, result.l0_per_unit, result.dead_per_unit)
     print(f"\n{result.step} steps, {result.tokens} tokens; dictionaries in {result.dictionaries}")
     return 0
@@ -215,6 +220,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_attribute_arguments(a)
     a.set_defaults(func=cmd_attribute)
+
+    pl = sub.add_parser(
+        "plan",
+        help="predict per-GPU memory and tokens per step of a training on N GPUs",
+        description="Plan a `vlmscope train` run before renting GPUs: per-GPU memory of the "
+        "model shard, activations, dictionaries, optimiser and buffers, tokens per step, "
+        "whether it fits, and what to change if it does not. Takes the training flags of "
+        "`vlmscope train`. Exit status 1 when it does not fit. Example: vlmscope plan "
+        "./Qwen2.5-VL-72B/config.json --gpus 8 --gpu-mem 80 --sae.kind clt --shard-model fsdp "
+        "--distribute-modules",
+    )
+    from vlmscope.plan.cli import add_plan_arguments, run_plan_command
+
+    add_plan_arguments(pl)
+    pl.set_defaults(func=lambda a: run_plan_command(a))
 
     z = sub.add_parser(
         "zoo", help="the offline zoo of tiny models (list, save) and the trained toy VLM"

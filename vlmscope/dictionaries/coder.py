@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlmscope.dictionaries import batchstats
 from vlmscope.dictionaries.activations import SparseCodes, build_activation
 from vlmscope.dictionaries.config import SparseCoderConfig
 from vlmscope.dictionaries.kernels import sparse_decode
@@ -57,7 +58,7 @@ def fvu(target: Tensor, reconstruction: Tensor) -> Tensor:
     """
     target = target.float()
     sse = (target - reconstruction.float()).pow(2).sum()
-    sst = (target - target.mean(dim=0)).pow(2).sum()
+    sst = batchstats.total_variance(target)  # over the global batch when data-parallel
     return sse / sst.clamp_min(torch.finfo(sst.dtype).tiny)
 
 
@@ -204,7 +205,7 @@ class SparseCoder(nn.Module):
         if self.cfg.normalize_activations == "mean_norm":
             self.input_scale.fill_(mean_norm_scale(x))
             self.output_scale.fill_(mean_norm_scale(target))
-        self.b_dec.copy_((target.float() * self.output_scale).mean(dim=0))
+        self.b_dec.copy_(batchstats.mean_rows(target.float() * self.output_scale))
 
     # ---------------------------------------------------------------- properties
 
@@ -261,7 +262,7 @@ class SparseCoder(nn.Module):
             dead = self.dead_mask()
             self._update_dead(codes, x.shape[0])
             if self.cfg.aux_k_coeff > 0:
-                sst = (target_n.float() - target_n.float().mean(dim=0)).pow(2).sum()
+                sst = batchstats.total_variance(target_n)
                 auxk = auxk_loss(
                     pre,
                     dead,
@@ -366,9 +367,16 @@ class SparseCoder(nn.Module):
 
 
 def update_dead_counter_(counter: Tensor, codes: SparseCodes, n_rows: int) -> None:
-    """Add n_rows to every latent's counter and reset those active in `codes` to 0."""
-    counter += n_rows
-    counter[codes.indices[codes.active()]] = 0
+    """Add n_rows to every latent's counter and reset those active in `codes` to 0 (over the
+    global batch when data-parallel: its rows, and latents active on any rank)."""
+    if not batchstats.active():
+        counter += n_rows
+        counter[codes.indices[codes.active()]] = 0
+        return
+    fired = torch.zeros(counter.shape, dtype=torch.int32, device=counter.device)
+    fired[codes.indices[codes.active()]] = 1
+    counter += batchstats.rows(n_rows, counter.device)
+    counter[batchstats.all_max(fired).bool()] = 0
 
 
 def random_unit_rows(like: Tensor) -> Tensor:
@@ -380,7 +388,12 @@ def random_unit_rows(like: Tensor) -> Tensor:
 
 def mean_norm_scale(x: Tensor) -> float:
     """sqrt(width) / mean row L2 norm: scales x so that its mean row norm is sqrt(width)."""
-    mean_norm = float(x.float().norm(dim=1).mean())
+    norms = x.float().norm(dim=1)
+    mean_norm = (
+        float(batchstats.mean_rows(norms[:, None])[0])
+        if batchstats.active()
+        else float(norms.mean())
+    )
     if not mean_norm > 0:
         raise ValueError("cannot estimate a normalisation scale from all-zero activations")
     return math.sqrt(x.shape[1]) / mean_norm

@@ -31,7 +31,9 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
     _check(values, indices, W_dec)
     n_rows, width = values.shape
     if width == 0 or n_rows == 0:
-        return W_dec.new_zeros(n_rows, W_dec.shape[1])
+        # Zeros still connected to W_dec, so it gets a (zero) gradient like every other
+        # parameter: a data-parallel rank with no rows must reduce the same gradients.
+        return values.new_zeros(n_rows, 0, dtype=W_dec.dtype) @ W_dec[:0]
     return F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
 
 

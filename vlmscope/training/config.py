@@ -179,6 +179,10 @@ class TrainConfig:
     columns: list[str] = field(default_factory=list)
     strict: bool = False
     workers: int = 0
+    dist_timeout: float = 600.0
+    distribute_modules: bool = False
+    shard_model: str = "none"
+    autocast: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -206,6 +210,19 @@ class TrainConfig:
             )
         if self.max_tokens == 0 and self.max_steps == 0:
             raise bad("set --max-tokens or --max-steps")
+        if not self.dist_timeout > 0 or not math.isfinite(self.dist_timeout):
+            raise bad(
+                f"--dist-timeout must be a positive number of seconds, got {self.dist_timeout}"
+            )
+        if self.shard_model not in ("none", "fsdp"):
+            raise bad(f"--shard-model must be none or fsdp, got {self.shard_model!r}")
+        if self.autocast not in ("auto", "bf16", "off"):
+            raise bad(f"--autocast must be auto, bf16 or off, got {self.autocast!r}")
+        if self.distribute_modules and self.loss_fn != "fvu":
+            raise bad(
+                "--distribute-modules trains each layer's dictionary on its owner rank; "
+                "--loss-fn ce/kl splices all of them into one model: use --loss-fn fvu"
+            )
         if self.lr < 0 or not math.isfinite(self.lr):
             raise bad(f"--lr must be a finite number >= 0, got {self.lr}")
         if not 0.0 <= self.lr_warmup_fraction <= 1.0:
@@ -389,6 +406,16 @@ _HELP = {
     f"of {', '.join(COLUMN_KEYS)} (e.g. --columns messages=conversation images=pictures)",
     "strict": "stop at the first bad record instead of skipping and counting it",
     "workers": "processes that preprocess records (0: the training process itself)",
+    "distribute_modules": "with several processes: each rank holds the dictionaries of its "
+    "own share of the layers; activations go to their owner by all-to-all (see "
+    "training/modules.py; for a CLT no rank holds every layer's decoder)",
+    "shard_model": "none: every rank holds the whole frozen model; fsdp: shard its weights "
+    "over the ranks with FSDP2 fully_shard, each decoder layer gathered for its forward only "
+    "(for models larger than one GPU)",
+    "autocast": "auto: the model runs under bfloat16 autocast on CUDA, plain on CPU; bf16 / off "
+    "force it; dictionaries and their optimiser stay float32 either way",
+    "dist_timeout": "with several processes (torchrun): seconds a collective waits for the "
+    "other ranks before every rank stops with an error (a rank died or hangs)",
 }
 
 
@@ -400,6 +427,8 @@ _CHOICES: dict[str, Sequence[str]] = {
     "tokens": TOKEN_KINDS,
     "schema": ("auto", "llava", "chat", "text"),
     "dtype": ("float32", "bfloat16", "float16"),
+    "shard_model": ("none", "fsdp"),
+    "autocast": ("auto", "bf16", "off"),
 }
 
 
@@ -479,6 +508,11 @@ class SuggestingParser(argparse.ArgumentParser):
             if hints:
                 message += "\n  " + "\n  ".join(hints)
         super().error(message)
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """The TrainConfig flags without MODEL and DATASET (for commands that plan a training)."""
+    _add_fields(parser, TrainConfig)
 
 
 def build_train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
