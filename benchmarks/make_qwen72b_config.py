@@ -1,4 +1,4 @@
-"""Write benchmarks/configs/qwen2_5_vl_72b/config.json from Qwen2.5-VL-72B-Instruct's public
+"""Write vlmscope/plan/configs/qwen2_5_vl_72b/config.json from Qwen2.5-VL-72B-Instruct's public
 config values (no download): what `vlmscope plan` needs to count its parameters on the meta
 device. Run: python benchmarks/make_qwen72b_config.py"""
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 from transformers import Qwen2_5_VLConfig
 
-OUT = Path(__file__).parent / "configs" / "qwen2_5_vl_72b"
+OUT = Path(__file__).parents[1] / "vlmscope" / "plan" / "configs" / "qwen2_5_vl_72b"
 
 config = Qwen2_5_VLConfig(
     text_config={

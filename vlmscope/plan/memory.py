@@ -32,13 +32,14 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, model: str) -> ModelShape:
-        """`model`: a folder or config.json (a hub model's config.json suffices), or a zoo /
-        toy name. The model is instantiated on the meta device to count parameters exactly."""
+        """`model`: a folder or config.json (a hub model's config.json suffices), a zoo / toy
+        name, or a config shipped in plan/configs (qwen2_5_vl_72b). The model is instantiated on the meta device to count parameters exactly."""
         from transformers import AutoConfig
 
         from vlmscope.training.sources import resolve_model_path
 
-        path = Path(resolve_model_path(model))
+        shipped = Path(__file__).parent / "configs" / model
+        path = shipped if (shipped / "config.json").is_file() else Path(resolve_model_path(model))
         if path.is_file():
             raw = json.loads(path.read_text())
             config = AutoConfig.for_model(**raw)

@@ -144,6 +144,8 @@ def plan_training(
         b.add("buffers", "all-to-all send + receive", 2 * n * n_units * 2 * d * 4)
     b.add("buffers", "framework (CUDA context, allocator)", FRAMEWORK_BYTES)
 
+    if cfg.distribute_modules and sae.resolved_kind() == "clt":
+        b.add("dictionary", "(CLT --distribute-modules: designed, not implemented)", 0)
     tokens = g * cfg.batch_size * cfg.grad_acc_steps * t
     fits = b.total() <= gpu_mem_gib * GiB
     advice = _advice(shape, cfg, g, gpu_mem_gib, t, b) if advise and not fits else []
@@ -169,7 +171,7 @@ def _advice(
             f"GPU unsharded ({p.budget.total() / GiB:.0f} GiB total with it)"
         )
         cfg = dataclasses.replace(cfg, shard_model="fsdp")
-    if not cfg.distribute_modules and g > 1:
+    if not cfg.distribute_modules and g > 1 and cfg.sae.resolved_kind() != "clt":
         p = fits(distribute_modules=True, shard_model=cfg.shard_model)
         out.append(
             f"--distribute-modules: each GPU holds 1/{g} of the dictionaries "
@@ -182,10 +184,11 @@ def _advice(
     # window (as wide as possible).
     d = shape.d_model
     now_f = cfg.sae.num_latents or cfg.sae.expansion_factor * d
-    latents = [f for f in (32 * d, 16 * d, 8 * d, 4 * d, 2 * d, d, d // 2, d // 4) if f <= now_f]
+    latents = [f for f in (32 * d, 16 * d, 8 * d, 4 * d, 2 * d, d, d // 2, d // 4, d // 8, d // 16)
+               if f <= now_f]  # fmt: skip
     clt = cfg.sae.resolved_kind() == "clt"
     now_w = cfg.sae.n_targets or shape.n_layers
-    windows = [w for w in (now_w, 32, 16, 8, 4, 2) if w <= now_w] if clt else [0]
+    windows = [w for w in (now_w, 32, 16, 8, 4, 2, 1) if w <= now_w] if clt else [0]
     for f in latents:
         found = None
         for w in dict.fromkeys(windows):
