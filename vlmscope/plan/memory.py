@@ -33,7 +33,8 @@ class ModelShape:
     @classmethod
     def from_config(cls, model: str) -> ModelShape:
         """`model`: a folder or config.json (a hub model's config.json suffices), a zoo / toy
-        name, or a config shipped in plan/configs (qwen2_5_vl_72b). The model is instantiated on the meta device to count parameters exactly."""
+        name, or a config shipped in plan/configs (qwen2_5_vl_72b). The model is built on the
+        meta device to count its parameters exactly."""
         from transformers import AutoConfig
 
         from vlmscope.training.sources import resolve_model_path
