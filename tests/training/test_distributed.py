@@ -121,12 +121,20 @@ def _rank_main(rank: int, world: int, port: int, job: dict[str, Any]) -> None:
         weights = {k: v.contiguous() for k, v in tr.bundle.state_dict().items()
                    if v.device.type != "meta"}  # fmt: skip
         save_file(weights, str(out / f"rank{rank}.safetensors"))
-        (out / f"rank{rank}.json").write_text(json.dumps({"ok": True}))
+        (out / f"rank{rank}.json").write_text(json.dumps({"ok": True, "held": held_bytes(tr)}))
     except Exception as e:  # any failure is reported to the test, with its kind
         (out / f"rank{rank}.json").write_text(json.dumps(
             {"ok": False, "error": f"{e}" if isinstance(e, TrainingError) else repr(e),
              "agreed": isinstance(e, AgreedError),
              "seconds": time.monotonic() - t0}))  # fmt: skip
+
+
+def held_bytes(tr: Trainer) -> int:
+    """Bytes of dictionary parameters and optimiser state this rank holds."""
+    params = [p for g in tr.optimizer.param_groups for p in g["params"]]
+    state = [t for st in tr.optimizer.state.values() for t in st.values()
+             if isinstance(t, torch.Tensor) and t.dim() > 0]  # fmt: skip
+    return sum(t.numel() * t.element_size() for t in params + state)
 
 
 def free_port() -> int:
@@ -296,6 +304,9 @@ def test_distributed_modules_equal_the_unsharded_run(tmp_path: Path, world: int,
         mine = {k: v for k, v in weights_of(tmp_path / "dm", r).items()
                 if owner[int(k.split(".")[1])] == r}  # fmt: skip
         assert_close(mine, {k: ref_w[k] for k in mine}, atol=2e-6)
+    # memory: the ranks hold the units (parameters + optimiser state) between them, once
+    per_unit = held_bytes(ref) // 3
+    assert [r["held"] for r in results] == [per_unit * owner.count(r) for r in range(world)]
     saved = DictionaryBundle.load(tmp_path / "dm" / "dictionaries").state_dict()
     assert_close(dict(saved), ref_w, atol=2e-6)
     a = [json.loads(x) for x in (tmp_path / "dm" / "metrics.jsonl").read_text().splitlines()]
