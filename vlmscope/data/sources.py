@@ -23,6 +23,13 @@ Bad-record reasons (the fixed set `REASONS`, also available as `Reason.<NAME>`):
 - ``empty_image``: an image of 0 pixels, or an empty (0-byte) file / payload.
 - ``image_too_large``: more pixels than ``max_image_pixels`` (checked from the header before
   decoding) or rejected by PIL as a decompression bomb.
+- ``image_outside_root``: an image path that leads outside the image root (``../x.png``, an
+  absolute path elsewhere, a symbolic link out of it). Refused before the file is touched, with
+  the same message whether or not it exists, so an untrusted dataset cannot probe the disk;
+  ``allow_outside_image_root=True`` (``--allow-outside-image-root``) reads such paths.
+
+A file without a single valid row (empty, blank, every line malformed or not UTF-8) is an
+error that says so when the dataset is opened, not a pass that yields nothing.
 """
 
 from __future__ import annotations
@@ -74,6 +81,7 @@ class Reason:
     CORRUPT_IMAGE = "corrupt_image"
     EMPTY_IMAGE = "empty_image"
     IMAGE_TOO_LARGE = "image_too_large"
+    IMAGE_OUTSIDE_ROOT = "image_outside_root"
 
 
 REASONS: tuple[str, ...] = tuple(v for k, v in vars(Reason).items() if k.isupper())
@@ -223,10 +231,13 @@ BatchHook = Callable[[int], None]
 class _ImageLoader:
     """Turns any image item (path, bytes, HF Image struct, PIL image) into a verified image."""
 
-    def __init__(self, base: Path | None, max_pixels: int, mode: str | None) -> None:
+    def __init__(
+        self, base: Path | None, max_pixels: int, mode: str | None, confine: bool = True
+    ) -> None:
         self.base = base
         self.max_pixels = max_pixels
         self.mode = mode
+        self.confine = confine
 
     def load(self, item: Any) -> Image.Image:
         if item is None:
@@ -255,11 +266,28 @@ class _ImageLoader:
         p = Path(text).expanduser()
         if not p.is_absolute() and self.base is not None:
             p = self.base / p
+        if self.confine:
+            p = self._inside_root(p, text)
         if not p.is_file():
             raise _Bad(Reason.MISSING_IMAGE, f"no such file: {p}")
         if p.stat().st_size == 0:
             raise _Bad(Reason.EMPTY_IMAGE, f"empty file: {p}")
         return self._decode(p, str(p))
+
+    def _inside_root(self, p: Path, given: str) -> Path:
+        """`p` with every link resolved, if that stays inside the root; else a bad record.
+
+        Only the path's components are resolved (no file is opened), and the message is the
+        same whether or not the target exists."""
+        root = os.path.realpath(self.base if self.base is not None else Path.cwd())
+        real = os.path.realpath(p)
+        if os.path.commonpath([root, real]) != root:
+            raise _Bad(
+                Reason.IMAGE_OUTSIDE_ROOT,
+                f"image path {given!r} leads outside the image root {root}; pass "
+                "--allow-outside-image-root (allow_outside_image_root=True) to read it",
+            )
+        return Path(real)
 
     def _from_bytes(self, data: bytes) -> Image.Image:
         if not data:
@@ -585,15 +613,56 @@ class _ArrowSource:
 
 
 def _not_object(obj: Any) -> _Malformed:
-    return _Malformed(f"row is a JSON {type(obj).__name__}, not an object", Reason.BAD_VALUE)
+    kind = {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(
+        type(obj), "null"
+    )
+    return _Malformed(f"a JSON {kind}, not an object", Reason.BAD_VALUE)
 
 
 def _parse_line(line: bytes, lineno: int) -> Row:
     try:
         obj = json.loads(line)
-    except ValueError as e:  # UnicodeDecodeError is a ValueError
+    except UnicodeDecodeError as e:
+        return _Malformed(f"line {lineno}: not UTF-8 ({e.reason} at byte {e.start})")
+    except ValueError as e:
         return _Malformed(f"line {lineno}: {e}")
-    return obj if isinstance(obj, dict) else _not_object(obj)
+    if isinstance(obj, dict):
+        return obj
+    bad = _not_object(obj)
+    return _Malformed(f"line {lineno}: {bad.detail}", bad.reason)
+
+
+#: rows searched for a first valid one before a JSON file is declared to have none.
+_SCAN_ROWS = 10_000
+
+
+def _json_columns(rows: Iterator[Row]) -> set[str]:
+    """Keys of the first 100 valid rows, searching up to _SCAN_ROWS rows for the first."""
+    keys: set[str] = set()
+    valid = 0
+    for i, row in enumerate(rows):
+        if isinstance(row, dict):
+            keys.update(row)
+            valid += 1
+        if valid >= 100 or (i >= _SCAN_ROWS and not valid):
+            break
+    return keys
+
+
+def _why_no_rows(path: Path, name: str, rows: Iterator[Row]) -> str:
+    """Why a JSON file gave no columns: it is empty, or its first rows all are malformed."""
+    with open(path, "rb") as f:
+        if not any(line.strip() for line in f):
+            return f"{name} is empty (no rows)"
+    n, details = 0, []
+    for row in itertools.islice(rows, _SCAN_ROWS):
+        n += 1
+        if isinstance(row, _Malformed) and len(details) < 3:
+            details.append(row.detail)
+    if n == 0:
+        return f"{name} is empty (no rows)"
+    first = f"{n} row{'s' * (n > 1)}" if n < _SCAN_ROWS else f"the first {n} rows"
+    return f"{name} has no valid rows: {first}, none a JSON object ({'; '.join(details)})"
 
 
 class _JsonlSource:
@@ -613,13 +682,10 @@ class _JsonlSource:
         return self._num_rows
 
     def columns(self) -> set[str]:
-        keys: set[str] = set()
-        for i, row in enumerate(self.rows(0, [], None)):
-            if isinstance(row, dict):
-                keys.update(row)
-            if i >= 100:
-                break
-        return keys
+        return _json_columns(self.rows(0, [], None))
+
+    def why_no_rows(self) -> str:
+        return _why_no_rows(self.path, self.name, self.rows(0, [], None))
 
     def rows(self, skip: int, columns: list[str], on_batch: BatchHook | None) -> Iterator[Row]:
         with open(self.path, "rb") as f:
@@ -722,13 +788,10 @@ class _JsonListSource:
         return self._num_rows
 
     def columns(self) -> set[str]:
-        keys: set[str] = set()
-        for i, row in enumerate(self._elements()):
-            if isinstance(row, dict):
-                keys.update(row)
-            if i >= 100:
-                break
-        return keys
+        return _json_columns(self._elements())
+
+    def why_no_rows(self) -> str:
+        return _why_no_rows(self.path, self.name, self._elements())
 
     def rows(self, skip: int, columns: list[str], on_batch: BatchHook | None) -> Iterator[Row]:
         for i, row in enumerate(self._elements()):
@@ -1006,6 +1069,12 @@ def _local_sources(path: Path, split: str, batch_rows: int) -> tuple[list[Any], 
     raise FileNotFoundError(f"no .parquet, .arrow, .jsonl or .json files under {path}")
 
 
+def _no_rows(src: Any) -> str:
+    """Why a source has no columns (JSON sources know; Arrow ones always have a schema)."""
+    why = getattr(src, "why_no_rows", None)
+    return why() if why is not None else f"{src.name} has no columns"
+
+
 def _rename(src: Any, name: str) -> Any:
     src.name = name
     return src
@@ -1064,6 +1133,7 @@ def open_dataset(
     on_bad_record: Callable[[BadRecord], None] | None = None,
     log_first: int = 10,
     batch_rows: int = 64,
+    allow_outside_image_root: bool = False,
 ) -> Dataset:
     """Open a dataset for streaming Records.
 
@@ -1072,9 +1142,11 @@ def open_dataset(
     folder (state.json) or DatasetDict folder (dataset_dict.json, ``split`` picks); or else a
     hub dataset name (needs the optional `datasets` package). ``schema``: "llava", "chat",
     "text", or "auto" (from the columns). Relative image paths resolve against ``image_root``,
-    else the dataset's folder. Images are converted to ``image_mode`` (None keeps the mode).
-    Bad rows are skipped and counted in ``Dataset.stats``; each goes to ``on_bad_record``, the
-    first ``log_first`` are logged (logger "vlmscope.data"); ``strict`` raises instead.
+    else the dataset's folder, and must stay inside it (``..``, absolute paths elsewhere and
+    links out of it are bad records) unless ``allow_outside_image_root``. Images are converted
+    to ``image_mode`` (None keeps the mode). Bad rows are skipped and counted in
+    ``Dataset.stats``; each goes to ``on_bad_record``, the first ``log_first`` are logged
+    (logger "vlmscope.data"); ``strict`` raises instead.
     ``max_image_pixels`` rejects larger images from their header (PIL's own hard limit, twice
     ``Image.MAX_IMAGE_PIXELS``, still applies above it). ``batch_rows`` bounds how many rows
     are turned into Python objects at once. Folders are read in sorted file order; a folder
@@ -1093,7 +1165,15 @@ def open_dataset(
         raise FileNotFoundError(f"no such file or folder: {text}")
     else:
         sources, base = [_hub_source(text, split)], None
-    cols = sources[0].columns() if sources else set()
+    cols: set[str] = set()
+    for src in sources:  # the first file with columns (an empty file has none)
+        cols = src.columns()
+        if cols:
+            break
+    if not cols and sources:
+        reasons = [_no_rows(src) for src in sources[:3]]
+        more = f" (and {len(sources) - 3} more files)" if len(sources) > 3 else ""
+        raise ValueError(f"no rows to read: {'; '.join(reasons)}{more}")
     if schema == "auto":
         schema = detect_schema(cols, cm)  # type: ignore[assignment]
     elif cm.required(schema) not in cols:
@@ -1106,6 +1186,7 @@ def open_dataset(
         Path(image_root).expanduser() if image_root is not None else base,
         max_image_pixels,
         image_mode,
+        confine=not allow_outside_image_root,
     )
     return Dataset(
         sources,

@@ -795,7 +795,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     p.add_argument(
         "--schema",
         default="auto",
-        choices=("auto", "llava", "chat", "text"),
+        choices=("auto", "llava", "chat", "processed", "text"),
         help="dataset schema (default: auto)",
     )
     p.add_argument(
@@ -803,7 +803,15 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "--image_root",
         default="",
         metavar="DIR",
-        help="folder that relative image paths resolve against",
+        help="folder that relative image paths resolve against; paths must stay inside it "
+        "unless --allow-outside-image-root (default: the dataset's folder)",
+    )
+    p.add_argument(
+        "--allow-outside-image-root",
+        "--allow_outside_image_root",
+        action="store_true",
+        help="read image paths that lead outside --image-root (absolute paths, '..', links); "
+        "only for datasets you trust",
     )
     p.add_argument(
         "--columns",
@@ -838,7 +846,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
     # A parser that leaves out some optional flags still works: their defaults apply.
     defaults = {"max_batches": 0, "tokens": None, "per_layer": True, "replace_tokens": "trained",
                 "device": None, "dtype": None, "split": None, "schema": "auto",
-                "image_root": "", "columns": [], "output": None, "progress": True}  # fmt: skip
+                "image_root": "", "columns": [], "output": None, "progress": True,
+                "allow_outside_image_root": False}  # fmt: skip
     args = argparse.Namespace(**{**defaults, **vars(args)})
     for flag in ("max_tokens", "max_batches"):
         if getattr(args, flag) < 0:
@@ -867,6 +876,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
             split=args.split or "train",
             schema=args.schema,
             image_root=args.image_root,
+            allow_outside_image_root=args.allow_outside_image_root,
             columns=list(args.columns),
         )
     except ValueError as e:

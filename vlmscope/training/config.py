@@ -179,6 +179,8 @@ class TrainConfig:
     columns: list[str] = field(default_factory=list)
     strict: bool = False
     workers: int = 0
+    allow_outside_image_root: bool = False
+    pack: bool | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -381,10 +383,19 @@ _HELP = {
     "seed": "random seed of the initialisation and the generated shapes dataset",
     "log_to_wandb": "also log metrics to Weights & Biases (WANDB_MODE=offline works offline)",
     "log_to_tensorboard": "also log metrics to TensorBoard (in the run folder)",
-    "schema": "dataset record schema; auto picks it from the column names",
+    "schema": "dataset record schema; auto picks it from the column names (processed: the "
+    "model processor's outputs, input_ids + pixel_values + extras, e.g. from "
+    "`vlmscope data process`)",
     "split": "dataset split (files or folders named by split, or a hub split)",
-    "image_root": "folder that relative image paths resolve against "
-    "(default: the dataset's folder)",
+    "image_root": "folder that relative image paths resolve against; image paths must stay "
+    "inside it ('../x.png', absolute paths elsewhere and links out of it are skipped as "
+    "image_outside_root) unless --allow-outside-image-root (default: the dataset's folder)",
+    "allow_outside_image_root": "read image paths that lead outside --image-root (absolute "
+    "paths, '..', symbolic links); only for datasets you trust, since a dataset could then "
+    "make vlmscope read any file on the machine",
+    "pack": "join plain-text documents with the tokenizer's EOS and cut the stream into "
+    "--ctx-len chunks: no padding and no text lost to truncation; resumes mid-document "
+    "(default: on for a text-only model reading a plain `text` dataset, off otherwise)",
     "columns": "source column names that differ from the schema's, as KEY=NAME with KEY one "
     f"of {', '.join(COLUMN_KEYS)} (e.g. --columns messages=conversation images=pictures)",
     "strict": "stop at the first bad record instead of skipping and counting it",
@@ -398,7 +409,7 @@ _CHOICES: dict[str, Sequence[str]] = {
     "sae.normalize_activations": ("none", "mean_norm"),
     "loss_fn": LOSSES,
     "tokens": TOKEN_KINDS,
-    "schema": ("auto", "llava", "chat", "text"),
+    "schema": ("auto", "llava", "chat", "processed", "text"),
     "dtype": ("float32", "bfloat16", "float16"),
 }
 

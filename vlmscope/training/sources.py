@@ -153,6 +153,7 @@ def open_training_data(cfg: TrainConfig) -> Any:
         columns=column_map(cfg.columns),
         strict=cfg.strict,
         split=cfg.split,
+        allow_outside_image_root=cfg.allow_outside_image_root,
     )
 
 
