@@ -14,12 +14,15 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.pool import AsyncResult
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from vlmscope.models.chat import add_special_tokens_for_rendered, tokenizer_special_ids
 from vlmscope.models.masks import TokenMasks
+
+if TYPE_CHECKING:
+    from vlmscope.data.processed import ProcessedSpec
 
 #: Per-token tensors ([1, seq] per sample) and the value they are padded with (None: pad id).
 TOKEN_KEYS: dict[str, int | None] = {
@@ -92,7 +95,9 @@ class Batch:
 
 
 class SampleEncoder:
-    """Turns one record into a Sample with the model's processor and chat template."""
+    """Turns one record into a Sample with the model's processor and chat template; a
+    processed record (one that holds the processor's outputs) goes through `processed`, the
+    model's check of such rows (see vlmscope.data.processed)."""
 
     def __init__(
         self,
@@ -100,8 +105,10 @@ class SampleEncoder:
         ctx_len: int,
         image_token_ids: Sequence[int] = (),
         add_generation_prompt: bool = False,
+        processed: ProcessedSpec | None = None,
     ) -> None:
         self.processor = processor
+        self.processed = processed
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.ctx_len = int(ctx_len)
         self.image_token_ids = torch.tensor(list(image_token_ids), dtype=torch.long)
@@ -140,6 +147,13 @@ class SampleEncoder:
         return owner.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False)
 
     def encode(self, record: RecordLike) -> Sample:
+        if getattr(record, "tensors", None):
+            if self.processed is None:
+                raise ValueError(
+                    f"record {record.row_id} holds processed tensors: pass "
+                    "processed=ProcessedSpec(vlm) to the SampleEncoder to check them"
+                )
+            return self._truncate(self.processed.sample(record))  # type: ignore[arg-type]
         text, answer = self.render(record)
         images = list(record.images or [])
         if images and not self.has_images:
@@ -397,10 +411,15 @@ class _EncoderFactory:
         self.ctx_len = encoder.ctx_len
         self.image_token_ids = encoder.image_token_ids.tolist()
         self.add_generation_prompt = encoder.add_generation_prompt
+        self.processed = encoder.processed
 
     def __call__(self) -> SampleEncoder:
         return SampleEncoder(
-            self.processor, self.ctx_len, self.image_token_ids, self.add_generation_prompt
+            self.processor,
+            self.ctx_len,
+            self.image_token_ids,
+            self.add_generation_prompt,
+            self.processed,
         )
 
 

@@ -51,7 +51,26 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 logger = logging.getLogger("vlmscope.data")
 
-SchemaName = Literal["auto", "llava", "chat", "text"]
+SchemaName = Literal["auto", "llava", "chat", "processed", "text"]
+SCHEMAS: tuple[str, ...] = ("llava", "chat", "processed", "text")
+
+#: Columns of the `processed` schema: a model processor's outputs, one row per sample, plus
+#: `labels` (-100 outside the answer) when the dataset marks the answer.
+PROCESSED_COLUMNS: tuple[str, ...] = (
+    "input_ids",
+    "attention_mask",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "pixel_values",
+    "pixel_attention_mask",
+    "image_grid_thw",
+    "image_sizes",
+    "batch_num_images",
+    "aspect_ratio_ids",
+    "aspect_ratio_mask",
+    "cross_attention_mask",
+    "labels",
+)
 DEFAULT_MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 """Default pixel limit per image (64 Mpx): larger images are rejected before decoding."""
 
@@ -96,7 +115,9 @@ class Record:
     of the image parts and ``text == ""``; plain-text records have ``text`` and no messages.
     LLaVA records with images use list content in every turn; text-only ones use str content.
     ``position`` is the row's index in the whole dataset (bad rows included): resume a run with
-    ``skip(position + 1)``. ``source_id`` is the row's own id column, if any.
+    ``skip(position + 1)``. ``source_id`` is the row's own id column, if any. Processed records
+    (schema ``processed``) carry the processor's outputs in ``tensors``, as stored (nested
+    lists or numpy arrays), and nothing else; the model's check turns them into tensors.
     """
 
     row_id: str
@@ -105,11 +126,12 @@ class Record:
     text: str = ""
     position: int = 0
     source_id: str | None = None
+    tensors: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_text(self) -> bool:
-        """True for a plain-text record (no chat structure)."""
-        return not self.messages
+        """True for a plain-text record (no chat structure, not processed)."""
+        return not self.messages and not self.tensors
 
 
 @dataclass(frozen=True)
@@ -129,11 +151,17 @@ class ColumnMap:
             "llava": [self.id, self.conversations, self.image],
             "chat": [self.id, self.messages, self.images],
             "text": [self.id, self.text],
+            "processed": [self.id, *PROCESSED_COLUMNS],
         }[schema]
 
     def required(self, schema: str) -> str:
         """The column without which no row of this schema can be valid."""
-        return {"llava": self.conversations, "chat": self.messages, "text": self.text}[schema]
+        return {
+            "llava": self.conversations,
+            "chat": self.messages,
+            "text": self.text,
+            "processed": "input_ids",
+        }[schema]
 
 
 def _column_key(cm: ColumnMap, name: str) -> str:
@@ -475,24 +503,38 @@ def _text_record(row: dict[str, Any], cm: ColumnMap, loader: _ImageLoader) -> Re
     return Record(row_id="", text=text, source_id=_source_id(row, cm))
 
 
+def _processed_record(row: dict[str, Any], cm: ColumnMap, loader: _ImageLoader) -> Record:
+    if row.get("input_ids") is None:
+        raise _Bad(Reason.MISSING_COLUMN, "no 'input_ids'")
+    tensors = {k: v for k, v in row.items() if k in PROCESSED_COLUMNS and v is not None}
+    return Record(row_id="", tensors=tensors, source_id=_source_id(row, cm))
+
+
 _CONVERTERS: dict[str, Callable[[dict[str, Any], ColumnMap, _ImageLoader], Record]] = {
     "llava": _llava_record,
     "chat": _chat_record,
     "text": _text_record,
+    "processed": _processed_record,
 }
 
 
 def detect_schema(columns: set[str] | list[str], cm: ColumnMap | None = None) -> str:
-    """Schema from column names: conversations -> llava, messages -> chat, text -> text."""
+    """Schema from column names: input_ids with pixel_values -> processed (what a processor
+    wrote, whatever raw columns were kept beside it), conversations -> llava, messages ->
+    chat, input_ids -> processed (tokenized text), text -> text."""
     cm = cm or ColumnMap()
     cols = set(columns)
-    for schema, col in (("llava", cm.conversations), ("chat", cm.messages), ("text", cm.text)):
+    if {"input_ids", "pixel_values"} <= cols:
+        return "processed"
+    order = (("llava", cm.conversations), ("chat", cm.messages), ("processed", "input_ids"))
+    for schema, col in (*order, ("text", cm.text)):
         if col in cols:
             return schema
     raise ValueError(
         f"cannot detect the schema from columns {sorted(cols)}: expected {cm.conversations!r} "
-        f"(llava), {cm.messages!r} (chat) or {cm.text!r} (text); map other names with "
-        "columns=ColumnMap(...) (on the command line: --columns messages=NAME ...)"
+        f"(llava), {cm.messages!r} (chat), 'input_ids' (processed, with 'pixel_values' for "
+        f"images) or {cm.text!r} (text); map other names with columns=ColumnMap(...) (on the "
+        "command line: --columns messages=NAME ...)"
     )
 
 
@@ -510,12 +552,77 @@ class _Source(Protocol):
 
 
 def _emit(batch: Any, batch_rows: int, on_batch: BatchHook | None) -> Iterator[Row]:
-    """Arrow batch -> Python dicts, at most batch_rows at a time (bounds Python memory)."""
+    """Arrow batch -> Python dicts, at most batch_rows at a time (bounds Python memory).
+
+    Columns of nested lists of numbers (a processed dataset's tensors) arrive as numpy arrays,
+    one per row, without a Python object per number."""
+    numeric = [
+        n for n, f in zip(batch.schema.names, batch.schema, strict=True) if _is_tensor(f.type)
+    ]
     for off in range(0, batch.num_rows, batch_rows):
-        rows = batch.slice(off, batch_rows).to_pylist()
+        part = batch.slice(off, batch_rows)
+        if numeric:
+            arrays = {n: [_to_numpy(v) for v in part.column(n)] for n in numeric}
+            rows = part.drop_columns(numeric).to_pylist()
+            for i, row in enumerate(rows):
+                row.update({n: arrays[n][i] for n in numeric})
+        else:
+            rows = part.to_pylist()
         if on_batch is not None:
             on_batch(len(rows))
         yield from rows
+
+
+def _storage(t: Any) -> Any:
+    """An extension type's storage (`datasets` ArrayXD columns), else the type itself."""
+    return getattr(t, "storage_type", t)
+
+
+def _is_list(t: Any) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def _is_tensor(t: Any) -> bool:
+    """A (nested) list of numbers or booleans."""
+    import pyarrow as pa
+
+    t = _storage(t)
+    if not _is_list(t):
+        return False
+    while _is_list(t):
+        t = _storage(t.value_type)
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+
+
+def _to_numpy(value: Any) -> Any:
+    """One row's nested list scalar -> numpy array of its shape; None for null; a ragged or
+    partly null nesting -> the Python lists, for the check to reject."""
+    import numpy as np
+
+    if not value.is_valid:
+        return None
+    if hasattr(value, "storage"):  # extension scalar
+        value = value.storage
+    arr, shape = value.values, []
+    shape.append(len(arr))
+    while _is_list(_storage(arr.type)):
+        if hasattr(arr, "storage"):
+            arr = arr.storage
+        lengths = arr.value_lengths()
+        if arr.null_count or (
+            len(lengths) and lengths.to_numpy().min() != lengths.to_numpy().max()
+        ):
+            return value.as_py()
+        shape.append(int(lengths[0].as_py()) if len(lengths) else 0)
+        arr = arr.flatten()
+    if hasattr(arr, "storage"):
+        arr = arr.storage
+    if arr.null_count:
+        return value.as_py()
+    flat = arr.to_numpy(zero_copy_only=False)
+    return np.asarray(flat).reshape(shape)
 
 
 class _ParquetSource:
@@ -856,8 +963,11 @@ class Dataset:
         log_first: int = 10,
         description: str = "",
         start: int = 0,
+        column_names: set[str] | None = None,
     ) -> None:
         self._sources = sources
+        self.column_names: set[str] = set(column_names or ())
+        """Columns of the first file (what the schema was detected from)."""
         self.schema = schema
         self.columns = columns
         self.strict = strict
@@ -1197,4 +1307,5 @@ def open_dataset(
         on_bad_record=on_bad_record,
         log_first=log_first,
         description=text,
+        column_names=cols,
     )

@@ -75,9 +75,14 @@ def load_hf(
     *,
     dtype: str | torch.dtype | None = None,
     attn_implementation: str | None = None,
+    weights: bool = True,
     **model_kwargs: Any,
 ) -> tuple[nn.Module, Any]:
-    """Load model and processor with the Auto classes, as a user of transformers would."""
+    """Load model and processor with the Auto classes, as a user of transformers would.
+
+    `weights=False` builds the model from its config on the meta device instead: no weights
+    are read, yet the adapter, the image-token layout and the vocabulary are all there (what
+    `vlmscope data process` needs from a 7B model)."""
     from transformers import (
         AutoConfig,
         AutoModelForCausalLM,
@@ -112,7 +117,11 @@ def load_hf(
         kwargs["dtype"] = _dtype(dtype)
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    model = auto.from_pretrained(path, **kwargs)
+    if weights:
+        model = auto.from_pretrained(path, **kwargs)
+    else:
+        with torch.device("meta"):
+            model = auto.from_config(config)
     # Zoo models saved to disk name small image-only processor subclasses (no torchvision
     # video processor); importing the zoo registers them with AutoProcessor.
     from vlmscope.models import zoo
