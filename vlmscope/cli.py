@@ -105,6 +105,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return run_eval_command(args)
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    _quiet_transformers()
+    from vlmscope.data.convert import run_process_command
+
+    return run_process_command(args)
+
+
 def cmd_attribute(args: argparse.Namespace) -> int:
     _quiet_transformers()
     return run_attribute_command(args)
@@ -215,6 +222,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_attribute_arguments(a)
     a.set_defaults(func=cmd_attribute)
+
+    data = sub.add_parser(
+        "data", help="prepare datasets: `data process` writes a model's processed form once"
+    )
+    ds = data.add_subparsers(dest="data_cmd", required=True, metavar="DATA_COMMAND")
+    from vlmscope.data.convert import add_process_arguments
+
+    add_process_arguments(
+        ds.add_parser(
+            "process",
+            help="run a model's processor over a dataset once and write the processed form",
+            description="Write DATASET as MODEL's processor sees it (input_ids, pixel_values "
+            "and the family's extras, one Parquet row per sample, plus processed.json) into "
+            "DIR, so that `vlmscope train MODEL DIR` trains without running the processor "
+            "every epoch, to the same dictionaries. The model's weights are not loaded.",
+        )
+    )
+    data.set_defaults(func=cmd_data)
 
     z = sub.add_parser(
         "zoo", help="the offline zoo of tiny models (list, save) and the trained toy VLM"

@@ -22,17 +22,22 @@ temporary name and renamed).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from vlmscope.data.processed import _PER_TOKEN, MANIFEST, ProcessedSpec
-from vlmscope.data.processing import Sample, SkipCounter
+from vlmscope.data.processing import Sample, SkipCounter, SkipRecord
+
+if TYPE_CHECKING:
+    from vlmscope.data.sources import Dataset
+    from vlmscope.models.hooked import HookedVLM
 
 #: Rows per Parquet row group: a reader holds about one group of images in memory.
 ROW_GROUP_ROWS = 32
@@ -202,6 +207,70 @@ def write_processed(
     return info
 
 
+def process_dataset(
+    vlm: HookedVLM,
+    dataset: Dataset,
+    folder: Path,
+    *,
+    name: str = "",
+    ctx_len: int = 0,
+    split: str = "train",
+    workers: int = 0,
+    strict: bool = False,
+    max_rows: int = 0,
+    rows_per_file: int = 2000,
+    source: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Encode every record of `dataset` with `vlm`'s processor, as training does, and write the
+    processed form into `folder` (which exists); returns the manifest, with the rows read and
+    skipped. `ctx_len` 0 keeps every token (each training run truncates to its own)."""
+    import itertools
+
+    from tqdm.auto import tqdm
+
+    from vlmscope.data.processing import SampleEncoder, encode_stream
+
+    spec = ProcessedSpec(vlm, name)
+    skips = SkipCounter()
+    dataset.on_bad_record = lambda bad: skips.add(bad.reason, bad.row_id)
+    encoder = SampleEncoder(vlm.processor, ctx_len or 1 << 30, vlm.adapter.image_token_ids())
+    ids: dict[str, str] = {}
+
+    def records() -> Iterator[Any]:
+        for r in dataset:
+            ids[r.row_id] = r.source_id or r.row_id
+            yield r
+
+    bar = tqdm(total=dataset.num_rows, unit="row", disable=not progress, desc="processing")
+
+    def source_id(s: Sample) -> str:
+        bar.n = dataset.stats.rows
+        bar.refresh()
+        return ids.pop(s.row_id, s.row_id)
+
+    samples = encode_stream(records(), encoder, skips, strict=strict, workers=workers)
+    if max_rows:
+        samples = itertools.islice(samples, max_rows)
+    try:
+        extra = {"source": source or {"dataset": dataset.description}, "ctx_len": ctx_len or None}
+        info = write_processed(
+            samples,
+            spec,
+            folder,
+            split=split,
+            rows_per_file=rows_per_file,
+            manifest=extra,
+            source_ids=source_id,
+        )
+    finally:
+        bar.close()
+    info["rows_read"] = dataset.stats.rows
+    info["skipped"] = dict(skips.counts)
+    (folder / MANIFEST).write_text(json.dumps(info, indent=1) + "\n")
+    return info
+
+
 # --- the command ---------------------------------------------------------------------------------
 def add_process_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Flags of `vlmscope data process MODEL DATASET --out DIR`."""
@@ -211,10 +280,17 @@ def add_process_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
         help="what `vlmscope train` reads: Parquet/JSONL/JSON file or folder, a save_to_disk "
         "folder, a hub name, or `shapes` / `shapes:N`",
     )
-    p.add_argument("--out", required=True, metavar="DIR", help="folder to write (must not exist "
-                   "or be empty, unless --overwrite)")  # fmt: skip
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace DIR if it already holds files (swapped in only when complete)")  # fmt: skip
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="folder to write (must not exist or be empty, unless --overwrite)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace DIR if it already holds files (swapped in only when complete)",
+    )
     p.add_argument(
         "--ctx-len",
         "--ctx_len",
@@ -225,46 +301,83 @@ def add_process_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
         "each training run truncates to its own --ctx-len)",
     )
     p.add_argument("--split", default="train", help="dataset split (default: train)")
-    p.add_argument("--schema", default="auto", choices=("auto", "llava", "chat", "text"),
-                   help="record schema of DATASET (default: auto, from the columns)")  # fmt: skip
-    p.add_argument("--image-root", "--image_root", default="", metavar="DIR",
-                   help="folder that relative image paths resolve against; paths must stay "
-                   "inside it unless --allow-outside-image-root (default: the dataset's "
-                   "folder)")  # fmt: skip
-    p.add_argument("--allow-outside-image-root", "--allow_outside_image_root",
-                   action="store_true", help="read image paths that lead outside --image-root "
-                   "(absolute paths, '..', links); only for datasets you trust")  # fmt: skip
-    p.add_argument("--columns", nargs="+", default=[], metavar="KEY=NAME",
-                   help="source column names that differ from the schema's, e.g. "
-                   "messages=conversation (as in `vlmscope train`)")  # fmt: skip
-    p.add_argument("--strict", action="store_true",
-                   help="stop at the first bad record instead of skipping and counting it")  # fmt: skip
-    p.add_argument("--max-rows", "--max_rows", type=int, default=0, metavar="N",
-                   help="stop after N written rows (default 0: the whole split)")  # fmt: skip
-    p.add_argument("--rows-per-file", "--rows_per_file", type=int, default=2000, metavar="N",
-                   help="rows per Parquet file (default 2000)")  # fmt: skip
-    p.add_argument("--workers", type=int, default=0, metavar="N",
-                   help="processes that run the processor (default 0: this process)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of a generated shapes world (as `vlmscope train --seed`; default 0)")  # fmt: skip
-    p.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="no progress bar")  # fmt: skip
+    p.add_argument(
+        "--schema",
+        default="auto",
+        choices=("auto", "llava", "chat", "text"),
+        help="record schema of DATASET (default: auto, from the columns)",
+    )
+    p.add_argument(
+        "--image-root",
+        "--image_root",
+        default="",
+        metavar="DIR",
+        help="folder that relative image paths resolve against; paths must stay "
+        "inside it unless --allow-outside-image-root (default: the dataset's "
+        "folder)",
+    )
+    p.add_argument(
+        "--allow-outside-image-root",
+        "--allow_outside_image_root",
+        action="store_true",
+        help="read image paths that lead outside --image-root "
+        "(absolute paths, '..', links); only for datasets you trust",
+    )
+    p.add_argument(
+        "--columns",
+        nargs="+",
+        default=[],
+        metavar="KEY=NAME",
+        help="source column names that differ from the schema's, e.g. "
+        "messages=conversation (as in `vlmscope train`)",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first bad record instead of skipping and counting it",
+    )
+    p.add_argument(
+        "--max-rows",
+        "--max_rows",
+        type=int,
+        default=0,
+        metavar="N",
+        help="stop after N written rows (default 0: the whole split)",
+    )
+    p.add_argument(
+        "--rows-per-file",
+        "--rows_per_file",
+        type=int,
+        default=2000,
+        metavar="N",
+        help="rows per Parquet file (default 2000)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="processes that run the processor (default 0: this process)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of a generated shapes world (as `vlmscope train --seed`; default 0)",
+    )
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
 
 
 def run_process_command(args: argparse.Namespace) -> int:
     """`vlmscope data process`: check the flags, the output folder and the data first, then
     process and write DIR atomically; prints a table of counts. Returns the exit code."""
-    import itertools
-
-    from tqdm.auto import tqdm
-
-    from vlmscope.data.processing import SampleEncoder, encode_stream
+    from vlmscope.files import FolderLockedError, lock_folder
     from vlmscope.models.hooked import HookedVLM, load_hf
     from vlmscope.training.checkpoint import write_folder_atomically
     from vlmscope.training.config import TrainConfig
     from vlmscope.training.errors import CheckpointError
-    from vlmscope.training.trainer import open_training_data, resolve_model_path
+    from vlmscope.training.sources import open_training_data, resolve_model_path
 
     def fail(msg: str, code: int = 1) -> int:
         print(f"vlmscope data process: error: {msg}", file=sys.stderr)
@@ -276,9 +389,13 @@ def run_process_command(args: argparse.Namespace) -> int:
     if args.rows_per_file < 1:
         return fail(f"--rows-per-file must be >= 1, got {args.rows_per_file}", 2)
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        return fail(f"--out {out} already exists and is not an empty folder; pass --overwrite "
-                    "to replace it or choose another folder")  # fmt: skip
+    if out.exists() and not out.is_dir():
+        return fail(f"--out {out} is a file, not a folder")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        return fail(
+            f"--out {out} already exists and is not an empty folder; pass --overwrite "
+            "to replace it or choose another folder"
+        )
     try:
         cfg = TrainConfig(
             model=args.model,
@@ -304,64 +421,46 @@ def run_process_command(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         return fail(f"cannot load model {args.model!r}: {e}")
     vlm = HookedVLM(model, processor)
-    spec = ProcessedSpec(vlm, args.model)
-    skips = SkipCounter()
-    dataset.on_bad_record = lambda bad: skips.add(bad.reason, bad.row_id)
-    ctx = args.ctx_len or 1 << 30
-    encoder = SampleEncoder(processor, ctx, vlm.adapter.image_token_ids())
-    source: dict[str, str] = {}
-
-    def records() -> Iterable[Any]:
-        for r in dataset:
-            source[r.row_id] = r.source_id or r.row_id
-            yield r
-
-    n_rows = dataset.num_rows
-    bar = tqdm(total=n_rows, unit="row", disable=not args.progress, desc="processing")
+    result: dict[str, Any] = {}
 
     def write(folder: Path) -> None:
-        samples = encode_stream(records(), encoder, skips, strict=args.strict,
-                                workers=args.workers)  # fmt: skip
-        if args.max_rows:
-            samples = itertools.islice(samples, args.max_rows)
-
-        def counted(s: Sample) -> str:
-            bar.n = dataset.stats.rows
-            bar.refresh()
-            return source.pop(s.row_id, s.row_id)
-
-        info = write_processed(
-            samples,
-            spec,
-            folder,
-            split=args.split,
-            rows_per_file=args.rows_per_file,
-            manifest={
-                "source": {
-                    "dataset": args.dataset,
-                    "split": args.split,
-                    "schema": dataset.schema,
-                    "seed": args.seed if cfg.is_shapes_dataset() else None,
-                },
-                "ctx_len": args.ctx_len or None,
-            },  # fmt: skip
-            source_ids=counted,
+        source = {"dataset": args.dataset, "split": args.split, "schema": dataset.schema,
+                  "seed": args.seed if cfg.is_shapes_dataset() else None}  # fmt: skip
+        result.update(
+            process_dataset(
+                vlm,
+                dataset,
+                folder,
+                name=args.model,
+                ctx_len=args.ctx_len,
+                split=args.split,
+                workers=args.workers,
+                strict=args.strict,
+                max_rows=args.max_rows,
+                rows_per_file=args.rows_per_file,
+                source=source,
+                progress=args.progress,
+            )
         )
-        info["skipped"] = dict(skips.counts)
-        info["rows_read"] = dataset.stats.rows
-        (folder / MANIFEST).write_text(json.dumps(info, indent=1) + "\n")
-        result.update(info)
 
-    result: dict[str, Any] = {}
+    # The lock lives beside DIR, which is swapped in whole at the end: one writer per DIR.
+    lock_dir = out.parent / f".{out.name}.lock"
     try:
-        write_folder_atomically(out.parent, out.name, write, f"processed dataset {out}",
-                                "nothing was written")  # fmt: skip
+        lock = lock_folder(lock_dir, "output folder")
+    except FolderLockedError as e:
+        return fail(str(e).replace(str(lock_dir), str(out)))
+    try:
+        write_folder_atomically(
+            out.parent, out.name, write, f"processed dataset {out}", "nothing was written"
+        )
     except CheckpointError as e:
-        return fail(str(e))
-    except ValueError as e:  # a processor output the schema cannot hold, or --strict's record
-        return fail(str(e))
+        cause = e.__cause__
+        # --strict's bad record, or a processor output the schema cannot hold: say that.
+        return fail(str(cause) if isinstance(cause, ValueError | SkipRecord) else str(e))
     finally:
-        bar.close()
+        lock.release()
+        with contextlib.suppress(OSError):
+            lock_dir.rmdir()
     print(f"\n{'rows read':<28} {result['rows_read']:>10}")
     print(f"{'rows written':<28} {result['rows']:>10}")
     for reason, n in sorted(result["skipped"].items(), key=lambda kv: -kv[1]):
@@ -369,6 +468,8 @@ def run_process_command(args: argparse.Namespace) -> int:
     size = sum(f.stat().st_size for f in out.glob("*.parquet"))
     print(f"{'files':<28} {len(result['files']):>10}")
     print(f"{'MB':<28} {size / 2**20:>10.1f}")
-    print(f"\nwrote {out} (manifest: {out / MANIFEST}); train on it with "
-          f"`vlmscope train {args.model} {out} ...`")  # fmt: skip
+    print(
+        f"\nwrote {out} (manifest: {out / MANIFEST}); train on it with "
+        f"`vlmscope train {args.model} {out} ...`"
+    )
     return 0

@@ -23,6 +23,8 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from vlmscope.data.packing import Document, Packer, packed_batches
+from vlmscope.data.processed import ProcessedDataError, ProcessedSpec
 from vlmscope.data.processing import Batch, SampleEncoder, SkipCounter, batches, encode_stream
 from vlmscope.data.sources import BadRecord
 from vlmscope.dictionaries import NonFiniteError, check_finite
@@ -53,6 +55,8 @@ class TrainState:
     epoch: int = 0
     #: rows of the dataset consumed in the current epoch (the next row to read).
     rows: int = 0
+    #: --pack: tokens of row `rows` (its EOS included) already in trained chunks.
+    offset: int = 0
     skips: dict[str, int] = field(default_factory=dict)
     skip_examples: dict[str, list[str]] = field(default_factory=dict)
     initialized: bool = False
@@ -229,7 +233,35 @@ class LiveSource:
         if cfg.sae.resolved_kind() == "sae":
             width = self._hook_width(self.reads)
         self.d_in = self.d_out = width
-        self.encoder = SampleEncoder(vlm.processor, cfg.ctx_len, vlm.adapter.image_token_ids())
+        processed = None
+        if self.dataset.schema == "processed":
+            processed = ProcessedSpec(vlm, cfg.model)
+            try:  # before the first batch: a dataset made for another model stops here
+                processed.check_dataset(self.dataset, repr(cfg.dataset))
+            except ProcessedDataError as e:
+                raise TrainingError(str(e)) from None
+        self.encoder = SampleEncoder(
+            vlm.processor, cfg.ctx_len, vlm.adapter.image_token_ids(), processed=processed
+        )
+        self.packer = self._packer(vlm)
+
+    def _packer(self, vlm: HookedVLM) -> Packer | None:
+        """The packer of a --pack run: on by default for a text-only model reading plain text."""
+        cfg, schema = self.cfg, self.dataset.schema
+        pack = cfg.pack
+        if pack is None:
+            pack = schema == "text" and not hasattr(vlm.processor, "image_processor")
+        if not pack:
+            return None
+        if schema != "text":
+            raise TrainingError(
+                f"--pack joins plain-text documents, but {cfg.dataset!r} has schema {schema!r}; "
+                "drop --pack (or read a `text` column with --schema text)"
+            )
+        try:
+            return Packer(vlm.tokenizer, cfg.ctx_len)
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
 
     def model_info(self) -> dict[str, Any]:
         cfg, vlm = self.cfg, self._model()
@@ -269,7 +301,8 @@ class LiveSource:
 
     # --- batches -----------------------------------------------------------------------------
     def batches(self, state: TrainState) -> Iterator[ActivationBatch]:
-        for batch, rows_after in self._model_batches(state):
+        model_batches = self._packed_batches if self.packer is not None else self._model_batches
+        for batch, cursor in model_batches(state):
             xs, ys, out, masks, positions = self._activations(batch, state.step)
             spliced = None
             if self.cfg.loss_fn != "fvu":
@@ -279,10 +312,10 @@ class LiveSource:
                             positions: torch.Tensor = positions) -> torch.Tensor:  # fmt: skip
                     return self._spliced_loss(bundle, loss_fn, batch, out.logits, masks, positions)
 
-            yield ActivationBatch(xs, ys, {"rows": rows_after}, list(batch.row_ids), spliced)
+            yield ActivationBatch(xs, ys, cursor, list(batch.row_ids), spliced)
 
-    def _model_batches(self, state: TrainState) -> Iterator[tuple[Batch, int]]:
-        """(batch, rows consumed after it) from the saved position, epoch after epoch."""
+    def _model_batches(self, state: TrainState) -> Iterator[tuple[Batch, dict[str, int]]]:
+        """(batch, cursor after it) from the saved position, epoch after epoch."""
         cfg, vlm = self.cfg, self._model()
         pad = vlm.tokenizer.pad_token_id
         pad_id = pad if pad is not None else 0
@@ -294,9 +327,12 @@ class LiveSource:
             full_pass = state.rows == 0
             got_any = False
             tokens_before = state.tokens  # the trainer counts the tokens each batch selects
-            for batch in batches(samples, cfg.batch_size, pad_id, masks=vlm.masks):
-                got_any = True
-                yield batch, batch.positions[-1] + 1
+            try:
+                for batch in batches(samples, cfg.batch_size, pad_id, masks=vlm.masks):
+                    got_any = True
+                    yield batch, {"rows": batch.positions[-1] + 1}
+            except ProcessedDataError as e:  # pixel_values that cannot fit the vision tower
+                raise TrainingError(str(e)) from None
             if not got_any and full_pass:
                 raise TrainingError(
                     f"dataset {cfg.dataset!r} produced no usable samples ({self.skips.summary()})"
@@ -308,6 +344,37 @@ class LiveSource:
                 )
             state.epoch += 1
             state.rows = 0
+
+    def _packed_batches(self, state: TrainState) -> Iterator[tuple[Batch, dict[str, int]]]:
+        """--pack: batches of full ctx_len chunks of the document stream, which runs on across
+        epochs; the cursor (epoch, rows, offset) resumes mid-document."""
+        cfg, vlm = self.cfg, self._model()
+        assert self.packer is not None
+        pad = vlm.tokenizer.pad_token_id
+
+        def documents() -> Iterator[Document]:
+            epoch, rows = state.epoch, state.rows
+            while True:
+                full_pass, got_any = rows == 0, False
+                for record in self.dataset.skip(rows) if rows else self.dataset:
+                    got_any = True
+                    yield Document(epoch, record.position, record.row_id, record.text)
+                if full_pass and not got_any:
+                    raise TrainingError(
+                        f"dataset {cfg.dataset!r} produced no usable documents "
+                        f"({self.skips.summary()})"
+                    )
+                epoch, rows = epoch + 1, 0
+
+        chunks = self.packer.chunks(documents(), offset=state.offset)
+        tokens_before, epoch0 = state.tokens, state.epoch
+        for batch, cursor in packed_batches(chunks, cfg.batch_size, pad or 0, vlm.masks):
+            if cursor.epoch > epoch0 + 1 and state.tokens == tokens_before:
+                raise TrainingError(
+                    f"--tokens {cfg.tokens} selected no tokens in a full pass over "
+                    f"{cfg.dataset!r}{_NO_TOKENS_HINT[cfg.tokens]}"
+                )
+            yield batch, cursor.as_state()
 
     def _activations(
         self, batch: Batch, step: int
