@@ -57,6 +57,17 @@ def test_processed_shapes_train_the_same_dictionaries_as_raw_shapes(
     assert a.keys() == b.keys() and raw.tokens == proc.tokens > 0
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    if name == "llava":  # eval reads processed rows too, to the same report
+        from vlmscope.data import open_dataset
+        from vlmscope.replacement.evaluate import evaluate
+
+        raw_data = open_training_data(train_flags(model, SHAPES, tmp_path, "-"))
+        reports = [evaluate(vlm, raw.dictionaries, d, per_layer=False, batch_size=2,
+                            progress=False).to_dict()
+                   for d in (raw_data, open_dataset(folder))]  # fmt: skip
+        assert reports[0]["n_tokens"] == reports[1]["n_tokens"] > 0
+        for key in ("reconstruction", "next_token"):
+            assert reports[0][key] == reports[1][key], key
 
 
 # --------------------------------------------------------------------------------------------

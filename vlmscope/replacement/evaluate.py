@@ -406,7 +406,14 @@ def iter_batches(
         yield first
         yield from it
 
-    encoder = SampleEncoder(vlm.processor, ctx_len, vlm.adapter.image_token_ids())
+    processed = None
+    if getattr(first, "tensors", None):  # rows of the processed schema: checked, not processed
+        from vlmscope.data.processed import ProcessedSpec
+
+        processed = ProcessedSpec(vlm)
+    encoder = SampleEncoder(
+        vlm.processor, ctx_len, vlm.adapter.image_token_ids(), processed=processed
+    )
     samples = encode_stream(records(), encoder, skips if skips is not None else SkipCounter())
     pad = vlm.tokenizer.pad_token_id
     yield from batches(samples, batch_size, pad if pad is not None else 0, masks=vlm.masks)
