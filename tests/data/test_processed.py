@@ -156,11 +156,17 @@ def test_rows_in_every_storage_form_become_the_raw_samples(llava_rows: Any, tmp_
         for a, b in zip(samples, reference, strict=True):
             for k, t in b.tensors.items():
                 assert torch.equal(a.tensors[k], t), (name, k)
-    # A `datasets` save_to_disk folder: Arrow IPC stream files and state.json.
+    # A `datasets` save_to_disk folder: Arrow IPC stream files and state.json, pixel_values as
+    # `datasets` writes an Array4D feature (its storage, with the extension's field metadata).
     from tests.data.test_sources import save_to_disk_like
 
-    table = pa.Table.from_pylist(rows)
-    save_to_disk_like(tmp_path / "saved", rows, table.schema, shards=2)
+    schema = pa.Table.from_pylist(rows).schema
+    ext = {"ARROW:extension:name": "datasets.features.features.Array4DExtensionType",
+           "ARROW:extension:metadata": '[[null, 3, 32, 32], "float32"]'}  # fmt: skip
+    i = schema.get_field_index("pixel_values")
+    schema = schema.set(i, schema.field(i).with_type(
+        pa.list_(pa.list_(pa.list_(pa.list_(pa.float32()))))).with_metadata(ext))  # fmt: skip
+    save_to_disk_like(tmp_path / "saved", rows, schema, shards=2)
     samples, counts, _ = encoded(model, tmp_path / "saved")
     assert counts == {} and len(samples) == 4
     assert all(torch.equal(a.tensors["pixel_values"], b.tensors["pixel_values"])

@@ -167,6 +167,8 @@ class ProcessedSpec:
                 f"{key} holds {arr.dtype} values{hint}; {self.name}'s processor gives "
                 f"{str(want.dtype).removeprefix('torch.')} ({wanted})",
             )
+        if not arr.flags.writeable:  # zero-copy from Arrow: torch wants its own memory
+            arr = arr.copy()
         t = torch.from_numpy(np.ascontiguousarray(arr)).to(want.dtype)
         if t.dim() == want.rank - 1:
             t = t.unsqueeze(0)  # stored without its leading sample / image dimension
