@@ -227,9 +227,8 @@ def process_dataset(
     skipped. `ctx_len` 0 keeps every token (each training run truncates to its own)."""
     import itertools
 
-    from tqdm.auto import tqdm
-
     from vlmscope.data.processing import SampleEncoder, encode_stream
+    from vlmscope.progress import progress_bar
 
     spec = ProcessedSpec(vlm, name)
     skips = SkipCounter()
@@ -242,11 +241,10 @@ def process_dataset(
             ids[r.row_id] = r.source_id or r.row_id
             yield r
 
-    bar = tqdm(total=dataset.num_rows, unit="row", disable=not progress, desc="processing")
+    bar = progress_bar(dataset.num_rows, unit="row", disable=not progress, desc="processing")
 
     def source_id(s: Sample) -> str:
-        bar.n = dataset.stats.rows
-        bar.refresh()
+        bar.update(dataset.stats.rows - bar.n)  # rows read so far, skipped ones included
         return ids.pop(s.row_id, s.row_id)
 
     samples = encode_stream(records(), encoder, skips, strict=strict, workers=workers)
@@ -264,6 +262,7 @@ def process_dataset(
             source_ids=source_id,
         )
     finally:
+        bar.update(dataset.stats.rows - bar.n)
         bar.close()
     info["rows_read"] = dataset.stats.rows
     info["skipped"] = dict(skips.counts)
