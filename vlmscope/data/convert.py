@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from vlmscope.data.processed import _PER_TOKEN, MANIFEST, ProcessedSpec
+from vlmscope.data.processed import MANIFEST, PER_TOKEN_KEYS, ProcessedSpec
 from vlmscope.data.processing import Sample, SkipCounter, SkipRecord
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ def arrow_schema(spec: ProcessedSpec) -> Any:
     fields = [pa.field("id", pa.string())]
     for key, ks in {**spec.keys, "labels": None}.items():
         typ = _arrow_type(ks.dtype if ks is not None else torch.long)
-        for _ in range(1 if key in _PER_TOKEN else ks.rank):  # type: ignore[union-attr]
+        for _ in range(1 if key in PER_TOKEN_KEYS else ks.rank):  # type: ignore[union-attr]
             typ = pa.list_(typ)
         fields.append(pa.field(key, typ))
     return pa.schema(fields)
@@ -103,7 +103,7 @@ def _row_arrays(sample: Sample, spec: ProcessedSpec) -> dict[str, np.ndarray | N
     for key in spec.keys:
         t = sample.tensors.get(key)
         if t is not None:
-            t = t[0] if key in _PER_TOKEN else t
+            t = t[0] if key in PER_TOKEN_KEYS else t
             out[key] = t.to(torch.float32 if t.dtype == torch.bfloat16 else t.dtype).numpy()
         else:
             out[key] = None

@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 #: The manifest `vlmscope data process` writes next to the Parquet files.
 MANIFEST = "processed.json"
 #: Per-token keys besides TOKEN_KEYS: the answer's labels (-100 elsewhere).
-_PER_TOKEN = (*TOKEN_KEYS, "labels")
+PER_TOKEN_KEYS = (*TOKEN_KEYS, "labels")
 #: Rows the check before the first batch reads.
 PREFLIGHT_ROWS = 8
 
@@ -123,7 +123,7 @@ class ProcessedSpec:
                 "bad_shape", f"input_ids has shape {tuple(ids.shape)}: one sample per row"
             )
         n = int(ids.shape[1])
-        for k in _PER_TOKEN:
+        for k in PER_TOKEN_KEYS:
             t = tensors.get(k)
             if t is not None and tuple(t.shape[:2]) != (1, n):
                 raise SkipRecord(
