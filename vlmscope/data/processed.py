@@ -256,17 +256,14 @@ class ProcessedSpec:
 
 
 def find_manifest(dataset: Dataset) -> dict[str, Any] | None:
-    """The processed.json beside a local dataset, if any (a broken one counts as none)."""
+    """The processed.json in a local dataset's folder, if any (a broken one counts as none)."""
     path = Path(dataset.description)
-    folder = path if path.is_dir() else path.parent
-    for candidate in (folder / MANIFEST, folder.parent / MANIFEST):
-        if candidate.is_file():
-            try:
-                data = json.loads(candidate.read_text())
-            except (OSError, ValueError):
-                return None
-            return data if isinstance(data, dict) else None
-    return None
+    manifest = (path if path.is_dir() else path.parent) / MANIFEST
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _answer_length(labels: torch.Tensor | None) -> int:
