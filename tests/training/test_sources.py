@@ -51,7 +51,7 @@ def documents(path: Path, n: int = 12) -> Path:
 def flags(model: Path, data: Path, out: Path, name: str, extra: str = "") -> Any:
     return parse_train_args(
         f"{model} {data} --sae.expansion-factor 2 --sae.k 4 --layers 1 --ctx-len 16 "
-        f"--batch-size 2 --max-steps 6 --save-every 2 --output-dir {out} --run-name {name} "
+        f"--batch-size 2 --max-steps 4 --save-every 2 --output-dir {out} --run-name {name} "
         f"{extra}".split()
     )
 
