@@ -270,13 +270,8 @@ def _answer_length(labels: torch.Tensor | None) -> int:
     """Tokens at the end whose label is not -100: the answer a processed row marks."""
     if labels is None:
         return 0
-    marked = (labels[0] != -100).tolist()
-    n = 0
-    for m in reversed(marked):
-        if not m:
-            break
-        n += 1
-    return n
+    unmarked = (labels[0] == -100).nonzero()
+    return int(labels.shape[1]) - 1 - int(unmarked.max()) if len(unmarked) else int(labels.shape[1])
 
 
 # --- probing the processor ---------------------------------------------------------------------
