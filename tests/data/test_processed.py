@@ -270,9 +270,15 @@ def test_processed_text_without_pixel_values_trains_as_text_with_a_warning(
 ) -> None:
     model, _, _ = llava_rows
     tok = _vlm(model).tokenizer
-    rows = [{"input_ids": tok(f"a red circle number {i}")["input_ids"]} for i in range(4)]
+    rows = []
+    for i in range(4):  # a tokenizer's token_type_ids, which a LLaVA does not take
+        ids = tok(f"a red circle number {i}")["input_ids"]
+        rows.append({"input_ids": ids, "token_type_ids": [0] * len(ids)})
     data = tmp_path / "text.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.warns(UserWarning, match=r"text\.jsonl.* has no pixel_values column: .* text only"):
+    with pytest.warns(UserWarning) as caught:
         res = train(train_flags(model, data, tmp_path, "text"), _vlm(model), progress=False)
+    said = " | ".join(str(w.message) for w in caught)
+    assert "text.jsonl' has no pixel_values column: " in said and "is a vision-language" in said
+    assert "has columns ['token_type_ids'], which " in said and "not passed to the model" in said
     assert res.step == 1 and res.tokens > 0

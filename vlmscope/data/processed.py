@@ -201,7 +201,15 @@ class ProcessedSpec:
         cols = set(dataset.column_names)
         known = set(PROCESSED_COLUMNS) - {"labels"}
         made = sorted(self.keys)
-        foreign = sorted((cols & known) - set(self.keys))
+        extra = (cols & known) - set(self.keys)
+        ignored = sorted(extra & set(TOKEN_KEYS))  # e.g. a tokenizer's token_type_ids
+        if ignored:
+            warnings.warn(
+                f"{what} has columns {ignored}, which {self.name}'s processor does not make: "
+                "they are not passed to the model",
+                stacklevel=2,
+            )
+        foreign = sorted(extra - set(TOKEN_KEYS))  # another family's image layout
         if foreign:
             raise ProcessedDataError(
                 f"{what} has columns {foreign}, which {self.name}'s processor does not make "
