@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlmscope.dictionaries.activations import SparseCodes, build_activation
+from vlmscope.dictionaries.activations import Gather, SparseCodes, build_activation
 from vlmscope.dictionaries.config import SparseCoderConfig
-from vlmscope.dictionaries.kernels import sparse_decode
+from vlmscope.dictionaries.kernels import centred_linear, gathered_pre, sparse_decode
 
 if TYPE_CHECKING:
     import os
@@ -84,19 +84,23 @@ def auxk_loss(
     decode: Callable[[SparseCodes], Tensor],
     aux_k: int,
     sst: Tensor,
+    gather: Gather | None = None,
 ) -> Tensor:
     """AuxK (Gao et al. 2024): dead latents' top-aux_k activations reconstruct the residual.
 
     Returns scale * ||decode(aux codes) - residual||^2 / sst with scale = min(n_dead / aux_k, 1)
     (as in EleutherAI's sparsify), 0 when nothing is dead. `residual` should be detached.
+    `gather(indices)` gives the differentiable pre-activations at the chosen entries (default:
+    read them from `pre`, which then carries the gradient).
     """
     n_dead = int(dead.sum())
     if n_dead == 0:
         return pre.new_zeros((), dtype=torch.float32)
     k = min(aux_k, n_dead)
     scale = min(n_dead / aux_k, 1.0)
-    masked = pre.masked_fill(~dead, -torch.inf)
-    values, indices = masked.topk(k, dim=1, sorted=False)
+    masked = pre.detach().masked_fill(~dead, -torch.inf)
+    indices = masked.topk(k, dim=1, sorted=False).indices
+    values = pre.gather(1, indices) if gather is None else gather(indices)
     codes = SparseCodes(values.relu(), indices, pre.shape[1])
     err = (decode(codes).float() - residual.float()).pow(2).sum()
     return scale * err / sst.clamp_min(torch.finfo(sst.dtype).tiny)
@@ -225,7 +229,8 @@ class SparseCoder(nn.Module):
 
     def encode(self, x: Tensor) -> SparseCodes:
         """Sparse codes of inputs x [N, d_in]."""
-        return self.activation(self.pre_activations(x))
+        self._check_shape("x", x, self.cfg.d_in)
+        return self._encode_n(self._scale_in(x))[1]
 
     def decode(self, codes: SparseCodes, x: Tensor | None = None) -> Tensor:
         """[N, d_out] output of `codes`, in the caller's units; x is needed for W_skip."""
@@ -251,8 +256,7 @@ class SparseCoder(nn.Module):
         x_n = self._scale_in(x)
         out_scale = self._scale(self.output_scale)
         target_n = target.to(self.W_dec.dtype) * out_scale
-        pre = self._pre(x_n)
-        codes = self.activation(pre)
+        pre, codes, gather = self._encode_n(x_n)
         recon_n = self._decode_n(codes, x_n)
         loss_fvu = fvu(target_n, recon_n)
 
@@ -269,6 +273,7 @@ class SparseCoder(nn.Module):
                     lambda c: sparse_decode(c.values, c.indices, self.W_dec),
                     self.cfg.aux_k or max(self.cfg.d_out // 2, 1),
                     sst,
+                    gather,
                 )
         sparsity = self.activation.sparsity_loss(pre).float()
         loss = loss_fvu + self.cfg.aux_k_coeff * auxk + self.cfg.sparsity_coeff * sparsity
@@ -344,10 +349,27 @@ class SparseCoder(nn.Module):
     def _scale_in(self, x: Tensor) -> Tensor:
         return x.to(self.W_enc.dtype) * self._scale(self.input_scale)
 
+    def _centre(self) -> Tensor | None:
+        return self.b_dec if self.cfg.kind == "sae" else None
+
     def _pre(self, x_n: Tensor) -> Tensor:
-        if self.cfg.kind == "sae":
-            x_n = x_n - self.b_dec
-        return F.linear(x_n, self.W_enc, self.b_enc)
+        return centred_linear(x_n, self.W_enc, self.b_enc, self._centre())
+
+    def _encode_n(self, x_n: Tensor) -> tuple[Tensor, SparseCodes, Gather | None]:
+        """(pre, codes, gather) of normalised inputs. Under autograd with an activation that
+        has a sparse forward, `pre` is computed without autograd and the codes' backward costs
+        the kept entries only (kernels.gathered_pre); `gather` reads more entries (AuxK)."""
+        if not (torch.is_grad_enabled() and self.activation.sparse_backward):
+            pre = self._pre(x_n)
+            return pre, self.activation(pre), None
+        with torch.no_grad():
+            pre = self._pre(x_n)
+        centre = self._centre()
+
+        def gather(indices: Tensor) -> Tensor:
+            return gathered_pre(x_n, self.W_enc, self.b_enc, centre, indices, pre)
+
+        return pre, self.activation.forward_sparse(pre, gather), gather
 
     def _decode_n(self, codes: SparseCodes, x_n: Tensor | None) -> Tensor:
         if codes.num_latents != self.num_latents:
