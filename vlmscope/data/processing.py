@@ -10,11 +10,13 @@ from __future__ import annotations
 import inspect
 import itertools
 import multiprocessing as mp
+import queue
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.pool import AsyncResult
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -476,3 +478,59 @@ def batches(
             buf = []
     if buf:
         yield collate(buf, pad_token_id, padding_side, masks)
+
+
+# --- read-ahead off the training loop ----------------------------------------------------------
+T = TypeVar("T")
+
+
+def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """Yield `items` in order while a background thread computes up to `depth` of them ahead.
+
+    Data preparation (reading, encoding here or in `encode_stream`'s worker processes,
+    collating, token masks) then runs while the consumer trains on the batch before; torch,
+    tokenizers and image decoding release the GIL for their heavy parts. An exception in the
+    producer re-raises here, in order; closing this iterator (or leaving a loop over it early)
+    stops the thread and closes `items` in it. Anything the producer does besides yielding
+    (counting skipped records, say) happens ahead of the consumer: carry it with the items.
+    """
+    done = object()
+    out: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(entry: tuple[bool, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        it = iter(items)
+        try:
+            for item in it:
+                if not put((True, item)):
+                    return
+            put((True, done))
+        except BaseException as e:  # re-raised in the consumer
+            put((False, e))
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=produce, name="vlmscope-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = out.get()
+            if not ok:
+                raise item
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from vlmscope.dictionaries.activations import Gather, SparseCodes, build_activation
 from vlmscope.dictionaries.coder import (
     check_finite,
+    fit_init_to_data_,
     fvu,
     mean_norm_scale,
     random_unit_rows,
@@ -143,7 +144,8 @@ class CrossLayerTranscoder(nn.Module):
 
     @torch.no_grad()
     def init_from_data(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> None:
-        """Per layer: estimate normalisation scales (if any) and set b_dec_t to mean(y_t)."""
+        """Per layer: estimate normalisation scales (if any), set b_dec_t to mean(y_t) and
+        centre the encoder's pre-activations on the sample (coder.fit_init_to_data_)."""
         xs, ys = self._as_lists(xs, ys)
         for layer, x, y in zip(self._layers(), xs, ys, strict=True):
             check_finite(f"init_from_data xs[{layer.layer}]", x)
@@ -152,6 +154,7 @@ class CrossLayerTranscoder(nn.Module):
                 layer.input_scale.fill_(mean_norm_scale(x))
                 layer.output_scale.fill_(mean_norm_scale(y))
             layer.b_dec.copy_((y.float() * layer.output_scale).mean(dim=0))
+            fit_init_to_data_(layer, self._scale_in(layer, x), None)
 
     # ---------------------------------------------------------------- properties
 

@@ -23,7 +23,14 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from vlmscope.data.processing import Batch, SampleEncoder, SkipCounter, batches, encode_stream
+from vlmscope.data.processing import (
+    Batch,
+    SampleEncoder,
+    SkipCounter,
+    batches,
+    encode_stream,
+    prefetch,
+)
 from vlmscope.data.sources import BadRecord
 from vlmscope.dictionaries import NonFiniteError, check_finite
 from vlmscope.models.hooked import HookContext, HookedVLM
@@ -192,6 +199,21 @@ _NO_TOKENS_HINT = {
 
 
 # --- the live source -------------------------------------------------------------------------
+class _SkipJournal(SkipCounter):
+    """Skipped records noted in order by the read-ahead thread, handed over with each batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[tuple[str, str]] = []
+
+    def add(self, reason: str, row_id: str) -> None:
+        self.events.append((reason, row_id))
+
+    def take(self) -> list[tuple[str, str]]:
+        events, self.events = self.events, []
+        return events
+
+
 class LiveSource:
     """Activations from a model forward per batch of a dataset (one forward feeds every unit).
 
@@ -203,6 +225,7 @@ class LiveSource:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.skips = SkipCounter()
+        self._bad_records: SkipCounter = self.skips
         self.dataset: Any = None
         self.vlm: HookedVLM | None = None
 
@@ -249,7 +272,8 @@ class LiveSource:
         return self.vlm
 
     def _count_bad_record(self, bad: BadRecord) -> None:
-        self.skips.add(bad.reason, bad.row_id)
+        # Called by the reader, in the read-ahead thread while training (see _prepared).
+        self._bad_records.add(bad.reason, bad.row_id)
 
     def _hook_width(self, names: list[str]) -> int:
         """The one width of the SAE hook points (a head hook counts heads x head width), read
@@ -287,13 +311,17 @@ class LiveSource:
         pad_id = pad if pad is not None else 0
         while True:
             data = self.dataset.skip(state.rows) if state.rows else self.dataset
-            samples = encode_stream(
-                data, self.encoder, self.skips, strict=cfg.strict, workers=cfg.workers
-            )
             full_pass = state.rows == 0
             got_any = False
             tokens_before = state.tokens  # the trainer counts the tokens each batch selects
-            for batch in batches(samples, cfg.batch_size, pad_id, masks=vlm.masks):
+            # Data preparation runs in a thread ahead of training (and in --workers processes
+            # under it); the records it skips are counted when their batch is trained on, so a
+            # checkpoint holds the counts of the rows it has consumed, no more.
+            for batch, skipped in prefetch(self._prepared(data, pad_id)):
+                for reason, row_id in skipped:
+                    self.skips.add(reason, row_id)
+                if batch is None:
+                    break
                 got_any = True
                 yield batch, batch.positions[-1] + 1
             if not got_any and full_pass:
@@ -307,6 +335,23 @@ class LiveSource:
                 )
             state.epoch += 1
             state.rows = 0
+
+    def _prepared(
+        self, data: Any, pad_id: int
+    ) -> Iterator[tuple[Batch | None, list[tuple[str, str]]]]:
+        """(batch, records skipped since the previous batch), then (None, the rest)."""
+        cfg, vlm = self.cfg, self._model()
+        journal = _SkipJournal()
+        self._bad_records = journal
+        try:
+            samples = encode_stream(
+                data, self.encoder, journal, strict=cfg.strict, workers=cfg.workers
+            )
+            for batch in batches(samples, cfg.batch_size, pad_id, masks=vlm.masks):
+                yield batch, journal.take()
+            yield None, journal.take()
+        finally:
+            self._bad_records = self.skips
 
     def _activations(
         self, batch: Batch, step: int
