@@ -31,13 +31,15 @@ attaches exactly this backward to the kept entries of a `pre` computed without a
 `centred_linear` is the dense form (for activations that need the whole `pre`, like JumpReLU's
 threshold) with the same analytic b_dec gradient.
 
-Optional Triton kernels (`vlmscope.dictionaries.triton_kernels`, used on CUDA when the `triton`
-package imports) fuse the encoder matmul with the TopK selection and decode without the
-embedding_bag bookkeeping; these torch functions are their reference.
+Optional Triton kernels (`vlmscope.dictionaries.triton_kernels`, the `triton` extra) fuse the
+encoder matmul with the TopK selection and decode without embedding_bag's bookkeeping; these
+torch functions are their reference. `sparse_decode` uses the Triton decoder on CUDA tensors
+when VLMSCOPE_TRITON=1 (opt-in until the kernels are timed on a GPU).
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any
 
@@ -64,6 +66,11 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
     n_rows, width = values.shape
     if width == 0 or n_rows == 0:
         return W_dec.new_zeros(n_rows, W_dec.shape[1])
+    if W_dec.is_cuda and os.environ.get("VLMSCOPE_TRITON", "0") == "1":
+        from vlmscope.dictionaries import triton_kernels
+
+        if triton_kernels.AVAILABLE:
+            return triton_kernels.SparseDecode.apply(values, indices, W_dec)
     return F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
 
 
