@@ -244,7 +244,7 @@ def run_demo(
     print_unit_table(clt.fvu_per_unit, clt.l0_per_unit, clt.dead_per_unit)
 
     _section(3, "per-layer transcoders with the same latent budget and L0")
-    plt = _train(vlm, path, "transcoder", 0, out / "runs", budget)
+    plt = _train(vlm, path, "transcoder", 1, out / "runs", budget)
     print_unit_table(plt.fvu_per_unit, plt.l0_per_unit, plt.dead_per_unit)
     # The CLT's full evaluation (stage 4's table) also gives its reconstruction: one pass.
     reports = {}
