@@ -213,6 +213,7 @@ def run_vlmscope(args: argparse.Namespace, folder: Path, kind: str, modality: st
     layers = list(range(info["layers"])) if kind == "clt" else [args.layer]
     train = pairs_for(kind, load_rows(folder, f"{modality}_train"), layers)
     test = pairs_for(kind, load_rows(folder, f"{modality}_test"), layers)
+    swap_init(args.init)
     torch.manual_seed(args.seed)
     d = info["d"]
     if kind == "clt":
@@ -266,6 +267,29 @@ def run_vlmscope(args: argparse.Namespace, folder: Path, kind: str, modality: st
         return [fvu(y, r) for (_, y), r in zip(test, recons, strict=True)]
 
     return _timed_loop(args, step, heldout)
+
+
+def swap_init(mode: str) -> None:
+    """--init: vlmscope's data-fitted init (`now`), none (`before`: unit rows, W_enc = W_dec,
+    b_enc = 0, as vlmscope had it), or sparsify's (nn.Linear's uniform encoder rows, the SAE
+    decoder their unit-norm copy, transcoders' b_enc centred on the first batch)."""
+    import math
+
+    from vlmscope.dictionaries import clt, coder
+
+    def sparsify_like(unit: Any, x_n: torch.Tensor, centre: torch.Tensor | None) -> None:
+        d = unit.W_enc.shape[1]
+        w = (torch.rand(unit.W_enc.shape) * 2 - 1) / math.sqrt(d)
+        unit.W_enc.copy_(w)
+        if centre is not None:
+            unit.W_dec.copy_(w / w.norm(dim=1, keepdim=True))
+            unit.b_enc.zero_()
+        else:
+            unit.b_enc.copy_(-(x_n.mean(0) @ w.T))
+
+    if mode != "now":
+        fn = sparsify_like if mode == "sparsify" else (lambda *a: None)
+        coder.fit_init_to_data_ = clt.fit_init_to_data_ = fn  # type: ignore[assignment]
 
 
 def _timed_loop(args: argparse.Namespace, step: Any, heldout: Any) -> dict:
@@ -332,6 +356,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads in each trainer")
     p.add_argument("--curve", type=int, default=0, help="held-out FVU every N steps (0: end)")
     p.add_argument("--kinds", nargs="+", default=["sae", "transcoder", "clt"])
+    p.add_argument("--init", default="now", choices=["now", "before", "sparsify"],
+                   help="vlmscope's init (see swap_init), to compare inits")  # fmt: skip
     p.add_argument("--modalities", nargs="+", default=["text", "vlm"])
     p.add_argument("--sparsify-venv", default=str(ROOT.parent / f"{ROOT.name}-peers" / "sparsify"))
     p.add_argument("--json", default="", help="also write the results here")
@@ -345,7 +371,7 @@ def main() -> None:
     args = p.parse_args()
     args.passthrough = [f"--{k}={getattr(args, k.replace('-', '_'))}" for k in
                         ("tokens", "batch-tokens", "warmup", "heldout-tokens", "expansion", "k",
-                         "layer", "seed", "threads", "curve")]  # fmt: skip
+                         "layer", "seed", "threads", "curve", "init")]  # fmt: skip
     if args.role != "driver":
         runner = run_sparsify if args.role == "sparsify" else run_vlmscope
         print(json.dumps(runner(args, Path(args.data), args.kind, args.modality)))

@@ -388,7 +388,8 @@ _HELP = {
     "columns": "source column names that differ from the schema's, as KEY=NAME with KEY one "
     f"of {', '.join(COLUMN_KEYS)} (e.g. --columns messages=conversation images=pictures)",
     "strict": "stop at the first bad record instead of skipping and counting it",
-    "workers": "processes that preprocess records (0: the training process itself)",
+    "workers": "processes that preprocess records under the read-ahead thread that prepares "
+    "batches while the previous one trains (0: that thread alone)",
 }
 
 
