@@ -225,7 +225,7 @@ def run_vlmscope(args: argparse.Namespace, folder: Path, kind: str, modality: st
         model = SparseCoder(cfg)
     model.train()
     tcfg = TrainConfig(model="toy", dataset="shapes", max_tokens=args.tokens)
-    base_lr = tcfg.lr_for(cfg.num_latents)
+    base_lr = tcfg.lr_for(cfg.num_latents) * args.lr_scale
     opt = torch.optim.Adam(model.parameters(), lr=base_lr)
     xs_all, ys_all = [x for x, _ in train], [y for _, y in train]
 
@@ -359,6 +359,8 @@ def main() -> None:
     p.add_argument("--init", default="now", choices=["now", "before", "sparsify"],
                    help="vlmscope's init (see swap_init), to compare inits")  # fmt: skip
     p.add_argument("--modalities", nargs="+", default=["text", "vlm"])
+    p.add_argument("--lr-scale", type=float, default=1.0,
+                   help="scales vlmscope's default learning rate (not sparsify's)")  # fmt: skip
     p.add_argument("--sparsify-venv", default=str(ROOT.parent / f"{ROOT.name}-peers" / "sparsify"))
     p.add_argument("--json", default="", help="also write the results here")
     p.add_argument("--activations", default="",
@@ -371,7 +373,7 @@ def main() -> None:
     args = p.parse_args()
     args.passthrough = [f"--{k}={getattr(args, k.replace('-', '_'))}" for k in
                         ("tokens", "batch-tokens", "warmup", "heldout-tokens", "expansion", "k",
-                         "layer", "seed", "threads", "curve", "init")]  # fmt: skip
+                         "layer", "seed", "threads", "curve", "init", "lr-scale")]  # fmt: skip
     if args.role != "driver":
         runner = run_sparsify if args.role == "sparsify" else run_vlmscope
         print(json.dumps(runner(args, Path(args.data), args.kind, args.modality)))
