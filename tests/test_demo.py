@@ -17,7 +17,8 @@ def test_quick_demo_on_the_toy_vlm(tmp_path: Path) -> None:
     assert att["top_logit"] == att["answer"]
     # Most of the image's influence on the answer sits on the circle's patch(es).
     assert att["circle_concentration"] > 0.5 > att["uniform_share"]
-    for name in ("graph.json", "graph.safetensors", "heatmap.png"):
+    for name in ("circle-colour.json", "circle-colour.safetensors", "circle-colour.heatmap.png",
+                 "graph-metadata.json"):  # fmt: skip
         assert (tmp_path / "demo" / "attribution" / name).exists()
     assert (tmp_path / "demo" / "summary.json").exists()
 

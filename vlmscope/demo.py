@@ -23,6 +23,8 @@ import torch
 from vlmscope.models.hooked import HookedVLM
 
 QUESTION = "What colour is the circle?"
+#: the attribution graph's name (its file names in demo_out/attribution/).
+SLUG = "circle-colour"
 
 
 @dataclass
@@ -159,10 +161,11 @@ def attribution_example(
     from vlmscope.attribution.export import (
         concentration,
         patch_influence,
-        save_heatmap_png,
-        save_json,
         save_raw,
+        store_image,
+        write_graph_files,
     )
+    from vlmscope.attribution.heatmap import heatmap_path, save_heatmap_png
     from vlmscope.attribution.graph import graph_scores, prune
     from vlmscope.data import shapes
 
@@ -173,19 +176,20 @@ def attribution_example(
     graph = attribute(vlm, dictionaries, inputs, max_feature_nodes=max_feature_nodes, batch_size=32)
     pruned = prune(graph)
     replacement, completeness = graph_scores(graph)
-    out.mkdir(parents=True, exist_ok=True)
-    image_path = out / "attribution_image.png"
-    image.save(image_path)
-    save_json(
+    # The layout `vlmscope attribute --graph-dir out --slug SLUG` writes: SLUG.json and the
+    # graph-metadata.json index (vlmscope serve, circuit-tracer's frontend), the raw graph,
+    # the image once under images/, and SLUG.heatmap.png.
+    json_path, _ = write_graph_files(
         graph,
-        out / "graph.json",
+        out,
+        SLUG,
         prune_result=pruned,
-        slug="demo-circle-colour",
         prompt_text=QUESTION,
-        image_paths=[str(image_path)],
+        image_paths=[out / store_image(image, out)],
+        relative_to=out,
     )
-    save_raw(graph, out / "graph.safetensors")
-    save_heatmap_png(graph, image, out / "heatmap.png", logit_index=0, scale=4)
+    raw_path = save_raw(graph, json_path.with_suffix(".safetensors"))
+    png_path = save_heatmap_png(graph, image, heatmap_path(json_path), logit_index=0)
     heat = patch_influence(graph, logit_index=0)[0][0]
     # Ground-truth patches of the circle on the model's own grid (the image is not cropped).
     label_px = image.width // heat.shape[1]
@@ -203,7 +207,7 @@ def attribution_example(
         f"image influence on the circle's {len(labels)} of {heat.numel()} patches: "
         f"{100 * conc:.1f}% (uniform would be {100 * share:.1f}%)"
     )
-    print(f"wrote {out / 'graph.json'}, {out / 'graph.safetensors'}, {out / 'heatmap.png'}")
+    print(f"wrote {json_path}, {raw_path}, {png_path}")
     return {
         "answer": circle.colour,
         "top_logit": top.token.strip(),
