@@ -165,8 +165,8 @@ def attribution_example(
         store_image,
         write_graph_files,
     )
-    from vlmscope.attribution.heatmap import heatmap_path, save_heatmap_png
     from vlmscope.attribution.graph import graph_scores, prune
+    from vlmscope.attribution.heatmap import heatmap_path, save_heatmap_png
     from vlmscope.data import shapes
 
     sample = shapes.example_with_one("circle", n_scan=n_scan)

@@ -392,7 +392,7 @@ def test_cli_writes_json_raw_and_heatmap(llava_setup: dict[str, Path], capsys: A
     assert stored.startswith("images/") and (out.parent / stored).is_file()
     assert (np.asarray(Image.open(out.parent / stored)) == np.asarray(Image.open(img))).all()
     assert str(s["dir"]) not in out.read_text()
-    assert data["metadata"]["scan"] == Path(s["model"]).name  # the model folder's name, not its path
+    assert data["metadata"]["scan"] == Path(s["model"]).name  # folder name, not path
     assert data["images"][0]["grid"] == {"0": [4, 4]}
     patches = [n for n in data["nodes"] if "image" in n]
     assert len(patches) == 16 and all(n["feature_type"] == "embedding" for n in patches)

@@ -27,7 +27,7 @@ def rendered(fig: Any) -> np.ndarray:
 def pixel(fig: Any, pix: np.ndarray, x: float, y: float) -> tuple[int, ...]:
     """The rendered pixel at image coordinates (x, y) of the figure's main axes."""
     dx, dy = fig.axes[0].transData.transform((x, y))
-    return tuple(int(v) for v in pix[int(round(pix.shape[0] - dy)), int(round(dx))])
+    return tuple(int(v) for v in pix[round(pix.shape[0] - dy), round(dx)])
 
 
 def test_outlines_keep_the_image_colours_and_diverge_by_sign() -> None:
