@@ -8,8 +8,10 @@ import sys
 from collections.abc import Sequence
 
 from vlmscope.attribution.cli import add_attribute_arguments, run_attribute_command
+from vlmscope.features.cli import add_features_arguments, run_features_command
 from vlmscope.replacement.evaluate import add_eval_arguments, run_eval_command
 from vlmscope.training.config import SuggestingParser, build_train_parser
+from vlmscope.viewer.cli import add_serve_arguments, run_serve_command
 
 DEMO_PROMPT = "What colour is the circle?"
 
@@ -108,6 +110,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_attribute(args: argparse.Namespace) -> int:
     _quiet_transformers()
     return run_attribute_command(args)
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    _quiet_transformers()
+    return run_features_command(args)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    return run_serve_command(args)
 
 
 # --- vlmscope zoo ----------------------------------------------------------------------------
@@ -215,6 +226,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_attribute_arguments(a)
     a.set_defaults(func=cmd_attribute)
+
+    f = sub.add_parser(
+        "features",
+        help="feature dashboards: top examples (with image patches), density, logit effects",
+        description="For every feature of a dictionary run: its top-activating examples "
+        "(text context with per-token activations; for image tokens the image with the patch "
+        "outlined), activation density and histogram, and top output logits. Each image is "
+        "stored once; memory is bounded by the examples kept; an interrupted run resumes. "
+        "Example: vlmscope features toy checkpoints/clt/dictionaries shapes --out features",
+    )
+    add_features_arguments(f)
+    f.set_defaults(func=cmd_features)
+
+    s = sub.add_parser(
+        "serve",
+        help="local web app: graphs by layer and position, feature cards, patch heatmaps",
+        description="A local graph explorer on 127.0.0.1: the graphs of --graphs DIR (nodes by "
+        "layer and position, weighted edges, a pruning threshold), feature cards from "
+        "--features DIR, the input image with a signed patch heatmap, pins and supernodes "
+        "saved next to the graph, and an intervention panel with --model/--dictionaries. "
+        "It also opens circuit-tracer's own graph JSON.",
+    )
+    add_serve_arguments(s)
+    s.set_defaults(func=cmd_serve)
 
     z = sub.add_parser(
         "zoo", help="the offline zoo of tiny models (list, save) and the trained toy VLM"
