@@ -8,7 +8,7 @@ Rules, so that a heatmap answers "which patches pushed this answer up or down" a
   values sits beside the image;
 - the title names the target token and its probability.
 
-Values come from `export.patch_influence(graph, k, signed=True)`. Patches under 2% of m get no
+Values come from `export.patch_influence(graph, k, signed=True)`. Patches under 5% of m get no
 outline, so a heatmap with one strong patch shows one box, not a grid.
 """
 
@@ -31,7 +31,7 @@ PathLike = str | os.PathLike[str]
 #: matplotlib's name of the diverging colour map (the viewer samples the same map).
 CMAP = "coolwarm"
 #: cells below this share of the largest |value| get no outline.
-MIN_SHARE = 0.02
+MIN_SHARE = 0.05
 
 
 def heatmap_figure(

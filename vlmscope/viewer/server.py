@@ -314,13 +314,21 @@ def _static(name: str) -> bytes:
     return files("vlmscope.viewer").joinpath("static", name).read_bytes()
 
 
+def host_warning(host: str) -> str | None:
+    """The warning printed for a bind address other than loopback (None for loopback)."""
+    if is_loopback(host):
+        return None
+    return (
+        f"warning: serving on {host}, not the loopback address: anyone who can reach this "
+        "machine on that address can read the graphs (writes still need the token)"
+    )
+
+
 def make_server(cfg: ViewerConfig, warn: Callable[[str], None] | None = None) -> ViewerServer:
     """A bound (not yet serving) viewer; warns when it listens beyond this machine."""
-    if not is_loopback(cfg.host):
-        (warn or _stderr)(
-            f"warning: serving on {cfg.host}, not the loopback address: anyone who can reach "
-            "this machine on that address can read the graphs (writes still need the token)"
-        )
+    text = host_warning(cfg.host)
+    if text is not None:
+        (warn or _stderr)(text)
     return ViewerServer(cfg)
 
 
