@@ -37,17 +37,29 @@ def main(folder: str) -> int:
                 listed = [g["slug"] for g in json.loads(r.read())["graphs"]]
             model = Model(**served)
             th = model.metadata.node_threshold
-            shown = [n for n in model.nodes if n.feature_type in ("embedding", "logit")
-                     or (n.influence is not None and n.influence <= th)]
+            shown = [
+                n
+                for n in model.nodes
+                if n.feature_type in ("embedding", "logit")
+                or (n.influence is not None and n.influence <= th)
+            ]
             raw = {n["node_id"]: n for n in served["nodes"]}
             patches = [n for n in model.nodes if "image" in raw[n.node_id]]
             patches_shown = [n for n in shown if "image" in raw[n.node_id]]
-            rows.append((slug, slug in listed, len(model.nodes), len(shown), len(patches),
-                         len(patches_shown), model.metadata.scan))
+            rows.append(
+                (
+                    slug,
+                    slug in listed,
+                    len(model.nodes),
+                    len(shown),
+                    len(patches),
+                    len(patches_shown),
+                    model.metadata.scan,
+                )
+            )
     finally:
         server.stop()
-    print(f"{'slug':<24} {'listed':>6} {'nodes':>6} {'shown':>6} {'patches':>8} "
-          f"{'shown':>6}  scan")
+    print(f"{'slug':<24} {'listed':>6} {'nodes':>6} {'shown':>6} {'patches':>8} {'shown':>6}  scan")
     for slug, listed, n, s, p, ps, scan in rows:
         print(f"{slug:<24} {listed!s:>6} {n:>6} {s:>6} {p:>8} {ps:>6}  {scan}")
     ok = all(r[1] and r[2] == r[3] and r[4] == r[5] for r in rows)
