@@ -45,6 +45,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -543,10 +544,16 @@ def export_saelens(
 ) -> Path:
     """Write SAEs in SAELens' layout: `cfg.json` + `sae_weights.safetensors`.
 
-    One SAE goes into `path`; a mapping hookpoint -> SAE into `path/<hookpoint>/`, with SAELens
-    hook name `hook_names[hookpoint]` (default: the hookpoint itself). A single SAE's hook name
-    is `hook_name`, else `cfg.metadata["hook_name"]`. The model name defaults to
+    One SAE goes into `path`; a mapping hookpoint -> SAE into `path/<hookpoint>/`, with hook
+    name `hook_names[hookpoint]` (default: the hookpoint itself). A single SAE's hook name is
+    `hook_name`, else `cfg.metadata["hook_name"]`. The model name defaults to
     `cfg.metadata["model_name"]`, else the model a `vlmscope train` run was trained on.
+
+    For families TransformerLens supports (`dictionaries/transformer_lens.py`) the config gets
+    the TransformerLens hook name and the Hugging Face model id, so `HookedSAETransformer`
+    attaches it; vlmscope's names stay under `metadata` (`vlmscope_hook_name`,
+    `vlmscope_model_name`). Elsewhere a warning, and `metadata.transformer_lens_note`, say why
+    SAELens can load the SAE but not hook the model.
     """
     folder = Path(path)
     if isinstance(coders, Mapping):
@@ -579,20 +586,43 @@ def export_saelens(
     if threshold is not None:
         tensors["threshold"] = threshold
     tensors = {name: _cast(t, dtype) for name, t in tensors.items()}
+    ours = model_name if model_name is not None else _model_name(cfg)
+    model = _run_metadata(cfg).get("model")
+    family = model.get("family") if isinstance(model, dict) else None
+    from vlmscope.dictionaries.transformer_lens import transformer_lens_names
+
+    tl_hook, hf_id, why = transformer_lens_names(hook, family, ours)
+    if why:
+        warnings.warn(f"SAELens export of {hook}: {why}", stacklevel=2)
+    meta: dict[str, Any] = {
+        "sae_lens_version": "6.0.0",  # the config layout written (metadata block)
+        "model_name": hf_id or ours,
+        "hook_name": tl_hook or hook,
+        "hook_head_index": None,
+        "prepend_bos": True,
+        "vlmscope_model_name": ours,
+        "vlmscope_hook_name": hook,
+        "vlmscope_family": family,
+        "transformer_lens": bool(tl_hook and hf_id),
+    }
+    if why:
+        meta["transformer_lens_note"] = why
     sae_cfg: dict[str, Any] = {
         "architecture": "topk" if cfg.activation == "topk" else "jumprelu",
         "d_in": cfg.d_in,
         "d_sae": cfg.num_latents,
         "dtype": str(tensors["W_enc"].dtype).removeprefix("torch."),
         "device": "cpu",
-        "model_name": model_name if model_name is not None else _model_name(cfg),
-        "hook_name": hook,
+        # Also at the top level, as SAELens < 6 configs have them.
+        "model_name": meta["model_name"],
+        "hook_name": meta["hook_name"],
         "hook_head_index": None,
         "activation_fn": "topk" if cfg.activation == "topk" else "relu",
         "apply_b_dec_to_input": True,
         "normalize_activations": "none",  # the scale is folded into the weights
         "finetuning_scaling_factor": False,
-        "reshape_activations": "none",
+        "reshape_activations": "hook_z" if hook.endswith("attn.hook_z") else "none",
+        "metadata": meta,
     }
     if cfg.activation == "topk":
         sae_cfg["k"] = cfg.k
