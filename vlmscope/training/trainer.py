@@ -252,6 +252,7 @@ class Trainer:
             wandb=cfg.log_to_wandb,
             tensorboard=cfg.log_to_tensorboard,
             resume_step=st.step,
+            units=list(b.units),
         )
         (self.run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
         # The bar counts what ends the run: steps under --max-steps, else tokens.
