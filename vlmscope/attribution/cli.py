@@ -11,6 +11,7 @@ checked before the model loads, so a typo costs seconds, not a model load.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path

@@ -41,7 +41,7 @@ from vlmscope.attribution.graph import (
     normalize_rows,
     prune,
 )
-from vlmscope.files import write_atomically, write_text_atomically
+from vlmscope.files import lock_folder, write_atomically, write_text_atomically
 
 SCHEMA_VERSION = 1
 #: circuit-tracer's index of the graphs in a folder (its `add_graph_metadata`).
@@ -421,10 +421,10 @@ def write_graph_files(
         folder / f"{slug}.json", json.dumps(data, separators=(",", ":"), allow_nan=False)
     )
     entry = {k: data["metadata"][k] for k in INDEX_FIELDS}
-    # TODO(lead): take vlmscope.files.lock_folder(folder) around this read-modify-write once it
-    # is on main; until then two runs updating one index at the same instant can drop an entry.
-    graphs = [g for g in read_graph_index(index) if g.get("slug") != slug] + [entry]
-    write_text_atomically(index, json.dumps({"graphs": graphs}, indent=2))
+    # One writer at a time: two runs updating the index at once would drop an entry.
+    with lock_folder(folder, "graph folder"):
+        graphs = [g for g in read_graph_index(index) if g.get("slug") != slug] + [entry]
+        write_text_atomically(index, json.dumps({"graphs": graphs}, indent=2))
     return path, data["metadata"]
 
 

@@ -28,7 +28,7 @@ from vlmscope.attribution.export import center_crop_box, patch_label, store_imag
 from vlmscope.dictionaries import SparseCodes
 from vlmscope.features.collect import HIST_EDGES, Batch, FeatureCollector
 from vlmscope.features.store import FORMAT, INDEX, VERSION, shard_name
-from vlmscope.files import write_atomically, write_text_atomically
+from vlmscope.files import FolderLockedError, lock_folder, write_atomically, write_text_atomically
 
 PROGRESS = ".progress"
 _LAYER = re.compile(r"lm\.blocks\.(\d+)\.")
@@ -115,20 +115,39 @@ def collect_features(
     vlm: Any = None,
 ) -> FeaturesResult:
     """Run the phases above; returns where the cards are and how fast it went."""
+    opts = opts or FeaturesOptions()
+    out = Path(out)
+    _check_options(opts)
+    if out.exists() and not out.is_dir():
+        raise FeaturesError(f"--out {out} is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    try:  # one writer per output folder, for the whole run
+        lock = lock_folder(out, "features folder")
+    except FolderLockedError as e:
+        raise FeaturesError(f"{e} (another `vlmscope features` into this --out?)") from None
+    try:
+        return _collect(model, dictionaries, dataset, out, opts, device, dtype, progress, vlm)
+    finally:
+        lock.release()
+
+
+def _collect(
+    model: str,
+    dictionaries: str,
+    dataset: str,
+    out: Path,
+    opts: FeaturesOptions,
+    device: str | None,
+    dtype: str | None,
+    progress: bool,
+    vlm: Any,
+) -> FeaturesResult:
     from vlmscope.data.processing import SampleEncoder, SkipCounter, batches, encode_stream
     from vlmscope.models.hooked import HookedVLM
     from vlmscope.training.bundle import DictionaryBundle
     from vlmscope.training.config import TrainConfig
     from vlmscope.training.trainer import open_training_data, resolve_model_path
 
-    opts = opts or FeaturesOptions()
-    out = Path(out)
-    _check_options(opts)
-    if out.exists() and not out.is_dir():
-        raise FeaturesError(f"--out {out} is a file, not a folder")
-    # TODO(lead): hold vlmscope.files.lock_folder(out) for the whole run once it is on main;
-    # until then two runs into one folder would interleave their checkpoints.
-    out.mkdir(parents=True, exist_ok=True)
     try:
         bundle = DictionaryBundle.load(dictionaries)
     except (OSError, ValueError) as e:
