@@ -21,6 +21,8 @@ def test_quick_demo_on_the_toy_vlm(tmp_path: Path) -> None:
                  "graph-metadata.json"):  # fmt: skip
         assert (tmp_path / "demo" / "attribution" / name).exists()
     assert (tmp_path / "demo" / "summary.json").exists()
+    assert (tmp_path / "demo" / "features" / "index.json").exists()
+    assert summary["features"]["alive"] > 0
 
 
 def test_demo_keeps_other_files_in_its_output_folder(tmp_path: Path) -> None:

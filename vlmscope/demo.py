@@ -6,7 +6,10 @@
    held-out reconstruction error with the CLT's;
 4. evaluate the CLT as a replacement for the MLPs (FVU, CE-loss score, KL, top-1 agreement);
 5. attribute "What colour is the circle?" on a held-out image, write the graph JSON and a
-   patch heatmap, and measure how much of the image's influence falls on the circle.
+   patch heatmap, and measure how much of the image's influence falls on the circle;
+6. feature dashboards of the CLT (top examples with their image patches, density, logit
+   effects), so `vlmscope serve --graphs demo_out/attribution --features demo_out/features`
+   opens the graph with its feature cards.
 """
 
 from __future__ import annotations
@@ -38,14 +41,16 @@ class DemoBudget:
     eval_tokens: int = 20_000
     max_feature_nodes: int = 400
     n_train: int = 3000
+    feature_tokens: int = 20_000
 
     @classmethod
     def quick(cls) -> DemoBudget:
-        return cls(train_tokens=6_000, eval_tokens=2_000, max_feature_nodes=64, n_train=200)
+        return cls(train_tokens=6_000, eval_tokens=2_000, max_feature_nodes=64, n_train=200,
+                   feature_tokens=1_500)  # fmt: skip
 
 
 def _section(n: int, title: str) -> None:
-    print(f"\n=== {n}/5 {title} " + "=" * max(0, 66 - len(title)))
+    print(f"\n=== {n}/6 {title} " + "=" * max(0, 66 - len(title)))
 
 
 def _token_strip(vlm: HookedVLM, inputs: Any, masks: Any, b: int = 0) -> str:
@@ -225,7 +230,7 @@ def run_demo(
     device: str | None = None,
     budget: DemoBudget | None = None,
 ) -> dict[str, Any]:
-    """Run the five stages and return their headline numbers (also written as summary.json)."""
+    """Run the six stages and return their headline numbers (also written as summary.json)."""
     from vlmscope.cli import print_unit_table
     from vlmscope.replacement.evaluate import evaluate
     from vlmscope.training.trainer import resolve_model_path
@@ -233,7 +238,7 @@ def run_demo(
     budget = budget or DemoBudget()
     out = Path(out_dir)
     # Start clean, removing only what an earlier demo wrote here (never the user's files).
-    for owned in ("runs", "attribution"):
+    for owned in ("runs", "attribution", "features"):
         shutil.rmtree(out / owned, ignore_errors=True)
     (out / "summary.json").unlink(missing_ok=True)
     summary: dict[str, Any] = {"model": model}
@@ -295,6 +300,20 @@ def run_demo(
     summary["attribution"] = attribution_example(
         vlm, clt.dictionaries, out / "attribution", budget.max_feature_nodes
     )
+
+    _section(6, "feature dashboards for the viewer")
+    from vlmscope.features.run import FeaturesOptions, collect_features
+
+    res = collect_features(
+        path, str(clt.dictionaries), f"shapes:{budget.n_train}", out / "features",
+        FeaturesOptions(max_tokens=budget.feature_tokens, batch_size=budget.batch_size),
+        vlm=vlm, progress=False,
+    )  # fmt: skip
+    alive = sum(u["alive"] for u in res.units)
+    total = sum(u["n_features"] for u in res.units)
+    print(f"{res.tokens} tokens: {alive} of {total} features fired; cards in {res.out}")
+    summary["features"] = {"tokens": res.tokens, "alive": alive, "features": total}
+    print(f"\nexplore them: vlmscope serve --graphs {out / 'attribution'} --features {res.out}")
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
     print(f"\nsummary written to {out / 'summary.json'}")
     return summary
