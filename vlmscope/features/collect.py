@@ -146,14 +146,19 @@ class FeatureCollector:
         self.top_sample[:, uniq] = merge(self.top_sample, b.sample[r])
         self.top_pos[:, uniq] = merge(self.top_pos, b.position[r].to(torch.int32))
         self.top_cell[:, uniq] = merge(self.top_cell, b.cells[r].to(torch.int16))
-        w_act, w_tok = self._windows(b, vals, idx, valid, r, cols)
-        self.win_act[:, uniq] = merge(self.win_act, w_act)
-        self.win_tok[:, uniq] = merge(self.win_tok, w_tok)
+        # Windows only for the new winners (M of them), not for every kept slot.
+        w_act, w_tok = self._windows(b, vals, idx, valid, r[from_new], cols[from_new])
+        ar = torch.arange(nf)[None, :].expand(self.K, nf)
+        for kept, fresh in ((self.win_act, w_act), (self.win_tok, w_tok)):
+            block = kept[:, uniq][old_k, ar]
+            block[from_new] = fresh
+            kept[:, uniq] = block
 
     def _windows(
         self, b: Batch, vals: Tensor, idx: Tensor, valid: Tensor, rows: Tensor, feats: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """f's activation and the token ids on the window around each of `rows` [K, F']."""
+        """f's activation and the token ids on the window around each of `rows` [M] (feature
+        `feats` [M] each): [M, C] float16 and int32."""
         offs = torch.arange(-self.before, self.after + 1)
         t = b.position.cpu()[rows][..., None] + offs  # position in the sample
         inside = (t >= 0) & (t < b.seq_len)
