@@ -102,6 +102,13 @@ def print_unit_table(fvu: dict[str, float], l0: dict[str, float], dead: dict[str
         print(f"{u:<34} {fvu[u]:>8.4f} {l0[u]:>8.2f} {100 * dead[u]:>8.2f}")
 
 
+def cmd_capture(args: argparse.Namespace) -> int:
+    _quiet_transformers()
+    from vlmscope.training.capture import run_capture_command
+
+    return run_capture_command(args)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     _quiet_transformers()
     return run_eval_command(args)
@@ -199,12 +206,27 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train SAEs, transcoders or a cross-layer transcoder on a model's activations",
         description="Train sparse dictionaries on a VLM while it reads a dataset: one model "
-        "forward per batch feeds every layer. Outputs go to OUTPUT_DIR/RUN_NAME/ "
+        "forward per batch feeds every layer (or, with --activations DIR, from a store written "
+        "by `vlmscope capture`, without the model). Outputs go to OUTPUT_DIR/RUN_NAME/ "
         "(dictionaries/, checkpoint/, metrics.jsonl). Example: vlmscope train toy shapes "
         "--sae.transcode --sae.n_targets 4 --sae.expansion-factor 4 --sae.k 8",
     )
     build_train_parser(t)
     t.set_defaults(func=cmd_train, parser=t)
+
+    c = sub.add_parser(
+        "capture",
+        help="run a model over a dataset once and store its activations for offline training",
+        description="Capture a model's activations to an activation store (sharded "
+        "safetensors, per-token metadata, a manifest): resid_mid and mlp.hook_out of --layers "
+        "by default, or --hookpoints. `vlmscope train --activations DIR` then trains SAEs, "
+        "transcoders and CLTs from it without the model. Example: vlmscope capture toy "
+        "shapes:200 --out store_toy --max-tokens 20000",
+    )
+    from vlmscope.training.capture import add_capture_arguments
+
+    add_capture_arguments(c)
+    c.set_defaults(func=cmd_capture, parser=c)
 
     e = sub.add_parser(
         "eval",

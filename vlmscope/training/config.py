@@ -14,7 +14,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -179,6 +179,9 @@ class TrainConfig:
     columns: list[str] = field(default_factory=list)
     strict: bool = False
     workers: int = 0
+    activations: str = ""
+    epochs: int = 0
+    shuffle_buffer_mb: float = 1024.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -196,7 +199,7 @@ class TrainConfig:
         for name in ("batch_size", "grad_acc_steps", "ctx_len", "save_every", "log_every"):
             if getattr(self, name) < 1:
                 raise bad(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_tokens", "max_steps", "k_anneal_tokens", "workers"):
+        for name in ("max_tokens", "max_steps", "k_anneal_tokens", "workers", "epochs"):
             if getattr(self, name) < 0:
                 raise bad(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.run_name and not _is_plain_folder_name(self.run_name):
@@ -204,8 +207,16 @@ class TrainConfig:
                 f"--run-name must be one folder name inside --output-dir (no path separators, "
                 f"not '.' or '..'), got {self.run_name!r}"
             )
-        if self.max_tokens == 0 and self.max_steps == 0:
-            raise bad("set --max-tokens or --max-steps")
+        if not (self.shuffle_buffer_mb >= 0 and math.isfinite(self.shuffle_buffer_mb)):
+            raise bad(f"--shuffle-buffer-mb must be >= 0, got {self.shuffle_buffer_mb}")
+        if self.max_tokens == 0 and self.max_steps == 0 and self.epochs == 0:
+            raise bad("set --max-tokens, --max-steps or --epochs")
+        if self.activations and self.loss_fn != "fvu":
+            raise bad(
+                f"--loss-fn {self.loss_fn} splices the dictionaries into the model's forward "
+                "pass, and --activations trains from stored activations without the model: use "
+                "--loss-fn fvu (or train on the fly, without --activations)"
+            )
         if self.lr < 0 or not math.isfinite(self.lr):
             raise bad(f"--lr must be a finite number >= 0, got {self.lr}")
         if not 0.0 <= self.lr_warmup_fraction <= 1.0:
@@ -390,6 +401,14 @@ _HELP = {
     "strict": "stop at the first bad record instead of skipping and counting it",
     "workers": "processes that preprocess records under the read-ahead thread that prepares "
     "batches while the previous one trains (0: that thread alone)",
+    "activations": "train from an activation store written by `vlmscope capture` instead of "
+    "running the model (MODEL and DATASET may then be omitted; given, they must be the "
+    "store's); --loss-fn must be fvu",
+    "epochs": "stop after this many passes over the data (0: no limit; the run ends at "
+    "--max-tokens / --max-steps; with --activations alone it sets the budget)",
+    "shuffle_buffer_mb": "with --activations: MB of activations shuffled together, drawn from "
+    "shards in a new random order every epoch (0: capture order, batches of --batch-size "
+    "captured samples, the batches on-the-fly training reads)",
 }
 
 
@@ -409,12 +428,22 @@ def _flag_names(path: str) -> list[str]:
     return [f"--{kebab}"] if kebab == path else [f"--{kebab}", f"--{path}"]
 
 
-def _add_fields(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
+def _add_fields(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    prefix: str = "",
+    only: Collection[str] | None = None,
+    help_texts: Mapping[str, str] | None = None,
+) -> None:
+    """Flags for the fields of `cls` (all, or those in `only`), with `_HELP` texts unless
+    `help_texts` words a field otherwise (another command reusing the flags)."""
     hints = typing.get_type_hints(cls)
     doc_default = cls()  # type: ignore[call-arg]
     for f in dataclasses.fields(cls):
         path = prefix + f.name
         typ = hints[f.name]
+        if only is not None and path not in only:
+            continue
         if dataclasses.is_dataclass(typ):
             _add_fields(parser, typ, prefix=f"{path}.")  # type: ignore[arg-type]
             continue
@@ -423,7 +452,7 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, prefix: str = "") ->
         default = getattr(doc_default, f.name)
         if path not in _HELP:
             raise KeyError(f"TrainConfig field {path!r} has no --help text in _HELP")
-        help_text = _HELP[path]
+        help_text = (help_texts or {}).get(path, _HELP[path])
         kw: dict[str, Any] = {"dest": path, "default": argparse.SUPPRESS}
         args = typing.get_args(typ)
         origin = typing.get_origin(typ)
@@ -485,8 +514,8 @@ class SuggestingParser(argparse.ArgumentParser):
 def build_train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """The `vlmscope train` parser, generated from TrainConfig and SaeArgs."""
     p = parser or SuggestingParser(prog="vlmscope train")
-    p.add_argument("model", help=_HELP["model"])
-    p.add_argument("dataset", help=_HELP["dataset"])
+    p.add_argument("model", nargs="?", default="", help=_HELP["model"])
+    p.add_argument("dataset", nargs="?", default="", help=_HELP["dataset"])
     _add_fields(p, TrainConfig)
     return p
 
@@ -501,6 +530,11 @@ def config_from_args(ns: argparse.Namespace) -> TrainConfig:
             sae[key[4:]] = v
         elif key in {f.name for f in dataclasses.fields(TrainConfig)}:
             values[key] = v
+    if not values.get("activations") and not (values.get("model") and values.get("dataset")):
+        raise ValueError(
+            "MODEL and DATASET are required (or --activations DIR, to train from a store "
+            "written by `vlmscope capture`)"
+        )
     cfg = TrainConfig(sae=SaeArgs(**sae), **values)
     try:
         cfg.check_environment()  # a command is about to run here: --device must exist here

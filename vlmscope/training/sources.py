@@ -60,6 +60,8 @@ class TrainState:
     epoch: int = 0
     #: rows of the dataset consumed in the current epoch (the next row to read).
     rows: int = 0
+    #: tokens of the current epoch's stream consumed, for a store source (the next to read).
+    store_tokens: int = 0
     skips: dict[str, int] = field(default_factory=dict)
     skip_examples: dict[str, list[str]] = field(default_factory=dict)
     initialized: bool = False
@@ -102,7 +104,9 @@ class ActivationSource(Protocol):
         ...
 
     def batches(self, state: TrainState) -> Iterator[ActivationBatch]:
-        """Batches from the cursor in `state` on, epoch after epoch (the trainer stops)."""
+        """Batches from the cursor in `state` on, epoch after epoch, until `--epochs` passes
+        are done (or for ever: the trainer stops at its budget). A source that knows how many
+        tokens an epoch holds says so in a `tokens_per_epoch` attribute."""
         ...
 
 
@@ -309,7 +313,7 @@ class LiveSource:
         cfg, vlm = self.cfg, self._model()
         pad = vlm.tokenizer.pad_token_id
         pad_id = pad if pad is not None else 0
-        while True:
+        while not cfg.epochs or state.epoch < cfg.epochs:
             data = self.dataset.skip(state.rows) if state.rows else self.dataset
             full_pass = state.rows == 0
             got_any = False
