@@ -206,3 +206,14 @@ def test_stores_that_do_not_fit_the_run_are_refused_before_training(
             ),
             progress=False,
         )
+
+
+def test_epochs_end_on_the_fly_training_after_whole_passes(
+    tmp_path: Path, zoo_path: Any, llava: HookedVLM
+) -> None:
+    base = f"{zoo_path('llava')} shapes:8 {CLT} --output-dir {tmp_path}"
+    res = train(parse_train_args(f"{base} --epochs 2 --max-steps 100".split()), llava,
+                progress=False)  # fmt: skip
+    assert res.step == 4  # 2 passes of 2 batches of 4 samples
+    with pytest.raises(TrainingError, match="--epochs alone gives on-the-fly training no budget"):
+        Trainer(parse_train_args(f"{base} --epochs 2 --max-tokens 0 --run-name b".split()), llava)
