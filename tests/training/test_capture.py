@@ -31,11 +31,6 @@ def capture_config(out: Path, model: Path, extra: str = "") -> CaptureConfig:
 
 
 @pytest.fixture(scope="module")
-def llava(zoo_path: Any) -> HookedVLM:
-    return HookedVLM.from_pretrained(zoo_path("llava"), device="cpu", dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory, zoo_path: Any, llava: HookedVLM) -> Path:
     """An uninterrupted capture, the store the interrupted ones must equal."""
     out = tmp_path_factory.mktemp("ref") / "store"

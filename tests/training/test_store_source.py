@@ -26,11 +26,6 @@ CLT = "--sae.transcode --sae.n_targets 2 --sae.expansion-factor 2 --sae.k 4 --ba
 
 
 @pytest.fixture(scope="module")
-def llava(zoo_path: Any) -> HookedVLM:
-    return HookedVLM.from_pretrained(zoo_path("llava"), device="cpu", dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory, zoo_path: Any, llava: HookedVLM) -> Path:
     """resid_mid, mlp.hook_out and resid_post of every layer, in small shards."""
     out = tmp_path_factory.mktemp("store") / "s"

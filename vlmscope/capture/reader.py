@@ -219,7 +219,27 @@ class ActivationStore:
     ) -> Iterator[StoreBatch]:
         """One epoch of batches of hooks `names` (and `meta` tensors) from stream position
         `start`; see the module docstring for the orders. `batch_samples` (capture order only)
-        groups by captured sample, else `batch_tokens` tokens make a batch."""
+        groups by captured sample, else `batch_tokens` tokens make a batch; the epoch's short
+        tail joins the batch before it (a batch of a token or two has no variance to explain).
+        """
+        stream = self._stream(names, tokens, include_special, batch_tokens, batch_samples,
+                              shuffle_buffer_mb, seed, epoch, start, shards, meta)  # fmt: skip
+        return stream if batch_samples else _merge_tail(stream, batch_tokens)
+
+    def _stream(
+        self,
+        names: Sequence[str],
+        tokens: str,
+        include_special: bool,
+        batch_tokens: int,
+        batch_samples: int,
+        shuffle_buffer_mb: float,
+        seed: int,
+        epoch: int,
+        start: int,
+        shards: Sequence[Shard] | None,
+        meta: Sequence[str],
+    ) -> Iterator[StoreBatch]:
         missing = [n for n in names if n not in self.hooks]
         if missing:
             raise StoreError(f"{self.path} holds no {missing[:4]}; it holds {list(self.hooks)}")
@@ -355,6 +375,21 @@ class StoreDataset(IterableDataset):  # type: ignore[type-arg]
         shards = self.store.shards_for(info.id, info.num_workers) if info is not None else None
         for b in self.store.batches(self.names, epoch=self.epoch, shards=shards, **self.kwargs):
             yield b.tensors
+
+
+def _merge_tail(stream: Iterator[StoreBatch], batch_tokens: int) -> Iterator[StoreBatch]:
+    """The stream's batches, its last one joined to the one before when it is short."""
+    pending: StoreBatch | None = None
+    for b in stream:
+        if pending is not None and b.n_tokens < batch_tokens:
+            merged = {k: torch.cat([pending.tensors[k], b.tensors[k]]) for k in b.tensors}
+            pending = StoreBatch(merged, b.end)
+            continue
+        if pending is not None:
+            yield pending
+        pending = b
+    if pending is not None:
+        yield pending
 
 
 def _generator(seed: int, epoch: int, what: str, index: int = 0) -> torch.Generator:

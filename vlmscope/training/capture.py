@@ -53,10 +53,9 @@ from vlmscope.training.config import (
     TrainConfig,
     _add_fields,
     config_from_args,
-    trainable_hook,
 )
 from vlmscope.training.errors import TrainingError
-from vlmscope.training.sources import LiveSource, TrainState
+from vlmscope.training.sources import LiveSource, TrainState, hookpoint_names
 
 __all__ = [
     "CaptureConfig",
@@ -196,16 +195,7 @@ def capture_hooks(cfg: TrainConfig, vlm: HookedVLM) -> list[str]:
     layers = sorted(cfg.layers) if cfg.layers else list(range(n))
     if not cfg.hookpoints:
         return vlm.hook_names([h for i in layers for h in (resid_mid(i), mlp_out(i))])
-    try:
-        names = vlm.hook_names(cfg.hookpoints)
-    except KeyError as e:
-        raise TrainingError(str(e.args[0])) from None
-    untrainable = [h for h in names if not trainable_hook(h)]
-    if untrainable:
-        raise TrainingError(
-            f"--hookpoints {cfg.hookpoints} match {untrainable[:4]}, which a store cannot hold: "
-            "it stores per-token language-model vectors (lm.* hooks other than attn.hook_pattern)"
-        )
+    names = hookpoint_names(cfg.hookpoints, vlm)
     if cfg.layers:
         names = [h for h in names if int(h.split(".")[2]) in layers]
         if not names:

@@ -45,6 +45,7 @@ __all__ = [
     "LiveSource",
     "TrainState",
     "bindings",
+    "hookpoint_names",
     "load_model",
     "open_training_data",
     "resolve_model_path",
@@ -177,21 +178,28 @@ def bindings(cfg: TrainConfig, vlm: HookedVLM) -> tuple[list[str], list[str], li
     kind = cfg.sae.resolved_kind()
     if kind == "sae":
         if cfg.hookpoints:
-            try:
-                names = vlm.hook_names(cfg.hookpoints)
-            except KeyError as e:  # unknown hook point: the message lists close matches
-                raise TrainingError(str(e.args[0])) from None
-            untrainable = [h for h in names if not trainable_hook(h)]
-            if untrainable:
-                raise TrainingError(
-                    f"--hookpoints {cfg.hookpoints} match {untrainable[:4]}, which the trainer "
-                    "cannot train on: it trains on per-token language-model vectors (lm.* hook "
-                    "points other than attn.hook_pattern); narrow the patterns"
-                )
+            names = hookpoint_names(cfg.hookpoints, vlm)
         else:
             names = [f"lm.blocks.{layer}.hook_resid_post" for layer in layers]
         return names, names, layers
     return [resid_mid(layer) for layer in layers], [mlp_out(layer) for layer in layers], layers
+
+
+def hookpoint_names(patterns: list[str], vlm: HookedVLM) -> list[str]:
+    """The hooks `--hookpoints` patterns match, in forward order; unknown or untrainable ones
+    are a TrainingError naming them."""
+    try:
+        names = vlm.hook_names(patterns)
+    except KeyError as e:  # unknown hook point: the message lists close matches
+        raise TrainingError(str(e.args[0])) from None
+    untrainable = [h for h in names if not trainable_hook(h)]
+    if untrainable:
+        raise TrainingError(
+            f"--hookpoints {patterns} match {untrainable[:4]}, which the trainer cannot train "
+            "on: it trains on per-token language-model vectors (lm.* hook points other than "
+            "attn.hook_pattern); narrow the patterns"
+        )
+    return names
 
 
 _NO_TOKENS_HINT = {
