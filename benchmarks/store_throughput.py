@@ -3,7 +3,7 @@ speed for the same CLT, and the memory of offline training as the store grows.
 
     python benchmarks/store_throughput.py               # toy VLM: capture per dtype, training
     flock /tmp/vlmscope-heavy.lock python benchmarks/store_throughput.py --llava7b
-                                                        # + random LLaVA-7B shape, 2 LM layers
+                                                        # random LLaVA-7B shape, 2 LM layers
     python benchmarks/store_throughput.py --memory      # peak RSS vs store size (synthetic)
 
 Training speed is read off the trainer's own metrics after warm-up steps, exactly as
@@ -275,11 +275,11 @@ def main() -> None:
     p.add_argument("--capture-tokens", type=int, default=0, help="capture budget (0: all data)")
     p.add_argument("--batch-size", type=int, default=8, help="samples per batch")
     p.add_argument("--big-batch", type=int, default=8, help="offline batch multiple (last row)")
-    p.add_argument("--expansion", type=int, default=8)
-    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--expansion", type=int, default=4, help="CLT latents per dimension")
+    p.add_argument("--k", type=int, default=8, help="CLT active latents per token")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--llava7b", action="store_true", help="also the random LLaVA-7B shape")
+    p.add_argument("--llava7b", action="store_true", help="the random LLaVA-7B shape instead")
     p.add_argument("--lm-layers", type=int, default=2, help="--llava7b: decoder layers")
     p.add_argument("--vision-layers", type=int, default=2, help="--llava7b: CLIP layers")
     p.add_argument("--big-data", default="shapes:16", help="--llava7b: dataset")
@@ -298,9 +298,10 @@ def main() -> None:
         return
     from vlmscope.training.trainer import resolve_model_path
 
-    vlm = HookedVLM.from_pretrained(resolve_model_path("toy"), device="cpu")
-    bench_model(args, "toy", vlm, "toy")
-    if args.llava7b:
+    if not args.llava7b:
+        vlm = HookedVLM.from_pretrained(resolve_model_path("toy"), device="cpu")
+        bench_model(args, "toy", vlm, "toy")
+    else:
         big = llava7b_random(args.lm_layers, args.vision_layers, torch.device("cpu"), torch.float32)
         small = argparse.Namespace(
             **{
