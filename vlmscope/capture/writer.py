@@ -18,7 +18,6 @@ k + 1's first token.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,9 +39,6 @@ from vlmscope.capture.layout import (
 )
 from vlmscope.files import write_atomically, write_text_atomically
 from vlmscope.models.masks import TokenMasks
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 def token_metadata(
@@ -174,7 +170,6 @@ class StoreWriter:
         def write(tmp: Path) -> None:
             # One metadata key: safetensors writes several in no fixed order.
             save_file(tensors, str(tmp), metadata={"vlmscope": json.dumps(header)})
-            os.chmod(tmp, 0o666 & ~_UMASK)  # safetensors writes 0600; a store is often shared
             digest["sha256"] = sha256_file(tmp)
 
         try:

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from vlmscope.capture import (
     DTYPES,
@@ -47,6 +46,7 @@ from vlmscope.data.processing import SkipCounter
 from vlmscope.dictionaries import NonFiniteError, check_finite
 from vlmscope.files import FolderLockedError, lock_folder
 from vlmscope.models.hooked import HookedVLM
+from vlmscope.progress import progress_bar
 from vlmscope.training.bundle import mlp_out, resid_mid
 from vlmscope.training.config import (
     _HELP,
@@ -341,7 +341,7 @@ def _capture(
         write_manifest(folder, build_manifest(header, {0: record(writer)}, complete=False))
     names = list(header["hooks"])
     budget = run.max_tokens
-    bar = tqdm(
+    bar = progress_bar(
         total=budget or None,
         initial=stream,
         unit="tok",
