@@ -45,7 +45,8 @@ from vlmscope.capture.layout import dtype_name
 from vlmscope.data.processing import SkipCounter
 from vlmscope.dictionaries import NonFiniteError, check_finite
 from vlmscope.files import FolderLockedError, lock_folder
-from vlmscope.models.hooked import HookedVLM
+from vlmscope.models.hooked import HookContext, HookedVLM
+from vlmscope.models.masks import TokenMasks
 from vlmscope.progress import progress_bar
 from vlmscope.training.bundle import mlp_out, resid_mid
 from vlmscope.training.config import (
@@ -356,8 +357,7 @@ def _capture(
         for batch, rows_after in source._model_batches(state):
             masks = batch.masks if batch.masks is not None else model.masks(batch.inputs)
             positions = masks.select(run.tokens, include_special=run.include_special_tokens)
-            _, cache = model.run_with_cache(batch.inputs, names=names, mask=positions, masks=masks)
-            tensors = {h: cache[h].flatten(1).cpu() for h in names}
+            tensors = _activations(model, batch.inputs, masks, positions, names)
             for h in names:
                 try:
                     check_finite(h, tensors[h])
@@ -388,6 +388,42 @@ def _capture(
     finally:
         bar.close()
     return CaptureResult(folder, manifest, time.perf_counter() - start, new_tokens, source.skips)
+
+
+class _StopForward(Exception):
+    """Raised once the last layer a stored hook belongs to has run: the rest is not needed."""
+
+
+def _activations(
+    vlm: HookedVLM,
+    inputs: Mapping[str, torch.Tensor],
+    masks: TokenMasks,
+    positions: torch.Tensor,
+    names: list[str],
+) -> dict[str, torch.Tensor]:
+    """Every stored hook at the selected tokens, [n, width] on the CPU, in the order of a
+    masked activation cache. The forward pass stops after the last layer that holds a stored
+    hook: the later layers and the logits would be computed for nothing."""
+    pos = positions.to(vlm.device)
+    got: dict[str, torch.Tensor] = {}
+
+    def keep(t: torch.Tensor, ctx: HookContext) -> None:
+        got[ctx.name] = t.detach()[pos].flatten(1).cpu()
+
+    def stop(*_: Any) -> None:
+        raise _StopForward
+
+    last = max(int(h.split(".")[2]) for h in names)
+    with torch.no_grad(), vlm.hooks([(h, keep) for h in names], masks=masks):
+        # Registered after the stored hooks, so it runs after those on the same block.
+        handle = vlm.adapter.block(last).register_forward_hook(stop)
+        try:
+            vlm.forward(inputs, masks=masks)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+    return got
 
 
 def _cursor(rows: int, sample: int, tokens: int, skips: SkipCounter) -> dict[str, Any]:
