@@ -263,7 +263,7 @@ class ActivationStore:
             if pos + n_w <= start or n_w == 0:
                 pos += n_w
                 continue
-            data = self._load_window(window, mods, load_keys)
+            data = self._load_window(window, mods, load_keys, in_memory=shuffled)
             perm = (
                 torch.randperm(n_w, generator=_generator(seed, epoch, "window", w))
                 if shuffled
@@ -316,14 +316,20 @@ class ActivationStore:
             yield StoreBatch({k: carry[k] for k in keys}, pos)
 
     def _load_window(
-        self, window: Sequence[Shard], mods: set[int], keys: Sequence[str]
+        self, window: Sequence[Shard], mods: set[int], keys: Sequence[str], in_memory: bool
     ) -> dict[str, torch.Tensor]:
+        """The selected tokens of a window's shards. Capture order reads them where they lie
+        (memory-mapped, read in order); a shuffled window is read into memory once, in order,
+        since its batches then gather rows from all over it."""
         parts = []
         for s in window:
             modality = self.read(s, ["meta.modality"])["meta.modality"]
             keep = torch.isin(modality, torch.tensor(sorted(mods), dtype=modality.dtype))
             rows = None if bool(keep.all()) else keep.nonzero().squeeze(1)
-            parts.append(self.read(s, keys, rows))
+            part = self.read(s, keys, rows)  # rows given: already a copy
+            if in_memory and rows is None and len(window) == 1:
+                part = {k: v.clone() for k, v in part.items()}
+            parts.append(part)
         if len(parts) == 1:
             return parts[0]
         return {k: torch.cat([p[k] for p in parts]) for k in keys}
