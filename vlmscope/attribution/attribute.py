@@ -47,7 +47,7 @@ from vlmscope.replacement.model import ReplacementModel, replace_positions
 from vlmscope.training.bundle import DictionaryBundle
 
 Convention = Literal["vlmscope", "circuit-tracer"]
-Offload = Literal["cpu", "disk"] | None
+Offload = Literal["cpu", "disk", "auto"] | None
 
 
 def select_logits(
@@ -95,8 +95,8 @@ def attribute(
     """
     if convention not in ("vlmscope", "circuit-tracer"):
         raise ValueError(f"convention must be 'vlmscope' or 'circuit-tracer', not {convention!r}")
-    if offload not in (None, "cpu", "disk"):
-        raise ValueError(f"offload must be None, 'cpu' or 'disk', not {offload!r}")
+    if offload not in (None, "cpu", "disk", "auto"):
+        raise ValueError(f"offload must be None, 'cpu', 'disk' or 'auto', not {offload!r}")
     if isinstance(model, ReplacementModel):
         vlm, bundle, replace_tokens = model.vlm, model.bundle, model.replace_tokens
     else:
@@ -119,9 +119,8 @@ def attribute(
         zero[0] = True
     else:
         replace = replace_positions(vlm.adapter, bundle.model_info, replace_tokens, ids, attn)[0]
-    cache: DecoderCache = {None: "device", "cpu": "cpu", "disk": "disk"}[offload]
-    ctx = AttributionContext(vlm, bundle, inputs, replace, zero_mask=zero, decoder_cache=cache)
-    ctx.record()
+    ctx = AttributionContext(vlm, bundle, inputs, replace, zero_mask=zero)
+    ctx.record_forward()
     feats = ctx.features
     n_feat, n_pos, n_layers = len(feats), masks.valid.shape[1], ctx.n_layers
     tok = vlm.tokenizer
@@ -141,22 +140,32 @@ def attribute(
     n_cols = ctx.n_cols
     max_feats = n_feat if max_feature_nodes is None else min(max_feature_nodes, n_feat)
     wanted = max(max_feats, n_logits, 1)
-    if batch_size == "auto":
-        from vlmscope.plan.attribution import batch_after_record
+    if batch_size == "auto" or offload == "auto":
+        from vlmscope.plan.attribution import plan_after_record
 
-        plan = batch_after_record(ctx, wanted, offload, memory_gb)
-        copies = plan.batch
+        plan = plan_after_record(ctx, max_feats, n_logits, batch_size, offload, memory_gb)
+        copies, offload = plan.batch, plan.choices["offload"]
         if progress:
-            tqdm.write(plan.summary())
+            tqdm.write(plan.choices["summary"])
     else:
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1 or 'auto', got {batch_size}")
         copies = min(int(batch_size), wanted)
+    cache: DecoderCache = {None: "device", "cpu": "cpu", "disk": "disk"}[offload]
+    ctx.prepare(cache)
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(offloaded(vlm, offload))
         rows = stack.enter_context(_row_buffer(n_logits + max_feats, n_cols, rows_in_memory_gb))
-        ctx.replay(copies=copies)
+
+        def backward(targets: list[tuple[int, int, Tensor]], last: bool) -> Tensor:
+            # The backward costs as many copies as were replayed, whatever the targets: a
+            # batch far smaller than the replay gets a replay of its own size (cheap: the
+            # replay keeps nothing per copy, and its forward costs about one backward).
+            if ctx.copies == 0 or len(targets) * 3 <= ctx.copies or len(targets) > ctx.copies:
+                ctx.replay(copies=len(targets) if len(targets) * 3 <= copies else copies)
+            return ctx.backward(targets, retain=not last)
+
         row_node = torch.zeros(n_logits + max_feats, dtype=torch.long)  # node index of each row
         row_sum = torch.zeros(n_logits + max_feats)  # sum of |row|, for the influence estimate
         logit_offset = n_cols
@@ -173,7 +182,7 @@ def attribute(
             chunk = [(n_layers, n_pos - 1, v) for v in logit_vecs[i : i + copies]]
             nodes = torch.arange(i, i + len(chunk)) + logit_offset
             last = last_batch and i + copies >= n_logits
-            store(i, ctx.backward(chunk, retain=not last), nodes)
+            store(i, backward(chunk, last), nodes)
         done = n_logits
         visited = torch.zeros(n_feat, dtype=torch.bool)
         probs = torch.tensor([t.probability for t in targets])
@@ -194,7 +203,7 @@ def attribute(
                 layer, pos = feats.layer[idx].tolist(), feats.position[idx].tolist()
                 chunk = [(layer[j], pos[j], enc[j]) for j in range(len(idx))]
                 last = int(visited.sum()) + len(idx) >= max_feats
-                store(done, ctx.backward(chunk, retain=not last), idx)
+                store(done, backward(chunk, last), idx)
                 visited[idx] = True
                 done += len(idx)
                 bar.update(len(idx))

@@ -136,6 +136,8 @@ class _UnitIndex:
     positions: Tensor  # [P] positions with at least one feature (device)
     slots: Tensor  # [P, kmax] row of `unique` per slot; U (a zero row) for padding (device)
     valid: Tensor  # [P * kmax] bool, the slots that hold a feature, in feature order (device)
+    filled: Tensor  # [count] indices of the valid slots in [P * kmax] (device)
+    full: bool  # every slot holds a feature
 
 
 class AttributionContext:
@@ -183,10 +185,19 @@ class AttributionContext:
         self.decoder_cache: DecoderCache = decoder_cache
         self.chunk_bytes = chunk_bytes
         self.copies = 0
+        self.final: Tensor | None = None
+        self._skip_qk = True
 
     # --- pass 1: the original model ------------------------------------------------------------
-    @torch.no_grad()
     def record(self) -> None:
+        """Run the original model (`record_forward`), then gather the decoder rows and
+        compute the errors (`prepare`, with this context's `decoder_cache`)."""
+        self.record_forward()
+        self.prepare(self.decoder_cache)
+
+    @torch.no_grad()
+    def record_forward(self) -> None:
+        """The forward pass: logits, embeddings, MLP outputs, patterns, scales, features."""
         b, vlm, w = self.bundle, self.vlm, self.weights
         self.freeze = FreezeState(mode="record")
         mids: dict[int, Tensor] = {}
@@ -248,8 +259,19 @@ class AttributionContext:
         feature_mask = self.replace_mask & ~self.zero_mask
         self.features = self._feature_table(codes, feature_mask)
         self._index_units()
+        #: resid_mid of each unit's layer, until `prepare` has used it for the skip path.
+        self._mids: dict[int, Tensor] = dict(mids)
+
+    @torch.no_grad()
+    def prepare(self, decoder_cache: DecoderCache) -> None:
+        """Gather the active features' decoder rows where `decoder_cache` says and compute
+        every layer's error node (what the backward passes read)."""
+        if decoder_cache not in ("device", "cpu", "disk"):
+            raise ValueError(f"decoder_cache must be device, cpu or disk, not {decoder_cache!r}")
+        self.decoder_cache = decoder_cache
         self._build_decoder_cache()
-        self.errors = self._errors(mids)
+        self.errors = self._errors(self._mids)
+        self._mids = {}
 
     def _feature_table(self, codes: Mapping[int, Any], keep: Tensor) -> ActiveFeatureTable:
         units, layers, pos, feat, act = [], [], [], [], []
@@ -270,8 +292,9 @@ class AttributionContext:
         )
 
     def _index_units(self) -> None:
-        """Per unit: its unique features and the [position, slot] layout of its features."""
-        feats, seq = self.features, self.replace_mask.shape[0]
+        """Per unit: its unique features and the [position, slot] layout of its features
+        (computed on the host, kept on the device)."""
+        feats, seq, dev = self.features, self.replace_mask.shape[0], self.device
         self.units: list[_UnitIndex] = []
         offset = 0
         for s in range(self.n_units):
@@ -284,15 +307,25 @@ class AttributionContext:
             kmax = int(counts.max()) if n else 1
             # Slot of each feature within its position (features are sorted by position).
             starts = torch.cumsum(counts, 0) - counts
-            slot = torch.arange(n, device=pos.device) - starts[pos]
-            rank = torch.full((seq,), -1, dtype=torch.long, device=pos.device)
-            rank[positions] = torch.arange(len(positions), device=pos.device)
+            slot = torch.arange(n) - starts[pos]
+            rank = torch.full((seq,), -1, dtype=torch.long)
+            rank[positions] = torch.arange(len(positions))
             slots = torch.full((len(positions), kmax), len(unique), dtype=torch.long)
-            slots = slots.to(pos.device)
             slots[rank[pos], slot] = inverse
-            valid = torch.zeros(len(positions), kmax, dtype=torch.bool, device=pos.device)
+            valid = torch.zeros(len(positions), kmax, dtype=torch.bool)
             valid[rank[pos], slot] = True
-            self.units.append(_UnitIndex(offset, n, unique, positions, slots, valid.reshape(-1)))
+            flat = valid.reshape(-1)
+            index = _UnitIndex(
+                offset=offset,
+                count=n,
+                unique=unique,
+                positions=positions.to(dev),
+                slots=slots.to(dev),
+                valid=flat.to(dev),
+                filled=flat.nonzero().squeeze(1).to(dev),
+                full=bool(flat.all()),
+            )
+            self.units.append(index)
             offset += n
 
     def _build_decoder_cache(self) -> None:
@@ -378,7 +411,20 @@ class AttributionContext:
     # --- pass 2: the frozen linear model on copies of the prompt -------------------------------
     def replay(self, copies: int) -> None:
         """Run the language model on `copies` copies with frozen patterns and scales and
-        constant, tapped sources; the graph it leaves holds constants only."""
+        constant, tapped sources; the graph it leaves holds constants only. A second call
+        replaces the first graph (a batch of another size)."""
+        self.final = None  # frees the previous graph
+        if self._skip_qk:
+            try:
+                self._replay(copies, skip_qk=True)
+                return
+            except (RuntimeError, ValueError, IndexError):
+                # A family whose attention cannot run on empty queries and keys: compute them
+                # (without autograd) from now on.
+                self._skip_qk = False
+        self._replay(copies, skip_qk=False)
+
+    def _replay(self, copies: int, skip_qk: bool) -> None:
         vlm = self.vlm
         a = vlm.adapter
         self.freeze.mode = "replay"
@@ -427,8 +473,13 @@ class AttributionContext:
         hooks += [(r, read) for r in self.bundle.reads]
         hooks += [(f"lm.blocks.{i + 1}.hook_resid_pre", resid_pre) for i in self.injected]
         # MLP outputs are module hooks, not HookedVLM hooks: the MLP itself runs on no
-        # positions (`_skipped_mlps`), and its output's shape changes on replacement.
+        # positions (`_empty_inputs`), and its output's shape changes on replacement.
         mlp_outs = [(a.part(i, "mlp_out"), _as_module_hook(write, i)) for i in range(self.n_layers)]
+        mlps = [a.part(i, "mlp") for i in range(self.n_layers)]
+        # Queries and keys only feed the (frozen) pattern: their projections run on no
+        # positions too (the attention's view to [.., -1 heads, d_head] makes that 0 heads),
+        # or at least without autograd.
+        qk = _qk_modules(a)
         # vlm.hooks before frozen: the resid_mid pre-hook (the seed) must run before the
         # norm's own pre-hook, which turns autograd off for the norm's forward.
         with (
@@ -436,9 +487,9 @@ class AttributionContext:
             _no_parameter_grads(vlm.model),
             vlm.hooks(hooks),
             frozen(vlm, self.freeze),
-            _skipped_mlps(a),
+            _empty_inputs(mlps + (qk if skip_qk else [])),
             _module_hooks(mlp_outs),
-            _no_grad_modules(_qk_modules(a)),
+            _no_grad_modules([] if skip_qk else qk),
             _hook(a.norm(), final),
         ):
             zeros = torch.zeros(1, seq, a.d_model, dtype=dtype, device=self.device)
@@ -464,43 +515,46 @@ class AttributionContext:
             rows = self._rows
             assert rows is not None
             n, seq = rows.shape[0], self.embeddings.shape[0]
-            g = g[:n].float()
+            # One float32 copy, position-major: [seq, n, d] feeds batched matmuls directly.
+            gt = _position_major(g[:n])
             start = self._err_start + layer * seq
-            rows[:, start : start + seq] += torch.einsum("npd,pd->np", g, self.errors[layer])
+            rows[:, start : start + seq] += torch.einsum("pnd,pd->np", gt, self.errors[layer])
             t = self.unit_of.get(layer)
             if t is None:
                 return
             scale = 1.0 / self.weights.output_scale(t)
             for s in range(t + 1):
                 if t in self.weights.targets(s):
-                    self._feature_columns(s, t - s, g, scale)
+                    self._feature_columns(s, t - s, gt, scale)
 
         return fn
 
-    def _feature_columns(self, s: int, j: int, g: Tensor, scale: float) -> None:
-        """rows[:, unit s's features] += g[:, p] . (decoder row of the feature at p, target j)
-        * scale, as one batched matmul per chunk of positions."""
+    def _feature_columns(self, s: int, j: int, gt: Tensor, scale: float) -> None:
+        """rows[:, unit s's features] += gt[p] . (decoder row of the feature at p, target j)
+        * scale, as one batched matmul per chunk of positions (gt: [seq, n, d] float32)."""
         u, rows = self.units[s], self._rows
         assert rows is not None
         if u.count == 0:
             return
         dec = self.decoder_rows(s, j)
-        n, d = g.shape[0], g.shape[2]
+        seq, n, d = gt.shape
         kmax = u.slots.shape[1]
         per_pos = 4 * d * (n + 2 * kmax) + 4 * n * kmax
         step = max(1, self.chunk_bytes // per_pos)
-        gt = g.transpose(0, 1)  # [seq, n, d] view
+        every = len(u.positions) == seq  # every position has features: slices, no gather
         done = 0
         for p0 in range(0, len(u.positions), step):
             p1 = min(p0 + step, len(u.positions))
-            gp = gt[u.positions[p0:p1]]  # [P, n, d]
+            gp = gt[p0:p1] if every else gt[u.positions[p0:p1]]  # [P, n, d]
             dp = dec[u.slots[p0:p1]].float()  # [P, kmax, d]
             out = torch.bmm(gp, dp.transpose(1, 2))  # [P, n, kmax]
-            valid = u.valid[p0 * kmax : p1 * kmax]
-            vals = out.transpose(0, 1).reshape(n, -1)[:, valid]
-            k = vals.shape[1]
-            cols = slice(u.offset + done, u.offset + done + k)
-            rows[:, cols] += vals * scale
+            out = out.transpose(0, 1).reshape(n, -1)  # [n, P * kmax]
+            if not u.full:  # the slots that hold a feature, in feature order
+                lo = int(torch.searchsorted(u.filled, p0 * kmax))
+                hi = int(torch.searchsorted(u.filled, p1 * kmax))
+                out = out.index_select(1, u.filled[lo:hi] - p0 * kmax)
+            k = out.shape[1]
+            rows[:, u.offset + done : u.offset + done + k].add_(out, alpha=scale)
             done += k
 
     def _input_columns(self, layer: int | None) -> Callable[[Tensor], None]:
@@ -513,7 +567,8 @@ class AttributionContext:
             assert rows is not None
             n, seq = rows.shape[0], source.shape[0]
             start = self._err_start + self.n_layers * seq
-            rows[:, start : start + seq] += torch.einsum("npd,pd->np", g[:n].float(), source)
+            gt = _position_major(g[:n])
+            rows[:, start : start + seq] += torch.einsum("pnd,pd->np", gt, source)
 
         return fn
 
@@ -563,6 +618,11 @@ class AttributionContext:
         # Activations multiply each feature's column once, after every target's sum.
         rows[:, : len(self.features)] *= self.features.activation.to(self.device)
         return rows
+
+
+def _position_major(g: Tensor) -> Tensor:
+    """[n, seq, d] -> a contiguous float32 [seq, n, d] (one copy)."""
+    return g.transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format)
 
 
 def _as_module_hook(fn: Callable[[Tensor, HookContext], Tensor], layer: int) -> Any:
@@ -615,9 +675,10 @@ def _hook(module: torch.nn.Module, fn: Any) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _skipped_mlps(adapter: Any) -> Iterator[None]:
-    """Every LM MLP runs on an empty slice of positions: its output is replaced by a recorded
-    constant, so computing it would only cost time and memory."""
+def _empty_inputs(modules: list[torch.nn.Module]) -> Iterator[None]:
+    """`modules` run on an empty slice of positions: their outputs are replaced (MLPs, by
+    recorded constants) or unused (query and key projections, under a frozen pattern), so
+    computing them would only cost time and memory."""
 
     def empty(_m: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if args:
@@ -625,10 +686,7 @@ def _skipped_mlps(adapter: Any) -> Iterator[None]:
         key = next(k for k in ("hidden_states", "x", "input") if k in kwargs)
         return args, {**kwargs, key: kwargs[key][:, :0]}
 
-    handles = [
-        adapter.part(i, "mlp").register_forward_pre_hook(empty, with_kwargs=True)
-        for i in range(adapter.n_layers)
-    ]
+    handles = [m.register_forward_pre_hook(empty, with_kwargs=True) for m in modules]
     try:
         yield
     finally:

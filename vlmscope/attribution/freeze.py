@@ -13,7 +13,8 @@ A norm computes out = s(x) * h(x) with s(x) = 1/rms(x) (1/std for LayerNorm) and
   s0 / s(x), exact for any input;
 - the linear replay (`linear=True`, for attribution) returns s0 * h(x) directly, with s0 the
   recorded scale (a constant) and h applied through its effective weight. The module's own
-  forward runs without autograd, so nothing of it is kept: a multiplication by constants saves
+  forward runs on an empty slice of positions, so nothing of it is kept: a multiplication by
+  constants saves
   only the constants, and the replayed model keeps no tensor per copy of the prompt.
 """
 
@@ -149,18 +150,20 @@ def _linear_norm(m: nn.Module, x: Tensor, s0: Tensor, w: Tensor) -> Tensor:
 
 
 def _norm_hooks(name: str, m: nn.Module, state: FreezeState) -> list[Any]:
-    grad_modes: list[bool] = []
+    inputs: list[Tensor] = []
 
-    def pre(m: nn.Module, args: tuple[Any, ...]) -> None:
+    def pre(m: nn.Module, args: tuple[Any, ...]) -> Any:
         if state.mode == "replay" and state.norms and state.linear:
-            # The module's own output is replaced below: build no graph for it.
-            grad_modes.append(torch.is_grad_enabled())
-            torch.set_grad_enabled(False)
+            # The module's own output is replaced below: it runs on no positions (its input
+            # is kept for the hook), so it costs nothing and builds no graph.
+            inputs.append(args[0])
+            return (args[0][:, :0], *args[1:])
+        return None
 
     def hook(m: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor | None:
         x = args[0]
         if state.mode == "replay" and state.norms and state.linear:
-            torch.set_grad_enabled(grad_modes.pop())
+            x = inputs.pop()
             if x.numel() == 0:  # a skipped MLP's post-norm (see AttributionContext.replay)
                 return None
             if name not in state.scales:
