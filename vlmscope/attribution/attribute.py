@@ -335,5 +335,9 @@ def _assemble(
             # Model layers with a dictionary; every other layer's MLP output is an error node.
             "layers": list(ctx.unit_layers),
             "n_active_features": n_feat,
+            # Per dictionary layer: active and distinct active features (what the planner
+            # needs to predict this prompt's memory again).
+            "active_per_layer": [u.count for u in ctx.units],
+            "unique_per_layer": [len(u.unique) for u in ctx.units],
         },
     )

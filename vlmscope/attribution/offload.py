@@ -69,22 +69,22 @@ def offloaded(vlm: HookedVLM, where: str | None) -> Iterator[None]:
     homes = [(p.data.device, p.data.dtype) for p in params]
     with contextlib.ExitStack() as stack:
         if where == "cpu":
-            for p in params:
-                p.data = p.data.to("cpu")
+            kept: list[Any] = [p.data.to("cpu") for p in params]
         elif where == "disk":
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vlmscope-off-")))
             path = tmp / "offloaded.safetensors"
             save_file({str(i): p.data.cpu().contiguous() for i, p in enumerate(params)}, path)
-            for p in params:
-                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
         else:
             raise ValueError(f"offload must be None, 'cpu' or 'disk', not {where!r}")
+        for p in params:
+            # One element seen through the parameter's shape: modules that still run (the MLPs,
+            # on an empty slice of positions) see a weight of the right shape and device.
+            p.data = torch.zeros((), dtype=p.dtype, device=p.device).expand(p.shape)
         try:
             yield
         finally:
-            back: list[Any] = [p.data for p in params]
             if where == "disk":
                 loaded = load_file(str(path))
-                back = [loaded[str(i)] for i in range(len(params))]
-            for p, data, (device, dtype) in zip(params, back, homes, strict=True):
+                kept = [loaded[str(i)] for i in range(len(params))]
+            for p, data, (device, dtype) in zip(params, kept, homes, strict=True):
                 p.data = data.to(device=device, dtype=dtype)

@@ -51,14 +51,15 @@ from vlmscope.plan.memory import (
     MemoryPlan,
     available_device_bytes,
     dtype_size,
+    fmt_bytes,
     meta_model,
     parameter_bytes,
 )
 
 #: per copy and position, transient bytes of one replayed layer: K_ACT vectors of width d in
 #: the model's dtype and K_FP32 in float32 (measured; see the module docstring).
-K_ACT = 8.0
-K_FP32 = 4.0
+K_ACT = 7.0
+K_FP32 = 1.0
 #: bound of the feature-column chunk (context.py's chunk_bytes).
 CHUNK_BYTES = 256 << 20
 #: room left free on the device for the allocator's fragmentation and the framework.
@@ -365,6 +366,9 @@ def plan(
     p.add("assembled adjacency", n_graph * n_graph * 4, "host", "after the backward passes")
     p.add("influence estimate block", sh.n_rows * sh.n_rows * 4, "host")
     p.add("feature table", sh.n_active * 36, "host")
+    enc = sh.n_units * sh.latents * sh.d_in * sh.dict_bytes
+    dec = sum(u * n * d * sh.dict_bytes for u, n in zip(sh.unique, sh.n_out, strict=True))
+    p.add("dictionary pages read", enc + dec, "cache", "memory-mapped, reclaimable")
     if offload == "cpu":
         p.add("decoder rows of active features", cache, "host", "pinned")
         p.add("offloaded weights", sh.unused_bytes, "host")
@@ -424,7 +428,7 @@ def choose(
     batch (at most what the rows need, and `max_batch`) whose peak fits; with
     `offload="auto"`, the least offloading (none, then cpu, then disk) that fits a batch of
     at least min(64, rows), else the one that fits the largest batch."""
-    wanted = max(1, min(max_batch, shape.n_rows))
+    wanted = max(1, min(max_batch, max(shape.n_logits, shape.n_rows - shape.n_logits)))
     usable = device_budget * (1 - DEVICE_MARGIN)
     options = [None, "cpu", "disk"] if offload == "auto" else [offload]
     tried: list[Choice] = []
@@ -521,7 +525,7 @@ def plan_after_record(
         )
     c.plan.choices["summary"] = (
         f"batch size {c.batch}, offload {c.offload or 'none'}: planned peak "
-        f"{c.device_peak / GB:.2f} GB of {budget / GB:.2f} GB on {device}"
+        f"{fmt_bytes(c.device_peak)} of {fmt_bytes(budget)} on {device}"
     )
     return c.plan
 

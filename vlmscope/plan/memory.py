@@ -22,7 +22,8 @@ from torch import nn
 #: planners print and take sizes in GB of 10^9 bytes (what GPU datasheets say: "80 GB").
 GB = 1e9
 
-Where = Literal["device", "host", "disk"]
+#: "cache": the host's page cache (memory-mapped files read): reclaimable, so shown apart.
+Where = Literal["device", "host", "cache", "disk"]
 
 
 @dataclass
@@ -57,7 +58,7 @@ class MemoryPlan:
     def table(self) -> str:
         """The parts as a text table, device first, sizes in GB."""
         lines = [f"{'part':<46} {'where':<7} {'GB':>9}  note"]
-        for where in ("device", "host", "disk"):
+        for where in ("device", "host", "cache", "disk"):
             for p in self.parts:
                 if p.where == where:
                     note = (f"{p.note}; " if p.note else "") + (
@@ -66,7 +67,7 @@ class MemoryPlan:
                     lines.append(
                         f"{p.name:<46} {where:<7} {p.bytes / GB:>9.3f}  {note.rstrip('; ')}"
                     )
-        for where in ("device", "host", "disk"):
+        for where in ("device", "host", "cache", "disk"):
             if any(p.where == where for p in self.parts):
                 lines.append(f"{'total ' + where:<46} {'':<7} {self.total(where) / GB:>9.3f}")
         return "\n".join(lines)
@@ -75,9 +76,14 @@ class MemoryPlan:
         return {
             "batch": self.batch,
             "choices": self.choices,
-            "totals_gb": {w: self.total(w) / GB for w in ("device", "host", "disk")},  # type: ignore[arg-type]
+            "totals_gb": {w: self.total(w) / GB for w in ("device", "host", "cache", "disk")},  # type: ignore[arg-type]
             "parts": [asdict(p) for p in self.parts],
         }
+
+
+def fmt_bytes(n: float) -> str:
+    """`1.23 GB` or `45.6 MB` (10^9 and 10^6 bytes)."""
+    return f"{n / GB:.2f} GB" if n >= 0.1 * GB else f"{n / 1e6:.1f} MB"
 
 
 def dtype_size(dtype: torch.dtype | str) -> int:
