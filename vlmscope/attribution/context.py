@@ -330,9 +330,24 @@ class AttributionContext:
 
     def _build_decoder_cache(self) -> None:
         """Decoder rows of each unit's unique active features (+ one zero row for padding):
-        [n_out, U + 1, d] per unit, on the device, in host memory, or not at all ("disk")."""
+        [n_out, U + 1, d] per unit, on the device, in host memory, or not at all ("disk").
+        With "device" on a CPU, where the dictionaries already are, nothing is copied: the
+        rows are read from the (memory-mapped) decoders themselves by feature id."""
         self._dec: list[Tensor | None] = []
+        self._slot_rows: list[Tensor] = []  # per unit: [P, kmax] rows of decoder_rows(s, j)
+        self._feature_rows: list[Tensor] = []  # per unit: [count] the same, per feature
         for s, u in enumerate(self.units):
+            per_feature = u.slots.reshape(-1)[u.valid]
+            if self._mapped(s):
+                self.weights.bundle.check(self.weights._name(s, "W_dec"), u.unique)
+                ids = torch.cat([u.unique, u.unique.new_zeros(1)]).to(self.device)
+                # Padding slots read row 0: their products are dropped (`filled`).
+                self._slot_rows.append(ids[u.slots])
+                self._feature_rows.append(ids[per_feature])
+                self._dec.append(None)
+                continue
+            self._slot_rows.append(u.slots)
+            self._feature_rows.append(per_feature)
             if self.decoder_cache == "disk":
                 self._dec.append(None)
                 continue
@@ -345,6 +360,11 @@ class AttributionContext:
                 rows = rows.cpu()
             self._dec.append(rows)
 
+    def _mapped(self, s: int) -> bool:
+        """Rows are read in place: the device is the CPU the decoders live on."""
+        w = self.weights.module(s).W_dec
+        return self.decoder_cache == "device" and self.device.type == w.device.type == "cpu"
+
     def _gather_decoders(self, s: int, unique: Tensor, j: int | None = None) -> Tensor:
         """[n_out, U + 1, d] (or [U + 1, d] for target j alone) from the dictionary."""
         rows = self.weights.decoder_rows(s, unique.cpu(), j)
@@ -352,8 +372,12 @@ class AttributionContext:
         return torch.cat([rows, pad], -2)
 
     def decoder_rows(self, s: int, j: int) -> Tensor:
-        """[U + 1, d] rows unit s's active features write to its j-th target, on the device
-        (dictionary dtype, normalised units, last row zero)."""
+        """The rows unit s's active features write to its j-th target, on the device
+        (dictionary dtype, normalised units), indexed by `_slot_rows` / `_feature_rows`:
+        [U + 1, d] (last row zero), or the whole decoder [F, d] where it is "mapped"."""
+        if self._mapped(s):
+            w = self.weights.module(s).W_dec.detach()
+            return w[:, j] if self.weights.is_clt else w
         cached = self._dec[s]
         if cached is not None:
             return cached[j].to(self.device, non_blocking=True)
@@ -369,8 +393,7 @@ class AttributionContext:
         for s, u in enumerate(self.units):
             pos = feats.position[u.offset : u.offset + u.count].to(self.device)
             a = act[u.offset : u.offset + u.count]
-            inv = torch.empty(u.count, dtype=torch.long, device=self.device)
-            inv[:] = u.slots.reshape(-1)[u.valid]
+            inv = self._feature_rows[s]
             for j, t in enumerate(w.targets(s)):
                 acc = recon.setdefault(t, torch.zeros_like(self.mlp_outputs[0]))
                 dec = self.decoder_rows(s, j)
@@ -546,7 +569,7 @@ class AttributionContext:
         for p0 in range(0, len(u.positions), step):
             p1 = min(p0 + step, len(u.positions))
             gp = gt[p0:p1] if every else gt[u.positions[p0:p1]]  # [P, n, d]
-            dp = dec[u.slots[p0:p1]].float()  # [P, kmax, d]
+            dp = dec[self._slot_rows[s][p0:p1]].float()  # [P, kmax, d]
             out = torch.bmm(gp, dp.transpose(1, 2))  # [P, n, kmax]
             out = out.transpose(0, 1).reshape(n, -1)  # [n, P * kmax]
             if not u.full:  # the slots that hold a feature, in feature order
