@@ -114,6 +114,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return run_eval_command(args)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from vlmscope.plan.cli import run_plan_command
+
+    return run_plan_command(args)
+
+
 def cmd_attribute(args: argparse.Namespace) -> int:
     _quiet_transformers()
     return run_attribute_command(args)
@@ -272,6 +278,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_serve_arguments(s)
     s.set_defaults(func=cmd_serve)
+
+    pl = sub.add_parser(
+        "plan",
+        help="predict peak device/host memory and time of a job, and the batch that fits",
+        description="Plan a job before running it, from configs only (no weights are read): "
+        "the memory it holds on the device and the host, part by part, the largest batch "
+        "that fits a memory budget, and the time to expect. Example: vlmscope plan "
+        "--attribute llava-hf/llava-1.5-7b-hf clt:32768:32 --positions 1000 --gpu-mem 80",
+    )
+    from vlmscope.plan.cli import add_plan_arguments
+
+    add_plan_arguments(pl)
+    pl.set_defaults(func=cmd_plan)
 
     z = sub.add_parser(
         "zoo", help="the offline zoo of tiny models (list, save) and the trained toy VLM"

@@ -115,7 +115,35 @@ def add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
         "(e.g. ' red'; it must be one token) or a token id (digits). The heatmap shows it",
     )
     parser.add_argument(
-        "--batch-size", type=int, default=64, help="backward passes per batch (default: 64)"
+        "--batch-size",
+        default="auto",
+        help="targets per backward pass (copies of the prompt replayed at once), or auto: "
+        "the largest batch the memory planner fits in the device's free memory (default: "
+        "auto; the choice is printed)",
+    )
+    parser.add_argument(
+        "--offload",
+        default="auto",
+        choices=["auto", "none", "cpu", "disk"],
+        help="after the first forward, move what the replay never runs (MLPs, vision tower, "
+        "embeddings) and the active features' decoder rows off the device: to host memory "
+        "(cpu) or disk (disk: the rows are re-read from the memory-mapped dictionaries); "
+        "edges are the same. auto: the least offloading the planner needs (default)",
+    )
+    parser.add_argument(
+        "--convention",
+        default="vlmscope",
+        choices=["vlmscope", "circuit-tracer"],
+        help="special tokens: vlmscope (default) leaves the tokens the dictionaries were not "
+        "trained on (BOS, chat-template markers) unreplaced, their MLP output an error node; "
+        "circuit-tracer replaces every position and zeroes features and errors at position 0, "
+        "as circuit-tracer does, to compare graphs 1:1",
+    )
+    parser.add_argument(
+        "--memory-gb",
+        type=float,
+        default=None,
+        help="device memory the planner may use, GB (default: what is free)",
     )
     parser.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)"
@@ -140,8 +168,10 @@ def _check_args(args: argparse.Namespace) -> list[Any]:
         v = getattr(args, name)
         if not 0.0 <= v <= 1.0:
             raise AttributeInputError(f"--{name.replace('_', '-')} must be in [0, 1], got {v}")
-    if args.batch_size < 1:
-        raise AttributeInputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.batch_size != "auto":
+        if not str(args.batch_size).isdigit() or int(args.batch_size) < 1:
+            raise AttributeInputError(f"--batch-size must be auto or >= 1, got {args.batch_size}")
+        args.batch_size = int(args.batch_size)
     if not 0.0 < args.desired_logit_prob <= 1.0:
         raise AttributeInputError(
             f"--desired-logit-prob must be in (0, 1], got {args.desired_logit_prob}"
@@ -271,9 +301,11 @@ def run_attribute_command(args: argparse.Namespace) -> int:
     from vlmscope.training.trainer import resolve_model_path
 
     try:
-        # The dictionaries load first (small, on the CPU): a bad folder fails before the model.
+        # The dictionaries are memory-mapped first (nothing is read but their configs and
+        # headers): a bad folder fails before the model loads, and a 7B model's CLT never
+        # has to fit in host or device memory; attribution reads the rows it needs.
         try:
-            bundle = DictionaryBundle.load(args.dictionaries)
+            bundle = DictionaryBundle.load(args.dictionaries, mmap=True)
         except (OSError, ValueError) as e:
             raise AttributeInputError(f"--dictionaries {args.dictionaries}: {e}") from e
         if bundle.kind == "sae":
@@ -291,7 +323,6 @@ def run_attribute_command(args: argparse.Namespace) -> int:
         bundle.check_model(vlm.adapter)
         for warning in input_warnings(vlm.processor, images, args.prompt):
             print(f"vlmscope attribute: warning: {warning}", file=sys.stderr)
-        bundle = bundle.to(vlm.device)
         target = None if args.target is None else [target_token(vlm.tokenizer, args.target)]
         inputs = vlm.prepare(args.prompt, images=images or None)
         graph = attribute(
@@ -304,8 +335,11 @@ def run_attribute_command(args: argparse.Namespace) -> int:
             logit_targets=target,
             batch_size=args.batch_size,
             progress=True,
+            convention=args.convention,
+            offload=None if args.offload == "none" else args.offload,
+            memory_gb=args.memory_gb,
         )
-    except (AttributeInputError, ModelMismatchError, OSError, ValueError) as e:
+    except (AttributeInputError, ModelMismatchError, OSError, ValueError, MemoryError) as e:
         print(f"vlmscope attribute: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, AttributeInputError) else 1
 

@@ -114,21 +114,9 @@ class ReplacementModel:
 
     # --- which positions are replaced -------------------------------------------------------
     def _replace_mask(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
-        a = self.vlm.adapter
-        ids = input_ids.cpu()
-        image = torch.isin(ids, torch.tensor(a.image_token_ids(), dtype=ids.dtype))
-        special = torch.isin(ids, torch.tensor(a.special_token_ids(), dtype=ids.dtype)) & ~image
-        valid = torch.ones_like(image)
-        if attention_mask is not None and attention_mask.dim() == 2:
-            valid = attention_mask[:, -ids.shape[1] :].bool().cpu()
-        if self.replace_tokens == "all":
-            return valid
-        keep = valid if self.trained_special else valid & ~special
-        if self.trained_tokens == "image":
-            keep &= image
-        elif self.trained_tokens == "text":
-            keep &= ~image
-        return keep
+        return replace_positions(
+            self.vlm.adapter, self.bundle.model_info, self.replace_tokens, input_ids, attention_mask
+        )
 
     def not_replaced_reason(
         self, input_ids: Tensor, attention_mask: Tensor | None, sample: int, position: int
@@ -259,6 +247,33 @@ class ReplacementModel:
 
     def units(self) -> Sequence[str]:
         return self.bundle.units
+
+
+def replace_positions(
+    adapter: Any,
+    model_info: Mapping[str, Any],
+    replace_tokens: ReplaceTokens,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+) -> Tensor:
+    """[batch, seq] bool (CPU): the positions dictionaries trained as `model_info` records
+    replace. "trained": the tokens they were trained on (never padding; BOS and chat-template
+    markers only if they were included); "all": every non-padding token."""
+    ids = input_ids.cpu()
+    image = torch.isin(ids, torch.tensor(adapter.image_token_ids(), dtype=ids.dtype))
+    special = torch.isin(ids, torch.tensor(adapter.special_token_ids(), dtype=ids.dtype)) & ~image
+    valid = torch.ones_like(image)
+    if attention_mask is not None and attention_mask.dim() == 2:
+        valid = attention_mask[:, -ids.shape[1] :].bool().cpu()
+    if replace_tokens == "all":
+        return valid
+    keep = valid if bool(model_info.get("include_special_tokens", False)) else valid & ~special
+    trained = model_info.get("tokens", "all")
+    if trained == "image":
+        keep &= image
+    elif trained == "text":
+        keep &= ~image
+    return keep
 
 
 def flat_rows(t: Tensor) -> Tensor:
