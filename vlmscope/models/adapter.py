@@ -76,14 +76,48 @@ GEMMA_LAYER = LayerMap(
 
 
 def get_submodule(root: nn.Module, path: str) -> nn.Module:
-    """`root.get_submodule(path)` with an error that says which family path was wrong."""
-    try:
-        return root.get_submodule(path)
-    except AttributeError as e:
-        raise AttributeError(
-            f"{type(root).__name__} has no submodule {path!r}; the adapter's component "
-            "mapping does not match this model"
-        ) from e
+    """`root.get_submodule(path)` with an error that says which family path was wrong.
+
+    A module that a PEFT tuner layer (LoRA, vlmscope's SAE adapters, ...) has wrapped is found
+    at its usual path: the wrapper is returned (hooks on it see what flows on), and the path
+    continues inside its `base_layer`."""
+    mod = root
+    for part in path.split(".") if path else []:
+        while part not in mod._modules and isinstance(mod._modules.get("base_layer"), nn.Module):
+            mod = mod._modules["base_layer"]  # type: ignore[assignment]
+        child = mod._modules.get(part)
+        if child is None:
+            raise AttributeError(
+                f"{type(root).__name__} has no submodule {path!r}; the adapter's component "
+                "mapping does not match this model"
+            )
+        mod = child
+    return mod
+
+
+def unwrap_tuner_layer(module: nn.Module) -> nn.Module:
+    """The module a PEFT tuner layer wraps (the module itself when it is not wrapped)."""
+    while isinstance(module._modules.get("base_layer"), nn.Module):
+        module = module._modules["base_layer"]  # type: ignore[assignment]
+    return module
+
+
+def unwrap_peft_model(model: nn.Module) -> nn.Module:
+    """The model inside a PeftModel or a PEFT tuner (the model itself otherwise), so that
+    component paths stay those of the Hugging Face model, without `base_model.model.`.
+    peft is only consulted when something has imported it already."""
+    peft = sys.modules.get("peft")
+    if peft is None:
+        return model
+    from peft.tuners.tuners_utils import BaseTuner
+
+    while True:
+        if isinstance(model, peft.PeftModel):
+            model = model.get_base_model()
+        elif isinstance(model, BaseTuner):
+            model = model.model
+        else:
+            return model
 
 
 @dataclass
@@ -122,10 +156,10 @@ class ModelAdapter:
     positions_from_padding: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, processor: Any = None) -> None:
-        self.model = model
+        self.model = unwrap_peft_model(model)
         self.processor = processor
-        self.config = model.config
-        self.text_config = model.config.get_text_config(decoder=True)
+        self.config = self.model.config
+        self.text_config = self.config.get_text_config(decoder=True)
 
     # --- component access -------------------------------------------------------------------
     def lm(self) -> nn.Module:
@@ -257,7 +291,7 @@ class ModelAdapter:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE with the family's own function (q, k: [batch, heads, pos, d_head])."""
         cos, sin = position_embeddings
-        module = sys.modules[type(self.part(i, "attn")).__module__]
+        module = sys.modules[type(unwrap_tuner_layer(self.part(i, "attn"))).__module__]
         return module.apply_rotary_pos_emb(q, k, cos, sin)
 
     def attention_scores(
@@ -265,7 +299,7 @@ class ModelAdapter:
     ) -> torch.Tensor:
         """Masked pre-softmax scores [batch, heads, q_pos, k_pos] of layer i from the raw
         q_proj / k_proj outputs as [batch, pos, heads, d_head], as the model computes them."""
-        attn = self.part(i, "attn")
+        attn = unwrap_tuner_layer(self.part(i, "attn"))
         if self.layer_map.q_norm is not None:
             q = self.part(i, "q_norm")(q)
         if self.layer_map.k_norm is not None:

@@ -385,6 +385,14 @@ class HookedVLM:
                     h.remove()
         return out, cache
 
+    def hook_module(self, name: str) -> tuple[nn.Module, str]:
+        """(module, "in" | "out" | "computed"): where hook point `name` attaches and whether it
+        reads that module's input or output (e.g. to put a PEFT adapter on the same tensor)."""
+        rh = resolve_names(self.adapter, name)
+        if len(rh) != 1 or rh[0].name != name:
+            raise KeyError(f"{name!r} is not one hook point (patterns are not allowed here)")
+        return self._target(rh[0]), rh[0].point.io
+
     def _target(self, rh: ResolvedHook) -> nn.Module:
         t, i, a = rh.point.target, rh.layer, self.adapter
         if t == "block":

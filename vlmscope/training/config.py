@@ -60,6 +60,11 @@ def _is_plain_folder_name(name: str) -> bool:
     return name not in (".", "..") and not any(sep in name for sep in seps) and "\0" not in name
 
 
+def default_lr(num_latents: int) -> float:
+    """The learning rate when --lr is 0: 2e-4 scaled by 1/sqrt(num_latents / 2**14)."""
+    return 2e-4 / math.sqrt(num_latents / 2**14)
+
+
 def is_shapes_dataset(name: str) -> bool:
     """DATASET `shapes` or `shapes:N` names the generated shapes world, not a file."""
     return name == "shapes" or name.startswith("shapes:")
@@ -288,7 +293,7 @@ class TrainConfig:
             raise ValueError(f"--device {self.device}: XPU is not available on this machine")
 
     def lr_for(self, num_latents: int) -> float:
-        return self.lr or 2e-4 / math.sqrt(num_latents / 2**14)
+        return self.lr or default_lr(num_latents)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

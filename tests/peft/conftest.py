@@ -1,0 +1,28 @@
+"""Shared setup for the PEFT adapter tests: the toy VLM, loaded once per module."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+import vlmscope.peft  # noqa: F401  (registers the SAE with peft)
+from vlmscope.models.hooked import HookedVLM
+
+
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread() -> Iterator[None]:
+    """Tiny tensors: one thread is as fast alone and much faster on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture()
+def toy() -> HookedVLM:
+    """A fresh toy VLM (adapters modify the model in place, so every test gets its own)."""
+    from vlmscope.models.toy import toy_path
+
+    return HookedVLM.from_pretrained(toy_path(), device="cpu")
