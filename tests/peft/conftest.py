@@ -6,8 +6,10 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from PIL import Image
 
 import vlmscope.peft  # noqa: F401  (registers the SAE with peft)
+from vlmscope.data.shapes import ShapeObject, ShapesConfig, render, shape_box
 from vlmscope.models.hooked import HookedVLM
 
 
@@ -26,3 +28,10 @@ def toy() -> HookedVLM:
     from vlmscope.models.toy import toy_path
 
     return HookedVLM.from_pretrained(toy_path(), device="cpu")
+
+
+@pytest.fixture()
+def circle() -> Image.Image:
+    """A shapes-world image: one large red circle in row 1, column 2 of the 4x4 grid."""
+    obj = ShapeObject("circle", "red", "large", (1, 2), shape_box((1, 2), "large", 16))
+    return render([obj], ShapesConfig())

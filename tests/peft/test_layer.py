@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from vlmscope.data.shapes import ShapeObject, ShapesConfig, render, shape_box
 from vlmscope.models.hooked import HookedVLM
 from vlmscope.models.toy import toy_path
 from vlmscope.peft import SaeConfig, SaeLayer, TopKSaeConfig, get_peft_sae_model
@@ -21,12 +20,9 @@ HOOKS = [
 ]
 
 
-def shapes_image() -> Image.Image:
-    obj = ShapeObject("circle", "red", "large", (1, 2), shape_box((1, 2), "large", 16))
-    return render([obj], ShapesConfig())
-
-
-def test_hooks_and_sae_adapters_coexist_on_wrapped_modules(toy: HookedVLM) -> None:
+def test_hooks_and_sae_adapters_coexist_on_wrapped_modules(
+    toy: HookedVLM, circle: Image.Image
+) -> None:
     """Adapters wrap an attention module, a whole decoder layer, a vision block and the
     projector (observing) and layer 2's MLP (replacing). Hook names stay the same, the
     attention pattern is still recomputed with the attention class's own RoPE, hooks see
@@ -50,7 +46,7 @@ def test_hooks_and_sae_adapters_coexist_on_wrapped_modules(toy: HookedVLM) -> No
     wrapped = {n for n, m in pm.named_modules() if isinstance(m, SaeLayer)}
     assert len(wrapped) == 5 and all(n.startswith("base_model.model.model.") for n in wrapped)
 
-    inputs = plain.prepare("What colour is the circle?", images=[shapes_image()])
+    inputs = plain.prepare("What colour is the circle?", images=[circle])
     _, cache = vlm.run_with_cache(inputs, names=HOOKS)
     # The reference: the plain model with layer 2's MLP output swapped by hook for the
     # reconstruction of the adapter's dictionary.

@@ -134,7 +134,7 @@ def from_bundle(
             (bundle.kind == "sae" and read == write) or (r_mod is w_mod and r_io == "in")
         )
         if not ok:
-            what = "its output" if bundle.kind == "sae" else "its input and its output"
+            what = "the output" if bundle.kind == "sae" else "the input and the output"
             raise ConversionError(
                 f"{bundle.kind} reading {read} and writing {write}: a PEFT adapter reads "
                 f"{what} of one module, and these hook points are not that (a vlmscope "
