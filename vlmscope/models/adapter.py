@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from vlmscope.models.chat import tokenizer_special_ids
+from vlmscope.models.vision import VisionView, one_view_per_image, view_layout
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,8 @@ class ModelAdapter:
     #: dotted path of the vision encoder's block list, and of the projector into the LM.
     vision_blocks: ClassVar[str | None] = None
     projector: ClassVar[str | None] = None
+    #: dotted path of a vision block's MLP, relative to the block.
+    vision_mlp: ClassVar[str] = "mlp"
     layer_map: ClassVar[LayerMap] = LayerMap()
     capabilities: ClassVar[Capabilities] = Capabilities()
     #: token strings whose ids are image placeholders in the LM input.
@@ -198,6 +201,20 @@ class ModelAdapter:
         if self.projector is None:
             return None
         return get_submodule(self.model, self.projector)
+
+    def vision_mlp_module(self, i: int) -> nn.Module:
+        """The MLP of vision block i."""
+        blocks = self.vision_block_list()
+        if blocks is None:
+            raise AttributeError(f"{self.family} models have no vision tower")
+        return get_submodule(blocks[i], self.vision_mlp)
+
+    def has_vision_mlp(self) -> bool:
+        """Whether vision blocks have an MLP at `vision_mlp` (for its hook points)."""
+        try:
+            return self.n_vision_layers > 0 and self.vision_mlp_module(0) is not None
+        except AttributeError:
+            return False
 
     # --- dimensions -------------------------------------------------------------------------
     @property
@@ -275,6 +292,20 @@ class ModelAdapter:
         base/global view); tiles and high-resolution views count from 1; col -1 marks a
         row-separator token that belongs to the image but not to a grid cell."""
         raise NotImplementedError(f"{self.family}: image token layout not implemented")
+
+    # --- vision-encoder positions ------------------------------------------------------------
+    def vision_views(self, inputs: Mapping[str, Any]) -> list[VisionView]:
+        """(image, view, tile_row, tile_col) of every view the vision encoder sees, in its
+        order (see models/vision.py); by default each image of pixel_values is one view."""
+        return one_view_per_image(inputs)
+
+    def vision_layout(
+        self, inputs: Mapping[str, Any], name: str, shape: tuple[int, ...]
+    ) -> torch.Tensor:
+        """[rows, 4] (image, view, row, col) of each row of vision hook `name`, whose
+        activation has shape `shape` (width left out); row = col = -1 for CLS / register
+        tokens, -2 for padding patches (see models/vision.py)."""
+        return view_layout(self.vision_views(inputs), shape, name)
 
     # --- attention --------------------------------------------------------------------------
     def sliding_window(self, i: int) -> int | None:
