@@ -34,7 +34,8 @@ from torch import Tensor, nn
 from vlmscope.dictionaries import SparseCoder
 from vlmscope.peft.config import SaeConfig
 
-MaskSpec = Tensor | Mapping[str, Tensor] | None
+RowSelector = Tensor | Callable[[Tensor], Tensor]
+MaskSpec = RowSelector | Mapping[str, RowSelector] | None
 
 _MASK: ContextVar[MaskSpec] = ContextVar("vlmscope_sae_mask", default=None)
 
@@ -44,9 +45,10 @@ def sae_mask(mask: MaskSpec) -> Iterator[None]:
     """Select the rows the adapters read during the block.
 
     A bool tensor applies to every adapter layer and must have the shape of its output minus
-    the last dim (e.g. [batch, seq] for language-model modules). A mapping {pattern: mask}
-    gives each layer the mask of the first fnmatch pattern that matches its module name;
-    layers that no pattern matches read every row.
+    the last dim (e.g. [batch, seq] for language-model modules); a function of the layer's
+    hidden-state tensor returns such a mask (vision rows depend on the tensor's shape). A
+    mapping {pattern: mask or function} gives each layer the one of the first fnmatch pattern
+    that matches its module name; layers that no pattern matches read every row.
     """
     token = _MASK.set(mask)
     try:
@@ -219,6 +221,8 @@ class SaeLayer(nn.Module, BaseTunerLayer):
             )
         if spec is None:
             return None
+        if callable(spec):
+            spec = spec(hidden)
         want = tuple(hidden.shape[:-1])
         if tuple(spec.shape) != want:
             raise ValueError(
@@ -322,6 +326,7 @@ def _guess_widths(module: nn.Module) -> tuple[int | None, int | None]:
 
 __all__ = [
     "MaskSpec",
+    "RowSelector",
     "SaeLayer",
     "SaeStats",
     "module_input",

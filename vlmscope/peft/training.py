@@ -21,15 +21,17 @@ does (gradient component along each row removed before the step, rows renormalis
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor
 from torch.utils.data import IterableDataset
 from transformers import TrainerCallback, TrainingArguments
 
 from vlmscope.data.processing import Sample, SampleEncoder, SkipCounter, collate, encode_stream
 from vlmscope.models.masks import TokenKind
+from vlmscope.models.vision import vision_row_mask
 from vlmscope.peft.layer import SaeLayer
 from vlmscope.training.config import default_lr
 
@@ -39,7 +41,10 @@ if TYPE_CHECKING:
 
 
 class SaeCollator:
-    """Collates encoded samples into model inputs plus `sae_mask` (see the module docstring)."""
+    """Collates encoded samples into model inputs plus `sae_mask` (see the module docstring):
+    language-model modules read the selected tokens; modules of the vision tower and the
+    projector read the image patches of their own rows (CLS / register tokens too with
+    include_special_tokens), placed by `HookedVLM.vision_positions`."""
 
     def __init__(
         self, vlm: HookedVLM, tokens: TokenKind = "all", include_special_tokens: bool = False
@@ -49,15 +54,31 @@ class SaeCollator:
         self.include_special_tokens = include_special_tokens
         pad = vlm.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else 0
-        self.lm_pattern = f"{vlm.adapter.language_model}.*"
+        a = vlm.adapter
+        self.patterns: dict[str, str] = {f"{a.language_model}.*": ""}
+        if a.vision_blocks is not None and a.n_vision_layers:
+            self.patterns[f"{a.vision_blocks}.*"] = "vision.blocks.0.hook_resid_post"
+        if a.projector is not None:
+            self.patterns[a.projector] = self.patterns[f"{a.projector}.*"] = "projector.hook_out"
 
     def __call__(self, samples: Sequence[Sample]) -> dict[str, Any]:
         batch = collate(list(samples), self.pad_id, masks=self.vlm.masks)
         assert batch.masks is not None
         inputs: dict[str, Any] = dict(batch.inputs)
         rows = batch.masks.select(self.tokens, include_special=self.include_special_tokens)
-        inputs["sae_mask"] = {self.lm_pattern: rows}
+        mask: dict[str, Any] = {}
+        for pattern, hook in self.patterns.items():
+            mask[pattern] = rows if not hook else self._vision_rows(batch.inputs, hook)
+        inputs["sae_mask"] = mask
         return inputs
+
+    def _vision_rows(self, inputs: dict[str, Any], hook: str) -> Callable[[Tensor], Tensor]:
+        def rows(hidden: Tensor) -> Tensor:
+            layout = self.vlm.vision_positions(inputs, hook, hidden.shape[:-1])
+            keep = vision_row_mask(layout, self.include_special_tokens)
+            return keep.reshape(hidden.shape[:-1])
+
+        return rows
 
 
 class SaeTrainingData(IterableDataset):  # type: ignore[type-arg]

@@ -15,6 +15,7 @@ Only a live source can splice dictionaries back into the model (`loss_fn` ce/kl)
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -402,10 +403,14 @@ class LiveSource:
         masks = batch.masks if batch.masks is not None else vlm.masks(batch.inputs)
         positions = masks.select(self.cfg.tokens, include_special=self.cfg.include_special_tokens)
         names = list(dict.fromkeys(self.reads + self.writes))
-        out, cache = vlm.run_with_cache(batch.inputs, names=names, mask=positions, masks=masks)
+        out: Any = None
+        if all(is_vision_hook(n) for n in names):
+            cache = self._vision_cache(batch, names, masks)
+        else:
+            out, cache = vlm.run_with_cache(batch.inputs, names=names, mask=positions, masks=masks)
         rows = self._rows
-        xs = [rows(batch.inputs, r, cache[r]) for r in self.reads]
-        ys = [rows(batch.inputs, w, cache[w]) for w in self.writes]
+        xs = [rows(batch.inputs, r, cache.get(r), self.d_in) for r in self.reads]
+        ys = [rows(batch.inputs, w, cache.get(w), self.d_out) for w in self.writes]
         # In forward order, so the error names the first hook where the values broke.
         pairs = [
             p for i in range(len(xs)) for p in ((self.reads[i], xs[i]), (self.writes[i], ys[i]))
@@ -420,10 +425,31 @@ class LiveSource:
                 ) from None
         return xs, ys, out, masks, positions
 
-    def _rows(self, inputs: Any, name: str, t: torch.Tensor) -> torch.Tensor:
+    def _vision_cache(
+        self, batch: Batch, names: list[str], masks: TokenMasks
+    ) -> dict[str, torch.Tensor]:
+        """Vision-side activations from a forward that stops where the language model starts:
+        a run on vision and projector hooks alone never needs the language model's layers."""
+        vlm = self._model()
+        cache: dict[str, torch.Tensor] = {}
+
+        def store(t: torch.Tensor, ctx: HookContext) -> None:
+            cache[ctx.name] = t.detach()
+
+        def stop(t: torch.Tensor, ctx: HookContext) -> None:
+            raise _VisionDone
+
+        hooks = [(n, store) for n in names] + [("lm.blocks.0.hook_resid_pre", stop)]
+        with torch.no_grad(), vlm.hooks(hooks, masks=masks), contextlib.suppress(_VisionDone):
+            vlm.forward(batch.inputs, masks=masks)
+        return cache
+
+    def _rows(self, inputs: Any, name: str, t: torch.Tensor | None, width: int) -> torch.Tensor:
         """[N, d] float rows of a cached activation: LM hooks are cached at the selected
         tokens already; vision hooks keep their image patches (and CLS / register tokens
-        with --include-special-tokens)."""
+        with --include-special-tokens); none where the hook did not run (no images)."""
+        if t is None:
+            return torch.zeros(0, width, device=self.device)
         if not is_vision_hook(name):
             return t.flatten(1).float()
         layout = self._model().vision_positions(inputs, name, t.shape[:-1])
@@ -479,3 +505,7 @@ def _probe_image() -> Any:
     from PIL import Image
 
     return Image.new("RGB", (64, 64), (255, 255, 255))
+
+
+class _VisionDone(Exception):
+    """Raised by a hook to end a forward once the vision-side activations are in."""
