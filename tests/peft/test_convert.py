@@ -109,3 +109,23 @@ def test_dictionaries_without_an_adapter_form_are_refused_with_the_reason(
     )
     with pytest.raises(ConversionError, match="reads the output of one module"):
         from_bundle(toy.model, resid_pre)
+
+
+def test_a_vision_mlp_transcoder_adapter_is_a_vision_transcoder_run(toy: HookedVLM) -> None:
+    cfg = TopKSaeConfig(
+        kind="transcoder",
+        k=4,
+        num_latents=64,
+        target_modules=r"model\.vision_tower\.encoder\.layers\.1\.mlp",
+    )
+    pm = get_peft_sae_model(toy.model, cfg)
+    bundle = to_bundle(pm)
+    assert bundle.kind == "transcoder"
+    assert bundle.reads == ["vision.blocks.1.mlp.hook_in"]
+    assert bundle.writes == ["vision.blocks.1.mlp.hook_out"]
+    fresh = HookedVLM.from_pretrained(toy_path(), device="cpu")
+    back = from_bundle(fresh.model, bundle)
+    layer = back.get_base_model().model.vision_tower.encoder.layers[1].mlp
+    want = pm.get_base_model().model.vision_tower.encoder.layers[1].mlp.sae_coders["default"]
+    for k, v in want.state_dict().items():
+        assert torch.equal(layer.sae_coders["default"].state_dict()[k], v), k

@@ -76,3 +76,30 @@ def test_hf_trainer_steps_equal_vlmscope_training_steps_on_image_tokens(
     trainer.save_model(str(tmp_path / "final"))
     saved = {p.name for p in (tmp_path / "final").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors"} <= saved
+
+
+def test_vision_and_projector_adapters_read_image_patches(toy: HookedVLM) -> None:
+    """The collator's sae_mask gives modules of the vision tower and the projector their own
+    rows: the 16 patches of each image (not the CLS token), whatever the language-model
+    token selection."""
+    records = open_training_data(TrainConfig(model="toy", dataset="shapes:8", output_dir="x"))
+    data = SaeTrainingData(toy, records, tokens="text")
+    cfg = TopKSaeConfig(
+        k=4,
+        num_latents=64,
+        mode="observe",
+        target_modules=r"model\.vision_tower\.encoder\.layers\.1|model\.multi_modal_projector"
+        r"|model\.language_model\.layers\.1",
+    )
+    pm = get_peft_sae_model(toy.model, cfg)
+    pm.eval()
+    batch = data.collator(list(itertools.islice(iter(data), 3)))
+    with torch.no_grad():
+        pm(**batch)
+    rows = {k.split("/")[0]: m["rows"] for k, m in pm.last_sae_outputs.metrics.items()}
+    text = batch["sae_mask"]["model.language_model.*"]
+    assert rows == {
+        "model.vision_tower.encoder.layers.1": 3 * 16,
+        "model.multi_modal_projector": 3 * 16,
+        "model.language_model.layers.1": int(text.sum()),
+    }
