@@ -4,6 +4,7 @@ replacement done by hand with hooks on the plain model."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from vlmscope.models.hooked import HookContext, HookedVLM
 from vlmscope.models.toy import toy_path
 from vlmscope.replacement.evaluate import evaluate, next_token_ce
 from vlmscope.replacement.model import ReplacementModel
-from vlmscope.training.bundle import DictionaryBundle
+from vlmscope.training.bundle import DictionaryBundle, ModelMismatchError
 
 READ, WRITE = "vision.blocks.1.mlp.hook_in", "vision.blocks.1.mlp.hook_out"
 
@@ -87,3 +88,12 @@ def test_a_vision_mlp_transcoder_is_replaced_at_image_patches_only() -> None:
     with torch.no_grad():
         torch.testing.assert_close(rm.forward(inputs).logits, replaced, atol=1e-5, rtol=1e-5)
     assert res["kl"] > 0  # the replacement changes the answer distribution
+
+
+def test_vision_dictionaries_on_a_text_only_model_are_refused_clearly(zoo_path: Any) -> None:
+    vlm = HookedVLM.from_pretrained(zoo_path("llama"), device="cpu")
+    cfg = SparseCoderConfig(kind="transcoder", k=2, num_latents=16)
+    info = {"name": "toy", "family": "llava"}
+    bundle = DictionaryBundle.create(cfg, [READ], [WRITE], 64, 64, info)
+    with pytest.raises(ModelMismatchError, match=r"text-only model .* no vision tower"):
+        ReplacementModel(vlm, bundle)
