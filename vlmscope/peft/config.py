@@ -137,6 +137,9 @@ class JumpReLUSaeConfig(SaeConfig):
     sparsity_coeff: float = 0.01
 
 
+# Registration needs SaeModel, which needs this module: import it once the configs exist.
+import vlmscope.peft.model  # noqa: E402, F401
+
 __all__ = [
     "ADAPTER_KINDS",
     "CODER_FIELDS",

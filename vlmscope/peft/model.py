@@ -215,6 +215,8 @@ class PeftSaeModel(PeftModel):
         with warnings.catch_warnings():
             # Wrapping a model that already carries injected SAE layers reuses them.
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            # transformers 5 deprecates the attribute PeftModel reads; nothing to do here.
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
             super().__init__(
                 model,
                 peft_config,
@@ -282,6 +284,8 @@ def module_name_pattern(names: list[str]) -> str:
     """A regular expression for target_modules that matches exactly these module names."""
     return "|".join(re.escape(n) for n in names)
 
+
+register()  # with peft, as soon as the tuner exists
 
 __all__ = [
     "AdapterMismatchError",
