@@ -8,7 +8,7 @@ there. Families without a vision tower get a clear error instead of a KeyError.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +23,9 @@ from vlmscope.replacement.evaluate import evaluate
 from vlmscope.training.config import parse_train_args
 from vlmscope.training.trainer import TrainingError, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 _LOADED: dict[str, HookedVLM] = {}
-
-
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread() -> Iterator[None]:
-    """Tiny models: one thread is as fast alone and much faster on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(params=zoo.names())

@@ -1,25 +1,18 @@
-"""Shared setup for the PEFT adapter tests: the toy VLM, loaded once per module."""
+"""Shared setup for the PEFT adapter tests: one thread, a fresh toy VLM, a shapes image."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
-import torch
 from PIL import Image
 
-import vlmscope.peft  # noqa: F401  (registers the SAE with peft)
+import vlmscope.peft.model  # noqa: F401  (registers the SAE with peft)
 from vlmscope.data.shapes import ShapeObject, ShapesConfig, render, shape_box
 from vlmscope.models.hooked import HookedVLM
 
 
 @pytest.fixture(autouse=True)
-def _one_intra_op_thread() -> Iterator[None]:
-    """Tiny tensors: one thread is as fast alone and much faster on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread: None) -> None:
+    """Tiny models and tensors: see tests/conftest.py."""
 
 
 @pytest.fixture()

@@ -3,7 +3,6 @@ replacement done by hand with hooks on the plain model."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,15 +16,9 @@ from vlmscope.replacement.evaluate import evaluate, next_token_ce
 from vlmscope.replacement.model import ReplacementModel
 from vlmscope.training.bundle import DictionaryBundle, ModelMismatchError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 READ, WRITE = "vision.blocks.1.mlp.hook_in", "vision.blocks.1.mlp.hook_out"
-
-
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_a_vision_mlp_transcoder_is_replaced_at_image_patches_only() -> None:

@@ -3,8 +3,6 @@ language-model layers run for them."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -13,15 +11,9 @@ from vlmscope.models.toy import toy_path
 from vlmscope.training.config import parse_train_args
 from vlmscope.training.sources import LiveSource, TrainState
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 HOOKS = ["vision.blocks.1.hook_resid_post", "projector.hook_out"]
-
-
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("special", [False, True])

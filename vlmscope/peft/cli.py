@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+MODEL_HELP = "HF model name or local path (a zoo name such as `toy`)"
+
 
 def add_peft_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The `export` and `import` subcommands of `vlmscope peft`."""
@@ -27,7 +29,7 @@ def add_peft_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "and output it reads and writes (e.g. a vision block's MLP); CLTs and transcoders that "
         "read hook_resid_mid have no adapter form and are refused.",
     )
-    ex.add_argument("model", help="HF model name or local path (a zoo name such as `toy`)")
+    ex.add_argument("model", help=MODEL_HELP)
     ex.add_argument("dictionaries", help="folder written by `vlmscope train` (run/dictionaries)")
     ex.add_argument("out", help="adapter folder to write")
     ex.add_argument(
@@ -44,7 +46,7 @@ def add_peft_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "run folder that `vlmscope eval`, ReplacementModel and attribution read, bound to the "
         "hook points at the adapted modules.",
     )
-    im.add_argument("model", help="HF model name or local path (a zoo name such as `toy`)")
+    im.add_argument("model", help=MODEL_HELP)
     im.add_argument("adapter", help="PEFT adapter folder (adapter_config.json inside)")
     im.add_argument("out", help="dictionaries folder to write")
     im.add_argument(
