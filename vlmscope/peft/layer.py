@@ -95,8 +95,8 @@ class SaeLayer(nn.Module, BaseTunerLayer):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("base_layer", "sae_coders") or name.startswith("__"):
-                raise
+            if name.startswith("_") or name in ("base_layer", "sae_coders"):
+                raise  # private state (also while the object is being built or copied)
             return getattr(self._modules["base_layer"], name)
 
     # --- adapters ----------------------------------------------------------------------------
