@@ -8,18 +8,20 @@ through `vlmscope train`'s own trainer), then reads the held-out shapes world (t
 the toy sees a 64x64 image as 4x4 patches of 16 px, exactly the shapes world's cells, so each
 patch is labelled with the colour and shape of the object drawn in its cell, or background.
 
-For every colour and every shape, and for each unit (an SAE feature, or as baselines a
-neuron of the same residual stream or a random direction in it), the patches are ranked by
-the unit's activation:
+Units are the SAE's features and, as baselines, the neurons of the same residual stream (each
+in both signs) and as many random directions in it. A unit's top patches are the N (--top)
+held-out patches where it is most active; an *object unit* is a live unit whose top patches
+are >= 90% on an object. Reported per kind of unit:
 
-  precision@N  the fraction of the unit's N top-activating patches that have that colour
-               (shape); the best unit per colour (shape) is reported
-  AUROC        how well the unit's activation separates patches with that colour (shape) from
-               all other patches (1 = perfectly, 0.5 = chance)
+  pure in colour / shape / both   the share of object units whose top patches are >= 90% one
+                                  colour, one shape, or one colour and one shape
+  pairs covered                   how many (colour, shape) pairs have a unit pure in both
+  best precision@N                per colour (shape), the best unit's share of top patches with
+                                  that colour (shape); mean over colours / shapes
+  best AUROC                      per colour (shape), how well the best unit's activation alone
+                                  separates patches with it from all others (0.5 = chance)
 
-and a unit is *pure* when at least 90% of its top N patches share one colour (one shape).
-The figure shows, for each colour and shape, the top patches of the SAE feature with the best
-precision@N.
+The figure shows the SAE's object features, each with its top patches (3x enlarged).
 """
 
 from __future__ import annotations
@@ -54,7 +56,9 @@ def train_sae(args: argparse.Namespace, hook: str, out: Path) -> DictionaryBundl
     cfg = TrainConfig(
         model="toy",
         dataset="shapes",
-        sae=SaeArgs(k=args.k, expansion_factor=args.expansion),
+        sae=SaeArgs(
+            k=args.k, expansion_factor=args.expansion, dead_tokens_threshold=args.dead_tokens
+        ),
         hookpoints=[hook],
         batch_size=args.batch_size,
         max_steps=args.steps,
@@ -117,54 +121,70 @@ def auroc(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
     return (ranks[positive].sum(0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
-def score(
-    acts: torch.Tensor, labels: list[str], values: list[str], top: int, on_object: torch.Tensor
-) -> dict[str, Any]:
-    """Best precision@top and AUROC per label value over the units (columns of acts); and,
-    among *object units* (live units whose top patches are >= 90% on an object), the
-    fraction whose top patches are >= 90% one value."""
+def units_profile(
+    acts: torch.Tensor, colours: list[str], kinds: list[str], top: int
+) -> dict[str, torch.Tensor]:
+    """Per unit (column of acts): whether it is live, the share of its top patches on an
+    object, and the dominant colour / shape of those patches with its share (purity)."""
     idx = acts.topk(top, dim=0).indices  # [top, U]
+    out: dict[str, Any] = {"live": acts.max(0).values > 0}
+    on_object = torch.tensor([c != BACKGROUND for c in colours])
+    out["object"] = on_object[idx].float().mean(0)
+    for key, labels in (("colour", colours), ("shape", kinds)):
+        values = sorted(set(labels) - {BACKGROUND})
+        code = torch.tensor([values.index(x) if x in values else -1 for x in labels])
+        counts = torch.stack([(code[idx] == v).float().mean(0) for v in range(len(values))])
+        purity, which = counts.max(0)
+        out[key] = purity
+        out[f"{key}_value"] = [values[i] for i in which.tolist()]
+    return out
+
+
+def best_per_value(acts: torch.Tensor, labels: list[str], top: int) -> dict[str, dict[str, Any]]:
+    """For each colour (shape): the unit with the best precision@top, and the best AUROC."""
+    idx = acts.topk(top, dim=0).indices
     live = acts.max(0).values > 0
-    objects = live & (on_object[idx].float().mean(0) >= 0.9)
-    best: dict[str, dict[str, float | int]] = {}
-    pure = torch.zeros(acts.shape[1], dtype=torch.bool)
-    for v in values:
+    best = {}
+    for v in sorted(set(labels) - {BACKGROUND}):
         mask = torch.tensor([x == v for x in labels])
         prec = mask[idx].float().mean(0)
         prec[~live] = 0
         u = int(prec.argmax())
         best[v] = {"unit": u, "precision": float(prec[u]), "auroc": float(auroc(acts, mask).max())}
-        pure |= prec >= 0.9
-    n_obj = int(objects.sum())
-    share = float(pure[objects].float().mean()) if n_obj else float("nan")
-    return {"best": best, "pure": share, "live": int(live.sum()), "objects": n_obj}
+    return best
 
 
 def figure(
-    path: Path, best: dict[str, dict[str, Any]], acts: torch.Tensor, where: list[Any], top: int
+    path: Path, profile: dict[str, Any], acts: torch.Tensor, where: list[Any], rows: int
 ) -> None:
-    """One row per colour and shape: its best feature's top patches, 3x enlarged."""
+    """The SAE's object features (top patches >= 90% on an object), most active first, each
+    with its top patches (3x enlarged) and the colour / shape purity of its top patches."""
     from PIL import Image, ImageDraw
 
-    cell, scale, label_w, gap = 16, 3, 190, 4
-    shown = min(top, 10)
-    rows = list(best.items())
-    width = label_w + shown * (cell * scale + gap)
-    height = len(rows) * (cell * scale + gap) + gap
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    cell, scale, label_w, gap, shown = 16, 3, 200, 4, 10
+    chosen = ((profile["object"] >= 0.9) & profile["live"]).nonzero().squeeze(1).tolist()
+    chosen.sort(key=lambda u: -float(acts[:, u].max()))
+    chosen = sorted(
+        chosen[:rows], key=lambda u: (profile["shape_value"][u], profile["colour_value"][u])
+    )
+    size = cell * scale
+    canvas = Image.new(
+        "RGB", (label_w + shown * (size + gap), len(chosen) * (size + gap) + gap), "white"
+    )
     draw = ImageDraw.Draw(canvas)
-    for i, (value, info) in enumerate(rows):
-        y = gap + i * (cell * scale + gap)
-        text = f"{value}: feature {info['unit']}\nprecision {info['precision']:.2f}"
-        draw.multiline_text((6, y + 6), text, fill=(0, 0, 0))
-        order = acts[:, info["unit"]].topk(shown).indices.tolist()
-        for j, n in enumerate(order):
+    for i, u in enumerate(chosen):
+        y = gap + i * (size + gap)
+        text = (
+            f"feature {u}\n{profile['colour_value'][u]} {float(profile['colour'][u]):.2f}, "
+            f"{profile['shape_value'][u]} {float(profile['shape'][u]):.2f}"
+        )
+        draw.multiline_text((6, y + 8), text, fill=(0, 0, 0))
+        for j, n in enumerate(acts[:, u].topk(shown).indices.tolist()):
             picture, r, c = where[n]
             crop = picture.crop((c * cell, r * cell, c * cell + cell, r * cell + cell))
-            crop = crop.resize((cell * scale, cell * scale), Image.NEAREST)
-            x = label_w + j * (cell * scale + gap)
-            canvas.paste(crop, (x, y))
-            draw.rectangle([x - 1, y - 1, x + cell * scale, y + cell * scale], outline=(180,) * 3)
+            x = label_w + j * (size + gap)
+            canvas.paste(crop.resize((size, size), Image.NEAREST), (x, y))
+            draw.rectangle([x - 1, y - 1, x + size, y + size], outline=(180, 180, 180))
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path, optimize=True)
 
@@ -176,6 +196,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="images per step (16)")
     p.add_argument("--expansion", type=int, default=4, help="latents per input dim (4)")
     p.add_argument("--k", type=int, default=8, help="TopK k (8)")
+    p.add_argument(
+        "--dead-tokens",
+        type=int,
+        default=10_000,
+        help="patches without firing after which a latent is dead and AuxK revives it (10000)",
+    )
     p.add_argument("--eval", type=int, default=500, help="held-out images (500)")
     p.add_argument("--top", type=int, default=20, help="top-activating patches per unit (20)")
     p.add_argument("--seed", type=int, default=0, help="seed of training and data (0)")
@@ -208,32 +234,33 @@ def main(argv: list[str] | None = None) -> None:
     shape_values = sorted(set(kinds) - {BACKGROUND})
     n_obj = sum(c != BACKGROUND for c in colours)
     print(f"\n{hook}: {len(x)} held-out patches of {args.eval} images ({n_obj} on an object)\n")
-    print(f"| units | count (live / object units) | colour: best precision@{args.top} | "
-          f"colour: best AUROC | shape: best precision@{args.top} | shape: best AUROC | "
-          f"object units pure in colour | pure in shape |")  # fmt: skip
+    print(f"| units | live (object units) | object units pure in colour | in shape | in both | "
+          f"colour x shape pairs covered | best precision@{args.top}, colours / shapes | "
+          f"best AUROC, colours / shapes |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")
-    results = {}
-    on_object = torch.tensor([c != BACKGROUND for c in colours])
+    profiles = {}
     for name, acts in units.items():
-        c = score(acts, colours, col_values, args.top, on_object)
-        s = score(acts, kinds, shape_values, args.top, on_object)
-        results[name] = (c, s)
+        prof = units_profile(acts, colours, kinds, args.top)
+        profiles[name] = prof
+        obj = prof["live"] & (prof["object"] >= 0.9)
+        pc, ps = prof["colour"][obj] >= 0.9, prof["shape"][obj] >= 0.9
+        both = obj.nonzero().squeeze(1)[(pc & ps)].tolist()
+        pairs = {(prof["colour_value"][u], prof["shape_value"][u]) for u in both}
+        n_pairs = len(col_values) * len(shape_values)
+        bc, bs = best_per_value(acts, colours, args.top), best_per_value(acts, kinds, args.top)
 
         def mean(d: dict[str, Any], key: str) -> float:
-            return sum(v[key] for v in d["best"].values()) / len(d["best"])
+            return sum(v[key] for v in d.values()) / len(d)
 
         print(
-            f"| {name} | {acts.shape[1]} ({c['live']} / {c['objects']}) | "
-            f"{mean(c, 'precision'):.2f} | {mean(c, 'auroc'):.3f} | {mean(s, 'precision'):.2f} | "
-            f"{mean(s, 'auroc'):.3f} | {100 * c['pure']:.0f}% | {100 * s['pure']:.0f}% |"
+            f"| {name} | {int(prof['live'].sum())} of {acts.shape[1]} ({int(obj.sum())}) | "
+            f"{100 * float(pc.float().mean()):.0f}% | {100 * float(ps.float().mean()):.0f}% | "
+            f"{100 * float((pc & ps).float().mean()):.0f}% | {len(pairs)} of {n_pairs} | "
+            f"{mean(bc, 'precision'):.2f} / {mean(bs, 'precision'):.2f} | "
+            f"{mean(bc, 'auroc'):.3f} / {mean(bs, 'auroc'):.3f} |"
         )
-    print("(best precision and AUROC: the best unit per colour or shape, mean over them)")
-    c, s = results["SAE features"]
-    print("\nBest SAE feature per value (precision@top, AUROC):")
-    for v, info in {**c["best"], **s["best"]}.items():
-        print(f"  {v:<10} feature {info['unit']:>4}  {info['precision']:.2f}  {info['auroc']:.3f}")
     if args.figure:
-        figure(Path(args.figure), {**c["best"], **s["best"]}, feats, where, args.top)
+        figure(Path(args.figure), profiles["SAE features"], units["SAE features"], where, 16)
         print(f"\nfigure written to {args.figure}")
 
 
