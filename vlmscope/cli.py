@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from vlmscope.attribution.cli import add_attribute_arguments, run_attribute_command
 from vlmscope.features.cli import add_features_arguments, run_features_command
+from vlmscope.peft.cli import add_peft_arguments, run_peft_command
 from vlmscope.replacement.evaluate import add_eval_arguments, run_eval_command
 from vlmscope.training.config import SuggestingParser, build_train_parser
 from vlmscope.viewer.cli import add_serve_arguments, run_serve_command
@@ -132,6 +133,11 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     return run_serve_command(args)
+
+
+def cmd_peft(args: argparse.Namespace) -> int:
+    _quiet_transformers()
+    return run_peft_command(args)
 
 
 # --- vlmscope zoo ----------------------------------------------------------------------------
@@ -291,6 +297,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plan_arguments(pl)
     pl.set_defaults(func=cmd_plan)
+
+    pe = sub.add_parser(
+        "peft",
+        help="convert between dictionary runs and PEFT SAE adapters (export, import)",
+        description="Dictionary runs <-> PEFT SAE adapters (adapter_config.json + "
+        "adapter_model.safetensors) with identical weights; the adapters load with "
+        "vlmscope.peft.PeftSaeModel.from_pretrained.",
+    )
+    add_peft_arguments(pe)
+    pe.set_defaults(func=cmd_peft)
 
     z = sub.add_parser(
         "zoo", help="the offline zoo of tiny models (list, save) and the trained toy VLM"

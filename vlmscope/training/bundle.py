@@ -295,7 +295,13 @@ class DictionaryBundle(nn.Module):
 
         available = set(all_hook_names(adapter))
         missing = [h for h in self.hook_names() if h not in available]
-        if missing:
+        vision = [h for h in missing if h.startswith(("vision.", "projector."))]
+        if vision and adapter.n_vision_layers == 0:
+            problems.append(
+                f"{vision[:2]} are vision-tower hooks and this is a text-only model (family "
+                f"{adapter.family}) with no vision tower"
+            )
+        elif missing:
             problems.append(f"hook points not in this model: {missing[:4]}")
         # The weights themselves, whatever the metadata says (it may be absent or hand-made).
         d_in, d_out = self.cfg.d_in, self.cfg.d_out or self.cfg.d_in

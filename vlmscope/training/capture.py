@@ -189,6 +189,11 @@ def _remove_leftovers(folder: Path, manifest: dict[str, Any] | None) -> None:
 def capture_hooks(cfg: TrainConfig, vlm: HookedVLM) -> list[str]:
     """The hooks to store, in forward order: resid_mid and mlp.hook_out of --layers, or the
     --hookpoints matches (within --layers when given)."""
+    if cfg.tower != "lm":
+        raise TrainingError(
+            f"--tower {cfg.tower}: the store keeps language-model token positions only; train "
+            "vision-tower dictionaries on the fly (vlmscope train --tower vision ...)"
+        )
     n = vlm.adapter.n_layers
     bad = [layer for layer in cfg.layers if layer >= n]
     if bad:
@@ -197,6 +202,13 @@ def capture_hooks(cfg: TrainConfig, vlm: HookedVLM) -> list[str]:
     if not cfg.hookpoints:
         return vlm.hook_names([h for i in layers for h in (resid_mid(i), mlp_out(i))])
     names = hookpoint_names(cfg.hookpoints, vlm)
+    vision = [h for h in names if not h.startswith("lm.")]
+    if vision:
+        raise TrainingError(
+            f"--hookpoints {cfg.hookpoints} match {vision[:4]}: the store keeps language-model "
+            "token positions only; train vision and projector dictionaries on the fly "
+            "(vlmscope train --hookpoints ...)"
+        )
     if cfg.layers:
         names = [h for h in names if int(h.split(".")[2]) in layers]
         if not names:

@@ -20,9 +20,11 @@ from typing import Any
 
 from vlmscope.data.sources import ColumnMap
 from vlmscope.dictionaries.config import SparseCoderConfig
+from vlmscope.models.vision import is_vision_hook
 
 LOSSES = ("fvu", "ce", "kl")
 TOKEN_KINDS = ("all", "image", "text")
+TOWERS = ("lm", "vision")
 
 #: SparseCoderConfig fields the trainer fills in from the model; not flags.
 _DERIVED_SAE_FIELDS = {"d_in", "d_out", "n_layers", "metadata"}
@@ -46,10 +48,12 @@ def column_map(pairs: Sequence[str]) -> ColumnMap:
 
 
 def trainable_hook(name: str) -> bool:
-    """Hook points (or patterns) whose activations are one vector per LM token (what the
-    trainer selects): not vision/projector hooks (no LM token positions), not attention
-    patterns (maps)."""
-    return name.startswith("lm.") and not name.endswith("hook_pattern")
+    """Hook points (or patterns) whose activations are one vector per position, which the
+    trainer selects: language-model tokens (lm.*, not attention patterns, which are maps) or
+    vision-encoder positions (vision.*, projector.*)."""
+    if name.startswith("lm."):
+        return not name.endswith("hook_pattern")
+    return is_vision_hook(name)
 
 
 def _is_plain_folder_name(name: str) -> bool:
@@ -58,6 +62,11 @@ def _is_plain_folder_name(name: str) -> bool:
 
     seps = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
     return name not in (".", "..") and not any(sep in name for sep in seps) and "\0" not in name
+
+
+def default_lr(num_latents: int) -> float:
+    """The learning rate when --lr is 0: 2e-4 scaled by 1/sqrt(num_latents / 2**14)."""
+    return 2e-4 / math.sqrt(num_latents / 2**14)
 
 
 def is_shapes_dataset(name: str) -> bool:
@@ -150,6 +159,7 @@ class TrainConfig:
     dataset: str = ""
     sae: SaeArgs = field(default_factory=SaeArgs)
     layers: list[int] = field(default_factory=list)
+    tower: str = "lm"
     hookpoints: list[str] = field(default_factory=list)
     tokens: str = "all"
     include_special_tokens: bool = False
@@ -261,10 +271,25 @@ class TrainConfig:
         for pattern in self.hookpoints:
             if not trainable_hook(pattern):
                 raise bad(
-                    f"--hookpoints {pattern!r}: the trainer trains on per-token language-model "
-                    "vectors, so patterns start with 'lm.' and exclude attn.hook_pattern "
-                    "(e.g. 'lm.blocks.*.hook_resid_post')"
+                    f"--hookpoints {pattern!r}: the trainer trains on one vector per position, "
+                    "so patterns start with 'lm.' (and exclude attn.hook_pattern), 'vision.' or "
+                    "'projector.' (e.g. 'lm.blocks.*.hook_resid_post')"
                 )
+        if self.tower not in TOWERS:
+            raise bad(f"--tower must be one of {TOWERS}, got {self.tower!r}")
+        vision = self.tower == "vision" or any(is_vision_hook(h) for h in self.hookpoints)
+        if self.tower == "vision" and kind == "clt":
+            raise bad("--tower vision trains SAEs and per-layer transcoders; a CLT spans the "
+                      "language model's layers (use --sae.kind transcoder)")  # fmt: skip
+        if vision and self.tokens == "text":
+            raise bad(
+                "--tokens text selects no vision-encoder positions (every one is part of an "
+                "image): use --tokens all or image for vision and projector hooks"
+            )
+        if vision and self.loss_fn != "fvu":
+            raise bad("--loss-fn ce/kl splice language-model MLP outputs; vision and projector "
+                      "dictionaries train with --loss-fn fvu (vlmscope eval measures their "
+                      "effect on the answer)")  # fmt: skip
         if self.loss_fn != "fvu" and kind == "sae":
             raise bad("--loss-fn ce/kl splice dictionaries in for MLP outputs: use transcoders "
                       "or a CLT (--sae.transcode)")  # fmt: skip
@@ -299,7 +324,7 @@ class TrainConfig:
             raise ValueError(f"--device {self.device}: XPU is not available on this machine")
 
     def lr_for(self, num_latents: int) -> float:
-        return self.lr or 2e-4 / math.sqrt(num_latents / 2**14)
+        return self.lr or default_lr(num_latents)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -362,12 +387,18 @@ _HELP = {
     "sae.sparsity_coeff": "JumpReLU L0 penalty weight (must be > 0 for jumprelu)",
     "sae.threshold_momentum": "BatchTopK eval threshold EMA (0: plain mean)",
     "sae.normalize_activations": "none | mean_norm (scale inputs to mean norm sqrt(d))",
-    "layers": "LM layers to train on; for a transcoder/CLT its source and target layers "
-    "(a CLT's must be contiguous) (default: all layers)",
-    "hookpoints": "SAE hook-point patterns with * wildcards, lm.* per-token hooks of one width, "
-    "e.g. 'lm.blocks.*.hook_resid_post' (default: hook_resid_post of --layers)",
-    "tokens": "which token positions train the dictionaries; padding is always excluded",
-    "include_special_tokens": "also train on BOS and chat-template control tokens",
+    "layers": "layers of --tower to train on; for a transcoder/CLT its source and target "
+    "layers (a CLT's must be contiguous) (default: all layers)",
+    "tower": "lm: --layers are language-model layers, transcoders read resid_mid and write "
+    "mlp.hook_out; vision: --layers are vision blocks, SAEs read vision.blocks.{i}."
+    "hook_resid_post and transcoders map the block's mlp.hook_in to mlp.hook_out",
+    "hookpoints": "SAE hook-point patterns with * wildcards, of one width: lm.* per-token "
+    "hooks, vision.blocks.* or projector.hook_out (vision-encoder positions), e.g. "
+    "'lm.blocks.*.hook_resid_post' (default: hook_resid_post of --layers)",
+    "tokens": "which token positions train the dictionaries; padding is always excluded "
+    "(vision and projector hooks: image patches, all or image)",
+    "include_special_tokens": "also train on BOS and chat-template control tokens, and on "
+    "the CLS / register tokens of vision hooks",
     "loss_fn": "fvu: reconstruction error; ce / kl: next-token loss / KL to the clean model "
     "with the dictionaries spliced in for the MLP outputs (transcoders and CLTs)",
     "batch_size": "samples (image + conversation) per forward pass",
@@ -418,6 +449,7 @@ _CHOICES: dict[str, Sequence[str]] = {
     "sae.normalize_activations": ("none", "mean_norm"),
     "loss_fn": LOSSES,
     "tokens": TOKEN_KINDS,
+    "tower": TOWERS,
     "schema": ("auto", "llava", "chat", "text"),
     "dtype": ("float32", "bfloat16", "float16"),
 }
