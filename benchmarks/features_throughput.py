@@ -109,8 +109,8 @@ def end_to_end(n_features: int, max_tokens: int) -> dict[str, float]:
     layers = list(range(a.n_layers))
     info = {"name": "bench", "family": a.family, "dims": a.dims(), "tokens": "all",
             "layers": layers}  # fmt: skip
-    bundle = DictionaryBundle.create(cfg, [resid_mid(i) for i in layers],
-                                     [mlp_out(i) for i in layers], a.d_model, a.d_model, info)  # fmt: skip
+    reads, writes = [resid_mid(i) for i in layers], [mlp_out(i) for i in layers]
+    bundle = DictionaryBundle.create(cfg, reads, writes, a.d_model, a.d_model, info)
     with tempfile.TemporaryDirectory() as tmp:
         bundle.save(Path(tmp) / "d")
         opts = FeaturesOptions(max_tokens=max_tokens)
@@ -123,13 +123,26 @@ def end_to_end(n_features: int, max_tokens: int) -> dict[str, float]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--features", type=int, nargs="+", default=[1000, 10_000, 100_000],
-                    help="feature counts for the collector alone")
+    ap.add_argument(
+        "--features",
+        type=int,
+        nargs="+",
+        default=[1000, 10_000, 100_000],
+        help="feature counts for the collector alone",
+    )
     ap.add_argument("--batches", type=int, default=12, help="batches of 2048 tokens per size")
-    ap.add_argument("--baseline", default="d5ccf66",
-                    help="git revision whose collector runs side by side ('none': skip)")
-    ap.add_argument("--e2e-features", type=int, nargs="*", default=[512, 10_000],
-                    help="features per layer for the end-to-end runs (none: skip them)")
+    ap.add_argument(
+        "--baseline",
+        default="d5ccf66",
+        help="git revision whose collector runs side by side ('none': skip)",
+    )
+    ap.add_argument(
+        "--e2e-features",
+        type=int,
+        nargs="*",
+        default=[512, 10_000],
+        help="features per layer for the end-to-end runs (none: skip them)",
+    )
     ap.add_argument("--e2e-tokens", type=int, default=30_000)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = ap.parse_args()

@@ -73,7 +73,8 @@ def check_against_brute(batches: list[Batch], f: int, keep: int, before: int, af
         assert got == [w[0] for w in want]  # the same K best activations, in order
         for r, w in enumerate(want):  # ties too: earlier tokens first, as a stable sort
             assert (int(top["top_sample"][j, r]), int(top["top_pos"][j, r])) == (w[1], w[2])
-            torch.testing.assert_close(top["win_act"][j, r].float(), torch.tensor(w[3]).half().float())
+            want_act = torch.tensor(w[3]).half().float()
+            torch.testing.assert_close(top["win_act"][j, r].float(), want_act)
             assert top["win_tok"][j, r].tolist() == w[4]
         assert bool((top["top_act"][j, len(want) :] == float("-inf")).all())
 

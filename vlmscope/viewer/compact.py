@@ -38,7 +38,9 @@ NODE_FIELDS = ("node_id", "feature_type", "layer", "ctx_idx", "influence", "acti
 
 def compact_graph(graph: dict[str, Any]) -> bytes:
     """The binary form above of a parsed graph (with `nodes` and `links` lists)."""
-    nodes = [{k: n[k] for k in NODE_FIELDS if k in n} for n in graph["nodes"] if isinstance(n, dict)]
+    nodes = [
+        {k: n[k] for k in NODE_FIELDS if k in n} for n in graph["nodes"] if isinstance(n, dict)
+    ]
     index = {str(n.get("node_id")): i for i, n in enumerate(nodes)}
     src, dst, w = [], [], []
     dropped = 0
