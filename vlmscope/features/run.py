@@ -220,7 +220,7 @@ def _collect(
                         t,
                     )
                 )
-            _save_new_images(out, collectors, samples, b, batch, cache, image_refs, proc)
+            _save_new_images(out, collectors, samples, batch, cache, image_refs, proc)
             samples += b
             rows = batch.positions[-1] + 1 if batch.positions and batch.positions[-1] >= 0 else rows
             n_batches += 1
@@ -249,7 +249,6 @@ def _save_new_images(
     out: Path,
     collectors: list[FeatureCollector],
     first: int,
-    n: int,
     batch: Any,
     cache: _ImageCache,
     refs: dict[str, Any],
@@ -258,10 +257,7 @@ def _save_new_images(
     """Store the pictures of this batch's samples that kept examples now point at (once)."""
     wanted: set[tuple[int, int]] = set()
     for c in collectors:
-        hit = (c.top_sample >= first) & (c.top_sample < first + n) & (c.top_cell[..., 0] >= 0)
-        if bool(hit.any()):
-            pairs = torch.stack([c.top_sample[hit], c.top_cell[..., 0][hit].long()], 1)
-            wanted.update(tuple(p) for p in torch.unique(pairs, dim=0).tolist())
+        wanted.update(tuple(p) for p in c.new_images.tolist())
     pm = batch.masks.patch_map.cpu()
     img_mask = batch.masks.image.cpu()
     for s, img in sorted(wanted):
@@ -350,7 +346,7 @@ def _load_progress(
         )
     if (
         tensors.get("0/top_act") is not None
-        and tensors["0/top_act"].shape[1] != bundle.cfg.num_latents
+        and tensors["0/top_act"].shape[0] != bundle.cfg.num_latents
     ):
         raise FeaturesError(f"{folder}: checkpoint is for another dictionary width")
     return tensors, info
@@ -425,8 +421,10 @@ def _write_cards(
         n = c.F
         for start in range(0, n, opts.shard_size):
             cards = []
-            for f in range(start, min(n, start + opts.shard_size)):
-                card = _card(c, f, key, piece, refs, used_files, opts)
+            stop = min(n, start + opts.shard_size)
+            best_first = c.ordered(torch.arange(start, stop))
+            for f in range(start, stop):
+                card = _card(c, best_first, f - start, f, key, piece, refs, used_files, opts)
                 if logits is not None:
                     pv, pi, nv, ni = logits
                     card["top_logits"] = {
@@ -458,6 +456,8 @@ def _pairs(piece: Any, values: torch.Tensor, ids: torch.Tensor) -> list[list[Any
 
 def _card(
     c: FeatureCollector,
+    best_first: dict[str, torch.Tensor],
+    j: int,
     f: int,
     key: str,
     piece: Any,
@@ -465,24 +465,26 @@ def _card(
     used: set[str],
     opts: FeaturesOptions,
 ) -> dict[str, Any]:
+    """Feature f's card; `best_first` is `c.ordered(...)` of its shard, f at row j."""
     examples = []
+    top = {name: t[j] for name, t in best_first.items()}
     for r in range(c.K):
-        act = float(c.top_act[r, f])
+        act = float(top["top_act"][r])
         if act == float("-inf"):
             break
-        toks = c.win_tok[r, f].tolist()
-        vals = c.win_act[r, f].float().tolist()
+        toks = top["win_tok"][r].tolist()
+        vals = top["win_act"][r].float().tolist()
         keep = [j for j, t in enumerate(toks) if t >= 0]
         ex: dict[str, Any] = {
             "activation": round(act, 5),
-            "sample": int(c.top_sample[r, f]),
-            "position": int(c.top_pos[r, f]),
+            "sample": int(top["top_sample"][r]),
+            "position": int(top["top_pos"][r]),
             "tokens": [piece(toks[j]) for j in keep],
             "acts": [round(vals[j], 4) for j in keep],
             "focus": keep.index(opts.before) if opts.before in keep else None,
         }
-        img, view, row, col = (int(v) for v in c.top_cell[r, f])
-        ref = refs.get(f"{int(c.top_sample[r, f])}/{img}") if img >= 0 else None
+        img, view, row, col = (int(v) for v in top["top_cell"][r])
+        ref = refs.get(f"{int(top['top_sample'][r])}/{img}") if img >= 0 else None
         if img >= 0:
             label = patch_label(img, view, row, col)
             if ex["focus"] is not None:

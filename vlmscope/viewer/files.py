@@ -93,9 +93,14 @@ def list_graphs(folder: Path) -> list[dict[str, Any]]:
 
 
 def read_graph(folder: Path, slug: str, max_bytes: int) -> bytes:
-    """The bytes of `folder/<slug>.json`, checked: under the folder, at most `max_bytes`, and
-    valid JSON with `nodes` and `links` lists (else Refused with a message naming the file and,
-    for a syntax error, the line and column)."""
+    """The bytes of `folder/<slug>.json`, checked as `load_graph` does."""
+    return load_graph(folder, slug, max_bytes)[1]
+
+
+def load_graph(folder: Path, slug: str, max_bytes: int) -> tuple[Path, bytes, dict[str, Any]]:
+    """The path, bytes and parsed content of `folder/<slug>.json`, checked: under the folder,
+    at most `max_bytes`, and valid JSON with `nodes` and `links` lists (else Refused with a
+    message naming the file and, for a syntax error, the line and column)."""
     path = safe_child(folder, f"{check_slug(slug)}.json")
     size = path.stat().st_size
     if size > max_bytes:
@@ -118,7 +123,7 @@ def read_graph(folder: Path, slug: str, max_bytes: int) -> bytes:
     for key in ("nodes", "links"):
         if not isinstance(parsed.get(key), list):
             raise Refused(422, f"{slug}.json has no '{key}' list: not an attribution graph")
-    return data
+    return path, data, parsed
 
 
 def read_annotations(folder: Path, slug: str) -> dict[str, Any]:
