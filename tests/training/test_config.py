@@ -57,8 +57,10 @@ def test_kind_resolution() -> None:
         # A CLT source writes to the layers right after it: a gap would misroute it.
         ("--sae.transcode --sae.n_targets 2 --layers 0 2", "a CLT needs contiguous --layers"),
         ("--device foo", "--device must be cpu, cuda, cuda:N, mps or xpu, got 'foo'"),
-        ("--hookpoints vision.blocks.0.hook_resid_post", "patterns start with 'lm.'"),
-        ("--hookpoints projector.hook_out", "patterns start with 'lm.'"),
+        ("--hookpoints vision.blocks.0.hook_resid_post --tokens text", "no vision-encoder"),
+        ("--hookpoints projector.hook_out --loss-fn kl", "train with --loss-fn fvu"),
+        ("--tower vision --sae.transcode --sae.n_targets 2", "a CLT spans"),
+        ("--tower eyes", "invalid choice: 'eyes'"),
         ("--hookpoints lm.blocks.0.attn.hook_pattern", "exclude attn.hook_pattern"),
     ],
 )

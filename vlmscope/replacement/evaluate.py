@@ -61,6 +61,7 @@ from vlmscope.dictionaries import fvu as fvu
 from vlmscope.files import write_text_atomically
 from vlmscope.models.hooked import HookContext, HookedVLM, HookFn
 from vlmscope.models.masks import TokenKind, TokenMasks
+from vlmscope.models.vision import is_vision_hook, vision_row_mask
 from vlmscope.replacement.model import ReplacementModel, ReplaceTokens, flat_rows, unit_hooks
 from vlmscope.training.bundle import DictionaryBundle
 from vlmscope.training.config import is_shapes_dataset
@@ -492,13 +493,34 @@ class _Evaluator:
             self.next[g]["clean"].add(c, torch.zeros_like(c), torch.ones_like(c, dtype=torch.bool))
         self.forward_passes += 1
         score("replaced", self.rm.forward(batch.inputs, masks=masks).logits)
-        zero = HookedVLM.zero_ablate(replace)
+        zero = self._zero(batch, replace)
         score("zero", self._forward(batch, [(w, zero) for w in b.writes], masks))
         if not self.per_layer:
             return
         for t, w in enumerate(b.writes):
-            score(f"replaced:{t}", self._forward(batch, self._single(t, codes, replace), masks))
+            single = self._single(t, codes, replace, batch)
+            score(f"replaced:{t}", self._forward(batch, single, masks))
             score(f"zero:{t}", self._forward(batch, [(w, zero)], masks))
+
+    def _zero(self, batch: Batch, replace: Tensor) -> HookFn:
+        """Zero ablation where the replacement model replaces (LM tokens or vision rows)."""
+
+        def fn(t: Tensor, ctx: HookContext) -> Tensor:
+            return t.masked_fill(self.rm.replaced_rows(batch.inputs, ctx.name, t, replace), 0.0)
+
+        return fn
+
+    def _group_rows(
+        self, batch: Batch, name: str, t: Tensor, lm_rows: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """Rows of each reconstruction group in hook `name`'s flattened activation: the
+        group's tokens for LM hooks; for vision hooks the vision rows the dictionaries were
+        trained on, in groups "all" and "image" ("text" has none)."""
+        if not is_vision_hook(name):
+            return dict(lm_rows)
+        layout = self.vlm.vision_positions(batch.inputs, name, t.shape[:-1])
+        rows = vision_row_mask(layout, self.rm.trained_special).to(t.device)
+        return {g: rows if g != "text" else torch.zeros_like(rows) for g in lm_rows}
 
     def _clean(self, batch: Batch, masks: TokenMasks) -> tuple[dict[int, SparseCodes], Tensor]:
         """Clean forward: encode every unit's read, decode its write, accumulate the stats."""
@@ -519,7 +541,7 @@ class _Evaluator:
             def fn(t: Tensor, ctx: HookContext) -> None:
                 y = flat_rows(t)
                 y_hat = b.decode_unit(i, codes, xs.pop(i))
-                for g, rows in group_rows.items():
+                for g, rows in self._group_rows(batch, ctx.name, t, group_rows).items():
                     c = codes[i]
                     sub = SparseCodes(c.values[rows], c.indices[rows], c.num_latents)
                     self.recon[g][i].add(y[rows], y_hat[rows], sub)
@@ -530,7 +552,7 @@ class _Evaluator:
         return codes, logits
 
     def _single(
-        self, t: int, codes: Mapping[int, SparseCodes], replace: Tensor
+        self, t: int, codes: Mapping[int, SparseCodes], replace: Tensor, batch: Batch
     ) -> list[tuple[str, HookFn]]:
         """Hooks that replace only unit t's write by its reconstruction from the clean codes."""
         b = self.b
@@ -545,7 +567,7 @@ class _Evaluator:
         def write(i: int) -> HookFn:
             def fn(t_: Tensor, ctx: HookContext) -> Tensor:
                 y = b.decode_unit(i, codes, xs.pop(i)).reshape(t_.shape).to(t_.dtype)
-                m = replace.reshape(*replace.shape, *([1] * (t_.dim() - 2)))
+                m = self.rm.replaced_rows(batch.inputs, ctx.name, t_, replace)
                 return torch.where(m, y, t_)
 
             return fn
@@ -648,12 +670,6 @@ def evaluate(
     if not isinstance(bundle, DictionaryBundle):
         path = str(bundle)
         bundle = DictionaryBundle.load(bundle, device=vlm.device)
-    outside = [h for h in bundle.hook_names() if not h.startswith("lm.")]
-    if outside:
-        raise ValueError(
-            f"evaluation replaces language-model hook points (one row per token); {outside[:3]} "
-            "are vision / projector hooks"
-        )
     was_training = bundle.training
     rm = ReplacementModel(vlm, bundle, replace_tokens=replace_tokens)  # checks the model first
     ev = _Evaluator(vlm, rm, groups, per_layer)
