@@ -1,6 +1,7 @@
-"""Planners: predict memory and throughput of a configuration before any GPU is used.
+"""Memory and time planners: what a job will hold on the device and the host, part by part,
+before it runs (no GPU needed), and the largest batch that fits.
 
-`memory.py` is the shared accounting core (model shapes from a config alone, byte lines,
-tables); `training.py` plans `vlmscope train` on N GPUs. `vlmscope plan` serves them
-(`cli.py`); an attribution planner can add its module and flags beside them.
+`memory.py` is the shared accounting core (parts, budgets, model shapes and parameter bytes of
+a model built on the meta device); `attribution.py` plans `vlmscope attribute` and
+`training.py` plans `vlmscope train` on N GPUs. `vlmscope plan` exposes them (`cli.py`).
 """
