@@ -113,11 +113,12 @@ def load_hf(
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     model = auto.from_pretrained(path, **kwargs)
-    # Zoo models saved to disk name small image-only processor subclasses (no torchvision
-    # video processor); importing the zoo registers them with AutoProcessor.
+    # Zoo models saved to disk name small processor subclasses (no torchvision video
+    # processor, PIL image processors); importing their zoo module registers them.
     from vlmscope.models import zoo
 
-    zoo.names()
+    if os.path.isdir(path):
+        zoo.import_saved_classes(path)
     processor: Any
     try:
         processor = AutoProcessor.from_pretrained(path)
