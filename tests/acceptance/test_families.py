@@ -181,6 +181,22 @@ def test_padded_batch_equals_single_runs(
             torch.testing.assert_close(cache[k][b][pos], s_cache[k][0], atol=1e-4, rtol=0)
 
 
+def processor_token_counts(family: str, proc: Any, single: Any, im: Any) -> list[int]:
+    """Image placeholders of a one-image sample by the processor's own per-image formula."""
+    if family in ("idefics3", "smolvlm"):
+        # Their formula counts the tile markers too; placeholders are image_seq_len per view
+        # (tiles + global image), and padding views in pixel_values are all zeros.
+        views = int((single["pixel_values"][0].flatten(1) != 0).any(1).sum())
+        return [views * proc.image_seq_len]
+    if family == "mistral3":
+        # Its formula counts the [IMG_BREAK] / [IMG_END] row markers too: expand the image's
+        # placeholder as the processor does and count the [IMG] tokens in it.
+        text = proc.replace_image_token({"image_sizes": single["image_sizes"].tolist()}, 0)
+        return [text.count(proc.image_token)]
+    sizes = [(im.height, im.width)]
+    return list(proc._get_num_multimodal_tokens(image_sizes=sizes)["num_image_tokens"])
+
+
 def test_image_mask_and_patch_map(family: str, load: Callable[..., HookedVLM]) -> None:
     vlm = load(family)
     if not vlm.adapter.capabilities.has_vision:
@@ -195,15 +211,7 @@ def test_image_mask_and_patch_map(family: str, load: Callable[..., HookedVLM]) -
     # (Only for a one-image sample: OneVision packs images of multi-image samples differently,
     # which that formula ignores; masks() checked those against the real token counts.)
     single = batch(vlm, items[:1])
-    im = items[0][1][0]
-    if family in ("idefics3", "smolvlm"):
-        # Their formula counts the tile markers too; placeholders are image_seq_len per view
-        # (tiles + global image), and padding views in pixel_values are all zeros.
-        views = int((single["pixel_values"][0].flatten(1) != 0).any(1).sum())
-        expected = [views * proc.image_seq_len]
-    else:
-        sizes = [(im.height, im.width)]
-        expected = proc._get_num_multimodal_tokens(image_sizes=sizes)["num_image_tokens"]
+    expected = processor_token_counts(family, proc, single, items[0][1][0])
     assert [len(g) for g in vlm.adapter.image_token_grids(single)] == expected
     assert masks.images_per_sample() == [len(im) for _, im in items]
     assert not (masks.image & masks.special).any() and not (masks.image & masks.pad).any()

@@ -33,6 +33,14 @@ class Capabilities:
     sliding_window: bool = False
     #: attention logits are soft-capped (tanh) before the softmax.
     attn_softcap: bool = False
+    #: some MLPs are mixtures of experts; mlp.hook_in/hook_out are the whole block's
+    #: input and output (router, experts and shared expert together).
+    moe_mlp: bool = False
+    #: attention and MLP read the same normalised input and both add to it (Cohere-style);
+    #: hook_resid_mid is then the layer's input, the stream the MLP reads.
+    parallel_block: bool = False
+    #: image features enter through cross-attention layers, not image tokens (Mllama).
+    cross_attention: bool = False
 
     def to_dict(self) -> dict[str, bool]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -44,13 +52,19 @@ class LayerMap:
 
     `attn_out` and `mlp_out` name the module whose output is the block's contribution to the
     residual stream (after a post-norm where the family has one); `mlp_in_norm` is the norm that
-    reads the mid-layer residual stream.
+    reads the mid-layer residual stream. In a parallel block it is `attn_in_norm` itself: the
+    MLP reads the layer's input, so hook_resid_mid equals hook_resid_pre there. `mlp` may be a
+    mixture of experts (its output may come back flattened to [tokens, d]; hooks see
+    [batch, pos, d]).
     """
 
     attn: str = "self_attn"
     q: str = "self_attn.q_proj"
     k: str = "self_attn.k_proj"
     v: str = "self_attn.v_proj"
+    #: one fused projection whose output is [q | k | v] (Phi-3/4); hook_q/k/v slice it, and
+    #: q/k/v above are then ignored.
+    qkv: str | None = None
     o: str = "self_attn.o_proj"
     q_norm: str | None = None
     k_norm: str | None = None
@@ -139,12 +153,30 @@ class ModelAdapter:
     def block(self, i: int) -> nn.Module:
         return self.blocks()[i]
 
+    def layer_map_of(self, i: int) -> LayerMap:
+        """The component mapping of decoder layer `i` (one for every layer unless a family
+        mixes layer kinds, as Mllama mixes self- and cross-attention layers)."""
+        return self.layer_map
+
     def part(self, i: int, name: str) -> nn.Module:
         """Part `name` of LayerMap (e.g. "attn", "mlp_in_norm") of decoder layer `i`."""
-        path = getattr(self.layer_map, name)
+        lmap = self.layer_map_of(i)
+        if name in ("q", "k", "v") and lmap.qkv is not None:
+            name = "qkv"
+        path = getattr(lmap, name)
         if path is None:
-            raise AttributeError(f"{self.family} layers have no {name}")
+            raise AttributeError(f"{self.family} layer {i} has no {name}")
         return get_submodule(self.block(i), path)
+
+    def qkv_slice(self, i: int, which: str) -> slice | None:
+        """Where `which` ("q", "k" or "v") sits in the output of layer i's fused qkv
+        projection; None when the layer projects q, k and v separately."""
+        if self.layer_map_of(i).qkv is None:
+            return None
+        nq, nkv = self.n_heads * self.d_head, self.n_kv_heads * self.d_head
+        return {"q": slice(0, nq), "k": slice(nq, nq + nkv), "v": slice(nq + nkv, nq + 2 * nkv)}[
+            which
+        ]
 
     def norm(self) -> nn.Module:
         return get_submodule(self.lm(), self.final_norm)
@@ -266,9 +298,10 @@ class ModelAdapter:
         """Masked pre-softmax scores [batch, heads, q_pos, k_pos] of layer i from the raw
         q_proj / k_proj outputs as [batch, pos, heads, d_head], as the model computes them."""
         attn = self.part(i, "attn")
-        if self.layer_map.q_norm is not None:
+        lmap = self.layer_map_of(i)
+        if lmap.q_norm is not None:
             q = self.part(i, "q_norm")(q)
-        if self.layer_map.k_norm is not None:
+        if lmap.k_norm is not None:
             k = self.part(i, "k_norm")(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         if ctx.position_embeddings is not None:

@@ -368,8 +368,10 @@ class HookedVLM:
             if pos_dev is not None and ctx.name.startswith("lm."):
                 if ctx.name.endswith("hook_pattern"):
                     x = x.transpose(1, 2)[pos_dev]
-                else:
+                elif x.shape[:2] == pos_dev.shape:
                     x = x[pos_dev]
+                # else: keys/values of a cross-attention layer run over image features, not
+                # over the token positions the mask selects; they are kept whole.
             cache[ctx.name] = x.to(device) if device is not None else x
             return None
 
@@ -424,16 +426,39 @@ class HookedVLM:
         if p.io == "computed":
             return self._attach_pattern(rh, fn, ctx)
         if p.io == "out":
+            # A fused qkv projection: q, k and v are slices of one output.
+            fused = p.target in ("q", "k", "v")
+            sl = self.adapter.qkv_slice(rh.layer, p.target) if fused else None  # type: ignore[arg-type]
+            # Mixture-of-experts blocks may return [tokens, d]: shown as the input's [b, s, d].
+            in_shape: dict[str, torch.Size] = {}
 
             def out_hook(_m: nn.Module, _args: Any, output: Any) -> Any:
-                r = call(_first_tensor(output))
+                t = _first_tensor(output)
+                view = t
+                if sl is not None:
+                    view = t[..., sl]
+                elif t.dim() == 2 and len(in_shape.get("x", ())) == 3:
+                    view = t.view(*in_shape["x"][:-1], t.shape[-1])
+                r = call(view)
                 if r is None:
                     return None
+                if sl is not None:
+                    r = torch.cat([t[..., : sl.start], r, t[..., sl.stop :]], dim=-1)
+                elif view is not t:
+                    r = r.reshape(t.shape)
                 if isinstance(output, tuple):
                     return (r, *output[1:])
                 return r
 
-            return [module.register_forward_hook(out_hook)]
+            def shape_hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                x = args[0] if args else kwargs.get("hidden_states")
+                if isinstance(x, torch.Tensor):
+                    in_shape["x"] = x.shape
+
+            handles = [module.register_forward_hook(out_hook)]
+            if p.target in ("mlp", "mlp_out"):
+                handles.append(module.register_forward_pre_hook(shape_hook, with_kwargs=True))
+            return handles
 
         # io == "in": the tensor is the first positional argument or `hidden_states`.
         resid_mid = p.target == "mlp_in_norm"
@@ -498,9 +523,21 @@ class HookedVLM:
                 )
 
         attn = a.part(i, "attn")
+        q_slice, k_slice = a.qkv_slice(i, "q"), a.qkv_slice(i, "k")
+        if q_slice is not None and k_slice is not None:
+
+            def grab_qkv(_m: nn.Module, _args: Any, output: Any) -> None:
+                t = _first_tensor(output)
+                seen["q"], seen["k"] = t[..., q_slice], t[..., k_slice]
+
+            grabs = [a.part(i, "q").register_forward_hook(grab_qkv)]
+        else:
+            grabs = [
+                a.part(i, "q").register_forward_hook(grab("q")),
+                a.part(i, "k").register_forward_hook(grab("k")),
+            ]
         return [
-            a.part(i, "q").register_forward_hook(grab("q")),
-            a.part(i, "k").register_forward_hook(grab("k")),
+            *grabs,
             attn.register_forward_pre_hook(pre, with_kwargs=True),
             attn.register_forward_hook(post),
         ]
