@@ -32,7 +32,10 @@ def samples(multimodal: bool) -> list[tuple[str, list[Any]]]:
     ]
 
 
-def batch(vlm: HookedVLM, items: list[tuple[str, list[Any]]], side: str = "right") -> Any:
+def batch(
+    vlm: HookedVLM, items: list[tuple[str, list[Any]]], side: str | None = "right"
+) -> Any:
+    """The samples as one batch; `side` None keeps the processor's own padding side."""
     return vlm.prepare(
         [p for p, _ in items], images=[im for _, im in items] if items[0][1] else None,
         padding_side=side,
@@ -181,6 +184,31 @@ def test_padded_batch_equals_single_runs(
             torch.testing.assert_close(cache[k][b][pos], s_cache[k][0], atol=1e-4, rtol=0)
 
 
+def test_left_padding_numbers_positions_from_the_first_real_token(
+    family: str, load: Callable[..., HookedVLM]
+) -> None:
+    """The left-padding decision, stated: a left-padded sample runs at positions 0, 1, ...
+    from its first real token, as when run alone and as generate() numbers it, so its
+    activations do not depend on the batch. That is HF's forward given those position_ids,
+    exactly; `model(**inputs)` instead counts the padding, which RoPE (relative) turns into
+    rounding-level differences only. Families whose model derives positions from the mask
+    itself (M-RoPE, PaliGemma) get no position_ids and equal `model(**inputs)` exactly."""
+    vlm = load(family)
+    inputs = batch(vlm, samples(zoo.spec(family).multimodal), side="left")
+    mask = inputs["attention_mask"]
+    assert bool((mask[:, 0] == 0).any()), "the shorter sample is padded on the left"
+    got = vlm.forward(inputs).logits
+    plain = vlm.model(**inputs, use_cache=False).logits
+    valid = mask.bool()
+    if vlm.adapter.positions_from_padding:
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        ref = vlm.model(**inputs, position_ids=positions, use_cache=False).logits
+        torch.testing.assert_close(got, ref, atol=0, rtol=0)
+        torch.testing.assert_close(got[valid], plain[valid], atol=1e-4, rtol=0)
+    else:
+        torch.testing.assert_close(got, plain, atol=0, rtol=0)
+
+
 def processor_token_counts(family: str, proc: Any, single: Any, im: Any) -> list[int]:
     """Image placeholders of a one-image sample by the processor's own per-image formula."""
     if family in ("idefics3", "smolvlm"):
@@ -193,8 +221,11 @@ def processor_token_counts(family: str, proc: Any, single: Any, im: Any) -> list
         # placeholder as the processor does and count the [IMG] tokens in it.
         text = proc.replace_image_token({"image_sizes": single["image_sizes"].tolist()}, 0)
         return [text.count(proc.image_token)]
-    sizes = [(im.height, im.width)]
-    return list(proc._get_num_multimodal_tokens(image_sizes=sizes)["num_image_tokens"])
+    data = proc._get_num_multimodal_tokens(image_sizes=[(im.height, im.width)])
+    if family == "internvl":
+        # Its count includes <img> and </img>: context tokens are tiles x image_seq_length.
+        return [n * proc.image_seq_length for n in data["num_image_patches"]]
+    return list(data["num_image_tokens"])
 
 
 def test_image_mask_and_patch_map(family: str, load: Callable[..., HookedVLM]) -> None:
@@ -238,7 +269,7 @@ def test_prepare_tokenizes_as_transformers_does(
     vlm = load(family)
     proc, tok = vlm.processor, vlm.tokenizer
     items = samples(zoo.spec(family).multimodal)
-    got = batch(vlm, items)
+    got = batch(vlm, items, side=None)
     if getattr(proc, "chat_template", None) is None:  # PaliGemma: the processor, no template
         ref = proc(text=[p for p, _ in items], images=[im for _, im in items], padding=True,
                    return_tensors="pt")  # fmt: skip

@@ -199,6 +199,9 @@ class HookedVLM:
 
         A prompt is a string (wrapped into one user turn, images first, when the processor has a
         chat template) or a list of chat messages. `images` holds one image or a list per prompt.
+        `padding_side` None keeps the processor's choice (left for InternVL, else the
+        tokenizer's); left-padded batches run with positions counted from each sample's first
+        real token (see `forward`).
         """
         batch = [prompts] if isinstance(prompts, str) or _is_messages(prompts) else list(prompts)
         per_sample = _images_per_sample(images, len(batch))
@@ -225,7 +228,10 @@ class HookedVLM:
         tok = self.tokenizer
         old_side = tok.padding_side
         if padding_side is not None:
+            # Also as a call argument: a processor's own default (InternVL pads on the left
+            # whatever its tokenizer says) outranks the tokenizer's attribute, not the call.
             tok.padding_side = padding_side
+            kw["padding_side"] = padding_side
         try:
             if any(per_sample):
                 out = proc(text=texts, images=per_sample, padding=True, return_tensors="pt", **kw)

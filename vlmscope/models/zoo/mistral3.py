@@ -12,7 +12,6 @@ import types
 from typing import Any
 
 from transformers import (
-    AutoProcessor,
     Mistral3Config,
     Mistral3ForConditionalGeneration,
     MistralConfig,
@@ -21,7 +20,7 @@ from transformers import (
 from transformers.models.pixtral import image_processing_pil_pixtral as pil
 
 from vlmscope.models.zoo import register
-from vlmscope.models.zoo.common import train_tokenizer
+from vlmscope.models.zoo.common import register_processor, train_tokenizer
 from vlmscope.models.zoo.text import perturb_constant_params
 
 PATCH = 8
@@ -50,6 +49,7 @@ def _import_pixtral_processor() -> type:
     return sys.modules[done].PixtralProcessor  # type: ignore[no-any-return]
 
 
+@register_processor
 class PixtralPilProcessor(_import_pixtral_processor()):  # type: ignore[misc]
     """PixtralProcessor as transformers writes it, with the PIL image processor.
 
@@ -58,8 +58,6 @@ class PixtralPilProcessor(_import_pixtral_processor()):  # type: ignore[misc]
     checkpoint here). Registered under a private key, so saved zoo copies load back through it
     while real checkpoints still resolve to the stock class."""
 
-
-AutoProcessor.register(f"vlmscope.zoo:{PixtralPilProcessor.__name__}", PixtralPilProcessor, exist_ok=True)
 
 # Mistral's [INST] turns with the BOS text first; images become [IMG], expanded by the processor.
 MISTRAL_INST = (
