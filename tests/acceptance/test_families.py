@@ -32,9 +32,7 @@ def samples(multimodal: bool) -> list[tuple[str, list[Any]]]:
     ]
 
 
-def batch(
-    vlm: HookedVLM, items: list[tuple[str, list[Any]]], side: str | None = "right"
-) -> Any:
+def batch(vlm: HookedVLM, items: list[tuple[str, list[Any]]], side: str | None = "right") -> Any:
     """The samples as one batch; `side` None keeps the processor's own padding side."""
     return vlm.prepare(
         [p for p, _ in items], images=[im for _, im in items] if items[0][1] else None,

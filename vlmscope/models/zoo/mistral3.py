@@ -28,7 +28,6 @@ MERGE = 2
 LONGEST_EDGE = 64  # at most 4x4 merged tokens per image
 
 
-
 def _import_pixtral_processor() -> type:
     """The stock PixtralProcessor class, imported without torchvision.
 
@@ -72,7 +71,7 @@ MISTRAL_INST = (
 )
 
 
-@register("mistral3", description="Mistral 3 (Pixtral ViT at native aspect + patch merger + Mistral)")
+@register("mistral3", description="Mistral 3 (Pixtral ViT, native aspect + patch merger + Mistral)")
 def build_mistral3() -> tuple[Any, Any]:
     """Mistral Small 3.1's layout: [IMG] rows closed by [IMG_BREAK] / [IMG_END], tied head off."""
     tokenizer = train_tokenizer(
