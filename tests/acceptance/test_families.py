@@ -297,3 +297,40 @@ def test_saved_model_loads_with_same_logits(family: str, load: Callable[..., Hoo
     torch.testing.assert_close(
         ref.forward(inputs).logits, vlm.forward(inputs).logits, atol=0, rtol=0
     )
+
+
+def test_video_frames_are_views_of_one_image(load: Callable[[str], HookedVLM]) -> None:
+    """LLaVA-NeXT-Video: a video (a list of frames) next to an image in another sample. Its
+    tokens count as one image whose frames are views of the pooled grid, as many as the
+    processor writes; hooks equal HF's hidden states; the batch equals the samples alone."""
+    vlm = load("llava_next_video")
+    proc = vlm.processor
+    frames = [random_image(40, 48, seed=s) for s in range(3)]
+    prompts = ["what happens in the video", "what colour is the circle"]
+    images, videos = [[], [random_image(32, 40, seed=5)]], [[frames], []]
+    inputs = vlm.prepare(prompts, images=images, videos=videos)
+    masks = vlm.masks(inputs)
+    ids = inputs["input_ids"]
+    n_video = int((ids[0] == proc.video_token_id).sum())
+    expected = proc.replace_video_token({"pixel_values_videos": inputs["pixel_values_videos"]}, 0)
+    assert n_video == expected.count(proc.video_token) > 0
+    assert masks.image_token_counts()[0] == n_video
+    assert masks.images_per_sample() == [1, 1]
+    cells = masks.patch_map[0][masks.image[0]]
+    assert cells[:, 0].unique().tolist() == [0]  # one "image": the video
+    assert cells[:, 1].unique().tolist() == list(range(len(frames)))  # its frames are views
+    for f in range(len(frames)):
+        grid = cells[cells[:, 1] == f][:, 2:]
+        side = int(grid.max()) + 1
+        assert sorted(map(tuple, grid.tolist())) == [
+            (r, c) for r in range(side) for c in range(side)
+        ]
+    out, cache = vlm.run_with_cache(inputs, names="lm.blocks.*.hook_resid_post")
+    hs = vlm.model(**inputs, output_hidden_states=True, use_cache=False).hidden_states
+    for i in range(vlm.adapter.n_layers - 1):
+        torch.testing.assert_close(
+            cache[f"lm.blocks.{i}.hook_resid_post"], hs[i + 1], atol=1e-5, rtol=0
+        )
+    alone = vlm.prepare(prompts[0], videos=frames)
+    single = vlm.forward(alone).logits[0]
+    torch.testing.assert_close(out.logits[0][masks.valid[0]], single, atol=1e-4, rtol=0)

@@ -194,25 +194,30 @@ class HookedVLM:
         *,
         add_generation_prompt: bool = True,
         padding_side: str | None = None,
+        videos: Any = None,
     ) -> Mapping[str, torch.Tensor]:
         """Process prompts and images into model inputs on the model's device.
 
         A prompt is a string (wrapped into one user turn, images first, when the processor has a
         chat template) or a list of chat messages. `images` holds one image or a list per prompt.
-        `padding_side` None keeps the processor's choice (left for InternVL, else the
+        `videos` (families with a video path, e.g. LLaVA-NeXT-Video) holds one video or a list
+        per prompt, a video being a list of frames; its tokens count as one image whose frames
+        are views. `padding_side` None keeps the processor's choice (left for InternVL, else the
         tokenizer's); left-padded batches run with positions counted from each sample's first
         real token (see `forward`).
         """
         batch = [prompts] if isinstance(prompts, str) or _is_messages(prompts) else list(prompts)
         per_sample = _images_per_sample(images, len(batch))
+        video_lists = _videos_per_sample(videos, len(batch))
         proc = self.processor
         template = getattr(proc, "chat_template", None) or getattr(
             self.tokenizer, "chat_template", None
         )
         texts, rendered = [], []
-        for p, imgs in zip(batch, per_sample, strict=True):
+        for p, imgs, vids in zip(batch, per_sample, video_lists, strict=True):
             if isinstance(p, str) and template is not None:
-                content = [{"type": "image"} for _ in imgs] + [{"type": "text", "text": p}]
+                content = [{"type": "image"} for _ in imgs] + [{"type": "video"} for _ in vids]
+                content.append({"type": "text", "text": p})
                 p = [{"role": "user", "content": content}]
             rendered.append(not isinstance(p, str))
             if not isinstance(p, str):
@@ -233,8 +238,12 @@ class HookedVLM:
             tok.padding_side = padding_side
             kw["padding_side"] = padding_side
         try:
+            if any(video_lists):
+                kw["videos"] = [v for vids in video_lists for v in vids]
             if any(per_sample):
                 out = proc(text=texts, images=per_sample, padding=True, return_tensors="pt", **kw)
+            elif any(video_lists):
+                out = proc(text=texts, padding=True, return_tensors="pt", **kw)
             elif proc is tok:
                 out = proc(texts, padding=True, return_tensors="pt", **kw)
             else:
@@ -248,6 +257,8 @@ class HookedVLM:
         """Token masks and patch map of a processed batch; raises if images and placeholders
         disagree, naming the sample."""
         pv = inputs.get("pixel_values")
+        if pv is None:
+            pv = inputs.get("pixel_values_videos")
         grids = None
         if pv is not None:
             try:
@@ -590,6 +601,28 @@ class HookedVLM:
 def _expand(positions: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     p = positions.to(t.device).bool()
     return p.reshape(*p.shape, *([1] * (t.dim() - p.dim())))
+
+
+def _videos_per_sample(videos: Any, n: int) -> list[list[Any]]:
+    """One list of videos per prompt. A video is a list of frames (images or arrays); a
+    prompt's entry is one video or a list of videos."""
+
+    def as_videos(entry: Any) -> list[Any]:
+        if isinstance(entry, (list, tuple)) and not entry:
+            return []
+        if not isinstance(entry, (list, tuple)):
+            raise ValueError("a video is a list of frames; give one video or a list per prompt")
+        return (
+            [list(entry)] if not isinstance(entry[0], (list, tuple)) else [list(v) for v in entry]
+        )
+
+    if videos is None:
+        return [[] for _ in range(n)]
+    if n == 1:
+        return [as_videos(videos)]
+    if len(videos) != n:
+        raise ValueError(f"got {len(videos)} video lists for {n} prompts; give one list per prompt")
+    return [as_videos(v) for v in videos]
 
 
 def _is_messages(x: Any) -> bool:
