@@ -220,9 +220,13 @@ def processor_token_counts(family: str, proc: Any, single: Any, im: Any) -> list
         text = proc.replace_image_token({"image_sizes": single["image_sizes"].tolist()}, 0)
         return [text.count(proc.image_token)]
     data = proc._get_num_multimodal_tokens(image_sizes=[(im.height, im.width)])
-    if family == "internvl":
-        # Its count includes <img> and </img>: context tokens are tiles x image_seq_length.
-        return [n * proc.image_seq_length for n in data["num_image_patches"]]
+    if family in ("internvl", "aya_vision"):
+        # Their counts include the image and tile markers: placeholders are tiles x the
+        # tokens of one tile.
+        per_tile = (
+            getattr(proc, "image_seq_length", None) or (proc.img_size // proc.patch_size) ** 2
+        )
+        return [n * per_tile for n in data["num_image_patches"]]
     return list(data["num_image_tokens"])
 
 
@@ -334,3 +338,23 @@ def test_video_frames_are_views_of_one_image(load: Callable[[str], HookedVLM]) -
     alone = vlm.prepare(prompts[0], videos=frames)
     single = vlm.forward(alone).logits[0]
     torch.testing.assert_close(out.logits[0][masks.valid[0]], single, atol=1e-4, rtol=0)
+
+
+def test_block_contributions_add_up(family: str, load: Callable[..., HookedVLM]) -> None:
+    """resid_mid is the stream the MLP's norm reads, and attention and MLP outputs are each
+    block's whole update: sequential blocks give resid_mid = resid_pre + attn_out and
+    resid_post = resid_mid + mlp_out; parallel (Cohere-style) blocks give resid_mid =
+    resid_pre and resid_post = resid_pre + attn_out + mlp_out."""
+    vlm = load(family)
+    inputs = batch(vlm, samples(zoo.spec(family).multimodal))
+    names = ["hook_resid_pre", "hook_resid_mid", "hook_resid_post", "attn.hook_out", "mlp.hook_out"]
+    _, cache = vlm.run_with_cache(inputs, names=[f"lm.blocks.*.{n}" for n in names])
+    parallel = vlm.adapter.capabilities.parallel_block
+    for i in range(vlm.adapter.n_layers):
+        pre, mid, post, attn, mlp = (cache[f"lm.blocks.{i}.{n}"] for n in names)
+        if parallel:
+            assert torch.equal(mid, pre)
+            torch.testing.assert_close(post, pre + attn + mlp, atol=1e-5, rtol=0)
+        else:
+            torch.testing.assert_close(mid, pre + attn, atol=1e-5, rtol=0)
+            torch.testing.assert_close(post, mid + mlp, atol=1e-5, rtol=0)
