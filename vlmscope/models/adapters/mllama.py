@@ -1,0 +1,129 @@
+"""Mllama (Llama 3.2 Vision): images enter through gated cross-attention layers, not tokens.
+
+The prompt holds one `<|image|>` marker per image; the masks mark it as the image's token (a
+cell outside any grid). The image itself is the projected vision features every
+cross-attention layer reads: per sample, images x tiles x (1 + g*g) vectors, each tile's CLS
+first, then its g x g patches row by row. `vision_token_grid` lays those out as (image, tile,
+row, col), the patch map of attribution's image-patch nodes.
+
+Cross-attention layers have `cross_attn` (q from the text, k and v from the vision features,
+per-head q/k norms, no RoPE, no causal mask) and tanh gates: attn.hook_out and mlp.hook_out
+there are the modules' outputs before the gates (and before the mask that zeroes the MLP for
+text rows that see no image); the layer adds gate * output. Without images the model skips
+these layers, and their hooks do not fire. hook_k / hook_v of a cross-attention layer are over
+the vision features as k_proj sees them: [batch x images x tiles, 1 + g*g, kv_heads, d_head].
+
+Batches: transformers gives a text row that sees no image (tokens before a sample's first
+`<|image|>`) a cross-attention mask of zeros, i.e. uniform attention over every vision feature
+of the sample's image slots, padding slots included; only its MLP update is zeroed. When a
+batch pads a sample's image slots (it has fewer images than another sample), those rows, and
+through self-attention every later row, differ from the sample run alone. Samples with as many
+images as the batch's widest are unaffected; attribution runs one prompt at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlmscope.models.adapter import AttentionInputs, Capabilities, LayerMap, ModelAdapter
+from vlmscope.models.adapters.llava import non_grid_cells
+from vlmscope.models.masks import ImageTokenMismatchError
+from vlmscope.models.registry import register_adapter
+
+CROSS_LAYER = LayerMap(
+    attn="cross_attn",
+    q="cross_attn.q_proj",
+    k="cross_attn.k_proj",
+    v="cross_attn.v_proj",
+    o="cross_attn.o_proj",
+    q_norm="cross_attn.q_norm",
+    k_norm="cross_attn.k_norm",
+    attn_out="cross_attn.o_proj",
+)
+
+
+@register_adapter
+class MllamaAdapter(ModelAdapter):
+    family = "mllama"
+    model_types = ("mllama",)
+    architectures = ("MllamaForConditionalGeneration",)
+    vision_blocks = "model.vision_model.transformer.layers"
+    projector = "model.multi_modal_projector"
+    capabilities = Capabilities(patch_grid=False, cross_attention=True)
+
+    def __init__(self, model: nn.Module, processor: Any = None) -> None:
+        super().__init__(model, processor)
+        self.cross_layers = frozenset(self.text_config.cross_attention_layers or ())
+
+    def layer_map_of(self, i: int) -> LayerMap:
+        return CROSS_LAYER if i in self.cross_layers else self.layer_map
+
+    def image_token_ids(self) -> tuple[int, ...]:
+        return (int(self.config.image_token_index),)
+
+    def image_token_grids(self, inputs: Mapping[str, Any]) -> list[torch.Tensor]:
+        """One marker token per image, outside any grid: the image's patches are not in the
+        sequence (see `vision_token_grid`). Checks each sample's markers against its images."""
+        ids = inputs["input_ids"]
+        markers = (ids == self.image_token_ids()[0]).sum(1).tolist()
+        real = self.images_per_sample(inputs)
+        for b, (m, r) in enumerate(zip(markers, real, strict=True)):
+            if m != r:
+                raise ImageTokenMismatchError(
+                    f"sample {b} has {m} <|image|> marker(s) but {r} image(s) in pixel_values; "
+                    "the prompt's image placeholders and the images passed disagree"
+                )
+        return [non_grid_cells(1) for _ in range(sum(markers))]
+
+    @staticmethod
+    def images_per_sample(inputs: Mapping[str, Any]) -> list[int]:
+        """Real images per sample: padding image slots have aspect ratio id 0."""
+        return (inputs["aspect_ratio_ids"] > 0).sum(1).tolist()
+
+    def tile_grid(self) -> int:
+        vc = self.config.vision_config
+        return int(vc.image_size) // int(vc.patch_size)
+
+    def vision_token_grid(self, inputs: Mapping[str, Any], sample: int) -> torch.Tensor:
+        """(image, tile, row, col) of every vision feature of `sample` that cross-attention
+        reads, in their order: [images x tiles x (1 + g*g), 4]. CLS tokens, padding tiles and
+        padding images get -1 in every field but the first ones they do belong to."""
+        g = self.tile_grid()
+        pv = inputs["pixel_values"]
+        n_img, n_tiles = int(pv.shape[1]), int(pv.shape[2])
+        tiles_used = inputs["aspect_ratio_mask"][sample].long()  # [images, tiles] 1 = real tile
+        real_images = self.images_per_sample(inputs)[sample]
+        rows = []
+        for k in range(n_img):
+            for t in range(n_tiles):
+                cells = torch.full((1 + g * g, 4), -1, dtype=torch.long)
+                if k < real_images and bool(tiles_used[k, t]):
+                    r, c = torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")
+                    cells[:, 0], cells[:, 1] = k, t
+                    cells[0, 2:] = -1  # the tile's CLS token
+                    cells[1:, 2], cells[1:, 3] = r.reshape(-1), c.reshape(-1)
+                rows.append(cells)
+        return torch.cat(rows)
+
+    def attention_scores(
+        self, i: int, q: torch.Tensor, k: torch.Tensor, ctx: AttentionInputs
+    ) -> torch.Tensor:
+        """Cross-attention: per-head norms, no RoPE, the cross-attention mask as given (the
+        text attends to every permitted vision token, no causal order)."""
+        if i not in self.cross_layers:
+            return super().attention_scores(i, q, k, ctx)
+        attn = self.part(i, "attn")
+        # k_proj ran on [batch x images x tiles, 1 + g*g, ...]; the layer views it per sample.
+        k = k.reshape(q.shape[0], -1, *k.shape[-2:])
+        q, k = self.part(i, "q_norm")(q), self.part(i, "k_norm")(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        scores = (q @ k.transpose(-1, -2)) * attn.scaling
+        mask = ctx.attention_mask
+        if isinstance(mask, torch.Tensor):
+            scores = scores + mask[..., : scores.shape[-2], : scores.shape[-1]].to(scores.dtype)
+        return scores
