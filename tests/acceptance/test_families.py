@@ -224,6 +224,10 @@ def processor_token_counts(family: str, proc: Any, single: Any, im: Any) -> list
         # (tiles + global image), and padding views in pixel_values are all zeros.
         views = int((single["pixel_values"][0].flatten(1) != 0).any(1).sum())
         return [views * proc.image_seq_len]
+    if family == "llama4":
+        # No token-count helper: expand the image as the processor does, count <|patch|>.
+        text = proc.replace_image_token(proc.image_processor([im], return_tensors="pt"), 0)
+        return [text.count(proc.img_patch_token)]
     if family == "mllama":
         return [1]  # one <|image|> marker; the image enters through cross-attention
     if family == "mistral3":
@@ -250,7 +254,10 @@ def test_image_mask_and_patch_map(family: str, load: Callable[..., HookedVLM]) -
     inputs = batch(vlm, items)
     masks = vlm.masks(inputs)
     proc = vlm.processor
-    image_id = getattr(proc.tokenizer, "image_token_id", None) or proc.image_token_id
+    # The model's own placeholder id (Llama 4's processor names its <|image|> marker instead).
+    cfg = vlm.model.config
+    image_id = getattr(cfg, "image_token_id", None)
+    image_id = cfg.image_token_index if image_id is None else image_id
     assert masks.image_token_counts() == (inputs["input_ids"] == image_id).sum(1).tolist()
     # The adapter's layout has as many tokens as the processor's own per-image formula says.
     # (Only for a one-image sample: OneVision packs images of multi-image samples differently,

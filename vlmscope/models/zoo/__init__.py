@@ -159,7 +159,7 @@ def import_saved_classes(folder: str | os.PathLike[str]) -> list[str]:
             if isinstance(item, dict):
                 for k, v in item.items():
                     if isinstance(v, str) and k.endswith(("_class", "_type")):
-                        wanted.add(v)
+                        wanted |= {v, v + "Pil"}  # PIL image processors are saved unsuffixed
                     elif isinstance(v, dict):
                         stack.append(v)
     classes = _class_modules()
