@@ -6,6 +6,7 @@ hooks, per-sample runs, and the processor's own count of image placeholder token
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,35 @@ def batch(vlm: HookedVLM, items: list[tuple[str, list[Any]]], side: str | None =
     )  # fmt: skip
 
 
+# transformers 5.24's Phi4MultimodalForCausalLM crashes when asked for hidden states or
+# attentions with images (its image embedding reads the vision tower's hidden states, which
+# the outer recording of outputs replaces by None), and once asked, every later forward with
+# images crashes too (the recording hooks stay installed).
+EMBEDS_FIRST = {"phi4_multimodal"}
+
+
+def hf_forward(vlm: HookedVLM, inputs: Any, **flags: Any) -> Any:
+    """transformers' own forward pass, the truth the hooks are checked against. For the
+    families in EMBEDS_FIRST: the input embeddings (images merged in) are taken from a plain
+    forward, then fed with the output flags and no pixels to a copy of the model."""
+    if vlm.adapter.family not in EMBEDS_FIRST:
+        return vlm.model(**inputs, use_cache=False, **flags)
+    got: dict[str, torch.Tensor] = {}
+
+    def grab(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        got["embeds"] = args[0] if args else kwargs["hidden_states"]
+
+    handle = vlm.adapter.block(0).register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        vlm.model(**inputs, use_cache=False)
+    finally:
+        handle.remove()
+    return copy.deepcopy(vlm.model)(
+        inputs_embeds=got["embeds"], attention_mask=inputs["attention_mask"], use_cache=False,
+        **flags,
+    )  # fmt: skip
+
+
 _LOADED: dict[tuple[str, str], HookedVLM] = {}
 
 
@@ -68,7 +98,7 @@ def test_resid_post_equals_hidden_states(family: str, load: Callable[..., Hooked
     out, cache = vlm.run_with_cache(
         inputs, names=["lm.blocks.*.hook_resid_post", "lm.blocks.0.hook_resid_pre"]
     )
-    hf = vlm.model(**inputs, output_hidden_states=True, use_cache=False)
+    hf = hf_forward(vlm, inputs, output_hidden_states=True)
     hs = hf.hidden_states
     n = vlm.adapter.n_layers
     assert len(hs) == n + 1
@@ -106,7 +136,7 @@ def test_patterns_equal_eager_attentions(family: str, load: Callable[..., Hooked
     inputs = batch(sdpa, samples(zoo.spec(family).multimodal))
     valid = sdpa.masks(inputs).valid
     _, cache = sdpa.run_with_cache(inputs, names="lm.blocks.*.attn.hook_pattern")
-    ref = eager.model(**inputs, output_attentions=True, use_cache=False).attentions
+    ref = hf_forward(eager, inputs, output_attentions=True).attentions
     assert len(ref) == sdpa.adapter.n_layers
     for i, r in enumerate(ref):
         got = cache[f"lm.blocks.{i}.attn.hook_pattern"]
@@ -228,6 +258,8 @@ def processor_token_counts(family: str, proc: Any, single: Any, im: Any) -> list
         # No token-count helper: expand the image as the processor does, count <|patch|>.
         text = proc.replace_image_token(proc.image_processor([im], return_tensors="pt"), 0)
         return [text.count(proc.img_patch_token)]
+    if family == "phi4_multimodal":
+        return list(proc.image_processor([im])["num_img_tokens"])  # no token-count helper
     if family == "mllama":
         return [1]  # one <|image|> marker; the image enters through cross-attention
     if family == "mistral3":
@@ -256,8 +288,10 @@ def test_image_mask_and_patch_map(family: str, load: Callable[..., HookedVLM]) -
     proc = vlm.processor
     # The model's own placeholder id (Llama 4's processor names its <|image|> marker instead).
     cfg = vlm.model.config
-    image_id = getattr(cfg, "image_token_id", None)
-    image_id = cfg.image_token_index if image_id is None else image_id
+    image_id = next(
+        getattr(c, k) for c in (cfg, getattr(cfg, "vision_config", None))
+        for k in ("image_token_id", "image_token_index") if getattr(c, k, None) is not None
+    )  # fmt: skip
     assert masks.image_token_counts() == (inputs["input_ids"] == image_id).sum(1).tolist()
     # The adapter's layout has as many tokens as the processor's own per-image formula says.
     # (Only for a one-image sample: OneVision packs images of multi-image samples differently,
@@ -309,7 +343,8 @@ def test_prepare_tokenizes_as_transformers_does(
     if tok.bos_token_id is not None:
         bos = (got["input_ids"] == tok.bos_token_id).sum(1)
         assert bos.tolist() == (ref["input_ids"] == tok.bos_token_id).sum(1).tolist()
-        assert bos.tolist() == [1, 1]
+        # One BOS where the template writes one (Phi-4's template writes none).
+        assert bos.tolist() in ([1, 1], [0, 0])
 
 
 def test_saved_model_loads_with_same_logits(family: str, load: Callable[..., HookedVLM]) -> None:

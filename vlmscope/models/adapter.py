@@ -130,6 +130,8 @@ class ModelAdapter:
     capabilities: ClassVar[Capabilities] = Capabilities()
     #: token strings whose ids are image placeholders in the LM input.
     image_token_strings: ClassVar[tuple[str, ...]] = ()
+    #: input keys that carry pixels (images, video frames) when a batch has visual inputs.
+    pixel_keys: ClassVar[tuple[str, ...]] = ("pixel_values", "pixel_values_videos")
     #: the model numbers positions 0..n-1 regardless of padding, so a left-padded batch needs
     #: position_ids from the attention mask (as generate() passes them); False where the
     #: model derives positions from the mask itself (M-RoPE, PaliGemma).

@@ -221,7 +221,10 @@ class HookedVLM:
                 p = [{"role": "user", "content": content}]
             rendered.append(not isinstance(p, str))
             if not isinstance(p, str):
-                p = proc.apply_chat_template(
+                # The tokenizer renders when only it has the template (some processors lose
+                # theirs on loading).
+                renderer = proc if getattr(proc, "chat_template", None) else self.tokenizer
+                p = renderer.apply_chat_template(
                     p, add_generation_prompt=add_generation_prompt, tokenize=False
                 )
             texts.append(p)
@@ -256,9 +259,7 @@ class HookedVLM:
     def masks(self, inputs: Mapping[str, Any]) -> TokenMasks:
         """Token masks and patch map of a processed batch; raises if images and placeholders
         disagree, naming the sample."""
-        pv = inputs.get("pixel_values")
-        if pv is None:
-            pv = inputs.get("pixel_values_videos")
+        pv = next((inputs[k] for k in self.adapter.pixel_keys if k in inputs), None)
         grids = None
         if pv is not None:
             try:
@@ -281,7 +282,7 @@ class HookedVLM:
         for k, v in inputs.items():
             if isinstance(v, torch.Tensor):
                 v = v.to(dev)
-                if v.is_floating_point() and k in ("pixel_values", "pixel_values_videos"):
+                if v.is_floating_point() and k in self.adapter.pixel_keys:
                     v = v.to(self.dtype)
             out[k] = v
         return out
