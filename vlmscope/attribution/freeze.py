@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from vlmscope.models.hooked import HookedVLM
 
@@ -50,6 +51,10 @@ def _frozen_attention(
     **kwargs: Any,
 ) -> tuple[Tensor, Tensor]:
     state = _STATE.get()
+    if getattr(module, "layer_idx", None) is None:
+        # Not a decoder layer's attention: a vision or audio tower whose config shares the
+        # setting (Phi-4-multimodal's sub-configs follow the text config). It runs unfrozen.
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
     layer = int(module.layer_idx)
     if state is None or state.mode == "record" or not state.attention:
         eager = sys.modules[type(module).__module__].eager_attention_forward
@@ -92,10 +97,6 @@ AttentionInterface.register(FROZEN_ATTENTION, _frozen_attention)
 AttentionMaskInterface.register(FROZEN_ATTENTION, _frozen_mask)
 
 
-def _is_norm(m: nn.Module) -> bool:
-    return isinstance(m, nn.LayerNorm) or type(m).__name__.endswith("RMSNorm")
-
-
 def _eps(m: nn.Module) -> float:
     for attr in ("variance_epsilon", "eps", "epsilon"):
         v = getattr(m, attr, None)
@@ -104,18 +105,19 @@ def _eps(m: nn.Module) -> float:
     return 1e-6
 
 
-def norm_scale(m: nn.Module, x: Tensor) -> Tensor:
-    """The per-position scale s(x) a norm divides by: 1/rms (RMSNorm) or 1/std (LayerNorm)."""
+def norm_scale(m: nn.Module, x: Tensor, kind: str | None = None) -> Tensor:
+    """The per-position scale s(x) a norm divides by: 1/rms (RMSNorm) or 1/std (LayerNorm,
+    and `kind` "layer" for norms that centre without being nn.LayerNorm)."""
     xf = x.float()
-    if isinstance(m, nn.LayerNorm):
-        return torch.rsqrt(xf.var(-1, keepdim=True, unbiased=False) + m.eps)
+    if isinstance(m, nn.LayerNorm) or kind == "layer":
+        return torch.rsqrt(xf.var(-1, keepdim=True, unbiased=False) + _eps(m))
     return torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + _eps(m))
 
 
-def _norm_hook(name: str, state: FreezeState) -> Any:
+def _norm_hook(name: str, state: FreezeState, kind: str | None = None) -> Any:
     def hook(m: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor | None:
         x = args[0]
-        s = norm_scale(m, x)
+        s = norm_scale(m, x, kind)
         if state.mode == "record":
             state.scales[name] = s.detach()
             return None
@@ -140,11 +142,10 @@ def frozen(vlm: HookedVLM, state: FreezeState) -> Iterator[FreezeState]:
     patterns and norm scales. Use the same prompt (or copies of it) in both passes."""
     tc = vlm.adapter.text_config
     old = tc._attn_implementation
-    lm = vlm.adapter.lm()
+    a = vlm.adapter
     handles = [
-        m.register_forward_hook(_norm_hook(name, state))
-        for name, m in lm.named_modules()
-        if _is_norm(m)
+        m.register_forward_hook(_norm_hook(name, state, a.norm_kind(m)))
+        for name, m in a.residual_norms()
     ]
     token = _STATE.set(state)
     tc._attn_implementation = FROZEN_ATTENTION

@@ -130,6 +130,9 @@ class ModelAdapter:
     capabilities: ClassVar[Capabilities] = Capabilities()
     #: token strings whose ids are image placeholders in the LM input.
     image_token_strings: ClassVar[tuple[str, ...]] = ()
+    #: norm classes (by name) that centre their input like LayerNorm without being
+    #: nn.LayerNorm (Cohere's); RMS norms are recognised by name, nn.LayerNorm by type.
+    centred_norms: ClassVar[tuple[str, ...]] = ()
     #: input keys that carry pixels (images, video frames) when a batch has visual inputs.
     pixel_keys: ClassVar[tuple[str, ...]] = ("pixel_values", "pixel_values_videos")
     #: the model numbers positions 0..n-1 regardless of padding, so a left-padded batch needs
@@ -188,6 +191,26 @@ class ModelAdapter:
 
     def unembed(self) -> nn.Module:
         return get_submodule(self.model, self.lm_head)
+
+    def norm_kind(self, module: nn.Module) -> str | None:
+        """ "layer" for a norm that centres and divides by the std, "rms" for one that divides
+        by the root mean square, None for anything else."""
+        if isinstance(module, nn.LayerNorm) or type(module).__name__ in self.centred_norms:
+            return "layer"
+        return "rms" if type(module).__name__.endswith("RMSNorm") else None
+
+    def residual_norms(self) -> list[tuple[str, nn.Module]]:
+        """The norms on the language model's residual path, by dotted name under `lm()`:
+        every norm that is a direct part of a decoder layer, and the final norm. Norms inside
+        attention (per-head q/k norms) and outside the decoder (towers that the decoder
+        module happens to own) are not among them."""
+        out = []
+        for i, layer in enumerate(self.blocks()):
+            for name, m in layer.named_children():
+                if self.norm_kind(m) is not None:
+                    out.append((f"{self.layers}.{i}.{name}", m))
+        out.append((self.final_norm, self.norm()))
+        return out
 
     def vision_block_list(self) -> nn.ModuleList | None:
         if self.vision_blocks is None:

@@ -44,6 +44,8 @@ class AyaVisionAdapter(ModelAdapter):
     capabilities = Capabilities(
         contiguous_image_tokens=False, sliding_window=True, parallel_block=True
     )
+    #: Cohere's LayerNorm centres and scales (weight only): frozen as a LayerNorm.
+    centred_norms = ("Cohere2LayerNorm",)
     start_token = "<|START_OF_IMG|>"
     end_token = "<|END_OF_IMG|>"
 
