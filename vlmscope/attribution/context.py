@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vlmscope.attribution.cross_inputs import cross_attention_inputs
 from vlmscope.attribution.freeze import FreezeState, frozen
 from vlmscope.dictionaries import SparseCodes
 from vlmscope.models.hooked import HookContext, HookedVLM
@@ -101,6 +102,14 @@ class AttributionContext:
         self.n_units = len(self.unit_layers)
         self.mlp_hooks = [mlp_out(layer) for layer in range(self.n_layers)]
         self.freeze = FreezeState()
+        #: input nodes past the sequence: the vision features cross-attention reads (Mllama).
+        self.cross = cross_attention_inputs(vlm, inputs)
+        self.n_pos = int(inputs["input_ids"].shape[1])
+
+    @property
+    def n_inputs(self) -> int:
+        """Input-node columns: one per position, then any cross-attention vision features."""
+        return self.n_pos + (self.cross.n if self.cross is not None else 0)
 
     # --- pass 1: the original model ------------------------------------------------------------
     @torch.no_grad()
@@ -153,6 +162,8 @@ class AttributionContext:
         hooks += [(r, read) for r in b.reads] + [(w, write) for w in self.mlp_hooks]
         hooks += [(f"lm.blocks.{i}.hook_resid_post", resid_post) for i in range(self.n_layers)]
         hooks += [(f"lm.blocks.{i}.hook_resid_pre", resid_pre) for i in range(1, self.n_layers)]
+        if self.cross is not None:
+            hooks.append(self.cross.record_hook())
         # The final-norm hook goes in after the freeze hooks so it sees the frozen output.
         with frozen(vlm, self.freeze), vlm.hooks(hooks), _hook(vlm.adapter.norm(), final):
             out = vlm.forward(self.inputs)
@@ -285,6 +296,8 @@ class AttributionContext:
         hooks = [("lm.blocks.0.hook_resid_pre", embed)]
         hooks += [(r, read) for r in b.reads] + [(w, write) for w in self.mlp_hooks]
         hooks += [(f"lm.blocks.{i + 1}.hook_resid_pre", resid_pre) for i in self.injected]
+        if self.cross is not None:
+            hooks.append(self.cross.replay_hook(copies))
         with (
             torch.enable_grad(),
             _no_parameter_grads(vlm.model, b),
@@ -303,7 +316,8 @@ class AttributionContext:
         A target is (layer, position, vector): the gradient `vector` is injected at resid_mid of
         model layer `layer` (a feature's encoder row) or, with layer == n_layers, at the final
         norm's output (a demeaned unembedding row). Returns [n_targets, n_cols] with columns
-        ordered [active features, errors (layer-major, every model layer), input embeddings].
+        ordered [active features, errors (layer-major, every model layer), input embeddings,
+        cross-attention vision features (Mllama)].
         """
         n = len(targets)
         if n > self.copies:
@@ -321,12 +335,18 @@ class AttributionContext:
             outputs.append(out)
             grads.append(g)
         inject = list(self.inject_leaves.values())
-        leaves = [self.embed_leaf, *self.mlp_leaves, *inject]
+        cross = [self.cross.leaf] if self.cross is not None and self.cross.leaf is not None else []
+        leaves = [self.embed_leaf, *self.mlp_leaves, *inject, *cross]
         got = torch.autograd.grad(outputs, leaves, grads, retain_graph=retain, allow_unused=True)
         g = [_zeros_if_none(x, leaf)[:n].float() for x, leaf in zip(got, leaves, strict=True)]
         n_mlp = len(self.mlp_leaves)
-        g_inject = dict(zip(self.inject_leaves, g[1 + n_mlp :], strict=True))
-        return self._rows(g[0], g[1 : 1 + n_mlp], g_inject)
+        g_inject = dict(
+            zip(self.inject_leaves, g[1 + n_mlp : 1 + n_mlp + len(inject)], strict=True)
+        )
+        rows = self._rows(g[0], g[1 : 1 + n_mlp], g_inject)
+        if cross:
+            rows = torch.cat([rows, self.cross.columns(g[-1])], dim=1)  # type: ignore[union-attr]
+        return rows
 
     def _rows(self, g_embed: Tensor, g_mlp: list[Tensor], g_inject: dict[int, Tensor]) -> Tensor:
         feats = self.features
