@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,8 +16,6 @@ import torch
 from tests.conftest import random_image
 from vlmscope.models import zoo
 from vlmscope.models.hooked import HookedVLM
-
-FAMILIES = zoo.names()
 
 PROMPTS = ["what colour is the circle", "how many squares are there in the image"]
 
@@ -68,28 +65,6 @@ def hf_forward(vlm: HookedVLM, inputs: Any, **flags: Any) -> Any:
         inputs_embeds=got["embeds"], attention_mask=inputs["attention_mask"], use_cache=False,
         **flags,
     )  # fmt: skip
-
-
-_LOADED: dict[tuple[str, str], HookedVLM] = {}
-
-
-@pytest.fixture(params=FAMILIES)
-def family(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
-@pytest.fixture
-def load(zoo_path: Callable[[str], Path]) -> Callable[[str, str], HookedVLM]:
-    def get(name: str, attn: str | None = None) -> HookedVLM:
-        """attn None: transformers' default (SDPA where the family supports it)."""
-        key = (name, attn)
-        if key not in _LOADED:
-            _LOADED[key] = HookedVLM.from_pretrained(
-                zoo_path(name), device="cpu", dtype=torch.float32, attn_implementation=attn
-            )
-        return _LOADED[key]
-
-    return get
 
 
 def test_resid_post_equals_hidden_states(family: str, load: Callable[..., HookedVLM]) -> None:

@@ -79,3 +79,15 @@ def test_zoo_declarations_match_the_registered_builders() -> None:
     for name in zoo.names():
         assert zoo.spec(name).builder is _BUILDERS[name]
     assert sorted(_BUILDERS) == sorted(zoo.names())
+
+
+def test_importing_one_adapter_module_first_hides_no_family() -> None:
+    code = (
+        "import vlmscope.models.adapters.llava\n"
+        "from vlmscope.models.registry import families\n"
+        "print(sorted(families()))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
+    ).stdout
+    assert "'llama4'" in out and "'mllama'" in out and "'llava'" in out

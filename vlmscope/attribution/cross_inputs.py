@@ -82,7 +82,10 @@ def cross_attention_inputs(
 ) -> CrossAttentionInputs | None:
     """The extra input nodes of a prompt: vision features for cross-attention VLMs that
     were given images, else None (token-based VLMs put their images in the sequence)."""
-    if not vlm.adapter.capabilities.cross_attention or inputs.get("pixel_values") is None:
+    a = vlm.adapter
+    if not a.capabilities.cross_attention or not hasattr(a, "vision_token_grid"):
+        return None  # the generic adapter does not know the vision features' layout
+    if inputs.get("pixel_values") is None:
         return None
     return CrossAttentionInputs(vlm, inputs)
 

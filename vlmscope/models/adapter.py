@@ -321,15 +321,20 @@ class ModelAdapter:
         self, i: int, q: torch.Tensor, k: torch.Tensor, ctx: AttentionInputs
     ) -> torch.Tensor:
         """Masked pre-softmax scores [batch, heads, q_pos, k_pos] of layer i from the raw
-        q_proj / k_proj outputs as [batch, pos, heads, d_head], as the model computes them."""
+        q_proj / k_proj outputs as [batch, pos, heads, d_head], as the model computes them.
+        A cross-attention layer (`attn` named cross_attn) attends from the text to the
+        vision features: its keys are viewed per sample, with no RoPE and no causal order."""
         attn = self.part(i, "attn")
         lmap = self.layer_map_of(i)
+        cross = lmap.attn == "cross_attn"
+        if cross:  # k_proj may run on [batch x images x tiles, patches, ...]
+            k = k.reshape(q.shape[0], -1, *k.shape[-2:])
         if lmap.q_norm is not None:
             q = self.part(i, "q_norm")(q)
         if lmap.k_norm is not None:
             k = self.part(i, "k_norm")(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
-        if ctx.position_embeddings is not None:
+        if ctx.position_embeddings is not None and not cross:
             q, k = self.apply_rope(i, q, k, ctx.position_embeddings)
         groups = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(groups, dim=1)
@@ -355,7 +360,7 @@ class ModelAdapter:
                 f"cannot recompute attention patterns from a {type(mask).__name__} mask; "
                 "load the model with attn_implementation='sdpa' or 'eager'"
             )
-        if not getattr(attn, "is_causal", True):
+        if not getattr(attn, "is_causal", True) or self.layer_map_of(i).attn == "cross_attn":
             return scores
         qi = torch.arange(n_k - n_q, n_k, device=scores.device)[:, None]
         ki = torch.arange(n_k, device=scores.device)[None, :]

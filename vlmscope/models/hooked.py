@@ -122,6 +122,11 @@ def load_hf(
     processor: Any
     try:
         processor = AutoProcessor.from_pretrained(path)
+    except ImportError as e:
+        # The processor's class (or its image/video processor) needs a package that is not
+        # installed, typically torchvision: say which, and go on with the tokenizer.
+        warnings.warn(missing_package_message(path, e), stacklevel=3)
+        processor = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError):
         processor = AutoTokenizer.from_pretrained(path)
     if is_vlm and not hasattr(processor, "image_processor"):
@@ -131,6 +136,22 @@ def load_hf(
             stacklevel=3,
         )
     return model.eval(), processor
+
+
+def missing_package_message(path: str, error: ImportError) -> str:
+    """One line saying which package the processor of `path` wants, from its ImportError."""
+    import re
+
+    text = str(error).strip()
+    name = getattr(error, "name", None)
+    m = re.search(r"requires the (\w+) library", text)
+    package = (m.group(1).lower() if m else None) or name or "a package that is missing"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), text)
+    return (
+        f"{path}: its processor needs the `{package}` package, which is not installed "
+        f"({first}); using the tokenizer alone, so prepare() handles text only. Install "
+        f"{package} to process images"
+    )
 
 
 def _first_tensor(x: Any) -> torch.Tensor:

@@ -7,7 +7,8 @@ first, then its g x g patches row by row. `vision_token_grid` lays those out as 
 row, col), the patch map of attribution's image-patch nodes.
 
 Cross-attention layers have `cross_attn` (q from the text, k and v from the vision features,
-per-head q/k norms, no RoPE, no causal mask) and tanh gates: attn.hook_out and mlp.hook_out
+per-head q/k norms, no RoPE, no causal mask: the base adapter's cross-attention scores) and
+tanh gates: attn.hook_out and mlp.hook_out
 there are the modules' outputs before the gates (and before the mask that zeroes the MLP for
 text rows that see no image); the layer adds gate * output. Without images the model skips
 these layers, and their hooks do not fire. hook_k / hook_v of a cross-attention layer are over
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmscope.models.adapter import AttentionInputs, Capabilities, LayerMap, ModelAdapter
+from vlmscope.models.adapter import Capabilities, LayerMap, ModelAdapter
 from vlmscope.models.adapters.llava import non_grid_cells
 from vlmscope.models.masks import ImageTokenMismatchError
 from vlmscope.models.registry import register_adapter
@@ -108,22 +109,3 @@ class MllamaAdapter(ModelAdapter):
                     cells[1:, 2], cells[1:, 3] = r.reshape(-1), c.reshape(-1)
                 rows.append(cells)
         return torch.cat(rows)
-
-    def attention_scores(
-        self, i: int, q: torch.Tensor, k: torch.Tensor, ctx: AttentionInputs
-    ) -> torch.Tensor:
-        """Cross-attention: per-head norms, no RoPE, the cross-attention mask as given (the
-        text attends to every permitted vision token, no causal order)."""
-        if i not in self.cross_layers:
-            return super().attention_scores(i, q, k, ctx)
-        attn = self.part(i, "attn")
-        # k_proj ran on [batch x images x tiles, 1 + g*g, ...]; the layer views it per sample.
-        k = k.reshape(q.shape[0], -1, *k.shape[-2:])
-        q, k = self.part(i, "q_norm")(q), self.part(i, "k_norm")(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        scores = (q @ k.transpose(-1, -2)) * attn.scaling
-        mask = ctx.attention_mask
-        if isinstance(mask, torch.Tensor):
-            scores = scores + mask[..., : scores.shape[-2], : scores.shape[-1]].to(scores.dtype)
-        return scores
