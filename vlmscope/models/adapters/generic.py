@@ -31,7 +31,14 @@ from vlmscope.models.adapters.llava import grid_cells
 _ATTN_NAMES = ("self_attn", "attention", "attn", "cross_attn")
 _MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe")
 _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
-_PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector", "connector", "merger", "projector")
+_PROJECTOR_NAMES = (
+    "multi_modal_projector",
+    "mm_projector",
+    "connector",
+    "merger",
+    "projector",
+    "img_projection_down",  # Phi-4-multimodal: the last layer of its up/down projection
+)
 _VISION_HINTS = ("vision", "visual", "img_processor", "image_encoder")
 
 
@@ -176,10 +183,11 @@ class GenericAdapter(ModelAdapter):
         )
         has_vision = bool(self.image_token_ids())
         if has_vision:
-            self.vision_blocks = _module_list_under(model, _VISION_HINTS, path)  # type: ignore[misc]
+            lm_layers = f"{path}.{layers}" if path else layers
+            self.vision_blocks = _module_list_under(model, _VISION_HINTS, lm_layers)  # type: ignore[misc]
             self.projector = next(  # type: ignore[misc]
                 (n for n, _ in model.named_modules()
-                 if n.rsplit(".", 1)[-1] in _PROJECTOR_NAMES and not n.startswith(path)),
+                 if n.rsplit(".", 1)[-1] in _PROJECTOR_NAMES and not n.startswith(lm_layers)),
                 None,
             )  # fmt: skip
         tc = self.text_config
