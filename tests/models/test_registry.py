@@ -20,6 +20,7 @@ from vlmscope.models.registry import families, resolve_adapter
 
 def test_every_family_has_a_zoo_model_and_back() -> None:
     assert set(families()) == set(zoo.names())
+    assert len(families()) >= 21
 
 
 def test_adapter_comes_from_config_not_from_the_name(zoo_path: Any, tmp_path: Path) -> None:
