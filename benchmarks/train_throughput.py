@@ -2,6 +2,7 @@
 
     python benchmarks/train_throughput.py                      # toy VLM on CPU
     python benchmarks/train_throughput.py --llava7b --layers 4  # LLaVA-7B-shaped, needs a GPU
+    python benchmarks/train_throughput.py --pipeline --steps 30  # images vs text, same tokens
     python benchmarks/train_throughput.py --llava7b --allow-cpu --lm-layers 2 --vision-layers 2 \
         --layers 2 --steps 2 --warmup 1 --batch-size 1 --tokens 64 --latents 4096 --expansion 1 \
         --k 8   # smoke run on a CPU
@@ -251,6 +252,16 @@ def llava7b_random(
 def bench_trainer(args: argparse.Namespace, vlm: HookedVLM, label: str) -> list[dict]:
     """The trainer itself (`vlmscope train`'s code: hooks, masks, AuxK, dead-latent counters,
     finite checks, optimizer), timed from its own metrics after the warm-up steps."""
+    rows = []
+    for kind in ("sae", "transcoder", "clt"):
+        row = trainer_run(args, vlm, label, "shapes:512", kind, args.batch_size)
+        rows.append({"kind": kind, **row})
+    return rows
+
+
+def trainer_run(args: argparse.Namespace, vlm: HookedVLM, label: str, dataset: str, kind: str,
+                batch_size: int, extra: str = "") -> dict:  # fmt: skip
+    """tokens/s, peak memory and ms per step of one `vlmscope train` run after the warm-up."""
     import json
     import tempfile
 
@@ -259,38 +270,92 @@ def bench_trainer(args: argparse.Namespace, vlm: HookedVLM, label: str) -> list[
 
     n_layers = vlm.adapter.n_layers
     layers = " ".join(str(i) for i in range(min(args.layers, n_layers)))
+    with tempfile.TemporaryDirectory() as out:
+        hooks = " --hookpoints lm.blocks.*.hook_resid_post" if kind == "sae" else ""
+        flags = (f"{label} {dataset} --sae.kind {kind} --layers {layers}{hooks} "
+                 f"--sae.expansion-factor {args.expansion} --sae.k {args.k} "
+                 f"--batch-size {batch_size} "
+                 f"--max-steps {args.warmup + args.steps} --max-tokens 0 --log-every 1 "
+                 f"--save-every 100000 --ctx-len 1024 --output-dir {out} --run-name {kind} "
+                 f"--device {vlm.device} {extra}")  # fmt: skip
+        cfg = parse_train_args(flags.split())
+        if vlm.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(vlm.device)
+        res = train(cfg, vlm, progress=False)
+        logs = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    # tokens_per_s is cumulative from the start: recover the time at each logged step.
+    first, last = logs[args.warmup - 1], logs[-1]
+    secs = last["tokens"] / last["tokens_per_s"] - first["tokens"] / first["tokens_per_s"]
+    return {"tokens_per_s": (last["tokens"] - first["tokens"]) / secs,
+            "peak_mb": peak_memory_mb(vlm.device), "ms_per_step": 1000 * secs / args.steps,
+            "tokens_per_step": (last["tokens"] - first["tokens"]) / args.steps}  # fmt: skip
+
+
+def bench_pipeline(args: argparse.Namespace, vlm: HookedVLM) -> list[dict]:
+    """The trainer on the shapes world with its images against the same conversations as text
+    alone, at (about) the same trained tokens per step: the text run's batch holds more
+    conversations. Measures what images cost beyond their tokens (image loading and
+    processing, the vision tower) with data prepared off the training loop."""
+    import json
+    import tempfile
+
+    from vlmscope.data.processing import SampleEncoder
+    from vlmscope.training.config import TrainConfig
+    from vlmscope.training.trainer import open_training_data
+
+    data = open_training_data(TrainConfig(model=args.model, dataset="shapes:512", max_steps=1))
+    records = list(data)
+    enc = SampleEncoder(vlm.processor, 1024, vlm.adapter.image_token_ids())
+
+    def text_only(m: dict) -> dict:
+        parts = m["content"] if isinstance(m["content"], list) else [m["content"]]
+        text = " ".join(p if isinstance(p, str) else p.get("text", "") for p in parts)
+        return {"role": m["role"], "content": text.strip()}
+
+    def trained_tokens(with_images: bool) -> float:
+        n = 0
+        for r in records[:64]:
+            if not with_images:
+                r = type(r)(r.row_id, [text_only(m) for m in r.messages], [], r.text, r.position)
+            masks = vlm.masks(enc.encode(r).tensors)
+            n += int(masks.select("all", include_special=False).sum())
+        return n / 64
+
+    per_vlm, per_text = trained_tokens(True), trained_tokens(False)
+    text_batch = max(1, round(args.batch_size * per_vlm / per_text))
     rows = []
-    for kind in ("sae", "transcoder", "clt"):
-        with tempfile.TemporaryDirectory() as out:
-            hooks = " --hookpoints lm.blocks.*.hook_resid_post" if kind == "sae" else ""
-            flags = (f"{label} shapes:512 --sae.kind {kind} --layers {layers}{hooks} "
-                     f"--sae.expansion-factor {args.expansion} --sae.k {args.k} "
-                     f"--batch-size {args.batch_size} "
-                     f"--max-steps {args.warmup + args.steps} --max-tokens 0 --log-every 1 "
-                     f"--save-every 100000 --ctx-len 1024 --output-dir {out} --run-name {kind} "
-                     f"--device {vlm.device}")  # fmt: skip
-            cfg = parse_train_args(flags.split())
-            if vlm.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(vlm.device)
-            res = train(cfg, vlm, progress=False)
-            logs = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
-        # tokens_per_s is cumulative from the start: recover the time at each logged step.
-        first, last = logs[args.warmup - 1], logs[-1]
-        secs = last["tokens"] / last["tokens_per_s"] - first["tokens"] / first["tokens_per_s"]
-        rows.append({"kind": kind, "tokens_per_s": (last["tokens"] - first["tokens"]) / secs,
-                     "peak_mb": peak_memory_mb(vlm.device),
-                     "ms_per_step": 1000 * secs / args.steps})  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "shapes_text.jsonl"
+        with path.open("w") as f:
+            for r in records:
+                f.write(json.dumps({"messages": [text_only(m) for m in r.messages]}) + "\n")
+        for workers in args.pipeline_workers:
+            extra = f"--workers {workers}"
+            for kind in ("sae", "transcoder"):
+                img = trainer_run(args, vlm, args.model, "shapes:512", kind, args.batch_size,
+                                  extra)  # fmt: skip
+                txt = trainer_run(args, vlm, args.model, str(path), kind, text_batch, extra)
+                rows.append({"kind": f"{kind} w={workers}", "vlm_tok_s": img["tokens_per_s"],
+                             "text_tok_s": txt["tokens_per_s"],
+                             "ratio": img["tokens_per_s"] / txt["tokens_per_s"],
+                             "vlm_tok_step": img["tokens_per_step"],
+                             "text_tok_step": txt["tokens_per_step"]})  # fmt: skip
+    print(
+        f"batch {args.batch_size} with images ({per_vlm:.1f} trained tokens per sample), "
+        f"{text_batch} as text ({per_text:.1f})"
+    )
     return rows
 
 
 def print_table(title: str, rows: list[dict]) -> None:
     order = ("tokens_per_s", "peak_mb", "ms_per_step", "model_forward", "encoder", "decoder",
-             "backward", "optimizer", "tflops", "mfu")  # fmt: skip
+             "backward", "optimizer", "tflops", "mfu", "vlm_tok_s", "text_tok_s", "ratio",
+             "vlm_tok_step", "text_tok_step")  # fmt: skip
     keys = [k for k in order if k in rows[0]]
     print(f"\n{title}")
-    print(f"{'kind':<11}" + "".join(f"{k:>15}" for k in keys))
+    print(f"{'kind':<16}" + "".join(f"{k:>15}" for k in keys))
     for r in rows:
-        print(f"{r['kind']:<11}" + "".join(f"{r[k]:>15.2f}" for k in keys))
+        print(f"{r['kind']:<16}" + "".join(f"{r[k]:>15.2f}" for k in keys))
     print("(times in ms per step; peak_mb is the process peak RSS on CPU, allocated memory on GPU)")
 
 
@@ -312,6 +377,13 @@ def main() -> None:
     p.add_argument("--lm-layers", type=int, default=32, help="--llava7b: decoder layers built")
     p.add_argument("--vision-layers", type=int, default=24, help="--llava7b: CLIP layers built")
     p.add_argument("--allow-cpu", action="store_true", help="--llava7b on CPU (a smoke run)")
+    p.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="only the trainer with images vs text alone at equal tokens per step",
+    )
+    p.add_argument("--pipeline-workers", type=int, nargs="+", default=[0, 1],
+                   help="--pipeline: the --workers values to compare")  # fmt: skip
     args = p.parse_args()
     device = torch.device(args.device)
     from transformers.utils import logging as hf_logging
@@ -335,6 +407,10 @@ def main() -> None:
     from vlmscope.training.trainer import resolve_model_path
 
     vlm = HookedVLM.from_pretrained(resolve_model_path(args.model), device=str(device))
+    if args.pipeline:
+        print_table(f"trainer on {args.model}: shapes with images vs as text alone",
+                    bench_pipeline(args, vlm))  # fmt: skip
+        return
     d = vlm.adapter.d_model
     print_table(f"dictionary step alone, d={d}, {args.layers} layers, {args.tokens} tokens",
                 bench_dictionaries(args, device, d))  # fmt: skip

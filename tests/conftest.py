@@ -11,6 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Generated data (the shapes world) and zoo copies go to a per-session folder, not ~/.cache.
 os.environ.setdefault("VLMSCOPE_CACHE", __import__("tempfile").mkdtemp(prefix="vlmscope-test-"))
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -47,3 +48,13 @@ def random_image(h: int, w: int, seed: int = 0) -> Image.Image:
     """A noise image: distinct pixels so any mix-up of images changes activations."""
     rng = np.random.default_rng(seed)
     return Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8"))
+
+
+@pytest.fixture()
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for tests on tiny models: as fast alone, and much faster when other
+    jobs share the cores (use with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

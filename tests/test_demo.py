@@ -17,9 +17,12 @@ def test_quick_demo_on_the_toy_vlm(tmp_path: Path) -> None:
     assert att["top_logit"] == att["answer"]
     # Most of the image's influence on the answer sits on the circle's patch(es).
     assert att["circle_concentration"] > 0.5 > att["uniform_share"]
-    for name in ("graph.json", "graph.safetensors", "heatmap.png"):
+    for name in ("circle-colour.json", "circle-colour.safetensors", "circle-colour.heatmap.png",
+                 "graph-metadata.json"):  # fmt: skip
         assert (tmp_path / "demo" / "attribution" / name).exists()
     assert (tmp_path / "demo" / "summary.json").exists()
+    assert (tmp_path / "demo" / "features" / "index.json").exists()
+    assert summary["features"]["alive"] > 0
 
 
 def test_demo_keeps_other_files_in_its_output_folder(tmp_path: Path) -> None:

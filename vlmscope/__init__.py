@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from vlmscope.attribution.attribute import attribute
+    from vlmscope.capture import ActivationStore
     from vlmscope.dictionaries import CrossLayerTranscoder, SparseCoder, SparseCoderConfig
     from vlmscope.models.hooked import HookedVLM
     from vlmscope.replacement.model import ReplacementModel
@@ -15,6 +16,7 @@ if TYPE_CHECKING:
 
 # Heavy imports (torch, transformers) wait until a name is used.
 _LAZY = {
+    "ActivationStore": "vlmscope.capture",
     "HookedVLM": "vlmscope.models.hooked",
     "SparseCoder": "vlmscope.dictionaries",
     "SparseCoderConfig": "vlmscope.dictionaries",
@@ -25,6 +27,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "ActivationStore",
     "CrossLayerTranscoder",
     "DictionaryBundle",
     "HookedVLM",

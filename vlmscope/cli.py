@@ -8,8 +8,11 @@ import sys
 from collections.abc import Sequence
 
 from vlmscope.attribution.cli import add_attribute_arguments, run_attribute_command
+from vlmscope.features.cli import add_features_arguments, run_features_command
+from vlmscope.peft.cli import add_peft_arguments, run_peft_command
 from vlmscope.replacement.evaluate import add_eval_arguments, run_eval_command
 from vlmscope.training.config import SuggestingParser, build_train_parser
+from vlmscope.viewer.cli import add_serve_arguments, run_serve_command
 
 DEMO_PROMPT = "What colour is the circle?"
 
@@ -100,14 +103,48 @@ def print_unit_table(fvu: dict[str, float], l0: dict[str, float], dead: dict[str
         print(f"{u:<34} {fvu[u]:>8.4f} {l0[u]:>8.2f} {100 * dead[u]:>8.2f}")
 
 
+def cmd_capture(args: argparse.Namespace) -> int:
+    _quiet_transformers()
+    from vlmscope.training.capture import run_capture_command
+
+    return run_capture_command(args)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     _quiet_transformers()
     return run_eval_command(args)
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    _quiet_transformers()
+    from vlmscope.data.convert import run_process_command
+
+    return run_process_command(args)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from vlmscope.plan.cli import run_plan_command
+
+    return run_plan_command(args)
+
+
 def cmd_attribute(args: argparse.Namespace) -> int:
     _quiet_transformers()
     return run_attribute_command(args)
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    _quiet_transformers()
+    return run_features_command(args)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    return run_serve_command(args)
+
+
+def cmd_peft(args: argparse.Namespace) -> int:
+    _quiet_transformers()
+    return run_peft_command(args)
 
 
 # --- vlmscope zoo ----------------------------------------------------------------------------
@@ -188,12 +225,27 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train SAEs, transcoders or a cross-layer transcoder on a model's activations",
         description="Train sparse dictionaries on a VLM while it reads a dataset: one model "
-        "forward per batch feeds every layer. Outputs go to OUTPUT_DIR/RUN_NAME/ "
+        "forward per batch feeds every layer (or, with --activations DIR, from a store written "
+        "by `vlmscope capture`, without the model). Outputs go to OUTPUT_DIR/RUN_NAME/ "
         "(dictionaries/, checkpoint/, metrics.jsonl). Example: vlmscope train toy shapes "
         "--sae.transcode --sae.n_targets 4 --sae.expansion-factor 4 --sae.k 8",
     )
     build_train_parser(t)
     t.set_defaults(func=cmd_train, parser=t)
+
+    c = sub.add_parser(
+        "capture",
+        help="run a model over a dataset once and store its activations for offline training",
+        description="Capture a model's activations to an activation store (sharded "
+        "safetensors, per-token metadata, a manifest): resid_mid and mlp.hook_out of --layers "
+        "by default, or --hookpoints. `vlmscope train --activations DIR` then trains SAEs, "
+        "transcoders and CLTs from it without the model. Example: vlmscope capture toy "
+        "shapes:200 --out store_toy --max-tokens 20000",
+    )
+    from vlmscope.training.capture import add_capture_arguments
+
+    add_capture_arguments(c)
+    c.set_defaults(func=cmd_capture, parser=c)
 
     e = sub.add_parser(
         "eval",
@@ -215,6 +267,70 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_attribute_arguments(a)
     a.set_defaults(func=cmd_attribute)
+
+    data = sub.add_parser(
+        "data", help="prepare datasets: `data process` writes a model's processed form once"
+    )
+    ds = data.add_subparsers(dest="data_cmd", required=True, metavar="DATA_COMMAND")
+    from vlmscope.data.convert import add_process_arguments
+
+    add_process_arguments(
+        ds.add_parser(
+            "process",
+            help="run a model's processor over a dataset once and write the processed form",
+            description="Write DATASET as MODEL's processor sees it (input_ids, pixel_values "
+            "and the family's extras, one Parquet row per sample, plus processed.json) into "
+            "DIR, so that `vlmscope train MODEL DIR` trains without running the processor "
+            "every epoch, to the same dictionaries. The model's weights are not loaded.",
+        )
+    )
+    data.set_defaults(func=cmd_data)
+    f = sub.add_parser(
+        "features",
+        help="feature dashboards: top examples (with image patches), density, logit effects",
+        description="For every feature of a dictionary run: its top-activating examples "
+        "(text context with per-token activations; for image tokens the image with the patch "
+        "outlined), activation density and histogram, and top output logits. Each image is "
+        "stored once; memory is bounded by the examples kept; an interrupted run resumes. "
+        "Example: vlmscope features toy checkpoints/clt/dictionaries shapes --out features",
+    )
+    add_features_arguments(f)
+    f.set_defaults(func=cmd_features)
+
+    s = sub.add_parser(
+        "serve",
+        help="local web app: graphs by layer and position, feature cards, patch heatmaps",
+        description="A local graph explorer on 127.0.0.1: the graphs of --graphs DIR (nodes by "
+        "layer and position, weighted edges, a pruning threshold), feature cards from "
+        "--features DIR, the input image with a signed patch heatmap, pins and supernodes "
+        "saved next to the graph, and an intervention panel with --model/--dictionaries. "
+        "It also opens circuit-tracer's own graph JSON.",
+    )
+    add_serve_arguments(s)
+    s.set_defaults(func=cmd_serve)
+
+    pl = sub.add_parser(
+        "plan",
+        help="predict peak device/host memory and time of a job, and the batch that fits",
+        description="Plan a job before running it, from configs only (no weights are read): "
+        "the memory it holds on the device and the host, part by part, the largest batch "
+        "that fits a memory budget, and the time to expect. Example: vlmscope plan "
+        "--attribute llava-hf/llava-1.5-7b-hf clt:32768:32 --positions 1000 --gpu-mem 80",
+    )
+    from vlmscope.plan.cli import add_plan_arguments
+
+    add_plan_arguments(pl)
+    pl.set_defaults(func=cmd_plan)
+
+    pe = sub.add_parser(
+        "peft",
+        help="convert between dictionary runs and PEFT SAE adapters (export, import)",
+        description="Dictionary runs <-> PEFT SAE adapters (adapter_config.json + "
+        "adapter_model.safetensors) with identical weights; the adapters load with "
+        "vlmscope.peft.PeftSaeModel.from_pretrained.",
+    )
+    add_peft_arguments(pe)
+    pe.set_defaults(func=cmd_peft)
 
     z = sub.add_parser(
         "zoo", help="the offline zoo of tiny models (list, save) and the trained toy VLM"

@@ -6,7 +6,10 @@
    held-out reconstruction error with the CLT's;
 4. evaluate the CLT as a replacement for the MLPs (FVU, CE-loss score, KL, top-1 agreement);
 5. attribute "What colour is the circle?" on a held-out image, write the graph JSON and a
-   patch heatmap, and measure how much of the image's influence falls on the circle.
+   patch heatmap, and measure how much of the image's influence falls on the circle;
+6. feature dashboards of the CLT (top examples with their image patches, density, logit
+   effects), so `vlmscope serve --graphs demo_out/attribution --features demo_out/features`
+   opens the graph with its feature cards.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import torch
 from vlmscope.models.hooked import HookedVLM
 
 QUESTION = "What colour is the circle?"
+#: the attribution graph's name (its file names in demo_out/attribution/).
+SLUG = "circle-colour"
 
 
 @dataclass
@@ -36,14 +41,16 @@ class DemoBudget:
     eval_tokens: int = 20_000
     max_feature_nodes: int = 400
     n_train: int = 3000
+    feature_tokens: int = 20_000
 
     @classmethod
     def quick(cls) -> DemoBudget:
-        return cls(train_tokens=6_000, eval_tokens=2_000, max_feature_nodes=64, n_train=200)
+        return cls(train_tokens=6_000, eval_tokens=2_000, max_feature_nodes=64, n_train=200,
+                   feature_tokens=1_500)  # fmt: skip
 
 
 def _section(n: int, title: str) -> None:
-    print(f"\n=== {n}/5 {title} " + "=" * max(0, 66 - len(title)))
+    print(f"\n=== {n}/6 {title} " + "=" * max(0, 66 - len(title)))
 
 
 def _token_strip(vlm: HookedVLM, inputs: Any, masks: Any, b: int = 0) -> str:
@@ -159,11 +166,12 @@ def attribution_example(
     from vlmscope.attribution.export import (
         concentration,
         patch_influence,
-        save_heatmap_png,
-        save_json,
         save_raw,
+        store_image,
+        write_graph_files,
     )
     from vlmscope.attribution.graph import graph_scores, prune
+    from vlmscope.attribution.heatmap import heatmap_path, save_heatmap_png
     from vlmscope.data import shapes
 
     sample = shapes.example_with_one("circle", n_scan=n_scan)
@@ -173,19 +181,20 @@ def attribution_example(
     graph = attribute(vlm, dictionaries, inputs, max_feature_nodes=max_feature_nodes, batch_size=32)
     pruned = prune(graph)
     replacement, completeness = graph_scores(graph)
-    out.mkdir(parents=True, exist_ok=True)
-    image_path = out / "attribution_image.png"
-    image.save(image_path)
-    save_json(
+    # The layout `vlmscope attribute --graph-dir out --slug SLUG` writes: SLUG.json and the
+    # graph-metadata.json index (vlmscope serve, circuit-tracer's frontend), the raw graph,
+    # the image once under images/, and SLUG.heatmap.png.
+    json_path, _ = write_graph_files(
         graph,
-        out / "graph.json",
+        out,
+        SLUG,
         prune_result=pruned,
-        slug="demo-circle-colour",
         prompt_text=QUESTION,
-        image_paths=[str(image_path)],
+        image_paths=[out / store_image(image, out)],
+        relative_to=out,
     )
-    save_raw(graph, out / "graph.safetensors")
-    save_heatmap_png(graph, image, out / "heatmap.png", logit_index=0, scale=4)
+    raw_path = save_raw(graph, json_path.with_suffix(".safetensors"))
+    png_path = save_heatmap_png(graph, image, heatmap_path(json_path), logit_index=0)
     heat = patch_influence(graph, logit_index=0)[0][0]
     # Ground-truth patches of the circle on the model's own grid (the image is not cropped).
     label_px = image.width // heat.shape[1]
@@ -203,7 +212,7 @@ def attribution_example(
         f"image influence on the circle's {len(labels)} of {heat.numel()} patches: "
         f"{100 * conc:.1f}% (uniform would be {100 * share:.1f}%)"
     )
-    print(f"wrote {out / 'graph.json'}, {out / 'graph.safetensors'}, {out / 'heatmap.png'}")
+    print(f"wrote {json_path}, {raw_path}, {png_path}")
     return {
         "answer": circle.colour,
         "top_logit": top.token.strip(),
@@ -221,7 +230,7 @@ def run_demo(
     device: str | None = None,
     budget: DemoBudget | None = None,
 ) -> dict[str, Any]:
-    """Run the five stages and return their headline numbers (also written as summary.json)."""
+    """Run the six stages and return their headline numbers (also written as summary.json)."""
     from vlmscope.cli import print_unit_table
     from vlmscope.replacement.evaluate import evaluate
     from vlmscope.training.trainer import resolve_model_path
@@ -229,7 +238,7 @@ def run_demo(
     budget = budget or DemoBudget()
     out = Path(out_dir)
     # Start clean, removing only what an earlier demo wrote here (never the user's files).
-    for owned in ("runs", "attribution"):
+    for owned in ("runs", "attribution", "features"):
         shutil.rmtree(out / owned, ignore_errors=True)
     (out / "summary.json").unlink(missing_ok=True)
     summary: dict[str, Any] = {"model": model}
@@ -244,7 +253,7 @@ def run_demo(
     print_unit_table(clt.fvu_per_unit, clt.l0_per_unit, clt.dead_per_unit)
 
     _section(3, "per-layer transcoders with the same latent budget and L0")
-    plt = _train(vlm, path, "transcoder", 0, out / "runs", budget)
+    plt = _train(vlm, path, "transcoder", 1, out / "runs", budget)
     print_unit_table(plt.fvu_per_unit, plt.l0_per_unit, plt.dead_per_unit)
     # The CLT's full evaluation (stage 4's table) also gives its reconstruction: one pass.
     reports = {}
@@ -291,6 +300,20 @@ def run_demo(
     summary["attribution"] = attribution_example(
         vlm, clt.dictionaries, out / "attribution", budget.max_feature_nodes
     )
+
+    _section(6, "feature dashboards for the viewer")
+    from vlmscope.features.run import FeaturesOptions, collect_features
+
+    res = collect_features(
+        path, str(clt.dictionaries), f"shapes:{budget.n_train}", out / "features",
+        FeaturesOptions(max_tokens=budget.feature_tokens, batch_size=budget.batch_size),
+        vlm=vlm, progress=False,
+    )  # fmt: skip
+    alive = sum(u["alive"] for u in res.units)
+    total = sum(u["n_features"] for u in res.units)
+    print(f"{res.tokens} tokens: {alive} of {total} features fired; cards in {res.out}")
+    summary["features"] = {"tokens": res.tokens, "alive": alive, "features": total}
+    print(f"\nexplore them: vlmscope serve --graphs {out / 'attribution'} --features {res.out}")
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
     print(f"\nsummary written to {out / 'summary.json'}")
     return summary

@@ -17,8 +17,9 @@ import torch
 
 from tests.conftest import random_image
 from vlmscope.attribution.attribute import attribute
-from vlmscope.attribution.export import image_grids, patch_influence, save_heatmap_png
+from vlmscope.attribution.export import image_grids, patch_influence
 from vlmscope.attribution.graph import Graph
+from vlmscope.attribution.heatmap import save_heatmap_png
 from vlmscope.models.hooked import HookedVLM
 from vlmscope.replacement.evaluate import evaluate
 from vlmscope.training.config import parse_train_args

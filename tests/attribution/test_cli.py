@@ -1,13 +1,19 @@
-"""`vlmscope attribute`'s input checks that need the model's processor."""
+"""`vlmscope attribute`'s input checks that need the model's processor; on a memory-mapped
+CLT, the planned batch is reported and corrupt dictionaries end in one line naming the file and
+tensor (nothing written)."""
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
 
-from vlmscope.attribution.cli import input_warnings
+from tests.attribution.test_export import cli_args, llava_setup, parse  # noqa: F401 (fixture)
+from vlmscope.attribution.cli import input_warnings, run_attribute_command
 from vlmscope.models.toy import toy_path
 
 
@@ -34,3 +40,39 @@ def test_a_prompt_with_fewer_placeholders_than_images_is_warned_about(processor:
     assert input_warnings(processor, [img, img], "What colour is the circle?") == []
     warned = input_warnings(processor, [img, img], f"{token} What colour is the circle?")
     assert len(warned) == 1 and "1 image placeholder(s)" in warned[0] and "2 image(s)" in warned[0]
+
+
+def test_auto_batch_size_is_planned_and_reported(
+    llava_setup: dict[str, Path],  # noqa: F811
+    capsys: Any,
+) -> None:
+    s = llava_setup
+    out = s["dir"] / "auto" / "graph.json"
+    argv = cli_args(s, out, "--max-feature-nodes", "24")  # --batch-size auto by default
+    assert run_attribute_command(parse(argv)) == 0
+    printed = capsys.readouterr().out
+    assert "batch size 24, offload none: planned peak" in printed
+    assert out.exists()
+
+
+def test_corrupt_dictionaries_are_one_line_naming_file_and_tensor(
+    llava_setup: dict[str, Path],  # noqa: F811
+    tmp_path: Path,
+    capsys: Any,
+) -> None:
+    s = llava_setup
+    dicts = Path(shutil.copytree(s["dicts"], tmp_path / "dicts"))
+    file = dicts / "layer_1.safetensors"
+    raw = bytearray(file.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    lo, hi = json.loads(raw[8 : 8 + n])["W_enc"]["data_offsets"]
+    raw[8 + n + (lo + hi) // 2] ^= 0x08
+    file.write_bytes(bytes(raw))
+    out = tmp_path / "run" / "graph.json"
+    argv = [*cli_args(s, out, "--max-feature-nodes", "8")]
+    argv[argv.index("--dictionaries") + 1] = str(dicts)
+    assert run_attribute_command(parse(argv)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0]
+    assert "layer_1.safetensors: tensor 'W_enc'" in err[0] and "checksum" in err[0]
+    assert not out.exists()

@@ -21,18 +21,22 @@ from tests.conftest import random_image
 from tests.replacement.test_model import random_clt, vlm_for
 from vlmscope.attribution.cli import add_attribute_arguments, run_attribute_command
 from vlmscope.attribution.export import (
+    INDEX_FIELDS,
     center_crop_box,
     concentration,
     image_grids,
     load_raw,
     patch_influence,
-    render_heatmap,
-    save_heatmap_png,
+    prompt_labels,
+    public_model_name,
     save_json,
     save_raw,
+    store_image,
     to_json,
+    write_graph_files,
 )
 from vlmscope.attribution.graph import Graph, LogitTarget, prune
+from vlmscope.attribution.heatmap import save_heatmap_png
 
 
 def image_graph() -> Graph:
@@ -80,7 +84,7 @@ def check_structure(data: dict[str, Any], graph: Graph) -> None:
     meta = data["metadata"]
     for key in ("slug", "scan", "prompt_tokens", "prompt", "node_threshold", "schema_version"):
         assert key in meta
-    assert meta["prompt_tokens"] == graph.input_tokens
+    assert meta["prompt_tokens"] == prompt_labels(graph)
     assert data["qParams"] == {
         "pinnedIds": [],
         "supernodes": [],
@@ -97,11 +101,19 @@ def check_structure(data: dict[str, Any], graph: Graph) -> None:
     for pos, n in by_pos.items():
         kind = graph.input_kinds[pos]
         assert n["node_id"] == f"E_{int(graph.input_ids[pos])}_{pos}"
-        assert n["feature_type"] == ("image patch" if kind == "image" else "embedding")
+        assert n["feature_type"] == "embedding"  # image patches too: circuit-tracer keeps those
         assert n.get("special", False) == (kind == "special")
         if kind == "image":
             img, view, r, c = graph.patch_map[pos].tolist()
             assert n["image"] == {"index": img, "view": view, "row": r, "col": c}
+            assert meta["prompt_tokens"][pos] == n["clerp"]
+            assert n["clerp"].startswith(f"img{img} ")
+        else:
+            assert meta["prompt_tokens"][pos] == graph.input_tokens[pos]
+    # circuit-tracer's frontend hides non-input nodes whose influence exceeds node_threshold.
+    for n in data["nodes"]:
+        if n["layer"] != "E" and n["feature_type"] != "logit":
+            assert n["influence"] <= meta["node_threshold"]
     logits = [n for n in data["nodes"] if n["feature_type"] == "logit"]
     assert [n["feature"] for n in logits] == [t.token_id for t in graph.logit_targets]
     assert [n["is_target_logit"] for n in logits] == [i == 0 for i in range(len(logits))]
@@ -145,11 +157,12 @@ def test_json_error_nodes_use_circuit_tracer_ids() -> None:
     errors = {
         n["node_id"]: n for n in data["nodes"] if n["feature_type"] == "mlp reconstruction error"
     }
-    assert set(errors) == {"0_-1_1", "1_-1_1"}  # e(0,0) and e(1,0) have no influence: pruned
-    e = errors["0_-1_1"]
-    assert (e["feature"], e["layer"], e["ctx_idx"], e["jsNodeId"]) == (-1, "0", 1, "0_-1-1")
+    # circuit-tracer 0.5.0's Node.error_node: node_id 0_{layer}_{pos}, jsNodeId {layer}_{pos}-0.
+    assert set(errors) == {"0_0_1", "0_1_1"}  # e(0,0) and e(1,0) have no influence: pruned
+    e = errors["0_1_1"]
+    assert (e["feature"], e["layer"], e["ctx_idx"], e["jsNodeId"]) == (-1, "1", 1, "1_1-0")
     links = {(x["source"], x["target"]) for x in data["links"]}
-    assert ("0_-1_1", "1_5_1") in links and ("1_-1_1", "3_7_1") in links
+    assert ("0_0_1", "1_5_1") in links and ("0_1_1", "3_7_1") in links
     # A prune result passed in is used as is.
     pr = prune(g, 0.8, 0.98)
     assert to_json(g, prune_result=pr, node_threshold=0.8) == to_json(g, node_threshold=0.8)
@@ -186,6 +199,78 @@ def test_json_image_patches_and_images_section(tmp_path: Path) -> None:
         to_json(g, images=pics[:1])
     with pytest.raises(ValueError, match=r"missing\.png"):
         to_json(g, image_paths=[paths[0], tmp_path / "missing.png"])
+    rel = to_json(g, image_paths=paths, slug="s", relative_to=tmp_path)
+    assert [e["path"] for e in rel["images"]] == ["0.png", "1.png"]
+
+
+def test_json_labels_image_tokens_for_circuit_tracer() -> None:
+    data = to_json(image_graph(), images=[random_image(8, 8, 1), random_image(8, 8, 2)])
+    assert data["metadata"]["prompt_tokens"] == [
+        "<s>", "img0 r0c0", "img0 r0c1", "img0 r0 end", "img1 v1 r1c0", " red",
+    ]  # fmt: skip
+
+
+def test_json_patch_effects_are_signed_by_hand() -> None:
+    """f0 now also reads patch (0,0) of image 0 with weight -2 and the logit reads it with +2:
+    directly +2/30; through f0 (10/30 of the logit's input) times -2/6 of f0's: -1/9."""
+    g = image_graph()
+    g.adjacency[0, 7 + 1] = -2.0
+    data = to_json(g, images=[random_image(8, 8, 1), random_image(8, 8, 2)])
+    (effect0, effect1) = data["patch_effects"]
+    assert (effect0["logit"], effect0["token"], effect0["probability"]) == ("2_30_5", " red", 0.75)
+    assert (effect0["image"], effect0["view"], effect1["image"], effect1["view"]) == (0, 0, 1, 1)
+    assert effect0["values"][0] == pytest.approx([2 / 30 - 1 / 9, 3 / 30], rel=1e-5)
+    assert [v for (v,) in effect1["values"]] == pytest.approx([0.0, 5 / 30], rel=1e-5)
+    # The unsigned influence of the same patch adds the path instead.
+    assert float(patch_influence(g, 0)[0][0][0, 0]) == pytest.approx(2 / 30 + 1 / 9)
+
+
+def test_public_model_name_drops_local_folders(tmp_path: Path) -> None:
+    assert public_model_name(str(tmp_path / "models" / "shapes_llava")) == "shapes_llava"
+    assert public_model_name("./my-model/") == "my-model"
+    assert public_model_name("llava-hf/llava-1.5-7b-hf") == "llava-hf/llava-1.5-7b-hf"
+    assert public_model_name(None) is None
+    g = image_graph()
+    g.metadata["model"] = str(tmp_path / "secret" / "toy")
+    meta = to_json(g, images=[random_image(8, 8, 1), random_image(8, 8, 2)])["metadata"]
+    assert (meta["scan"], meta["model"]) == ("toy", "toy")
+    assert str(tmp_path) not in json.dumps(meta)
+
+
+def test_store_image_keeps_each_picture_once(tmp_path: Path) -> None:
+    a, b = random_image(8, 8, 1), random_image(8, 8, 2)
+    ra, rb = store_image(a, tmp_path), store_image(b, tmp_path)
+    assert store_image(a.copy(), tmp_path) == ra != rb
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == sorted(
+        [Path(ra).name, Path(rb).name]
+    )
+    assert (np.asarray(Image.open(tmp_path / ra)) == np.asarray(a)).all()
+
+
+def test_graph_files_and_their_index(tmp_path: Path) -> None:
+    """As circuit-tracer's create_graph_files: DIR/slug.json, and graph-metadata.json listing
+    each slug once with the fields of its Metadata model."""
+    g = hand_graph()
+    path, meta = write_graph_files(g, tmp_path, "pets", prompt_text="the pet", scan="hand")
+    assert path == tmp_path / "pets.json"
+    assert json.loads(path.read_text()) == to_json(g, slug="pets", prompt_text="the pet",
+                                                   scan="hand")  # fmt: skip
+    index = json.loads((tmp_path / "graph-metadata.json").read_text())
+    assert index == {"graphs": [{k: meta[k] for k in INDEX_FIELDS}]}
+    write_graph_files(g, tmp_path, "other", prompt_text="again")
+    write_graph_files(g, tmp_path, "pets", prompt_text="the pet, redone")
+    index = json.loads((tmp_path / "graph-metadata.json").read_text())
+    assert [(x["slug"], x["prompt"]) for x in index["graphs"]] == [
+        ("other", "again"),
+        ("pets", "the pet, redone"),
+    ]
+    for bad in ("../x", "a/b", "", ".hidden", "x" * 200):
+        with pytest.raises(ValueError, match="slug"):
+            write_graph_files(g, tmp_path, bad)
+    (tmp_path / "graph-metadata.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"graph-metadata\.json"):
+        write_graph_files(g, tmp_path, "third")
+    assert not (tmp_path / "third.json").exists()  # nothing written past a corrupt index
 
 
 # --- raw ------------------------------------------------------------------------------------------
@@ -239,28 +324,6 @@ def test_patch_influence_layout_skips_separators() -> None:
     torch.testing.assert_close(heat[0][0], torch.tensor([[2 / 30, 3 / 30]]))  # not the 4/30
     torch.testing.assert_close(heat[1][1], torch.tensor([[0.0], [5 / 30]]))
     torch.testing.assert_close(patch_influence(g, None)[1][1], 0.75 * heat[1][1])
-
-
-def test_heatmap_png_sizes_and_overlay(tmp_path: Path) -> None:
-    g = image_graph()
-    pic = random_image(32, 40, 3)
-    p = save_heatmap_png(g, pic, tmp_path / "h.png")
-    assert Image.open(p).size == (40, 32)
-    p = save_heatmap_png(g, pic, tmp_path / "h2.png", view=1, image_index=1, scale=3, caption=False)
-    out = Image.open(p).convert("RGB")
-    assert out.size == (120, 96)
-    big = pic.resize((120, 96), Image.Resampling.NEAREST)
-    # Row 0 of image 1's grid has no influence (unchanged); row 1 carries all of it (coloured).
-    assert out.getpixel((60, 20)) == big.getpixel((60, 20))
-    assert out.getpixel((60, 80)) != big.getpixel((60, 80))
-    with pytest.raises(ValueError, match="no view 0"):
-        save_heatmap_png(g, pic, tmp_path / "x.png", view=0, image_index=1)
-    # A region: pixels outside it stay as they were.
-    heat = torch.tensor([[1.0, 1.0], [1.0, 1.0]])
-    r = render_heatmap(pic, heat, region=(4, 0, 36, 32))
-    assert r.getpixel((1, 5)) == pic.getpixel((1, 5)) and r.getpixel((20, 5)) != pic.getpixel(
-        (20, 5)
-    )
 
 
 def test_center_crop_box_matches_clip_preprocessing() -> None:
@@ -324,19 +387,49 @@ def test_cli_writes_json_raw_and_heatmap(llava_setup: dict[str, Path], capsys: A
     check_structure(data, raw)
     assert raw.n_features == 48
     assert data["metadata"]["family"] == "llava"
-    assert data["images"][0]["path"] == str(Path(img).resolve())
+    # The image is copied next to the graph, once, and referenced relatively: no local path.
+    stored = data["images"][0]["path"]
+    assert stored.startswith("images/") and (out.parent / stored).is_file()
+    assert (np.asarray(Image.open(out.parent / stored)) == np.asarray(Image.open(img))).all()
+    assert str(s["dir"]) not in out.read_text()
+    assert data["metadata"]["scan"] == Path(s["model"]).name  # folder name, not path
     assert data["images"][0]["grid"] == {"0": [4, 4]}
-    assert sum(n["feature_type"] == "image patch" for n in data["nodes"]) == 16
+    patches = [n for n in data["nodes"] if "image" in n]
+    assert len(patches) == 16 and all(n["feature_type"] == "embedding" for n in patches)
     # The raw file alone rebuilds the same viewer JSON.
     again = to_json(
         raw,
         slug="graph",
         prompt_text="what colour is the circle",
-        image_paths=[Path(img).resolve()],
+        image_paths=[out.parent / stored],
+        relative_to=out.parent,
+        scan=Path(s["model"]).name,
     )
     assert again == data
-    png = Image.open(s["dir"] / "run" / "graph.heatmap.png")
-    assert png.size == (320, 256)  # 40x32 upscaled x8 so the short side reaches 256
+    assert Image.open(s["dir"] / "run" / "graph.heatmap.png").format == "PNG"
+
+
+def test_cli_graph_dir_and_slug(llava_setup: dict[str, Path], capsys: Any) -> None:
+    s = llava_setup
+    gdir = s["dir"] / "graphs"
+    base = ["--model", str(s["model"]), "--dictionaries", str(s["dicts"]), "--prompt", "hi"]
+    few = ["--image", str(s["dir"] / "img.png"), "--max-feature-nodes", "8"]
+    argv = [*base, *few, "--graph-dir", str(gdir), "--slug", "first"]
+    assert run_attribute_command(parse(argv)) == 0
+    names = sorted(p.name for p in gdir.iterdir())
+    assert names == ["first.heatmap.png", "first.json", "first.safetensors",
+                     "graph-metadata.json", "images"]  # fmt: skip
+    assert [
+        g["slug"] for g in json.loads((gdir / "graph-metadata.json").read_text())["graphs"]
+    ] == ["first"]
+    for extra, why in (
+        (["--graph-dir", str(gdir)], "needs --slug"),
+        (["--graph-dir", str(gdir), "--slug", "x", "--out", "g.json"], "not both"),
+        (["--graph-dir", str(gdir), "--slug", "../up"], "--slug"),
+    ):
+        capsys.readouterr()
+        assert run_attribute_command(parse([*base, *extra])) == 2
+        assert why in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -431,7 +524,7 @@ def test_cli_target_and_logit_flags(
         # The written heatmap is the one of the targeted logit.
         pic = Image.open(img)
         region = center_crop_box(pic.size, vlm_for("llava", zoo_path).processor.image_processor)
-        want = save_heatmap_png(raw, pic, s["dir"] / "want.png", 0, region=region, scale=8)
+        want = save_heatmap_png(raw, pic, s["dir"] / "want.png", 0, region=region)
         assert Image.open(want).tobytes() == Image.open(out.with_suffix(".heatmap.png")).tobytes()
     rc = run_attribute_command(parse(cli_args(s, out, *few, "--target", "what colour is")))
     assert rc == 2 and "not one" in capsys.readouterr().err

@@ -248,3 +248,33 @@ def test_batches_carry_the_token_masks(name: str, zoo_path: Any) -> None:
         assert m.image_token_counts() == (batch.inputs["input_ids"] == image_id).sum(1).tolist()
     assert batch.to("cpu").masks is not None
     assert collate([enc.encode(recs[0])], pad).masks is None  # no masks function, no masks
+
+
+@pytest.mark.parametrize("name", zoo.names())
+def test_one_template_render_per_sample_matches_two(name: str, zoo_path: Any) -> None:
+    """render() renders each conversation once; the full text and the answer equal what the
+    two-render definition (whole conversation; its prefix with the generation prompt) gives,
+    for every family's template, and the template runs once per sample after the first."""
+    vlm = vlm_for(name, zoo_path)
+    enc = SampleEncoder(vlm.processor, ctx_len=4096, image_token_ids=vlm.adapter.image_token_ids())
+    if enc.template is None:
+        pytest.skip("no chat template: nothing is rendered")
+    recs = records(zoo.spec(name).multimodal)
+    turns = chat("what is two plus two", "four", 0) + chat("and three plus three", "six", 0)
+    recs.append(Rec("two turns", turns))
+    calls = 0
+    apply = enc._apply
+
+    def counted(msgs: Any, gen: bool) -> str:
+        nonlocal calls
+        calls += 1
+        return apply(msgs, gen)
+
+    enc._apply = counted  # type: ignore[method-assign]
+    got = [enc.render(r) for r in recs]
+    assert calls == len(recs) + 2  # the first sample also checks the scheme (two more renders)
+    for r, (full, answer) in zip(recs, got, strict=True):
+        want_full = apply(r.messages, False)
+        prefix = apply(r.messages[:-1], True)
+        assert full == want_full
+        assert answer == want_full[len(prefix) :]

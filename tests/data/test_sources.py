@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import struct
 import sys
 import types
@@ -602,3 +603,107 @@ def test_hub_names(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ds.stats.counts == {"empty_image": 1}
     np.testing.assert_array_equal(pixels(recs[1].images[0]), noise(2))
     assert [r.position for r in ds.skip(2)] == [2]
+
+
+# --------------------------------------------------------------------------------------------
+# Image paths stay inside the image root (issue 16)
+
+
+def test_image_paths_outside_the_root_are_refused_without_opening_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (root / "sub" / "in.png").write_bytes(png(noise(1)))
+    (outside / "secret.png").write_bytes(png(noise(2)))
+    (root / "link.png").symlink_to(outside / "secret.png")
+    (root / "dirlink").symlink_to(outside)
+    (root / "inner.png").symlink_to(root / "sub" / "in.png")  # a link that stays inside
+    conv = [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}]
+    escapes = [
+        "../outside/secret.png",  # exists
+        "../outside/nothing.png",  # does not exist: the same reason and message shape
+        str(outside / "secret.png"),
+        str(outside / "nothing.png"),
+        "link.png",
+        "dirlink/secret.png",
+        "sub/../../outside/secret.png",
+        "~/../../etc/passwd",
+    ]
+    inside = ["sub/in.png", "inner.png", str(root / "sub" / "in.png"), "sub/../sub/in.png"]
+    rows = [{"id": p, "image": p, "conversations": conv} for p in escapes + inside]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    opened: list[str] = []
+    real_open = Image.open
+
+    def spy(fp: Any, *a: Any, **kw: Any) -> Any:
+        opened.append(str(fp))
+        return real_open(fp, *a, **kw)
+
+    monkeypatch.setattr(Image, "open", spy)
+    seen: list[BadRecord] = []
+    ds = open_dataset(data, image_root=root, on_bad_record=seen.append)
+    records = list(ds)
+    assert [r.source_id for r in records] == inside
+    for rec in records:
+        np.testing.assert_array_equal(pixels(rec.images[0]), noise(1))
+    assert ds.stats.counts == {Reason.IMAGE_OUTSIDE_ROOT: len(escapes)}
+    assert {os.path.realpath(p) for p in opened} == {os.path.realpath(root / "sub" / "in.png")}
+    # The message names the path as given and the root, never whether the target exists.
+    details = {b.row_id: b.detail for b in seen}
+    assert details["d.jsonl:0"].replace("secret", "X") == details["d.jsonl:1"].replace(
+        "nothing", "X"
+    )
+    assert all("allow-outside-image-root" in d and str(root) in d for d in details.values())
+    # Explicitly allowed: every existing file is read, the missing ones are missing.
+    free = open_dataset(data, image_root=root, allow_outside_image_root=True)
+    got = {r.source_id for r in free}
+    assert got == {*inside, escapes[0], escapes[2], "link.png", "dirlink/secret.png", escapes[6]}
+    assert free.stats.counts[Reason.MISSING_IMAGE] == 2  # the passwd line: missing or corrupt
+    assert free.stats.bad == 3 and set(free.stats.counts) <= {"missing_image", "corrupt_image"}
+    # Without --image-root the dataset's own folder is the root.
+    (tmp_path / "top.png").write_bytes(png(noise(3)))
+    alone = tmp_path / "root" / "alone.jsonl"
+    alone.write_text(json.dumps({"image": "../top.png", "conversations": conv}) + "\n")
+    ds = open_dataset(alone)
+    assert list(ds) == [] and ds.stats.counts == {Reason.IMAGE_OUTSIDE_ROOT: 1}
+
+
+# --------------------------------------------------------------------------------------------
+# Files without a single valid row say so (issue 16)
+
+
+def test_empty_and_all_bad_json_files_say_why(tmp_path: Path) -> None:
+    cases = {
+        "empty.jsonl": (b"", r"empty\.jsonl is empty"),
+        "blank.jsonl": (b"\n  \n\n", r"blank\.jsonl is empty"),
+        "empty.json": (b"[]", r"empty\.json is empty"),
+        "bad.jsonl": (
+            b'{"text": \n[1, 2]\nnot json\n',
+            r"bad\.jsonl has no valid rows: 3 rows, none a JSON object \(line 1: .*line 2: "
+            r"a JSON list, not an object.*line 3: ",
+        ),
+        "latin1.jsonl": (
+            '{"text": "caf\u00e9"}\n'.encode("latin-1") * 2,
+            r"latin1\.jsonl has no valid rows: 2 rows, none a JSON object \(line 1: not UTF-8",
+        ),
+        "bad.json": (b'[{"text": "a"', r"bad\.json has no valid rows"),
+    }
+    for name, (data, message) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=message) as err:
+            open_dataset(tmp_path / name)
+        assert "cannot detect the schema" not in str(err.value), name
+    # One good row among non-UTF-8 lines is enough: the bad ones are skipped and counted.
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_bytes(cases["latin1.jsonl"][0] + b'{"text": "ok"}\n')
+    ds = open_dataset(mixed)
+    assert [r.text for r in ds] == ["ok"] and ds.stats.counts == {Reason.MALFORMED_JSON: 2}
+    # A folder whose first file is empty reads the schema from the next one.
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.jsonl").write_bytes(b"")
+    (folder / "b.jsonl").write_text('{"text": "hello"}\n')
+    assert [r.text for r in open_dataset(folder)] == ["hello"]

@@ -258,3 +258,26 @@ def test_layer_by_layer_encode_decode_matches_full_decode() -> None:
         torch.testing.assert_close(clt.decode_layer(t, codes, xs[t]), full[t])
     with pytest.raises(KeyError, match="source layer 0"):
         clt.decode_layer(1, {1: codes[1]}, xs[1])
+
+
+def test_sparse_encoder_backward_equals_the_dense_one() -> None:
+    """CLT training gradients (with AuxK on dead latents) through the sparse encoder backward
+    against the same forward through dense pre-activations."""
+    gen = torch.Generator().manual_seed(2)
+    xs = [torch.randn(9, 3, generator=gen, dtype=torch.float64) for _ in range(3)]
+    ys = [torch.randn(9, 3, generator=gen, dtype=torch.float64) for _ in range(3)]
+    results = []
+    for sparse in (True, False):
+        clt = make_clt(3, 2, num_latents=12, aux_k=3, aux_k_coeff=0.5, dead_tokens_threshold=4)
+        clt = clt.double().train()
+        randomize(clt, seed=3)
+        for layer in clt.layers:
+            with torch.no_grad():
+                layer.num_tokens_since_fired[1::2] = 10
+            layer.activation.sparse_backward = sparse
+        clt(xs, ys).loss.backward()
+        results.append({n: p.grad.clone() for n, p in clt.named_parameters() if p.grad is not None})
+    assert results[0].keys() == results[1].keys()
+    for name, want in results[1].items():
+        assert want.abs().sum() > 0, name
+        torch.testing.assert_close(results[0][name], want, rtol=1e-9, atol=1e-12)

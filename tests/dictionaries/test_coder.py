@@ -328,3 +328,43 @@ def test_shape_and_argument_errors() -> None:
         SparseCoder(SparseCoderConfig(kind="clt", d_in=4, n_layers=2))
     with pytest.raises(ValueError, match="d_in not set"):
         SparseCoder(SparseCoderConfig())
+
+
+def _train_grads(coder: torch.nn.Module, *args: torch.Tensor) -> dict[str, torch.Tensor]:
+    coder.zero_grad(set_to_none=True)
+    coder(*args).loss.backward()
+    return {name: p.grad.clone() for name, p in coder.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(
+    ("kind", "activation"), [("sae", "topk"), ("sae", "batchtopk"), ("transcoder", "topk")]
+)
+def test_sparse_encoder_backward_equals_the_dense_one(kind: str, activation: str) -> None:
+    """The training forward's sparse encoder gradient (no dense pre in autograd) against the
+    same forward through the dense pre-activations, with AuxK on (dead latents) so its
+    gathered entries carry gradient too."""
+    cfg = SparseCoderConfig(
+        kind=kind, activation=activation, d_in=6, num_latents=24, k=3, aux_k=4,
+        dead_tokens_threshold=5, aux_k_coeff=0.5, skip_connection=kind == "transcoder",
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(10, 6, generator=gen, dtype=torch.float64)
+    y = None if kind == "sae" else torch.randn(10, 6, generator=gen, dtype=torch.float64)
+    args = (x,) if y is None else (x, y)
+    results = []
+    for sparse in (True, False):
+        coder = SparseCoder(cfg, dtype=torch.float64).train()
+        randomize(coder, seed=9)
+        coder.double()
+        with torch.no_grad():
+            coder.num_tokens_since_fired[::2] = 10  # half the latents are dead
+        if not sparse:
+            coder.activation.sparse_backward = False  # instance override: the dense path
+        if activation == "batchtopk":
+            coder.activation.track_statistics = False
+        results.append(_train_grads(coder, *args))
+    sparse_grads, dense_grads = results
+    assert sparse_grads.keys() == dense_grads.keys() >= {"W_enc", "b_enc", "W_dec", "b_dec"}
+    for name, want in dense_grads.items():
+        assert want.abs().sum() > 0, name
+        torch.testing.assert_close(sparse_grads[name], want, rtol=1e-9, atol=1e-12)

@@ -477,3 +477,89 @@ def test_circuit_tracer_transcoder_set_errors(tmp_path: Path) -> None:
         export_circuit_tracer([make_coder("sae", "jumprelu")], tmp_path)
     with pytest.raises(ValueError, match="same sizes, activation"):
         export_circuit_tracer([tc, make_coder("transcoder", "topk")], tmp_path)
+
+
+def _tensor_span(path: Path, name: str) -> tuple[int, int]:
+    """Byte range of tensor `name`'s data in a safetensors file (from its header)."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    lo, hi = json.loads(raw[8 : 8 + n])[name]["data_offsets"]
+    return 8 + n + lo, 8 + n + hi
+
+
+def _flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_tensor_bytes_fail_their_checksum(tmp_path: Path) -> None:
+    """A flipped bit in a tensor's data (a plausible value, no NaN) is refused on load, and
+    the error names the file and the tensor."""
+    clt = make_clt("jumprelu")
+    clt.save(tmp_path / "clt")
+    coder = make_coder("transcoder", "topk")
+    save_dictionaries({"h": coder}, tmp_path / "run")
+    file = tmp_path / "clt" / "layer_1.safetensors"
+    lo, hi = _tensor_span(file, "W_dec")
+    _flip(file, (lo + hi) // 2)
+    with pytest.raises(
+        DictionaryFormatError, match=r"layer_1\.safetensors: tensor 'W_dec'.*checksum"
+    ):
+        load_dictionaries(tmp_path / "clt")
+    sub = tmp_path / "run" / "h" / "sae.safetensors"
+    _flip(sub, _tensor_span(sub, "W_enc")[0])
+    with pytest.raises(
+        DictionaryFormatError, match=r"h/sae\.safetensors: tensor 'W_enc'.*checksum"
+    ):
+        load_dictionaries(tmp_path / "run")
+
+
+def test_memory_mapped_blocks_are_verified_on_first_read(tmp_path: Path) -> None:
+    """With mmap, nothing is read at load; each block is checked when first asked for, so a
+    corrupt block fails then (naming file and tensor) and intact ones pass."""
+    from vlmscope.dictionaries.io import load_clt
+
+    clt = make_clt("jumprelu")
+    clt.save(tmp_path / "clt")
+    file = tmp_path / "clt" / "layer_2.safetensors"
+    lo, _ = _tensor_span(file, "W_enc")
+    _flip(file, lo + 3)
+    mapped = load_clt(tmp_path / "clt", mmap=True)  # nothing checked yet
+    checks = mapped.tensor_checks  # type: ignore[attr-defined]
+    checks.check("layers.0.W_dec", torch.tensor([1, 5]))
+    checks.check("layers.2.W_dec")
+    with pytest.raises(DictionaryFormatError, match=r"layer_2\.safetensors: tensor 'W_enc'"):
+        checks.check("layers.2.W_enc", torch.tensor([0]))
+    # The mapped weights are the saved ones (where intact).
+    torch.testing.assert_close(mapped.layers[0].W_dec, clt.layers[0].W_dec, rtol=0, atol=0)
+
+
+def test_nan_weights_are_refused_on_load_naming_the_tensor(tmp_path: Path) -> None:
+    """NaN written at save time (a diverged run) has a valid checksum: the NaN check names it,
+    eagerly and when a mapped block is first read."""
+    from vlmscope.dictionaries.io import load_clt
+
+    clt = make_clt("jumprelu")
+    with torch.no_grad():
+        clt.layers[1].W_dec[3, 0, 2] = float("nan")
+    clt.save(tmp_path / "clt")
+    with pytest.raises(
+        DictionaryFormatError, match=r"layer_1\.safetensors: tensor 'W_dec' holds 1 NaN"
+    ):
+        load_dictionaries(tmp_path / "clt")
+    mapped = load_clt(tmp_path / "clt", mmap=True)
+    with pytest.raises(DictionaryFormatError, match=r"tensor 'W_dec' holds 1 NaN"):
+        mapped.tensor_checks.check("layers.1.W_dec", torch.tensor([3]))  # type: ignore[attr-defined]
+
+
+def test_folders_written_without_checksums_still_load(tmp_path: Path) -> None:
+    clt = make_clt("jumprelu")
+    clt.save(tmp_path / "clt")
+    cfg = tmp_path / "clt" / "config.json"
+    header = json.loads(cfg.read_text())
+    del header["checksums"]
+    cfg.write_text(json.dumps(header))
+    loaded = load_dictionaries(tmp_path / "clt")
+    assert isinstance(loaded, CrossLayerTranscoder)
+    torch.testing.assert_close(loaded.layers[2].W_enc, clt.layers[2].W_enc, rtol=0, atol=0)

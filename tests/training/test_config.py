@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from vlmscope.cli import main
 from vlmscope.training.config import TrainConfig, parse_train_args
@@ -54,8 +57,10 @@ def test_kind_resolution() -> None:
         # A CLT source writes to the layers right after it: a gap would misroute it.
         ("--sae.transcode --sae.n_targets 2 --layers 0 2", "a CLT needs contiguous --layers"),
         ("--device foo", "--device must be cpu, cuda, cuda:N, mps or xpu, got 'foo'"),
-        ("--hookpoints vision.blocks.0.hook_resid_post", "patterns start with 'lm.'"),
-        ("--hookpoints projector.hook_out", "patterns start with 'lm.'"),
+        ("--hookpoints vision.blocks.0.hook_resid_post --tokens text", "no vision-encoder"),
+        ("--hookpoints projector.hook_out --loss-fn kl", "train with --loss-fn fvu"),
+        ("--tower vision --sae.transcode --sae.n_targets 2", "a CLT spans"),
+        ("--tower eyes", "invalid choice: 'eyes'"),
         ("--hookpoints lm.blocks.0.attn.hook_pattern", "exclude attn.hook_pattern"),
     ],
 )
@@ -209,3 +214,25 @@ def parse_train_args_or_raise(flags: str) -> TrainConfig:
     from vlmscope.training.config import build_train_parser, config_from_args
 
     return config_from_args(build_train_parser().parse_args(flags.split()))
+
+
+def test_images_outside_the_root_need_the_flag_that_help_names(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from vlmscope.training.trainer import open_training_data
+
+    for command in (["train", "--help"], ["eval", "--help"]):
+        with pytest.raises(SystemExit):
+            main(command)
+        out = " ".join(capsys.readouterr().out.split())
+        assert "--allow-outside-image-root" in out and "must stay inside it" in out, command
+    (tmp_path / "root").mkdir()
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "x.png")
+    conv = [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}]
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"image": "../x.png", "conversations": conv}) + "\n")
+    flags = ["m", str(data), "--image-root", str(tmp_path / "root")]
+    confined = open_training_data(parse_train_args(flags))
+    assert list(confined) == [] and confined.stats.counts == {"image_outside_root": 1}
+    allowed = open_training_data(parse_train_args([*flags, "--allow-outside-image-root"]))
+    assert len(list(allowed)) == 1

@@ -1,8 +1,11 @@
 """`vlmscope attribute`: one prompt (text, or images and text) -> attribution graph files.
 
-Writes the viewer JSON, the raw graph (`<out stem>.safetensors`, to re-prune later) and, when
-the prompt has images, a heatmap PNG of the image patches' influence on the top logit. Inputs
-are checked before the model loads, so a typo costs seconds, not a model load.
+Writes the viewer JSON (`--out FILE`, or `--graph-dir DIR --slug NAME` for DIR/NAME.json plus
+the folder's `graph-metadata.json` index, the layout circuit-tracer's frontend and
+`vlmscope serve` open), the raw graph (`<stem>.safetensors`, to re-prune later), the prompt's
+images once each under `images/`, and, when the prompt has images, a signed heatmap PNG
+(`<stem>.heatmap.png`) of the patches' influence on the top (or `--target`) logit. Inputs are
+checked before the model loads, so a typo costs seconds, not a model load.
 """
 
 from __future__ import annotations
@@ -16,12 +19,16 @@ from typing import Any
 
 from vlmscope.attribution.export import (
     center_crop_box,
+    check_slug,
     patch_influence,
-    save_heatmap_png,
+    public_model_name,
     save_json,
     save_raw,
+    store_image,
     top_patches,
+    write_graph_files,
 )
+from vlmscope.attribution.heatmap import heatmap_path, save_heatmap_png
 
 
 class AttributeInputError(ValueError):
@@ -49,10 +56,23 @@ def add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--prompt", required=True, help="the question or text to attribute")
     parser.add_argument(
-        "--out", default="graph.json", help="viewer JSON to write (default: graph.json)"
+        "--out",
+        default=None,
+        help="viewer JSON to write (default: graph.json; not with --graph-dir)",
     )
     parser.add_argument(
-        "--slug", default=None, help="graph name in the viewer (default: the --out file's stem)"
+        "--graph-dir",
+        default=None,
+        metavar="DIR",
+        help="write DIR/<slug>.json and add it to DIR/graph-metadata.json, as circuit-tracer's "
+        "create_graph_files does: `circuit-tracer start-server --graph_file_dir DIR` and "
+        "`vlmscope serve --graphs DIR` list it (needs --slug)",
+    )
+    parser.add_argument(
+        "--slug",
+        default=None,
+        help="graph name in the viewers and, with --graph-dir, its file name: letters, digits, "
+        "'.', '_', '-' (default: the --out file's stem)",
     )
     parser.add_argument(
         "--max-feature-nodes",
@@ -95,7 +115,35 @@ def add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
         "(e.g. ' red'; it must be one token) or a token id (digits). The heatmap shows it",
     )
     parser.add_argument(
-        "--batch-size", type=int, default=64, help="backward passes per batch (default: 64)"
+        "--batch-size",
+        default="auto",
+        help="targets per backward pass (copies of the prompt replayed at once), or auto: "
+        "the largest batch the memory planner fits in the device's free memory (default: "
+        "auto; the choice is printed)",
+    )
+    parser.add_argument(
+        "--offload",
+        default="auto",
+        choices=["auto", "none", "cpu", "disk"],
+        help="after the first forward, move what the replay never runs (MLPs, vision tower, "
+        "embeddings) and the active features' decoder rows off the device: to host memory "
+        "(cpu) or disk (disk: the rows are re-read from the memory-mapped dictionaries); "
+        "edges are the same. auto: the least offloading the planner needs (default)",
+    )
+    parser.add_argument(
+        "--convention",
+        default="vlmscope",
+        choices=["vlmscope", "circuit-tracer"],
+        help="special tokens: vlmscope (default) leaves the tokens the dictionaries were not "
+        "trained on (BOS, chat-template markers) unreplaced, their MLP output an error node; "
+        "circuit-tracer replaces every position and zeroes features and errors at position 0, "
+        "as circuit-tracer does, to compare graphs 1:1",
+    )
+    parser.add_argument(
+        "--memory-gb",
+        type=float,
+        default=None,
+        help="device memory the planner may use, GB (default: what is free)",
     )
     parser.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)"
@@ -107,13 +155,6 @@ def add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
         "--embed-images",
         action="store_true",
         help="embed the images in the JSON as PNG data (default: reference their paths)",
-    )
-    parser.add_argument(
-        "--heatmap",
-        default=None,
-        metavar="PATH",
-        help="heatmap PNG (default: <out stem>.heatmap.png next to --out; one per image, "
-        "numbered, when there are several)",
     )
 
 
@@ -127,8 +168,10 @@ def _check_args(args: argparse.Namespace) -> list[Any]:
         v = getattr(args, name)
         if not 0.0 <= v <= 1.0:
             raise AttributeInputError(f"--{name.replace('_', '-')} must be in [0, 1], got {v}")
-    if args.batch_size < 1:
-        raise AttributeInputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.batch_size != "auto":
+        if not str(args.batch_size).isdigit() or int(args.batch_size) < 1:
+            raise AttributeInputError(f"--batch-size must be auto or >= 1, got {args.batch_size}")
+        args.batch_size = int(args.batch_size)
     if not 0.0 < args.desired_logit_prob <= 1.0:
         raise AttributeInputError(
             f"--desired-logit-prob must be in (0, 1], got {args.desired_logit_prob}"
@@ -152,7 +195,19 @@ def _check_args(args: argparse.Namespace) -> list[Any]:
                 images.append(im.convert("RGB"))
         except Exception as e:  # PIL raises several types for corrupt files
             raise AttributeInputError(f"--image: cannot read {path} as an image: {e}") from e
-    out = Path(args.out)
+    if args.graph_dir is not None:
+        if args.out is not None:
+            raise AttributeInputError("give --out FILE or --graph-dir DIR, not both")
+        if args.slug is None:
+            raise AttributeInputError("--graph-dir needs --slug NAME (the graph's file name)")
+        if Path(args.graph_dir).exists() and not Path(args.graph_dir).is_dir():
+            raise AttributeInputError(f"--graph-dir {args.graph_dir} is a file, not a folder")
+    if args.slug is not None:
+        try:
+            check_slug(args.slug)
+        except ValueError as e:
+            raise AttributeInputError(f"--slug: {e}") from e
+    out = _json_path(args)
     if out.exists() and out.is_dir():
         raise AttributeInputError(f"--out {out} is a folder; give a file name such as graph.json")
     if out.suffix == ".safetensors":
@@ -221,12 +276,10 @@ def target_token(tokenizer: Any, target: str) -> int:
     return int(ids[0])
 
 
-def _heatmap_paths(args: argparse.Namespace, n_images: int) -> list[Path]:
-    out = Path(args.out)
-    first = Path(args.heatmap) if args.heatmap else out.with_name(f"{out.stem}.heatmap.png")
-    if n_images <= 1:
-        return [first][:n_images]
-    return [first.with_name(f"{first.stem}-{i}{first.suffix or '.png'}") for i in range(n_images)]
+def _json_path(args: argparse.Namespace) -> Path:
+    if args.graph_dir is not None:
+        return Path(args.graph_dir) / f"{args.slug}.json"
+    return Path(args.out if args.out is not None else "graph.json")
 
 
 def run_attribute_command(args: argparse.Namespace) -> int:
@@ -248,9 +301,11 @@ def run_attribute_command(args: argparse.Namespace) -> int:
     from vlmscope.training.trainer import resolve_model_path
 
     try:
-        # The dictionaries load first (small, on the CPU): a bad folder fails before the model.
+        # The dictionaries are memory-mapped first (nothing is read but their configs and
+        # headers): a bad folder fails before the model loads, and a 7B model's CLT never
+        # has to fit in host or device memory; attribution reads the rows it needs.
         try:
-            bundle = DictionaryBundle.load(args.dictionaries)
+            bundle = DictionaryBundle.load(args.dictionaries, mmap=True)
         except (OSError, ValueError) as e:
             raise AttributeInputError(f"--dictionaries {args.dictionaries}: {e}") from e
         if bundle.kind == "sae":
@@ -268,7 +323,6 @@ def run_attribute_command(args: argparse.Namespace) -> int:
         bundle.check_model(vlm.adapter)
         for warning in input_warnings(vlm.processor, images, args.prompt):
             print(f"vlmscope attribute: warning: {warning}", file=sys.stderr)
-        bundle = bundle.to(vlm.device)
         target = None if args.target is None else [target_token(vlm.tokenizer, args.target)]
         inputs = vlm.prepare(args.prompt, images=images or None)
         graph = attribute(
@@ -281,8 +335,11 @@ def run_attribute_command(args: argparse.Namespace) -> int:
             logit_targets=target,
             batch_size=args.batch_size,
             progress=True,
+            convention=args.convention,
+            offload=None if args.offload == "none" else args.offload,
+            memory_gb=args.memory_gb,
         )
-    except (AttributeInputError, ModelMismatchError, OSError, ValueError) as e:
+    except (AttributeInputError, ModelMismatchError, OSError, ValueError, MemoryError) as e:
         print(f"vlmscope attribute: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, AttributeInputError) else 1
 
@@ -302,32 +359,38 @@ def run_attribute_command(args: argparse.Namespace) -> int:
     for t in graph.logit_targets[:5]:
         print(f"{t.token!r:<20} {t.probability:>7.4f}")
 
-    out = Path(args.out)
+    out = _json_path(args)
     slug = args.slug or out.stem
-    json_path = save_json(
-        graph,
-        out,
+    # Images are copied next to the graph (once each, named by content) and referenced by a
+    # relative path: the graph folder is self-contained and carries no path of the author's.
+    if args.embed_images:
+        image_kw: dict[str, Any] = {"images": images}
+    else:
+        image_kw = {"image_paths": [out.parent / store_image(im, out.parent) for im in images]}
+    kwargs = dict(
         prune_result=pr,
         node_threshold=args.node_threshold,
         edge_threshold=args.edge_threshold,
-        slug=slug,
         prompt_text=args.prompt,
-        image_paths=None if args.embed_images else [str(Path(p).resolve()) for p in args.images],
-        images=images if args.embed_images else None,
+        scan=public_model_name(args.model),
+        relative_to=out.parent,
+        **image_kw,
     )
-    raw_path = save_raw(graph, out.with_suffix(".safetensors"))
-    written = [json_path, raw_path]
-    heat = patch_influence(graph, 0)
+    if args.graph_dir is not None:
+        json_path, _ = write_graph_files(graph, args.graph_dir, slug, **kwargs)
+        written = [json_path, Path(args.graph_dir) / "graph-metadata.json"]
+    else:
+        written = [save_json(graph, out, slug=slug, **kwargs)]
+    written.append(save_raw(graph, out.with_suffix(".safetensors")))
+    heat = patch_influence(graph, 0, signed=True)
     proc = getattr(vlm.processor, "image_processor", None)
-    for i, (img, png) in enumerate(zip(images, _heatmap_paths(args, len(images)), strict=True)):
+    for i, img in enumerate(images):
         if 0 not in heat.get(i, {}):
             continue  # the processor dropped this image's base view (nothing to draw)
-        scale = max(1, math.ceil(256 / max(1, min(img.size))))
         region = center_crop_box(img.size, proc) if proc is not None else None
-        written.append(
-            save_heatmap_png(graph, img, png, 0, 0, image_index=i, region=region, scale=scale)
-        )
-        cells = ", ".join(f"({r},{c}) {v:.3f}" for r, c, v in top_patches(heat[i][0]))
+        png = heatmap_path(out, i, len(images))
+        written.append(save_heatmap_png(graph, img, png, 0, 0, image_index=i, region=region))
+        cells = ", ".join(f"({r},{c}) {v:+.3f}" for r, c, v in top_patches(heat[i][0]))
         print(f"image {i}: top patches (row, col) on {graph.logit_targets[0].token!r}: {cells}")
     print("\nWrote " + ", ".join(str(p) for p in written))
     return 0

@@ -2,44 +2,68 @@
 
 `record()` runs the original model once and stores what the linearised model needs: the input
 embeddings (token and image-patch nodes), the active dictionary features, each layer's MLP
-output and the error of its reconstruction, the attention patterns and norm scales. `replay()`
-reruns the model on copies of the prompt with patterns and scales frozen and every LM layer's
-MLP output (covered by a dictionary or not) replaced by a constant leaf tensor, so that the
-model is linear from its leaves (embeddings, MLP outputs, and what enters between layers, such
+output and the error of its reconstruction, the attention patterns and norm scales.
+`replay()` runs the language model on copies of the prompt with patterns and scales frozen and
+every LM layer's MLP output (covered by a dictionary or not) held at its recorded value, so the
+model is linear from its sources (embeddings, MLP outputs, and what enters between layers, such
 as Qwen3-VL's DeepStack visual features) to every feature pre-activation and logit. One
 backward pass then gives, for a batch of targets (one per copy), the direct effect of every
 source on each target.
+
+What the replay keeps per copy of the prompt: nothing. Sources are constants tapped by a
+custom autograd function (`_Tap`) whose backward hands each layer's gradient [copies, seq, d]
+to a callback that turns it into edge columns at once (errors: g . e; features: g . decoder
+row, in feature chunks; inputs: g . embedding), so no layer's gradient outlives its layer;
+targets are injected by `_Seed` at resid_mid as the backward passes it, so no resid_mid tensor
+is kept either; norms multiply by their recorded scale (freeze.py's linear replay); attention
+mixes values with the recorded pattern; the MLPs, whose outputs are constants, run on an empty
+slice of positions; q and k projections run without autograd (the pattern is frozen). Autograd
+then saves only weights and recorded constants, shared by every copy, so the batch is bounded
+by the transient activations of one layer, not by a graph.
+
+Edges, for a target with gradient g_t at model layer t's MLP output (rows of one backward):
+
+    error (t, p):        g_t[p] . e_t[p]
+    feature (s, p, f):   a * sum over targets t of unit s of  g_t[p] . W_dec_s[f, t - s] / o_t
+    input p:             g_0[p] . embed[p]  (+ g . injected[p] for DeepStack)
+    vision feature j:    g_V[j] . V[j]  (cross-attention VLMs: cross_inputs.py)
+
+with a the activation, o_t the target unit's output scale; sums run in float32.
+Decoder rows of the active features are gathered once (`decoder_cache`): on the device, in host
+memory ("cpu", pinned on CUDA, moved per target), or read again from the memory-mapped
+dictionary each batch ("disk").
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from vlmscope.attribution.cross_inputs import cross_attention_inputs
 from vlmscope.attribution.freeze import FreezeState, frozen
-from vlmscope.dictionaries import SparseCodes
+from vlmscope.attribution.weights import DictionaryWeights
 from vlmscope.models.hooked import HookContext, HookedVLM
 from vlmscope.training.bundle import DictionaryBundle, mlp_out
+
+DecoderCache = Literal["device", "cpu", "disk"]
 
 
 @dataclass
 class ActiveFeatureTable:
-    """Active features sorted by (layer, position, feature): parallel 1-D tensors."""
+    """Active features sorted by (unit, position, feature): parallel 1-D tensors."""
 
     #: the model's LM layer of each feature (not the dictionary's unit index).
     layer: Tensor
     position: Tensor
     feature: Tensor
     activation: Tensor
-    #: [n, d] the gradient of each feature's pre-activation w.r.t. its layer's resid_mid.
-    encoder: Tensor
     #: the bundle unit (CLT source layer) of each feature, to look its decoders up.
     unit: Tensor
 
@@ -73,11 +97,59 @@ def unit_layers(bundle: DictionaryBundle, n_layers: int) -> list[int]:
     return layers
 
 
+class _Tap(torch.autograd.Function):
+    """Identity on a constant source; its backward hands the gradient to `fn` (edge columns)
+    and passes nothing on. `anchor` (a scalar leaf) puts every tap on the backward's path."""
+
+    @staticmethod
+    def forward(ctx: Any, value: Tensor, anchor: Tensor, fn: Callable[[Tensor], None]) -> Tensor:
+        ctx.fn = fn
+        ctx.anchor = (anchor.dtype, anchor.device)
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor, None]:
+        ctx.fn(grad)
+        dtype, device = ctx.anchor
+        return None, torch.zeros((), dtype=dtype, device=device), None
+
+
+class _Seed(torch.autograd.Function):
+    """Identity whose backward adds `fn`'s seed to the gradient: a target's injection at a
+    resid_mid, without keeping that resid_mid tensor for the backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+        ctx.fn = fn
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return ctx.fn(grad), None
+
+
+@dataclass
+class _UnitIndex:
+    """Unit s's active features, arranged for the backward's batched dot products."""
+
+    offset: int  # first column of the unit's features
+    count: int
+    unique: Tensor  # [U] sorted feature ids
+    positions: Tensor  # [P] positions with at least one feature (device)
+    slots: Tensor  # [P, kmax] row of `unique` per slot; U (a zero row) for padding (device)
+    valid: Tensor  # [P * kmax] bool, the slots that hold a feature, in feature order (device)
+    filled: Tensor  # [count] indices of the valid slots in [P * kmax] (device)
+    full: bool  # every slot holds a feature
+
+
 class AttributionContext:
     """Everything attribution needs about one prompt (batch of 1).
 
     Layers are the model's: every LM layer's MLP output is a source, whether or not a dictionary
     covers it (a layer without one is all error), so gradients never pass through a real MLP.
+    `replace_mask` [seq]: positions the dictionaries replace (features, reconstruction and the
+    skip path live there); `zero_mask` [seq]: replaced positions whose features and error are
+    dropped from the graph (circuit-tracer's convention at BOS); see attribute.py.
     """
 
     def __init__(
@@ -86,15 +158,24 @@ class AttributionContext:
         bundle: DictionaryBundle,
         inputs: Mapping[str, Any],
         replace_mask: Tensor,
+        *,
+        zero_mask: Tensor | None = None,
+        decoder_cache: DecoderCache = "device",
+        chunk_bytes: int = 256 << 20,
     ) -> None:
         if bundle.kind == "sae":
             raise ValueError("attribution needs transcoders or a CLT that replace MLP outputs")
         if inputs["input_ids"].shape[0] != 1:
             raise ValueError("attribution runs on one prompt at a time (batch size 1)")
+        if decoder_cache not in ("device", "cpu", "disk"):
+            raise ValueError(f"decoder_cache must be device, cpu or disk, not {decoder_cache!r}")
         self.vlm = vlm
         self.bundle = bundle
         self.inputs = inputs
-        self.replace_mask = replace_mask.to(vlm.device)  # [seq] positions the dictionaries replace
+        self.device = vlm.device
+        self.replace_mask = replace_mask.to(self.device).bool()  # [seq]
+        zero = torch.zeros_like(self.replace_mask) if zero_mask is None else zero_mask
+        self.zero_mask = zero.to(self.device).bool() & self.replace_mask
         self.n_layers = int(vlm.adapter.n_layers)
         #: model layer of each bundle unit; unit_of maps back.
         self.unit_layers = unit_layers(bundle, self.n_layers)
@@ -102,19 +183,26 @@ class AttributionContext:
         self.n_units = len(self.unit_layers)
         self.mlp_hooks = [mlp_out(layer) for layer in range(self.n_layers)]
         self.freeze = FreezeState()
+        self.weights = DictionaryWeights(bundle, self.device)
+        self.decoder_cache: DecoderCache = decoder_cache
+        self.chunk_bytes = chunk_bytes
+        self.copies = 0
+        self.final: Tensor | None = None
+        self._skip_qk = True
         #: input nodes past the sequence: the vision features cross-attention reads (Mllama).
         self.cross = cross_attention_inputs(vlm, inputs)
-        self.n_pos = int(inputs["input_ids"].shape[1])
-
-    @property
-    def n_inputs(self) -> int:
-        """Input-node columns: one per position, then any cross-attention vision features."""
-        return self.n_pos + (self.cross.n if self.cross is not None else 0)
 
     # --- pass 1: the original model ------------------------------------------------------------
-    @torch.no_grad()
     def record(self) -> None:
-        b, vlm = self.bundle, self.vlm
+        """Run the original model (`record_forward`), then gather the decoder rows and
+        compute the errors (`prepare`, with this context's `decoder_cache`)."""
+        self.record_forward()
+        self.prepare(self.decoder_cache)
+
+    @torch.no_grad()
+    def record_forward(self) -> None:
+        """The forward pass: logits, embeddings, MLP outputs, patterns, scales, features."""
+        b, vlm, w = self.bundle, self.vlm, self.weights
         self.freeze = FreezeState(mode="record")
         mids: dict[int, Tensor] = {}
         outs: dict[int, Tensor] = {}
@@ -131,7 +219,7 @@ class AttributionContext:
         def read(t: Tensor, ctx: HookContext) -> None:
             i = read_index[ctx.name]
             mids[i] = t[0].detach().float()
-            codes[i] = b.encode_unit(i, mids[i])
+            codes[i] = w.encode(i, mids[i])
 
         def write(t: Tensor, ctx: HookContext) -> None:
             outs[mlp_index[ctx.name]] = t[0].detach().float()
@@ -159,217 +247,484 @@ class AttributionContext:
                 )
 
         hooks = [("lm.blocks.0.hook_resid_pre", embed)]
-        hooks += [(r, read) for r in b.reads] + [(w, write) for w in self.mlp_hooks]
+        hooks += [(r, read) for r in b.reads] + [(w_, write) for w_ in self.mlp_hooks]
         hooks += [(f"lm.blocks.{i}.hook_resid_post", resid_post) for i in range(self.n_layers)]
         hooks += [(f"lm.blocks.{i}.hook_resid_pre", resid_pre) for i in range(1, self.n_layers)]
-        if self.cross is not None:
-            hooks.append(self.cross.record_hook())
+        lm_hook = [] if self.cross is None else [self.cross.record_hook()]
         # The final-norm hook goes in after the freeze hooks so it sees the frozen output.
-        with frozen(vlm, self.freeze), vlm.hooks(hooks), _hook(vlm.adapter.norm(), final):
-            out = vlm.forward(self.inputs)
+        with (
+            frozen(vlm, self.freeze),
+            vlm.hooks(hooks),
+            _hook(vlm.adapter.norm(), final),
+            _pre_hooks(lm_hook),
+        ):
+            out = vlm.forward(self.inputs, **_last_logit_kwargs(vlm.model))
         self.logits = out.logits[0, -1].float()
+        del out
         self.embeddings = store["embed"]  # [seq, d]
         #: per model layer, the true MLP output.
         self.mlp_outputs = [outs[layer] for layer in range(self.n_layers)]
         #: model layer -> what is added to the residual stream after it outside the layers.
         self.injected = injected
-        # Reconstruction where the dictionaries replace; elsewhere (other positions, layers
-        # without a dictionary) the whole MLP output is error.
-        keep = self.replace_mask
-        self.errors = []
-        for layer, o in enumerate(self.mlp_outputs):
-            t = self.unit_of.get(layer)
-            if t is None:
-                self.errors.append(o)  # no dictionary: the whole output (read only, shared)
-                continue
-            masked = {s: _mask_codes(c, keep) for s, c in codes.items() if s <= t}
-            recon = b.decode_unit(t, masked, mids[t]).float() * keep[:, None]
-            self.errors.append(o - recon)
-        self.features = self._feature_table({s: _mask_codes(c, keep) for s, c in codes.items()})
-        #: per unit, the indices of its rows in `features` (fixed for every backward pass).
-        unit = self.features.unit
-        self._unit_rows = [(unit == s).nonzero().squeeze(1) for s in range(self.n_units)]
+        feature_mask = self.replace_mask & ~self.zero_mask
+        self.features = self._feature_table(codes, feature_mask)
+        self._index_units()
+        #: resid_mid of each unit's layer, until `prepare` has used it for the skip path.
+        self._mids: dict[int, Tensor] = dict(mids)
 
-    def _feature_table(self, codes: Mapping[int, Any]) -> ActiveFeatureTable:
-        units, layers, pos, feat, act, enc = [], [], [], [], [], []
+    @torch.no_grad()
+    def prepare(self, decoder_cache: DecoderCache) -> None:
+        """Gather the active features' decoder rows where `decoder_cache` says and compute
+        every layer's error node (what the backward passes read)."""
+        if decoder_cache not in ("device", "cpu", "disk"):
+            raise ValueError(f"decoder_cache must be device, cpu or disk, not {decoder_cache!r}")
+        self.decoder_cache = decoder_cache
+        self._build_decoder_cache()
+        self.errors = self._errors(self._mids)
+        self._mids = {}
+
+    def _feature_table(self, codes: Mapping[int, Any], keep: Tensor) -> ActiveFeatureTable:
+        units, layers, pos, feat, act = [], [], [], [], []
         for s in range(self.n_units):
             c = codes[s]
-            rows, slot = (c.values > 0).nonzero(as_tuple=True)
+            active = (c.values > 0) & keep[:, None].to(c.values.device)
+            rows, slot = active.nonzero(as_tuple=True)
             f = c.indices[rows, slot]
             order = torch.argsort(rows * c.num_latents + f)
             rows, f, vals = rows[order], f[order], c.values[rows, slot][order]
-            units.append(torch.full_like(rows, s))
-            layers.append(torch.full_like(rows, self.unit_layers[s]))
-            pos.append(rows)
-            feat.append(f)
-            act.append(vals.float())
-            enc.append(self._encoder_rows(s, f))
+            units.append(torch.full_like(rows, s).cpu())
+            layers.append(torch.full_like(rows, self.unit_layers[s]).cpu())
+            pos.append(rows.cpu())
+            feat.append(f.cpu())
+            act.append(vals.float().cpu())
         return ActiveFeatureTable(
-            torch.cat(layers),
-            torch.cat(pos),
-            torch.cat(feat),
-            torch.cat(act),
-            torch.cat(enc),
-            torch.cat(units),
+            torch.cat(layers), torch.cat(pos), torch.cat(feat), torch.cat(act), torch.cat(units)
         )
 
-    def _module(self, s: int) -> Any:
-        """Unit s's dictionary: the CLT's layer s, or transcoder s."""
-        b = self.bundle
-        return b.clt.layers[s] if b.clt is not None else b.coders[s]
+    def _index_units(self) -> None:
+        """Per unit: its unique features and the [position, slot] layout of its features
+        (computed on the host, kept on the device)."""
+        feats, seq, dev = self.features, self.replace_mask.shape[0], self.device
+        self.units: list[_UnitIndex] = []
+        offset = 0
+        for s in range(self.n_units):
+            sel = (feats.unit == s).nonzero().squeeze(1)
+            n = len(sel)
+            pos, f = feats.position[sel], feats.feature[sel]
+            unique, inverse = torch.unique(f, return_inverse=True)
+            counts = torch.bincount(pos, minlength=seq)
+            positions = counts.nonzero().squeeze(1)
+            kmax = int(counts.max()) if n else 1
+            # Slot of each feature within its position (features are sorted by position).
+            starts = torch.cumsum(counts, 0) - counts
+            slot = torch.arange(n) - starts[pos]
+            rank = torch.full((seq,), -1, dtype=torch.long)
+            rank[positions] = torch.arange(len(positions))
+            slots = torch.full((len(positions), kmax), len(unique), dtype=torch.long)
+            slots[rank[pos], slot] = inverse
+            valid = torch.zeros(len(positions), kmax, dtype=torch.bool)
+            valid[rank[pos], slot] = True
+            flat = valid.reshape(-1)
+            index = _UnitIndex(
+                offset=offset,
+                count=n,
+                unique=unique,
+                positions=positions.to(dev),
+                slots=slots.to(dev),
+                valid=flat.to(dev),
+                filled=flat.nonzero().squeeze(1).to(dev),
+                full=bool(flat.all()),
+            )
+            self.units.append(index)
+            offset += n
 
-    def _encoder_rows(self, s: int, f: Tensor) -> Tensor:
-        """d(pre-activation of feature f of unit s) / d(resid_mid): scaled encoder rows."""
-        mod = self._module(s)
-        return (mod.W_enc[f] * mod.input_scale).detach().float()
+    def _build_decoder_cache(self) -> None:
+        """Decoder rows of each unit's unique active features (+ one zero row for padding):
+        [n_out, U + 1, d] per unit, on the device, in host memory, or not at all ("disk").
+        With "device" on a CPU, where the dictionaries already are, nothing is copied: the
+        rows are read from the (memory-mapped) decoders themselves by feature id."""
+        self._dec: list[Tensor | None] = []
+        self._slot_rows: list[Tensor] = []  # per unit: [P, kmax] rows of decoder_rows(s, j)
+        self._feature_rows: list[Tensor] = []  # per unit: [count] the same, per feature
+        for s, u in enumerate(self.units):
+            per_feature = u.slots.reshape(-1)[u.valid]
+            if self._mapped(s):
+                self.weights.bundle.check(self.weights._name(s, "W_dec"), u.unique)
+                ids = torch.cat([u.unique, u.unique.new_zeros(1)]).to(self.device)
+                # Padding slots read row 0: their products are dropped (`filled`).
+                self._slot_rows.append(ids[u.slots])
+                self._feature_rows.append(ids[per_feature])
+                self._dec.append(None)
+                continue
+            self._slot_rows.append(u.slots)
+            self._feature_rows.append(per_feature)
+            if self.decoder_cache == "disk":
+                self._dec.append(None)
+                continue
+            rows = self._gather_decoders(s, u.unique)
+            if self.decoder_cache == "device":
+                rows = rows.to(self.device)
+            elif self.device.type == "cuda":
+                rows = rows.cpu().pin_memory()
+            else:
+                rows = rows.cpu()
+            self._dec.append(rows)
+
+    def _mapped(self, s: int) -> bool:
+        """Rows are read in place: the device is the CPU the decoders live on."""
+        w = self.weights.module(s).W_dec
+        return self.decoder_cache == "device" and self.device.type == w.device.type == "cpu"
+
+    def _gather_decoders(self, s: int, unique: Tensor, j: int | None = None) -> Tensor:
+        """[n_out, U + 1, d] (or [U + 1, d] for target j alone) from the dictionary."""
+        rows = self.weights.decoder_rows(s, unique.cpu(), j)
+        pad = rows.new_zeros(*rows.shape[:-2], 1, rows.shape[-1])
+        return torch.cat([rows, pad], -2)
+
+    def decoder_rows(self, s: int, j: int) -> Tensor:
+        """The rows unit s's active features write to its j-th target, on the device
+        (dictionary dtype, normalised units), indexed by `_slot_rows` / `_feature_rows`:
+        [U + 1, d] (last row zero), or the whole decoder [F, d] where it is "mapped"."""
+        if self._mapped(s):
+            w = self.weights.module(s).W_dec.detach()
+            return w[:, j] if self.weights.is_clt else w
+        cached = self._dec[s]
+        if cached is not None:
+            return cached[j].to(self.device, non_blocking=True)
+        return self._gather_decoders(s, self.units[s].unique, j).to(self.device)
+
+    def _errors(self, mids: Mapping[int, Tensor]) -> list[Tensor]:
+        """Per model layer: MLP output minus its reconstruction where replaced (the whole
+        output elsewhere, and on layers without a dictionary); zero where `zero_mask`."""
+        w, feats = self.weights, self.features
+        keep = self.replace_mask[:, None].float()
+        act = feats.activation.to(self.device)
+        recon: dict[int, Tensor] = {}
+        for s, u in enumerate(self.units):
+            pos = feats.position[u.offset : u.offset + u.count].to(self.device)
+            a = act[u.offset : u.offset + u.count]
+            inv = self._feature_rows[s]
+            for j, t in enumerate(w.targets(s)):
+                acc = recon.setdefault(t, torch.zeros_like(self.mlp_outputs[0]))
+                dec = self.decoder_rows(s, j)
+                step = max(1, self.chunk_bytes // max(1, 8 * dec.shape[1]))
+                for i in range(0, u.count, step):
+                    rows = dec[inv[i : i + step]].float() * a[i : i + step, None]
+                    acc.index_add_(0, pos[i : i + step], rows)
+        errors = []
+        for layer, o in enumerate(self.mlp_outputs):
+            t = self.unit_of.get(layer)
+            if t is None:
+                errors.append(o)  # no dictionary: the whole output (read only, shared)
+                continue
+            r = (recon.get(t, torch.zeros_like(o)) + w.b_dec(t)) / w.output_scale(t)
+            skip = w.skip(t, mids[t])
+            if skip is not None:
+                r = r + skip
+            e = o - r * keep
+            errors.append(e.masked_fill(self.zero_mask[:, None], 0.0))
+        return errors
+
+    def encoder_rows(self, idx: Tensor) -> Tensor:
+        """[len(idx), d] float32: the gradient of feature idx's pre-activation w.r.t. its
+        layer's resid_mid (scaled encoder rows), read for the features asked only."""
+        feats = self.features
+        out = torch.empty(len(idx), self.weights.d_in, device=self.device)
+        unit = feats.unit[idx]
+        for s in unit.unique().tolist():
+            sel = (unit == s).nonzero().squeeze(1)
+            out[sel.to(self.device)] = self.weights.encoder_rows(s, feats.feature[idx[sel]])
+        return out
 
     def decoder_targets(self, s: int) -> range:
         """The units whose MLP output unit s's decoders write: t in s .. s + n_out - 1 for a
         CLT, s alone for a transcoder."""
-        n_out = self.bundle.clt.layers[s].n_out if self.bundle.clt is not None else 1
-        return range(s, min(s + n_out, self.n_units))
-
-    def decoder_rows(self, s: int, t: int, f: Tensor) -> Tensor:
-        """The vector a unit activation of features f (unit s) adds to unit t's MLP output;
-        zeros for a t outside `decoder_targets(s)`."""
-        if t not in self.decoder_targets(s):
-            return torch.zeros(len(f), self.bundle.cfg.d_out, device=f.device)
-        w_dec = self._module(s).W_dec
-        rows = w_dec[f, t - s] if self.bundle.clt is not None else w_dec[f]
-        return (rows / self._module(t).output_scale).detach().float()
-
-    def skip(self, t: int, x: Tensor) -> Tensor | None:
-        """The linear skip path's output of unit t (None without skip connections)."""
-        mod = self._module(t)
-        w = getattr(mod, "W_skip", None)
-        if w is None:
-            return None
-        scaled = x.float() * mod.input_scale
-        return torch.nn.functional.linear(scaled, w.float()) / mod.output_scale
+        return self.weights.targets(s)
 
     # --- pass 2: the frozen linear model on copies of the prompt -------------------------------
     def replay(self, copies: int) -> None:
-        """Forward `copies` copies with frozen patterns/scales and leaf sources; keeps the graph.
+        """Run the language model on `copies` copies with frozen patterns and scales and
+        constant, tapped sources; the graph it leaves holds constants only. A second call
+        replaces the first graph (a batch of another size)."""
+        self.final = None  # frees the previous graph
+        if self._skip_qk:
+            try:
+                self._replay(copies, skip_qk=True)
+                return
+            except (RuntimeError, ValueError, IndexError):
+                # A family whose attention cannot run on empty queries and keys: compute them
+                # (without autograd) from now on.
+                self._skip_qk = False
+        self._replay(copies, skip_qk=False)
 
-        Leaves: the input embeddings, every layer's MLP output, and whatever enters the
-        residual stream between layers (DeepStack), each held at its recorded value.
-        """
-        vlm, b = self.vlm, self.bundle
+    def _replay(self, copies: int, skip_qk: bool) -> None:
+        vlm = self.vlm
+        a = vlm.adapter
         self.freeze.mode = "replay"
-
-        def leaf(x: Tensor) -> Tensor:
-            return x.expand(copies, -1, -1).clone().requires_grad_(True)
-
-        self.embed_leaf = leaf(self.embeddings)
-        self.mlp_leaves = [leaf(o) for o in self.mlp_outputs]
-        self.inject_leaves = {layer: leaf(d) for layer, d in self.injected.items()}
-        mids: dict[int, Tensor] = {}
-        read_index = {n: i for i, n in enumerate(b.reads)}
-        mlp_index = {n: i for i, n in enumerate(self.mlp_hooks)}
+        self.freeze.linear = True
+        dtype = vlm.dtype
+        seq = self.embeddings.shape[0]
+        self.anchor = torch.zeros((), device=self.device, requires_grad=True)
+        self._seeds: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+        self._rows: Tensor | None = None
         holder: dict[str, Tensor] = {}
+        anchor = self.anchor
+
+        def const(x: Tensor) -> Tensor:
+            return x.to(dtype)[None].expand(copies, -1, -1)
 
         def embed(t: Tensor, ctx: HookContext) -> Tensor:
-            return self.embed_leaf.to(t.dtype)
+            return _Tap.apply(const(self.embeddings), anchor, self._input_columns(None))
 
-        def read(t: Tensor, ctx: HookContext) -> None:
-            mids[read_index[ctx.name]] = t
+        mids: dict[int, Tensor] = {}
+
+        def read(t: Tensor, ctx: HookContext) -> Tensor:
+            layer = int(ctx.layer)  # type: ignore[arg-type]
+            mids[layer] = _Seed.apply(t, self._seed_fn(layer))
+            return mids[layer]
 
         def write(t: Tensor, ctx: HookContext) -> Tensor:
-            layer = mlp_index[ctx.name]
-            out = self.mlp_leaves[layer]
+            layer = int(ctx.layer)  # type: ignore[arg-type]
+            out = _Tap.apply(const(self.mlp_outputs[layer]), anchor, self._mlp_columns(layer))
             i = self.unit_of.get(layer)
-            skip = self.skip(i, mids[i]) if i is not None and i in mids else None
+            skip = self.weights.skip(i, mids[layer]) if i is not None else None
             if skip is not None:  # the skip connection's linear path stays live where replaced
                 skip = skip * self.replace_mask[:, None]
-                out = out + skip - skip.detach()
-            return out.to(t.dtype)
+                out = out + (skip - skip.detach()).to(out.dtype)
+            return out
 
         def resid_pre(t: Tensor, ctx: HookContext) -> Tensor:
-            """The injection after the previous layer swapped for its leaf (same value)."""
+            """The language model runs alone (no DeepStack): add the recorded injection."""
             layer = int(ctx.layer) - 1  # type: ignore[arg-type]
-            x = t.float() - self.injected[layer] + self.inject_leaves[layer]
-            return x.to(t.dtype)
+            inj = _Tap.apply(const(self.injected[layer]), anchor, self._input_columns(layer))
+            return t + inj
 
         def final(_m: Any, _a: Any, out: Tensor) -> None:
-            holder["final"] = out
+            holder["final"] = out[:, -1].clone()  # the rest of the output is not kept
 
         hooks = [("lm.blocks.0.hook_resid_pre", embed)]
-        hooks += [(r, read) for r in b.reads] + [(w, write) for w in self.mlp_hooks]
+        hooks += [(r, read) for r in self.bundle.reads]
         hooks += [(f"lm.blocks.{i + 1}.hook_resid_pre", resid_pre) for i in self.injected]
-        if self.cross is not None:
-            hooks.append(self.cross.replay_hook(copies))
+        # MLP outputs are module hooks, not HookedVLM hooks: the MLP itself runs on no
+        # positions (`_empty_inputs`), and its output's shape changes on replacement.
+        mlp_outs = [(a.part(i, "mlp_out"), _as_module_hook(write, i)) for i in range(self.n_layers)]
+        mlps = [a.part(i, "mlp") for i in range(self.n_layers)]
+        # Queries and keys only feed the (frozen) pattern: their projections run on no
+        # positions too (the attention's view to [.., -1 heads, d_head] makes that 0 heads),
+        # or at least without autograd.
+        qk = _qk_modules(a)
+        # vlm.hooks before frozen: the resid_mid pre-hook (the seed) must run before the
+        # norm's own pre-hook, which turns autograd off for the norm's forward.
         with (
             torch.enable_grad(),
-            _no_parameter_grads(vlm.model, b),
-            frozen(vlm, self.freeze),
+            _no_parameter_grads(vlm.model),
             vlm.hooks(hooks),
-            _hook(vlm.adapter.norm(), final),
+            frozen(vlm, self.freeze),
+            _empty_inputs(mlps + (qk if skip_qk else [])),
+            _module_hooks(mlp_outs),
+            _no_grad_modules([] if skip_qk else qk),
+            _hook(a.norm(), final),
         ):
-            vlm.forward(_repeat_inputs(self.inputs, copies))
+            zeros = torch.zeros(1, seq, a.d_model, dtype=dtype, device=self.device)
+            extra: dict[str, Any] = {}
+            if self.cross is not None:  # the vision features, a tapped constant (Mllama)
+                cols = self._cross_columns()
+                extra = self.cross.replay_kwargs(
+                    copies, dtype, lambda v: _Tap.apply(v, anchor, cols)
+                )
+            a.lm()(inputs_embeds=zeros.expand(copies, -1, -1), use_cache=False, **extra)
         self.copies = copies
-        self.mids = {self.unit_layers[i]: mids[i] for i in range(self.n_units)}
         self.final = holder["final"]
+
+    def _seed_fn(self, layer: int) -> Callable[[Tensor], Tensor]:
+        def fn(g: Tensor) -> Tensor:
+            seed = self._seeds.get(layer)
+            if seed is None:
+                return g
+            rows, pos, vecs = seed
+            return g.index_put((rows, pos), vecs.to(g.dtype), accumulate=True)
+
+        return fn
+
+    def _mlp_columns(self, layer: int) -> Callable[[Tensor], None]:
+        """Backward callback of layer `layer`'s MLP output: its error columns and the feature
+        columns of every unit whose decoders write there."""
+
+        def fn(g: Tensor) -> None:
+            rows = self._rows
+            assert rows is not None
+            n, seq = rows.shape[0], self.embeddings.shape[0]
+            # One float32 copy, position-major: [seq, n, d] feeds batched matmuls directly.
+            gt = _position_major(g[:n])
+            start = self._err_start + layer * seq
+            rows[:, start : start + seq] += torch.einsum("pnd,pd->np", gt, self.errors[layer])
+            t = self.unit_of.get(layer)
+            if t is None:
+                return
+            scale = 1.0 / self.weights.output_scale(t)
+            for s in range(t + 1):
+                if t in self.weights.targets(s):
+                    self._feature_columns(s, t - s, gt, scale)
+
+        return fn
+
+    def _feature_columns(self, s: int, j: int, gt: Tensor, scale: float) -> None:
+        """rows[:, unit s's features] += gt[p] . (decoder row of the feature at p, target j)
+        * scale, as one batched matmul per chunk of positions (gt: [seq, n, d] float32)."""
+        u, rows = self.units[s], self._rows
+        assert rows is not None
+        if u.count == 0:
+            return
+        dec = self.decoder_rows(s, j)
+        seq, n, d = gt.shape
+        kmax = u.slots.shape[1]
+        per_pos = 4 * d * (n + 2 * kmax) + 4 * n * kmax
+        step = max(1, self.chunk_bytes // per_pos)
+        every = len(u.positions) == seq  # every position has features: slices, no gather
+        done = 0
+        for p0 in range(0, len(u.positions), step):
+            p1 = min(p0 + step, len(u.positions))
+            gp = gt[p0:p1] if every else gt[u.positions[p0:p1]]  # [P, n, d]
+            dp = dec[self._slot_rows[s][p0:p1]].float()  # [P, kmax, d]
+            out = torch.bmm(gp, dp.transpose(1, 2))  # [P, n, kmax]
+            out = out.transpose(0, 1).reshape(n, -1)  # [n, P * kmax]
+            if not u.full:  # the slots that hold a feature, in feature order
+                lo = int(torch.searchsorted(u.filled, p0 * kmax))
+                hi = int(torch.searchsorted(u.filled, p1 * kmax))
+                out = out.index_select(1, u.filled[lo:hi] - p0 * kmax)
+            k = out.shape[1]
+            rows[:, u.offset + done : u.offset + done + k].add_(out, alpha=scale)
+            done += k
+
+    def _input_columns(self, layer: int | None) -> Callable[[Tensor], None]:
+        """Backward callback of the input embeddings (layer None) or of what enters after
+        `layer` (DeepStack): both belong to the input node of their position."""
+        source = self.embeddings if layer is None else self.injected[layer]
+
+        def fn(g: Tensor) -> None:
+            rows = self._rows
+            assert rows is not None
+            n, seq = rows.shape[0], source.shape[0]
+            start = self._err_start + self.n_layers * seq
+            gt = _position_major(g[:n])
+            rows[:, start : start + seq] += torch.einsum("pnd,pd->np", gt, source)
+
+        return fn
+
+    def _cross_columns(self) -> Callable[[Tensor], None]:
+        """Backward callback of the vision features cross-attention reads: their input
+        columns, after the token input columns."""
+        cross = self.cross
+        assert cross is not None
+
+        def fn(g: Tensor) -> None:
+            rows = self._rows
+            assert rows is not None
+            n = rows.shape[0]
+            start = self._err_start + (self.n_layers + 1) * self.embeddings.shape[0]
+            rows[:, start : start + cross.n] += cross.columns(g[:n])
+
+        return fn
+
+    @property
+    def _err_start(self) -> int:
+        return len(self.features)
+
+    @property
+    def n_inputs(self) -> int:
+        """Input-node columns: one per position, then any cross-attention vision features."""
+        return self.embeddings.shape[0] + (self.cross.n if self.cross is not None else 0)
+
+    @property
+    def n_cols(self) -> int:
+        return len(self.features) + self.n_layers * self.embeddings.shape[0] + self.n_inputs
 
     def backward(self, targets: list[tuple[int, int, Tensor]], retain: bool = True) -> Tensor:
         """Rows of direct effects for up to `copies` targets.
 
         A target is (layer, position, vector): the gradient `vector` is injected at resid_mid of
         model layer `layer` (a feature's encoder row) or, with layer == n_layers, at the final
-        norm's output (a demeaned unembedding row). Returns [n_targets, n_cols] with columns
-        ordered [active features, errors (layer-major, every model layer), input embeddings,
-        cross-attention vision features (Mllama)].
+        norm's output (a demeaned unembedding row). Returns [n_targets, n_cols] float32 with
+        columns ordered [active features, errors (layer-major, every model layer), inputs
+        (one per position, then cross-attention vision features)].
         """
         n = len(targets)
         if n > self.copies:
             raise ValueError(f"{n} targets for {self.copies} copies")
-        outputs: list[Tensor] = []
-        grads: list[Tensor] = []
+        grad_final = torch.zeros_like(self.final)
         by_layer: dict[int, list[tuple[int, int, Tensor]]] = {}
         for row, (layer, pos, vec) in enumerate(targets):
-            by_layer.setdefault(layer, []).append((row, pos, vec))
-        for layer, items in by_layer.items():
-            out = self.final if layer == self.n_layers else self.mids[layer]
-            g = torch.zeros_like(out)
-            for row, pos, vec in items:
-                g[row, pos] = vec.to(g.dtype)
-            outputs.append(out)
-            grads.append(g)
-        inject = list(self.inject_leaves.values())
-        cross = [self.cross.leaf] if self.cross is not None and self.cross.leaf is not None else []
-        leaves = [self.embed_leaf, *self.mlp_leaves, *inject, *cross]
-        got = torch.autograd.grad(outputs, leaves, grads, retain_graph=retain, allow_unused=True)
-        g = [_zeros_if_none(x, leaf)[:n].float() for x, leaf in zip(got, leaves, strict=True)]
-        n_mlp = len(self.mlp_leaves)
-        g_inject = dict(
-            zip(self.inject_leaves, g[1 + n_mlp : 1 + n_mlp + len(inject)], strict=True)
-        )
-        rows = self._rows(g[0], g[1 : 1 + n_mlp], g_inject)
-        if cross:
-            rows = torch.cat([rows, self.cross.columns(g[-1])], dim=1)  # type: ignore[union-attr]
+            if layer == self.n_layers:
+                grad_final[row] = vec.to(grad_final.dtype)
+            else:
+                by_layer.setdefault(layer, []).append((row, pos, vec))
+        self._seeds = {
+            layer: (
+                torch.tensor([r for r, _, _ in items], device=self.device),
+                torch.tensor([p for _, p, _ in items], device=self.device),
+                torch.stack([v.to(self.device) for _, _, v in items]),
+            )
+            for layer, items in by_layer.items()
+        }
+        self._rows = torch.zeros(n, self.n_cols, device=self.device)
+        try:
+            torch.autograd.backward(
+                [self.final], [grad_final], inputs=[self.anchor], retain_graph=retain
+            )
+            rows = self._rows
+        finally:
+            self._rows = None
+            self._seeds = {}
+        # Activations multiply each feature's column once, after every target's sum.
+        rows[:, : len(self.features)] *= self.features.activation.to(self.device)
         return rows
 
-    def _rows(self, g_embed: Tensor, g_mlp: list[Tensor], g_inject: dict[int, Tensor]) -> Tensor:
-        feats = self.features
-        cols = []
-        feat_cols = torch.zeros(g_embed.shape[0], len(feats), device=g_embed.device)
-        for s, sel in enumerate(self._unit_rows):
-            if len(sel) == 0:
-                continue
-            pos, f, a = feats.position[sel], feats.feature[sel], feats.activation[sel]
-            total = torch.zeros(g_embed.shape[0], len(sel), device=g_embed.device)
-            for t in self.decoder_targets(s):
-                dec = self.decoder_rows(s, t, f)
-                total += torch.einsum("bnd,nd->bn", g_mlp[self.unit_layers[t]][:, pos], dec)
-            feat_cols[:, sel] = total * a
-        cols.append(feat_cols)
-        cols += [(g * e).sum(-1) for g, e in zip(g_mlp, self.errors, strict=True)]
-        # An input node is everything its position injects: the embedding, plus (DeepStack)
-        # the visual features added to image positions between layers.
-        inputs = (g_embed * self.embeddings).sum(-1)
-        for layer, g in g_inject.items():
-            inputs = inputs + (g * self.injected[layer]).sum(-1)
-        cols.append(inputs)
-        return torch.cat(cols, dim=1)
+
+def _position_major(g: Tensor) -> Tensor:
+    """[n, seq, d] -> a contiguous float32 [seq, n, d] (one copy)."""
+    return g.transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format)
+
+
+def _as_module_hook(fn: Callable[[Tensor, HookContext], Tensor], layer: int) -> Any:
+    ctx = HookContext(mlp_out(layer), layer, None)
+
+    def hook(_m: torch.nn.Module, _args: Any, output: Any) -> Any:
+        if isinstance(output, tuple):
+            return (fn(output[0], ctx), *output[1:])
+        return fn(output, ctx)
+
+    return hook
+
+
+@contextlib.contextmanager
+def _module_hooks(pairs: list[tuple[torch.nn.Module, Any]]) -> Iterator[None]:
+    handles = [m.register_forward_hook(fn) for m, fn in pairs]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _qk_modules(adapter: Any) -> list[torch.nn.Module]:
+    """The query and key projections of every LM layer (none where a family fuses them:
+    Phi-4-multimodal's qkv_proj computes the values too, and `part(i, "q")` names it)."""
+    out = []
+    for i in range(adapter.n_layers):
+        if adapter.layer_map_of(i).qkv is not None:
+            continue
+        for part in ("q", "k"):
+            try:
+                out.append(adapter.part(i, part))
+            except AttributeError:
+                return []
+    return out
+
+
+def _last_logit_kwargs(model: torch.nn.Module) -> dict[str, Any]:
+    """Ask the HF model for the last position's logits only, where it can."""
+    params = inspect.signature(model.forward).parameters
+    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
 
 @contextlib.contextmanager
@@ -383,10 +738,63 @@ def _hook(module: torch.nn.Module, fn: Any) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _pre_hooks(pairs: list[tuple[torch.nn.Module, Any]]) -> Iterator[None]:
+    """Forward pre-hooks (with keyword arguments) on modules for the duration of the block."""
+    handles = [m.register_forward_pre_hook(fn, with_kwargs=True) for m, fn in pairs]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _empty_inputs(modules: list[torch.nn.Module]) -> Iterator[None]:
+    """`modules` run on an empty slice of positions: their outputs are replaced (MLPs, by
+    recorded constants) or unused (query and key projections, under a frozen pattern), so
+    computing them would only cost time and memory."""
+
+    def empty(_m: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if args:
+            return (args[0][:, :0], *args[1:]), kwargs
+        key = next(k for k in ("hidden_states", "x", "input") if k in kwargs)
+        return args, {**kwargs, key: kwargs[key][:, :0]}
+
+    handles = [m.register_forward_pre_hook(empty, with_kwargs=True) for m in modules]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _no_grad_modules(modules: list[torch.nn.Module]) -> Iterator[None]:
+    """Run `modules` without autograd (their outputs feed nothing the replay differentiates:
+    queries and keys, whose pattern is frozen)."""
+    modes: list[bool] = []
+
+    def pre(_m: torch.nn.Module, _args: Any) -> None:
+        modes.append(torch.is_grad_enabled())
+        torch.set_grad_enabled(False)
+
+    def post(_m: torch.nn.Module, _args: Any, _out: Any) -> None:
+        torch.set_grad_enabled(modes.pop())
+
+    handles = [h for m in modules for h in (m.register_forward_pre_hook(pre),
+                                             m.register_forward_hook(post))]  # fmt: skip
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
 def _no_parameter_grads(*modules: torch.nn.Module) -> Iterator[None]:
     """Parameters leave the autograd graph for the block: attribution differentiates with
-    respect to its leaves only, and a graph through the weights would keep every layer's input
-    (and the vision tower's activations) alive for weight gradients nobody asks for."""
+    respect to its sources only, and a graph through the weights would keep every layer's
+    input alive for weight gradients nobody asks for."""
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
     for p in params:
         p.requires_grad_(False)
@@ -395,33 +803,3 @@ def _no_parameter_grads(*modules: torch.nn.Module) -> Iterator[None]:
     finally:
         for p in params:
             p.requires_grad_(True)
-
-
-def _zeros_if_none(g: Tensor | None, like: Tensor) -> Tensor:
-    return torch.zeros_like(like) if g is None else g
-
-
-def _mask_codes(codes: SparseCodes, keep: Tensor) -> SparseCodes:
-    """Codes with every entry at a non-replaced position set to zero."""
-    vals = codes.values * keep[:, None].to(codes.values.dtype)
-    return SparseCodes(vals, codes.indices, codes.num_latents)
-
-
-def _repeat_inputs(inputs: Mapping[str, Any], copies: int) -> dict[str, Any]:
-    """The prompt repeated `copies` times: per-sample tensors along the batch dimension, image
-    tensors (one row per image or patch) repeated as many times."""
-    out: dict[str, Any] = {}
-    for k, v in inputs.items():
-        if not isinstance(v, Tensor):
-            out[k] = v
-        elif k in (
-            "input_ids",
-            "attention_mask",
-            "token_type_ids",
-            "mm_token_type_ids",
-            "position_ids",
-        ):
-            out[k] = v.expand(copies, *v.shape[1:])
-        else:
-            out[k] = torch.cat([v] * copies)
-    return out

@@ -10,30 +10,41 @@ input node, and its direct effect on a target t is
     A[t, j] = < dt/dV_j , V_j >,
 
 the gradient summed over every cross-attention layer that reads V_j: one backward pass, exactly
-as for a token's embedding. The features are the projector's output (hook `projector.hook_out`),
-recorded in the clean run and swapped for a leaf tensor of the same value in the frozen replay.
+as for a token's embedding.
+
+In the replay (context.py) V is a constant source like the embeddings and MLP outputs: the
+language model runs alone, and the features the clean run handed it (`cross_attention_states`,
+recorded by a pre-hook on the LM) go back in through a tap whose backward callback writes their
+columns, placed after the token input columns. The LM's two masks go back in as recorded: the
+cross-attention mask (which the frozen pattern already holds) and the mask that zeroes the
+cross-attention MLP of text rows that see no image (a constant factor). What the replay keeps
+per copy does not grow: V is one [n, d] constant; v_proj's input, V repeated per copy (the
+model views keys and values per sample), is a transient of the forward, as every layer's
+activations are.
+
 Their patch map is (image, tile, row, col); CLS tokens and padding tiles are nodes too (rows
 that see no image attend to them) but lie off the grid, so heatmaps leave them out.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
-from vlmscope.models.hooked import HookContext, HookedVLM
+from vlmscope.models.hooked import HookedVLM
 
-HookSpec = tuple[str, Any]
+#: the LM's keyword arguments the recording keeps and the replay passes back.
+_LM_KWARGS = ("cross_attention_mask", "full_text_row_masked_out_mask")
 
 
 class CrossAttentionInputs:
     """The vision features a cross-attention VLM's layers read, as attribution input nodes."""
 
-    hook = "projector.hook_out"
-
     def __init__(self, vlm: HookedVLM, inputs: Mapping[str, Any]) -> None:
+        self.lm: nn.Module = vlm.adapter.lm()
         #: [n, 4] (image, tile, row, col) of each feature; -1 off the grid.
         self.patch_map: Tensor = vlm.adapter.vision_token_grid(inputs, 0).cpu()  # type: ignore[attr-defined]
         self.kinds = ["image"] * len(self.patch_map)
@@ -41,40 +52,49 @@ class CrossAttentionInputs:
             f"<image {i} tile {t} " + ("cls>" if r < 0 else f"({r},{c})>")
             for i, t, r, c in self.patch_map.tolist()
         ]
-        self.values: Tensor | None = None  # [n, d] recorded features
-        self.leaf: Tensor | None = None  # [copies, n, d] during a replay
-        self._shape: tuple[int, ...] = ()
+        self.values: Tensor | None = None  # [n, d] float32 recorded features
+        self._views = 0  # images x tiles: the LM reads V as [views, patches, d] per sample
+        self._kwargs: dict[str, Any] = {}
 
     @property
     def n(self) -> int:
         return len(self.patch_map)
 
-    def record_hook(self) -> HookSpec:
-        def fn(t: Tensor, ctx: HookContext) -> None:
-            self._shape = tuple(t.shape[1:])
-            self.values = t[0].detach().float().reshape(-1, t.shape[-1])
+    def record_hook(self) -> tuple[nn.Module, Callable[..., None]]:
+        """(module, forward pre-hook with kwargs) that keeps what the LM is handed."""
+
+        def pre(_m: nn.Module, _args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            states = kwargs.get("cross_attention_states")
+            if states is None:
+                raise ValueError(
+                    "the language model got no cross_attention_states although the prompt "
+                    "has images; cannot attribute to the vision features"
+                )
+            self._views = int(states.shape[0])  # batch of one: images x tiles
+            self.values = states.detach().float().reshape(-1, states.shape[-1])
             if len(self.values) != self.n:
                 raise ValueError(
-                    f"{ctx.name} holds {len(self.values)} vision features per sample, but the "
-                    f"adapter lays out {self.n}; cannot attribute to them"
+                    f"cross_attention_states holds {len(self.values)} vision features per "
+                    f"sample, but the adapter lays out {self.n}; cannot attribute to them"
                 )
+            self._kwargs = {k: kwargs.get(k) for k in _LM_KWARGS}
 
-        return (self.hook, fn)
+        return self.lm, pre
 
-    def replay_hook(self, copies: int) -> HookSpec:
-        assert self.values is not None, "record() first"
-        self.leaf = self.values.expand(copies, -1, -1).clone().requires_grad_(True)
-
-        def fn(t: Tensor, ctx: HookContext) -> Tensor:
-            assert self.leaf is not None
-            return self.leaf.reshape(copies, *self._shape).to(t.dtype)
-
-        return (self.hook, fn)
+    def replay_kwargs(
+        self, copies: int, dtype: torch.dtype, tap: Callable[[Tensor], Tensor]
+    ) -> dict[str, Any]:
+        """The LM's keyword arguments for a replay on `copies` copies: the features through
+        `tap` (a constant source, [copies, n, d]) and the recorded masks (batch 1, broadcast)."""
+        assert self.values is not None, "record first"
+        v = tap(self.values.to(dtype)[None].expand(copies, -1, -1))
+        states = v.reshape(copies * self._views, -1, v.shape[-1])
+        return {"cross_attention_states": states, **self._kwargs}
 
     def columns(self, grad: Tensor) -> Tensor:
-        """[targets, n] direct effects from the leaf's gradient [targets, n, d]."""
+        """[targets, n] direct effects from the features' gradient [targets, n, d]."""
         assert self.values is not None
-        return (grad * self.values).sum(-1)
+        return torch.einsum("tnd,nd->tn", grad.float(), self.values)
 
 
 def cross_attention_inputs(

@@ -1,27 +1,33 @@
 """Attribution graphs out of memory: viewer JSON, raw safetensors, image-patch heatmaps.
 
-`to_json` writes the layout of circuit-tracer's `create_graph_files` (which the Neuronpedia
-frontend reads), so a text-only graph opens in tools researchers already use; image patches,
-special tokens and the images themselves are additions that those tools ignore. `save_raw` keeps
-the whole unpruned graph (no pickle) so that pruning and scores can be redone later, and
-`patch_influence` / `save_heatmap_png` / `concentration` answer "which part of the picture drove
-this answer".
+`to_json` writes the layout of circuit-tracer's `create_graph_files` (which its local frontend
+and Neuronpedia read), and `write_graph_files` writes it as that frontend's folder does:
+`DIR/<slug>.json` plus the `DIR/graph-metadata.json` index. Node ids follow circuit-tracer 0.5.0's
+`frontend/graph_models.py` for every node type it has (features `{layer}_{feature}_{pos}`, errors
+`0_{layer}_{pos}`, inputs `E_{token}_{pos}`, logits `{n_layers + 1}_{token}_{pos}`). Image patches
+are `embedding` nodes (the type that frontend always keeps and labels on its x-axis) whose prompt
+token is a readable label (`img0 r1c2`) and which carry their (image, view, row, col); images,
+signed patch effects and special-token flags are additions that other tools ignore. `save_raw`
+keeps the whole unpruned graph (no pickle) so that pruning and scores can be redone later, and
+`patch_influence` / `concentration` answer "which part of the picture drove this answer" (the
+signed heatmaps are in `attribution/heatmap.py`).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
@@ -35,9 +41,15 @@ from vlmscope.attribution.graph import (
     normalize_rows,
     prune,
 )
-from vlmscope.files import write_atomically, write_text_atomically
+from vlmscope.files import lock_folder, write_atomically, write_text_atomically
 
 SCHEMA_VERSION = 1
+#: circuit-tracer's index of the graphs in a folder (its `add_graph_metadata`).
+GRAPH_INDEX = "graph-metadata.json"
+#: the fields of circuit-tracer's `Metadata` model: what its index lists for each graph.
+INDEX_FIELDS = ("slug", "scan", "transcoder_list", "prompt_tokens", "prompt", "node_threshold",
+                "schema_version")  # fmt: skip
+_SLUG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 RAW_FORMAT = "vlmscope.graph"
 RAW_VERSION = 1
 #: safetensors metadata key holding the non-tensor part of a raw graph (JSON).
@@ -46,7 +58,6 @@ RAW_KEY = "vlmscope_graph"
 FEATURE = "cross layer transcoder"
 ERROR = "mlp reconstruction error"
 EMBEDDING = "embedding"
-IMAGE_PATCH = "image patch"
 LOGIT = "logit"
 
 PathLike = str | os.PathLike[str]
@@ -63,9 +74,9 @@ def feature_node_id(layer: int, feature: int, pos: int) -> str:
 
 
 def error_node_id(layer: int, pos: int) -> str:
-    """`{layer}_-1_{pos}`: circuit-tracer's fixed format (the older `0_{layer}_{pos}` collided
-    with layer-0 features)."""
-    return f"{layer}_-1_{pos}"
+    """`0_{layer}_{pos}`, as circuit-tracer 0.5.0 writes error nodes (its frontend tells them
+    from layer-0 features by `feature_type`)."""
+    return f"0_{layer}_{pos}"
 
 
 def input_node_id(token_id: int, pos: int) -> str:
@@ -150,6 +161,7 @@ def _image_entries(
     graph: Graph,
     image_paths: Sequence[PathLike] | None,
     images: Sequence[Image.Image] | None,
+    relative_to: PathLike | None = None,
 ) -> list[dict[str, Any]]:
     grids = image_grids(graph)
     used = sorted(
@@ -171,7 +183,8 @@ def _image_entries(
                     entry["width"], entry["height"] = im.size
             except (OSError, ValueError) as e:
                 raise ValueError(f"cannot read image {path}: {e}") from e
-            entry["path"] = str(path)
+            rel = None if relative_to is None else os.path.relpath(path, relative_to)
+            entry["path"] = str(path) if rel is None else Path(rel).as_posix()
         elif images is not None:
             entry["width"], entry["height"] = images[i].size
             entry["data"] = _png_data_uri(images[i])
@@ -192,13 +205,16 @@ def to_json(
     image_paths: Sequence[PathLike] | None = None,
     images: Sequence[Image.Image] | None = None,
     scan: str | None = None,
+    relative_to: PathLike | None = None,
 ) -> dict[str, Any]:
     """The pruned graph in circuit-tracer's frontend layout, plus image patches and images.
 
     Only nodes kept by the prune mask are written (inputs and logits always are), and only kept
     edges between written nodes. A node's `influence` is its cumulative influence fraction at its
     rank, as circuit-tracer writes it (the viewer's pruning slider reads that). Images are
-    referenced by path (`image_paths`) or embedded as PNG data URIs (`images`).
+    referenced by path (`image_paths`, written relative to `relative_to` when given: the JSON's
+    folder) or embedded as PNG data URIs (`images`). `scan` (default: the model's public name)
+    is what circuit-tracer's graph list shows.
     """
     pr = prune_result if prune_result is not None else prune(graph, node_threshold, edge_threshold)
     n_nodes = graph.adjacency.shape[0]
@@ -221,7 +237,7 @@ def to_json(
         elif idx < graph.input_slice.start:
             layer, pos = divmod(idx - nf, n_pos)
             nodes[idx] = _node(
-                error_node_id(layer, pos), -1, str(layer), pos, ERROR, f"{layer}_-1-{pos}",
+                error_node_id(layer, pos), -1, str(layer), pos, ERROR, f"{layer}_{pos}-0",
                 influence=_num(cum[idx]),
             )  # fmt: skip
         elif idx < graph.logit_slice.start:
@@ -252,18 +268,24 @@ def to_json(
     written = [nodes[i] for i in sorted(nodes) if i in connected or i in always]
     replacement, completeness = graph_scores(graph)
     meta = graph.metadata
-    tokens = graph.input_tokens or [str(i) for i in ids]
+    model = public_model_name(meta.get("model"))
+    # circuit-tracer's frontend shows a non-input node only when its cumulative influence is at
+    # most the graph's node_threshold; the last node prune keeps sits just past the requested
+    # share (0.80014 for 0.8), so the threshold written is the one the kept nodes satisfy.
+    kept = [n["influence"] for n in written if n["layer"] != "E" and n["feature_type"] != LOGIT]
+    effective = max([node_threshold, *[v for v in kept if v is not None]])
     out: dict[str, Any] = {
         "metadata": {
             "slug": slug,
-            "scan": scan if scan is not None else str(meta.get("model") or "vlmscope"),
+            "scan": scan if scan is not None else (model or "vlmscope"),
             "transcoder_list": [],
-            "prompt_tokens": list(tokens),
-            "prompt": prompt_text if prompt_text is not None else "".join(tokens),
-            "node_threshold": node_threshold,
+            "prompt_tokens": prompt_labels(graph),
+            "prompt": prompt_text if prompt_text is not None else "".join(graph.input_tokens),
+            "node_threshold": effective,
             "schema_version": SCHEMA_VERSION,
+            "requested_node_threshold": node_threshold,
             "edge_threshold": edge_threshold,
-            "model": meta.get("model"),
+            "model": model,
             "family": meta.get("family"),
             "dictionaries": meta.get("dictionaries"),
             "replacement_score": _num(replacement),
@@ -279,33 +301,146 @@ def to_json(
         "nodes": written,
         "links": links,
     }
-    entries = _image_entries(graph, image_paths, images)
+    entries = _image_entries(graph, image_paths, images, relative_to)
     if entries:
         out["images"] = entries
+        out["patch_effects"] = patch_effects(graph)
+    return out
+
+
+def public_model_name(name: object) -> str | None:
+    """A model name fit to share: a hub id or zoo name as given, a local path by its folder name
+    (a graph sent to a colleague should not carry the author's file system)."""
+    if name is None:
+        return None
+    text = str(name).rstrip("/\\")
+    local = os.path.isabs(text) or text.startswith((".", "~")) or Path(text).exists()
+    return Path(text).name or text if local else text
+
+
+def patch_label(image: int, view: int, row: int, col: int) -> str:
+    """A short readable name of an image token: `img0 r1c2`, `img0 v1 r1c2` for tile / high-
+    resolution views, `img0 r1 end` for a row separator and `img0` for tokens off the grid."""
+    v = f" v{view}" if view > 0 else ""
+    if row < 0:
+        return f"img{image}{v}"
+    if col < 0:
+        return f"img{image}{v} r{row} end"
+    return f"img{image}{v} r{row}c{col}"
+
+
+def prompt_labels(graph: Graph) -> list[str]:
+    """The prompt's tokens with each image token replaced by its `patch_label`, so a frontend
+    that labels positions by token (circuit-tracer's) names every patch."""
+    tokens = graph.input_tokens or [str(i) for i in graph.input_ids.tolist()]
+    out = list(tokens)
+    for pos, kind in enumerate(graph.input_kinds):
+        if kind == "image":
+            out[pos] = patch_label(*(int(v) for v in graph.patch_map[pos]))
     return out
 
 
 def _input_node(graph: Graph, pos: int, token_id: int, infl: float | None) -> dict[str, Any]:
-    """A token (`embedding`, flagged `special` for special tokens) or an image patch node."""
+    """A text token, special token (flagged `special`) or image patch (with its `image` cell):
+    all `embedding` nodes, as circuit-tracer's frontend expects of inputs."""
     kind = graph.input_kinds[pos] if pos < len(graph.input_kinds) else "text"
     node = _node(
-        input_node_id(token_id, pos), pos, "E", pos,
-        IMAGE_PATCH if kind == "image" else EMBEDDING, f"E_{token_id}-{pos}", influence=infl,
+        input_node_id(token_id, pos), pos, "E", pos, EMBEDDING, f"E_{token_id}-{pos}",
+        influence=infl,
     )  # fmt: skip
     if kind == "image":
         img, view, r, c = (int(v) for v in graph.patch_map[pos])
         node["image"] = {"index": img, "view": view, "row": r, "col": c}
-        where = f"row {r} separator" if c < 0 <= r else f"patch ({r}, {c})"
-        node["clerp"] = f"image {img} view {view} {where}"
+        node["clerp"] = patch_label(img, view, r, c)
     elif kind == "special":
         node["special"] = True
     return node
+
+
+def patch_effects(graph: Graph, digits: int = 6) -> list[dict[str, Any]]:
+    """Signed patch influence on each logit, per image and view (see `patch_influence`), for
+    viewers that draw the heatmap themselves; values rounded to `digits` significant digits."""
+    out = []
+    n_layers, n_pos = graph.n_layers, graph.n_pos
+    for k, t in enumerate(graph.logit_targets):
+        for img, views in patch_influence(graph, k, signed=True).items():
+            for view, heat in views.items():
+                values = [[float(f"{v:.{digits}g}") for v in row] for row in heat.tolist()]
+                out.append({
+                    "logit": logit_node_id(n_layers, t.token_id, n_pos - 1),
+                    "token": t.token,
+                    "probability": float(t.probability),
+                    "image": img,
+                    "view": view,
+                    "values": values,
+                })  # fmt: skip
+    return out
 
 
 def save_json(graph: Graph, path: PathLike, **kwargs: Any) -> Path:
     """Write `to_json(graph, **kwargs)` to `path` (via a temporary file, so never torn)."""
     data = to_json(graph, **kwargs)
     return write_text_atomically(path, json.dumps(data, separators=(",", ":"), allow_nan=False))
+
+
+def check_slug(slug: str) -> str:
+    """`slug` if it is a safe file name (letters, digits, `.`, `_`, `-`; 128 at most)."""
+    if not _SLUG.fullmatch(slug):
+        raise ValueError(
+            f"slug {slug!r} must be 1-128 letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit (it names the graph's file)"
+        )
+    return slug
+
+
+def store_image(image: Image.Image, folder: PathLike) -> str:
+    """Save `image` once under `folder/images/`, named by a hash of its pixels, and return that
+    path relative to `folder` (`images/<hash>.png`): graphs and feature examples that show the
+    same picture share one file."""
+    rgb = image if image.mode in {"RGB", "RGBA", "L"} else image.convert("RGB")
+    digest = hashlib.sha256(f"{rgb.mode}{rgb.size}".encode() + rgb.tobytes()).hexdigest()[:20]
+    rel = f"images/{digest}.png"
+    target = Path(folder) / rel
+    if not target.is_file():
+        write_atomically(target, lambda tmp: rgb.save(tmp, format="PNG"))
+    return rel
+
+
+def write_graph_files(
+    graph: Graph, folder: PathLike, slug: str, **kwargs: Any
+) -> tuple[Path, dict[str, Any]]:
+    """`folder/<slug>.json` and its entry in `folder/graph-metadata.json`, as circuit-tracer's
+    `create_graph_files` writes them, so `circuit-tracer start-server --graph_file_dir folder`
+    (and `vlmscope serve --graphs folder`) list and open it. Other graphs in the index stay;
+    an entry with the same slug is replaced. Returns the JSON path and the graph's metadata."""
+    check_slug(slug)
+    folder = Path(folder)
+    index = folder / GRAPH_INDEX
+    read_graph_index(index)  # a corrupt index fails before anything is written
+    data = to_json(graph, slug=slug, **kwargs)
+    path = write_text_atomically(
+        folder / f"{slug}.json", json.dumps(data, separators=(",", ":"), allow_nan=False)
+    )
+    entry = {k: data["metadata"][k] for k in INDEX_FIELDS}
+    # One writer at a time: two runs updating the index at once would drop an entry.
+    with lock_folder(folder, "graph folder"):
+        graphs = [g for g in read_graph_index(index) if g.get("slug") != slug] + [entry]
+        write_text_atomically(index, json.dumps({"graphs": graphs}, indent=2))
+    return path, data["metadata"]
+
+
+def read_graph_index(path: PathLike) -> list[dict[str, Any]]:
+    """The `graphs` list of a circuit-tracer `graph-metadata.json` ([] when there is none)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    try:
+        graphs = json.loads(path.read_text(encoding="utf-8"))["graphs"]
+        if not isinstance(graphs, list) or not all(isinstance(g, dict) for g in graphs):
+            raise TypeError("'graphs' is not a list of objects")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a graph index (graph-metadata.json): {e}") from e
+    return graphs
 
 
 # --- raw graph ------------------------------------------------------------------------------------
@@ -384,12 +519,18 @@ def load_raw(path: PathLike) -> Graph:
 
 
 # --- image patches --------------------------------------------------------------------------------
-def patch_influence(graph: Graph, logit_index: int | None = 0) -> dict[int, dict[int, Tensor]]:
+def patch_influence(
+    graph: Graph, logit_index: int | None = 0, *, signed: bool = False
+) -> dict[int, dict[int, Tensor]]:
     """Image index -> view -> [rows, cols] influence of each image patch on one logit.
 
     The graph's normalised influence with the logit weights one-hot on `logit_index` (or the
     target probabilities when None). Row separators and tokens off the grid are left out; two
     tokens on the same cell (none in the adapters today) add up.
+
+    `signed=True` keeps the sign of every edge: with A normalised by its rows' absolute sums,
+    the patch's value is sum_k (w A^k)[patch], each path counted with the product of its edge
+    signs. A patch that pushes the logit down is negative; |signed| <= the unsigned influence.
     """
     w = torch.zeros(graph.adjacency.shape[0], dtype=graph.adjacency.dtype)
     if logit_index is None:
@@ -401,7 +542,9 @@ def patch_influence(graph: Graph, logit_index: int | None = 0) -> dict[int, dict
     grids = image_grids(graph)
     if not grids:
         return {}
-    infl = influence(normalize_rows(graph.adjacency), w)[graph.input_slice]
+    a = graph.adjacency
+    norm = a / a.abs().sum(dim=1, keepdim=True).clamp(min=1e-10) if signed else normalize_rows(a)
+    infl = influence(norm, w)[graph.input_slice]
     out: dict[int, dict[int, Tensor]] = {
         i: {v: torch.zeros(rc, dtype=infl.dtype) for v, rc in views.items()}
         for i, views in grids.items()
@@ -434,24 +577,6 @@ def concentration(heat: Tensor, label_patches: Iterable[Sequence[int]] | Tensor)
     return float(h[mask].sum()) / total if total > 0 else 0.0
 
 
-#: (position, RGB) stops of the heat colour map: dark purple -> red -> orange -> pale yellow.
-_STOPS = [
-    (0.0, (20, 11, 52)),
-    (0.35, (120, 28, 109)),
-    (0.6, (212, 72, 66)),
-    (0.8, (250, 150, 20)),
-    (1.0, (252, 255, 164)),
-]
-
-
-def colormap(values: np.ndarray) -> np.ndarray:
-    """Values in [0, 1] -> uint8 RGB, interpolating linearly between `_STOPS` (no matplotlib)."""
-    v = np.clip(np.nan_to_num(values.astype(np.float64)), 0.0, 1.0)
-    xs = [s[0] for s in _STOPS]
-    rgb = [np.interp(v, xs, [s[1][ch] for s in _STOPS]) for ch in range(3)]
-    return np.stack(rgb, axis=-1).round().astype(np.uint8)
-
-
 def center_crop_box(image_size: tuple[int, int], image_processor: Any) -> tuple[float, ...] | None:
     """Box (x0, y0, x1, y1) of the original image that a resize-shortest-edge + center-crop
     processor (CLIP, LLaVA-1.5) keeps, so the heat grid lands on the pixels the model saw.
@@ -480,88 +605,6 @@ def _field(size: Any, key: str) -> Any:
     if size is None:
         return None
     return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
-
-
-def render_heatmap(
-    image: Image.Image,
-    heat: Tensor,
-    *,
-    region: Sequence[float] | None = None,
-    scale: int = 1,
-    alpha: float = 0.7,
-    caption: str | None = None,
-) -> Image.Image:
-    """The image (upscaled by `scale`) with `heat` [rows, cols] blended over `region` (default:
-    the whole image): colour and opacity grow with the patch's share of the maximum."""
-    base = image.convert("RGB")
-    if scale != 1:
-        base = base.resize((base.width * scale, base.height * scale), Image.Resampling.NEAREST)
-    x0, y0, x1, y1 = (
-        (0.0, 0.0, float(image.width), float(image.height)) if region is None else region
-    )
-    box = [round(x0 * scale), round(y0 * scale), round(x1 * scale), round(y1 * scale)]
-    if box[0] < 0 or box[1] < 0 or box[2] > base.width or box[3] > base.height:
-        raise ValueError(f"region {tuple(region or ())} is outside the {image.size} image")
-    bw, bh = max(box[2] - box[0], 1), max(box[3] - box[1], 1)
-    h = heat.detach().double().clamp(min=0).numpy()
-    top = float(h.max()) if h.size else 0.0
-    norm = (h / top if top > 0 else h).astype(np.float32)
-    cells = Image.fromarray(norm).resize((bw, bh), Image.Resampling.NEAREST)  # mode "F"
-    v = np.asarray(cells, dtype=np.float64)
-    out = np.asarray(base, dtype=np.float64).copy()
-    patch = out[box[1] : box[1] + bh, box[0] : box[0] + bw]
-    a = (alpha * v)[..., None][: patch.shape[0], : patch.shape[1]]
-    col = colormap(v).astype(np.float64)[: patch.shape[0], : patch.shape[1]]
-    patch[:] = patch * (1 - a) + col * a
-    result = Image.fromarray(out.round().clip(0, 255).astype(np.uint8))
-    if caption:
-        _draw_caption(result, caption)
-    return result
-
-
-def _draw_caption(image: Image.Image, text: str) -> None:
-    """A small caption on a dark band along the top edge (skipped on very small images)."""
-    if image.height < 24 or image.width < 48:
-        return
-    text = "".join(ch if ch.isprintable() else "?" for ch in text)
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
-    _, _, x1, y1 = draw.textbbox((3, 2), text, font=font)
-    draw.rectangle((0, 0, min(x1 + 3, image.width), y1 + 2), fill=(0, 0, 0))
-    draw.text((3, 2), text, fill=(255, 255, 255), font=font)
-
-
-def save_heatmap_png(
-    graph: Graph,
-    image: Image.Image | PathLike,
-    path: PathLike,
-    logit_index: int | None = 0,
-    view: int = 0,
-    *,
-    image_index: int = 0,
-    region: Sequence[float] | None = None,
-    scale: int = 1,
-    caption: bool = True,
-) -> Path:
-    """PNG of `image` with the patch influence on one logit overlaid (one view of one image).
-
-    View 0 is the whole (base) image; tiled / high-resolution views (>= 1) are stitched grids
-    that also cover the whole image. `region` narrows where the grid lands (see
-    `center_crop_box`); the caption names the logit and its probability.
-    """
-    heat = patch_influence(graph, logit_index).get(image_index, {})
-    if view not in heat:
-        raise ValueError(
-            f"image {image_index} has no view {view} in this graph (views: {sorted(heat)})"
-        )
-    img = Image.open(image) if isinstance(image, str | os.PathLike) else image
-    text = None
-    if caption and graph.logit_targets:
-        t = graph.logit_targets[logit_index if logit_index is not None else 0]
-        which = "all logits" if logit_index is None else f'"{t.token}" p={t.probability:.2f}'
-        text = f"-> {which}"
-    png = render_heatmap(img, heat[view], region=region, scale=scale, caption=text)
-    return write_atomically(path, lambda tmp: png.save(tmp, format="PNG"))
 
 
 def top_patches(heat: Tensor, k: int = 3) -> list[tuple[int, int, float]]:

@@ -5,6 +5,20 @@ the stored values, so the model becomes linear in its residual stream (attention
 with fixed weights, norms multiply by fixed per-position scales). Attention runs through an
 attention function registered with transformers (the family's own eager code when recording);
 norms are rescaled by forward hooks. Nothing in the model is patched.
+
+A norm computes out = s(x) * h(x) with s(x) = 1/rms(x) (1/std for LayerNorm and any norm the
+adapter's `norm_kind` calls "layer", such as Cohere's) and h linear (x * w, or centred
+x * w + b). Which norms: `ModelAdapter.frozen_norms()` (every norm inside a decoder layer, and
+the final norm; see its docstring for why, family by family). Two replays:
+
+- the value replay (`linear=False`, for interventions) rescales the module's own output by
+  s0 / s(x), exact for any input;
+- the linear replay (`linear=True`, for attribution) returns s0 * h(x) directly, with s0 the
+  recorded scale (a constant) and h applied through its effective weight. The module's own
+  forward runs on an empty slice of positions, so nothing of it is kept: a multiplication by
+  constants saves only the constants, and the replayed model keeps no tensor per copy of the
+  prompt. The effective weight and bias of a norm other than nn.LayerNorm are probed once, on a
+  zero-mean vector z and on -z (`effective_weight`).
 """
 
 from __future__ import annotations
@@ -37,6 +51,11 @@ class FreezeState:
     #: what a replay freezes: attention patterns, norm scales, or both.
     attention: bool = True
     norms: bool = True
+    #: replay norms as x -> s0 * h(x) with no graph through the module (attribution); see the
+    #: module docstring.
+    linear: bool = False
+    #: per norm (linear replay): its effective elementwise weight, probed once.
+    weights: dict[str, Tensor] = field(default_factory=dict)
 
 
 _STATE: ContextVar[FreezeState | None] = ContextVar("vlmscope_freeze", default=None)
@@ -60,14 +79,16 @@ def _frozen_attention(
         eager = sys.modules[type(module).__module__].eager_attention_forward
         out, weights = eager(module, query, key, value, attention_mask, **kwargs)
         if state is not None and state.mode == "record":
-            state.patterns[layer] = weights.detach().float()
+            # In the model's dtype: what the replay multiplies by (half the memory in bf16).
+            state.patterns[layer] = weights.detach()
         return out, weights
     if layer not in state.patterns:
         raise RuntimeError(f"no recorded attention pattern for layer {layer}; record first")
     weights = state.patterns[layer]
+    weights = weights.to(value.dtype)
     groups = weights.shape[1] // value.shape[1]
     v = value.repeat_interleave(groups, dim=1) if groups > 1 else value
-    return _mix(weights.to(v.dtype), v).transpose(1, 2).contiguous(), weights
+    return _mix(weights, v).transpose(1, 2).contiguous(), weights
 
 
 def _mix(weights: Tensor, v: Tensor) -> Tensor:
@@ -107,16 +128,75 @@ def _eps(m: nn.Module) -> float:
 
 def norm_scale(m: nn.Module, x: Tensor, kind: str | None = None) -> Tensor:
     """The per-position scale s(x) a norm divides by: 1/rms (RMSNorm) or 1/std (LayerNorm,
-    and `kind` "layer" for norms that centre without being nn.LayerNorm)."""
+    and `kind` "layer" for norms that centre without being nn.LayerNorm, as Cohere's)."""
     xf = x.float()
     if isinstance(m, nn.LayerNorm) or kind == "layer":
         return torch.rsqrt(xf.var(-1, keepdim=True, unbiased=False) + _eps(m))
     return torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + _eps(m))
 
 
-def _norm_hook(name: str, state: FreezeState, kind: str | None = None) -> Any:
+def _zero_mean_probe(d: int, device: torch.device) -> Tensor:
+    """[1, d] float32 of entries +-1 (and one 2 when d is odd) summing to zero: centring
+    leaves it unchanged, and no entry is zero."""
+    z = torch.ones(d, device=device)
+    z[1::2] = -1.0
+    if d % 2 and d >= 3:
+        z[-3:] = torch.tensor([2.0, -1.0, -1.0], device=device)
+    return z[None]
+
+
+def effective_weight(m: nn.Module, like: Tensor, kind: str | None = None) -> Tensor:
+    """[2, d]: the elementwise weight w and bias b of a norm module, out = h(x) * s(x) * w + b
+    with h the identity (RMS) or centring ("layer"), probed once on a zero-mean vector z and on
+    -z (so weight, 1 + weight as in Gemma, none, or a bias are all read the same way)."""
+    z = _zero_mean_probe(like.shape[-1], like.device)
+    with torch.no_grad():
+        # m.forward, not m(...): the freeze hooks are on m.
+        plus, minus = m.forward(z).float(), m.forward(-z).float()
+    s = norm_scale(m, z, kind)  # the same for z and -z
+    return torch.cat([(plus - minus) / (2 * z * s), (plus + minus) / 2])
+
+
+def _linear_norm(m: nn.Module, x: Tensor, s0: Tensor, w: Tensor, kind: str | None = None) -> Tensor:
+    """s0 * h(x) in fp32, cast back to x's dtype: autograd keeps only s0 and w (constants).
+    `w` is nn.LayerNorm's [d] placeholder, or `effective_weight`'s [2, d] (weight, bias)."""
+    xf = x.float()
+    if isinstance(m, nn.LayerNorm):
+        xf = xf - xf.mean(-1, keepdim=True)
+        out = xf * s0 * (w if m.weight is None else m.weight.float())
+        return (out if m.bias is None else out + m.bias.float()).to(x.dtype)
+    if kind == "layer":
+        xf = xf - xf.mean(-1, keepdim=True)
+    out = xf * s0 * w[0]
+    return (out + w[1] if bool(w[1].any()) else out).to(x.dtype)
+
+
+def _norm_hooks(name: str, m: nn.Module, state: FreezeState, kind: str | None) -> list[Any]:
+    inputs: list[Tensor] = []
+
+    def pre(m: nn.Module, args: tuple[Any, ...]) -> Any:
+        if state.mode == "replay" and state.norms and state.linear:
+            # The module's own output is replaced below: it runs on no positions (its input
+            # is kept for the hook), so it costs nothing and builds no graph.
+            inputs.append(args[0])
+            return (args[0][:, :0], *args[1:])
+        return None
+
     def hook(m: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor | None:
         x = args[0]
+        if state.mode == "replay" and state.norms and state.linear:
+            x = inputs.pop()
+            if x.numel() == 0:  # a skipped MLP's post-norm (see AttributionContext.replay)
+                return None
+            if name not in state.scales:
+                raise RuntimeError(f"no recorded scale for norm {name}; record first")
+            if name not in state.weights:
+                state.weights[name] = (
+                    torch.ones(x.shape[-1], device=x.device)
+                    if isinstance(m, nn.LayerNorm)
+                    else effective_weight(m, x, kind)
+                )
+            return _linear_norm(m, x, state.scales[name], state.weights[name], kind)
         s = norm_scale(m, x, kind)
         if state.mode == "record":
             state.scales[name] = s.detach()
@@ -128,12 +208,12 @@ def _norm_hook(name: str, state: FreezeState, kind: str | None = None) -> Any:
         # out = s(x) * h(x) with h linear (after centering for LayerNorm): rescaling by
         # s0 / s(x) leaves the value at the recorded point and drops s's dependence on x.
         ratio = state.scales[name] / s
-        bias = getattr(m, "bias", None) if isinstance(m, nn.LayerNorm) else None
-        if bias is not None:
+        bias = getattr(m, "bias", None) if kind == "layer" else None
+        if isinstance(bias, Tensor):
             return ((out.float() - bias) * ratio + bias).to(out.dtype)
         return (out.float() * ratio).to(out.dtype)
 
-    return hook
+    return [m.register_forward_pre_hook(pre), m.register_forward_hook(hook)]
 
 
 @contextlib.contextmanager
@@ -144,8 +224,7 @@ def frozen(vlm: HookedVLM, state: FreezeState) -> Iterator[FreezeState]:
     old = tc._attn_implementation
     a = vlm.adapter
     handles = [
-        m.register_forward_hook(_norm_hook(name, state, a.norm_kind(m)))
-        for name, m in a.residual_norms()
+        h for name, m in a.frozen_norms() for h in _norm_hooks(name, m, state, a.norm_kind(m))
     ]
     token = _STATE.set(state)
     tc._attn_implementation = FROZEN_ATTENTION

@@ -114,8 +114,49 @@ def _normalize_abs_(a: Tensor) -> Tensor:
     return a.div_(a.sum(dim=1, keepdim=True).clamp(min=1e-10))
 
 
+class NonFiniteGraphError(ValueError):
+    """An attribution graph holds NaN or Inf edges (from NaN/Inf weights or activations)."""
+
+
+def check_finite_rows(rows: Tensor, nodes: Tensor, ctx: Any) -> None:
+    """Raise NonFiniteGraphError naming the source node of the first NaN/Inf edge in `rows`
+    (one backward's rows; `nodes` their target nodes), and where such values come from."""
+    finite = torch.isfinite(rows)
+    if bool(finite.all()):
+        return
+    r, c = (~finite).nonzero()[0].tolist()
+    n_feat = len(ctx.features)
+    seq = ctx.embeddings.shape[0]
+    if c < n_feat:
+        f = ctx.features
+        unit = int(f.unit[c])
+        source = (
+            f"feature {int(f.feature[c])} at layer {int(f.layer[c])}, position "
+            f"{int(f.position[c])}: check the dictionaries' W_dec of unit {unit} "
+            f"({ctx.bundle.reads[unit]})"
+        )
+    elif c < n_feat + ctx.n_layers * seq:
+        layer, pos = divmod(c - n_feat, seq)
+        source = f"the error node of layer {layer}, position {pos}"
+    elif c < n_feat + (ctx.n_layers + 1) * seq:
+        source = f"the input node at position {c - n_feat - ctx.n_layers * seq}"
+    else:  # past the positions: a vision feature cross-attention reads (Mllama)
+        source = f"the cross-attention vision feature {c - n_feat - (ctx.n_layers + 1) * seq}"
+    raise NonFiniteGraphError(
+        f"{int((~finite).sum())} NaN/Inf edges in one backward pass (first: from {source}, "
+        f"to node {int(nodes[r])}): NaN or Inf dictionary weights or model activations"
+    )
+
+
 def influence(normalized: Tensor, logit_weights: Tensor, max_iter: int = 10_000) -> Tensor:
     """Sum over path lengths k >= 1 of logit_weights @ A^k (A is a DAG, so the series ends)."""
+    if not bool(torch.isfinite(normalized).all()):
+        bad = (~torch.isfinite(normalized)).nonzero()[0].tolist()
+        raise NonFiniteGraphError(
+            f"the adjacency matrix holds {int((~torch.isfinite(normalized)).sum())} NaN/Inf "
+            f"entries (first at row {bad[0]}, column {bad[1]}): a graph of NaN or Inf "
+            "dictionary weights or activations; check the dictionaries the graph came from"
+        )
     current = logit_weights @ normalized
     total = current.clone()
     for _ in range(max_iter):

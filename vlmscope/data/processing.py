@@ -10,16 +10,21 @@ from __future__ import annotations
 import inspect
 import itertools
 import multiprocessing as mp
+import queue
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.pool import AsyncResult
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 
 from vlmscope.models.chat import add_special_tokens_for_rendered, tokenizer_special_ids
 from vlmscope.models.masks import TokenMasks
+
+if TYPE_CHECKING:
+    from vlmscope.data.processed import ProcessedSpec
 
 #: Per-token tensors ([1, seq] per sample) and the value they are padded with (None: pad id).
 TOKEN_KEYS: dict[str, int | None] = {
@@ -95,7 +100,9 @@ class Batch:
 
 
 class SampleEncoder:
-    """Turns one record into a Sample with the model's processor and chat template."""
+    """Turns one record into a Sample with the model's processor and chat template; a
+    processed record (one that holds the processor's outputs) goes through `processed`, the
+    model's check of such rows (see vlmscope.data.processed)."""
 
     def __init__(
         self,
@@ -103,8 +110,10 @@ class SampleEncoder:
         ctx_len: int,
         image_token_ids: Sequence[int] = (),
         add_generation_prompt: bool = False,
+        processed: ProcessedSpec | None = None,
     ) -> None:
         self.processor = processor
+        self.processed = processed
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.ctx_len = int(ctx_len)
         self.image_token_ids = torch.tensor(list(image_token_ids), dtype=torch.long)
@@ -116,6 +125,10 @@ class SampleEncoder:
         )
         params = inspect.signature(type(processor).__call__).parameters
         self.takes_suffix = "suffix" in params
+        #: what the template writes between the generation prompt and a reply's text (e.g.
+        #: " " after "ASSISTANT:"): None until learned from the first reply, False when the
+        #: template does not render replies verbatim (then every sample renders twice).
+        self._gap: str | bool | None = None
 
     def render(self, record: RecordLike) -> tuple[str, str]:
         """(full text, answer text): the answer is the last assistant turn's rendered suffix."""
@@ -132,17 +145,58 @@ class SampleEncoder:
             if self.takes_suffix:
                 return user, answer
             return (f"{user}\n{answer}" if answer else user), answer
-        full = self._apply(msgs, self.add_generation_prompt and msgs[-1]["role"] != "assistant")
         if msgs[-1]["role"] != "assistant":
-            return full, ""
+            return self._apply(msgs, self.add_generation_prompt), ""
+        once = self._render_once(msgs)
+        if once is not None:
+            return once
+        full = self._apply(msgs, False)
         prefix = self._apply(msgs[:-1], True)
         return full, full[len(prefix) :] if full.startswith(prefix) else ""
+
+    def _render_once(self, msgs: list[dict[str, Any]]) -> tuple[str, str] | None:
+        """(full, answer) from one template render, or None where that cannot be trusted.
+
+        The reply's text is replaced by a marker that no text contains, the conversation is
+        rendered once, and the text is put back: full = head + text + tail, and the answer is
+        what followed the generation prompt, gap + text + tail. The gap is learned (and the
+        whole scheme checked against the two-render result) on the first eligible sample; a
+        template that rewrites replies (trims them, splits reasoning out) fails that check, or
+        the per-sample guards below, and keeps rendering twice."""
+        sole = _sole_text(msgs[-1])
+        if self._gap is False or sole is None:
+            return None
+        text, content = sole
+        if text != text.strip() or "think>" in text:
+            return None
+        marked = self._apply([*msgs[:-1], {**msgs[-1], "content": content}], False)
+        if marked.count(_ANSWER_MARK) != 1:
+            return None
+        head, tail = marked.split(_ANSWER_MARK)
+        full = head + text + tail
+        if self._gap is None:
+            prefix = self._apply(msgs[:-1], True)
+            ok = full == self._apply(msgs, False) and head.startswith(prefix)
+            self._gap = head[len(prefix) :] if ok else False
+            if not ok:
+                return None
+        assert isinstance(self._gap, str)
+        if not head.endswith(self._gap):
+            return None
+        return full, self._gap + text + tail
 
     def _apply(self, msgs: list[dict[str, Any]], gen: bool) -> str:
         owner = self.processor if hasattr(self.processor, "apply_chat_template") else self.tokenizer
         return owner.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False)
 
     def encode(self, record: RecordLike) -> Sample:
+        if getattr(record, "tensors", None):
+            if self.processed is None:
+                raise ValueError(
+                    f"record {record.row_id} holds processed tensors: pass "
+                    "processed=ProcessedSpec(vlm) to the SampleEncoder to check them"
+                )
+            return self._truncate(self.processed.sample(record))  # type: ignore[arg-type]
         text, answer = self.render(record)
         images = list(record.images or [])
         if images and not self.has_images:
@@ -211,6 +265,23 @@ class SampleEncoder:
         }
         kept_answer = max(0, sample.n_answer - (n - self.ctx_len))
         return Sample(sample.row_id, cut, kept_answer, True, sample.position)
+
+
+#: stands in for a reply's text while the template renders (private-use code points).
+_ANSWER_MARK = "\ue000vlmscope-answer\ue001"
+
+
+def _sole_text(message: Mapping[str, Any]) -> tuple[str, Any] | None:
+    """(text, the same content with the text replaced by the mark) when the message's content
+    is that text alone: a str, or a list of one text part."""
+    c = message["content"]
+    if isinstance(c, str):
+        text, marked = c, _ANSWER_MARK
+    elif isinstance(c, list) and len(c) == 1 and c[0].get("type") == "text":
+        text, marked = c[0].get("text", ""), [{**c[0], "text": _ANSWER_MARK}]
+    else:
+        return None
+    return (text, marked) if isinstance(text, str) and _ANSWER_MARK not in text else None
 
 
 def _text_of(message: Mapping[str, Any]) -> str:
@@ -419,10 +490,15 @@ class _EncoderFactory:
         self.ctx_len = encoder.ctx_len
         self.image_token_ids = encoder.image_token_ids.tolist()
         self.add_generation_prompt = encoder.add_generation_prompt
+        self.processed = encoder.processed
 
     def __call__(self) -> SampleEncoder:
         return SampleEncoder(
-            self.processor, self.ctx_len, self.image_token_ids, self.add_generation_prompt
+            self.processor,
+            self.ctx_len,
+            self.image_token_ids,
+            self.add_generation_prompt,
+            self.processed,
         )
 
 
@@ -443,3 +519,59 @@ def batches(
             buf = []
     if buf:
         yield collate(buf, pad_token_id, padding_side, masks)
+
+
+# --- read-ahead off the training loop ----------------------------------------------------------
+T = TypeVar("T")
+
+
+def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """Yield `items` in order while a background thread computes up to `depth` of them ahead.
+
+    Data preparation (reading, encoding here or in `encode_stream`'s worker processes,
+    collating, token masks) then runs while the consumer trains on the batch before; torch,
+    tokenizers and image decoding release the GIL for their heavy parts. An exception in the
+    producer re-raises here, in order; closing this iterator (or leaving a loop over it early)
+    stops the thread and closes `items` in it. Anything the producer does besides yielding
+    (counting skipped records, say) happens ahead of the consumer: carry it with the items.
+    """
+    done = object()
+    out: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(entry: tuple[bool, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        it = iter(items)
+        try:
+            for item in it:
+                if not put((True, item)):
+                    return
+            put((True, done))
+        except BaseException as e:  # re-raised in the consumer
+            put((False, e))
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=produce, name="vlmscope-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = out.get()
+            if not ok:
+                raise item
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()

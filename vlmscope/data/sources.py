@@ -23,6 +23,13 @@ Bad-record reasons (the fixed set `REASONS`, also available as `Reason.<NAME>`):
 - ``empty_image``: an image of 0 pixels, or an empty (0-byte) file / payload.
 - ``image_too_large``: more pixels than ``max_image_pixels`` (checked from the header before
   decoding) or rejected by PIL as a decompression bomb.
+- ``image_outside_root``: an image path that leads outside the image root (``../x.png``, an
+  absolute path elsewhere, a symbolic link out of it). Refused before the file is touched, with
+  the same message whether or not it exists, so an untrusted dataset cannot probe the disk;
+  ``allow_outside_image_root=True`` (``--allow-outside-image-root``) reads such paths.
+
+A file without a single valid row (empty, blank, every line malformed or not UTF-8) is an
+error that says so when the dataset is opened, not a pass that yields nothing.
 """
 
 from __future__ import annotations
@@ -44,7 +51,26 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 logger = logging.getLogger("vlmscope.data")
 
-SchemaName = Literal["auto", "llava", "chat", "text"]
+SchemaName = Literal["auto", "llava", "chat", "processed", "text"]
+SCHEMAS: tuple[str, ...] = ("llava", "chat", "processed", "text")
+
+#: Columns of the `processed` schema: a model processor's outputs, one row per sample, plus
+#: `labels` (-100 outside the answer) when the dataset marks the answer.
+PROCESSED_COLUMNS: tuple[str, ...] = (
+    "input_ids",
+    "attention_mask",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "pixel_values",
+    "pixel_attention_mask",
+    "image_grid_thw",
+    "image_sizes",
+    "batch_num_images",
+    "aspect_ratio_ids",
+    "aspect_ratio_mask",
+    "cross_attention_mask",
+    "labels",
+)
 DEFAULT_MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 """Default pixel limit per image (64 Mpx): larger images are rejected before decoding."""
 
@@ -74,6 +100,7 @@ class Reason:
     CORRUPT_IMAGE = "corrupt_image"
     EMPTY_IMAGE = "empty_image"
     IMAGE_TOO_LARGE = "image_too_large"
+    IMAGE_OUTSIDE_ROOT = "image_outside_root"
 
 
 REASONS: tuple[str, ...] = tuple(v for k, v in vars(Reason).items() if k.isupper())
@@ -88,7 +115,9 @@ class Record:
     of the image parts and ``text == ""``; plain-text records have ``text`` and no messages.
     LLaVA records with images use list content in every turn; text-only ones use str content.
     ``position`` is the row's index in the whole dataset (bad rows included): resume a run with
-    ``skip(position + 1)``. ``source_id`` is the row's own id column, if any.
+    ``skip(position + 1)``. ``source_id`` is the row's own id column, if any. Processed records
+    (schema ``processed``) carry the processor's outputs in ``tensors``, as stored (nested
+    lists or numpy arrays), and nothing else; the model's check turns them into tensors.
     """
 
     row_id: str
@@ -97,11 +126,12 @@ class Record:
     text: str = ""
     position: int = 0
     source_id: str | None = None
+    tensors: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_text(self) -> bool:
-        """True for a plain-text record (no chat structure)."""
-        return not self.messages
+        """True for a plain-text record (no chat structure, not processed)."""
+        return not self.messages and not self.tensors
 
 
 @dataclass(frozen=True)
@@ -121,11 +151,17 @@ class ColumnMap:
             "llava": [self.id, self.conversations, self.image],
             "chat": [self.id, self.messages, self.images],
             "text": [self.id, self.text],
+            "processed": [self.id, *PROCESSED_COLUMNS],
         }[schema]
 
     def required(self, schema: str) -> str:
         """The column without which no row of this schema can be valid."""
-        return {"llava": self.conversations, "chat": self.messages, "text": self.text}[schema]
+        return {
+            "llava": self.conversations,
+            "chat": self.messages,
+            "text": self.text,
+            "processed": "input_ids",
+        }[schema]
 
 
 def _column_key(cm: ColumnMap, name: str) -> str:
@@ -223,10 +259,13 @@ BatchHook = Callable[[int], None]
 class _ImageLoader:
     """Turns any image item (path, bytes, HF Image struct, PIL image) into a verified image."""
 
-    def __init__(self, base: Path | None, max_pixels: int, mode: str | None) -> None:
+    def __init__(
+        self, base: Path | None, max_pixels: int, mode: str | None, confine: bool = True
+    ) -> None:
         self.base = base
         self.max_pixels = max_pixels
         self.mode = mode
+        self.confine = confine
 
     def load(self, item: Any) -> Image.Image:
         if item is None:
@@ -255,11 +294,28 @@ class _ImageLoader:
         p = Path(text).expanduser()
         if not p.is_absolute() and self.base is not None:
             p = self.base / p
+        if self.confine:
+            p = self._inside_root(p, text)
         if not p.is_file():
             raise _Bad(Reason.MISSING_IMAGE, f"no such file: {p}")
         if p.stat().st_size == 0:
             raise _Bad(Reason.EMPTY_IMAGE, f"empty file: {p}")
         return self._decode(p, str(p))
+
+    def _inside_root(self, p: Path, given: str) -> Path:
+        """`p` with every link resolved, if that stays inside the root; else a bad record.
+
+        Only the path's components are resolved (no file is opened), and the message is the
+        same whether or not the target exists."""
+        root = os.path.realpath(self.base if self.base is not None else Path.cwd())
+        real = os.path.realpath(p)
+        if os.path.commonpath([root, real]) != root:
+            raise _Bad(
+                Reason.IMAGE_OUTSIDE_ROOT,
+                f"image path {given!r} leads outside the image root {root}; pass "
+                "--allow-outside-image-root (allow_outside_image_root=True) to read it",
+            )
+        return Path(real)
 
     def _from_bytes(self, data: bytes) -> Image.Image:
         if not data:
@@ -447,24 +503,38 @@ def _text_record(row: dict[str, Any], cm: ColumnMap, loader: _ImageLoader) -> Re
     return Record(row_id="", text=text, source_id=_source_id(row, cm))
 
 
+def _processed_record(row: dict[str, Any], cm: ColumnMap, loader: _ImageLoader) -> Record:
+    if row.get("input_ids") is None:
+        raise _Bad(Reason.MISSING_COLUMN, "no 'input_ids'")
+    tensors = {k: v for k, v in row.items() if k in PROCESSED_COLUMNS and v is not None}
+    return Record(row_id="", tensors=tensors, source_id=_source_id(row, cm))
+
+
 _CONVERTERS: dict[str, Callable[[dict[str, Any], ColumnMap, _ImageLoader], Record]] = {
     "llava": _llava_record,
     "chat": _chat_record,
     "text": _text_record,
+    "processed": _processed_record,
 }
 
 
 def detect_schema(columns: set[str] | list[str], cm: ColumnMap | None = None) -> str:
-    """Schema from column names: conversations -> llava, messages -> chat, text -> text."""
+    """Schema from column names: input_ids with pixel_values -> processed (what a processor
+    wrote, whatever raw columns were kept beside it), conversations -> llava, messages ->
+    chat, input_ids -> processed (tokenized text), text -> text."""
     cm = cm or ColumnMap()
     cols = set(columns)
-    for schema, col in (("llava", cm.conversations), ("chat", cm.messages), ("text", cm.text)):
+    if {"input_ids", "pixel_values"} <= cols:
+        return "processed"
+    order = (("llava", cm.conversations), ("chat", cm.messages), ("processed", "input_ids"))
+    for schema, col in (*order, ("text", cm.text)):
         if col in cols:
             return schema
     raise ValueError(
         f"cannot detect the schema from columns {sorted(cols)}: expected {cm.conversations!r} "
-        f"(llava), {cm.messages!r} (chat) or {cm.text!r} (text); map other names with "
-        "columns=ColumnMap(...) (on the command line: --columns messages=NAME ...)"
+        f"(llava), {cm.messages!r} (chat), 'input_ids' (processed, with 'pixel_values' for "
+        f"images) or {cm.text!r} (text); map other names with columns=ColumnMap(...) (on the "
+        "command line: --columns messages=NAME ...)"
     )
 
 
@@ -482,12 +552,77 @@ class _Source(Protocol):
 
 
 def _emit(batch: Any, batch_rows: int, on_batch: BatchHook | None) -> Iterator[Row]:
-    """Arrow batch -> Python dicts, at most batch_rows at a time (bounds Python memory)."""
+    """Arrow batch -> Python dicts, at most batch_rows at a time (bounds Python memory).
+
+    Columns of nested lists of numbers (a processed dataset's tensors) arrive as numpy arrays,
+    one per row, without a Python object per number."""
+    numeric = [
+        n for n, f in zip(batch.schema.names, batch.schema, strict=True) if _is_tensor(f.type)
+    ]
     for off in range(0, batch.num_rows, batch_rows):
-        rows = batch.slice(off, batch_rows).to_pylist()
+        part = batch.slice(off, batch_rows)
+        if numeric:
+            arrays = {n: [_to_numpy(v) for v in part.column(n)] for n in numeric}
+            rows = part.drop_columns(numeric).to_pylist()
+            for i, row in enumerate(rows):
+                row.update({n: arrays[n][i] for n in numeric})
+        else:
+            rows = part.to_pylist()
         if on_batch is not None:
             on_batch(len(rows))
         yield from rows
+
+
+def _storage(t: Any) -> Any:
+    """An extension type's storage (`datasets` ArrayXD columns), else the type itself."""
+    return getattr(t, "storage_type", t)
+
+
+def _is_list(t: Any) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def _is_tensor(t: Any) -> bool:
+    """A (nested) list of numbers or booleans."""
+    import pyarrow as pa
+
+    t = _storage(t)
+    if not _is_list(t):
+        return False
+    while _is_list(t):
+        t = _storage(t.value_type)
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+
+
+def _to_numpy(value: Any) -> Any:
+    """One row's nested list scalar -> numpy array of its shape; None for null; a ragged or
+    partly null nesting -> the Python lists, for the check to reject."""
+    import numpy as np
+
+    if not value.is_valid:
+        return None
+    if hasattr(value, "storage"):  # extension scalar
+        value = value.storage
+    arr, shape = value.values, []
+    shape.append(len(arr))
+    while _is_list(_storage(arr.type)):
+        if hasattr(arr, "storage"):
+            arr = arr.storage
+        lengths = arr.value_lengths()
+        if arr.null_count or (
+            len(lengths) and lengths.to_numpy().min() != lengths.to_numpy().max()
+        ):
+            return value.as_py()
+        shape.append(int(lengths[0].as_py()) if len(lengths) else 0)
+        arr = arr.flatten()
+    if hasattr(arr, "storage"):
+        arr = arr.storage
+    if arr.null_count:
+        return value.as_py()
+    flat = arr.to_numpy(zero_copy_only=False)
+    return np.asarray(flat).reshape(shape)
 
 
 class _ParquetSource:
@@ -585,15 +720,56 @@ class _ArrowSource:
 
 
 def _not_object(obj: Any) -> _Malformed:
-    return _Malformed(f"row is a JSON {type(obj).__name__}, not an object", Reason.BAD_VALUE)
+    kind = {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(
+        type(obj), "null"
+    )
+    return _Malformed(f"a JSON {kind}, not an object", Reason.BAD_VALUE)
 
 
 def _parse_line(line: bytes, lineno: int) -> Row:
     try:
         obj = json.loads(line)
-    except ValueError as e:  # UnicodeDecodeError is a ValueError
+    except UnicodeDecodeError as e:
+        return _Malformed(f"line {lineno}: not UTF-8 ({e.reason} at byte {e.start})")
+    except ValueError as e:
         return _Malformed(f"line {lineno}: {e}")
-    return obj if isinstance(obj, dict) else _not_object(obj)
+    if isinstance(obj, dict):
+        return obj
+    bad = _not_object(obj)
+    return _Malformed(f"line {lineno}: {bad.detail}", bad.reason)
+
+
+#: rows searched for a first valid one before a JSON file is declared to have none.
+_SCAN_ROWS = 10_000
+
+
+def _json_columns(rows: Iterator[Row]) -> set[str]:
+    """Keys of the first 100 valid rows, searching up to _SCAN_ROWS rows for the first."""
+    keys: set[str] = set()
+    valid = 0
+    for i, row in enumerate(rows):
+        if isinstance(row, dict):
+            keys.update(row)
+            valid += 1
+        if valid >= 100 or (i >= _SCAN_ROWS and not valid):
+            break
+    return keys
+
+
+def _why_no_rows(path: Path, name: str, rows: Iterator[Row]) -> str:
+    """Why a JSON file gave no columns: it is empty, or its first rows all are malformed."""
+    with open(path, "rb") as f:
+        if not any(line.strip() for line in f):
+            return f"{name} is empty (no rows)"
+    n, details = 0, []
+    for row in itertools.islice(rows, _SCAN_ROWS):
+        n += 1
+        if isinstance(row, _Malformed) and len(details) < 3:
+            details.append(row.detail)
+    if n == 0:
+        return f"{name} is empty (no rows)"
+    first = f"{n} row{'s' * (n > 1)}" if n < _SCAN_ROWS else f"the first {n} rows"
+    return f"{name} has no valid rows: {first}, none a JSON object ({'; '.join(details)})"
 
 
 class _JsonlSource:
@@ -613,13 +789,10 @@ class _JsonlSource:
         return self._num_rows
 
     def columns(self) -> set[str]:
-        keys: set[str] = set()
-        for i, row in enumerate(self.rows(0, [], None)):
-            if isinstance(row, dict):
-                keys.update(row)
-            if i >= 100:
-                break
-        return keys
+        return _json_columns(self.rows(0, [], None))
+
+    def why_no_rows(self) -> str:
+        return _why_no_rows(self.path, self.name, self.rows(0, [], None))
 
     def rows(self, skip: int, columns: list[str], on_batch: BatchHook | None) -> Iterator[Row]:
         with open(self.path, "rb") as f:
@@ -722,13 +895,10 @@ class _JsonListSource:
         return self._num_rows
 
     def columns(self) -> set[str]:
-        keys: set[str] = set()
-        for i, row in enumerate(self._elements()):
-            if isinstance(row, dict):
-                keys.update(row)
-            if i >= 100:
-                break
-        return keys
+        return _json_columns(self._elements())
+
+    def why_no_rows(self) -> str:
+        return _why_no_rows(self.path, self.name, self._elements())
 
     def rows(self, skip: int, columns: list[str], on_batch: BatchHook | None) -> Iterator[Row]:
         for i, row in enumerate(self._elements()):
@@ -793,8 +963,11 @@ class Dataset:
         log_first: int = 10,
         description: str = "",
         start: int = 0,
+        column_names: set[str] | None = None,
     ) -> None:
         self._sources = sources
+        self.column_names: set[str] = set(column_names or ())
+        """Columns of the first file (what the schema was detected from)."""
         self.schema = schema
         self.columns = columns
         self.strict = strict
@@ -1006,6 +1179,12 @@ def _local_sources(path: Path, split: str, batch_rows: int) -> tuple[list[Any], 
     raise FileNotFoundError(f"no .parquet, .arrow, .jsonl or .json files under {path}")
 
 
+def _no_rows(src: Any) -> str:
+    """Why a source has no columns (JSON sources know; Arrow ones always have a schema)."""
+    why = getattr(src, "why_no_rows", None)
+    return why() if why is not None else f"{src.name} has no columns"
+
+
 def _rename(src: Any, name: str) -> Any:
     src.name = name
     return src
@@ -1064,6 +1243,7 @@ def open_dataset(
     on_bad_record: Callable[[BadRecord], None] | None = None,
     log_first: int = 10,
     batch_rows: int = 64,
+    allow_outside_image_root: bool = False,
 ) -> Dataset:
     """Open a dataset for streaming Records.
 
@@ -1072,9 +1252,11 @@ def open_dataset(
     folder (state.json) or DatasetDict folder (dataset_dict.json, ``split`` picks); or else a
     hub dataset name (needs the optional `datasets` package). ``schema``: "llava", "chat",
     "text", or "auto" (from the columns). Relative image paths resolve against ``image_root``,
-    else the dataset's folder. Images are converted to ``image_mode`` (None keeps the mode).
-    Bad rows are skipped and counted in ``Dataset.stats``; each goes to ``on_bad_record``, the
-    first ``log_first`` are logged (logger "vlmscope.data"); ``strict`` raises instead.
+    else the dataset's folder, and must stay inside it (``..``, absolute paths elsewhere and
+    links out of it are bad records) unless ``allow_outside_image_root``. Images are converted
+    to ``image_mode`` (None keeps the mode). Bad rows are skipped and counted in
+    ``Dataset.stats``; each goes to ``on_bad_record``, the first ``log_first`` are logged
+    (logger "vlmscope.data"); ``strict`` raises instead.
     ``max_image_pixels`` rejects larger images from their header (PIL's own hard limit, twice
     ``Image.MAX_IMAGE_PIXELS``, still applies above it). ``batch_rows`` bounds how many rows
     are turned into Python objects at once. Folders are read in sorted file order; a folder
@@ -1093,7 +1275,15 @@ def open_dataset(
         raise FileNotFoundError(f"no such file or folder: {text}")
     else:
         sources, base = [_hub_source(text, split)], None
-    cols = sources[0].columns() if sources else set()
+    cols: set[str] = set()
+    for src in sources:  # the first file with columns (an empty file has none)
+        cols = src.columns()
+        if cols:
+            break
+    if not cols and sources:
+        reasons = [_no_rows(src) for src in sources[:3]]
+        more = f" (and {len(sources) - 3} more files)" if len(sources) > 3 else ""
+        raise ValueError(f"no rows to read: {'; '.join(reasons)}{more}")
     if schema == "auto":
         schema = detect_schema(cols, cm)  # type: ignore[assignment]
     elif cm.required(schema) not in cols:
@@ -1106,6 +1296,7 @@ def open_dataset(
         Path(image_root).expanduser() if image_root is not None else base,
         max_image_pixels,
         image_mode,
+        confine=not allow_outside_image_root,
     )
     return Dataset(
         sources,
@@ -1116,4 +1307,5 @@ def open_dataset(
         on_bad_record=on_bad_record,
         log_first=log_first,
         description=text,
+        column_names=cols,
     )

@@ -27,6 +27,7 @@ from vlmscope.dictionaries.coder import (
 from vlmscope.dictionaries.config import SparseCoderConfig
 from vlmscope.dictionaries.io import (
     DictionaryFormatError,
+    TensorChecks,
     export_circuit_tracer,
     export_saelens,
     load_dictionaries,
@@ -47,6 +48,7 @@ __all__ = [
     "SparseCoder",
     "SparseCoderConfig",
     "SparseCodes",
+    "TensorChecks",
     "TopK",
     "build_activation",
     "check_finite",

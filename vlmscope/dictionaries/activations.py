@@ -13,6 +13,7 @@ that grows with K, not F.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,18 +69,30 @@ class SparseCodes:
 def pack_codes(values: Tensor, mask: Tensor, order: Tensor, min_width: int = 1) -> SparseCodes:
     """Gather the entries of `values` [N, F] where `mask`, per row, into SparseCodes.
 
-    Rows are padded with zero values up to the largest count (at least `min_width`); entries are
-    ordered by `order` (descending). Gradients flow into `values` at the kept entries.
+    Rows are padded with zero values up to the largest count (at least `min_width`); the order
+    of entries within a row is unspecified (the `order` [N, F] key ranks which entries are kept
+    when a row has more than the width). Gradients flow into `values` at the kept entries.
     """
-    n_rows, n_latents = values.shape
+    indices, keep = pack_indices(mask, order, min_width)
+    gathered = values.gather(1, indices)
+    gathered = torch.where(keep, gathered, torch.zeros_like(gathered))
+    return SparseCodes(gathered, indices, values.shape[1])
+
+
+def pack_indices(mask: Tensor, order: Tensor, min_width: int = 1) -> tuple[Tensor, Tensor]:
+    """(indices [N, K], keep [N, K]): per row, the positions where `mask` holds, padded (keep
+    False) up to K = the largest count (at least `min_width`, at most F)."""
+    n_rows, n_latents = mask.shape
     width = int(mask.sum(dim=1).max().item()) if n_rows else 0
     width = min(max(width, min_width), n_latents)
     key = torch.where(mask, order.detach(), torch.full_like(order, -torch.inf, dtype=order.dtype))
-    indices = key.topk(width, dim=1, sorted=True).indices
-    gathered = values.gather(1, indices)
-    keep = mask.gather(1, indices)
-    gathered = torch.where(keep, gathered, torch.zeros_like(gathered))
-    return SparseCodes(gathered, indices, n_latents)
+    # Order inside a row does not matter to any consumer of SparseCodes: no sort.
+    indices = key.topk(width, dim=1, sorted=False).indices
+    return indices, mask.gather(1, indices)
+
+
+#: `gather(indices [N, K]) -> [N, K]`: differentiable pre-activations at those entries.
+Gather = Callable[[Tensor], Tensor]
 
 
 class SparseActivation(nn.Module):
@@ -106,6 +119,15 @@ class SparseActivation(nn.Module):
     def sparsity_loss(self, pre: Tensor) -> Tensor:
         """Differentiable sparsity penalty (mean per row); 0 unless the activation learns it."""
         return pre.new_zeros(())
+
+    #: whether `forward_sparse` is implemented (then a coder never backpropagates a dense pre).
+    sparse_backward: bool = False
+
+    def forward_sparse(self, pre: Tensor, gather: Gather) -> SparseCodes:
+        """The same codes as `forward(pre)`, for a `pre` without autograd: selection reads the
+        detached `pre`, and the kept values come from `gather(indices)`, whose backward costs
+        the kept entries only (kernels.gathered_pre)."""
+        raise NotImplementedError(f"{type(self).__name__} has no sparse-gradient forward")
 
     def export_threshold(self) -> Tensor | None:
         """Per-latent threshold [F] that reproduces eval behaviour as `pre * (pre > t)`, if any.
@@ -137,10 +159,18 @@ class TopK(SparseActivation):
     def from_config(cls, cfg: SparseCoderConfig) -> TopK:
         return cls(cfg.num_latents, cfg.k)
 
+    sparse_backward = True
+
     def forward(self, pre: Tensor) -> SparseCodes:
         self._check(pre)
-        values, indices = pre.topk(self.k, dim=1, sorted=True)
+        # Unsorted: no consumer depends on the order of a row's entries, and sorting costs.
+        values, indices = pre.topk(self.k, dim=1, sorted=False)
         return SparseCodes(values.relu(), indices, self.num_latents)
+
+    def forward_sparse(self, pre: Tensor, gather: Gather) -> SparseCodes:
+        self._check(pre)
+        indices = pre.detach().topk(self.k, dim=1, sorted=False).indices
+        return SparseCodes(gather(indices).relu(), indices, self.num_latents)
 
     def extra_repr(self) -> str:
         return f"num_latents={self.num_latents}, k={self.k}"
@@ -173,9 +203,22 @@ class BatchTopK(SparseActivation):
     def from_config(cls, cfg: SparseCoderConfig) -> BatchTopK:
         return cls(cfg.num_latents, cfg.k, cfg.threshold_momentum)
 
+    sparse_backward = True
+
     def forward(self, pre: Tensor) -> SparseCodes:
         self._check(pre)
         acts = pre.relu()
+        return pack_codes(acts, self._mask(acts.detach(), pre.detach()), pre)
+
+    def forward_sparse(self, pre: Tensor, gather: Gather) -> SparseCodes:
+        self._check(pre)
+        pre = pre.detach()
+        indices, keep = pack_indices(self._mask(pre.relu(), pre), pre)
+        values = torch.where(keep, gather(indices).relu(), 0.0)
+        return SparseCodes(values, indices, self.num_latents)
+
+    def _mask(self, acts: Tensor, pre: Tensor) -> Tensor:
+        """[N, F] bool: the kept entries (batch top k*N in training, above threshold in eval)."""
         if self.training:
             n_keep = min(self.k * pre.shape[0], acts.numel())
             flat = acts.flatten()
@@ -184,15 +227,14 @@ class BatchTopK(SparseActivation):
             mask[kept.indices] = True
             mask = mask.view_as(acts) & (acts > 0)
             if self.track_statistics:
-                self._update_threshold(kept.values.detach())
-        else:
-            if int(self.num_updates) == 0:
-                raise RuntimeError(
-                    "BatchTopK: the eval threshold has not been estimated yet; run training "
-                    "steps first (or load a trained dictionary)"
-                )
-            mask = pre > self.threshold
-        return pack_codes(acts, mask, pre)
+                self._update_threshold(kept.values)
+            return mask
+        if int(self.num_updates) == 0:
+            raise RuntimeError(
+                "BatchTopK: the eval threshold has not been estimated yet; run training "
+                "steps first (or load a trained dictionary)"
+            )
+        return pre > self.threshold
 
     @torch.no_grad()
     def _update_threshold(self, kept: Tensor) -> None:

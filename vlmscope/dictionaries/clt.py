@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlmscope.dictionaries.activations import SparseCodes, build_activation
+from vlmscope.dictionaries.activations import Gather, SparseCodes, build_activation
 from vlmscope.dictionaries.coder import (
     check_finite,
+    fit_init_to_data_,
     fvu,
     mean_norm_scale,
     random_unit_rows,
@@ -33,7 +34,7 @@ from vlmscope.dictionaries.coder import (
     update_dead_counter_,
 )
 from vlmscope.dictionaries.config import SparseCoderConfig
-from vlmscope.dictionaries.kernels import sparse_decode
+from vlmscope.dictionaries.kernels import gathered_pre, sparse_decode
 
 if TYPE_CHECKING:
     import os
@@ -143,7 +144,8 @@ class CrossLayerTranscoder(nn.Module):
 
     @torch.no_grad()
     def init_from_data(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> None:
-        """Per layer: estimate normalisation scales (if any) and set b_dec_t to mean(y_t)."""
+        """Per layer: estimate normalisation scales (if any), set b_dec_t to mean(y_t) and
+        centre the encoder's pre-activations on the sample (coder.fit_init_to_data_)."""
         xs, ys = self._as_lists(xs, ys)
         for layer, x, y in zip(self._layers(), xs, ys, strict=True):
             check_finite(f"init_from_data xs[{layer.layer}]", x)
@@ -152,6 +154,7 @@ class CrossLayerTranscoder(nn.Module):
                 layer.input_scale.fill_(mean_norm_scale(x))
                 layer.output_scale.fill_(mean_norm_scale(y))
             layer.b_dec.copy_((y.float() * layer.output_scale).mean(dim=0))
+            fit_init_to_data_(layer, self._scale_in(layer, x), None)
 
     # ---------------------------------------------------------------- properties
 
@@ -185,8 +188,11 @@ class CrossLayerTranscoder(nn.Module):
 
     def encode(self, xs: Sequence[Tensor]) -> list[SparseCodes]:
         """Per source layer, the sparse codes of xs[l] [N, d_in]."""
-        pres = self.pre_activations(xs)
-        return [layer.activation(pre) for layer, pre in zip(self._layers(), pres, strict=True)]
+        xs = self._as_list("xs", xs, self.cfg.d_in)
+        return [
+            self._encode_n(layer, self._scale_in(layer, x))[1]
+            for layer, x in zip(self._layers(), xs, strict=True)
+        ]
 
     def decode(
         self, codes: Sequence[SparseCodes], xs: Sequence[Tensor] | None = None
@@ -212,7 +218,7 @@ class CrossLayerTranscoder(nn.Module):
         """Codes of source `layer` alone, for models run layer by layer (a replacement model
         whose later inputs depend on earlier reconstructions)."""
         lay = self._layers()[layer]
-        return lay.activation(self._pre(lay, self._scale_in(lay, x)))
+        return self._encode_n(lay, self._scale_in(lay, x))[1]
 
     def decode_layer(
         self, target: int, codes: Mapping[int, SparseCodes], x: Tensor | None = None
@@ -253,8 +259,9 @@ class CrossLayerTranscoder(nn.Module):
             y.to(layer.W_dec.dtype) * self._scale(layer.output_scale)
             for layer, y in zip(layers, ys, strict=True)
         ]
-        pres = [self._pre(layer, x_n) for layer, x_n in zip(layers, xs_n, strict=True)]
-        codes = [layer.activation(pre) for layer, pre in zip(layers, pres, strict=True)]
+        encoded = [self._encode_n(layer, x_n) for layer, x_n in zip(layers, xs_n, strict=True)]
+        pres = [pre for pre, _, _ in encoded]
+        codes = [c for _, c, _ in encoded]
         recons_n = self._decode_n(codes, xs_n)
         fvus = torch.stack([fvu(y_n, r_n) for y_n, r_n in zip(ys_n, recons_n, strict=True)])
 
@@ -264,7 +271,7 @@ class CrossLayerTranscoder(nn.Module):
             for layer, c in zip(layers, codes, strict=True):
                 update_dead_counter_(layer.num_tokens_since_fired, c, xs[0].shape[0])
             if self.cfg.aux_k_coeff > 0:
-                auxk = self._auxk(pres, dead, ys_n, recons_n)
+                auxk = self._auxk(pres, dead, ys_n, recons_n, [g for _, _, g in encoded])
         sparsity = torch.stack(
             [
                 layer.activation.sparsity_loss(pre).float()
@@ -364,6 +371,21 @@ class CrossLayerTranscoder(nn.Module):
     def _pre(layer: CLTLayer, x_n: Tensor) -> Tensor:
         return F.linear(x_n, layer.W_enc, layer.b_enc)
 
+    @classmethod
+    def _encode_n(cls, layer: CLTLayer, x_n: Tensor) -> tuple[Tensor, SparseCodes, Gather | None]:
+        """(pre, codes, gather) of one source layer, as SparseCoder._encode_n: with a sparse
+        activation under autograd, the encoder backward costs the kept entries only."""
+        if not (torch.is_grad_enabled() and layer.activation.sparse_backward):
+            pre = cls._pre(layer, x_n)
+            return pre, layer.activation(pre), None
+        with torch.no_grad():
+            pre = cls._pre(layer, x_n)
+
+        def gather(indices: Tensor) -> Tensor:
+            return gathered_pre(x_n, layer.W_enc, layer.b_enc, None, indices, pre)
+
+        return pre, layer.activation.forward_sparse(pre, gather), gather
+
     def _decode_sources(self, codes: Sequence[SparseCodes], n_rows: int) -> list[Tensor]:
         """Per target, the sum of decoder contributions (no bias, no skip)."""
         layers = self._layers()
@@ -397,7 +419,12 @@ class CrossLayerTranscoder(nn.Module):
         return result
 
     def _auxk(
-        self, pres: list[Tensor], dead: Tensor, ys_n: list[Tensor], recons_n: list[Tensor]
+        self,
+        pres: list[Tensor],
+        dead: Tensor,
+        ys_n: list[Tensor],
+        recons_n: list[Tensor],
+        gathers: Sequence[Gather | None],
     ) -> Tensor:
         """AuxK summed over targets: each layer's dead latents (top aux_k of their
         pre-activations) decode through their windows to reconstruct the residuals."""
@@ -407,11 +434,13 @@ class CrossLayerTranscoder(nn.Module):
         aux_k = self.cfg.aux_k or max(self.cfg.d_out // 2, 1)
         scale = min(n_dead / (aux_k * self.n_layers), 1.0)
         aux_codes = []
-        for pre, dead_l in zip(pres, dead, strict=True):
+        for pre, dead_l, gather in zip(pres, dead, gathers, strict=True):
             k = max(min(aux_k, int(dead_l.sum())), 1)
-            masked = pre.masked_fill(~dead_l, -torch.inf)
-            values, indices = masked.topk(k, dim=1, sorted=False)
-            # Layers with no dead latent contribute zeros (relu(-inf) = 0).
+            indices = pre.detach().masked_fill(~dead_l, -torch.inf).topk(k, dim=1, sorted=False)
+            indices = indices.indices
+            values = pre.gather(1, indices) if gather is None else gather(indices)
+            # Layers with no dead latent contribute zeros.
+            values = values.masked_fill(~dead_l[indices], -torch.inf)
             aux_codes.append(SparseCodes(values.relu(), indices, self.num_latents))
         e_hats = self._decode_sources(aux_codes, pres[0].shape[0])
         total = pres[0].new_zeros((), dtype=torch.float32)

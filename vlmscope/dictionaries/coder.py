@@ -19,15 +19,15 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlmscope.dictionaries.activations import SparseCodes, build_activation
+from vlmscope.dictionaries.activations import Gather, SparseCodes, build_activation
 from vlmscope.dictionaries.config import SparseCoderConfig
-from vlmscope.dictionaries.kernels import sparse_decode
+from vlmscope.dictionaries.kernels import centred_linear, gathered_pre, sparse_decode
 
 if TYPE_CHECKING:
     import os
@@ -84,19 +84,23 @@ def auxk_loss(
     decode: Callable[[SparseCodes], Tensor],
     aux_k: int,
     sst: Tensor,
+    gather: Gather | None = None,
 ) -> Tensor:
     """AuxK (Gao et al. 2024): dead latents' top-aux_k activations reconstruct the residual.
 
     Returns scale * ||decode(aux codes) - residual||^2 / sst with scale = min(n_dead / aux_k, 1)
     (as in EleutherAI's sparsify), 0 when nothing is dead. `residual` should be detached.
+    `gather(indices)` gives the differentiable pre-activations at the chosen entries (default:
+    read them from `pre`, which then carries the gradient).
     """
     n_dead = int(dead.sum())
     if n_dead == 0:
         return pre.new_zeros((), dtype=torch.float32)
     k = min(aux_k, n_dead)
     scale = min(n_dead / aux_k, 1.0)
-    masked = pre.masked_fill(~dead, -torch.inf)
-    values, indices = masked.topk(k, dim=1, sorted=False)
+    masked = pre.detach().masked_fill(~dead, -torch.inf)
+    indices = masked.topk(k, dim=1, sorted=False).indices
+    values = pre.gather(1, indices) if gather is None else gather(indices)
     codes = SparseCodes(values.relu(), indices, pre.shape[1])
     err = (decode(codes).float() - residual.float()).pow(2).sum()
     return scale * err / sst.clamp_min(torch.finfo(sst.dtype).tiny)
@@ -194,10 +198,9 @@ class SparseCoder(nn.Module):
 
     @torch.no_grad()
     def init_from_data(self, x: Tensor, y: Tensor | None = None) -> None:
-        """Estimate the normalisation scales (if any) and set b_dec to the target's mean.
-
-        x: [N, d_in] sample of inputs; y: [N, d_out] matching targets (transcoders only).
-        """
+        """Fit the data-dependent part of the init on a sample (see `fit_init_to_data_`):
+        normalisation scales (if any), b_dec = the target's mean, centred pre-activations and
+        the encoder's scale. x: [N, d_in] inputs; y: [N, d_out] targets (transcoders only)."""
         target = self._target(x, y)
         check_finite("init_from_data x", x)
         check_finite("init_from_data y", target)
@@ -205,6 +208,7 @@ class SparseCoder(nn.Module):
             self.input_scale.fill_(mean_norm_scale(x))
             self.output_scale.fill_(mean_norm_scale(target))
         self.b_dec.copy_((target.float() * self.output_scale).mean(dim=0))
+        fit_init_to_data_(self, self._scale_in(x), self.b_dec if self.cfg.kind == "sae" else None)
 
     # ---------------------------------------------------------------- properties
 
@@ -225,7 +229,8 @@ class SparseCoder(nn.Module):
 
     def encode(self, x: Tensor) -> SparseCodes:
         """Sparse codes of inputs x [N, d_in]."""
-        return self.activation(self.pre_activations(x))
+        self._check_shape("x", x, self.cfg.d_in)
+        return self._encode_n(self._scale_in(x))[1]
 
     def decode(self, codes: SparseCodes, x: Tensor | None = None) -> Tensor:
         """[N, d_out] output of `codes`, in the caller's units; x is needed for W_skip."""
@@ -251,8 +256,7 @@ class SparseCoder(nn.Module):
         x_n = self._scale_in(x)
         out_scale = self._scale(self.output_scale)
         target_n = target.to(self.W_dec.dtype) * out_scale
-        pre = self._pre(x_n)
-        codes = self.activation(pre)
+        pre, codes, gather = self._encode_n(x_n)
         recon_n = self._decode_n(codes, x_n)
         loss_fvu = fvu(target_n, recon_n)
 
@@ -269,6 +273,7 @@ class SparseCoder(nn.Module):
                     lambda c: sparse_decode(c.values, c.indices, self.W_dec),
                     self.cfg.aux_k or max(self.cfg.d_out // 2, 1),
                     sst,
+                    gather,
                 )
         sparsity = self.activation.sparsity_loss(pre).float()
         loss = loss_fvu + self.cfg.aux_k_coeff * auxk + self.cfg.sparsity_coeff * sparsity
@@ -344,10 +349,27 @@ class SparseCoder(nn.Module):
     def _scale_in(self, x: Tensor) -> Tensor:
         return x.to(self.W_enc.dtype) * self._scale(self.input_scale)
 
+    def _centre(self) -> Tensor | None:
+        return self.b_dec if self.cfg.kind == "sae" else None
+
     def _pre(self, x_n: Tensor) -> Tensor:
-        if self.cfg.kind == "sae":
-            x_n = x_n - self.b_dec
-        return F.linear(x_n, self.W_enc, self.b_enc)
+        return centred_linear(x_n, self.W_enc, self.b_enc, self._centre())
+
+    def _encode_n(self, x_n: Tensor) -> tuple[Tensor, SparseCodes, Gather | None]:
+        """(pre, codes, gather) of normalised inputs. Under autograd with an activation that
+        has a sparse forward, `pre` is computed without autograd and the codes' backward costs
+        the kept entries only (kernels.gathered_pre); `gather` reads more entries (AuxK)."""
+        if not (torch.is_grad_enabled() and self.activation.sparse_backward):
+            pre = self._pre(x_n)
+            return pre, self.activation(pre), None
+        with torch.no_grad():
+            pre = self._pre(x_n)
+        centre = self._centre()
+
+        def gather(indices: Tensor) -> Tensor:
+            return gathered_pre(x_n, self.W_enc, self.b_enc, centre, indices, pre)
+
+        return pre, self.activation.forward_sparse(pre, gather), gather
 
     def _decode_n(self, codes: SparseCodes, x_n: Tensor | None) -> Tensor:
         if codes.num_latents != self.num_latents:
@@ -369,6 +391,50 @@ def update_dead_counter_(counter: Tensor, codes: SparseCodes, n_rows: int) -> No
     """Add n_rows to every latent's counter and reset those active in `codes` to 0."""
     counter += n_rows
     counter[codes.indices[codes.active()]] = 0
+
+
+@torch.no_grad()
+def fit_init_to_data_(unit: Any, x_n: Tensor, centre: Tensor | None) -> None:
+    """The data-dependent init of one encoder/decoder pair (an SAE, a transcoder, a CLT layer)
+    on a sample x_n [N, d_in] of normalised inputs; `centre` is an SAE's b_dec, else None.
+
+    1. Centred pre-activations: b_enc = -W_enc mean(x_n - centre). TopK picks the largest
+       pre-activations, so an input mean that the encoder does not remove (a transcoder reads
+       the residual stream, whose mean is far from 0) picks the latents most aligned with the
+       mean for every token alike; centring makes the choice depend on what varies.
+    2. Encoder scale, for decoders that already point somewhere (SAEs): with unit decoder rows
+       and W_enc = W_dec, the codes are the projections of x onto the k chosen rows, and their
+       sum overshoots: the chosen rows all lean towards x, so they add up to more than x. On
+       isotropic data with d = 128, F = 1024, k = 32 the squared cosines of the chosen rows sum
+       to S ~ 1.2, and the reconstruction error is 1 - 2sS + s^2 (S + S^2) of ||x||^2 for an
+       encoder scale s: 1.25 at s = 1 (worse than predicting the mean), 0.45 at the best
+       s = 1/(1 + S). sparsify's nn.Linear init (rows of norm ~0.58) lands near that by the
+       width-independent constant of its uniform init; here the least-squares scale
+       s = <x, r> / ||r||^2 of the sample's reconstructions r at s = 1 is computed exactly,
+       so it holds for any width, k and data. TopK and BatchTopK choose the same latents at
+       any positive scale, so the chosen set and its fit stay consistent.
+    Transcoders and CLTs start with a zero decoder (as in sparsify): their output starts at
+    b_dec, the target's mean, and the decoder grows from the codes' gradient; step 2 is for
+    SAEs. JumpReLU is left at its scale: its codes depend on the scale through its threshold.
+    """
+    act = unit.activation
+    xc = x_n if centre is None else x_n - centre
+    unit.b_enc.copy_(-(xc.mean(dim=0) @ unit.W_enc.T))
+    if centre is None or act.name == "jumprelu":
+        return
+    was_training, was_tracking = act.training, act.track_statistics
+    act.train()
+    act.track_statistics = False
+    try:
+        codes = act(F.linear(xc, unit.W_enc, unit.b_enc))
+    finally:
+        act.train(was_training)
+        act.track_statistics = was_tracking
+    recon = sparse_decode(codes.values, codes.indices, unit.W_dec).float()
+    scale = float((xc.float() * recon).sum() / recon.pow(2).sum().clamp_min(1e-30))
+    if math.isfinite(scale) and scale > 0:
+        unit.W_enc.mul_(scale)
+        unit.b_enc.mul_(scale)
 
 
 def random_unit_rows(like: Tensor) -> Tensor:

@@ -12,6 +12,14 @@ Every file is written under a temporary name and renamed, and the config last, s
 never leaves a torn file and a folder with a config has all its weights. Loading checks every
 tensor name and shape against the config and says which file, tensor and shapes disagree.
 
+Corruption is detected, not trained on: the config records, for every safetensors file it
+refers to, the CRC-32 of the file's header and of each 16 MiB block of each tensor's bytes
+(`checksums`). An eager load (the default) verifies every block and refuses NaN or Inf values,
+naming the file and tensor. `mmap=True` maps the files instead (nothing is read until used:
+a 7B model's CLT stays on disk but for the rows attribution asks for) and verifies each block
+the first time a reader asks for it (`TensorChecks`). Folders written before checksums existed
+load without them.
+
 Exporters fold the normalisation scales into the weights (the exported dictionary computes the
 same outputs on raw activations) and write:
 
@@ -45,7 +53,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
+import zlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +69,9 @@ from vlmscope.dictionaries.clt import CrossLayerTranscoder
 from vlmscope.dictionaries.coder import SparseCoder
 from vlmscope.dictionaries.config import SparseCoderConfig
 from vlmscope.files import write_atomically, write_text_atomically
+
+#: bytes per checksummed block of a tensor (the unit a lazy reader verifies at a time).
+CHECKSUM_BLOCK = 16 << 20
 
 FORMAT = "vlmscope.dictionaries"
 FORMAT_VERSION = 1
@@ -83,10 +97,52 @@ def _write_json(path: Path, obj: Any) -> None:
     write_text_atomically(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
-def _write_safetensors(path: Path, tensors: Mapping[str, Tensor]) -> None:
-    """safetensors file of detached, contiguous CPU copies, written atomically."""
+def _tensor_bytes(t: Tensor) -> Any:
+    """The raw bytes of a tensor as safetensors stores them (a numpy uint8 view, no copy when
+    the tensor is contiguous on the CPU)."""
+    return t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy()
+
+
+def block_crcs(data: Any, block: int = CHECKSUM_BLOCK) -> list[int]:
+    """CRC-32 of each `block`-byte block of `data` (one entry for empty data)."""
+    n = len(data)
+    return [zlib.crc32(data[i : i + block]) for i in range(0, max(n, 1), block)]
+
+
+def _safetensors_header(path: Path) -> tuple[bytes, dict[str, Any]]:
+    """The header bytes (length prefix included) and parsed header of a safetensors file."""
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise DictionaryFormatError(f"{path} is not a readable safetensors file: too short")
+        n = int.from_bytes(prefix, "little")
+        if n > 100 << 20:
+            raise DictionaryFormatError(
+                f"{path} is not a readable safetensors file: a header of {n} bytes"
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DictionaryFormatError(
+            f"{path} is not a readable safetensors file: corrupt header ({err})"
+        ) from None
+    if not isinstance(header, dict):
+        raise DictionaryFormatError(f"{path} is not a readable safetensors file: corrupt header")
+    return prefix + raw, header
+
+
+def _write_safetensors(path: Path, tensors: Mapping[str, Tensor]) -> dict[str, Any]:
+    """safetensors file of detached, contiguous CPU copies, written atomically; returns its
+    checksum record (header CRC and per-tensor block CRCs) for the folder's config."""
     plain = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
     write_atomically(path, lambda tmp: save_file(plain, str(tmp), metadata={"format": FORMAT}))
+    raw, _ = _safetensors_header(path)
+    return {
+        "header_crc32": zlib.crc32(raw),
+        "block_bytes": CHECKSUM_BLOCK,
+        "tensors": {name: block_crcs(_tensor_bytes(t)) for name, t in plain.items()},
+    }
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -135,8 +191,183 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
         raise DictionaryFormatError(f"{path} is not a readable safetensors file: {err}") from None
 
 
-def _load_checked(module: nn.Module, tensors: dict[str, Tensor], path: Path) -> None:
-    """Copy `tensors` into `module` after checking names and shapes against its config."""
+def _verify_tensors(
+    path: Path, tensors: Mapping[str, Tensor], record: Mapping[str, Any] | None
+) -> None:
+    """Check the file's header and every tensor block against the checksum `record` (when
+    the config has one), and every tensor for NaN/Inf."""
+    if record is not None:
+        raw, _ = _safetensors_header(path)
+        _check_header(path, raw, record)
+    for name, t in tensors.items():
+        if record is not None:
+            want = _recorded_blocks(path, record, name)
+            block = int(record["block_bytes"])
+            for b, crc in enumerate(block_crcs(_tensor_bytes(t), block)):
+                _check_block(path, name, b, block, crc, want)
+        check_tensor_finite(path, name, t)
+
+
+def check_tensor_finite(path: Path | str, name: str, t: Tensor, first_row: int = 0) -> None:
+    """Raise DictionaryFormatError naming the file and tensor when `t` holds NaN or Inf."""
+    if not t.is_floating_point():
+        return
+    finite = torch.isfinite(t)
+    if bool(finite.all()):
+        return
+    bad = (~finite).nonzero()[0].tolist()
+    n_nan = int(torch.isnan(t).sum())
+    n_inf = int((~finite).sum()) - n_nan
+    at = [bad[0] + first_row, *bad[1:]] if bad else []
+    raise DictionaryFormatError(
+        f"{path}: tensor {name!r} holds {n_nan} NaN and {n_inf} Inf values (first at index "
+        f"{tuple(at)}); these dictionaries are corrupt or diverged in training"
+    )
+
+
+def _check_header(path: Path, raw: bytes, record: Mapping[str, Any]) -> None:
+    want = record.get("header_crc32")
+    if want is not None and zlib.crc32(raw) != int(want):
+        raise DictionaryFormatError(
+            f"{path}: the safetensors header fails its checksum (crc32 {zlib.crc32(raw):08x}, "
+            f"recorded {int(want):08x}): the file is corrupt; copy it again or re-train"
+        )
+
+
+def _recorded_blocks(path: Path, record: Mapping[str, Any], name: str) -> list[int]:
+    want = record.get("tensors", {}).get(name)
+    if not isinstance(want, list):
+        raise DictionaryFormatError(f"{path}: no checksum recorded for tensor {name!r}")
+    return [int(c) for c in want]
+
+
+def _check_block(path: Path, name: str, b: int, block: int, crc: int, want: Sequence[int]) -> None:
+    if b >= len(want) or crc != want[b]:
+        recorded = f"{want[b]:08x}" if b < len(want) else "none"
+        raise DictionaryFormatError(
+            f"{path}: tensor {name!r} bytes {b * block}-{(b + 1) * block - 1} fail their "
+            f"checksum (crc32 {crc:08x}, recorded {recorded}): the file is corrupt; copy it "
+            "again or re-train"
+        )
+
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+@dataclass
+class _LazyTensor:
+    """One memory-mapped tensor with its recorded block checksums."""
+
+    path: Path
+    name: str
+    tensor: Tensor
+    block: int
+    crcs: list[int] | None
+    verified: set[int] = field(default_factory=set)
+
+
+class TensorChecks:
+    """Checksum and NaN/Inf checks of memory-mapped tensors, each block verified the first
+    time a reader asks for it. Keys are the parameter names in the loaded module."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, _LazyTensor] = {}
+
+    def add(self, prefix: str, other: TensorChecks) -> None:
+        for key, entry in other.entries.items():
+            self.entries[prefix + key] = entry
+
+    def check(self, key: str, rows: Tensor | None = None) -> None:
+        """Verify the blocks of tensor `key` that hold `rows` (indices along its first
+        dimension), or all of them; raises DictionaryFormatError naming file and tensor."""
+        e = self.entries.get(key)
+        if e is None:
+            return
+        t = e.tensor
+        n_bytes = t.numel() * t.element_size()
+        n_blocks = max(1, -(-n_bytes // e.block))
+        if rows is None or t.dim() == 0 or t.shape[0] == 0:
+            blocks = range(n_blocks)
+        else:
+            row_bytes = n_bytes // t.shape[0]
+            r = torch.as_tensor(rows).reshape(-1).cpu().long().unique()
+            first, last = (r * row_bytes) // e.block, ((r + 1) * row_bytes - 1) // e.block
+            width = int((last - first).max()) + 1 if len(r) else 0
+            spans = first[:, None] + torch.arange(width)[None, :]  # rows span <= width blocks
+            blocks = spans[spans <= last[:, None]].unique().tolist()
+        todo = [b for b in blocks if b not in e.verified]
+        if not todo:
+            return
+        data = _tensor_bytes(t)
+        flat = t.reshape(-1)
+        per = t.element_size()
+        for b in todo:
+            lo, hi = b * e.block, min((b + 1) * e.block, n_bytes)
+            if e.crcs is not None:
+                _check_block(e.path, e.name, b, e.block, zlib.crc32(data[lo:hi]), e.crcs)
+            if t.is_floating_point():
+                check_tensor_finite(e.path, e.name, flat[lo // per : hi // per])
+            e.verified.add(b)
+
+    def check_all(self) -> None:
+        for key in self.entries:
+            self.check(key)
+
+
+def _map_safetensors(path: Path) -> dict[str, Tensor]:
+    """The tensors of `path` as views of a private memory map (read on first touch)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (the weights its config refers to)")
+    raw, header = _safetensors_header(path)
+    size = path.stat().st_size
+    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+    start = len(raw)
+    out: dict[str, Tensor] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _ST_DTYPES[info["dtype"]]
+            shape = [int(d) for d in info["shape"]]
+            lo, hi = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise DictionaryFormatError(f"{path}: corrupt header entry for {name!r}") from None
+        per = torch.empty((), dtype=dtype).element_size()
+        n = 1
+        for d in shape:
+            n *= d
+        if hi - lo != n * per or start + hi > size or (start + lo) % per:
+            raise DictionaryFormatError(f"{path}: tensor {name!r} does not fit the file")
+        t = torch.empty(0, dtype=dtype).set_(storage, (start + lo) // per, shape)
+        out[name] = t
+    return out
+
+
+def _register_checks(
+    path: Path, tensors: Mapping[str, Tensor], record: Mapping[str, Any] | None
+) -> TensorChecks:
+    """After the names and shapes passed: check the header now, each block on first read."""
+    checks = TensorChecks()
+    if record is not None:
+        raw, _ = _safetensors_header(path)
+        _check_header(path, raw, record)
+    block = int(record["block_bytes"]) if record is not None else CHECKSUM_BLOCK
+    for name, t in tensors.items():
+        crcs = _recorded_blocks(path, record, name) if record is not None else None
+        checks.entries[name] = _LazyTensor(path, name, t, block, crcs)
+    return checks
+
+
+def _load_checked(
+    module: nn.Module, tensors: dict[str, Tensor], path: Path, *, assign: bool = False
+) -> None:
+    """Copy `tensors` into `module` (or, with `assign`, make them its tensors: a module built
+    on the meta device takes memory-mapped tensors without a copy) after checking names and
+    shapes against its config."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -152,7 +383,7 @@ def _load_checked(module: nn.Module, tensors: dict[str, Tensor], path: Path) -> 
     ]
     if wrong:
         raise DictionaryFormatError(f"{path}: " + "; ".join(wrong))
-    module.load_state_dict(tensors)
+    module.load_state_dict(tensors, assign=assign)
 
 
 def _file_dtype(tensors: Mapping[str, Tensor], dtype: torch.dtype | None) -> torch.dtype | None:
@@ -184,57 +415,110 @@ def _header(kind: str, **extra: Any) -> dict[str, Any]:
 
 
 def save_sparse_coder(coder: SparseCoder, path: PathLike) -> Path:
-    """Write `path/sae.safetensors`, then `path/cfg.json`; returns the folder."""
+    """Write `path/sae.safetensors`, then `path/cfg.json` (with its checksums); returns the
+    folder."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    _write_safetensors(folder / CODER_WEIGHTS, coder.state_dict())
-    _write_json(folder / CODER_CONFIG, _header("sparse_coder", config=coder.cfg.to_dict()))
+    sums = _write_safetensors(folder / CODER_WEIGHTS, coder.state_dict())
+    header = _header("sparse_coder", config=coder.cfg.to_dict())
+    header["checksums"] = {CODER_WEIGHTS: sums}
+    _write_json(folder / CODER_CONFIG, header)
     return folder
 
 
+def _checksum_record(cfg_path: Path, obj: Mapping[str, Any], file: str) -> Mapping[str, Any] | None:
+    """The checksum record of `file` in a config (None for folders written without them)."""
+    sums = obj.get("checksums")
+    if sums is None:
+        return None
+    rec = sums.get(file) if isinstance(sums, dict) else None
+    if not isinstance(rec, dict) or "block_bytes" not in rec:
+        raise DictionaryFormatError(f"{cfg_path}: no valid checksum recorded for {file}")
+    return rec
+
+
 def load_sparse_coder(
-    path: PathLike, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    path: PathLike,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    mmap: bool = False,
 ) -> SparseCoder:
-    """Read a folder written by `save_sparse_coder`."""
+    """Read a folder written by `save_sparse_coder`. `mmap`: map the weights instead of
+    reading them (checked on first use through `coder.tensor_checks`)."""
     folder = Path(path)
     cfg_path = folder / CODER_CONFIG
-    cfg = _read_config(cfg_path, _read_header(cfg_path, "sparse_coder"))
-    tensors = _read_safetensors(folder / CODER_WEIGHTS)
+    obj = _read_header(cfg_path, "sparse_coder")
+    cfg = _read_config(cfg_path, obj)
+    record = _checksum_record(cfg_path, obj, CODER_WEIGHTS)
+    file = folder / CODER_WEIGHTS
+    if mmap and dtype is None and device is None:
+        tensors = _map_safetensors(file)
+        with torch.device("meta"):
+            coder = SparseCoder(cfg, dtype=_file_dtype(tensors, None))
+        _load_checked(coder, tensors, file, assign=True)
+        coder.tensor_checks = _register_checks(file, tensors, record)  # type: ignore[assignment]
+        return coder
+    tensors = _read_safetensors(file)
     coder = SparseCoder(cfg, dtype=_file_dtype(tensors, dtype))
-    _load_checked(coder, tensors, folder / CODER_WEIGHTS)
+    _load_checked(coder, tensors, file)
+    _verify_tensors(file, tensors, record)
     return coder.to(device) if device is not None else coder
 
 
 def save_clt(clt: CrossLayerTranscoder, path: PathLike) -> Path:
-    """Write `path/layer_{l}.safetensors` for every layer, then `path/config.json`."""
+    """Write `path/layer_{l}.safetensors` for every layer, then `path/config.json` (with the
+    files' checksums)."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
+    sums = {}
     for layer in clt.layers:
-        _write_safetensors(folder / f"layer_{layer.layer}.safetensors", layer.state_dict())
-    _write_json(folder / RUN_CONFIG, _header("clt", config=clt.cfg.to_dict()))
+        name = f"layer_{layer.layer}.safetensors"
+        sums[name] = _write_safetensors(folder / name, layer.state_dict())
+    _write_json(folder / RUN_CONFIG, _header("clt", config=clt.cfg.to_dict(), checksums=sums))
     return folder
 
 
 def load_clt(
-    path: PathLike, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    path: PathLike,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    mmap: bool = False,
 ) -> CrossLayerTranscoder:
-    """Read a folder written by `save_clt`."""
+    """Read a folder written by `save_clt`. `mmap`: map the weights instead of reading them
+    (checked on first use through `clt.tensor_checks`, keys `layers.{l}.<tensor>`)."""
     folder = Path(path)
     cfg_path = folder / RUN_CONFIG
-    cfg = _read_config(cfg_path, _read_header(cfg_path, "clt"))
+    obj = _read_header(cfg_path, "clt")
+    cfg = _read_config(cfg_path, obj)
     files = [folder / f"layer_{layer}.safetensors" for layer in range(cfg.n_layers)]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise FileNotFoundError(
             f"{folder}: config.json says n_layers={cfg.n_layers} but {missing} are missing"
         )
+    lazy = mmap and dtype is None and device is None
+    checks = TensorChecks()
     clt: CrossLayerTranscoder | None = None
     for layer, file in enumerate(files):
-        tensors = _read_safetensors(file)
+        record = _checksum_record(cfg_path, obj, file.name)
+        tensors = _map_safetensors(file) if lazy else _read_safetensors(file)
         if clt is None:
-            clt = CrossLayerTranscoder(cfg, dtype=_file_dtype(tensors, dtype))
-        _load_checked(clt.layers[layer], tensors, file)
+            if lazy:
+                with torch.device("meta"):
+                    clt = CrossLayerTranscoder(cfg, dtype=_file_dtype(tensors, None))
+            else:
+                clt = CrossLayerTranscoder(cfg, dtype=_file_dtype(tensors, dtype))
+        _load_checked(clt.layers[layer], tensors, file, assign=lazy)
+        if lazy:
+            checks.add(f"layers.{layer}.", _register_checks(file, tensors, record))
+        else:
+            _verify_tensors(file, tensors, record)
     assert clt is not None
+    if lazy:
+        clt.tensor_checks = checks  # type: ignore[assignment]
+        return clt
     return clt.to(device) if device is not None else clt
 
 
@@ -263,32 +547,35 @@ def save_dictionaries(
 
 
 def load_dictionaries(
-    path: PathLike, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    path: PathLike,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    mmap: bool = False,
 ) -> dict[str, SparseCoder] | CrossLayerTranscoder | SparseCoder:
     """Load whatever `path` holds: a run of per-hookpoint coders (dict, in saved order), a
-    CLT, or a single SparseCoder folder."""
+    CLT, or a single SparseCoder folder. `mmap` (with no device or dtype given) maps the
+    weights on the host instead of reading them; see the module docstring."""
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder")
+    kw: dict[str, Any] = {"device": device, "dtype": dtype, "mmap": mmap}
     if not (folder / RUN_CONFIG).is_file():
         if (folder / CODER_CONFIG).is_file():
-            return load_sparse_coder(folder, device=device, dtype=dtype)
+            return load_sparse_coder(folder, **kw)
         raise FileNotFoundError(
             f"{folder} has neither {RUN_CONFIG} (a run) nor {CODER_CONFIG} (one dictionary)"
         )
     header = _read_header(folder / RUN_CONFIG, None)
     kind = header.get("type")
     if kind == "clt":
-        return load_clt(folder, device=device, dtype=dtype)
+        return load_clt(folder, **kw)
     if kind != "sparse_coders":
         raise DictionaryFormatError(f"{folder / RUN_CONFIG}: unknown type {kind!r}")
     hookpoints = header.get("hookpoints")
     if not isinstance(hookpoints, list) or not hookpoints:
         raise DictionaryFormatError(f"{folder / RUN_CONFIG}: 'hookpoints' must be a list")
-    return {
-        _check_hookpoint(name): load_sparse_coder(folder / name, device=device, dtype=dtype)
-        for name in hookpoints
-    }
+    return {_check_hookpoint(name): load_sparse_coder(folder / name, **kw) for name in hookpoints}
 
 
 # ---------------------------------------------------------------------------- exporters
@@ -543,10 +830,16 @@ def export_saelens(
 ) -> Path:
     """Write SAEs in SAELens' layout: `cfg.json` + `sae_weights.safetensors`.
 
-    One SAE goes into `path`; a mapping hookpoint -> SAE into `path/<hookpoint>/`, with SAELens
-    hook name `hook_names[hookpoint]` (default: the hookpoint itself). A single SAE's hook name
-    is `hook_name`, else `cfg.metadata["hook_name"]`. The model name defaults to
+    One SAE goes into `path`; a mapping hookpoint -> SAE into `path/<hookpoint>/`, with hook
+    name `hook_names[hookpoint]` (default: the hookpoint itself). A single SAE's hook name is
+    `hook_name`, else `cfg.metadata["hook_name"]`. The model name defaults to
     `cfg.metadata["model_name"]`, else the model a `vlmscope train` run was trained on.
+
+    For families TransformerLens supports (`dictionaries/transformer_lens.py`) the config gets
+    the TransformerLens hook name and the Hugging Face model id, so `HookedSAETransformer`
+    attaches it; vlmscope's names stay under `metadata` (`vlmscope_hook_name`,
+    `vlmscope_model_name`). Elsewhere a warning, and `metadata.transformer_lens_note`, say why
+    SAELens can load the SAE but not hook the model.
     """
     folder = Path(path)
     if isinstance(coders, Mapping):
@@ -579,20 +872,43 @@ def export_saelens(
     if threshold is not None:
         tensors["threshold"] = threshold
     tensors = {name: _cast(t, dtype) for name, t in tensors.items()}
+    ours = model_name if model_name is not None else _model_name(cfg)
+    model = _run_metadata(cfg).get("model")
+    family = model.get("family") if isinstance(model, dict) else None
+    from vlmscope.dictionaries.transformer_lens import transformer_lens_names
+
+    tl_hook, hf_id, why = transformer_lens_names(hook, family, ours)
+    if why:
+        warnings.warn(f"SAELens export of {hook}: {why}", stacklevel=2)
+    meta: dict[str, Any] = {
+        "sae_lens_version": "6.0.0",  # the config layout written (metadata block)
+        "model_name": hf_id or ours,
+        "hook_name": tl_hook or hook,
+        "hook_head_index": None,
+        "prepend_bos": True,
+        "vlmscope_model_name": ours,
+        "vlmscope_hook_name": hook,
+        "vlmscope_family": family,
+        "transformer_lens": bool(tl_hook and hf_id),
+    }
+    if why:
+        meta["transformer_lens_note"] = why
     sae_cfg: dict[str, Any] = {
         "architecture": "topk" if cfg.activation == "topk" else "jumprelu",
         "d_in": cfg.d_in,
         "d_sae": cfg.num_latents,
         "dtype": str(tensors["W_enc"].dtype).removeprefix("torch."),
         "device": "cpu",
-        "model_name": model_name if model_name is not None else _model_name(cfg),
-        "hook_name": hook,
+        # Also at the top level, as SAELens < 6 configs have them.
+        "model_name": meta["model_name"],
+        "hook_name": meta["hook_name"],
         "hook_head_index": None,
         "activation_fn": "topk" if cfg.activation == "topk" else "relu",
         "apply_b_dec_to_input": True,
         "normalize_activations": "none",  # the scale is folded into the weights
         "finetuning_scaling_factor": False,
-        "reshape_activations": "none",
+        "reshape_activations": "hook_z" if hook.endswith("attn.hook_z") else "none",
+        "metadata": meta,
     }
     if cfg.activation == "topk":
         sae_cfg["k"] = cfg.k

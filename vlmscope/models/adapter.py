@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from vlmscope.models.chat import tokenizer_special_ids
+from vlmscope.models.vision import VisionView, one_view_per_image, view_layout
 
 
 @dataclass(frozen=True)
@@ -90,14 +91,48 @@ GEMMA_LAYER = LayerMap(
 
 
 def get_submodule(root: nn.Module, path: str) -> nn.Module:
-    """`root.get_submodule(path)` with an error that says which family path was wrong."""
-    try:
-        return root.get_submodule(path)
-    except AttributeError as e:
-        raise AttributeError(
-            f"{type(root).__name__} has no submodule {path!r}; the adapter's component "
-            "mapping does not match this model"
-        ) from e
+    """`root.get_submodule(path)` with an error that says which family path was wrong.
+
+    A module that a PEFT tuner layer (LoRA, vlmscope's SAE adapters, ...) has wrapped is found
+    at its usual path: the wrapper is returned (hooks on it see what flows on), and the path
+    continues inside its `base_layer`."""
+    mod = root
+    for part in path.split(".") if path else []:
+        while part not in mod._modules and isinstance(mod._modules.get("base_layer"), nn.Module):
+            mod = mod._modules["base_layer"]  # type: ignore[assignment]
+        child = mod._modules.get(part)
+        if child is None:
+            raise AttributeError(
+                f"{type(root).__name__} has no submodule {path!r}; the adapter's component "
+                "mapping does not match this model"
+            )
+        mod = child
+    return mod
+
+
+def unwrap_tuner_layer(module: nn.Module) -> nn.Module:
+    """The module a PEFT tuner layer wraps (the module itself when it is not wrapped)."""
+    while isinstance(module._modules.get("base_layer"), nn.Module):
+        module = module._modules["base_layer"]  # type: ignore[assignment]
+    return module
+
+
+def unwrap_peft_model(model: nn.Module) -> nn.Module:
+    """The model inside a PeftModel or a PEFT tuner (the model itself otherwise), so that
+    component paths stay those of the Hugging Face model, without `base_model.model.`.
+    peft is only consulted when something has imported it already."""
+    peft = sys.modules.get("peft")
+    if peft is None:
+        return model
+    from peft.tuners.tuners_utils import BaseTuner
+
+    while True:
+        if isinstance(model, peft.PeftModel):
+            model = model.get_base_model()
+        elif isinstance(model, BaseTuner):
+            model = model.model
+        else:
+            return model
 
 
 @dataclass
@@ -126,6 +161,8 @@ class ModelAdapter:
     #: dotted path of the vision encoder's block list, and of the projector into the LM.
     vision_blocks: ClassVar[str | None] = None
     projector: ClassVar[str | None] = None
+    #: dotted path of a vision block's MLP, relative to the block.
+    vision_mlp: ClassVar[str] = "mlp"
     layer_map: ClassVar[LayerMap] = LayerMap()
     capabilities: ClassVar[Capabilities] = Capabilities()
     #: token strings whose ids are image placeholders in the LM input.
@@ -141,10 +178,10 @@ class ModelAdapter:
     positions_from_padding: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, processor: Any = None) -> None:
-        self.model = model
+        self.model = unwrap_peft_model(model)
         self.processor = processor
-        self.config = model.config
-        self.text_config = model.config.get_text_config(decoder=True)
+        self.config = self.model.config
+        self.text_config = self.config.get_text_config(decoder=True)
 
     # --- component access -------------------------------------------------------------------
     def lm(self) -> nn.Module:
@@ -199,15 +236,24 @@ class ModelAdapter:
             return "layer"
         return "rms" if type(module).__name__.endswith("RMSNorm") else None
 
-    def residual_norms(self) -> list[tuple[str, nn.Module]]:
-        """The norms on the language model's residual path, by dotted name under `lm()`:
-        every norm that is a direct part of a decoder layer, and the final norm. Norms inside
-        attention (per-head q/k norms) and outside the decoder (towers that the decoder
-        module happens to own) are not among them."""
+    def frozen_norms(self) -> list[tuple[str, nn.Module]]:
+        """The norms attribution freezes, by dotted name under `lm()`: every norm (a module
+        `norm_kind` recognises) inside a decoder layer, at any depth, and the final norm.
+
+        Why this set, family by family of the zoo: the norms on the residual path (direct
+        parts of a layer: input, post-attention, pre/post-feedforward norms) must be frozen
+        for the replay to be linear; this is every norm the zoo has there, Cohere's centring
+        norm (Aya Vision) included, which a search by class (nn.LayerNorm or *RMSNorm) misses.
+        Norms inside attention are frozen too: per-head q/k norms (Gemma 3, Qwen3, Mllama's
+        cross-attention) only feed the frozen pattern, so freezing them changes nothing, but a
+        norm on the value path (Gemma 3n's v_norm) must be frozen, and a walk that stops at a
+        layer's direct children would miss it. Norms under `lm()` but outside the decoder
+        layers are not: Phi-4-multimodal's LM owns its image and audio towers, whose
+        LayerNorms run before the decoder (and the attribution replay never runs them)."""
         out = []
         for i, layer in enumerate(self.blocks()):
-            for name, m in layer.named_children():
-                if self.norm_kind(m) is not None:
+            for name, m in layer.named_modules():
+                if name and self.norm_kind(m) is not None:
                     out.append((f"{self.layers}.{i}.{name}", m))
         out.append((self.final_norm, self.norm()))
         return out
@@ -221,6 +267,20 @@ class ModelAdapter:
         if self.projector is None:
             return None
         return get_submodule(self.model, self.projector)
+
+    def vision_mlp_module(self, i: int) -> nn.Module:
+        """The MLP of vision block i."""
+        blocks = self.vision_block_list()
+        if blocks is None:
+            raise AttributeError(f"{self.family} models have no vision tower")
+        return get_submodule(blocks[i], self.vision_mlp)
+
+    def has_vision_mlp(self) -> bool:
+        """Whether vision blocks have an MLP at `vision_mlp` (for its hook points)."""
+        try:
+            return self.n_vision_layers > 0 and self.vision_mlp_module(0) is not None
+        except AttributeError:
+            return False
 
     # --- dimensions -------------------------------------------------------------------------
     @property
@@ -299,6 +359,20 @@ class ModelAdapter:
         row-separator token that belongs to the image but not to a grid cell."""
         raise NotImplementedError(f"{self.family}: image token layout not implemented")
 
+    # --- vision-encoder positions ------------------------------------------------------------
+    def vision_views(self, inputs: Mapping[str, Any]) -> list[VisionView]:
+        """(image, view, tile_row, tile_col) of every view the vision encoder sees, in its
+        order (see models/vision.py); by default each image of pixel_values is one view."""
+        return one_view_per_image(inputs)
+
+    def vision_layout(
+        self, inputs: Mapping[str, Any], name: str, shape: tuple[int, ...]
+    ) -> torch.Tensor:
+        """[rows, 4] (image, view, row, col) of each row of vision hook `name`, whose
+        activation has shape `shape` (width left out); row = col = -1 for CLS / register
+        tokens, -2 for padding patches (see models/vision.py)."""
+        return view_layout(self.vision_views(inputs), shape, name)
+
     # --- attention --------------------------------------------------------------------------
     def sliding_window(self, i: int) -> int | None:
         """The sliding window of layer i, None where it attends to everything before it."""
@@ -314,7 +388,7 @@ class ModelAdapter:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE with the family's own function (q, k: [batch, heads, pos, d_head])."""
         cos, sin = position_embeddings
-        module = sys.modules[type(self.part(i, "attn")).__module__]
+        module = sys.modules[type(unwrap_tuner_layer(self.part(i, "attn"))).__module__]
         return module.apply_rotary_pos_emb(q, k, cos, sin)
 
     def attention_scores(
@@ -324,7 +398,7 @@ class ModelAdapter:
         q_proj / k_proj outputs as [batch, pos, heads, d_head], as the model computes them.
         A cross-attention layer (`attn` named cross_attn) attends from the text to the
         vision features: its keys are viewed per sample, with no RoPE and no causal order."""
-        attn = self.part(i, "attn")
+        attn = unwrap_tuner_layer(self.part(i, "attn"))
         lmap = self.layer_map_of(i)
         cross = lmap.attn == "cross_attn"
         if cross:  # k_proj may run on [batch x images x tiles, patches, ...]

@@ -26,6 +26,7 @@ Target = Literal[
     "mlp",
     "mlp_out",
     "vision_block",
+    "vision_mlp",
     "projector",
 ]
 
@@ -72,6 +73,10 @@ HOOK_POINTS: tuple[HookPoint, ...] = (
               "whole MoE block's output)"),
     HookPoint("vision.blocks.{i}.hook_resid_post", "vision_block", "out", None,
               "vision encoder residual stream leaving block i"),
+    HookPoint("vision.blocks.{i}.mlp.hook_in", "vision_mlp", "in", None,
+              "vision block i's MLP input (after its pre-norm)"),
+    HookPoint("vision.blocks.{i}.mlp.hook_out", "vision_mlp", "out", None,
+              "vision block i's MLP output, its contribution to the vision residual stream"),
     HookPoint("projector.hook_out", "projector", "out", None,
               "image features after the projector, as they enter the language model"),
 )  # fmt: skip
@@ -95,6 +100,8 @@ def all_hook_names(adapter: ModelAdapter) -> list[str]:
         if p.template.startswith("lm."):
             names += [p.template.format(i=i) for i in range(adapter.n_layers)]
         elif p.template.startswith("vision."):
+            if p.target == "vision_mlp" and not adapter.has_vision_mlp():
+                continue
             names += [p.template.format(i=i) for i in range(adapter.n_vision_layers)]
         elif p.target == "projector" and adapter.projector is not None:
             names.append(p.template)

@@ -75,9 +75,14 @@ def load_hf(
     *,
     dtype: str | torch.dtype | None = None,
     attn_implementation: str | None = None,
+    weights: bool = True,
     **model_kwargs: Any,
 ) -> tuple[nn.Module, Any]:
-    """Load model and processor with the Auto classes, as a user of transformers would."""
+    """Load model and processor with the Auto classes, as a user of transformers would.
+
+    `weights=False` builds the model from its config on the meta device instead: no weights
+    are read, yet the adapter, the image-token layout and the vocabulary are all there (what
+    `vlmscope data process` needs from a 7B model)."""
     from transformers import (
         AutoConfig,
         AutoModelForCausalLM,
@@ -112,9 +117,13 @@ def load_hf(
         kwargs["dtype"] = _dtype(dtype)
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    model = auto.from_pretrained(path, **kwargs)
-    # Zoo models saved to disk name small processor subclasses (no torchvision video
-    # processor, PIL image processors); importing their zoo module registers them.
+    if weights:
+        model = auto.from_pretrained(path, **kwargs)
+    else:
+        with torch.device("meta"):
+            model = auto.from_config(config)
+    # Zoo models saved to disk name small image-only processor subclasses (no torchvision
+    # video processor); importing the zoo registers them with AutoProcessor.
     from vlmscope.models import zoo
 
     if os.path.isdir(path):
@@ -427,6 +436,24 @@ class HookedVLM:
                     h.remove()
         return out, cache
 
+    def vision_positions(
+        self, inputs: Mapping[str, Any], name: str, shape: Sequence[int]
+    ) -> torch.Tensor:
+        """[rows, 4] (image, view, row, col) of each row of vision hook `name` (a vision block
+        or projector hook) whose activation has shape `shape` (width left out, e.g. the
+        cached tensor's shape[:-1]); row = col = -1 for CLS / register tokens, -2 for
+        padding patches (see models/vision.py). `image` indexes
+        the batch's images (`masks.image_sample` gives each one's sample)."""
+        return self.adapter.vision_layout(inputs, name, tuple(int(n) for n in shape))
+
+    def hook_module(self, name: str) -> tuple[nn.Module, str]:
+        """(module, "in" | "out" | "computed"): where hook point `name` attaches and whether it
+        reads that module's input or output (e.g. to put a PEFT adapter on the same tensor)."""
+        rh = resolve_names(self.adapter, name)
+        if len(rh) != 1 or rh[0].name != name:
+            raise KeyError(f"{name!r} is not one hook point (patterns are not allowed here)")
+        return self._target(rh[0]), rh[0].point.io
+
     def _target(self, rh: ResolvedHook) -> nn.Module:
         t, i, a = rh.point.target, rh.layer, self.adapter
         if t == "block":
@@ -439,6 +466,8 @@ class HookedVLM:
             mod = a.projector_module()
             assert mod is not None
             return mod
+        if t == "vision_mlp":
+            return a.vision_mlp_module(i)  # type: ignore[arg-type]
         return a.part(i, t)  # type: ignore[arg-type]
 
     def _attach(

@@ -61,6 +61,7 @@ from vlmscope.dictionaries import fvu as fvu
 from vlmscope.files import write_text_atomically
 from vlmscope.models.hooked import HookContext, HookedVLM, HookFn
 from vlmscope.models.masks import TokenKind, TokenMasks
+from vlmscope.models.vision import is_vision_hook, vision_row_mask
 from vlmscope.replacement.model import ReplacementModel, ReplaceTokens, flat_rows, unit_hooks
 from vlmscope.training.bundle import DictionaryBundle
 from vlmscope.training.config import is_shapes_dataset
@@ -406,7 +407,14 @@ def iter_batches(
         yield first
         yield from it
 
-    encoder = SampleEncoder(vlm.processor, ctx_len, vlm.adapter.image_token_ids())
+    processed = None
+    if getattr(first, "tensors", None):  # rows of the processed schema: checked, not processed
+        from vlmscope.data.processed import ProcessedSpec
+
+        processed = ProcessedSpec(vlm)
+    encoder = SampleEncoder(
+        vlm.processor, ctx_len, vlm.adapter.image_token_ids(), processed=processed
+    )
     samples = encode_stream(records(), encoder, skips if skips is not None else SkipCounter())
     pad = vlm.tokenizer.pad_token_id
     yield from batches(samples, batch_size, pad if pad is not None else 0, masks=vlm.masks)
@@ -485,13 +493,34 @@ class _Evaluator:
             self.next[g]["clean"].add(c, torch.zeros_like(c), torch.ones_like(c, dtype=torch.bool))
         self.forward_passes += 1
         score("replaced", self.rm.forward(batch.inputs, masks=masks).logits)
-        zero = HookedVLM.zero_ablate(replace)
+        zero = self._zero(batch, replace)
         score("zero", self._forward(batch, [(w, zero) for w in b.writes], masks))
         if not self.per_layer:
             return
         for t, w in enumerate(b.writes):
-            score(f"replaced:{t}", self._forward(batch, self._single(t, codes, replace), masks))
+            single = self._single(t, codes, replace, batch)
+            score(f"replaced:{t}", self._forward(batch, single, masks))
             score(f"zero:{t}", self._forward(batch, [(w, zero)], masks))
+
+    def _zero(self, batch: Batch, replace: Tensor) -> HookFn:
+        """Zero ablation where the replacement model replaces (LM tokens or vision rows)."""
+
+        def fn(t: Tensor, ctx: HookContext) -> Tensor:
+            return t.masked_fill(self.rm.replaced_rows(batch.inputs, ctx.name, t, replace), 0.0)
+
+        return fn
+
+    def _group_rows(
+        self, batch: Batch, name: str, t: Tensor, lm_rows: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """Rows of each reconstruction group in hook `name`'s flattened activation: the
+        group's tokens for LM hooks; for vision hooks the vision rows the dictionaries were
+        trained on, in groups "all" and "image" ("text" has none)."""
+        if not is_vision_hook(name):
+            return dict(lm_rows)
+        layout = self.vlm.vision_positions(batch.inputs, name, t.shape[:-1])
+        rows = vision_row_mask(layout, self.rm.trained_special).to(t.device)
+        return {g: rows if g != "text" else torch.zeros_like(rows) for g in lm_rows}
 
     def _clean(self, batch: Batch, masks: TokenMasks) -> tuple[dict[int, SparseCodes], Tensor]:
         """Clean forward: encode every unit's read, decode its write, accumulate the stats."""
@@ -512,7 +541,7 @@ class _Evaluator:
             def fn(t: Tensor, ctx: HookContext) -> None:
                 y = flat_rows(t)
                 y_hat = b.decode_unit(i, codes, xs.pop(i))
-                for g, rows in group_rows.items():
+                for g, rows in self._group_rows(batch, ctx.name, t, group_rows).items():
                     c = codes[i]
                     sub = SparseCodes(c.values[rows], c.indices[rows], c.num_latents)
                     self.recon[g][i].add(y[rows], y_hat[rows], sub)
@@ -523,7 +552,7 @@ class _Evaluator:
         return codes, logits
 
     def _single(
-        self, t: int, codes: Mapping[int, SparseCodes], replace: Tensor
+        self, t: int, codes: Mapping[int, SparseCodes], replace: Tensor, batch: Batch
     ) -> list[tuple[str, HookFn]]:
         """Hooks that replace only unit t's write by its reconstruction from the clean codes."""
         b = self.b
@@ -538,7 +567,7 @@ class _Evaluator:
         def write(i: int) -> HookFn:
             def fn(t_: Tensor, ctx: HookContext) -> Tensor:
                 y = b.decode_unit(i, codes, xs.pop(i)).reshape(t_.shape).to(t_.dtype)
-                m = replace.reshape(*replace.shape, *([1] * (t_.dim() - 2)))
+                m = self.rm.replaced_rows(batch.inputs, ctx.name, t_, replace)
                 return torch.where(m, y, t_)
 
             return fn
@@ -641,12 +670,6 @@ def evaluate(
     if not isinstance(bundle, DictionaryBundle):
         path = str(bundle)
         bundle = DictionaryBundle.load(bundle, device=vlm.device)
-    outside = [h for h in bundle.hook_names() if not h.startswith("lm.")]
-    if outside:
-        raise ValueError(
-            f"evaluation replaces language-model hook points (one row per token); {outside[:3]} "
-            "are vision / projector hooks"
-        )
     was_training = bundle.training
     rm = ReplacementModel(vlm, bundle, replace_tokens=replace_tokens)  # checks the model first
     ev = _Evaluator(vlm, rm, groups, per_layer)
@@ -795,7 +818,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     p.add_argument(
         "--schema",
         default="auto",
-        choices=("auto", "llava", "chat", "text"),
+        choices=("auto", "llava", "chat", "processed", "text"),
         help="dataset schema (default: auto)",
     )
     p.add_argument(
@@ -803,7 +826,15 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "--image_root",
         default="",
         metavar="DIR",
-        help="folder that relative image paths resolve against",
+        help="folder that relative image paths resolve against; paths must stay inside it "
+        "unless --allow-outside-image-root (default: the dataset's folder)",
+    )
+    p.add_argument(
+        "--allow-outside-image-root",
+        "--allow_outside_image_root",
+        action="store_true",
+        help="read image paths that lead outside --image-root (absolute paths, '..', links); "
+        "only for datasets you trust",
     )
     p.add_argument(
         "--columns",
@@ -838,7 +869,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
     # A parser that leaves out some optional flags still works: their defaults apply.
     defaults = {"max_batches": 0, "tokens": None, "per_layer": True, "replace_tokens": "trained",
                 "device": None, "dtype": None, "split": None, "schema": "auto",
-                "image_root": "", "columns": [], "output": None, "progress": True}  # fmt: skip
+                "image_root": "", "columns": [], "output": None, "progress": True,
+                "allow_outside_image_root": False}  # fmt: skip
     args = argparse.Namespace(**{**defaults, **vars(args)})
     for flag in ("max_tokens", "max_batches"):
         if getattr(args, flag) < 0:
@@ -867,6 +899,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
             split=args.split or "train",
             schema=args.schema,
             image_root=args.image_root,
+            allow_outside_image_root=args.allow_outside_image_root,
             columns=list(args.columns),
         )
     except ValueError as e:

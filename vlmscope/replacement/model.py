@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from vlmscope.dictionaries import SparseCodes
 from vlmscope.models.hooked import HookContext, HookedVLM, HookFn
+from vlmscope.models.vision import is_vision_hook, vision_row_mask
 from vlmscope.training.bundle import DictionaryBundle
 
 ReplaceTokens = Literal["trained", "all"]
@@ -114,21 +115,23 @@ class ReplacementModel:
 
     # --- which positions are replaced -------------------------------------------------------
     def _replace_mask(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
-        a = self.vlm.adapter
-        ids = input_ids.cpu()
-        image = torch.isin(ids, torch.tensor(a.image_token_ids(), dtype=ids.dtype))
-        special = torch.isin(ids, torch.tensor(a.special_token_ids(), dtype=ids.dtype)) & ~image
-        valid = torch.ones_like(image)
-        if attention_mask is not None and attention_mask.dim() == 2:
-            valid = attention_mask[:, -ids.shape[1] :].bool().cpu()
-        if self.replace_tokens == "all":
-            return valid
-        keep = valid if self.trained_special else valid & ~special
-        if self.trained_tokens == "image":
-            keep &= image
-        elif self.trained_tokens == "text":
-            keep &= ~image
-        return keep
+        return replace_positions(
+            self.vlm.adapter, self.bundle.model_info, self.replace_tokens, input_ids, attention_mask
+        )
+
+    def replaced_rows(
+        self, inputs: Mapping[str, Any], name: str, t: Tensor, lm_mask: Tensor
+    ) -> Tensor:
+        """Where hook `name`'s activation t is replaced, shaped to broadcast over t: the
+        language-model positions `lm_mask` ([batch, seq]) for lm.* hooks; for vision and
+        projector hooks the image patches (and CLS / register tokens where the dictionaries
+        were trained on them, or with replace_tokens="all"), never padding patches."""
+        if not is_vision_hook(name):
+            return lm_mask.reshape(*lm_mask.shape, *([1] * (t.dim() - 2)))
+        layout = self.vlm.vision_positions(inputs, name, t.shape[:-1])
+        special = self.replace_tokens == "all" or self.trained_special
+        rows = vision_row_mask(layout, special).to(t.device)
+        return rows.reshape(*t.shape[:-1], 1)
 
     def not_replaced_reason(
         self, input_ids: Tensor, attention_mask: Tensor | None, sample: int, position: int
@@ -162,6 +165,7 @@ class ReplacementModel:
                 raise ValueError("the replacement model needs input_ids to place its dictionaries")
             mask = kwargs.get("attention_mask")
             state["mask"] = self._replace_mask(ids, mask).to(ids.device)
+            state["inputs"] = kwargs  # vision hooks place their rows from the images
             # Absolute positions during cached generation start after what the cache holds.
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
             past = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
@@ -192,7 +196,7 @@ class ReplacementModel:
                 x = flat_rows(t)
                 xs[i] = x
                 codes[i] = b.encode_unit(i, x)
-                if features is not None:
+                if features is not None and not is_vision_hook(ctx.name):
                     shape = (t.shape[0], t.shape[1])
                     features.add(i, codes[i], shape, state["offset"], state["mask"])
 
@@ -201,7 +205,7 @@ class ReplacementModel:
         def write(i: int) -> HookFn:
             def fn(t: Tensor, ctx: HookContext) -> Tensor:
                 y = b.decode_unit(i, codes, xs[i]).reshape(t.shape).to(t.dtype)
-                mask = state["mask"].reshape(*state["mask"].shape, *([1] * (t.dim() - 2)))
+                mask = self.replaced_rows(state["inputs"], ctx.name, t, state["mask"])
                 if record_errors:
                     errors[ctx.name] = (t - y).detach()
                 if use_errors:
@@ -261,9 +265,39 @@ class ReplacementModel:
         return self.bundle.units
 
 
+def replace_positions(
+    adapter: Any,
+    model_info: Mapping[str, Any],
+    replace_tokens: ReplaceTokens,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+) -> Tensor:
+    """[batch, seq] bool (CPU): the positions dictionaries trained as `model_info` records
+    replace. "trained": the tokens they were trained on (never padding; BOS and chat-template
+    markers only if they were included); "all": every non-padding token."""
+    ids = input_ids.cpu()
+    image = torch.isin(ids, torch.tensor(adapter.image_token_ids(), dtype=ids.dtype))
+    special = torch.isin(ids, torch.tensor(adapter.special_token_ids(), dtype=ids.dtype)) & ~image
+    valid = torch.ones_like(image)
+    if attention_mask is not None and attention_mask.dim() == 2:
+        valid = attention_mask[:, -ids.shape[1] :].bool().cpu()
+    if replace_tokens == "all":
+        return valid
+    keep = valid if bool(model_info.get("include_special_tokens", False)) else valid & ~special
+    trained = model_info.get("tokens", "all")
+    if trained == "image":
+        keep &= image
+    elif trained == "text":
+        keep &= ~image
+    return keep
+
+
 def flat_rows(t: Tensor) -> Tensor:
     """[B, S, ...] -> [B * S, D] float rows, one per (sample, position): head-view hooks
-    ([B, S, H, d_head]) are flattened over heads, as the trainer trains their dictionaries."""
+    ([B, S, H, d_head]) are flattened over heads, as the trainer trains their dictionaries.
+    A vision tower that runs on flat rows ([N, D], Qwen-VL) keeps them."""
+    if t.dim() == 2:
+        return t.float()
     return t.reshape(t.shape[0] * t.shape[1], -1).float()
 
 

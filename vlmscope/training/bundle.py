@@ -23,6 +23,7 @@ from vlmscope.dictionaries import (
     SparseCoder,
     SparseCoderConfig,
     SparseCodes,
+    TensorChecks,
     load_dictionaries,
     save_dictionaries,
 )
@@ -84,6 +85,8 @@ class DictionaryBundle(nn.Module):
     ) -> None:
         super().__init__()
         self.kind = kind
+        #: checksums of memory-mapped weights, verified on first read (empty when read eagerly).
+        self.tensor_checks = TensorChecks()
         self.reads = list(reads)
         self.writes = list(writes)
         self.model_info = dict(model_info)
@@ -230,10 +233,17 @@ class DictionaryBundle(nn.Module):
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike[str], *, device: torch.device | str | None = None
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        device: torch.device | str | None = None,
+        mmap: bool = False,
     ) -> DictionaryBundle:
-        """Read a folder written by `save` (or by vlmscope train)."""
-        loaded = load_dictionaries(path, device=device)
+        """Read a folder written by `save` (or by vlmscope train). `mmap` maps the weights on
+        the host instead of reading them (attribution reads only the rows it needs); every
+        block is checked against its checksum the first time `check` is asked for it, and all
+        of them before the bundle moves to another device."""
+        loaded = load_dictionaries(path, device=device, mmap=mmap)
         if isinstance(loaded, SparseCoder):
             raise ModelMismatchError(
                 f"{path} holds a single dictionary without hook bindings; load it with "
@@ -248,7 +258,28 @@ class DictionaryBundle(nn.Module):
         meta = cfg.metadata.get(BUNDLE_KEY)
         if not meta:
             raise ModelMismatchError(f"{path}: no hook bindings in the dictionaries' metadata")
-        return cls(cfg.kind, dicts, meta["reads"], meta["writes"], meta["model"])
+        bundle = cls(cfg.kind, dicts, meta["reads"], meta["writes"], meta["model"])
+        if isinstance(loaded, CrossLayerTranscoder):
+            bundle.tensor_checks.add("clt.", getattr(loaded, "tensor_checks", TensorChecks()))
+        else:
+            for i, coder in enumerate(bundle.coders):
+                checks = getattr(coder, "tensor_checks", TensorChecks())
+                bundle.tensor_checks.add(f"coders.{i}.", checks)
+        return bundle
+
+    def check(self, name: str, rows: Tensor | None = None) -> None:
+        """Verify parameter `name` (e.g. "clt.layers.3.W_dec") of a memory-mapped bundle,
+        only the blocks holding `rows` when given; nothing to do for one read eagerly."""
+        self.tensor_checks.check(name, rows)
+
+    def check_all(self) -> None:
+        """Verify every tensor of a memory-mapped bundle (before it is read as a whole)."""
+        self.tensor_checks.check_all()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> DictionaryBundle:
+        # .to() / .cuda() / .float() read every tensor: verify a mapped bundle first.
+        self.check_all()
+        return super()._apply(fn, recurse)
 
     def check_model(self, adapter: Any) -> None:
         """Raise ModelMismatchError naming what differs between the training model and this one."""
@@ -264,7 +295,13 @@ class DictionaryBundle(nn.Module):
 
         available = set(all_hook_names(adapter))
         missing = [h for h in self.hook_names() if h not in available]
-        if missing:
+        vision = [h for h in missing if h.startswith(("vision.", "projector."))]
+        if vision and adapter.n_vision_layers == 0:
+            problems.append(
+                f"{vision[:2]} are vision-tower hooks and this is a text-only model (family "
+                f"{adapter.family}) with no vision tower"
+            )
+        elif missing:
             problems.append(f"hook points not in this model: {missing[:4]}")
         # The weights themselves, whatever the metadata says (it may be absent or hand-made).
         d_in, d_out = self.cfg.d_in, self.cfg.d_out or self.cfg.d_in

@@ -14,15 +14,17 @@ import math
 import re
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from vlmscope.data.sources import ColumnMap
 from vlmscope.dictionaries.config import SparseCoderConfig
+from vlmscope.models.vision import is_vision_hook
 
 LOSSES = ("fvu", "ce", "kl")
 TOKEN_KINDS = ("all", "image", "text")
+TOWERS = ("lm", "vision")
 
 #: SparseCoderConfig fields the trainer fills in from the model; not flags.
 _DERIVED_SAE_FIELDS = {"d_in", "d_out", "n_layers", "metadata"}
@@ -46,10 +48,12 @@ def column_map(pairs: Sequence[str]) -> ColumnMap:
 
 
 def trainable_hook(name: str) -> bool:
-    """Hook points (or patterns) whose activations are one vector per LM token (what the
-    trainer selects): not vision/projector hooks (no LM token positions), not attention
-    patterns (maps)."""
-    return name.startswith("lm.") and not name.endswith("hook_pattern")
+    """Hook points (or patterns) whose activations are one vector per position, which the
+    trainer selects: language-model tokens (lm.*, not attention patterns, which are maps) or
+    vision-encoder positions (vision.*, projector.*)."""
+    if name.startswith("lm."):
+        return not name.endswith("hook_pattern")
+    return is_vision_hook(name)
 
 
 def _is_plain_folder_name(name: str) -> bool:
@@ -58,6 +62,11 @@ def _is_plain_folder_name(name: str) -> bool:
 
     seps = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
     return name not in (".", "..") and not any(sep in name for sep in seps) and "\0" not in name
+
+
+def default_lr(num_latents: int) -> float:
+    """The learning rate when --lr is 0: 2e-4 scaled by 1/sqrt(num_latents / 2**14)."""
+    return 2e-4 / math.sqrt(num_latents / 2**14)
 
 
 def is_shapes_dataset(name: str) -> bool:
@@ -150,6 +159,7 @@ class TrainConfig:
     dataset: str = ""
     sae: SaeArgs = field(default_factory=SaeArgs)
     layers: list[int] = field(default_factory=list)
+    tower: str = "lm"
     hookpoints: list[str] = field(default_factory=list)
     tokens: str = "all"
     include_special_tokens: bool = False
@@ -179,6 +189,11 @@ class TrainConfig:
     columns: list[str] = field(default_factory=list)
     strict: bool = False
     workers: int = 0
+    allow_outside_image_root: bool = False
+    pack: bool | None = None
+    activations: str = ""
+    epochs: int = 0
+    shuffle_buffer_mb: float = 1024.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -196,7 +211,7 @@ class TrainConfig:
         for name in ("batch_size", "grad_acc_steps", "ctx_len", "save_every", "log_every"):
             if getattr(self, name) < 1:
                 raise bad(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_tokens", "max_steps", "k_anneal_tokens", "workers"):
+        for name in ("max_tokens", "max_steps", "k_anneal_tokens", "workers", "epochs"):
             if getattr(self, name) < 0:
                 raise bad(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.run_name and not _is_plain_folder_name(self.run_name):
@@ -204,8 +219,16 @@ class TrainConfig:
                 f"--run-name must be one folder name inside --output-dir (no path separators, "
                 f"not '.' or '..'), got {self.run_name!r}"
             )
-        if self.max_tokens == 0 and self.max_steps == 0:
-            raise bad("set --max-tokens or --max-steps")
+        if not (self.shuffle_buffer_mb >= 0 and math.isfinite(self.shuffle_buffer_mb)):
+            raise bad(f"--shuffle-buffer-mb must be >= 0, got {self.shuffle_buffer_mb}")
+        if self.max_tokens == 0 and self.max_steps == 0 and self.epochs == 0:
+            raise bad("set --max-tokens, --max-steps or --epochs")
+        if self.activations and self.loss_fn != "fvu":
+            raise bad(
+                f"--loss-fn {self.loss_fn} splices the dictionaries into the model's forward "
+                "pass, and --activations trains from stored activations without the model: use "
+                "--loss-fn fvu (or train on the fly, without --activations)"
+            )
         if self.lr < 0 or not math.isfinite(self.lr):
             raise bad(f"--lr must be a finite number >= 0, got {self.lr}")
         if not 0.0 <= self.lr_warmup_fraction <= 1.0:
@@ -250,10 +273,25 @@ class TrainConfig:
         for pattern in self.hookpoints:
             if not trainable_hook(pattern):
                 raise bad(
-                    f"--hookpoints {pattern!r}: the trainer trains on per-token language-model "
-                    "vectors, so patterns start with 'lm.' and exclude attn.hook_pattern "
-                    "(e.g. 'lm.blocks.*.hook_resid_post')"
+                    f"--hookpoints {pattern!r}: the trainer trains on one vector per position, "
+                    "so patterns start with 'lm.' (and exclude attn.hook_pattern), 'vision.' or "
+                    "'projector.' (e.g. 'lm.blocks.*.hook_resid_post')"
                 )
+        if self.tower not in TOWERS:
+            raise bad(f"--tower must be one of {TOWERS}, got {self.tower!r}")
+        vision = self.tower == "vision" or any(is_vision_hook(h) for h in self.hookpoints)
+        if self.tower == "vision" and kind == "clt":
+            raise bad("--tower vision trains SAEs and per-layer transcoders; a CLT spans the "
+                      "language model's layers (use --sae.kind transcoder)")  # fmt: skip
+        if vision and self.tokens == "text":
+            raise bad(
+                "--tokens text selects no vision-encoder positions (every one is part of an "
+                "image): use --tokens all or image for vision and projector hooks"
+            )
+        if vision and self.loss_fn != "fvu":
+            raise bad("--loss-fn ce/kl splice language-model MLP outputs; vision and projector "
+                      "dictionaries train with --loss-fn fvu (vlmscope eval measures their "
+                      "effect on the answer)")  # fmt: skip
         if self.loss_fn != "fvu" and kind == "sae":
             raise bad("--loss-fn ce/kl splice dictionaries in for MLP outputs: use transcoders "
                       "or a CLT (--sae.transcode)")  # fmt: skip
@@ -288,7 +326,7 @@ class TrainConfig:
             raise ValueError(f"--device {self.device}: XPU is not available on this machine")
 
     def lr_for(self, num_latents: int) -> float:
-        return self.lr or 2e-4 / math.sqrt(num_latents / 2**14)
+        return self.lr or default_lr(num_latents)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -351,12 +389,18 @@ _HELP = {
     "sae.sparsity_coeff": "JumpReLU L0 penalty weight (must be > 0 for jumprelu)",
     "sae.threshold_momentum": "BatchTopK eval threshold EMA (0: plain mean)",
     "sae.normalize_activations": "none | mean_norm (scale inputs to mean norm sqrt(d))",
-    "layers": "LM layers to train on; for a transcoder/CLT its source and target layers "
-    "(a CLT's must be contiguous) (default: all layers)",
-    "hookpoints": "SAE hook-point patterns with * wildcards, lm.* per-token hooks of one width, "
-    "e.g. 'lm.blocks.*.hook_resid_post' (default: hook_resid_post of --layers)",
-    "tokens": "which token positions train the dictionaries; padding is always excluded",
-    "include_special_tokens": "also train on BOS and chat-template control tokens",
+    "layers": "layers of --tower to train on; for a transcoder/CLT its source and target "
+    "layers (a CLT's must be contiguous) (default: all layers)",
+    "tower": "lm: --layers are language-model layers, transcoders read resid_mid and write "
+    "mlp.hook_out; vision: --layers are vision blocks, SAEs read vision.blocks.{i}."
+    "hook_resid_post and transcoders map the block's mlp.hook_in to mlp.hook_out",
+    "hookpoints": "SAE hook-point patterns with * wildcards, of one width: lm.* per-token "
+    "hooks, vision.blocks.* or projector.hook_out (vision-encoder positions), e.g. "
+    "'lm.blocks.*.hook_resid_post' (default: hook_resid_post of --layers)",
+    "tokens": "which token positions train the dictionaries; padding is always excluded "
+    "(vision and projector hooks: image patches, all or image)",
+    "include_special_tokens": "also train on BOS and chat-template control tokens, and on "
+    "the CLS / register tokens of vision hooks",
     "loss_fn": "fvu: reconstruction error; ce / kl: next-token loss / KL to the clean model "
     "with the dictionaries spliced in for the MLP outputs (transcoders and CLTs)",
     "batch_size": "samples (image + conversation) per forward pass",
@@ -381,14 +425,32 @@ _HELP = {
     "seed": "random seed of the initialisation and the generated shapes dataset",
     "log_to_wandb": "also log metrics to Weights & Biases (WANDB_MODE=offline works offline)",
     "log_to_tensorboard": "also log metrics to TensorBoard (in the run folder)",
-    "schema": "dataset record schema; auto picks it from the column names",
+    "schema": "dataset record schema; auto picks it from the column names (processed: the "
+    "model processor's outputs, input_ids + pixel_values + extras, e.g. from "
+    "`vlmscope data process`)",
     "split": "dataset split (files or folders named by split, or a hub split)",
-    "image_root": "folder that relative image paths resolve against "
-    "(default: the dataset's folder)",
+    "image_root": "folder that relative image paths resolve against; image paths must stay "
+    "inside it ('../x.png', absolute paths elsewhere and links out of it are skipped as "
+    "image_outside_root) unless --allow-outside-image-root (default: the dataset's folder)",
+    "allow_outside_image_root": "read image paths that lead outside --image-root (absolute "
+    "paths, '..', symbolic links); only for datasets you trust, since a dataset could then "
+    "make vlmscope read any file on the machine",
+    "pack": "join plain-text documents with the tokenizer's EOS and cut the stream into "
+    "--ctx-len chunks: no padding and no text lost to truncation; resumes mid-document "
+    "(default: on for a text-only model reading a plain `text` dataset, off otherwise)",
     "columns": "source column names that differ from the schema's, as KEY=NAME with KEY one "
     f"of {', '.join(COLUMN_KEYS)} (e.g. --columns messages=conversation images=pictures)",
     "strict": "stop at the first bad record instead of skipping and counting it",
-    "workers": "processes that preprocess records (0: the training process itself)",
+    "workers": "processes that preprocess records under the read-ahead thread that prepares "
+    "batches while the previous one trains (0: that thread alone)",
+    "activations": "train from an activation store written by `vlmscope capture` instead of "
+    "running the model (MODEL and DATASET may then be omitted; given, they must be the "
+    "store's); --loss-fn must be fvu",
+    "epochs": "stop after this many passes over the data (0: no limit; the run ends at "
+    "--max-tokens / --max-steps; with --activations alone it sets the budget)",
+    "shuffle_buffer_mb": "with --activations: MB of activations shuffled together, drawn from "
+    "shards in a new random order every epoch (0: capture order, batches of --batch-size "
+    "captured samples, the batches on-the-fly training reads)",
 }
 
 
@@ -398,7 +460,8 @@ _CHOICES: dict[str, Sequence[str]] = {
     "sae.normalize_activations": ("none", "mean_norm"),
     "loss_fn": LOSSES,
     "tokens": TOKEN_KINDS,
-    "schema": ("auto", "llava", "chat", "text"),
+    "tower": TOWERS,
+    "schema": ("auto", "llava", "chat", "processed", "text"),
     "dtype": ("float32", "bfloat16", "float16"),
 }
 
@@ -408,12 +471,22 @@ def _flag_names(path: str) -> list[str]:
     return [f"--{kebab}"] if kebab == path else [f"--{kebab}", f"--{path}"]
 
 
-def _add_fields(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
+def _add_fields(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    prefix: str = "",
+    only: Collection[str] | None = None,
+    help_texts: Mapping[str, str] | None = None,
+) -> None:
+    """Flags for the fields of `cls` (all, or those in `only`), with `_HELP` texts unless
+    `help_texts` words a field otherwise (another command reusing the flags)."""
     hints = typing.get_type_hints(cls)
     doc_default = cls()  # type: ignore[call-arg]
     for f in dataclasses.fields(cls):
         path = prefix + f.name
         typ = hints[f.name]
+        if only is not None and path not in only:
+            continue
         if dataclasses.is_dataclass(typ):
             _add_fields(parser, typ, prefix=f"{path}.")  # type: ignore[arg-type]
             continue
@@ -422,7 +495,7 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, prefix: str = "") ->
         default = getattr(doc_default, f.name)
         if path not in _HELP:
             raise KeyError(f"TrainConfig field {path!r} has no --help text in _HELP")
-        help_text = _HELP[path]
+        help_text = (help_texts or {}).get(path, _HELP[path])
         kw: dict[str, Any] = {"dest": path, "default": argparse.SUPPRESS}
         args = typing.get_args(typ)
         origin = typing.get_origin(typ)
@@ -484,8 +557,8 @@ class SuggestingParser(argparse.ArgumentParser):
 def build_train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """The `vlmscope train` parser, generated from TrainConfig and SaeArgs."""
     p = parser or SuggestingParser(prog="vlmscope train")
-    p.add_argument("model", help=_HELP["model"])
-    p.add_argument("dataset", help=_HELP["dataset"])
+    p.add_argument("model", nargs="?", default="", help=_HELP["model"])
+    p.add_argument("dataset", nargs="?", default="", help=_HELP["dataset"])
     _add_fields(p, TrainConfig)
     return p
 
@@ -500,6 +573,11 @@ def config_from_args(ns: argparse.Namespace) -> TrainConfig:
             sae[key[4:]] = v
         elif key in {f.name for f in dataclasses.fields(TrainConfig)}:
             values[key] = v
+    if not values.get("activations") and not (values.get("model") and values.get("dataset")):
+        raise ValueError(
+            "MODEL and DATASET are required (or --activations DIR, to train from a store "
+            "written by `vlmscope capture`)"
+        )
     cfg = TrainConfig(sae=SaeArgs(**sae), **values)
     try:
         cfg.check_environment()  # a command is about to run here: --device must exist here

@@ -22,7 +22,11 @@ class MetricsLogger:
         wandb: bool = False,
         tensorboard: bool = False,
         resume_step: int = 0,
+        units: list[str] | None = None,
     ) -> None:
+        #: unit names: per-unit lists in the metrics become one scalar per unit for W&B and
+        #: TensorBoard (`fvu/<unit>`), which chart scalars only.
+        self.units = list(units or [])
         self.path = run_dir / "metrics.jsonl"
         self._truncate_after(resume_step)
         self._file = self.path.open("a", encoding="utf-8")
@@ -37,7 +41,11 @@ class MetricsLogger:
                     "(set WANDB_MODE=offline to log without a network)"
                 ) from e
             self._wandb = wb.init(
-                project="vlmscope", name=run_name, config=config, dir=str(run_dir), resume="allow"
+                project="vlmscope",
+                name=run_name,
+                config=wandb_config(config),
+                dir=str(run_dir),
+                resume="allow",
             )
         if tensorboard:
             try:
@@ -75,10 +83,10 @@ class MetricsLogger:
                 f"cannot write {self.path} at step {metrics.get('step')}: {e}; "
                 "free space and continue with --resume"
             ) from e
-        flat = dict(_flatten(metrics))
+        flat = dict(per_unit_scalars(dict(_flatten(metrics)), self.units))
         step = int(metrics.get("step", 0))
         if self._wandb is not None:
-            self._wandb.log(flat, step=step)
+            self._wandb.log({k: v for k, v in flat.items() if v is not None}, step=step)
         if self._tb is not None:
             for k, v in flat.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
@@ -100,3 +108,30 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
         else:
             out.append((f"{prefix}{k}", v))
     return out
+
+
+#: metrics logged as one list per step (one value per unit) -> the scalar prefix per unit.
+PER_UNIT = {"fvu_per_unit": "fvu", "l0_per_unit": "l0", "dead_pct": "dead_pct"}
+
+
+def per_unit_scalars(flat: dict[str, Any], units: list[str]) -> list[tuple[str, Any]]:
+    """`fvu_per_unit: [a, b]` -> `fvu/<unit 0>: a, fvu/<unit 1>: b` (lists of another length,
+    or without unit names, become `fvu/0`, `fvu/1`, ...)."""
+    out: list[tuple[str, Any]] = []
+    for k, v in flat.items():
+        if k in PER_UNIT and isinstance(v, list):
+            names = units if len(units) == len(v) else [str(i) for i in range(len(v))]
+            out += [(f"{PER_UNIT[k]}/{n}", x) for n, x in zip(names, v, strict=True)]
+        else:
+            out.append((k, v))
+    return out
+
+
+def wandb_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The run config for W&B with unset values (None) written as the string "null": W&B does
+    not show a null config value, and "k: unset" is part of what a run was."""
+    if isinstance(config, dict):
+        return {k: wandb_config(v) for k, v in config.items()}  # type: ignore[return-value]
+    if isinstance(config, list):
+        return [wandb_config(v) for v in config]  # type: ignore[return-value]
+    return "null" if config is None else config  # type: ignore[return-value]

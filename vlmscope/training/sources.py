@@ -15,6 +15,7 @@ Only a live source can splice dictionaries back into the model (`loss_fn` ce/kl)
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,11 +24,21 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from vlmscope.data.processing import Batch, SampleEncoder, SkipCounter, batches, encode_stream
+from vlmscope.data.packing import Document, Packer, packed_batches
+from vlmscope.data.processed import ProcessedDataError, ProcessedSpec
+from vlmscope.data.processing import (
+    Batch,
+    SampleEncoder,
+    SkipCounter,
+    batches,
+    encode_stream,
+    prefetch,
+)
 from vlmscope.data.sources import BadRecord
 from vlmscope.dictionaries import NonFiniteError, check_finite
 from vlmscope.models.hooked import HookContext, HookedVLM
 from vlmscope.models.masks import TokenMasks
+from vlmscope.models.vision import is_vision_hook, vision_row_mask
 from vlmscope.training.bundle import DictionaryBundle, mlp_out, resid_mid
 from vlmscope.training.config import TrainConfig, column_map, trainable_hook
 from vlmscope.training.errors import TrainingError
@@ -38,6 +49,7 @@ __all__ = [
     "LiveSource",
     "TrainState",
     "bindings",
+    "hookpoint_names",
     "load_model",
     "open_training_data",
     "resolve_model_path",
@@ -53,6 +65,10 @@ class TrainState:
     epoch: int = 0
     #: rows of the dataset consumed in the current epoch (the next row to read).
     rows: int = 0
+    #: --pack: tokens of row `rows` (its EOS included) already in trained chunks.
+    offset: int = 0
+    #: tokens of the current epoch's stream consumed, for a store source (the next to read).
+    store_tokens: int = 0
     skips: dict[str, int] = field(default_factory=dict)
     skip_examples: dict[str, list[str]] = field(default_factory=dict)
     initialized: bool = False
@@ -95,7 +111,9 @@ class ActivationSource(Protocol):
         ...
 
     def batches(self, state: TrainState) -> Iterator[ActivationBatch]:
-        """Batches from the cursor in `state` on, epoch after epoch (the trainer stops)."""
+        """Batches from the cursor in `state` on, epoch after epoch, until `--epochs` passes
+        are done (or for ever: the trainer stops at its budget). A source that knows how many
+        tokens an epoch holds says so in a `tokens_per_epoch` attribute."""
         ...
 
 
@@ -153,34 +171,72 @@ def open_training_data(cfg: TrainConfig) -> Any:
         columns=column_map(cfg.columns),
         strict=cfg.strict,
         split=cfg.split,
+        allow_outside_image_root=cfg.allow_outside_image_root,
     )
 
 
 def bindings(cfg: TrainConfig, vlm: HookedVLM) -> tuple[list[str], list[str], list[int]]:
-    """(read hooks, written hooks, layers) of the run, checked against the model."""
-    n = vlm.adapter.n_layers
+    """(read hooks, written hooks, layers) of the run, checked against the model. --layers
+    count the language model's layers, or the vision blocks with --tower vision."""
+    vision = cfg.tower == "vision" or any(is_vision_hook(h) for h in cfg.hookpoints)
+    if vision:
+        _check_vision_tower(cfg, vlm)
+    n = vlm.adapter.n_vision_layers if cfg.tower == "vision" else vlm.adapter.n_layers
+    what = "vision blocks" if cfg.tower == "vision" else "layers"
     bad = [layer for layer in cfg.layers if layer >= n]
     if bad:
-        raise TrainingError(f"--layers {bad} do not exist: the model has {n} layers (0..{n - 1})")
+        raise TrainingError(f"--layers {bad} do not exist: the model has {n} {what} (0..{n - 1})")
     layers = sorted(cfg.layers) if cfg.layers else list(range(n))
     kind = cfg.sae.resolved_kind()
     if kind == "sae":
         if cfg.hookpoints:
-            try:
-                names = vlm.hook_names(cfg.hookpoints)
-            except KeyError as e:  # unknown hook point: the message lists close matches
-                raise TrainingError(str(e.args[0])) from None
-            untrainable = [h for h in names if not trainable_hook(h)]
-            if untrainable:
-                raise TrainingError(
-                    f"--hookpoints {cfg.hookpoints} match {untrainable[:4]}, which the trainer "
-                    "cannot train on: it trains on per-token language-model vectors (lm.* hook "
-                    "points other than attn.hook_pattern); narrow the patterns"
-                )
+            names = hookpoint_names(cfg.hookpoints, vlm)
+        elif cfg.tower == "vision":
+            names = [f"vision.blocks.{layer}.hook_resid_post" for layer in layers]
         else:
             names = [f"lm.blocks.{layer}.hook_resid_post" for layer in layers]
         return names, names, layers
+    if cfg.tower == "vision":
+        if not vlm.adapter.has_vision_mlp():
+            raise TrainingError(
+                f"--tower vision transcoders read and write the vision blocks' MLP, and "
+                f"{vlm.adapter.family} vision blocks have none at {vlm.adapter.vision_mlp!r}"
+            )
+        return (
+            [f"vision.blocks.{layer}.mlp.hook_in" for layer in layers],
+            [f"vision.blocks.{layer}.mlp.hook_out" for layer in layers],
+            layers,
+        )
     return [resid_mid(layer) for layer in layers], [mlp_out(layer) for layer in layers], layers
+
+
+def hookpoint_names(patterns: list[str], vlm: HookedVLM) -> list[str]:
+    """The hooks `--hookpoints` patterns match, in forward order; unknown or untrainable ones
+    are a TrainingError naming them."""
+    try:
+        names = vlm.hook_names(patterns)
+    except KeyError as e:  # unknown hook point: the message lists close matches
+        raise TrainingError(str(e.args[0])) from None
+    untrainable = [h for h in names if not trainable_hook(h)]
+    if untrainable:
+        raise TrainingError(
+            f"--hookpoints {patterns} match {untrainable[:4]}, which the trainer cannot train "
+            "on: it trains on one vector per position (lm.* hook points other than "
+            "attn.hook_pattern, vision.* and projector.*); narrow the patterns"
+        )
+    return names
+
+
+def _check_vision_tower(cfg: TrainConfig, vlm: HookedVLM) -> None:
+    """A vision hook on a model without a vision tower is a one-line error, not a KeyError."""
+    if vlm.adapter.n_vision_layers > 0:
+        return
+    asked = "--tower vision" if cfg.tower == "vision" else f"--hookpoints {cfg.hookpoints}"
+    raise TrainingError(
+        f"{asked}: {cfg.model!r} is a text-only model (family {vlm.adapter.family}) with no "
+        "vision tower or projector, so vision.* and projector.* hook points do not exist; "
+        "train on lm.* hook points"
+    )
 
 
 _NO_TOKENS_HINT = {
@@ -192,6 +248,21 @@ _NO_TOKENS_HINT = {
 
 
 # --- the live source -------------------------------------------------------------------------
+class _SkipJournal(SkipCounter):
+    """Skipped records noted in order by the read-ahead thread, handed over with each batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[tuple[str, str]] = []
+
+    def add(self, reason: str, row_id: str) -> None:
+        self.events.append((reason, row_id))
+
+    def take(self) -> list[tuple[str, str]]:
+        events, self.events = self.events, []
+        return events
+
+
 class LiveSource:
     """Activations from a model forward per batch of a dataset (one forward feeds every unit).
 
@@ -203,6 +274,7 @@ class LiveSource:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.skips = SkipCounter()
+        self._bad_records: SkipCounter = self.skips
         self.dataset: Any = None
         self.vlm: HookedVLM | None = None
 
@@ -224,11 +296,40 @@ class LiveSource:
         self.vlm = vlm
         self.device = vlm.device
         self.reads, self.writes, self.layers = bindings(cfg, vlm)
+        self.vision = any(is_vision_hook(h) for h in self.reads + self.writes)
         width = vlm.adapter.d_model
-        if cfg.sae.resolved_kind() == "sae":
-            width = self._hook_width(self.reads)
+        if cfg.sae.resolved_kind() == "sae" or self.vision:
+            width = self._hook_width(list(dict.fromkeys(self.reads + self.writes)))
         self.d_in = self.d_out = width
-        self.encoder = SampleEncoder(vlm.processor, cfg.ctx_len, vlm.adapter.image_token_ids())
+        processed = None
+        if self.dataset.schema == "processed":
+            processed = ProcessedSpec(vlm, cfg.model)
+            try:  # before the first batch: a dataset made for another model stops here
+                processed.check_dataset(self.dataset, repr(cfg.dataset))
+            except ProcessedDataError as e:
+                raise TrainingError(str(e)) from None
+        self.encoder = SampleEncoder(
+            vlm.processor, cfg.ctx_len, vlm.adapter.image_token_ids(), processed=processed
+        )
+        self.packer = self._packer(vlm)
+
+    def _packer(self, vlm: HookedVLM) -> Packer | None:
+        """The packer of a --pack run: on by default for a text-only model reading plain text."""
+        cfg, schema = self.cfg, self.dataset.schema
+        pack = cfg.pack
+        if pack is None:
+            pack = schema == "text" and not hasattr(vlm.processor, "image_processor")
+        if not pack:
+            return None
+        if schema != "text":
+            raise TrainingError(
+                f"--pack joins plain-text documents, but {cfg.dataset!r} has schema {schema!r}; "
+                "drop --pack (or read a `text` column with --schema text)"
+            )
+        try:
+            return Packer(vlm.tokenizer, cfg.ctx_len)
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
 
     def model_info(self) -> dict[str, Any]:
         cfg, vlm = self.cfg, self._model()
@@ -249,15 +350,20 @@ class LiveSource:
         return self.vlm
 
     def _count_bad_record(self, bad: BadRecord) -> None:
-        self.skips.add(bad.reason, bad.row_id)
+        # Called by the reader, in the read-ahead thread while training (see _prepared).
+        self._bad_records.add(bad.reason, bad.row_id)
 
     def _hook_width(self, names: list[str]) -> int:
         """The one width of the SAE hook points (a head hook counts heads x head width), read
         off one tiny forward pass the way training reads them; mixed widths are refused."""
         vlm = self._model()
-        probe = vlm.prepare(["a"])
+        images = [[_probe_image()]] if any(is_vision_hook(n) for n in names) else None
+        probe = vlm.prepare(["a"], images=images)
         _, cache = vlm.run_with_cache(probe, names=names, mask="all")
-        widths = {name: int(cache[name].flatten(1).shape[1]) for name in names}
+        widths = {
+            name: int(cache[name].shape[-1] if is_vision_hook(name) else cache[name][0].numel())
+            for name in names
+        }
         if len(set(widths.values())) > 1:
             listed = ", ".join(f"{n}: {w}" for n, w in widths.items())
             raise TrainingError(
@@ -268,7 +374,8 @@ class LiveSource:
 
     # --- batches -----------------------------------------------------------------------------
     def batches(self, state: TrainState) -> Iterator[ActivationBatch]:
-        for batch, rows_after in self._model_batches(state):
+        model_batches = self._packed_batches if self.packer is not None else self._model_batches
+        for batch, cursor in model_batches(state):
             xs, ys, out, masks, positions = self._activations(batch, state.step)
             spliced = None
             if self.cfg.loss_fn != "fvu":
@@ -278,35 +385,96 @@ class LiveSource:
                             positions: torch.Tensor = positions) -> torch.Tensor:  # fmt: skip
                     return self._spliced_loss(bundle, loss_fn, batch, out.logits, masks, positions)
 
-            yield ActivationBatch(xs, ys, {"rows": rows_after}, list(batch.row_ids), spliced)
+            yield ActivationBatch(xs, ys, cursor, list(batch.row_ids), spliced)
 
-    def _model_batches(self, state: TrainState) -> Iterator[tuple[Batch, int]]:
-        """(batch, rows consumed after it) from the saved position, epoch after epoch."""
+    def _model_batches(self, state: TrainState) -> Iterator[tuple[Batch, dict[str, int]]]:
+        """(batch, cursor after it) from the saved position, epoch after epoch."""
         cfg, vlm = self.cfg, self._model()
         pad = vlm.tokenizer.pad_token_id
         pad_id = pad if pad is not None else 0
-        while True:
+        while not cfg.epochs or state.epoch < cfg.epochs:
             data = self.dataset.skip(state.rows) if state.rows else self.dataset
-            samples = encode_stream(
-                data, self.encoder, self.skips, strict=cfg.strict, workers=cfg.workers
-            )
             full_pass = state.rows == 0
             got_any = False
             tokens_before = state.tokens  # the trainer counts the tokens each batch selects
-            for batch in batches(samples, cfg.batch_size, pad_id, masks=vlm.masks):
-                got_any = True
-                yield batch, batch.positions[-1] + 1
+            # Data preparation runs in a thread ahead of training (and in --workers processes
+            # under it); the records it skips are counted when their batch is trained on, so a
+            # checkpoint holds the counts of the rows it has consumed, no more.
+            try:
+                for batch, skipped in prefetch(self._prepared(data, pad_id)):
+                    for reason, row_id in skipped:
+                        self.skips.add(reason, row_id)
+                    if batch is None:
+                        break
+                    got_any = True
+                    yield batch, {"rows": batch.positions[-1] + 1}
+            except ProcessedDataError as e:  # pixel_values that cannot fit the vision tower
+                raise TrainingError(str(e)) from None
             if not got_any and full_pass:
                 raise TrainingError(
                     f"dataset {cfg.dataset!r} produced no usable samples ({self.skips.summary()})"
                 )
             if full_pass and state.tokens == tokens_before:
+                if self.vision:
+                    raise TrainingError(
+                        f"no image reached the vision tower in a full pass over "
+                        f"{cfg.dataset!r}: vision and projector dictionaries need records "
+                        "with images"
+                    )
                 raise TrainingError(
                     f"--tokens {cfg.tokens} selected no tokens in a full pass over "
                     f"{cfg.dataset!r}{_NO_TOKENS_HINT[cfg.tokens]}"
                 )
             state.epoch += 1
             state.rows = 0
+
+    def _packed_batches(self, state: TrainState) -> Iterator[tuple[Batch, dict[str, int]]]:
+        """--pack: batches of full ctx_len chunks of the document stream, which runs on across
+        epochs; the cursor (epoch, rows, offset) resumes mid-document."""
+        cfg, vlm = self.cfg, self._model()
+        assert self.packer is not None
+        pad = vlm.tokenizer.pad_token_id
+
+        def documents() -> Iterator[Document]:
+            epoch, rows = state.epoch, state.rows
+            while True:
+                full_pass, got_any = rows == 0, False
+                for record in self.dataset.skip(rows) if rows else self.dataset:
+                    got_any = True
+                    yield Document(epoch, record.position, record.row_id, record.text)
+                if full_pass and not got_any:
+                    raise TrainingError(
+                        f"dataset {cfg.dataset!r} produced no usable documents "
+                        f"({self.skips.summary()})"
+                    )
+                epoch, rows = epoch + 1, 0
+
+        chunks = self.packer.chunks(documents(), offset=state.offset)
+        tokens_before, epoch0 = state.tokens, state.epoch
+        for batch, cursor in packed_batches(chunks, cfg.batch_size, pad or 0, vlm.masks):
+            if cursor.epoch > epoch0 + 1 and state.tokens == tokens_before:
+                raise TrainingError(
+                    f"--tokens {cfg.tokens} selected no tokens in a full pass over "
+                    f"{cfg.dataset!r}{_NO_TOKENS_HINT[cfg.tokens]}"
+                )
+            yield batch, cursor.as_state()
+
+    def _prepared(
+        self, data: Any, pad_id: int
+    ) -> Iterator[tuple[Batch | None, list[tuple[str, str]]]]:
+        """(batch, records skipped since the previous batch), then (None, the rest)."""
+        cfg, vlm = self.cfg, self._model()
+        journal = _SkipJournal()
+        self._bad_records = journal
+        try:
+            samples = encode_stream(
+                data, self.encoder, journal, strict=cfg.strict, workers=cfg.workers
+            )
+            for batch in batches(samples, cfg.batch_size, pad_id, masks=vlm.masks):
+                yield batch, journal.take()
+            yield None, journal.take()
+        finally:
+            self._bad_records = self.skips
 
     def _activations(
         self, batch: Batch, step: int
@@ -315,9 +483,14 @@ class LiveSource:
         masks = batch.masks if batch.masks is not None else vlm.masks(batch.inputs)
         positions = masks.select(self.cfg.tokens, include_special=self.cfg.include_special_tokens)
         names = list(dict.fromkeys(self.reads + self.writes))
-        out, cache = vlm.run_with_cache(batch.inputs, names=names, mask=positions, masks=masks)
-        xs = [cache[r].flatten(1).float() for r in self.reads]
-        ys = [cache[w].flatten(1).float() for w in self.writes]
+        out: Any = None
+        if all(is_vision_hook(n) for n in names):
+            cache = self._vision_cache(batch, names, masks)
+        else:
+            out, cache = vlm.run_with_cache(batch.inputs, names=names, mask=positions, masks=masks)
+        rows = self._rows
+        xs = [rows(batch.inputs, r, cache.get(r), self.d_in) for r in self.reads]
+        ys = [rows(batch.inputs, w, cache.get(w), self.d_out) for w in self.writes]
         # In forward order, so the error names the first hook where the values broke.
         pairs = [
             p for i in range(len(xs)) for p in ((self.reads[i], xs[i]), (self.writes[i], ys[i]))
@@ -331,6 +504,37 @@ class LiveSource:
                     f"{'...' if batch.size > 4 else ''}); the last checkpoint is intact"
                 ) from None
         return xs, ys, out, masks, positions
+
+    def _vision_cache(
+        self, batch: Batch, names: list[str], masks: TokenMasks
+    ) -> dict[str, torch.Tensor]:
+        """Vision-side activations from a forward that stops where the language model starts:
+        a run on vision and projector hooks alone never needs the language model's layers."""
+        vlm = self._model()
+        cache: dict[str, torch.Tensor] = {}
+
+        def store(t: torch.Tensor, ctx: HookContext) -> None:
+            cache[ctx.name] = t.detach()
+
+        def stop(t: torch.Tensor, ctx: HookContext) -> None:
+            raise _VisionDone
+
+        hooks = [(n, store) for n in names] + [("lm.blocks.0.hook_resid_pre", stop)]
+        with torch.no_grad(), vlm.hooks(hooks, masks=masks), contextlib.suppress(_VisionDone):
+            vlm.forward(batch.inputs, masks=masks)
+        return cache
+
+    def _rows(self, inputs: Any, name: str, t: torch.Tensor | None, width: int) -> torch.Tensor:
+        """[N, d] float rows of a cached activation: LM hooks are cached at the selected
+        tokens already; vision hooks keep their image patches (and CLS / register tokens
+        with --include-special-tokens); none where the hook did not run (no images)."""
+        if t is None:
+            return torch.zeros(0, width, device=self.device)
+        if not is_vision_hook(name):
+            return t.flatten(1).float()
+        layout = self._model().vision_positions(inputs, name, t.shape[:-1])
+        keep = vision_row_mask(layout, self.cfg.include_special_tokens).to(t.device)
+        return t.reshape(-1, t.shape[-1])[keep].float()
 
     def _spliced_loss(
         self,
@@ -374,3 +578,14 @@ class LiveSource:
         targets = batch.inputs["input_ids"][:, 1:].to(logits.device)
         sel = pos[:, :-1] & batch.inputs["attention_mask"][:, 1:].to(logits.device).bool()
         return F.cross_entropy(logits[:, :-1][sel], targets[sel])
+
+
+def _probe_image() -> Any:
+    """A small blank image for the one forward that reads the hook widths."""
+    from PIL import Image
+
+    return Image.new("RGB", (64, 64), (255, 255, 255))
+
+
+class _VisionDone(Exception):
+    """Raised by a hook to end a forward once the vision-side activations are in."""

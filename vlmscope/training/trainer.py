@@ -74,7 +74,15 @@ class TrainResult:
 
 def open_source(cfg: TrainConfig, vlm: HookedVLM | None = None) -> ActivationSource:
     """The source of cfg's activations, opened in order: the data first (a missing file fails
-    in seconds, not after minutes of model loading), then the seed, then the model."""
+    in seconds, not after minutes of model loading), then the seed, then the model. With
+    --activations: the store, checked against the run, then the seed."""
+    if cfg.activations:
+        from vlmscope.training.store_source import StoreSource
+
+        store = StoreSource(cfg)
+        store.open()
+        torch.manual_seed(cfg.seed)
+        return store
     source = LiveSource(cfg)
     source.open_data()
     torch.manual_seed(cfg.seed)
@@ -167,6 +175,11 @@ class Trainer:
         except ValueError as e:
             raise TrainingError(str(e)) from None
         check_writable(self.run_dir)
+        if cfg.epochs and not (cfg.max_tokens or cfg.max_steps or cfg.activations):
+            raise TrainingError(
+                "--epochs alone gives on-the-fly training no budget for its learning-rate "
+                "schedule (the tokens of a pass are unknown): add --max-tokens or --max-steps"
+            )
         try:
             self._lock = lock_folder(self.run_dir, "run folder")
         except FolderLockedError as e:
@@ -208,12 +221,18 @@ class Trainer:
         self.source.skips = SkipCounter(dict(self.state.skips), dict(self.state.skip_examples))
 
     # --- one step ----------------------------------------------------------------------------
+    def _epoch_budget(self) -> int:
+        """Tokens of --epochs passes, for a source that knows an epoch's size (else 0)."""
+        return self.cfg.epochs * getattr(self.source, "tokens_per_epoch", 0)
+
     def _lr_at(self, tokens: int, step: int) -> float:
         """Linear warm-up, constant, linear decay to 0, as fractions of the budget: of
         whichever of --max-tokens and --max-steps ends the run first (the larger fraction)."""
         cfg = self.cfg
         fracs = [tokens / cfg.max_tokens] if cfg.max_tokens else []
         fracs += [(step + 1) / cfg.max_steps] if cfg.max_steps else []
+        if not fracs and self._epoch_budget():  # --epochs alone: a store knows its size
+            fracs = [tokens / self._epoch_budget()]
         frac = min(1.0, max(fracs))
         warm = min(1.0, frac / cfg.lr_warmup_fraction) if cfg.lr_warmup_fraction else 1.0
         start = 1.0 - cfg.lr_decay_fraction
@@ -252,12 +271,13 @@ class Trainer:
             wandb=cfg.log_to_wandb,
             tensorboard=cfg.log_to_tensorboard,
             resume_step=st.step,
+            units=list(b.units),
         )
         (self.run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
         # The bar counts what ends the run: steps under --max-steps, else tokens.
         by_steps = cfg.max_steps > 0
         bar = progress_bar(
-            cfg.max_steps if by_steps else (cfg.max_tokens or None),
+            cfg.max_steps if by_steps else (cfg.max_tokens or self._epoch_budget() or None),
             initial=st.step if by_steps else st.tokens,
             unit="step" if by_steps else "tok",
             unit_scale=not by_steps,
@@ -400,9 +420,10 @@ def _explain_size_error(cfg: TrainConfig, width: int, err: ValueError) -> str:
 
 
 #: settings a resumed run must share with the run it continues (the budget may grow).
-_RESUME_FIXED = ("model", "dataset", "sae", "layers", "hookpoints", "tokens", "loss_fn",
+_RESUME_FIXED = ("model", "dataset", "sae", "layers", "tower", "hookpoints", "tokens", "loss_fn",
                  "include_special_tokens", "batch_size", "grad_acc_steps", "ctx_len", "seed",
-                 "schema", "split", "columns", "lr")  # fmt: skip
+                 "schema", "split", "columns", "lr", "pack", "activations",
+                 "shuffle_buffer_mb")  # fmt: skip
 
 
 def _check_resumable(saved_path: Path, cfg: TrainConfig) -> None:
@@ -436,7 +457,7 @@ def _check_loggers(cfg: TrainConfig) -> None:
 
 
 def _default_run_name(cfg: TrainConfig) -> str:
-    model = Path(cfg.model.rstrip("/")).name or "model"
+    model = Path((cfg.model or cfg.activations).rstrip("/")).name or "model"
     return f"{model}-{cfg.sae.resolved_kind()}"
 
 

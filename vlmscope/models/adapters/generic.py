@@ -171,6 +171,7 @@ class GenericAdapter(ModelAdapter):
 
     def __init__(self, model: nn.Module, processor: Any = None) -> None:
         super().__init__(model, processor)
+        model = self.model  # a PEFT-wrapped model's paths are those of the model inside
         path, layers = _find_decoder(model)
         self.language_model = path  # type: ignore[misc]
         self.layers = layers  # type: ignore[misc]

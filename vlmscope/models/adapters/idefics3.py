@@ -17,6 +17,7 @@ from vlmscope.models.adapter import Capabilities, ModelAdapter
 from vlmscope.models.adapters.llava import grid_cells
 from vlmscope.models.masks import ImageTokenMismatchError
 from vlmscope.models.registry import register_adapter
+from vlmscope.models.vision import VisionView
 
 _ROW_COL = re.compile(r"<row_(\d+)_col_(\d+)>")
 
@@ -115,6 +116,32 @@ class Idefics3Adapter(ModelAdapter):
             if t in markers:
                 cur = markers[t]
         return out, views
+
+    def vision_views(self, inputs: Mapping[str, Any]) -> list[VisionView]:
+        """Per image, in prompt order: its tiles (view 1 at their marker's row and column),
+        then its global view (0), as the real views of pixel_values reach the encoder."""
+        image_id = self.image_token_ids()[0]
+        markers = self._markers()
+        views: list[VisionView] = []
+        image = 0
+        for ids in inputs["input_ids"].tolist():
+            tiles: list[tuple[int, int]] = []
+            cur: tuple[int, int] | str | None = "none"
+            run = 0
+            for t in [*ids, -1]:
+                if t == image_id:
+                    run += 1
+                    continue
+                if run:
+                    if cur is None:  # the global view closes an image
+                        views += [(image, 1, r, c) for r, c in tiles] + [(image, 0, 0, 0)]
+                        image, tiles = image + 1, []
+                    elif isinstance(cur, tuple):
+                        tiles.append(cur)
+                    run = 0
+                if t in markers:
+                    cur = markers[t]
+        return views
 
     @staticmethod
     def _image_cells(tiles: list[tuple[int, int]], g: int) -> torch.Tensor:

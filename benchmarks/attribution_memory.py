@@ -1,0 +1,201 @@
+"""Attribution memory on the LLaVA-7B-shaped model: measured peaks against the planner, and
+the planner's prediction for LLaVA-1.5-7B.
+
+    python benchmarks/attribution_memory.py --plan-llava7b          # the 7B plan, no weights
+    flock /tmp/vlmscope-heavy.lock python benchmarks/attribution_memory.py --layers 1 2 4
+    python benchmarks/attribution_memory.py --layers 4 --old-src DIR # another checkout's code
+
+The model is `train_throughput.llava7b_random` (LLaVA-1.5-7B's shapes: Llama width 4096, 32
+heads, CLIP ViT-L/14 at 336 px, 576 image tokens per image) cut to --layers LM layers and
+--vision-layers CLIP layers, random weights; the CLT is random too (JumpReLU-free TopK, k =
+--k), saved once under --work and memory-mapped as `vlmscope attribute` does. The prompt is one
+image and text, about --positions positions. Each configuration runs in a fresh process:
+peak is the process's peak RSS during `attribute` (Linux VmHWM, reset just before; glibc told
+to return freed blocks of 64 KB and up to the system), and the planner's prediction for the
+same shapes (exact feature counts of that run) is the sum of its device and host parts plus
+the process's RSS before the model was built. With --old-src the same child runs another
+checkout's `attribute` (e.g. the commit before this planner) for the "before" column.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def _status(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def llava7b_config_dir(out: Path, lm_layers: int = 32, vision_layers: int = 24) -> Path:
+    """config.json of the LLaVA-7B-shaped model (what the planner reads; no weights)."""
+    import torch
+    from train_throughput import llava7b_random
+
+    with torch.device("meta"):
+        vlm = llava7b_random(lm_layers, vision_layers, torch.device("meta"), torch.bfloat16)
+    vlm.model.config.save_pretrained(out)
+    return out
+
+
+def prepare_clt(args: argparse.Namespace, work: Path) -> Path:
+    """A random TopK CLT over every layer of the cut model, saved once per shape."""
+    import torch
+
+    from vlmscope.dictionaries import SparseCoderConfig
+    from vlmscope.training.bundle import DictionaryBundle, mlp_out, resid_mid
+
+    folder = work / f"clt-L{args.layer}-F{args.latents}-k{args.k}-{args.dtype}"
+    if (folder / "config.json").exists():
+        return folder
+    torch.manual_seed(0)
+    dtype = getattr(torch, args.dtype)
+    n = args.layer
+    cfg = SparseCoderConfig(kind="clt", d_in=4096, num_latents=args.latents, k=args.k, n_layers=n)
+    dims = {"d_model": 4096, "n_layers": n}
+    info = {"name": "llava7b-random", "family": "llava", "dims": dims, "tokens": "all"}
+    reads, writes = [resid_mid(i) for i in range(n)], [mlp_out(i) for i in range(n)]
+    b = DictionaryBundle.create(
+        cfg.with_dims(4096, 4096, n_layers=n), reads, writes, 4096, 4096, info
+    )
+    b = b.to(dtype)
+    with torch.no_grad():
+        for layer in b.clt.layers:  # type: ignore[union-attr]
+            layer.W_dec.normal_(0, 0.02)
+    b.save(folder)
+    return folder
+
+
+def child(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    torch.set_num_threads(args.threads)
+    baseline = _status("VmRSS:")
+    from train_throughput import llava7b_random
+
+    work = Path(args.work)
+    dtype = getattr(torch, args.dtype)
+    vlm = llava7b_random(args.layer, args.vision_layers, torch.device("cpu"), dtype)
+    from vlmscope.attribution.attribute import attribute
+
+    img = Image.fromarray((np.random.default_rng(0).random((336, 336, 3)) * 255).astype("uint8"))
+    words = max(0, args.positions - 600)
+    inputs = vlm.prepare("describe the picture " * (1 + words // 3), images=[img])
+    clt = work / f"clt-L{args.layer}-F{args.latents}-k{args.k}-{args.dtype}"
+    kw: dict[str, Any] = {"max_feature_nodes": args.batch_size, "batch_size": args.batch_size}
+    kw["logit_targets"] = [5]
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+    before = _status("VmRSS:")
+    g = attribute(vlm, str(clt), inputs, **kw)
+    peak = _status("VmHWM:")
+    meta = g.metadata
+    return {
+        "layers": args.layer,
+        "positions": int(inputs["input_ids"].shape[1]),
+        "baseline": baseline,
+        "before": before,
+        "peak": peak,
+        "active": meta.get("active_per_layer"),
+        "unique": meta.get("unique_per_layer"),
+    }
+
+
+def predict(args: argparse.Namespace, work: Path, r: dict[str, Any]) -> dict[str, float]:
+    from vlmscope.plan.attribution import peak, plan, shape_from_config, with_counts
+
+    cfg_dir = llava7b_config_dir(work / f"config-L{r['layers']}", r["layers"], args.vision_layers)
+    clt = work / f"clt-L{r['layers']}-F{args.latents}-k{args.k}-{args.dtype}"
+    shape = shape_from_config(cfg_dir, str(clt), r["positions"], dtype=args.dtype,
+                              max_feature_nodes=args.batch_size, n_logits=1)  # fmt: skip
+    if r["active"]:
+        shape = with_counts(shape, r["active"], r["unique"])
+    p = plan(shape, args.batch_size, None, "cpu")
+    device = peak(p, shape)
+    # On a CPU the device is the host, and mapped dictionary pages count in RSS too.
+    host = p.total("host") + p.total("cache")
+    host -= sum(x.bytes for x in p.parts if x.name == "assembled adjacency")
+    return {"device": device, "host": host, "total": device + host + r["baseline"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--positions", type=int, default=600)
+    p.add_argument("--latents", type=int, default=16384)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--vision-layers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--work", default="/tmp/vlmscope-attribution-memory")
+    p.add_argument("--old-src", default=None, help="run this checkout's vlmscope instead")
+    p.add_argument("--plan-llava7b", action="store_true", help="print the LLaVA-1.5-7B plan")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--layer", type=int, default=1, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(ROOT))
+    if args.plan_llava7b:
+        cfg = llava7b_config_dir(work / "llava-1.5-7b-config")
+        cmd = [sys.executable, "-m", "vlmscope", "plan", "--attribute", str(cfg),
+               "clt:32768:32:bfloat16", "--positions", "1000", "--gpu-mem", "80",
+               "--dtype", "bfloat16", "--out", str(work / "llava7b-plan.json")]  # fmt: skip
+        print("$ vlmscope plan --attribute <LLaVA-1.5-7B config> clt:32768:32:bfloat16 "
+              "--positions 1000 --gpu-mem 80 --dtype bfloat16", flush=True)  # fmt: skip
+        subprocess.run(cmd, check=False, cwd=ROOT)
+        return
+    code = f"code from {args.old_src}" if args.old_src else "this checkout"
+    print(f"LLaVA-7B-shaped, {args.vision_layers} vision layers, {args.dtype}, CLT "
+          f"{args.latents} latents k={args.k}, batch {args.batch_size}, ~{args.positions} "
+          f"positions, {code}")  # fmt: skip
+    print(f"{'layers':>6} {'positions':>9} {'peak GB':>8} {'predicted GB':>12} {'error':>7}"
+          f" {'above model GB':>14}", flush=True)  # fmt: skip
+    for layers in args.layers:
+        args.layer = layers
+        prepare_clt(args, work)
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1"}
+        if args.old_src:
+            env["PYTHONPATH"] = str(Path(args.old_src).resolve())
+        cmd = [sys.executable, __file__, "--child", "--layer", str(layers), "--work", str(work),
+               "--positions", str(args.positions), "--latents", str(args.latents), "--k",
+               str(args.k), "--dtype", args.dtype, "--batch-size", str(args.batch_size),
+               "--vision-layers", str(args.vision_layers),
+               "--threads", str(args.threads)]  # fmt: skip
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if out.returncode != 0:
+            print(out.stderr[-3000:])
+            continue
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        pred = predict(args, work, r)
+        err = (pred["total"] - r["peak"]) / r["peak"]
+        above = (r["peak"] - r["before"]) / 1e9
+        print(f"{layers:>6} {r['positions']:>9} {r['peak'] / 1e9:>8.2f} "
+              f"{pred['total'] / 1e9:>12.2f} {err:>+7.1%} {above:>14.2f}", flush=True)  # fmt: skip
+        (work / f"result-L{layers}{'-old' if args.old_src else ''}.json").write_text(
+            json.dumps({**r, "predicted": pred})
+        )
+
+
+if __name__ == "__main__":
+    main()

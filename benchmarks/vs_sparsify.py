@@ -1,0 +1,419 @@
+"""vlmscope against EleutherAI's sparsify (eai-sparsify 1.3.3), side by side on the same tokens.
+
+    python benchmarks/vs_sparsify.py              # creates ../<repo>-peers/sparsify once
+    python benchmarks/vs_sparsify.py --tokens 81920 --kinds sae transcoder
+
+What is compared. The toy VLM's activations (shapes world, train split; held-out FVU on the
+test split) are captured once with vlmscope's hooks and written to a folder; both tools then
+train on exactly those rows, in the same order, the same number of tokens per step, each in a
+fresh process of its own (so the peak RSS column is each tool's own):
+
+- text: the conversations with their images removed, run through the toy's language model;
+- vlm: the same conversations with their images (16 image tokens each).
+
+Per kind:
+- sae: `lm.blocks.L.hook_resid_post` -> itself; sparsify's `SparseCoder` (SAE config).
+- transcoder: `hook_resid_mid` -> `mlp.hook_out` of layer L; sparsify's `SparseCoder` with
+  `transcode=True` fed the same input and target.
+- clt: vlmscope's cross-layer transcoder over every layer (each layer's features write to
+  its own and all later MLP outputs) against what sparsify 1.3.3 offers for the job, one
+  per-layer transcoder per layer, trained on the same pairs. Same latents per layer and k.
+
+sparsify runs its own training step as its `Trainer` does (first batch: b_dec = target mean,
+transcoders b_enc = -mean(x) W_enc^T; unit-norm decoder upkeep for SAEs; its default
+optimizer, sign-SGD under a schedule-free wrapper, evaluated after `optimizer.eval()` as its
+`save` does; AuxK off, its default). Its `Trainer` class itself needs a Hugging Face causal LM
+and token ids, so it cannot take the VLM's image tokens; its training step is what is timed.
+vlmscope runs the step of `vlmscope train` (init_from_data on the first batch, Adam with the
+trainer's warm-up/decay schedule and learning-rate rule, decoder-norm upkeep, dead-latent
+counters). tokens/s is the dictionary step alone (forward, backward, optimizer) after
+`--warmup` steps; the model forward that produced the activations is the same for both and
+is left out. Keep this out of `make test`: it installs a package and trains for minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SPARSIFY = "eai-sparsify==1.3.3"
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def reset_peak_rss() -> None:
+    """Restart the kernel's peak-RSS count (VmHWM) from the current RSS (Linux)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_since_reset_mb() -> float:
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+def fvu(y: torch.Tensor, y_hat: torch.Tensor) -> float:
+    return float((y - y_hat).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
+
+
+def load_rows(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / f"{name}.safetensors"))
+
+
+def pairs_for(kind: str, tensors: dict[str, torch.Tensor], layers: list[int]) -> list[tuple]:
+    """(x, y) per trained unit: an SAE reconstructs resid_post, transcoders map resid_mid to
+    the MLP output."""
+    if kind == "sae":
+        return [(tensors[f"resid_post.{i}"], tensors[f"resid_post.{i}"]) for i in layers]
+    return [(tensors[f"resid_mid.{i}"], tensors[f"mlp_out.{i}"]) for i in layers]
+
+
+# --------------------------------------------------------------------------- capture
+
+
+def capture(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """Activations of the toy VLM on the shapes world, with and without images."""
+    sys.path.insert(0, str(ROOT))
+    from safetensors.torch import save_file
+
+    from vlmscope.data.processing import SampleEncoder, batches
+    from vlmscope.models.hooked import HookedVLM
+    from vlmscope.training.config import TrainConfig
+    from vlmscope.training.trainer import open_training_data, resolve_model_path
+
+    vlm = HookedVLM.from_pretrained(resolve_model_path("toy"))
+    n_layers = vlm.adapter.n_layers
+    names = [f"lm.blocks.{i}.{h}" for i in range(n_layers)
+             for h in ("hook_resid_post", "hook_resid_mid", "mlp.hook_out")]  # fmt: skip
+    enc = SampleEncoder(vlm.processor, 512, vlm.adapter.image_token_ids())
+    pad = vlm.tokenizer.pad_token_id or 0
+    info: dict[str, Any] = {"layers": n_layers, "d": vlm.adapter.d_model}
+    for split, budget in (("train", args.tokens + args.warmup * args.batch_tokens),
+                          ("test", args.heldout_tokens)):  # fmt: skip
+        cfg = TrainConfig(model="toy", dataset="shapes:4000", split=split, max_steps=1)
+        for modality in args.modalities:
+            if (out / f"{modality}_{split}.safetensors").exists():
+                continue
+            records = open_training_data(cfg)
+            rows: dict[str, list[torch.Tensor]] = {}
+            n = 0
+
+            def stream(records=records, modality=modality):  # type: ignore[no-untyped-def]
+                for r in records:
+                    if modality == "text":
+                        r.messages = [_text_only(m) for m in r.messages]
+                        r.images = []
+                    yield enc.encode(r)
+
+            for batch in batches(stream(), 32, pad, masks=vlm.masks):
+                sel = batch.masks.select("all", include_special=False)  # type: ignore[union-attr]
+                _, cache = vlm.run_with_cache(batch.inputs, names=names, mask=sel,
+                                              masks=batch.masks)  # fmt: skip
+                for name in names:
+                    _, _, layer, hook = name.split(".", 3)  # lm.blocks.L.<hook>
+                    key = f"{hook.replace('hook_', '').replace('mlp.', 'mlp_')}.{layer}"
+                    rows.setdefault(key, []).append(cache[name].float())
+                n += int(sel.sum())
+                if n >= budget:
+                    break
+            if n < budget:
+                raise SystemExit(f"{split}/{modality}: only {n} tokens, {budget} needed")
+            tensors = {k: torch.cat(v)[:budget].contiguous() for k, v in rows.items()}
+            save_file(tensors, str(out / f"{modality}_{split}.safetensors"))
+    return info
+
+
+def _text_only(message: dict[str, Any]) -> dict[str, Any]:
+    content = message["content"]
+    if isinstance(content, list):
+        content = " ".join(p.get("text", "") for p in content if p.get("type") == "text")
+    return {**message, "content": content.strip()}
+
+
+# --------------------------------------------------------------------------- the two trainers
+
+
+def run_sparsify(args: argparse.Namespace, folder: Path, kind: str, modality: str) -> dict:
+    """sparsify's training step on the captured rows (see the module docstring)."""
+    from schedulefree import ScheduleFreeWrapper
+    from sparsify import SparseCoder, SparseCoderConfig
+    from sparsify.sign_sgd import SignSGD
+
+    info = json.loads((folder / "info.json").read_text())
+    layers = list(range(info["layers"])) if kind == "clt" else [args.layer]
+    train = pairs_for(kind, load_rows(folder, f"{modality}_train"), layers)
+    test = pairs_for(kind, load_rows(folder, f"{modality}_test"), layers)
+    transcode = kind != "sae"
+    torch.manual_seed(args.seed)
+    coders = []
+    for _ in layers:
+        cfg = SparseCoderConfig(expansion_factor=args.expansion, k=args.k, transcode=transcode)
+        coders.append(SparseCoder(info["d"], cfg, "cpu", dtype=torch.float32))
+    lr = 5e-3 / (coders[0].num_latents / 2**14) ** 0.5  # sparsify's default for signum
+    params = [{"params": c.parameters(), "lr": lr} for c in coders]
+    opt = ScheduleFreeWrapper(SignSGD(params), momentum=0.95)
+    opt.train()
+
+    def step(i: int) -> None:
+        sl = slice(i * args.batch_tokens, (i + 1) * args.batch_tokens)
+        for c, (x, y) in zip(coders, train, strict=True):
+            xb, yb = x[sl], y[sl]
+            if i == 0:
+                with torch.no_grad():
+                    if transcode:
+                        c.encoder.bias.data = -xb.mean(0) @ c.encoder.weight.data.T
+                    c.b_dec.data = yb.mean(0)
+            if not transcode:
+                c.set_decoder_norm_to_unit_norm()
+            out = c(x=xb, y=yb, dead_mask=None)
+            out.fvu.backward()
+        if not transcode:
+            for c in coders:
+                c.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+
+    return _timed_loop(args, step, lambda: _sparsify_heldout(opt, coders, test))
+
+
+def _sparsify_heldout(opt: Any, coders: list, test: list[tuple]) -> list[float]:
+    opt.eval()  # schedule-free: evaluate the averaged weights, as sparsify's save does
+    with torch.no_grad():
+        out = [fvu(y, c(x=x, y=y).sae_out) for c, (x, y) in zip(coders, test, strict=True)]
+    opt.train()
+    return out
+
+
+def run_vlmscope(args: argparse.Namespace, folder: Path, kind: str, modality: str) -> dict:
+    """vlmscope's training step (what `vlmscope train` runs per batch) on the captured rows."""
+    sys.path.insert(0, str(ROOT))
+    from vlmscope.dictionaries import CrossLayerTranscoder, SparseCoder, SparseCoderConfig
+    from vlmscope.training.config import TrainConfig
+
+    info = json.loads((folder / "info.json").read_text())
+    layers = list(range(info["layers"])) if kind == "clt" else [args.layer]
+    train = pairs_for(kind, load_rows(folder, f"{modality}_train"), layers)
+    test = pairs_for(kind, load_rows(folder, f"{modality}_test"), layers)
+    swap_init(args.init)
+    torch.manual_seed(args.seed)
+    d = info["d"]
+    if kind == "clt":
+        cfg = SparseCoderConfig(kind="clt", d_in=d, expansion_factor=args.expansion, k=args.k,
+                                n_layers=len(layers))  # fmt: skip
+        model: Any = CrossLayerTranscoder(cfg)
+    else:
+        cfg = SparseCoderConfig(kind=kind, d_in=d, expansion_factor=args.expansion, k=args.k)
+        model = SparseCoder(cfg)
+    model.train()
+    tcfg = TrainConfig(model="toy", dataset="shapes", max_tokens=args.tokens)
+    base_lr = tcfg.lr_for(cfg.num_latents) * args.lr_scale
+    opt = torch.optim.Adam(model.parameters(), lr=base_lr)
+    xs_all, ys_all = [x for x, _ in train], [y for _, y in train]
+
+    def call(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> Any:
+        if kind == "clt":
+            return model(xs, ys)
+        return model(xs[0]) if kind == "sae" else model(xs[0], ys[0])
+
+    def step(i: int) -> None:
+        sl = slice(i * args.batch_tokens, (i + 1) * args.batch_tokens)
+        xs, ys = [x[sl] for x in xs_all], [y[sl] for y in ys_all]
+        if i == 0:
+            if kind == "clt":
+                model.init_from_data(xs, ys)
+            else:
+                model.init_from_data(xs[0], None if kind == "sae" else ys[0])
+        call(xs, ys).loss.backward()
+        # The trainer's schedule, counted in tokens of this run (warm-up steps included).
+        total = args.tokens + args.warmup * args.batch_tokens
+        frac = min(1.0, (i + 1) * args.batch_tokens / total)
+        warm = min(1.0, frac / tcfg.lr_warmup_fraction)
+        start = 1.0 - tcfg.lr_decay_fraction
+        decay = 1.0 if frac <= start else max(0.0, (1.0 - frac) / (1.0 - start))
+        for group in opt.param_groups:
+            group["lr"] = base_lr * warm * decay
+        if cfg.normalize_decoder:
+            model.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cfg.normalize_decoder:
+            model.set_decoder_norm_to_unit_norm()
+
+    def heldout() -> list[float]:
+        model.eval()
+        with torch.no_grad():
+            out = call([x for x, _ in test], [y for _, y in test])
+        model.train()
+        recons = out.reconstruction if kind == "clt" else [out.reconstruction]
+        return [fvu(y, r) for (_, y), r in zip(test, recons, strict=True)]
+
+    return _timed_loop(args, step, heldout)
+
+
+def swap_init(mode: str) -> None:
+    """--init: vlmscope's data-fitted init (`now`), none (`before`: unit rows, W_enc = W_dec,
+    b_enc = 0, as vlmscope had it), or sparsify's (nn.Linear's uniform encoder rows, the SAE
+    decoder their unit-norm copy, transcoders' b_enc centred on the first batch)."""
+    import math
+
+    from vlmscope.dictionaries import clt, coder
+
+    def sparsify_like(unit: Any, x_n: torch.Tensor, centre: torch.Tensor | None) -> None:
+        d = unit.W_enc.shape[1]
+        w = (torch.rand(unit.W_enc.shape) * 2 - 1) / math.sqrt(d)
+        unit.W_enc.copy_(w)
+        if centre is not None:
+            unit.W_dec.copy_(w / w.norm(dim=1, keepdim=True))
+            unit.b_enc.zero_()
+        else:
+            unit.b_enc.copy_(-(x_n.mean(0) @ w.T))
+
+    if mode != "now":
+        fn = sparsify_like if mode == "sparsify" else (lambda *a: None)
+        coder.fit_init_to_data_ = clt.fit_init_to_data_ = fn  # type: ignore[assignment]
+
+
+def _timed_loop(args: argparse.Namespace, step: Any, heldout: Any) -> dict:
+    """Run the steps; tokens/s of the timed ones, and the peak memory the training adds to
+    the process after the activations were loaded (both tools hold the same arrays)."""
+    torch.set_num_threads(args.threads)
+    base = rss_mb()
+    reset_peak_rss()
+    n_steps = args.tokens // args.batch_tokens
+    curve = []
+    for i in range(args.warmup):
+        step(i)
+    t0 = time.perf_counter()
+    for i in range(args.warmup, args.warmup + n_steps):
+        step(i)
+        if args.curve and (i - args.warmup + 1) % args.curve == 0:
+            t_pause = time.perf_counter()
+            curve.append(((i + 1) * args.batch_tokens, sum(heldout()) / len(heldout())))
+            t0 += time.perf_counter() - t_pause
+    secs = time.perf_counter() - t0
+    per_unit = heldout()
+    added = peak_rss_since_reset_mb() - base
+    return {"tokens_per_s": n_steps * args.batch_tokens / secs, "peak_mb": added,
+            "fvu": sum(per_unit) / len(per_unit), "fvu_per_unit": per_unit,
+            "curve": curve}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def sparsify_python(args: argparse.Namespace) -> Path:
+    venv = Path(args.sparsify_venv)
+    python = venv / "bin" / "python"
+    if not python.exists():
+        print(f"creating {venv} with {SPARSIFY} (torch pinned by constraints.txt)")
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "-c",
+                        str(ROOT / "constraints.txt"), SPARSIFY], check=True)  # fmt: skip
+    return python
+
+
+def child(python: Path, role: str, args: argparse.Namespace, folder: Path, kind: str,
+          modality: str) -> dict:  # fmt: skip
+    cmd = [str(python), __file__, "--role", role, "--data", str(folder), "--kind", kind,
+           "--modality", modality, *args.passthrough]  # fmt: skip
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode:
+        raise SystemExit(f"{role} {kind}/{modality} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--tokens", type=int, default=40960, help="training tokens per run (timed)")
+    p.add_argument("--batch-tokens", type=int, default=512, help="tokens per step, both tools")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
+    p.add_argument("--heldout-tokens", type=int, default=8192)
+    p.add_argument("--expansion", type=int, default=8)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--layer", type=int, default=2, help="layer of the SAE and transcoder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch threads in each trainer")
+    p.add_argument("--curve", type=int, default=0, help="held-out FVU every N steps (0: end)")
+    p.add_argument("--kinds", nargs="+", default=["sae", "transcoder", "clt"])
+    p.add_argument("--init", default="now", choices=["now", "before", "sparsify"],
+                   help="vlmscope's init (see swap_init), to compare inits")  # fmt: skip
+    p.add_argument("--modalities", nargs="+", default=["text", "vlm"])
+    p.add_argument("--lr-scale", type=float, default=1.0,
+                   help="scales vlmscope's default learning rate (not sparsify's)")  # fmt: skip
+    p.add_argument("--sparsify-venv", default=str(ROOT.parent / f"{ROOT.name}-peers" / "sparsify"))
+    p.add_argument("--json", default="", help="also write the results here")
+    p.add_argument("--activations", default="",
+                   help="keep the captured activations in this folder and reuse them "
+                        "(same --tokens, --warmup, --batch-tokens, --heldout-tokens)")  # fmt: skip
+    p.add_argument("--role", default="driver", help=argparse.SUPPRESS)
+    p.add_argument("--data", default="", help=argparse.SUPPRESS)
+    p.add_argument("--kind", default="", help=argparse.SUPPRESS)
+    p.add_argument("--modality", default="", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.passthrough = [f"--{k}={getattr(args, k.replace('-', '_'))}" for k in
+                        ("tokens", "batch-tokens", "warmup", "heldout-tokens", "expansion", "k",
+                         "layer", "seed", "threads", "curve", "init", "lr-scale")]  # fmt: skip
+    if args.role != "driver":
+        runner = run_sparsify if args.role == "sparsify" else run_vlmscope
+        print(json.dumps(runner(args, Path(args.data), args.kind, args.modality)))
+        return
+    peer = sparsify_python(args)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(args.activations or tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        info = capture(args, folder)
+        (folder / "info.json").write_text(json.dumps(info))
+        print(f"toy VLM: d = {info['d']}, {info['layers']} layers; {args.tokens} training tokens "
+              f"in steps of {args.batch_tokens}; held-out {args.heldout_tokens} tokens; "
+              f"{args.expansion} x d latents, k = {args.k}")  # fmt: skip
+        for modality in args.modalities:
+            for kind in args.kinds:
+                ours = child(Path(sys.executable), "vlmscope", args, folder, kind, modality)
+                theirs = child(peer, "sparsify", args, folder, kind, modality)
+                results.append({"kind": kind, "modality": modality, "vlmscope": ours,
+                                "sparsify": theirs})  # fmt: skip
+                print_row(results[-1], header=len(results) == 1)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+def print_row(r: dict, header: bool) -> None:
+    if header:
+        print(f"\n{'kind':<11}{'data':<6}{'tok/s ours':>12}{'sparsify':>10}{'ratio':>7}"
+              f"{'+peak MB ours':>14}{'sparsify':>10}{'FVU ours':>10}{'sparsify':>10}")  # fmt: skip
+    a, b = r["vlmscope"], r["sparsify"]
+    label = "clt*" if r["kind"] == "clt" else r["kind"]
+    ratio = a["tokens_per_s"] / b["tokens_per_s"]
+    print(f"{label:<11}{r['modality']:<6}{a['tokens_per_s']:>12,.0f}{b['tokens_per_s']:>10,.0f}"
+          f"{ratio:>7.2f}{a['peak_mb']:>14,.0f}{b['peak_mb']:>10,.0f}"
+          f"{a['fvu']:>10.3f}{b['fvu']:>10.3f}", flush=True)  # fmt: skip
+    for key in ("vlmscope", "sparsify"):
+        if r[key]["curve"]:
+            pts = ", ".join(f"{t // 1000}k: {v:.3f}" for t, v in r[key]["curve"])
+            print(f"    {key} held-out FVU by tokens: {pts}")
+
+
+if __name__ == "__main__":
+    main()

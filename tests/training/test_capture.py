@@ -1,0 +1,266 @@
+"""`vlmscope capture` on a zoo VLM: what it stores against plain PyTorch hooks on the HF
+model, resume after kill -9 and after a full disk, bad records, refusing to overwrite."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from vlmscope.capture import ActivationStore
+from vlmscope.cli import build_parser, main
+from vlmscope.models.hooked import HookedVLM
+from vlmscope.training.capture import CaptureConfig, capture, config_from_capture_args
+from vlmscope.training.errors import TrainingError
+
+DATA = "shapes:24"
+
+
+def capture_config(out: Path, model: Path, extra: str = "") -> CaptureConfig:
+    argv = f"capture {model} {DATA} --out {out} --batch-size 2 --shard-mb 0.06 {extra}"
+    return config_from_capture_args(build_parser().parse_args(argv.split()))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, zoo_path: Any, llava: HookedVLM) -> Path:
+    """An uninterrupted capture, the store the interrupted ones must equal."""
+    out = tmp_path_factory.mktemp("ref") / "store"
+    capture(capture_config(out, zoo_path("llava"), "--max-tokens 0"), llava, progress=False)
+    return out
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_the_store_holds_what_the_model_computes(
+    tmp_path: Path, zoo_path: Any, llava: HookedVLM
+) -> None:
+    """Activations against plain forward (pre-)hooks on the HF modules, metadata against the
+    processor's ids, the image token id and the patch grid."""
+    cfg = capture_config(
+        tmp_path / "s",
+        zoo_path("llava"),
+        "--layers 0 2 --include-special-tokens --max-tokens 0 --batch-size 3",
+    )
+    res = capture(cfg, llava, progress=False)
+    st = ActivationStore(res.folder)
+    assert list(st.hooks) == [
+        "lm.blocks.0.hook_resid_mid",
+        "lm.blocks.0.mlp.hook_out",
+        "lm.blocks.2.hook_resid_mid",
+        "lm.blocks.2.mlp.hook_out",
+    ]
+    assert st.complete and len(st.shards) > 2 and st.manifest["samples"] == 24
+    stored = {
+        k: torch.cat([st.read(s)[k] for s in st.shards])
+        for k in [
+            *st.hooks,
+            "meta.sample",
+            "meta.position",
+            "meta.token_id",
+            "meta.modality",
+            "meta.patch",
+            "meta.row",
+        ]
+    }
+
+    from vlmscope.data.processing import SampleEncoder, batches
+    from vlmscope.training.sources import open_training_data
+
+    data = open_training_data(cfg.run)
+    enc = SampleEncoder(llava.processor, cfg.run.ctx_len, llava.adapter.image_token_ids())
+    layers = llava.model.model.language_model.layers
+    got: dict[str, list[torch.Tensor]] = {h: [] for h in st.hooks}
+    ids, positions = [], []
+    for batch in batches((enc.encode(r) for r in data), 3, llava.tokenizer.pad_token_id):
+        seen: dict[str, torch.Tensor] = {}
+        hooks = []
+        for i in (0, 2):
+            hooks.append(
+                layers[i].post_attention_layernorm.register_forward_pre_hook(
+                    lambda _m, a, i=i, seen=seen: seen.__setitem__(
+                        f"lm.blocks.{i}.hook_resid_mid", a[0]
+                    )
+                )
+            )
+            hooks.append(
+                layers[i].mlp.register_forward_hook(
+                    lambda _m, _a, o, i=i, seen=seen: seen.__setitem__(
+                        f"lm.blocks.{i}.mlp.hook_out", o
+                    )
+                )
+            )
+        with torch.no_grad():
+            llava.model(**batch.inputs, use_cache=False)
+        for h in hooks:
+            h.remove()
+        valid = batch.inputs["attention_mask"].bool()
+        for name in got:
+            got[name].append(seen[name][valid])
+        ids.append(batch.inputs["input_ids"][valid])
+        positions.append(valid.nonzero()[:, 1])
+    for name in got:
+        torch.testing.assert_close(stored[name], torch.cat(got[name]), rtol=0, atol=0)
+    token_ids = torch.cat(ids)
+    assert torch.equal(stored["meta.token_id"].long(), token_ids)
+    assert torch.equal(stored["meta.position"].long(), torch.cat(positions))
+    image_id = llava.model.config.image_token_id
+    assert torch.equal(stored["meta.modality"] == 1, token_ids == image_id)
+    bos = llava.tokenizer.bos_token_id
+    assert bool((stored["meta.modality"][token_ids == bos] == 2).all())
+    # Every sample's image tokens walk its patch grid row by row (image 0, view 0).
+    for s in range(24):
+        patch = stored["meta.patch"][(stored["meta.sample"] == s) & (stored["meta.modality"] == 1)]
+        side = int(len(patch) ** 0.5)
+        assert side * side == len(patch) > 0
+        grid = torch.stack(
+            [torch.arange(side).repeat_interleave(side), torch.arange(side).repeat(side)], 1
+        )
+        assert torch.equal(patch[:, :2], torch.zeros_like(patch[:, :2]))
+        assert torch.equal(patch[:, 2:].long(), grid)
+    assert bool((stored["meta.patch"][stored["meta.modality"] != 1] == -1).all())
+    assert torch.equal(stored["meta.row"], stored["meta.sample"])  # no bad rows here
+
+
+def test_resume_after_a_full_disk_and_after_kill_9_equals_the_uninterrupted_store(
+    tmp_path: Path,
+    zoo_path: Any,
+    llava: HookedVLM,
+    reference: Path,
+    monkeypatch: Any,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import vlmscope.capture.writer as writer_mod
+
+    real = writer_mod.save_file
+    calls = {"n": 0}
+
+    def fills_the_disk(tensors: Any, path: str, metadata: Any = None) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            Path(path).write_bytes(b"half a shard")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tensors, path, metadata=metadata)
+
+    out = tmp_path / "full"
+    cfg = capture_config(out, zoo_path("llava"), "--max-tokens 0")
+    monkeypatch.setattr(writer_mod, "save_file", fills_the_disk)
+    with pytest.raises(
+        TrainingError,
+        match=r"shard-r0000-000002\.safetensors.*No space left.*the "
+        r"2 complete shards .* intact.*--resume",
+    ):
+        capture(cfg, llava, progress=False)
+    monkeypatch.setattr(writer_mod, "save_file", real)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert not manifest["complete"] and len(manifest["shards"]) == 2
+    assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.json",
+        "shard-r0000-000000.safetensors",
+        "shard-r0000-000001.safetensors",
+    ]
+    for s in ActivationStore(out).shards:
+        ActivationStore(out).check(s)  # the complete shards are whole
+    with pytest.raises(TrainingError, match=r"unfinished capture.*--resume"):
+        capture(cfg, llava, progress=False)
+    resumed = capture(
+        capture_config(out, zoo_path("llava"), "--max-tokens 0 --resume"), llava, progress=False
+    )
+    assert 0 < resumed.new_tokens < resumed.manifest["tokens"]
+    assert files(out) == files(reference)  # byte for byte, manifest included
+
+    # kill -9 in the middle, from the command line.
+    killed = tmp_path / "killed"
+    argv = [
+        sys.executable,
+        "-m",
+        "vlmscope",
+        "capture",
+        str(zoo_path("llava")),
+        DATA,
+        "--out",
+        str(killed),
+        "--batch-size",
+        "2",
+        "--shard-mb",
+        "0.06",
+        "--max-tokens",
+        "0",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    seen = 0
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            seen = len(json.loads((killed / "manifest.json").read_text())["shards"])
+        except (OSError, ValueError):
+            seen = 0
+        if seen >= 1:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the capture ended before it could be killed"
+    assert not json.loads((killed / "manifest.json").read_text())["complete"]
+    assert main([*argv[3:], "--resume"]) == 0  # the same command line, in this process
+    out_text = capsys.readouterr().out
+    assert "tokens/s" in out_text and "bytes per token" in out_text
+    assert files(killed) == files(reference)
+
+
+def test_bad_records_are_counted_and_strict_stops(
+    tmp_path: Path, zoo_path: Any, llava: HookedVLM, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (40, 32), "red").save(tmp_path / "good.png")
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    turns = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]
+    images = ["good.png", "missing.png", "good.png", "corrupt.png", "good.png"]
+    rows = [{"id": f"r{i}", "image": im, "conversations": turns} for i, im in enumerate(images)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = f"capture {zoo_path('llava')} {data} --out {tmp_path / 's'} --batch-size 2".split()
+    res = capture(config_from_capture_args(build_parser().parse_args(argv)), llava, progress=False)
+    writer = res.manifest["writers"]["0"]
+    assert writer["skips"] == {"missing_image": 1, "corrupt_image": 1}
+    assert res.manifest["samples"] == 3
+    rows_stored = ActivationStore(res.folder).metadata()["meta.row"].unique().tolist()
+    assert rows_stored == [0, 2, 4]  # dataset rows, the bad ones counted
+    assert main([*argv[:4], str(tmp_path / "strict"), "--strict", *argv[5:]]) == 1
+    err = capsys.readouterr().err
+    assert "vlmscope capture: error:" in err and "missing.png" in err
+
+
+def test_an_existing_folder_or_other_settings_are_refused(
+    tmp_path: Path, zoo_path: Any, llava: HookedVLM, reference: Path
+) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(TrainingError, match=r"not empty and holds no store.*notes\.txt"):
+        capture(capture_config(tmp_path, zoo_path("llava")), llava, progress=False)
+    with pytest.raises(TrainingError, match="already holds a complete store"):
+        capture(capture_config(reference, zoo_path("llava")), llava, progress=False)
+    unfinished = tmp_path / "u"
+    unfinished.mkdir()
+    manifest = json.loads((reference / "manifest.json").read_text())
+    (unfinished / "manifest.json").write_text(
+        json.dumps({**manifest, "complete": False, "shards": [], "writers": {}})
+    )
+    cfg = capture_config(unfinished, zoo_path("llava"), "--resume --ctx-len 64 --dtype bfloat16")
+    with pytest.raises(
+        TrainingError,
+        match=r"--resume with settings that differ.*dtype: "
+        r"'float32' -> 'bfloat16'.*--ctx-len: 2048 -> 64",
+    ):
+        capture(cfg, llava, progress=False)

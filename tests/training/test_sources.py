@@ -1,0 +1,108 @@
+"""The live source's data paths: --pack (default for text-only models on plain text, resumes
+mid-document bit-exactly) and the choices around it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from vlmscope.models.hooked import HookedVLM
+from vlmscope.training.bundle import DictionaryBundle
+from vlmscope.training.config import parse_train_args
+from vlmscope.training.sources import LiveSource, TrainState
+from vlmscope.training.trainer import Trainer, TrainingError, train
+
+WORDS = [
+    "red",
+    "blue",
+    "green",
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "left",
+    "right",
+    "top",
+    "bottom",
+    "small",
+    "big",
+    "the",
+    "a",
+]
+
+
+def documents(path: Path, n: int = 12) -> Path:
+    """Plain-text documents of mixed lengths, from 2 words to far beyond the context."""
+    g = torch.Generator().manual_seed(0)
+    lengths = [2, 40, 3, 90, 5, 1, 25, 60, 4, 7, 33, 2][:n]
+    rows = []
+    for i, n_words in enumerate(lengths):
+        picks = torch.randint(len(WORDS), (n_words,), generator=g).tolist()
+        rows.append({"id": str(i), "text": " ".join(WORDS[j] for j in picks)})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def flags(model: Path, data: Path, out: Path, name: str, extra: str = "") -> Any:
+    return parse_train_args(
+        f"{model} {data} --sae.expansion-factor 2 --sae.k 4 --layers 1 --ctx-len 16 "
+        f"--batch-size 2 --max-steps 4 --save-every 2 --output-dir {out} --run-name {name} "
+        f"{extra}".split()
+    )
+
+
+@pytest.fixture(scope="module")
+def llama(zoo_path: Any) -> HookedVLM:
+    return HookedVLM.from_pretrained(zoo_path("llama"), device="cpu", dtype=torch.float32)
+
+
+def test_packed_training_resumes_mid_document_bit_exactly(
+    tmp_path: Path, zoo_path: Any, llama: HookedVLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, data = zoo_path("llama"), documents(tmp_path / "docs.jsonl")
+    full = train(flags(model, data, tmp_path, "full"), llama, progress=False)
+    batches = LiveSource.batches
+
+    def crash_after_three(self: LiveSource, state: TrainState) -> Iterator[Any]:
+        for i, batch in enumerate(batches(self, state)):
+            if i == 3:  # step 3 trained, checkpoint at step 2
+                raise RuntimeError("simulated crash")
+            yield batch
+
+    monkeypatch.setattr(LiveSource, "batches", crash_after_three)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(flags(model, data, tmp_path, "crashed"), llama, progress=False)
+    monkeypatch.undo()
+    saved = json.loads((tmp_path / "crashed" / "checkpoint" / "state.json").read_text())
+    cursor = saved["train_state"]
+    assert cursor["step"] == 2 and cursor["offset"] > 0, cursor  # inside a document
+    resumed = train(flags(model, data, tmp_path, "crashed", "--resume"), llama, progress=False)
+    assert (resumed.step, resumed.tokens) == (full.step, full.tokens)
+    a = DictionaryBundle.load(full.dictionaries).state_dict()
+    b = DictionaryBundle.load(resumed.dictionaries).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pack_is_the_default_for_text_only_models_on_plain_text(
+    tmp_path: Path, zoo_path: Any, llama: HookedVLM
+) -> None:
+    data = documents(tmp_path / "docs.jsonl")
+    model = zoo_path("llama")
+    packed = Trainer(flags(model, data, tmp_path, "a"), llama, progress=False)
+    assert packed.source.packer is not None  # type: ignore[attr-defined]
+    batch = next(packed.source._packed_batches(TrainState()))[0]  # type: ignore[attr-defined]
+    assert batch.inputs["input_ids"].shape == (2, 16) and bool(batch.inputs["attention_mask"].all())
+    unpacked = Trainer(flags(model, data, tmp_path, "b", "--no-pack"), llama, progress=False)
+    assert unpacked.source.packer is None  # type: ignore[attr-defined]
+    vlm = HookedVLM.from_pretrained(zoo_path("llava"), device="cpu", dtype=torch.float32)
+    on_vlm = Trainer(flags(zoo_path("llava"), data, tmp_path, "c"), vlm, progress=False)
+    assert on_vlm.source.packer is None  # type: ignore[attr-defined]
+    forced = Trainer(flags(zoo_path("llava"), data, tmp_path, "d", "--pack"), vlm, progress=False)
+    assert forced.source.packer is not None  # type: ignore[attr-defined]
+    with pytest.raises(TrainingError, match="--pack joins plain-text documents, but 'shapes:4'"):
+        Trainer(flags(zoo_path("llava"), "shapes:4", tmp_path, "e", "--pack"), vlm)  # type: ignore[arg-type]

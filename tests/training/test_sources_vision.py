@@ -1,0 +1,50 @@
+"""The live source on vision and projector hooks: image patches only, CLS on request, and no
+language-model layers run for them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlmscope.models.hooked import HookedVLM
+from vlmscope.models.toy import toy_path
+from vlmscope.training.config import parse_train_args
+from vlmscope.training.sources import LiveSource, TrainState
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+HOOKS = ["vision.blocks.1.hook_resid_post", "projector.hook_out"]
+
+
+@pytest.mark.parametrize("special", [False, True])
+def test_vision_rows_are_the_patches_and_the_language_model_never_runs(special: bool) -> None:
+    flags = ["toy", "shapes:4", "--batch-size", "2", "--hookpoints", *HOOKS]
+    cfg = parse_train_args(flags + (["--include-special-tokens"] if special else []))
+    vlm = HookedVLM.from_pretrained(toy_path(), device="cpu")
+    source = LiveSource(cfg)
+    source.open_data()
+    source.bind_model(vlm)
+    assert (source.d_in, source.d_out) == (128, 128)
+    calls = []
+    handle = vlm.adapter.unembed().register_forward_hook(lambda *a: calls.append(1))
+    try:
+        batch = next(iter(source.batches(TrainState())))
+    finally:
+        handle.remove()
+    assert calls == []  # the forward stopped before the language model's layers
+    # Two images of 4x4 patches: 32 patch rows, plus the CLS row of each image if asked;
+    # the projector drops CLS, so it always has 32.
+    assert [x.shape for x in batch.xs] == [(34 if special else 32, 128), (32, 128)]
+    inputs = vlm.prepare(["a", "b"], images=[[_image(0)], [_image(1)]])
+    # The rows are the cached activation's patch rows, in (image, row, col) order.
+    _, cache = vlm.run_with_cache(inputs, names=HOOKS)
+    first = cache[HOOKS[0]]
+    want = first.reshape(-1, 128) if special else first[:, 1:].reshape(-1, 128)
+    got = source._rows(inputs, HOOKS[0], first, 128)
+    torch.testing.assert_close(got, want)
+
+
+def _image(i: int):  # type: ignore[no-untyped-def]
+    from tests.conftest import random_image
+
+    return random_image(64, 64, i)

@@ -1,0 +1,214 @@
+"""Training from an activation store: the same CLT as on the fly, bit-exact resume across
+epochs with shuffling, token selection, SAEs, and the checks that run before training."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from vlmscope.capture import ActivationStore
+from vlmscope.cli import build_parser
+from vlmscope.models.hooked import HookedVLM
+from vlmscope.training.bundle import DictionaryBundle
+from vlmscope.training.capture import capture, config_from_capture_args
+from vlmscope.training.config import TrainConfig, parse_train_args
+from vlmscope.training.sources import ActivationBatch, TrainState
+from vlmscope.training.trainer import Trainer, TrainingError, train
+
+DATA = "shapes:48"
+CLT = "--sae.transcode --sae.n_targets 2 --sae.expansion-factor 2 --sae.k 4 --batch-size 4"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory, zoo_path: Any, llava: HookedVLM) -> Path:
+    """resid_mid, mlp.hook_out and resid_post of every layer, in small shards."""
+    out = tmp_path_factory.mktemp("store") / "s"
+    argv = (
+        f"capture {zoo_path('llava')} {DATA} --out {out} --batch-size 4 --max-tokens 0 "
+        "--shard-mb 0.05 --hookpoints lm.blocks.*.hook_resid_mid lm.blocks.*.mlp.hook_out "
+        "lm.blocks.*.hook_resid_post"
+    )
+    capture(
+        config_from_capture_args(build_parser().parse_args(argv.split())), llava, progress=False
+    )
+    return out
+
+
+def states(path: Path) -> dict[str, torch.Tensor]:
+    return DictionaryBundle.load(path).state_dict()
+
+
+def metrics(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_clt_from_the_store_equals_the_clt_trained_on_the_fly(
+    tmp_path: Path, zoo_path: Any, llava: HookedVLM, store: Path
+) -> None:
+    """Same seed, same token order (capture order, batches of the same samples)."""
+    base = f"{zoo_path('llava')} {DATA} {CLT} --max-steps 8 --save-every 4 --output-dir {tmp_path}"
+    live = train(parse_train_args(f"{base} --run-name live".split()), llava, progress=False)
+    cfg = parse_train_args(
+        f"{base} --run-name stored --activations {store} --shuffle-buffer-mb 0".split()
+    )
+    stored = train(cfg, progress=False)
+    assert (stored.step, stored.tokens) == (live.step, live.tokens) == (8, live.tokens)
+    a, b = states(live.dictionaries), states(stored.dictionaries)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
+    la, lb = metrics(live.run_dir), metrics(stored.run_dir)
+    assert [m["loss"] for m in la] == pytest.approx([m["loss"] for m in lb], abs=1e-6)
+    bundle = DictionaryBundle.load(stored.dictionaries)
+    bundle.check_model(llava.adapter)  # provenance recorded as on the fly
+    assert bundle.model_info["data"] == {"dataset": DATA, "split": "train", "seed": 0}
+    assert bundle.model_info["activations"]["tokens"] == ActivationStore(store).n_tokens
+
+
+def test_resume_from_a_store_is_bit_exact_across_shuffled_epochs(
+    tmp_path: Path, store: Path
+) -> None:
+    flags = (
+        f"--activations {store} --sae.kind transcoder --sae.expansion-factor 2 --sae.k 4 "
+        f"--batch-size 4 --epochs 2 --max-tokens 0 --save-every 4 --log-every 1 "
+        f"--shuffle-buffer-mb 0.1 --output-dir {tmp_path}"
+    )
+    full = train(parse_train_args(f"{flags} --run-name full".split()), progress=False)
+    per_epoch = ActivationStore(store).selected_tokens()
+    assert full.tokens == 2 * per_epoch  # every token of both epochs, once each
+    cfg = parse_train_args(f"{flags} --run-name crashed".split())
+    trainer = Trainer(cfg, progress=False)
+    read = trainer.source.batches
+
+    def crash_after_nine(state: TrainState) -> Iterator[ActivationBatch]:
+        for i, batch in enumerate(read(state)):
+            if i == 9:
+                raise RuntimeError("simulated crash")
+            yield batch
+
+    trainer.source.batches = crash_after_nine  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer.fit()
+    saved = json.loads((tmp_path / "crashed" / "checkpoint" / "state.json").read_text())
+    assert saved["train_state"]["step"] == 8 and saved["train_state"]["epoch"] == 0
+    resumed = train(
+        parse_train_args(f"{flags} --run-name crashed --resume".split()), progress=False
+    )
+    assert (resumed.step, resumed.tokens) == (full.step, full.tokens)
+    a, b = states(full.dictionaries), states(resumed.dictionaries)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ma, mb = metrics(full.run_dir), metrics(resumed.run_dir)
+    assert [m["loss"] for m in ma] == [m["loss"] for m in mb]
+
+
+def test_tokens_by_modality_the_seed_clt_flags_and_an_sae(
+    tmp_path: Path, store: Path, llava: HookedVLM
+) -> None:
+    st = ActivationStore(store)
+    res = train(
+        parse_train_args(
+            f"--activations {store} --sae.transcode --sae.n_targets 16 --sae.expansion-factor 2 "
+            f"--sae.k 4 --tokens image --epochs 2 --max-tokens 0 --output-dir {tmp_path} "
+            "--run-name img".split()
+        ),
+        progress=False,
+    )
+    assert res.tokens == 2 * st.manifest["modality_tokens"]["image"]
+    bundle = DictionaryBundle.load(res.dictionaries)
+    assert bundle.clt is not None  # source l writes to layers l..2: the window is clamped
+    assert [tuple(layer.W_dec.shape) for layer in bundle.clt.layers] == [
+        (128, 3, 64),
+        (128, 2, 64),
+        (128, 1, 64),
+    ]
+    assert bundle.model_info["tokens"] == "image"
+    sae = train(
+        parse_train_args(
+            f"--activations {store} --hookpoints lm.blocks.*.hook_resid_post --sae.k 4 "
+            f"--sae.expansion-factor 1 --max-steps 3 --output-dir {tmp_path} --run-name sae".split()
+        ),
+        progress=False,
+    )
+    b = DictionaryBundle.load(sae.dictionaries)
+    assert b.kind == "sae" and b.reads == [f"lm.blocks.{i}.hook_resid_post" for i in range(3)]
+    b.check_model(llava.adapter)
+
+
+def edited(store: Path, to: Path, change: Any) -> Path:
+    shutil.copytree(store, to)
+    manifest = json.loads((to / "manifest.json").read_text())
+    change(manifest)
+    (to / "manifest.json").write_text(json.dumps(manifest))
+    return to
+
+
+def test_stores_that_do_not_fit_the_run_are_refused_before_training(
+    tmp_path: Path, store: Path, zoo_path: Any
+) -> None:
+    out = f"--output-dir {tmp_path / 'runs'} --max-steps 2"
+
+    def refused(flags: str, match: str) -> None:
+        with pytest.raises(TrainingError, match=match):
+            Trainer(parse_train_args(f"{flags} {out}".split()), progress=False)
+
+    refused(f"toy --activations {store} {CLT}", r"captured from model .*llava.* not from 'toy'")
+    refused(
+        f"{zoo_path('llava')} other.jsonl --activations {store} {CLT}",
+        "captured from dataset 'shapes:48', not 'other.jsonl'",
+    )
+    refused(f"--activations {tmp_path / 'nothing'}", "does not exist")
+    no_post = edited(
+        store,
+        tmp_path / "a",
+        lambda m: [m["hooks"].pop(f"lm.blocks.{i}.hook_resid_post") for i in range(3)],
+    )
+    refused(f"--activations {no_post} --sae.k 4", "holds no hook_resid_post hook that this sae")
+    refused(
+        f"--activations {no_post} --sae.k 4 --layers 1 2",
+        r"lacks \[lm.blocks.1.hook_resid_post, lm.blocks.2.hook_resid_post\] that this sae",
+    )
+    refused(f"--activations {store} {CLT} --layers 3", r"--layers \[3\] do not exist")
+    text = edited(store, tmp_path / "b", lambda m: m["data"].update(tokens="text"))
+    refused(
+        f"--activations {text} {CLT} --tokens image",
+        "asks for image tokens, which the store .* does not hold.*--tokens text",
+    )
+    unfinished = edited(store, tmp_path / "c", lambda m: m.update(complete=False))
+    refused(f"--activations {unfinished} {CLT}", "did not finish.*--resume")
+    with pytest.raises(ValueError, match=r"--loss-fn ce splices .* --activations"):
+        TrainConfig(
+            activations=str(store),
+            loss_fn="ce",
+            sae=parse_train_args(f"--activations {store} {CLT}".split()).sae,
+        )
+    shard = sorted(store.glob("shard-*"))[5]
+    corrupt = edited(store, tmp_path / "d", lambda m: None)
+    data = bytearray((corrupt / shard.name).read_bytes())
+    data[-3] ^= 0x55
+    (corrupt / shard.name).write_bytes(bytes(data))
+    with pytest.raises(TrainingError, match=rf"{shard.name} is corrupted.*checkpoint is intact"):
+        train(
+            parse_train_args(
+                f"--activations {corrupt} {CLT} --shuffle-buffer-mb 0 --run-name "
+                f"x --epochs 1 {out}".split()
+            ),
+            progress=False,
+        )
+
+
+def test_epochs_end_on_the_fly_training_after_whole_passes(
+    tmp_path: Path, zoo_path: Any, llava: HookedVLM
+) -> None:
+    base = f"{zoo_path('llava')} shapes:8 {CLT} --output-dir {tmp_path}"
+    res = train(parse_train_args(f"{base} --epochs 2 --max-steps 100".split()), llava,
+                progress=False)  # fmt: skip
+    assert res.step == 4  # 2 passes of 2 batches of 4 samples
+    with pytest.raises(TrainingError, match="--epochs alone gives on-the-fly training no budget"):
+        Trainer(parse_train_args(f"{base} --epochs 2 --max-tokens 0 --run-name b".split()), llava)

@@ -1,0 +1,1 @@
+"""Feature dashboards: top-activating examples, density, histograms and logit effects."""

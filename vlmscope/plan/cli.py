@@ -1,0 +1,168 @@
+"""`vlmscope plan`: predict a job's peak memory and time before running it.
+
+    vlmscope plan --attribute MODEL DICTIONARIES --positions N --gpu-mem GB
+
+MODEL is a zoo name, `toy`, a local model folder or a hub name (only its config is read);
+DICTIONARIES a dictionary folder (only its config) or a spec of hypothetical dictionaries on
+every layer: `clt:LATENTS:K[:N_TARGETS][:DTYPE]` or `transcoder:LATENTS:K[:DTYPE]`. The plan
+prints the parts on the device and the host, the batch it picks and the time it expects, and
+writes them as JSON with --out. Modes are a mutually exclusive group (`--attribute` today);
+another planner adds its flag there and a branch in `run_plan_command`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
+    """Flags of `vlmscope plan`; returns the group of modes, for other planners to join."""
+    modes = parser.add_mutually_exclusive_group(required=True)
+    modes.add_argument(
+        "--attribute",
+        nargs=2,
+        metavar=("MODEL", "DICTIONARIES"),
+        help="plan `vlmscope attribute` of MODEL (zoo name, toy, folder or hub name: config "
+        "only) with DICTIONARIES (a folder: config only; or a spec such as clt:32768:32 for a "
+        "CLT on every layer with 32768 latents, k = 32, all later targets; "
+        "clt:F:K:N_TARGETS:bfloat16 sets the window and dtype)",
+    )
+    a = parser.add_argument_group("attribution")
+    a.add_argument("--positions", type=int, default=None, help="prompt length in tokens")
+    a.add_argument(
+        "--replaced",
+        type=int,
+        default=None,
+        help="positions the dictionaries replace (default: all of them, the worst case)",
+    )
+    a.add_argument(
+        "--unique-fraction",
+        type=float,
+        default=1.0,
+        help="distinct active features per layer as a fraction of min(latents, active "
+        "features); 1 (default) is the worst case, trained CLTs repeat features far more",
+    )
+    a.add_argument(
+        "--max-feature-nodes", type=int, default=4096, help="features explored (default 4096)"
+    )
+    a.add_argument("--max-n-logits", type=int, default=10, help="logit targets (default 10)")
+    a.add_argument(
+        "--dtype", default=None, help="model dtype (default: the config's, else float32)"
+    )
+    a.add_argument(
+        "--batch-size",
+        default="auto",
+        help="copies per backward batch, or auto: the largest that fits (default)",
+    )
+    a.add_argument(
+        "--offload",
+        default="auto",
+        choices=["auto", "none", "cpu", "disk"],
+        help="what the replay does not run (MLPs, vision tower, embeddings) and the decoder "
+        "rows go to the host (cpu) or disk; auto: the least that fits (default)",
+    )
+    r = parser.add_argument_group("budget and rates")
+    r.add_argument("--gpu-mem", type=float, default=80.0, help="device memory, GB (default 80)")
+    r.add_argument("--host-mem", type=float, default=None, help="host memory, GB (default: any)")
+    r.add_argument(
+        "--tflops",
+        type=float,
+        default=300.0,
+        help="sustained matmul TFLOP/s for the time estimate (default 300: H100-class bf16)",
+    )
+    r.add_argument(
+        "--link-gbs", type=float, default=20.0, help="host-device GB/s (default 20: PCIe)"
+    )
+    parser.add_argument("--out", default=None, help="write the plan as JSON here")
+    return modes
+
+
+def run_plan_command(args: argparse.Namespace) -> int:
+    """Run `vlmscope plan`; 0 when the job fits, 1 when it does not, 2 for bad input."""
+    if args.attribute is not None:
+        return _plan_attribution(args)
+    print("vlmscope plan: error: choose a mode (--attribute)", file=sys.stderr)
+    return 2
+
+
+def _plan_attribution(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
+    from transformers.utils import logging as hf_logging
+
+    from vlmscope.plan.attribution import Rates, choose, shape_from_config
+    from vlmscope.plan.memory import GB
+    from vlmscope.training.trainer import resolve_model_path
+
+    model, dictionaries = args.attribute
+    if args.positions is None or args.positions < 1:
+        print("vlmscope plan: error: --positions N (>= 1) is required", file=sys.stderr)
+        return 2
+    batch = args.batch_size
+    if batch != "auto" and (not str(batch).isdigit() or int(batch) < 1):
+        print(f"vlmscope plan: error: --batch-size {batch}: give auto or N >= 1", file=sys.stderr)
+        return 2
+    hf_logging.set_verbosity_error()
+    try:
+        shape = shape_from_config(
+            resolve_model_path(model),
+            dictionaries,
+            args.positions,
+            dtype=args.dtype,
+            max_feature_nodes=args.max_feature_nodes,
+            n_logits=args.max_n_logits,
+            replaced=args.replaced,
+            unique_fraction=args.unique_fraction,
+        )
+    except (OSError, ValueError, KeyError) as e:
+        print(f"vlmscope plan: error: {e}", file=sys.stderr)
+        return 2
+    offload = None if args.offload == "none" else args.offload
+    rates = Rates(flops=args.tflops * 1e12, link_bandwidth=args.link_gbs * 1e9)
+    c = choose(
+        shape,
+        args.gpu_mem * GB,
+        batch=batch,
+        offload=offload,
+        host_budget=None if args.host_mem is None else args.host_mem * GB,
+        rates=rates,
+    )
+    print(
+        f"attribution of {shape.positions} positions: {shape.n_layers} layers, "
+        f"{shape.n_units} dictionary layers of {shape.latents} latents, "
+        f"{shape.n_active:,} active features ({sum(shape.unique):,} distinct), "
+        f"{min(shape.max_feature_nodes, shape.n_active)} explored"
+    )
+    print(c.plan.table())
+    total_s = sum(c.seconds.values())
+    print(
+        f"\npeak device {c.device_peak / GB:.1f} GB of {args.gpu_mem:g} GB "
+        f"({'fits' if c.fits else 'does NOT fit'}); host {c.host_peak / GB:.1f} GB; "
+        f"batch {c.batch}, offload {c.offload or 'none'}"
+    )
+    print(
+        "expected time: "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in c.seconds.items())
+        + f"; total {total_s:.0f} s (at {args.tflops:g} TFLOP/s, {args.link_gbs:g} GB/s)"
+    )
+    if args.out:
+        from vlmscope.files import write_text_atomically
+
+        out = {
+            "mode": "attribute",
+            "model": model,
+            "dictionaries": dictionaries,
+            "shape": shape.to_dict(),
+            "plan": c.plan.to_dict(),
+            "device_peak_gb": c.device_peak / GB,
+            "host_peak_gb": c.host_peak / GB,
+            "fits": c.fits,
+            "seconds": c.seconds,
+        }
+        write_text_atomically(Path(args.out), json.dumps(out, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0 if c.fits else 1

@@ -1,0 +1,574 @@
+"""`vlmscope capture`: run the model over a dataset once and write what it reads to a store.
+
+The model, data and token flags are `vlmscope train`'s own (generated from TrainConfig and
+validated by it), and the data path is the live source's: the same reader, chat template,
+batches, masks and bad-record counting, so the tokens captured are exactly those on-the-fly
+training would select. Per batch, one forward pass with hooks records every stored hook at
+the selected tokens; `capture/writer.py` cuts the stream into shards and the manifest is
+rewritten (atomically, after each shard) to list the complete ones with the cursor that resumes
+after them. The capture reads the dataset once (or until --max-tokens).
+
+Phases: (1) the output folder (locked, empty, or a store to resume with the same settings),
+(2) the data, then the model, (3) the hooks and their widths (a probe forward), (4) the loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlmscope.capture import (
+    DTYPES,
+    MANIFEST,
+    StoreError,
+    StoreWriter,
+    build_manifest,
+    bytes_per_token,
+    config_sha256,
+    read_manifest,
+    recipe_bytes_per_token,
+    token_metadata,
+    write_manifest,
+)
+from vlmscope.capture.layout import dtype_name
+from vlmscope.data.processing import SkipCounter
+from vlmscope.dictionaries import NonFiniteError, check_finite
+from vlmscope.files import FolderLockedError, lock_folder
+from vlmscope.models.hooked import HookContext, HookedVLM
+from vlmscope.models.masks import TokenMasks
+from vlmscope.progress import progress_bar
+from vlmscope.training.bundle import mlp_out, resid_mid
+from vlmscope.training.config import (
+    _HELP,
+    TrainConfig,
+    _add_fields,
+    config_from_args,
+)
+from vlmscope.training.errors import TrainingError
+from vlmscope.training.sources import LiveSource, TrainState, hookpoint_names
+
+__all__ = [
+    "CaptureConfig",
+    "CaptureResult",
+    "add_capture_arguments",
+    "capture",
+    "run_capture_command",
+]
+
+#: TrainConfig fields that `vlmscope capture` shares with `vlmscope train`.
+SHARED_FLAGS = (
+    "layers",
+    "hookpoints",
+    "tokens",
+    "include_special_tokens",
+    "batch_size",
+    "max_tokens",
+    "ctx_len",
+    "device",
+    "seed",
+    "schema",
+    "split",
+    "image_root",
+    "columns",
+    "strict",
+    "workers",
+)
+
+_CAPTURE_HELP = {
+    "layers": "LM layers to capture (default: all): their resid_mid and mlp.hook_out, what "
+    "transcoders and CLTs read and write; with --hookpoints, keeps those layers' matches",
+    "hookpoints": "hook-point patterns to store instead, lm.* per-token hooks, e.g. "
+    "'lm.blocks.*.hook_resid_post' for SAEs (widths may differ)",
+    "tokens": "which token positions to store; training can later select among them",
+    "include_special_tokens": "also store BOS and chat-template control tokens",
+    "seed": "seed of the generated shapes dataset (shapes / shapes:N)",
+    "max_tokens": "stop after the batch that reaches this many stored tokens (0: the whole "
+    "dataset, once)",
+}
+
+#: data settings that a resumed capture must share with the capture it continues.
+_DATA_KEYS = (
+    "dataset",
+    "split",
+    "schema",
+    "columns",
+    "image_root",
+    "seed",
+    "ctx_len",
+    "batch_size",
+    "tokens",
+    "include_special_tokens",
+)
+
+
+@dataclass
+class CaptureConfig:
+    """`vlmscope capture`: `run` holds the flags shared with train (its dtype is the model's)."""
+
+    run: TrainConfig
+    out: str
+    dtype: str = ""
+    shard_mb: float = 256.0
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype and self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not (self.shard_mb > 0 and math.isfinite(self.shard_mb)):
+            raise ValueError(f"--shard-mb must be > 0, got {self.shard_mb}")
+        if not self.out:
+            raise ValueError("--out DIR is required: the folder the store is written to")
+
+
+@dataclass
+class CaptureResult:
+    folder: Path
+    manifest: dict[str, Any]
+    seconds: float
+    #: tokens captured by this process (a resumed capture counts only its own).
+    new_tokens: int
+    skips: SkipCounter
+
+
+# --- phases ------------------------------------------------------------------------------------
+def _open_folder(cfg: CaptureConfig) -> dict[str, Any] | None:
+    """The manifest to resume from (None: a fresh store); refuses to overwrite anything."""
+    folder = Path(cfg.out)
+    manifest = None
+    if (folder / MANIFEST).exists():
+        try:
+            manifest = read_manifest(folder)
+        except StoreError as e:
+            raise TrainingError(str(e)) from None
+    if manifest is not None and not cfg.resume:
+        state = (
+            "a complete store"
+            if manifest["complete"]
+            else f"an unfinished capture ({len(manifest['shards'])} shards)"
+        )
+        raise TrainingError(
+            f"{folder} already holds {state}; pass --resume to continue it, or choose another --out"
+        )
+    if manifest is None:
+        others = [p.name for p in folder.iterdir() if not p.name.startswith(".")]
+        if others:
+            raise TrainingError(
+                f"--out {folder} is not empty and holds no store ({', '.join(sorted(others)[:3])}"
+                f"{', ...' if len(others) > 3 else ''}): choose an empty or new folder"
+            )
+        if cfg.resume:
+            warnings.warn(f"--resume: no store in {folder}; starting fresh", stacklevel=3)
+    return manifest
+
+
+def _remove_leftovers(folder: Path, manifest: dict[str, Any] | None) -> None:
+    """Temporaries of a killed writer, and shards it wrote after its last manifest (the
+    resumed capture writes them again)."""
+    listed = {s["file"] for s in (manifest or {}).get("shards", [])}
+    for p in folder.iterdir():
+        if p.name.startswith(".") and ".tmp-" in p.name:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        elif p.name.startswith("shard-") and p.name not in listed:
+            p.unlink()
+
+
+def capture_hooks(cfg: TrainConfig, vlm: HookedVLM) -> list[str]:
+    """The hooks to store, in forward order: resid_mid and mlp.hook_out of --layers, or the
+    --hookpoints matches (within --layers when given)."""
+    if cfg.tower != "lm":
+        raise TrainingError(
+            f"--tower {cfg.tower}: the store keeps language-model token positions only; train "
+            "vision-tower dictionaries on the fly (vlmscope train --tower vision ...)"
+        )
+    n = vlm.adapter.n_layers
+    bad = [layer for layer in cfg.layers if layer >= n]
+    if bad:
+        raise TrainingError(f"--layers {bad} do not exist: the model has {n} layers (0..{n - 1})")
+    layers = sorted(cfg.layers) if cfg.layers else list(range(n))
+    if not cfg.hookpoints:
+        return vlm.hook_names([h for i in layers for h in (resid_mid(i), mlp_out(i))])
+    names = hookpoint_names(cfg.hookpoints, vlm)
+    vision = [h for h in names if not h.startswith("lm.")]
+    if vision:
+        raise TrainingError(
+            f"--hookpoints {cfg.hookpoints} match {vision[:4]}: the store keeps language-model "
+            "token positions only; train vision and projector dictionaries on the fly "
+            "(vlmscope train --hookpoints ...)"
+        )
+    if cfg.layers:
+        names = [h for h in names if int(h.split(".")[2]) in layers]
+        if not names:
+            raise TrainingError(f"--hookpoints {cfg.hookpoints} match nothing in --layers {layers}")
+    return names
+
+
+def _hook_widths(vlm: HookedVLM, names: list[str]) -> dict[str, int]:
+    """Per-token width of each hook (heads flattened), read off one tiny forward pass."""
+    _, cache = vlm.run_with_cache(vlm.prepare(["a"]), names=names, mask="all")
+    return {name: int(cache[name].flatten(1).shape[1]) for name in names}
+
+
+def _header(cfg: CaptureConfig, vlm: HookedVLM, widths: dict[str, int]) -> dict[str, Any]:
+    """Everything the manifest says about the store besides its shards."""
+    run = cfg.run
+    store_dtype = DTYPES[cfg.dtype] if cfg.dtype else vlm.dtype
+    if store_dtype not in DTYPES.values():
+        store_dtype = torch.float32
+    config = vlm.model.config
+    per_token = bytes_per_token(widths, store_dtype)
+    layers = sorted({int(h.split(".")[2]) for h in widths})
+    sizes: dict[str, Any] = {"bytes_per_token": per_token}
+    if not run.hookpoints:  # the transcoder pairs: compare with the per-layer recipe layout
+        recipe = recipe_bytes_per_token(len(layers), vlm.adapter.d_model, store_dtype, 16)
+        sizes["recipe_bytes_per_token_window16"] = recipe
+    return {
+        "model": {
+            "name": run.model,
+            "revision": getattr(config, "_commit_hash", None),
+            "config_sha256": config_sha256(config.to_dict()),
+            "family": vlm.adapter.family,
+            "dims": vlm.adapter.dims(),
+            "dtype": str(vlm.dtype).removeprefix("torch."),
+        },
+        "data": {k: getattr(run, k) for k in _DATA_KEYS} | {"max_tokens": run.max_tokens},
+        "hooks": {h: {"width": w, "layer": int(h.split(".")[2])} for h, w in widths.items()},
+        "layers": layers,
+        "dtype": dtype_name(store_dtype),
+        "shard_tokens": max(1, int(cfg.shard_mb * 2**20) // per_token),
+        "sizes": sizes,
+    }
+
+
+def _check_same_capture(old: Mapping[str, Any], new: Mapping[str, Any], folder: Path) -> None:
+    """A resumed capture must write the same kind of tokens as the one it continues."""
+    diff = []
+    for key in ("model", "hooks", "dtype", "shard_tokens"):
+        if old.get(key) != new[key]:
+            diff.append(f"{key}: {_brief(old.get(key))} -> {_brief(new[key])}")
+    for key in _DATA_KEYS:
+        if old["data"].get(key) != new["data"][key]:
+            diff.append(
+                f"--{key.replace('_', '-')}: {old['data'].get(key)!r} -> {new['data'][key]!r}"
+            )
+    if diff:
+        raise TrainingError(
+            f"--resume with settings that differ from the capture in {folder}: "
+            + "; ".join(diff)
+            + " (use the original flags, or another --out)"
+        )
+
+
+def _brief(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) < 80 else text[:77] + "..."
+
+
+# --- the capture ---------------------------------------------------------------------------------
+def capture(
+    cfg: CaptureConfig, vlm: HookedVLM | None = None, progress: bool = True
+) -> CaptureResult:
+    """Capture a store as configured (see `vlmscope capture --help`); resumable."""
+    folder = Path(cfg.out)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = lock_folder(folder, "activation store")
+    except FolderLockedError as e:
+        raise TrainingError(str(e)) from None
+    except OSError as e:
+        raise TrainingError(f"cannot write to --out {folder}: {e}") from e
+    try:
+        return _capture(cfg, folder, vlm, progress)
+    finally:
+        lock.release()
+
+
+def _capture(
+    cfg: CaptureConfig, folder: Path, vlm: HookedVLM | None, progress: bool
+) -> CaptureResult:
+    old = _open_folder(cfg)
+    if old is not None and old["complete"]:
+        print(f"{folder} is already a complete store; nothing to capture")
+        return CaptureResult(folder, old, 0.0, 0, SkipCounter())
+    _remove_leftovers(folder, old)
+    if cfg.run.pack:
+        raise TrainingError(
+            "--pack: capture stores whole samples with their positions; capture without it "
+            "(packed text trains on the fly: vlmscope train --pack)"
+        )
+    run = dataclasses.replace(cfg.run, epochs=1, pack=False)  # one pass, sample by sample
+    source = LiveSource(run)
+    source.open_data()
+    source.bind_model(vlm)
+    model = source._model()
+    names = capture_hooks(run, model)
+    header = _header(cfg, model, _hook_widths(model, names))
+    if old is not None:
+        _check_same_capture(old, header, folder)
+    mine = (old or {}).get("writers", {}).get("0", {})
+    resume = mine.get("resume") or {}
+    state = TrainState(rows=int(resume.get("rows", 0)))
+    sample = int(resume.get("sample", 0))
+    stream = int(resume.get("tokens", 0))  # index of the next token in the capture's stream
+    source.skips = SkipCounter(
+        dict(resume.get("skips", {})),
+        {k: list(v) for k, v in resume.get("skip_examples", {}).items()},
+    )
+
+    def record(w: StoreWriter, done: bool = False) -> dict[str, Any]:
+        cursor = w.resume or {}
+        return {
+            "shards": w.shards,
+            "resume": w.resume,
+            "done": done,
+            "samples": sample if done else int(cursor.get("sample", 0)),
+            "skips": dict(source.skips.counts) if done else cursor.get("skips", {}),
+            "skip_examples": (
+                {k: list(v) for k, v in source.skips.examples.items()}
+                if done
+                else cursor.get("skip_examples", {})
+            ),
+        }
+
+    def on_shard(w: StoreWriter) -> None:
+        write_manifest(folder, build_manifest(header, {0: record(w)}, complete=False))
+
+    writer = StoreWriter(
+        folder,
+        {h: v["width"] for h, v in header["hooks"].items()},
+        DTYPES[header["dtype"]],
+        header["shard_tokens"],
+        shards=[s for s in (old or {}).get("shards", []) if s["rank"] == 0],
+        drop=int(resume.get("drop", 0)),
+        on_shard=on_shard,
+    )
+    if old is None:
+        write_manifest(folder, build_manifest(header, {0: record(writer)}, complete=False))
+    names = list(header["hooks"])
+    budget = run.max_tokens
+    bar = progress_bar(
+        total=budget or None,
+        initial=stream,
+        unit="tok",
+        unit_scale=True,
+        disable=not progress,
+        desc=f"capture {folder.name}",
+        dynamic_ncols=True,
+    )
+    start, new_tokens = time.perf_counter(), 0
+    try:
+        cursor = _cursor(state.rows, sample, stream, source.skips)
+        for batch, after in source._model_batches(state):
+            rows_after = after["rows"]
+            masks = batch.masks if batch.masks is not None else model.masks(batch.inputs)
+            positions = masks.select(run.tokens, include_special=run.include_special_tokens)
+            tensors = _activations(model, batch.inputs, masks, positions, names)
+            for h in names:
+                try:
+                    check_finite(h, tensors[h])
+                except NonFiniteError as e:
+                    raise TrainingError(
+                        f"{e} (batch rows {batch.row_ids[:4]}); the {len(writer.shards)} "
+                        "complete shards and the manifest are intact"
+                    ) from None
+            tensors |= token_metadata(masks, positions, sample, batch.positions)
+            samples = [
+                (sample + i, batch.positions[i], batch.row_ids[i]) for i in range(batch.size)
+            ]
+            n = int(tensors["meta.sample"].shape[0])
+            writer.add(tensors, samples, cursor)
+            sample += batch.size
+            stream += n
+            state.tokens = stream
+            new_tokens += n
+            bar.update(n)
+            cursor = _cursor(rows_after, sample, stream, source.skips)
+            if budget and stream >= budget:
+                break
+        writer.finish()
+        manifest = build_manifest(header, {0: record(writer, done=True)}, complete=True)
+        write_manifest(folder, manifest)
+    except StoreError as e:
+        raise TrainingError(str(e)) from None
+    finally:
+        bar.close()
+    return CaptureResult(folder, manifest, time.perf_counter() - start, new_tokens, source.skips)
+
+
+class _StopForward(Exception):
+    """Raised once the last layer a stored hook belongs to has run: the rest is not needed."""
+
+
+def _activations(
+    vlm: HookedVLM,
+    inputs: Mapping[str, torch.Tensor],
+    masks: TokenMasks,
+    positions: torch.Tensor,
+    names: list[str],
+) -> dict[str, torch.Tensor]:
+    """Every stored hook at the selected tokens, [n, width] on the CPU, in the order of a
+    masked activation cache. The forward pass stops after the last layer that holds a stored
+    hook: the later layers and the logits would be computed for nothing."""
+    pos = positions.to(vlm.device)
+    got: dict[str, torch.Tensor] = {}
+
+    def keep(t: torch.Tensor, ctx: HookContext) -> None:
+        got[ctx.name] = t.detach()[pos].flatten(1).cpu()
+
+    def stop(*_: Any) -> None:
+        raise _StopForward
+
+    last = max(int(h.split(".")[2]) for h in names)
+    with torch.no_grad(), vlm.hooks([(h, keep) for h in names], masks=masks):
+        # Registered after the stored hooks, so it runs after those on the same block.
+        handle = vlm.adapter.block(last).register_forward_hook(stop)
+        try:
+            vlm.forward(inputs, masks=masks)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+    return got
+
+
+def _cursor(rows: int, sample: int, tokens: int, skips: SkipCounter) -> dict[str, Any]:
+    """What regenerates the stream from the next batch on (see capture/writer.py)."""
+    return {
+        "rows": rows,
+        "sample": sample,
+        "tokens": tokens,
+        "skips": dict(skips.counts),
+        "skip_examples": {k: list(v) for k, v in skips.examples.items()},
+    }
+
+
+# --- command line -----------------------------------------------------------------------------
+def add_capture_arguments(p: argparse.ArgumentParser) -> None:
+    """`vlmscope capture` flags: train's model/data/token flags plus the store's own."""
+    p.add_argument("model", help=_HELP["model"])
+    p.add_argument("dataset", help=_HELP["dataset"])
+    p.add_argument(
+        "--out",
+        required=True,
+        help="folder the store is written to (new or empty, or a store to --resume)",
+    )
+    _add_fields(p, TrainConfig, only=SHARED_FLAGS, help_texts=_CAPTURE_HELP)
+    p.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default=argparse.SUPPRESS,
+        help="dtype of the stored activations (default: the model's)",
+    )
+    p.add_argument(
+        "--model-dtype",
+        choices=tuple(DTYPES),
+        default=argparse.SUPPRESS,
+        help="dtype the model runs in (default: the checkpoint's own)",
+    )
+    p.add_argument(
+        "--shard-mb",
+        type=float,
+        default=argparse.SUPPRESS,
+        help="size of each shard file in MB (default: 256)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted capture in --out after its last complete "
+        "shard (the finished store is the same as an uninterrupted one's)",
+    )
+
+
+def config_from_capture_args(ns: argparse.Namespace) -> CaptureConfig:
+    """CaptureConfig from parsed flags; the shared flags are validated by TrainConfig."""
+    own = {"out", "dtype", "shard_mb", "resume", "model_dtype"}
+    values = {k: v for k, v in vars(ns).items() if k not in own and k in _train_fields()}
+    values["dtype"] = getattr(ns, "model_dtype", "")
+    run = config_from_args(argparse.Namespace(**values, max_steps=0, epochs=1))
+    return CaptureConfig(
+        run, ns.out, getattr(ns, "dtype", ""), getattr(ns, "shard_mb", 256.0), ns.resume
+    )
+
+
+def _train_fields() -> set[str]:
+    return {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def run_capture_command(args: argparse.Namespace) -> int:
+    parser = args.parser
+    try:
+        cfg = config_from_capture_args(args)
+    except ValueError as e:
+        parser.error(str(e).replace("invalid training config", "invalid capture config"))
+    from vlmscope.data.processing import SkipRecord
+    from vlmscope.data.sources import BadRecordError
+
+    try:
+        res = capture(cfg)
+    except (TrainingError, BadRecordError, SkipRecord) as e:  # the last two: --strict
+        print(f"vlmscope capture: error: {e}", file=sys.stderr)
+        return 1
+    print_capture_table(res)
+    return 0
+
+
+def print_capture_table(res: CaptureResult) -> None:
+    """The store's contents and the capture's speed as a short table."""
+    m = res.manifest
+    mb = m["bytes"] / 2**20
+    per_tok = m["sizes"]["bytes_per_token"]
+    rows = [
+        ("store", str(res.folder)),
+        (
+            "model",
+            f"{m['model']['name']} ({m['model']['family']}, config "
+            f"{m['model']['config_sha256'][:12]})",
+        ),
+        ("hooks", f"{len(m['hooks'])} ({', '.join(list(m['hooks'])[:2])}, ...), {m['dtype']}"),
+        (
+            "tokens",
+            f"{m['tokens']:,} ("
+            + ", ".join(f"{v:,} {k}" for k, v in m["modality_tokens"].items())
+            + f") from {m['samples']:,} samples",
+        ),
+        ("shards", f"{len(m['shards'])} files, {mb:,.1f} MB"),
+        ("disk per token", f"{per_tok:,} bytes"),
+    ]
+    recipe = m["sizes"].get("recipe_bytes_per_token_window16")
+    if recipe:
+        rows.append(
+            (
+                "per-layer .pt recipe",
+                f"{recipe:,} bytes per token "
+                f"({recipe / per_tok:.1f}x ours; x + 16 stacked MLP outputs per layer)",
+            )
+        )
+    if res.new_tokens and res.seconds > 0:
+        rows.append(
+            (
+                "captured",
+                f"{res.new_tokens:,} tokens in {res.seconds:.1f} s "
+                f"({res.new_tokens / res.seconds:,.0f} tokens/s)",
+            )
+        )
+    skipped = sum(m["writers"]["0"]["skips"].values()) if m["writers"] else 0
+    rows.append(("skipped records", str(skipped)))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    if res.skips.total:
+        print(res.skips.summary())
+    print(f"\nmanifest: {res.folder / MANIFEST}")

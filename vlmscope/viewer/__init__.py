@@ -1,0 +1,1 @@
+"""`vlmscope serve`: the local graph explorer and feature cards (server + static page)."""
