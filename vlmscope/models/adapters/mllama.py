@@ -34,6 +34,7 @@ from vlmscope.models.adapter import Capabilities, LayerMap, ModelAdapter
 from vlmscope.models.adapters.llava import non_grid_cells
 from vlmscope.models.masks import ImageTokenMismatchError
 from vlmscope.models.registry import register_adapter
+from vlmscope.models.vision import VisionLayoutError
 
 CROSS_LAYER = LayerMap(
     attn="cross_attn",
@@ -109,3 +110,37 @@ class MllamaAdapter(ModelAdapter):
                     cells[1:, 2], cells[1:, 3] = r.reshape(-1), c.reshape(-1)
                 rows.append(cells)
         return torch.cat(rows)
+
+    def vision_layout(
+        self, inputs: Mapping[str, Any], name: str, shape: tuple[int, ...]
+    ) -> torch.Tensor:
+        """(image, tile, row, col) of every row of a vision hook: per sample, image slot and
+        tile, its CLS row (-1), its g x g patches, then the rows the encoder pads each tile
+        with (vision blocks only: to a multiple of 8) and every row of a padding tile or image
+        slot (-2; image -1 for a padding slot). Images are numbered over the batch."""
+        g = self.tile_grid()
+        p = 1 + g * g
+        pv = inputs["pixel_values"]
+        n_b, n_img, n_tiles = (int(n) for n in pv.shape[:3])
+        total = int(torch.Size(shape).numel())
+        per = total // max(1, n_b * n_img * n_tiles)
+        if per < p or per * n_b * n_img * n_tiles != total:
+            raise VisionLayoutError(
+                f"{name}: activation of shape {list(shape)} (width left out) does not hold "
+                f"{n_b} x {n_img} x {n_tiles} tiles of at least {p} rows"
+            )
+        real = self.images_per_sample(inputs)
+        used = inputs["aspect_ratio_mask"]
+        r = torch.arange(g * g)
+        out, image = [], 0
+        for b in range(n_b):
+            for k in range(n_img):
+                for t in range(n_tiles):
+                    cells = torch.full((per, 4), -2, dtype=torch.long)
+                    cells[:, 0], cells[:, 1] = (image if k < real[b] else -1), t
+                    if k < real[b] and bool(used[b, k, t]):
+                        cells[0, 2:] = -1  # the tile's CLS token
+                        cells[1:p, 2], cells[1:p, 3] = r // g, r % g
+                    out.append(cells)
+                image += int(k < real[b])
+        return torch.cat(out)
