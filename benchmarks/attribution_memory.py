@@ -158,10 +158,10 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     if args.plan_llava7b:
         cfg = llava7b_config_dir(work / "llava-1.5-7b-config")
-        cmd = [sys.executable, "-m", "vlmscope", "plan", "--attribute", str(cfg),
+        cmd = [sys.executable, "-m", "vlmscope", "plan", "attribute", str(cfg),
                "clt:32768:32:bfloat16", "--positions", "1000", "--gpu-mem", "80",
                "--dtype", "bfloat16", "--out", str(work / "llava7b-plan.json")]  # fmt: skip
-        print("$ vlmscope plan --attribute <LLaVA-1.5-7B config> clt:32768:32:bfloat16 "
+        print("$ vlmscope plan attribute <LLaVA-1.5-7B config> clt:32768:32:bfloat16 "
               "--positions 1000 --gpu-mem 80 --dtype bfloat16", flush=True)  # fmt: skip
         subprocess.run(cmd, check=False, cwd=ROOT)
         return

@@ -84,13 +84,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.parser.error(str(e))
     _quiet_transformers()
     from vlmscope.data.sources import BadRecordError
+    from vlmscope.training.distributed import AgreedError
     from vlmscope.training.trainer import TrainingError, train
 
+    main_rank = os.environ.get("RANK", "0") == "0"  # torchrun: only rank 0 reports
     try:
         result = train(cfg)
     except (TrainingError, BadRecordError) as e:  # BadRecordError: --strict stopped the run
-        print(f"vlmscope train: error: {e}", file=sys.stderr)
+        if main_rank or not isinstance(e, AgreedError):  # an agreed error is the same on all
+            print(f"vlmscope train: error: {e}", file=sys.stderr)
         return 1
+    if not main_rank:
+        return 0
     print_unit_table(result.fvu_per_unit, result.l0_per_unit, result.dead_per_unit)
     print(f"\n{result.step} steps, {result.tokens} tokens; dictionaries in {result.dictionaries}")
     return 0
@@ -311,11 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser(
         "plan",
-        help="predict peak device/host memory and time of a job, and the batch that fits",
-        description="Plan a job before running it, from configs only (no weights are read): "
-        "the memory it holds on the device and the host, part by part, the largest batch "
-        "that fits a memory budget, and the time to expect. Example: vlmscope plan "
-        "--attribute llava-hf/llava-1.5-7b-hf clt:32768:32 --positions 1000 --gpu-mem 80",
+        help="predict a job's peak memory per device and host, and what fits (attribute, train)",
+        description="Plan a job before running it, from configs only (no weights are read, no "
+        "GPU needed): the memory it holds on each device and the host, part by part, whether "
+        "it fits and what to change when it does not. Examples: vlmscope plan attribute "
+        "llava-hf/llava-1.5-7b-hf clt:32768:32 --positions 1000 --gpu-mem 80; vlmscope plan "
+        "train ./Qwen2.5-VL-72B/config.json --gpus 8 --gpu-mem 80 --sae.kind clt "
+        "--shard-model fsdp --distribute-modules",
     )
     from vlmscope.plan.cli import add_plan_arguments
 

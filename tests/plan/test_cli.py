@@ -1,4 +1,4 @@
-"""`vlmscope plan --attribute`: a table, JSON, and the exit status says whether it fits."""
+"""`vlmscope plan attribute`: a table, JSON, and the exit status says whether it fits."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ def test_plan_command(tmp_path: Path, capsys: Any) -> None:
     from vlmscope.cli import main
 
     out = tmp_path / "plan.json"
-    argv = ["plan", "--attribute", "toy", "clt:512:8", "--positions", "40", "--gpu-mem", "1"]
+    argv = ["plan", "attribute", "toy", "clt:512:8", "--positions", "40", "--gpu-mem", "1"]
     assert main([*argv, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "attention patterns" in printed and "fits" in printed

@@ -977,6 +977,8 @@ class Dataset:
         self.start = start
         self._loader = loader
         self.stats = BadRecordStats()
+        #: rows (by position) this view reads; others are passed over before any decoding.
+        self.keep: Callable[[int], bool] | None = None
         self.on_batch: BatchHook | None = None
         """Debug hook: called with the number of rows each time Arrow rows become Python."""
 
@@ -1015,6 +1017,14 @@ class Dataset:
         view.stats = BadRecordStats(max_examples=self.stats.max_examples)
         return view
 
+    def select(self, keep: Callable[[int], bool]) -> Dataset:
+        """A view that reads only the rows whose position satisfies `keep` (e.g. one rank's
+        share of the data); the others are passed over without being converted or loaded."""
+        view = copy.copy(self)
+        view.keep = keep
+        view.stats = BadRecordStats(max_examples=self.stats.max_examples)
+        return view
+
     # -- iteration
 
     def __iter__(self) -> Iterator[Record]:
@@ -1040,6 +1050,9 @@ class Dataset:
                     continue
             position += remaining
             for index, raw in enumerate(src.rows(remaining, wanted, self.on_batch), remaining):
+                if self.keep is not None and not self.keep(position):
+                    position += 1
+                    continue
                 row_id = f"{src.name}:{index}"
                 self.stats.rows += 1
                 try:

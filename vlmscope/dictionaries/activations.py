@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vlmscope.dictionaries import batchstats
 from vlmscope.dictionaries.config import ACTIVATION_NAMES, SparseCoderConfig
 
 
@@ -218,7 +219,13 @@ class BatchTopK(SparseActivation):
         return SparseCodes(values, indices, self.num_latents)
 
     def _mask(self, acts: Tensor, pre: Tensor) -> Tensor:
-        """[N, F] bool: the kept entries (batch top k*N in training, above threshold in eval)."""
+        """[N, F] bool: the kept entries (batch top k*N in training, over all data-parallel
+        ranks' rows when distributed; above threshold in eval)."""
+        if self.training and batchstats.active():
+            mask, kept_min = self._global_mask(acts)
+            if self.track_statistics:
+                self._record_threshold(kept_min)
+            return mask
         if self.training:
             n_keep = min(self.k * pre.shape[0], acts.numel())
             flat = acts.flatten()
@@ -237,11 +244,30 @@ class BatchTopK(SparseActivation):
         return pre > self.threshold
 
     @torch.no_grad()
+    def _global_mask(self, acts: Tensor) -> tuple[Tensor, Tensor]:
+        """Data-parallel training: the k * N largest activations of the global batch (N its
+        rows over all ranks), found by an exact distributed selection; and the smallest kept
+        positive activation over all ranks (inf if none)."""
+        n_rows = batchstats.rows(acts.shape[0], acts.device)
+        n_keep = min(self.k * n_rows, n_rows * self.num_latents)
+        cut = batchstats.kth_largest(acts, n_keep) if n_keep else acts.new_tensor(torch.inf)
+        mask = (acts >= cut) & (acts > 0)
+        kept = acts[mask]
+        local_min = kept.min() if kept.numel() else acts.new_tensor(torch.inf)
+        return mask, batchstats.all_min(local_min.float())
+
+    @torch.no_grad()
     def _update_threshold(self, kept: Tensor) -> None:
         positive = kept[kept > 0]
         if positive.numel() == 0:
             return
-        value = positive.min().to(self.threshold.dtype)
+        self._record_threshold(positive.min())
+
+    @torch.no_grad()
+    def _record_threshold(self, smallest_kept: Tensor) -> None:
+        if not bool(torch.isfinite(smallest_kept)):
+            return  # nothing positive was kept
+        value = smallest_kept.to(self.threshold.dtype)
         self.num_updates += 1
         if self.momentum == 0.0:
             # Running mean over steps: t_n = t_{n-1} + (v - t_{n-1}) / n.
@@ -338,6 +364,8 @@ class JumpReLU(SparseActivation):
         """Mean per row of L0 = sum_i H(z_i - t_i), differentiable in the threshold only."""
         self._check(pre)
         step = _StepFn.apply(pre, self.threshold.to(pre.dtype), self.bandwidth)
+        if batchstats.active():  # this rank's share of the global batch's mean
+            return step.sum() / batchstats.rows(pre.shape[0], pre.device)
         return step.sum(dim=1).mean()
 
     def export_threshold(self) -> Tensor | None:

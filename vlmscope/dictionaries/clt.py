@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlmscope.dictionaries import batchstats
 from vlmscope.dictionaries.activations import Gather, SparseCodes, build_activation
 from vlmscope.dictionaries.coder import (
     check_finite,
@@ -153,7 +154,7 @@ class CrossLayerTranscoder(nn.Module):
             if self.cfg.normalize_activations == "mean_norm":
                 layer.input_scale.fill_(mean_norm_scale(x))
                 layer.output_scale.fill_(mean_norm_scale(y))
-            layer.b_dec.copy_((y.float() * layer.output_scale).mean(dim=0))
+            layer.b_dec.copy_(batchstats.mean_rows(y.float() * layer.output_scale))
             fit_init_to_data_(layer, self._scale_in(layer, x), None)
 
     # ---------------------------------------------------------------- properties
@@ -446,7 +447,7 @@ class CrossLayerTranscoder(nn.Module):
         total = pres[0].new_zeros((), dtype=torch.float32)
         for e_hat, y_n, r_n in zip(e_hats, ys_n, recons_n, strict=True):
             residual = (y_n - r_n).detach().float()
-            sst = (y_n.float() - y_n.float().mean(dim=0)).pow(2).sum()
+            sst = batchstats.total_variance(y_n)
             err = (e_hat.float() - residual).pow(2).sum()
             total = total + err / sst.clamp_min(torch.finfo(sst.dtype).tiny)
         return scale * total

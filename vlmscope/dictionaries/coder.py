@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlmscope.dictionaries import batchstats
 from vlmscope.dictionaries.activations import Gather, SparseCodes, build_activation
 from vlmscope.dictionaries.config import SparseCoderConfig
 from vlmscope.dictionaries.kernels import centred_linear, gathered_pre, sparse_decode
@@ -57,7 +58,7 @@ def fvu(target: Tensor, reconstruction: Tensor) -> Tensor:
     """
     target = target.float()
     sse = (target - reconstruction.float()).pow(2).sum()
-    sst = (target - target.mean(dim=0)).pow(2).sum()
+    sst = batchstats.total_variance(target)  # over the global batch when data-parallel
     return sse / sst.clamp_min(torch.finfo(sst.dtype).tiny)
 
 
@@ -207,7 +208,7 @@ class SparseCoder(nn.Module):
         if self.cfg.normalize_activations == "mean_norm":
             self.input_scale.fill_(mean_norm_scale(x))
             self.output_scale.fill_(mean_norm_scale(target))
-        self.b_dec.copy_((target.float() * self.output_scale).mean(dim=0))
+        self.b_dec.copy_(batchstats.mean_rows(target.float() * self.output_scale))
         fit_init_to_data_(self, self._scale_in(x), self.b_dec if self.cfg.kind == "sae" else None)
 
     # ---------------------------------------------------------------- properties
@@ -265,7 +266,7 @@ class SparseCoder(nn.Module):
             dead = self.dead_mask()
             self._update_dead(codes, x.shape[0])
             if self.cfg.aux_k_coeff > 0:
-                sst = (target_n.float() - target_n.float().mean(dim=0)).pow(2).sum()
+                sst = batchstats.total_variance(target_n)
                 auxk = auxk_loss(
                     pre,
                     dead,
@@ -388,9 +389,16 @@ class SparseCoder(nn.Module):
 
 
 def update_dead_counter_(counter: Tensor, codes: SparseCodes, n_rows: int) -> None:
-    """Add n_rows to every latent's counter and reset those active in `codes` to 0."""
-    counter += n_rows
-    counter[codes.indices[codes.active()]] = 0
+    """Add n_rows to every latent's counter and reset those active in `codes` to 0 (over the
+    global batch when data-parallel: its rows, and latents active on any rank)."""
+    if not batchstats.active():
+        counter += n_rows
+        counter[codes.indices[codes.active()]] = 0
+        return
+    fired = torch.zeros(counter.shape, dtype=torch.int32, device=counter.device)
+    fired[codes.indices[codes.active()]] = 1
+    counter += batchstats.rows(n_rows, counter.device)
+    counter[batchstats.all_max(fired).bool()] = 0
 
 
 @torch.no_grad()
@@ -419,7 +427,8 @@ def fit_init_to_data_(unit: Any, x_n: Tensor, centre: Tensor | None) -> None:
     """
     act = unit.activation
     xc = x_n if centre is None else x_n - centre
-    unit.b_enc.copy_(-(xc.mean(dim=0) @ unit.W_enc.T))
+    # Means and sums over the global batch when data-parallel, so every rank inits the same.
+    unit.b_enc.copy_(-(batchstats.mean_rows(xc).to(unit.W_enc.dtype) @ unit.W_enc.T))
     if centre is None or act.name == "jumprelu":
         return
     was_training, was_tracking = act.training, act.track_statistics
@@ -431,7 +440,8 @@ def fit_init_to_data_(unit: Any, x_n: Tensor, centre: Tensor | None) -> None:
         act.train(was_training)
         act.track_statistics = was_tracking
     recon = sparse_decode(codes.values, codes.indices, unit.W_dec).float()
-    scale = float((xc.float() * recon).sum() / recon.pow(2).sum().clamp_min(1e-30))
+    dot = batchstats.all_sum((xc.float() * recon).sum())
+    scale = float(dot / batchstats.all_sum(recon.pow(2).sum()).clamp_min(1e-30))
     if math.isfinite(scale) and scale > 0:
         unit.W_enc.mul_(scale)
         unit.b_enc.mul_(scale)
@@ -446,7 +456,12 @@ def random_unit_rows(like: Tensor) -> Tensor:
 
 def mean_norm_scale(x: Tensor) -> float:
     """sqrt(width) / mean row L2 norm: scales x so that its mean row norm is sqrt(width)."""
-    mean_norm = float(x.float().norm(dim=1).mean())
+    norms = x.float().norm(dim=1)
+    mean_norm = (
+        float(batchstats.mean_rows(norms[:, None])[0])
+        if batchstats.active()
+        else float(norms.mean())
+    )
     if not mean_norm > 0:
         raise ValueError("cannot estimate a normalisation scale from all-zero activations")
     return math.sqrt(x.shape[1]) / mean_norm

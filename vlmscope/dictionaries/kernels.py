@@ -65,7 +65,9 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
     _check(values, indices, W_dec)
     n_rows, width = values.shape
     if width == 0 or n_rows == 0:
-        return W_dec.new_zeros(n_rows, W_dec.shape[1])
+        # Zeros still connected to W_dec, so it gets a (zero) gradient like every other
+        # parameter: a data-parallel rank with no rows must reduce the same gradients.
+        return values.new_zeros(n_rows, 0, dtype=W_dec.dtype) @ W_dec[:0]
     if W_dec.is_cuda and os.environ.get("VLMSCOPE_TRITON", "0") == "1":
         from vlmscope.dictionaries import triton_kernels
 

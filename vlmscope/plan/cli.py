@@ -1,34 +1,57 @@
-"""`vlmscope plan`: predict a job's peak memory and time before running it.
+"""`vlmscope plan`: predict a job's peak memory and time before running it (no GPU needed).
 
-    vlmscope plan --attribute MODEL DICTIONARIES --positions N --gpu-mem GB
+    vlmscope plan attribute MODEL DICTIONARIES --positions N --gpu-mem GB
+    vlmscope plan train MODEL --gpus N --gpu-mem GB [training flags]
 
-MODEL is a zoo name, `toy`, a local model folder or a hub name (only its config is read);
-DICTIONARIES a dictionary folder (only its config) or a spec of hypothetical dictionaries on
-every layer: `clt:LATENTS:K[:N_TARGETS][:DTYPE]` or `transcoder:LATENTS:K[:DTYPE]`. The plan
-prints the parts on the device and the host, the batch it picks and the time it expects, and
-writes them as JSON with --out. Modes are a mutually exclusive group (`--attribute` today);
-another planner adds its flag there and a branch in `run_plan_command`.
+MODEL is a zoo name, `toy`, a local model folder or config.json, or a hub name (only its config
+is read; the model is built on the meta device). For `attribute`, DICTIONARIES is a dictionary
+folder (only its config) or a spec of hypothetical dictionaries on every layer:
+`clt:LATENTS:K[:N_TARGETS][:DTYPE]` or `transcoder:LATENTS:K[:DTYPE]`. Each planner prints the
+parts on the device and the host and whether they fit, and writes them as JSON with --out. The
+exit status is 0 when the job fits, 1 when it does not, 2 for bad input. A new planner adds a
+subcommand here and a module beside `attribution.py` and `training.py`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Any
+
+from vlmscope.training.config import SaeArgs, TrainConfig, add_config_flags
 
 
-def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
-    """Flags of `vlmscope plan`; returns the group of modes, for other planners to join."""
-    modes = parser.add_mutually_exclusive_group(required=True)
-    modes.add_argument(
-        "--attribute",
-        nargs=2,
-        metavar=("MODEL", "DICTIONARIES"),
-        help="plan `vlmscope attribute` of MODEL (zoo name, toy, folder or hub name: config "
-        "only) with DICTIONARIES (a folder: config only; or a spec such as clt:32768:32 for a "
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    """The subcommands of `vlmscope plan` and their flags."""
+    sub = parser.add_subparsers(dest="plan_cmd", required=True, metavar="PLAN")
+    a = sub.add_parser(
+        "attribute",
+        help="memory and time of `vlmscope attribute`, and the batch and offloading that fit",
+        description="Plan `vlmscope attribute` of MODEL with DICTIONARIES from configs alone.",
+    )
+    _add_attribute_arguments(a)
+    t = sub.add_parser(
+        "train",
+        help="per-GPU memory and tokens per step of `vlmscope train` on N GPUs",
+        description="Plan `vlmscope train MODEL ...` on --gpus GPUs: per-GPU memory of the "
+        "model (replicated or FSDP-sharded), the dictionaries, optimiser state and "
+        "activations, and what to change when it does not fit. Takes train's flags.",
+    )
+    _add_train_arguments(t)
+
+
+def _add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model", help="zoo name, toy, folder or hub name of the model (its config is read)"
+    )
+    parser.add_argument(
+        "dictionaries",
+        help="a dictionary folder (its config is read), or a spec such as clt:32768:32 for a "
         "CLT on every layer with 32768 latents, k = 32, all later targets; "
-        "clt:F:K:N_TARGETS:bfloat16 sets the window and dtype)",
+        "clt:F:K:N_TARGETS:bfloat16 sets the window and dtype",
     )
     a = parser.add_argument_group("attribution")
     a.add_argument("--positions", type=int, default=None, help="prompt length in tokens")
@@ -65,7 +88,12 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse._MutuallyExc
         "rows go to the host (cpu) or disk; auto: the least that fits (default)",
     )
     r = parser.add_argument_group("budget and rates")
-    r.add_argument("--gpu-mem", type=float, default=80.0, help="device memory, GB (default 80)")
+    r.add_argument(
+        "--gpu-mem",
+        type=float,
+        default=80.0,
+        help="memory of one device, GB (default 80)",
+    )
     r.add_argument("--host-mem", type=float, default=None, help="host memory, GB (default: any)")
     r.add_argument(
         "--tflops",
@@ -77,15 +105,64 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse._MutuallyExc
         "--link-gbs", type=float, default=20.0, help="host-device GB/s (default 20: PCIe)"
     )
     parser.add_argument("--out", default=None, help="write the plan as JSON here")
-    return modes
+
+
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "model",
+        help="a model folder or its config.json (no weights needed), or a "
+        "zoo name; the model is built on the meta device to count its parameters",
+    )
+    p.add_argument("--gpus", type=int, default=1, help="GPUs (ranks) in total (default: 1)")
+    p.add_argument(
+        "--gpu-mem",
+        type=float,
+        default=80.0,
+        help="memory of one GPU, GB (default: 80)",
+    )
+    p.add_argument(
+        "--tokens-per-sample",
+        type=int,
+        default=0,
+        help="average tokens of one sample (default: --ctx-len, the worst case)",
+    )
+    p.add_argument("--out", default="", help="also write the plan as JSON to this file")
+    add_config_flags(p)
 
 
 def run_plan_command(args: argparse.Namespace) -> int:
     """Run `vlmscope plan`; 0 when the job fits, 1 when it does not, 2 for bad input."""
-    if args.attribute is not None:
-        return _plan_attribution(args)
-    print("vlmscope plan: error: choose a mode (--attribute)", file=sys.stderr)
-    return 2
+    if args.plan_cmd == "train":
+        return _plan_training(args)
+    return _plan_attribution(args)
+
+
+def _plan_training(args: argparse.Namespace) -> int:
+    from vlmscope.plan.memory import GB, GiB
+    from vlmscope.plan.training import plan_training
+
+    values: dict[str, Any] = {}
+    sae: dict[str, Any] = {}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for key, v in vars(args).items():
+        if key.startswith("sae."):
+            sae[key[4:]] = v
+        elif key in fields and key not in ("model", "dataset"):
+            values[key] = v
+    try:
+        cfg = TrainConfig(model=args.model, sae=SaeArgs(**sae), **values)
+        plan = plan_training(
+            args.model, cfg, args.gpus, args.gpu_mem * GB / GiB, args.tokens_per_sample
+        )
+    except (ValueError, OSError) as e:
+        print(f"vlmscope plan: error: {e}", file=sys.stderr)
+        return 2
+    print(plan.report())
+    if args.out:
+        from vlmscope.files import write_text_atomically
+
+        write_text_atomically(Path(args.out), json.dumps(plan.to_dict(), indent=1) + "\n")
+    return 0 if plan.fits else 1
 
 
 def _plan_attribution(args: argparse.Namespace) -> int:
@@ -98,7 +175,7 @@ def _plan_attribution(args: argparse.Namespace) -> int:
     from vlmscope.plan.memory import GB
     from vlmscope.training.trainer import resolve_model_path
 
-    model, dictionaries = args.attribute
+    model, dictionaries = args.model, args.dictionaries
     if args.positions is None or args.positions < 1:
         print("vlmscope plan: error: --positions N (>= 1) is required", file=sys.stderr)
         return 2

@@ -189,6 +189,10 @@ class TrainConfig:
     columns: list[str] = field(default_factory=list)
     strict: bool = False
     workers: int = 0
+    dist_timeout: float = 600.0
+    distribute_modules: bool = False
+    shard_model: str = "none"
+    autocast: str = "auto"
     allow_outside_image_root: bool = False
     pack: bool | None = None
     activations: str = ""
@@ -218,6 +222,19 @@ class TrainConfig:
             raise bad(
                 f"--run-name must be one folder name inside --output-dir (no path separators, "
                 f"not '.' or '..'), got {self.run_name!r}"
+            )
+        if not self.dist_timeout > 0 or not math.isfinite(self.dist_timeout):
+            raise bad(
+                f"--dist-timeout must be a positive number of seconds, got {self.dist_timeout}"
+            )
+        if self.shard_model not in ("none", "fsdp"):
+            raise bad(f"--shard-model must be none or fsdp, got {self.shard_model!r}")
+        if self.autocast not in ("auto", "bf16", "off"):
+            raise bad(f"--autocast must be auto, bf16 or off, got {self.autocast!r}")
+        if self.distribute_modules and self.loss_fn != "fvu":
+            raise bad(
+                "--distribute-modules trains each layer's dictionary on its owner rank; "
+                "--loss-fn ce/kl splices all of them into one model: use --loss-fn fvu"
             )
         if not (self.shuffle_buffer_mb >= 0 and math.isfinite(self.shuffle_buffer_mb)):
             raise bad(f"--shuffle-buffer-mb must be >= 0, got {self.shuffle_buffer_mb}")
@@ -441,6 +458,16 @@ _HELP = {
     "columns": "source column names that differ from the schema's, as KEY=NAME with KEY one "
     f"of {', '.join(COLUMN_KEYS)} (e.g. --columns messages=conversation images=pictures)",
     "strict": "stop at the first bad record instead of skipping and counting it",
+    "distribute_modules": "with several processes: each rank holds the dictionaries of its "
+    "own share of the layers; activations go to their owner by all-to-all (see "
+    "training/modules.py; for a CLT no rank holds every layer's decoder)",
+    "shard_model": "none: every rank holds the whole frozen model; fsdp: shard its weights "
+    "over the ranks with FSDP2 fully_shard, each decoder layer gathered for its forward only "
+    "(for models larger than one GPU)",
+    "autocast": "auto: the model runs under bfloat16 autocast on CUDA, plain on CPU; bf16 / off "
+    "force it; dictionaries and their optimiser stay float32 either way",
+    "dist_timeout": "with several processes (torchrun): seconds a collective waits for the "
+    "other ranks before every rank stops with an error (a rank died or hangs)",
     "workers": "processes that preprocess records under the read-ahead thread that prepares "
     "batches while the previous one trains (0: that thread alone)",
     "activations": "train from an activation store written by `vlmscope capture` instead of "
@@ -463,6 +490,8 @@ _CHOICES: dict[str, Sequence[str]] = {
     "tower": TOWERS,
     "schema": ("auto", "llava", "chat", "processed", "text"),
     "dtype": ("float32", "bfloat16", "float16"),
+    "shard_model": ("none", "fsdp"),
+    "autocast": ("auto", "bf16", "off"),
 }
 
 
@@ -552,6 +581,11 @@ class SuggestingParser(argparse.ArgumentParser):
             if hints:
                 message += "\n  " + "\n  ".join(hints)
         super().error(message)
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """The TrainConfig flags without MODEL and DATASET (for commands that plan a training)."""
+    _add_fields(parser, TrainConfig)
 
 
 def build_train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

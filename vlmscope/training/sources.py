@@ -31,6 +31,7 @@ from vlmscope.data.processing import (
     SampleEncoder,
     SkipCounter,
     batches,
+    collate,
     encode_stream,
     prefetch,
 )
@@ -41,6 +42,7 @@ from vlmscope.models.masks import TokenMasks
 from vlmscope.models.vision import is_vision_hook, vision_row_mask
 from vlmscope.training.bundle import DictionaryBundle, mlp_out, resid_mid
 from vlmscope.training.config import TrainConfig, column_map, trainable_hook
+from vlmscope.training.distributed import Layout, shard_frozen_model
 from vlmscope.training.errors import TrainingError
 
 __all__ = [
@@ -271,12 +273,14 @@ class LiveSource:
     their widths). The cursor is the dataset row after the batch, within the current epoch.
     """
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, layout: Layout | None = None) -> None:
         self.cfg = cfg
+        self.layout = layout or Layout()
         self.skips = SkipCounter()
         self._bad_records: SkipCounter = self.skips
         self.dataset: Any = None
         self.vlm: HookedVLM | None = None
+        self._total_rows: int | None = None
 
     # --- phases --------------------------------------------------------------------------
     def open_data(self) -> None:
@@ -293,6 +297,8 @@ class LiveSource:
         cfg = self.cfg
         vlm = vlm if vlm is not None else load_model(cfg)
         vlm.model.requires_grad_(False)
+        if cfg.shard_model == "fsdp":
+            shard_frozen_model(vlm, self.layout)
         self.vlm = vlm
         self.device = vlm.device
         self.reads, self.writes, self.layers = bindings(cfg, vlm)
@@ -374,8 +380,20 @@ class LiveSource:
 
     # --- batches -----------------------------------------------------------------------------
     def batches(self, state: TrainState) -> Iterator[ActivationBatch]:
-        model_batches = self._packed_batches if self.packer is not None else self._model_batches
-        for batch, cursor in model_batches(state):
+        if self.layout.distributed:
+            parts = self._rank_batches(state)
+        elif self.packer is not None:
+            parts = self._packed_batches(state)
+        else:
+            parts = self._model_batches(state)
+        for batch, cursor in parts:
+            if batch is None:  # this rank's rows of the window all failed: a zero-row step
+                if self.cfg.shard_model == "fsdp":  # sharded layers gather in every forward
+                    self._model().forward(self._model().prepare(["a"]))
+                xs = [torch.zeros(0, self.d_in, device=self.device) for _ in self.reads]
+                ys = [torch.zeros(0, self.d_out, device=self.device) for _ in self.writes]
+                yield ActivationBatch(xs, ys, cursor)
+                continue
             xs, ys, out, masks, positions = self._activations(batch, state.step)
             spliced = None
             if self.cfg.loss_fn != "fvu":
@@ -386,6 +404,60 @@ class LiveSource:
                     return self._spliced_loss(bundle, loss_fn, batch, out.logits, masks, positions)
 
             yield ActivationBatch(xs, ys, cursor, list(batch.row_ids), spliced)
+
+    def _rank_batches(self, state: TrainState) -> Iterator[tuple[Batch | None, dict[str, int]]]:
+        """(this rank's batch or None, the cursor after the window) with several ranks.
+
+        Each micro-step reads a window of world * batch_size rows from the global cursor;
+        rank r takes rows [r * B, (r + 1) * B) of it (counted from the cursor, so a run resumed
+        with another world size re-cuts from where it stopped). Every rank yields one item per
+        window, so all ranks step together even when one rank's rows all fail to load."""
+        cfg, vlm, lay = self.cfg, self._model(), self.layout
+        pad = vlm.tokenizer.pad_token_id
+        pad_id = pad if pad is not None else 0
+        size, rank = cfg.batch_size, lay.rank
+        window = lay.world * size
+        if self._total_rows is None:
+            self._total_rows = int(self.dataset.count_rows())
+        total = self._total_rows
+        while not cfg.epochs or state.epoch < cfg.epochs:
+            start = state.rows
+            n_windows = -(-(total - start) // window) if total > start else 0
+
+            def mine(pos: int, start: int = start) -> bool:
+                return ((pos - start) // size) % lay.world == rank
+
+            data = self.dataset.skip(start).select(mine)
+            samples = encode_stream(
+                data, self.encoder, self.skips, strict=cfg.strict, workers=cfg.workers
+            )
+            pending = next(samples, None)
+            got, tokens_before = 0, state.tokens
+            for w in range(n_windows):
+                buf = []
+                while pending is not None and (pending.position - start) // window == w:
+                    buf.append(pending)
+                    pending = next(samples, None)
+                got += len(buf)
+                end = min(start + (w + 1) * window, total)
+                try:
+                    part = collate(buf, pad_id, masks=vlm.masks) if buf else None
+                except ProcessedDataError as e:  # pixel_values that cannot fit the tower
+                    raise TrainingError(str(e)) from None
+                yield part, {"rows": end}
+            if start == 0:  # a full pass: the same checks as one process, over all ranks
+                if lay.sum([float(got)]).item() == 0:
+                    raise TrainingError(
+                        f"dataset {cfg.dataset!r} produced no usable samples on any of the "
+                        f"{lay.world} ranks (rank {rank}: {self.skips.summary()})"
+                    )
+                if state.tokens == tokens_before:
+                    raise TrainingError(
+                        f"--tokens {cfg.tokens} selected no tokens in a full pass over "
+                        f"{cfg.dataset!r}{_NO_TOKENS_HINT[cfg.tokens]}"
+                    )
+            state.epoch += 1
+            state.rows = 0
 
     def _model_batches(self, state: TrainState) -> Iterator[tuple[Batch, dict[str, int]]]:
         """(batch, cursor after it) from the saved position, epoch after epoch."""
@@ -484,10 +556,13 @@ class LiveSource:
         positions = masks.select(self.cfg.tokens, include_special=self.cfg.include_special_tokens)
         names = list(dict.fromkeys(self.reads + self.writes))
         out: Any = None
-        if all(is_vision_hook(n) for n in names):
-            cache = self._vision_cache(batch, names, masks)
-        else:
-            out, cache = vlm.run_with_cache(batch.inputs, names=names, mask=positions, masks=masks)
+        with self._autocast():
+            if all(is_vision_hook(n) for n in names):
+                cache = self._vision_cache(batch, names, masks)
+            else:
+                out, cache = vlm.run_with_cache(
+                    batch.inputs, names=names, mask=positions, masks=masks
+                )
         rows = self._rows
         xs = [rows(batch.inputs, r, cache.get(r), self.d_in) for r in self.reads]
         ys = [rows(batch.inputs, w, cache.get(w), self.d_out) for w in self.writes]
@@ -504,6 +579,15 @@ class LiveSource:
                     f"{'...' if batch.size > 4 else ''}); the last checkpoint is intact"
                 ) from None
         return xs, ys, out, masks, positions
+
+    def _autocast(self) -> Any:
+        """bf16 autocast for the model forward (auto: on CUDA only); the activations handed
+        to the dictionaries are float32 either way."""
+        mode = self.cfg.autocast
+        on = mode == "bf16" or (mode == "auto" and self.device.type == "cuda")
+        if not on:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
     def _vision_cache(
         self, batch: Batch, names: list[str], masks: TokenMasks
@@ -556,19 +640,23 @@ class LiveSource:
         out_index = {name: i for i, name in enumerate(b.writes)}
         spliced = positions.to(self.device)
 
+        fp32 = torch.autocast(device_type=self.device.type, enabled=False)  # dictionaries
+
         def read(t: torch.Tensor, ctx: HookContext) -> None:
             i = index[ctx.name]
             x = t[spliced].float()
             inputs[i] = x
-            codes[i] = b.encode_unit(i, x)
+            with fp32:
+                codes[i] = b.encode_unit(i, x)
 
         def write(t: torch.Tensor, ctx: HookContext) -> torch.Tensor:
             i = out_index[ctx.name]
-            y = b.decode_unit(i, codes, inputs[i])
+            with fp32:
+                y = b.decode_unit(i, codes, inputs[i])
             return t.index_put((spliced,), y.to(t.dtype))
 
         hooks = [(r, read) for r in b.reads] + [(w, write) for w in b.writes]
-        with b.frozen_statistics():
+        with b.frozen_statistics(), self._autocast():
             logits = vlm.run_with_hooks(batch.inputs, hooks, masks=masks).logits.float()
         pos = positions.to(logits.device)
         if loss_fn == "kl":

@@ -10,18 +10,22 @@ before the model loads.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vlmscope.data.processing import SkipCounter
+from vlmscope.data.processing import SkipCounter, SkipRecord
+from vlmscope.data.sources import BadRecordError
+from vlmscope.dictionaries import SparseCoder
 from vlmscope.files import FolderLock, FolderLockedError, lock_folder
 from vlmscope.models.hooked import HookedVLM
 from vlmscope.progress import progress_bar
@@ -29,14 +33,19 @@ from vlmscope.training.bundle import DictionaryBundle
 from vlmscope.training.checkpoint import (
     find_checkpoint,
     load_checkpoint,
+    optimizer_to_flat,
+    parameter_names,
     remove_stale_temporaries,
     save_checkpoint,
     save_final_dictionaries,
 )
 from vlmscope.training.config import TrainConfig
+from vlmscope.training.distributed import Layout, collective_errors, rank_seed
 from vlmscope.training.errors import CheckpointError, TrainingError
 from vlmscope.training.logging import MetricsLogger
+from vlmscope.training.modules import ModuleShards, seed_units
 from vlmscope.training.sources import (
+    ActivationBatch,
     ActivationSource,
     LiveSource,
     TrainState,
@@ -72,21 +81,38 @@ class TrainResult:
     dead_per_unit: dict[str, float]
 
 
-def open_source(cfg: TrainConfig, vlm: HookedVLM | None = None) -> ActivationSource:
+def open_source(
+    cfg: TrainConfig, vlm: HookedVLM | None = None, layout: Layout | None = None
+) -> ActivationSource:
     """The source of cfg's activations, opened in order: the data first (a missing file fails
     in seconds, not after minutes of model loading), then the seed, then the model. With
+    several ranks the source reads this rank's share of each batch window, on its device.
     --activations: the store, checked against the run, then the seed."""
+    layout = layout or Layout()
+    device = layout.device(cfg.device)
+    if device != cfg.device:
+        cfg = dataclasses.replace(cfg, device=device)
     if cfg.activations:
+        if layout.distributed:
+            raise TrainingError(
+                "--activations with several processes is not supported yet: train from a "
+                "store in one process per run (or on the fly with torchrun)"
+            )
         from vlmscope.training.store_source import StoreSource
 
         store = StoreSource(cfg)
         store.open()
         torch.manual_seed(cfg.seed)
         return store
-    source = LiveSource(cfg)
+    source = LiveSource(cfg, layout)
     source.open_data()
     torch.manual_seed(cfg.seed)
     source.bind_model(vlm)
+    if layout.distributed and source.packer is not None:
+        raise TrainingError(
+            "--pack with several processes is not supported yet: train packed text in one "
+            "process, or without --pack"
+        )
     return source
 
 
@@ -116,40 +142,76 @@ class Trainer:
         vlm: HookedVLM | None = None,
         progress: bool = True,
         source: ActivationSource | None = None,
+        layout: Layout | None = None,
     ) -> None:
         self.cfg = cfg
         self.progress = progress
+        self.layout = lay = layout or Layout.from_environment(cfg.dist_timeout, cfg.device)
         self.run_name = cfg.run_name or _default_run_name(cfg)
         self.run_dir = Path(cfg.output_dir) / self.run_name
         self._lock: FolderLock | None = None
         self._created_run_dir = not self.run_dir.exists()
         try:
-            existing = self._prepare_run_dir()
-            self.source = source if source is not None else open_source(cfg, vlm)
+            # Rank 0 checks the run folder; every rank learns its verdict (a failure on any rank
+            # stops all of them with the same one-line error, never a hang).
+            found = self._phase(self._prepare_run_dir, main_only=True)
+            existing = lay.gather(str(found) if found is not None else None)[0]
+            existing = Path(existing) if existing is not None else None
+
+            def open_it() -> ActivationSource:
+                return source if source is not None else open_source(cfg, vlm, lay)
+
+            # Rank 0 first: it writes shared caches (the shapes world, zoo models) the others read.
+            first = self._phase(open_it, main_only=True)
+            rest = self._phase(open_it, others_only=True)
+            self.source = first if lay.is_main else rest
             self.device = self.source.device
             self.reads, self.writes, self.layers = (
                 self.source.reads,
                 self.source.writes,
                 self.source.layers,
             )
-            self._build_dictionaries()
+            self._phase(self._build_dictionaries)
             self.state = TrainState()
             if existing is not None:
-                self._restore(existing)
-            elif cfg.resume:
+                self._phase(lambda: self._restore(existing))
+            elif cfg.resume and lay.is_main:
                 warnings.warn(
                     f"--resume: no checkpoint in {self.run_dir}; starting fresh", stacklevel=2
                 )
+            if lay.distributed:
+                torch.manual_seed(rank_seed(cfg.seed, lay.rank))
         except BaseException:
             self.close()  # a run that never started leaves no lock and no empty folder
             raise
+
+    def _phase(self, fn: Any, main_only: bool = False, others_only: bool = False) -> Any:
+        """Run one construction phase (on rank 0 only, or on the others only), then let every
+        rank agree that it succeeded. One process: just `fn()`."""
+        lay = self.layout
+        if not lay.distributed:
+            return fn()
+        skip = (main_only and not lay.is_main) or (others_only and lay.is_main)
+        result, error = None, None
+        if not skip:
+            try:
+                result = fn()
+            except (TrainingError, BadRecordError) as e:
+                error = str(e)
+        lay.agree(error)
+        return result
 
     def close(self) -> None:
         """Release the run folder (and remove it if this run created it and wrote nothing)."""
         if self._lock is not None:
             self._lock.release()
             self._lock = None
-        if self._created_run_dir and self.run_dir.is_dir() and not any(self.run_dir.iterdir()):
+        if (
+            self.layout.is_main
+            and self._created_run_dir
+            and self.run_dir.is_dir()
+            and not any(self.run_dir.iterdir())
+        ):
             self.run_dir.rmdir()
 
     def __del__(self) -> None:
@@ -198,27 +260,65 @@ class Trainer:
 
     def _build_dictionaries(self) -> None:
         """Fresh dictionaries for the source's hooks and widths, and their optimiser."""
-        cfg, src = self.cfg, self.source
+        cfg, src, lay = self.cfg, self.source, self.layout
+        torch.manual_seed(cfg.seed)  # the same initial dictionaries whatever the source did
+        self.shards: ModuleShards | None = None
+        if cfg.distribute_modules and lay.distributed:
+            if cfg.sae.resolved_kind() == "clt":
+                raise TrainingError(
+                    "--distribute-modules with a CLT is designed (training/modules.py) but not "
+                    "implemented yet: train it data-parallel (drop the flag), with "
+                    "--shard-model fsdp if the model is large"
+                )
+            self.shards = ModuleShards(len(src.reads), lay)
         try:
-            self.bundle = DictionaryBundle.create(
-                cfg.sae.coder_config(),
-                src.reads,
-                src.writes,
-                src.d_in,
-                src.d_out,
-                src.model_info(),
-                device=self.device,
-            )
+            self.bundle = self._create_bundle("meta" if self.shards else self.device)
         except ValueError as e:
             raise TrainingError(_explain_size_error(cfg, src.d_in, e)) from None
+        if self.shards is not None:  # real tensors for this rank's units only
+            for i in self.shards.mine:
+                self.bundle.coders[i] = SparseCoder(self.bundle.coders[i].cfg, device=self.device)  # type: ignore[union-attr]
+        seed_units(self.bundle, cfg.seed, self.shards.mine if self.shards else None)
+        #: the dictionaries this rank trains: all (one process, DDP) or its units' only
+        self.trained = self.shards.sub_bundle(self.bundle) if self.shards else self.bundle
         self.lr = cfg.lr_for(self.bundle.cfg.num_latents)
-        self.optimizer = torch.optim.Adam(self.bundle.parameters(), lr=self.lr)
+        # The optimiser holds the parameters of the module that trains (DDP with several
+        # ranks; DDP has broadcast rank 0's initial weights to every rank).
+        self.model = self.trained if self.shards else lay.wrap(self.bundle)
+        # A rank that owns no distributed module still steps with the others (on nothing).
+        params = list(self.model.parameters()) or [torch.nn.Parameter(torch.zeros(0))]
+        self.optimizer = torch.optim.Adam(params, lr=self.lr)
+
+    def _create_bundle(self, device: Any) -> DictionaryBundle:
+        src = self.source
+        return DictionaryBundle.create(
+            self.cfg.sae.coder_config(),
+            src.reads,
+            src.writes,
+            src.d_in,
+            src.d_out,
+            src.model_info(),
+            device=device,
+        )
 
     def _restore(self, checkpoint: Path) -> None:
-        """Dictionaries, optimiser, RNG, counters and data cursor from a checkpoint."""
-        raw = load_checkpoint(checkpoint, self.bundle, self.optimizer)
+        """Dictionaries, optimiser, this rank's RNG, counters and data cursor."""
+        lay = self.layout
+        units = self.shards.mine if self.shards else None
+        raw = load_checkpoint(checkpoint, self.bundle, self.optimizer, rank=lay.rank, units=units)
+        saved_world = int(raw.get("world_size", 1))
+        if saved_world != lay.world and lay.is_main:
+            warnings.warn(
+                f"--resume with {lay.world} processes a run checkpointed with {saved_world}: "
+                "dictionaries, optimiser state, step, token count, skip counts and the data "
+                "cursor carry over; batches from here on are cut for "
+                f"{lay.world} ranks (a global batch of {lay.world} x --batch-size), so the run "
+                "is not bit-identical to one continued with the old world size",
+                stacklevel=2,
+            )
         self.state = TrainState(**raw["train_state"])
-        self.source.skips = SkipCounter(dict(self.state.skips), dict(self.state.skip_examples))
+        if lay.is_main:  # the saved counts are global; other ranks count their own from here
+            self.source.skips = SkipCounter(dict(self.state.skips), dict(self.state.skip_examples))
 
     # --- one step ----------------------------------------------------------------------------
     def _epoch_budget(self) -> int:
@@ -263,17 +363,21 @@ class Trainer:
             self.close()
 
     def _fit(self) -> TrainResult:
-        cfg, st, b = self.cfg, self.state, self.bundle
-        logger = MetricsLogger(
-            self.run_dir,
-            self.run_name,
-            cfg.to_dict(),
-            wandb=cfg.log_to_wandb,
-            tensorboard=cfg.log_to_tensorboard,
-            resume_step=st.step,
-            units=list(b.units),
-        )
-        (self.run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        cfg, st, b, lay = self.cfg, self.state, self.trained, self.layout
+        shards = self.shards
+        main = lay.is_main
+        logger = None
+        if main:  # rank 0 alone logs, shows progress and writes files
+            logger = MetricsLogger(
+                self.run_dir,
+                self.run_name,
+                cfg.to_dict(),
+                wandb=cfg.log_to_wandb,
+                tensorboard=cfg.log_to_tensorboard,
+                resume_step=st.step,
+                units=list(self.bundle.units),
+            )
+            (self.run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
         # The bar counts what ends the run: steps under --max-steps, else tokens.
         by_steps = cfg.max_steps > 0
         bar = progress_bar(
@@ -281,87 +385,106 @@ class Trainer:
             initial=st.step if by_steps else st.tokens,
             unit="step" if by_steps else "tok",
             unit_scale=not by_steps,
-            disable=not self.progress,
+            disable=not (self.progress and main),
             desc=self.run_name,
             dynamic_ncols=True,
         )
-        b.train()
+        self.model.train()
         micro = 0
         last: dict[str, Any] = {}
         t0, tok0 = time.perf_counter(), st.tokens
+        batches = iter(self.source.batches(st))
+        steps = collective_errors(lay, "a training step") if lay.distributed else nullcontext()
+        # Data parallel: dictionary statistics over all ranks. Distributed modules: an owner
+        # already holds the global batch of its units.
+        stats = lay.statistics() if shards is None else nullcontext()
         try:
-            for batch in self.source.batches(st):
-                if self._done():
-                    break
-                xs, ys, n_tok = batch.xs, batch.ys, batch.n_tokens
-                if n_tok == 0:
+            with steps, stats:
+                while True:
+                    batch, error = self._next_batch(batches)
+                    if (batch is None and error is None) or self._done():
+                        break
+                    n_local = batch.n_tokens if batch is not None else 0
+                    n_tok = self._step_status(n_local, error)
+                    assert batch is not None
+                    if n_tok == 0:
+                        self._commit(batch.cursor)
+                        continue
+                    xs, ys = batch.xs, batch.ys
+                    if shards is not None:
+                        xs, ys = shards.exchange(xs, ys)
+                        n_local = int(xs[0].shape[0]) if xs else 0
+                    if not st.initialized:
+                        b.init_from_data(xs, ys)
+                        st.initialized = True
+                    k = self._k_at(st.tokens)
+                    if k is not None:
+                        for act in b.activations():
+                            act.k = k  # type: ignore[assignment]
+                    syncs = (micro + 1) % cfg.grad_acc_steps == 0
+                    with lay.no_sync(self.model, skip=not syncs):
+                        res = self.model(xs, ys) if xs else None
+                        loss = self._loss(res, batch, n_local, n_tok)
+                        bad = None
+                        if not torch.isfinite(loss):
+                            bad = (
+                                f"step {st.step}: loss became {loss.item()} (batch rows "
+                                f"{batch.row_ids[:4]}); the last checkpoint is intact; try a "
+                                "lower --lr"
+                            )
+                        lay.agree(bad)
+                        # Each rank's loss is its share of the global batch's loss; DDP
+                        # averages gradients over ranks, so scale by the world size. An owner
+                        # of distributed modules has its units' whole loss.
+                        scale = (1 if shards else lay.world) / cfg.grad_acc_steps
+                        if res is not None:
+                            (loss * scale).backward()
+                    st.tokens += n_tok
                     self._commit(batch.cursor)
-                    continue
-                if not st.initialized:
-                    b.init_from_data(xs, ys)
-                    st.initialized = True
-                k = self._k_at(st.tokens)
-                if k is not None:
-                    for act in b.activations():
-                        act.k = k  # type: ignore[assignment]
-                res = b(xs, ys)
-                loss = res.loss
-                if cfg.loss_fn != "fvu":
-                    if batch.spliced_loss is None:
-                        raise TrainingError(
-                            f"--loss-fn {cfg.loss_fn} splices the dictionaries into the model; "
-                            "this source has no model: use --loss-fn fvu"
-                        )
-                    extra = res.loss - res.fvu  # AuxK and sparsity terms
-                    loss = batch.spliced_loss(b, cfg.loss_fn) + extra
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"step {st.step}: loss became {loss.item()} (batch rows "
-                        f"{batch.row_ids[:4]}); the last checkpoint is intact; try a lower --lr"
+                    if not by_steps:
+                        bar.update(n_tok)
+                    micro += 1
+                    if not syncs:
+                        continue
+                    lr = self._lr_at(st.tokens, st.step)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr
+                    if self.bundle.cfg.normalize_decoder:
+                        b.remove_gradient_parallel_to_decoder_directions()
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    if self.bundle.cfg.normalize_decoder:
+                        b.set_decoder_norm_to_unit_norm()
+                    st.step += 1
+                    if by_steps:
+                        bar.update(1)
+                    tps = (st.tokens - tok0) / (time.perf_counter() - t0)
+                    last = self._metrics(loss, res, lr, k, tps, n_local, n_tok)
+                    bar.set_postfix(
+                        loss=f"{last['loss']:.4f}", fvu=f"{last['fvu']:.3f}", tokens=st.tokens
                     )
-                (loss / cfg.grad_acc_steps).backward()
-                st.tokens += n_tok
-                self._commit(batch.cursor)
-                if not by_steps:
-                    bar.update(n_tok)
-                micro += 1
-                if micro % cfg.grad_acc_steps:
-                    continue
-                lr = self._lr_at(st.tokens, st.step)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                if b.cfg.normalize_decoder:
-                    b.remove_gradient_parallel_to_decoder_directions()
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                if b.cfg.normalize_decoder:
-                    b.set_decoder_norm_to_unit_norm()
-                st.step += 1
-                if by_steps:
-                    bar.update(1)
-                last = self._metrics(
-                    loss, res, lr, k, (st.tokens - tok0) / (time.perf_counter() - t0)
-                )
-                bar.set_postfix(
-                    loss=f"{last['loss']:.4f}", fvu=f"{last['fvu']:.3f}", tokens=st.tokens
-                )
-                if st.step % cfg.log_every == 0 or self._done():
-                    logger.log(last)
-                if st.step % cfg.save_every == 0:
-                    self._checkpoint()
-                if self._done():
-                    break
+                    if logger is not None and (st.step % cfg.log_every == 0 or self._done()):
+                        logger.log(last)
+                    if st.step % cfg.save_every == 0:
+                        self._checkpoint()
+                    if self._done():
+                        break
         finally:
             bar.close()
-            logger.close()
-        if micro % cfg.grad_acc_steps:
+            if logger is not None:
+                logger.close()
+        if micro % cfg.grad_acc_steps and main:
             warnings.warn("the data ended inside a gradient-accumulation cycle; its gradient "
                           "was dropped", stacklevel=2)  # fmt: skip
         self._checkpoint()
-        out_dir = save_final_dictionaries(self.run_dir, b)
-        if self.skips.total:
-            print(self.skips.summary())
-        units = b.units
+        out_dir = self.run_dir / "dictionaries"
+        full = self._assembled()
+        self._phase(lambda: save_final_dictionaries(self.run_dir, full), main_only=True)
+        skips = self._global_skips()
+        if skips.total and main:
+            print(skips.summary())
+        units = self.bundle.units
+        dead = last.get("dead_pct", [math.nan] * len(units))
         return TrainResult(
             self.run_dir,
             out_dir,
@@ -369,22 +492,88 @@ class Trainer:
             st.tokens,
             dict(zip(units, last.get("fvu_per_unit", [math.nan] * len(units)), strict=True)),
             dict(zip(units, last.get("l0_per_unit", [math.nan] * len(units)), strict=True)),
-            dict(zip(units, b.dead_fraction().tolist(), strict=True)),
+            dict(zip(units, [v / 100 for v in dead], strict=True)),
         )
 
+    def _next_batch(self, batches: Any) -> tuple[ActivationBatch | None, str | None]:
+        """The source's next batch, or the error it raised (with several ranks the error is
+        shared with the others before anyone stops; in one process it propagates as is)."""
+        try:
+            return next(batches), None
+        except StopIteration:
+            return None, None
+        except (TrainingError, BadRecordError, SkipRecord) as e:
+            if not self.layout.distributed:
+                raise
+            return None, str(e)
+
+    def _step_status(self, n_local: int, error: str | None) -> int:
+        """Tokens of this micro-step over all ranks; stops every rank if any rank failed."""
+        lay = self.layout
+        if not lay.distributed:
+            return n_local
+        counts = lay.sum([float(n_local), 0.0 if error is None else 1.0])
+        if counts[1].item():
+            lay.agree(error)
+        return int(counts[0].item())
+
+    def _loss(self, res: Any, batch: ActivationBatch, n_local: int, n_tok: int) -> torch.Tensor:
+        """The loss to minimise: the bundle's (already this rank's share of the global batch's)
+        or, for ce/kl, the spliced model's loss weighted by this rank's share of the tokens."""
+        cfg = self.cfg
+        if res is None:  # a rank that owns no distributed module
+            return torch.zeros(())
+        if cfg.loss_fn == "fvu" or n_local == 0:
+            return res.loss  # type: ignore[no-any-return]
+        if batch.spliced_loss is None:
+            raise TrainingError(
+                f"--loss-fn {cfg.loss_fn} splices the dictionaries into the model; "
+                "this source has no model: use --loss-fn fvu"
+            )
+        extra = res.loss - res.fvu  # AuxK and sparsity terms
+        spliced = batch.spliced_loss(self.bundle, cfg.loss_fn)
+        if self.layout.distributed:
+            spliced = spliced * (n_local / n_tok)
+        return spliced + extra  # type: ignore[no-any-return]
+
     def _metrics(
-        self, loss: torch.Tensor, res: Any, lr: float, k: int | None, tps: float
+        self,
+        loss: torch.Tensor,
+        res: Any,
+        lr: float,
+        k: int | None,
+        tps: float,
+        n_local: int = 0,
+        n_tok: int = 0,
     ) -> dict[str, Any]:
+        """The step's metrics, of the global batch: with several ranks, loss and FVU are sums
+        of the ranks' shares and L0 a token-weighted mean."""
         st = self.state
+        if self.shards is not None:  # each unit's values come from its owner
+            sh, n_mine = self.shards, len(self.shards.mine)
+            fvu_u = sh.spread(res.fvu_per_unit if res is not None else torch.zeros(n_mine))
+            l0_u = sh.spread(res.l0_per_unit if res is not None else torch.zeros(n_mine))
+            dead_u = sh.spread(self.trained.dead_fraction() if n_mine else torch.zeros(0))
+            loss_v = float(self.layout.sum([float(loss.detach())])[0])
+        else:
+            loss_v, fvu_u, l0_u = float(loss.detach()), res.fvu_per_unit, res.l0_per_unit
+            dead_u = self.bundle.dead_fraction()
+        if self.layout.distributed and self.shards is None:
+            n = len(fvu_u)
+            l0_sum = l0_u.double().cpu() * n_local if n_local else torch.zeros(len(l0_u))
+            packed = torch.cat([loss.detach().reshape(1).double().cpu(), fvu_u.double().cpu(),
+                                l0_sum.double()])  # fmt: skip
+            summed = self.layout.sum(packed)
+            loss_v, fvu_u, l0_u = float(summed[0]), summed[1 : 1 + n], summed[1 + n :] / n_tok
         return {
             "step": st.step,
             "tokens": st.tokens,
             "lr": lr,
-            "loss": float(loss.detach()),
-            "fvu": float(res.fvu_per_unit.mean()),
-            "fvu_per_unit": [round(float(v), 6) for v in res.fvu_per_unit],
-            "l0_per_unit": [round(float(v), 3) for v in res.l0_per_unit],
-            "dead_pct": [round(100 * float(v), 3) for v in self.bundle.dead_fraction()],
+            "loss": loss_v,
+            "fvu": float(fvu_u.mean()),
+            "fvu_per_unit": [round(float(v), 6) for v in fvu_u],
+            "l0_per_unit": [round(float(v), 3) for v in l0_u],
+            "dead_pct": [round(100 * float(v), 3) for v in dead_u],
             "k": k,
             "tokens_per_s": round(tps, 1),
         }
@@ -394,12 +583,59 @@ class Trainer:
         for key, value in cursor.items():
             setattr(self.state, key, value)
 
+    def _global_skips(self) -> SkipCounter:
+        """Skipped records of all ranks (each counts its own rows)."""
+        mine = self.skips
+        if not self.layout.distributed:
+            return mine
+        out = SkipCounter()
+        for counts, examples in self.layout.gather((mine.counts, mine.examples)):
+            for reason, n in counts.items():
+                out.counts[reason] = out.counts.get(reason, 0) + n
+                kept = out.examples.setdefault(reason, [])
+                kept += examples.get(reason, [])[: max(0, out.keep - len(kept))]
+        return out
+
     def _checkpoint(self) -> None:
-        self.state.skips = dict(self.skips.counts)
-        self.state.skip_examples = {k: list(v) for k, v in self.skips.examples.items()}
-        save_checkpoint(
-            self.run_dir, self.bundle, self.optimizer, {"train_state": self.state.__dict__}
+        """Rank 0 writes the checkpoint (the dictionaries and optimiser are the same on every
+        rank) with every rank's RNG state; all ranks learn whether it worked."""
+        skips = self._global_skips()
+        self.state.skips = dict(skips.counts)
+        self.state.skip_examples = {k: list(v) for k, v in skips.examples.items()}
+        rngs = self.layout.gather(torch.get_rng_state())
+        state = {"train_state": self.state.__dict__, "world_size": self.layout.world}
+        full = self._assembled()
+        flat = self._optimizer_flat()
+        self._phase(
+            lambda: save_checkpoint(self.run_dir, full, self.optimizer, state, rngs, flat),
+            main_only=True,
         )
+
+    def _assembled(self) -> DictionaryBundle:
+        """The whole bundle on rank 0 (distributed modules: every owner's units gathered into
+        a CPU copy); the bundle itself otherwise."""
+        if self.shards is None:
+            return self.bundle
+        merged = self.shards.gather_state(self.bundle)
+        if merged is None:
+            return self.bundle  # not rank 0: never written
+        full = self._create_bundle("cpu")
+        full.load_state_dict(merged)
+        return full
+
+    def _optimizer_flat(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """Distributed modules: every rank's optimiser state, keyed by name, merged (rank 0)."""
+        if self.shards is None:
+            return None
+        parts = self.layout.gather(optimizer_to_flat(self.optimizer, parameter_names(self.bundle)))
+        tensors: dict[str, Any] = {}
+        scalars: dict[str, Any] = {**parts[0][1], "state": {}}
+        names = [n for _, sc in parts for g in sc["param_groups"] for n in g["params"]]
+        scalars["param_groups"] = [{**parts[0][1]["param_groups"][0], "params": names}]
+        for t, sc in parts:
+            tensors.update(t)
+            scalars["state"].update(sc["state"])
+        return tensors, scalars
 
 
 def _explain_size_error(cfg: TrainConfig, width: int, err: ValueError) -> str:

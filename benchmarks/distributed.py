@@ -1,0 +1,63 @@
+"""Data-parallel scaling and per-rank memory of --distribute-modules on CPU (gloo).
+
+    python benchmarks/distributed.py            # toy VLM, 1 and 2 processes
+
+Prints (1) tokens/s of the same per-rank batch with 1 and 2 processes (the global batch
+doubles), from the last metrics line of each run; (2) per rank, peak RSS and the bytes of
+dictionary parameters + Adam moments it holds, for per-layer transcoders on all 4 layers of the
+toy, plain DDP against --distribute-modules. Wrap in `flock /tmp/vlmscope-heavy.lock`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).parent
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+
+
+def run(n: int, out: Path, name: str, extra: list[str]) -> list[dict]:
+    args = ["toy", "shapes:512", "--batch-size", "4", "--max-steps", "30", "--log-every", "5",
+            "--output-dir", str(out), "--run-name", name, "--device", "cpu", *extra]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // n))}
+    cmd = [TORCHRUN, "--nproc_per_node", str(n), str(HERE / "dist_worker.py"), *args]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    rows = [json.loads(x[6:]) for x in done.stdout.splitlines() if x.startswith("BENCH ")]
+    last = json.loads((out / name / "metrics.jsonl").read_text().splitlines()[-1])
+    for r in rows:
+        r["tokens_per_s"] = last["tokens_per_s"]
+    return sorted(rows, key=lambda r: r["rank"])
+
+
+def main() -> None:
+    out = Path(tempfile.mkdtemp(prefix="vlmscope-dist-bench-"))
+    try:
+        clt = ["--sae.transcode", "--sae.n_targets", "4", "--sae.expansion-factor", "8",
+               "--sae.k", "8"]  # fmt: skip
+        print("tokens/s, CLT on 4 layers, batch 4 per rank (CPU, gloo)")
+        print(f"{'processes':>9} {'global batch':>12} {'tokens/s':>10}")
+        base = None
+        for n in (1, 2):
+            rows = run(n, out, f"scale{n}", clt)
+            tps = rows[0]["tokens_per_s"]
+            base = base or tps
+            print(f"{n:>9} {4 * n:>12} {tps:>10.0f}   ({tps / base:.2f}x)")
+        tc = ["--sae.transcode", "--sae.expansion-factor", "16", "--sae.k", "8"]
+        print("\nper rank, transcoders on all 4 layers, 2 processes")
+        print(f"{'mode':<22} {'rank':>4} {'dict+Adam MiB':>14} {'peak RSS MiB':>13}")
+        for mode, flags in (("DDP", []), ("--distribute-modules", ["--distribute-modules"])):
+            for r in run(2, out, mode.strip("-"), tc + flags):
+                print(f"{mode:<22} {r['rank']:>4} {r['dict_bytes'] / 2**20:>14.2f} "
+                      f"{r['rss'] / 2**20:>13.0f}")  # fmt: skip
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

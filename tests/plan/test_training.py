@@ -1,0 +1,71 @@
+"""The training planner against what a real run holds (zoo llava on CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from vlmscope.models.hooked import HookedVLM
+from vlmscope.plan.memory import ModelShape
+from vlmscope.plan.training import plan_training
+from vlmscope.training.config import parse_train_args
+from vlmscope.training.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def llava(zoo_path: Any) -> HookedVLM:
+    return HookedVLM.from_pretrained(zoo_path("llava"), device="cpu", dtype=torch.float32)
+
+
+def lines(plan: Any, group: str) -> dict[str, float]:
+    return {x.what: x.bytes for x in plan.budget.groups[group]}
+
+
+@pytest.mark.parametrize(
+    "flags",
+    ["--sae.kind clt --sae.n_targets 2 --sae.expansion-factor 2 --sae.k 4",
+     "--sae.transcode --sae.num-latents 96 --sae.k 4 --sae.activation jumprelu "
+     "--sae.sparsity-coeff 0.01 --sae.skip-connection --layers 0 2"],
+)  # fmt: skip
+def test_planned_dictionary_and_model_bytes_equal_a_real_runs_tensors(
+    tmp_path: Path, zoo_path: Any, llava: HookedVLM, flags: str
+) -> None:
+    model = str(zoo_path("llava"))
+    argv = [model, "shapes:16", *flags.split(), "--max-steps", "1", "--batch-size", "2",
+            "--output-dir", str(tmp_path), "--device", "cpu", "--dtype", "float32"]  # fmt: skip
+    cfg = parse_train_args(argv)
+    trainer = Trainer(cfg, llava, progress=False)
+    trainer.fit()
+    params = [p for p in trainer.bundle.parameters()]
+    held = sum(p.numel() * p.element_size() for p in params)
+    grads = sum(p.numel() * p.element_size() for p in params)  # set_to_none: measured as params
+    adam = sum(t.numel() * t.element_size() for st in trainer.optimizer.state.values()
+               for k, t in st.items() if k != "step")  # fmt: skip
+    plan = plan_training(ModelShape.from_config(model), cfg, gpus=1, gpu_mem_gib=1)
+    d = lines(plan, "dictionary")
+    assert d["parameters (fp32)"] == held
+    assert d["gradients (fp32)"] == grads
+    assert d["Adam moments (fp32)"] == adam
+    weights = sum(p.numel() * p.element_size() for p in llava.model.parameters())
+    assert lines(plan, "model")["weights"] == weights
+    counters = sum(b.numel() * b.element_size() for n, b in trainer.bundle.named_buffers()
+                   if n.endswith("num_tokens_since_fired"))  # fmt: skip
+    assert lines(plan, "buffers")["dead-latent counters"] == counters
+
+
+def test_a_72b_clt_on_all_layers_does_not_fit_8x80_and_the_advice_does(tmp_path: Path) -> None:
+    shape = ModelShape.from_config("qwen2_5_vl_72b")
+    assert 73.0e9 < shape.n_params < 73.8e9 and shape.n_layers == 80  # the public 73.4B
+    cfg = parse_train_args(["x", "y", "--sae.kind", "clt", "--batch-size", "1",
+                            "--ctx-len", "2048"])  # fmt: skip
+    plan = plan_training(shape, cfg, gpus=8, gpu_mem_gib=80)
+    assert not plan.fits and plan.tokens_per_step == 8 * 2048
+    assert any("--shard-model fsdp" in a for a in plan.advice)
+    # follow the advice: it must fit
+    flags = " ".join(a.split(":")[0] for a in plan.advice)
+    again = parse_train_args(["x", "y", "--sae.kind", "clt", "--batch-size", "1", "--ctx-len",
+                              "2048", *flags.split()])  # fmt: skip
+    assert plan_training(shape, again, gpus=8, gpu_mem_gib=80).fits

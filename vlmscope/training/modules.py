@@ -1,0 +1,144 @@
+"""`--distribute-modules`: each rank trains the dictionaries of its own share of the layers.
+
+Per-layer dictionaries (SAEs, transcoders). Units are split into contiguous blocks, unit i on
+rank `i * world // n_units`. Every rank runs the model on its own rows of the batch window (as
+in data parallel), then one `all_to_all_single` sends each unit's inputs and targets to the
+unit's owner: rank r sends its N_r rows of unit i to owner(i) and receives, for each unit it
+owns, every rank's rows, concatenated in rank order, which is the global batch in the order one
+process would read it. The owner trains its units on the global batch alone: batch statistics
+are already global, no gradient is all-reduced, and its optimiser holds only its units.
+Dictionaries and Adam state per rank fall from `16 B x all parameters` (DDP) to
+`16 B x parameters / world`; the price is the all-to-all of `N x units x (d_in + d_out)`
+activations per micro-step. Non-owned units exist only on the meta device (no memory); each
+unit is initialised from its own seed (run seed, unit index), so any layout, and one process,
+start from the same weights. Checkpoints and the final dictionaries: rank 0 gathers each
+rank's units (and their optimiser state, keyed by parameter name) and writes one ordinary
+folder, loadable by eval and attribution; resuming re-splits them by name, for any world size.
+
+Cross-layer transcoders (designed here, not implemented: the trainer refuses the combination).
+A CLT target t sums the decoders of every source s <= t in its window, so sharding by source
+would make each owner send dense [N, d] partial reconstructions for every (s, t) pair. Instead:
+- shard the *decoder by target*: the owner of layer t holds the encoder of source t and the
+  decoder slices W_dec_s[:, t - s] of every source s that writes to t (its `b_dec_t`, W_skip_t);
+  summed over ranks this is every decoder parameter exactly once, so no rank materialises every
+  layer's decoder (memory per rank ~ 1/world of the decoders when the blocks are balanced by
+  the number of (s, t) pairs, not by layer count);
+- forward: inputs x_t and targets y_t go to owner(t) by the same all-to-all; owner(t) encodes
+  source t into sparse codes (k values + indices per token); an all-gather of the *codes*
+  (k * 12 bytes per token and layer instead of d * 4 bytes of activations) gives every owner
+  the codes of the sources in its targets' windows; owner(t) decodes target t locally and
+  computes its FVU;
+- backward: the gradient of each gathered code value flows back to the code's source owner
+  through the transpose of the gather (an all-to-all of [N, k] gradients, summed at the
+  source), then into that owner's encoder; decoder gradients stay local;
+- decoder-norm constraints over a latent's whole decoder row (which spans owners) need one
+  all-reduce of per-latent squared norms (and of the parallel-gradient dot products).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vlmscope.training.bundle import DictionaryBundle
+from vlmscope.training.distributed import Layout, collective_errors
+
+__all__ = ["ModuleShards", "seed_units"]
+
+
+def seed_units(bundle: DictionaryBundle, seed: int, units: Sequence[int] | None = None) -> None:
+    """Re-initialise each per-layer unit from its own seed (the run seed and its index), so
+    that a unit starts the same whichever rank (or process) builds it. CLTs keep their one
+    initialisation."""
+    if bundle.clt is not None:
+        return
+    for i in units if units is not None else range(len(bundle.coders)):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * 1_000_003 + i)
+            bundle.coders[i].reset_parameters()  # type: ignore[operator]
+
+
+class ModuleShards:
+    """Which rank owns which unit, and the all-to-all that feeds the owners."""
+
+    def __init__(self, n_units: int, layout: Layout) -> None:
+        self.layout = layout
+        self.n_units = n_units
+        self.owner = [i * layout.world // n_units for i in range(n_units)]
+        self.mine = [i for i in range(n_units) if self.owner[i] == layout.rank]
+
+    def sub_bundle(self, bundle: DictionaryBundle) -> DictionaryBundle:
+        """A bundle of this rank's units (sharing their modules) for the forward pass."""
+        reads = [bundle.reads[i] for i in self.mine]
+        writes = [bundle.writes[i] for i in self.mine]
+        coders = {bundle.reads[i]: bundle.coders[i] for i in self.mine}
+        return DictionaryBundle(bundle.kind, coders, reads, writes, bundle.model_info)  # type: ignore[arg-type]
+
+    def exchange(
+        self, xs: Sequence[Tensor], ys: Sequence[Tensor]
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """This rank's rows of every unit -> the global batch of each unit this rank owns."""
+        import torch.distributed as dist
+
+        lay = self.layout
+        n_local = int(xs[0].shape[0]) if xs else 0
+        d_in, d_out = int(xs[0].shape[1]), int(ys[0].shape[1])
+        width = d_in + d_out
+        rows = [int(n) for n in lay.gather(n_local)]
+        dev = xs[0].device
+        send_parts, send_sizes = [], []
+        for dest in range(lay.world):
+            units = [i for i in range(self.n_units) if self.owner[i] == dest]
+            if units and n_local:
+                block = torch.cat([torch.cat([xs[i], ys[i]], dim=1) for i in units], dim=1)
+                send_parts.append(block.reshape(-1))
+            send_sizes.append(n_local * width * len(units))
+        send = torch.cat(send_parts) if send_parts else torch.zeros(0, device=dev)
+        recv_sizes = [n * width * len(self.mine) for n in rows]
+        recv = torch.empty(sum(recv_sizes), device=dev, dtype=send.dtype)
+        with collective_errors(lay, "sending activations to their owners (all-to-all)"):
+            dist.all_to_all_single(recv, send.contiguous(), recv_sizes, send_sizes)
+        blocks = [
+            b.view(n, width * len(self.mine))
+            for b, n in zip(recv.split(recv_sizes), rows, strict=True)
+        ]
+        full = torch.cat(blocks) if blocks else torch.zeros(0, width * len(self.mine))
+        out_x, out_y = [], []
+        for j in range(len(self.mine)):
+            unit = full[:, j * width : (j + 1) * width]
+            out_x.append(unit[:, :d_in].contiguous())
+            out_y.append(unit[:, d_in:].contiguous())
+        return out_x, out_y
+
+    def spread(self, values: Tensor) -> Tensor:
+        """[len(mine)] per-unit values of this rank -> [n_units] of all ranks (float64)."""
+        full = torch.zeros(self.n_units, dtype=torch.float64)
+        for j, i in enumerate(self.mine):
+            full[i] = float(values[j])
+        return self.layout.sum(full)
+
+    def gather_state(self, bundle: DictionaryBundle) -> dict[str, Tensor] | None:
+        """Rank 0: the state dict of every unit (from its owner); other ranks: None."""
+        mine = {
+            k: v.detach().cpu() for k, v in bundle.state_dict().items() if _unit_of(k) in self.mine
+        }
+        parts = self.layout.gather(mine)
+        if not self.layout.is_main:
+            return None
+        merged: dict[str, Tensor] = {}
+        for part in parts:
+            merged.update(part)
+        return merged
+
+
+def _unit_of(key: str) -> int:
+    """`coders.3.W_enc` -> 3."""
+    parts = key.split(".")
+    return int(parts[1]) if len(parts) > 1 and parts[0] == "coders" else -1
+
+
+def state_of_units(state: dict[str, Any], units: Sequence[int]) -> dict[str, Any]:
+    return {k: v for k, v in state.items() if _unit_of(k) in units}
