@@ -21,6 +21,7 @@ from vlmscope.models.adapter import Capabilities, LayerMap, ModelAdapter
 from vlmscope.models.adapters.llava import grid_cells
 from vlmscope.models.masks import ImageTokenMismatchError
 from vlmscope.models.registry import register_adapter
+from vlmscope.models.vision import VisionView, per_view_shape, views_from_token_grids
 
 PARALLEL_LAYER = LayerMap(mlp_in_norm="input_layernorm")
 
@@ -60,6 +61,21 @@ class AyaVisionAdapter(ModelAdapter):
     def tile_grid(self) -> int:
         vc = self.config.vision_config
         return int(vc.image_size) // int(vc.patch_size) // int(self.config.downsample_factor)
+
+    def vision_views(self, inputs: Mapping[str, Any]) -> list[VisionView]:
+        """One encoder view per tile run of the image's tokens, in their order (pixel_values
+        holds the tiles in the order the prompt lays them out)."""
+        g = self.tile_grid()
+        return views_from_token_grids(self.image_token_grids(inputs), g * g)
+
+    def vision_layout(
+        self, inputs: Mapping[str, Any], name: str, shape: tuple[int, ...]
+    ) -> torch.Tensor:
+        """The base layout over [views, P] (the projector may hand its rows over as
+        [views, h, w])."""
+        return super().vision_layout(
+            inputs, name, per_view_shape(shape, len(self.vision_views(inputs)))
+        )
 
     def image_token_grids(self, inputs: Mapping[str, Any]) -> list[torch.Tensor]:
         """Per image, its runs of patch tokens between the start and end markers: one run
