@@ -100,3 +100,30 @@ def test_mllama_vision_rows_follow_tiles_padding_and_the_cross_attention_layout(
         assert bool((mine[~on & real, 2] < 0).all())
         offset += vlm.adapter.images_per_sample(inputs)[b]
     assert bool((per_sample[0, :, 0] == -1).any())  # sample 0's padding image slot
+
+
+def test_llama4_vision_rows_put_each_tiles_cls_token_last(zoo_path: Any) -> None:
+    """Llama 4's encoder appends its CLS token to every tile: at block 0's input that row is
+    the same learned vector (plus the same position embedding) in every tile, patches are not."""
+    vlm = HookedVLM.from_pretrained(zoo_path("llama4"), device="cpu", dtype=torch.float32)
+    inputs = vlm.prepare("what colour is the circle", images=[random_image(64, 96, 1)])
+    got: dict[str, torch.Tensor] = {}
+
+    def grab(_m: Any, args: Any, kwargs: Any) -> None:
+        got["in"] = (args[0] if args else next(iter(kwargs.values()))).detach()
+
+    block = vlm.adapter.vision_block_list()[0]  # type: ignore[index]
+    h = block.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        vlm.forward(inputs)
+    finally:
+        h.remove()
+    x = got["in"]
+    layout = vlm.vision_positions(inputs, "vision.blocks.0.hook_resid_post", x.shape[:-1])
+    rows = x.reshape(-1, x.shape[-1])
+    cls = layout[:, 2] == -1
+    assert int(cls.sum()) == x.shape[0] > 1  # one per tile
+    assert torch.equal(cls.reshape(x.shape[0], -1)[:, -1], torch.ones(x.shape[0], dtype=torch.bool))
+    torch.testing.assert_close(rows[cls], rows[cls][:1].expand(int(cls.sum()), -1))
+    first = layout[:, 2] == 0
+    assert not torch.allclose(rows[first & (layout[:, 3] == 0)][0], rows[first][-1])
