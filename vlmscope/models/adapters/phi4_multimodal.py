@@ -19,6 +19,7 @@ from vlmscope.models.adapter import Capabilities, LayerMap, ModelAdapter
 from vlmscope.models.adapters.llava import grid_cells, non_grid_cells
 from vlmscope.models.masks import ImageTokenMismatchError
 from vlmscope.models.registry import register_adapter
+from vlmscope.models.vision import VisionLayoutError
 
 
 @register_adapter
@@ -64,3 +65,41 @@ class Phi4MultimodalAdapter(ModelAdapter):
                 grid_cells(half, half, view=0, newline=True),
             ]))  # fmt: skip
         return out
+
+    def vision_layout(
+        self, inputs: Mapping[str, Any], name: str, shape: tuple[int, ...]
+    ) -> torch.Tensor:
+        """Rows of the vision blocks, [images x (1 + crops), g*g]: per image the global view
+        (view 0), then its crops stitched row-major into view 1; patches that
+        `image_attention_mask` marks as padding, and crops past the image's own, are -2.
+        The projector runs once per image over its token sequence (crops, newlines, a
+        separator, the global view): not laid out here."""
+        if not name.startswith("vision."):
+            raise VisionLayoutError(
+                f"{name}: Phi-4-multimodal's projector rows (one call per image, newline and "
+                "separator rows included) have no vision layout here; use vision.blocks hooks"
+            )
+        pv, mask = inputs["image_pixel_values"], inputs["image_attention_mask"]
+        n_img, n_views = int(pv.shape[0]), int(pv.shape[1])
+        side = int(mask.shape[-1])
+        if tuple(int(n) for n in shape) != (n_img * n_views, side * side):
+            raise VisionLayoutError(
+                f"{name}: activation of shape {list(shape)} (width left out) is not "
+                f"[{n_img} images x {n_views} views, {side * side} patches]"
+            )
+        crop = int(self.config.vision_config.crop_size)
+        r, c = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        r, c = r.reshape(-1), c.reshape(-1)
+        out = []
+        for k, (h, w) in enumerate(inputs["image_sizes"].reshape(-1, 2).tolist()):
+            rows, cols = int(h) // crop, int(w) // crop
+            for j in range(n_views):
+                cells = torch.full((side * side, 4), -2, dtype=torch.long)
+                cells[:, 0], cells[:, 1] = k, min(j, 1)
+                if j <= rows * cols:
+                    tr, tc = divmod(j - 1, cols) if j else (0, 0)
+                    used = mask[k, j].reshape(-1).bool().cpu()
+                    cells[used, 2] = (r + tr * side)[used]
+                    cells[used, 3] = (c + tc * side)[used]
+                out.append(cells)
+        return torch.cat(out)
