@@ -16,7 +16,13 @@ import torch
 from torch import nn
 
 from vlmscope.models.chat import tokenizer_special_ids
-from vlmscope.models.vision import VisionView, one_view_per_image, view_layout
+from vlmscope.models.vision import (
+    VisionView,
+    one_view_per_image,
+    per_view_shape,
+    view_layout,
+    views_from_token_grids,
+)
 
 
 @dataclass(frozen=True)
@@ -453,3 +459,25 @@ class ModelAdapter:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(family={self.family!r})"
+
+
+class TileRunViews(ModelAdapter):
+    """Base of families whose encoder sees one view per run of g x g image tokens (tiles and
+    a global view, in prompt order: Aya Vision, InternVL, Llama 4); they define `tile_grid`."""
+
+    def tile_grid(self) -> int:
+        raise NotImplementedError
+
+    def vision_views(self, inputs: Mapping[str, Any]) -> list[VisionView]:
+        """One encoder view per tile run of the image's tokens, in their order (pixel_values
+        holds the tiles in the order the prompt lays them out)."""
+        g = self.tile_grid()
+        return views_from_token_grids(self.image_token_grids(inputs), g * g)
+
+    def vision_layout(
+        self, inputs: Mapping[str, Any], name: str, shape: tuple[int, ...]
+    ) -> torch.Tensor:
+        """The base layout over [views, P] (the projector may hand its rows over as
+        [views, h, w], or flat)."""
+        shape = per_view_shape(shape, len(self.vision_views(inputs)))
+        return super().vision_layout(inputs, name, shape)

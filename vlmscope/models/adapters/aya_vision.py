@@ -17,11 +17,10 @@ from typing import Any
 
 import torch
 
-from vlmscope.models.adapter import Capabilities, LayerMap, ModelAdapter
+from vlmscope.models.adapter import Capabilities, LayerMap, TileRunViews
 from vlmscope.models.adapters.llava import grid_cells
 from vlmscope.models.masks import ImageTokenMismatchError
 from vlmscope.models.registry import register_adapter
-from vlmscope.models.vision import VisionView, per_view_shape, views_from_token_grids
 
 PARALLEL_LAYER = LayerMap(mlp_in_norm="input_layernorm")
 
@@ -35,7 +34,7 @@ def tiles_then_global(tiles: int, g: int) -> torch.Tensor:
 
 
 @register_adapter
-class AyaVisionAdapter(ModelAdapter):
+class AyaVisionAdapter(TileRunViews):
     family = "aya_vision"
     model_types = ("aya_vision",)
     architectures = ("AyaVisionForConditionalGeneration",)
@@ -61,21 +60,6 @@ class AyaVisionAdapter(ModelAdapter):
     def tile_grid(self) -> int:
         vc = self.config.vision_config
         return int(vc.image_size) // int(vc.patch_size) // int(self.config.downsample_factor)
-
-    def vision_views(self, inputs: Mapping[str, Any]) -> list[VisionView]:
-        """One encoder view per tile run of the image's tokens, in their order (pixel_values
-        holds the tiles in the order the prompt lays them out)."""
-        g = self.tile_grid()
-        return views_from_token_grids(self.image_token_grids(inputs), g * g)
-
-    def vision_layout(
-        self, inputs: Mapping[str, Any], name: str, shape: tuple[int, ...]
-    ) -> torch.Tensor:
-        """The base layout over [views, P] (the projector may hand its rows over as
-        [views, h, w])."""
-        return super().vision_layout(
-            inputs, name, per_view_shape(shape, len(self.vision_views(inputs)))
-        )
 
     def image_token_grids(self, inputs: Mapping[str, Any]) -> list[torch.Tensor]:
         """Per image, its runs of patch tokens between the start and end markers: one run

@@ -14,11 +14,10 @@ from typing import Any
 
 import torch
 
-from vlmscope.models.adapter import ModelAdapter
+from vlmscope.models.adapter import TileRunViews
 from vlmscope.models.adapters.llava import grid_cells
 from vlmscope.models.masks import ImageTokenMismatchError
 from vlmscope.models.registry import register_adapter
-from vlmscope.models.vision import VisionView, per_view_shape, views_from_token_grids
 
 
 def image_token_runs(input_ids: torch.Tensor, image_ids: tuple[int, ...]) -> list[int]:
@@ -37,7 +36,7 @@ def image_token_runs(input_ids: torch.Tensor, image_ids: tuple[int, ...]) -> lis
 
 
 @register_adapter
-class InternVLAdapter(ModelAdapter):
+class InternVLAdapter(TileRunViews):
     family = "internvl"
     model_types = ("internvl",)
     architectures = ("InternVLForConditionalGeneration",)
@@ -49,21 +48,6 @@ class InternVLAdapter(ModelAdapter):
         vc = self.config.vision_config
         side = int(vc.image_size[0]) // int(vc.patch_size[0])
         return int(side * float(self.config.downsample_ratio))
-
-    def vision_views(self, inputs: Mapping[str, Any]) -> list[VisionView]:
-        """One encoder view per tile run of the image's tokens, in their order (pixel_values
-        holds the tiles in the order the prompt lays them out)."""
-        g = self.tile_grid()
-        return views_from_token_grids(self.image_token_grids(inputs), g * g)
-
-    def vision_layout(
-        self, inputs: Mapping[str, Any], name: str, shape: tuple[int, ...]
-    ) -> torch.Tensor:
-        """The base layout over [views, P] (the projector may hand its rows over as
-        [views, h, w])."""
-        return super().vision_layout(
-            inputs, name, per_view_shape(shape, len(self.vision_views(inputs)))
-        )
 
     def image_token_grids(self, inputs: Mapping[str, Any]) -> list[torch.Tensor]:
         g = self.tile_grid()

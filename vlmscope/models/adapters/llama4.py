@@ -29,13 +29,12 @@ from vlmscope.models.adapter import (
     AttentionInputs,
     Capabilities,
     LayerMap,
-    ModelAdapter,
+    TileRunViews,
     get_submodule,
 )
 from vlmscope.models.adapters.llava import grid_cells
 from vlmscope.models.masks import ImageTokenMismatchError
 from vlmscope.models.registry import register_adapter
-from vlmscope.models.vision import VisionView, per_view_shape, views_from_token_grids
 
 
 def _with_image_outputs(_m: nn.Module, _args: Any, output: Any) -> Any:
@@ -49,7 +48,7 @@ MOE_LAYER = LayerMap(mlp="feed_forward", mlp_out="feed_forward", mlp_projections
 
 
 @register_adapter
-class Llama4Adapter(ModelAdapter):
+class Llama4Adapter(TileRunViews):
     family = "llama4"
     model_types = ("llama4",)
     architectures = ("Llama4ForConditionalGeneration",)
@@ -117,21 +116,14 @@ class Llama4Adapter(ModelAdapter):
         side = int(vc.image_size) // int(vc.patch_size)
         return int(side * float(vc.pixel_shuffle_ratio))
 
-    def vision_views(self, inputs: Mapping[str, Any]) -> list[VisionView]:
-        """One encoder view per tile run of the image's tokens, in their order (pixel_values
-        holds the tiles in the order the prompt lays them out)."""
-        g = self.tile_grid()
-        return views_from_token_grids(self.image_token_grids(inputs), g * g)
-
     def vision_layout(
         self, inputs: Mapping[str, Any], name: str, shape: tuple[int, ...]
     ) -> torch.Tensor:
         """As the base layout, except that the vision encoder appends its CLS token to each
         tile (last row, not first); the projector's rows have none."""
-        shape = per_view_shape(shape, len(self.vision_views(inputs)))
         cells = super().vision_layout(inputs, name, shape)
         if name.startswith("vision.") and len(cells):
-            per = cells.reshape(int(shape[0]), int(shape[1]), 4)
+            per = cells.reshape(len(self.vision_views(inputs)), -1, 4)
             if bool((per[:, 0, 2] == -1).all()):  # base layout put a CLS row first
                 cells = torch.cat([per[:, 1:], per[:, :1]], 1).reshape(-1, 4)
         return cells
