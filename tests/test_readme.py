@@ -4,6 +4,10 @@ Blocks are run one after another in one working directory (later blocks use what
 ones wrote) and one Python namespace (later Python blocks use earlier variables). A block
 preceded by `<!-- readme-test: skip (reason) -->` is not run: that is for commands that
 download hub models or need hardware this machine lacks, and for `make` itself.
+
+Budgets shrink so that `make test` stays fast: `--max-tokens`, `--max-steps`, `--epochs` and
+`shapes:N` sizes are cut (`small_budgets`) unless VLMSCOPE_README_FULL=1, which runs every
+block verbatim (about ten minutes on a 2-core CPU). The commands are otherwise the README's.
 """
 
 from __future__ import annotations
@@ -52,6 +56,20 @@ def readme_blocks(text: str) -> list[Block]:
     return blocks
 
 
+def _scaled(match: re.Match[str], divide: int, floor: int) -> str:
+    n = int(match.group(2).replace("_", ""))
+    return f"{match.group(1)}{n if n == 0 else max(floor, n // divide)}"
+
+
+def small_budgets(code: str) -> str:
+    """The block with its training and evaluation budgets cut (tokens and steps by 10, the
+    shapes world to a fifth, one epoch), everything else as written."""
+    code = re.sub(r"(--max-tokens[ =]|max_tokens=)([\d_]+)", lambda m: _scaled(m, 10, 1000), code)
+    code = re.sub(r"(--max-steps[ =])(\d+)", lambda m: _scaled(m, 10, 2), code)
+    code = re.sub(r"(--epochs[ =])(\d+)", lambda m: _scaled(m, 1000, 1), code)
+    return re.sub(r"(shapes:)(\d+)", lambda m: _scaled(m, 5, 32), code)
+
+
 _DRIVER = """
 import json, resource, subprocess, sys, time
 blocks = json.loads(sys.stdin.read())
@@ -90,12 +108,30 @@ def test_the_readme_points_only_inside_the_repository() -> None:
             assert (ROOT / target).exists(), f"README links to {target}, not in the repository"
 
 
+def test_small_budgets_cut_only_budgets() -> None:
+    code = (
+        "vlmscope train toy shapes:200 --max-tokens 50000 --max-steps 30 --epochs 5 --sae.k 8\n"
+        "vlmscope capture toy shapes --max-tokens 0 --batch-size 16\n"
+        "evaluate(vlm, d, records, max_tokens=5_000)\n"
+    )
+    assert small_budgets(code) == (
+        "vlmscope train toy shapes:40 --max-tokens 5000 --max-steps 3 --epochs 1 --sae.k 8\n"
+        "vlmscope capture toy shapes --max-tokens 0 --batch-size 16\n"
+        "evaluate(vlm, d, records, max_tokens=1000)\n"
+    )
+
+
 def test_every_readme_block_runs(tmp_path: Path) -> None:
     blocks = [b for b in readme_blocks(README.read_text()) if b.lang in ("bash", "python")]
     assert any(not b.skip for b in blocks)
     langs = {b.lang for b in blocks}
     assert langs <= {"bash", "python"}
-    run = [{"lang": b.lang, "code": b.code, "line": b.line} for b in blocks if not b.skip]
+    full = os.environ.get("VLMSCOPE_README_FULL") == "1"
+    run = [
+        {"lang": b.lang, "code": b.code if full else small_budgets(b.code), "line": b.line}
+        for b in blocks
+        if not b.skip
+    ]
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["VLMSCOPE_PROGRESS_SECONDS"] = "60"

@@ -576,3 +576,23 @@ def test_written_files_follow_the_umask(tmp_path: Path, zoo_path: Any, llava: Ho
     files = [p for p in res.run_dir.rglob("*") if p.is_file()]
     assert any(p.suffix == ".safetensors" for p in files)
     assert {p.stat().st_mode & 0o777 for p in files} == {0o666 & ~umask()}
+
+
+def test_one_process_opens_its_source_and_loads_the_model_once(
+    tmp_path: Path, zoo_path: Any, monkeypatch: Any
+) -> None:
+    """The rank-0-first construction must not open the data and load the model a second time
+    when there is only rank 0 (it did: every one-process run loaded its model twice)."""
+    from vlmscope.training import sources
+
+    loads: list[str] = []
+    real = sources.load_model
+
+    def counting(cfg: TrainConfig) -> HookedVLM:
+        loads.append(cfg.model)
+        return real(cfg)
+
+    monkeypatch.setattr(sources, "load_model", counting)
+    trainer = Trainer(config(tmp_path, zoo_path("llava")), progress=False)
+    trainer.close()
+    assert loads == [str(zoo_path("llava"))]

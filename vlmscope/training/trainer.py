@@ -189,8 +189,8 @@ class Trainer:
         """Run one construction phase (on rank 0 only, or on the others only), then let every
         rank agree that it succeeded. One process: just `fn()`."""
         lay = self.layout
-        if not lay.distributed:
-            return fn()
+        if not lay.distributed:  # one process is rank 0: it has no "others" phase
+            return None if others_only else fn()
         skip = (main_only and not lay.is_main) or (others_only and lay.is_main)
         result, error = None, None
         if not skip:
