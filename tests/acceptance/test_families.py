@@ -6,8 +6,8 @@ hooks, per-sample runs, and the processor's own count of image placeholder token
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,8 +16,6 @@ import torch
 from tests.conftest import random_image
 from vlmscope.models import zoo
 from vlmscope.models.hooked import HookedVLM
-
-FAMILIES = zoo.names()
 
 PROMPTS = ["what colour is the circle", "how many squares are there in the image"]
 
@@ -32,33 +30,41 @@ def samples(multimodal: bool) -> list[tuple[str, list[Any]]]:
     ]
 
 
-def batch(vlm: HookedVLM, items: list[tuple[str, list[Any]]], side: str = "right") -> Any:
+def batch(vlm: HookedVLM, items: list[tuple[str, list[Any]]], side: str | None = "right") -> Any:
+    """The samples as one batch; `side` None keeps the processor's own padding side."""
     return vlm.prepare(
         [p for p, _ in items], images=[im for _, im in items] if items[0][1] else None,
         padding_side=side,
     )  # fmt: skip
 
 
-_LOADED: dict[tuple[str, str], HookedVLM] = {}
+# transformers 5.24's Phi4MultimodalForCausalLM crashes when asked for hidden states or
+# attentions with images (its image embedding reads the vision tower's hidden states, which
+# the outer recording of outputs replaces by None), and once asked, every later forward with
+# images crashes too (the recording hooks stay installed).
+EMBEDS_FIRST = {"phi4_multimodal"}
 
 
-@pytest.fixture(params=FAMILIES)
-def family(request: pytest.FixtureRequest) -> str:
-    return request.param
+def hf_forward(vlm: HookedVLM, inputs: Any, **flags: Any) -> Any:
+    """transformers' own forward pass, the truth the hooks are checked against. For the
+    families in EMBEDS_FIRST: the input embeddings (images merged in) are taken from a plain
+    forward, then fed with the output flags and no pixels to a copy of the model."""
+    if vlm.adapter.family not in EMBEDS_FIRST:
+        return vlm.model(**inputs, use_cache=False, **flags)
+    got: dict[str, torch.Tensor] = {}
 
+    def grab(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        got["embeds"] = args[0] if args else kwargs["hidden_states"]
 
-@pytest.fixture
-def load(zoo_path: Callable[[str], Path]) -> Callable[[str, str], HookedVLM]:
-    def get(name: str, attn: str | None = None) -> HookedVLM:
-        """attn None: transformers' default (SDPA where the family supports it)."""
-        key = (name, attn)
-        if key not in _LOADED:
-            _LOADED[key] = HookedVLM.from_pretrained(
-                zoo_path(name), device="cpu", dtype=torch.float32, attn_implementation=attn
-            )
-        return _LOADED[key]
-
-    return get
+    handle = vlm.adapter.block(0).register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        vlm.model(**inputs, use_cache=False)
+    finally:
+        handle.remove()
+    return copy.deepcopy(vlm.model)(
+        inputs_embeds=got["embeds"], attention_mask=inputs["attention_mask"], use_cache=False,
+        **flags,
+    )  # fmt: skip
 
 
 def test_resid_post_equals_hidden_states(family: str, load: Callable[..., HookedVLM]) -> None:
@@ -67,7 +73,7 @@ def test_resid_post_equals_hidden_states(family: str, load: Callable[..., Hooked
     out, cache = vlm.run_with_cache(
         inputs, names=["lm.blocks.*.hook_resid_post", "lm.blocks.0.hook_resid_pre"]
     )
-    hf = vlm.model(**inputs, output_hidden_states=True, use_cache=False)
+    hf = hf_forward(vlm, inputs, output_hidden_states=True)
     hs = hf.hidden_states
     n = vlm.adapter.n_layers
     assert len(hs) == n + 1
@@ -105,7 +111,7 @@ def test_patterns_equal_eager_attentions(family: str, load: Callable[..., Hooked
     inputs = batch(sdpa, samples(zoo.spec(family).multimodal))
     valid = sdpa.masks(inputs).valid
     _, cache = sdpa.run_with_cache(inputs, names="lm.blocks.*.attn.hook_pattern")
-    ref = eager.model(**inputs, output_attentions=True, use_cache=False).attentions
+    ref = hf_forward(eager, inputs, output_attentions=True).attentions
     assert len(ref) == sdpa.adapter.n_layers
     for i, r in enumerate(ref):
         got = cache[f"lm.blocks.{i}.attn.hook_pattern"]
@@ -171,14 +177,80 @@ def test_padded_batch_equals_single_runs(
     valid = vlm.masks(inputs).valid
     names = ["lm.blocks.*.hook_resid_post"]
     out, cache = vlm.run_with_cache(inputs, names=names)
+    masks = vlm.masks(inputs)
     for b, item in enumerate(items):
         single = batch(vlm, [item], side)
         s_out, s_cache = vlm.run_with_cache(single, names=names)
         pos = valid[b]
         assert int(pos.sum()) == single["input_ids"].shape[1]
+        if vlm.adapter.capabilities.cross_attention and (
+            masks.images_per_sample()[b] < inputs["pixel_values"].shape[1]
+        ):
+            # transformers lets text rows that see no image attend to every image slot of the
+            # batch (adapters/mllama.py), so a sample whose image slots the batch pads is not
+            # its single run; the others must be exactly.
+            diff = (out.logits[b][pos] - s_out.logits[0]).abs().max()
+            assert diff > 1e-3, "Mllama's padded image slots no longer leak: tighten this test"
+            continue
         torch.testing.assert_close(out.logits[b][pos], s_out.logits[0], atol=1e-4, rtol=0)
         for k in s_cache:
             torch.testing.assert_close(cache[k][b][pos], s_cache[k][0], atol=1e-4, rtol=0)
+
+
+def test_left_padding_numbers_positions_from_the_first_real_token(
+    family: str, load: Callable[..., HookedVLM]
+) -> None:
+    """The left-padding decision, stated: a left-padded sample runs at positions 0, 1, ...
+    from its first real token, as when run alone and as generate() numbers it, so its
+    activations do not depend on the batch. That is HF's forward given those position_ids,
+    exactly; `model(**inputs)` instead counts the padding, which RoPE (relative) turns into
+    rounding-level differences only. Families whose model derives positions from the mask
+    itself (M-RoPE, PaliGemma) get no position_ids and equal `model(**inputs)` exactly."""
+    vlm = load(family)
+    inputs = batch(vlm, samples(zoo.spec(family).multimodal), side="left")
+    mask = inputs["attention_mask"]
+    assert bool((mask[:, 0] == 0).any()), "the shorter sample is padded on the left"
+    got = vlm.forward(inputs).logits
+    plain = vlm.model(**inputs, use_cache=False).logits
+    valid = mask.bool()
+    if vlm.adapter.positions_from_padding:
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        ref = vlm.model(**inputs, position_ids=positions, use_cache=False).logits
+        torch.testing.assert_close(got, ref, atol=0, rtol=0)
+        torch.testing.assert_close(got[valid], plain[valid], atol=1e-4, rtol=0)
+    else:
+        torch.testing.assert_close(got, plain, atol=0, rtol=0)
+
+
+def processor_token_counts(family: str, proc: Any, single: Any, im: Any) -> list[int]:
+    """Image placeholders of a one-image sample by the processor's own per-image formula."""
+    if family in ("idefics3", "smolvlm"):
+        # Their formula counts the tile markers too; placeholders are image_seq_len per view
+        # (tiles + global image), and padding views in pixel_values are all zeros.
+        views = int((single["pixel_values"][0].flatten(1) != 0).any(1).sum())
+        return [views * proc.image_seq_len]
+    if family == "llama4":
+        # No token-count helper: expand the image as the processor does, count <|patch|>.
+        text = proc.replace_image_token(proc.image_processor([im], return_tensors="pt"), 0)
+        return [text.count(proc.img_patch_token)]
+    if family == "phi4_multimodal":
+        return list(proc.image_processor([im])["num_img_tokens"])  # no token-count helper
+    if family == "mllama":
+        return [1]  # one <|image|> marker; the image enters through cross-attention
+    if family == "mistral3":
+        # Its formula counts the [IMG_BREAK] / [IMG_END] row markers too: expand the image's
+        # placeholder as the processor does and count the [IMG] tokens in it.
+        text = proc.replace_image_token({"image_sizes": single["image_sizes"].tolist()}, 0)
+        return [text.count(proc.image_token)]
+    data = proc._get_num_multimodal_tokens(image_sizes=[(im.height, im.width)])
+    if family in ("internvl", "aya_vision"):
+        # Their counts include the image and tile markers: placeholders are tiles x the
+        # tokens of one tile.
+        per_tile = (
+            getattr(proc, "image_seq_length", None) or (proc.img_size // proc.patch_size) ** 2
+        )
+        return [n * per_tile for n in data["num_image_patches"]]
+    return list(data["num_image_tokens"])
 
 
 def test_image_mask_and_patch_map(family: str, load: Callable[..., HookedVLM]) -> None:
@@ -189,21 +261,18 @@ def test_image_mask_and_patch_map(family: str, load: Callable[..., HookedVLM]) -
     inputs = batch(vlm, items)
     masks = vlm.masks(inputs)
     proc = vlm.processor
-    image_id = getattr(proc.tokenizer, "image_token_id", None) or proc.image_token_id
+    # The model's own placeholder id (Llama 4's processor names its <|image|> marker instead).
+    cfg = vlm.model.config
+    image_id = next(
+        getattr(c, k) for c in (cfg, getattr(cfg, "vision_config", None))
+        for k in ("image_token_id", "image_token_index") if getattr(c, k, None) is not None
+    )  # fmt: skip
     assert masks.image_token_counts() == (inputs["input_ids"] == image_id).sum(1).tolist()
     # The adapter's layout has as many tokens as the processor's own per-image formula says.
     # (Only for a one-image sample: OneVision packs images of multi-image samples differently,
     # which that formula ignores; masks() checked those against the real token counts.)
     single = batch(vlm, items[:1])
-    im = items[0][1][0]
-    if family in ("idefics3", "smolvlm"):
-        # Their formula counts the tile markers too; placeholders are image_seq_len per view
-        # (tiles + global image), and padding views in pixel_values are all zeros.
-        views = int((single["pixel_values"][0].flatten(1) != 0).any(1).sum())
-        expected = [views * proc.image_seq_len]
-    else:
-        sizes = [(im.height, im.width)]
-        expected = proc._get_num_multimodal_tokens(image_sizes=sizes)["num_image_tokens"]
+    expected = processor_token_counts(family, proc, single, items[0][1][0])
     assert [len(g) for g in vlm.adapter.image_token_grids(single)] == expected
     assert masks.images_per_sample() == [len(im) for _, im in items]
     assert not (masks.image & masks.special).any() and not (masks.image & masks.pad).any()
@@ -230,7 +299,7 @@ def test_prepare_tokenizes_as_transformers_does(
     vlm = load(family)
     proc, tok = vlm.processor, vlm.tokenizer
     items = samples(zoo.spec(family).multimodal)
-    got = batch(vlm, items)
+    got = batch(vlm, items, side=None)
     if getattr(proc, "chat_template", None) is None:  # PaliGemma: the processor, no template
         ref = proc(text=[p for p, _ in items], images=[im for _, im in items], padding=True,
                    return_tensors="pt")  # fmt: skip
@@ -249,7 +318,8 @@ def test_prepare_tokenizes_as_transformers_does(
     if tok.bos_token_id is not None:
         bos = (got["input_ids"] == tok.bos_token_id).sum(1)
         assert bos.tolist() == (ref["input_ids"] == tok.bos_token_id).sum(1).tolist()
-        assert bos.tolist() == [1, 1]
+        # One BOS where the template writes one (Phi-4's template writes none).
+        assert bos.tolist() in ([1, 1], [0, 0])
 
 
 def test_saved_model_loads_with_same_logits(family: str, load: Callable[..., HookedVLM]) -> None:
@@ -260,3 +330,69 @@ def test_saved_model_loads_with_same_logits(family: str, load: Callable[..., Hoo
     torch.testing.assert_close(
         ref.forward(inputs).logits, vlm.forward(inputs).logits, atol=0, rtol=0
     )
+
+
+def test_video_frames_are_views_of_one_image(load: Callable[[str], HookedVLM]) -> None:
+    """LLaVA-NeXT-Video: a video (a list of frames) next to an image in another sample. Its
+    tokens count as one image whose frames are views of the pooled grid, as many as the
+    processor writes; hooks equal HF's hidden states; the batch equals the samples alone."""
+    vlm = load("llava_next_video")
+    proc = vlm.processor
+    frames = [random_image(40, 48, seed=s) for s in range(3)]
+    prompts = ["what happens in the video", "what colour is the circle"]
+    images, videos = [[], [random_image(32, 40, seed=5)]], [[frames], []]
+    inputs = vlm.prepare(prompts, images=images, videos=videos)
+    masks = vlm.masks(inputs)
+    ids = inputs["input_ids"]
+    n_video = int((ids[0] == proc.video_token_id).sum())
+    expected = proc.replace_video_token({"pixel_values_videos": inputs["pixel_values_videos"]}, 0)
+    assert n_video == expected.count(proc.video_token) > 0
+    assert masks.image_token_counts()[0] == n_video
+    assert masks.images_per_sample() == [1, 1]
+    cells = masks.patch_map[0][masks.image[0]]
+    assert cells[:, 0].unique().tolist() == [0]  # one "image": the video
+    assert cells[:, 1].unique().tolist() == list(range(len(frames)))  # its frames are views
+    for f in range(len(frames)):
+        grid = cells[cells[:, 1] == f][:, 2:]
+        side = int(grid.max()) + 1
+        assert sorted(map(tuple, grid.tolist())) == [
+            (r, c) for r in range(side) for c in range(side)
+        ]
+    out, cache = vlm.run_with_cache(inputs, names="lm.blocks.*.hook_resid_post")
+    hs = vlm.model(**inputs, output_hidden_states=True, use_cache=False).hidden_states
+    for i in range(vlm.adapter.n_layers - 1):
+        torch.testing.assert_close(
+            cache[f"lm.blocks.{i}.hook_resid_post"], hs[i + 1], atol=1e-5, rtol=0
+        )
+    alone = vlm.prepare(prompts[0], videos=frames)
+    single = vlm.forward(alone).logits[0]
+    torch.testing.assert_close(out.logits[0][masks.valid[0]], single, atol=1e-4, rtol=0)
+
+
+def test_block_contributions_add_up(family: str, load: Callable[..., HookedVLM]) -> None:
+    """resid_mid is the stream the MLP's norm reads, and attention and MLP outputs are each
+    block's whole update: sequential blocks give resid_mid = resid_pre + attn_out and
+    resid_post = resid_mid + mlp_out; parallel (Cohere-style) blocks give resid_mid =
+    resid_pre and resid_post = resid_pre + attn_out + mlp_out."""
+    vlm = load(family)
+    inputs = batch(vlm, samples(zoo.spec(family).multimodal))
+    names = ["hook_resid_pre", "hook_resid_mid", "hook_resid_post", "attn.hook_out", "mlp.hook_out"]
+    _, cache = vlm.run_with_cache(inputs, names=[f"lm.blocks.*.{n}" for n in names])
+    parallel = vlm.adapter.capabilities.parallel_block
+    for i in range(vlm.adapter.n_layers):
+        pre, mid, post, attn, mlp = (cache[f"lm.blocks.{i}.{n}"] for n in names)
+        if i in getattr(vlm.adapter, "cross_layers", ()):
+            # Mllama's cross-attention layers add tanh(gate) x output; the MLP's is also
+            # zeroed on rows that see no image.
+            gate_a, gate_m = (float(getattr(vlm.adapter.block(i), f"cross_attn_{g}_gate").tanh())
+                              for g in ("attn", "mlp"))  # fmt: skip
+            torch.testing.assert_close(mid, pre + gate_a * attn, atol=1e-5, rtol=0)
+            sees = (post - mid).abs().amax(-1) > 0
+            torch.testing.assert_close(post[sees], (mid + gate_m * mlp)[sees], atol=1e-5, rtol=0)
+            continue
+        if parallel:
+            assert torch.equal(mid, pre)
+            torch.testing.assert_close(post, pre + attn + mlp, atol=1e-5, rtol=0)
+        else:
+            torch.testing.assert_close(mid, pre + attn, atol=1e-5, rtol=0)
+            torch.testing.assert_close(post, mid + mlp, atol=1e-5, rtol=0)

@@ -18,7 +18,7 @@ import torch
 from tests.conftest import random_image
 from vlmscope.models import zoo
 from vlmscope.models.hooked import HookedVLM
-from vlmscope.models.vision import vision_row_mask
+from vlmscope.models.vision import VisionLayoutError, vision_row_mask
 from vlmscope.replacement.evaluate import evaluate
 from vlmscope.training.config import parse_train_args
 from vlmscope.training.trainer import TrainingError, train
@@ -54,8 +54,17 @@ def two_samples(vlm: HookedVLM) -> Any:
 
 
 def test_vision_positions_agree_with_the_language_models_image_tokens(
-    family: str, load: Callable[[str], HookedVLM]
+    family: str, load: Callable[[str], HookedVLM], request: pytest.FixtureRequest
 ) -> None:
+    if family == "phi4_multimodal":  # known gap: remove the mark once the layout exists
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                raises=VisionLayoutError,
+                reason="Phi-4-multimodal's projector runs once per image over its token "
+                "sequence (newline and separator rows included); no layout for it yet",
+            )
+        )
     vlm = load(family)
     caps = vlm.adapter.capabilities
     if not caps.has_vision:

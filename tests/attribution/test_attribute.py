@@ -21,6 +21,7 @@ from vlmscope.attribution.freeze import FreezeState, frozen
 from vlmscope.attribution.graph import Graph
 from vlmscope.models import zoo
 from vlmscope.models.hooked import HookedVLM
+from vlmscope.replacement.model import ReplacementModel
 from vlmscope.training.bundle import DictionaryBundle
 
 
@@ -179,7 +180,10 @@ def check_every_edge(vlm: HookedVLM, bundle: DictionaryBundle, inputs: Any) -> F
     # the whole (frozen, clean) MLP output.
     from vlmscope.attribution.context import AttributionContext
 
-    ctx = AttributionContext(vlm, bundle, inputs, torch.ones(n_pos, dtype=torch.bool))
+    # The positions attribute() replaces (special tokens stay original, all error there).
+    rm = ReplacementModel(vlm, bundle)
+    replace = rm._replace_mask(inputs["input_ids"], inputs.get("attention_mask"))[0]
+    ctx = AttributionContext(vlm, bundle, inputs, replace)
     ctx.record()
     for layer in range(graph.n_layers):
         for p in positions[:2]:

@@ -5,17 +5,20 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 
+from tests.conftest import random_image
 from tests.replacement.test_model import random_clt, vlm_for
 from vlmscope.attribution.attribute import attribute
 from vlmscope.attribution.context import AttributionContext
 
 
-def _context(zoo_path: Any, copies: int) -> tuple[AttributionContext, int]:
-    vlm = vlm_for("llama", zoo_path)
+def _context(zoo_path: Any, copies: int, family: str = "llama") -> tuple[AttributionContext, int]:
+    vlm = vlm_for(family, zoo_path)
     bundle = random_clt(vlm, n_targets=2, seed=1)
-    inputs = vlm.prepare("what colour is the circle and the square")
+    images = [random_image(32, 40, 7)] if vlm.adapter.capabilities.has_vision else None
+    inputs = vlm.prepare("what colour is the circle and the square", images=images)
     n = inputs["input_ids"].shape[1]
     ctx = AttributionContext(vlm, bundle, inputs, torch.ones(n, dtype=torch.bool))
     ctx.record()
@@ -30,11 +33,15 @@ def _context(zoo_path: Any, copies: int) -> tuple[AttributionContext, int]:
     return ctx, sum(saved)
 
 
-def test_the_replay_graph_keeps_nothing_per_copy(zoo_path: Any) -> None:
+# Besides a plain decoder: Mllama's cross-attention vision features (a tapped source past the
+# sequence), Cohere's parallel blocks and centring norms, Llama 4's mixture of experts and
+# Phi-4's fused qkv projection (never run on an empty slice).
+@pytest.mark.parametrize("family", ["llama", "mllama", "aya_vision", "llama4", "phi4_multimodal"])
+def test_the_replay_graph_keeps_nothing_per_copy(zoo_path: Any, family: str) -> None:
     """Autograd saves the same tensors (weights, patterns, scales) for 1 copy and for 16: the
     batch costs transient activations only."""
-    _, one = _context(zoo_path, 1)
-    ctx, sixteen = _context(zoo_path, 16)
+    _, one = _context(zoo_path, 1, family)
+    ctx, sixteen = _context(zoo_path, 16, family)
     assert one > 0
     assert sixteen == one
     # ... and the graph is still the model's: a logit row is not empty.

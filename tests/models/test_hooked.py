@@ -268,3 +268,37 @@ def test_from_pretrained_accepts_dtype_names(zoo_path: Any, tmp_path: Path) -> N
     assert vlm.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="unknown dtype"):
         HookedVLM.from_pretrained(zoo_path("llama"), device="cpu", dtype="float8")
+
+
+def test_fused_qkv_hooks_are_slices_and_edit_their_own(zoo_path: Any) -> None:
+    """Phi-4-multimodal projects q, k and v with one qkv_proj: hook_q/k/v read its slices, and
+    an edit through hook_v reaches the values only (zero values: zero per-head outputs, the
+    same attention pattern)."""
+    from tests.replacement.test_model import vlm_for
+
+    vlm = vlm_for("phi4_multimodal", zoo_path)
+    a = vlm.adapter
+    inputs = vlm.prepare("what colour is the circle", images=[random_image(32, 40, 1)])
+    seen: list[torch.Tensor] = []
+    qkv = vlm.model.model.layers[1].self_attn.qkv_proj
+    handle = qkv.register_forward_hook(lambda _m, _a, out: seen.append(out.detach().clone()))
+    try:
+        _, cache = vlm.run_with_cache(inputs, names="lm.blocks.1.attn.hook_*")
+    finally:
+        handle.remove()
+    nq, nkv = a.n_heads * a.d_head, a.n_kv_heads * a.d_head
+    whole = seen.pop()
+    torch.testing.assert_close(cache["lm.blocks.1.attn.hook_q"].flatten(-2), whole[..., :nq])
+    torch.testing.assert_close(
+        cache["lm.blocks.1.attn.hook_k"].flatten(-2), whole[..., nq : nq + nkv]
+    )
+    torch.testing.assert_close(cache["lm.blocks.1.attn.hook_v"].flatten(-2), whole[..., nq + nkv :])
+    assert cache["lm.blocks.1.attn.hook_z"].abs().max() > 0
+    names = ["lm.blocks.1.attn.hook_z", "lm.blocks.1.attn.hook_pattern"]
+    _, edited = vlm.run_with_cache(
+        inputs, names=names, fwd_hooks=[("lm.blocks.1.attn.hook_v", HookedVLM.zero_ablate())]
+    )
+    assert bool((edited["lm.blocks.1.attn.hook_z"] == 0).all())
+    torch.testing.assert_close(
+        edited["lm.blocks.1.attn.hook_pattern"], cache["lm.blocks.1.attn.hook_pattern"]
+    )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from vlmscope.models.registry import families, resolve_adapter
 
 def test_every_family_has_a_zoo_model_and_back() -> None:
     assert set(families()) == set(zoo.names())
+    assert len(families()) >= 21
 
 
 def test_adapter_comes_from_config_not_from_the_name(zoo_path: Any, tmp_path: Path) -> None:
@@ -50,3 +53,42 @@ def test_model_without_decoder_is_a_clear_error() -> None:
     )  # fmt: skip
     with pytest.raises(DecoderNotFoundError, match=r"model_type='clip_vision_model'.*embed_tokens"):
         resolve_adapter(vision)
+
+
+def test_listing_imports_no_model_code() -> None:
+    """`vlmscope models` and `vlmscope zoo list` read declarations: no transformers model
+    module is imported (importing them all is what made listing take seconds)."""
+    code = (
+        "import sys\n"
+        "from vlmscope.cli import main\n"
+        "assert main(['models']) == 0 and main(['zoo', 'list']) == 0\n"
+        "from vlmscope.models import zoo\n"
+        "assert zoo.spec('llava').multimodal and 'llava' in zoo.names()\n"
+        "print(sorted(m for m in sys.modules if m.startswith('transformers.models.')))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
+    ).stdout
+    assert "qwen2_vl" in out and "LLaVA-1.5" in out  # the tables were printed
+    assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_zoo_declarations_match_the_registered_builders() -> None:
+    """What listing reads from the source is what importing the modules registers."""
+    from vlmscope.models.zoo import _BUILDERS
+
+    for name in zoo.names():
+        assert zoo.spec(name).builder is _BUILDERS[name]
+    assert sorted(_BUILDERS) == sorted(zoo.names())
+
+
+def test_importing_one_adapter_module_first_hides_no_family() -> None:
+    code = (
+        "import vlmscope.models.adapters.llava\n"
+        "from vlmscope.models.registry import families\n"
+        "print(sorted(families()))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
+    ).stdout
+    assert "'llama4'" in out and "'mllama'" in out and "'llava'" in out

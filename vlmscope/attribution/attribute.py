@@ -316,6 +316,12 @@ def _assemble(
         kinds.append("image" if masks.image[0, s] else "special" if masks.special[0, s] else "text")
     ids = inputs["input_ids"][0].cpu()
     tok = vlm.tokenizer
+    tokens = [tok.decode([int(i)]) for i in ids] if tok is not None else []
+    patch_map = masks.patch_map[0].cpu()
+    if ctx.cross is not None:  # input nodes past the sequence: cross-attention vision features
+        kinds += ctx.cross.kinds
+        patch_map = torch.cat([patch_map, ctx.cross.patch_map])
+        tokens += ctx.cross.labels if tokens else []
     return Graph(
         adjacency=adj,
         features=torch.stack([feats.layer, feats.position, feats.feature], 1)[selected].cpu(),
@@ -323,9 +329,9 @@ def _assemble(
         n_layers=ctx.n_layers,
         input_ids=ids,
         input_kinds=kinds,
-        patch_map=masks.patch_map[0].cpu(),
+        patch_map=patch_map,
         logit_targets=targets,
-        input_tokens=[tok.decode([int(i)]) for i in ids] if tok is not None else [],
+        input_tokens=tokens,
         metadata={
             "model": getattr(vlm.model, "name_or_path", None) or bundle.model_info.get("name"),
             "dictionaries_trained_on": bundle.model_info.get("name"),

@@ -26,6 +26,7 @@ Edges, for a target with gradient g_t at model layer t's MLP output (rows of one
     error (t, p):        g_t[p] . e_t[p]
     feature (s, p, f):   a * sum over targets t of unit s of  g_t[p] . W_dec_s[f, t - s] / o_t
     input p:             g_0[p] . embed[p]  (+ g . injected[p] for DeepStack)
+    vision feature j:    g_V[j] . V[j]  (cross-attention VLMs: cross_inputs.py)
 
 with a the activation, o_t the target unit's output scale; sums run in float32.
 Decoder rows of the active features are gathered once (`decoder_cache`): on the device, in host
@@ -45,6 +46,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from vlmscope.attribution.cross_inputs import cross_attention_inputs
 from vlmscope.attribution.freeze import FreezeState, frozen
 from vlmscope.attribution.weights import DictionaryWeights
 from vlmscope.models.hooked import HookContext, HookedVLM
@@ -187,6 +189,8 @@ class AttributionContext:
         self.copies = 0
         self.final: Tensor | None = None
         self._skip_qk = True
+        #: input nodes past the sequence: the vision features cross-attention reads (Mllama).
+        self.cross = cross_attention_inputs(vlm, inputs)
 
     # --- pass 1: the original model ------------------------------------------------------------
     def record(self) -> None:
@@ -246,8 +250,14 @@ class AttributionContext:
         hooks += [(r, read) for r in b.reads] + [(w_, write) for w_ in self.mlp_hooks]
         hooks += [(f"lm.blocks.{i}.hook_resid_post", resid_post) for i in range(self.n_layers)]
         hooks += [(f"lm.blocks.{i}.hook_resid_pre", resid_pre) for i in range(1, self.n_layers)]
+        lm_hook = [] if self.cross is None else [self.cross.record_hook()]
         # The final-norm hook goes in after the freeze hooks so it sees the frozen output.
-        with frozen(vlm, self.freeze), vlm.hooks(hooks), _hook(vlm.adapter.norm(), final):
+        with (
+            frozen(vlm, self.freeze),
+            vlm.hooks(hooks),
+            _hook(vlm.adapter.norm(), final),
+            _pre_hooks(lm_hook),
+        ):
             out = vlm.forward(self.inputs, **_last_logit_kwargs(vlm.model))
         self.logits = out.logits[0, -1].float()
         del out
@@ -516,7 +526,13 @@ class AttributionContext:
             _hook(a.norm(), final),
         ):
             zeros = torch.zeros(1, seq, a.d_model, dtype=dtype, device=self.device)
-            a.lm()(inputs_embeds=zeros.expand(copies, -1, -1), use_cache=False)
+            extra: dict[str, Any] = {}
+            if self.cross is not None:  # the vision features, a tapped constant (Mllama)
+                cols = self._cross_columns()
+                extra = self.cross.replay_kwargs(
+                    copies, dtype, lambda v: _Tap.apply(v, anchor, cols)
+                )
+            a.lm()(inputs_embeds=zeros.expand(copies, -1, -1), use_cache=False, **extra)
         self.copies = copies
         self.final = holder["final"]
 
@@ -595,13 +611,33 @@ class AttributionContext:
 
         return fn
 
+    def _cross_columns(self) -> Callable[[Tensor], None]:
+        """Backward callback of the vision features cross-attention reads: their input
+        columns, after the token input columns."""
+        cross = self.cross
+        assert cross is not None
+
+        def fn(g: Tensor) -> None:
+            rows = self._rows
+            assert rows is not None
+            n = rows.shape[0]
+            start = self._err_start + (self.n_layers + 1) * self.embeddings.shape[0]
+            rows[:, start : start + cross.n] += cross.columns(g[:n])
+
+        return fn
+
     @property
     def _err_start(self) -> int:
         return len(self.features)
 
     @property
+    def n_inputs(self) -> int:
+        """Input-node columns: one per position, then any cross-attention vision features."""
+        return self.embeddings.shape[0] + (self.cross.n if self.cross is not None else 0)
+
+    @property
     def n_cols(self) -> int:
-        return len(self.features) + (self.n_layers + 1) * self.embeddings.shape[0]
+        return len(self.features) + self.n_layers * self.embeddings.shape[0] + self.n_inputs
 
     def backward(self, targets: list[tuple[int, int, Tensor]], retain: bool = True) -> Tensor:
         """Rows of direct effects for up to `copies` targets.
@@ -609,7 +645,8 @@ class AttributionContext:
         A target is (layer, position, vector): the gradient `vector` is injected at resid_mid of
         model layer `layer` (a feature's encoder row) or, with layer == n_layers, at the final
         norm's output (a demeaned unembedding row). Returns [n_targets, n_cols] float32 with
-        columns ordered [active features, errors (layer-major, every model layer), inputs].
+        columns ordered [active features, errors (layer-major, every model layer), inputs
+        (one per position, then cross-attention vision features)].
         """
         n = len(targets)
         if n > self.copies:
@@ -670,9 +707,12 @@ def _module_hooks(pairs: list[tuple[torch.nn.Module, Any]]) -> Iterator[None]:
 
 
 def _qk_modules(adapter: Any) -> list[torch.nn.Module]:
-    """The query and key projections of every LM layer (none where a family fuses them)."""
+    """The query and key projections of every LM layer (none where a family fuses them:
+    Phi-4-multimodal's qkv_proj computes the values too, and `part(i, "q")` names it)."""
     out = []
     for i in range(adapter.n_layers):
+        if adapter.layer_map_of(i).qkv is not None:
+            continue
         for part in ("q", "k"):
             try:
                 out.append(adapter.part(i, part))
@@ -695,6 +735,17 @@ def _hook(module: torch.nn.Module, fn: Any) -> Iterator[None]:
         yield
     finally:
         h.remove()
+
+
+@contextlib.contextmanager
+def _pre_hooks(pairs: list[tuple[torch.nn.Module, Any]]) -> Iterator[None]:
+    """Forward pre-hooks (with keyword arguments) on modules for the duration of the block."""
+    handles = [m.register_forward_pre_hook(fn, with_kwargs=True) for m, fn in pairs]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @contextlib.contextmanager

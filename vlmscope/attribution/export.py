@@ -242,7 +242,8 @@ def to_json(
             )  # fmt: skip
         elif idx < graph.logit_slice.start:
             pos = idx - graph.input_slice.start
-            nodes[idx] = _input_node(graph, pos, ids[pos], _num(cum[idx]))
+            token = ids[pos] if pos < n_pos else -1  # a cross-attention vision feature
+            nodes[idx] = _input_node(graph, pos, token, _num(cum[idx]))
             always.add(idx)
         else:
             k = idx - graph.logit_slice.start

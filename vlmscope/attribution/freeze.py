@@ -6,16 +6,19 @@ with fixed weights, norms multiply by fixed per-position scales). Attention runs
 attention function registered with transformers (the family's own eager code when recording);
 norms are rescaled by forward hooks. Nothing in the model is patched.
 
-A norm computes out = s(x) * h(x) with s(x) = 1/rms(x) (1/std for LayerNorm) and h linear
-(x * w, or centred x * w + b). Two replays:
+A norm computes out = s(x) * h(x) with s(x) = 1/rms(x) (1/std for LayerNorm and any norm the
+adapter's `norm_kind` calls "layer", such as Cohere's) and h linear (x * w, or centred
+x * w + b). Which norms: `ModelAdapter.frozen_norms()` (every norm inside a decoder layer, and
+the final norm; see its docstring for why, family by family). Two replays:
 
 - the value replay (`linear=False`, for interventions) rescales the module's own output by
   s0 / s(x), exact for any input;
 - the linear replay (`linear=True`, for attribution) returns s0 * h(x) directly, with s0 the
   recorded scale (a constant) and h applied through its effective weight. The module's own
   forward runs on an empty slice of positions, so nothing of it is kept: a multiplication by
-  constants saves
-  only the constants, and the replayed model keeps no tensor per copy of the prompt.
+  constants saves only the constants, and the replayed model keeps no tensor per copy of the
+  prompt. The effective weight and bias of a norm other than nn.LayerNorm are probed once, on a
+  zero-mean vector z and on -z (`effective_weight`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from vlmscope.models.hooked import HookedVLM
 
@@ -66,6 +70,10 @@ def _frozen_attention(
     **kwargs: Any,
 ) -> tuple[Tensor, Tensor]:
     state = _STATE.get()
+    if getattr(module, "layer_idx", None) is None:
+        # Not a decoder layer's attention: a vision or audio tower whose config shares the
+        # setting (Phi-4-multimodal's sub-configs follow the text config). It runs unfrozen.
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
     layer = int(module.layer_idx)
     if state is None or state.mode == "record" or not state.attention:
         eager = sys.modules[type(module).__module__].eager_attention_forward
@@ -110,10 +118,6 @@ AttentionInterface.register(FROZEN_ATTENTION, _frozen_attention)
 AttentionMaskInterface.register(FROZEN_ATTENTION, _frozen_mask)
 
 
-def _is_norm(m: nn.Module) -> bool:
-    return isinstance(m, nn.LayerNorm) or type(m).__name__.endswith("RMSNorm")
-
-
 def _eps(m: nn.Module) -> float:
     for attr in ("variance_epsilon", "eps", "epsilon"):
         v = getattr(m, attr, None)
@@ -122,34 +126,52 @@ def _eps(m: nn.Module) -> float:
     return 1e-6
 
 
-def norm_scale(m: nn.Module, x: Tensor) -> Tensor:
-    """The per-position scale s(x) a norm divides by: 1/rms (RMSNorm) or 1/std (LayerNorm)."""
+def norm_scale(m: nn.Module, x: Tensor, kind: str | None = None) -> Tensor:
+    """The per-position scale s(x) a norm divides by: 1/rms (RMSNorm) or 1/std (LayerNorm,
+    and `kind` "layer" for norms that centre without being nn.LayerNorm, as Cohere's)."""
     xf = x.float()
-    if isinstance(m, nn.LayerNorm):
-        return torch.rsqrt(xf.var(-1, keepdim=True, unbiased=False) + m.eps)
+    if isinstance(m, nn.LayerNorm) or kind == "layer":
+        return torch.rsqrt(xf.var(-1, keepdim=True, unbiased=False) + _eps(m))
     return torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + _eps(m))
 
 
-def effective_weight(m: nn.Module, like: Tensor) -> Tensor:
-    """The elementwise weight w of an RMSNorm-like module, out = x * s(x) * w, probed once on a
-    vector of ones (so weight, 1 + weight as in Gemma, or none are all read the same way)."""
-    probe = torch.ones(1, like.shape[-1], device=like.device, dtype=torch.float32)
+def _zero_mean_probe(d: int, device: torch.device) -> Tensor:
+    """[1, d] float32 of entries +-1 (and one 2 when d is odd) summing to zero: centring
+    leaves it unchanged, and no entry is zero."""
+    z = torch.ones(d, device=device)
+    z[1::2] = -1.0
+    if d % 2 and d >= 3:
+        z[-3:] = torch.tensor([2.0, -1.0, -1.0], device=device)
+    return z[None]
+
+
+def effective_weight(m: nn.Module, like: Tensor, kind: str | None = None) -> Tensor:
+    """[2, d]: the elementwise weight w and bias b of a norm module, out = h(x) * s(x) * w + b
+    with h the identity (RMS) or centring ("layer"), probed once on a zero-mean vector z and on
+    -z (so weight, 1 + weight as in Gemma, none, or a bias are all read the same way)."""
+    z = _zero_mean_probe(like.shape[-1], like.device)
     with torch.no_grad():
-        out = m.forward(probe).float()  # not m(...): the freeze hooks are on m
-    return (out / norm_scale(m, probe))[0]
+        # m.forward, not m(...): the freeze hooks are on m.
+        plus, minus = m.forward(z).float(), m.forward(-z).float()
+    s = norm_scale(m, z, kind)  # the same for z and -z
+    return torch.cat([(plus - minus) / (2 * z * s), (plus + minus) / 2])
 
 
-def _linear_norm(m: nn.Module, x: Tensor, s0: Tensor, w: Tensor) -> Tensor:
-    """s0 * h(x) in fp32, cast back to x's dtype: autograd keeps only s0 and w (constants)."""
+def _linear_norm(m: nn.Module, x: Tensor, s0: Tensor, w: Tensor, kind: str | None = None) -> Tensor:
+    """s0 * h(x) in fp32, cast back to x's dtype: autograd keeps only s0 and w (constants).
+    `w` is nn.LayerNorm's [d] placeholder, or `effective_weight`'s [2, d] (weight, bias)."""
     xf = x.float()
     if isinstance(m, nn.LayerNorm):
         xf = xf - xf.mean(-1, keepdim=True)
         out = xf * s0 * (w if m.weight is None else m.weight.float())
         return (out if m.bias is None else out + m.bias.float()).to(x.dtype)
-    return (xf * s0 * w).to(x.dtype)
+    if kind == "layer":
+        xf = xf - xf.mean(-1, keepdim=True)
+    out = xf * s0 * w[0]
+    return (out + w[1] if bool(w[1].any()) else out).to(x.dtype)
 
 
-def _norm_hooks(name: str, m: nn.Module, state: FreezeState) -> list[Any]:
+def _norm_hooks(name: str, m: nn.Module, state: FreezeState, kind: str | None) -> list[Any]:
     inputs: list[Tensor] = []
 
     def pre(m: nn.Module, args: tuple[Any, ...]) -> Any:
@@ -172,10 +194,10 @@ def _norm_hooks(name: str, m: nn.Module, state: FreezeState) -> list[Any]:
                 state.weights[name] = (
                     torch.ones(x.shape[-1], device=x.device)
                     if isinstance(m, nn.LayerNorm)
-                    else effective_weight(m, x)
+                    else effective_weight(m, x, kind)
                 )
-            return _linear_norm(m, x, state.scales[name], state.weights[name])
-        s = norm_scale(m, x)
+            return _linear_norm(m, x, state.scales[name], state.weights[name], kind)
+        s = norm_scale(m, x, kind)
         if state.mode == "record":
             state.scales[name] = s.detach()
             return None
@@ -186,8 +208,8 @@ def _norm_hooks(name: str, m: nn.Module, state: FreezeState) -> list[Any]:
         # out = s(x) * h(x) with h linear (after centering for LayerNorm): rescaling by
         # s0 / s(x) leaves the value at the recorded point and drops s's dependence on x.
         ratio = state.scales[name] / s
-        bias = getattr(m, "bias", None) if isinstance(m, nn.LayerNorm) else None
-        if bias is not None:
+        bias = getattr(m, "bias", None) if kind == "layer" else None
+        if isinstance(bias, Tensor):
             return ((out.float() - bias) * ratio + bias).to(out.dtype)
         return (out.float() * ratio).to(out.dtype)
 
@@ -200,9 +222,9 @@ def frozen(vlm: HookedVLM, state: FreezeState) -> Iterator[FreezeState]:
     patterns and norm scales. Use the same prompt (or copies of it) in both passes."""
     tc = vlm.adapter.text_config
     old = tc._attn_implementation
-    lm = vlm.adapter.lm()
+    a = vlm.adapter
     handles = [
-        h for name, m in lm.named_modules() if _is_norm(m) for h in _norm_hooks(name, m, state)
+        h for name, m in a.frozen_norms() for h in _norm_hooks(name, m, state, a.norm_kind(m))
     ]
     token = _STATE.set(state)
     tc._attn_implementation = FROZEN_ATTENTION

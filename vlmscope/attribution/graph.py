@@ -1,8 +1,9 @@
 """Attribution graphs: nodes, the adjacency of direct effects, pruning and scores.
 
 Node order (as in circuit-tracer): [selected features, errors (layer-major, one per layer and
-position), input nodes (one per position: text token or image patch), logits]. Row = target,
-column = source: adjacency[t, s] is the direct effect of source s on target t.
+position), input nodes (one per position: text token or image patch; then, for cross-attention
+VLMs, one per vision feature the cross-attention layers read), logits]. Row = target, column =
+source: adjacency[t, s] is the direct effect of source s on target t.
 
 Influence, pruning and the replacement / completeness scores follow the definitions of Ameisen
 et al. (2025) as circuit-tracer computes them: rows of |A| are normalised to sum to 1, a node's
@@ -37,9 +38,10 @@ class Graph:
     #: the model's LM layers (errors: one per layer and position, also where no dictionary is).
     n_layers: int
     input_ids: Tensor
-    #: per position: "text", "image" or "special".
+    #: per input node: "text", "image" or "special" (positions first, then any vision
+    #: features read by cross-attention, all "image").
     input_kinds: list[str]
-    #: per position: (image, view, row, col) for image tokens, else (-1, -1, -1, -1).
+    #: per input node: (image, view, row, col) for image patches, else (-1, -1, -1, -1).
     patch_map: Tensor
     logit_targets: list[LogitTarget]
     input_tokens: list[str] = field(default_factory=list)
@@ -52,6 +54,11 @@ class Graph:
     @property
     def n_pos(self) -> int:
         return len(self.input_ids)
+
+    @property
+    def n_inputs(self) -> int:
+        """Input nodes: one per position, plus cross-attention vision features (Mllama)."""
+        return max(len(self.input_kinds), self.n_pos)
 
     @property
     def n_errors(self) -> int:
@@ -68,11 +75,11 @@ class Graph:
     @property
     def input_slice(self) -> slice:
         start = self.n_features + self.n_errors
-        return slice(start, start + self.n_pos)
+        return slice(start, start + self.n_inputs)
 
     @property
     def logit_slice(self) -> slice:
-        start = self.n_features + self.n_errors + self.n_pos
+        start = self.n_features + self.n_errors + self.n_inputs
         return slice(start, start + self.n_logits)
 
     def logit_weights(self) -> Tensor:
@@ -131,8 +138,10 @@ def check_finite_rows(rows: Tensor, nodes: Tensor, ctx: Any) -> None:
     elif c < n_feat + ctx.n_layers * seq:
         layer, pos = divmod(c - n_feat, seq)
         source = f"the error node of layer {layer}, position {pos}"
-    else:
+    elif c < n_feat + (ctx.n_layers + 1) * seq:
         source = f"the input node at position {c - n_feat - ctx.n_layers * seq}"
+    else:  # past the positions: a vision feature cross-attention reads (Mllama)
+        source = f"the cross-attention vision feature {c - n_feat - (ctx.n_layers + 1) * seq}"
     raise NonFiniteGraphError(
         f"{int((~finite).sum())} NaN/Inf edges in one backward pass (first: from {source}, "
         f"to node {int(nodes[r])}): NaN or Inf dictionary weights or model activations"

@@ -33,6 +33,9 @@ TOKEN_KEYS: dict[str, int | None] = {
     "token_type_ids": 0,
     "mm_token_type_ids": 0,
 }
+#: per-token tensors with more (ragged) dimensions after the sequence: Mllama's
+#: cross_attention_mask [batch, seq, images, tiles].
+TOKEN_GRID_KEYS = ("cross_attention_mask",)
 
 
 class RecordLike(Protocol):
@@ -256,8 +259,9 @@ class SampleEncoder:
                     f"{n} tokens, the image block (with its closing markers) reaches position "
                     f"{end}",
                 )
+        per_token = (*TOKEN_KEYS, *TOKEN_GRID_KEYS)
         cut = {
-            k: (v[:, : self.ctx_len] if k in TOKEN_KEYS else v) for k, v in sample.tensors.items()
+            k: (v[:, : self.ctx_len] if k in per_token else v) for k, v in sample.tensors.items()
         }
         kept_answer = max(0, sample.n_answer - (n - self.ctx_len))
         return Sample(sample.row_id, cut, kept_answer, True, sample.position)
@@ -312,8 +316,14 @@ def collate(
         if k in TOKEN_KEYS:
             fill = pad_token_id if TOKEN_KEYS[k] is None else TOKEN_KEYS[k]
             inputs[k] = torch.cat([_pad_seq(p, longest, fill, padding_side) for p in parts])  # type: ignore[arg-type]
+        elif k in TOKEN_GRID_KEYS:
+            inputs[k] = _cat_ragged([_pad_grid_seq(p, longest, padding_side) for p in parts])
         else:
             inputs[k] = _cat_ragged(parts)
+            if k == "aspect_ratio_mask":
+                # Mllama's processor marks the first tile of a padding image slot as present
+                # (an all-masked image would give its vision attention nothing to attend to).
+                inputs[k][..., 0] = 1
     answer = torch.zeros(len(samples), longest, dtype=torch.bool)
     for b, s in enumerate(samples):
         end = s.length if padding_side == "right" else longest
@@ -334,6 +344,18 @@ def _pad_seq(t: torch.Tensor, length: int, fill: int, side: str) -> torch.Tensor
         return t
     pad = torch.full((t.shape[0], n, *t.shape[2:]), fill, dtype=t.dtype)
     return torch.cat([t, pad] if side == "right" else [pad, t], dim=1)
+
+
+def _pad_grid_seq(t: torch.Tensor, length: int, side: str) -> torch.Tensor:
+    """Pad a [1, seq, ...] per-token grid to `length` as the processor would have built it:
+    padding after the text repeats the last row (images stay visible to the end), padding
+    before it is zeros."""
+    n = length - t.shape[1]
+    if n == 0:
+        return t
+    if side == "right":
+        return torch.cat([t, t[:, -1:].expand(-1, n, *t.shape[2:])], dim=1)
+    return torch.cat([t.new_zeros(t.shape[0], n, *t.shape[2:]), t], dim=1)
 
 
 def _cat_ragged(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -16,7 +16,13 @@ import torch
 from torch import nn
 
 from vlmscope.models.chat import tokenizer_special_ids
-from vlmscope.models.vision import VisionView, one_view_per_image, view_layout
+from vlmscope.models.vision import (
+    VisionView,
+    one_view_per_image,
+    per_view_shape,
+    view_layout,
+    views_from_token_grids,
+)
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,14 @@ class Capabilities:
     sliding_window: bool = False
     #: attention logits are soft-capped (tanh) before the softmax.
     attn_softcap: bool = False
+    #: some MLPs are mixtures of experts; mlp.hook_in/hook_out are the whole block's
+    #: input and output (router, experts and shared expert together).
+    moe_mlp: bool = False
+    #: attention and MLP read the same normalised input and both add to it (Cohere-style);
+    #: hook_resid_mid is then the layer's input, the stream the MLP reads.
+    parallel_block: bool = False
+    #: image features enter through cross-attention layers, not image tokens (Mllama).
+    cross_attention: bool = False
 
     def to_dict(self) -> dict[str, bool]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -45,13 +59,19 @@ class LayerMap:
 
     `attn_out` and `mlp_out` name the module whose output is the block's contribution to the
     residual stream (after a post-norm where the family has one); `mlp_in_norm` is the norm that
-    reads the mid-layer residual stream.
+    reads the mid-layer residual stream. In a parallel block it is `attn_in_norm` itself: the
+    MLP reads the layer's input, so hook_resid_mid equals hook_resid_pre there. `mlp` may be a
+    mixture of experts (its output may come back flattened to [tokens, d]; hooks see
+    [batch, pos, d]).
     """
 
     attn: str = "self_attn"
     q: str = "self_attn.q_proj"
     k: str = "self_attn.k_proj"
     v: str = "self_attn.v_proj"
+    #: one fused projection whose output is [q | k | v] (Phi-3/4); hook_q/k/v slice it, and
+    #: q/k/v above are then ignored.
+    qkv: str | None = None
     o: str = "self_attn.o_proj"
     q_norm: str | None = None
     k_norm: str | None = None
@@ -153,6 +173,11 @@ class ModelAdapter:
     capabilities: ClassVar[Capabilities] = Capabilities()
     #: token strings whose ids are image placeholders in the LM input.
     image_token_strings: ClassVar[tuple[str, ...]] = ()
+    #: norm classes (by name) that centre their input like LayerNorm without being
+    #: nn.LayerNorm (Cohere's); RMS norms are recognised by name, nn.LayerNorm by type.
+    centred_norms: ClassVar[tuple[str, ...]] = ()
+    #: input keys that carry pixels (images, video frames) when a batch has visual inputs.
+    pixel_keys: ClassVar[tuple[str, ...]] = ("pixel_values", "pixel_values_videos")
     #: the model numbers positions 0..n-1 regardless of padding, so a left-padded batch needs
     #: position_ids from the attention mask (as generate() passes them); False where the
     #: model derives positions from the mask itself (M-RoPE, PaliGemma).
@@ -176,12 +201,30 @@ class ModelAdapter:
     def block(self, i: int) -> nn.Module:
         return self.blocks()[i]
 
+    def layer_map_of(self, i: int) -> LayerMap:
+        """The component mapping of decoder layer `i` (one for every layer unless a family
+        mixes layer kinds, as Mllama mixes self- and cross-attention layers)."""
+        return self.layer_map
+
     def part(self, i: int, name: str) -> nn.Module:
         """Part `name` of LayerMap (e.g. "attn", "mlp_in_norm") of decoder layer `i`."""
-        path = getattr(self.layer_map, name)
+        lmap = self.layer_map_of(i)
+        if name in ("q", "k", "v") and lmap.qkv is not None:
+            name = "qkv"
+        path = getattr(lmap, name)
         if path is None:
-            raise AttributeError(f"{self.family} layers have no {name}")
+            raise AttributeError(f"{self.family} layer {i} has no {name}")
         return get_submodule(self.block(i), path)
+
+    def qkv_slice(self, i: int, which: str) -> slice | None:
+        """Where `which` ("q", "k" or "v") sits in the output of layer i's fused qkv
+        projection; None when the layer projects q, k and v separately."""
+        if self.layer_map_of(i).qkv is None:
+            return None
+        nq, nkv = self.n_heads * self.d_head, self.n_kv_heads * self.d_head
+        return {"q": slice(0, nq), "k": slice(nq, nq + nkv), "v": slice(nq + nkv, nq + 2 * nkv)}[
+            which
+        ]
 
     def norm(self) -> nn.Module:
         return get_submodule(self.lm(), self.final_norm)
@@ -191,6 +234,35 @@ class ModelAdapter:
 
     def unembed(self) -> nn.Module:
         return get_submodule(self.model, self.lm_head)
+
+    def norm_kind(self, module: nn.Module) -> str | None:
+        """ "layer" for a norm that centres and divides by the std, "rms" for one that divides
+        by the root mean square, None for anything else."""
+        if isinstance(module, nn.LayerNorm) or type(module).__name__ in self.centred_norms:
+            return "layer"
+        return "rms" if type(module).__name__.endswith("RMSNorm") else None
+
+    def frozen_norms(self) -> list[tuple[str, nn.Module]]:
+        """The norms attribution freezes, by dotted name under `lm()`: every norm (a module
+        `norm_kind` recognises) inside a decoder layer, at any depth, and the final norm.
+
+        Why this set, family by family of the zoo: the norms on the residual path (direct
+        parts of a layer: input, post-attention, pre/post-feedforward norms) must be frozen
+        for the replay to be linear; this is every norm the zoo has there, Cohere's centring
+        norm (Aya Vision) included, which a search by class (nn.LayerNorm or *RMSNorm) misses.
+        Norms inside attention are frozen too: per-head q/k norms (Gemma 3, Qwen3, Mllama's
+        cross-attention) only feed the frozen pattern, so freezing them changes nothing, but a
+        norm on the value path (Gemma 3n's v_norm) must be frozen, and a walk that stops at a
+        layer's direct children would miss it. Norms under `lm()` but outside the decoder
+        layers are not: Phi-4-multimodal's LM owns its image and audio towers, whose
+        LayerNorms run before the decoder (and the attribution replay never runs them)."""
+        out = []
+        for i, layer in enumerate(self.blocks()):
+            for name, m in layer.named_modules():
+                if name and self.norm_kind(m) is not None:
+                    out.append((f"{self.layers}.{i}.{name}", m))
+        out.append((self.final_norm, self.norm()))
+        return out
 
     def vision_block_list(self) -> nn.ModuleList | None:
         if self.vision_blocks is None:
@@ -329,14 +401,20 @@ class ModelAdapter:
         self, i: int, q: torch.Tensor, k: torch.Tensor, ctx: AttentionInputs
     ) -> torch.Tensor:
         """Masked pre-softmax scores [batch, heads, q_pos, k_pos] of layer i from the raw
-        q_proj / k_proj outputs as [batch, pos, heads, d_head], as the model computes them."""
+        q_proj / k_proj outputs as [batch, pos, heads, d_head], as the model computes them.
+        A cross-attention layer (`attn` named cross_attn) attends from the text to the
+        vision features: its keys are viewed per sample, with no RoPE and no causal order."""
         attn = unwrap_tuner_layer(self.part(i, "attn"))
-        if self.layer_map.q_norm is not None:
+        lmap = self.layer_map_of(i)
+        cross = lmap.attn == "cross_attn"
+        if cross:  # k_proj may run on [batch x images x tiles, patches, ...]
+            k = k.reshape(q.shape[0], -1, *k.shape[-2:])
+        if lmap.q_norm is not None:
             q = self.part(i, "q_norm")(q)
-        if self.layer_map.k_norm is not None:
+        if lmap.k_norm is not None:
             k = self.part(i, "k_norm")(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
-        if ctx.position_embeddings is not None:
+        if ctx.position_embeddings is not None and not cross:
             q, k = self.apply_rope(i, q, k, ctx.position_embeddings)
         groups = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(groups, dim=1)
@@ -362,7 +440,7 @@ class ModelAdapter:
                 f"cannot recompute attention patterns from a {type(mask).__name__} mask; "
                 "load the model with attn_implementation='sdpa' or 'eager'"
             )
-        if not getattr(attn, "is_causal", True):
+        if not getattr(attn, "is_causal", True) or self.layer_map_of(i).attn == "cross_attn":
             return scores
         qi = torch.arange(n_k - n_q, n_k, device=scores.device)[:, None]
         ki = torch.arange(n_k, device=scores.device)[None, :]
@@ -381,3 +459,25 @@ class ModelAdapter:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(family={self.family!r})"
+
+
+class TileRunViews(ModelAdapter):
+    """Base of families whose encoder sees one view per run of g x g image tokens (tiles and
+    a global view, in prompt order: Aya Vision, InternVL, Llama 4); they define `tile_grid`."""
+
+    def tile_grid(self) -> int:
+        raise NotImplementedError
+
+    def vision_views(self, inputs: Mapping[str, Any]) -> list[VisionView]:
+        """One encoder view per tile run of the image's tokens, in their order (pixel_values
+        holds the tiles in the order the prompt lays them out)."""
+        g = self.tile_grid()
+        return views_from_token_grids(self.image_token_grids(inputs), g * g)
+
+    def vision_layout(
+        self, inputs: Mapping[str, Any], name: str, shape: tuple[int, ...]
+    ) -> torch.Tensor:
+        """The base layout over [views, P] (the projector may hand its rows over as
+        [views, h, w], or flat)."""
+        shape = per_view_shape(shape, len(self.vision_views(inputs)))
+        return super().vision_layout(inputs, name, shape)

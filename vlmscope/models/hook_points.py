@@ -50,7 +50,8 @@ HOOK_POINTS: tuple[HookPoint, ...] = (
     HookPoint("lm.blocks.{i}.hook_resid_pre", "block", "in", None,
               "residual stream entering decoder layer i"),
     HookPoint("lm.blocks.{i}.hook_resid_mid", "mlp_in_norm", "in", None,
-              "residual stream after attention, before the MLP (edits carry to the layer output)"),
+              "residual stream the MLP reads: after attention (a parallel block's input); "
+              "edits carry to the layer output"),
     HookPoint("lm.blocks.{i}.hook_resid_post", "block", "out", None,
               "residual stream leaving decoder layer i"),
     HookPoint("lm.blocks.{i}.attn.hook_q", "q", "out", "q_heads",
@@ -66,9 +67,10 @@ HOOK_POINTS: tuple[HookPoint, ...] = (
     HookPoint("lm.blocks.{i}.attn.hook_out", "attn_out", "out", None,
               "attention block's contribution to the residual stream"),
     HookPoint("lm.blocks.{i}.mlp.hook_in", "mlp", "in", None,
-              "MLP input (after its pre-norm)"),
+              "MLP input (after its pre-norm; a whole MoE block's input)"),
     HookPoint("lm.blocks.{i}.mlp.hook_out", "mlp_out", "out", None,
-              "MLP block's contribution to the residual stream (after any post-norm)"),
+              "MLP block's contribution to the residual stream (after any post-norm; a "
+              "whole MoE block's output)"),
     HookPoint("vision.blocks.{i}.hook_resid_post", "vision_block", "out", None,
               "vision encoder residual stream leaving block i"),
     HookPoint("vision.blocks.{i}.mlp.hook_in", "vision_mlp", "in", None,

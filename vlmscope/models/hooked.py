@@ -126,10 +126,16 @@ def load_hf(
     # video processor); importing the zoo registers them with AutoProcessor.
     from vlmscope.models import zoo
 
-    zoo.names()
+    if os.path.isdir(path):
+        zoo.import_saved_classes(path)
     processor: Any
     try:
         processor = AutoProcessor.from_pretrained(path)
+    except ImportError as e:
+        # The processor's class (or its image/video processor) needs a package that is not
+        # installed, typically torchvision: say which, and go on with the tokenizer.
+        warnings.warn(missing_package_message(path, e), stacklevel=3)
+        processor = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError):
         processor = AutoTokenizer.from_pretrained(path)
     if is_vlm and not hasattr(processor, "image_processor"):
@@ -139,6 +145,22 @@ def load_hf(
             stacklevel=3,
         )
     return model.eval(), processor
+
+
+def missing_package_message(path: str, error: ImportError) -> str:
+    """One line saying which package the processor of `path` wants, from its ImportError."""
+    import re
+
+    text = str(error).strip()
+    name = getattr(error, "name", None)
+    m = re.search(r"requires the (\w+) library", text)
+    package = (m.group(1).lower() if m else None) or name or "a package that is missing"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), text)
+    return (
+        f"{path}: its processor needs the `{package}` package, which is not installed "
+        f"({first}); using the tokenizer alone, so prepare() handles text only. Install "
+        f"{package} to process images"
+    )
 
 
 def _first_tensor(x: Any) -> torch.Tensor:
@@ -202,26 +224,37 @@ class HookedVLM:
         *,
         add_generation_prompt: bool = True,
         padding_side: str | None = None,
+        videos: Any = None,
     ) -> Mapping[str, torch.Tensor]:
         """Process prompts and images into model inputs on the model's device.
 
         A prompt is a string (wrapped into one user turn, images first, when the processor has a
         chat template) or a list of chat messages. `images` holds one image or a list per prompt.
+        `videos` (families with a video path, e.g. LLaVA-NeXT-Video) holds one video or a list
+        per prompt, a video being a list of frames; its tokens count as one image whose frames
+        are views. `padding_side` None keeps the processor's choice (left for InternVL, else the
+        tokenizer's); left-padded batches run with positions counted from each sample's first
+        real token (see `forward`).
         """
         batch = [prompts] if isinstance(prompts, str) or _is_messages(prompts) else list(prompts)
         per_sample = _images_per_sample(images, len(batch))
+        video_lists = _videos_per_sample(videos, len(batch))
         proc = self.processor
         template = getattr(proc, "chat_template", None) or getattr(
             self.tokenizer, "chat_template", None
         )
         texts, rendered = [], []
-        for p, imgs in zip(batch, per_sample, strict=True):
+        for p, imgs, vids in zip(batch, per_sample, video_lists, strict=True):
             if isinstance(p, str) and template is not None:
-                content = [{"type": "image"} for _ in imgs] + [{"type": "text", "text": p}]
+                content = [{"type": "image"} for _ in imgs] + [{"type": "video"} for _ in vids]
+                content.append({"type": "text", "text": p})
                 p = [{"role": "user", "content": content}]
             rendered.append(not isinstance(p, str))
             if not isinstance(p, str):
-                p = proc.apply_chat_template(
+                # The tokenizer renders when only it has the template (some processors lose
+                # theirs on loading).
+                renderer = proc if getattr(proc, "chat_template", None) else self.tokenizer
+                p = renderer.apply_chat_template(
                     p, add_generation_prompt=add_generation_prompt, tokenize=False
                 )
             texts.append(p)
@@ -233,10 +266,17 @@ class HookedVLM:
         tok = self.tokenizer
         old_side = tok.padding_side
         if padding_side is not None:
+            # Also as a call argument: a processor's own default (InternVL pads on the left
+            # whatever its tokenizer says) outranks the tokenizer's attribute, not the call.
             tok.padding_side = padding_side
+            kw["padding_side"] = padding_side
         try:
+            if any(video_lists):
+                kw["videos"] = [v for vids in video_lists for v in vids]
             if any(per_sample):
                 out = proc(text=texts, images=per_sample, padding=True, return_tensors="pt", **kw)
+            elif any(video_lists):
+                out = proc(text=texts, padding=True, return_tensors="pt", **kw)
             elif proc is tok:
                 out = proc(texts, padding=True, return_tensors="pt", **kw)
             else:
@@ -249,7 +289,7 @@ class HookedVLM:
     def masks(self, inputs: Mapping[str, Any]) -> TokenMasks:
         """Token masks and patch map of a processed batch; raises if images and placeholders
         disagree, naming the sample."""
-        pv = inputs.get("pixel_values")
+        pv = next((inputs[k] for k in self.adapter.pixel_keys if k in inputs), None)
         grids = None
         if pv is not None:
             try:
@@ -272,7 +312,7 @@ class HookedVLM:
         for k, v in inputs.items():
             if isinstance(v, torch.Tensor):
                 v = v.to(dev)
-                if v.is_floating_point() and k in ("pixel_values", "pixel_values_videos"):
+                if v.is_floating_point() and k in self.adapter.pixel_keys:
                     v = v.to(self.dtype)
             out[k] = v
         return out
@@ -376,8 +416,10 @@ class HookedVLM:
             if pos_dev is not None and ctx.name.startswith("lm."):
                 if ctx.name.endswith("hook_pattern"):
                     x = x.transpose(1, 2)[pos_dev]
-                else:
+                elif x.shape[:2] == pos_dev.shape:
                     x = x[pos_dev]
+                # else: keys/values of a cross-attention layer run over image features, not
+                # over the token positions the mask selects; they are kept whole.
             cache[ctx.name] = x.to(device) if device is not None else x
             return None
 
@@ -452,16 +494,39 @@ class HookedVLM:
         if p.io == "computed":
             return self._attach_pattern(rh, fn, ctx)
         if p.io == "out":
+            # A fused qkv projection: q, k and v are slices of one output.
+            fused = p.target in ("q", "k", "v")
+            sl = self.adapter.qkv_slice(rh.layer, p.target) if fused else None  # type: ignore[arg-type]
+            # Mixture-of-experts blocks may return [tokens, d]: shown as the input's [b, s, d].
+            in_shape: dict[str, torch.Size] = {}
 
             def out_hook(_m: nn.Module, _args: Any, output: Any) -> Any:
-                r = call(_first_tensor(output))
+                t = _first_tensor(output)
+                view = t
+                if sl is not None:
+                    view = t[..., sl]
+                elif t.dim() == 2 and len(in_shape.get("x", ())) == 3:
+                    view = t.view(*in_shape["x"][:-1], t.shape[-1])
+                r = call(view)
                 if r is None:
                     return None
+                if sl is not None:
+                    r = torch.cat([t[..., : sl.start], r, t[..., sl.stop :]], dim=-1)
+                elif view is not t:
+                    r = r.reshape(t.shape)
                 if isinstance(output, tuple):
                     return (r, *output[1:])
                 return r
 
-            return [module.register_forward_hook(out_hook)]
+            def shape_hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                x = args[0] if args else kwargs.get("hidden_states")
+                if isinstance(x, torch.Tensor):
+                    in_shape["x"] = x.shape
+
+            handles = [module.register_forward_hook(out_hook)]
+            if p.target in ("mlp", "mlp_out"):
+                handles.append(module.register_forward_pre_hook(shape_hook, with_kwargs=True))
+            return handles
 
         # io == "in": the tensor is the first positional argument or `hidden_states`.
         resid_mid = p.target == "mlp_in_norm"
@@ -526,9 +591,21 @@ class HookedVLM:
                 )
 
         attn = a.part(i, "attn")
+        q_slice, k_slice = a.qkv_slice(i, "q"), a.qkv_slice(i, "k")
+        if q_slice is not None and k_slice is not None:
+
+            def grab_qkv(_m: nn.Module, _args: Any, output: Any) -> None:
+                t = _first_tensor(output)
+                seen["q"], seen["k"] = t[..., q_slice], t[..., k_slice]
+
+            grabs = [a.part(i, "q").register_forward_hook(grab_qkv)]
+        else:
+            grabs = [
+                a.part(i, "q").register_forward_hook(grab("q")),
+                a.part(i, "k").register_forward_hook(grab("k")),
+            ]
         return [
-            a.part(i, "q").register_forward_hook(grab("q")),
-            a.part(i, "k").register_forward_hook(grab("k")),
+            *grabs,
             attn.register_forward_pre_hook(pre, with_kwargs=True),
             attn.register_forward_hook(post),
         ]
@@ -575,6 +652,28 @@ class HookedVLM:
 def _expand(positions: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     p = positions.to(t.device).bool()
     return p.reshape(*p.shape, *([1] * (t.dim() - p.dim())))
+
+
+def _videos_per_sample(videos: Any, n: int) -> list[list[Any]]:
+    """One list of videos per prompt. A video is a list of frames (images or arrays); a
+    prompt's entry is one video or a list of videos."""
+
+    def as_videos(entry: Any) -> list[Any]:
+        if isinstance(entry, (list, tuple)) and not entry:
+            return []
+        if not isinstance(entry, (list, tuple)):
+            raise ValueError("a video is a list of frames; give one video or a list per prompt")
+        return (
+            [list(entry)] if not isinstance(entry[0], (list, tuple)) else [list(v) for v in entry]
+        )
+
+    if videos is None:
+        return [[] for _ in range(n)]
+    if n == 1:
+        return [as_videos(videos)]
+    if len(videos) != n:
+        raise ValueError(f"got {len(videos)} video lists for {n} prompts; give one list per prompt")
+    return [as_videos(v) for v in videos]
 
 
 def _is_messages(x: Any) -> bool:

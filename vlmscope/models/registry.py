@@ -38,9 +38,16 @@ def register_adapter(cls: A) -> A:
     return cls
 
 
+_LOADED = False
+
+
 def _load_adapters() -> None:
-    if _FAMILIES:
+    """Import every adapter module once (importing one of them directly registers only its
+    own families, so that is no sign that all are loaded)."""
+    global _LOADED
+    if _LOADED:
         return
+    _LOADED = True
     from vlmscope.models import adapters
 
     for info in pkgutil.iter_modules(adapters.__path__):
@@ -76,8 +83,9 @@ def resolve_adapter(model: nn.Module, processor: Any = None) -> ModelAdapter:
     warnings.warn(
         f"no vlmscope adapter for model_type={model.config.model_type!r}; using the generic "
         f"adapter, which found the decoder at {adapter.language_model!r} by its structure. "
-        "Hook names work, but image-token layouts and family-specific attention details "
-        "(M-RoPE, soft-capping) are not checked for this model.",
+        "Hook names work; image-token layouts come from the vision config (a guess is "
+        "announced), and family-specific attention details (M-RoPE, soft-capping, unusual "
+        "RoPE) are not checked for this model.",
         stacklevel=2,
     )
     return adapter

@@ -85,6 +85,30 @@ def vision_row_mask(layout: torch.Tensor, include_special: bool = False) -> torc
     return layout[:, 2] >= (-1 if include_special else 0)
 
 
+def views_from_token_grids(grids: Sequence[torch.Tensor], per_view: int) -> list[VisionView]:
+    """Encoder views in token order, read from each image's token cells (`image_token_grids`:
+    [n, 3] (view, row, col)) for families whose encoder sees one view per run of `per_view`
+    grid tokens (tiles, then or before a global view): (image, view, tile row, tile column),
+    the tile's offset being its first cell's (row, col) // side."""
+    side = math.isqrt(per_view)
+    out: list[VisionView] = []
+    for i, cells in enumerate(grids):
+        on = cells[cells[:, 1] >= 0]
+        for k in range(0, len(on), per_view):
+            v, r, c = (int(x) for x in on[k])
+            out.append((i, v, r // side, c // side))
+    return out
+
+
+def per_view_shape(shape: Sequence[int], n_views: int) -> tuple[int, ...]:
+    """[views, P] for an activation whose rows are views x P but whose shape splits or merges
+    them differently ([views, h, w] before a flatten, or [views * P] flat)."""
+    total = math.prod(int(n) for n in shape)
+    if n_views and total % n_views == 0 and (len(shape) != 2 or shape[0] != n_views):
+        return (n_views, total // n_views)
+    return tuple(int(n) for n in shape)
+
+
 def one_view_per_image(inputs: Mapping[str, Any]) -> list[VisionView]:
     """Each image of pixel_values ([images, C, H, W]) is one view of the encoder."""
     pv = inputs.get("pixel_values")
@@ -97,6 +121,8 @@ __all__ = [
     "grid_side",
     "is_vision_hook",
     "one_view_per_image",
+    "per_view_shape",
     "view_layout",
+    "views_from_token_grids",
     "vision_row_mask",
 ]

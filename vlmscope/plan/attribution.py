@@ -103,6 +103,8 @@ class AttributionShape:
     n_logits: int = 10
     vision_tokens: int = 0
     vision_heads: int = 0
+    #: input nodes past the sequence: vision features cross-attention reads (Mllama).
+    cross_inputs: int = 0
     estimated: bool = True  # active/unique counts are estimates (before recording)
 
     @property
@@ -115,7 +117,7 @@ class AttributionShape:
 
     @property
     def n_cols(self) -> int:
-        return self.n_active + (self.n_layers + 1) * self.positions
+        return self.n_active + (self.n_layers + 1) * self.positions + self.cross_inputs
 
     @property
     def n_rows(self) -> int:
@@ -325,6 +327,7 @@ def shape_from_context(ctx: Any, max_feature_nodes: int, n_logits: int) -> Attri
         unique=[len(u.unique) for u in ctx.units],
         max_feature_nodes=max_feature_nodes,
         n_logits=n_logits,
+        cross_inputs=ctx.n_inputs - int(ctx.embeddings.shape[0]),
         estimated=False,
     )
 

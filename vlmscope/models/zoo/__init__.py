@@ -7,9 +7,10 @@ and `HookedVLM.from_pretrained(path)` loads them back through `from_pretrained`.
 
 from __future__ import annotations
 
+import ast
 import importlib
+import json
 import os
-import pkgutil
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -27,55 +28,145 @@ ZOO_VERSION = "2"
 
 @dataclass(frozen=True)
 class ZooSpec:
-    """One family in the zoo: what it is and how to build its tiny model and processor."""
+    """One family in the zoo: what it is, and the module whose builder makes its tiny model.
+
+    Listing reads these from the modules' source (see `_declared`), so it imports no model
+    code; `builder` imports the family module (and its transformers classes) on first use.
+    """
 
     name: str
     description: str
     multimodal: bool
-    builder: Callable[[], tuple[Any, Any]]
+    module: str
+
+    @property
+    def builder(self) -> Callable[[], tuple[Any, Any]]:
+        if self.name not in _BUILDERS:
+            importlib.import_module(f"{__name__}.{self.module}")
+        if self.name not in _BUILDERS:
+            raise RuntimeError(
+                f"zoo module {self.module}.py declares {self.name!r} but registered no builder"
+            )
+        return _BUILDERS[self.name]
 
 
-_ZOO: dict[str, ZooSpec] = {}
-_LOADED = False
+_BUILDERS: dict[str, Callable[[], tuple[Any, Any]]] = {}
+_DECLARED: dict[str, ZooSpec] | None = None
 
 
 def register(
     name: str, *, description: str, multimodal: bool = True
 ) -> Callable[[Callable[[], tuple[Any, Any]]], Callable[[], tuple[Any, Any]]]:
-    """Decorator that adds a builder `() -> (model, processor)` to the zoo under `name`."""
+    """Decorator that adds a builder `() -> (model, processor)` to the zoo under `name`.
+
+    Its arguments must be literals: `names()` reads them from the source without importing."""
 
     def deco(fn: Callable[[], tuple[Any, Any]]) -> Callable[[], tuple[Any, Any]]:
-        if name in _ZOO:
+        if name in _BUILDERS:
             raise ValueError(f"zoo entry {name!r} registered twice")
-        _ZOO[name] = ZooSpec(name=name, description=description, multimodal=multimodal, builder=fn)
+        _BUILDERS[name] = fn
         return fn
 
     return deco
 
 
-def _load_entries() -> None:
-    """Import every family module of this package once; importing one registers its builders."""
-    global _LOADED
-    if _LOADED:
-        return
-    _LOADED = True
-    for info in pkgutil.iter_modules(__path__):
-        if info.name != "common":
-            importlib.import_module(f"{__name__}.{info.name}")
+def _register_calls(path: Path) -> list[ast.Call]:
+    """The `@register(...)` decorator calls of one module's top-level functions."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    return [
+        d
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef)
+        for d in node.decorator_list
+        if isinstance(d, ast.Call) and isinstance(d.func, ast.Name) and d.func.id == "register"
+    ]
+
+
+def _declared() -> dict[str, ZooSpec]:
+    """Every entry, read from the `@register` decorators in this package's modules.
+
+    Parsing ~20 small files takes milliseconds; importing them pulls in every family's
+    transformers modules (seconds), which listing and name checks do not need."""
+    global _DECLARED
+    if _DECLARED is not None:
+        return _DECLARED
+    found: dict[str, ZooSpec] = {}
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        if path.stem in ("__init__", "common"):
+            continue
+        for call in _register_calls(path):
+            try:
+                args = [ast.literal_eval(a) for a in call.args]
+                kw = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg}
+            except ValueError as e:
+                raise ValueError(
+                    f"{path.name}:{call.lineno}: @register arguments must be literals, so the "
+                    "zoo can be listed without importing its modules"
+                ) from e
+            name = args[0] if args else kw["name"]
+            if name in found:
+                raise ValueError(f"zoo entry {name!r} declared twice ({path.name})")
+            found[name] = ZooSpec(
+                name, kw["description"], bool(kw.get("multimodal", True)), path.stem
+            )
+    _DECLARED = found
+    return found
 
 
 def names(multimodal: bool | None = None) -> list[str]:
     """Zoo entry names, optionally only the multimodal or only the text-only ones."""
-    _load_entries()
-    return [n for n, s in _ZOO.items() if multimodal is None or s.multimodal == multimodal]
+    return [n for n, s in _declared().items() if multimodal is None or s.multimodal == multimodal]
 
 
 def spec(name: str) -> ZooSpec:
     """The zoo entry `name`, with the list of valid names in the error when it does not exist."""
-    _load_entries()
-    if name not in _ZOO:
-        raise KeyError(f"no zoo model {name!r}; the zoo has: {', '.join(sorted(_ZOO))}")
-    return _ZOO[name]
+    zoo = _declared()
+    if name not in zoo:
+        raise KeyError(f"no zoo model {name!r}; the zoo has: {', '.join(sorted(zoo))}")
+    return zoo[name]
+
+
+def _class_modules() -> dict[str, str]:
+    """Class name -> zoo module that defines it (the processors saved zoo models name)."""
+    out: dict[str, str] = {}
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in tree.body:
+            if isinstance(node, ast.ClassDef):
+                out[node.name] = path.stem
+    return out
+
+
+def import_saved_classes(folder: str | os.PathLike[str]) -> list[str]:
+    """Import the zoo modules defining classes that a saved model folder names.
+
+    Zoo models whose stock processor needs torchvision are saved with small subclasses defined
+    here (no video processor, a PIL image processor); importing their module registers them
+    with the Auto classes. Only those modules are imported, never the whole zoo. Returns the
+    modules imported; a folder that names no zoo class (any hub model) imports nothing."""
+    wanted: set[str] = set()
+    for file in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        path = Path(folder) / file
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        stack: list[Any] = [data]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, dict):
+                for k, v in item.items():
+                    if isinstance(v, str) and k.endswith(("_class", "_type")):
+                        wanted |= {v, v + "Pil"}  # PIL image processors are saved unsuffixed
+                    elif isinstance(v, dict):
+                        stack.append(v)
+    classes = _class_modules()
+    modules = sorted({classes[c] for c in wanted if c in classes})
+    for m in modules:
+        importlib.import_module(f"{__name__}.{m}")
+    return modules
 
 
 def build(name: str, seed: int = 0) -> tuple[Any, Any]:

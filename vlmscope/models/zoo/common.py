@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoProcessor, PreTrainedTokenizerFast
 
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
@@ -151,3 +152,34 @@ GEMMA_TURNS = (
 def gemma_template(image_marker: str = "") -> str:
     """Gemma-style turn template; `image_marker` is what an image part becomes in the text."""
     return GEMMA_TURNS.replace("{{ image_marker }}", image_marker)
+
+
+class ImageOnlyProcessorMixin:
+    """Mixin that drops the video processor from a processor (Qwen-VL, InternVL, GLM-4V, ...).
+
+    Why: these processors require a video processor, and their video processors need
+    torchvision, which this environment lacks; passing `video_processor=None` fails the
+    processor's class check. `ProcessorMixin` derives a processor's parts from the `__init__`
+    signature, so an `__init__` without `video_processor` makes the processor image+text only,
+    both when built and in `from_pretrained`. Everything else is the real family class.
+    """
+
+    def __init__(
+        self,
+        image_processor: Any = None,
+        tokenizer: Any = None,
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)  # type: ignore[call-arg]
+
+
+def register_processor(cls: type) -> type:
+    """Let `AutoProcessor` find `cls` by the class name saved in processor_config.json.
+
+    The key is a private string, not the family config class, so loading real Qwen-VL checkpoints
+    still gives the stock processor. It only works once this module has been imported: without
+    it, `AutoProcessor.from_pretrained` silently returns the bare tokenizer instead.
+    """
+    AutoProcessor.register(f"vlmscope.zoo:{cls.__name__}", cls, exist_ok=True)
+    return cls

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 from transformers import (
-    AutoProcessor,
     PreTrainedTokenizerFast,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
@@ -18,7 +17,12 @@ from transformers import (
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from vlmscope.models.zoo import register
-from vlmscope.models.zoo.common import CHATML_VISION, train_tokenizer
+from vlmscope.models.zoo.common import (
+    CHATML_VISION,
+    ImageOnlyProcessorMixin,
+    register_processor,
+    train_tokenizer,
+)
 
 # Vision geometry shared by the three families: 8-pixel patches merged 2x2, so one LLM token
 # covers 16x16 pixels; the pixel budget keeps every image between 2x2 and 4x4 merged tokens.
@@ -99,37 +103,6 @@ def token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
         vision_start_token_id=ids(VISION_START),
         vision_end_token_id=ids(VISION_END),
     )
-
-
-class ImageOnlyProcessorMixin:
-    """Mixin that drops the video processor from a Qwen-VL processor.
-
-    Why: the Qwen-VL processors require a video processor, and their video processors need
-    torchvision, which this environment lacks; passing `video_processor=None` fails the
-    processor's class check. `ProcessorMixin` derives a processor's parts from the `__init__`
-    signature, so an `__init__` without `video_processor` makes the processor image+text only,
-    both when built and in `from_pretrained`. Everything else is the real family class.
-    """
-
-    def __init__(
-        self,
-        image_processor: Any = None,
-        tokenizer: Any = None,
-        chat_template: str | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)  # type: ignore[call-arg]
-
-
-def register_processor(cls: type) -> type:
-    """Let `AutoProcessor` find `cls` by the class name saved in processor_config.json.
-
-    The key is a private string, not the family config class, so loading real Qwen-VL checkpoints
-    still gives the stock processor. It only works once this module has been imported: without
-    it, `AutoProcessor.from_pretrained` silently returns the bare tokenizer instead.
-    """
-    AutoProcessor.register(f"vlmscope.zoo:{cls.__name__}", cls, exist_ok=True)
-    return cls
 
 
 @register_processor
