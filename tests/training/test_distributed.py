@@ -261,6 +261,21 @@ def test_a_flipped_rng_header_is_a_one_line_error_naming_it(tmp_path: Path) -> N
         _resume(tmp_path)
 
 
+@pytest.mark.parametrize("name", ["optimizer.safetensors", "rng.safetensors"])
+def test_flipped_tensor_bytes_fail_the_recorded_checksum(tmp_path: Path, name: str) -> None:
+    """Bytes flipped in tensor data (past the header) still parse: only the CRC-32 recorded
+    in state.json catches them."""
+    path = _one_run(tmp_path) / name
+    raw = bytearray(path.read_bytes())
+    raw[-4:] = bytes(b ^ 0x5A for b in raw[-4:])  # the last tensor's last bytes
+    path.write_bytes(bytes(raw))
+    load_file(str(path))  # still a readable safetensors file
+    with pytest.raises(
+        CheckpointError, match=rf"{name.replace('.', chr(92) + '.')} fails its checksum"
+    ):
+        _resume(tmp_path)
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import socket
+import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -128,7 +129,13 @@ def save_checkpoint(
             for i, s in enumerate(torch.cuda.get_rng_state_all()):
                 rng[f"cuda.{i}"] = s
         save_file(rng, str(tmp / "rng.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({**state, "optimizer": scalars}, indent=1))
+        # CRC-32 of each tensor file: flipped bytes in tensor data load silently otherwise
+        # (the dictionaries record their own, per block).
+        crcs = {
+            name: file_crc32(tmp / name) for name in ("optimizer.safetensors", "rng.safetensors")
+        }
+        full = {**state, "optimizer": scalars, "crc32": crcs}
+        (tmp / "state.json").write_text(json.dumps(full, indent=1))
 
     return write_folder_atomically(
         run_dir, CHECKPOINT, write, "checkpoint", "the previous checkpoint is intact"
@@ -218,15 +225,33 @@ def find_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def file_crc32(path: Path, chunk: int = 1 << 24) -> int:
+    """CRC-32 of a file's bytes, read in chunks."""
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _read_tensors(path: Path, crc: int | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file: a torn or garbled file is unreadable; one that parses
+    but whose bytes changed fails the CRC-32 recorded when it was written."""
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except Exception as e:  # safetensors raises its own types for torn files and bad headers
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(
             f"checkpoint file {path} is unreadable ({first}): it is truncated or corrupt; "
             "restore it or start a new --run-name"
         ) from None
+    if crc is not None and (got := file_crc32(path)) != crc:
+        raise CheckpointError(
+            f"checkpoint file {path} fails its checksum (crc32 {got:08x}, recorded "
+            f"{crc:08x}): its bytes changed since it was written; restore it or start a new "
+            "--run-name"
+        )
+    return tensors
 
 
 def _read_state(path: Path) -> dict[str, Any]:
@@ -257,6 +282,11 @@ def _read_state(path: Path) -> dict[str, Any]:
         isinstance(n, int) and n >= 0 for n in skips.values()
     ):
         raise CheckpointError(f"checkpoint file {path}: train_state.skips must map to counts")
+    crcs = raw.get("crc32", {})
+    if not isinstance(crcs, dict) or not all(
+        isinstance(c, int) and not isinstance(c, bool) for c in crcs.values()
+    ):
+        raise CheckpointError(f"checkpoint file {path}: crc32 must map file names to integers")
     world = raw.get("world_size", 1)
     if not isinstance(world, int) or world < 1:
         raise CheckpointError(f"checkpoint file {path}: world_size must be >= 1, got {world!r}")
@@ -279,9 +309,10 @@ def load_checkpoint(
     except Exception as e:  # DictionaryFormatError (a ValueError), OSError, safetensors errors
         raise CheckpointError(f"cannot read checkpoint {path / 'dictionaries'}: {e}") from None
     state = _read_state(path / "state.json")
-    opt_tensors = _read_tensors(path / "optimizer.safetensors")
+    crcs = state.get("crc32", {})
+    opt_tensors = _read_tensors(path / "optimizer.safetensors", crcs.get("optimizer.safetensors"))
     rng_path = path / "rng.safetensors"
-    rng = _read_tensors(rng_path)
+    rng = _read_tensors(rng_path, crcs.get("rng.safetensors"))
     if saved.reads != bundle.reads or saved.cfg.num_latents != bundle.cfg.num_latents:
         raise CheckpointError(
             f"checkpoint {path} holds dictionaries for {saved.reads} with "
