@@ -264,3 +264,15 @@ def test_an_existing_folder_or_other_settings_are_refused(
         r"'float32' -> 'bfloat16'.*--ctx-len: 2048 -> 64",
     ):
         capture(cfg, llava, progress=False)
+
+
+def test_capture_under_torchrun_is_refused_before_anything_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every rank would capture the whole dataset into one folder: refuse by name, write
+    nothing."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "store"
+    assert main(["capture", "toy", "shapes:8", "--out", str(out)]) == 2
+    assert "--nproc_per_node 1" in capsys.readouterr().err
+    assert not out.exists()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import shutil
 import sys
 import time
@@ -516,6 +517,15 @@ def run_capture_command(args: argparse.Namespace) -> int:
     from vlmscope.data.processing import SkipRecord
     from vlmscope.data.sources import BadRecordError
 
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:  # every rank would capture the whole dataset into the same folder
+        print(
+            f"vlmscope capture: error: started as {world} processes (torchrun); capture runs "
+            "in one process for now: start it with --nproc_per_node 1 (or without torchrun), "
+            "then train from the store in one process",
+            file=sys.stderr,
+        )
+        return 2
     try:
         res = capture(cfg)
     except (TrainingError, BadRecordError, SkipRecord) as e:  # the last two: --strict
