@@ -596,3 +596,17 @@ def test_one_process_opens_its_source_and_loads_the_model_once(
     trainer = Trainer(config(tmp_path, zoo_path("llava")), progress=False)
     trainer.close()
     assert loads == [str(zoo_path("llava"))]
+
+
+def test_a_model_passed_in_gets_its_requires_grad_back(
+    tmp_path: Path, zoo_path: Any, llava: HookedVLM
+) -> None:
+    """Training freezes the model it reads; a caller's model must not stay frozen after the
+    run (it did, which broke the caller's later gradient work, e.g. attribution's checks)."""
+    params = list(llava.model.parameters())
+    params[0].requires_grad_(False)  # a caller's own choice survives too
+    before = [p.requires_grad for p in params]
+    assert any(before)
+    train(config(tmp_path, zoo_path("llava"), name="given"), vlm=llava, progress=False)
+    assert [p.requires_grad for p in params] == before
+    params[0].requires_grad_(True)

@@ -406,6 +406,7 @@ def _capture(
         raise TrainingError(str(e)) from None
     finally:
         bar.close()
+        source.release_model()  # a model the caller passed in gets its flags back
     return CaptureResult(folder, manifest, time.perf_counter() - start, new_tokens, source.skips)
 
 

@@ -280,6 +280,8 @@ class LiveSource:
         self._bad_records: SkipCounter = self.skips
         self.dataset: Any = None
         self.vlm: HookedVLM | None = None
+        #: requires_grad of a caller's model's parameters before training froze them.
+        self._grad_flags: list[tuple[torch.nn.Parameter, bool]] = []
         self._total_rows: int | None = None
 
     # --- phases --------------------------------------------------------------------------
@@ -293,8 +295,11 @@ class LiveSource:
         self.dataset.on_bad_record = self._count_bad_record
 
     def bind_model(self, vlm: HookedVLM | None = None) -> None:
-        """Load (or take) the model, freeze it and bind the run's hook points to it."""
+        """Load (or take) the model, freeze it and bind the run's hook points to it. A model
+        the caller passed in gets its requires_grad flags back from `release_model`."""
         cfg = self.cfg
+        if vlm is not None:
+            self._grad_flags = [(p, p.requires_grad) for p in vlm.model.parameters()]
         vlm = vlm if vlm is not None else load_model(cfg)
         vlm.model.requires_grad_(False)
         if cfg.shard_model == "fsdp":
@@ -336,6 +341,12 @@ class LiveSource:
             return Packer(vlm.tokenizer, cfg.ctx_len)
         except ValueError as e:
             raise TrainingError(str(e)) from None
+
+    def release_model(self) -> None:
+        """Give a caller's model back as it came: training froze its parameters."""
+        for p, flag in self._grad_flags:
+            p.requires_grad_(flag)
+        self._grad_flags = []
 
     def model_info(self) -> dict[str, Any]:
         cfg, vlm = self.cfg, self._model()

@@ -202,7 +202,11 @@ class Trainer:
         return result
 
     def close(self) -> None:
-        """Release the run folder (and remove it if this run created it and wrote nothing)."""
+        """Release the run folder (and remove it if this run created it and wrote nothing),
+        and give a model the caller passed in its requires_grad flags back."""
+        release = getattr(getattr(self, "source", None), "release_model", None)
+        if release is not None:
+            release()
         if self._lock is not None:
             self._lock.release()
             self._lock = None
