@@ -9,7 +9,7 @@ import torch
 
 import vlmscope.models.toy as toy
 from vlmscope.data.processing import SampleEncoder
-from vlmscope.data.shapes import generate
+from vlmscope.data.shapes import QUESTION_TYPES, V1_QUESTION_TYPES, generate
 from vlmscope.models.hooked import HookedVLM
 from vlmscope.models.toy import ToyModelMissingError, toy_path
 from vlmscope.models.toy.train import (
@@ -69,13 +69,7 @@ def test_toy_path_says_how_to_train(monkeypatch: pytest.MonkeyPatch, tmp_path: P
 def test_shipped_toy_names_its_world() -> None:
     """The shipped toy predates the world_version field: it is v1, and is evaluated on v1."""
     assert world_version(toy_path()) == 1
-    assert {s.question_type for s in heldout_samples(1)} == set(shapes_v1_types())
-
-
-def shapes_v1_types() -> tuple[str, ...]:
-    from vlmscope.data.shapes import V1_QUESTION_TYPES
-
-    return V1_QUESTION_TYPES
+    assert {s.question_type for s in heldout_samples(1)} == set(V1_QUESTION_TYPES)
 
 
 def test_training_conversations_mark_every_answer() -> None:
@@ -121,8 +115,12 @@ def test_build_is_deterministic() -> None:
 
 def test_train_toy_saves_a_loadable_model(tmp_path: Path) -> None:
     out = tmp_path / "toy"
-    metrics = train_toy(out, steps=2, batch_size=4, eval_n=0, progress=False)
-    assert metrics["steps_done"] == 2
+    metrics = train_toy(out, steps=2, batch_size=4, eval_n=1, progress=False)
+    assert metrics["steps_done"] == 2 and world_version(out) == 2
+    # evaluated on v2 questions, in the training and the held-out phrasings, every type
+    acc = metrics["heldout_accuracy"]
+    assert set(acc) == {"train", "heldout"}
+    assert all(set(a) == set(QUESTION_TYPES) for a in acc.values())
     assert (out / "model.safetensors").is_file() and (out / "training.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders
     loaded = HookedVLM.from_pretrained(out, device="cpu")
