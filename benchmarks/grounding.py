@@ -42,10 +42,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-METHODS = ("graph_clt", "graph_plt", "grad", "ig", "attention", "rollout", "uniform")
+METHODS = (
+    "graph_clt",
+    "graph_plt",
+    "signed_clt",
+    "signed_plt",
+    "grad",
+    "ig",
+    "attention",
+    "rollout",
+    "uniform",
+)
 LABELS = {
     "graph_clt": "graph, CLT",
     "graph_plt": "graph, per-layer transcoders",
+    "signed_clt": "graph, CLT, signed total effect",
+    "signed_plt": "graph, per-layer, signed total effect",
     "grad": "gradient x input (patch embeddings)",
     "ig": "integrated gradients",
     "attention": "attention from the answer position",
@@ -62,6 +74,28 @@ def dictionaries(vlm: Any, model: str, out: Path, tokens: int) -> dict[str, Path
     clt = _train(vlm, model, "clt", 0, out / "runs", budget)
     plt = _train(vlm, model, "transcoder", 1, out / "runs", budget)
     return {"graph_clt": Path(clt.dictionaries), "graph_plt": Path(plt.dictionaries)}
+
+
+def signed_patch_effect(graph: Any) -> torch.Tensor:
+    """[rows, cols] |net effect| of each patch on the first logit through the graph: the sum
+    over paths of the products of *signed* edge weights (the graph is linear, so this is the
+    patch's total linear effect in the replacement model), its magnitude taken at the end.
+    `patch_influence` instead propagates row-normalised |edge| weights, so paths that cancel
+    each other still count."""
+    from vlmscope.attribution.export import _grid_positions, image_grids
+    from vlmscope.attribution.graph import influence
+
+    a = graph.adjacency.double()
+    w = torch.zeros(a.shape[0], dtype=a.dtype)
+    w[graph.logit_slice.start] = 1
+    effect = influence(a, w)[graph.input_slice]
+    (rows, cols) = image_grids(graph)[0][0]
+    out = torch.zeros(rows, cols, dtype=torch.float64)
+    for pos in _grid_positions(graph):
+        img, view, r, c = (int(v) for v in graph.patch_map[pos])
+        if img == 0 and view == 0:
+            out[r, c] += effect[pos]
+    return out.abs()
 
 
 def target_patches(sample: Any, config: Any, grid: int) -> list[tuple[int, int]]:
@@ -156,7 +190,7 @@ def main() -> None:
     vlm = HookedVLM.from_pretrained(path, device="cpu", dtype=torch.float32)
     methods = list(args.methods)
     dicts: dict[str, Path] = {}
-    graphs = [m for m in methods if m.startswith("graph")]
+    graphs = sorted({"graph_" + m.split("_")[1] for m in methods if "_" in m})
     if graphs:
         given = {"graph_clt": args.clt, "graph_plt": args.transcoders}
         if all(given[m] for m in graphs):
@@ -182,12 +216,20 @@ def main() -> None:
         inputs = vlm.prepare(s.question, images=[s.image])
         token = vlm.tokenizer(" " + s.answer, add_special_tokens=False)["input_ids"][0]
         heats: dict[str, torch.Tensor] = {}
+        built: dict[str, Any] = {}
         for m in methods:
             t0 = time.perf_counter()
-            if m in dicts:
-                g = attribute(vlm, dicts[m], inputs, max_feature_nodes=args.max_feature_nodes,
-                              logit_targets=[token], batch_size=64)  # fmt: skip
-                heats[m] = patch_influence(g, logit_index=0)[0][0]
+            kind = "graph_" + m.split("_")[1] if "_" in m else ""
+            if kind in dicts:
+                if kind not in built:
+                    built[kind] = attribute(vlm, dicts[kind], inputs, logit_targets=[token],
+                                            max_feature_nodes=args.max_feature_nodes,
+                                            batch_size=64)  # fmt: skip
+                g = built[kind]
+                if m.startswith("graph"):
+                    heats[m] = patch_influence(g, logit_index=0)[0][0]
+                else:
+                    heats[m] = signed_patch_effect(g)
             elif m == "grad":
                 heats[m] = baselines.gradient_x_input(vlm, inputs, token)
             elif m == "ig":
