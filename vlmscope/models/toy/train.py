@@ -730,7 +730,8 @@ def evaluate_toy(
                      "question": s.question, "answer": s.answer, "prediction": p,
                      "n_objects": len(s.objects)}
                 )  # fmt: skip
-            result[which] = {t: round(sum(h) / len(h), 4) for t, h in hits.items()}
+            order = [t for t in (*shapes.V1_QUESTION_TYPES, *shapes.QUESTION_TYPES) if t in hits]
+            result[which] = {t: round(sum(hits[t]) / len(hits[t]), 4) for t in order}
     if details is not None:
         details["samples"] = rows
     return result
