@@ -17,7 +17,9 @@ patches (on the model's own patch grid):
 
 per method, overall, per question type and per number of objects in the scene. Methods: the
 attribution graph's patch influence with the CLT and with per-layer transcoders
-(`attribution.export.patch_influence`, `--max-feature-nodes` explored), and the baselines of
+(`attribution.export.patch_influence`, `--max-feature-nodes` explored), the same graphs' signed
+total effect per patch (`signed_patch_effect`: signed path products summed, magnitude taken at
+the end), and the baselines of
 `attribution.baselines` (gradient x input on the patch embeddings, integrated gradients,
 attention from the answer position, attention rollout); ``uniform`` is the share a flat map
 gets (the target's fraction of the patches; its top hit is that same fraction). Without
