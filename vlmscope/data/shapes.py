@@ -246,13 +246,13 @@ class ShapeObject:
     shape: str
     colour: str
     size: str
-    #: top-left patch (row, col) of the object's block.
+    #: v2: top-left patch (row, col) of the object's block; v1: its cell.
     cell: tuple[int, int]
-    #: side of the block in patches.
-    span: int
     bbox: tuple[int, int, int, int]
     patches: list[tuple[int, int]] = field(default_factory=list)
     coverage: list[float] = field(default_factory=list)
+    #: side of the block in grid places (patches in v2; 1 cell in v1).
+    span: int = 1
 
     @property
     def centre(self) -> tuple[float, float]:
@@ -364,8 +364,9 @@ def _v1_positions(grid: int) -> list[str]:
     return sorted({cell_position((r, c), grid) for r in range(grid) for c in range(grid)})
 
 
-def shape_box(cell: tuple[int, int], span: int, patch_size: int) -> tuple[int, int, int, int]:
-    """(x0, y0, x1, y1), end exclusive: where a shape is drawn in its block (1 px margin)."""
+def block_box(cell: tuple[int, int], span: int, patch_size: int) -> tuple[int, int, int, int]:
+    """v2: (x0, y0, x1, y1), end exclusive: where a shape is drawn in its block of span x span
+    patches whose top-left patch is `cell` (1 px margin)."""
     x0 = cell[1] * patch_size + 1
     y0 = cell[0] * patch_size + 1
     s = span * patch_size - 2
@@ -673,7 +674,9 @@ class _Scene:
             if cells is None:
                 continue
             objects = [
-                ShapeObject(shape, colour, size, cell, SIZES[size], shape_box(cell, SIZES[size], p))
+                ShapeObject(
+                    shape, colour, size, cell, block_box(cell, SIZES[size], p), span=SIZES[size]
+                )
                 for (shape, colour), size, cell in zip(self.specs, sizes, cells, strict=True)
             ]
             if accept(objects):
@@ -689,13 +692,13 @@ class _Scene:
         for (shape, colour), cell_id in zip(self.specs, cells, strict=True):
             cell = (int(cell_id) // g, int(cell_id) % g)
             size = self.pick(self.config.size_names)
-            box = _v1_box(cell, size, cs)
-            objects.append(ShapeObject(shape, colour, size, cell, 1, box))
+            objects.append(ShapeObject(shape, colour, size, cell, shape_box(cell, size, cs)))
         return objects
 
 
-def _v1_box(cell: tuple[int, int], size: str, cell_size: int) -> tuple[int, int, int, int]:
-    """v1: the box a shape is drawn in, centred in its cell (same parity as the cell)."""
+def shape_box(cell: tuple[int, int], size: str, cell_size: int) -> tuple[int, int, int, int]:
+    """v1: (x0, y0, x1, y1), end exclusive: the box a shape of this size is drawn in, centred
+    in its cell (same parity as the cell)."""
     s = cell_size - 2 * max(1, cell_size // 16) if size == "large" else int(cell_size * 0.625)
     s -= (cell_size - s) % 2
     x0 = cell[1] * cell_size + (cell_size - s) // 2
