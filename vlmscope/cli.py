@@ -368,18 +368,23 @@ def build_parser() -> argparse.ArgumentParser:
     toy_train.add_train_args(
         zs.add_parser(
             "train-toy",
-            help="train the toy shapes-world LLaVA from scratch (about 11 min on 2 CPU cores)",
-            description="Train the toy VLM that demos and tests use: a 1.6M-parameter LLaVA "
-            "(CLIP tower, Llama decoder) on shapes-world questions, with a curriculum; saves "
-            "it with save_pretrained and prints its held-out accuracy per question type.",
+            help="train a toy shapes-world LLaVA from scratch on the v2 world (at most 20 "
+            "CPU-minutes)",
+            description="Train a toy VLM on the v2 shapes world (8x8 patches, up to 5 objects, "
+            "relations, counting, paraphrased questions): a 1.7M-parameter LLaVA (CLIP tower, "
+            "Llama decoder), several questions per picture, a curriculum from one-object "
+            "scenes; saves it with save_pretrained and prints its held-out accuracy per "
+            "question type with training and held-out phrasings. The shipped default toy is "
+            "the v1 model (an earlier recipe); see benchmarks/README.md.",
         )
     )
     toy_train.add_eval_args(
         zs.add_parser(
             "eval-toy",
             help="held-out accuracy of the toy VLM per question type",
-            description="Greedy answers to held-out shapes-world questions (another split and "
-            "seed than training), exact match per question type.",
+            description="Greedy answers to held-out shapes-world questions of the world the "
+            "model was trained on (another split and seed than training; v2 also in held-out "
+            "phrasings), exact match per question type.",
         )
     )
     z.set_defaults(func=cmd_zoo)

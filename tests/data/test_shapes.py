@@ -1,11 +1,14 @@
 """Shapes world: determinism, labels checked against decoded pixels, answers against the scene,
-and the written dataset read back through open_dataset."""
+and the written dataset read back through open_dataset; v1 (the shipped toy's world, the
+default) and v2."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,25 +16,47 @@ from PIL import Image
 
 from vlmscope.data import open_dataset
 from vlmscope.data.shapes import (
-    ALL_QUESTION_TYPES,
     COLOURS,
     NUMBER_WORDS,
     QUESTION_TYPES,
+    RELATIONS,
+    SHAPES,
+    V1_QUESTION_TYPES,
     ShapesConfig,
     ShapesSample,
     answer_vocabulary,
+    ask,
     generate,
     load_labels,
     object_patches,
+    phrasing_indices,
+    phrasings,
     write_dataset,
 )
 
-CONFIG = ShapesConfig()
+CONFIG = ShapesConfig(version=1)
+V2 = ShapesConfig(version=2)
+V1_DIGEST = "8b247efbb22527f19e10550450bf85389e0403c323f7317775fd89f070f4cd9e"
 
 
 @pytest.fixture(scope="module")
 def samples() -> list[ShapesSample]:
     return generate(250, seed=7)
+
+
+@pytest.fixture(scope="module")
+def samples_v2() -> list[ShapesSample]:
+    return generate(280, seed=7, config=V2)
+
+
+def test_default_world_is_v1_as_shipped() -> None:
+    """The shipped toy was trained on v1: its scenes and questions must not drift. The digest
+    was taken from the v1 generator before v2 existed (commit 58a5b63)."""
+    assert ShapesConfig() == CONFIG
+    digest = hashlib.sha256()
+    for s in generate(20, seed=0, split="heldout"):
+        digest.update(s.png + s.question.encode() + s.answer.encode())
+    assert digest.hexdigest() == V1_DIGEST
 
 
 def decode(sample: ShapesSample) -> np.ndarray:
@@ -74,9 +99,14 @@ def test_determinism_prefixes_and_splits(tmp_path: Path) -> None:
         assert (tmp_path / "x" / name).read_bytes() == (tmp_path / "y" / name).read_bytes()
 
 
-def test_labels_agree_with_pixels(samples: list[ShapesSample]) -> None:
-    bg = CONFIG.background
-    for s in samples:
+@pytest.mark.parametrize("version", [1, 2])
+def test_labels_agree_with_pixels(
+    version: int, samples: list[ShapesSample], samples_v2: list[ShapesSample]
+) -> None:
+    config = CONFIG if version == 1 else V2
+    bg = config.background
+    unit = config.cell_size if version == 1 else config.patch_size  # px per grid place
+    for s in samples if version == 1 else samples_v2[:140]:
         pixels = decode(s)
         np.testing.assert_array_equal(pixels, np.asarray(s.image))
         outside = np.ones(pixels.shape[:2], bool)
@@ -86,26 +116,28 @@ def test_labels_agree_with_pixels(samples: list[ShapesSample]) -> None:
             outside[y0:y1, x0:x1] = False
             box = pixels[y0:y1, x0:x1].reshape(-1, 3)
             assert {tuple(v) for v in box} <= {rgb, bg}, (s.id, obj)  # exact, aliased colours
-            r, c = obj.cell
-            cs = CONFIG.cell_size
-            assert r * cs <= y0 < y1 <= (r + 1) * cs and c * cs <= x0 < x1 <= (c + 1) * cs
-            chosen, frac = colour_patches(pixels, obj.bbox, rgb, CONFIG.patch_size)
+            lo, hi = unit * np.array(obj.cell), unit * (np.array(obj.cell) + obj.span)
+            assert lo[0] <= y0 < y1 <= hi[0] and lo[1] <= x0 < x1 <= hi[1], (s.id, obj)
+            chosen, frac = colour_patches(pixels, obj.bbox, rgb, config.patch_size)
             assert set(obj.patches) == chosen, (s.id, obj)
             assert obj.coverage == [round(float(frac[p]), 4) for p in obj.patches]
         assert (pixels[outside] == bg).all()
-        assert len({o.cell for o in s.objects}) == len(s.objects) <= CONFIG.max_objects
+        assert len({o.cell for o in s.objects}) == len(s.objects) <= config.n_objects
+        if version == 2:  # blocks never overlap, so no patch is labelled twice
+            patches = [p for o in s.objects for p in o.patches]
+            assert len(set(patches)) == len(patches)
     # another patch size (not dividing the image) re-renders the same masks
-    for s in samples[:20]:
+    for s in (samples if version == 1 else samples_v2)[:20]:
         pixels = decode(s)
         for obj in s.objects:
             chosen, _ = colour_patches(pixels, obj.bbox, COLOURS[obj.colour], 14)
-            assert set(object_patches(obj, CONFIG, patch_size=14)) == chosen
+            assert set(object_patches(obj, config, patch_size=14)) == chosen
 
 
 def test_answers_agree_with_scene(samples: list[ShapesSample]) -> None:
     vocab = set(answer_vocabulary())
-    assert Counter(s.question_type for s in samples) == {t: 50 for t in QUESTION_TYPES}
-    answers: dict[str, set[str]] = {t: set() for t in QUESTION_TYPES}
+    assert Counter(s.question_type for s in samples) == {t: 50 for t in V1_QUESTION_TYPES}
+    answers: dict[str, set[str]] = {t: set() for t in V1_QUESTION_TYPES}
     half = CONFIG.grid / 2
     for s in samples:
         objs = s.objects
@@ -161,7 +193,7 @@ def test_written_dataset_reads_back(tmp_path: Path) -> None:
 
 def test_config_and_caption_questions() -> None:
     cfg = ShapesConfig(
-        image_size=48, cell_size=16, patch_size=16, question_types=ALL_QUESTION_TYPES
+        image_size=48, cell_size=16, patch_size=16, question_types=(*V1_QUESTION_TYPES, "caption")
     )
     out = generate(12, seed=0, config=cfg)
     caps = [s for s in out if s.question_type == "caption"]
@@ -176,3 +208,102 @@ def test_config_and_caption_questions() -> None:
         ShapesConfig(shapes=("circle", "hexagon"))
     with pytest.raises(ValueError):
         ShapesConfig(max_count=5)
+    with pytest.raises(ValueError, match="version"):
+        ShapesConfig(version=3)
+    with pytest.raises(ValueError, match="question types"):
+        ShapesConfig(question_types=("relation",))  # a v2 type asked of v1
+    with pytest.raises(ValueError, match="one wording"):
+        ShapesConfig(phrasings="heldout")
+    with pytest.raises(ValueError, match="max_objects"):
+        ShapesConfig(version=2, max_objects=17)  # more 2x2 blocks than an 8x8 grid holds
+    with pytest.raises(ValueError, match="too small"):
+        ShapesConfig(version=2, image_size=48)  # 6x6 patches: no room for two 4x4 blocks
+
+
+# --------------------------------------------------------------------------------------------
+# v2: relations, counting by colour and shape, the grammar of paraphrases
+
+
+def check_answer(s: ShapesSample | Any, objs: list[Any], qtype: str, half: float) -> None:
+    """The answer recomputed from the objects' pixel boxes (not from their grid cells)."""
+    q = s.query
+    if qtype in ("colour", "shape"):
+        (i,) = s.target
+        assert s.answer == getattr(objs[i], qtype)
+    elif qtype in ("count_shape", "count_colour"):
+        key = qtype.split("_")[1]
+        assert s.answer == NUMBER_WORDS[sum(getattr(o, key) == q[key] for o in objs)]
+    elif qtype == "exists":
+        found = any((o.shape, o.colour) == (q["shape"], q["colour"]) for o in objs)
+        assert s.answer == ("yes" if found else "no")
+    elif qtype == "position":
+        (i,) = s.target
+        x0, y0, x1, y1 = objs[i].bbox
+        cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
+        assert cy != half and cx != half
+        want = ("top" if cy < half else "bottom") + " " + ("left" if cx < half else "right")
+        assert s.answer == want
+    elif qtype == "relation":
+        a, b = (
+            [o for o in objs if all(getattr(o, k) == q[k] for k in ("shape", "colour") if k in q)],
+            [o for o in objs if all(getattr(o, k) == q["other_" + k] for k in ("shape", "colour")
+                                   if "other_" + k in q)],
+        )  # fmt: skip
+        assert len(a) == len(b) == 1, s
+        (a0, ay0, a1, ay1), (b0, by0, b1, by1) = a[0].bbox, b[0].bbox
+        holds = {"left": a1 <= b0, "right": b1 <= a0, "above": ay1 <= by0, "below": by1 <= ay0}
+        horizontal = q["relation"] in ("left", "right")
+        # the two objects are apart along the asked axis, so the answer is never borderline
+        assert (
+            (holds["left"] or holds["right"]) if horizontal else (holds["above"] or holds["below"])
+        )
+        assert s.answer == ("yes" if holds[q["relation"]] else "no")
+        assert sorted(s.target) == sorted(objs.index(o) for o in (a[0], b[0]))
+
+
+def test_v2_answers_agree_with_scene(samples_v2: list[ShapesSample]) -> None:
+    vocab = set(answer_vocabulary(V2))
+    assert Counter(s.question_type for s in samples_v2) == {t: 40 for t in QUESTION_TYPES}
+    answers: dict[str, set[str]] = {t: set() for t in QUESTION_TYPES}
+    for s in samples_v2:
+        assert s.answer in vocab and not s.heldout_phrasing
+        answers[s.question_type].add(s.answer)
+        for word in s.query.values():
+            if word not in RELATIONS:
+                assert word in s.question, (word, s.question)
+        check_answer(s, s.objects, s.question_type, V2.image_size / 2)
+    assert answers["count_shape"] == answers["count_colour"] == set(NUMBER_WORDS[:6])
+    assert answers["relation"] == answers["exists"] == {"yes", "no"}
+    assert len(answers["position"]) == 4 and answers["shape"] == set(SHAPES)
+    assert Counter(len(s.objects) for s in samples_v2).keys() == {1, 2, 3, 4, 5}
+    assert {o.size for s in samples_v2 for o in s.objects} == {"small", "medium", "large"}
+
+
+def test_ask_answers_agree_with_scene(samples_v2: list[ShapesSample]) -> None:
+    rng = np.random.default_rng(0)
+    asked = Counter()
+    for s in samples_v2[:120]:
+        for qtype in QUESTION_TYPES:
+            q = ask(s.objects, qtype, rng, V2)
+            if q is not None:
+                asked[qtype] += 1
+                check_answer(q, s.objects, qtype, V2.image_size / 2)
+    assert all(asked[t] > 30 for t in QUESTION_TYPES), asked
+
+
+def test_heldout_phrasings_are_new_combinations_of_known_words() -> None:
+    import re
+
+    for qtype in QUESTION_TYPES:
+        every, held = phrasings(qtype)
+        train = phrasing_indices(qtype, "train")
+        assert 0 in train and not held & set(train) and len(held) + len(train) == len(every)
+        assert 0.2 <= len(held) / len(every) <= 0.25
+        known = set().union(*(re.findall(r"[A-Za-z]+|\{\w+\}", every[i]) for i in train))
+        for i in held:
+            assert set(re.findall(r"[A-Za-z]+|\{\w+\}", every[i])) <= known
+    out = generate(70, seed=2, split="heldout", config=ShapesConfig(version=2, phrasings="heldout"))
+    assert all(s.heldout_phrasing and s.phrasing in phrasings(s.question_type)[1] for s in out)
+    same = generate(70, seed=2, split="heldout", config=V2)  # same scenes, training wordings
+    assert [s.png for s in same] == [s.png for s in out]
+    assert all(a.answer == b.answer for a, b in zip(same, out, strict=True))

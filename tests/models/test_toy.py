@@ -8,18 +8,20 @@ import pytest
 import torch
 
 import vlmscope.models.toy as toy
-from vlmscope.data.processing import SampleEncoder, collate
-from vlmscope.data.shapes import generate
+from vlmscope.data.processing import SampleEncoder
+from vlmscope.data.shapes import QUESTION_TYPES, V1_QUESTION_TYPES, generate
 from vlmscope.models.hooked import HookedVLM
 from vlmscope.models.toy import ToyModelMissingError, toy_path
 from vlmscope.models.toy.train import (
     CTX_LEN,
+    TrainBatches,
     answer_loss,
     build_toy,
     generate_answers,
     heldout_samples,
     sample_stream,
     train_toy,
+    world_version,
 )
 
 
@@ -64,14 +66,39 @@ def test_toy_path_says_how_to_train(monkeypatch: pytest.MonkeyPatch, tmp_path: P
         toy.toy_path()
 
 
+def test_shipped_toy_names_its_world() -> None:
+    """The shipped toy predates the world_version field: it is v1, and is evaluated on v1."""
+    assert world_version(toy_path()) == 1
+    assert {s.question_type for s in heldout_samples(1)} == set(V1_QUESTION_TYPES)
+
+
+def test_training_conversations_mark_every_answer() -> None:
+    """A training picture carries several questions; the loss mask covers exactly each turn's
+    answer words and its </s>, and the first turn is token for token the single-question
+    sample (the prompt users type, see test_prepare_builds_the_training_prompt)."""
+    from vlmscope.data.sources import Record
+
+    _, processor = build_toy(seed=0)
+    tok = processor.tokenizer
+    encoder = SampleEncoder(processor, CTX_LEN, [tok.convert_tokens_to_ids("<image>")])
+    for sample, questions, enc, turn in list(sample_stream(processor, 0, 1, 6)):
+        ids = enc.tensors["input_ids"][0]
+        assert len(questions) == 4 and sample.question == questions[0].text
+        for i, q in enumerate(questions):
+            assert tok.decode(ids[turn == i]) == f" {q.answer}</s>"
+        assert int((turn >= 0).sum()) == sum(len(q.answer.split()) + 1 for q in questions)
+        single = encoder.encode(Record(sample.id, sample.messages(), [sample.image]))
+        one = single.tensors["input_ids"][0]
+        torch.testing.assert_close(ids[: len(one)], one)
+
+
 def test_a_few_steps_lower_the_loss() -> None:
     model, processor = build_toy(seed=0)
-    stream = sample_stream(processor, seed=0, steps=1, batch_size=8)
-    batch = collate([x for _, x in stream], processor.tokenizer.pad_token_id)
+    batch = next(iter(TrainBatches(processor, seed=0, steps=1, batch_size=8)))
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     losses = []
     for _ in range(6):
-        loss, _ = answer_loss(model, batch)
+        loss, _, _ = answer_loss(model, batch)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -88,8 +115,12 @@ def test_build_is_deterministic() -> None:
 
 def test_train_toy_saves_a_loadable_model(tmp_path: Path) -> None:
     out = tmp_path / "toy"
-    metrics = train_toy(out, steps=2, batch_size=4, eval_n=0, progress=False)
-    assert metrics["steps_done"] == 2
+    metrics = train_toy(out, steps=2, batch_size=4, eval_n=1, progress=False)
+    assert metrics["steps_done"] == 2 and world_version(out) == 2
+    # evaluated on v2 questions, in the training and the held-out phrasings, every type
+    acc = metrics["heldout_accuracy"]
+    assert set(acc) == {"train", "heldout"}
+    assert all(set(a) == set(QUESTION_TYPES) for a in acc.values())
     assert (out / "model.safetensors").is_file() and (out / "training.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders
     loaded = HookedVLM.from_pretrained(out, device="cpu")

@@ -1,15 +1,43 @@
-"""The shapes world: seeded synthetic images of coloured shapes on a grid, with Q&A and labels.
+"""The shapes world: seeded synthetic images of coloured shapes, with Q&A and per-patch labels.
 
 Small enough that a tiny VLM learns it in minutes, and labelled per image patch, so a circuit
 or attribution result can be checked against ground truth ("does attribution mass fall on the
 patches of the triangle the question asks about?").
 
-An image is a grid of cells (64x64 px, 16 px cells -> 4x4 by default); each object fills the
-middle of one cell, objects never share a cell, shapes are drawn without anti-aliasing in
-exact RGB colours, so every pixel is either background or one object's colour. Each sample has
-one question of a type from ``QUESTION_TYPES`` (balanced: every block of ``len(types)``
-consecutive samples holds each type once) and a one- or two-word answer from a small
-vocabulary (`answer_vocabulary`), plus a caption.
+Two worlds, picked by ``ShapesConfig.version``:
+
+- **v1** (``DEFAULT_VERSION``: the world the shipped toy VLM was trained on, which the demo and
+  the ``shapes:N`` datasets use): a 64x64 image is a 4x4 grid of 16 px cells, each object is
+  small or large and fills the middle of one cell, up to 4 objects, question types
+  ``V1_QUESTION_TYPES`` (``count`` counts a shape), one wording per type (the first phrasing
+  below), positions the quadrant of the object's cell. Labels use 8 px patches.
+- **v2**: described below. ``ShapesConfig(version=2)``.
+
+Version 2. A 64x64 image is an 8x8 grid of 8 px patches. Each object occupies a
+square block of patches, 2x2, 3x3 or 4x4 (sizes ``small``, ``medium``, ``large``), at any
+free place of the grid; blocks never overlap, so no patch holds two objects, and the shape is
+drawn inside its block with a 1 px margin, without anti-aliasing, in an exact RGB colour:
+every pixel is background or one object's colour, and a patch's label is exact. A scene holds
+1 to 5 objects (`ShapesConfig.max_objects`).
+
+Each sample has one question of a type from ``QUESTION_TYPES`` (balanced: every block of
+``len(types)`` consecutive samples holds each type once):
+
+- ``colour`` "What colour is the circle?", ``shape`` "What shape is the red object?";
+- ``count_shape`` "How many squares are there?", ``count_colour`` "How many red objects are
+  there?" (answers ``zero`` .. ``five``, drawn uniformly);
+- ``exists`` "Is there a red circle?" (half the negatives share the colour or the shape);
+- ``position`` "Where is the red circle?" (the quadrant of the object's centre: ``top left``
+  ..., never on a midline);
+- ``relation`` "Is the circle left of the square?" (left of, right of, above, below; the two
+  objects' blocks are apart along the asked axis; yes and no equally often).
+
+Questions come from a grammar of paraphrases (`phrasings`): each type has templates with
+alternatives, expanded into whole phrasings, and a fixed quarter of them (`phrasings`)
+is held out: ``ShapesConfig.phrasings`` picks ``train`` (the default), ``heldout`` or ``all``.
+Every word of a held-out phrasing occurs in some training phrasing of the same type, so a
+held-out phrasing is a new combination of known words. The first phrasing of each type (the
+wordings above) is always a training one.
 
 `write_dataset(out_dir, n, seed, split)` writes, in ``out_dir``:
 
@@ -17,30 +45,39 @@ vocabulary (`answer_vocabulary`), plus a caption.
   image part then the question, the assistant turn the answer), ``images`` (list of PNG bytes,
   one per row) -- the chat schema `open_dataset(out_dir, split=split)` reads;
 - ``{split}.labels.jsonl``: one JSON object per row, same order and ``id``: the objects
-  ``{shape, colour, size, cell: [r, c], bbox: [x0, y0, x1, y1] (exclusive end), patches:
-  [[r, c], ...], coverage: [...]}``, ``patch_size``, ``question_type``, ``question``,
-  ``answer``, ``query`` (the attributes the question names), ``target`` (indices of the objects
-  the question is about) and ``caption``;
+  ``{shape, colour, size, cell: [r, c] (top-left patch of its block), span (patches per side),
+  bbox: [x0, y0, x1, y1] (exclusive end), patches: [[r, c], ...], coverage: [...]}``,
+  ``patch_size``, ``question_type``, ``question``, ``phrasing`` (index into the type's
+  phrasings), ``heldout_phrasing``, ``answer``, ``query`` (the attributes the question names),
+  ``target`` (indices of the objects the question is about) and ``caption``;
 - ``{split}.info.json``: the generator config, seed, row count and answer vocabulary.
 
 Determinism: sample i of a split depends only on (seed, split, i), so the same arguments give
 the same bytes, any prefix of a longer run equals a shorter run, and splits draw from disjoint
-seed streams (a scene may still repeat across splits by chance: the world is small).
+seed streams (a scene may still repeat across splits by chance).
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
+import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+VERSIONS: tuple[int, ...] = (1, 2)
+DEFAULT_VERSION = 1
+"""The world `ShapesConfig()` builds: the one the shipped toy VLM was trained on (demo,
+`shapes:N` datasets). The version is written to ``info.json``."""
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross")
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -51,9 +88,22 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (150, 40, 200),
     "orange": (250, 130, 10),
 }
-SIZES: tuple[str, ...] = ("small", "large")
-QUESTION_TYPES: tuple[str, ...] = ("colour", "shape", "count", "exists", "position")
+SIZES: dict[str, int] = {"small": 2, "medium": 3, "large": 4}
+"""Size name -> side of the object's block, in patches."""
+SIZE_WEIGHTS: dict[str, float] = {"small": 0.45, "medium": 0.35, "large": 0.2}
+QUESTION_TYPES: tuple[str, ...] = (
+    "colour",
+    "shape",
+    "count_shape",
+    "count_colour",
+    "exists",
+    "position",
+    "relation",
+)
 ALL_QUESTION_TYPES: tuple[str, ...] = (*QUESTION_TYPES, "caption")
+"""The v2 world's question types and captions (v1's are `V1_QUESTION_TYPES`)."""
+RELATIONS: tuple[str, ...] = ("left", "right", "above", "below")
+POSITIONS: tuple[str, ...] = ("top left", "top right", "bottom left", "bottom right")
 NUMBER_WORDS: tuple[str, ...] = (
     "zero",
     "one",
@@ -68,61 +118,146 @@ NUMBER_WORDS: tuple[str, ...] = (
     "ten",
 )
 _PLURALS = {"cross": "crosses"}
+PHRASING_SETS: tuple[str, ...] = ("train", "heldout", "all")
+V1_SIZES: tuple[str, ...] = ("small", "large")
+V1_QUESTION_TYPES: tuple[str, ...] = ("colour", "shape", "count", "exists", "position")
+_DEFAULTS: dict[int, dict[str, Any]] = {
+    1: {"sizes": V1_SIZES, "max_objects": 4, "max_count": 3, "question_types": V1_QUESTION_TYPES},
+    2: {"sizes": tuple(SIZES), "max_objects": 5, "max_count": 5, "question_types": QUESTION_TYPES},
+}
 
 
 @dataclass(frozen=True)
 class ShapesConfig:
-    """How the world looks; defaults give 64x64 images, a 4x4 grid and 8 px label patches."""
+    """How the world looks. ``version`` picks the world (see the module doc); fields left at
+    None take that version's defaults: v2 has 64x64 images, an 8x8 grid of 8 px patches, three
+    sizes, up to 5 objects and seven question types; v1 a 4x4 grid of 16 px cells (8 px label
+    patches), two sizes, up to 4 objects and five question types in one wording each."""
 
+    version: int = DEFAULT_VERSION
     image_size: int = 64
-    cell_size: int = 16
     patch_size: int = 8
+    """Side of a label patch in px; in v2 also of a grid patch (objects' blocks align to it)."""
+    cell_size: int = 16
+    """v1 only: side of a grid cell in px (one object per cell)."""
     shapes: tuple[str, ...] = SHAPES
     colours: tuple[str, ...] = tuple(COLOURS)
-    max_objects: int = 4
-    max_count: int = 3
+    sizes: tuple[str, ...] | None = None
+    max_objects: int | None = None
+    max_count: int | None = None
+    """Counting answers are drawn uniformly from zero .. max_count."""
     min_coverage: float = 0.2
     """A patch is labelled with an object when at least this fraction of it is the object."""
-    question_types: tuple[str, ...] = QUESTION_TYPES
+    question_types: tuple[str, ...] | None = None
+    phrasings: str = "train"
+    """Which paraphrases questions use: ``train``, ``heldout`` (never trained on) or ``all``
+    (v2; v1 has one wording per type, ``train``)."""
     background: tuple[int, int, int] = (255, 255, 255)
 
     def __post_init__(self) -> None:
-        if self.image_size % self.cell_size or self.cell_size < 6:
-            raise ValueError("image_size must be a multiple of cell_size, and cell_size >= 6")
-        if self.patch_size < 1:
-            raise ValueError("patch_size must be >= 1")
+        if self.version not in VERSIONS:
+            raise ValueError(f"unknown shapes-world version {self.version!r}; known: {VERSIONS}")
+        for name, value in _DEFAULTS[self.version].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        self._check_common()
+        if self.version == 1:
+            self._check_v1()
+        else:
+            self._check_v2()
+
+    def _check_common(self) -> None:
         if unknown := set(self.shapes) - set(SHAPES):
             raise ValueError(f"unknown shapes {sorted(unknown)}; known: {SHAPES}")
         if unknown := set(self.colours) - set(COLOURS):
             raise ValueError(f"unknown colours {sorted(unknown)}; known: {list(COLOURS)}")
-        if unknown := set(self.question_types) - set(ALL_QUESTION_TYPES):
-            raise ValueError(f"unknown question types {sorted(unknown)}")
+        known = (*_DEFAULTS[self.version]["question_types"], "caption")
+        if unknown := set(self.question_types or ()) - set(known):
+            raise ValueError(f"unknown v{self.version} question types {sorted(unknown)}")
         if len(self.shapes) < 2 or len(self.colours) < 2 or not self.question_types:
             raise ValueError("need at least 2 shapes, 2 colours and 1 question type")
-        if not 1 <= self.max_objects <= self.grid**2:
-            raise ValueError(f"max_objects must be in 1..{self.grid**2}")
-        if not 1 <= self.max_count <= min(self.max_objects, len(NUMBER_WORDS) - 1):
-            raise ValueError("max_count must be in 1..max_objects (and <= 10)")
+        if not self.sizes:
+            raise ValueError("need at least 1 size")
+        if self.phrasings not in PHRASING_SETS:
+            raise ValueError(f"phrasings must be one of {PHRASING_SETS}, got {self.phrasings!r}")
         if tuple(self.background) in {COLOURS[c] for c in self.colours}:
             raise ValueError("background must differ from every shape colour")
 
+    def _check_v1(self) -> None:
+        if self.image_size % self.cell_size or self.cell_size < 6:
+            raise ValueError("image_size must be a multiple of cell_size, and cell_size >= 6")
+        if self.patch_size < 1:
+            raise ValueError("patch_size must be >= 1")
+        if unknown := set(self.sizes or ()) - set(V1_SIZES):
+            raise ValueError(f"unknown v1 sizes {sorted(unknown)}; known: {list(V1_SIZES)}")
+        self._check_counts(self.grid**2)
+        if self.phrasings != "train":
+            raise ValueError("the v1 world has one wording per question type: phrasings='train'")
+
+    def _check_v2(self) -> None:
+        if self.patch_size < 4 or self.image_size % self.patch_size:
+            raise ValueError("image_size must be a multiple of patch_size, and patch_size >= 4")
+        if unknown := set(self.sizes or ()) - set(SIZES):
+            raise ValueError(f"unknown sizes {sorted(unknown)}; known: {list(SIZES)}")
+        sides = [SIZES[s] for s in self.sizes or ()]
+        if self.grid < 2 * max(sides):
+            raise ValueError(f"a {self.grid}x{self.grid} grid is too small for {self.sizes}")
+        self._check_counts((self.grid // min(sides)) ** 2)
+        if "relation" in (self.question_types or ()) and self.n_objects < 2:
+            raise ValueError("relation questions need max_objects >= 2")
+
+    def _check_counts(self, most: int) -> None:
+        if not 1 <= self.n_objects <= most:
+            raise ValueError(f"max_objects must be in 1..{most}")
+        if not 1 <= self.n_count <= min(self.n_objects, len(NUMBER_WORDS) - 1):
+            raise ValueError("max_count must be in 1..max_objects (and <= 10)")
+
+    @property
+    def n_objects(self) -> int:
+        """`max_objects` as an int (it is never None after construction)."""
+        return int(self.max_objects or 0)
+
+    @property
+    def n_count(self) -> int:
+        """`max_count` as an int."""
+        return int(self.max_count or 0)
+
+    @property
+    def types(self) -> tuple[str, ...]:
+        """`question_types` (never None after construction)."""
+        return tuple(self.question_types or ())
+
+    @property
+    def size_names(self) -> tuple[str, ...]:
+        """`sizes` (never None after construction)."""
+        return tuple(self.sizes or ())
+
     @property
     def grid(self) -> int:
-        """Cells per side."""
-        return self.image_size // self.cell_size
+        """Places per side: patches (v2) or cells (v1)."""
+        return self.image_size // (self.cell_size if self.version == 1 else self.patch_size)
 
 
 @dataclass
 class ShapeObject:
-    """One drawn shape and the label patches it covers (for the sample's patch size)."""
+    """One drawn shape, its block and the label patches it covers (for the sample's patch
+    size)."""
 
     shape: str
     colour: str
     size: str
+    #: v2: top-left patch (row, col) of the object's block; v1: its cell.
     cell: tuple[int, int]
     bbox: tuple[int, int, int, int]
     patches: list[tuple[int, int]] = field(default_factory=list)
     coverage: list[float] = field(default_factory=list)
+    #: side of the block in grid places (patches in v2; 1 cell in v1).
+    span: int = 1
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        """(row, col) of the block's centre, in patches."""
+        return (self.cell[0] + self.span / 2, self.cell[1] + self.span / 2)
 
     def to_json(self) -> dict[str, Any]:
         """Plain-JSON form (tuples become lists)."""
@@ -131,6 +266,7 @@ class ShapeObject:
             "colour": self.colour,
             "size": self.size,
             "cell": list(self.cell),
+            "span": self.span,
             "bbox": list(self.bbox),
             "patches": [list(p) for p in self.patches],
             "coverage": self.coverage,
@@ -154,6 +290,8 @@ class ShapesSample:
     target: list[int]
     caption: str
     patch_size: int
+    phrasing: int = 0
+    heldout_phrasing: bool = False
 
     def messages(self) -> list[dict[str, Any]]:
         """Chat-format conversation: image + question from the user, answer from the assistant."""
@@ -175,6 +313,8 @@ class ShapesSample:
             "patch_size": self.patch_size,
             "question_type": self.question_type,
             "question": self.question,
+            "phrasing": self.phrasing,
+            "heldout_phrasing": self.heldout_phrasing,
             "answer": self.answer,
             "query": self.query,
             "target": self.target,
@@ -197,8 +337,18 @@ def plural(shape: str) -> str:
     return _PLURALS.get(shape, shape + "s")
 
 
-def position_word(cell: tuple[int, int], grid: int) -> str:
-    """Where a cell is: "top left", "bottom right", ... ("top"/"left"/"center" on odd grids)."""
+def position_word(centre: tuple[float, float], grid: int) -> str:
+    """The quadrant of a point given in patches ("top left", ..., "bottom right"); a point on
+    a midline has none (ValueError): the generator never asks about one."""
+    r, c = centre
+    mid = grid / 2
+    if r == mid or c == mid:
+        raise ValueError(f"{centre} lies on a midline of the {grid}x{grid} grid")
+    return f"{'top' if r < mid else 'bottom'} {'left' if c < mid else 'right'}"
+
+
+def cell_position(cell: tuple[int, int], grid: int) -> str:
+    """v1: where a cell is: "top left", ... ("top"/"left"/"center" on odd grids)."""
     r, c = cell
     mid = grid // 2
     vert = "middle" if grid % 2 and r == mid else ("top" if r < mid else "bottom")
@@ -210,19 +360,16 @@ def position_word(cell: tuple[int, int], grid: int) -> str:
     return f"{vert} {horiz}"
 
 
-def _size_px(size: str, cell: int) -> int:
-    """Side of the box a shape is drawn in; same parity as the cell, so it centres exactly."""
-    if size == "large":
-        return cell - 2 * max(1, cell // 16)
-    s = int(cell * 0.625)
-    return s - (cell - s) % 2
+def _v1_positions(grid: int) -> list[str]:
+    return sorted({cell_position((r, c), grid) for r in range(grid) for c in range(grid)})
 
 
-def shape_box(cell: tuple[int, int], size: str, cell_size: int) -> tuple[int, int, int, int]:
-    """(x0, y0, x1, y1), end exclusive: the box a shape of this size is drawn in, in its cell."""
-    s = _size_px(size, cell_size)
-    x0 = cell[1] * cell_size + (cell_size - s) // 2
-    y0 = cell[0] * cell_size + (cell_size - s) // 2
+def block_box(cell: tuple[int, int], span: int, patch_size: int) -> tuple[int, int, int, int]:
+    """v2: (x0, y0, x1, y1), end exclusive: where a shape is drawn in its block of span x span
+    patches whose top-left patch is `cell` (1 px margin)."""
+    x0 = cell[1] * patch_size + 1
+    y0 = cell[0] * patch_size + 1
+    s = span * patch_size - 2
     return (x0, y0, x0 + s, y0 + s)
 
 
@@ -253,13 +400,14 @@ def shape_mask(shape: str, box: tuple[int, int, int, int], image_size: int) -> n
 def patch_coverage(mask: np.ndarray, patch_size: int) -> np.ndarray:
     """Fraction of each patch (ceil(H/p) x ceil(W/p) grid; edge patches may be partial)."""
     h, w = mask.shape
-    rows, cols = -(-h // patch_size), -(-w // patch_size)
     p = patch_size
-    out = np.zeros((rows, cols))
-    for r in range(rows):
-        for c in range(cols):
-            out[r, c] = mask[r * p : (r + 1) * p, c * p : (c + 1) * p].mean()
-    return out
+    rows, cols = -(-h // p), -(-w // p)
+    if h % p == 0 and w % p == 0:
+        return mask.reshape(rows, p, cols, p).mean((1, 3))
+    pad = ((0, rows * p - h), (0, cols * p - w))
+    hits = np.pad(mask.astype(np.float64), pad).reshape(rows, p, cols, p).sum((1, 3))
+    area = np.pad(np.ones((h, w)), pad).reshape(rows, p, cols, p).sum((1, 3))
+    return hits / area
 
 
 def covered_patches(
@@ -312,16 +460,142 @@ def caption(objects: list[ShapeObject]) -> str:
 def answer_vocabulary(config: ShapesConfig | None = None) -> list[str]:
     """Every answer a non-caption question can have under ``config``."""
     config = config or ShapesConfig()
-    g = config.grid
-    positions = sorted({position_word((r, c), g) for r in range(g) for c in range(g)})
     return [
         *config.colours,
         *config.shapes,
-        *NUMBER_WORDS[: config.max_count + 1],
+        *NUMBER_WORDS[: config.n_count + 1],
         "yes",
         "no",
-        *positions,
+        *(_v1_positions(config.grid) if config.version == 1 else POSITIONS),
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# The grammar of paraphrases
+
+#: Per question type, templates: ``[a|b]`` is a choice, ``{slot}`` is filled from the scene.
+#: Slots: shape, shapes (plural), colour, a (article of the colour), A and B (the two objects
+#: of a relation), rel0 .. rel2 (three wordings of the asked relation). Every template is
+#: also asked with each of `_PREFIXES` in front.
+GRAMMAR: dict[str, tuple[str, ...]] = {
+    "colour": (
+        "What colour is the {shape}?",
+        "What color is the {shape}?",
+        "What is the [colour|color] of the {shape}?",
+        "Which [colour|color] is the {shape}?",
+        "What [colour|color] does the {shape} have?",
+        "Name the [colour|color] of the {shape}.",
+    ),
+    "shape": (
+        "What shape is the {colour} object?",
+        "What shape is the {colour} [thing|item]?",
+        "What is the shape of the {colour} [object|thing|item]?",
+        "Which shape is the {colour} [object|thing|item]?",
+        "What shape does the {colour} [object|thing|item] have?",
+        "Name the shape of the {colour} [object|thing|item].",
+    ),
+    "count_shape": (
+        "How many {shapes} are there?",
+        "How many {shapes} are [in the image|in the picture]?",
+        "How many {shapes} [do you see|can you see]?",
+        "Count the {shapes}.",
+        "What is the number of {shapes}?",
+        "Count the {shapes} [in the image|in the picture].",
+    ),
+    "count_colour": (
+        "How many {colour} objects are there?",
+        "How many {colour} [things|items] are there?",
+        "How many {colour} [objects|things|items] are [in the image|in the picture]?",
+        "How many {colour} [objects|things|items] [do you see|can you see]?",
+        "Count the {colour} [objects|things|items].",
+        "What is the number of {colour} [objects|things|items]?",
+    ),
+    "exists": (
+        "Is there {a} {colour} {shape}?",
+        "Is there {a} {colour} {shape} [in the image|in the picture]?",
+        "[Do you see|Can you see] {a} {colour} {shape}?",
+        "Does the [image|picture] [contain|show] {a} {colour} {shape}?",
+        "Is {a} {colour} {shape} [present|visible]?",
+    ),
+    "position": (
+        "Where is the {colour} {shape}?",
+        "Where is the {colour} {shape} [in the image|in the picture]?",
+        "In which [part|corner] of the [image|picture] is the {colour} {shape}?",
+        "Which [part|corner] of the [image|picture] is the {colour} {shape} in?",
+        "Where [do you see|can you see] the {colour} {shape}?",
+    ),
+    "relation": (
+        "Is {A} {rel0} {B}?",
+        "Is {A} [{rel1}|{rel2}] {B}?",
+        "Is {A} [located|placed] [{rel0}|{rel1}|{rel2}] {B}?",
+        "Does {A} [appear|sit] [{rel0}|{rel1}|{rel2}] {B}?",
+        "Is it true that {A} is [{rel0}|{rel1}|{rel2}] {B}?",
+    ),
+}
+_PREFIXES: tuple[str, ...] = ("", "Look at the image. ", "Question: ")
+#: rel0 .. rel2 of each relation.
+RELATION_WORDS: dict[str, tuple[str, str, str]] = {
+    "left": ("left of", "to the left of", "on the left of"),
+    "right": ("right of", "to the right of", "on the right of"),
+    "above": ("above", "over", "higher than"),
+    "below": ("below", "under", "lower than"),
+}
+HELDOUT_FRACTION = 0.25
+_CHOICE = re.compile(r"\[([^\[\]]*)\]")
+
+
+def _expand(template: str) -> list[str]:
+    """Every phrasing of one template: each ``[a|b]`` choice taken every way, in order."""
+    parts = _CHOICE.split(template)  # literal, choice, literal, choice, ...
+    options = [p.split("|") if i % 2 else [p] for i, p in enumerate(parts)]
+    return ["".join(combo) for combo in itertools.product(*options)]
+
+
+def _words(phrasing: str) -> set[str]:
+    return set(re.findall(r"[A-Za-z]+|\{\w+\}", phrasing))
+
+
+@cache
+def phrasings(question_type: str) -> tuple[tuple[str, ...], frozenset[int]]:
+    """(every phrasing of a question type, indices of the held-out ones).
+
+    Phrasings are the templates' expansions, each with every prefix. A fixed quarter is held
+    out, chosen by a seeded shuffle under two rules: the first phrasing (the canonical
+    wording) stays in training, and every word of a held-out phrasing keeps occurring in some
+    training phrasing. The choice does not depend on any data seed.
+    """
+    if question_type not in GRAMMAR:
+        raise ValueError(f"no phrasings for question type {question_type!r}")
+    base = [p for t in GRAMMAR[question_type] for p in _expand(t)]
+    every = tuple(pre + p for p in base for pre in _PREFIXES)
+    rng = np.random.default_rng(zlib.crc32(question_type.encode()))
+    order = [int(i) for i in rng.permutation(len(every)) if i != 0]
+    held: set[int] = set()
+    want = int(len(every) * HELDOUT_FRACTION)
+    for i in order:
+        if len(held) >= want:
+            break
+        rest = [every[j] for j in range(len(every)) if j != i and j not in held]
+        known = set().union(*(_words(p) for p in rest))
+        if _words(every[i]) <= known:
+            held.add(i)
+    return every, frozenset(held)
+
+
+def phrasing_indices(question_type: str, which: str) -> list[int]:
+    """Indices of the phrasings of `which` set (``train``, ``heldout`` or ``all``)."""
+    every, held = phrasings(question_type)
+    if which == "all":
+        return list(range(len(every)))
+    if which not in PHRASING_SETS:
+        raise ValueError(f"phrasings must be one of {PHRASING_SETS}, got {which!r}")
+    return [i for i in range(len(every)) if (i in held) == (which == "heldout")]
+
+
+def fill(phrasing: str, **slots: str) -> str:
+    """A phrasing with its slots filled; the first letter is upper case."""
+    text = phrasing.format(**slots)
+    return text[0].upper() + text[1:]
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,7 +615,7 @@ def _question_type(seed: int, split: str, index: int, types: tuple[str, ...]) ->
 
 
 class _Scene:
-    """Objects being placed: specs (shape, colour) get distinct random cells and sizes."""
+    """Objects being placed: specs (shape, colour) get sizes and free blocks of the grid."""
 
     def __init__(self, rng: np.random.Generator, config: ShapesConfig) -> None:
         self.rng, self.config = rng, config
@@ -354,88 +628,217 @@ class _Scene:
         self.specs.append((shape, colour))
         return len(self.specs) - 1
 
-    def add_random(self, n: int, allowed: Any) -> None:
+    def add_random(self, n: int, allowed: Callable[[str, str], bool]) -> None:
         """n objects drawn uniformly among the (shape, colour) pairs ``allowed`` accepts."""
         pairs = [(s, c) for s in self.config.shapes for c in self.config.colours if allowed(s, c)]
         for _ in range(n):
             self.add(*pairs[int(self.rng.integers(len(pairs)))])
 
-    def build(self) -> list[ShapeObject]:
-        """Objects in distinct random cells, listed in reading order (so an index says nothing
-        about which object the question is about)."""
+    def _sizes(self, attempt: int) -> list[str]:
+        sizes = list(self.config.size_names)
+        if attempt >= 40:  # a crowded scene that would not fit: the smallest size only
+            smallest = min(sizes, key=SIZES.__getitem__)
+            return [smallest] * len(self.specs)
+        p = np.array([SIZE_WEIGHTS[s] for s in sizes])
+        return [sizes[int(i)] for i in self.rng.choice(len(sizes), len(self.specs), p=p / p.sum())]
+
+    def _place(self, sizes: list[str]) -> list[tuple[int, int]] | None:
+        """Top-left patches of non-overlapping blocks, largest first; None if they do not fit."""
+        g = self.config.grid
+        free = np.ones((g, g), bool)
+        cells: list[tuple[int, int]] = [(0, 0)] * len(sizes)
+        for i in sorted(range(len(sizes)), key=lambda i: -SIZES[sizes[i]]):
+            k = SIZES[sizes[i]]
+            # Occupied patches in every k x k window, from the summed-area table.
+            sat = np.zeros((g + 1, g + 1), np.int64)
+            sat[1:, 1:] = (~free).cumsum(0).cumsum(1)
+            busy = sat[k:, k:] - sat[:-k, k:] - sat[k:, :-k] + sat[:-k, :-k]
+            fits = np.argwhere(busy == 0)
+            if len(fits) == 0:
+                return None
+            r, c = (int(v) for v in fits[int(self.rng.integers(len(fits)))])
+            free[r : r + k, c : c + k] = False
+            cells[i] = (r, c)
+        return cells
+
+    def build(
+        self, accept: Callable[[list[ShapeObject]], bool] = lambda objs: True
+    ) -> list[ShapeObject]:
+        """Objects (spec order) in free random blocks, redrawn until `accept` takes them."""
+        if self.config.version == 1:
+            return self._build_v1()
+        p = self.config.patch_size
+        for attempt in range(400):
+            sizes = self._sizes(attempt)
+            cells = self._place(sizes)
+            if cells is None:
+                continue
+            objects = [
+                ShapeObject(
+                    shape, colour, size, cell, block_box(cell, SIZES[size], p), span=SIZES[size]
+                )
+                for (shape, colour), size, cell in zip(self.specs, sizes, cells, strict=True)
+            ]
+            if accept(objects):
+                return objects
+        raise RuntimeError(f"could not place {self.specs} under the question's constraints")
+
+    def _build_v1(self) -> list[ShapeObject]:
+        """v1: objects (spec order) in distinct random cells, of random sizes, centred in
+        their cell; the same random draws as the v1 generator, so the same scenes."""
         g, cs = self.config.grid, self.config.cell_size
         cells = self.rng.choice(g * g, size=len(self.specs), replace=False)
         objects = []
         for (shape, colour), cell_id in zip(self.specs, cells, strict=True):
             cell = (int(cell_id) // g, int(cell_id) % g)
-            size = self.pick(SIZES)
+            size = self.pick(self.config.size_names)
             objects.append(ShapeObject(shape, colour, size, cell, shape_box(cell, size, cs)))
-        return sorted(objects, key=lambda o: o.cell)
+        return objects
+
+
+def shape_box(cell: tuple[int, int], size: str, cell_size: int) -> tuple[int, int, int, int]:
+    """v1: (x0, y0, x1, y1), end exclusive: the box a shape of this size is drawn in, centred
+    in its cell (same parity as the cell)."""
+    s = cell_size - 2 * max(1, cell_size // 16) if size == "large" else int(cell_size * 0.625)
+    s -= (cell_size - s) % 2
+    x0 = cell[1] * cell_size + (cell_size - s) // 2
+    y0 = cell[0] * cell_size + (cell_size - s) // 2
+    return (x0, y0, x0 + s, y0 + s)
+
+
+def _apart(a: ShapeObject, b: ShapeObject, axis: int) -> bool:
+    """The two blocks do not overlap along `axis` (0: rows, 1: columns)."""
+    return a.cell[axis] + a.span <= b.cell[axis] or b.cell[axis] + b.span <= a.cell[axis]
+
+
+def relation_holds(a: ShapeObject, b: ShapeObject, relation: str) -> bool:
+    """Whether `a` is `relation` ("left", "right", "above", "below") of `b`: its block ends
+    before the other's begins along that axis."""
+    if relation == "left":
+        return a.cell[1] + a.span <= b.cell[1]
+    if relation == "right":
+        return b.cell[1] + b.span <= a.cell[1]
+    if relation == "above":
+        return a.cell[0] + a.span <= b.cell[0]
+    if relation == "below":
+        return b.cell[0] + b.span <= a.cell[0]
+    raise ValueError(f"unknown relation {relation!r}")
+
+
+def _on_midline(obj: ShapeObject, grid: int) -> bool:
+    return grid / 2 in obj.centre
 
 
 def _make_sample(seed: int, split: str, index: int, config: ShapesConfig) -> ShapesSample:
-    qtype = _question_type(seed, split, index, config.question_types)
+    qtype = _question_type(seed, split, index, config.types)
     rng = _seed(seed, split, 0, index)
     sc = _Scene(rng, config)
-    m = config.max_objects
+    m, g = config.n_objects, config.grid
 
     def extra(lo: int, hi: int) -> int:
         """Number of distractors in lo..hi."""
         return int(rng.integers(lo, hi + 1)) if hi >= lo else 0
 
+    slots: dict[str, str] = {}
     query: dict[str, str]
+
+    def accept(objs: list[ShapeObject]) -> bool:
+        return True
+
+    answer = ""
     if qtype == "colour":
         shape, colour = sc.pick(config.shapes), sc.pick(config.colours)
         sc.add(shape, colour)
         sc.add_random(extra(0, m - 1), lambda s, c: s != shape)
-        query, question, answer = {"shape": shape}, f"What colour is the {shape}?", colour
+        query, answer, slots = {"shape": shape}, colour, {"shape": shape}
     elif qtype == "shape":
         shape, colour = sc.pick(config.shapes), sc.pick(config.colours)
         sc.add(shape, colour)
         sc.add_random(extra(0, m - 1), lambda s, c: c != colour)
-        query, question, answer = {"colour": colour}, f"What shape is the {colour} object?", shape
-    elif qtype == "count":
-        shape = sc.pick(config.shapes)
-        k = int(rng.integers(0, config.max_count + 1))
+        query, answer, slots = {"colour": colour}, shape, {"colour": colour}
+    elif qtype in ("count", "count_shape", "count_colour"):
+        by_shape = qtype != "count_colour"
+        word = sc.pick(config.shapes if by_shape else config.colours)
+        k = int(rng.integers(0, config.n_count + 1))
         for _ in range(k):
-            sc.add(shape, sc.pick(config.colours))
-        sc.add_random(extra(1 if k == 0 else 0, m - k), lambda s, c: s != shape)
-        query, answer = {"shape": shape}, NUMBER_WORDS[k]
-        question = f"How many {plural(shape)} are there?"
+            if by_shape:
+                sc.add(word, sc.pick(config.colours))
+            else:
+                sc.add(sc.pick(config.shapes), word)
+        key = "shape" if by_shape else "colour"
+        sc.add_random(
+            extra(1 if k == 0 else 0, m - k),
+            lambda s, c: (s if by_shape else c) != word,
+        )
+        query, answer = {key: word}, NUMBER_WORDS[k]
+        slots = {"shapes": plural(word)} if by_shape else {"colour": word}
     elif qtype == "exists":
         shape, colour = sc.pick(config.shapes), sc.pick(config.colours)
         yes = bool(rng.integers(2))
         if yes:
             sc.add(shape, colour)
-        else:  # hard negatives: same colour or same shape, half the time
-            if rng.integers(2):
-                sc.add_random(1, lambda s, c: (s == shape) != (c == colour))
+        elif rng.integers(2):  # hard negatives: same colour or same shape, half the time
+            sc.add_random(1, lambda s, c: (s == shape) != (c == colour))
         sc.add_random(
             extra(0 if len(sc.specs) else 1, m - len(sc.specs)),
             lambda s, c: (s, c) != (shape, colour),
         )
         query, answer = {"shape": shape, "colour": colour}, "yes" if yes else "no"
-        question = f"Is there {article(colour)} {colour} {shape}?"
+        slots = {"shape": shape, "colour": colour, "a": article(colour)}
     elif qtype == "position":
         shape, colour = sc.pick(config.shapes), sc.pick(config.colours)
         sc.add(shape, colour)
         sc.add_random(extra(0, m - 1), lambda s, c: (s, c) != (shape, colour))
-        query, question = {"shape": shape, "colour": colour}, f"Where is the {colour} {shape}?"
-        answer = ""  # known once the scene has cells
+        query, slots = {"shape": shape, "colour": colour}, {"shape": shape, "colour": colour}
+
+        def accept(objs: list[ShapeObject]) -> bool:
+            return not _on_midline(objs[0], g)
+
+    elif qtype == "relation":
+        relation = sc.pick(RELATIONS)
+        yes = bool(rng.integers(2))
+        shape_a, shape_b = (str(s) for s in rng.choice(config.shapes, 2, replace=False))
+        colour_a, colour_b = sc.pick(config.colours), sc.pick(config.colours)
+        sc.add(shape_a, colour_a)
+        sc.add(shape_b, colour_b)
+        with_colour = bool(rng.integers(2))  # "the red circle" rather than "the circle"
+        if with_colour:
+            named = {(shape_a, colour_a), (shape_b, colour_b)}
+            sc.add_random(extra(0, m - 2), lambda s, c: (s, c) not in named)
+            query = {"shape": shape_a, "colour": colour_a}
+            query |= {"other_shape": shape_b, "other_colour": colour_b}
+            slots = {"A": f"the {colour_a} {shape_a}", "B": f"the {colour_b} {shape_b}"}
+        else:
+            sc.add_random(extra(0, m - 2), lambda s, c: s not in (shape_a, shape_b))
+            query = {"shape": shape_a, "other_shape": shape_b}
+            slots = {"A": f"the {shape_a}", "B": f"the {shape_b}"}
+        query["relation"] = relation
+        slots |= dict(zip(("rel0", "rel1", "rel2"), RELATION_WORDS[relation], strict=True))
+        axis = 1 if relation in ("left", "right") else 0
+
+        def accept(objs: list[ShapeObject]) -> bool:
+            a, b = objs[0], objs[1]
+            return _apart(a, b, axis) and relation_holds(a, b, relation) == yes
+
+        answer = "yes" if yes else "no"
     else:  # caption
         sc.add_random(extra(1, m), lambda s, c: True)
-        query, question = {}, "Describe the image."
-        answer = ""
+        query = {}
 
-    objects = sc.build()
+    placed = sc.build(accept)
+    first = placed[0]
+    objects = sorted(placed, key=lambda o: o.cell)  # reading order: an index tells nothing
     image = render(objects, config)
     cap = caption(objects)
-    # The objects the question is about: those matching every attribute it names.
-    target = [i for i, o in enumerate(objects) if all(getattr(o, k) == v for k, v in query.items())]
+    target = _targets(objects, qtype, query)
     if qtype == "position":
-        answer = position_word(objects[target[0]].cell, config.grid)
-    elif qtype == "caption":
-        answer = cap
+        answer = (
+            cell_position(first.cell, g) if config.version == 1 else position_word(first.centre, g)
+        )
+    if qtype == "caption":
+        question, answer, phrasing, held = "Describe the image.", cap, 0, False
+    else:
+        question, phrasing, held = _phrase(qtype, slots, rng, config)
     buf = io.BytesIO()
     image.save(buf, format="PNG", compress_level=6)
     return ShapesSample(
@@ -452,7 +855,150 @@ def _make_sample(seed: int, split: str, index: int, config: ShapesConfig) -> Sha
         target=target,
         caption=cap,
         patch_size=config.patch_size,
+        phrasing=phrasing,
+        heldout_phrasing=held,
     )
+
+
+def _phrase(
+    qtype: str, slots: dict[str, str], rng: np.random.Generator, config: ShapesConfig
+) -> tuple[str, int, bool]:
+    """(question text, phrasing index, whether it is held out): a phrasing of the config's
+    set, drawn uniformly, with the slots filled; v1 asks the first (canonical) phrasing and
+    draws nothing."""
+    if config.version == 1:
+        return (
+            fill(phrasings("count_shape" if qtype == "count" else qtype)[0][0], **slots),
+            0,
+            False,
+        )
+    allowed = phrasing_indices(qtype, config.phrasings)
+    phrasing = allowed[int(rng.integers(len(allowed)))]
+    every, heldout = phrasings(qtype)
+    return fill(every[phrasing], **slots), phrasing, phrasing in heldout
+
+
+@dataclass
+class Question:
+    """A question about an existing scene (see `ask`)."""
+
+    type: str
+    text: str
+    answer: str
+    query: dict[str, str]
+    target: list[int]
+    phrasing: int
+    heldout_phrasing: bool
+
+
+def ask(
+    objects: list[ShapeObject],
+    qtype: str,
+    rng: np.random.Generator,
+    config: ShapesConfig | None = None,
+) -> Question | None:
+    """A random question of type `qtype` about a given scene, or None when the scene has
+    nothing to ask it about (no object with a unique shape for ``colour``, ...).
+
+    The scene-first counterpart of the samples' question-first generation: it lets several
+    questions share one image (the toy's training asks a few per picture). Answers are less
+    balanced than the samples' (counts are mostly small), so counts ask about a present
+    attribute three times in four, and ``exists`` asks about a present object half the time.
+    """
+    config = config or ShapesConfig(version=2)
+    if config.version == 1:
+        raise ValueError("ask: scene-first questions exist in the v2 world only (version=2)")
+    objs = objects
+
+    def pick(options: list[Any]) -> Any:
+        return options[int(rng.integers(len(options)))] if options else None
+
+    n_shape = {s: sum(o.shape == s for o in objs) for s in config.shapes}
+    n_colour = {c: sum(o.colour == c for o in objs) for c in config.colours}
+    pairs = {(o.shape, o.colour) for o in objs}
+    unique = [o for o in objs if sum((p.shape, p.colour) == (o.shape, o.colour) for p in objs) == 1]
+    slots: dict[str, str]
+    if qtype == "colour":
+        o = pick([o for o in objs if n_shape[o.shape] == 1])
+        if o is None:
+            return None
+        query, answer, slots = {"shape": o.shape}, o.colour, {"shape": o.shape}
+    elif qtype == "shape":
+        o = pick([o for o in objs if n_colour[o.colour] == 1])
+        if o is None:
+            return None
+        query, answer, slots = {"colour": o.colour}, o.shape, {"colour": o.colour}
+    elif qtype in ("count_shape", "count_colour"):
+        key = "shape" if qtype == "count_shape" else "colour"
+        present = sorted({getattr(o, key) for o in objs})
+        every = list(config.shapes if key == "shape" else config.colours)
+        word = pick(present) if rng.random() < 0.75 else pick(every)
+        k = sum(getattr(o, key) == word for o in objs)
+        if k > config.n_count:
+            return None
+        query, answer = {key: word}, NUMBER_WORDS[k]
+        slots = {"shapes": plural(word)} if key == "shape" else {"colour": word}
+    elif qtype == "exists":
+        if rng.integers(2):
+            o = pick(objs)
+            shape, colour = o.shape, o.colour
+        else:
+            absent = [(s, c) for s in config.shapes for c in config.colours if (s, c) not in pairs]
+            hard = [(s, c) for s, c in absent if n_shape[s] or n_colour[c]]
+            chosen = pick(hard if hard and rng.integers(2) else absent)
+            if chosen is None:
+                return None
+            shape, colour = chosen
+        query = {"shape": shape, "colour": colour}
+        answer = "yes" if (shape, colour) in pairs else "no"
+        slots = {"shape": shape, "colour": colour, "a": article(colour)}
+    elif qtype == "position":
+        o = pick([o for o in unique if not _on_midline(o, config.grid)])
+        if o is None:
+            return None
+        query = {"shape": o.shape, "colour": o.colour}
+        answer, slots = position_word(o.centre, config.grid), dict(query)
+    elif qtype == "relation":
+        with_colour = bool(rng.integers(2))
+        named = unique if with_colour else [o for o in objs if n_shape[o.shape] == 1]
+        options = [
+            (a, b, axis)
+            for a in named
+            for b in named
+            if a.shape != b.shape
+            for axis in (0, 1)
+            if _apart(a, b, axis)
+        ]
+        chosen = pick(options)
+        if chosen is None:
+            return None
+        a, b, axis = chosen
+        relation = pick(["above", "below"] if axis == 0 else ["left", "right"])
+        query = {"shape": a.shape, "other_shape": b.shape}
+        if with_colour:
+            query |= {"colour": a.colour, "other_colour": b.colour}
+            slots = {"A": f"the {a.colour} {a.shape}", "B": f"the {b.colour} {b.shape}"}
+        else:
+            slots = {"A": f"the {a.shape}", "B": f"the {b.shape}"}
+        query["relation"] = relation
+        slots |= dict(zip(("rel0", "rel1", "rel2"), RELATION_WORDS[relation], strict=True))
+        answer = "yes" if relation_holds(a, b, relation) else "no"
+    else:
+        raise ValueError(f"ask: unknown question type {qtype!r}")
+    text, phrasing, held = _phrase(qtype, slots, rng, config)
+    return Question(qtype, text, answer, query, _targets(objs, qtype, query), phrasing, held)
+
+
+def _targets(objects: list[ShapeObject], qtype: str, query: dict[str, str]) -> list[int]:
+    """Indices of the objects a question is about: those matching every attribute it names;
+    for a relation, its two objects."""
+    first = {k: v for k, v in query.items() if k in ("shape", "colour")}
+    found = [i for i, o in enumerate(objects) if all(getattr(o, k) == v for k, v in first.items())]
+    if qtype != "relation":
+        return found
+    other = {k[len("other_") :]: v for k, v in query.items() if k.startswith("other_")}
+    found += [i for i, o in enumerate(objects) if all(getattr(o, k) == v for k, v in other.items())]
+    return sorted(found)
 
 
 def iter_samples(
@@ -528,7 +1074,7 @@ def write_dataset(
                 lf.write(json.dumps(s.label(), sort_keys=True) + "\n")
     info = {
         "generator": "vlmscope.data.shapes",
-        "version": 1,
+        "version": config.version,
         "split": split,
         "n": n,
         "seed": seed,

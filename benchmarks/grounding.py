@@ -1,0 +1,277 @@
+"""Grounding: does each saliency method put the image's influence on the asked-about object?
+
+    python benchmarks/grounding.py                          # shipped toy, trains its dictionaries
+    python benchmarks/grounding.py --clt DIR --transcoders DIR --n 40
+    python benchmarks/grounding.py --model path/to/toy --methods grad ig attention
+
+Held-out shapes-world questions of the world the toy was trained on (`world_version`), `--n`
+per question type; only questions the toy answers correctly (greedy) are scored, and only
+those with a target object (a count of zero or an absent object has none). For each, every
+method gives a map over the image patches for the logit of the answer's first token at the
+answer position, and the benchmark reports, against the union of the target objects' label
+patches (on the model's own patch grid):
+
+- share: the fraction of the map's (non-negative) mass on the target patches (mean, median);
+- top hit: how often the map's largest patch is a target patch;
+- n: the number of questions scored;
+
+per method, overall, per question type and per number of objects in the scene. Methods: the
+attribution graph's patch influence with the CLT and with per-layer transcoders
+(`attribution.export.patch_influence`, `--max-feature-nodes` explored), the same graphs' signed
+total effect per patch (`signed_patch_effect`: signed path products summed, magnitude taken at
+the end), and the baselines of
+`attribution.baselines` (gradient x input on the patch embeddings, integrated gradients,
+attention from the answer position, attention rollout); ``uniform`` is the share a flat map
+gets (the target's fraction of the patches; its top hit is that same fraction). Without
+`--clt` / `--transcoders`, both are trained on the toy with the demo's default budget into
+``OUT/runs`` (a few minutes on CPU). Results go to ``OUT/grounding.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+METHODS = (
+    "graph_clt",
+    "graph_plt",
+    "signed_clt",
+    "signed_plt",
+    "grad",
+    "ig",
+    "attention",
+    "rollout",
+    "uniform",
+)
+LABELS = {
+    "graph_clt": "graph, CLT",
+    "graph_plt": "graph, per-layer transcoders",
+    "signed_clt": "graph, CLT, signed total effect",
+    "signed_plt": "graph, per-layer, signed total effect",
+    "grad": "gradient x input (patch embeddings)",
+    "ig": "integrated gradients",
+    "attention": "attention from the answer position",
+    "rollout": "attention rollout",
+    "uniform": "uniform",
+}
+
+
+def dictionaries(vlm: Any, model: str, out: Path, tokens: int) -> dict[str, Path]:
+    """CLT and per-layer transcoders trained on the toy with the demo's settings."""
+    from vlmscope.demo import DemoBudget, _train
+
+    budget = DemoBudget(train_tokens=tokens)
+    clt = _train(vlm, model, "clt", 0, out / "runs", budget)
+    plt = _train(vlm, model, "transcoder", 1, out / "runs", budget)
+    return {"graph_clt": Path(clt.dictionaries), "graph_plt": Path(plt.dictionaries)}
+
+
+def signed_patch_effect(graph: Any) -> torch.Tensor:
+    """[rows, cols] |net effect| of each patch on the first logit through the graph: the sum
+    over paths of the products of *signed* edge weights (the graph is linear, so this is the
+    patch's total linear effect in the replacement model), its magnitude taken at the end.
+    `patch_influence` instead propagates row-normalised |edge| weights, so paths that cancel
+    each other still count."""
+    from vlmscope.attribution.export import _grid_positions, image_grids
+    from vlmscope.attribution.graph import influence
+
+    a = graph.adjacency.double()
+    w = torch.zeros(a.shape[0], dtype=a.dtype)
+    w[graph.logit_slice.start] = 1
+    effect = influence(a, w)[graph.input_slice]
+    (rows, cols) = image_grids(graph)[0][0]
+    out = torch.zeros(rows, cols, dtype=torch.float64)
+    for pos in _grid_positions(graph):
+        img, view, r, c = (int(v) for v in graph.patch_map[pos])
+        if img == 0 and view == 0:
+            out[r, c] += effect[pos]
+    return out.abs()
+
+
+def target_patches(sample: Any, config: Any, grid: int) -> list[tuple[int, int]]:
+    """Label patches of the question's target objects on a grid x grid patch grid."""
+    from vlmscope.data import shapes
+
+    px = config.image_size // grid
+    cells = {p for i in sample.target for p in shapes.object_patches(sample.objects[i], config, px)}
+    return sorted(cells)
+
+
+def score(heat: torch.Tensor, labels: list[tuple[int, int]]) -> tuple[float, bool]:
+    """(share of the non-negative mass on the labels, whether the top patch is a label)."""
+    from vlmscope.attribution.export import concentration
+
+    h = heat.clamp(min=0)
+    r, c = divmod(int(h.flatten().argmax()), h.shape[1])
+    return concentration(h, labels), (r, c) in set(labels)
+
+
+def summarise(rows: list[dict[str, Any]], methods: list[str], key: str) -> dict[str, Any]:
+    """Group -> method -> {mean, median, top_hit, n}."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups["all" if key == "all" else str(r[key])].append(r)
+    out: dict[str, Any] = {}
+    for g, rs in sorted(groups.items()):
+        out[g] = {}
+        for m in methods:
+            shares = [r["share"][m] for r in rs]
+            hits = [r["hit"][m] for r in rs]
+            out[g][m] = {
+                "mean": statistics.fmean(shares),
+                "median": statistics.median(shares),
+                "top_hit": statistics.fmean(hits),
+                "n": len(rs),
+            }
+    return out
+
+
+def table(summary: dict[str, Any], methods: list[str], title: str) -> str:
+    """Markdown table: one row per group and method."""
+    lines = [
+        f"| {title} | method | mean | median | top patch on target | n |",
+        "|---|---|---|---|---|---|",
+    ]
+    for g, per in summary.items():
+        for m in methods:
+            s = per[m]
+            lines.append(
+                f"| {g} | {LABELS[m]} | {s['mean']:.1%} | {s['median']:.1%} | "
+                f"{s['top_hit']:.1%} | {s['n']} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", default="toy", help="model folder or `toy` (the shipped toy)")
+    p.add_argument("--clt", default=None, help="CLT dictionaries folder (default: train one)")
+    p.add_argument(
+        "--transcoders", default=None, help="per-layer transcoders folder (default: train them)"
+    )
+    p.add_argument("--train-tokens", type=int, default=120_000, help="tokens to train each on")
+    p.add_argument("--n", type=int, default=40, help="held-out questions per type (before "
+                   "keeping the correctly answered ones with a target)")  # fmt: skip
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--max-feature-nodes", type=int, default=400, help="graph features explored")
+    p.add_argument("--ig-steps", type=int, default=32, help="integrated-gradients steps")
+    p.add_argument("--out", default="grounding_out", help="output folder")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from tqdm.auto import tqdm
+
+    from vlmscope.attribution import baselines
+    from vlmscope.attribution.attribute import attribute
+    from vlmscope.attribution.export import patch_influence
+    from vlmscope.data import shapes
+    from vlmscope.models.hooked import HookedVLM
+    from vlmscope.models.toy.train import generate_answers, heldout_samples, world_version
+    from vlmscope.training.trainer import resolve_model_path
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = resolve_model_path(args.model)
+    version = world_version(path)
+    config = shapes.ShapesConfig(version=version)
+    vlm = HookedVLM.from_pretrained(path, device="cpu", dtype=torch.float32)
+    methods = list(args.methods)
+    dicts: dict[str, Path] = {}
+    graphs = sorted({"graph_" + m.split("_")[1] for m in methods if "_" in m})
+    if graphs:
+        given = {"graph_clt": args.clt, "graph_plt": args.transcoders}
+        if all(given[m] for m in graphs):
+            dicts = {m: Path(given[m]) for m in graphs}
+        else:
+            t0 = time.perf_counter()
+            dicts = dictionaries(vlm, str(path), out, args.train_tokens)
+            print(f"trained dictionaries in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+            dicts |= {m: Path(v) for m, v in given.items() if v}
+
+    samples = heldout_samples(args.n, version=version)
+    preds = generate_answers(vlm, samples)
+    right = [s for s, a in zip(samples, preds, strict=True) if a == s.answer]
+    kept = [s for s in right if s.target]
+    print(
+        f"world v{version}: {len(samples)} held-out questions, {len(right)} answered "
+        f"correctly, {len(kept)} of them with a target object",
+        file=sys.stderr,
+    )
+    rows: list[dict[str, Any]] = []
+    seconds: dict[str, float] = defaultdict(float)
+    for s in tqdm(kept, desc="grounding"):
+        inputs = vlm.prepare(s.question, images=[s.image])
+        token = vlm.tokenizer(" " + s.answer, add_special_tokens=False)["input_ids"][0]
+        heats: dict[str, torch.Tensor] = {}
+        built: dict[str, Any] = {}
+        for m in methods:
+            t0 = time.perf_counter()
+            kind = "graph_" + m.split("_")[1] if "_" in m else ""
+            if kind in dicts:
+                if kind not in built:
+                    built[kind] = attribute(vlm, dicts[kind], inputs, logit_targets=[token],
+                                            max_feature_nodes=args.max_feature_nodes,
+                                            batch_size=64)  # fmt: skip
+                g = built[kind]
+                if m.startswith("graph"):
+                    heats[m] = patch_influence(g, logit_index=0)[0][0]
+                else:
+                    heats[m] = signed_patch_effect(g)
+            elif m == "grad":
+                heats[m] = baselines.gradient_x_input(vlm, inputs, token)
+            elif m == "ig":
+                heats[m] = baselines.integrated_gradients(vlm, inputs, token, args.ig_steps)
+            elif m == "attention":
+                heats[m] = baselines.attention_from_answer(vlm, inputs)
+            elif m == "rollout":
+                heats[m] = baselines.attention_rollout(vlm, inputs)
+            seconds[m] += time.perf_counter() - t0
+        grid = next(iter(heats.values())).shape[0] if heats else 8
+        labels = target_patches(s, config, grid)
+        share, hit = {}, {}
+        for m, h in heats.items():
+            share[m], hit[m] = score(h, labels)
+        if "uniform" in methods:
+            share["uniform"] = hit["uniform"] = len(labels) / grid**2
+        rows.append({"id": s.id, "type": s.question_type, "n_objects": len(s.objects),
+                     "question": s.question, "answer": s.answer,
+                     "share": share, "hit": hit})  # fmt: skip
+
+    result = {
+        "model": str(path),
+        "world_version": version,
+        "n_per_type": args.n,
+        "methods": methods,
+        "max_feature_nodes": args.max_feature_nodes,
+        "seconds_per_question": {m: t / max(1, len(rows)) for m, t in seconds.items()},
+        "all": summarise(rows, methods, "all"),
+        "by_type": summarise(rows, methods, "type"),
+        "by_objects": summarise(rows, methods, "n_objects"),
+        "rows": rows,
+    }
+    (out / "grounding.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(table(result["all"], methods, "questions"))
+    print()
+    print(table(result["by_type"], methods, "question type"))
+    print()
+    print(table(result["by_objects"], methods, "objects"))
+    print(f"\nwrote {out / 'grounding.json'}")
+
+
+if __name__ == "__main__":
+    main()
