@@ -698,6 +698,7 @@ def _as_module_hook(fn: Callable[[Tensor, HookContext], Tensor], layer: int) -> 
 
 @contextlib.contextmanager
 def _module_hooks(pairs: list[tuple[torch.nn.Module, Any]]) -> Iterator[None]:
+    """Forward hooks on modules for the duration of the block."""
     handles = [m.register_forward_hook(fn) for m, fn in pairs]
     try:
         yield
@@ -730,11 +731,8 @@ def _last_logit_kwargs(model: torch.nn.Module) -> dict[str, Any]:
 @contextlib.contextmanager
 def _hook(module: torch.nn.Module, fn: Any) -> Iterator[None]:
     """A forward hook on `module` for the duration of the block."""
-    h = module.register_forward_hook(fn)
-    try:
+    with _module_hooks([(module, fn)]):
         yield
-    finally:
-        h.remove()
 
 
 @contextlib.contextmanager
@@ -760,12 +758,8 @@ def _empty_inputs(modules: list[torch.nn.Module]) -> Iterator[None]:
         key = next(k for k in ("hidden_states", "x", "input") if k in kwargs)
         return args, {**kwargs, key: kwargs[key][:, :0]}
 
-    handles = [m.register_forward_pre_hook(empty, with_kwargs=True) for m in modules]
-    try:
+    with _pre_hooks([(m, empty) for m in modules]):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextlib.contextmanager
