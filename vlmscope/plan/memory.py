@@ -101,26 +101,32 @@ def dtype_size(dtype: torch.dtype | str) -> int:
 def meta_model(path_or_name: str | os.PathLike[str], dtype: torch.dtype | None = None) -> nn.Module:
     """The HF model of a config (local folder or hub name) on the meta device: every
     parameter's shape and dtype, no memory and no weights read."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import AutoConfig
+
+    return meta_model_from_config(AutoConfig.from_pretrained(str(path_or_name)), dtype)
+
+
+def meta_model_from_config(config: Any, dtype: torch.dtype | None = None) -> nn.Module:
+    """`meta_model` for a config object already read (e.g. from a lone config.json)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-    config = AutoConfig.from_pretrained(str(path_or_name))
     auto = (
         AutoModelForImageTextToText
         if config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
         else AutoModelForCausalLM
     )
     kw: dict[str, Any] = {}
-    if dtype is not None:
-        kw["dtype"] = dtype
-    elif (
-        getattr(config, "dtype", None) is not None
-        or getattr(config, "torch_dtype", None) is not None
-    ):
-        want = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    want = dtype or getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if want is not None:
         kw["dtype"] = getattr(torch, want) if isinstance(want, str) else want
-    with torch.device("meta"):
-        return auto.from_config(config, **kw)
+    try:
+        with torch.device("meta"):
+            return auto.from_config(config, **kw)  # type: ignore[no-any-return]
+    except ValueError as e:
+        raise ValueError(
+            f"plan: transformers has no model class for {type(config).__name__}: {e}"
+        ) from None
 
 
 def parameter_bytes(modules: Iterable[nn.Module]) -> int:
@@ -198,7 +204,7 @@ class ModelShape:
                 "(its config.json is enough) or a zoo name"
             )
         text = getattr(config, "text_config", None) or config
-        module = _meta_model(config)
+        module = meta_model_from_config(config)
         layers = _decoder_layers(module)
         largest = max((sum(p.numel() for p in lay.parameters()) for lay in layers), default=0)
         dtype = str(getattr(text, "dtype", None) or getattr(config, "torch_dtype", None) or "")
@@ -212,18 +218,6 @@ class ModelShape:
             largest_layer=int(largest),
             dtype=dtype.replace("torch.", "") or "bfloat16",
         )
-
-
-def _meta_model(config: Any) -> torch.nn.Module:
-    import transformers
-
-    with torch.device("meta"):
-        for auto in ("AutoModelForImageTextToText", "AutoModelForCausalLM"):
-            try:
-                return getattr(transformers, auto).from_config(config)  # type: ignore[no-any-return]
-            except ValueError:
-                continue
-    raise ValueError(f"plan: transformers has no model class for {type(config).__name__}")
 
 
 def _decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
