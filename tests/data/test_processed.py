@@ -38,19 +38,9 @@ def cli_process(model: Path, data: str, out: Path, *extra: str) -> int:
     return main(["data", "process", str(model), data, "--out", str(out), "--no-progress", *extra])
 
 
-# Phi-4-multimodal feeds its pixels as `image_pixel_values` (adapter.pixel_keys); processed
-# datasets know `pixel_values` only. Known gap: remove the mark once they read pixel_keys.
-_PIXEL_KEY_GAP = pytest.mark.xfail(
-    strict=True, reason="processed datasets read pixel_values only, not adapter.pixel_keys"
-)
-
-
 @pytest.mark.parametrize(
     "name",
-    [
-        pytest.param(n, marks=_PIXEL_KEY_GAP) if n == "phi4_multimodal" else n
-        for n in zoo.names(multimodal=True)
-    ],
+    zoo.names(multimodal=True),
 )
 def test_processed_shapes_train_the_same_dictionaries_as_raw_shapes(
     name: str, tmp_path: Path, zoo_path: Any

@@ -102,6 +102,11 @@ class ProcessedSpec:
         self.image_token_ids = tuple(vlm.adapter.image_token_ids())
         self.has_vision = hasattr(vlm.processor, "image_processor") and bool(self.image_token_ids)
         self.text_keys, self.image_keys = _probe(vlm, self.image_token_ids, self.has_vision)
+        #: the column holding the images' pixels: ``pixel_values`` for most families, the
+        #: adapter's own key otherwise (Phi-4-multimodal's ``image_pixel_values``)
+        self.pixel_key = next(
+            (k for k in vlm.adapter.pixel_keys if k in self.image_keys), "pixel_values"
+        )
         self.fingerprint = _fingerprint(vlm.tokenizer, self.keys, self.image_token_ids)
 
     @property
@@ -111,10 +116,10 @@ class ProcessedSpec:
     # --- one row ------------------------------------------------------------------------------
     def sample(self, record: Record) -> Sample:
         """The row as a Sample (before truncation); SkipRecord when it disagrees with the
-        model, ProcessedDataError when its pixel_values cannot fit the vision tower."""
+        model, ProcessedDataError when its pixels cannot fit the vision tower."""
         row, rid = record.tensors, record.row_id
         keys = self.keys
-        if "pixel_values" not in row:  # a text row: image extras without images mean nothing
+        if self.pixel_key not in row:  # a text row: image extras without images mean nothing
             row = {k: v for k, v in row.items() if k not in self.image_keys}
         tensors = {k: self._tensor(k, v, rid) for k, v in row.items() if k in keys or k == "labels"}
         ids = tensors["input_ids"]
@@ -161,7 +166,7 @@ class ProcessedSpec:
         floating = want.dtype.is_floating_point
         if arr.dtype.kind not in ("f" if floating else "biu"):
             wanted = "floating-point numbers" if floating else "integers"
-            hint = " (raw pixels? process the images)" if key == "pixel_values" else ""
+            hint = " (raw pixels? process the images)" if key == self.pixel_key else ""
             raise SkipRecord(
                 "bad_dtype",
                 f"{key} holds {arr.dtype} values{hint}; {self.name}'s processor gives "
@@ -179,9 +184,9 @@ class ProcessedSpec:
                 f"{want.shape_text()}",
             )
         bad = [d for d, size in want.fixed.items() if t.shape[d] != size]
-        if bad and key == "pixel_values":
+        if bad and key == self.pixel_key:
             raise ProcessedDataError(
-                f"row {row_id}: pixel_values has shape {tuple(arr.shape)}, which does not fit "
+                f"row {row_id}: {key} has shape {tuple(arr.shape)}, which does not fit "
                 f"{self.name}'s vision tower: its processor makes {want.shape_text()} (N varies "
                 "per image); was this dataset processed for another model?"
             )
@@ -196,8 +201,9 @@ class ProcessedSpec:
     # --- the whole dataset --------------------------------------------------------------------
     def check_dataset(self, dataset: Dataset, what: str | None = None) -> None:
         """Before the first batch: stop with a ProcessedDataError if the dataset was made for
-        another model (columns, manifest, first rows); warn if a VLM gets no pixel_values."""
+        another model (columns, manifest, first rows); warn if a VLM gets no pixels."""
         what = what or dataset.description
+        pixels = self.pixel_key
         cols = set(dataset.column_names)
         known = set(PROCESSED_COLUMNS) - {"labels"}
         made = sorted(self.keys)
@@ -216,20 +222,20 @@ class ProcessedSpec:
                 f"(it makes {made}): processed for another model? Process the raw data for "
                 f"this one with `vlmscope data process {self.name} DATASET --out DIR`"
             )
-        if "pixel_values" in cols and not self.has_vision:
+        if pixels in cols and not self.has_vision:
             raise ProcessedDataError(
-                f"{what} has pixel_values but {self.name} reads no images (a text-only "
+                f"{what} has {pixels} but {self.name} reads no images (a text-only "
                 "model): processed for another model?"
             )
-        missing = sorted(set(self.image_keys) - cols) if "pixel_values" in cols else []
+        missing = sorted(set(self.image_keys) - cols) if pixels in cols else []
         if missing:
             raise ProcessedDataError(
                 f"{what} lacks columns {missing}, which {self.name}'s processor makes with "
-                f"pixel_values (it makes {made}): processed for another model?"
+                f"{pixels} (it makes {made}): processed for another model?"
             )
-        if self.has_vision and "pixel_values" not in cols:
+        if self.has_vision and pixels not in cols:
             warnings.warn(
-                f"{what} has no pixel_values column: {self.name} is a vision-language model, "
+                f"{what} has no {pixels} column: {self.name} is a vision-language model, "
                 "but this dataset trains it on text only",
                 stacklevel=2,
             )
@@ -320,7 +326,7 @@ def _probe(
         if other is not None and other.dim() == v.dim():
             fixed = {d - v.dim(): int(v.shape[d]) for d in range(1, v.dim())
                      if v.shape[d] == other.shape[d]}  # fmt: skip
-        image[k] = KeySpec(v.dim(), v.dtype, fixed if k == "pixel_values" else {})
+        image[k] = KeySpec(v.dim(), v.dtype, fixed if k in vlm.adapter.pixel_keys else {})
     return text, image
 
 

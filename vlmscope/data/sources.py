@@ -62,6 +62,8 @@ PROCESSED_COLUMNS: tuple[str, ...] = (
     "token_type_ids",
     "mm_token_type_ids",
     "pixel_values",
+    "image_pixel_values",
+    "image_attention_mask",
     "pixel_attention_mask",
     "image_grid_thw",
     "image_sizes",
@@ -71,6 +73,8 @@ PROCESSED_COLUMNS: tuple[str, ...] = (
     "cross_attention_mask",
     "labels",
 )
+#: Processed columns that hold images' pixels (Phi-4-multimodal names its own).
+PIXEL_COLUMNS: tuple[str, ...] = ("pixel_values", "image_pixel_values")
 DEFAULT_MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 """Default pixel limit per image (64 Mpx): larger images are rejected before decoding."""
 
@@ -524,7 +528,7 @@ def detect_schema(columns: set[str] | list[str], cm: ColumnMap | None = None) ->
     chat, input_ids -> processed (tokenized text), text -> text."""
     cm = cm or ColumnMap()
     cols = set(columns)
-    if {"input_ids", "pixel_values"} <= cols:
+    if "input_ids" in cols and cols & set(PIXEL_COLUMNS):
         return "processed"
     order = (("llava", cm.conversations), ("chat", cm.messages), ("processed", "input_ids"))
     for schema, col in (*order, ("text", cm.text)):
