@@ -32,8 +32,8 @@ import numpy as np
 
 MAGIC = b"VGC1"
 #: node fields the page reads; others (jsNodeId, feature, ...) stay in the JSON file.
-NODE_FIELDS = ("node_id", "feature_type", "layer", "ctx_idx", "influence", "activation",
-               "image", "special", "token_prob", "clerp")  # fmt: skip
+NODE_FIELDS = ("node_id", "feature", "feature_type", "layer", "ctx_idx", "influence",
+               "activation", "image", "special", "token_prob", "clerp")  # fmt: skip
 
 
 def compact_graph(graph: dict[str, Any]) -> bytes:

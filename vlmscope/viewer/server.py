@@ -35,12 +35,14 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from vlmscope.files import write_text_atomically
+from vlmscope.viewer.compact import CompactCache
 from vlmscope.viewer.files import (
     ANNOTATIONS_SUFFIX,
     Refused,
     check_annotations,
     check_slug,
     list_graphs,
+    load_graph,
     read_annotations,
     read_graph,
     safe_child,
@@ -96,6 +98,7 @@ class ViewerServer(ThreadingHTTPServer):
 
             self.features = FeatureStore(cfg.features)
         self.intervener: Any = None
+        self.compact = CompactCache()
         self._intervener_lock = threading.Lock()
         super().__init__((cfg.host, cfg.port), Handler)
 
@@ -240,6 +243,14 @@ class Handler(BaseHTTPRequestHandler):
         elif len(parts) == 3 and parts[:2] == ["api", "graphs"]:
             data = read_graph(self._graph_folder(), parts[2], self.server.cfg.max_graph_bytes)
             self._send(200, data, "application/json")
+        elif len(parts) == 4 and parts[:2] == ["api", "graphs"] and parts[3] == "compact":
+            folder, slug, cap = self._graph_folder(), parts[2], self.server.cfg.max_graph_bytes
+            path = safe_child(folder, f"{check_slug(slug)}.json")
+            try:
+                data = self.server.compact.get(path, lambda: load_graph(folder, slug, cap)[2])
+            except ValueError as e:  # json.dumps(allow_nan=False): not JSON a browser reads
+                raise Refused(422, f"{slug}.json holds NaN or Infinity: {e}") from None
+            self._send(200, data, "application/octet-stream")
         elif len(parts) == 4 and parts[:2] == ["api", "graphs"] and parts[3] == "annotations":
             self._json(200, read_annotations(self._graph_folder(), parts[2]))
         elif len(parts) >= 3 and parts[:2] == ["api", "graph-files"]:

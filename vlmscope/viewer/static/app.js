@@ -122,23 +122,26 @@ async function openGraph(slug) {
   window.__vlmscope.ready = false;
   window.__vlmscope.error = null;
   S.slug = slug;
-  S.data = null; S.nodes = []; S.links = []; S.selected = null;
+  S.data = null; S.nodes = []; S.nLinks = 0; S.selected = null;
   clearPanels();
   message(`loading ${slug}…`);
   let data;
   try {
-    const r = await fetch(`/api/graphs/${encodeURIComponent(slug)}`);
-    const text = await r.text();
+    // The compact form (viewer/compact.py): the graph without its links as JSON, then the
+    // links as typed arrays, strongest first. The graph's own JSON stays the file on disk.
+    const r = await fetch(`/api/graphs/${encodeURIComponent(slug)}/compact`);
+    const buf = await r.arrayBuffer();
     if (!r.ok) {
       let msg = `${r.status}`;
-      try { msg = JSON.parse(text).error; } catch (e) { /* keep the status */ }
+      try { msg = JSON.parse(new TextDecoder().decode(buf)).error; } catch (e) { /* keep the status */ }
       throw new Error(`cannot open ${slug}: ${msg}`);
     }
-    data = JSON.parse(text);
-    if (!data || !Array.isArray(data.nodes) || !Array.isArray(data.links))
-      throw new Error(`cannot open ${slug}: no nodes/links lists`);
+    const compact = decodeCompact(buf);
+    data = compact.head;
+    if (!data || !Array.isArray(data.nodes))
+      throw new Error(`cannot open ${slug}: no nodes list`);
     window.__vlmscope.parsedMs = performance.now() - t0;
-    buildModel(data);
+    buildModel(data, compact);
     window.__vlmscope.modelMs = performance.now() - t0;
   } catch (e) {
     clearCanvas();
@@ -175,7 +178,20 @@ async function openGraph(slug) {
   });
 }
 
-function buildModel(data) {
+function decodeCompact(buf) {
+  const magic = new TextDecoder().decode(new Uint8Array(buf, 0, Math.min(4, buf.byteLength)));
+  if (magic !== "VGC1") throw new Error("the server sent a graph in an unknown form");
+  const dv = new DataView(buf);
+  const J = dv.getUint32(4, true);
+  const head = JSON.parse(new TextDecoder().decode(new Uint8Array(buf, 8, J)));
+  const m = head.compact.links, off = 8 + J + ((4 - (J % 4)) % 4);
+  if (off + 12 * m !== buf.byteLength) throw new Error("the compact graph is truncated");
+  // Typed arrays read the platform's byte order: little-endian on every browser platform.
+  return { head, src: new Int32Array(buf, off, m), dst: new Int32Array(buf, off + 4 * m, m),
+    w: new Float32Array(buf, off + 8 * m, m) };
+}
+
+function buildModel(data, compact) {
   S.data = data;
   const tokens = (data.metadata && data.metadata.prompt_tokens) || [];
   let maxLayer = 0;
@@ -189,23 +205,49 @@ function buildModel(data) {
     return { i, id: String(n.node_id), type, row, ctx: +n.ctx_idx || 0, layer: n.layer,
       influence: typeof n.influence === "number" ? n.influence : null, activation: n.activation,
       featIdx, isLogit, isInput, isError: type.includes("error"), image: n.image || null,
-      special: !!n.special, prob: n.token_prob || 0, clerp: n.clerp || "",
-      label: nodeLabel(n, tokens), inE: [], outE: [] };
+      special: !!n.special, prob: n.token_prob || 0, clerp: n.clerp || "", raw: n, _label: null };
   });
   S.byId = new Map(S.nodes.map((n) => [n.id, n]));
-  S.links = [];
-  let maxW = 0;
-  for (const l of data.links) {
-    const s = S.byId.get(String(l.source)), t = S.byId.get(String(l.target));
-    const w = +l.weight;
-    if (!s || !t || !isFinite(w)) continue;
-    const link = { s, t, w, a: Math.abs(w) };
-    S.links.push(link); s.outE.push(link); t.inE.push(link);
-    if (link.a > maxW) maxW = link.a;
-  }
-  S.maxW = maxW || 1;
+  // Links stay in typed arrays (sorted by |weight|, largest first); per node, the indices of
+  // its incoming and outgoing links in CSR form, so each list is sorted strongest first too.
+  const { src, dst, w } = compact, m = w.length, nN = S.nodes.length;
+  S.src = src; S.dst = dst; S.w = w; S.nLinks = m;
+  S.maxW = m ? Math.abs(w[0]) || 1 : 1;
+  S.inStart = csr(dst, nN); S.inIdx = csrFill(dst, S.inStart);
+  S.outStart = csr(src, nN); S.outIdx = csrFill(src, S.outStart);
   S.tokens = tokens;
   S.nPos = Math.max(tokens.length, 1 + Math.max(0, ...S.nodes.map((n) => n.ctx)));
+}
+
+function csr(ends, n) {
+  const start = new Int32Array(n + 1);
+  for (let k = 0; k < ends.length; k++) start[ends[k] + 1]++;
+  for (let i = 0; i < n; i++) start[i + 1] += start[i];
+  return start;
+}
+function csrFill(ends, start) {
+  const idx = new Int32Array(ends.length), at = start.slice(0, -1);
+  for (let k = 0; k < ends.length; k++) idx[at[ends[k]]++] = k;
+  return idx;
+}
+// The links into / out of a node as small objects, strongest first.
+function linkAt(k) {
+  const w = S.w[k];
+  return { s: S.nodes[S.src[k]], t: S.nodes[S.dst[k]], w, a: Math.abs(w) };
+}
+function inLinks(n) {
+  const out = [];
+  for (let j = S.inStart[n.i]; j < S.inStart[n.i + 1]; j++) out.push(linkAt(S.inIdx[j]));
+  return out;
+}
+function outLinks(n) {
+  const out = [];
+  for (let j = S.outStart[n.i]; j < S.outStart[n.i + 1]; j++) out.push(linkAt(S.outIdx[j]));
+  return out;
+}
+function label(n) {
+  if (n._label === null) n._label = nodeLabel(n.raw, S.tokens);
+  return n._label;
 }
 
 function nodeLabel(n, tokens) {
@@ -247,6 +289,8 @@ function layout() {
       n.y = MARGIN.top + (nRows - 1 - n.row + 0.5) * rowH;
     });
   }
+  S.X = Float32Array.from(S.nodes, (n) => n.x);
+  S.Y = Float32Array.from(S.nodes, (n) => n.y);
   S.layout = { W, H, colW, rowH, nRows };
   const dpr = window.devicePixelRatio || 1;
   for (const c of [$("graph-canvas"), $("overlay-canvas")]) {
@@ -293,27 +337,19 @@ function redraw() {
   ctx.restore();
   // Edges. All of them are accumulated into a density image (one pass of a line walk per
   // edge: stroking 100k long antialiased lines is what makes a software rasteriser slow), the
-  // strongest are then stroked on top with widths by |weight|.
-  const minA = S.edgeThreshold * S.maxW;
-  const shownLinks = [];
-  for (const l of S.links) if (l.a >= minA && visible(l.s) && visible(l.t)) shownLinks.push(l);
+  // strongest are then stroked on top with widths by |weight|, one path per colour and width.
+  const vis = new Uint8Array(S.nodes.length);
+  let nNodes = 0;
+  for (const n of S.nodes) if (visible(n)) { vis[n.i] = 1; nNodes++; }
+  const shown = shownLinks(vis), nEdges = shown.length;
   const tA = performance.now();
-  drawEdgeDensity(ctx, shownLinks, W, H);
+  drawEdgeDensity(ctx, shown, W, H);
   const tB = performance.now();
-  const strong = shownLinks.length > STRONG_EDGES
-    ? [...shownLinks].sort((a, b) => b.a - a.a).slice(0, STRONG_EDGES) : shownLinks;
-  ctx.globalAlpha = 0.55;
-  for (const l of strong) {
-    ctx.strokeStyle = l.w >= 0 ? POS_EDGE : NEG_EDGE;
-    ctx.lineWidth = Math.max(1, 3.5 * Math.sqrt(l.a / S.maxW));
-    ctx.beginPath(); ctx.moveTo(l.s.x, l.s.y); ctx.lineTo(l.t.x, l.t.y); ctx.stroke();
-  }
-  ctx.globalAlpha = 1;
-  const nEdges = shownLinks.length;
+  drawStrongEdges(ctx, shown.subarray(0, Math.min(STRONG_EDGES, nEdges)));
   const tC = performance.now();
   // Supernodes: a labelled box around their visible members.
   for (const sn of S.supernodes) {
-    const ms = sn.slice(1).map((id) => S.byId.get(id)).filter((n) => n && visible(n));
+    const ms = sn.slice(1).map((id) => S.byId.get(id)).filter((n) => n && vis[n.i]);
     if (!ms.length) continue;
     const x0 = Math.min(...ms.map((n) => n.x)) - 8, x1 = Math.max(...ms.map((n) => n.x)) + 8;
     const y0 = Math.min(...ms.map((n) => n.y)) - 8, y1 = Math.max(...ms.map((n) => n.y)) + 8;
@@ -321,25 +357,35 @@ function redraw() {
     ctx.strokeRect(x0, y0, x1 - x0, y1 - y0); ctx.setLineDash([]);
     ctx.fillStyle = "#6a3d9a"; ctx.fillText(sn[0], x0, y0 - 3);
   }
-  // Nodes.
-  let nNodes = 0;
+  // Nodes: one path per shape and colour, filled once; a 12 px grid for hit tests.
+  drawNodes(ctx, vis);
   const grid = new Map();
   for (const n of S.nodes) {
-    if (!visible(n)) continue;
-    nNodes++;
-    drawNode(ctx, n);
-    const key = Math.floor(n.x / 12) + "," + Math.floor(n.y / 12);
-    if (!grid.has(key)) grid.set(key, []);
-    grid.get(key).push(n);
+    if (!vis[n.i]) continue;
+    const key = Math.floor(n.x / 12) * 65536 + Math.floor(n.y / 12);
+    const cell = grid.get(key);
+    if (cell) cell.push(n); else grid.set(key, [n]);
   }
   S.grid = grid;
   window.__vlmscope.drawSteps = [tB - tA, tC - tB, performance.now() - tC];
-  $("counts").textContent = `${nNodes} nodes, ${nEdges} edges shown (of ${S.nodes.length}, ${S.links.length})`;
+  $("counts").textContent = `${nNodes} nodes, ${nEdges} edges shown (of ${S.nodes.length}, ${S.nLinks})`;
   window.__vlmscope.shown = { nodes: nNodes, edges: nEdges };
   drawOverlay();
 }
 
 const STRONG_EDGES = 1500;
+// Indices of the links drawn: at or above the edge threshold (a prefix, as links are sorted
+// by |weight|), between two visible nodes; strongest first.
+function shownLinks(vis) {
+  const minA = S.edgeThreshold * S.maxW, w = S.w, src = S.src, dst = S.dst;
+  let lo = 0, hi = S.nLinks;
+  while (lo < hi) { const mid = (lo + hi) >> 1; if (Math.abs(w[mid]) >= minA) lo = mid + 1; else hi = mid; }
+  const out = new Int32Array(lo);
+  let n = 0;
+  for (let k = 0; k < lo; k++) if (vis[src[k]] && vis[dst[k]]) out[n++] = k;
+  return out.subarray(0, n);
+}
+
 function drawEdgeDensity(ctx, links, W, H) {
   if (!links.length) return;
   // Past 20k edges the density image is built at half resolution (4x fewer pixels, half the
@@ -347,10 +393,12 @@ function drawEdgeDensity(ctx, links, W, H) {
   const k = links.length > 20000 ? 0.5 : 1;
   const w = Math.max(1, Math.round(W * k)), h = Math.max(1, Math.round(H * k));
   const pos = new Float32Array(w * h), neg = new Float32Array(w * h);
-  for (const l of links) {
-    const buf = l.w >= 0 ? pos : neg, v = 0.12 + 0.88 * Math.sqrt(l.a / S.maxW);
-    let x = l.s.x * k, y = l.s.y * k;
-    const dx = l.t.x * k - x, dy = l.t.y * k - y;
+  const X = S.X, Y = S.Y, src = S.src, dst = S.dst, wt = S.w, inv = 1 / S.maxW;
+  for (let e = 0; e < links.length; e++) {
+    const l = links[e], s = src[l], t = dst[l], wl = wt[l];
+    const buf = wl >= 0 ? pos : neg, v = 0.12 + 0.88 * Math.sqrt(Math.abs(wl) * inv);
+    let x = X[s] * k, y = Y[s] * k;
+    const dx = X[t] * k - x, dy = Y[t] * k - y;
     const n = Math.max(1, Math.ceil(Math.max(Math.abs(dx), Math.abs(dy))));
     const sx = dx / n, sy = dy / n;
     for (let i = 0; i <= n; i++, x += sx, y += sy) {
@@ -374,22 +422,55 @@ function drawEdgeDensity(ctx, links, W, H) {
   ctx.drawImage(off, 0, 0, W, H);
 }
 
-function drawNode(ctx, n) {
-  const r = 3.5;
-  ctx.beginPath();
-  if (n.isLogit) {
-    ctx.moveTo(n.x, n.y - 5); ctx.lineTo(n.x + 5, n.y); ctx.lineTo(n.x, n.y + 5); ctx.lineTo(n.x - 5, n.y);
-    ctx.closePath(); ctx.fillStyle = "#e08a00";
-  } else if (n.isInput) {
-    ctx.rect(n.x - r, n.y - r, 2 * r, 2 * r);
-    ctx.fillStyle = n.image ? "#8e44ad" : n.special ? "#bbb" : "#555";
-  } else if (n.isError) {
-    ctx.rect(n.x - 3, n.y - 3, 6, 6); ctx.fillStyle = "#9aa0a6";
-  } else {
-    ctx.arc(n.x, n.y, r, 0, 2 * Math.PI); ctx.fillStyle = "#2f6fbf";
+// The strongest links, stroked with one path per sign and width (widths in 0.5 px steps).
+function drawStrongEdges(ctx, links) {
+  const X = S.X, Y = S.Y, src = S.src, dst = S.dst, wt = S.w;
+  const buckets = new Map();
+  for (let e = 0; e < links.length; e++) {
+    const l = links[e], wl = wt[l];
+    const width = Math.round(2 * Math.max(1, 3.5 * Math.sqrt(Math.abs(wl) / S.maxW))) / 2;
+    const key = (wl >= 0 ? 1 : -1) * width;
+    let path = buckets.get(key);
+    if (!path) buckets.set(key, (path = new Path2D()));
+    path.moveTo(X[src[l]], Y[src[l]]); path.lineTo(X[dst[l]], Y[dst[l]]);
   }
-  ctx.fill();
-  if (S.pins.has(n.id)) { ctx.strokeStyle = "#6a3d9a"; ctx.lineWidth = 2; ctx.stroke(); }
+  ctx.globalAlpha = 0.55;
+  for (const [key, path] of buckets) {
+    ctx.strokeStyle = key >= 0 ? POS_EDGE : NEG_EDGE;
+    ctx.lineWidth = Math.abs(key);
+    ctx.stroke(path);
+  }
+  ctx.globalAlpha = 1;
+}
+
+const NODE_STYLES = {
+  logit: "#e08a00", image: "#8e44ad", special: "#bbb", input: "#555", error: "#9aa0a6", feature: "#2f6fbf",
+};
+function nodeStyle(n) {
+  if (n.isLogit) return "logit";
+  if (n.isInput) return n.image ? "image" : n.special ? "special" : "input";
+  return n.isError ? "error" : "feature";
+}
+
+function drawNodes(ctx, vis) {
+  const r = 3.5, paths = {};
+  for (const k of Object.keys(NODE_STYLES)) paths[k] = new Path2D();
+  const pinned = new Path2D();
+  for (const n of S.nodes) {
+    if (!vis[n.i]) continue;
+    const style = nodeStyle(n), p = paths[style];
+    const shape = (q) => {
+      if (style === "logit") {
+        q.moveTo(n.x, n.y - 5); q.lineTo(n.x + 5, n.y); q.lineTo(n.x, n.y + 5); q.lineTo(n.x - 5, n.y); q.closePath();
+      } else if (n.isInput) q.rect(n.x - r, n.y - r, 2 * r, 2 * r);
+      else if (style === "error") q.rect(n.x - 3, n.y - 3, 6, 6);
+      else { q.moveTo(n.x + r, n.y); q.arc(n.x, n.y, r, 0, 2 * Math.PI); }
+    };
+    shape(p);
+    if (S.pins.has(n.id)) shape(pinned);
+  }
+  for (const [k, color] of Object.entries(NODE_STYLES)) { ctx.fillStyle = color; ctx.fill(paths[k]); }
+  ctx.strokeStyle = "#6a3d9a"; ctx.lineWidth = 2; ctx.stroke(pinned);
 }
 
 function drawOverlay() {
@@ -397,7 +478,7 @@ function drawOverlay() {
   ctx.clearRect(0, 0, c.width, c.height);
   const focus = [S.selected, S.hovered].filter(Boolean);
   for (const n of focus) {
-    const ls = [...n.inE, ...n.outE].filter((l) => visible(l.s) && visible(l.t));
+    const ls = [...inLinks(n), ...outLinks(n)].filter((l) => visible(l.s) && visible(l.t));
     for (const l of ls) {
       ctx.strokeStyle = l.w >= 0 ? POS_EDGE : NEG_EDGE;
       ctx.globalAlpha = 0.9;
@@ -417,7 +498,7 @@ function nodeAt(ev) {
   let best = null, bd = 64;
   const gx = Math.floor(x / 12), gy = Math.floor(y / 12);
   for (let i = -1; i <= 1; i++) for (let j = -1; j <= 1; j++) {
-    for (const n of S.grid.get(gx + i + "," + (gy + j)) || []) {
+    for (const n of S.grid.get((gx + i) * 65536 + gy + j) || []) {
       const d = (n.x - x) ** 2 + (n.y - y) ** 2;
       if (d < bd) { bd = d; best = n; }
     }
@@ -431,7 +512,7 @@ function onHover(ev) {
   S.hovered = n;
   const tip = $("tooltip");
   if (!n) { tip.hidden = true; drawOverlay(); return; }
-  tip.textContent = `${n.label}\ninfluence ${fmt(n.influence)}` + (n.activation != null ? `   activation ${fmt(n.activation)}` : "");
+  tip.textContent = `${label(n)}\ninfluence ${fmt(n.influence)}` + (n.activation != null ? `   activation ${fmt(n.activation)}` : "");
   tip.style.left = n.x + 12 + "px"; tip.style.top = n.y + 10 + "px";
   tip.hidden = false;
   drawOverlay();
@@ -451,7 +532,7 @@ function clearPanels() {
 }
 
 function nodeLink(n) {
-  return el("a", { class: "node-link", text: n.label, onclick: () => selectNode(n) });
+  return el("a", { class: "node-link", text: label(n), onclick: () => selectNode(n) });
 }
 
 function selectNode(n) {
@@ -469,15 +550,16 @@ function selectNode(n) {
   for (const [k, v] of rows) tbl.append(el("tr", {}, el("th", { text: k }), el("td", { text: v })));
   const edges = (list, other) => {
     const t = el("table");
-    for (const l of [...list].sort((a, b) => b.a - a.a).slice(0, 8)) {
+    for (const l of list.slice(0, 8)) {  // strongest first already
       t.append(el("tr", {}, el("td", {}, nodeLink(other(l))),
         el("td", { class: "num " + (l.w >= 0 ? "pos-v" : "neg-v"), text: fmt(l.w) })));
     }
     return t;
   };
-  info.replaceChildren(el("div", { class: "row" }, el("b", { text: n.label }), pin), tbl,
-    el("div", { class: "muted", text: `strongest inputs (${n.inE.length})` }), edges(n.inE, (l) => l.s),
-    el("div", { class: "muted", text: `strongest outputs (${n.outE.length})` }), edges(n.outE, (l) => l.t));
+  const ins = inLinks(n), outs = outLinks(n);
+  info.replaceChildren(el("div", { class: "row" }, el("b", { text: label(n) }), pin), tbl,
+    el("div", { class: "muted", text: `strongest inputs (${ins.length})` }), edges(ins, (l) => l.s),
+    el("div", { class: "muted", text: `strongest outputs (${outs.length})` }), edges(outs, (l) => l.t));
   if (n.featIdx !== null) loadFeatureCard(n);
   else $("feature-card").replaceChildren(el("span", { class: "muted", text: "Not a feature node." }));
   if (n.image) renderImagePanel(n);
