@@ -75,9 +75,17 @@ def test_bad_links_are_dropped_and_counted() -> None:
         {"source": "n0", "target": "n1", "weight": "x"},
         {"source": "n0", "target": "n1", "weight": math.nan},
         {"source": "n0", "target": "n1", "weight": math.inf},
+        "not a link",
     ]
     head, links = decode(compact_graph(g))
-    assert head["compact"] == {"links": 5, "dropped": 5} and len(links) == 5
+    assert head["compact"] == {"links": 5, "dropped": 6} and len(links) == 5
+
+
+def test_numeric_ids_match_as_strings() -> None:
+    g = {"nodes": [{"node_id": 7}, {"node_id": "8"}],
+         "links": [{"source": 7, "target": 8, "weight": 0.5}]}  # fmt: skip
+    head, links = decode(compact_graph(g))
+    assert links == [(0, 1, 0.5)] and head["compact"]["dropped"] == 0
 
 
 def test_empty_graph() -> None:

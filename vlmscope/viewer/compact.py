@@ -21,7 +21,6 @@ is not a finite number, are dropped and counted in `dropped`.
 from __future__ import annotations
 
 import json
-import math
 import struct
 import threading
 from collections import OrderedDict
@@ -42,22 +41,16 @@ def compact_graph(graph: dict[str, Any]) -> bytes:
         {k: n[k] for k in NODE_FIELDS if k in n} for n in graph["nodes"] if isinstance(n, dict)
     ]
     index = {str(n.get("node_id")): i for i, n in enumerate(nodes)}
-    src, dst, w = [], [], []
-    dropped = 0
-    for link in graph["links"]:
-        try:
-            s, t = index[str(link["source"])], index[str(link["target"])]
-            v = float(link["weight"])
-        except (KeyError, TypeError, ValueError):
-            dropped += 1
-            continue
-        if not math.isfinite(v):
-            dropped += 1
-            continue
-        src.append(s)
-        dst.append(t)
-        w.append(v)
-    weights = np.asarray(w, dtype=np.float64)
+    links = graph["links"]
+    try:  # the common case, in bulk: every link a dict naming known string ids
+        src = np.fromiter((index[x["source"]] for x in links), np.int64, len(links))
+        dst = np.fromiter((index[x["target"]] for x in links), np.int64, len(links))
+        weights = np.fromiter((x["weight"] for x in links), np.float64, len(links))
+    except (KeyError, TypeError, ValueError):
+        src, dst, weights = _checked_links(links, index)
+    keep = np.isfinite(weights)
+    dropped = len(links) - int(keep.sum())
+    src, dst, weights = src[keep], dst[keep], weights[keep]
     order = np.argsort(-np.abs(weights), kind="stable")
     head = {k: v for k, v in graph.items() if k not in ("links", "nodes")}
     head["nodes"] = nodes
@@ -65,11 +58,28 @@ def compact_graph(graph: dict[str, Any]) -> bytes:
     text = json.dumps(head, separators=(",", ":"), allow_nan=False).encode()
     pad = b"\0" * (-(8 + len(text)) % 4)
     arrays = (
-        np.asarray(src, dtype="<i4")[order].tobytes(),
-        np.asarray(dst, dtype="<i4")[order].tobytes(),
+        src[order].astype("<i4").tobytes(),
+        dst[order].astype("<i4").tobytes(),
         weights[order].astype("<f4").tobytes(),
     )
     return b"".join((MAGIC, struct.pack("<I", len(text)), text, pad, *arrays))
+
+
+def _checked_links(
+    links: list[Any], index: dict[str, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Link by link: ids compared as strings; a link that is not a dict, names a node the
+    graph lacks or has no numeric weight gets a NaN weight (dropped by the caller)."""
+    src = np.zeros(len(links), np.int64)
+    dst = np.zeros(len(links), np.int64)
+    weights = np.full(len(links), np.nan)
+    for i, link in enumerate(links):
+        try:
+            src[i], dst[i] = index[str(link["source"])], index[str(link["target"])]
+            weights[i] = float(link["weight"])
+        except (KeyError, TypeError, ValueError):
+            continue
+    return src, dst, weights
 
 
 class CompactCache:

@@ -293,7 +293,7 @@ function layout() {
   S.Y = Float32Array.from(S.nodes, (n) => n.y);
   S.layout = { W, H, colW, rowH, nRows };
   const dpr = window.devicePixelRatio || 1;
-  for (const c of [$("graph-canvas"), $("overlay-canvas")]) {
+  for (const c of [$("edge-canvas"), $("graph-canvas"), $("overlay-canvas")]) {
     c.width = W * dpr; c.height = H * dpr; c.style.width = W + "px"; c.style.height = H + "px";
     c.getContext("2d").setTransform(dpr, 0, 0, dpr, 0, 0);
   }
@@ -307,46 +307,26 @@ function nodePos(id) {
 }
 
 function clearCanvas() {
-  for (const c of [$("graph-canvas"), $("overlay-canvas")]) c.getContext("2d").clearRect(0, 0, c.width, c.height);
+  S.edgeGen = (S.edgeGen || 0) + 1;  // stops edge drawing still in progress
+  for (const c of [$("edge-canvas"), $("graph-canvas"), $("overlay-canvas")]) c.getContext("2d").clearRect(0, 0, c.width, c.height);
 }
 
+// Two layers: edges (with the row bands and labels under them) on #edge-canvas, nodes and
+// supernodes on #graph-canvas above it. Nodes and the counts are drawn at once; the edges of a
+// large graph are drawn progressively (see drawEdges).
 function redraw() {
   if (!S.data || !S.layout) return;
   const ctx = $("graph-canvas").getContext("2d");
-  const { W, H, colW, rowH, nRows } = S.layout;
+  const { W, H } = S.layout;
   ctx.clearRect(0, 0, W, H);
   ctx.font = "11px system-ui, 'DejaVu Sans', sans-serif";
-  // Row bands and labels.
-  for (let r = 0; r < nRows; r++) {
-    const y = MARGIN.top + (nRows - 1 - r) * rowH;
-    if (r % 2) { ctx.fillStyle = "#f6f7f9"; ctx.fillRect(MARGIN.left, y, W - MARGIN.left, rowH); }
-    ctx.fillStyle = "#666";
-    ctx.fillText(r === 0 ? "input" : r === nRows - 1 ? "logits" : `L${r - 1}`, 6, y + rowH / 2 + 4);
-  }
-  // Position labels (every k-th when columns are narrow).
-  const every = Math.max(1, Math.ceil(14 / colW));
-  ctx.save();
-  ctx.fillStyle = "#444";
-  for (let p = 0; p < S.nPos; p += every) {
-    const x = MARGIN.left + (p + 0.5) * colW;
-    ctx.save(); ctx.translate(x + 3, H - MARGIN.bottom + 6); ctx.rotate(Math.PI / 3);
-    const t = String(S.tokens[p] ?? p).replace(/\n/g, "⏎");
-    ctx.fillText(t.length > 12 ? t.slice(0, 11) + "…" : t, 0, 0);
-    ctx.restore();
-  }
-  ctx.restore();
-  // Edges. All of them are accumulated into a density image (one pass of a line walk per
-  // edge: stroking 100k long antialiased lines is what makes a software rasteriser slow), the
-  // strongest are then stroked on top with widths by |weight|, one path per colour and width.
   const vis = new Uint8Array(S.nodes.length);
   let nNodes = 0;
   for (const n of S.nodes) if (visible(n)) { vis[n.i] = 1; nNodes++; }
   const shown = shownLinks(vis), nEdges = shown.length;
   const tA = performance.now();
-  drawEdgeDensity(ctx, shown, W, H);
+  drawEdges(shown);
   const tB = performance.now();
-  drawStrongEdges(ctx, shown.subarray(0, Math.min(STRONG_EDGES, nEdges)));
-  const tC = performance.now();
   // Supernodes: a labelled box around their visible members.
   for (const sn of S.supernodes) {
     const ms = sn.slice(1).map((id) => S.byId.get(id)).filter((n) => n && vis[n.i]);
@@ -367,10 +347,70 @@ function redraw() {
     if (cell) cell.push(n); else grid.set(key, [n]);
   }
   S.grid = grid;
-  window.__vlmscope.drawSteps = [tB - tA, tC - tB, performance.now() - tC];
+  window.__vlmscope.drawSteps = [tB - tA, performance.now() - tB];
   $("counts").textContent = `${nNodes} nodes, ${nEdges} edges shown (of ${S.nodes.length}, ${S.nLinks})`;
   window.__vlmscope.shown = { nodes: nNodes, edges: nEdges };
   drawOverlay();
+}
+
+function drawBackground(ctx) {
+  const { W, H, colW, rowH, nRows } = S.layout;
+  ctx.clearRect(0, 0, W, H);
+  ctx.font = "11px system-ui, 'DejaVu Sans', sans-serif";
+  // Row bands and labels.
+  for (let r = 0; r < nRows; r++) {
+    const y = MARGIN.top + (nRows - 1 - r) * rowH;
+    if (r % 2) { ctx.fillStyle = "#f6f7f9"; ctx.fillRect(MARGIN.left, y, W - MARGIN.left, rowH); }
+    ctx.fillStyle = "#666";
+    ctx.fillText(r === 0 ? "input" : r === nRows - 1 ? "logits" : `L${r - 1}`, 6, y + rowH / 2 + 4);
+  }
+  // Position labels (every k-th when columns are narrow).
+  const every = Math.max(1, Math.ceil(14 / colW));
+  ctx.fillStyle = "#444";
+  for (let p = 0; p < S.nPos; p += every) {
+    const x = MARGIN.left + (p + 0.5) * colW;
+    ctx.save(); ctx.translate(x + 3, H - MARGIN.bottom + 6); ctx.rotate(Math.PI / 3);
+    const t = String(S.tokens[p] ?? p).replace(/\n/g, "⏎");
+    ctx.fillText(t.length > 12 ? t.slice(0, 11) + "…" : t, 0, 0);
+    ctx.restore();
+  }
+}
+
+// Edges. All of them are accumulated into a density image (a line walk per edge: stroking 100k
+// long antialiased lines is what makes a software rasteriser slow), and the strongest are
+// stroked on top with widths by |weight|. Links come strongest first, so the first
+// FIRST_EDGES of them are accumulated before the first paint and the rest in slices of
+// SLICE_MS between frames, the page staying responsive; the layer is then drawn again with all
+// of them. A newer redraw (threshold moved, graph changed) abandons an unfinished one.
+const FIRST_EDGES = 10000, SLICE_MS = 50;
+function drawEdges(shown) {
+  const gen = S.edgeGen = (S.edgeGen || 0) + 1;
+  const job = densityJob(shown, S.layout.W, S.layout.H);
+  accumulate(job, FIRST_EDGES);
+  paintEdges(job);
+  window.__vlmscope.edgesDone = false;
+  const finish = () => requestAnimationFrame(() => {
+    if (gen !== S.edgeGen) return;
+    window.__vlmscope.edgesDone = true;
+    window.__vlmscope.edgesMs = performance.now();
+  });
+  if (job.done === shown.length) { finish(); return; }
+  const slice = () => {
+    if (gen !== S.edgeGen) return;
+    const t0 = performance.now();
+    while (job.done < shown.length && performance.now() - t0 < SLICE_MS) accumulate(job, 4000);
+    if (job.done < shown.length) { setTimeout(slice, 0); return; }
+    paintEdges(job);
+    finish();
+  };
+  setTimeout(slice, 0);
+}
+
+function paintEdges(job) {
+  const ctx = $("edge-canvas").getContext("2d");
+  drawBackground(ctx);
+  drawDensity(ctx, job);
+  drawStrongEdges(ctx, job.links.subarray(0, Math.min(STRONG_EDGES, job.links.length)));
 }
 
 const STRONG_EDGES = 1500;
@@ -386,15 +426,20 @@ function shownLinks(vis) {
   return out.subarray(0, n);
 }
 
-function drawEdgeDensity(ctx, links, W, H) {
-  if (!links.length) return;
-  // Past 20k edges the density image is built at half resolution (4x fewer pixels, half the
-  // steps per line) and scaled up: a dense background, with the strongest edges crisp on top.
+// Past 20k edges the density image is built at half resolution (4x fewer pixels, half the
+// steps per line) and scaled up: a dense background, with the strongest edges crisp on top.
+function densityJob(links, W, H) {
   const k = links.length > 20000 ? 0.5 : 1;
   const w = Math.max(1, Math.round(W * k)), h = Math.max(1, Math.round(H * k));
-  const pos = new Float32Array(w * h), neg = new Float32Array(w * h);
+  return { links, k, w, h, W, H, done: 0, pos: new Float32Array(w * h), neg: new Float32Array(w * h) };
+}
+
+// Walk the next `count` links of the job into its density buffers.
+function accumulate(job, count) {
+  const { links, k, w, h, pos, neg } = job;
   const X = S.X, Y = S.Y, src = S.src, dst = S.dst, wt = S.w, inv = 1 / S.maxW;
-  for (let e = 0; e < links.length; e++) {
+  const end = Math.min(links.length, job.done + count);
+  for (let e = job.done; e < end; e++) {
     const l = links[e], s = src[l], t = dst[l], wl = wt[l];
     const buf = wl >= 0 ? pos : neg, v = 0.12 + 0.88 * Math.sqrt(Math.abs(wl) * inv);
     let x = X[s] * k, y = Y[s] * k;
@@ -406,9 +451,15 @@ function drawEdgeDensity(ctx, links, W, H) {
       if (xi >= 0 && yi >= 0 && xi < w && yi < h) buf[yi * w + xi] += v;
     }
   }
+  job.done = end;
+}
+
+function drawDensity(ctx, job) {
+  if (!job.done) return;
+  const { w, h, pos, neg } = job;
   const img = new ImageData(w, h), d = img.data;
   const P = hexRgb(POS_EDGE), N = hexRgb(NEG_EDGE);
-  const g = k < 1 ? 0.45 : 0.9;  // a half-resolution pixel gathers about twice the line
+  const g = job.k < 1 ? 0.45 : 0.9;  // a half-resolution pixel gathers about twice the line
   for (let i = 0; i < w * h; i++) {
     const p = pos[i], q = neg[i], t = p + q;
     if (t === 0) continue;
@@ -419,7 +470,7 @@ function drawEdgeDensity(ctx, links, W, H) {
   const off = document.createElement("canvas");
   off.width = w; off.height = h;
   off.getContext("2d").putImageData(img, 0, 0);
-  ctx.drawImage(off, 0, 0, W, H);
+  ctx.drawImage(off, 0, 0, job.W, job.H);
 }
 
 // The strongest links, stroked with one path per sign and width (widths in 0.5 px steps).
