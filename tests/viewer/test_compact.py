@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import struct
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests.viewer.test_server import Client, serve
-from vlmscope.viewer.compact import NODE_FIELDS, compact_graph
+from vlmscope.viewer.compact import NODE_FIELDS, CompactCache, compact_graph
 from vlmscope.viewer.server import ViewerConfig
 
 
@@ -127,3 +129,24 @@ def test_endpoint_refuses_what_the_json_endpoint_refuses(client: tuple[Client, P
     status, body = c.get("/api/graphs/huge/compact")
     assert status == 413 and "--max-graph-mb" in body["error"]
     assert c.get("/api/graphs/g/compact")[0] == 200  # still serving
+
+
+def test_cache_compacts_a_file_once_for_concurrent_requests(tmp_path: Path) -> None:
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps(graph()))
+    calls = []
+
+    def parse() -> dict[str, Any]:
+        calls.append(1)
+        time.sleep(0.2)  # long enough for the other request to arrive meanwhile
+        return json.loads(path.read_text())
+
+    cache, out = CompactCache(), []
+    threads = [threading.Thread(target=lambda: out.append(cache.get(path, parse)))
+               for _ in range(3)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(out) == 3 and len(set(out)) == 1
+    assert out[0] == compact_graph(json.loads(path.read_text()))

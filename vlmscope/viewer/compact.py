@@ -84,11 +84,13 @@ def _checked_links(
 
 class CompactCache:
     """Compact forms of the last few graphs, keyed by file and its size and modification time
-    (a rewritten graph is compacted again)."""
+    (a rewritten graph is compacted again). A file being compacted is compacted once: other
+    requests for it wait for that result."""
 
     def __init__(self, size: int = 4) -> None:
         self._items: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
-        self._size = size
+        self._busy: dict[tuple[str, int, int], threading.Lock] = {}
+        self.size = size
         self._lock = threading.Lock()
 
     def get(self, path: Path, parse: Any) -> bytes:
@@ -100,9 +102,19 @@ class CompactCache:
             if hit is not None:
                 self._items.move_to_end(key)
                 return hit
-        data = compact_graph(parse())
-        with self._lock:
-            self._items[key] = data
-            while len(self._items) > self._size:
-                self._items.popitem(last=False)
+            gate = self._busy.setdefault(key, threading.Lock())
+        with gate:
+            with self._lock:
+                hit = self._items.get(key)
+            if hit is not None:
+                return hit
+            try:
+                data = compact_graph(parse())
+            finally:
+                with self._lock:
+                    self._busy.pop(key, None)
+            with self._lock:
+                self._items[key] = data
+                while len(self._items) > self.size:
+                    self._items.popitem(last=False)
         return data

@@ -101,6 +101,26 @@ class ViewerServer(ThreadingHTTPServer):
         self.compact = CompactCache()
         self._intervener_lock = threading.Lock()
         super().__init__((cfg.host, cfg.port), Handler)
+        if cfg.graphs is not None and cfg.graphs.is_dir():
+            threading.Thread(target=self._warm, daemon=True, name="compact-graphs").start()
+
+    def _warm(self) -> None:
+        """Compact the first graphs of the list while the browser starts (a 100k-edge graph
+        takes about a second); a request that comes first waits for the same work."""
+        folder, cap = self.cfg.graphs, self.cfg.max_graph_bytes
+        assert folder is not None
+        try:
+            graphs = list_graphs(folder)
+        except OSError:
+            return
+        slugs = [g["slug"] for g in graphs if g.get("slug") and g.get("exists")]
+        for slug in slugs[: self.compact.size]:
+            try:
+                path = safe_child(folder, f"{slug}.json")
+                if path.stat().st_size <= cap:
+                    self.compact.get(path, lambda s=slug: load_graph(folder, s, cap)[2])
+            except Exception:  # a bad graph is reported when it is opened, not here
+                continue
 
     @property
     def url(self) -> str:

@@ -126,6 +126,9 @@ async function openGraph(slug) {
   clearPanels();
   message(`loading ${slug}…`);
   let data;
+  // Pins and supernodes are asked for at once, beside the graph (one round trip less).
+  const annotations = api(`/api/graphs/${encodeURIComponent(slug)}/annotations`);
+  annotations.catch(() => {});  // awaited below, once the graph opened
   try {
     // The compact form (viewer/compact.py): the graph without its links as JSON, then the
     // links as typed arrays, strongest first. The graph's own JSON stays the file on disk.
@@ -156,7 +159,7 @@ async function openGraph(slug) {
   $("node-threshold").value = th;
   $("node-threshold-value").textContent = th.toFixed(2);
   try {
-    const ann = await api(`/api/graphs/${encodeURIComponent(slug)}/annotations`);
+    const ann = await annotations;
     const q = data.qParams || {};
     S.pins = new Set([...(q.pinnedIds || []), ...ann.pinnedIds].filter((id) => S.byId.has(id)));
     S.supernodes = (ann.supernodes.length ? ann.supernodes : (q.supernodes || []));
@@ -382,7 +385,7 @@ function drawBackground(ctx) {
 // FIRST_EDGES of them are accumulated before the first paint and the rest in slices of
 // SLICE_MS between frames, the page staying responsive; the layer is then drawn again with all
 // of them. A newer redraw (threshold moved, graph changed) abandons an unfinished one.
-const FIRST_EDGES = 10000, SLICE_MS = 50;
+const FIRST_EDGES = 5000, SLICE_MS = 50;
 function drawEdges(shown) {
   const gen = S.edgeGen = (S.edgeGen || 0) + 1;
   const job = densityJob(shown, S.layout.W, S.layout.H);
@@ -395,7 +398,7 @@ function drawEdges(shown) {
     window.__vlmscope.edgesMs = performance.now();
   });
   if (job.done === shown.length) { finish(); return; }
-  const slice = () => {
+  const slice = () => {  // started after the first frame is painted
     if (gen !== S.edgeGen) return;
     const t0 = performance.now();
     while (job.done < shown.length && performance.now() - t0 < SLICE_MS) accumulate(job, 4000);
@@ -403,7 +406,7 @@ function drawEdges(shown) {
     paintEdges(job);
     finish();
   };
-  setTimeout(slice, 0);
+  requestAnimationFrame(() => setTimeout(slice, 0));
 }
 
 function paintEdges(job) {
@@ -442,14 +445,13 @@ function accumulate(job, count) {
   for (let e = job.done; e < end; e++) {
     const l = links[e], s = src[l], t = dst[l], wl = wt[l];
     const buf = wl >= 0 ? pos : neg, v = 0.12 + 0.88 * Math.sqrt(Math.abs(wl) * inv);
-    let x = X[s] * k, y = Y[s] * k;
-    const dx = X[t] * k - x, dy = Y[t] * k - y;
+    // Both ends clamped onto the image, so every step of the walk stays on it.
+    let x = Math.min(Math.max(X[s] * k, 0), w - 1), y = Math.min(Math.max(Y[s] * k, 0), h - 1);
+    const x1 = Math.min(Math.max(X[t] * k, 0), w - 1), y1 = Math.min(Math.max(Y[t] * k, 0), h - 1);
+    const dx = x1 - x, dy = y1 - y;
     const n = Math.max(1, Math.ceil(Math.max(Math.abs(dx), Math.abs(dy))));
     const sx = dx / n, sy = dy / n;
-    for (let i = 0; i <= n; i++, x += sx, y += sy) {
-      const xi = x | 0, yi = y | 0;
-      if (xi >= 0 && yi >= 0 && xi < w && yi < h) buf[yi * w + xi] += v;
-    }
+    for (let i = 0; i <= n; i++, x += sx, y += sy) buf[(y | 0) * w + (x | 0)] += v;
   }
   job.done = end;
 }
