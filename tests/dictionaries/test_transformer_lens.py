@@ -92,3 +92,18 @@ def test_hook_name_table() -> None:
                 "lm.blocks.3.attn.hook_pattern", "vision.blocks.0.hook_resid_post"]  # fmt: skip
     for unmapped_hook in unmapped:
         assert tl_hook_name(unmapped_hook) is None
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma2"])
+def test_prepend_bos_follows_the_family_tokenizer(tmp_path: Path, family: str) -> None:
+    """SAELens tokenizes with the config's prepend_bos: it must match what the family's
+    tokenizer did to the text the SAE was trained on (the zoo's tokenizers are the truth)."""
+    from vlmscope.models import zoo
+
+    _, tok = zoo.build(family)
+    ids = tok("a b c")["input_ids"]
+    adds_bos = tok.bos_token_id is not None and ids[0] == tok.bos_token_id
+    hook = "lm.blocks.1.hook_resid_post"
+    export_saelens(run_sae(family, "org/model", hook), tmp_path, hook_name=hook)
+    meta = json.loads((tmp_path / "cfg.json").read_text())["metadata"]
+    assert meta["prepend_bos"] is adds_bos

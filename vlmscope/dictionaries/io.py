@@ -875,7 +875,7 @@ def export_saelens(
     ours = model_name if model_name is not None else _model_name(cfg)
     model = _run_metadata(cfg).get("model")
     family = model.get("family") if isinstance(model, dict) else None
-    from vlmscope.dictionaries.transformer_lens import transformer_lens_names
+    from vlmscope.dictionaries.transformer_lens import prepends_bos, transformer_lens_names
 
     tl_hook, hf_id, why = transformer_lens_names(hook, family, ours)
     if why:
@@ -885,7 +885,7 @@ def export_saelens(
         "model_name": hf_id or ours,
         "hook_name": tl_hook or hook,
         "hook_head_index": None,
-        "prepend_bos": True,
+        "prepend_bos": prepends_bos(family),
         "vlmscope_model_name": ours,
         "vlmscope_hook_name": hook,
         "vlmscope_family": family,

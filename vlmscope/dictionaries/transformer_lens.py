@@ -17,6 +17,16 @@ import re
 
 #: vlmscope families whose models TransformerLens can load.
 TL_FAMILIES = frozenset({"llama", "qwen2", "qwen3", "gemma2"})
+#: whether the family's tokenizer starts every text with BOS, so that SAELens, which tokenizes
+#: with `prepend_bos` from the SAE's config (its ActivationsStore), feeds the SAE the token
+#: streams it was trained on. Qwen's tokenizers have no BOS (TransformerLens's own Qwen configs
+#: say default_prepend_bos=False); other families are assumed to add one.
+PREPENDS_BOS = {"llama": True, "gemma2": True, "qwen2": False, "qwen3": False}
+
+
+def prepends_bos(family: str | None) -> bool:
+    """SAELens' `prepend_bos` for an SAE trained on a model of `family`."""
+    return PREPENDS_BOS.get(family or "", True)
 
 _MAP = [
     (re.compile(r"lm\.blocks\.(\d+)\.hook_resid_(pre|mid|post)$"), "blocks.{0}.hook_resid_{1}"),
