@@ -28,6 +28,7 @@ def prepends_bos(family: str | None) -> bool:
     """SAELens' `prepend_bos` for an SAE trained on a model of `family`."""
     return PREPENDS_BOS.get(family or "", True)
 
+
 _MAP = [
     (re.compile(r"lm\.blocks\.(\d+)\.hook_resid_(pre|mid|post)$"), "blocks.{0}.hook_resid_{1}"),
     (re.compile(r"lm\.blocks\.(\d+)\.attn\.hook_z$"), "blocks.{0}.attn.hook_z"),
