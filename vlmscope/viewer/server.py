@@ -105,8 +105,10 @@ class ViewerServer(ThreadingHTTPServer):
             threading.Thread(target=self._warm, daemon=True, name="compact-graphs").start()
 
     def _warm(self) -> None:
-        """Compact the first graphs of the list while the browser starts (a 100k-edge graph
-        takes about a second); a request that comes first waits for the same work."""
+        """Compact the first graph of the list, the one the page opens unless told otherwise,
+        while the browser starts (a 100k-edge graph takes about a second); a request that
+        comes first waits for the same work. Only one: a folder of huge graphs is not all
+        parsed at start."""
         folder, cap = self.cfg.graphs, self.cfg.max_graph_bytes
         assert folder is not None
         try:
@@ -114,7 +116,7 @@ class ViewerServer(ThreadingHTTPServer):
         except OSError:
             return
         slugs = [g["slug"] for g in graphs if g.get("slug") and g.get("exists")]
-        for slug in slugs[: self.compact.size]:
+        for slug in slugs[:1]:
             try:
                 path = safe_child(folder, f"{slug}.json")
                 if path.stat().st_size <= cap:
