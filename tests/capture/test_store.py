@@ -221,3 +221,42 @@ def test_disk_sizes_per_token() -> None:
     assert ours == 64 * 4096 * 2 + 8 + 8 + 4 + 4 + 1 + 16
     # Per-layer recipe: layer l stores x and min(16, 32 - l) MLP outputs: 32 + 16*16 + 136.
     assert recipe_bytes_per_token(32, 4096, torch.bfloat16, 16) == 424 * 4096 * 2
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_parts_of_every_batch_are_disjoint_and_make_up_the_whole_batch(
+    store: tuple[ActivationStore, dict[str, torch.Tensor]], world: int, shuffled: bool
+) -> None:
+    """`part=(rank, world)`: each reader gets its share of every batch of the one stream (the
+    same cursor on every part), and the shares together are the batch one reader gets.
+    Capture order: rank r holds samples [r b, (r + 1) b) of each group of world x b."""
+    st, truth = store
+    names = list(HOOKS)
+    kw: dict[str, Any] = {"include_special": True, "meta": ["meta.sample"], "seed": 5}
+    kw |= {"batch_tokens": 9, "shuffle_buffer_mb": 40 * 48 / 2**20} if shuffled else {}
+    kw |= {} if shuffled else {"batch_samples": 2 * world}
+    whole = list(st.batches(names, **kw))
+    parts = [list(st.batches(names, part=(r, world), **kw)) for r in range(world)]
+    for p in parts:
+        assert [b.end for b in p] == [b.end for b in whole]
+        assert [b.n_global for b in p] == [b.n_tokens for b in whole]
+    key = names[0]
+    for i, b in enumerate(whole):
+        shares = [p[i].tensors[key] for p in parts]
+        got = torch.cat(shares)
+        if shuffled and i < len(whole) - 1:  # a split of the batch's positions, in order
+            assert torch.equal(got, b.tensors[key])
+        elif shuffled:  # the tail joined to the last batch: each part's share of both
+            assert torch.equal(got[:, 0].sort().values, b.tensors[key][:, 0].sort().values)
+        else:  # each rank's samples, in order: the same rows as the whole batch
+            assert torch.equal(got[:, 0].sort().values, b.tensors[key][:, 0].sort().values)
+            for r, p in enumerate(parts):
+                s = p[i].tensors["meta.sample"]
+                assert bool(((s % (2 * world)) // 2 == r).all())
+    # Resuming a part mid-epoch at a global cursor gives the rest of its shares.
+    rest = list(st.batches(names, part=(1, world), start=whole[2].end, **kw))
+    assert [b.end for b in rest] == [b.end for b in parts[1][3:]]
+    for a, b in zip(rest, parts[1][3:], strict=True):
+        assert torch.equal(a.tensors[key], b.tensors[key])
+    assert sum(b.n_tokens for p in parts for b in p) == truth[key].shape[0]

@@ -212,3 +212,129 @@ def test_epochs_end_on_the_fly_training_after_whole_passes(
     assert res.step == 4  # 2 passes of 2 batches of 4 samples
     with pytest.raises(TrainingError, match="--epochs alone gives on-the-fly training no budget"):
         Trainer(parse_train_args(f"{base} --epochs 2 --max-tokens 0 --run-name b".split()), llava)
+
+
+# --- several processes (torchrun's environment, gloo) ------------------------------------------
+def _store_rank(rank: int, world: int, port: int, job: dict[str, Any]) -> None:
+    """One rank of a `train --activations` run; writes its dictionaries (or its error)."""
+    import os
+    import signal
+
+    from safetensors.torch import save_file
+
+    from vlmscope.training.distributed import Layout
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)
+    cfg = TrainConfig.from_dict(job["cfg"])
+    out = Path(job["out"])
+    try:
+        tr = Trainer(cfg, progress=False, layout=Layout.from_environment(cfg.dist_timeout))
+        if job["sgd"]:  # see test_distributed: Adam turns float rounding into +-lr steps
+            params = [p for g in tr.optimizer.param_groups for p in g["params"]]
+            tr.optimizer = torch.optim.SGD(params, lr=cfg.lr)
+        if job["die_at"] and rank == world - 1:
+            read = tr.source.batches
+
+            def dying(state: TrainState) -> Iterator[ActivationBatch]:
+                for i, b in enumerate(read(state)):
+                    if i == job["die_at"]:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    yield b
+
+            tr.source.batches = dying  # type: ignore[method-assign]
+        tr.fit()
+        weights = {k: v.contiguous() for k, v in tr.bundle.state_dict().items()}
+        save_file(weights, str(out / f"rank{rank}.safetensors"))
+        (out / f"rank{rank}.json").write_text(json.dumps({"ok": True, "tokens": tr.state.tokens}))
+    except Exception as e:
+        (out / f"rank{rank}.json").write_text(json.dumps({"ok": False, "error": repr(e)}))
+
+
+def store_ranks(world: int, out: Path, cfg: TrainConfig, sgd: bool = False,
+                die_at: int = 0) -> list[dict[str, Any]]:  # fmt: skip
+    import torch.multiprocessing as mp
+
+    from .test_distributed import free_port
+
+    out.mkdir(parents=True, exist_ok=True)
+    job = {"cfg": cfg.to_dict(), "out": str(out), "sgd": sgd, "die_at": die_at}
+    ctx = mp.start_processes(_store_rank, args=(world, free_port(), job), nprocs=world,
+                             join=False, start_method="fork")  # fmt: skip
+    for proc in ctx.processes:
+        proc.join(timeout=120)
+    return [
+        json.loads(p.read_text()) if (p := out / f"rank{r}.json").exists() else {"ok": None}
+        for r in range(world)
+    ]
+
+
+def test_two_ranks_from_a_store_train_the_one_process_dictionaries_of_the_global_batch(
+    tmp_path: Path, store: Path
+) -> None:
+    """2 ranks x --batch-size 2 against 1 process x 4 on the same store: the same shuffled
+    global batches (FVU's global variance, global init), so the same CLT to float tolerance,
+    identical on both ranks, and the same metrics. TopK, not BatchTopK: the store holds many
+    identical tokens (every sample's chat prefix), and BatchTopK keeps every tie at the cut
+    data-parallel but exactly k x N of them in one process (dictionaries/activations.py), so
+    the two differ on such data whatever the source."""
+    from safetensors.torch import load_file
+
+    from .test_distributed import assert_close
+
+    flags = (
+        f"--activations {store} --sae.transcode --sae.n_targets 2 --sae.expansion-factor 2 "
+        "--sae.k 4 --sae.activation topk --max-steps 6 --lr 0.05 --device cpu "
+        f"--shuffle-buffer-mb 0.1 --output-dir {tmp_path}"
+    )
+    cfg2 = parse_train_args(f"{flags} --batch-size 2 --run-name two".split())
+    results = store_ranks(2, tmp_path / "r2", cfg2, sgd=True)
+    assert all(r["ok"] for r in results), results
+    one = Trainer(parse_train_args(f"{flags} --batch-size 4 --run-name one".split()),
+                  progress=False)  # fmt: skip
+    params = [p for g in one.optimizer.param_groups for p in g["params"]]
+    one.optimizer = torch.optim.SGD(params, lr=0.05)
+    res = one.fit()
+    ranks = [load_file(str(tmp_path / "r2" / f"rank{r}.safetensors")) for r in range(2)]
+    assert_close(ranks[1], ranks[0], atol=0)
+    assert_close(ranks[0], dict(one.bundle.state_dict()), atol=2e-6)
+    assert results[0]["tokens"] == res.tokens
+    a, b = metrics(tmp_path / "two"), metrics(tmp_path / "one")
+    assert [m["tokens"] for m in a] == [m["tokens"] for m in b]
+    for ma, mb in zip(a, b, strict=True):
+        assert ma["fvu_per_unit"] == pytest.approx(mb["fvu_per_unit"], abs=1e-5)
+
+
+def test_a_killed_rank_then_resume_from_a_store_is_bit_exact(tmp_path: Path, store: Path) -> None:
+    """Capture order (each rank's samples of every group), 2 ranks, kill -9 one after the
+    step-4 checkpoint, resume with 2: the uninterrupted run's weights, bit for bit. The cursor
+    is global: resuming with 1 process instead reads the rest of the epoch exactly once."""
+    from safetensors.torch import load_file
+
+    flags = (
+        f"--activations {store} --sae.kind transcoder --sae.expansion-factor 2 --sae.k 4 "
+        "--batch-size 2 --epochs 1 --max-tokens 0 --max-steps 8 --save-every 4 --device cpu "
+        f"--shuffle-buffer-mb 0 --output-dir {tmp_path}"
+    )
+    full = store_ranks(2, tmp_path / "full", parse_train_args(f"{flags} --run-name f".split()))
+    assert all(r["ok"] for r in full), full
+    killed = parse_train_args(f"{flags} --run-name k".split())
+    res = store_ranks(2, tmp_path / "k1", killed, die_at=6)
+    assert res[1]["ok"] is None and res[0]["ok"] is False, res
+    saved = json.loads((tmp_path / "k" / "checkpoint" / "state.json").read_text())
+    assert saved["train_state"]["step"] == 4 and saved["world_size"] == 2
+    shutil.copytree(tmp_path / "k", tmp_path / "k-one")
+    again = store_ranks(
+        2, tmp_path / "k2", parse_train_args(f"{flags} --run-name k --resume".split())
+    )
+    assert all(r["ok"] for r in again), again
+    for r in range(2):
+        a = load_file(str(tmp_path / "k2" / f"rank{r}.safetensors"))
+        b = load_file(str(tmp_path / "full" / f"rank{r}.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), r
+    # One process continues the global cursor: the whole epoch, each token once.
+    with pytest.warns(UserWarning, match="checkpointed with 2"):
+        one_cfg = parse_train_args(f"{flags} --run-name k-one --resume --max-steps 0".split())
+        one = train(one_cfg, progress=False)
+    assert one.tokens == ActivationStore(store).selected_tokens()

@@ -64,6 +64,12 @@ class StoreBatch:
     tensors: dict[str, torch.Tensor]
     #: position in the epoch's stream after this batch (the cursor to save).
     end: int
+    #: tokens of the whole batch, over every part (see `ActivationStore.batches`'s `part`).
+    n_global: int = -1
+
+    def __post_init__(self) -> None:
+        if self.n_global < 0:
+            self.n_global = self.n_tokens
 
     @property
     def n_tokens(self) -> int:
@@ -216,14 +222,22 @@ class ActivationStore:
         start: int = 0,
         shards: Sequence[Shard] | None = None,
         meta: Sequence[str] = (),
+        part: tuple[int, int] = (0, 1),
     ) -> Iterator[StoreBatch]:
         """One epoch of batches of hooks `names` (and `meta` tensors) from stream position
         `start`; see the module docstring for the orders. `batch_samples` (capture order only)
         groups by captured sample, else `batch_tokens` tokens make a batch; the epoch's short
         tail joins the batch before it (a batch of a token or two has no variance to explain).
+
+        `part=(rank, world)`: the batches are cut from the one stream as above (sizes are
+        global), and this reader gets only rank's share of each: the tokens of samples
+        [rank * b, (rank + 1) * b) of every group of `batch_samples` = world * b samples, or
+        positions [rank * n // world, (rank + 1) * n // world) of every batch of n =
+        `batch_tokens` tokens. Only those rows are read; `end` stays the global position.
         """
         stream = self._stream(names, tokens, include_special, batch_tokens, batch_samples,
-                              shuffle_buffer_mb, seed, epoch, start, shards, meta)  # fmt: skip
+                              shuffle_buffer_mb, seed, epoch, start, shards, meta,
+                              part)  # fmt: skip
         return stream if batch_samples else _merge_tail(stream, batch_tokens)
 
     def _stream(
@@ -239,6 +253,7 @@ class ActivationStore:
         start: int,
         shards: Sequence[Shard] | None,
         meta: Sequence[str],
+        part: tuple[int, int],
     ) -> Iterator[StoreBatch]:
         missing = [n for n in names if n not in self.hooks]
         if missing:
@@ -248,22 +263,29 @@ class ActivationStore:
             raise ValueError("batch_samples needs capture order (shuffle_buffer_mb=0)")
         if not batch_samples and batch_tokens < 1:
             raise ValueError("give batch_tokens >= 1 or batch_samples >= 1")
+        rank, world = part
+        if not 0 <= rank < world:
+            raise ValueError(f"part {part}: rank must be in 0..world - 1")
+        if batch_samples % world:
+            raise ValueError(f"batch_samples {batch_samples} is not a multiple of {world} parts")
         mods = selected_modalities(tokens, include_special)
         order = list(self.shards if shards is None else shards)
         keys = list(dict.fromkeys([*names, *meta]))
-        load_keys = list(dict.fromkeys([*keys, "meta.sample"])) if batch_samples else keys
         width_bytes = (
             sum(self.hooks[n] for n in names) * torch.empty((), dtype=self.dtype).element_size()
         )
         windows = _windows(order, mods, shuffled, shuffle_buffer_mb, width_bytes, seed, epoch)
+        # This part's positions [lo, hi) in every batch of batch_tokens tokens.
+        lo, hi = batch_tokens * rank // world, batch_tokens * (rank + 1) // world
         pos = 0
-        carry: dict[str, torch.Tensor] | None = None
+        carry: dict[str, torch.Tensor] | None = None  # this part's rows of the pending batch
+        carry_n, carry_group = 0, -1  # tokens of the pending batch over all parts; its group
         for w, window in enumerate(windows):
             n_w = sum(s.selected(mods) for s in window)
             if pos + n_w <= start or n_w == 0:
                 pos += n_w
                 continue
-            data = self._load_window(window, mods, load_keys, in_memory=shuffled)
+            kept = self._kept_rows(window, mods)
             perm = (
                 torch.randperm(n_w, generator=_generator(seed, epoch, "window", w))
                 if shuffled
@@ -272,67 +294,115 @@ class ActivationStore:
             skip = max(0, start - pos)
             pos += skip
             idx = (perm if perm is not None else torch.arange(n_w))[skip:]
+            # The window's pieces: (this part's window rows, tokens over all parts, group,
+            # whether the piece may go on in the next window).
+            pieces: list[tuple[torch.Tensor, int, int, bool]] = []
             if batch_samples:
-                groups = data["meta.sample"][idx] // batch_samples
+                sample = self._gather(kept, ["meta.sample"], None)[0]["meta.sample"][idx]
+                groups = sample // batch_samples
+                mine = (sample % batch_samples) // (batch_samples // world) == rank
                 change = (groups[1:] != groups[:-1]).nonzero().squeeze(1) + 1
                 bounds = [0, *change.tolist(), len(idx)]
                 spans = list(itertools.pairwise(bounds))
                 for i, (a, b) in enumerate(spans):
-                    part = {k: data[k][idx[a:b]] for k in load_keys}
-                    if carry is not None:
-                        if int(carry["meta.sample"][0]) // batch_samples == int(groups[a]):
-                            part = {k: torch.cat([carry[k], part[k]]) for k in load_keys}
-                        else:
-                            pos += int(carry["meta.sample"].shape[0])
-                            yield StoreBatch({k: carry[k] for k in keys}, pos)
-                        carry = None
-                    if i == len(spans) - 1:
-                        carry = part  # its samples may go on in the next shard
-                        continue
-                    pos += int(part["meta.sample"].shape[0])
-                    yield StoreBatch({k: part[k] for k in keys}, pos)
+                    rows = idx[a:b][mine[a:b]]
+                    pieces.append((rows, b - a, int(groups[a]), i == len(spans) - 1))
             else:
-                a = 0
-                if carry is not None:
-                    need = batch_tokens - int(carry[keys[0]].shape[0])
-                    take = idx[:need]
-                    carry = {k: torch.cat([carry[k], data[k][take]]) for k in keys}
-                    a = int(take.shape[0])
-                    if carry[keys[0]].shape[0] < batch_tokens:
+                a, fill = 0, carry_n
+                while a < len(idx):
+                    take = min(batch_tokens - fill, len(idx) - a)
+                    s0, s1 = max(lo, fill) - fill, min(hi, fill + take) - fill
+                    rows = idx[a + s0 : a + max(s0, s1)]
+                    pieces.append((rows, take, 0, fill + take < batch_tokens))
+                    a += take
+                    fill = (fill + take) % batch_tokens
+            wanted = torch.cat([p[0] for p in pieces]) if pieces else idx[:0]
+            data, at = self._gather(kept, keys, wanted, in_memory=shuffled)
+            off = 0
+            for rows, n_glob, group, open_end in pieces:
+                got = {k: data[k][at[off : off + len(rows)]] for k in keys}
+                off += len(rows)
+                if batch_samples:
+                    if carry is not None:
+                        if carry_group == group:
+                            got = {k: torch.cat([carry[k], got[k]]) for k in keys}
+                            n_glob += carry_n
+                        else:
+                            pos += carry_n
+                            yield StoreBatch(carry, pos, carry_n)
+                        carry = None
+                    if open_end:
+                        carry, carry_n, carry_group = got, n_glob, group
                         continue
-                    pos += batch_tokens
-                    yield StoreBatch(carry, pos)
-                    carry = None
-                while len(idx) - a >= batch_tokens:
-                    take = idx[a : a + batch_tokens]
-                    a += batch_tokens
-                    pos += batch_tokens
-                    yield StoreBatch({k: data[k][take] for k in keys}, pos)
-                if a < len(idx):
-                    carry = {k: data[k][idx[a:]] for k in keys}
+                    pos += n_glob
+                    yield StoreBatch(got, pos, n_glob)
+                else:
+                    if carry is not None:
+                        got = {k: torch.cat([carry[k], got[k]]) for k in keys}
+                    carry, carry_n = got, carry_n + n_glob
+                    if carry_n == batch_tokens:
+                        pos += carry_n
+                        yield StoreBatch(carry, pos, carry_n)
+                        carry, carry_n = None, 0
             del data
-        if carry is not None and carry[keys[0]].shape[0]:
-            pos += int(carry[keys[0]].shape[0])
-            yield StoreBatch({k: carry[k] for k in keys}, pos)
+        if carry is not None and carry_n:
+            pos += carry_n
+            yield StoreBatch(carry, pos, carry_n)
 
-    def _load_window(
-        self, window: Sequence[Shard], mods: set[int], keys: Sequence[str], in_memory: bool
-    ) -> dict[str, torch.Tensor]:
-        """The selected tokens of a window's shards. Capture order reads them where they lie
-        (memory-mapped, read in order); a shuffled window is read into memory once, in order,
-        since its batches then gather rows from all over it."""
-        parts = []
+    def _kept_rows(
+        self, window: Sequence[Shard], mods: set[int]
+    ) -> list[tuple[Shard, torch.Tensor | None, int]]:
+        """(shard, its rows of the selected modalities or None for all, their count) of each
+        shard of a window: the window's selected tokens, in order."""
+        out = []
         for s in window:
             modality = self.read(s, ["meta.modality"])["meta.modality"]
             keep = torch.isin(modality, torch.tensor(sorted(mods), dtype=modality.dtype))
             rows = None if bool(keep.all()) else keep.nonzero().squeeze(1)
-            part = self.read(s, keys, rows)  # rows given: already a copy
-            if in_memory and rows is None and len(window) == 1:
-                part = {k: v.clone() for k, v in part.items()}
-            parts.append(part)
+            out.append((s, rows, int(modality.shape[0]) if rows is None else len(rows)))
+        return out
+
+    def _gather(
+        self,
+        kept: list[tuple[Shard, torch.Tensor | None, int]],
+        keys: Sequence[str],
+        wanted: torch.Tensor | None,
+        in_memory: bool = False,
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Tensors `keys` of a window's selected tokens at window indices `wanted` (None: all),
+        read in file order: (data, at) with data[k][at[i]] the token wanted[i]. A shard whose
+        selected rows are all wanted is read where it lies (memory-mapped; copied when
+        `in_memory`, since its batches then gather rows from all over it), any other only at
+        the wanted rows, so a reader of one part touches little more than its own rows."""
+        total = sum(n for _, _, n in kept)
+        if wanted is None:
+            srt = at = torch.arange(total)
+        else:
+            order = torch.argsort(wanted, stable=True)
+            srt = wanted[order]
+            at = torch.empty_like(order)
+            at[order] = torch.arange(len(order))
+        parts, views, off = [], 0, 0
+        for s, rows, n in kept:
+            a, b = (int(torch.searchsorted(srt, v)) for v in (off, off + n))
+            off += n
+            if a == b:
+                continue
+            if b - a == n:  # every selected row of the shard
+                shard_rows = rows
+            else:
+                local = srt[a:b] - (off - n)
+                shard_rows = local if rows is None else rows[local]
+            views += shard_rows is None
+            parts.append(self.read(s, keys, shard_rows))  # rows given: already a copy
+        if not parts:
+            return self.read(kept[0][0], keys, torch.zeros(0, dtype=torch.long)), at
         if len(parts) == 1:
-            return parts[0]
-        return {k: torch.cat([p[k] for p in parts]) for k in keys}
+            data = parts[0]
+            if in_memory and views:
+                data = {k: v.clone() for k, v in data.items()}
+            return data, at
+        return {k: torch.cat([p[k] for p in parts]) for k in keys}, at
 
     def dataset(self, names: Sequence[str] | None = None, **kwargs: Any) -> StoreDataset:
         """A torch IterableDataset of batches (dicts of tensors); see `StoreDataset`."""
@@ -387,9 +457,9 @@ def _merge_tail(stream: Iterator[StoreBatch], batch_tokens: int) -> Iterator[Sto
     """The stream's batches, its last one joined to the one before when it is short."""
     pending: StoreBatch | None = None
     for b in stream:
-        if pending is not None and b.n_tokens < batch_tokens:
+        if pending is not None and b.n_global < batch_tokens:
             merged = {k: torch.cat([pending.tensors[k], b.tensors[k]]) for k in b.tensors}
-            pending = StoreBatch(merged, b.end)
+            pending = StoreBatch(merged, b.end, pending.n_global + b.n_global)
             continue
         if pending is not None:
             yield pending

@@ -11,6 +11,15 @@ selected token of `--batch-size` consecutive captured samples), so a run from a 
 the run on the fly with the same seed; otherwise tokens are shuffled across shards within a
 bounded buffer, anew every epoch, in batches of `--batch-size` samples' worth of tokens on
 average. The cursor saved in checkpoints is the epoch and the position in its stream.
+
+Several processes (torchrun): every rank walks the same stream with global batches of
+world x --batch-size samples (or that many samples' worth of tokens) and reads only its share
+of each (`ActivationStore.batches(part=...)`): in capture order rank r gets samples
+[r B, (r + 1) B) of every group of world x B, as the live source gives rank r rows
+[r B, (r + 1) B) of every window. So the ranks step in lockstep by construction, N ranks train
+on the global batches one process reads with --batch-size N x B (the same dictionaries, to
+float rounding), and the cursor is global: identical on every rank, and resumable with another
+world size (the stream's order is kept, its batches are cut anew from the cursor on).
 """
 
 from __future__ import annotations
@@ -99,8 +108,8 @@ def _short(names: list[str], n: int = 6) -> str:
 class StoreSource:
     """Activations from an activation store (see the module docstring).
 
-    `rank` / `world_size` give each of several processes a disjoint subset of the shards; the
-    default reads them all.
+    `rank` / `world_size`: this process reads its share of every global batch (see the
+    module docstring); the default reads them whole.
     """
 
     def __init__(self, cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> None:
@@ -147,24 +156,19 @@ class StoreSource:
         from vlmscope.models.hooked import default_device
 
         self.device = torch.device(cfg.device) if cfg.device else default_device()
-        self.shards = store.shards_for(self.rank, self.world_size)
-        self.tokens_per_epoch = store.selected_tokens(
-            cfg.tokens, cfg.include_special_tokens, self.shards
-        )
+        self.shards = store.shards
+        #: selected tokens of one pass over the store, over all ranks.
+        self.tokens_per_epoch = store.selected_tokens(cfg.tokens, cfg.include_special_tokens)
         if self.tokens_per_epoch == 0:
             raise TrainingError(
                 f"--tokens {cfg.tokens} selects no token of the store {where} "
                 f"({_counts(m['modality_tokens'])})"
             )
         samples = max(1, int(m["samples"]))
-        #: tokens per batch when shuffling: --batch-size captured samples' worth on average.
+        #: tokens per global batch when shuffling: world x --batch-size captured samples'
+        #: worth on average (the same batches one process reads with that --batch-size).
         self.batch_tokens = max(
-            1,
-            round(
-                cfg.batch_size
-                * store.selected_tokens(cfg.tokens, cfg.include_special_tokens)
-                / samples
-            ),
+            1, round(cfg.batch_size * self.world_size * self.tokens_per_epoch / samples)
         )
         self.store = store
 
@@ -252,14 +256,14 @@ class StoreSource:
                     names,
                     tokens=cfg.tokens,
                     include_special=cfg.include_special_tokens,
-                    batch_samples=cfg.batch_size if ordered else 0,
+                    batch_samples=cfg.batch_size * self.world_size if ordered else 0,
                     batch_tokens=self.batch_tokens,
                     shuffle_buffer_mb=cfg.shuffle_buffer_mb,
                     seed=cfg.seed,
                     epoch=state.epoch,
                     start=state.store_tokens,
-                    shards=self.shards,
                     meta=("meta.sample",),
+                    part=(self.rank, self.world_size),
                 ):
                     t = b.tensors
                     acts = {h: t[h].to(self.device, non_blocking=True).float() for h in names}

@@ -93,14 +93,9 @@ def open_source(
     if device != cfg.device:
         cfg = dataclasses.replace(cfg, device=device)
     if cfg.activations:
-        if layout.distributed:
-            raise TrainingError(
-                "--activations with several processes is not supported yet: train from a "
-                "store in one process per run (or on the fly with torchrun)"
-            )
         from vlmscope.training.store_source import StoreSource
 
-        store = StoreSource(cfg)
+        store = StoreSource(cfg, layout.rank, layout.world)
         store.open()
         torch.manual_seed(cfg.seed)
         return store
