@@ -266,13 +266,92 @@ def test_an_existing_folder_or_other_settings_are_refused(
         capture(cfg, llava, progress=False)
 
 
-def test_capture_under_torchrun_is_refused_before_anything_is_written(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+# --- several processes (torchrun's environment, gloo) ------------------------------------------
+_MODEL: list[HookedVLM] = []  # the parent's model, inherited by the forked ranks
+
+
+def _capture_rank(rank: int, world: int, port: int, job: dict[str, Any]) -> None:
+    """One rank of `vlmscope capture`; writes its result (or error) as JSON."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)
+    if job["die_at_shard"] and rank == world - 1:  # kill -9 while writing that shard
+        import vlmscope.capture.writer as writer_mod
+
+        real, calls = writer_mod.save_file, [0]
+
+        def dying(tensors: Any, path: str, metadata: Any = None) -> None:
+            calls[0] += 1
+            if calls[0] == job["die_at_shard"]:
+                os.kill(os.getpid(), signal.SIGKILL)
+            real(tensors, path, metadata=metadata)
+
+        writer_mod.save_file = dying
+    out = Path(job["report"])
+    try:
+        res = capture(capture_config(Path(job["out"]), job["model"], job["flags"]), _MODEL[0],
+                      progress=False)  # fmt: skip
+        (out / f"rank{rank}.json").write_text(json.dumps({"ok": True, "new": res.new_tokens}))
+    except Exception as e:
+        (out / f"rank{rank}.json").write_text(json.dumps({"ok": False, "error": str(e)}))
+
+
+def capture_ranks(world: int, store: Path, report: Path, model: Path, llava: HookedVLM,
+                  flags: str = "--max-tokens 0", die_at_shard: int = 0,
+                  ) -> list[dict[str, Any]]:  # fmt: skip
+    import torch.multiprocessing as mp
+
+    from .test_distributed import free_port
+
+    report.mkdir(parents=True, exist_ok=True)
+    _MODEL[:] = [llava]
+    job = {"out": str(store), "report": str(report), "model": str(model), "flags": flags,
+           "die_at_shard": die_at_shard}  # fmt: skip
+    ctx = mp.start_processes(_capture_rank, args=(world, free_port(), job), nprocs=world,
+                             join=False, start_method="fork")  # fmt: skip
+    for proc in ctx.processes:
+        proc.join(timeout=120)
+    return [
+        json.loads(p.read_text()) if (p := report / f"rank{r}.json").exists() else {"ok": None}
+        for r in range(world)
+    ]
+
+
+def test_two_ranks_capture_the_one_process_store(
+    tmp_path: Path, zoo_path: Any, llava: HookedVLM, reference: Path
 ) -> None:
-    """Every rank would capture the whole dataset into one folder: refuse by name, write
-    nothing."""
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    out = tmp_path / "store"
-    assert main(["capture", "toy", "shapes:8", "--out", str(out)]) == 2
-    assert "--nproc_per_node 1" in capsys.readouterr().err
-    assert not out.exists()
+    """Each rank captures its block of the data into its own shards; read back, the store is
+    the one-process store: the same tokens in the same order, the same sample indices and
+    metadata, the same activations. A rank killed with -9 stops the other; the manifest stays
+    incomplete, another world size cannot resume it, and --resume with
+    2 ranks finishes the very files of an uninterrupted 2-rank capture."""
+    model = zoo_path("llava")
+    two = tmp_path / "two"
+    assert all(r["ok"] for r in capture_ranks(2, two, tmp_path / "a", model, llava))
+    st, ref = ActivationStore(two), ActivationStore(reference)
+    assert st.complete and {s.rank for s in st.shards} == {0, 1}
+    assert not list(two.glob("writer-*"))  # the ranks' progress files are merged and gone
+    for key in ("tokens", "samples", "modality_tokens"):
+        assert st.manifest[key] == ref.manifest[key], key
+    a, b = st.metadata(), ref.metadata()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    for h in ref.hooks:
+        got = torch.cat([st.read(s, [h])[h] for s in st.shards])
+        want = torch.cat([ref.read(s, [h])[h] for s in ref.shards])
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5, msg=h)
+    assert {x for s in st.shards for x in st.samples(s)} == {  # (sample, row, row id)
+        x for s in ref.shards for x in ref.samples(s)
+    }
+
+    killed = tmp_path / "killed"
+    res = capture_ranks(2, killed, tmp_path / "b", model, llava, die_at_shard=2)
+    assert res[1]["ok"] is None and res[0]["ok"] is False, res
+    assert "another rank died" in res[0]["error"]
+    assert not json.loads((killed / "manifest.json").read_text())["complete"]
+    with pytest.raises(TrainingError, match=r"started with 2.*--nproc_per_node 2"):
+        capture(capture_config(killed, model, "--max-tokens 0 --resume"), llava, progress=False)
+    again = capture_ranks(2, killed, tmp_path / "c", model, llava, "--max-tokens 0 --resume")
+    assert all(r["ok"] for r in again), again
+    assert 0 < again[1]["new"] < st.manifest["tokens"]
+    assert files(killed) == files(two)  # byte for byte, manifest included

@@ -51,6 +51,9 @@ class Shard:
     bytes: int
     sha256: str
     modality_tokens: Mapping[str, int]
+    #: global index of its rank's first sample (`writers[rank].first_sample`): `meta.sample`
+    #: in a shard counts within its rank, readers add this.
+    sample_offset: int = 0
 
     def selected(self, modalities: set[int]) -> int:
         """Tokens of the selected modality codes in this shard (from the manifest)."""
@@ -93,6 +96,9 @@ class ActivationStore:
         try:
             self.hooks: dict[str, int] = {k: int(v["width"]) for k, v in m["hooks"].items()}
             self.dtype: torch.dtype = DTYPES[m["dtype"]]
+            offsets = {
+                int(r): int(w.get("first_sample", 0)) for r, w in m.get("writers", {}).items()
+            }
             self.shards = [
                 Shard(
                     self.path / s["file"],
@@ -102,6 +108,7 @@ class ActivationStore:
                     int(s["bytes"]),
                     str(s["sha256"]),
                     dict(s["modality_tokens"]),
+                    offsets.get(int(s["rank"]), 0),
                 )
                 for s in m["shards"]
             ]
@@ -178,6 +185,8 @@ class ActivationStore:
                 for name in names:
                     t = f.get_tensor(name)
                     out[name] = t if rows is None else t[rows]
+                    if name == "meta.sample" and shard.sample_offset:
+                        out[name] = out[name] + shard.sample_offset
         except (OSError, RuntimeError, ValueError) as e:
             raise StoreError(f"cannot read {names} from shard {shard.path}: {e}") from e
         return out
@@ -195,7 +204,8 @@ class ActivationStore:
             shard = self.shards[shard]
         with safe_open(str(shard.path), framework="pt") as f:
             header = json.loads((f.metadata() or {}).get("vlmscope", "{}"))
-        return [(int(s), int(r), str(i)) for s, r, i in header.get("samples", [])]
+        off = shard.sample_offset
+        return [(int(s) + off, int(r), str(i)) for s, r, i in header.get("samples", [])]
 
     # --- batches ------------------------------------------------------------------------------
     def selected_tokens(

@@ -22,7 +22,8 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,19 +44,28 @@ from vlmscope.capture import (
     write_manifest,
 )
 from vlmscope.capture.layout import dtype_name
-from vlmscope.data.processing import SkipCounter
+from vlmscope.data.processing import SkipCounter, SkipRecord
+from vlmscope.data.sources import BadRecordError
 from vlmscope.dictionaries import NonFiniteError, check_finite
 from vlmscope.files import FolderLockedError, lock_folder
 from vlmscope.models.hooked import HookContext, HookedVLM
 from vlmscope.models.masks import TokenMasks
 from vlmscope.progress import progress_bar
 from vlmscope.training.bundle import mlp_out, resid_mid
+from vlmscope.training.capture_ranks import (
+    check_ranks,
+    finish_manifest,
+    rank_rows,
+    read_progress,
+    write_progress,
+)
 from vlmscope.training.config import (
     _HELP,
     TrainConfig,
     _add_fields,
     config_from_args,
 )
+from vlmscope.training.distributed import Layout, collective_errors
 from vlmscope.training.errors import TrainingError
 from vlmscope.training.sources import LiveSource, TrainState, hookpoint_names
 
@@ -84,6 +94,7 @@ SHARED_FLAGS = (
     "columns",
     "strict",
     "workers",
+    "dist_timeout",
 )
 
 _CAPTURE_HELP = {
@@ -173,18 +184,54 @@ def _open_folder(cfg: CaptureConfig) -> dict[str, Any] | None:
     return manifest
 
 
-def _remove_leftovers(folder: Path, manifest: dict[str, Any] | None) -> None:
+def _remove_leftovers(
+    folder: Path, manifest: dict[str, Any] | None, rank: int | None = None
+) -> None:
     """Temporaries of a killed writer, and shards it wrote after its last manifest (the
-    resumed capture writes them again)."""
+    resumed capture writes them again). `rank`: one rank of several, which tidies only its
+    own shards and temporaries (and rank 0 the manifest's)."""
     listed = {s["file"] for s in (manifest or {}).get("shards", [])}
+    own = f"shard-r{rank:04d}-" if rank is not None else "shard-"
     for p in folder.iterdir():
+        others = rank is not None and f"-r{rank:04d}" not in p.name
+        if others and not (rank == 0 and p.name.startswith(".manifest.json")):
+            continue
         if p.name.startswith(".") and ".tmp-" in p.name:
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 p.unlink(missing_ok=True)
-        elif p.name.startswith("shard-") and p.name not in listed:
+        elif p.name.startswith(own) and p.name not in listed:
             p.unlink()
+
+
+def _in_turn(lay: Layout, fn: Callable[[], Any]) -> Any:
+    """`fn()` on rank 0, then on the other ranks; a failure on any stops all of them with one
+    error naming it. One process: `fn()`."""
+    if not lay.distributed:
+        return fn()
+    result = None
+    for turn in (True, False):
+        error = None
+        if lay.is_main == turn:
+            try:
+                result = fn()
+            except (TrainingError, BadRecordError) as e:
+                error = str(e)
+        lay.agree(error)
+    return result
+
+
+def _own_record(folder: Path, old: dict[str, Any] | None, lay: Layout) -> dict[str, Any]:
+    """The record this rank continues: its entry in the manifest (one process) or its
+    progress file (several), with its complete shards; {} for a fresh start."""
+    if old is None:
+        return {}
+    if lay.distributed:
+        return read_progress(folder, lay.rank)
+    record = dict(old.get("writers", {}).get("0", {}))
+    record["shards"] = [s for s in old.get("shards", []) if s["rank"] == 0]
+    return record
 
 
 def capture_hooks(cfg: TrainConfig, vlm: HookedVLM) -> list[str]:
@@ -223,7 +270,9 @@ def _hook_widths(vlm: HookedVLM, names: list[str]) -> dict[str, int]:
     return {name: int(cache[name].flatten(1).shape[1]) for name in names}
 
 
-def _header(cfg: CaptureConfig, vlm: HookedVLM, widths: dict[str, int]) -> dict[str, Any]:
+def _header(
+    cfg: CaptureConfig, vlm: HookedVLM, widths: dict[str, int], ranks: int = 1
+) -> dict[str, Any]:
     """Everything the manifest says about the store besides its shards."""
     run = cfg.run
     store_dtype = DTYPES[cfg.dtype] if cfg.dtype else vlm.dtype
@@ -251,6 +300,7 @@ def _header(cfg: CaptureConfig, vlm: HookedVLM, widths: dict[str, int]) -> dict[
         "dtype": dtype_name(store_dtype),
         "shard_tokens": max(1, int(cfg.shard_mb * 2**20) // per_token),
         "sizes": sizes,
+        "ranks": ranks,
     }
 
 
@@ -280,61 +330,111 @@ def _brief(value: Any) -> str:
 
 # --- the capture ---------------------------------------------------------------------------------
 def capture(
-    cfg: CaptureConfig, vlm: HookedVLM | None = None, progress: bool = True
+    cfg: CaptureConfig,
+    vlm: HookedVLM | None = None,
+    progress: bool = True,
+    layout: Layout | None = None,
 ) -> CaptureResult:
-    """Capture a store as configured (see `vlmscope capture --help`); resumable."""
+    """Capture a store as configured (see `vlmscope capture --help`); resumable. Under
+    torchrun (`layout` from the environment) each rank captures its block of the data."""
+    lay = layout or Layout.from_environment(cfg.run.dist_timeout, cfg.run.device)
     folder = Path(cfg.out)
+    lock = None
+    error = None
+    if lay.is_main:  # one writer per folder: rank 0 holds the lock for all ranks
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            lock = lock_folder(folder, "activation store")
+        except FolderLockedError as e:
+            error = str(e)
+        except OSError as e:
+            error = f"cannot write to --out {folder}: {e}"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        lock = lock_folder(folder, "activation store")
-    except FolderLockedError as e:
-        raise TrainingError(str(e)) from None
-    except OSError as e:
-        raise TrainingError(f"cannot write to --out {folder}: {e}") from e
-    try:
-        return _capture(cfg, folder, vlm, progress)
+        lay.agree(error)
+        return _capture(cfg, folder, vlm, progress, lay)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 def _capture(
-    cfg: CaptureConfig, folder: Path, vlm: HookedVLM | None, progress: bool
+    cfg: CaptureConfig, folder: Path, vlm: HookedVLM | None, progress: bool, lay: Layout
 ) -> CaptureResult:
-    old = _open_folder(cfg)
+    # (1) the folder, checked by rank 0; every rank learns its verdict and the old manifest
+    old, error = None, None
+    if lay.is_main:
+        try:
+            old = _open_folder(cfg)
+            check_ranks(old, lay.world, folder)
+        except TrainingError as e:
+            if not lay.distributed:
+                raise
+            error = str(e)
+    lay.agree(error)
+    old = lay.gather(old)[0] if lay.distributed else old
     if old is not None and old["complete"]:
-        print(f"{folder} is already a complete store; nothing to capture")
+        if lay.is_main:
+            print(f"{folder} is already a complete store; nothing to capture")
         return CaptureResult(folder, old, 0.0, 0, SkipCounter())
-    _remove_leftovers(folder, old)
+    if not lay.distributed:
+        _remove_leftovers(folder, old)
     if cfg.run.pack:
         raise TrainingError(
             "--pack: capture stores whole samples with their positions; capture without it "
             "(packed text trains on the fly: vlmscope train --pack)"
         )
     run = dataclasses.replace(cfg.run, epochs=1, pack=False)  # one pass, sample by sample
-    source = LiveSource(run)
-    source.open_data()
-    source.bind_model(vlm)
+
+    # (2) the data, then the model: rank 0 first (it writes shared caches the others read)
+    def open_source() -> LiveSource:
+        source = LiveSource(run)
+        source.open_data()
+        source.bind_model(vlm)
+        return source
+
+    source = _in_turn(lay, open_source)
     model = source._model()
     names = capture_hooks(run, model)
-    header = _header(cfg, model, _hook_widths(model, names))
-    if old is not None:
-        _check_same_capture(old, header, folder)
-    mine = (old or {}).get("writers", {}).get("0", {})
+    header = _header(cfg, model, _hook_widths(model, names), lay.world)
+    # (3) rank 0 checks a resumed store's settings, or writes the first manifest of a new one
+    error = None
+    if lay.is_main:
+        try:
+            if old is not None:
+                _check_same_capture(old, header, folder)
+            elif lay.distributed:
+                write_manifest(folder, build_manifest(header, {}, complete=False))
+        except (TrainingError, StoreError) as e:
+            if not lay.distributed:
+                raise
+            error = str(e)
+    lay.agree(error)
+    mine = _own_record(folder, old, lay)
+    if lay.distributed:  # each rank tidies its own files only
+        _remove_leftovers(folder, {"shards": mine.get("shards", [])}, rank=lay.rank)
+        lo, hi = rank_rows(int(source.dataset.count_rows()), run.batch_size, lay.rank, lay.world)
+        source.dataset = source.dataset.select(lambda p: lo <= p < hi)
+    else:
+        lo = 0
     resume = mine.get("resume") or {}
-    state = TrainState(rows=int(resume.get("rows", 0)))
+    finished = bool(mine.get("done"))
+    state = TrainState(rows=int(resume.get("rows", lo)))
     sample = int(resume.get("sample", 0))
-    stream = int(resume.get("tokens", 0))  # index of the next token in the capture's stream
+    stream = int(resume.get("tokens", 0))  # index of the next token in this rank's stream
     source.skips = SkipCounter(
         dict(resume.get("skips", {})),
         {k: list(v) for k, v in resume.get("skip_examples", {}).items()},
     )
 
     def record(w: StoreWriter, done: bool = False) -> dict[str, Any]:
+        if finished:  # this rank had finished before the capture was interrupted
+            return dict(mine)
         cursor = w.resume or {}
         return {
             "shards": w.shards,
             "resume": w.resume,
             "done": done,
+            "first_sample": 0,
             "samples": sample if done else int(cursor.get("sample", 0)),
             "skips": dict(source.skips.counts) if done else cursor.get("skips", {}),
             "skip_examples": (
@@ -345,69 +445,117 @@ def _capture(
         }
 
     def on_shard(w: StoreWriter) -> None:
-        write_manifest(folder, build_manifest(header, {0: record(w)}, complete=False))
+        if lay.distributed:  # one progress file per rank; rank 0 merges them at the end
+            write_progress(folder, lay.rank, record(w))
+        else:
+            write_manifest(folder, build_manifest(header, {0: record(w)}, complete=False))
 
     writer = StoreWriter(
         folder,
         {h: v["width"] for h, v in header["hooks"].items()},
         DTYPES[header["dtype"]],
         header["shard_tokens"],
-        shards=[s for s in (old or {}).get("shards", []) if s["rank"] == 0],
+        rank=lay.rank,
+        shards=mine.get("shards", []),
         drop=int(resume.get("drop", 0)),
         on_shard=on_shard,
     )
-    if old is None:
+    if old is None and not lay.distributed:
         write_manifest(folder, build_manifest(header, {0: record(writer)}, complete=False))
     names = list(header["hooks"])
-    budget = run.max_tokens
+    # Several ranks: --max-tokens is shared out, each rank stops at its part.
+    budget = -(-run.max_tokens // lay.world)
     bar = progress_bar(
         total=budget or None,
         initial=stream,
         unit="tok",
         unit_scale=True,
-        disable=not progress,
+        disable=not (progress and lay.is_main),
         desc=f"capture {folder.name}",
         dynamic_ncols=True,
     )
     start, new_tokens = time.perf_counter(), 0
+    batches = iter(source._model_batches(state))
+    cursor = _cursor(state.rows, sample, stream, source.skips)
+    working, error = not finished, None
     try:
-        cursor = _cursor(state.rows, sample, stream, source.skips)
-        for batch, after in source._model_batches(state):
-            rows_after = after["rows"]
-            masks = batch.masks if batch.masks is not None else model.masks(batch.inputs)
-            positions = masks.select(run.tokens, include_special=run.include_special_tokens)
-            tensors = _activations(model, batch.inputs, masks, positions, names)
-            for h in names:
-                try:
-                    check_finite(h, tensors[h])
-                except NonFiniteError as e:
-                    raise TrainingError(
-                        f"{e} (batch rows {batch.row_ids[:4]}); the {len(writer.shards)} "
-                        "complete shards and the manifest are intact"
-                    ) from None
-            tensors |= token_metadata(masks, positions, sample, batch.positions)
-            samples = [
-                (sample + i, batch.positions[i], batch.row_ids[i]) for i in range(batch.size)
-            ]
-            n = int(tensors["meta.sample"].shape[0])
-            writer.add(tensors, samples, cursor)
-            sample += batch.size
-            stream += n
-            state.tokens = stream
-            new_tokens += n
-            bar.update(n)
-            cursor = _cursor(rows_after, sample, stream, source.skips)
-            if budget and stream >= budget:
-                break
-        writer.finish()
-        manifest = build_manifest(header, {0: record(writer, done=True)}, complete=True)
-        write_manifest(folder, manifest)
+        with collective_errors(lay, "capturing") if lay.distributed else nullcontext():
+            while True:
+                if working:
+                    try:
+                        item = next(batches, None)
+                        if item is None:
+                            working = False
+                        else:
+                            batch, after = item
+                            n = _capture_batch(model, run, names, writer, batch, sample, cursor)
+                            sample += batch.size
+                            stream += n
+                            state.tokens = stream
+                            new_tokens += n
+                            bar.update(n)
+                            cursor = _cursor(after["rows"], sample, stream, source.skips)
+                            working = not (budget and stream >= budget)
+                    except (TrainingError, StoreError, BadRecordError, SkipRecord) as e:
+                        if not lay.distributed:
+                            raise
+                        error, working = f"{e}", False
+                if not lay.distributed:
+                    if not working:
+                        break
+                    continue
+                # Every batch, the ranks say whether they go on or failed: a failure on any
+                # rank stops all of them at once, naming it; ranks done early wait here.
+                status = lay.sum([float(working), float(error is not None)])
+                if status[1].item():
+                    lay.agree(error)
+                if status[0].item() == 0:
+                    break
+            error = None
+            try:
+                if not finished:
+                    writer.finish()
+                if lay.distributed:
+                    write_progress(folder, lay.rank, record(writer, done=True))
+            except StoreError as e:
+                if not lay.distributed:
+                    raise
+                error = str(e)
+            lay.agree(error)
+            manifest = finish_manifest(folder, header, record(writer, done=True), lay)
     except StoreError as e:
         raise TrainingError(str(e)) from None
     finally:
         bar.close()
         source.release_model()  # a model the caller passed in gets its flags back
     return CaptureResult(folder, manifest, time.perf_counter() - start, new_tokens, source.skips)
+
+
+def _capture_batch(
+    model: HookedVLM,
+    run: TrainConfig,
+    names: list[str],
+    writer: StoreWriter,
+    batch: Any,
+    sample: int,
+    cursor: dict[str, Any],
+) -> int:
+    """One batch's stored hooks and metadata handed to the writer; its token count."""
+    masks = batch.masks if batch.masks is not None else model.masks(batch.inputs)
+    positions = masks.select(run.tokens, include_special=run.include_special_tokens)
+    tensors = _activations(model, batch.inputs, masks, positions, names)
+    for h in names:
+        try:
+            check_finite(h, tensors[h])
+        except NonFiniteError as e:
+            raise TrainingError(
+                f"{e} (batch rows {batch.row_ids[:4]}); the {len(writer.shards)} "
+                "complete shards and the manifest are intact"
+            ) from None
+    tensors |= token_metadata(masks, positions, sample, batch.positions)
+    samples = [(sample + i, batch.positions[i], batch.row_ids[i]) for i in range(batch.size)]
+    writer.add(tensors, samples, cursor)
+    return int(tensors["meta.sample"].shape[0])
 
 
 class _StopForward(Exception):
@@ -515,23 +663,17 @@ def run_capture_command(args: argparse.Namespace) -> int:
         cfg = config_from_capture_args(args)
     except ValueError as e:
         parser.error(str(e).replace("invalid training config", "invalid capture config"))
-    from vlmscope.data.processing import SkipRecord
-    from vlmscope.data.sources import BadRecordError
+    from vlmscope.training.distributed import AgreedError
 
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world > 1:  # every rank would capture the whole dataset into the same folder
-        print(
-            f"vlmscope capture: error: started as {world} processes (torchrun); capture runs "
-            "in one process for now: start it with --nproc_per_node 1 (or without torchrun), "
-            "then train from the store in one process",
-            file=sys.stderr,
-        )
-        return 2
+    main_rank = os.environ.get("RANK", "0") == "0"  # torchrun: only rank 0 reports
     try:
         res = capture(cfg)
     except (TrainingError, BadRecordError, SkipRecord) as e:  # the last two: --strict
-        print(f"vlmscope capture: error: {e}", file=sys.stderr)
+        if main_rank or not isinstance(e, AgreedError):  # an agreed error is the same on all
+            print(f"vlmscope capture: error: {e}", file=sys.stderr)
         return 1
+    if not main_rank:
+        return 0
     print_capture_table(res)
     return 0
 
@@ -575,7 +717,7 @@ def print_capture_table(res: CaptureResult) -> None:
                 f"({res.new_tokens / res.seconds:,.0f} tokens/s)",
             )
         )
-    skipped = sum(m["writers"]["0"]["skips"].values()) if m["writers"] else 0
+    skipped = sum(sum(w.get("skips", {}).values()) for w in m["writers"].values())
     rows.append(("skipped records", str(skipped)))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
