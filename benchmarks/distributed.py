@@ -1,11 +1,15 @@
 """Data-parallel scaling and per-rank memory of --distribute-modules on CPU (gloo).
 
     python benchmarks/distributed.py            # toy VLM, 1 and 2 processes
+    python benchmarks/distributed.py --store    # only the activation-store part (3)
 
 Prints (1) tokens/s of the same per-rank batch with 1 and 2 processes (the global batch
 doubles), from the last metrics line of each run; (2) per rank, peak RSS and the bytes of
 dictionary parameters + Adam moments it holds, for per-layer transcoders on all 4 layers of the
-toy, plain DDP against --distribute-modules. Wrap in `flock /tmp/vlmscope-heavy.lock`.
+toy, plain DDP against --distribute-modules; (3) the activation store: `vlmscope capture` of
+the same data with 1 and 2 processes (wall time of the whole command, model loading included),
+then `train --activations` from it with 1 and 2 processes at the same per-rank batch.
+Wrap in `flock /tmp/vlmscope-heavy.lock`.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -35,8 +40,49 @@ def run(n: int, out: Path, name: str, extra: list[str]) -> list[dict]:
     return sorted(rows, key=lambda r: r["rank"])
 
 
+def store_part(out: Path) -> None:
+    """Capture with 1 and 2 processes, then train from the store with 1 and 2."""
+    env_of = {n: {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // n))}
+              for n in (1, 2)}  # fmt: skip
+    print("\nvlmscope capture toy shapes:256 (all tokens, batch 8 per rank; CPU, gloo)")
+    print(f"{'processes':>9} {'tokens':>8} {'wall s':>7} {'tokens/s':>10}")
+    base = None
+    for n in (1, 2):
+        store = out / f"store{n}"
+        cmd = [TORCHRUN, "--nproc_per_node", str(n), "-m", "vlmscope", "capture", "toy",
+               "shapes:256", "--out", str(store), "--max-tokens", "0", "--batch-size", "8",
+               "--device", "cpu"]  # fmt: skip
+        t0 = time.perf_counter()
+        subprocess.run(cmd, env=env_of[n], capture_output=True, text=True, check=True)
+        wall = time.perf_counter() - t0
+        tokens = json.loads((store / "manifest.json").read_text())["tokens"]
+        base = base or tokens / wall
+        print(f"{n:>9} {tokens:>8} {wall:>7.1f} {tokens / wall:>10.0f}   "
+              f"({tokens / wall / base:.2f}x)")  # fmt: skip
+    print("\ntrain --activations (CLT on 4 layers, batch 16 samples per rank, 3 epochs)")
+    print(f"{'processes':>9} {'global batch':>12} {'tokens/s':>10}")
+    base = None
+    for n in (1, 2):
+        args = ["--activations", str(out / "store1"), "--sae.transcode", "--sae.n_targets", "4",
+                "--sae.expansion-factor", "8", "--sae.k", "8", "--batch-size", "16",
+                "--epochs", "3", "--max-tokens", "0", "--log-every", "5", "--output-dir",
+                str(out), "--run-name", f"store-train{n}", "--device", "cpu"]  # fmt: skip
+        cmd = [TORCHRUN, "--nproc_per_node", str(n), str(HERE / "dist_worker.py"), *args]
+        subprocess.run(cmd, env=env_of[n], capture_output=True, text=True, check=True)
+        metrics = (out / f"store-train{n}" / "metrics.jsonl").read_text().splitlines()
+        tps = json.loads(metrics[-1])["tokens_per_s"]
+        base = base or tps
+        print(f"{n:>9} {16 * n:>12} {tps:>10.0f}   ({tps / base:.2f}x)")
+
+
 def main() -> None:
     out = Path(tempfile.mkdtemp(prefix="vlmscope-dist-bench-"))
+    if "--store" in sys.argv[1:]:
+        try:
+            store_part(out)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        return
     try:
         clt = ["--sae.transcode", "--sae.n_targets", "4", "--sae.expansion-factor", "8",
                "--sae.k", "8"]  # fmt: skip
@@ -55,6 +101,7 @@ def main() -> None:
             for r in run(2, out, mode.strip("-"), tc + flags):
                 print(f"{mode:<22} {r['rank']:>4} {r['dict_bytes'] / 2**20:>14.2f} "
                       f"{r['rss'] / 2**20:>13.0f}")  # fmt: skip
+        store_part(out)
     finally:
         shutil.rmtree(out, ignore_errors=True)
 

@@ -12,6 +12,13 @@ resumed run reads exactly the batches it would have read.
   the tokens inside each window (seeded by seed, epoch and window). Only one window (plus one
   batch carried across its edge) is in memory at a time, so memory is bounded by the buffer
   whatever the store's size; shard files are opened, read and closed one at a time.
+
+Several readers of one stream (`part=(rank, world)`, data-parallel training): the batches are
+cut as above with global sizes and each reader materialises only its share of each, reading
+only those rows from the memory-mapped shards; the cursor is the same for all.
+
+A store written by several capture ranks keeps `meta.sample` per rank in its files; `read`
+adds the rank's `first_sample` from the manifest, so every reader sees global sample indices.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ after them. The capture reads the dataset once (or until --max-tokens).
 
 Phases: (1) the output folder (locked, empty, or a store to resume with the same settings),
 (2) the data, then the model, (3) the hooks and their widths (a probe forward), (4) the loop.
+
+Under torchrun each rank captures its own block of the dataset into its own shards, and rank 0
+writes the complete manifest once every rank has finished (`capture_ranks.py`).
 """
 
 from __future__ import annotations
@@ -148,7 +151,7 @@ class CaptureResult:
     folder: Path
     manifest: dict[str, Any]
     seconds: float
-    #: tokens captured by this process (a resumed capture counts only its own).
+    #: tokens this run captured, over all ranks (a resumed capture counts only its own).
     new_tokens: int
     skips: SkipCounter
 
@@ -523,6 +526,8 @@ def _capture(
                 error = str(e)
             lay.agree(error)
             manifest = finish_manifest(folder, header, record(writer, done=True), lay)
+            if lay.distributed:  # the table reports the capture, not rank 0's part of it
+                new_tokens = int(lay.sum([float(new_tokens)])[0].item())
     except StoreError as e:
         raise TrainingError(str(e)) from None
     finally:
