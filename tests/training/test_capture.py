@@ -299,22 +299,13 @@ def _capture_rank(rank: int, world: int, port: int, job: dict[str, Any]) -> None
 def capture_ranks(world: int, store: Path, report: Path, model: Path, llava: HookedVLM,
                   flags: str = "--max-tokens 0", die_at_shard: int = 0,
                   ) -> list[dict[str, Any]]:  # fmt: skip
-    import torch.multiprocessing as mp
-
-    from .test_distributed import free_port
+    from .test_distributed import fork_ranks
 
     report.mkdir(parents=True, exist_ok=True)
     _MODEL[:] = [llava]
     job = {"out": str(store), "report": str(report), "model": str(model), "flags": flags,
            "die_at_shard": die_at_shard}  # fmt: skip
-    ctx = mp.start_processes(_capture_rank, args=(world, free_port(), job), nprocs=world,
-                             join=False, start_method="fork")  # fmt: skip
-    for proc in ctx.processes:
-        proc.join(timeout=120)
-    return [
-        json.loads(p.read_text()) if (p := report / f"rank{r}.json").exists() else {"ok": None}
-        for r in range(world)
-    ]
+    return fork_ranks(_capture_rank, world, job, report)
 
 
 def test_two_ranks_capture_the_one_process_store(

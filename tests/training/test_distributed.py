@@ -143,6 +143,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def fork_ranks(fn: Any, world: int, job: dict[str, Any], report: Path) -> list[dict[str, Any]]:
+    """Run fn(rank, world, port, job) in `world` forked processes (torch already imported)
+    and return what each wrote to report/rank{r}.json ({"ok": None} for a rank that died)."""
+    ctx = mp.start_processes(fn, args=(world, free_port(), job), nprocs=world, join=False,
+                             start_method="fork")  # fmt: skip
+    for proc in ctx.processes:  # not ctx.join: it kills the others when one rank dies
+        proc.join(timeout=150)
+    return [
+        json.loads(p.read_text()) if (p := report / f"rank{r}.json").exists() else {"ok": None}
+        for r in range(world)
+    ]
+
+
 def run_ranks(world: int, out: Path, cfg: TrainConfig, total: int, sgd: bool = True,
               src: dict[str, Any] | None = None) -> list[dict[str, Any]]:  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)

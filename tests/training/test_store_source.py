@@ -255,20 +255,20 @@ def _store_rank(rank: int, world: int, port: int, job: dict[str, Any]) -> None:
 
 def store_ranks(world: int, out: Path, cfg: TrainConfig, sgd: bool = False,
                 die_at: int = 0) -> list[dict[str, Any]]:  # fmt: skip
-    import torch.multiprocessing as mp
-
-    from .test_distributed import free_port
+    from .test_distributed import fork_ranks
 
     out.mkdir(parents=True, exist_ok=True)
     job = {"cfg": cfg.to_dict(), "out": str(out), "sgd": sgd, "die_at": die_at}
-    ctx = mp.start_processes(_store_rank, args=(world, free_port(), job), nprocs=world,
-                             join=False, start_method="fork")  # fmt: skip
-    for proc in ctx.processes:
-        proc.join(timeout=120)
-    return [
-        json.loads(p.read_text()) if (p := out / f"rank{r}.json").exists() else {"ok": None}
-        for r in range(world)
-    ]
+    return fork_ranks(_store_rank, world, job, out)
+
+
+def one_process_sgd(flags: str) -> tuple[Trainer, Any]:
+    """The one-process reference, trained with SGD at --lr (as the ranks are)."""
+    cfg = parse_train_args(flags.split())
+    one = Trainer(cfg, progress=False)
+    params = [p for g in one.optimizer.param_groups for p in g["params"]]
+    one.optimizer = torch.optim.SGD(params, lr=cfg.lr)
+    return one, one.fit()
 
 
 def test_two_ranks_from_a_store_train_the_one_process_dictionaries_of_the_global_batch(
@@ -292,11 +292,7 @@ def test_two_ranks_from_a_store_train_the_one_process_dictionaries_of_the_global
     cfg2 = parse_train_args(f"{flags} --batch-size 2 --run-name two".split())
     results = store_ranks(2, tmp_path / "r2", cfg2, sgd=True)
     assert all(r["ok"] for r in results), results
-    one = Trainer(parse_train_args(f"{flags} --batch-size 4 --run-name one".split()),
-                  progress=False)  # fmt: skip
-    params = [p for g in one.optimizer.param_groups for p in g["params"]]
-    one.optimizer = torch.optim.SGD(params, lr=0.05)
-    res = one.fit()
+    one, res = one_process_sgd(f"{flags} --batch-size 4 --run-name one")
     ranks = [load_file(str(tmp_path / "r2" / f"rank{r}.safetensors")) for r in range(2)]
     assert_close(ranks[1], ranks[0], atol=0)
     assert_close(ranks[0], dict(one.bundle.state_dict()), atol=2e-6)
@@ -320,11 +316,7 @@ def test_distribute_modules_from_a_store_equals_one_process(tmp_path: Path, stor
     cfg = parse_train_args(f"{flags} --batch-size 2 --distribute-modules --run-name dm".split())
     results = store_ranks(2, tmp_path / "r", cfg, sgd=True)
     assert all(r["ok"] for r in results), results
-    one = Trainer(parse_train_args(f"{flags} --batch-size 4 --run-name one".split()),
-                  progress=False)  # fmt: skip
-    params = [p for g in one.optimizer.param_groups for p in g["params"]]
-    one.optimizer = torch.optim.SGD(params, lr=0.05)
-    one.fit()
+    one_process_sgd(f"{flags} --batch-size 4 --run-name one")
     assert_close(
         dict(states(tmp_path / "dm" / "dictionaries")),
         dict(states(tmp_path / "one" / "dictionaries")),

@@ -209,20 +209,10 @@ def _remove_leftovers(
 
 
 def _in_turn(lay: Layout, fn: Callable[[], Any]) -> Any:
-    """`fn()` on rank 0, then on the other ranks; a failure on any stops all of them with one
-    error naming it. One process: `fn()`."""
-    if not lay.distributed:
-        return fn()
-    result = None
-    for turn in (True, False):
-        error = None
-        if lay.is_main == turn:
-            try:
-                result = fn()
-            except (TrainingError, BadRecordError) as e:
-                error = str(e)
-        lay.agree(error)
-    return result
+    """`fn()` on rank 0, then on the other ranks (one process: `fn()`)."""
+    first = lay.phase(fn, main_only=True)
+    rest = lay.phase(fn, others_only=True)
+    return first if lay.is_main else rest
 
 
 def _own_record(folder: Path, old: dict[str, Any] | None, lay: Layout) -> dict[str, Any]:

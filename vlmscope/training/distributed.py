@@ -177,6 +177,24 @@ class Layout:
                          for r, m in culprits[:3])  # fmt: skip
         raise AgreedError(f"{text} (all {self.world} ranks stopped)")
 
+    def phase(self, fn: Any, main_only: bool = False, others_only: bool = False) -> Any:
+        """Run `fn()` on rank 0 only, on the other ranks only, or on all, then let every rank
+        agree that it succeeded: a TrainingError or bad record on any rank stops all of them
+        with one error naming it. One process (rank 0, no others): just `fn()`."""
+        from vlmscope.data.sources import BadRecordError
+
+        if not self.distributed:
+            return None if others_only else fn()
+        skip = (main_only and not self.is_main) or (others_only and self.is_main)
+        result, error = None, None
+        if not skip:
+            try:
+                result = fn()
+            except (TrainingError, BadRecordError) as e:
+                error = str(e)
+        self.agree(error)
+        return result
+
     @contextlib.contextmanager
     def statistics(self) -> Iterator[None]:
         """Dictionary batch statistics over all ranks inside the block (see batchstats)."""

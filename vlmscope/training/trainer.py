@@ -183,18 +183,7 @@ class Trainer:
     def _phase(self, fn: Any, main_only: bool = False, others_only: bool = False) -> Any:
         """Run one construction phase (on rank 0 only, or on the others only), then let every
         rank agree that it succeeded. One process: just `fn()`."""
-        lay = self.layout
-        if not lay.distributed:  # one process is rank 0: it has no "others" phase
-            return None if others_only else fn()
-        skip = (main_only and not lay.is_main) or (others_only and lay.is_main)
-        result, error = None, None
-        if not skip:
-            try:
-                result = fn()
-            except (TrainingError, BadRecordError) as e:
-                error = str(e)
-        lay.agree(error)
-        return result
+        return self.layout.phase(fn, main_only, others_only)
 
     def close(self) -> None:
         """Release the run folder (and remove it if this run created it and wrote nothing),
