@@ -346,3 +346,19 @@ def test_two_ranks_capture_the_one_process_store(
     assert all(r["ok"] for r in again), again
     assert 0 < again[1]["new"] < st.manifest["tokens"]
     assert files(killed) == files(two)  # byte for byte, manifest included
+
+
+@pytest.mark.parametrize(
+    ("total", "batch", "world"), [(24, 2, 2), (25, 4, 3), (3, 4, 2), (0, 2, 2)]
+)
+def test_rank_blocks_are_whole_batches_that_cover_the_rows_once(
+    total: int, batch: int, world: int
+) -> None:
+    from vlmscope.training.capture_ranks import rank_rows
+
+    blocks = [rank_rows(total, batch, r, world) for r in range(world)]
+    assert [lo for lo, _ in blocks] == [0, *[hi for _, hi in blocks[:-1]]]  # contiguous, in order
+    assert blocks[-1][1] == total
+    assert all(lo % batch == 0 and (hi % batch == 0 or hi == total) for lo, hi in blocks)
+    sizes = [-(-(hi - lo) // batch) for lo, hi in blocks]  # batches per rank
+    assert max(sizes) - min(sizes) <= 1

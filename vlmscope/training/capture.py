@@ -408,9 +408,12 @@ def _capture(
         lo, hi = rank_rows(int(source.dataset.count_rows()), run.batch_size, lay.rank, lay.world)
         source.dataset = source.dataset.select(lambda p: lo <= p < hi)
     else:
-        lo = 0
+        lo, hi = 0, 1
     resume = mine.get("resume") or {}
+    # A rank that had finished before an interruption, or whose block is empty (fewer
+    # batches than ranks), only takes part in the collectives.
     finished = bool(mine.get("done"))
+    idle = finished or lo >= hi
     state = TrainState(rows=int(resume.get("rows", lo)))
     sample = int(resume.get("sample", 0))
     stream = int(resume.get("tokens", 0))  # index of the next token in this rank's stream
@@ -470,7 +473,7 @@ def _capture(
     start, new_tokens = time.perf_counter(), 0
     batches = iter(source._model_batches(state))
     cursor = _cursor(state.rows, sample, stream, source.skips)
-    working, error = not finished, None
+    working, error = not idle, None
     try:
         with collective_errors(lay, "capturing") if lay.distributed else nullcontext():
             while True:
