@@ -563,3 +563,35 @@ def test_folders_written_without_checksums_still_load(tmp_path: Path) -> None:
     loaded = load_dictionaries(tmp_path / "clt")
     assert isinstance(loaded, CrossLayerTranscoder)
     torch.testing.assert_close(loaded.layers[2].W_enc, clt.layers[2].W_enc, rtol=0, atol=0)
+
+
+def _rss_file() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssFile")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's RssFile")
+def test_verifying_a_mapped_block_does_not_map_it_into_the_process(tmp_path: Path) -> None:
+    """A block is verified whole but the reader wants a few rows: checking must read the file
+    (the page cache), not the mapping, or every verified block stays in the process's memory
+    (a CLT's whole decoder during attribution). Measured: the process's file-backed RSS."""
+    from vlmscope.dictionaries.io import (
+        _map_safetensors,
+        _register_checks,
+        _write_safetensors,
+    )
+
+    t = torch.randn(4096, 4096)  # 64 MiB: four checksum blocks
+    path = tmp_path / "w.safetensors"
+    record = _write_safetensors(path, {"w": t})
+    checks = _register_checks(path, _map_safetensors(path), record)
+    before = _rss_file()
+    checks.check("w")  # all four blocks: CRC-32 and finite
+    assert _rss_file() - before < 8 << 20
+    entry = checks.entries["w"]
+    assert entry.verified == {0, 1, 2, 3}
+    rows = entry.tensor[torch.tensor([5, 4000])]  # reading rows maps their pages only
+    torch.testing.assert_close(rows, t[torch.tensor([5, 4000])], rtol=0, atol=0)
+    assert _rss_file() - before < 8 << 20

@@ -302,16 +302,26 @@ class TensorChecks:
         todo = [b for b in blocks if b not in e.verified]
         if not todo:
             return
-        data = _tensor_bytes(t)
-        flat = t.reshape(-1)
+        # Blocks are read from the file, not through the map: a block is verified whole, and
+        # reading it through the map would keep all of it mapped in the process (a CLT's whole
+        # decoder, when its active features fall in every block), where the reader wants a
+        # few rows. Read with pread, the block passes through the page cache only.
         per = t.element_size()
-        for b in todo:
-            lo, hi = b * e.block, min((b + 1) * e.block, n_bytes)
-            if e.crcs is not None:
-                _check_block(e.path, e.name, b, e.block, zlib.crc32(data[lo:hi]), e.crcs)
-            if t.is_floating_point():
-                check_tensor_finite(e.path, e.name, flat[lo // per : hi // per])
-            e.verified.add(b)
+        start = t.storage_offset() * per  # the mapped storage starts at the file's byte 0
+        buf = bytearray(min(e.block, n_bytes))
+        with open(e.path, "rb", buffering=0) as f:
+            for b in todo:
+                lo, hi = b * e.block, min((b + 1) * e.block, n_bytes)
+                view = memoryview(buf)[: hi - lo]
+                f.seek(start + lo)
+                if f.readinto(view) != hi - lo:
+                    raise DictionaryFormatError(f"{e.path}: tensor {e.name!r} is cut short")
+                if e.crcs is not None:
+                    _check_block(e.path, e.name, b, e.block, zlib.crc32(view), e.crcs)
+                if t.is_floating_point():
+                    values = torch.frombuffer(buf, dtype=t.dtype, count=(hi - lo) // per)
+                    check_tensor_finite(e.path, e.name, values)
+                e.verified.add(b)
 
     def check_all(self) -> None:
         for key in self.entries:
