@@ -10,7 +10,14 @@ import torch
 
 from vlmscope.models.hooked import HookedVLM
 from vlmscope.models.toy import toy_path
-from vlmscope.plan.attribution import DEVICE_MARGIN, choose, peak, plan, shape_from_config
+from vlmscope.plan.attribution import (
+    DEVICE_MARGIN,
+    DICTIONARY_PAGES,
+    choose,
+    peak,
+    plan,
+    shape_from_config,
+)
 from vlmscope.plan.memory import GB
 
 
@@ -37,18 +44,18 @@ def test_shape_from_config_matches_the_loaded_model() -> None:
 
 def test_the_batch_is_the_largest_that_fits() -> None:
     shape = shape_from_config(toy_path(), "clt:512:8", 40, max_feature_nodes=500)
-    one = peak(plan(shape, 1, None, "cpu"), shape)
-    per_copy = peak(plan(shape, 2, None, "cpu"), shape) - one
+    one = peak(plan(shape, 1, None, "cuda"), shape)
+    per_copy = peak(plan(shape, 2, None, "cuda"), shape) - one
     budget = (one + 6.5 * per_copy) / (1 - DEVICE_MARGIN)
-    c = choose(shape, budget, offload=None, device_type="cpu")
+    c = choose(shape, budget, offload=None, device_type="cuda")
     assert c.fits and c.batch == 7
     usable = budget * (1 - DEVICE_MARGIN)
     assert (
-        peak(plan(shape, 7, None, "cpu"), shape)
+        peak(plan(shape, 7, None, "cuda"), shape)
         <= usable
-        < peak(plan(shape, 8, None, "cpu"), shape)
+        < peak(plan(shape, 8, None, "cuda"), shape)
     )
-    tiny = choose(shape, one / 2, offload=None, device_type="cpu")
+    tiny = choose(shape, one / 2, offload=None, device_type="cuda")
     assert not tiny.fits
 
 
@@ -61,6 +68,22 @@ def test_offload_auto_moves_the_decoder_rows_off_a_small_device() -> None:
     c = choose(big, budget, offload="auto")
     assert c.fits and c.offload == "cpu"
     assert choose(shape, budget, offload="auto").offload is None
+
+
+def test_mapped_dictionary_pages_are_the_encoders_and_the_active_rows() -> None:
+    """By hand: every encoder is read whole; of the decoders, the rows of the distinct active
+    features (n_s targets of d floats), each spanning one 4 KiB page more than it fills. On a
+    CPU those rows are read in place (no device copy); on a GPU they are copied once."""
+    shape = shape_from_config(toy_path(), "clt:512:8", 40)
+    shape = dataclasses.replace(shape, unique=[3, 5, 7, 11])
+    d = shape.d_model
+    want = 4 * 512 * d * 4 + 3 * (4 * d * 4 + 4096) + 5 * (3 * d * 4 + 4096)
+    want += 7 * (2 * d * 4 + 4096) + 11 * (1 * d * 4 + 4096)
+    on_cpu, on_gpu = plan(shape, 4, None, "cpu"), plan(shape, 4, None, "cuda")
+    assert [p.bytes for p in on_cpu.parts if p.name == DICTIONARY_PAGES] == [want]
+    assert not [p for p in on_cpu.parts if p.name.startswith("decoder rows")]
+    rows = [p.bytes for p in on_gpu.parts if p.name == "decoder rows of active features"]
+    assert rows == [(4 * 4 + 6 * 3 + 8 * 2 + 12 * 1) * d * 4]  # (U_s + 1) n_s d b
 
 
 def _llava_7b_config(folder: Path) -> Path:

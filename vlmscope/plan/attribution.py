@@ -348,7 +348,9 @@ def plan(
     p.add("attention patterns", L * sh.n_heads * n * n * a, "device", "recorded, model dtype")
     p.add("MLP outputs, errors, embeddings (fp32)", (L + sh.n_units + 1) * n * d * 4, "device")
     cache = sh.decoder_cache_bytes()
-    if offload is None:
+    if offload is None and device_type == "cpu":
+        pass  # read in place from the mapped dictionary: "dictionary pages mapped" below
+    elif offload is None:
         p.add("decoder rows of active features", cache, "device", "cached once")
     else:
         one = max((u + 1) * d * sh.dict_bytes for u in sh.unique)
@@ -370,8 +372,7 @@ def plan(
     p.add("influence estimate block", sh.n_rows * sh.n_rows * 4, "host")
     p.add("feature table", sh.n_active * 36, "host")
     enc = sh.n_units * sh.latents * sh.d_in * sh.dict_bytes
-    dec = sum(u * n * d * sh.dict_bytes for u, n in zip(sh.unique, sh.n_out, strict=True))
-    p.add("dictionary pages read", enc + dec, "cache", "memory-mapped, reclaimable")
+    p.add(DICTIONARY_PAGES, enc + dec_rows_bytes(sh), "cache", "memory-mapped, reclaimable")
     if offload == "cpu":
         p.add("decoder rows of active features", cache, "host", "pinned")
         p.add("offloaded weights", sh.unused_bytes, "host")
@@ -379,6 +380,20 @@ def plan(
         p.add("offloaded weights", sh.unused_bytes, "disk")
     p.choices.update(offload=offload, device_type=device_type)
     return p
+
+
+#: the plan part of the dictionary pages attribution maps into the process.
+DICTIONARY_PAGES = "dictionary pages mapped"
+
+
+def dec_rows_bytes(sh: AttributionShape) -> float:
+    """Pages of the decoders attribution maps: the rows of the distinct active features,
+    sum_s U_s (n_s d b + P) with P a 4 KiB page (a row starts anywhere in a page, so it spans
+    one page more than its bytes fill). The 16 MiB blocks holding those rows are read whole to
+    be verified, but from the file (the page cache), not through the map."""
+    d, page = sh.d_model, 4096
+    pairs = zip(sh.unique, sh.n_out, strict=True)
+    return float(sum(u * (n * d * sh.dict_bytes + page) for u, n in pairs))
 
 
 def _chunk_need(sh: AttributionShape, batch: int) -> float:
