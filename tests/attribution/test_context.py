@@ -50,6 +50,32 @@ def test_the_replay_graph_keeps_nothing_per_copy(zoo_path: Any, family: str) -> 
     assert rows.abs().max() > 1e-3
 
 
+def test_the_replay_forward_holds_one_layer_of_resid_mid(
+    zoo_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When a layer's resid_mid is seeded, no earlier layer's is alive: the forward keeps one
+    layer's activations per copy, not one per layer (the skip path reads its own layer's)."""
+    import weakref
+
+    from vlmscope.attribution import context
+
+    ctx, _ = _context(zoo_path, 1)
+    seen: list[weakref.ref[torch.Tensor]] = []
+    alive_before: list[int] = []
+    apply = context._Seed.apply
+
+    def seed(x: torch.Tensor, fn: Any) -> torch.Tensor:
+        alive_before.append(sum(r() is not None for r in seen))
+        out = apply(x, fn)
+        seen.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(context._Seed, "apply", seed)
+    ctx.replay(4)
+    assert len(alive_before) == ctx.n_units >= 3
+    assert alive_before == [0] * ctx.n_units
+
+
 def test_offload_and_decoder_placement_give_identical_edges(zoo_path: Any, tmp_path: Any) -> None:
     """Decoder rows cached on the device, in host memory or re-read from the memory-mapped
     dictionaries, weights offloaded to the host or to disk, edge rows in a memory-mapped

@@ -476,6 +476,8 @@ class AttributionContext:
         def embed(t: Tensor, ctx: HookContext) -> Tensor:
             return _Tap.apply(const(self.embeddings), anchor, self._input_columns(None))
 
+        # resid_mid of the layer running, for its skip path only: popped by its MLP output, or
+        # the forward would hold every layer's [copies, seq, d] until the replay ends.
         mids: dict[int, Tensor] = {}
 
         def read(t: Tensor, ctx: HookContext) -> Tensor:
@@ -487,7 +489,7 @@ class AttributionContext:
             layer = int(ctx.layer)  # type: ignore[arg-type]
             out = _Tap.apply(const(self.mlp_outputs[layer]), anchor, self._mlp_columns(layer))
             i = self.unit_of.get(layer)
-            skip = self.weights.skip(i, mids[layer]) if i is not None else None
+            skip = self.weights.skip(i, mids.pop(layer)) if i is not None else None
             if skip is not None:  # the skip connection's linear path stays live where replaced
                 skip = skip * self.replace_mask[:, None]
                 out = out + (skip - skip.detach()).to(out.dtype)
