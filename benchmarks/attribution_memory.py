@@ -1,20 +1,29 @@
-"""Attribution memory on the LLaVA-7B-shaped model: measured peaks against the planner, and
-the planner's prediction for LLaVA-1.5-7B.
+"""Attribution memory on the LLaVA-7B-shaped model: measured peaks against the planner, the
+code before the attribution memory work against this one, and the planner's prediction for
+LLaVA-1.5-7B.
 
     python benchmarks/attribution_memory.py --plan-llava7b          # the 7B plan, no weights
     flock /tmp/vlmscope-heavy.lock python benchmarks/attribution_memory.py --layers 1 2 4
-    python benchmarks/attribution_memory.py --layers 4 --old-src DIR # another checkout's code
+    git worktree add /tmp/vlmscope-old 2db3c62                     # the code before (#20)
+    flock /tmp/vlmscope-heavy.lock python benchmarks/attribution_memory.py --layers 4 \
+        --old-src /tmp/vlmscope-old
 
 The model is `train_throughput.llava7b_random` (LLaVA-1.5-7B's shapes: Llama width 4096, 32
 heads, CLIP ViT-L/14 at 336 px, 576 image tokens per image) cut to --layers LM layers and
---vision-layers CLIP layers, random weights; the CLT is random too (JumpReLU-free TopK, k =
---k), saved once under --work and memory-mapped as `vlmscope attribute` does. The prompt is one
-image and text, about --positions positions. Each configuration runs in a fresh process:
-peak is the process's peak RSS during `attribute` (Linux VmHWM, reset just before; glibc told
-to return freed blocks of 64 KB and up to the system), and the planner's prediction for the
-same shapes (exact feature counts of that run) is the sum of its device and host parts plus
-the process's RSS before the model was built. With --old-src the same child runs another
-checkout's `attribute` (e.g. the commit before this planner) for the "before" column.
+--vision-layers CLIP layers, random weights; the CLT is random too (TopK, k = --k), saved once
+under --work and memory-mapped as `vlmscope attribute` does. The prompt is one image and text,
+about --positions positions. Each configuration runs in a fresh process: peak is the process's
+peak RSS during `attribute` (Linux VmHWM, reset just before; glibc told to return freed blocks
+of 64 KB and up to the system); a sampler thread also keeps, per phase, the largest RSS and its
+anonymous and file-backed (mapped dictionary pages, libraries) parts. The planner's prediction
+for the same shapes (exact feature counts of that run) is the sum of its device and host parts
+and of the dictionary pages it expects mapped, plus what the process held before `attribute`
+other than the model's weights (interpreter, libraries, tokenizer, inputs: not the planner's).
+
+--old-src DIR runs DIR's vlmscope in the child instead (PYTHONPATH; the child imports vlmscope
+before anything puts this checkout on sys.path, and the parent refuses a child that loaded
+vlmscope from anywhere else). Each run saves its graph; when the other code's graph for the
+same configuration is there, the table says whether the edges are identical.
 """
 
 from __future__ import annotations
@@ -37,6 +46,65 @@ def _status(key: str) -> int:
         if line.startswith(key):
             return int(line.split()[1]) * 1024
     return 0
+
+
+class PhaseSampler:
+    """Samples the process's RSS, anonymous and file-backed (mapped dictionary pages), every
+    2 ms, and keeps each phase's largest sample; phases are the attribution context's methods
+    (whichever of them the code being measured has) and attribute's final assembly."""
+
+    PHASES = ("record_forward", "record", "prepare", "replay", "backward")
+
+    def __init__(self) -> None:
+        import threading
+
+        self.phase = "setup"
+        self.peaks: dict[str, dict[str, int]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        now = {}
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key = line.split(":")[0]
+            if key in ("VmRSS", "RssAnon", "RssFile"):
+                now[key] = int(line.split()[1]) * 1024
+        best = self.peaks.get(self.phase)
+        if best is None or now["VmRSS"] > best["rss"]:
+            self.peaks[self.phase] = {"rss": now["VmRSS"], "anon": now["RssAnon"],
+                                      "file": now["RssFile"]}  # fmt: skip
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.002):
+            self._sample()
+
+    def wrap(self, owner: Any, name: str) -> None:
+        fn = getattr(owner, name, None)
+        if fn is None:
+            return
+
+        def phased(*a: Any, **k: Any) -> Any:
+            outer, self.phase = self.phase, name
+            try:
+                return fn(*a, **k)
+            finally:
+                self._sample()
+                self.phase = outer
+
+        setattr(owner, name, phased)
+
+    def __enter__(self) -> PhaseSampler:
+        from vlmscope.attribution import attribute, context
+
+        for name in self.PHASES:
+            self.wrap(context.AttributionContext, name)
+        self.wrap(attribute, "_assemble")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def llava7b_config_dir(out: Path, lm_layers: int = 32, vision_layers: int = 24) -> Path:
@@ -83,6 +151,10 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from PIL import Image
 
+    # vlmscope before train_throughput, from PYTHONPATH (--old-src) or the install:
+    # train_throughput puts this checkout first on sys.path, which would win over --old-src.
+    import vlmscope
+
     torch.set_num_threads(args.threads)
     baseline = _status("VmRSS:")
     from train_throughput import llava7b_random
@@ -101,15 +173,23 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
     before = _status("VmRSS:")
-    g = attribute(vlm, str(clt), inputs, **kw)
+    with PhaseSampler() as phases:
+        g = attribute(vlm, str(clt), inputs, **kw)
     peak = _status("VmHWM:")
     meta = g.metadata
+    from safetensors.torch import save_file
+
+    graph = {"adjacency": g.adjacency.contiguous(), "features": g.features.contiguous()}
+    save_file(graph, str(Path(args.graph_out)))
     return {
+        "vlmscope": str(Path(vlmscope.__file__).resolve().parent),
         "layers": args.layer,
         "positions": int(inputs["input_ids"].shape[1]),
         "baseline": baseline,
         "before": before,
         "peak": peak,
+        "phases": phases.peaks,
+        "model_bytes": sum(t.numel() * t.element_size() for t in vlm.model.parameters()),
         "active": meta.get("active_per_layer"),
         "unique": meta.get("unique_per_layer"),
     }
@@ -129,7 +209,11 @@ def predict(args: argparse.Namespace, work: Path, r: dict[str, Any]) -> dict[str
     # On a CPU the device is the host, and mapped dictionary pages count in RSS too.
     host = p.total("host") + p.total("cache")
     host -= sum(x.bytes for x in p.parts if x.name == "assembled adjacency")
-    return {"device": device, "host": host, "total": device + host + r["baseline"]}
+    # What the process held before attribute() other than the model's weights (interpreter,
+    # libraries, tokenizer, inputs) is not the planner's: it is added as measured.
+    runtime = r["before"] - r["model_bytes"] if "model_bytes" in r else r["baseline"]
+    return {"device": device, "host": host, "runtime": runtime,
+            "total": device + host + runtime}  # fmt: skip
 
 
 def main() -> None:
@@ -149,6 +233,7 @@ def main() -> None:
     p.add_argument("--plan-llava7b", action="store_true", help="print the LLaVA-1.5-7B plan")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--layer", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--graph-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(json.dumps(child(args)))
@@ -165,36 +250,65 @@ def main() -> None:
               "--positions 1000 --gpu-mem 80 --dtype bfloat16", flush=True)  # fmt: skip
         subprocess.run(cmd, check=False, cwd=ROOT)
         return
-    code = f"code from {args.old_src}" if args.old_src else "this checkout"
+    src = Path(args.old_src).resolve() if args.old_src else ROOT
     print(f"LLaVA-7B-shaped, {args.vision_layers} vision layers, {args.dtype}, CLT "
           f"{args.latents} latents k={args.k}, batch {args.batch_size}, ~{args.positions} "
-          f"positions, {code}")  # fmt: skip
+          f"positions, vlmscope from {src}")  # fmt: skip
     print(f"{'layers':>6} {'positions':>9} {'peak GB':>8} {'predicted GB':>12} {'error':>7}"
-          f" {'above model GB':>14}", flush=True)  # fmt: skip
+          f" {'above model GB':>14} {'mapped GB':>9} {'peak phase':>14}  edges against the "
+          "other code", flush=True)  # fmt: skip
     for layers in args.layers:
         args.layer = layers
         prepare_clt(args, work)
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1"}
         if args.old_src:
-            env["PYTHONPATH"] = str(Path(args.old_src).resolve())
+            env["PYTHONPATH"] = str(src)
+        tag = f"L{layers}-p{args.positions}-b{args.batch_size}"
+        graph = work / f"graph-{tag}{'-old' if args.old_src else ''}.safetensors"
+        other = work / f"graph-{tag}{'' if args.old_src else '-old'}.safetensors"
         cmd = [sys.executable, __file__, "--child", "--layer", str(layers), "--work", str(work),
                "--positions", str(args.positions), "--latents", str(args.latents), "--k",
                str(args.k), "--dtype", args.dtype, "--batch-size", str(args.batch_size),
-               "--vision-layers", str(args.vision_layers),
-               "--threads", str(args.threads)]  # fmt: skip
+               "--vision-layers", str(args.vision_layers), "--threads", str(args.threads),
+               "--graph-out", str(graph)]  # fmt: skip
         out = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if out.returncode != 0:
             print(out.stderr[-3000:])
             continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        pred = predict(args, work, r)
-        err = (pred["total"] - r["peak"]) / r["peak"]
+        if Path(r["vlmscope"]) != src / "vlmscope":
+            raise SystemExit(f"the child ran vlmscope from {r['vlmscope']}, not from {src}")
+        # The planner is this checkout's: it predicts this checkout's attribution only.
+        pred = None if args.old_src else predict(args, work, r)
+        err = "" if pred is None else f"{(pred['total'] - r['peak']) / r['peak']:+.1%}"
+        predicted = "" if pred is None else f"{pred['total'] / 1e9:.2f}"
         above = (r["peak"] - r["before"]) / 1e9
-        print(f"{layers:>6} {r['positions']:>9} {r['peak'] / 1e9:>8.2f} "
-              f"{pred['total'] / 1e9:>12.2f} {err:>+7.1%} {above:>14.2f}", flush=True)  # fmt: skip
-        (work / f"result-L{layers}{'-old' if args.old_src else ''}.json").write_text(
+        # The sampled peak's file-backed part: mapped dictionary pages (and libraries).
+        phase, top = max(r["phases"].items(), key=lambda kv: kv[1]["rss"])
+        print(f"{layers:>6} {r['positions']:>9} {r['peak'] / 1e9:>8.2f} {predicted:>12} "
+              f"{err:>7} {above:>14.2f} {top['file'] / 1e9:>9.2f} {phase:>14}  "
+              f"{compare_graphs(graph, other)}", flush=True)  # fmt: skip
+        (work / f"result-{tag}{'-old' if args.old_src else ''}.json").write_text(
             json.dumps({**r, "predicted": pred})
         )
+
+
+def compare_graphs(a: Path, b: Path) -> str:
+    """Whether two runs' graphs hold the same features and edges (max |difference| relative
+    to the largest edge), or "-" when the other run is not there."""
+    if not b.exists():
+        return "-"
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(a)), load_file(str(b))
+    if not x["features"].equal(y["features"]):
+        return "different features explored"
+    if x["adjacency"].shape != y["adjacency"].shape:
+        return f"different shapes {tuple(x['adjacency'].shape)} {tuple(y['adjacency'].shape)}"
+    if x["adjacency"].equal(y["adjacency"]):
+        return "identical"
+    diff = (x["adjacency"] - y["adjacency"]).abs().max()
+    return f"max |difference| {float(diff / x['adjacency'].abs().max()):.1e} of the largest edge"
 
 
 if __name__ == "__main__":
