@@ -371,9 +371,14 @@ class AttributionContext:
             self._dec.append(rows)
 
     def _mapped(self, s: int) -> bool:
-        """Rows are read in place: the device is the CPU the decoders live on."""
+        """Rows are read in place: the device is the CPU the decoders live on, in memory. A
+        memory-mapped decoder is not read in place: each row read through the map leaves its
+        page-cache folio (up to 2 MiB) mapped in the process, most of the decoder in the end;
+        its rows are gathered from the file instead (`DictionaryWeights.decoder_rows`)."""
         w = self.weights.module(s).W_dec
-        return self.decoder_cache == "device" and self.device.type == w.device.type == "cpu"
+        on_file = self.weights._name(s, "W_dec") in self.weights.bundle.tensor_checks.entries
+        cpu = self.device.type == w.device.type == "cpu"
+        return self.decoder_cache == "device" and cpu and not on_file
 
     def _gather_decoders(self, s: int, unique: Tensor, j: int | None = None) -> Tensor:
         """[n_out, U + 1, d] (or [U + 1, d] for target j alone) from the dictionary."""

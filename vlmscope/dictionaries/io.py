@@ -327,6 +327,33 @@ class TensorChecks:
         for key in self.entries:
             self.check(key)
 
+    def read_rows(self, key: str, rows: Tensor, col: int | None = None) -> Tensor | None:
+        """Rows `rows` of mapped tensor `key` (its index `col` along dim 1 alone when given),
+        read from the file into a new tensor; None when `key` is not mapped. Reading through
+        the map would leave whole page-cache folios (up to 2 MiB on current Linux) mapped in
+        the process for each row; this holds the rows' bytes only. Verify them first."""
+        e = self.entries.get(key)
+        if e is None:
+            return None
+        t = e.tensor
+        r = torch.as_tensor(rows).reshape(-1).cpu().long()
+        per = t.element_size()
+        row_bytes = (t.numel() // max(1, t.shape[0])) * per
+        shape = list(t.shape[1:])
+        skip, size = 0, row_bytes
+        if col is not None:
+            size = row_bytes // shape[0]
+            skip, shape = col * size, shape[1:]
+        out = torch.empty(len(r), *shape, dtype=t.dtype)
+        raw = out.view(torch.uint8).numpy().reshape(len(r), size) if len(r) else None
+        start = t.storage_offset() * per + skip
+        with open(e.path, "rb", buffering=0) as f:
+            for i, row in enumerate(r.tolist()):
+                f.seek(start + row * row_bytes)
+                if f.readinto(raw[i]) != size:  # type: ignore[index]
+                    raise DictionaryFormatError(f"{e.path}: tensor {e.name!r} is cut short")
+        return out
+
 
 def _map_safetensors(path: Path) -> dict[str, Tensor]:
     """The tensors of `path` as views of a private memory map (read on first touch)."""

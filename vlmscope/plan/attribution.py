@@ -348,9 +348,7 @@ def plan(
     p.add("attention patterns", L * sh.n_heads * n * n * a, "device", "recorded, model dtype")
     p.add("MLP outputs, errors, embeddings (fp32)", (L + sh.n_units + 1) * n * d * 4, "device")
     cache = sh.decoder_cache_bytes()
-    if offload is None and device_type == "cpu":
-        pass  # read in place from the mapped dictionary: "dictionary pages mapped" below
-    elif offload is None:
+    if offload is None:
         p.add("decoder rows of active features", cache, "device", "cached once")
     else:
         one = max((u + 1) * d * sh.dict_bytes for u in sh.unique)
@@ -362,7 +360,7 @@ def plan(
     p.add("replay / backward activations, per copy", batch * per_copy, "device",
           "one layer at a time", per_copy=True)  # fmt: skip
     p.add("edge rows being filled", batch * sh.n_cols * 4, "device", per_copy=True)
-    p.add("feature-column chunk", min(CHUNK_BYTES, _chunk_need(sh, batch)), "device")
+    p.add("feature-column chunk", _chunk_need(sh, batch), "device")
     # host
     rows = sh.n_rows * sh.n_cols * 4
     p.add("edge rows (all explored)", rows, "host", "a memory-mapped file above the budget")
@@ -371,8 +369,10 @@ def plan(
     p.add("assembled adjacency", n_graph * n_graph * 4, "host", "after the backward passes")
     p.add("influence estimate block", sh.n_rows * sh.n_rows * 4, "host")
     p.add("feature table", sh.n_active * 36, "host")
+    # Encoders are read whole through the map (every feature is scored); decoder rows are read
+    # from the files (TensorChecks.read_rows), through the page cache, into the rows above.
     enc = sh.n_units * sh.latents * sh.d_in * sh.dict_bytes
-    p.add(DICTIONARY_PAGES, enc + dec_rows_bytes(sh), "cache", "memory-mapped, reclaimable")
+    p.add(DICTIONARY_PAGES, enc, "cache", "encoders, memory-mapped, reclaimable")
     if offload == "cpu":
         p.add("decoder rows of active features", cache, "host", "pinned")
         p.add("offloaded weights", sh.unused_bytes, "host")
@@ -386,20 +386,18 @@ def plan(
 DICTIONARY_PAGES = "dictionary pages mapped"
 
 
-def dec_rows_bytes(sh: AttributionShape) -> float:
-    """Pages of the decoders attribution maps: the rows of the distinct active features,
-    sum_s U_s (n_s d b + P) with P a 4 KiB page (a row starts anywhere in a page, so it spans
-    one page more than its bytes fill). The 16 MiB blocks holding those rows are read whole to
-    be verified, but from the file (the page cache), not through the map."""
-    d, page = sh.d_model, 4096
-    pairs = zip(sh.unique, sh.n_out, strict=True)
-    return float(sum(u * (n * d * sh.dict_bytes + page) for u, n in pairs))
-
-
 def _chunk_need(sh: AttributionShape, batch: int) -> float:
+    """Bytes of one chunk of `context._feature_columns` for `batch` copies: it takes as many
+    positions as fit CHUNK_BYTES at its own (conservative) count of 4 d (n + 2 k) + 4 n k per
+    position, and allocates per position the gathered decoder rows k d b, their float32 copy
+    when b != 4, the products and their transposed copy 2 * 4 n k (gradients are sliced when
+    every position holds features, the case of a full prompt)."""
+    d, b = sh.d_model, sh.dict_bytes
     kmax = max(1, max(a // max(1, sh.positions) for a in sh.active) if sh.active else 1)
-    per_pos = 4 * sh.d_model * (batch + 2 * kmax) + 4 * batch * kmax
-    return float(per_pos * sh.positions)
+    counted = 4 * d * (batch + 2 * kmax) + 4 * batch * kmax
+    step = min(sh.positions, max(1, CHUNK_BYTES // counted))
+    real = kmax * d * b + (kmax * d * 4 if b != 4 else 0) + 2 * 4 * batch * kmax
+    return float(step * real)
 
 
 def record_peak(shape: AttributionShape) -> float:
