@@ -173,6 +173,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
     before = _status("VmRSS:")
+    before_file = _status("RssFile:")
     with PhaseSampler() as phases:
         g = attribute(vlm, str(clt), inputs, **kw)
     peak = _status("VmHWM:")
@@ -187,6 +188,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         "positions": int(inputs["input_ids"].shape[1]),
         "baseline": baseline,
         "before": before,
+        "before_file": before_file,
         "peak": peak,
         "phases": phases.peaks,
         "model_bytes": sum(t.numel() * t.element_size() for t in vlm.model.parameters()),

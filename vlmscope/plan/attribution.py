@@ -11,7 +11,8 @@ Device, while the backward passes run (context.py):
     weights          all parameters (less MLPs, vision tower, embeddings with --offload)
     patterns         L H N^2 a                       (recorded attention, model dtype)
     outputs, errors  (L + S + 1) N d 4               (fp32: MLP outputs, errors, embeddings)
-    decoder rows     sum_s (U_s + 1) n_s d b         (cached on the device; with --offload
+    decoder rows     sum_s (U_s + 1) n_s d b         (read from the files into one copy on
+                                                      the device, a CPU too; with --offload
                                                       only one target's rows at a time)
     skip matrices    S d^2 4                         (when the dictionaries have them)
     feature index    sum_s A_s (8 + 1)
@@ -19,12 +20,18 @@ Device, while the backward passes run (context.py):
                                                       the replay or gradients in the backward:
                                                       nothing is kept per copy)
     rows             c C 4                           (the rows being filled)
-    chunk            <= 256 MB                        (feature-column batched dot products)
+    chunk            P (k d b [+ k d 4] + 8 c k)      (feature-column dot products over P
+                                                      positions, P as many as fit 256 MB at
+                                                      context.py's own count; k: features
+                                                      per position; see _chunk_need)
 
 Recording (one forward) adds one unit's encoder F d b and pre-activations N F (b + 4), and
 eager attention's scores H N^2 (4 + a). Host: the rows R C 4 (a memory-mapped file above a
 budget), the influence estimate's block R^2 4, the assembled adjacency (R + (L + 1) N)^2 4,
-and, with --offload cpu, the decoder rows and the offloaded weights. The constants k_a, k_4
+and, with --offload cpu, the decoder rows and the offloaded weights. Page cache: the encoders
+S F d b, memory-mapped and read whole (every feature is scored); decoder rows are read from the
+files (pread), not through the map, which would leave each row's page-cache folio (up to
+2 MiB) mapped in the process, most of the decoder. The constants k_a, k_4
 are measured (benchmarks/attribution_memory.py): on CPU, the fitted formula predicted held-out
 runs at 1, 2 and 4 layers of the LLaVA-7B-shaped model within the tolerance given there.
 
