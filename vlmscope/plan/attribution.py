@@ -16,9 +16,10 @@ Device, while the backward passes run (context.py):
                                                       only one target's rows at a time)
     skip matrices    S d^2 4                         (when the dictionaries have them)
     feature index    sum_s A_s (8 + 1)
-    per copy         c N d (k_a a + k_4 4)           (one layer's transient activations in
-                                                      the replay or gradients in the backward:
-                                                      nothing is kept per copy)
+    per copy         c N d max(5 a, a + 3 * 4)        (one layer's live set in the replay:
+                                                      the attention block's 5 vectors, or a
+                                                      norm's float32 ones; nothing is kept
+                                                      per copy; see per_copy_bytes)
     rows             c C 4                           (the rows being filled)
     chunk            P (k d b [+ k d 4] + 8 c k)      (feature-column dot products over P
                                                       positions, P as many as fit 256 MB at
@@ -31,9 +32,9 @@ budget), the influence estimate's block R^2 4, the assembled adjacency (R + (L +
 and, with --offload cpu, the decoder rows and the offloaded weights. Page cache: the encoders
 S F d b, memory-mapped and read whole (every feature is scored); decoder rows are read from the
 files (pread), not through the map, which would leave each row's page-cache folio (up to
-2 MiB) mapped in the process, most of the decoder. The constants k_a, k_4
-are measured (benchmarks/attribution_memory.py): on CPU, the fitted formula predicted held-out
-runs at 1, 2 and 4 layers of the LLaVA-7B-shaped model within the tolerance given there.
+2 MiB) mapped in the process, most of the decoder. Nothing here is fitted: every part is
+counted from the code; benchmarks/attribution_memory.py checks the sum against measured peaks
+at 1, 2 and 4 layers of the LLaVA-7B-shaped model on a CPU.
 
 Time: FLOPs of the record forward (2 params N), of the replay and each backward (attention's
 value and output projections and pattern mixing, c copies), and of the edge products (c A n d
@@ -63,10 +64,11 @@ from vlmscope.plan.memory import (
     parameter_bytes,
 )
 
-#: per copy and position, transient bytes of one replayed layer: K_ACT vectors of width d in
-#: the model's dtype and K_FP32 in float32 (measured; see the module docstring).
-K_ACT = 7.0
-K_FP32 = 1.0
+#: per copy and position, the vectors of width d one replayed layer holds at once (see
+#: `per_copy_bytes`): the attention block's, in the model's dtype, and a frozen norm's, in float32
+#: beside the residual.
+ATTENTION_VECTORS = 5
+NORM_FP32_VECTORS = 3
 #: bound of the feature-column chunk (context.py's chunk_bytes).
 CHUNK_BYTES = 256 << 20
 #: room left free on the device for the allocator's fragmentation and the framework.
@@ -363,7 +365,7 @@ def plan(
     if sh.skip:
         p.add("skip matrices (fp32)", sh.n_units * d * sh.d_in * 4, "device")
     p.add("feature index", sh.n_active * 9 + sh.n_units * n * 8, "device")
-    per_copy = n * d * (K_ACT * a + K_FP32 * 4)
+    per_copy = per_copy_bytes(sh)
     p.add("replay / backward activations, per copy", batch * per_copy, "device",
           "one layer at a time", per_copy=True)  # fmt: skip
     p.add("edge rows being filled", batch * sh.n_cols * 4, "device", per_copy=True)
@@ -391,6 +393,24 @@ def plan(
 
 #: the plan part of the dictionary pages attribution maps into the process.
 DICTIONARY_PAGES = "dictionary pages mapped"
+
+
+def per_copy_bytes(sh: AttributionShape) -> float:
+    """Bytes one copy of the prompt adds while a layer is replayed: nothing is kept across
+    layers, so it is the larger of two live sets, per position, of vectors of width d.
+
+    - The attention block: the residual stream, the normed input, the values, the mixed values
+      (made contiguous for the output projection) and the projection's output, in the model's
+      dtype: ATTENTION_VECTORS a.
+    - A frozen norm (freeze.py's linear replay): the residual, and its input cast to float32,
+      times the recorded scale, times the weight: a + NORM_FP32_VECTORS 4 (in float32 the cast
+      is no copy: 2 vectors of 4 bytes).
+
+    The backward's live set is smaller: the gradient, its float32 position-major copy for the
+    edge products (context._position_major) and one projection's gradient."""
+    n, d, a = sh.positions, sh.d_model, sh.act_bytes
+    norm = a + (NORM_FP32_VECTORS if a != 4 else NORM_FP32_VECTORS - 1) * 4
+    return float(n * d * max(ATTENTION_VECTORS * a, norm))
 
 
 def _chunk_need(sh: AttributionShape, batch: int) -> float:
