@@ -15,6 +15,7 @@ from vlmscope.plan.attribution import (
     DICTIONARY_PAGES,
     choose,
     peak,
+    per_copy_bytes,
     plan,
     shape_from_config,
 )
@@ -82,6 +83,19 @@ def test_mapped_pages_are_the_encoders_and_decoder_rows_are_copied_once() -> Non
         assert [x.bytes for x in p.parts if x.name == DICTIONARY_PAGES] == [4 * 512 * d * 4]
         rows = [x.bytes for x in p.parts if x.name == "decoder rows of active features"]
         assert rows == [(4 * 4 + 6 * 3 + 8 * 2 + 12 * 1) * d * 4]
+
+
+
+def test_a_copy_costs_the_replayed_layers_live_set() -> None:
+    """By hand, per position: float32, the attention block's 5 vectors (20 d bytes) outweigh a
+    norm's residual and 2 float32 vectors (12 d); bfloat16, the norm's residual and 3 float32
+    vectors (2 + 12 = 14 d bytes) outweigh the attention block's 5 (10 d)."""
+    shape = shape_from_config(toy_path(), "clt:512:8", 40)
+    n, d = 40, shape.d_model
+    assert per_copy_bytes(dataclasses.replace(shape, act_bytes=4)) == n * d * 20
+    assert per_copy_bytes(dataclasses.replace(shape, act_bytes=2)) == n * d * 14
+    parts = {x.name: x.bytes for x in plan(shape, 3, None, "cuda").parts}
+    assert parts["replay / backward activations, per copy"] == 3 * per_copy_bytes(shape)
 
 
 def _llava_7b_config(folder: Path) -> Path:
