@@ -85,7 +85,6 @@ def test_mapped_pages_are_the_encoders_and_decoder_rows_are_copied_once() -> Non
         assert rows == [(4 * 4 + 6 * 3 + 8 * 2 + 12 * 1) * d * 4]
 
 
-
 def test_a_copy_costs_the_replayed_layers_live_set() -> None:
     """By hand, per position: float32, the attention block's 5 vectors (20 d bytes) outweigh a
     norm's residual and 2 float32 vectors (12 d); bfloat16, the norm's residual and 3 float32
