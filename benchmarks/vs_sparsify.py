@@ -24,9 +24,10 @@ transcoders b_enc = -mean(x) W_enc^T; unit-norm decoder upkeep for SAEs; its def
 optimizer, sign-SGD under a schedule-free wrapper, evaluated after `optimizer.eval()` as its
 `save` does; AuxK off, its default). Its `Trainer` class itself needs a Hugging Face causal LM
 and token ids, so it cannot take the VLM's image tokens; its training step is what is timed.
-vlmscope runs the step of `vlmscope train` (init_from_data on the first batch, Adam with the
-trainer's warm-up/decay schedule and learning-rate rule, decoder-norm upkeep, dead-latent
-counters). tokens/s is the dictionary step alone (forward, backward, optimizer) after
+vlmscope runs the step of `vlmscope train` (init_from_data on the first batch, the trainer's
+optimiser, learning-rate rule and schedule: `--optimizer auto` is signum for SAEs, Adam for
+transcoders and CLTs, see training/optim.py; decoder-norm upkeep, dead-latent counters), and
+its held-out FVU is that of the weights it would save (signum: the schedule-free average). tokens/s is the dictionary step alone (forward, backward, optimizer) after
 `--warmup` steps; the model forward that produced the activations is the same for both and
 is left out. Keep this out of `make test`: it installs a package and trains for minutes.
 """
