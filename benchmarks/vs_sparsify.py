@@ -27,9 +27,10 @@ and token ids, so it cannot take the VLM's image tokens; its training step is wh
 vlmscope runs the step of `vlmscope train` (init_from_data on the first batch, the trainer's
 optimiser, learning-rate rule and schedule: `--optimizer auto` is signum for SAEs, Adam for
 transcoders and CLTs, see training/optim.py; decoder-norm upkeep, dead-latent counters), and
-its held-out FVU is that of the weights it would save (signum: the schedule-free average). tokens/s is the dictionary step alone (forward, backward, optimizer) after
-`--warmup` steps; the model forward that produced the activations is the same for both and
-is left out. Keep this out of `make test`: it installs a package and trains for minutes.
+its held-out FVU is that of the weights it would save (signum: the schedule-free average).
+tokens/s is the dictionary step alone (forward, backward, optimizer) after `--warmup` steps;
+the model forward that produced the activations is the same for both and is left out.
+Keep this out of `make test`: it installs a package and trains for minutes.
 """
 
 from __future__ import annotations
