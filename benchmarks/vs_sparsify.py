@@ -24,11 +24,13 @@ transcoders b_enc = -mean(x) W_enc^T; unit-norm decoder upkeep for SAEs; its def
 optimizer, sign-SGD under a schedule-free wrapper, evaluated after `optimizer.eval()` as its
 `save` does; AuxK off, its default). Its `Trainer` class itself needs a Hugging Face causal LM
 and token ids, so it cannot take the VLM's image tokens; its training step is what is timed.
-vlmscope runs the step of `vlmscope train` (init_from_data on the first batch, Adam with the
-trainer's warm-up/decay schedule and learning-rate rule, decoder-norm upkeep, dead-latent
-counters). tokens/s is the dictionary step alone (forward, backward, optimizer) after
-`--warmup` steps; the model forward that produced the activations is the same for both and
-is left out. Keep this out of `make test`: it installs a package and trains for minutes.
+vlmscope runs the step of `vlmscope train` (init_from_data on the first batch, the trainer's
+optimiser, learning-rate rule and schedule: `--optimizer auto` is signum for SAEs, Adam for
+transcoders and CLTs, see training/optim.py; decoder-norm upkeep, dead-latent counters), and
+its held-out FVU is that of the weights it would save (signum: the schedule-free average).
+tokens/s is the dictionary step alone (forward, backward, optimizer) after `--warmup` steps;
+the model forward that produced the activations is the same for both and is left out.
+Keep this out of `make test`: it installs a package and trains for minutes.
 """
 
 from __future__ import annotations
@@ -207,7 +209,13 @@ def run_vlmscope(args: argparse.Namespace, folder: Path, kind: str, modality: st
     """vlmscope's training step (what `vlmscope train` runs per batch) on the captured rows."""
     sys.path.insert(0, str(ROOT))
     from vlmscope.dictionaries import CrossLayerTranscoder, SparseCoder, SparseCoderConfig
-    from vlmscope.training.config import TrainConfig
+    from vlmscope.training.config import SaeArgs, TrainConfig
+    from vlmscope.training.optim import (
+        averaged,
+        build_optimizer,
+        is_schedule_free,
+        lr_multiplier,
+    )
 
     info = json.loads((folder / "info.json").read_text())
     layers = list(range(info["layers"])) if kind == "clt" else [args.layer]
@@ -224,9 +232,14 @@ def run_vlmscope(args: argparse.Namespace, folder: Path, kind: str, modality: st
         cfg = SparseCoderConfig(kind=kind, d_in=d, expansion_factor=args.expansion, k=args.k)
         model = SparseCoder(cfg)
     model.train()
-    tcfg = TrainConfig(model="toy", dataset="shapes", max_tokens=args.tokens)
+    tcfg = TrainConfig(model="toy", dataset="shapes", max_tokens=args.tokens,
+                       sae=SaeArgs(kind=kind), optimizer=args.optimizer)  # fmt: skip
+    warmup = tcfg.lr_warmup_fraction if args.lr_warmup < 0 else args.lr_warmup
+    decay = tcfg.resolved_lr_decay() if args.lr_decay < 0 else args.lr_decay
     base_lr = tcfg.lr_for(cfg.num_latents) * args.lr_scale
-    opt = torch.optim.Adam(model.parameters(), lr=base_lr)
+    opt = build_optimizer(tcfg.resolved_optimizer(), model.parameters(), base_lr)
+    # the trainer's order: unit decoder rows after an Adam step, before a schedule-free forward
+    norm_before = cfg.normalize_decoder and is_schedule_free(opt)
     xs_all, ys_all = [x for x, _ in train], [y for _, y in train]
 
     def call(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> Any:
@@ -242,25 +255,24 @@ def run_vlmscope(args: argparse.Namespace, folder: Path, kind: str, modality: st
                 model.init_from_data(xs, ys)
             else:
                 model.init_from_data(xs[0], None if kind == "sae" else ys[0])
+        if norm_before:
+            model.set_decoder_norm_to_unit_norm()
         call(xs, ys).loss.backward()
         # The trainer's schedule, counted in tokens of this run (warm-up steps included).
         total = args.tokens + args.warmup * args.batch_tokens
-        frac = min(1.0, (i + 1) * args.batch_tokens / total)
-        warm = min(1.0, frac / tcfg.lr_warmup_fraction)
-        start = 1.0 - tcfg.lr_decay_fraction
-        decay = 1.0 if frac <= start else max(0.0, (1.0 - frac) / (1.0 - start))
         for group in opt.param_groups:
-            group["lr"] = base_lr * warm * decay
+            group["lr"] = base_lr * lr_multiplier((i + 1) * args.batch_tokens / total, warmup,
+                                                  decay)  # fmt: skip
         if cfg.normalize_decoder:
             model.remove_gradient_parallel_to_decoder_directions()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if cfg.normalize_decoder:
+        if cfg.normalize_decoder and not norm_before:
             model.set_decoder_norm_to_unit_norm()
 
     def heldout() -> list[float]:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), averaged(opt):  # signum: the averaged weights, as saved
             out = call([x for x, _ in test], [y for _, y in test])
         model.train()
         recons = out.reconstruction if kind == "clt" else [out.reconstruction]
@@ -361,6 +373,16 @@ def main() -> None:
     p.add_argument("--modalities", nargs="+", default=["text", "vlm"])
     p.add_argument("--lr-scale", type=float, default=1.0,
                    help="scales vlmscope's default learning rate (not sparsify's)")  # fmt: skip
+    p.add_argument("--optimizer", default="auto", choices=["auto", "adam", "signum"],
+                   help="vlmscope's --optimizer (auto: the trainer's per kind)")  # fmt: skip
+    p.add_argument(
+        "--lr-warmup",
+        type=float,
+        default=-1.0,
+        help="vlmscope's warm-up fraction (default: the trainer's)",
+    )
+    p.add_argument("--lr-decay", type=float, default=-1.0,
+                   help="vlmscope's decay fraction (default: the trainer's)")  # fmt: skip
     p.add_argument("--sparsify-venv", default=str(ROOT.parent / f"{ROOT.name}-peers" / "sparsify"))
     p.add_argument("--json", default="", help="also write the results here")
     p.add_argument("--activations", default="",
@@ -373,7 +395,8 @@ def main() -> None:
     args = p.parse_args()
     args.passthrough = [f"--{k}={getattr(args, k.replace('-', '_'))}" for k in
                         ("tokens", "batch-tokens", "warmup", "heldout-tokens", "expansion", "k",
-                         "layer", "seed", "threads", "curve", "init", "lr-scale")]  # fmt: skip
+                         "layer", "seed", "threads", "curve", "init", "lr-scale", "optimizer",
+                         "lr-warmup", "lr-decay")]  # fmt: skip
     if args.role != "driver":
         runner = run_sparsify if args.role == "sparsify" else run_vlmscope
         print(json.dumps(runner(args, Path(args.data), args.kind, args.modality)))

@@ -91,7 +91,7 @@ def config(out: Path, name: str, batch: int, kind: str, **extra: Any) -> TrainCo
            "transcoder": SaeArgs(transcode=True, num_latents=40, k=3, activation="jumprelu",
                                  sparsity_coeff=0.01, normalize_activations="mean_norm"),
            "sae": SaeArgs(num_latents=40, k=5, aux_k=4, dead_tokens_threshold=4)}[kind]  # fmt: skip
-    values: dict[str, Any] = {"max_steps": 6, "save_every": 2, "lr": 0.05}
+    values: dict[str, Any] = {"max_steps": 6, "save_every": 2, "lr": 0.05, "optimizer": "adam"}
     values.update(extra)
     return TrainConfig(model="array", dataset="array", sae=sae, batch_size=batch,
                        output_dir=str(out), run_name=name, device="cpu", dist_timeout=60,
@@ -218,10 +218,15 @@ def test_data_parallel_equals_one_process_on_the_global_batch(
         assert ma["l0_per_unit"] == pytest.approx(mb["l0_per_unit"], abs=1e-3)
 
 
-def test_a_killed_rank_stops_the_others_and_resume_is_bit_exact(tmp_path: Path) -> None:
-    cfg = config(tmp_path, "full", 4, "sae", max_steps=8, save_every=2)
+@pytest.mark.parametrize("optimizer", ["adam", "signum"])
+def test_a_killed_rank_stops_the_others_and_resume_is_bit_exact(
+    tmp_path: Path, optimizer: str
+) -> None:
+    """signum: the schedule-free state (z, the step count and weight sums in the parameter
+    groups) and the decoder rows normalised before each forward resume bit for bit too."""
+    cfg = config(tmp_path, "full", 4, "sae", max_steps=8, save_every=2, optimizer=optimizer)
     assert all(r["ok"] for r in run_ranks(2, tmp_path / "full", cfg, 64, sgd=False))
-    killed = config(tmp_path, "killed", 4, "sae", max_steps=8, save_every=2)
+    killed = config(tmp_path, "killed", 4, "sae", max_steps=8, save_every=2, optimizer=optimizer)
     t0 = time.monotonic()
     results = run_ranks(2, tmp_path / "k1", killed, 64, sgd=False, src={"die_at": 6})
     assert results[1]["ok"] is None  # SIGKILLed at its 6th batch, after the step-4 checkpoint
@@ -229,7 +234,8 @@ def test_a_killed_rank_stops_the_others_and_resume_is_bit_exact(tmp_path: Path) 
     assert time.monotonic() - t0 < 100  # an error, well before any hang would end
     state = json.loads((tmp_path / "killed" / "checkpoint" / "state.json").read_text())
     assert state["train_state"]["step"] == 4 and state["world_size"] == 2
-    resumed = config(tmp_path, "killed", 4, "sae", max_steps=8, save_every=2, resume=True)
+    resumed = config(tmp_path, "killed", 4, "sae", max_steps=8, save_every=2, resume=True,
+                     optimizer=optimizer)  # fmt: skip
     assert all(r["ok"] for r in run_ranks(2, tmp_path / "k2", resumed, 64, sgd=False))
     assert_close(weights_of(tmp_path / "k2", 0), weights_of(tmp_path / "full", 0), atol=0)
     assert_close(weights_of(tmp_path / "k2", 1), weights_of(tmp_path / "full", 1), atol=0)

@@ -321,6 +321,9 @@ def load_checkpoint(
         )
     step = state["train_state"].get("step", 0)
     steps = {float(t) for k, t in opt_tensors.items() if k.endswith(".step")}
+    # schedule-free optimisers count their steps per parameter group ("k")
+    groups = state["optimizer"].get("param_groups", [])
+    steps |= {float(g["k"]) for g in groups if isinstance(g, dict) and "k" in g}
     if steps and steps != {float(step)}:
         raise CheckpointError(
             f"checkpoint {path}: state.json says step {step} but optimizer.safetensors has "

@@ -21,6 +21,7 @@ from typing import Any
 from vlmscope.data.sources import ColumnMap
 from vlmscope.dictionaries.config import SparseCoderConfig
 from vlmscope.models.vision import is_vision_hook
+from vlmscope.training.optim import OPTIMIZERS, default_lr
 
 LOSSES = ("fvu", "ce", "kl")
 TOKEN_KINDS = ("all", "image", "text")
@@ -62,11 +63,6 @@ def _is_plain_folder_name(name: str) -> bool:
 
     seps = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
     return name not in (".", "..") and not any(sep in name for sep in seps) and "\0" not in name
-
-
-def default_lr(num_latents: int) -> float:
-    """The learning rate when --lr is 0: 2e-4 scaled by 1/sqrt(num_latents / 2**14)."""
-    return 2e-4 / math.sqrt(num_latents / 2**14)
 
 
 def is_shapes_dataset(name: str) -> bool:
@@ -166,9 +162,11 @@ class TrainConfig:
     loss_fn: str = "fvu"
     batch_size: int = 8
     grad_acc_steps: int = 1
+    optimizer: str = "auto"
     lr: float = 0.0
     lr_warmup_fraction: float = 0.05
-    lr_decay_fraction: float = 0.2
+    #: None: 0.2 under Adam, 0 under signum (its averaging does the decay's work)
+    lr_decay_fraction: float | None = None
     k_anneal_tokens: int = 0
     max_tokens: int = 1_000_000
     max_steps: int = 0
@@ -246,11 +244,13 @@ class TrainConfig:
                 "pass, and --activations trains from stored activations without the model: use "
                 "--loss-fn fvu (or train on the fly, without --activations)"
             )
+        if self.optimizer not in ("auto", *OPTIMIZERS):
+            raise bad(f"--optimizer must be auto, adam or signum, got {self.optimizer!r}")
         if self.lr < 0 or not math.isfinite(self.lr):
             raise bad(f"--lr must be a finite number >= 0, got {self.lr}")
         if not 0.0 <= self.lr_warmup_fraction <= 1.0:
             raise bad(f"--lr-warmup-fraction must be in [0, 1], got {self.lr_warmup_fraction}")
-        if not 0.0 <= self.lr_decay_fraction <= 1.0:
+        if self.lr_decay_fraction is not None and not 0.0 <= self.lr_decay_fraction <= 1.0:
             raise bad(f"--lr-decay-fraction must be in [0, 1], got {self.lr_decay_fraction}")
         if any(layer < 0 for layer in self.layers):
             raise bad(f"--layers must be >= 0, got {self.layers}")
@@ -343,7 +343,20 @@ class TrainConfig:
             raise ValueError(f"--device {self.device}: XPU is not available on this machine")
 
     def lr_for(self, num_latents: int) -> float:
-        return self.lr or default_lr(num_latents)
+        return self.lr or default_lr(num_latents, self.resolved_optimizer())
+
+    def resolved_optimizer(self) -> str:
+        """--optimizer, with auto resolved by kind: signum for SAEs, adam for transcoders and
+        CLTs (what benchmarks/vs_sparsify.py measured best at equal tokens; README there)."""
+        if self.optimizer != "auto":
+            return self.optimizer
+        return "signum" if self.sae.resolved_kind() == "sae" else "adam"
+
+    def resolved_lr_decay(self) -> float:
+        """--lr-decay-fraction, by default 0.2 under Adam and 0 under signum."""
+        if self.lr_decay_fraction is not None:
+            return self.lr_decay_fraction
+        return 0.0 if self.resolved_optimizer() == "signum" else 0.2
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -422,11 +435,14 @@ _HELP = {
     "with the dictionaries spliced in for the MLP outputs (transcoders and CLTs)",
     "batch_size": "samples (image + conversation) per forward pass",
     "grad_acc_steps": "forward passes whose gradients add up to one optimizer step",
-    "lr": "Adam learning rate; 0 scales 2e-4 by 1/sqrt(num_latents / 2**14)",
+    "optimizer": "adam: Adam; signum: sign-SGD with schedule-free averaging, the final "
+    "dictionaries being the averaged weights (training/optim.py); auto: signum for SAEs, "
+    "adam for transcoders and CLTs, which reach the lower held-out FVU at equal tokens",
+    "lr": "learning rate; 0: 2e-4 (adam) or 5e-3 (signum) scaled by 1/sqrt(num_latents / 2**14)",
     "lr_warmup_fraction": "fraction of the budget (--max-tokens or --max-steps, whichever ends "
     "the run) over which the learning rate rises linearly from 0",
     "lr_decay_fraction": "fraction of the budget at its end over which the learning rate "
-    "decays linearly to 0",
+    "decays linearly to 0 (default: 0.2 with adam, 0 with signum)",
     "k_anneal_tokens": "tokens over which k anneals from the input width down to --sae.k "
     "(0: no annealing; not for jumprelu)",
     "max_tokens": "stop after this many training tokens (selected positions; 0: no token limit)",
@@ -486,6 +502,7 @@ _CHOICES: dict[str, Sequence[str]] = {
     "sae.activation": ("topk", "batchtopk", "jumprelu"),
     "sae.normalize_activations": ("none", "mean_norm"),
     "loss_fn": LOSSES,
+    "optimizer": ("auto", *OPTIMIZERS),
     "tokens": TOKEN_KINDS,
     "tower": TOWERS,
     "schema": ("auto", "llava", "chat", "processed", "text"),

@@ -44,6 +44,7 @@ from vlmscope.training.distributed import Layout, collective_errors, rank_seed
 from vlmscope.training.errors import CheckpointError, TrainingError
 from vlmscope.training.logging import MetricsLogger
 from vlmscope.training.modules import ModuleShards, seed_units
+from vlmscope.training.optim import averaged, build_optimizer, is_schedule_free, lr_multiplier
 from vlmscope.training.sources import (
     ActivationBatch,
     ActivationSource,
@@ -275,7 +276,7 @@ class Trainer:
         self.model = self.trained if self.shards else lay.wrap(self.bundle)
         # A rank that owns no distributed module still steps with the others (on nothing).
         params = list(self.model.parameters()) or [torch.nn.Parameter(torch.zeros(0))]
-        self.optimizer = torch.optim.Adam(params, lr=self.lr)
+        self.optimizer = build_optimizer(cfg.resolved_optimizer(), params, self.lr)
 
     def _create_bundle(self, device: Any) -> DictionaryBundle:
         src = self.source
@@ -321,11 +322,7 @@ class Trainer:
         fracs += [(step + 1) / cfg.max_steps] if cfg.max_steps else []
         if not fracs and self._epoch_budget():  # --epochs alone: a store knows its size
             fracs = [tokens / self._epoch_budget()]
-        frac = min(1.0, max(fracs))
-        warm = min(1.0, frac / cfg.lr_warmup_fraction) if cfg.lr_warmup_fraction else 1.0
-        start = 1.0 - cfg.lr_decay_fraction
-        decay = 1.0 if frac <= start else max(0.0, (1.0 - frac) / max(1e-12, 1.0 - start))
-        return self.lr * warm * decay
+        return self.lr * lr_multiplier(max(fracs), cfg.lr_warmup_fraction, cfg.resolved_lr_decay())
 
     def _k_at(self, tokens: int) -> int | None:
         cfg = self.cfg
@@ -379,6 +376,9 @@ class Trainer:
         )
         self.model.train()
         micro = 0
+        # Unit decoder rows: after each Adam step; before each schedule-free forward instead,
+        # so the last step's y, and with it the averaged x, is the optimiser's own.
+        norm_before = self.bundle.cfg.normalize_decoder and is_schedule_free(self.optimizer)
         last: dict[str, Any] = {}
         t0, tok0 = time.perf_counter(), st.tokens
         batches = iter(self.source.batches(st))
@@ -410,6 +410,8 @@ class Trainer:
                         for act in b.activations():
                             act.k = k  # type: ignore[assignment]
                     syncs = (micro + 1) % cfg.grad_acc_steps == 0
+                    if norm_before and micro % cfg.grad_acc_steps == 0:
+                        b.set_decoder_norm_to_unit_norm()
                     with lay.no_sync(self.model, skip=not syncs):
                         res = self.model(xs, ys) if xs else None
                         loss = self._loss(res, batch, n_local, n_tok)
@@ -441,7 +443,7 @@ class Trainer:
                         b.remove_gradient_parallel_to_decoder_directions()
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
-                    if self.bundle.cfg.normalize_decoder:
+                    if self.bundle.cfg.normalize_decoder and not norm_before:
                         b.set_decoder_norm_to_unit_norm()
                     st.step += 1
                     if by_steps:
@@ -464,10 +466,11 @@ class Trainer:
         if micro % cfg.grad_acc_steps and main:
             warnings.warn("the data ended inside a gradient-accumulation cycle; its gradient "
                           "was dropped", stacklevel=2)  # fmt: skip
-        self._checkpoint()
+        self._checkpoint()  # the training weights (signum: y), which --resume continues from
         out_dir = self.run_dir / "dictionaries"
-        full = self._assembled()
-        self._phase(lambda: save_final_dictionaries(self.run_dir, full), main_only=True)
+        with averaged(self.optimizer):  # signum: the averaged weights are the result
+            full = self._assembled()
+            self._phase(lambda: save_final_dictionaries(self.run_dir, full), main_only=True)
         skips = self._global_skips()
         if skips.total and main:
             print(skips.summary())
@@ -646,7 +649,7 @@ def _explain_size_error(cfg: TrainConfig, width: int, err: ValueError) -> str:
 #: settings a resumed run must share with the run it continues (the budget may grow).
 _RESUME_FIXED = ("model", "dataset", "sae", "layers", "tower", "hookpoints", "tokens", "loss_fn",
                  "include_special_tokens", "batch_size", "grad_acc_steps", "ctx_len", "seed",
-                 "schema", "split", "columns", "lr", "pack", "activations",
+                 "schema", "split", "columns", "optimizer", "lr", "pack", "activations",
                  "shuffle_buffer_mb")  # fmt: skip
 
 
@@ -657,6 +660,11 @@ def _check_resumable(saved_path: Path, cfg: TrainConfig) -> None:
     except (OSError, ValueError):
         return  # written at the start of fit(); a run killed before it has nothing to compare
     now = cfg.to_dict()
+    if "optimizer" not in saved and cfg.resolved_optimizer() != "adam":
+        raise TrainingError(
+            "--resume: this run was trained with Adam (before --optimizer existed); add "
+            "--optimizer adam to continue it"
+        )
     diff = [f"--{k.replace('_', '-')}: {saved.get(k)!r} -> {now[k]!r}"
             for k in _RESUME_FIXED if k in saved and saved[k] != now[k]]  # fmt: skip
     if diff:

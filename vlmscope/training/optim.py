@@ -1,0 +1,108 @@
+"""The dictionaries' optimisers: Adam, or sign-SGD under schedule-free averaging ("signum").
+
+`--optimizer adam` is torch's Adam under the trainer's learning-rate schedule (linear warm-up,
+constant, linear decay to 0).
+
+`--optimizer signum` steps along the sign of the gradient and averages the iterates the
+schedule-free way (Defazio et al. 2024, "The Road Less Scheduled"; the `schedulefree`
+package's `ScheduleFreeWrapper` does the averaging). With momentum beta, base step sizes
+gamma_t and three sequences of the same shape as the parameters:
+
+    y_t     = (1 - beta) z_t + beta x_t              the point the gradient is taken at
+    z_{t+1} = z_t - gamma_t sign(grad f(y_t))        sign-SGD on z
+    x_{t+1} = (1 - c_{t+1}) x_t + c_{t+1} z_{t+1}    the running average that is evaluated
+    c_{t+1} = w_t / (w_0 + ... + w_t),  w_t = (max_{i <= t} gamma_i)^2
+
+All three start at the initial weights. While training, the parameters hold y (the loss,
+metrics and checkpoints see y) and the optimiser state holds z; x is recovered exactly from
+the two, which is what `averaged` swaps in before the final dictionaries are written. A
+sign step moves every weight by the same amount whatever the gradient's scale, so it makes
+fast progress over a short budget where Adam's early steps are small; the averaging plays
+the part of the learning-rate decay, which this optimiser does not need (the trainer's
+warm-up still applies; its decay is off by default for signum, see `lr_multiplier`).
+
+The default learning rates scale as 1/sqrt(num_latents / 2**14) from 2e-4 (Adam) and 5e-3
+(signum), EleutherAI sparsify's rules for its two optimisers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+OPTIMIZERS = ("adam", "signum")
+_BASE_LR = {"adam": 2e-4, "signum": 5e-3}
+#: schedule-free momentum (beta above); sparsify's value
+SIGNUM_MOMENTUM = 0.95
+
+
+def default_lr(num_latents: int, optimizer: str = "adam") -> float:
+    """The learning rate when --lr is 0: the optimiser's base rate / sqrt(num_latents / 2**14)."""
+    return _BASE_LR[optimizer] / math.sqrt(num_latents / 2**14)
+
+
+class SignSGD(torch.optim.Optimizer):
+    """p <- p - lr * sign(grad): steepest descent in the max-norm (no state of its own)."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3) -> None:
+        if not lr > 0:
+            raise ValueError(f"SignSGD needs a learning rate > 0, got {lr}")
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(torch.sign(p.grad), alpha=-group["lr"])
+
+
+def build_optimizer(name: str, params: Iterable[Any], lr: float) -> Any:
+    """The optimiser `name` over `params`, ready to step (signum: in train mode, parameters
+    at y). Both answer step / zero_grad / param_groups / state / state_dict /
+    load_state_dict, which is all the trainer and its checkpoints use."""
+    params = list(params)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "signum":
+        from schedulefree import ScheduleFreeWrapper
+
+        opt = ScheduleFreeWrapper(SignSGD(params, lr=lr), momentum=SIGNUM_MOMENTUM)
+        # No z yet: this only sets the mode, so a checkpoint (saved at y) loads unchanged.
+        opt.train()
+        return opt
+    raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {name!r}")
+
+
+def is_schedule_free(opt: Any) -> bool:
+    """Whether `opt` keeps y in the parameters and an average to evaluate (train/eval modes)."""
+    return hasattr(opt, "eval") and hasattr(opt, "train")
+
+
+@contextmanager
+def averaged(opt: Any) -> Iterator[None]:
+    """Inside: the parameters hold the averaged weights x (schedule-free optimisers; Adam's
+    are left as they are). After: back to y, up to rounding, so use it once training is over
+    or accept that the rest of the run differs in the last bits."""
+    schedule_free = is_schedule_free(opt)
+    if schedule_free:
+        opt.eval()
+    try:
+        yield
+    finally:
+        if schedule_free:
+            opt.train()
+
+
+def lr_multiplier(frac: float, warmup: float, decay: float) -> float:
+    """The schedule at `frac` of the budget: linear warm-up over the first `warmup`, constant,
+    linear decay to 0 over the last `decay` (fractions of the budget)."""
+    frac = min(1.0, frac)
+    warm = min(1.0, frac / warmup) if warmup else 1.0
+    start = 1.0 - decay
+    down = 1.0 if frac <= start else max(0.0, (1.0 - frac) / max(1e-12, 1.0 - start))
+    return warm * down
