@@ -14,9 +14,12 @@ the tokens `tokens` selects (padding never, BOS and chat-template markers only i
 other modules read every row. The loss is the sum of the adapters' losses (FVU + AuxK +
 sparsity penalty); `SaeCallback` keeps SAE decoder rows at unit norm as `vlmscope train`
 does (gradient component along each row removed before the step, rows renormalised after).
-`sae_training_arguments` sets the optimiser and schedule `vlmscope train` uses by default
+`sae_training_arguments` sets the optimiser and schedule of `vlmscope train --optimizer adam`
 (Adam without weight decay or clipping, linear warm-up over 5%, linear decay over the last
-20%, learning rate 2e-4 / sqrt(num_latents / 2**14)), so the two train the same way.
+20%, learning rate 2e-4 / sqrt(num_latents / 2**14)), so the two train the same way. (`vlmscope
+train` itself trains SAEs with sign-SGD under schedule-free averaging by default, see
+`training/optim.py`; that needs the averaged weights swapped in around saving, which the
+`Trainer` does not do, so adapters keep Adam.)
 """
 
 from __future__ import annotations
@@ -150,8 +153,8 @@ def sae_training_arguments(
     seed: int = 0,
     **overrides: Any,
 ) -> TrainingArguments:
-    """TrainingArguments that train SAE adapters as `vlmscope train` trains dictionaries
-    (see the module docstring); `overrides` are passed on to TrainingArguments."""
+    """TrainingArguments that train SAE adapters as `vlmscope train --optimizer adam` trains
+    dictionaries (see the module docstring); `overrides` are passed on to TrainingArguments."""
     warmup = max(0, round(warmup_fraction * max_steps))
     decay = max(0, round(decay_fraction * max_steps))
     values: dict[str, Any] = {
