@@ -276,17 +276,16 @@ def test_two_ranks_from_a_store_train_the_one_process_dictionaries_of_the_global
 ) -> None:
     """2 ranks x --batch-size 2 against 1 process x 4 on the same store: the same shuffled
     global batches (FVU's global variance, global init), so the same CLT to float tolerance,
-    identical on both ranks, and the same metrics. TopK, not BatchTopK: the store holds many
-    identical tokens (every sample's chat prefix), and BatchTopK keeps every tie at the cut
-    data-parallel but exactly k x N of them in one process (dictionaries/activations.py), so
-    the two differ on such data whatever the source."""
+    identical on both ranks, and the same metrics. BatchTopK: the store holds many identical
+    tokens (every sample's chat prefix), so its cut has ties, which both layouts must keep
+    alike (one process once kept exactly k x N of them, N ranks every tie)."""
     from safetensors.torch import load_file
 
     from .test_distributed import assert_close
 
     flags = (
         f"--activations {store} --sae.transcode --sae.n_targets 2 --sae.expansion-factor 2 "
-        "--sae.k 4 --sae.activation topk --max-steps 6 --lr 0.05 --device cpu "
+        "--sae.k 4 --sae.activation batchtopk --max-steps 6 --lr 0.05 --device cpu "
         f"--shuffle-buffer-mb 0.1 --output-dir {tmp_path}"
     )
     cfg2 = parse_train_args(f"{flags} --batch-size 2 --run-name two".split())

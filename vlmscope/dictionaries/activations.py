@@ -227,14 +227,14 @@ class BatchTopK(SparseActivation):
                 self._record_threshold(kept_min)
             return mask
         if self.training:
+            # Every entry tied with the (k*N)-th largest is kept, the rule the data-parallel
+            # selection above uses: which of several equal values topk returns depends on the
+            # batch's layout, so one process and N ranks would keep different latents.
             n_keep = min(self.k * pre.shape[0], acts.numel())
-            flat = acts.flatten()
-            kept = flat.topk(n_keep, sorted=False)
-            mask = torch.zeros_like(flat, dtype=torch.bool)
-            mask[kept.indices] = True
-            mask = mask.view_as(acts) & (acts > 0)
+            cut = acts.flatten().topk(n_keep, sorted=False).values.min()
+            mask = (acts >= cut) & (acts > 0)
             if self.track_statistics:
-                self._update_threshold(kept.values)
+                self._update_threshold(acts[mask])
             return mask
         if int(self.num_updates) == 0:
             raise RuntimeError(
