@@ -41,34 +41,70 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from vlmscope.dictionaries import SparseCoder
 from vlmscope.training.bundle import DictionaryBundle
 from vlmscope.training.distributed import Layout, collective_errors
 
-__all__ = ["ModuleShards", "seed_units"]
+__all__ = ["ModuleShards", "layer_seed", "seed_units", "shards_for"]
+
+
+def layer_seed(seed: int, unit: int) -> int:
+    """The seed unit `unit` is initialised from, whichever rank (or process) builds it."""
+    return seed * 1_000_003 + unit
 
 
 def seed_units(bundle: DictionaryBundle, seed: int, units: Sequence[int] | None = None) -> None:
-    """Re-initialise each per-layer unit from its own seed (the run seed and its index), so
-    that a unit starts the same whichever rank (or process) builds it. CLTs keep their one
-    initialisation."""
-    if bundle.clt is not None:
-        return
-    for i in units if units is not None else range(len(bundle.coders)):
+    """Re-initialise each unit (a per-layer coder, or one layer of a CLT: its encoder and
+    whole decoder) from its own seed, so that a unit starts the same whichever rank (or
+    process) builds it."""
+    from vlmscope.dictionaries.clt import init_layer_
+
+    clt = bundle.clt
+    n = clt.n_layers if clt is not None else len(bundle.coders)
+    for i in units if units is not None else range(n):
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed * 1_000_003 + i)
-            bundle.coders[i].reset_parameters()  # type: ignore[operator]
+            torch.manual_seed(layer_seed(seed, i))
+            if clt is not None:
+                init_layer_(clt.layers[i], bool(clt.cfg.normalize_decoder))  # type: ignore[arg-type]
+            else:
+                bundle.coders[i].reset_parameters()  # type: ignore[operator]
+
+
+def shards_for(bundle: DictionaryBundle, layout: Layout) -> ModuleShards:
+    """The sharding of --distribute-modules for a bundle (built on the meta device):
+    per-layer units, or a CLT's decoder sharded by target (clt_shards.py)."""
+    if bundle.clt is not None:
+        from vlmscope.training.clt_shards import CLTShards
+
+        return CLTShards(bundle.clt.cfg, layout)
+    return ModuleShards(len(bundle.coders), layout)
 
 
 class ModuleShards:
     """Which rank owns which unit, and the all-to-all that feeds the owners."""
+
+    #: whether every rank must run the forward and backward, also one that owns no unit
+    collective_forward = False
 
     def __init__(self, n_units: int, layout: Layout) -> None:
         self.layout = layout
         self.n_units = n_units
         self.owner = [i * layout.world // n_units for i in range(n_units)]
         self.mine = [i for i in range(n_units) if self.owner[i] == layout.rank]
+
+    def materialise(self, bundle: DictionaryBundle, device: Any, seed: int) -> nn.Module:
+        """Real, seeded tensors for this rank's units of a bundle built on the meta device;
+        returns what this rank trains."""
+        for i in self.mine:
+            bundle.coders[i] = SparseCoder(bundle.coders[i].cfg, device=device)  # type: ignore[union-attr]
+        seed_units(bundle, seed, self.mine)
+        return self.sub_bundle(bundle)
+
+    def checkpoint_view(self) -> Any:
+        """What load_checkpoint restores into other than the bundle's own units (a CLT shard)."""
+        return None
 
     def sub_bundle(self, bundle: DictionaryBundle) -> DictionaryBundle:
         """A bundle of this rank's units (sharing their modules) for the forward pass."""
@@ -132,6 +168,22 @@ class ModuleShards:
         for part in parts:
             merged.update(part)
         return merged
+
+    def optimizer_flat(
+        self, optimizer: torch.optim.Optimizer, bundle: DictionaryBundle
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Every rank's optimiser state, keyed by name, merged (on rank 0)."""
+        from vlmscope.training.checkpoint import optimizer_to_flat, parameter_names
+
+        parts = self.layout.gather(optimizer_to_flat(optimizer, parameter_names(bundle)))
+        tensors: dict[str, Any] = {}
+        scalars: dict[str, Any] = {**parts[0][1], "state": {}}
+        names = [n for _, sc in parts for g in sc["param_groups"] for n in g["params"]]
+        scalars["param_groups"] = [{**parts[0][1]["param_groups"][0], "params": names}]
+        for t, sc in parts:
+            tensors.update(t)
+            scalars["state"].update(sc["state"])
+        return tensors, scalars
 
 
 def _unit_of(key: str) -> int:
