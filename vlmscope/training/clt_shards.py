@@ -249,7 +249,9 @@ class CLTShard(nn.Module):
                 state[name] = scalars["state"][full]
             for stat, value in by_param.get(full, []):
                 cut = value if column is None or value.ndim == 0 else value[:, column]
-                out_t[f"state.{name}.{stat}"] = cut.contiguous()
+                # A copy each: slices of one W_dec must not share their `step` counter (Adam
+                # would advance it once per slice), nor keep the whole tensor alive.
+                out_t[f"state.{name}.{stat}"] = cut.clone()
         groups = [{**scalars["param_groups"][0], "params": names}]
         return out_t, {**scalars, "param_groups": groups, "state": state}
 

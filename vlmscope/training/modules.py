@@ -15,24 +15,35 @@ start from the same weights. Checkpoints and the final dictionaries: rank 0 gath
 rank's units (and their optimiser state, keyed by parameter name) and writes one ordinary
 folder, loadable by eval and attribution; resuming re-splits them by name, for any world size.
 
-Cross-layer transcoders (designed here, not implemented: the trainer refuses the combination).
-A CLT target t sums the decoders of every source s <= t in its window, so sharding by source
-would make each owner send dense [N, d] partial reconstructions for every (s, t) pair. Instead:
-- shard the *decoder by target*: the owner of layer t holds the encoder of source t and the
-  decoder slices W_dec_s[:, t - s] of every source s that writes to t (its `b_dec_t`, W_skip_t);
-  summed over ranks this is every decoder parameter exactly once, so no rank materialises every
-  layer's decoder (memory per rank ~ 1/world of the decoders when the blocks are balanced by
-  the number of (s, t) pairs, not by layer count);
-- forward: inputs x_t and targets y_t go to owner(t) by the same all-to-all; owner(t) encodes
-  source t into sparse codes (k values + indices per token); an all-gather of the *codes*
-  (k * 12 bytes per token and layer instead of d * 4 bytes of activations) gives every owner
-  the codes of the sources in its targets' windows; owner(t) decodes target t locally and
-  computes its FVU;
-- backward: the gradient of each gathered code value flows back to the code's source owner
-  through the transpose of the gather (an all-to-all of [N, k] gradients, summed at the
-  source), then into that owner's encoder; decoder gradients stay local;
-- decoder-norm constraints over a latent's whole decoder row (which spans owners) need one
-  all-reduce of per-latent squared norms (and of the parallel-gradient dot products).
+Cross-layer transcoders (implemented in `clt_shards.py`). A CLT target t sums the decoders of
+every source s <= t in its window, so sharding by source would make each owner send dense
+[N, d] partial reconstructions for every (s, t) pair. Instead:
+- the *decoder is sharded by target*: the owner of layer t holds the encoder of source t and
+  the decoder slices W_dec_s[:, t - s] of every source s that writes to t (its `b_dec_t`,
+  W_skip_t); summed over ranks this is every decoder parameter exactly once, so no rank
+  materialises every layer's decoder. Blocks are balanced by parameter count (encoder plus
+  the slices into each target), not by layer count: with a window of every later layer, late
+  targets have many sources;
+- forward: inputs x_t and targets y_t go to owner(t) by the all-to-all above; owner(t) encodes
+  source t into sparse codes (K values + indices per token, plus AuxK codes of dead latents);
+  one small all-reduce tells every rank each source's code width and dead count, then two
+  `all_to_all_single` send each source's codes (indices, then values) to the ranks whose
+  targets its window reaches (K * 12 bytes per token, source and receiving rank, instead of
+  the d * 4 bytes of a dense partial output per (source, target) pair); owner(t) decodes
+  target t with its slices and computes its FVU and AuxK error;
+- backward: the values' all-to-all is an autograd function whose backward is the transposed
+  all-to-all: each receiver's gradient of a code value returns to the code's source owner,
+  where autograd sums the copies and flows on into the encoder; decoder gradients stay local.
+  Every rank runs the forward and backward (also one owning no layer), so the collectives stay
+  paired;
+- decoder-norm constraints (--sae.normalize_decoder) over a latent's whole decoder row, which
+  spans owners, take one all-reduce of per-latent squared norms (and one of gradient-row dot
+  products before the step).
+All activations (TopK, BatchTopK, JumpReLU) and AuxK work unchanged: a source's codes are
+computed by its owner on the global batch. Checkpoints keep the ordinary CLT's names: rank 0
+assembles each W_dec_s and its Adam moments from the slices; a resume cuts them again by name
+(reading the checkpoint memory-mapped), for any world size. As for per-layer units, the
+gathered copy rank 0 writes is whole, in host memory, while a checkpoint is written.
 """
 
 from __future__ import annotations
