@@ -183,6 +183,7 @@ class CLTShard(nn.Module):
     ) -> None:
         super().__init__()
         self.cfg = cfg = meta.cfg
+        self.device = torch.device(device)  # where the exchange's buffers live (also unowned)
         self.layout = shards.layout
         self.owner, self.mine = shards.owner, list(shards.mine)
         # The full CLT on the meta device (no memory): its helpers scale, encode and init.
@@ -362,7 +363,7 @@ class CLTShard(nn.Module):
         import torch.distributed as dist
 
         lay, num = self.layout, self.cfg.num_latents
-        dev = self.layers[str(self.mine[0])].W_enc.device if self.mine else torch.device("cpu")
+        dev = self.device
         per = [n_rows * (widths[s] + aux_widths[s]) for s in range(self.cfg.n_layers)]
         vals, idx, send_sizes = [], [], []
         for dest in range(lay.world):
