@@ -247,17 +247,8 @@ class CrossLayerTranscoder(nn.Module):
     def forward(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> CLTForwardOutput:
         """Encode every layer, decode into every target, and compute the losses."""
         xs, ys = self._as_lists(xs, ys)
-        if self.check_inputs:
-            for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
-                check_finite(f"xs[{i}]", x)
-                check_finite(f"ys[{i}]", y)
         layers = self._layers()
-        xs_n = [self._scale_in(layer, x) for layer, x in zip(layers, xs, strict=True)]
-        ys_n = [
-            y.to(layer.W_dec.dtype) * self._scale(layer.output_scale)
-            for layer, y in zip(layers, ys, strict=True)
-        ]
-        encoded = [self._encode_n(layer, x_n) for layer, x_n in zip(layers, xs_n, strict=True)]
+        xs_n, ys_n, encoded = self._encode_training(layers, xs, ys, self.check_inputs)
         pres = [pre for pre, _, _ in encoded]
         codes = [c for _, c, _ in encoded]
         recons_n = self._decode_n(codes, xs_n)
@@ -293,6 +284,23 @@ class CrossLayerTranscoder(nn.Module):
             l0_per_layer=l0s,
             loss=loss,
         )
+
+    def _encode_training(
+        self, layers: Sequence[CLTLayer], xs: Sequence[Tensor], ys: Sequence[Tensor], check: bool
+    ) -> tuple[list[Tensor], list[Tensor], list[tuple[Tensor, SparseCodes, Gather | None]]]:
+        """Normalised inputs and targets of `layers` (a CLT's, or a shard's) and the
+        (pre, codes, gather) of each as a source; `check`: refuse non-finite inputs first."""
+        if check:
+            for layer, x, y in zip(layers, xs, ys, strict=True):
+                check_finite(f"xs[{layer.layer}]", x)
+                check_finite(f"ys[{layer.layer}]", y)
+        xs_n = [self._scale_in(layer, x) for layer, x in zip(layers, xs, strict=True)]
+        ys_n = [
+            y.to(layer.b_dec.dtype) * self._scale(layer.output_scale)
+            for layer, y in zip(layers, ys, strict=True)
+        ]
+        encoded = [self._encode_n(layer, x_n) for layer, x_n in zip(layers, xs_n, strict=True)]
+        return xs_n, ys_n, encoded
 
     # ---------------------------------------------------------------- decoder norm
 

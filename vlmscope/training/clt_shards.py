@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from vlmscope.dictionaries import CrossLayerTranscoder, SparseCodes
 from vlmscope.dictionaries.clt import CLTLayer, init_layer_
-from vlmscope.dictionaries.coder import check_finite, fvu, update_dead_counter_
+from vlmscope.dictionaries.coder import fvu, update_dead_counter_
 from vlmscope.dictionaries.config import SparseCoderConfig
 from vlmscope.dictionaries.kernels import sparse_decode
 from vlmscope.training.bundle import BundleOutput, DictionaryBundle
@@ -275,16 +275,7 @@ class CLTShard(nn.Module):
         """xs, ys: the global batch of each owned layer. Returns this rank's share: the FVU of
         its targets, the L0 of its sources, and the loss terms they own."""
         cfg, meta, layers = self.cfg, self.meta, self._mine()
-        if self.check_inputs:
-            for t, x, y in zip(self.mine, xs, ys, strict=True):
-                check_finite(f"xs[{t}]", x)
-                check_finite(f"ys[{t}]", y)
-        xs_n = [meta._scale_in(la, x) for la, x in zip(layers, xs, strict=True)]
-        ys_n = [
-            y.to(la.b_dec.dtype) * meta._scale(la.output_scale)
-            for la, y in zip(layers, ys, strict=True)
-        ]
-        encoded = [meta._encode_n(la, x_n) for la, x_n in zip(layers, xs_n, strict=True)]
+        xs_n, ys_n, encoded = meta._encode_training(layers, xs, ys, self.check_inputs)
         pres = [pre for pre, _, _ in encoded]
         codes = [c for _, c, _ in encoded]
         n_rows = int(xs[0].shape[0]) if xs else 0
