@@ -93,14 +93,14 @@ class CLTShards(ModuleShards):
     def gather_state(self, bundle: DictionaryBundle) -> dict[str, Tensor] | None:
         """Rank 0: the ordinary CLT state dict, each W_dec_s assembled from its slices."""
         assert self.module is not None
-        parts = self.layout.gather(self.module.full_state())
-        if not self.layout.is_main:
-            return None
-        return _assemble(self.module.cfg, parts)
+        parts = self.layout.gather_to_main(self.module.full_state())
+        return None if parts is None else _assemble(self.module.cfg, parts)
 
-    def optimizer_flat(self, optimizer: torch.optim.Optimizer, bundle: DictionaryBundle) -> _Flat:
-        """Every rank's Adam state under the ordinary CLT's names (rank 0; W_dec_s's moments
-        assembled from the slices' like the weights)."""
+    def optimizer_flat(
+        self, optimizer: torch.optim.Optimizer, bundle: DictionaryBundle
+    ) -> _Flat | None:
+        """Every rank's Adam state under the ordinary CLT's names, on rank 0 (W_dec_s's
+        moments assembled from the slices' like the weights); None on the others."""
         assert self.module is not None
         shard = self.module
         tensors, scalars = optimizer_to_flat(optimizer, parameter_names(shard))
@@ -111,7 +111,9 @@ class CLTShards(ModuleShards):
             full_t[(f"state.{full}.{stat}", column) if column is not None and value.ndim
                    else f"state.{full}.{stat}"] = value  # fmt: skip
         state = {shard.full_name(n)[0]: v for n, v in scalars["state"].items()}
-        parts = self.layout.gather((full_t, state))
+        parts = self.layout.gather_to_main((full_t, state))
+        if parts is None:
+            return None
         merged = _assemble(shard.cfg, [t for t, _ in parts], prefix="state.")
         names = sorted({n for _, st in parts for n in st})
         group = {**scalars["param_groups"][0], "params": names}

@@ -172,8 +172,8 @@ class ModuleShards:
         mine = {
             k: v.detach().cpu() for k, v in bundle.state_dict().items() if _unit_of(k) in self.mine
         }
-        parts = self.layout.gather(mine)
-        if not self.layout.is_main:
+        parts = self.layout.gather_to_main(mine)
+        if parts is None:
             return None
         merged: dict[str, Tensor] = {}
         for part in parts:
@@ -182,11 +182,13 @@ class ModuleShards:
 
     def optimizer_flat(
         self, optimizer: torch.optim.Optimizer, bundle: DictionaryBundle
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Every rank's optimiser state, keyed by name, merged (on rank 0)."""
+    ) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """Every rank's optimiser state, keyed by name, merged on rank 0 (None elsewhere)."""
         from vlmscope.training.checkpoint import optimizer_to_flat, parameter_names
 
-        parts = self.layout.gather(optimizer_to_flat(optimizer, parameter_names(bundle)))
+        parts = self.layout.gather_to_main(optimizer_to_flat(optimizer, parameter_names(bundle)))
+        if parts is None:
+            return None
         tensors: dict[str, Any] = {}
         scalars: dict[str, Any] = {**parts[0][1], "state": {}}
         names = [n for _, sc in parts for g in sc["param_groups"] for n in g["params"]]
