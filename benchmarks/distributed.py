@@ -2,13 +2,16 @@
 
     python benchmarks/distributed.py            # toy VLM, 1 and 2 processes
     python benchmarks/distributed.py --store    # only the activation-store part (3)
+    python benchmarks/distributed.py --only clt # only the CLT memory table (4)
 
 Prints (1) tokens/s of the same per-rank batch with 1 and 2 processes (the global batch
 doubles), from the last metrics line of each run; (2) per rank, peak RSS and the bytes of
 dictionary parameters + Adam moments it holds, for per-layer transcoders on all 4 layers of the
 toy, plain DDP against --distribute-modules; (3) the activation store: `vlmscope capture` of
 the same data with 1 and 2 processes (wall time of the whole command, model loading included),
-then `train --activations` from it with 1 and 2 processes at the same per-rank batch.
+then `train --activations` from it with 1 and 2 processes at the same per-rank batch; (4) as
+(2) for a CLT on all 4 layers (every source writes to every later layer), where
+--distribute-modules shards the decoder by target.
 Wrap in `flock /tmp/vlmscope-heavy.lock`.
 """
 
@@ -33,7 +36,9 @@ def run(n: int, out: Path, name: str, extra: list[str]) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // n))}
     cmd = [TORCHRUN, "--nproc_per_node", str(n), str(HERE / "dist_worker.py"), *args]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-    rows = [json.loads(x[6:]) for x in done.stdout.splitlines() if x.startswith("BENCH ")]
+    # The ranks print to one pipe: their lines may run into each other.
+    decoder = json.JSONDecoder()
+    rows = [decoder.raw_decode(part)[0] for part in done.stdout.split("BENCH ")[1:]]
     last = json.loads((out / name / "metrics.jsonl").read_text().splitlines()[-1])
     for r in rows:
         r["tokens_per_s"] = last["tokens_per_s"]
@@ -75,8 +80,27 @@ def store_part(out: Path) -> None:
         print(f"{n:>9} {16 * n:>12} {tps:>10.0f}   ({tps / base:.2f}x)")
 
 
+def memory_table(out: Path, title: str, flags: list[str]) -> None:
+    """Per rank, dictionary + Adam bytes and peak RSS: DDP against --distribute-modules."""
+    print(f"\nper rank, {title}, 2 processes")
+    print(f"{'mode':<22} {'rank':>4} {'dict+Adam MiB':>14} {'peak RSS MiB':>13}")
+    for mode, extra in (("DDP", []), ("--distribute-modules", ["--distribute-modules"])):
+        for r in run(2, out, mode.strip("-") + title[:3], flags + extra):
+            print(f"{mode:<22} {r['rank']:>4} {r['dict_bytes'] / 2**20:>14.2f} "
+                  f"{r['rss'] / 2**20:>13.0f}")  # fmt: skip
+
+
+CLT = ["--sae.transcode", "--sae.n_targets", "4", "--sae.expansion-factor", "8", "--sae.k", "8"]
+
+
 def main() -> None:
     out = Path(tempfile.mkdtemp(prefix="vlmscope-dist-bench-"))
+    if sys.argv[1:] == ["--only", "clt"]:
+        try:
+            memory_table(out, "CLT on all 4 layers", CLT)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        return
     if "--store" in sys.argv[1:]:
         try:
             store_part(out)
@@ -95,13 +119,9 @@ def main() -> None:
             base = base or tps
             print(f"{n:>9} {4 * n:>12} {tps:>10.0f}   ({tps / base:.2f}x)")
         tc = ["--sae.transcode", "--sae.expansion-factor", "16", "--sae.k", "8"]
-        print("\nper rank, transcoders on all 4 layers, 2 processes")
-        print(f"{'mode':<22} {'rank':>4} {'dict+Adam MiB':>14} {'peak RSS MiB':>13}")
-        for mode, flags in (("DDP", []), ("--distribute-modules", ["--distribute-modules"])):
-            for r in run(2, out, mode.strip("-"), tc + flags):
-                print(f"{mode:<22} {r['rank']:>4} {r['dict_bytes'] / 2**20:>14.2f} "
-                      f"{r['rss'] / 2**20:>13.0f}")  # fmt: skip
+        memory_table(out, "transcoders on all 4 layers", tc)
         store_part(out)
+        memory_table(out, "CLT on all 4 layers", CLT)
     finally:
         shutil.rmtree(out, ignore_errors=True)
 

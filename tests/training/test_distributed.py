@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import time
@@ -348,3 +349,79 @@ def test_distributed_modules_equal_the_unsharded_run(tmp_path: Path, world: int,
     for ma, mb in zip(a, b, strict=True):
         assert ma["fvu_per_unit"] == pytest.approx(mb["fvu_per_unit"], abs=1e-5)
         assert ma["dead_pct"] == pytest.approx(mb["dead_pct"])
+
+
+# --- --distribute-modules with a CLT (decoder sharded by target) -----------------------------
+def clt_config(out: Path, name: str, batch: int, variant: str, **extra: Any) -> TrainConfig:
+    """BatchTopK + AuxK over dead latents + unit-norm decoders with a window of 2; JumpReLU
+    with a skip connection, mean-norm scaling and every later layer as a target."""
+    sae = {"batchtopk": SaeArgs(transcode=True, n_targets=2, num_latents=48, k=4,
+                                activation="batchtopk", aux_k=8, dead_tokens_threshold=6,
+                                normalize_decoder=True),
+           "jumprelu": SaeArgs(kind="clt", transcode=True, n_targets=0, num_latents=40, k=3,
+                               activation="jumprelu", sparsity_coeff=0.01, skip_connection=True,
+                               normalize_activations="mean_norm")}[variant]  # fmt: skip
+    values: dict[str, Any] = {"max_steps": 4, "save_every": 2, "lr": 0.05}
+    values.update(extra)
+    return TrainConfig(model="array", dataset="array", sae=sae, batch_size=batch,
+                       output_dir=str(out), run_name=name, device="cpu", dist_timeout=60,
+                       **values)  # fmt: skip
+
+
+def metrics_of(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize(("world", "variant"), [(2, "batchtopk"), (4, "jumprelu")])
+def test_distributed_clt_equals_the_unsharded_run(tmp_path: Path, world: int, variant: str) -> None:
+    """Each rank holds the encoders of its layers and the decoder slices writing into them;
+    codes travel by all-to-all and their gradients back. After 4 SGD steps the gathered CLT
+    equals one process's on the same global batch (2e-6: float rounding of the same sums in
+    another order, as for data parallel), and so do the metrics."""
+    cfg = clt_config(tmp_path, "dm", 3, variant, distribute_modules=True)
+    results = run_ranks(world, tmp_path / "dm", cfg, 40)
+    assert all(r["ok"] for r in results), results
+    ref = train_here(clt_config(tmp_path, "one", 3 * world, variant), 40, sgd=True,
+                     layout=Layout())  # fmt: skip
+    ref_w = dict(ref.bundle.state_dict())
+    for folder in ("dictionaries", "checkpoint/dictionaries"):  # rank 0 gathered every slice
+        saved = DictionaryBundle.load(tmp_path / "dm" / folder)
+        assert saved.clt is not None
+        assert_close(dict(saved.state_dict()), ref_w, atol=2e-6)
+    if variant == "batchtopk":  # the dead counters moved and AuxK ran in both
+        assert (ref_w["clt.layers.2.num_tokens_since_fired"] > 0).any()
+        assert ref_w["clt.layers.0.activation.num_updates"].item() == 4
+    for ma, mb in zip(metrics_of(tmp_path / "dm"), metrics_of(tmp_path / "one"), strict=True):
+        assert ma["loss"] == pytest.approx(mb["loss"], abs=1e-5)
+        assert ma["fvu_per_unit"] == pytest.approx(mb["fvu_per_unit"], abs=1e-5)
+        assert ma["l0_per_unit"] == pytest.approx(mb["l0_per_unit"], abs=1e-3)
+        assert ma["dead_pct"] == pytest.approx(mb["dead_pct"])
+    # memory: every parameter (and its optimiser state) on exactly one rank, none holds all
+    held = [r["held"] for r in results]
+    assert sum(held) == held_bytes(ref) and max(held) < held_bytes(ref)
+
+
+def test_distributed_clt_checkpoints_resume_bit_exact_and_re_split(tmp_path: Path) -> None:
+    """Adam, constant learning rate: 2 steps, then --resume to 4 on 2 ranks, is bit-exact
+    against 4 steps at once; the step-2 checkpoint resumed on 4 ranks is re-split by name
+    (3 layers: one rank owns none) and gathered again into the same files, bit for bit."""
+    flat = {"lr_warmup_fraction": 0.0, "lr_decay_fraction": 0.0, "distribute_modules": True}
+
+    def run(world: int, name: str, out: str, steps: int, resume: bool = False) -> None:
+        cfg = clt_config(tmp_path, name, 3, "batchtopk", max_steps=steps, resume=resume, **flat)
+        assert all(r["ok"] for r in run_ranks(world, tmp_path / out, cfg, 60, sgd=False))
+
+    run(2, "full", "r1", 4)
+    run(2, "half", "r2", 2)
+    shutil.copytree(tmp_path / "half", tmp_path / "split")
+    run(2, "half", "r3", 4, resume=True)
+    a = DictionaryBundle.load(tmp_path / "half" / "dictionaries").state_dict()
+    b = DictionaryBundle.load(tmp_path / "full" / "dictionaries").state_dict()
+    assert_close(dict(a), dict(b), atol=0)
+    opt = "checkpoint/optimizer.safetensors"
+    assert_close(load_file(tmp_path / "half" / opt), load_file(tmp_path / "full" / opt), atol=0)
+    before = {f: load_file(tmp_path / "split" / "checkpoint" / f)
+              for f in ("optimizer.safetensors", "dictionaries/layer_1.safetensors")}  # fmt: skip
+    run(4, "split", "r4", 2, resume=True)  # step 2 of 2: restore, gather, write
+    for f, tensors in before.items():
+        assert_close(load_file(tmp_path / "split" / "checkpoint" / f), tensors, atol=0)

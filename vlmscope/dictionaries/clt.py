@@ -133,15 +133,7 @@ class CrossLayerTranscoder(nn.Module):
         """Encoder rows random unit vectors; decoders zero (random unit rows with
         normalize_decoder); biases and skips zero."""
         for layer in self._layers():
-            layer.W_enc.copy_(random_unit_rows(layer.W_enc))
-            if self.cfg.normalize_decoder:
-                layer.W_dec.copy_(random_unit_rows(layer.W_dec))
-            else:
-                layer.W_dec.zero_()
-            layer.b_enc.zero_()
-            layer.b_dec.zero_()
-            if layer.W_skip is not None:
-                layer.W_skip.zero_()
+            init_layer_(layer, bool(self.cfg.normalize_decoder))
 
     @torch.no_grad()
     def init_from_data(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> None:
@@ -149,13 +141,18 @@ class CrossLayerTranscoder(nn.Module):
         centre the encoder's pre-activations on the sample (coder.fit_init_to_data_)."""
         xs, ys = self._as_lists(xs, ys)
         for layer, x, y in zip(self._layers(), xs, ys, strict=True):
-            check_finite(f"init_from_data xs[{layer.layer}]", x)
-            check_finite(f"init_from_data ys[{layer.layer}]", y)
-            if self.cfg.normalize_activations == "mean_norm":
-                layer.input_scale.fill_(mean_norm_scale(x))
-                layer.output_scale.fill_(mean_norm_scale(y))
-            layer.b_dec.copy_(batchstats.mean_rows(y.float() * layer.output_scale))
-            fit_init_to_data_(layer, self._scale_in(layer, x), None)
+            self._init_layer_from_data(layer, x, y)
+
+    @torch.no_grad()
+    def _init_layer_from_data(self, layer: CLTLayer, x: Tensor, y: Tensor) -> None:
+        """init_from_data of one layer (its source encoder and its target's bias/scales)."""
+        check_finite(f"init_from_data xs[{layer.layer}]", x)
+        check_finite(f"init_from_data ys[{layer.layer}]", y)
+        if self.cfg.normalize_activations == "mean_norm":
+            layer.input_scale.fill_(mean_norm_scale(x))
+            layer.output_scale.fill_(mean_norm_scale(y))
+        layer.b_dec.copy_(batchstats.mean_rows(y.float() * layer.output_scale))
+        fit_init_to_data_(layer, self._scale_in(layer, x), None)
 
     # ---------------------------------------------------------------- properties
 
@@ -250,17 +247,8 @@ class CrossLayerTranscoder(nn.Module):
     def forward(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> CLTForwardOutput:
         """Encode every layer, decode into every target, and compute the losses."""
         xs, ys = self._as_lists(xs, ys)
-        if self.check_inputs:
-            for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
-                check_finite(f"xs[{i}]", x)
-                check_finite(f"ys[{i}]", y)
         layers = self._layers()
-        xs_n = [self._scale_in(layer, x) for layer, x in zip(layers, xs, strict=True)]
-        ys_n = [
-            y.to(layer.W_dec.dtype) * self._scale(layer.output_scale)
-            for layer, y in zip(layers, ys, strict=True)
-        ]
-        encoded = [self._encode_n(layer, x_n) for layer, x_n in zip(layers, xs_n, strict=True)]
+        xs_n, ys_n, encoded = self._encode_training(layers, xs, ys, self.check_inputs)
         pres = [pre for pre, _, _ in encoded]
         codes = [c for _, c, _ in encoded]
         recons_n = self._decode_n(codes, xs_n)
@@ -296,6 +284,23 @@ class CrossLayerTranscoder(nn.Module):
             l0_per_layer=l0s,
             loss=loss,
         )
+
+    def _encode_training(
+        self, layers: Sequence[CLTLayer], xs: Sequence[Tensor], ys: Sequence[Tensor], check: bool
+    ) -> tuple[list[Tensor], list[Tensor], list[tuple[Tensor, SparseCodes, Gather | None]]]:
+        """Normalised inputs and targets of `layers` (a CLT's, or a shard's) and the
+        (pre, codes, gather) of each as a source; `check`: refuse non-finite inputs first."""
+        if check:
+            for layer, x, y in zip(layers, xs, ys, strict=True):
+                check_finite(f"xs[{layer.layer}]", x)
+                check_finite(f"ys[{layer.layer}]", y)
+        xs_n = [self._scale_in(layer, x) for layer, x in zip(layers, xs, strict=True)]
+        ys_n = [
+            y.to(layer.b_dec.dtype) * self._scale(layer.output_scale)
+            for layer, y in zip(layers, ys, strict=True)
+        ]
+        encoded = [self._encode_n(layer, x_n) for layer, x_n in zip(layers, xs_n, strict=True)]
+        return xs_n, ys_n, encoded
 
     # ---------------------------------------------------------------- decoder norm
 
@@ -432,22 +437,54 @@ class CrossLayerTranscoder(nn.Module):
         n_dead = int(dead.sum())
         if n_dead == 0:
             return pres[0].new_zeros((), dtype=torch.float32)
-        aux_k = self.cfg.aux_k or max(self.cfg.d_out // 2, 1)
+        aux_k = self.aux_k_width()
         scale = min(n_dead / (aux_k * self.n_layers), 1.0)
-        aux_codes = []
-        for pre, dead_l, gather in zip(pres, dead, gathers, strict=True):
-            k = max(min(aux_k, int(dead_l.sum())), 1)
-            indices = pre.detach().masked_fill(~dead_l, -torch.inf).topk(k, dim=1, sorted=False)
-            indices = indices.indices
-            values = pre.gather(1, indices) if gather is None else gather(indices)
-            # Layers with no dead latent contribute zeros.
-            values = values.masked_fill(~dead_l[indices], -torch.inf)
-            aux_codes.append(SparseCodes(values.relu(), indices, self.num_latents))
+        aux_codes = [
+            self.aux_codes(pre, dead_l, gather, aux_k)
+            for pre, dead_l, gather in zip(pres, dead, gathers, strict=True)
+        ]
         e_hats = self._decode_sources(aux_codes, pres[0].shape[0])
         total = pres[0].new_zeros((), dtype=torch.float32)
         for e_hat, y_n, r_n in zip(e_hats, ys_n, recons_n, strict=True):
-            residual = (y_n - r_n).detach().float()
-            sst = batchstats.total_variance(y_n)
-            err = (e_hat.float() - residual).pow(2).sum()
-            total = total + err / sst.clamp_min(torch.finfo(sst.dtype).tiny)
+            total = total + self.aux_error(e_hat, y_n, r_n)
         return scale * total
+
+    def aux_k_width(self) -> int:
+        """AuxK's number of dead latents per row (aux_k, or d_out / 2 when 0)."""
+        return self.cfg.aux_k or max(self.cfg.d_out // 2, 1)
+
+    def aux_codes(
+        self, pre: Tensor, dead_l: Tensor, gather: Gather | None, aux_k: int
+    ) -> SparseCodes:
+        """AuxK codes of one source layer: its top aux_k dead latents' pre-activations
+        (relu'd); a layer with no dead latent gives zeros."""
+        k = max(min(aux_k, int(dead_l.sum())), 1)
+        indices = pre.detach().masked_fill(~dead_l, -torch.inf).topk(k, dim=1, sorted=False)
+        indices = indices.indices
+        values = pre.gather(1, indices) if gather is None else gather(indices)
+        values = values.masked_fill(~dead_l[indices], -torch.inf)
+        return SparseCodes(values.relu(), indices, self.num_latents)
+
+    @staticmethod
+    def aux_error(e_hat: Tensor, y_n: Tensor, r_n: Tensor) -> Tensor:
+        """AuxK error of one target: how far the dead latents' output e_hat is from the
+        residual y_n - r_n, relative to the target's total variance."""
+        residual = (y_n - r_n).detach().float()
+        sst = batchstats.total_variance(y_n)
+        err = (e_hat.float() - residual).pow(2).sum()
+        return err / sst.clamp_min(torch.finfo(sst.dtype).tiny)
+
+
+@torch.no_grad()
+def init_layer_(layer: CLTLayer, normalize_decoder: bool) -> None:
+    """Fresh weights of one layer: encoder rows random unit vectors; decoder zero (random
+    unit rows, over all its targets together, with normalize_decoder); biases, skip zero."""
+    layer.W_enc.copy_(random_unit_rows(layer.W_enc))
+    if normalize_decoder:
+        layer.W_dec.copy_(random_unit_rows(layer.W_dec))
+    else:
+        layer.W_dec.zero_()
+    layer.b_enc.zero_()
+    layer.b_dec.zero_()
+    if layer.W_skip is not None:
+        layer.W_skip.zero_()

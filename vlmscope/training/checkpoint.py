@@ -299,13 +299,20 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     rank: int = 0,
     units: list[int] | None = None,
+    local: Any = None,
 ) -> dict[str, Any]:
     """Restore dictionaries, optimizer and this rank's RNG in place; return the JSON state.
     Every file is checked first; a bad one is a CheckpointError naming it, and nothing in the
-    run has been changed when it is raised."""
+    run has been changed when it is raised. `local`: a CLT shard (training/clt_shards.py) to
+    restore instead of the bundle, cut from the checkpoint's whole CLT by name (the files are
+    memory-mapped, so only its slices are read into memory)."""
     try:
-        device = "cpu" if units is not None else _device_of(bundle)
-        saved = DictionaryBundle.load(path / "dictionaries", device=device)
+        if local is not None:
+            saved = DictionaryBundle.load(path / "dictionaries", mmap=True)
+            saved.check_all()
+        else:
+            device = "cpu" if units is not None else _device_of(bundle)
+            saved = DictionaryBundle.load(path / "dictionaries", device=device)
     except Exception as e:  # DictionaryFormatError (a ValueError), OSError, safetensors errors
         raise CheckpointError(f"cannot read checkpoint {path / 'dictionaries'}: {e}") from None
     state = _read_state(path / "state.json")
@@ -334,20 +341,23 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint file {rng_path} holds no valid CPU RNG state")
     names = parameter_names(bundle)
     real = [i for i in range(len(bundle.coders))] if units is None else units
-    if bundle.clt is not None:
-        targets: list[torch.nn.Module] = [bundle]
-        sources: list[torch.nn.Module] = [saved]
+    opt_scalars = state.pop("optimizer")
+    if local is not None:
+        targets: list[torch.nn.Module] = [local]
+        sources = [local.local_state(saved.state_dict())]
+        names = parameter_names(local)
+        opt_tensors, opt_scalars = local.local_optimizer(opt_tensors, opt_scalars)
+    elif bundle.clt is not None:
+        targets, sources = [bundle], [saved.state_dict()]
     else:
         targets = [bundle.coders[i] for i in real]
-        sources = [saved.coders[i] for i in real]
+        sources = [saved.coders[i].state_dict() for i in real]
     before = ([{k: v.clone() for k, v in m.state_dict().items()} for m in targets],
               optimizer.state_dict())  # fmt: skip
     try:
         for m, src in zip(targets, sources, strict=True):
-            m.load_state_dict(src.state_dict())
-        optimizer_from_flat(
-            optimizer, opt_tensors, state.pop("optimizer"), names, units is not None
-        )
+            m.load_state_dict(src)
+        optimizer_from_flat(optimizer, opt_tensors, opt_scalars, names, units is not None)
     except (CheckpointError, KeyError, ValueError, RuntimeError) as e:
         for m, sd in zip(targets, before[0], strict=True):
             m.load_state_dict(sd)

@@ -15,24 +15,35 @@ start from the same weights. Checkpoints and the final dictionaries: rank 0 gath
 rank's units (and their optimiser state, keyed by parameter name) and writes one ordinary
 folder, loadable by eval and attribution; resuming re-splits them by name, for any world size.
 
-Cross-layer transcoders (designed here, not implemented: the trainer refuses the combination).
-A CLT target t sums the decoders of every source s <= t in its window, so sharding by source
-would make each owner send dense [N, d] partial reconstructions for every (s, t) pair. Instead:
-- shard the *decoder by target*: the owner of layer t holds the encoder of source t and the
-  decoder slices W_dec_s[:, t - s] of every source s that writes to t (its `b_dec_t`, W_skip_t);
-  summed over ranks this is every decoder parameter exactly once, so no rank materialises every
-  layer's decoder (memory per rank ~ 1/world of the decoders when the blocks are balanced by
-  the number of (s, t) pairs, not by layer count);
-- forward: inputs x_t and targets y_t go to owner(t) by the same all-to-all; owner(t) encodes
-  source t into sparse codes (k values + indices per token); an all-gather of the *codes*
-  (k * 12 bytes per token and layer instead of d * 4 bytes of activations) gives every owner
-  the codes of the sources in its targets' windows; owner(t) decodes target t locally and
-  computes its FVU;
-- backward: the gradient of each gathered code value flows back to the code's source owner
-  through the transpose of the gather (an all-to-all of [N, k] gradients, summed at the
-  source), then into that owner's encoder; decoder gradients stay local;
-- decoder-norm constraints over a latent's whole decoder row (which spans owners) need one
-  all-reduce of per-latent squared norms (and of the parallel-gradient dot products).
+Cross-layer transcoders (implemented in `clt_shards.py`). A CLT target t sums the decoders of
+every source s <= t in its window, so sharding by source would make each owner send dense
+[N, d] partial reconstructions for every (s, t) pair. Instead:
+- the *decoder is sharded by target*: the owner of layer t holds the encoder of source t and
+  the decoder slices W_dec_s[:, t - s] of every source s that writes to t (its `b_dec_t`,
+  W_skip_t); summed over ranks this is every decoder parameter exactly once, so no rank
+  materialises every layer's decoder. Blocks are balanced by parameter count (encoder plus
+  the slices into each target), not by layer count: with a window of every later layer, late
+  targets have many sources;
+- forward: inputs x_t and targets y_t go to owner(t) by the all-to-all above; owner(t) encodes
+  source t into sparse codes (K values + indices per token, plus AuxK codes of dead latents);
+  one small all-reduce tells every rank each source's code width and dead count, then two
+  `all_to_all_single` send each source's codes (indices, then values) to the ranks whose
+  targets its window reaches (K * 12 bytes per token, source and receiving rank, instead of
+  the d * 4 bytes of a dense partial output per (source, target) pair); owner(t) decodes
+  target t with its slices and computes its FVU and AuxK error;
+- backward: the values' all-to-all is an autograd function whose backward is the transposed
+  all-to-all: each receiver's gradient of a code value returns to the code's source owner,
+  where autograd sums the copies and flows on into the encoder; decoder gradients stay local.
+  Every rank runs the forward and backward (also one owning no layer), so the collectives stay
+  paired;
+- decoder-norm constraints (--sae.normalize_decoder) over a latent's whole decoder row, which
+  spans owners, take one all-reduce of per-latent squared norms (and one of gradient-row dot
+  products before the step).
+All activations (TopK, BatchTopK, JumpReLU) and AuxK work unchanged: a source's codes are
+computed by its owner on the global batch. Checkpoints keep the ordinary CLT's names: rank 0
+assembles each W_dec_s and its Adam moments from the slices; a resume cuts them again by name
+(reading the checkpoint memory-mapped), for any world size. As for per-layer units, the
+gathered copy rank 0 writes is whole, in host memory, while a checkpoint is written.
 """
 
 from __future__ import annotations
@@ -41,34 +52,70 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from vlmscope.dictionaries import SparseCoder
 from vlmscope.training.bundle import DictionaryBundle
 from vlmscope.training.distributed import Layout, collective_errors
 
-__all__ = ["ModuleShards", "seed_units"]
+__all__ = ["ModuleShards", "layer_seed", "seed_units", "shards_for"]
+
+
+def layer_seed(seed: int, unit: int) -> int:
+    """The seed unit `unit` is initialised from, whichever rank (or process) builds it."""
+    return seed * 1_000_003 + unit
 
 
 def seed_units(bundle: DictionaryBundle, seed: int, units: Sequence[int] | None = None) -> None:
-    """Re-initialise each per-layer unit from its own seed (the run seed and its index), so
-    that a unit starts the same whichever rank (or process) builds it. CLTs keep their one
-    initialisation."""
-    if bundle.clt is not None:
-        return
-    for i in units if units is not None else range(len(bundle.coders)):
+    """Re-initialise each unit (a per-layer coder, or one layer of a CLT: its encoder and
+    whole decoder) from its own seed, so that a unit starts the same whichever rank (or
+    process) builds it."""
+    from vlmscope.dictionaries.clt import init_layer_
+
+    clt = bundle.clt
+    n = clt.n_layers if clt is not None else len(bundle.coders)
+    for i in units if units is not None else range(n):
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed * 1_000_003 + i)
-            bundle.coders[i].reset_parameters()  # type: ignore[operator]
+            torch.manual_seed(layer_seed(seed, i))
+            if clt is not None:
+                init_layer_(clt.layers[i], bool(clt.cfg.normalize_decoder))  # type: ignore[arg-type]
+            else:
+                bundle.coders[i].reset_parameters()  # type: ignore[operator]
+
+
+def shards_for(bundle: DictionaryBundle, layout: Layout) -> ModuleShards:
+    """The sharding of --distribute-modules for a bundle (built on the meta device):
+    per-layer units, or a CLT's decoder sharded by target (clt_shards.py)."""
+    if bundle.clt is not None:
+        from vlmscope.training.clt_shards import CLTShards
+
+        return CLTShards(bundle.clt.cfg, layout)
+    return ModuleShards(len(bundle.coders), layout)
 
 
 class ModuleShards:
     """Which rank owns which unit, and the all-to-all that feeds the owners."""
+
+    #: whether every rank must run the forward and backward, also one that owns no unit
+    collective_forward = False
 
     def __init__(self, n_units: int, layout: Layout) -> None:
         self.layout = layout
         self.n_units = n_units
         self.owner = [i * layout.world // n_units for i in range(n_units)]
         self.mine = [i for i in range(n_units) if self.owner[i] == layout.rank]
+
+    def materialise(self, bundle: DictionaryBundle, device: Any, seed: int) -> nn.Module:
+        """Real, seeded tensors for this rank's units of a bundle built on the meta device;
+        returns what this rank trains."""
+        for i in self.mine:
+            bundle.coders[i] = SparseCoder(bundle.coders[i].cfg, device=device)  # type: ignore[union-attr]
+        seed_units(bundle, seed, self.mine)
+        return self.sub_bundle(bundle)
+
+    def checkpoint_view(self) -> Any:
+        """What load_checkpoint restores into other than the bundle's own units (a CLT shard)."""
+        return None
 
     def sub_bundle(self, bundle: DictionaryBundle) -> DictionaryBundle:
         """A bundle of this rank's units (sharing their modules) for the forward pass."""
@@ -125,13 +172,31 @@ class ModuleShards:
         mine = {
             k: v.detach().cpu() for k, v in bundle.state_dict().items() if _unit_of(k) in self.mine
         }
-        parts = self.layout.gather(mine)
-        if not self.layout.is_main:
+        parts = self.layout.gather_to_main(mine)
+        if parts is None:
             return None
         merged: dict[str, Tensor] = {}
         for part in parts:
             merged.update(part)
         return merged
+
+    def optimizer_flat(
+        self, optimizer: torch.optim.Optimizer, bundle: DictionaryBundle
+    ) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """Every rank's optimiser state, keyed by name, merged on rank 0 (None elsewhere)."""
+        from vlmscope.training.checkpoint import optimizer_to_flat, parameter_names
+
+        parts = self.layout.gather_to_main(optimizer_to_flat(optimizer, parameter_names(bundle)))
+        if parts is None:
+            return None
+        tensors: dict[str, Any] = {}
+        scalars: dict[str, Any] = {**parts[0][1], "state": {}}
+        names = [n for _, sc in parts for g in sc["param_groups"] for n in g["params"]]
+        scalars["param_groups"] = [{**parts[0][1]["param_groups"][0], "params": names}]
+        for t, sc in parts:
+            tensors.update(t)
+            scalars["state"].update(sc["state"])
+        return tensors, scalars
 
 
 def _unit_of(key: str) -> int:

@@ -25,7 +25,6 @@ import torch
 
 from vlmscope.data.processing import SkipCounter, SkipRecord
 from vlmscope.data.sources import BadRecordError
-from vlmscope.dictionaries import SparseCoder
 from vlmscope.files import FolderLock, FolderLockedError, lock_folder
 from vlmscope.models.hooked import HookedVLM
 from vlmscope.progress import progress_bar
@@ -33,8 +32,6 @@ from vlmscope.training.bundle import DictionaryBundle
 from vlmscope.training.checkpoint import (
     find_checkpoint,
     load_checkpoint,
-    optimizer_to_flat,
-    parameter_names,
     remove_stale_temporaries,
     save_checkpoint,
     save_final_dictionaries,
@@ -43,7 +40,7 @@ from vlmscope.training.config import TrainConfig
 from vlmscope.training.distributed import Layout, collective_errors, rank_seed
 from vlmscope.training.errors import CheckpointError, TrainingError
 from vlmscope.training.logging import MetricsLogger
-from vlmscope.training.modules import ModuleShards, seed_units
+from vlmscope.training.modules import ModuleShards, seed_units, shards_for
 from vlmscope.training.optim import averaged, build_optimizer, is_schedule_free, lr_multiplier
 from vlmscope.training.sources import (
     ActivationBatch,
@@ -251,25 +248,19 @@ class Trainer:
         """Fresh dictionaries for the source's hooks and widths, and their optimiser."""
         cfg, src, lay = self.cfg, self.source, self.layout
         torch.manual_seed(cfg.seed)  # the same initial dictionaries whatever the source did
-        self.shards: ModuleShards | None = None
-        if cfg.distribute_modules and lay.distributed:
-            if cfg.sae.resolved_kind() == "clt":
-                raise TrainingError(
-                    "--distribute-modules with a CLT is designed (training/modules.py) but not "
-                    "implemented yet: train it data-parallel (drop the flag), with "
-                    "--shard-model fsdp if the model is large"
-                )
-            self.shards = ModuleShards(len(src.reads), lay)
+        sharded = cfg.distribute_modules and lay.distributed
         try:
-            self.bundle = self._create_bundle("meta" if self.shards else self.device)
+            self.bundle = self._create_bundle("meta" if sharded else self.device)
         except ValueError as e:
             raise TrainingError(_explain_size_error(cfg, src.d_in, e)) from None
-        if self.shards is not None:  # real tensors for this rank's units only
-            for i in self.shards.mine:
-                self.bundle.coders[i] = SparseCoder(self.bundle.coders[i].cfg, device=self.device)  # type: ignore[union-attr]
-        seed_units(self.bundle, cfg.seed, self.shards.mine if self.shards else None)
-        #: the dictionaries this rank trains: all (one process, DDP) or its units' only
-        self.trained = self.shards.sub_bundle(self.bundle) if self.shards else self.bundle
+        self.shards: ModuleShards | None = shards_for(self.bundle, lay) if sharded else None
+        #: the dictionaries this rank trains: all (one process, DDP) or its units' only (real
+        #: tensors for them; the bundle's others stay on the meta device)
+        self.trained: torch.nn.Module = self.bundle
+        if self.shards is not None:
+            self.trained = self.shards.materialise(self.bundle, self.device, cfg.seed)
+        else:
+            seed_units(self.bundle, cfg.seed)
         self.lr = cfg.lr_for(self.bundle.cfg.num_latents)
         # The optimiser holds the parameters of the module that trains (DDP with several
         # ranks; DDP has broadcast rank 0's initial weights to every rank).
@@ -294,7 +285,10 @@ class Trainer:
         """Dictionaries, optimiser, this rank's RNG, counters and data cursor."""
         lay = self.layout
         units = self.shards.mine if self.shards else None
-        raw = load_checkpoint(checkpoint, self.bundle, self.optimizer, rank=lay.rank, units=units)
+        view = self.shards.checkpoint_view() if self.shards else None
+        raw = load_checkpoint(
+            checkpoint, self.bundle, self.optimizer, rank=lay.rank, units=units, local=view
+        )
         saved_world = int(raw.get("world_size", 1))
         if saved_world != lay.world and lay.is_main:
             warnings.warn(
@@ -413,7 +407,8 @@ class Trainer:
                     if norm_before and micro % cfg.grad_acc_steps == 0:
                         b.set_decoder_norm_to_unit_norm()
                     with lay.no_sync(self.model, skip=not syncs):
-                        res = self.model(xs, ys) if xs else None
+                        runs = xs or (shards is not None and shards.collective_forward)
+                        res = self.model(xs, ys) if runs else None
                         loss = self._loss(res, batch, n_local, n_tok)
                         bad = None
                         if not torch.isfinite(loss):
@@ -618,15 +613,7 @@ class Trainer:
         """Distributed modules: every rank's optimiser state, keyed by name, merged (rank 0)."""
         if self.shards is None:
             return None
-        parts = self.layout.gather(optimizer_to_flat(self.optimizer, parameter_names(self.bundle)))
-        tensors: dict[str, Any] = {}
-        scalars: dict[str, Any] = {**parts[0][1], "state": {}}
-        names = [n for _, sc in parts for g in sc["param_groups"] for n in g["params"]]
-        scalars["param_groups"] = [{**parts[0][1]["param_groups"][0], "params": names}]
-        for t, sc in parts:
-            tensors.update(t)
-            scalars["state"].update(sc["state"])
-        return tensors, scalars
+        return self.shards.optimizer_flat(self.optimizer, self.bundle)
 
 
 def _explain_size_error(cfg: TrainConfig, width: int, err: ValueError) -> str:
