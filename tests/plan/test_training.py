@@ -69,3 +69,50 @@ def test_a_72b_clt_on_all_layers_does_not_fit_8x80_and_the_advice_does(tmp_path:
     again = parse_train_args(["x", "y", "--sae.kind", "clt", "--batch-size", "1", "--ctx-len",
                               "2048", *flags.split()])  # fmt: skip
     assert plan_training(shape, again, gpus=8, gpu_mem_gib=80).fits
+
+
+@pytest.mark.parametrize(
+    ("flags", "gpus"),
+    [("--sae.kind clt --sae.n_targets 3 --sae.num-latents 64 --sae.k 4", 2),
+     ("--sae.kind clt --sae.num-latents 64 --sae.k 4 --sae.skip-connection", 3),
+     ("--sae.transcode --sae.num-latents 64 --sae.k 4", 3)],
+)  # fmt: skip
+def test_distribute_modules_plans_the_largest_ranks_share_of_the_real_split(
+    zoo_path: Any, flags: str, gpus: int
+) -> None:
+    """Under --distribute-modules the planner holds the parameters of the rank that owns the
+    most; the truth is the trainer's own split, each rank's shard built on the meta device
+    (a CLT sharded by target layer, per-layer units in blocks)."""
+    import dataclasses
+
+    from vlmscope.dictionaries import CrossLayerTranscoder
+    from vlmscope.training.clt_shards import CLTShard, CLTShards
+    from vlmscope.training.distributed import Layout
+    from vlmscope.training.modules import ModuleShards
+
+    model = str(zoo_path("llava"))
+    cfg = parse_train_args([model, "x", *flags.split(), "--distribute-modules"])
+    shape = ModelShape.from_config(model)
+    n = shape.n_layers
+    coder = dataclasses.replace(cfg.sae.coder_config(), d_in=shape.d_model, d_out=shape.d_model)
+    if coder.kind == "clt":
+        coder = dataclasses.replace(coder, n_layers=n)
+    held = []
+    for rank in range(gpus):
+        layout = Layout(rank=rank, world=gpus)
+        if coder.kind == "clt":
+            meta = CrossLayerTranscoder(coder, device="meta")
+            shard = CLTShard(meta, CLTShards(coder, layout), "meta", seed=0)
+            held.append(sum(p.numel() for p in shard.parameters()))
+        else:
+            per = sum(p.numel() for p in _one_coder(coder).parameters())
+            held.append(per * len(ModuleShards(n, layout).mine))
+    plan = plan_training(shape, cfg, gpus=gpus, gpu_mem_gib=80)
+    assert lines(plan, "dictionary")["parameters (fp32)"] == max(held) * 4
+    assert max(held) < plan.dictionary_params  # no rank holds the whole dictionary
+
+
+def _one_coder(coder: Any) -> torch.nn.Module:
+    from vlmscope.dictionaries import SparseCoder
+
+    return SparseCoder(coder, device="meta")

@@ -24,7 +24,6 @@ tensors of a real run in tests/plan); the activation lines are estimates.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +90,33 @@ def unit_params(cfg: TrainConfig, shape: ModelShape, n_units: int) -> list[int]:
     ]
 
 
+def _largest_share(cfg: TrainConfig, shape: ModelShape, n_units: int, g: int) -> tuple[int, int]:
+    """(parameters, units) of the rank holding the most under --distribute-modules, with the
+    trainer's own split: per-layer units in blocks of ceil-ish n/G (`training/modules.py`); a
+    CLT sharded by target layer, each layer's encoder plus the decoder slices writing into it,
+    in blocks balanced by that count (`training/clt_shards.py`)."""
+    from vlmscope.training.clt_shards import balanced_blocks
+
+    if cfg.sae.resolved_kind() != "clt":
+        per = unit_params(cfg, shape, n_units)[0]
+        counts = [0] * g
+        for i in range(n_units):
+            counts[i * g // n_units] += 1
+        return max(counts) * per, max(counts)
+    sae, d = cfg.sae, shape.d_model
+    f = sae.num_latents or sae.expansion_factor * d
+    window = sae.n_targets or n_units
+    extra = f if sae.activation == "jumprelu" else 0
+    skip = d * d if sae.skip_connection else 0
+    sources = [min(window, t + 1) for t in range(n_units)]
+    owner = balanced_blocks([d + d * s for s in sources], g)
+    params, units = [0] * g, [0] * g
+    for t, s in enumerate(sources):
+        params[owner[t]] += f * d + f + extra + f * d * s + d + skip
+        units[owner[t]] += 1
+    return max(params), max(units)
+
+
 def plan_training(
     model: ModelShape | str,
     cfg: TrainConfig,
@@ -127,8 +153,9 @@ def plan_training(
     # dictionaries
     per_unit = unit_params(cfg, shape, n_units)
     total_params = sum(per_unit)
-    held = math.ceil(total_params / g) if cfg.distribute_modules else total_params
-    units_held = math.ceil(n_units / g) if cfg.distribute_modules else n_units
+    held, units_held = total_params, n_units
+    if cfg.distribute_modules and g > 1:
+        held, units_held = _largest_share(cfg, shape, n_units, g)
     n_d = n * g if cfg.distribute_modules else n
     b.add("dictionary", "parameters (fp32)", held * 4, f"{held / 1e9:.3f}B held")
     b.add("dictionary", "gradients (fp32)", held * 4)
@@ -144,8 +171,6 @@ def plan_training(
         b.add("buffers", "all-to-all send + receive", 2 * n * n_units * 2 * d * 4)
     b.add("buffers", "framework (CUDA context, allocator)", FRAMEWORK_BYTES)
 
-    if cfg.distribute_modules and sae.resolved_kind() == "clt":
-        b.add("dictionary", "(CLT --distribute-modules: designed, not implemented)", 0)
     tokens = g * cfg.batch_size * cfg.grad_acc_steps * t
     fits = b.total() <= gpu_mem_gib * GiB
     advice = _advice(shape, cfg, g, gpu_mem_gib, t, b) if advise and not fits else []
@@ -171,7 +196,7 @@ def _advice(
             f"GPU unsharded ({p.budget.total() / GiB:.0f} GiB total with it)"
         )
         cfg = dataclasses.replace(cfg, shard_model="fsdp")
-    if not cfg.distribute_modules and g > 1 and cfg.sae.resolved_kind() != "clt":
+    if not cfg.distribute_modules and g > 1:
         p = fits(distribute_modules=True, shard_model=cfg.shard_model)
         out.append(
             f"--distribute-modules: each GPU holds 1/{g} of the dictionaries "

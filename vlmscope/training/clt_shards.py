@@ -49,7 +49,7 @@ from vlmscope.training.checkpoint import optimizer_to_flat, parameter_names
 from vlmscope.training.distributed import Layout, collective_errors
 from vlmscope.training.modules import ModuleShards, layer_seed
 
-__all__ = ["CLTShard", "CLTShards", "balanced_owners"]
+__all__ = ["CLTShard", "CLTShards", "balanced_blocks", "balanced_owners"]
 
 _Flat = tuple[dict[str, Tensor], dict[str, Any]]
 
@@ -58,8 +58,15 @@ def balanced_owners(cfg: SparseCoderConfig, world: int) -> list[int]:
     """Owner of each layer: contiguous blocks holding about equal parameter counts (a layer's
     encoder plus the decoder slices writing into it: late layers have more sources)."""
     n = cfg.n_layers
-    cost = [cfg.d_in + cfg.d_out * len(sources_of(cfg, t)) for t in range(n)]
-    total, before, owners = sum(cost), 0, []
+    return balanced_blocks(
+        [cfg.d_in + cfg.d_out * len(sources_of(cfg, t)) for t in range(n)], world
+    )
+
+
+def balanced_blocks(cost: Sequence[float], world: int) -> list[int]:
+    """Owner of each item: contiguous blocks of about equal total cost, item i going to the
+    rank whose share holds its midpoint (the planner sizes ranks with the same rule)."""
+    total, before, owners = sum(cost), 0.0, []
     for c in cost:
         owners.append(min(world - 1, int(world * (before + c / 2) / total)))
         before += c
