@@ -28,8 +28,8 @@ from vlmscope.dictionaries.coder import (
     check_finite,
     fit_init_to_data_,
     fvu,
+    init_transcoder_,
     mean_norm_scale,
-    random_unit_rows,
     remove_parallel_grad_,
     unit_norm_rows_,
     update_dead_counter_,
@@ -477,14 +477,5 @@ class CrossLayerTranscoder(nn.Module):
 
 @torch.no_grad()
 def init_layer_(layer: CLTLayer, normalize_decoder: bool) -> None:
-    """Fresh weights of one layer: encoder rows random unit vectors; decoder zero (random
-    unit rows, over all its targets together, with normalize_decoder); biases, skip zero."""
-    layer.W_enc.copy_(random_unit_rows(layer.W_enc))
-    if normalize_decoder:
-        layer.W_dec.copy_(random_unit_rows(layer.W_dec))
-    else:
-        layer.W_dec.zero_()
-    layer.b_enc.zero_()
-    layer.b_dec.zero_()
-    if layer.W_skip is not None:
-        layer.W_skip.zero_()
+    """Fresh weights of one layer, as a transcoder's (`coder.init_transcoder_`)."""
+    init_transcoder_(layer, normalize_decoder)

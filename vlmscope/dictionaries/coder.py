@@ -128,6 +128,22 @@ class ForwardOutput:
     loss: Tensor
 
 
+@torch.no_grad()
+def init_transcoder_(m: nn.Module, normalize_decoder: bool) -> None:
+    """Fresh transcoder weights (a SparseCoder or one CLT layer, which name them alike):
+    encoder rows random unit vectors; decoder zero, or random unit rows (over all its targets
+    together) with normalize_decoder; biases and skip zero."""
+    m.W_enc.copy_(random_unit_rows(m.W_enc))
+    if normalize_decoder:
+        m.W_dec.copy_(random_unit_rows(m.W_dec))
+    else:
+        m.W_dec.zero_()
+    m.b_enc.zero_()
+    m.b_dec.zero_()
+    if m.W_skip is not None:
+        m.W_skip.zero_()
+
+
 class SparseCoder(nn.Module):
     """An SAE (kind "sae") or transcoder (kind "transcoder"); see the module docstring."""
 
@@ -186,16 +202,10 @@ class SparseCoder(nn.Module):
             self.W_dec.copy_(random_unit_rows(self.W_dec))
             # Both are stored [F, d]: "W_enc = W_dec^T" means equal rows here.
             self.W_enc.copy_(self.W_dec)
+            self.b_enc.zero_()
+            self.b_dec.zero_()
         else:
-            self.W_enc.copy_(random_unit_rows(self.W_enc))
-            if cfg.normalize_decoder:
-                self.W_dec.copy_(random_unit_rows(self.W_dec))
-            else:
-                self.W_dec.zero_()
-        self.b_enc.zero_()
-        self.b_dec.zero_()
-        if self.W_skip is not None:
-            self.W_skip.zero_()
+            init_transcoder_(self, bool(cfg.normalize_decoder))
 
     @torch.no_grad()
     def init_from_data(self, x: Tensor, y: Tensor | None = None) -> None:
