@@ -30,12 +30,22 @@ HERE = Path(__file__).parent
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 
 
+def torchrun(n: int, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`torchrun --standalone` (a free rendezvous port, so back-to-back runs never collide on
+    29500) of n processes; a failure raises with the ranks' last lines of stderr."""
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node", str(n), *args]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode:
+        tail = "\n".join(done.stderr.splitlines()[-15:])
+        raise SystemExit(f"{' '.join(cmd)}\nfailed with exit status {done.returncode}:\n{tail}")
+    return done
+
+
 def run(n: int, out: Path, name: str, extra: list[str]) -> list[dict]:
     args = ["toy", "shapes:512", "--batch-size", "4", "--max-steps", "30", "--log-every", "5",
             "--output-dir", str(out), "--run-name", name, "--device", "cpu", *extra]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // n))}
-    cmd = [TORCHRUN, "--nproc_per_node", str(n), str(HERE / "dist_worker.py"), *args]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    done = torchrun(n, [str(HERE / "dist_worker.py"), *args], env)
     # The ranks print to one pipe: their lines may run into each other.
     decoder = json.JSONDecoder()
     rows = [decoder.raw_decode(part)[0] for part in done.stdout.split("BENCH ")[1:]]
@@ -54,11 +64,10 @@ def store_part(out: Path) -> None:
     base = None
     for n in (1, 2):
         store = out / f"store{n}"
-        cmd = [TORCHRUN, "--nproc_per_node", str(n), "-m", "vlmscope", "capture", "toy",
-               "shapes:256", "--out", str(store), "--max-tokens", "0", "--batch-size", "8",
-               "--device", "cpu"]  # fmt: skip
+        cmd = ["-m", "vlmscope", "capture", "toy", "shapes:256", "--out", str(store),
+               "--max-tokens", "0", "--batch-size", "8", "--device", "cpu"]  # fmt: skip
         t0 = time.perf_counter()
-        subprocess.run(cmd, env=env_of[n], capture_output=True, text=True, check=True)
+        torchrun(n, cmd, env_of[n])
         wall = time.perf_counter() - t0
         tokens = json.loads((store / "manifest.json").read_text())["tokens"]
         base = base or tokens / wall
@@ -72,8 +81,7 @@ def store_part(out: Path) -> None:
                 "--sae.expansion-factor", "8", "--sae.k", "8", "--batch-size", "16",
                 "--epochs", "3", "--max-tokens", "0", "--log-every", "5", "--output-dir",
                 str(out), "--run-name", f"store-train{n}", "--device", "cpu"]  # fmt: skip
-        cmd = [TORCHRUN, "--nproc_per_node", str(n), str(HERE / "dist_worker.py"), *args]
-        subprocess.run(cmd, env=env_of[n], capture_output=True, text=True, check=True)
+        torchrun(n, [str(HERE / "dist_worker.py"), *args], env_of[n])
         metrics = (out / f"store-train{n}" / "metrics.jsonl").read_text().splitlines()
         tps = json.loads(metrics[-1])["tokens_per_s"]
         base = base or tps
