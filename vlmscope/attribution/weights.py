@@ -114,19 +114,15 @@ class DictionaryWeights:
         w = self._read(s, "W_dec", f)
         idx = f.to(w.device)
         # A memory-mapped decoder is read from its file, row by row (see TensorChecks.read_rows).
-        read = self.bundle.tensor_checks.read_rows
+        col = j if self.is_clt else None
+        rows = self.bundle.tensor_checks.read_rows(self._name(s, "W_dec"), idx, col)
+        if rows is None:  # in memory: read in place
+            rows = (w[idx] if col is None else w[idx, col]).detach()
         if not self.is_clt:
-            rows = read(self._name(s, "W_dec"), idx)
-            if rows is not None:
-                return rows if j is not None else rows.unsqueeze(0)
-            rows = w[idx].detach()
             return rows if j is not None else rows.unsqueeze(0)
         if j is not None:
-            rows = read(self._name(s, "W_dec"), idx, j)
-            return w[idx, j].detach() if rows is None else rows
-        rows = read(self._name(s, "W_dec"), idx)
-        rows = w[idx] if rows is None else rows
-        return rows[:, : self.n_out(s)].detach().transpose(0, 1).contiguous()
+            return rows
+        return rows[:, : self.n_out(s)].transpose(0, 1).contiguous()
 
     def b_dec(self, t: int) -> Tensor:
         return self._read(t, "b_dec").detach().to(self.device).float()
