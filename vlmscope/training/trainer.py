@@ -147,7 +147,7 @@ class Trainer:
         try:
             # Rank 0 checks the run folder; every rank learns its verdict (a failure on any rank
             # stops all of them with the same one-line error, never a hang).
-            found = self._phase(self._prepare_run_dir, main_only=True)
+            found = self.layout.phase(self._prepare_run_dir, main_only=True)
             existing = lay.gather(str(found) if found is not None else None)[0]
             existing = Path(existing) if existing is not None else None
 
@@ -155,8 +155,8 @@ class Trainer:
                 return source if source is not None else open_source(cfg, vlm, lay)
 
             # Rank 0 first: it writes shared caches (the shapes world, zoo models) the others read.
-            first = self._phase(open_it, main_only=True)
-            rest = self._phase(open_it, others_only=True)
+            first = self.layout.phase(open_it, main_only=True)
+            rest = self.layout.phase(open_it, others_only=True)
             self.source = first if lay.is_main else rest
             self.device = self.source.device
             self.reads, self.writes, self.layers = (
@@ -164,10 +164,10 @@ class Trainer:
                 self.source.writes,
                 self.source.layers,
             )
-            self._phase(self._build_dictionaries)
+            self.layout.phase(self._build_dictionaries)
             self.state = TrainState()
             if existing is not None:
-                self._phase(lambda: self._restore(existing))
+                self.layout.phase(lambda: self._restore(existing))
             elif cfg.resume and lay.is_main:
                 warnings.warn(
                     f"--resume: no checkpoint in {self.run_dir}; starting fresh", stacklevel=2
@@ -177,11 +177,6 @@ class Trainer:
         except BaseException:
             self.close()  # a run that never started leaves no lock and no empty folder
             raise
-
-    def _phase(self, fn: Any, main_only: bool = False, others_only: bool = False) -> Any:
-        """Run one construction phase (on rank 0 only, or on the others only), then let every
-        rank agree that it succeeded. One process: just `fn()`."""
-        return self.layout.phase(fn, main_only, others_only)
 
     def close(self) -> None:
         """Release the run folder (and remove it if this run created it and wrote nothing),
@@ -465,7 +460,7 @@ class Trainer:
         out_dir = self.run_dir / "dictionaries"
         with averaged(self.optimizer):  # signum: the averaged weights are the result
             full = self._assembled()
-            self._phase(lambda: save_final_dictionaries(self.run_dir, full), main_only=True)
+            self.layout.phase(lambda: save_final_dictionaries(self.run_dir, full), main_only=True)
         skips = self._global_skips()
         if skips.total and main:
             print(skips.summary())
@@ -592,7 +587,7 @@ class Trainer:
         state = {"train_state": self.state.__dict__, "world_size": self.layout.world}
         full = self._assembled()
         flat = self._optimizer_flat()
-        self._phase(
+        self.layout.phase(
             lambda: save_checkpoint(self.run_dir, full, self.optimizer, state, rngs, flat),
             main_only=True,
         )
