@@ -67,7 +67,12 @@ def test_a_clt_from_the_store_equals_the_clt_trained_on_the_fly(
     assert [m["loss"] for m in la] == pytest.approx([m["loss"] for m in lb], abs=1e-6)
     bundle = DictionaryBundle.load(stored.dictionaries)
     bundle.check_model(llava.adapter)  # provenance recorded as on the fly
-    assert bundle.model_info["data"] == {"dataset": DATA, "split": "train", "seed": 0}
+    assert bundle.model_info["data"] == {
+        "dataset": DATA,
+        "split": "train",
+        "seed": 0,
+        "ctx_len": 2048,
+    }
     assert bundle.model_info["activations"]["tokens"] == ActivationStore(store).n_tokens
 
 

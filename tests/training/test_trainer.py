@@ -62,7 +62,12 @@ def test_clt_training_writes_outputs_and_learns(
     assert bundle.writes[2] == "lm.blocks.2.mlp.hook_out"
     assert bundle.clt is not None and bundle.clt.cfg.n_targets == 2
     bundle.check_model(llava.adapter)
-    assert bundle.model_info["data"] == {"dataset": DATA, "split": "train", "seed": 0}
+    assert bundle.model_info["data"] == {
+        "dataset": DATA,
+        "split": "train",
+        "seed": 0,
+        "ctx_len": 2048,
+    }
 
 
 def test_training_is_deterministic(tmp_path: Path, zoo_path: Any, llava: HookedVLM) -> None:
@@ -478,6 +483,9 @@ def test_trained_runs_load_into_the_exporters(
         (tmp_path / "saelens" / "lm.blocks.1.hook_resid_post" / "cfg.json").read_text()
     )
     assert cfg["model_name"] == str(model)
+    # The run's context length and dataset travel to SAELens (its activation store's defaults).
+    assert cfg["metadata"]["context_size"] == cfg["context_size"] == sae.ctx_len
+    assert cfg["metadata"]["dataset_path"] == DATA
 
 
 def test_bad_records_are_counted_when_the_run_stops_mid_pass(

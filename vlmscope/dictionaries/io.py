@@ -930,6 +930,13 @@ def export_saelens(
     }
     if why:
         meta["transformer_lens_note"] = why
+    data = model.get("data") if isinstance(model, dict) else None
+    data = data if isinstance(data, dict) else {}
+    if isinstance(data.get("ctx_len"), int):
+        # What SAELens' activation store uses by default when it re-reads activations.
+        meta["context_size"] = data["ctx_len"]
+    if isinstance(data.get("dataset"), str):
+        meta["dataset_path"] = data["dataset"]
     sae_cfg: dict[str, Any] = {
         "architecture": "topk" if cfg.activation == "topk" else "jumprelu",
         "d_in": cfg.d_in,
@@ -940,6 +947,7 @@ def export_saelens(
         "model_name": meta["model_name"],
         "hook_name": meta["hook_name"],
         "hook_head_index": None,
+        **{k: meta[k] for k in ("context_size", "dataset_path") if k in meta},
         "activation_fn": "topk" if cfg.activation == "topk" else "relu",
         "apply_b_dec_to_input": True,
         "normalize_activations": "none",  # the scale is folded into the weights

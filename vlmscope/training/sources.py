@@ -358,7 +358,12 @@ class LiveSource:
             "tokens": cfg.tokens,
             "include_special_tokens": cfg.include_special_tokens,
             # Provenance travels with the dictionaries (eval warns on the same data).
-            "data": {"dataset": cfg.dataset, "split": cfg.split, "seed": cfg.seed},
+            "data": {
+                "dataset": cfg.dataset,
+                "split": cfg.split,
+                "seed": cfg.seed,
+                "ctx_len": cfg.ctx_len,
+            },
         }
 
     def _model(self) -> HookedVLM:

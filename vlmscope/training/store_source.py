@@ -238,7 +238,12 @@ class StoreSource:
             "layers": self.layers,
             "tokens": self.cfg.tokens,
             "include_special_tokens": self.cfg.include_special_tokens,
-            "data": {"dataset": data["dataset"], "split": data["split"], "seed": data["seed"]},
+            "data": {
+                "dataset": data["dataset"],
+                "split": data["split"],
+                "seed": data["seed"],
+                "ctx_len": data.get("ctx_len"),
+            },
             "activations": {
                 "store": str(self.cfg.activations),
                 "config_sha256": model["config_sha256"],
