@@ -40,6 +40,29 @@ def test_kind_resolution() -> None:
 
 
 @pytest.mark.parametrize(
+    ("argv", "hint"),
+    [
+        ("train m d --batch-sise 3", "--batch-sise: not a flag of `vlmscope train`; did you mean "
+         "--batch-size?"),
+        # --device is a flag of other commands, not of this one: never offered here.
+        ("plan attribute m d --device cpu", "--device: not a flag of `vlmscope plan attribute`; "
+         "see --help"),
+        ("plan attribute m d --postions 9", "did you mean --positions?"),
+    ],
+)  # fmt: skip
+def test_unknown_flags_get_hints_from_the_command_invoked(
+    argv: str, hint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from vlmscope.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(argv.split())
+    err = capsys.readouterr().err
+    assert hint in err
+    assert err.count("did you mean") <= 1 and "--batch_size" not in err
+
+
+@pytest.mark.parametrize(
     ("flags", "message"),
     [
         ("--batch-sise 3", "did you mean --batch-size"),
