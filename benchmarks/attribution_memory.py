@@ -60,6 +60,8 @@ class PhaseSampler:
 
         self.phase = "setup"
         self.peaks: dict[str, dict[str, int]] = {}
+        self.swapped = 0  # the largest swap seen (bytes)
+        self.with_swap = 0  # the largest RSS + swap seen: the peak when swap was needed
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -67,8 +69,10 @@ class PhaseSampler:
         now = {}
         for line in Path("/proc/self/status").read_text().splitlines():
             key = line.split(":")[0]
-            if key in ("VmRSS", "RssAnon", "RssFile"):
+            if key in ("VmRSS", "RssAnon", "RssFile", "VmSwap"):
                 now[key] = int(line.split()[1]) * 1024
+        self.swapped = max(self.swapped, now.get("VmSwap", 0))
+        self.with_swap = max(self.with_swap, now["VmRSS"] + now.get("VmSwap", 0))
         best = self.peaks.get(self.phase)
         if best is None or now["VmRSS"] > best["rss"]:
             self.peaks[self.phase] = {"rss": now["VmRSS"], "anon": now["RssAnon"],
@@ -176,7 +180,9 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     before_file = _status("RssFile:")
     with PhaseSampler() as phases:
         g = attribute(vlm, str(clt), inputs, **kw)
-    peak = _status("VmHWM:")
+    # With swap on (to run a configuration larger than RAM), VmHWM stops at what fitted in
+    # RAM; the sampled RSS + swap is then the peak.
+    peak = max(_status("VmHWM:"), phases.with_swap)
     meta = g.metadata
     from safetensors.torch import save_file
 
@@ -190,6 +196,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         "before": before,
         "before_file": before_file,
         "peak": peak,
+        "swapped": phases.swapped,
         "phases": phases.peaks,
         "model_bytes": sum(t.numel() * t.element_size() for t in vlm.model.parameters()),
         "active": meta.get("active_per_layer"),
@@ -290,6 +297,8 @@ def main() -> None:
         print(f"{layers:>6} {r['positions']:>9} {r['peak'] / 1e9:>8.2f} {predicted:>12} "
               f"{err:>7} {above:>14.2f} {top['file'] / 1e9:>9.2f} {phase:>14}  "
               f"{compare_graphs(graph, other)}", flush=True)  # fmt: skip
+        if r.get("swapped"):
+            print(f"{'':>6} (peak includes {r['swapped'] / 1e9:.2f} GB that went to swap)")
         (work / f"result-{tag}{'-old' if args.old_src else ''}.json").write_text(
             json.dumps({**r, "predicted": pred})
         )
