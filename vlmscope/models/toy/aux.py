@@ -1,0 +1,138 @@
+"""Per-patch auxiliary targets for training the toy VLM's vision pathway (training only).
+
+The answer loss reaches the vision tower only through the language model, a few answer tokens
+per picture: the image pathway forms slowly, and binding (which object is the circle, where is
+it, how many are red) waits for it. The shapes world knows, for every patch, the object whose
+block holds it, so a throwaway linear head on the projector's outputs can be trained to read
+per patch:
+
+- ``shape`` and ``colour`` of the patch's object (0: background);
+- ``count_shape`` / ``count_colour``: how many objects of the scene share that object's shape
+  / colour (1 .. 5; background patches are ignored);
+- ``quadrant`` of the object's centre (ignored on a midline and on background);
+- ``centre``: the object's centre (row, column) in patches, scaled to [-1, 1] (regression).
+
+With p_i the projector output of patch i and W the head, the loss is
+``sum_task CE(W_task p_i, y_task,i)`` averaged over labelled patches, plus the mean squared
+error of the centre, times a weight. The head is never saved: the shipped model stays an
+unmodified Hugging Face LLaVA, and what the auxiliary loss changes is only where the vision
+tower's and the projector's weights go (features the language model can read with one
+attention lookup).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from vlmscope.data import shapes
+
+IGNORE = -100
+"""Label of a patch a task says nothing about (cross-entropy's ignore index)."""
+
+
+def class_counts(config: shapes.ShapesConfig) -> dict[str, int]:
+    """Classes of each classification task under `config`."""
+    return {
+        "shape": 1 + len(config.shapes),
+        "colour": 1 + len(config.colours),
+        "count_shape": 1 + config.n_objects,
+        "count_colour": 1 + config.n_objects,
+        "quadrant": len(shapes.POSITIONS),
+    }
+
+
+def patch_labels(
+    objects: Sequence[shapes.ShapeObject], config: shapes.ShapesConfig
+) -> dict[str, np.ndarray]:
+    """Per-patch targets of one v2 scene, row-major over the grid: int64 ``[grid * grid]`` per
+    classification task (`IGNORE` where it says nothing) and float32 ``centre`` ``[grid *
+    grid, 2]`` (NaN on background)."""
+    if config.version < 2:
+        raise ValueError("patch_labels: auxiliary targets exist for the v2 world only")
+    g = config.grid
+    out = {k: np.full((g, g), IGNORE, np.int64) for k in class_counts(config)}
+    out["shape"][:] = 0
+    out["colour"][:] = 0
+    centre = np.full((g, g, 2), np.nan, np.float32)
+    n_shape = {s: sum(o.shape == s for o in objects) for s in config.shapes}
+    n_colour = {c: sum(o.colour == c for o in objects) for c in config.colours}
+    for o in objects:
+        r, c = o.cell
+        block = (slice(r, r + o.span), slice(c, c + o.span))
+        out["shape"][block] = 1 + config.shapes.index(o.shape)
+        out["colour"][block] = 1 + config.colours.index(o.colour)
+        out["count_shape"][block] = n_shape[o.shape]
+        out["count_colour"][block] = n_colour[o.colour]
+        if g / 2 not in o.centre:
+            out["quadrant"][block] = shapes.POSITIONS.index(shapes.position_word(o.centre, g))
+        centre[block] = np.array(o.centre, np.float32) / (g / 2) - 1
+    labels = {k: v.reshape(-1) for k, v in out.items()}
+    labels["centre"] = centre.reshape(g * g, 2)
+    return labels
+
+
+def collate_labels(per_image: Sequence[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    """Stack per-image labels into ``[batch, patches]`` (and ``[batch, patches, 2]``) tensors."""
+    return {k: torch.from_numpy(np.stack([p[k] for p in per_image])) for k in per_image[0]}
+
+
+class PatchHead(nn.Module):
+    """One linear map from a projector output to every task's logits (and the centre)."""
+
+    def __init__(self, dim: int, config: shapes.ShapesConfig) -> None:
+        super().__init__()
+        self.classes = class_counts(config)
+        self.proj = nn.Linear(dim, sum(self.classes.values()) + 2)
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits per task ``[..., classes]`` and ``centre`` ``[..., 2]``."""
+        out = self.proj(features)
+        parts = out.split([*self.classes.values(), 2], dim=-1)
+        return dict(zip([*self.classes, "centre"], parts, strict=True))
+
+    def loss(
+        self, features: torch.Tensor, labels: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Summed task losses on ``[batch, patches, dim]`` features, and each task's accuracy on
+        the patches of objects (background is most patches; the centre's score is its mean
+        absolute error in patches)."""
+        pred = self(features.float())
+        total = features.new_zeros(())
+        scores: dict[str, float] = {}
+        for task in self.classes:
+            y = labels[task].reshape(-1)
+            logits = pred[task].reshape(y.shape[0], -1)
+            keep = y != IGNORE
+            if keep.any():
+                total = total + nn.functional.cross_entropy(logits[keep], y[keep])
+                hit = (logits.detach().argmax(-1) == y)[keep & (labels["shape"].reshape(-1) > 0)]
+                scores[task] = float(hit.float().mean())  # on the objects' patches
+        target = labels["centre"].reshape(-1, 2)
+        keep = ~target.isnan().any(-1)
+        if keep.any():
+            diff = pred["centre"].reshape(-1, 2)[keep] - target[keep]
+            total = total + 4 * diff.pow(2).mean()
+            grid = round(features.shape[1] ** 0.5)
+            scores["centre_mae"] = float(diff.detach().abs().mean()) * grid / 2
+        return total, scores
+
+
+class ProjectorTap:
+    """Keeps the last output of a LLaVA's multi-modal projector (``[images, patches, dim]``)
+    while installed, through a forward hook (the model's code is untouched)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.output: torch.Tensor | None = None
+        projector = model.model.multi_modal_projector
+        self._handle = projector.register_forward_hook(self._keep)
+
+    def _keep(self, _module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        self.output = output
+
+    def remove(self) -> None:
+        """Uninstall the hook."""
+        self._handle.remove()
