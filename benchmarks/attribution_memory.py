@@ -174,6 +174,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     clt = work / f"clt-L{args.layer}-F{args.latents}-k{args.k}-{args.dtype}"
     kw: dict[str, Any] = {"max_feature_nodes": args.batch_size, "batch_size": args.batch_size}
     kw["logit_targets"] = [5]
+    if args.offload != "none":
+        kw["offload"] = args.offload
     with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
     before = _status("VmRSS:")
@@ -213,7 +215,7 @@ def predict(args: argparse.Namespace, work: Path, r: dict[str, Any]) -> dict[str
                               max_feature_nodes=args.batch_size, n_logits=1)  # fmt: skip
     if r["active"]:
         shape = with_counts(shape, r["active"], r["unique"])
-    p = plan(shape, args.batch_size, None, "cpu")
+    p = plan(shape, args.batch_size, None if args.offload == "none" else args.offload, "cpu")
     device = peak(p, shape)
     # On a CPU the device is the host, and mapped dictionary pages count in RSS too.
     host = p.total("host") + p.total("cache")
@@ -237,6 +239,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--vision-layers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--offload", default="none", choices=["none", "disk"],
+                   help="attribute's offload (disk: what the replay skips leaves RAM)")  # fmt: skip
     p.add_argument("--work", default="/tmp/vlmscope-attribution-memory")
     p.add_argument("--old-src", default=None, help="run this checkout's vlmscope instead")
     p.add_argument("--plan-llava7b", action="store_true", help="print the LLaVA-1.5-7B plan")
@@ -272,14 +276,16 @@ def main() -> None:
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1"}
         if args.old_src:
             env["PYTHONPATH"] = str(src)
-        tag = f"L{layers}-p{args.positions}-b{args.batch_size}"
+        base = f"L{layers}-p{args.positions}-b{args.batch_size}"
+        tag = base if args.offload == "none" else f"{base}-{args.offload}"
         graph = work / f"graph-{tag}{'-old' if args.old_src else ''}.safetensors"
-        other = work / f"graph-{tag}{'' if args.old_src else '-old'}.safetensors"
+        # An offloaded run is compared with this code's run without offload (same edges).
+        other = work / f"graph-{base}{'' if args.old_src or tag != base else '-old'}.safetensors"
         cmd = [sys.executable, __file__, "--child", "--layer", str(layers), "--work", str(work),
                "--positions", str(args.positions), "--latents", str(args.latents), "--k",
                str(args.k), "--dtype", args.dtype, "--batch-size", str(args.batch_size),
                "--vision-layers", str(args.vision_layers), "--threads", str(args.threads),
-               "--graph-out", str(graph)]  # fmt: skip
+               "--offload", args.offload, "--graph-out", str(graph)]  # fmt: skip
         out = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if out.returncode != 0:
             print(out.stderr[-3000:])
