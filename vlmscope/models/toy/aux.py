@@ -136,3 +136,9 @@ class ProjectorTap:
     def remove(self) -> None:
         """Uninstall the hook."""
         self._handle.remove()
+
+    def __enter__(self) -> ProjectorTap:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()

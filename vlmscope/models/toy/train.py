@@ -40,6 +40,7 @@ Run ``python -m vlmscope.models.toy.train --help`` (or ``vlmscope zoo train-toy`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -549,11 +550,10 @@ def _train(
     from tqdm.auto import tqdm
 
     model.train()
-    head = tap = None
+    head = None
     named = list(model.named_parameters())
     if cfg.aux_weight > 0:
         head = aux.PatchHead(model.config.text_config.hidden_size, WORLD)
-        tap = aux.ProjectorTap(model)
         named += [(f"aux.{n}", p) for n, p in head.named_parameters()]
     decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in named if not (p.dim() >= 2 and "embed" not in n)]
@@ -581,6 +581,8 @@ def _train(
     with (
         tqdm(total=cfg.steps, desc="train-toy", disable=not progress, dynamic_ncols=True) as bar,
         open(log_file or os.devnull, "a") as log,
+        # Removed however the loop ends, so a caller's model keeps no hook.
+        aux.ProjectorTap(model) if head is not None else contextlib.nullcontext() as tap,
     ):
         for step in range(cfg.steps):
             if cpu_seconds() - cpu0 > cfg.minutes * 60:
@@ -588,6 +590,8 @@ def _train(
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, cfg)
             batch = next(stream)
+            if tap is not None:
+                tap.output = None  # never the previous step's pictures
             loss, correct, qtypes = answer_loss(model, batch)
             lv = loss.item()
             if head is not None and tap is not None and tap.output is not None:
@@ -617,8 +621,6 @@ def _train(
             bar.set_postfix(loss=f"{ema_loss:.3f}", acc=f"{ema_acc:.3f}", refresh=False)
             bar.update(1)
     del stream  # joins the data worker, so its CPU time is counted as a child's
-    if tap is not None:
-        tap.remove()
     if done < cfg.steps:
         print(
             f"train-toy: CPU-time cap of {cfg.minutes} min reached after {done}/{cfg.steps} "
