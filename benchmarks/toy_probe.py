@@ -25,9 +25,8 @@ from vlmscope.models.toy.train import EVAL_SEED, EVAL_SPLIT, WORLD
 
 def features(vlm: HookedVLM, samples: list[shapes.ShapesSample]) -> torch.Tensor:
     """Projector outputs ``[images, patches, dim]``."""
-    tap = aux.ProjectorTap(vlm.model)
     out = []
-    try:
+    with aux.ProjectorTap(vlm.model) as tap:
         for i in range(0, len(samples), 64):
             chunk = samples[i : i + 64]
             pixels = vlm.processor.image_processor([s.image for s in chunk], return_tensors="pt")
@@ -35,8 +34,6 @@ def features(vlm: HookedVLM, samples: list[shapes.ShapesSample]) -> torch.Tensor
                 vlm.model.model.get_image_features(pixel_values=pixels["pixel_values"])
             assert tap.output is not None
             out.append(tap.output.float().clone())
-    finally:
-        tap.remove()
     return torch.cat(out)
 
 
