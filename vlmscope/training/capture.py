@@ -68,7 +68,7 @@ from vlmscope.training.config import (
     _add_fields,
     config_from_args,
 )
-from vlmscope.training.distributed import Layout, collective_errors
+from vlmscope.training.distributed import Layout, collective_errors, leaving
 from vlmscope.training.errors import TrainingError
 from vlmscope.training.sources import LiveSource, TrainState, hookpoint_names
 
@@ -343,8 +343,9 @@ def capture(
         except OSError as e:
             error = f"cannot write to --out {folder}: {e}"
     try:
-        lay.agree(error)
-        return _capture(cfg, folder, vlm, progress, lay)
+        with leaving(lay if layout is None else None):  # a group joined here is left here
+            lay.agree(error)
+            return _capture(cfg, folder, vlm, progress, lay)
     finally:
         if lock is not None:
             lock.release()

@@ -52,6 +52,7 @@ from vlmscope.training.errors import TrainingError
 __all__ = [
     "Layout",
     "collective_errors",
+    "leaving",
     "rank_seed",
 ]
 
@@ -66,6 +67,7 @@ class Layout:
     backend: str = ""
     host: str = field(default_factory=socket.gethostname)
     timeout_s: float = 600.0
+    owns_group: bool = field(default=False, compare=False, repr=False)  # it called init
 
     @property
     def distributed(self) -> bool:
@@ -106,10 +108,23 @@ class Layout:
                 raise TrainingError(
                     f"rank {rank}: cannot join the process group ({type(e).__name__}: {e})"
                 ) from None
-        else:
-            backend = str(dist.get_backend())
-            rank, world = dist.get_rank(), dist.get_world_size()
+            return cls(rank, world, local, backend, timeout_s=timeout_s, owns_group=True)
+        backend = str(dist.get_backend())
+        rank, world = dist.get_rank(), dist.get_world_size()
         return cls(rank, world, local, backend, timeout_s=timeout_s)
+
+    def leave(self) -> None:
+        """Destroy the process group this layout joined; a no-op for a group the caller made.
+        Without it gloo's worker threads can outlive the interpreter and abort the process
+        at exit (SIGABRT, "terminate called without an active exception"), after a run that
+        had succeeded, so torchrun reports the whole job failed."""
+        if not self.owns_group:
+            return
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        self.owns_group = False
 
     def device(self, requested: str) -> str:
         """The device of this rank: --device if it names one index, else cuda:LOCAL_RANK
@@ -282,6 +297,22 @@ def share(window: range, rank: int, batch_size: int) -> range:
 class AgreedError(TrainingError):
     """Raised on every rank at once, after the ranks agreed that one failed; the CLI prints it
     from rank 0 only."""
+
+
+@contextlib.contextmanager
+def leaving(layout: Layout | None) -> Iterator[None]:
+    """`layout.leave()` when the block ends normally or with an error every rank agreed on;
+    nothing for None (a layout the caller made and will leave itself). After an error on one
+    rank alone the others may still wait in a collective, so the group is left to the
+    process's end (torchrun tears it down) rather than destroyed under them."""
+    try:
+        yield
+    except AgreedError:
+        if layout is not None:
+            layout.leave()
+        raise
+    if layout is not None:
+        layout.leave()
 
 
 def rank_seed(seed: int, rank: int) -> int:

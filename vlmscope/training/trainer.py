@@ -37,7 +37,7 @@ from vlmscope.training.checkpoint import (
     save_final_dictionaries,
 )
 from vlmscope.training.config import TrainConfig
-from vlmscope.training.distributed import Layout, collective_errors, rank_seed
+from vlmscope.training.distributed import Layout, collective_errors, leaving, rank_seed
 from vlmscope.training.errors import CheckpointError, TrainingError
 from vlmscope.training.logging import MetricsLogger
 from vlmscope.training.modules import ModuleShards, seed_units, shards_for
@@ -140,6 +140,7 @@ class Trainer:
         self.cfg = cfg
         self.progress = progress
         self.layout = lay = layout or Layout.from_environment(cfg.dist_timeout, cfg.device)
+        self._joined = layout is None  # the group is this trainer's to leave
         self.run_name = cfg.run_name or _default_run_name(cfg)
         self.run_dir = Path(cfg.output_dir) / self.run_name
         self._lock: FolderLock | None = None
@@ -331,10 +332,11 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train until the budget ends; checkpoints, final dictionaries, per-unit results.
         The run folder stays locked until the last file is written."""
-        try:
-            return self._fit()
-        finally:
-            self.close()
+        with leaving(self.layout if self._joined else None):  # left when the run ends
+            try:
+                return self._fit()
+            finally:
+                self.close()
 
     def _fit(self) -> TrainResult:
         cfg, st, b, lay = self.cfg, self.state, self.trained, self.layout
