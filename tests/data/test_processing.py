@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 from tests.conftest import random_image
 from vlmscope.data.processing import (
     STREAM_CHUNK,
+    EncoderPool,
     SampleEncoder,
     SkipCounter,
     SkipRecord,
@@ -219,7 +221,19 @@ def test_worker_processes_give_the_same_samples_reading_ahead_a_bounded_window(
     for x, y in zip(a, b, strict=True):
         assert x.tensors.keys() == y.tensors.keys()
         for k in x.tensors:
+            assert x.tensors[k].dtype == y.tensors[k].dtype
             assert torch.equal(x.tensors[k], y.tensors[k])
+    # One pool kept for several passes, as a trainer keeps it across epochs: a pass left
+    # after its first sample does not disturb the next, and the workers are the same ones.
+    with EncoderPool(enc, 1) as pool:
+        workers = {p.pid for p in multiprocessing.active_children()}
+        next(encode_stream(recs, enc, SkipCounter(), pool=pool))
+        again = list(encode_stream(recs, enc, SkipCounter(), pool=pool))
+        assert {p.pid for p in multiprocessing.active_children()} == workers
+    assert [s.row_id for s in again] == [s.row_id for s in a]
+    assert all(torch.equal(x.tensors["input_ids"], y.tensors["input_ids"])
+               for x, y in zip(a, again, strict=True))  # fmt: skip
+    assert not any(p.pid in workers for p in multiprocessing.active_children())
 
 
 @pytest.mark.parametrize("name", zoo.names())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -617,3 +618,35 @@ def test_a_model_passed_in_gets_its_requires_grad_back(
     before = [p.requires_grad for p in params]
     train(config(tmp_path, zoo_path("llava"), name="given"), vlm=llava, progress=False)
     assert [p.requires_grad for p in params] == before
+
+
+def test_worker_processes_last_the_whole_run_and_train_the_same_weights(
+    tmp_path: Path, zoo_path: Any, llava: HookedVLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--workers 1 over three passes of a small dataset: the same weights as encoding in the
+    trainer's process, from one pool started once (a pool per pass cost seconds of start-up at
+    every epoch) and stopped when the run ends."""
+    import multiprocessing
+
+    from vlmscope.data.processing import EncoderPool
+    from vlmscope.training import sources
+
+    pools: list[EncoderPool] = []
+
+    class Counted(EncoderPool):
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            pools.append(self)
+
+    monkeypatch.setattr(sources, "EncoderPool", Counted)
+    flags = "--max-steps 6 --save-every 100"
+    model = zoo_path("llava")
+    small = {"dataset": "shapes:8"}  # 2 steps of 4 per pass: 3 passes
+    ref = train(dataclasses.replace(config(tmp_path, model, flags, "w0"), **small), llava,
+                progress=False)  # fmt: skip
+    assert pools == []
+    cfg = dataclasses.replace(config(tmp_path, model, f"{flags} --workers 1", "w1"), **small)
+    res = train(cfg, llava, progress=False)
+    assert res.step == 6 and len(pools) == 1
+    assert multiprocessing.active_children() == []  # the pool's workers stopped with the run
+    states_equal(res.dictionaries, ref.dictionaries, atol=0)

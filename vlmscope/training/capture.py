@@ -526,7 +526,7 @@ def _capture(
         raise TrainingError(str(e)) from None
     finally:
         bar.close()
-        source.release_model()  # a model the caller passed in gets its flags back
+        source.close()  # a caller's model gets its flags back; --workers processes stop
     return CaptureResult(folder, manifest, time.perf_counter() - start, new_tokens, source.skips)
 
 

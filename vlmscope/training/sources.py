@@ -28,6 +28,7 @@ from vlmscope.data.packing import Document, Packer, packed_batches
 from vlmscope.data.processed import ProcessedDataError, ProcessedSpec
 from vlmscope.data.processing import (
     Batch,
+    EncoderPool,
     SampleEncoder,
     SkipCounter,
     batches,
@@ -282,6 +283,7 @@ class LiveSource:
         self.vlm: HookedVLM | None = None
         #: requires_grad of a caller's model's parameters before training froze them.
         self._grad_flags: list[tuple[torch.nn.Parameter, bool]] = []
+        self._pool: EncoderPool | None = None  # --workers processes, kept for the whole run
         self._total_rows: int | None = None
 
     # --- phases --------------------------------------------------------------------------
@@ -347,6 +349,19 @@ class LiveSource:
         for p, flag in self._grad_flags:
             p.requires_grad_(flag)
         self._grad_flags = []
+
+    def close(self) -> None:
+        """Give the model back (`release_model`) and stop the --workers processes."""
+        self.release_model()
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def _workers(self) -> EncoderPool | None:
+        """The --workers processes, started at the first pass and kept for every later one."""
+        if self.cfg.workers > 0 and self._pool is None:
+            self._pool = EncoderPool(self.encoder, self.cfg.workers)
+        return self._pool
 
     def model_info(self) -> dict[str, Any]:
         cfg, vlm = self.cfg, self._model()
@@ -445,7 +460,7 @@ class LiveSource:
 
             data = self.dataset.skip(start).select(mine)
             samples = encode_stream(
-                data, self.encoder, self.skips, strict=cfg.strict, workers=cfg.workers
+                data, self.encoder, self.skips, strict=cfg.strict, pool=self._workers()
             )
             pending = next(samples, None)
             got, tokens_before = 0, state.tokens
@@ -556,7 +571,7 @@ class LiveSource:
         self._bad_records = journal
         try:
             samples = encode_stream(
-                data, self.encoder, journal, strict=cfg.strict, workers=cfg.workers
+                data, self.encoder, journal, strict=cfg.strict, pool=self._workers()
             )
             for batch in batches(samples, cfg.batch_size, pad_id, masks=vlm.masks):
                 yield batch, journal.take()

@@ -181,8 +181,10 @@ class Trainer:
 
     def close(self) -> None:
         """Release the run folder (and remove it if this run created it and wrote nothing),
-        and give a model the caller passed in its requires_grad flags back."""
-        release = getattr(getattr(self, "source", None), "release_model", None)
+        give a model the caller passed in its requires_grad flags back and stop the source's
+        worker processes."""
+        source = getattr(self, "source", None)
+        release = getattr(source, "close", None) or getattr(source, "release_model", None)
         if release is not None:
             release()
         if self._lock is not None:
