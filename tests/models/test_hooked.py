@@ -302,3 +302,28 @@ def test_fused_qkv_hooks_are_slices_and_edit_their_own(zoo_path: Any) -> None:
     torch.testing.assert_close(
         edited["lm.blocks.1.attn.hook_pattern"], cache["lm.blocks.1.attn.hook_pattern"]
     )
+
+
+def test_stop_early_records_the_same_values_without_running_later_layers(
+    llava: HookedVLM,
+) -> None:
+    """run_with_cache(stop_early=True) ends the forward at the last hook it records: the
+    same values as a whole forward, the last block never runs and there are no logits."""
+    inputs = llava_inputs(llava)
+    names = ["vision.blocks.0.hook_resid_post", "projector.hook_out",
+             "lm.blocks.0.hook_resid_mid", "lm.blocks.1.mlp.hook_out"]  # fmt: skip
+    last = llava.adapter.block(llava.adapter.n_layers - 1)
+    runs: list[int] = []
+    handle = last.register_forward_hook(lambda *_: runs.append(1))
+    try:
+        out, full = llava.run_with_cache(inputs, names=names, mask="all")
+        assert out is not None and runs == [1]
+        stopped, early = llava.run_with_cache(inputs, names=names, mask="all", stop_early=True)
+        assert stopped is None and runs == [1]  # the last block did not run again
+    finally:
+        handle.remove()
+    for n in names:
+        torch.testing.assert_close(early[n], full[n], rtol=0, atol=0, msg=n)
+    only_vision, cache = llava.run_with_cache(inputs, names=names[:2], stop_early=True)
+    assert only_vision is not None  # nothing in the language model to stop at: a whole run
+    torch.testing.assert_close(cache[names[1]], full[names[1]], rtol=0, atol=0)

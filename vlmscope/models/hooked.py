@@ -392,6 +392,7 @@ class HookedVLM:
         detach: bool = True,
         device: str | torch.device | None = None,
         masks: TokenMasks | None = None,
+        stop_early: bool = False,
         **kwargs: Any,
     ) -> tuple[Any, ActivationCache]:
         """Forward pass that records activations of `names` (default: every hook point).
@@ -400,6 +401,10 @@ class HookedVLM:
         token positions of LM activations, flattened to [n_tokens, ...]; padding is always
         dropped by the string forms. Vision and projector activations are kept whole.
         `masks`: the batch's masks when the caller has them (else they are computed here).
+        `stop_early`: end the forward at the first language-model hook after which every name
+        has been recorded, and return None for the output: training on layer 8 of 32 then
+        skips the 24 layers after it and the logits. (Checked at language-model hooks only:
+        they run after the vision tower, however many times a tower hook fires.)
         """
         if masks is None:
             masks = self.masks(inputs)
@@ -421,16 +426,23 @@ class HookedVLM:
                 # else: keys/values of a cross-attention layer run over image features, not
                 # over the token positions the mask selects; they are kept whole.
             cache[ctx.name] = x.to(device) if device is not None else x
+            seen.add(ctx.name)
+            if stop_early and ctx.name.startswith("lm.") and seen >= wanted:
+                raise _ForwardDone
             return None
 
         resolved = resolve_names(self.adapter, names)
+        wanted, seen = {rh.name for rh in resolved}, set[str]()
         grad = contextlib.nullcontext() if not detach else torch.no_grad()
+        out = None
         with grad, self.hooks(list(fwd_hooks), masks=masks):
             handles: list[RemovableHandle] = []
             try:
                 for rh in resolved:
                     handles += self._attach(rh, store, masks)
                 out = self.forward(inputs, masks=masks, **kwargs)
+            except _ForwardDone:
+                pass
             finally:
                 for h in handles:
                     h.remove()
@@ -647,6 +659,10 @@ class HookedVLM:
             return t + v * _expand(positions, t).to(t.dtype)
 
         return fn
+
+
+class _ForwardDone(Exception):
+    """Ends a `run_with_cache(stop_early=True)` forward once every hook has been recorded."""
 
 
 def _expand(positions: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,7 @@ from vlmscope.data.processing import SkipCounter, SkipRecord
 from vlmscope.data.sources import BadRecordError
 from vlmscope.dictionaries import NonFiniteError, check_finite
 from vlmscope.files import FolderLockedError, lock_folder
-from vlmscope.models.hooked import HookContext, HookedVLM
+from vlmscope.models.hooked import HookedVLM
 from vlmscope.models.masks import TokenMasks
 from vlmscope.progress import progress_bar
 from vlmscope.training.bundle import mlp_out, resid_mid
@@ -557,10 +557,6 @@ def _capture_batch(
     return int(tensors["meta.sample"].shape[0])
 
 
-class _StopForward(Exception):
-    """Raised once the last layer a stored hook belongs to has run: the rest is not needed."""
-
-
 def _activations(
     vlm: HookedVLM,
     inputs: Mapping[str, torch.Tensor],
@@ -569,28 +565,11 @@ def _activations(
     names: list[str],
 ) -> dict[str, torch.Tensor]:
     """Every stored hook at the selected tokens, [n, width] on the CPU, in the order of a
-    masked activation cache. The forward pass stops after the last layer that holds a stored
-    hook: the later layers and the logits would be computed for nothing."""
-    pos = positions.to(vlm.device)
-    got: dict[str, torch.Tensor] = {}
-
-    def keep(t: torch.Tensor, ctx: HookContext) -> None:
-        got[ctx.name] = t.detach()[pos].flatten(1).cpu()
-
-    def stop(*_: Any) -> None:
-        raise _StopForward
-
-    last = max(int(h.split(".")[2]) for h in names)
-    with torch.no_grad(), vlm.hooks([(h, keep) for h in names], masks=masks):
-        # Registered after the stored hooks, so it runs after those on the same block.
-        handle = vlm.adapter.block(last).register_forward_hook(stop)
-        try:
-            vlm.forward(inputs, masks=masks)
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
-    return got
+    masked activation cache. The forward pass stops at the last stored hook: the later
+    layers and the logits would be computed for nothing."""
+    _, cache = vlm.run_with_cache(inputs, names=names, mask=positions, masks=masks,
+                                  device="cpu", stop_early=True)  # fmt: skip
+    return {h: cache[h].flatten(1) for h in names}
 
 
 def _cursor(rows: int, sample: int, tokens: int, skips: SkipCounter) -> dict[str, Any]:

@@ -591,9 +591,11 @@ class LiveSource:
             if all(is_vision_hook(n) for n in names):
                 cache = self._vision_cache(batch, names, masks)
             else:
+                # The plain FVU loss needs no logits: the forward ends at the last hook read.
                 out, cache = vlm.run_with_cache(
-                    batch.inputs, names=names, mask=positions, masks=masks
-                )
+                    batch.inputs, names=names, mask=positions, masks=masks,
+                    stop_early=self.cfg.loss_fn == "fvu",
+                )  # fmt: skip
         rows = self._rows
         xs = [rows(batch.inputs, r, cache.get(r), self.d_in) for r in self.reads]
         ys = [rows(batch.inputs, w, cache.get(w), self.d_out) for w in self.writes]
