@@ -132,13 +132,23 @@ def packed_batches(
     batch_size: int,
     pad_token_id: int,
     masks: MasksFn | None = None,
-) -> Iterator[tuple[Batch, Cursor]]:
-    """Collated batches of chunks with the cursor after each batch's last chunk."""
+    part: tuple[int, int] = (0, 1),
+) -> Iterator[tuple[Batch | None, Cursor]]:
+    """Collated batches of chunks with the cursor after each batch's last chunk.
+
+    `part=(rank, world)`: every rank reads the same chunk stream, cut into windows of
+    world x batch_size chunks, and collates chunks [rank B, (rank + 1) B) of each, so the
+    ranks' batches together are one process's batch of world x B and the cursor is global.
+    None for a rank whose share of the stream's last window is empty."""
+    rank, world = part
+    window = batch_size * world
     buf: list[Sample] = []
     for sample, cursor in chunks:
         buf.append(sample)
-        if len(buf) == batch_size:
-            yield collate(buf, pad_token_id, masks=masks), cursor
+        if len(buf) == window:
+            yield collate(buf[rank * batch_size : (rank + 1) * batch_size], pad_token_id,
+                          masks=masks), cursor  # fmt: skip
             buf = []
     if buf:
-        yield collate(buf, pad_token_id, masks=masks), cursor
+        mine = buf[rank * batch_size : (rank + 1) * batch_size]
+        yield (collate(mine, pad_token_id, masks=masks) if mine else None), cursor

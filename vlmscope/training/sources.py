@@ -411,10 +411,10 @@ class LiveSource:
 
     # --- batches -----------------------------------------------------------------------------
     def batches(self, state: TrainState) -> Iterator[ActivationBatch]:
-        if self.layout.distributed:
-            parts = self._rank_batches(state)
-        elif self.packer is not None:
+        if self.packer is not None:  # with several ranks too: each reads its share of windows
             parts = self._packed_batches(state)
+        elif self.layout.distributed:
+            parts = self._rank_batches(state)
         else:
             parts = self._model_batches(state)
         for batch, cursor in parts:
@@ -531,9 +531,11 @@ class LiveSource:
             state.epoch += 1
             state.rows = 0
 
-    def _packed_batches(self, state: TrainState) -> Iterator[tuple[Batch, dict[str, int]]]:
+    def _packed_batches(self, state: TrainState) -> Iterator[tuple[Batch | None, dict[str, int]]]:
         """--pack: batches of full ctx_len chunks of the document stream, which runs on across
-        epochs; the cursor (epoch, rows, offset) resumes mid-document."""
+        epochs; the cursor (epoch, rows, offset) resumes mid-document. With several ranks each
+        packs the whole stream (tokenising text is cheap beside the forward) and trains on its
+        share of every window of world x batch chunks."""
         cfg, vlm = self.cfg, self._model()
         assert self.packer is not None
         pad = vlm.tokenizer.pad_token_id
@@ -554,7 +556,8 @@ class LiveSource:
 
         chunks = self.packer.chunks(documents(), offset=state.offset)
         tokens_before, epoch0 = state.tokens, state.epoch
-        for batch, cursor in packed_batches(chunks, cfg.batch_size, pad or 0, vlm.masks):
+        part = (self.layout.rank, self.layout.world)
+        for batch, cursor in packed_batches(chunks, cfg.batch_size, pad or 0, vlm.masks, part):
             if cursor.epoch > epoch0 + 1 and state.tokens == tokens_before:
                 raise TrainingError(
                     f"--tokens {cfg.tokens} selected no tokens in a full pass over "

@@ -101,11 +101,6 @@ def open_source(
     source.open_data()
     torch.manual_seed(cfg.seed)
     source.bind_model(vlm)
-    if layout.distributed and source.packer is not None:
-        raise TrainingError(
-            "--pack with several processes is not supported yet: train packed text in one "
-            "process, or without --pack"
-        )
     return source
 
 
