@@ -114,22 +114,13 @@ def test_packed_training_on_two_ranks_equals_one_process_on_the_global_batch(
     """--pack under torchrun: 2 ranks x --batch-size 2 train the one-process dictionaries of
     batch 4 (SGD; each rank packs the same stream and takes its share of every window), and
     the checkpoint's cursor is the one process's, mid-document."""
-    from safetensors.torch import load_file
-
-    from .test_distributed import assert_close
-    from .test_store_source import one_process_sgd, store_ranks
+    from .test_store_source import two_ranks_against_one
 
     model, data = zoo_path("llama"), documents(tmp_path / "docs.jsonl")
     base = (f"{model} {data} --sae.expansion-factor 2 --sae.k 4 --layers 1 --ctx-len 16 "
             f"--max-steps 5 --save-every 5 --lr 0.05 --device cpu --pack "
             f"--output-dir {tmp_path}")  # fmt: skip
-    two = parse_train_args(f"{base} --batch-size 2 --run-name two".split())
-    results = store_ranks(2, tmp_path / "r2", two, sgd=True)
-    assert all(r["ok"] for r in results), results
-    one, res = one_process_sgd(f"{base} --batch-size 4 --run-name one")
-    ranks = [load_file(str(tmp_path / "r2" / f"rank{r}.safetensors")) for r in range(2)]
-    assert_close(ranks[1], ranks[0], atol=0)
-    assert_close(ranks[0], dict(one.bundle.state_dict()), atol=2e-6)
+    results, res = two_ranks_against_one(tmp_path, base)
     assert results[0]["tokens"] == res.tokens
     cursors = [json.loads((tmp_path / n / "checkpoint" / "state.json").read_text())["train_state"]
                for n in ("two", "one")]  # fmt: skip

@@ -276,6 +276,23 @@ def one_process_sgd(flags: str) -> tuple[Trainer, Any]:
     return one, one.fit()
 
 
+def two_ranks_against_one(tmp_path: Path, flags: str) -> tuple[list[dict[str, Any]], Any]:
+    """2 ranks x --batch-size 2 (run `two`) and 1 process x 4 (run `one`), both with SGD;
+    asserts the ranks agree exactly and match the one process to float tolerance."""
+    from safetensors.torch import load_file
+
+    from .test_distributed import assert_close
+
+    cfg2 = parse_train_args(f"{flags} --batch-size 2 --run-name two".split())
+    results = store_ranks(2, tmp_path / "r2", cfg2, sgd=True)
+    assert all(r["ok"] for r in results), results
+    one, res = one_process_sgd(f"{flags} --batch-size 4 --run-name one")
+    ranks = [load_file(str(tmp_path / "r2" / f"rank{r}.safetensors")) for r in range(2)]
+    assert_close(ranks[1], ranks[0], atol=0)
+    assert_close(ranks[0], dict(one.bundle.state_dict()), atol=2e-6)
+    return results, res
+
+
 def test_two_ranks_from_a_store_train_the_one_process_dictionaries_of_the_global_batch(
     tmp_path: Path, store: Path
 ) -> None:
@@ -284,22 +301,12 @@ def test_two_ranks_from_a_store_train_the_one_process_dictionaries_of_the_global
     identical on both ranks, and the same metrics. BatchTopK: the store holds many identical
     tokens (every sample's chat prefix), so its cut has ties, which both layouts must keep
     alike (one process once kept exactly k x N of them, N ranks every tie)."""
-    from safetensors.torch import load_file
-
-    from .test_distributed import assert_close
-
     flags = (
         f"--activations {store} --sae.transcode --sae.n_targets 2 --sae.expansion-factor 2 "
         "--sae.k 4 --sae.activation batchtopk --max-steps 6 --lr 0.05 --device cpu "
         f"--shuffle-buffer-mb 0.1 --output-dir {tmp_path}"
     )
-    cfg2 = parse_train_args(f"{flags} --batch-size 2 --run-name two".split())
-    results = store_ranks(2, tmp_path / "r2", cfg2, sgd=True)
-    assert all(r["ok"] for r in results), results
-    one, res = one_process_sgd(f"{flags} --batch-size 4 --run-name one")
-    ranks = [load_file(str(tmp_path / "r2" / f"rank{r}.safetensors")) for r in range(2)]
-    assert_close(ranks[1], ranks[0], atol=0)
-    assert_close(ranks[0], dict(one.bundle.state_dict()), atol=2e-6)
+    results, res = two_ranks_against_one(tmp_path, flags)
     assert results[0]["tokens"] == res.tokens
     a, b = metrics(tmp_path / "two"), metrics(tmp_path / "one")
     assert [m["tokens"] for m in a] == [m["tokens"] for m in b]
