@@ -1,20 +1,21 @@
 """End-to-end training speed against eai-sparsify 1.3.3: model forward and dictionary step.
 
-    python benchmarks/vs_sparsify_e2e.py                      # layers 1 and 6 of 8
+    python benchmarks/vs_sparsify_e2e.py                      # SAE, transcoder; layers 1, 6
     python benchmarks/vs_sparsify_e2e.py --layers 3 --steps 40 --threads 2
 
 `vs_sparsify.py` times the dictionary step alone, on activations captured once. This script
-times what a user waits for: both tools train an SAE on one layer's residual stream of the same
-random Llama (d 512, 8 layers by default), reading the same documents, packed into sequences
-of --ctx-len tokens, --batch-size sequences per step, each tool in a process of its own with
---threads torch threads. sparsify runs its own `Trainer.fit` (its defaults: signum,
-schedule-free, no AuxK; the whole model forward on every batch, as its FVU loss runs it);
-vlmscope runs `vlmscope train` (SAE defaults; with the FVU loss the forward stops at the hook
-it reads). tokens/s is measured after --warmup steps: vlmscope's from its metrics, sparsify's
-from the wall time of a second `fit` over --steps batches (the first, over --warmup batches,
-warms the same process up). Token contents differ slightly (each tool packs the documents its
-own way) but the number of tokens per step is the same, which is what the speed depends on.
-The sparsify venv is the one `vs_sparsify.py` creates (torch pinned by constraints.txt).
+times what a user waits for. Both tools train one layer's SAE (on the residual stream after
+the layer) or transcoder (from the layer's MLP input to its output) on the same random Llama
+(d 512, 8 layers by default), reading the same documents packed into --ctx-len sequences,
+--batch-size sequences per step, each tool in a process of its own with --threads torch
+threads. sparsify runs its own `Trainer.fit` (its defaults: signum, schedule-free, no AuxK;
+the whole model forward on every batch, as its FVU loss runs it); vlmscope runs `vlmscope
+train` (its defaults; with the FVU loss the forward stops at the last hook it reads).
+tokens/s is measured after --warmup steps: vlmscope's from its metrics, sparsify's from the
+wall time of a second `fit` over --steps batches (the first, over --warmup batches, warms the
+same process up). Token contents differ slightly (each tool packs the documents its own way);
+the number of tokens per step, which the speed depends on, is the same. The sparsify venv is
+the one `vs_sparsify.py` creates (torch pinned by constraints.txt).
 """
 
 from __future__ import annotations
@@ -87,10 +88,14 @@ def child_sparsify(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     def fit(n_steps: int, name: str) -> float:
         rows = data.select(range(n_steps * args.batch_size))
-        cfg = TrainConfig(SaeConfig(expansion_factor=args.expansion, k=args.k),
-                          batch_size=args.batch_size, layers=[args.layer], save_every=10**9,
+        sae = SaeConfig(expansion_factor=args.expansion, k=args.k,
+                        transcode=args.kind == "transcoder")  # fmt: skip
+        where: dict[str, Any] = {"layers": [args.layer]}  # the layer's output: resid_post
+        if args.kind == "transcoder":  # the MLP's input (normed) to its output
+            where = {"hookpoints": [f"layers.{args.layer}.mlp"]}  # under base_model
+        cfg = TrainConfig(sae, batch_size=args.batch_size, save_every=10**9,
                           save_dir=str(work / "sparsify"), run_name=name,
-                          log_to_wandb=False)  # fmt: skip
+                          log_to_wandb=False, **where)  # fmt: skip
         trainer = Trainer(cfg, rows, model)
         t0 = time.perf_counter()
         trainer.fit()
@@ -110,10 +115,13 @@ def child_vlmscope(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from vlmscope.training.trainer import train
 
     torch.set_num_threads(args.threads)
+    # SAE: the layer's output; transcoder: resid_mid (the MLP's input before its norm) to the
+    # MLP's output, the trainer's default pair.
+    hooks = f"--hookpoints lm.blocks.{args.layer}.hook_resid_post " if args.kind == "sae" else ""
     with tempfile.TemporaryDirectory() as out:
         flags = (f"{work / 'model'} {work / 'docs.jsonl'} --pack --ctx-len {args.ctx_len} "
-                 f"--sae.kind sae --layers {args.layer} "
-                 f"--hookpoints lm.blocks.{args.layer}.hook_resid_post "
+                 f"--sae.kind {args.kind} --layers {args.layer} "
+                 f"{hooks}"
                  f"--sae.expansion-factor {args.expansion} --sae.k {args.k} "
                  f"--batch-size {args.batch_size} --max-steps {args.warmup + args.steps} "
                  f"--max-tokens 0 --log-every 1 --save-every 1000000 --device cpu "
@@ -140,6 +148,8 @@ def main() -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--layers", type=int, nargs="+", default=[1, 6],
                    help="the layer each run trains on, one pair of runs per value")  # fmt: skip
+    p.add_argument("--kinds", nargs="+", default=["sae", "transcoder"],
+                   choices=["sae", "transcoder"])  # fmt: skip
     p.add_argument("--d-model", type=int, default=512)
     p.add_argument("--n-layers", type=int, default=8, help="decoder layers of the random Llama")
     p.add_argument("--ctx-len", type=int, default=256)
@@ -153,6 +163,7 @@ def main() -> None:
     p.add_argument("--role", default="driver", help=argparse.SUPPRESS)
     p.add_argument("--work", default="", help=argparse.SUPPRESS)
     p.add_argument("--layer", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--kind", default="sae", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.role != "driver":
         fn = child_sparsify if args.role == "sparsify" else child_vlmscope
@@ -170,22 +181,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         build(args, work)
-        for layer in args.layers:
-            args.passthrough = [*common, "--layer", str(layer)]
-            ours = run_child(sys.executable, "vlmscope", args, work)
-            theirs = run_child(python, "sparsify", args, work)
-            rows.append((layer, ours, theirs))
-    print(f"\nrandom Llama d={args.d_model}, {args.n_layers} layers; SAE on one layer's residual "
-          f"stream, {args.expansion * args.d_model} latents, k={args.k}; {args.batch_size} x "
-          f"{args.ctx_len} tokens per step, {args.threads} thread(s), "
+        for kind in args.kinds:
+            for layer in args.layers:
+                args.passthrough = [*common, "--layer", str(layer), "--kind", kind]
+                ours = run_child(sys.executable, "vlmscope", args, work)
+                theirs = run_child(python, "sparsify", args, work)
+                rows.append((kind, layer, ours, theirs))
+    print(f"\nrandom Llama d={args.d_model}, {args.n_layers} layers; one layer's SAE (residual "
+          f"stream) or transcoder (MLP), {args.expansion * args.d_model} latents, k={args.k}; "
+          f"{args.batch_size} x {args.ctx_len} tokens per step, {args.threads} thread(s), "
           f"{args.steps} timed steps")  # fmt: skip
-    print(
-        f"{'layer':>5} {'vlmscope tok/s':>15} {'sparsify tok/s':>15} {'ratio':>7} {'tok/step':>9}"
-    )
-    for layer, ours, theirs in rows:
+    print(f"{'kind':<11} {'layer':>5} {'vlmscope tok/s':>15} {'sparsify tok/s':>15} "
+          f"{'ratio':>7} {'tok/step':>9}")  # fmt: skip
+    for kind, layer, ours, theirs in rows:
         ratio = ours["tokens_per_s"] / theirs["tokens_per_s"]
-        print(f"{layer:>5} {ours['tokens_per_s']:>15,.0f} {theirs['tokens_per_s']:>15,.0f} "
-              f"{ratio:>7.2f} {ours['tokens_per_step']:>9,.0f}")  # fmt: skip
+        print(f"{kind:<11} {layer:>5} {ours['tokens_per_s']:>15,.0f} "
+              f"{theirs['tokens_per_s']:>15,.0f} {ratio:>7.2f} "
+              f"{ours['tokens_per_step']:>9,.0f}")  # fmt: skip
 
 
 if __name__ == "__main__":
