@@ -125,3 +125,35 @@ def test_train_toy_saves_a_loadable_model(tmp_path: Path) -> None:
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders
     loaded = HookedVLM.from_pretrained(out, device="cpu")
     assert loaded.adapter.family == "llava"
+
+
+def test_question_first_template_puts_the_question_before_the_image(tmp_path: Path) -> None:
+    """A question-first toy sees ``USER: question\\n<image x 64> ASSISTANT:``: for a user's
+    prompt (`prepare`) and for the training conversation alike, and the LLaVA processor expands
+    the one placeholder into the model's image tokens, which the model's forward accepts."""
+    from vlmscope.data.shapes import ShapesConfig
+    from vlmscope.data.sources import Record
+
+    model, processor = build_toy(seed=0, question_first=True)
+    model.eval().save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    vlm = HookedVLM.from_pretrained(tmp_path, device="cpu")
+    tok = vlm.tokenizer
+    image_id = tok.convert_tokens_to_ids("<image>")
+    s = generate(1, seed=5, split="check", config=ShapesConfig(version=2))[0]
+    prompt = vlm.prepare(s.question, images=[s.image])["input_ids"][0]
+    where = (prompt == image_id).nonzero().squeeze(1)
+    n_image = model.config.image_seq_length
+    assert len(where) == n_image == 64
+    assert torch.equal(where, torch.arange(int(where[0]), int(where[0]) + n_image))  # one block
+    before = tok.decode(prompt[: int(where[0])], skip_special_tokens=True)
+    assert before.strip() == f"USER: {s.question}"
+    assert tok.decode(prompt[int(where[-1]) + 1 :]).strip() == "ASSISTANT:"
+    # the training conversation's first turn is the same prompt, then its answer
+    enc = SampleEncoder(vlm.processor, CTX_LEN, [image_id])
+    ids = enc.encode(Record(s.id, s.messages(), [s.image])).tensors["input_ids"][0]
+    torch.testing.assert_close(ids[: len(prompt)], prompt)
+    assert tok.decode(ids[len(prompt) :]) == f" {s.answer}</s>"
+    with torch.no_grad():  # the model places 64 image features on exactly these tokens
+        out = vlm.model(**vlm.prepare(s.question, images=[s.image]))
+    assert out.logits.shape[1] == len(prompt)

@@ -10,7 +10,7 @@ import torch
 
 from vlmscope.data.shapes import COLOURS, POSITIONS, ShapesConfig, generate
 from vlmscope.models.toy.aux import IGNORE, PatchHead, ProjectorTap, collate_labels, patch_labels
-from vlmscope.models.toy.train import build_toy
+from vlmscope.models.toy.train import build_toy, sample_stream
 
 V2 = ShapesConfig(version=2)
 
@@ -80,3 +80,40 @@ def test_tap_reads_the_image_tokens_and_the_head_learns_them() -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_question_word_labels_name_the_questions_objects() -> None:
+    """Each target sits on the word that names an object (or a counted attribute) inside its
+    own question, after the image; its labels are those of the object the world says the
+    question is about (`Question.target`), or the count the question's answer states."""
+    from vlmscope.data.shapes import NUMBER_WORDS, QUESTION_TYPES
+    from vlmscope.models.toy.train import Stage, TrainBatches
+
+    _, processor = build_toy(seed=0)
+    tok = processor.tokenizer
+    data = TrainBatches(processor, 0, 2, 6, (Stage(0.0, 5, QUESTION_TYPES),), word_labels=True)
+    seen = Counter()
+    for step, batch in enumerate(data):
+        items = list(sample_stream(processor, 0, 2, 6, (Stage(0.0, 5, QUESTION_TYPES),)))
+        items = items[step * 6 : (step + 1) * 6]
+        assert batch.word_at is not None and batch.words is not None
+        for k, (row, pos) in enumerate(batch.word_at.tolist()):
+            s, qs, _, turn = items[row]
+            ids = batch.inputs["input_ids"][row]
+            i = next(j for j in range(len(qs)) if int((turn == j).nonzero()[0]) > pos)
+            q = qs[i]
+            assert i == 0 or int((turn == i - 1).nonzero()[-1]) < pos  # inside question i
+            word = tok.decode(ids[pos]).strip()
+            assert word and word in q.text
+            lab = {key: v[k] for key, v in batch.words.items()}
+            if q.type in ("count_shape", "count_colour"):
+                assert NUMBER_WORDS[int(lab[q.type])] == q.answer
+                seen["count"] += 1
+            elif q.type in ("colour", "shape", "position"):
+                (o,) = [s.objects[t] for t in q.target]
+                assert int(lab["colour"]) == 1 + V2.colours.index(o.colour)
+                assert int(lab["shape"]) == 1 + V2.shapes.index(o.shape)
+                centre = lab["centre"].numpy() * (V2.grid / 2) + V2.grid / 2
+                np.testing.assert_allclose(centre, o.centre)
+                seen["object"] += 1
+    assert seen["count"] >= 2 and seen["object"] >= 6, seen

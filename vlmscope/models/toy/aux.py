@@ -23,6 +23,7 @@ attention lookup).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,6 +76,124 @@ def patch_labels(
     return labels
 
 
+def _object_labels(
+    o: shapes.ShapeObject, objects: Sequence[shapes.ShapeObject], config: shapes.ShapesConfig
+) -> dict[str, Any]:
+    """Every task's label of one object (what `patch_labels` writes on its patches)."""
+    g = config.grid
+    return {
+        "shape": 1 + config.shapes.index(o.shape),
+        "colour": 1 + config.colours.index(o.colour),
+        "count_shape": sum(p.shape == o.shape for p in objects),
+        "count_colour": sum(p.colour == o.colour for p in objects),
+        "quadrant": IGNORE
+        if g / 2 in o.centre
+        else shapes.POSITIONS.index(shapes.position_word(o.centre, g)),
+        "centre": np.array(o.centre, np.float32) / (g / 2) - 1,
+    }
+
+
+def _find_last(ids: Sequence[int], word: Sequence[int], lo: int, hi: int) -> int | None:
+    """Position of the last token of the last occurrence of `word` in ids[lo:hi]."""
+    n = len(word)
+    for end in range(hi, lo + n - 1, -1):
+        if list(ids[end - n : end]) == list(word):
+            return end - 1
+    return None
+
+
+def question_word_labels(
+    ids: torch.Tensor,
+    turn: torch.Tensor,
+    questions: Sequence[shapes.Question],
+    objects: Sequence[shapes.ShapeObject],
+    tokenizer: Any,
+    config: shapes.ShapesConfig,
+) -> tuple[list[int], dict[str, np.ndarray]]:
+    """Targets at the words of each question that name something in the scene: positions in
+    `ids` (the last token of the word) and per-position labels shaped like `patch_labels`'.
+
+    A word that names one object of the scene (the shape in "What colour is the circle?",
+    the colour in "What shape is the red object?", the shape after its colour in "Where is the
+    red circle?", either object of a relation, a present object of "Is there a red circle?")
+    gets that object's labels; the word of a count question ("How many circles ...") and an
+    absent object's shape get the counts only. `turn` marks each turn's answer tokens (-1
+    elsewhere), which delimits the questions."""
+    ids_l = ids.tolist()
+    answer_at = [int((turn == i).nonzero()[0]) for i in range(len(questions))]
+    ends = [int((turn == i).nonzero()[-1]) for i in range(len(questions))]
+    positions: list[int] = []
+    rows: list[dict[str, Any]] = []
+
+    def word_ids(word: str) -> list[int]:
+        return tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+
+    for i, q in enumerate(questions):
+        lo, hi = (ends[i - 1] + 1 if i else 0), answer_at[i]
+        found: list[tuple[str, dict[str, Any]]] = []
+        qq = q.query
+        names = [("", qq)]
+        if q.type == "relation":
+            other = {k[len("other_") :]: v for k, v in qq.items() if k.startswith("other_")}
+            names = [("", {k: v for k, v in qq.items() if k in ("shape", "colour")}), ("", other)]
+        for _, ref in names:
+            shape, colour = ref.get("shape"), ref.get("colour")
+            match = [
+                o
+                for o in objects
+                if (shape is None or o.shape == shape) and (colour is None or o.colour == colour)
+            ]
+            if q.type == "count_shape" and shape is not None:
+                found.append((shapes.plural(shape), {"count_shape": len(match)}))
+            elif q.type == "count_colour" and colour is not None:
+                found.append((colour, {"count_colour": len(match)}))
+            elif len(match) == 1:
+                found.append((shape or colour or "", _object_labels(match[0], objects, config)))
+            elif shape is not None and colour is not None:  # an absent object
+                found.append(
+                    (
+                        shape,
+                        {
+                            "count_shape": sum(o.shape == shape for o in objects),
+                            "count_colour": sum(o.colour == colour for o in objects),
+                        },
+                    )
+                )
+        for word, labels in found:
+            at = _find_last(ids_l, word_ids(word), lo, hi) if word else None
+            if at is not None:
+                positions.append(at)
+                rows.append(labels)
+    out: dict[str, np.ndarray] = {
+        k: np.array([r.get(k, IGNORE) for r in rows], np.int64) for k in class_counts(config)
+    }
+    out["centre"] = np.array(
+        [r.get("centre", np.full(2, np.nan, np.float32)) for r in rows], np.float32
+    ).reshape(-1, 2)
+    return positions, out
+
+
+class LayerTap:
+    """Keeps the last output (hidden states) of one module of a model while installed."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.output: torch.Tensor | None = None
+        self._handle = module.register_forward_hook(self._keep)
+
+    def _keep(self, _module: nn.Module, _inputs: object, output: Any) -> None:
+        self.output = output[0] if isinstance(output, tuple) else output
+
+    def remove(self) -> None:
+        """Uninstall the hook."""
+        self._handle.remove()
+
+    def __enter__(self) -> LayerTap:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
 def collate_labels(per_image: Sequence[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     """Stack per-image labels into ``[batch, patches]`` (and ``[batch, patches, 2]``) tensors."""
     return {k: torch.from_numpy(np.stack([p[k] for p in per_image])) for k in per_image[0]}
@@ -86,6 +205,7 @@ class PatchHead(nn.Module):
     def __init__(self, dim: int, config: shapes.ShapesConfig) -> None:
         super().__init__()
         self.classes = class_counts(config)
+        self.grid = config.grid
         self.proj = nn.Linear(dim, sum(self.classes.values()) + 2)
 
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -116,8 +236,7 @@ class PatchHead(nn.Module):
         if keep.any():
             diff = pred["centre"].reshape(-1, 2)[keep] - target[keep]
             total = total + 4 * diff.pow(2).mean()
-            grid = round(features.shape[1] ** 0.5)
-            scores["centre_mae"] = float(diff.detach().abs().mean()) * grid / 2
+            scores["centre_mae"] = float(diff.detach().abs().mean()) * self.grid / 2
         return total, scores
 
 

@@ -50,7 +50,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,22 @@ TEXT: dict[str, Any] = dict(
 )
 VOCAB_SIZE = 640
 POSITION_SCALE = 0.5
+QUESTION_FIRST_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}\n<image>{% endif %}{% endfor %}{% endif %}"
+    "{% if message['role'] == 'user' %} {% else %}</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+"""The v2 toy's chat template when trained question-first: a user turn's text, then its
+images (``USER: What colour is the circle?\\n<image> ASSISTANT:``), whatever order the
+message lists them in. With a causal decoder and the image first, an image token cannot see
+the question; after it, each image token can match its own features against the named
+object, and the answer position only has to pool the matching patches."""
 """Amplitude of the initial sine/cosine position code of the vision tower."""
 
 
@@ -159,6 +175,20 @@ class ToyTrainConfig:
     aux_weight: float = 1.0
     """Weight of the per-patch auxiliary loss on the projector's outputs (`toy.aux`; 0: off).
     Its linear head is thrown away: the saved model is a plain LLaVA."""
+    question_first: bool = False
+    """Chat template with the question before the image in a user turn
+    (`QUESTION_FIRST_TEMPLATE`), so image tokens can attend to the question."""
+    word_weight: float = 0.0
+    """Weight of the auxiliary loss at the question words that name an object (`toy.aux.
+    question_word_labels`: that object's shape, colour, counts, quadrant and centre, read by a
+    throwaway linear head from the decoder's hidden state after layer `word_layer`; 0: off)."""
+    word_layer: int = 2
+    """Decoder layer (1-based) whose output the question-word head reads."""
+    decoder_lr_scale: float = 1.0
+    """The decoder's learning rate is `lr` times this (the vision tower and projector get
+    `lr`)."""
+    decoder: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the decoder's config (`TEXT`), e.g. ``{"num_hidden_layers": 6}``."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,10 +224,10 @@ def _tokenizer_texts(config: shapes.ShapesConfig) -> list[str]:
     return texts
 
 
-def build_processor(config: shapes.ShapesConfig | None = None) -> Any:
+def build_processor(config: shapes.ShapesConfig | None = None, question_first: bool = False) -> Any:
     """LlavaProcessor: BPE tokenizer trained on shapes-world text (answer words are single
-    tokens), the LLaVA USER/ASSISTANT chat template, and a PIL CLIP image processor at 64 px
-    with 8 px patches."""
+    tokens), the LLaVA USER/ASSISTANT chat template (or `QUESTION_FIRST_TEMPLATE`), and a PIL
+    CLIP image processor at 64 px with 8 px patches."""
     from vlmscope.models.zoo.common import LLAVA_USER_ASSISTANT, train_tokenizer
     from vlmscope.models.zoo.llava import llava_processor
 
@@ -205,14 +235,16 @@ def build_processor(config: shapes.ShapesConfig | None = None) -> Any:
     tokenizer = train_tokenizer(
         ["<image>"],
         named_tokens={"image_token": "<image>"},
-        chat_template=LLAVA_USER_ASSISTANT,
+        chat_template=QUESTION_FIRST_TEMPLATE if question_first else LLAVA_USER_ASSISTANT,
         texts=_tokenizer_texts(config),
         vocab_size=VOCAB_SIZE,
     )
     for word in " ".join(shapes.answer_vocabulary(config)).split():
         if len(tokenizer.tokenize(" " + word)) != 1:
             raise RuntimeError(f"answer word {word!r} is not a single token")
-    return llava_processor(tokenizer, IMAGE_SIZE, PATCH)
+    processor = llava_processor(tokenizer, IMAGE_SIZE, PATCH)
+    processor.chat_template = tokenizer.chat_template  # the zoo's default is image first
+    return processor
 
 
 def sincos_2d(grid: int, dim: int) -> torch.Tensor:
@@ -228,8 +260,11 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
     return (out / out.std()).float()
 
 
-def build_toy(seed: int = 0) -> tuple[nn.Module, Any]:
-    """A freshly initialised toy LLaVA (fp32, train mode) and its processor; seeded."""
+def build_toy(
+    seed: int = 0, question_first: bool = False, decoder: dict[str, Any] | None = None
+) -> tuple[nn.Module, Any]:
+    """A freshly initialised toy LLaVA (fp32, train mode) and its processor (question before
+    the image if `question_first`; `decoder` overrides `TEXT`); seeded."""
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -237,7 +272,7 @@ def build_toy(seed: int = 0) -> tuple[nn.Module, Any]:
         LlavaForConditionalGeneration,
     )
 
-    processor = build_processor()
+    processor = build_processor(question_first=question_first)
     tok = processor.tokenizer
     grid = IMAGE_SIZE // PATCH
     config = LlavaConfig(
@@ -247,7 +282,7 @@ def build_toy(seed: int = 0) -> tuple[nn.Module, Any]:
             bos_token_id=tok.bos_token_id,
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
-            **TEXT,
+            **(TEXT | (decoder or {})),
         ),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-1,
@@ -315,6 +350,11 @@ class ToyBatch:
     types: list[list[str]]
     patches: dict[str, torch.Tensor] | None = None
     """Per-patch auxiliary labels of each picture (`aux.patch_labels`), when asked for."""
+    word_at: torch.Tensor | None = None
+    """[n, 2] (row, position) of the question words that name something
+    (`aux.question_word_labels`), when asked for."""
+    words: dict[str, torch.Tensor] | None = None
+    """The labels at `word_at`, shaped like `patches`' but per word."""
 
 
 def encode_conversation(
@@ -372,9 +412,10 @@ def collate_conversations(
     items: Sequence[tuple[shapes.ShapesSample, list[shapes.Question], Sample, torch.Tensor]],
     pad_id: int,
     patch_labels: bool = False,
+    tokenizer: Any = None,
 ) -> ToyBatch:
     """Right-padded batch of encoded conversations (with the pictures' per-patch auxiliary
-    labels if `patch_labels`)."""
+    labels if `patch_labels`, and the question words' labels if a `tokenizer` is given)."""
     batch = collate([enc for _, _, enc, _ in items], pad_id)
     longest = batch.inputs["input_ids"].shape[1]
     turn = torch.full((len(items), longest), -1, dtype=torch.long)
@@ -383,7 +424,23 @@ def collate_conversations(
     patches = None
     if patch_labels:
         patches = aux.collate_labels([aux.patch_labels(s.objects, WORLD) for s, _, _, _ in items])
-    return ToyBatch(batch.inputs, turn, [[q.type for q in qs] for _, qs, _, _ in items], patches)
+    word_at, words = None, None
+    if tokenizer is not None:
+        at, labels = [], []
+        for b, (s, qs, enc, t) in enumerate(items):
+            pos, lab = aux.question_word_labels(
+                enc.tensors["input_ids"][0], t, qs, s.objects, tokenizer, WORLD
+            )
+            # A word before the image (question-first turns) cannot see it: no target there.
+            ids = enc.tensors["input_ids"][0]
+            image = int((ids == tokenizer.convert_tokens_to_ids("<image>")).nonzero()[-1])
+            keep = np.array([p > image for p in pos], bool)
+            at += [(b, p) for p, k in zip(pos, keep, strict=True) if k]
+            labels.append({k: v[keep] for k, v in lab.items()})
+        word_at = torch.tensor(at, dtype=torch.long).reshape(-1, 2)
+        words = {k: torch.from_numpy(np.concatenate([x[k] for x in labels])) for k in labels[0]}
+    types = [[q.type for q in qs] for _, qs, _, _ in items]
+    return ToyBatch(batch.inputs, turn, types, patches, word_at, words)
 
 
 def _image_token_id(processor: Any) -> int:
@@ -403,10 +460,12 @@ class TrainBatches(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
         curriculum: Sequence[Stage] = CURRICULUM,
         questions: int = 4,
         patch_labels: bool = False,
+        word_labels: bool = False,
     ) -> None:
         self.processor, self.seed, self.steps = processor, seed, steps
         self.batch_size, self.curriculum = batch_size, tuple(curriculum)
         self.questions, self.patch_labels = questions, patch_labels
+        self.word_labels = word_labels
 
     def __iter__(self) -> Iterator[ToyBatch]:
         stream = sample_stream(
@@ -420,7 +479,8 @@ class TrainBatches(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
         pad_id = self.processor.tokenizer.pad_token_id
         for _ in range(self.steps):
             items = [next(stream) for _ in range(self.batch_size)]
-            yield collate_conversations(items, pad_id, self.patch_labels)
+            tok = self.processor.tokenizer if self.word_labels else None
+            yield collate_conversations(items, pad_id, self.patch_labels, tok)
 
 
 def _one_thread(_worker_id: int) -> None:
@@ -469,6 +529,11 @@ def answer_loss(model: nn.Module, batch: ToyBatch) -> tuple[torch.Tensor, torch.
     return loss, wrong[asked] == 0, types
 
 
+def _in_decoder(name: str) -> bool:
+    """Whether a parameter (of the model, or a training head) belongs to the language model."""
+    return name.startswith(("model.language_model.", "lm_head.", "word."))
+
+
 def _lr_at(step: int, cfg: ToyTrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -510,7 +575,7 @@ def train_toy(
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        model, processor = build_toy(cfg.seed)
+        model, processor = build_toy(cfg.seed, cfg.question_first, cfg.decoder)
         metrics = _train(model, processor, cfg, cpu0, progress, log_file)
     finally:
         torch.set_num_threads(threads)
@@ -555,10 +620,22 @@ def _train(
     if cfg.aux_weight > 0:
         head = aux.PatchHead(model.config.text_config.hidden_size, WORLD)
         named += [(f"aux.{n}", p) for n, p in head.named_parameters()]
-    decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n]
-    no_decay = [p for n, p in named if not (p.dim() >= 2 and "embed" not in n)]
+    word_head = None
+    if cfg.word_weight > 0:
+        word_head = aux.PatchHead(model.config.text_config.hidden_size, WORLD)
+        named += [(f"word.{n}", p) for n, p in word_head.named_parameters()]
+    groups = []
+    for lm in (False, True):  # the decoder (and the word head) may get its own learning rate
+        part = [(n, p) for n, p in named if _in_decoder(n) == lm]
+        decay = [p for n, p in part if p.dim() >= 2 and "embed" not in n]
+        no_decay = [p for n, p in part if not (p.dim() >= 2 and "embed" not in n)]
+        scale = cfg.decoder_lr_scale if lm else 1.0
+        groups += [
+            {"params": decay, "weight_decay": cfg.weight_decay, "scale": scale},
+            {"params": no_decay, "scale": scale},
+        ]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay}],
+        [g for g in groups if g["params"]],
         lr=cfg.lr,
         betas=(0.9, 0.98),
         weight_decay=0.0,
@@ -572,6 +649,7 @@ def _train(
         cfg.curriculum,
         cfg.questions,
         patch_labels=head is not None,
+        word_labels=word_head is not None,
     )
     stream = train_batches(data, cfg.workers)
     ema_loss, ema_acc = float("nan"), 0.0
@@ -583,15 +661,20 @@ def _train(
         open(log_file or os.devnull, "a") as log,
         # Removed however the loop ends, so a caller's model keeps no hook.
         aux.ProjectorTap(model) if head is not None else contextlib.nullcontext() as tap,
+        aux.LayerTap(model.model.language_model.layers[cfg.word_layer - 1])
+        if word_head is not None
+        else contextlib.nullcontext() as word_tap,
     ):
         for step in range(cfg.steps):
             if cpu_seconds() - cpu0 > cfg.minutes * 60:
                 break
             for group in opt.param_groups:
-                group["lr"] = _lr_at(step, cfg)
+                group["lr"] = _lr_at(step, cfg) * group["scale"]
             batch = next(stream)
             if tap is not None:
                 tap.output = None  # never the previous step's pictures
+            if word_tap is not None:
+                word_tap.output = None
             loss, correct, qtypes = answer_loss(model, batch)
             lv = loss.item()
             if head is not None and tap is not None and tap.output is not None:
@@ -600,6 +683,15 @@ def _train(
                 loss = loss + cfg.aux_weight * aux_loss
                 for t, a in aux_scores.items():
                     by_type[f"aux_{t}"] = 0.9 * by_type.get(f"aux_{t}", a) + 0.1 * a
+            if word_head is not None and word_tap is not None and word_tap.output is not None:
+                assert batch.word_at is not None and batch.words is not None
+                if len(batch.word_at):
+                    h = word_tap.output[batch.word_at[:, 0], batch.word_at[:, 1]][None]
+                    labels = {k: v[None] for k, v in batch.words.items()}
+                    word_loss, word_scores = word_head.loss(h, labels)
+                    loss = loss + cfg.word_weight * word_loss
+                    for t, a in word_scores.items():
+                        by_type[f"word_{t}"] = 0.9 * by_type.get(f"word_{t}", a) + 0.1 * a
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -847,6 +939,33 @@ def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         f"counts, place of each patch's object; training only, 0: off; default {d.aux_weight:g})",
     )
     p.add_argument(
+        "--question-first",
+        action=argparse.BooleanOptionalAction,
+        default=d.question_first,
+        help="chat template with the question before the image in the user turn, so image "
+        f"tokens can attend to it (default {d.question_first})",
+    )
+    p.add_argument(
+        "--word-weight",
+        type=float,
+        default=d.word_weight,
+        help="weight of the auxiliary loss at the question words that name an object (that "
+        "object's shape, colour, counts, place, read from the decoder after --word-layer; "
+        f"training only, 0: off; default {d.word_weight:g})",
+    )
+    p.add_argument(
+        "--word-layer",
+        type=int,
+        default=d.word_layer,
+        help=f"decoder layer (1-based) the word loss reads (default {d.word_layer})",
+    )
+    p.add_argument(
+        "--decoder-lr-scale",
+        type=float,
+        default=d.decoder_lr_scale,
+        help=f"the decoder's learning rate is --lr times this (default {d.decoder_lr_scale:g})",
+    )
+    p.add_argument(
         "--eval-n",
         type=int,
         default=d.eval_n,
@@ -879,6 +998,10 @@ def run_train(args: argparse.Namespace) -> int:
         lr=args.lr,
         seed=args.seed,
         aux_weight=args.aux_weight,
+        question_first=args.question_first,
+        word_weight=args.word_weight,
+        word_layer=args.word_layer,
+        decoder_lr_scale=args.decoder_lr_scale,
         workers=args.workers,
         threads=args.threads,
         eval_n=args.eval_n,
