@@ -45,7 +45,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "word_aux_layer3": {"word_weight": 1.0, "word_layer": 3},
     "question_first_word_aux": {"question_first": True, "word_weight": 1.0},
     "batch4_1000": {"batch_size": 4, "steps": 1000},
-    "decoder_lr_x3": {"decoder_lr_scale": 3.0},
     # no one-object stage: the vision pathway is trained by the per-patch loss anyway, and one
     # object teaches the decoder to pool every image token, which two objects then break
     "two_objects_from_start": {"curriculum": (Stage(0.0, 2, TYPES),)},

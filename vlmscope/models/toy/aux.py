@@ -18,6 +18,12 @@ error of the centre, times a weight. The head is never saved: the shipped model 
 unmodified Hugging Face LLaVA, and what the auxiliary loss changes is only where the vision
 tower's and the projector's weights go (features the language model can read with one
 attention lookup).
+
+The same head shape serves a second, optional target on the decoder's side
+(`question_word_labels`): at the word of a question that names an object ("circle" in "What
+colour is the circle?"), the decoder's hidden state after a chosen layer is trained to give
+that object's labels, so finding the named object is learnt at the word, one attention hop,
+before the answer position has to read it (only words after the image can see it).
 """
 
 from __future__ import annotations

@@ -29,6 +29,15 @@ Choices that make a 2M-parameter LLaVA learn relations and counting in minutes:
   so the vision pathway is trained by 64 labels per picture instead of a few answer tokens;
   the saved model is a plain LLaVA.
 
+Options for the decoder's side, where the v2 toy fails (finding the named object among
+several; see benchmarks/README.md "Toy VLM training"): ``question_first`` swaps the chat
+template for `QUESTION_FIRST_TEMPLATE` (``USER: Q1\\n<image> ASSISTANT: A1</s>USER: Q2 ...``;
+still a plain LLaVA, and `HookedVLM.prepare` follows the saved template), so each image token
+can compare itself with the question; only the first turn is asked that way, the later ones
+follow the image as before. ``word_weight`` adds a training-only loss at the question words
+that name an object (`aux.question_word_labels`), read by a throwaway head after decoder layer
+``word_layer``.
+
 Time. Training runs one compute thread, with one data worker process building the next
 batches; ``training.json`` records the CPU seconds of both. On an idle 2-core machine each has
 a core, so the wall time is about the larger of the two (the compute thread's): that is the
@@ -184,9 +193,6 @@ class ToyTrainConfig:
     throwaway linear head from the decoder's hidden state after layer `word_layer`; 0: off)."""
     word_layer: int = 2
     """Decoder layer (1-based) whose output the question-word head reads."""
-    decoder_lr_scale: float = 1.0
-    """The decoder's learning rate is `lr` times this (the vision tower and projector get
-    `lr`)."""
     decoder: dict[str, Any] = field(default_factory=dict)
     """Overrides of the decoder's config (`TEXT`), e.g. ``{"num_hidden_layers": 6}``."""
 
@@ -529,11 +535,6 @@ def answer_loss(model: nn.Module, batch: ToyBatch) -> tuple[torch.Tensor, torch.
     return loss, wrong[asked] == 0, types
 
 
-def _in_decoder(name: str) -> bool:
-    """Whether a parameter (of the model, or a training head) belongs to the language model."""
-    return name.startswith(("model.language_model.", "lm_head.", "word."))
-
-
 def _lr_at(step: int, cfg: ToyTrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -624,18 +625,10 @@ def _train(
     if cfg.word_weight > 0:
         word_head = aux.PatchHead(model.config.text_config.hidden_size, WORLD)
         named += [(f"word.{n}", p) for n, p in word_head.named_parameters()]
-    groups = []
-    for lm in (False, True):  # the decoder (and the word head) may get its own learning rate
-        part = [(n, p) for n, p in named if _in_decoder(n) == lm]
-        decay = [p for n, p in part if p.dim() >= 2 and "embed" not in n]
-        no_decay = [p for n, p in part if not (p.dim() >= 2 and "embed" not in n)]
-        scale = cfg.decoder_lr_scale if lm else 1.0
-        groups += [
-            {"params": decay, "weight_decay": cfg.weight_decay, "scale": scale},
-            {"params": no_decay, "scale": scale},
-        ]
+    decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in named if not (p.dim() >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW(
-        [g for g in groups if g["params"]],
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay}],
         lr=cfg.lr,
         betas=(0.9, 0.98),
         weight_decay=0.0,
@@ -669,7 +662,7 @@ def _train(
             if cpu_seconds() - cpu0 > cfg.minutes * 60:
                 break
             for group in opt.param_groups:
-                group["lr"] = _lr_at(step, cfg) * group["scale"]
+                group["lr"] = _lr_at(step, cfg)
             batch = next(stream)
             if tap is not None:
                 tap.output = None  # never the previous step's pictures
@@ -960,12 +953,6 @@ def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help=f"decoder layer (1-based) the word loss reads (default {d.word_layer})",
     )
     p.add_argument(
-        "--decoder-lr-scale",
-        type=float,
-        default=d.decoder_lr_scale,
-        help=f"the decoder's learning rate is --lr times this (default {d.decoder_lr_scale:g})",
-    )
-    p.add_argument(
         "--eval-n",
         type=int,
         default=d.eval_n,
@@ -1001,7 +988,6 @@ def run_train(args: argparse.Namespace) -> int:
         question_first=args.question_first,
         word_weight=args.word_weight,
         word_layer=args.word_layer,
-        decoder_lr_scale=args.decoder_lr_scale,
         workers=args.workers,
         threads=args.threads,
         eval_n=args.eval_n,
