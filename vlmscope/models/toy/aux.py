@@ -29,7 +29,7 @@ before the answer position has to read it (only words after the image can see it
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -179,6 +179,9 @@ def question_word_labels(
     return positions, out
 
 
+_Tap = TypeVar("_Tap", bound="LayerTap")
+
+
 class LayerTap:
     """Keeps the last output (hidden states) of one module of a model while installed."""
 
@@ -193,7 +196,7 @@ class LayerTap:
         """Uninstall the hook."""
         self._handle.remove()
 
-    def __enter__(self) -> LayerTap:
+    def __enter__(self: _Tap) -> _Tap:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -246,24 +249,9 @@ class PatchHead(nn.Module):
         return total, scores
 
 
-class ProjectorTap:
+class ProjectorTap(LayerTap):
     """Keeps the last output of a LLaVA's multi-modal projector (``[images, patches, dim]``)
     while installed, through a forward hook (the model's code is untouched)."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.output: torch.Tensor | None = None
-        projector = model.model.multi_modal_projector
-        self._handle = projector.register_forward_hook(self._keep)
-
-    def _keep(self, _module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
-        self.output = output
-
-    def remove(self) -> None:
-        """Uninstall the hook."""
-        self._handle.remove()
-
-    def __enter__(self) -> ProjectorTap:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
+        super().__init__(model.model.multi_modal_projector)
