@@ -35,7 +35,10 @@ from vlmscope.models.toy.train import (
 
 TYPES = ("colour", "shape", "position")
 CURRICULUM = (Stage(0.0, 1, TYPES), Stage(0.12, 2, TYPES))
-BASE = ToyTrainConfig(steps=500, batch_size=8, curriculum=CURRICULUM, eval_n=0, minutes=60)
+BASE = ToyTrainConfig(
+    steps=500, batch_size=8, curriculum=CURRICULUM, eval_n=0, minutes=60, question_first=False
+)
+"""The protocol: image first (the template before question-first became the default)."""
 VARIANTS: dict[str, dict[str, Any]] = {
     "baseline": {},
     "question_first": {"question_first": True},
