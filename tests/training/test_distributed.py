@@ -254,46 +254,34 @@ def test_nan_on_one_rank_stops_every_rank_naming_it(tmp_path: Path) -> None:
 
 
 def _rank_group_lifetime(rank: int, world: int, port: int, job: dict[str, Any]) -> None:
-    """Three runs in one rank: under a group the caller made, under one the Trainer joins
-    itself, and one that every rank stops with an agreed error (NaN on rank 1)."""
+    """One rank of a run whose Trainer joins the process group itself (no layout given)."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     env = dict(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **env)
     seen: dict[str, Any] = {}
-    cfgs = [TrainConfig.from_dict(c) for c in job["cfgs"]]
-    caller = Layout.from_environment(60)
-    train_here(cfgs[0], 32, sgd=False, layout=caller)
-    seen["caller's group kept"] = dist.is_initialized()
-    caller.leave()
-    for name, cfg, src, free in (("own", cfgs[1], {}, job["ports"][0]),
-                                 ("agreed", cfgs[2], {"nan_at": 2}, job["ports"][1])):  # fmt: skip
-        os.environ["MASTER_PORT"] = str(free)
-        source = ArraySource(32, cfg.batch_size, Layout(rank, world), **src)  # windows only
-        try:
-            Trainer(cfg, progress=False, source=source).fit()  # type: ignore[arg-type]
-            seen[name] = "finished"
-        except AgreedError:
-            seen[name] = "agreed error"
-        seen[f"{name}: group left"] = not dist.is_initialized()
+    try:
+        cfg = TrainConfig.from_dict(job["cfg"])
+        source = ArraySource(32, cfg.batch_size, Layout(rank, world))  # its windows only
+        trainer = Trainer(cfg, progress=False, source=source)  # type: ignore[arg-type]
+        seen["joined"] = dist.is_initialized() and trainer.layout.world == world
+        trainer.fit()
+        seen["left"] = not dist.is_initialized()
+    except Exception as e:  # reported to the test, which then shows what broke
+        seen["error"] = repr(e)
     (Path(job["out"]) / f"rank{rank}.json").write_text(json.dumps(seen))
 
 
-def test_a_trainer_leaves_the_group_it_joined_and_only_that_one(tmp_path: Path) -> None:
+def test_a_trainer_leaves_the_group_it_joined(tmp_path: Path) -> None:
     """A process group nobody destroys can abort a finished torchrun job at interpreter exit
-    (gloo: "terminate called without an active exception"); a caller's group is the caller's."""
-    cfgs = [config(tmp_path, n, 4, "sae", max_steps=3, save_every=8).to_dict()
-            for n in ("caller", "own", "agreed")]  # fmt: skip
-    job = {"cfgs": cfgs, "out": str(tmp_path), "ports": [free_port(), free_port()]}
+    (gloo: "terminate called without an active exception"): a Trainer that joined the group
+    destroys it when the run ends. (A group the caller made is left to the caller: the other
+    tests here pass their layout and keep using it after fit.)"""
+    cfg = config(tmp_path, "own", 4, "sae", max_steps=3, save_every=8).to_dict()
+    job = {"cfg": cfg, "out": str(tmp_path)}
     for seen in fork_ranks(_rank_group_lifetime, 2, job, tmp_path):
-        assert seen == {
-            "caller's group kept": True,
-            "own": "finished",
-            "own: group left": True,
-            "agreed": "agreed error",
-            "agreed: group left": True,
-        }
+        assert seen == {"joined": True, "left": True}
 
 
 # --- checkpoint corruption (#16) -------------------------------------------------------------
