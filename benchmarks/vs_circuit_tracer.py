@@ -140,34 +140,42 @@ def _save(args: argparse.Namespace, adj: Any, feats: Any, logits: list[int]) -> 
 # --------------------------------------------------------------------------- setup (vlmscope)
 
 
-def build_shared(args: argparse.Namespace, work: Path) -> None:
-    """The random Llama, the CLT in both layouts, and the prompts (token ids)."""
+def save_random_llama(folder: Path, d_model: int, n_layers: int) -> None:
+    """A seeded random Llama with a 1,024-token tokenizer, saved so that transformers 4.57 and
+    5.x both read it (the peers' venvs pin other versions); shared by the peer benchmarks."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     sys.path.insert(0, str(ROOT))
-    from vlmscope.dictionaries import SparseCoderConfig, export_circuit_tracer
-    from vlmscope.models.hooked import HookedVLM
     from vlmscope.models.zoo.common import train_tokenizer
-    from vlmscope.training.bundle import DictionaryBundle, mlp_out, resid_mid
 
     torch.manual_seed(0)
     tok = train_tokenizer([], vocab_size=1024)
-    heads = max(1, args.d_model // 64)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=args.d_model,
-                      intermediate_size=3 * args.d_model, num_hidden_layers=args.layers,
+    heads = max(1, d_model // 64)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=d_model,
+                      intermediate_size=3 * d_model, num_hidden_layers=n_layers,
                       num_attention_heads=heads, num_key_value_heads=heads,
                       max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                       tie_word_embeddings=False)  # fmt: skip
-    model = LlamaForCausalLM(cfg).eval()
-    model.save_pretrained(work / "model")
-    tok.save_pretrained(work / "model")
-    # Readable by both transformers (vlmscope's 5.x and circuit-tracer's 4.57).
-    tc = work / "model" / "tokenizer_config.json"
+    LlamaForCausalLM(cfg).eval().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    tc = folder / "tokenizer_config.json"
     tc.write_text(
         json.dumps({**json.loads(tc.read_text()), "tokenizer_class": "PreTrainedTokenizerFast"})
     )
+
+
+def build_shared(args: argparse.Namespace, work: Path) -> None:
+    """The random Llama, the CLT in both layouts, and the prompts (token ids)."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from vlmscope.dictionaries import SparseCoderConfig, export_circuit_tracer
+    from vlmscope.models.hooked import HookedVLM
+    from vlmscope.training.bundle import DictionaryBundle, mlp_out, resid_mid
+
+    save_random_llama(work / "model", args.d_model, args.layers)
     prompts = write_prompts(work, [18, 64, 480, *args.lengths])
 
     vlm = HookedVLM.from_pretrained(work / "model", device="cpu", dtype=torch.float32)

@@ -41,27 +41,10 @@ WORDS = [
 
 def build(args: argparse.Namespace, work: Path) -> None:
     """The random Llama with its tokenizer, and the documents (jsonl, a `text` column)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from vs_circuit_tracer import save_random_llama
 
-    sys.path.insert(0, str(ROOT))
-    from vlmscope.models.zoo.common import train_tokenizer
-
-    torch.manual_seed(0)
-    tok = train_tokenizer([], vocab_size=1024)
-    heads = max(1, args.d_model // 64)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=args.d_model,
-                      intermediate_size=3 * args.d_model, num_hidden_layers=args.n_layers,
-                      num_attention_heads=heads, num_key_value_heads=heads,
-                      max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      tie_word_embeddings=False)  # fmt: skip
-    LlamaForCausalLM(cfg).eval().save_pretrained(work / "model")
-    tok.save_pretrained(work / "model")
-    tc = work / "model" / "tokenizer_config.json"
-    tc.write_text(
-        json.dumps({**json.loads(tc.read_text()), "tokenizer_class": "PreTrainedTokenizerFast"})
-    )
+    save_random_llama(work / "model", args.d_model, args.n_layers)
     rng = random.Random(0)
     need = 2 * (args.warmup + args.steps + 2) * args.batch_size * args.ctx_len  # words >= tokens
     with (work / "docs.jsonl").open("w") as f:
