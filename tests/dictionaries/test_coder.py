@@ -106,6 +106,24 @@ def test_sae_init_ties_encoder_to_decoder_with_unit_rows() -> None:
     torch.testing.assert_close(coder.b_dec.detach(), x.mean(0))
 
 
+def test_sae_init_fits_the_least_squares_encoder_scale() -> None:
+    """After init_from_data the reconstruction of the centred sample is its least-squares
+    multiple, so the residual is orthogonal to it (<xc - r, r> = 0 is the optimum of
+    |xc - s r1|^2 over s), and the pre-activations are centred on the sample."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 16, generator=gen) * torch.linspace(0.5, 2.0, 16) + 3
+    torch.manual_seed(1)
+    sae = SparseCoder(SparseCoderConfig(d_in=16, num_latents=64, k=4))
+    sae.init_from_data(x)
+    xc = x - sae.b_dec.detach()
+    pre = xc @ sae.W_enc.detach().T + sae.b_enc.detach()
+    torch.testing.assert_close(pre.mean(0), torch.zeros(64), atol=1e-5, rtol=0)
+    assert sae.W_enc.detach().norm(dim=1).max() < 0.9  # shrunk: unit rows overshoot
+    r = sae(x).reconstruction.detach() - sae.b_dec.detach()
+    cos = float((xc - r).mul(r).sum() / (xc.norm() * r.norm()))
+    assert abs(cos) < 1e-5
+
+
 def test_transcoder_init() -> None:
     cfg = SparseCoderConfig(kind="transcoder", d_in=8, d_out=4, num_latents=32, k=4)
     coder = SparseCoder(cfg)
