@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,29 @@ def test_demo_prints_shapes_and_mask(
     if model != "llama":
         assert "[IMG x" in out and "patch map:" in out
         assert "projector.hook_out" in out
+
+
+def test_help_and_a_mistyped_command_answer_without_importing_torch() -> None:
+    """The subcommands' modules import torch (seconds); `vlmscope --help` and an unknown
+    command need none of them, and `train --help` still lists the train flags."""
+    code = (
+        "import sys\n"
+        "from vlmscope.cli import main\n"
+        "for argv in (['--help'], ['trian']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('torch' in sys.modules)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == "False"
+    assert "train" in res.stdout and "attribute" in res.stdout  # the commands are listed
+    helped = subprocess.run(
+        [sys.executable, "-m", "vlmscope", "train", "--help"], capture_output=True, text=True
+    )
+    assert helped.returncode == 0 and "--sae.n_targets" in helped.stdout
 
 
 def test_unknown_subcommand_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -5,14 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from vlmscope.attribution.cli import add_attribute_arguments, run_attribute_command
-from vlmscope.features.cli import add_features_arguments, run_features_command
-from vlmscope.peft.cli import add_peft_arguments, run_peft_command
-from vlmscope.replacement.evaluate import add_eval_arguments, run_eval_command
-from vlmscope.training.config import SuggestingParser, build_train_parser
-from vlmscope.viewer.cli import add_serve_arguments, run_serve_command
+from vlmscope.argparsing import SuggestingParser
 
 DEMO_PROMPT = "What colour is the circle?"
 
@@ -117,6 +112,8 @@ def cmd_capture(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     _quiet_transformers()
+    from vlmscope.replacement.evaluate import run_eval_command
+
     return run_eval_command(args)
 
 
@@ -135,20 +132,28 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_attribute(args: argparse.Namespace) -> int:
     _quiet_transformers()
+    from vlmscope.attribution.cli import run_attribute_command
+
     return run_attribute_command(args)
 
 
 def cmd_features(args: argparse.Namespace) -> int:
     _quiet_transformers()
+    from vlmscope.features.cli import run_features_command
+
     return run_features_command(args)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from vlmscope.viewer.cli import run_serve_command
+
     return run_serve_command(args)
 
 
 def cmd_peft(args: argparse.Namespace) -> int:
     _quiet_transformers()
+    from vlmscope.peft.cli import run_peft_command
+
     return run_peft_command(args)
 
 
@@ -189,28 +194,10 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     return 2
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = SuggestingParser(
-        prog="vlmscope",
-        description="Find circuits inside vision-language models: hooks, sparse dictionaries, "
-        "replacement models and attribution graphs.",
-    )
-    sub = p.add_subparsers(
-        dest="cmd", required=True, metavar="COMMAND", parser_class=SuggestingParser
-    )
-
-    m = sub.add_parser("models", help="list supported model families, hook points and flags")
-    m.set_defaults(func=cmd_models)
-
-    d = sub.add_parser(
-        "demo",
-        help="the whole pipeline on the toy VLM: masks, CLT training, evaluation, attribution",
-        description="Runs the main job end to end on the shipped toy VLM and the shapes world: "
-        "shows a prompt's token masks and activations, trains a cross-layer transcoder (and "
-        "per-layer transcoders of the same budget for comparison), evaluates the CLT as a "
-        "replacement model and attributes 'What colour is the circle?' to image patches. "
-        "Takes about a minute on a 2-core CPU; --inspect does only the first step.",
-    )
+# --- the parser --------------------------------------------------------------------------
+# Each subcommand's flags come from its own module, which imports torch; they are added only
+# for the subcommand being run, so `vlmscope --help` and a mistyped command answer at once.
+def _demo_args(d: argparse.ArgumentParser) -> None:
     d.add_argument("--model", default="toy", help="toy (default), a zoo name or a HF name/path")
     d.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     d.add_argument(
@@ -226,59 +213,39 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--prompt", default=DEMO_PROMPT, help="prompt for --inspect")
     d.set_defaults(func=cmd_demo)
 
-    t = sub.add_parser(
-        "train",
-        help="train SAEs, transcoders or a cross-layer transcoder on a model's activations",
-        description="Train sparse dictionaries on a VLM while it reads a dataset: one model "
-        "forward per batch feeds every layer (or, with --activations DIR, from a store written "
-        "by `vlmscope capture`, without the model). Outputs go to OUTPUT_DIR/RUN_NAME/ "
-        "(dictionaries/, checkpoint/, metrics.jsonl). Example: vlmscope train toy shapes "
-        "--sae.transcode --sae.n_targets 4 --sae.expansion-factor 4 --sae.k 8",
-    )
+
+def _train_args(t: argparse.ArgumentParser) -> None:
+    from vlmscope.training.config import build_train_parser
+
     build_train_parser(t)
     t.set_defaults(func=cmd_train, parser=t)
 
-    c = sub.add_parser(
-        "capture",
-        help="run a model over a dataset once and store its activations for offline training",
-        description="Capture a model's activations to an activation store (sharded "
-        "safetensors, per-token metadata, a manifest): resid_mid and mlp.hook_out of --layers "
-        "by default, or --hookpoints. `vlmscope train --activations DIR` then trains SAEs, "
-        "transcoders and CLTs from it without the model. Example: vlmscope capture toy "
-        "shapes:200 --out store_toy --max-tokens 20000",
-    )
+
+def _capture_args(c: argparse.ArgumentParser) -> None:
     from vlmscope.training.capture import add_capture_arguments
 
     add_capture_arguments(c)
     c.set_defaults(func=cmd_capture, parser=c)
 
-    e = sub.add_parser(
-        "eval",
-        help="evaluate dictionaries as a replacement for the model's MLPs (FVU, CE score, KL)",
-        description="Evaluate trained dictionaries on a dataset: reconstruction (FVU, normalised "
-        "MSE, L0, dead latents) per layer for image and text tokens, and the replacement "
-        "model's CE-loss score, KL and top-1 agreement with one layer and all layers replaced. "
-        "Writes metrics.json next to the dictionaries.",
-    )
+
+def _eval_args(e: argparse.ArgumentParser) -> None:
+    from vlmscope.replacement.evaluate import add_eval_arguments
+
     add_eval_arguments(e)
     e.set_defaults(func=cmd_eval)
 
-    a = sub.add_parser(
-        "attribute",
-        help="build an attribution graph (image patches, words, features, logits) for a prompt",
-        description="Attribution graph of one prompt through the local replacement model: "
-        "writes the graph JSON (circuit-tracer / Neuronpedia layout with image-patch nodes), "
-        "the raw graph (graph.safetensors) and a heatmap of each image's patch influence.",
-    )
+
+def _attribute_args(a: argparse.ArgumentParser) -> None:
+    from vlmscope.attribution.cli import add_attribute_arguments
+
     add_attribute_arguments(a)
     a.set_defaults(func=cmd_attribute)
 
-    data = sub.add_parser(
-        "data", help="prepare datasets: `data process` writes a model's processed form once"
-    )
-    ds = data.add_subparsers(dest="data_cmd", required=True, metavar="DATA_COMMAND")
+
+def _data_args(data: argparse.ArgumentParser) -> None:
     from vlmscope.data.convert import add_process_arguments
 
+    ds = data.add_subparsers(dest="data_cmd", required=True, metavar="DATA_COMMAND")
     add_process_arguments(
         ds.add_parser(
             "process",
@@ -290,58 +257,40 @@ def build_parser() -> argparse.ArgumentParser:
         )
     )
     data.set_defaults(func=cmd_data)
-    f = sub.add_parser(
-        "features",
-        help="feature dashboards: top examples (with image patches), density, logit effects",
-        description="For every feature of a dictionary run: its top-activating examples "
-        "(text context with per-token activations; for image tokens the image with the patch "
-        "outlined), activation density and histogram, and top output logits. Each image is "
-        "stored once; memory is bounded by the examples kept; an interrupted run resumes. "
-        "Example: vlmscope features toy checkpoints/clt/dictionaries shapes --out features",
-    )
+
+
+def _features_args(f: argparse.ArgumentParser) -> None:
+    from vlmscope.features.cli import add_features_arguments
+
     add_features_arguments(f)
     f.set_defaults(func=cmd_features)
 
-    s = sub.add_parser(
-        "serve",
-        help="local web app: graphs by layer and position, feature cards, patch heatmaps",
-        description="A local graph explorer on 127.0.0.1: the graphs of --graphs DIR (nodes by "
-        "layer and position, weighted edges, a pruning threshold), feature cards from "
-        "--features DIR, the input image with a signed patch heatmap, pins and supernodes "
-        "saved next to the graph, and an intervention panel with --model/--dictionaries. "
-        "It also opens circuit-tracer's own graph JSON.",
-    )
+
+def _serve_args(s: argparse.ArgumentParser) -> None:
+    from vlmscope.viewer.cli import add_serve_arguments
+
     add_serve_arguments(s)
     s.set_defaults(func=cmd_serve)
 
-    pl = sub.add_parser(
-        "plan",
-        help="predict a job's peak memory per device and host, and what fits (attribute, train)",
-        description="Plan a job before running it, from configs only (no weights are read, no "
-        "GPU needed): the memory it holds on each device and the host, part by part, whether "
-        "it fits and what to change when it does not. Examples: vlmscope plan attribute "
-        "llava-hf/llava-1.5-7b-hf clt:32768:32 --positions 1000 --gpu-mem 80; vlmscope plan "
-        "train ./Qwen2.5-VL-72B/config.json --gpus 8 --gpu-mem 80 --sae.kind clt "
-        "--shard-model fsdp --distribute-modules",
-    )
+
+def _plan_args(pl: argparse.ArgumentParser) -> None:
     from vlmscope.plan.cli import add_plan_arguments
 
     add_plan_arguments(pl)
     pl.set_defaults(func=cmd_plan)
 
-    pe = sub.add_parser(
-        "peft",
-        help="convert between dictionary runs and PEFT SAE adapters (export, import)",
-        description="Dictionary runs <-> PEFT SAE adapters (adapter_config.json + "
-        "adapter_model.safetensors) with identical weights; the adapters load with "
-        "vlmscope.peft.PeftSaeModel.from_pretrained.",
-    )
+
+def _peft_args(pe: argparse.ArgumentParser) -> None:
+    from vlmscope.peft.cli import add_peft_arguments
+
     add_peft_arguments(pe)
     pe.set_defaults(func=cmd_peft)
 
-    z = sub.add_parser(
-        "zoo", help="the offline zoo of tiny models (list, save) and the trained toy VLM"
-    )
+
+def _zoo_args(z: argparse.ArgumentParser) -> None:
+    from vlmscope.data.shapes import SHAPES
+    from vlmscope.models.toy import train as toy_train
+
     zs = z.add_subparsers(dest="zoo_cmd", required=True, metavar="ZOO_COMMAND")
     zs.add_parser("list", help="list zoo entries")
     save = zs.add_parser("save", help="build a zoo model and save it with save_pretrained")
@@ -355,16 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the circle scene the demo attributes) as a PNG, and prints its caption.",
     )
     img.add_argument("out", nargs="?", default="shapes.png", help="PNG path (default: shapes.png)")
-    from vlmscope.data.shapes import SHAPES
-
     img.add_argument(
         "--shape",
         default="circle",
         choices=SHAPES,
         help="the scene holds exactly one of these (default: circle)",
     )
-    from vlmscope.models.toy import train as toy_train
-
     toy_train.add_train_args(
         zs.add_parser(
             "train-toy",
@@ -388,11 +333,127 @@ def build_parser() -> argparse.ArgumentParser:
         )
     )
     z.set_defaults(func=cmd_zoo)
+
+
+#: name -> (one-line help, description, the function that adds its flags)
+COMMANDS: dict[str, tuple[str, str | None, Callable[[argparse.ArgumentParser], None]]] = {
+    "models": (
+        "list supported model families, hook points and flags",
+        None,
+        lambda m: m.set_defaults(func=cmd_models),
+    ),
+    "demo": (
+        "the whole pipeline on the toy VLM: masks, CLT training, evaluation, attribution",
+        "Runs the main job end to end on the shipped toy VLM and the shapes world: "
+        "shows a prompt's token masks and activations, trains a cross-layer transcoder (and "
+        "per-layer transcoders of the same budget for comparison), evaluates the CLT as a "
+        "replacement model and attributes 'What colour is the circle?' to image patches. "
+        "Takes about a minute on a 2-core CPU; --inspect does only the first step.",
+        _demo_args,
+    ),
+    "train": (
+        "train SAEs, transcoders or a cross-layer transcoder on a model's activations",
+        "Train sparse dictionaries on a VLM while it reads a dataset: one model "
+        "forward per batch feeds every layer (or, with --activations DIR, from a store written "
+        "by `vlmscope capture`, without the model). Outputs go to OUTPUT_DIR/RUN_NAME/ "
+        "(dictionaries/, checkpoint/, metrics.jsonl). Example: vlmscope train toy shapes "
+        "--sae.transcode --sae.n_targets 4 --sae.expansion-factor 4 --sae.k 8",
+        _train_args,
+    ),
+    "capture": (
+        "run a model over a dataset once and store its activations for offline training",
+        "Capture a model's activations to an activation store (sharded "
+        "safetensors, per-token metadata, a manifest): resid_mid and mlp.hook_out of --layers "
+        "by default, or --hookpoints. `vlmscope train --activations DIR` then trains SAEs, "
+        "transcoders and CLTs from it without the model. Example: vlmscope capture toy "
+        "shapes:200 --out store_toy --max-tokens 20000",
+        _capture_args,
+    ),
+    "eval": (
+        "evaluate dictionaries as a replacement for the model's MLPs (FVU, CE score, KL)",
+        "Evaluate trained dictionaries on a dataset: reconstruction (FVU, normalised "
+        "MSE, L0, dead latents) per layer for image and text tokens, and the replacement "
+        "model's CE-loss score, KL and top-1 agreement with one layer and all layers replaced. "
+        "Writes metrics.json next to the dictionaries.",
+        _eval_args,
+    ),
+    "attribute": (
+        "build an attribution graph (image patches, words, features, logits) for a prompt",
+        "Attribution graph of one prompt through the local replacement model: "
+        "writes the graph JSON (circuit-tracer / Neuronpedia layout with image-patch nodes), "
+        "the raw graph (graph.safetensors) and a heatmap of each image's patch influence.",
+        _attribute_args,
+    ),
+    "data": (
+        "prepare datasets: `data process` writes a model's processed form once",
+        None,
+        _data_args,
+    ),
+    "features": (
+        "feature dashboards: top examples (with image patches), density, logit effects",
+        "For every feature of a dictionary run: its top-activating examples "
+        "(text context with per-token activations; for image tokens the image with the patch "
+        "outlined), activation density and histogram, and top output logits. Each image is "
+        "stored once; memory is bounded by the examples kept; an interrupted run resumes. "
+        "Example: vlmscope features toy checkpoints/clt/dictionaries shapes --out features",
+        _features_args,
+    ),
+    "serve": (
+        "local web app: graphs by layer and position, feature cards, patch heatmaps",
+        "A local graph explorer on 127.0.0.1: the graphs of --graphs DIR (nodes by "
+        "layer and position, weighted edges, a pruning threshold), feature cards from "
+        "--features DIR, the input image with a signed patch heatmap, pins and supernodes "
+        "saved next to the graph, and an intervention panel with --model/--dictionaries. "
+        "It also opens circuit-tracer's own graph JSON.",
+        _serve_args,
+    ),
+    "plan": (
+        "predict a job's peak memory per device and host, and what fits (attribute, train)",
+        "Plan a job before running it, from configs only (no weights are read, no "
+        "GPU needed): the memory it holds on each device and the host, part by part, whether "
+        "it fits and what to change when it does not. Examples: vlmscope plan attribute "
+        "llava-hf/llava-1.5-7b-hf clt:32768:32 --positions 1000 --gpu-mem 80; vlmscope plan "
+        "train ./Qwen2.5-VL-72B/config.json --gpus 8 --gpu-mem 80 --sae.kind clt "
+        "--shard-model fsdp --distribute-modules",
+        _plan_args,
+    ),
+    "peft": (
+        "convert between dictionary runs and PEFT SAE adapters (export, import)",
+        "Dictionary runs <-> PEFT SAE adapters (adapter_config.json + "
+        "adapter_model.safetensors) with identical weights; the adapters load with "
+        "vlmscope.peft.PeftSaeModel.from_pretrained.",
+        _peft_args,
+    ),
+    "zoo": (
+        "the offline zoo of tiny models (list, save) and the trained toy VLM",
+        None,
+        _zoo_args,
+    ),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The `vlmscope` parser: every subcommand with its flags, or (`only`) the flags of that
+    one subcommand alone, the others listed by name and help (`""`: none)."""
+    p = SuggestingParser(
+        prog="vlmscope",
+        description="Find circuits inside vision-language models: hooks, sparse dictionaries, "
+        "replacement models and attribution graphs.",
+    )
+    sub = p.add_subparsers(
+        dest="cmd", required=True, metavar="COMMAND", parser_class=SuggestingParser
+    )
+    for name, (help_, description, add_flags) in COMMANDS.items():
+        parser = sub.add_parser(name, help=help_, description=description)
+        if only is None or name == only:
+            add_flags(parser)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), "")
+    args = build_parser(only=command if command in COMMANDS else "").parse_args(argv)
     try:
         return int(args.func(args))
     except BrokenPipeError:  # output piped into `head` and closed early
