@@ -17,12 +17,15 @@ patches (on the model's own patch grid):
 
 per method, overall, per question type and per number of objects in the scene. Methods: the
 attribution graph's patch influence with the CLT and with per-layer transcoders
-(`attribution.export.patch_influence`, `--max-feature-nodes` explored), the same graphs' signed
-total effect per patch (`signed_patch_effect`: signed path products summed, magnitude taken at
-the end), and the baselines of
-`attribution.baselines` (gradient x input on the patch embeddings, integrated gradients,
-attention from the answer position, attention rollout); ``uniform`` is the share a flat map
-gets (the target's fraction of the patches; its top hit is that same fraction). Without
+(`attribution.export.patch_influence`: row-normalised |edges|, `--max-feature-nodes`
+explored); the same graphs' signed total effect per patch (`export.patch_effect`, its
+magnitude), on the answer's logit alone (``effect_*``), against the question type's other
+answers (``contrast_*``: the answer's logit minus the mean of theirs; every graph carries
+their logit nodes), and measured from a blank image (``blank_clt``: `attribute(...,
+reference="blank")`); and the baselines of `attribution.baselines` (gradient x input on the
+patch embeddings, integrated gradients, also against the other answers, attention from the
+answer position, attention rollout); ``uniform`` is the share a flat map gets (the target's
+fraction of the patches; its top hit is that same fraction). Without
 `--clt` / `--transcoders`, both are trained on the toy with the demo's default budget into
 ``OUT/runs`` (a few minutes on CPU). Results go to ``OUT/grounding.json``.
 """
@@ -47,21 +50,29 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 METHODS = (
     "graph_clt",
     "graph_plt",
-    "signed_clt",
-    "signed_plt",
+    "effect_clt",
+    "effect_plt",
+    "contrast_clt",
+    "contrast_plt",
+    "blank_clt",
     "grad",
     "ig",
+    "ig_contrast",
     "attention",
     "rollout",
     "uniform",
 )
 LABELS = {
-    "graph_clt": "graph, CLT",
-    "graph_plt": "graph, per-layer transcoders",
-    "signed_clt": "graph, CLT, signed total effect",
-    "signed_plt": "graph, per-layer, signed total effect",
+    "graph_clt": "graph, CLT, influence \\|A\\|",
+    "graph_plt": "graph, per-layer, influence \\|A\\|",
+    "effect_clt": "graph, CLT, effect",
+    "effect_plt": "graph, per-layer, effect",
+    "contrast_clt": "graph, CLT, effect vs other answers",
+    "contrast_plt": "graph, per-layer, effect vs other answers",
+    "blank_clt": "graph, CLT, effect from a blank image",
     "grad": "gradient x input (patch embeddings)",
     "ig": "integrated gradients",
+    "ig_contrast": "integrated gradients vs other answers",
     "attention": "attention from the answer position",
     "rollout": "attention rollout",
     "uniform": "uniform",
@@ -78,26 +89,21 @@ def dictionaries(vlm: Any, model: str, out: Path, tokens: int) -> dict[str, Path
     return {"graph_clt": Path(clt.dictionaries), "graph_plt": Path(plt.dictionaries)}
 
 
-def signed_patch_effect(graph: Any) -> torch.Tensor:
-    """[rows, cols] |net effect| of each patch on the first logit through the graph: the sum
-    over paths of the products of *signed* edge weights (the graph is linear, so this is the
-    patch's total linear effect in the replacement model), its magnitude taken at the end.
-    `patch_influence` instead propagates row-normalised |edge| weights, so paths that cancel
-    each other still count."""
-    from vlmscope.attribution.export import _grid_positions, image_grids
-    from vlmscope.attribution.graph import influence
+def competitors(vlm: Any, config: Any, question_type: str, answer_id: int) -> list[int]:
+    """First-token ids of the other answers a question of this type can have."""
+    from vlmscope.data import shapes
 
-    a = graph.adjacency.double()
-    w = torch.zeros(a.shape[0], dtype=a.dtype)
-    w[graph.logit_slice.start] = 1
-    effect = influence(a, w)[graph.input_slice]
-    (rows, cols) = image_grids(graph)[0][0]
-    out = torch.zeros(rows, cols, dtype=torch.float64)
-    for pos in _grid_positions(graph):
-        img, view, r, c = (int(v) for v in graph.patch_map[pos])
-        if img == 0 and view == 0:
-            out[r, c] += effect[pos]
-    return out.abs()
+    vocab = shapes.answer_vocabulary(config)  # ..., "yes", "no", then the positions
+    words = {
+        "colour": config.colours,
+        "shape": config.shapes,
+        "count": shapes.NUMBER_WORDS[: config.n_count + 1],
+        "exists": ("yes", "no"),
+        "relation": ("yes", "no"),
+        "position": vocab[vocab.index("no") + 1 :],
+    }[question_type.split("_")[0]]
+    ids = {vlm.tokenizer(" " + w, add_special_tokens=False)["input_ids"][0] for w in words}
+    return sorted(ids - {answer_id})
 
 
 def target_patches(sample: Any, config: Any, grid: int) -> list[tuple[int, int]]:
@@ -178,7 +184,7 @@ def main() -> None:
 
     from vlmscope.attribution import baselines
     from vlmscope.attribution.attribute import attribute
-    from vlmscope.attribution.export import patch_influence
+    from vlmscope.attribution.export import patch_effect, patch_influence
     from vlmscope.data import shapes
     from vlmscope.models.hooked import HookedVLM
     from vlmscope.models.toy.train import generate_answers, heldout_samples, world_version
@@ -192,7 +198,7 @@ def main() -> None:
     vlm = HookedVLM.from_pretrained(path, device="cpu", dtype=torch.float32)
     methods = list(args.methods)
     dicts: dict[str, Path] = {}
-    graphs = sorted({"graph_" + m.split("_")[1] for m in methods if "_" in m})
+    graphs = sorted({"graph_" + m.split("_")[1] for m in methods if m.endswith(("_clt", "_plt"))})
     if graphs:
         given = {"graph_clt": args.clt, "graph_plt": args.transcoders}
         if all(given[m] for m in graphs):
@@ -217,25 +223,38 @@ def main() -> None:
     for s in tqdm(kept, desc="grounding"):
         inputs = vlm.prepare(s.question, images=[s.image])
         token = vlm.tokenizer(" " + s.answer, add_special_tokens=False)["input_ids"][0]
+        others = competitors(vlm, config, s.question_type, token)
         heats: dict[str, torch.Tensor] = {}
         built: dict[str, Any] = {}
         for m in methods:
             t0 = time.perf_counter()
-            kind = "graph_" + m.split("_")[1] if "_" in m else ""
+            kind = "graph_" + m.split("_")[1] if m.endswith(("_clt", "_plt")) else ""
             if kind in dicts:
                 if kind not in built:
-                    built[kind] = attribute(vlm, dicts[kind], inputs, logit_targets=[token],
+                    blank = "blank" + kind[5:] in methods
+                    built[kind] = attribute(vlm, dicts[kind], inputs,
+                                            logit_targets=[token, *others],
                                             max_feature_nodes=args.max_feature_nodes,
-                                            batch_size=64)  # fmt: skip
+                                            batch_size=64,
+                                            reference="blank" if blank else None)  # fmt: skip
                 g = built[kind]
                 if m.startswith("graph"):
                     heats[m] = patch_influence(g, logit_index=0)[0][0]
+                elif m.startswith("effect"):
+                    heats[m] = patch_effect(g, 0, reference=False)[0][0].abs()
+                elif m.startswith("contrast"):
+                    vs = range(1, 1 + len(others))
+                    heats[m] = patch_effect(g, 0, against=vs, reference=False)[0][0].abs()
                 else:
-                    heats[m] = signed_patch_effect(g)
+                    heats[m] = patch_effect(g, 0, reference=True)[0][0].abs()
             elif m == "grad":
                 heats[m] = baselines.gradient_x_input(vlm, inputs, token)
             elif m == "ig":
                 heats[m] = baselines.integrated_gradients(vlm, inputs, token, args.ig_steps)
+            elif m == "ig_contrast":
+                heats[m] = baselines.integrated_gradients(
+                    vlm, inputs, token, args.ig_steps, against=others
+                )
             elif m == "attention":
                 heats[m] = baselines.attention_from_answer(vlm, inputs)
             elif m == "rollout":

@@ -282,9 +282,18 @@ def assert_same_graph(a: Graph, b: Graph) -> None:
     assert a.input_kinds == b.input_kinds and a.input_tokens == b.input_tokens
     assert a.logit_targets == b.logit_targets
     assert a.metadata == b.metadata
+    ref_a, ref_b = a.reference_edges, b.reference_edges
+    assert (ref_a is None and ref_b is None) or torch.equal(ref_a, ref_b)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("make", [hand_graph, image_graph])
+def image_graph_with_reference() -> Graph:
+    """`image_graph` with reference edges (as `attribute(reference="blank")` adds)."""
+    g = image_graph()
+    g.reference_edges = torch.randn(g.adjacency.shape[0], g.n_inputs)
+    return g
+
+
+@pytest.mark.parametrize("make", [hand_graph, image_graph, image_graph_with_reference])
 def test_raw_round_trip_is_exact(make: Any, tmp_path: Path) -> None:
     g = make()
     g.logit_targets[0] = LogitTarget(g.logit_targets[0].token_id, "\x16 odd\n", 0.1361197680234909)
@@ -528,3 +537,128 @@ def test_cli_target_and_logit_flags(
         assert Image.open(want).tobytes() == Image.open(out.with_suffix(".heatmap.png")).tobytes()
     rc = run_attribute_command(parse(cli_args(s, out, *few, "--target", "what colour is")))
     assert rc == 2 and "not one" in capsys.readouterr().err
+    # --contrast: the competitors become logit nodes after the target, and the heatmap is the
+    # target's effect against them.
+    vs = str(top[0].token_id)  # never the word (chosen above to differ from it)
+    assert (
+        run_attribute_command(parse(cli_args(s, out, *few, "--target", text, "--contrast", vs)))
+        == 0
+    )
+    raw = load_raw(out.with_suffix(".safetensors"))
+    assert [t.token_id for t in raw.logit_targets] == [word, top[0].token_id]
+    want = save_heatmap_png(raw, pic, s["dir"] / "want.png", 0, region=region, against=[1])
+    assert Image.open(want).tobytes() == Image.open(out.with_suffix(".heatmap.png")).tobytes()
+    alone = save_heatmap_png(raw, pic, s["dir"] / "alone.png", 0, region=region)
+    assert Image.open(alone).tobytes() != Image.open(want).tobytes()
+    rc = run_attribute_command(parse(cli_args(s, out, *few, "--contrast", vs)))
+    assert rc == 2 and "--contrast needs --target" in capsys.readouterr().err
+
+
+# --- patch effect: the linear replacement model's change, measured by forward passes ----------
+def linear_replacement_logits(vlm: Any, bundle: Any, inputs: Any, graph: Graph) -> Any:
+    """A function embeddings [1, seq, d] -> target logits [n_logits], measured in the frozen
+    local replacement model of `inputs`: attention patterns and norm scales replayed from the
+    clean run, every MLP output held at its clean value except that each of the graph's
+    features (all active ones) follows its pre-activation linearly (a = a_clean + delta pre,
+    its decoders writing the difference). No gradient is taken."""
+    from vlmscope.attribution.freeze import FreezeState, frozen
+
+    clt = bundle.clt
+    layers = [int(r.split(".")[2]) for r in bundle.reads]
+    n_layers = vlm.adapter.n_layers
+    state = FreezeState(mode="record")
+    clean: dict[str, Any] = {}
+
+    def grab(t: torch.Tensor, ctx: Any) -> None:
+        clean[ctx.name] = t.detach().clone()
+
+    names = ["lm.blocks.0.hook_resid_pre", *bundle.reads]
+    names += [f"lm.blocks.{i}.mlp.hook_out" for i in range(n_layers)]
+    with torch.no_grad(), frozen(vlm, state), vlm.hooks([(n, grab) for n in names]):
+        vlm.forward(inputs)
+    state.mode = "replay"
+    tokens = torch.tensor([t.token_id for t in graph.logit_targets])
+
+    def run(embed: torch.Tensor) -> torch.Tensor:
+        extra = {i: torch.zeros_like(clean[f"lm.blocks.{i}.mlp.hook_out"]) for i in layers}
+
+        def emb(t: torch.Tensor, ctx: Any) -> torch.Tensor:
+            return embed.to(t.dtype)
+
+        def read(t: torch.Tensor, ctx: Any) -> None:
+            layer = int(ctx.name.split(".")[2])
+            s = layers.index(layer)
+            unit = clt.layers[s]
+            _, pos, f = graph.features[graph.features[:, 0] == layer].T
+            d_mid = (t - clean[ctx.name])[0, pos]  # [n, d], one row per feature
+            d_pre = (d_mid * unit.W_enc[f] * unit.input_scale).sum(-1)
+            for j in range(min(unit.n_out, len(layers) - s)):
+                out_scale = clt.layers[s + j].output_scale
+                d_out = d_pre[:, None] * unit.W_dec[f, j] / out_scale
+                extra[layers[s + j]][0].index_add_(0, pos, d_out)
+
+        def write(t: torch.Tensor, ctx: Any) -> torch.Tensor:
+            layer = int(ctx.name.split(".")[2])
+            return clean[ctx.name] + extra.get(layer, 0)
+
+        hooks = [("lm.blocks.0.hook_resid_pre", emb)] + [(r, read) for r in bundle.reads]
+        hooks += [(f"lm.blocks.{i}.mlp.hook_out", write) for i in range(n_layers)]
+        with torch.no_grad(), frozen(vlm, state), vlm.hooks(hooks):
+            logits = vlm.forward(inputs).logits[0, -1].double()
+        return (logits - logits.mean())[tokens]  # the graph's logit nodes are demeaned
+
+    return run, clean["lm.blocks.0.hook_resid_pre"]
+
+
+def test_patch_effect_equals_the_measured_change_of_swapping_a_patch(zoo_path: Any) -> None:
+    """patch_effect with every feature explored: swapping patch p's embedding for zero changes
+    the frozen linear replacement model's logit by -effect[p]; for the blank image's embedding
+    (reference edges) by -effect_from_blank[p]; and `against` takes the logits' difference."""
+    from vlmscope.attribution.attribute import attribute
+    from vlmscope.attribution.baselines import EMBED_HOOK, blank_inputs
+    from vlmscope.attribution.export import patch_effect
+
+    vlm = vlm_for("llava", zoo_path)
+    bundle = random_clt(vlm, n_targets=2, seed=1)
+    inputs = vlm.prepare("what colour is the circle", images=[random_image(32, 40, 7)])
+    graph = attribute(vlm, bundle, inputs, batch_size=512, logit_targets=[5, 9],
+                      reference="blank")  # fmt: skip
+    assert graph.n_features == graph.metadata["n_active_features"]  # every path is in it
+    run, x = linear_replacement_logits(vlm, bundle, inputs, graph)
+    _, cache = vlm.run_with_cache(blank_inputs(inputs), EMBED_HOOK)
+    x_blank = cache[EMBED_HOOK]
+    base = run(x)
+    effect = patch_effect(graph, 0, reference=False)[0][0]
+    from_blank = patch_effect(graph, 0)[0][0]  # the graph has reference edges: the default
+    versus = patch_effect(graph, 0, against=[1], reference=False)[0][0]
+    image = [p for p in range(graph.n_pos) if graph.input_kinds[p] == "image"]
+    checked = 0.0
+    for p in image[:: max(1, (len(image) + 2) // 3)]:  # three patches, two forwards each
+        img, view, r, c = graph.patch_map[p].tolist()
+        if img != 0 or view != 0 or r < 0 or c < 0:
+            continue
+        zeroed, blanked = x.clone(), x.clone()
+        zeroed[0, p] = 0
+        blanked[0, p] = x_blank[0, p]
+        d_zero, d_blank = run(zeroed) - base, run(blanked) - base
+        scale = float(base.abs().max())
+        torch.testing.assert_close(effect[r, c], -d_zero[0], atol=1e-4 * scale, rtol=1e-3)
+        torch.testing.assert_close(from_blank[r, c], -d_blank[0], atol=1e-4 * scale, rtol=1e-3)
+        torch.testing.assert_close(
+            versus[r, c], -(d_zero[0] - d_zero[1]), atol=1e-4 * scale, rtol=1e-3
+        )
+        checked = max(checked, float(d_zero[0].abs()), float(d_blank[0].abs()))
+    assert checked > 1e-3, "every swap left the logit unchanged: the test would catch nothing"
+    # Dividing feature rows by the activation matters: the plain sum of signed edge products
+    # (the benchmark's former "signed total effect") is not the effect.
+    from vlmscope.attribution.graph import influence
+
+    w = torch.zeros(graph.adjacency.shape[0], dtype=torch.float64)
+    w[graph.logit_slice.start] = 1
+    raw = influence(graph.adjacency.double(), w)[graph.input_slice]
+    off = max(
+        abs(float(raw[p]) - float(effect[tuple(graph.patch_map[p, 2:].tolist())])) for p in image
+    )
+    assert off > 0.1 * float(effect.abs().max())
+    with pytest.raises(ValueError, match="no reference edges"):
+        patch_effect(replace(graph, reference_edges=None), 0, reference=True)

@@ -83,6 +83,7 @@ def attribute(
     offload: Offload = None,
     memory_gb: float | None = None,
     rows_in_memory_gb: float | None = None,
+    reference: Literal["blank"] | Mapping[str, Any] | None = None,
 ) -> Graph:
     """Attribution graph of one prompt (`inputs` with batch size 1, e.g. from vlm.prepare).
 
@@ -92,6 +93,11 @@ def attribute(
     fits in `memory_gb` (default: what the device has free after recording). `offload` moves
     what the replay never runs off the device ("cpu") or out of memory ("disk"); edges are
     the same. See the module docstring for `convention`.
+
+    `reference` ("blank": the prompt with every image blank, `baselines.blank_inputs`; or a
+    prompt of the same tokens) also records each row's edges from the reference's input
+    sources into `graph.reference_edges`, so heatmaps can measure patches against it
+    (`export.patch_effect`). The graph's own edges do not change.
     """
     if convention not in ("vlmscope", "circuit-tracer"):
         raise ValueError(f"convention must be 'vlmscope' or 'circuit-tracer', not {convention!r}")
@@ -121,6 +127,16 @@ def attribute(
         replace = replace_positions(vlm.adapter, bundle.model_info, replace_tokens, ids, attn)[0]
     ctx = AttributionContext(vlm, bundle, inputs, replace, zero_mask=zero)
     ctx.record_forward()
+    if reference is not None:
+        if isinstance(reference, str):
+            if reference != "blank":
+                raise ValueError(f"reference must be 'blank' or a prompt, not {reference!r}")
+            if "pixel_values" not in inputs:
+                raise ValueError("reference='blank' needs a prompt with an image")
+            from vlmscope.attribution.baselines import blank_inputs
+
+            reference = blank_inputs(inputs)
+        ctx.record_reference(reference)
     feats = ctx.features
     n_feat, n_pos, n_layers = len(feats), masks.valid.shape[1], ctx.n_layers
     tok = vlm.tokenizer
@@ -157,6 +173,7 @@ def attribute(
     with contextlib.ExitStack() as stack:
         stack.enter_context(offloaded(vlm, offload))
         rows = stack.enter_context(_row_buffer(n_logits + max_feats, n_cols, rows_in_memory_gb))
+        ref_rows = None if reference is None else torch.zeros(n_logits + max_feats, ctx.n_inputs)
 
         def backward(targets: list[tuple[int, int, Tensor]], last: bool) -> Tensor:
             # The backward costs as many copies as were replayed, whatever the targets: a
@@ -177,6 +194,9 @@ def attribute(
             rows[start : start + len(host)] = host
             row_sum[start : start + len(host)] = host.abs().sum(1)
             row_node[start : start + len(host)] = nodes
+            if ref_rows is not None:
+                assert ctx.reference_rows is not None
+                ref_rows[start : start + len(host)] = ctx.reference_rows.cpu()
 
         for i in range(0, n_logits, copies):
             chunk = [(n_layers, n_pos - 1, v) for v in logit_vecs[i : i + copies]]
@@ -209,6 +229,9 @@ def attribute(
                 bar.update(len(idx))
         bar.close()
         graph = _assemble(rows, row_node, visited, ctx, masks, targets, inputs, vlm, bundle)
+        if ref_rows is not None:
+            graph.reference_edges = _reference_edges(ref_rows, row_node, visited, graph)
+            graph.metadata["reference"] = "blank" if isinstance(reference, str) else "prompt"
     graph.metadata["batch_size"] = copies
     graph.metadata["convention"] = convention
     return graph
@@ -283,6 +306,23 @@ def _partial_influence(
         w = total_w[b : b + block_rows] * scale[b : b + block_rows]
         total += w @ block.abs()
     return total
+
+
+def _reference_edges(ref_rows: Tensor, row_node: Tensor, visited: Tensor, graph: Graph) -> Tensor:
+    """[n_nodes, n_inputs] reference edges in the graph's node order (rows as `_assemble`
+    places them; input, error and unexplored nodes have none)."""
+    n_feat = len(visited)
+    n_cols = n_feat + graph.n_errors + graph.n_inputs
+    new_index = torch.full((n_feat,), -1, dtype=torch.long)
+    new_index[visited.nonzero().squeeze(1)] = torch.arange(int(visited.sum()))
+    out = torch.zeros(graph.adjacency.shape[0], graph.n_inputs)
+    for r, node in enumerate(row_node.tolist()):
+        if node >= n_cols:
+            dst = graph.logit_slice.start + (node - n_cols)
+        else:
+            dst = int(new_index[node])
+        out[dst] = ref_rows[r]
+    return out
 
 
 def _assemble(

@@ -5,7 +5,8 @@ logit of one token at the last position (the token the model is about to write),
 grounding benchmark can score it against the shapes world's per-patch labels the same way it
 scores a graph's `patch_influence`. Let ``x_p`` be the decoder's input embedding at image
 position ``p`` (the projector's output, ``lm.blocks.0.hook_resid_pre``) and ``f`` the target
-logit minus the mean logit (the graph's logit direction ``W_U[t] - mean(W_U)``):
+logit minus the mean logit (the graph's logit direction ``W_U[t] - mean(W_U)``), or, given
+``against`` (the answer's competitors, e.g. the other colours), minus the mean of their logits:
 
 - ``gradient x input``: ``|sum_d x_p[d] * df/dx_p[d]|``.
 - ``integrated gradients`` (Sundararajan et al. 2017) from a baseline ``x'``: ``|sum_d (x_p -
@@ -28,7 +29,7 @@ graph's influence is also taken on absolute edge weights.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -72,9 +73,12 @@ def _wide(t: Tensor) -> Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
-def _centred_logit(logits: Tensor, token_id: int) -> Tensor:
-    """[batch] target logit minus the mean logit, at the last position."""
+def _centred_logit(logits: Tensor, token_id: int, against: Sequence[int] = ()) -> Tensor:
+    """[batch] target logit minus the mean logit (or the mean of the `against` tokens'
+    logits), at the last position."""
     last = _wide(logits[:, -1])
+    if against:
+        return last[:, token_id] - last[:, list(against)].mean(-1)
     return last[:, token_id] - last.mean(-1)
 
 
@@ -92,7 +96,13 @@ def _embeddings(vlm: HookedVLM, inputs: Mapping[str, Any]) -> Tensor:
     return _wide(cache[EMBED_HOOK])
 
 
-def _logits_at(vlm: HookedVLM, inputs: Mapping[str, Any], embeds: Tensor, token_id: int) -> Tensor:
+def _logits_at(
+    vlm: HookedVLM,
+    inputs: Mapping[str, Any],
+    embeds: Tensor,
+    token_id: int,
+    against: Sequence[int] = (),
+) -> Tensor:
     """[n] centred answer logit with the decoder's input embeddings replaced by each of
     `embeds` ([n, seq, d])."""
 
@@ -100,23 +110,31 @@ def _logits_at(vlm: HookedVLM, inputs: Mapping[str, Any], embeds: Tensor, token_
         return embeds.to(t.dtype)
 
     out = vlm.run_with_hooks(_batched(inputs, embeds.shape[0]), [(EMBED_HOOK, swap)])
-    return _centred_logit(out.logits, token_id)
+    return _centred_logit(out.logits, token_id, against)
 
 
-def _gradients(vlm: HookedVLM, inputs: Mapping[str, Any], embeds: Tensor, token_id: int) -> Tensor:
+def _gradients(
+    vlm: HookedVLM,
+    inputs: Mapping[str, Any],
+    embeds: Tensor,
+    token_id: int,
+    against: Sequence[int] = (),
+) -> Tensor:
     """[n, seq, d] gradient of the centred answer logit at each of `embeds`."""
     point = embeds.detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        f = _logits_at(vlm, inputs, point, token_id)
+        f = _logits_at(vlm, inputs, point, token_id, against)
         (grad,) = torch.autograd.grad(f.sum(), point)
     return grad
 
 
-def gradient_x_input(vlm: HookedVLM, inputs: Mapping[str, Any], token_id: int) -> Tensor:
+def gradient_x_input(
+    vlm: HookedVLM, inputs: Mapping[str, Any], token_id: int, against: Sequence[int] = ()
+) -> Tensor:
     """[rows, cols] |gradient x input| of the centred answer logit on the image embeddings."""
     pos, rows, cols = image_grid(vlm, inputs)
     x = _embeddings(vlm, inputs)
-    per_pos = (x[0] * _gradients(vlm, inputs, x, token_id)[0]).sum(-1)
+    per_pos = (x[0] * _gradients(vlm, inputs, x, token_id, against)[0]).sum(-1)
     return to_grid(per_pos[pos].abs(), rows, cols)
 
 
@@ -136,6 +154,7 @@ def integrated_gradients(
     *,
     baseline: str = "blank",
     signed: dict[str, Tensor] | None = None,
+    against: Sequence[int] = (),
 ) -> Tensor:
     """[rows, cols] |integrated gradients| of the centred answer logit on the image
     embeddings, from the ``blank`` image's embeddings or ``zero`` ones (`steps` midpoints, one
@@ -151,11 +170,11 @@ def integrated_gradients(
     else:
         raise ValueError(f"baseline must be 'blank' or 'zero', got {baseline!r}")
     alphas = ((torch.arange(steps, dtype=x.dtype) + 0.5) / steps).to(x.device)
-    grad = _gradients(vlm, inputs, base + alphas[:, None, None] * (x - base), token_id)
+    grad = _gradients(vlm, inputs, base + alphas[:, None, None] * (x - base), token_id, against)
     per_pos = ((x - base)[0] * grad.mean(0)).sum(-1)
     if signed is not None:
         with torch.no_grad():
-            f = _logits_at(vlm, inputs, torch.cat([base, x]), token_id)
+            f = _logits_at(vlm, inputs, torch.cat([base, x]), token_id, against)
         signed["all"], signed["delta"] = per_pos.detach(), (f[1] - f[0]).detach()
     return to_grid(per_pos[pos].abs(), rows, cols)
 

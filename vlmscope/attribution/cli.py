@@ -4,7 +4,8 @@ Writes the viewer JSON (`--out FILE`, or `--graph-dir DIR --slug NAME` for DIR/N
 the folder's `graph-metadata.json` index, the layout circuit-tracer's frontend and
 `vlmscope serve` open), the raw graph (`<stem>.safetensors`, to re-prune later), the prompt's
 images once each under `images/`, and, when the prompt has images, a signed heatmap PNG
-(`<stem>.heatmap.png`) of the patches' influence on the top (or `--target`) logit. Inputs are
+(`<stem>.heatmap.png`) of the patches' effect on the top (or `--target`) logit, against the
+`--contrast` tokens' logits when given. Inputs are
 checked before the model loads, so a typo costs seconds, not a model load.
 """
 
@@ -20,7 +21,7 @@ from typing import Any
 from vlmscope.attribution.export import (
     center_crop_box,
     check_slug,
-    patch_influence,
+    patch_effect,
     public_model_name,
     save_json,
     save_raw,
@@ -113,6 +114,16 @@ def add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="TOKEN",
         help="attribute this next token instead of the most likely ones: a token string "
         "(e.g. ' red'; it must be one token) or a token id (digits). The heatmap shows it",
+    )
+    parser.add_argument(
+        "--contrast",
+        nargs="+",
+        default=None,
+        metavar="TOKEN",
+        help="with --target: also attribute these competing answers (e.g. ' blue' ' green'), "
+        "and draw the heatmap for the target's logit minus the mean of theirs: what sets the "
+        "answer apart, not what every answer of its kind shares (more of the map on the "
+        "asked-about object: benchmarks/README.md, Grounding)",
     )
     parser.add_argument(
         "--batch-size",
@@ -257,20 +268,20 @@ def input_warnings(processor: Any, images: list[Any], prompt: str) -> list[str]:
     return out
 
 
-def target_token(tokenizer: Any, target: str) -> int:
-    """The token id `--target` names: an id (digits), else a string that must encode to
-    exactly one token (no special tokens added)."""
+def target_token(tokenizer: Any, target: str, flag: str = "--target") -> int:
+    """The token id `--target` (or `flag`) names: an id (digits), else a string that must
+    encode to exactly one token (no special tokens added)."""
     vocab = len(tokenizer)
     if target.strip().isdigit() and target == target.strip():
         tid = int(target)
         if tid >= vocab:
-            raise AttributeInputError(f"--target {tid}: the vocabulary has {vocab} tokens")
+            raise AttributeInputError(f"{flag} {tid}: the vocabulary has {vocab} tokens")
         return tid
     ids = tokenizer.encode(target, add_special_tokens=False)
     if len(ids) != 1:
         pieces = tokenizer.convert_ids_to_tokens(ids)
         raise AttributeInputError(
-            f"--target {target!r} is {len(ids)} tokens {pieces}, not one; give a single token "
+            f"{flag} {target!r} is {len(ids)} tokens {pieces}, not one; give a single token "
             "(mind the leading space) or a token id"
         )
     return int(ids[0])
@@ -324,6 +335,13 @@ def run_attribute_command(args: argparse.Namespace) -> int:
         for warning in input_warnings(vlm.processor, images, args.prompt):
             print(f"vlmscope attribute: warning: {warning}", file=sys.stderr)
         target = None if args.target is None else [target_token(vlm.tokenizer, args.target)]
+        if args.contrast and target is None:
+            raise AttributeInputError("--contrast needs --target (the answer to set apart)")
+        against = [target_token(vlm.tokenizer, t, "--contrast") for t in args.contrast or []]
+        if target is not None and target[0] in against:
+            raise AttributeInputError(f"--contrast repeats the --target token {args.target!r}")
+        if target is not None:
+            target += list(dict.fromkeys(against))
         inputs = vlm.prepare(args.prompt, images=images or None)
         graph = attribute(
             vlm,
@@ -382,14 +400,17 @@ def run_attribute_command(args: argparse.Namespace) -> int:
     else:
         written = [save_json(graph, out, slug=slug, **kwargs)]
     written.append(save_raw(graph, out.with_suffix(".safetensors")))
-    heat = patch_influence(graph, 0, signed=True)
+    vs = list(range(1, graph.n_logits)) if args.contrast else []
+    heat = patch_effect(graph, 0, against=vs)
     proc = getattr(vlm.processor, "image_processor", None)
     for i, img in enumerate(images):
         if 0 not in heat.get(i, {}):
             continue  # the processor dropped this image's base view (nothing to draw)
         region = center_crop_box(img.size, proc) if proc is not None else None
         png = heatmap_path(out, i, len(images))
-        written.append(save_heatmap_png(graph, img, png, 0, 0, image_index=i, region=region))
+        written.append(
+            save_heatmap_png(graph, img, png, 0, 0, image_index=i, region=region, against=vs)
+        )
         cells = ", ".join(f"({r},{c}) {v:+.3f}" for r, c, v in top_patches(heat[i][0]))
         print(f"image {i}: top patches (row, col) on {graph.logit_targets[0].token!r}: {cells}")
     print("\nWrote " + ", ".join(str(p) for p in written))

@@ -26,6 +26,10 @@ Edges, for a target with gradient g_t at model layer t's MLP output (rows of one
     error (t, p):        g_t[p] . e_t[p]
     feature (s, p, f):   a * sum over targets t of unit s of  g_t[p] . W_dec_s[f, t - s] / o_t
     input p:             g_0[p] . embed[p]  (+ g . injected[p] for DeepStack)
+    reference, input p:  g_0[p] . embed'[p] (+ g . injected'[p]), with a reference prompt's
+                         sources (`record_reference`, e.g. a blank image): the replay is linear
+                         in its sources, so the edge minus this is the target's change when
+                         position p's sources are swapped for the reference's
     vision feature j:    g_V[j] . V[j]  (cross-attention VLMs: cross_inputs.py)
 
 with a the activation, o_t the target unit's output scale; sums run in float32.
@@ -191,6 +195,14 @@ class AttributionContext:
         self._skip_qk = True
         #: input nodes past the sequence: the vision features cross-attention reads (Mllama).
         self.cross = cross_attention_inputs(vlm, inputs)
+        #: a reference prompt's input sources (`record_reference`): embeddings [seq, d] and
+        #: DeepStack injections; when set, each backward also gives `reference_rows`.
+        self.reference: Tensor | None = None
+        self.reference_injected: dict[int, Tensor] = {}
+        #: [n_targets, n_inputs] of the last backward: each target's edge from the reference
+        #: prompt's sources at every input node (None without a reference).
+        self.reference_rows: Tensor | None = None
+        self._ref_rows: Tensor | None = None
 
     # --- pass 1: the original model ------------------------------------------------------------
     def record(self) -> None:
@@ -271,6 +283,48 @@ class AttributionContext:
         self._index_units()
         #: resid_mid of each unit's layer, until `prepare` has used it for the skip path.
         self._mids: dict[int, Tensor] = dict(mids)
+
+    @torch.no_grad()
+    def record_reference(self, reference: Mapping[str, Any]) -> None:
+        """Record the input sources of `reference`, a prompt of the same tokens (e.g. the
+        prompt with a blank image, `baselines.blank_inputs`): its input embeddings and
+        DeepStack injections. Only the sources are read; features, errors, patterns and scales
+        stay those of the recorded prompt."""
+        if self.cross is not None:
+            raise ValueError(
+                f"{self.vlm.adapter.family}: a reference prompt is not supported for "
+                "cross-attention models (their image enters through cross-attention, not the "
+                "input embeddings)"
+            )
+        ids = reference["input_ids"]
+        if not torch.equal(ids.cpu(), self.inputs["input_ids"].cpu()):
+            raise ValueError(
+                f"the reference prompt's input_ids {tuple(ids.shape)} differ from the prompt's "
+                f"{tuple(self.inputs['input_ids'].shape)}: it must have the same tokens"
+            )
+        store: dict[str, Tensor] = {}
+        post: dict[int, Tensor] = {}
+        injected: dict[int, Tensor] = {}
+
+        def embed(t: Tensor, ctx: HookContext) -> None:
+            store["embed"] = t[0].detach().float()
+
+        def resid_post(t: Tensor, ctx: HookContext) -> None:
+            post[int(ctx.layer)] = t[0].detach().float()  # type: ignore[arg-type]
+
+        def resid_pre(t: Tensor, ctx: HookContext) -> None:
+            layer = int(ctx.layer) - 1  # type: ignore[arg-type]
+            d = t[0].detach().float() - post.pop(layer)
+            if bool(d.any()):
+                injected[layer] = d
+
+        hooks = [("lm.blocks.0.hook_resid_pre", embed)]
+        hooks += [(f"lm.blocks.{i}.hook_resid_post", resid_post) for i in range(self.n_layers)]
+        hooks += [(f"lm.blocks.{i}.hook_resid_pre", resid_pre) for i in range(1, self.n_layers)]
+        with self.vlm.hooks(hooks):
+            self.vlm.forward(reference, **_last_logit_kwargs(self.vlm.model))
+        self.reference = store["embed"]
+        self.reference_injected = injected
 
     @torch.no_grad()
     def prepare(self, decoder_cache: DecoderCache) -> None:
@@ -607,6 +661,7 @@ class AttributionContext:
         """Backward callback of the input embeddings (layer None) or of what enters after
         `layer` (DeepStack): both belong to the input node of their position."""
         source = self.embeddings if layer is None else self.injected[layer]
+        ref = self.reference if layer is None else self.reference_injected.get(layer)
 
         def fn(g: Tensor) -> None:
             rows = self._rows
@@ -615,6 +670,8 @@ class AttributionContext:
             start = self._err_start + self.n_layers * seq
             gt = _position_major(g[:n])
             rows[:, start : start + seq] += torch.einsum("pnd,pd->np", gt, source)
+            if self._ref_rows is not None and ref is not None:
+                self._ref_rows[:, :seq] += torch.einsum("pnd,pd->np", gt, ref)
 
         return fn
 
@@ -674,13 +731,17 @@ class AttributionContext:
             for layer, items in by_layer.items()
         }
         self._rows = torch.zeros(n, self.n_cols, device=self.device)
+        if self.reference is not None:
+            self._ref_rows = torch.zeros(n, self.n_inputs, device=self.device)
         try:
             torch.autograd.backward(
                 [self.final], [grad_final], inputs=[self.anchor], retain_graph=retain
             )
             rows = self._rows
+            self.reference_rows = self._ref_rows
         finally:
             self._rows = None
+            self._ref_rows = None
             self._seeds = {}
         # Activations multiply each feature's column once, after every target's sum.
         rows[:, : len(self.features)] *= self.features.activation.to(self.device)

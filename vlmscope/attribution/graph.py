@@ -46,6 +46,11 @@ class Graph:
     logit_targets: list[LogitTarget]
     input_tokens: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: [n_nodes, n_inputs] or None: per target node (rows as in `adjacency`), the edge it would
+    #: get from each input node if that node held a reference prompt's sources (e.g. a blank
+    #: image's embeddings; `attribute(reference=...)`). adjacency's input columns minus these
+    #: are the edges of the change from the reference to the prompt.
+    reference_edges: Tensor | None = None
 
     @property
     def n_features(self) -> int:

@@ -8,8 +8,11 @@ Rules, so that a heatmap answers "which patches pushed this answer up or down" a
   values sits beside the image;
 - the title names the target token and its probability.
 
-Values come from `export.patch_influence(graph, k, signed=True)`. Patches under 5% of m get no
-outline, so a heatmap with one strong patch shows one box, not a grid.
+Values come from `export.patch_effect(graph, k)`: each patch's signed total effect on the
+target logit through the graph (optionally against competing answers' logits), the map that
+puts most of its mass on the asked-about object in the grounding benchmark
+(benchmarks/README.md). Patches under 5% of m get no outline, so a heatmap with one strong
+patch shows one box, not a grid.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import numpy as np
 from PIL import Image
 from torch import Tensor
 
-from vlmscope.attribution.export import patch_influence
+from vlmscope.attribution.export import patch_effect
 from vlmscope.attribution.graph import Graph
 from vlmscope.files import write_atomically
 
@@ -40,7 +43,7 @@ def heatmap_figure(
     *,
     region: Sequence[float] | None = None,
     title: str | None = None,
-    label: str = "signed influence",
+    label: str = "signed effect",
     width_in: float = 5.0,
     dpi: int = 100,
 ) -> object:
@@ -124,13 +127,15 @@ def save_heatmap_png(
     *,
     image_index: int = 0,
     region: Sequence[float] | None = None,
+    against: Sequence[int] = (),
 ) -> Path:
-    """PNG of one view of one image with each patch's signed influence on logit `logit_index`.
+    """PNG of one view of one image with each patch's signed effect on logit `logit_index`
+    (minus the mean of the logits `against`, e.g. the answer's competitors: `patch_effect`).
 
     View 0 is the whole (base) image; tiled / high-resolution views (>= 1) are stitched grids
     that also cover the whole image. `region` narrows where the grid lands (see
     `export.center_crop_box`)."""
-    heat = patch_influence(graph, logit_index, signed=True).get(image_index, {})
+    heat = patch_effect(graph, logit_index, against=against).get(image_index, {})
     if view not in heat:
         raise ValueError(
             f"image {image_index} has no view {view} in this graph (views: {sorted(heat)})"
@@ -142,7 +147,7 @@ def save_heatmap_png(
         heat[view],
         region=region,
         title=heatmap_title(t.token, t.probability),
-        label=f"signed influence on {t.token!r}",
+        label=f"signed effect on {t.token!r}" + (f" vs {len(against)} others" if against else ""),
     )
     return write_atomically(path, lambda tmp: png.save(tmp, format="PNG"))
 
