@@ -21,11 +21,12 @@ attribution graph's patch influence with the CLT and with per-layer transcoders
 explored); the same graphs' signed total effect per patch (`export.patch_effect`, its
 magnitude), on the answer's logit alone (``effect_*``), against the question type's other
 answers (``contrast_*``: the answer's logit minus the mean of theirs; every graph carries
-their logit nodes), and measured from a blank image (``blank_clt``: `attribute(...,
-reference="blank")`); and the baselines of `attribution.baselines` (gradient x input on the
-patch embeddings, integrated gradients, also against the other answers, attention from the
-answer position, attention rollout); ``uniform`` is the share a flat map gets (the target's
-fraction of the patches; its top hit is that same fraction). Without
+their logit nodes), and measured from a blank image (``blank_*``, ``blankvs_*`` against the
+other answers: `attribute(..., reference="blank")`); and the baselines of
+`attribution.baselines` (gradient x input on the patch embeddings, integrated gradients, also
+against the other answers, attention from the answer position, attention rollout);
+``uniform`` is the share a flat map gets (the target's fraction of the patches; its top hit is
+that same fraction). Without
 `--clt` / `--transcoders`, both are trained on the toy with the demo's default budget into
 ``OUT/runs`` (a few minutes on CPU). Results go to ``OUT/grounding.json``.
 """
@@ -55,6 +56,9 @@ METHODS = (
     "contrast_clt",
     "contrast_plt",
     "blank_clt",
+    "blank_plt",
+    "blankvs_clt",
+    "blankvs_plt",
     "grad",
     "ig",
     "ig_contrast",
@@ -70,6 +74,9 @@ LABELS = {
     "contrast_clt": "graph, CLT, effect vs other answers",
     "contrast_plt": "graph, per-layer, effect vs other answers",
     "blank_clt": "graph, CLT, effect from a blank image",
+    "blank_plt": "graph, per-layer, effect from a blank image",
+    "blankvs_clt": "graph, CLT, effect from a blank image vs other answers",
+    "blankvs_plt": "graph, per-layer, effect from a blank image vs other answers",
     "grad": "gradient x input (patch embeddings)",
     "ig": "integrated gradients",
     "ig_contrast": "integrated gradients vs other answers",
@@ -231,7 +238,7 @@ def main() -> None:
             kind = "graph_" + m.split("_")[1] if m.endswith(("_clt", "_plt")) else ""
             if kind in dicts:
                 if kind not in built:
-                    blank = "blank" + kind[5:] in methods
+                    blank = any(m.startswith("blank") and m.endswith(kind[5:]) for m in methods)
                     built[kind] = attribute(vlm, dicts[kind], inputs,
                                             logit_targets=[token, *others],
                                             max_feature_nodes=args.max_feature_nodes,
@@ -242,11 +249,10 @@ def main() -> None:
                     heats[m] = patch_influence(g, logit_index=0)[0][0]
                 elif m.startswith("effect"):
                     heats[m] = patch_effect(g, 0, reference=False)[0][0].abs()
-                elif m.startswith("contrast"):
-                    vs = range(1, 1 + len(others))
-                    heats[m] = patch_effect(g, 0, against=vs, reference=False)[0][0].abs()
                 else:
-                    heats[m] = patch_effect(g, 0, reference=True)[0][0].abs()
+                    vs = range(1, 1 + len(others)) if "vs" in m or "contrast" in m else ()
+                    ref = m.startswith("blank")
+                    heats[m] = patch_effect(g, 0, against=vs, reference=ref)[0][0].abs()
             elif m == "grad":
                 heats[m] = baselines.gradient_x_input(vlm, inputs, token)
             elif m == "ig":
