@@ -66,6 +66,9 @@ METHODS = (
     "rollout",
     "uniform",
 )
+#: Not run by default: the baselines with the LM's attention patterns and norm scales (or the
+#: patterns only) frozen at the input, as the graph's local replacement model freezes them.
+FROZEN = ("grad_frozen", "ig_frozen", "ig_frozen_attn")
 LABELS = {
     "graph_clt": "graph, CLT, influence \\|A\\|",
     "graph_plt": "graph, per-layer, influence \\|A\\|",
@@ -83,6 +86,9 @@ LABELS = {
     "attention": "attention from the answer position",
     "rollout": "attention rollout",
     "uniform": "uniform",
+    "grad_frozen": "gradient x input, patterns and norm scales frozen",
+    "ig_frozen": "integrated gradients, patterns and norm scales frozen at the input",
+    "ig_frozen_attn": "integrated gradients, patterns frozen at the input",
 }
 
 
@@ -111,6 +117,23 @@ def competitors(vlm: Any, config: Any, question_type: str, answer_id: int) -> li
     }[question_type.split("_")[0]]
     ids = {vlm.tokenizer(" " + w, add_special_tokens=False)["input_ids"][0] for w in words}
     return sorted(ids - {answer_id})
+
+
+def frozen_baseline(vlm: Any, inputs: Any, token: int, method: str, steps: int) -> torch.Tensor:
+    """`method` (grad_frozen, ig_frozen, ig_frozen_attn) on the model whose LM attention
+    patterns (and norm scales, but for ig_frozen_attn) are recorded at the input and replayed
+    for every point of the path (`freeze.frozen`, value replay; the MLPs stay live)."""
+    from vlmscope.attribution import baselines
+    from vlmscope.attribution.freeze import FreezeState, frozen
+
+    state = FreezeState(mode="record", norms=method != "ig_frozen_attn")
+    with torch.no_grad(), frozen(vlm, state):
+        vlm.forward(inputs)
+    state.mode = "replay"
+    with frozen(vlm, state):
+        if method == "grad_frozen":
+            return baselines.gradient_x_input(vlm, inputs, token)
+        return baselines.integrated_gradients(vlm, inputs, token, steps)
 
 
 def target_patches(sample: Any, config: Any, grid: int) -> list[tuple[int, int]]:
@@ -179,7 +202,9 @@ def main() -> None:
     p.add_argument("--train-tokens", type=int, default=120_000, help="tokens to train each on")
     p.add_argument("--n", type=int, default=40, help="held-out questions per type (before "
                    "keeping the correctly answered ones with a target)")  # fmt: skip
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + FROZEN,
+                   help="methods to score (default: all but the frozen baselines: "
+                   + ", ".join(FROZEN) + ")")  # fmt: skip
     p.add_argument("--max-feature-nodes", type=int, default=400, help="graph features explored")
     p.add_argument("--ig-steps", type=int, default=32, help="integrated-gradients steps")
     p.add_argument("--out", default="grounding_out", help="output folder")
@@ -261,6 +286,8 @@ def main() -> None:
                 heats[m] = baselines.integrated_gradients(
                     vlm, inputs, token, args.ig_steps, against=others
                 )
+            elif m in FROZEN:
+                heats[m] = frozen_baseline(vlm, inputs, token, m, args.ig_steps)
             elif m == "attention":
                 heats[m] = baselines.attention_from_answer(vlm, inputs)
             elif m == "rollout":
