@@ -538,14 +538,14 @@ def test_cli_target_and_logit_flags(
     rc = run_attribute_command(parse(cli_args(s, out, *few, "--target", "what colour is")))
     assert rc == 2 and "not one" in capsys.readouterr().err
     # --contrast: the competitors become logit nodes after the target, and the heatmap is the
-    # target's effect against them.
+    # target's effect against them; --reference blank keeps the reference edges in the raw
+    # graph and the heatmap measures from them.
     vs = str(top[0].token_id)  # never the word (chosen above to differ from it)
-    assert (
-        run_attribute_command(parse(cli_args(s, out, *few, "--target", text, "--contrast", vs)))
-        == 0
-    )
+    flags = ["--target", text, "--contrast", vs, "--reference", "blank"]
+    assert run_attribute_command(parse(cli_args(s, out, *few, *flags))) == 0
     raw = load_raw(out.with_suffix(".safetensors"))
     assert [t.token_id for t in raw.logit_targets] == [word, top[0].token_id]
+    assert raw.reference_edges is not None and raw.metadata["reference"] == "blank"
     want = save_heatmap_png(raw, pic, s["dir"] / "want.png", 0, region=region, against=[1])
     assert Image.open(want).tobytes() == Image.open(out.with_suffix(".heatmap.png")).tobytes()
     alone = save_heatmap_png(raw, pic, s["dir"] / "alone.png", 0, region=region)

@@ -127,8 +127,10 @@ def attribute(
         replace = replace_positions(vlm.adapter, bundle.model_info, replace_tokens, ids, attn)[0]
     ctx = AttributionContext(vlm, bundle, inputs, replace, zero_mask=zero)
     ctx.record_forward()
+    reference_kind = None if reference is None else "prompt"
     if reference is not None:
         if isinstance(reference, str):
+            reference_kind = reference
             if reference != "blank":
                 raise ValueError(f"reference must be 'blank' or a prompt, not {reference!r}")
             if "pixel_values" not in inputs:
@@ -231,7 +233,7 @@ def attribute(
         graph = _assemble(rows, row_node, visited, ctx, masks, targets, inputs, vlm, bundle)
         if ref_rows is not None:
             graph.reference_edges = _reference_edges(ref_rows, row_node, visited, graph)
-            graph.metadata["reference"] = "blank" if isinstance(reference, str) else "prompt"
+            graph.metadata["reference"] = reference_kind
     graph.metadata["batch_size"] = copies
     graph.metadata["convention"] = convention
     return graph

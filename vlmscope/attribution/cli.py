@@ -142,6 +142,15 @@ def add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
         "edges are the same. auto: the least offloading the planner needs (default)",
     )
     parser.add_argument(
+        "--reference",
+        default="none",
+        choices=["none", "blank"],
+        help="blank: also record each edge from the embeddings of the prompt with a blank image "
+        "(every pixel the top-left one's colour), saved in the raw graph, and draw the heatmap "
+        "as each patch's effect measured from that image rather than from a zero embedding "
+        "(default: none; see benchmarks/README.md, Grounding)",
+    )
+    parser.add_argument(
         "--convention",
         default="vlmscope",
         choices=["vlmscope", "circuit-tracer"],
@@ -356,6 +365,7 @@ def run_attribute_command(args: argparse.Namespace) -> int:
             convention=args.convention,
             offload=None if args.offload == "none" else args.offload,
             memory_gb=args.memory_gb,
+            reference=None if args.reference == "none" or not images else args.reference,
         )
     except (AttributeInputError, ModelMismatchError, OSError, ValueError, MemoryError) as e:
         print(f"vlmscope attribute: error: {e}", file=sys.stderr)
