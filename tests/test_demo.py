@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
-from vlmscope.demo import DemoBudget, run_demo
+from vlmscope.demo import GROUNDING_SUMMARY, DemoBudget, grounding_benchmark, run_demo
+from vlmscope.models.hooked import HookedVLM
+from vlmscope.models.toy import toy_path
 
 
 def test_quick_demo_on_the_toy_vlm(tmp_path: Path) -> None:
@@ -17,6 +21,9 @@ def test_quick_demo_on_the_toy_vlm(tmp_path: Path) -> None:
     assert att["top_logit"] == att["answer"]
     # Most of the image's influence on the answer sits on the circle's patch(es).
     assert att["circle_concentration"] > 0.5 > att["uniform_share"]
+    # ...and beside the one example, the benchmark's mean for its question type
+    shipped = json.loads(GROUNDING_SUMMARY.read_text())
+    assert att["benchmark_mean"] == shipped["by_type"]["colour"]["effect_clt"]["mean"]
     for name in ("circle-colour.json", "circle-colour.safetensors", "circle-colour.heatmap.png",
                  "graph-metadata.json"):  # fmt: skip
         assert (tmp_path / "demo" / "attribution" / name).exists()
@@ -35,3 +42,12 @@ def test_demo_keeps_other_files_in_its_output_folder(tmp_path: Path) -> None:
     run_demo("toy", out, device="cpu", budget=DemoBudget.quick())
     assert (out / "notes.txt").read_text() == "keep me"
     assert (out / "summary.json").exists() and (earlier / "dictionaries").is_dir()
+
+
+def test_the_benchmark_mean_is_quoted_for_the_shipped_toy_only(zoo_path: Any) -> None:
+    shipped = json.loads(GROUNDING_SUMMARY.read_text())
+    toy = HookedVLM.from_pretrained(toy_path(), device="cpu")
+    got = grounding_benchmark(toy, "shape", "effect_plt")
+    assert got == shipped["by_type"]["shape"]["effect_plt"] and got["n"] > 0
+    other = HookedVLM.from_pretrained(zoo_path("llava"), device="cpu")
+    assert grounding_benchmark(other, "colour", "effect_clt") is None

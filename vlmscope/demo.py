@@ -161,11 +161,12 @@ def attribution_example(
     vlm: HookedVLM, dictionaries: Path, out: Path, max_feature_nodes: int = 400, n_scan: int = 400
 ) -> dict[str, Any]:
     """Attribute QUESTION on a held-out shapes image with exactly one circle; report how much
-    of the image-patch influence on the top logit lands on the circle's patches."""
+    of the image patches' effect on the top logit (the heatmap's map) lands on the circle's
+    patches, beside the grounding benchmark's mean for colour questions."""
     from vlmscope.attribution.attribute import attribute
     from vlmscope.attribution.export import (
         concentration,
-        patch_influence,
+        patch_effect,
         save_raw,
         store_image,
         write_graph_files,
@@ -195,7 +196,7 @@ def attribution_example(
     )
     raw_path = save_raw(graph, json_path.with_suffix(".safetensors"))
     png_path = save_heatmap_png(graph, image, heatmap_path(json_path), logit_index=0)
-    heat = patch_influence(graph, logit_index=0)[0][0]
+    heat = patch_effect(graph, logit_index=0)[0][0].abs()  # scored as the benchmark scores it
     # Ground-truth patches of the circle on the model's own grid (the image is not cropped).
     label_px = image.width // heat.shape[1]
     labels = shapes.object_patches(circle, shapes.ShapesConfig(), label_px)
@@ -209,9 +210,15 @@ def attribution_example(
     print(f"graph: {graph.n_features} of {n_active} active features explored; kept {kept}")
     print(f"replacement score {replacement:.3f}, completeness score {completeness:.3f}")
     print(
-        f"image influence on the circle's {len(labels)} of {heat.numel()} patches: "
+        f"image patches' effect on the circle's {len(labels)} of {heat.numel()} patches: "
         f"{100 * conc:.1f}% (uniform would be {100 * share:.1f}%)"
     )
+    bench = grounding_benchmark(vlm, "colour", "effect_clt")
+    if bench is not None:
+        print(
+            f"  one example; the grounding benchmark's mean over {bench['n']} held-out colour "
+            f"questions: {100 * bench['mean']:.1f}% (benchmarks/grounding.py, same map)"
+        )
     print(f"wrote {json_path}, {raw_path}, {png_path}")
     return {
         "answer": circle.colour,
@@ -221,7 +228,24 @@ def attribution_example(
         "completeness_score": completeness,
         "circle_concentration": conc,
         "uniform_share": share,
+        "benchmark_mean": None if bench is None else bench["mean"],
     }
+
+
+#: the grounding benchmark's tables for the shipped toy (benchmarks/grounding.py --summary)
+GROUNDING_SUMMARY = Path(__file__).parent / "models" / "toy" / "grounding.json"
+
+
+def grounding_benchmark(vlm: HookedVLM, question_type: str, method: str) -> dict[str, Any] | None:
+    """The benchmark's {mean, median, top_hit, n} for one question type and map, when `vlm`
+    is the shipped toy the summary was measured on; None for any other model."""
+    from vlmscope.models.toy import TOY_DIR
+
+    where = getattr(vlm.model.config, "_name_or_path", "")
+    if not GROUNDING_SUMMARY.exists() or Path(where).resolve() != TOY_DIR:
+        return None
+    summary = json.loads(GROUNDING_SUMMARY.read_text())
+    return summary.get("by_type", {}).get(question_type, {}).get(method)
 
 
 def run_demo(
