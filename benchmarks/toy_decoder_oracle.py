@@ -292,7 +292,7 @@ def run(name: str, steps: int, n_pictures: int, threads: int) -> dict[str, Any]:
             [p for g in opt.param_groups for p in g["params"]], cfg.grad_clip
         )
         opt.step()
-        if (step + 1) % max(1, cfg.steps // 4) == 0 and step + 1 < cfg.steps:
+        if (step + 1) % max(1, cfg.steps // 8) == 0 and step + 1 < cfg.steps:
             cpu = cpu_seconds() - cpu0
             acc = evaluate(lm, oracle, held, image_id)
             cpu0 += cpu_seconds() - cpu0 - cpu  # evaluation is not training time

@@ -36,7 +36,12 @@ still a plain LLaVA, and `HookedVLM.prepare` follows the saved template), so eac
 can compare itself with the question; only the first turn is asked that way, the later ones
 follow the image as before. ``word_weight`` adds a training-only loss at the question words
 that name an object (`aux.question_word_labels`), read by a throwaway head after decoder layer
-``word_layer``.
+``word_layer``. ``match_weight`` (question first only) adds a training-only loss at the
+image tokens of the first turn: which patches belong to the objects its question names
+(`aux.match_labels`), read by a throwaway linear head after decoder layer ``match_layer``, so
+the lookup every answer needs gets 64 labels per question instead of one answer token.
+`benchmarks/toy_decoder_oracle.py` trains the decoder alone on oracle image tokens to measure
+these options without the vision tower.
 
 Time. Training runs one compute thread, with one data worker process building the next
 batches; ``training.json`` records the CPU seconds of both. On an idle 2-core machine each has
@@ -609,6 +614,10 @@ def train_toy(
             setattr(cfg, k, v)
     if cfg.workers not in (0, 1):
         raise ValueError(f"workers must be 0 or 1, got {cfg.workers}")
+    if cfg.match_weight > 0 and not cfg.question_first:
+        raise ValueError(
+            "match_weight needs question_first (the image tokens must see the question)"
+        )
     start, cpu0, child0 = time.perf_counter(), cpu_seconds(), cpu_seconds(resource.RUSAGE_CHILDREN)
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
@@ -664,8 +673,6 @@ def _train(
         named += [(f"word.{n}", p) for n, p in word_head.named_parameters()]
     match_head = None
     if cfg.match_weight > 0:
-        if not cfg.question_first:
-            raise ValueError("match_weight needs question_first (image tokens see the question)")
         match_head = nn.Linear(model.config.text_config.hidden_size, aux.MATCH_CLASSES)
         named += [(f"match.{n}", p) for n, p in match_head.named_parameters()]
     decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n]
