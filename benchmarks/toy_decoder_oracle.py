@@ -57,6 +57,7 @@ from vlmscope.models.toy.train import (
     _image_token_id,
     _lr_at,
     _match_loss,
+    answer_loss_at,
     build_processor,
     collate_conversations,
     conversation,
@@ -162,20 +163,9 @@ def forward(
     where = ids == image_id
     emb = emb.masked_scatter(where[..., None], oracle(batch.patches).to(emb.dtype))
     out = lm.model(inputs_embeds=emb, attention_mask=batch.inputs["attention_mask"])
-    turn = batch.turn[:, 1:]
-    at = turn >= 0
-    logits = lm.lm_head(out.last_hidden_state[:, :-1][at]).float()
-    target = ids[:, 1:][at]
-    loss = nn.functional.cross_entropy(logits, target)
-    n_turns = max(len(t) for t in batch.types)
-    rows = torch.arange(turn.shape[0])[:, None].expand_as(turn)[at]
-    qid = rows * n_turns + turn[at]
-    wrong = torch.zeros(turn.shape[0] * n_turns, dtype=torch.long)
-    wrong.index_add_(0, qid, (logits.argmax(-1) != target).long())
-    asked = [b * n_turns + i for b, ts in enumerate(batch.types) for i in range(len(ts))]
-    types = [t for ts in batch.types for t in ts]
+    loss, correct, types = answer_loss_at(out.last_hidden_state, lm.lm_head, batch)
     qrow = torch.tensor([b for b, ts in enumerate(batch.types) for _ in ts])
-    return loss, wrong[asked] == 0, qrow, types
+    return loss, correct, qrow, types
 
 
 def heldout_batches(

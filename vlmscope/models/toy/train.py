@@ -545,10 +545,16 @@ def answer_loss(model: nn.Module, batch: ToyBatch) -> tuple[torch.Tensor, torch.
     The unembedding runs on the answer positions only: most positions are image and question
     tokens, whose logits the loss never reads."""
     out = model.model(**batch.inputs, use_cache=False)
+    return answer_loss_at(out.last_hidden_state, model.lm_head, batch)
+
+
+def answer_loss_at(
+    hidden: torch.Tensor, lm_head: nn.Module, batch: ToyBatch
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """`answer_loss` from the decoder's last hidden states ``[batch, seq, dim]``."""
     turn = batch.turn[:, 1:]
     where = turn >= 0
-    hidden = out.last_hidden_state[:, :-1][where]
-    logits = model.lm_head(hidden).float()
+    logits = lm_head(hidden[:, :-1][where]).float()
     target = batch.inputs["input_ids"][:, 1:][where]
     loss = nn.functional.cross_entropy(logits, target)
     # Question id of each answer token: row * max_turns + turn.
