@@ -204,7 +204,7 @@ class ToyTrainConfig:
     throwaway linear head from the decoder's hidden state after layer `word_layer`; 0: off)."""
     word_layer: int = 2
     """Decoder layer (1-based) whose output the question-word head reads."""
-    match_weight: float = 0.0
+    match_weight: float = 1.0
     """Weight of the question-conditioned per-patch loss (`toy.aux.match_labels`: which
     patches belong to the objects the first question names), read by a throwaway linear head
     from the decoder's hidden state at the image tokens after layer `match_layer`; needs
