@@ -36,12 +36,19 @@ from vlmscope.models.toy.train import (
 TYPES = ("colour", "shape", "position")
 CURRICULUM = (Stage(0.0, 1, TYPES), Stage(0.12, 2, TYPES))
 BASE = ToyTrainConfig(
-    steps=500, batch_size=8, curriculum=CURRICULUM, eval_n=0, minutes=60, question_first=False
+    steps=500,
+    batch_size=8,
+    curriculum=CURRICULUM,
+    eval_n=0,
+    minutes=60,
+    question_first=False,
+    match_weight=0.0,
 )
-"""The protocol: image first (the template before question-first became the default)."""
+"""The protocol: image first, no match loss (the recipe before either became the default)."""
 VARIANTS: dict[str, dict[str, Any]] = {
     "baseline": {},
     "question_first": {"question_first": True},
+    "question_first_match": {"question_first": True, "match_weight": 1.0},
     "question_first_q1_b13": {"question_first": True, "questions": 1, "batch_size": 13},
     "question_first_q2_b11": {"question_first": True, "questions": 2, "batch_size": 11},
     "word_aux": {"word_weight": 1.0},

@@ -160,15 +160,18 @@ def test_question_first_template_puts_the_question_before_the_image(tmp_path: Pa
 
 
 def test_training_heads_are_not_saved(tmp_path: Path) -> None:
-    """With both training-only losses on (per-patch and question-word heads), the saved folder
-    holds exactly a plain toy LLaVA's tensors, and the word loss did run."""
+    """With every training-only loss on (per-patch, question-word and match heads), the saved
+    folder holds exactly a plain toy LLaVA's tensors, and the word and match losses did run."""
     from safetensors import safe_open
 
     from vlmscope.models.toy.train import ToyTrainConfig
 
-    cfg = ToyTrainConfig(steps=2, batch_size=2, eval_n=0, word_weight=1.0, question_first=True)
+    cfg = ToyTrainConfig(
+        steps=2, batch_size=2, eval_n=0, word_weight=1.0, match_weight=1.0, question_first=True
+    )
     metrics = train_toy(tmp_path / "toy", config=cfg, progress=False)
     assert any(k.startswith("word_") for k in metrics["history"][-1])
+    assert "match" in metrics["history"][-1]
     plain, _ = build_toy(seed=0, question_first=True)
     plain.save_pretrained(tmp_path / "plain")
     keys = []
@@ -176,3 +179,11 @@ def test_training_heads_are_not_saved(tmp_path: Path) -> None:
         with safe_open(str(tmp_path / folder / "model.safetensors"), "pt") as f:
             keys.append(set(f.keys()))
     assert keys[0] == keys[1]
+
+
+def test_match_loss_needs_the_question_first(tmp_path: Path) -> None:
+    from vlmscope.models.toy.train import ToyTrainConfig
+
+    cfg = ToyTrainConfig(steps=1, batch_size=1, eval_n=0, match_weight=1.0, question_first=False)
+    with pytest.raises(ValueError, match="question_first"):
+        train_toy(tmp_path / "toy", config=cfg, progress=False)

@@ -117,3 +117,36 @@ def test_question_word_labels_name_the_questions_objects() -> None:
                 np.testing.assert_allclose(centre, o.centre)
                 seen["object"] += 1
     assert seen["count"] >= 2 and seen["object"] >= 6, seen
+
+
+def test_match_labels_mark_the_objects_the_question_is_about() -> None:
+    """1 on the blocks of the world's own targets of a question (`Question.target`), 2 on a
+    relation's second object, whose place against the first gives the world's answer; 0
+    elsewhere (all 0 when the answer is zero or "no" for a missing object)."""
+    from vlmscope.data.shapes import QUESTION_TYPES, ask, relation_holds
+    from vlmscope.models.toy.aux import match_labels
+
+    rng = np.random.default_rng(0)
+    seen = Counter()
+    for s in generate(60, seed=5, split="aux", config=V2):
+        for qtype in QUESTION_TYPES:
+            q = ask(s.objects, qtype, rng, V2)
+            if q is None:
+                continue
+            lab = match_labels(q, s.objects, V2).reshape(V2.grid, V2.grid)
+            want = np.zeros_like(lab)
+            for t in q.target:
+                o = s.objects[t]
+                r, c = o.cell
+                second = qtype == "relation" and o.shape == q.query["other_shape"]
+                want[r : r + o.span, c : c + o.span] = 2 if second else 1
+            np.testing.assert_array_equal(lab, want)
+            if qtype == "relation":
+                a, b = (s.objects[t] for t in q.target)
+                if lab[a.cell] == 2:
+                    a, b = b, a
+                assert relation_holds(a, b, q.query["relation"]) == (q.answer == "yes")
+            if q.answer in ("zero", "no") and qtype != "relation":
+                assert not lab.any()
+            seen[qtype] += 1
+    assert len(seen) == len(QUESTION_TYPES), seen

@@ -179,6 +179,41 @@ def question_word_labels(
     return positions, out
 
 
+MATCH_CLASSES = 3
+"""Classes of `match_labels`: 0 not asked about, 1 the (first) named object, 2 a relation's
+second object."""
+
+
+def match_labels(
+    question: shapes.Question,
+    objects: Sequence[shapes.ShapeObject],
+    config: shapes.ShapesConfig,
+) -> np.ndarray:
+    """Per patch (int64 ``[grid * grid]``, row-major) which object of the question it belongs
+    to: 1 on the patches of every object matching what the question names (the shape of a
+    colour question, the colour and shape of a position or existence question, the counted
+    shape or colour), 2 on a relation's second object, 0 elsewhere (so an absent object or a
+    count of zero is all 0).
+
+    The target of a question-conditioned per-patch loss: with the question before the image,
+    each image token can compare itself with the question, and a head reading the decoder
+    there learns the lookup that every answer needs, with a label per patch instead of one
+    answer token."""
+    g = config.grid
+    out = np.zeros((g, g), np.int64)
+    q = question.query
+    first = {k: v for k, v in q.items() if k in ("shape", "colour")}
+    other = {k[len("other_") :]: v for k, v in q.items() if k.startswith("other_")}
+    for o in objects:
+        r, c = o.cell
+        block = (slice(r, r + o.span), slice(c, c + o.span))
+        if other and all(getattr(o, k) == v for k, v in other.items()):
+            out[block] = 2
+        elif first and all(getattr(o, k) == v for k, v in first.items()):
+            out[block] = 1
+    return out.reshape(-1)
+
+
 _Tap = TypeVar("_Tap", bound="LayerTap")
 
 

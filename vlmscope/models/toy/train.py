@@ -36,7 +36,12 @@ still a plain LLaVA, and `HookedVLM.prepare` follows the saved template), so eac
 can compare itself with the question; only the first turn is asked that way, the later ones
 follow the image as before. ``word_weight`` adds a training-only loss at the question words
 that name an object (`aux.question_word_labels`), read by a throwaway head after decoder layer
-``word_layer``.
+``word_layer``. ``match_weight`` (question first only) adds a training-only loss at the
+image tokens of the first turn: which patches belong to the objects its question names
+(`aux.match_labels`), read by a throwaway linear head after decoder layer ``match_layer``, so
+the lookup every answer needs gets 64 labels per question instead of one answer token.
+`benchmarks/toy_decoder_oracle.py` trains the decoder alone on oracle image tokens to measure
+these options without the vision tower.
 
 Time. Training runs one compute thread, with one data worker process building the next
 batches; ``training.json`` records the CPU seconds of both. On an idle 2-core machine each has
@@ -199,6 +204,13 @@ class ToyTrainConfig:
     throwaway linear head from the decoder's hidden state after layer `word_layer`; 0: off)."""
     word_layer: int = 2
     """Decoder layer (1-based) whose output the question-word head reads."""
+    match_weight: float = 1.0
+    """Weight of the question-conditioned per-patch loss (`toy.aux.match_labels`: which
+    patches belong to the objects the first question names), read by a throwaway linear head
+    from the decoder's hidden state at the image tokens after layer `match_layer`; needs
+    `question_first` (0: off)."""
+    match_layer: int = 2
+    """Decoder layer (1-based) whose output at the image tokens the match head reads."""
     decoder: dict[str, Any] = field(default_factory=dict)
     """Overrides of the decoder's config (`TEXT`), e.g. ``{"num_hidden_layers": 6}``."""
 
@@ -367,6 +379,8 @@ class ToyBatch:
     (`aux.question_word_labels`), when asked for."""
     words: dict[str, torch.Tensor] | None = None
     """The labels at `word_at`, shaped like `patches`' but per word."""
+    match: torch.Tensor | None = None
+    """[batch, patches] `aux.match_labels` of each row's first question, when asked for."""
 
 
 def encode_conversation(
@@ -425,6 +439,7 @@ def collate_conversations(
     pad_id: int,
     patch_labels: bool = False,
     tokenizer: Any = None,
+    match_labels: bool = False,
 ) -> ToyBatch:
     """Right-padded batch of encoded conversations (with the pictures' per-patch auxiliary
     labels if `patch_labels`, and the question words' labels if a `tokenizer` is given)."""
@@ -451,8 +466,13 @@ def collate_conversations(
             labels.append({k: v[keep] for k, v in lab.items()})
         word_at = torch.tensor(at, dtype=torch.long).reshape(-1, 2)
         words = {k: torch.from_numpy(np.concatenate([x[k] for x in labels])) for k in labels[0]}
+    match = None
+    if match_labels:
+        match = torch.from_numpy(
+            np.stack([aux.match_labels(qs[0], s.objects, WORLD) for s, qs, _, _ in items])
+        )
     types = [[q.type for q in qs] for _, qs, _, _ in items]
-    return ToyBatch(batch.inputs, turn, types, patches, word_at, words)
+    return ToyBatch(batch.inputs, turn, types, patches, word_at, words, match)
 
 
 def _image_token_id(processor: Any) -> int:
@@ -473,11 +493,12 @@ class TrainBatches(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
         questions: int = 4,
         patch_labels: bool = False,
         word_labels: bool = False,
+        match_labels: bool = False,
     ) -> None:
         self.processor, self.seed, self.steps = processor, seed, steps
         self.batch_size, self.curriculum = batch_size, tuple(curriculum)
         self.questions, self.patch_labels = questions, patch_labels
-        self.word_labels = word_labels
+        self.word_labels, self.match_labels = word_labels, match_labels
 
     def __iter__(self) -> Iterator[ToyBatch]:
         stream = sample_stream(
@@ -492,7 +513,7 @@ class TrainBatches(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
         for _ in range(self.steps):
             items = [next(stream) for _ in range(self.batch_size)]
             tok = self.processor.tokenizer if self.word_labels else None
-            yield collate_conversations(items, pad_id, self.patch_labels, tok)
+            yield collate_conversations(items, pad_id, self.patch_labels, tok, self.match_labels)
 
 
 def _one_thread(_worker_id: int) -> None:
@@ -524,10 +545,16 @@ def answer_loss(model: nn.Module, batch: ToyBatch) -> tuple[torch.Tensor, torch.
     The unembedding runs on the answer positions only: most positions are image and question
     tokens, whose logits the loss never reads."""
     out = model.model(**batch.inputs, use_cache=False)
+    return answer_loss_at(out.last_hidden_state, model.lm_head, batch)
+
+
+def answer_loss_at(
+    hidden: torch.Tensor, lm_head: nn.Module, batch: ToyBatch
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """`answer_loss` from the decoder's last hidden states ``[batch, seq, dim]``."""
     turn = batch.turn[:, 1:]
     where = turn >= 0
-    hidden = out.last_hidden_state[:, :-1][where]
-    logits = model.lm_head(hidden).float()
+    logits = lm_head(hidden[:, :-1][where]).float()
     target = batch.inputs["input_ids"][:, 1:][where]
     loss = nn.functional.cross_entropy(logits, target)
     # Question id of each answer token: row * max_turns + turn.
@@ -539,6 +566,21 @@ def answer_loss(model: nn.Module, batch: ToyBatch) -> tuple[torch.Tensor, torch.
     asked = [b * n_turns + i for b, ts in enumerate(batch.types) for i in range(len(ts))]
     types = [t for ts in batch.types for t in ts]
     return loss, wrong[asked] == 0, types
+
+
+def _match_loss(
+    head: nn.Module, hidden: torch.Tensor, batch: ToyBatch, image_id: int
+) -> tuple[torch.Tensor, float]:
+    """Cross-entropy of `aux.match_labels` read by `head` from the decoder's hidden states at
+    the image tokens, and the accuracy on the patches of asked-about objects."""
+    assert batch.match is not None
+    where = batch.inputs["input_ids"] == image_id
+    h = hidden[where].reshape(*batch.match.shape, -1)
+    logits = head(h.float()).flatten(0, 1)
+    y = batch.match.flatten()
+    on = y > 0
+    acc = float((logits.detach().argmax(-1) == y)[on].float().mean()) if on.any() else 1.0
+    return nn.functional.cross_entropy(logits, y), acc
 
 
 def _lr_at(step: int, cfg: ToyTrainConfig) -> float:
@@ -578,6 +620,10 @@ def train_toy(
             setattr(cfg, k, v)
     if cfg.workers not in (0, 1):
         raise ValueError(f"workers must be 0 or 1, got {cfg.workers}")
+    if cfg.match_weight > 0 and not cfg.question_first:
+        raise ValueError(
+            "match_weight needs question_first (the image tokens must see the question)"
+        )
     start, cpu0, child0 = time.perf_counter(), cpu_seconds(), cpu_seconds(resource.RUSAGE_CHILDREN)
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
@@ -631,6 +677,10 @@ def _train(
     if cfg.word_weight > 0:
         word_head = aux.PatchHead(model.config.text_config.hidden_size, WORLD)
         named += [(f"word.{n}", p) for n, p in word_head.named_parameters()]
+    match_head = None
+    if cfg.match_weight > 0:
+        match_head = nn.Linear(model.config.text_config.hidden_size, aux.MATCH_CLASSES)
+        named += [(f"match.{n}", p) for n, p in match_head.named_parameters()]
     decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in named if not (p.dim() >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW(
@@ -649,6 +699,7 @@ def _train(
         cfg.questions,
         patch_labels=head is not None,
         word_labels=word_head is not None,
+        match_labels=match_head is not None,
     )
     stream = train_batches(data, cfg.workers)
     ema_loss, ema_acc = float("nan"), 0.0
@@ -663,6 +714,9 @@ def _train(
         aux.LayerTap(model.model.language_model.layers[cfg.word_layer - 1])
         if word_head is not None
         else contextlib.nullcontext() as word_tap,
+        aux.LayerTap(model.model.language_model.layers[cfg.match_layer - 1])
+        if match_head is not None
+        else contextlib.nullcontext() as match_tap,
     ):
         for step in range(cfg.steps):
             if cpu_seconds() - cpu0 > cfg.minutes * 60:
@@ -674,6 +728,8 @@ def _train(
                 tap.output = None  # never the previous step's pictures
             if word_tap is not None:
                 word_tap.output = None
+            if match_tap is not None:
+                match_tap.output = None
             loss, correct, qtypes = answer_loss(model, batch)
             lv = loss.item()
             if head is not None and tap is not None and tap.output is not None:
@@ -691,6 +747,13 @@ def _train(
                     loss = loss + cfg.word_weight * word_loss
                     for t, a in word_scores.items():
                         by_type[f"word_{t}"] = 0.9 * by_type.get(f"word_{t}", a) + 0.1 * a
+            if match_head is not None and match_tap is not None and match_tap.output is not None:
+                assert batch.match is not None
+                match_loss, match_acc = _match_loss(
+                    match_head, match_tap.output, batch, _image_token_id(processor)
+                )
+                loss = loss + cfg.match_weight * match_loss
+                by_type["match"] = 0.9 * by_type.get("match", match_acc) + 0.1 * match_acc
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -959,6 +1022,20 @@ def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help=f"decoder layer (1-based) the word loss reads (default {d.word_layer})",
     )
     p.add_argument(
+        "--match-weight",
+        type=float,
+        default=d.match_weight,
+        help="weight of the per-patch loss at the image tokens on which patches belong to the "
+        "objects the first question names (read from the decoder after --match-layer; needs "
+        f"--question-first; training only, 0: off; default {d.match_weight:g})",
+    )
+    p.add_argument(
+        "--match-layer",
+        type=int,
+        default=d.match_layer,
+        help=f"decoder layer (1-based) the match loss reads (default {d.match_layer})",
+    )
+    p.add_argument(
         "--eval-n",
         type=int,
         default=d.eval_n,
@@ -994,6 +1071,8 @@ def run_train(args: argparse.Namespace) -> int:
         question_first=args.question_first,
         word_weight=args.word_weight,
         word_layer=args.word_layer,
+        match_weight=args.match_weight,
+        match_layer=args.match_layer,
         workers=args.workers,
         threads=args.threads,
         eval_n=args.eval_n,
