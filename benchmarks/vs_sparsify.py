@@ -222,6 +222,10 @@ def run_vlmscope(args: argparse.Namespace, folder: Path, kind: str, modality: st
     train = pairs_for(kind, load_rows(folder, f"{modality}_train"), layers)
     test = pairs_for(kind, load_rows(folder, f"{modality}_test"), layers)
     swap_init(args.init)
+    if args.centring >= 0:
+        from vlmscope.dictionaries import coder
+
+        coder.CENTRING_GRID = (args.centring,)
     torch.manual_seed(args.seed)
     d = info["d"]
     if kind == "clt":
@@ -370,6 +374,9 @@ def main() -> None:
     p.add_argument("--kinds", nargs="+", default=["sae", "transcoder", "clt"])
     p.add_argument("--init", default="now", choices=["now", "before", "sparsify"],
                    help="vlmscope's init (see swap_init), to compare inits")  # fmt: skip
+    p.add_argument("--centring", type=float, default=-1.0,
+                   help="with --init now: the share of the input mean transcoders and CLTs "
+                        "remove at init (default: coder.choose_centring picks it)")  # fmt: skip
     p.add_argument("--modalities", nargs="+", default=["text", "vlm"])
     p.add_argument("--lr-scale", type=float, default=1.0,
                    help="scales vlmscope's default learning rate (not sparsify's)")  # fmt: skip
@@ -396,7 +403,7 @@ def main() -> None:
     args.passthrough = [f"--{k}={getattr(args, k.replace('-', '_'))}" for k in
                         ("tokens", "batch-tokens", "warmup", "heldout-tokens", "expansion", "k",
                          "layer", "seed", "threads", "curve", "init", "lr-scale", "optimizer",
-                         "lr-warmup", "lr-decay")]  # fmt: skip
+                         "lr-warmup", "lr-decay", "centring")]  # fmt: skip
     if args.role != "driver":
         runner = run_sparsify if args.role == "sparsify" else run_vlmscope
         print(json.dumps(runner(args, Path(args.data), args.kind, args.modality)))

@@ -8,7 +8,13 @@ import math
 import pytest
 import torch
 
-from vlmscope.dictionaries.coder import NonFiniteError, SparseCoder, check_finite, fvu
+from vlmscope.dictionaries.coder import (
+    NonFiniteError,
+    SparseCoder,
+    check_finite,
+    choose_centring,
+    fvu,
+)
 from vlmscope.dictionaries.config import SparseCoderConfig
 
 
@@ -122,6 +128,60 @@ def test_sae_init_fits_the_least_squares_encoder_scale() -> None:
     r = sae(x).reconstruction.detach() - sae.b_dec.detach()
     cos = float((xc - r).mul(r).sum() / (xc.norm() * r.norm()))
     assert abs(cos) < 1e-5
+
+
+def _rows_alike_and_mixed(gen: torch.Generator, d: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows around one large mean, alike in norm (like text tokens of a residual stream), and
+    the same rows mixed with rows 20x shorter (like a stream that also holds image tokens)."""
+    mean = torch.zeros(d)
+    mean[0] = 6.0
+    alike = mean + torch.randn(1024, d, generator=gen)
+    short = 0.3 * torch.randn(512, d, generator=gen)
+    return alike, torch.cat([alike[:512], short])
+
+
+def _topk_overlap(pre: torch.Tensor, k: int) -> float:
+    """Mean share of top-k latents two rows have in common (1: every row picks the same)."""
+    hot = torch.zeros_like(pre).scatter_(1, pre.topk(k, dim=1).indices, 1.0)
+    return float((hot @ hot.T).mean() / k)
+
+
+def test_init_centres_alike_rows_and_not_short_ones() -> None:
+    """The init removes the mean from rows that share it, so their top-k is not the mean's
+    for all; on a mix with much shorter rows, full centring would map every short row to about
+    -mean and give them one shared top-k, and the init removes less of it."""
+    gen = torch.Generator().manual_seed(0)
+    alike, mixed = _rows_alike_and_mixed(gen)
+    W = torch.randn(256, 32, generator=gen)
+    W = W / W.norm(dim=1, keepdim=True)
+    k = 8
+    assert choose_centring(W, alike, alike.mean(0), k) == 1.0
+    assert _topk_overlap(alike @ W.T, k) > 2 * _topk_overlap((alike - alike.mean(0)) @ W.T, k)
+    share = choose_centring(W, mixed, mixed.mean(0), k)
+    assert share < 1.0
+    short = mixed[512:]
+    assert _topk_overlap((short - mixed.mean(0)) @ W.T, k) > 2 * _topk_overlap(
+        (short - share * mixed.mean(0)) @ W.T, k
+    )
+    assert choose_centring(W, mixed, mixed.mean(0), None) == 1.0  # no k (JumpReLU): centred
+
+
+@pytest.mark.parametrize("kind", ["sae", "transcoder"])
+def test_init_pre_activations_remove_the_chosen_share_of_the_mean(kind: str) -> None:
+    """After init_from_data a transcoder's pre-activations are W_enc (x - a mean(x)) with a
+    the share `choose_centring` picks; an SAE's stay fully centred (a = 1, through b_dec and
+    b_enc) on the same rows, where the share picked would be less."""
+    gen = torch.Generator().manual_seed(1)
+    _, x = _rows_alike_and_mixed(gen)
+    torch.manual_seed(2)
+    coder = SparseCoder(SparseCoderConfig(kind=kind, d_in=32, num_latents=256, k=8))
+    share = choose_centring(coder.W_enc.detach(), x, x.mean(0), 8)  # before: SAE rescales W_enc
+    assert share < 1.0
+    coder.init_from_data(x, x if kind == "transcoder" else None)
+    W, b = coder.W_enc.detach(), coder.b_enc.detach()
+    inp = x - coder.b_dec.detach() if kind == "sae" else x
+    want = x - (1.0 if kind == "sae" else share) * x.mean(0)
+    torch.testing.assert_close(inp @ W.T + b, want @ W.T, atol=1e-4, rtol=1e-4)
 
 
 def test_transcoder_init() -> None:
