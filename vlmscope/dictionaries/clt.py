@@ -138,7 +138,8 @@ class CrossLayerTranscoder(nn.Module):
     @torch.no_grad()
     def init_from_data(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> None:
         """Per layer: estimate normalisation scales (if any), set b_dec_t to mean(y_t) and
-        centre the encoder's pre-activations on the sample (coder.fit_init_to_data_)."""
+        centre the encoder's pre-activations (the share of the sample's mean that
+        coder.choose_centring picks, in coder.fit_init_to_data_)."""
         xs, ys = self._as_lists(xs, ys)
         for layer, x, y in zip(self._layers(), xs, ys, strict=True):
             self._init_layer_from_data(layer, x, y)
