@@ -579,7 +579,9 @@ def linear_replacement_logits(vlm: Any, bundle: Any, inputs: Any, graph: Graph) 
     state.mode = "replay"
     tokens = torch.tensor([t.token_id for t in graph.logit_targets])
 
-    def run(embed: torch.Tensor) -> torch.Tensor:
+    def run(embed: torch.Tensor, injected: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """`injected`: per model layer l, [1, seq, d] added to what enters layer l + 1 (to
+        swap DeepStack's visual injections after l; empty for families without them)."""
         extra = {i: torch.zeros_like(clean[f"lm.blocks.{i}.mlp.hook_out"]) for i in layers}
 
         def emb(t: torch.Tensor, ctx: Any) -> torch.Tensor:
@@ -601,8 +603,12 @@ def linear_replacement_logits(vlm: Any, bundle: Any, inputs: Any, graph: Graph) 
             layer = int(ctx.name.split(".")[2])
             return clean[ctx.name] + extra.get(layer, 0)
 
+        def inject(t: torch.Tensor, ctx: Any) -> torch.Tensor:
+            return t + (injected or {})[int(ctx.layer) - 1].to(t.dtype)
+
         hooks = [("lm.blocks.0.hook_resid_pre", emb)] + [(r, read) for r in bundle.reads]
         hooks += [(f"lm.blocks.{i}.mlp.hook_out", write) for i in range(n_layers)]
+        hooks += [(f"lm.blocks.{i + 1}.hook_resid_pre", inject) for i in injected or {}]
         with torch.no_grad(), frozen(vlm, state), vlm.hooks(hooks):
             logits = vlm.forward(inputs).logits[0, -1].double()
         return (logits - logits.mean())[tokens]  # the graph's logit nodes are demeaned
@@ -662,3 +668,65 @@ def test_patch_effect_equals_the_measured_change_of_swapping_a_patch(zoo_path: A
     assert off > 0.1 * float(effect.abs().max())
     with pytest.raises(ValueError, match="no reference edges"):
         patch_effect(replace(graph, reference_edges=None), 0, reference=True)
+
+
+def deepstack_injections(vlm: Any, inputs: Any) -> dict[int, torch.Tensor]:
+    """Per layer l, what enters layer l + 1 besides layer l's output (DeepStack's visual
+    features), measured from the hooks of an ordinary forward: [1, seq, d], nonzero only."""
+    n_layers = vlm.adapter.n_layers
+    post: dict[int, torch.Tensor] = {}
+    out: dict[int, torch.Tensor] = {}
+
+    def grab_post(t: torch.Tensor, ctx: Any) -> None:
+        post[int(ctx.layer)] = t.detach().clone()
+
+    def grab_pre(t: torch.Tensor, ctx: Any) -> None:
+        d = t.detach() - post[int(ctx.layer) - 1]
+        if bool(d.any()):
+            out[int(ctx.layer) - 1] = d
+
+    hooks = [(f"lm.blocks.{i}.hook_resid_post", grab_post) for i in range(n_layers)]
+    hooks += [(f"lm.blocks.{i}.hook_resid_pre", grab_pre) for i in range(1, n_layers)]
+    with torch.no_grad(), vlm.hooks(hooks):
+        vlm.forward(inputs)
+    return out
+
+
+def test_patch_effect_from_a_blank_image_swaps_deepstack_injections_too(zoo_path: Any) -> None:
+    """Qwen3-VL adds visual features to image positions after its first layers (DeepStack),
+    and they belong to each position's input node. The effect from a blank image at patch p
+    equals the logit change of swapping both p's embedding and p's injections for the blank
+    image's in the frozen linear replacement model; the embedding alone is not enough."""
+    from vlmscope.attribution.attribute import attribute
+    from vlmscope.attribution.baselines import EMBED_HOOK, blank_inputs
+    from vlmscope.attribution.export import patch_effect
+
+    vlm = vlm_for("qwen3_vl", zoo_path)
+    bundle = random_clt(vlm, n_targets=2, seed=1)
+    inputs = vlm.prepare("what colour is the circle", images=[random_image(32, 40, 7)])
+    graph = attribute(vlm, bundle, inputs, batch_size=512, logit_targets=[5], reference="blank")
+    assert graph.n_features == graph.metadata["n_active_features"]  # every path is in it
+    run, x = linear_replacement_logits(vlm, bundle, inputs, graph)
+    blank = blank_inputs(inputs)
+    _, cache = vlm.run_with_cache(blank, EMBED_HOOK)
+    x_blank = cache[EMBED_HOOK]
+    inj, inj_blank = deepstack_injections(vlm, inputs), deepstack_injections(vlm, blank)
+    assert inj and set(inj) == set(inj_blank)  # the zoo model has DeepStack layers
+    base = run(x)
+    from_blank = patch_effect(graph, 0)[0][0]
+    image = [p for p in range(graph.n_pos) if graph.input_kinds[p] == "image"]
+    scale, missed = float(base.abs().max()), 0.0
+    for p in image[:: max(1, (len(image) + 2) // 3)]:  # three patches
+        img, view, r, c = graph.patch_map[p].tolist()
+        if img != 0 or view != 0 or r < 0 or c < 0:
+            continue
+        swapped = x.clone()
+        swapped[0, p] = x_blank[0, p]
+        delta = {}
+        for layer, d in inj.items():
+            delta[layer] = torch.zeros_like(d)
+            delta[layer][0, p] = inj_blank[layer][0, p] - d[0, p]
+        d_both = run(swapped, delta) - base
+        torch.testing.assert_close(from_blank[r, c], -d_both[0], atol=1e-4 * scale, rtol=1e-3)
+        missed = max(missed, float((run(swapped) - base - d_both)[0].abs()))
+    assert missed > 1e-3 * scale, "the injections changed nothing: the test would catch nothing"
