@@ -56,15 +56,6 @@ def two_samples(vlm: HookedVLM) -> Any:
 def test_vision_positions_agree_with_the_language_models_image_tokens(
     family: str, load: Callable[[str], HookedVLM], request: pytest.FixtureRequest
 ) -> None:
-    if family == "phi4_multimodal":  # known gap: remove the mark once the layout exists
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                raises=VisionLayoutError,
-                reason="Phi-4-multimodal's projector runs once per image over its token "
-                "sequence (newline and separator rows included); no layout for it yet",
-            )
-        )
     vlm = load(family)
     caps = vlm.adapter.capabilities
     if not caps.has_vision:

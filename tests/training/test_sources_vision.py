@@ -3,11 +3,15 @@ language-model layers run for them."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+from typing import Any
+
 import pytest
 import torch
 
 from vlmscope.models.hooked import HookedVLM
 from vlmscope.models.toy import toy_path
+from vlmscope.models.vision import vision_row_mask
 from vlmscope.training.config import parse_train_args
 from vlmscope.training.sources import LiveSource, TrainState
 
@@ -42,6 +46,37 @@ def test_vision_rows_are_the_patches_and_the_language_model_never_runs(special: 
     want = first.reshape(-1, 128) if special else first[:, 1:].reshape(-1, 128)
     got = source._rows(inputs, HOOKS[0], first, 128)
     torch.testing.assert_close(got, want)
+
+
+def test_a_projector_that_runs_once_per_image_gives_every_images_rows(zoo_path: Any) -> None:
+    """Phi-4-multimodal's projector fires once per image: the training rows are the patch rows
+    of all of them, in order (what the module itself returned, newline and separator rows
+    left out), and run_with_cache joins them the same way."""
+    path = zoo_path("phi4_multimodal")
+    flags = [str(path), "shapes:4", "--batch-size", "2", "--hookpoints", "projector.hook_out"]
+    vlm = HookedVLM.from_pretrained(path, device="cpu")
+    source = LiveSource(parse_train_args(flags))
+    source.open_data()
+    source.bind_model(vlm)
+    module = vlm.adapter.projector_module()
+    assert module is not None
+    fired: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda _m, _a, out: fired.append(out.detach()))
+    inputs = vlm.prepare(["a", "b"], images=[[_image(0)], [_image(1), _image(2)]])
+    try:
+        _, cache = vlm.run_with_cache(inputs, names="projector.hook_out")
+        assert len(fired) == 3  # one firing per image
+        whole = torch.cat([f.reshape(-1, f.shape[-1]) for f in fired])
+        torch.testing.assert_close(cache["projector.hook_out"], whole)
+        batch = SimpleNamespace(inputs=inputs)
+        got = source._vision_cache(batch, ["projector.hook_out"], vlm.masks(inputs))  # type: ignore[arg-type]
+    finally:
+        handle.remove()
+    layout = vlm.vision_positions(inputs, "projector.hook_out", whole.shape[:-1])
+    patches = vision_row_mask(layout)
+    assert 0 < int(patches.sum()) < len(whole)  # newlines and the separator left out
+    rows = source._rows(inputs, "projector.hook_out", got["projector.hook_out"], whole.shape[-1])
+    torch.testing.assert_close(rows, whole[patches])
 
 
 def _image(i: int):  # type: ignore[no-untyped-def]

@@ -23,6 +23,7 @@ from vlmscope.models.chat import add_special_tokens_for_rendered
 from vlmscope.models.hook_points import ResolvedHook, resolve_names
 from vlmscope.models.masks import TokenKind, TokenMasks, compute_masks
 from vlmscope.models.registry import resolve_adapter
+from vlmscope.models.vision import is_vision_hook, join_firings
 
 HookFn = Callable[[torch.Tensor, "HookContext"], "torch.Tensor | None"]
 MaskSpec = TokenKind | torch.Tensor | None
@@ -405,6 +406,8 @@ class HookedVLM:
         has been recorded, and return None for the output: training on layer 8 of 32 then
         skips the 24 layers after it and the logits. (Checked at language-model hooks only:
         they run after the vision tower, however many times a tower hook fires.)
+        A vision or projector hook that fires more than once in the forward (a part that runs
+        once per image) is cached as its firings' rows in order, [rows, width].
         """
         if masks is None:
             masks = self.masks(inputs)
@@ -425,7 +428,10 @@ class HookedVLM:
                     x = x[pos_dev]
                 # else: keys/values of a cross-attention layer run over image features, not
                 # over the token positions the mask selects; they are kept whole.
-            cache[ctx.name] = x.to(device) if device is not None else x
+            x = x.to(device) if device is not None else x
+            if ctx.name in seen and is_vision_hook(ctx.name):
+                x = join_firings(cache[ctx.name], x)  # a part that runs once per image
+            cache[ctx.name] = x
             seen.add(ctx.name)
             if stop_early and ctx.name.startswith("lm.") and seen >= wanted:
                 raise _ForwardDone

@@ -80,9 +80,18 @@ def view_layout(views: Sequence[VisionView], shape: Sequence[int], name: str) ->
 
 
 def vision_row_mask(layout: torch.Tensor, include_special: bool = False) -> torch.Tensor:
-    """[rows] bool of a layout: its image patches (grid cells), plus the CLS / register tokens
-    with `include_special`; padding patches (row = col = -2) never."""
-    return layout[:, 2] >= (-1 if include_special else 0)
+    """[rows] bool of a layout: its image patches (grid cells), plus the rows outside the grid
+    with `include_special` (CLS / register tokens: row = col = -1; a row's closing newline
+    token: col = -1); padding patches (row = col = -2) never."""
+    low = -1 if include_special else 0
+    return (layout[:, 2] >= low) & (layout[:, 3] >= low)
+
+
+def join_firings(previous: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """The rows of two firings of one vision hook in a forward (a part that runs once per
+    image, as Phi-4-multimodal's projector), in order: [rows, width]."""
+    width = new.shape[-1]
+    return torch.cat([previous.reshape(-1, width), new.reshape(-1, width)])
 
 
 def views_from_token_grids(grids: Sequence[torch.Tensor], per_view: int) -> list[VisionView]:
@@ -120,6 +129,7 @@ __all__ = [
     "VisionView",
     "grid_side",
     "is_vision_hook",
+    "join_firings",
     "one_view_per_image",
     "per_view_shape",
     "view_layout",

@@ -40,7 +40,7 @@ from vlmscope.data.sources import BadRecord
 from vlmscope.dictionaries import NonFiniteError, check_finite
 from vlmscope.models.hooked import HookContext, HookedVLM
 from vlmscope.models.masks import TokenMasks
-from vlmscope.models.vision import is_vision_hook, vision_row_mask
+from vlmscope.models.vision import is_vision_hook, join_firings, vision_row_mask
 from vlmscope.training.bundle import DictionaryBundle, mlp_out, resid_mid
 from vlmscope.training.config import TrainConfig, column_map, trainable_hook
 from vlmscope.training.distributed import Layout, shard_frozen_model
@@ -634,7 +634,8 @@ class LiveSource:
         cache: dict[str, torch.Tensor] = {}
 
         def store(t: torch.Tensor, ctx: HookContext) -> None:
-            cache[ctx.name] = t.detach()
+            prev = cache.get(ctx.name)  # a part that runs once per image fires once for each
+            cache[ctx.name] = t.detach() if prev is None else join_firings(prev, t.detach())
 
         def stop(t: torch.Tensor, ctx: HookContext) -> None:
             raise _VisionDone

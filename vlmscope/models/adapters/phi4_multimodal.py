@@ -10,6 +10,7 @@ global view's grid (view 0) with its newlines; the crops' useful rows and column
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -72,13 +73,9 @@ class Phi4MultimodalAdapter(ModelAdapter):
         """Rows of the vision blocks, [images x (1 + crops), g*g]: per image the global view
         (view 0), then its crops stitched row-major into view 1; patches that
         `image_attention_mask` marks as padding, and crops past the image's own, are -2.
-        The projector runs once per image over its token sequence (crops, newlines, a
-        separator, the global view): not laid out here."""
+        The projector runs once per image over its token sequence (`_projector_layout`)."""
         if not name.startswith("vision."):
-            raise VisionLayoutError(
-                f"{name}: Phi-4-multimodal's projector rows (one call per image, newline and "
-                "separator rows included) have no vision layout here; use vision.blocks hooks"
-            )
+            return self._projector_layout(inputs, name, shape)
         pv, mask = inputs["image_pixel_values"], inputs["image_attention_mask"]
         n_img, n_views = int(pv.shape[0]), int(pv.shape[1])
         side = int(mask.shape[-1])
@@ -103,3 +100,29 @@ class Phi4MultimodalAdapter(ModelAdapter):
                     cells[used, 3] = (c + tc * side)[used]
                 out.append(cells)
         return torch.cat(out)
+
+    def _projector_layout(
+        self, inputs: Mapping[str, Any], name: str, shape: tuple[int, ...]
+    ) -> torch.Tensor:
+        """Rows of the projector, every image's token sequence in order (crops with a newline
+        row closing each grid row, a separator, the global view with its newlines), as
+        `run_with_cache` joins its once-per-image firings; each row's (view, row, col) is its
+        token's in `TokenMasks.patch_map` (a newline: col -1; the separator: -1, -1). One
+        firing alone, as a hook function sees it, cannot be told apart
+        from another image's of the same size, so it is refused."""
+        grids = self.image_token_grids(inputs)
+        per_image = [len(g) for g in grids]
+        n = math.prod(shape)
+        if n != sum(per_image):
+            raise VisionLayoutError(
+                f"{name}: activation of shape {list(shape)} (width left out) does not hold the "
+                f"{sum(per_image)} projector rows of the batch's {len(grids)} image(s) "
+                f"({per_image} each): Phi-4-multimodal runs its projector once per image, and "
+                "only all of them together are laid out (run_with_cache and training join "
+                "them); a hook that edits one firing at a time needs one image per batch"
+            )
+        out = [
+            torch.cat([torch.full((len(cells), 1), k, dtype=torch.long), cells.long()], dim=1)
+            for k, cells in enumerate(grids)
+        ]
+        return torch.cat(out) if out else torch.zeros(0, 4, dtype=torch.long)
