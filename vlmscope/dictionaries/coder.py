@@ -414,8 +414,8 @@ def update_dead_counter_(counter: Tensor, codes: SparseCodes, n_rows: int) -> No
 CENTRING_GRID: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
 """Shares of the sample mean the init may remove from the encoder's input (see below)."""
 
-CENTRING_CHUNK_ROWS = 4096
-"""Rows scored at a time by `choose_centring` (bounds its [rows, latents] temporaries)."""
+CENTRING_CHUNK_BYTES = 1 << 28
+"""Bound on `choose_centring`'s [rows, latents] temporaries (it scores rows in chunks)."""
 
 
 @torch.no_grad()
@@ -492,10 +492,11 @@ def choose_centring(W_enc: Tensor, x_n: Tensor, mean: Tensor, k: int | None) -> 
         return 1.0
     x = x_n.to(W_enc.dtype)
     k = min(k, W_enc.shape[0])
+    chunk = max(1, CENTRING_CHUNK_BYTES // (W_enc.shape[0] * W_enc.element_size()))
     best, best_ppl = 1.0, -math.inf
     for share in sorted(CENTRING_GRID, reverse=True):
         counts = torch.zeros(W_enc.shape[0], device=W_enc.device)
-        for rows in x.split(CENTRING_CHUNK_ROWS):
+        for rows in x.split(chunk):
             chosen = F.linear(rows - share * mean, W_enc).topk(k, dim=1, sorted=False).indices
             counts += torch.bincount(chosen.flatten(), minlength=W_enc.shape[0])
         p = batchstats.all_sum(counts)

@@ -108,8 +108,8 @@ class Phi4MultimodalAdapter(ModelAdapter):
         row closing each grid row, a separator, the global view with its newlines), as
         `run_with_cache` joins its once-per-image firings; each row's (view, row, col) is its
         token's in `TokenMasks.patch_map` (a newline: col -1; the separator: -1, -1). One
-        firing alone, as a hook function sees it, cannot be told apart
-        from another image's of the same size, so it is refused."""
+        firing alone, as a hook function sees it, cannot be told apart from another image's of
+        the same size, so it is refused (unless the batch has one image)."""
         grids = self.image_token_grids(inputs)
         per_image = [len(g) for g in grids]
         n = math.prod(shape)
