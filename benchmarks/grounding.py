@@ -67,8 +67,11 @@ METHODS = (
     "uniform",
 )
 #: Not run by default: the baselines with the LM's attention patterns and norm scales (or the
-#: patterns only) frozen at the input, as the graph's local replacement model freezes them.
-FROZEN = ("grad_frozen", "ig_frozen", "ig_frozen_attn")
+#: patterns only) frozen at the input, as the graph's local replacement model freezes them, and
+#: integrated gradients with them frozen at each point of the path (what graphs integrated
+#: along the path would give), alone and against the other answers.
+FROZEN = ("grad_frozen", "ig_frozen", "ig_frozen_attn", "ig_frozen_contrast", "ig_frozen_path",
+          "ig_frozen_path_contrast")  # fmt: skip
 LABELS = {
     "graph_clt": "graph, CLT, influence \\|A\\|",
     "graph_plt": "graph, per-layer, influence \\|A\\|",
@@ -89,6 +92,11 @@ LABELS = {
     "grad_frozen": "gradient x input, patterns and norm scales frozen",
     "ig_frozen": "integrated gradients, patterns and norm scales frozen at the input",
     "ig_frozen_attn": "integrated gradients, patterns frozen at the input",
+    "ig_frozen_contrast": "integrated gradients vs other answers, patterns and norm scales "
+    "frozen at the input",
+    "ig_frozen_path": "integrated gradients, patterns and norm scales frozen at each point",
+    "ig_frozen_path_contrast": "integrated gradients vs other answers, patterns and norm scales "
+    "frozen at each point",
 }
 
 
@@ -119,13 +127,22 @@ def competitors(vlm: Any, config: Any, question_type: str, answer_id: int) -> li
     return sorted(ids - {answer_id})
 
 
-def frozen_baseline(vlm: Any, inputs: Any, token: int, method: str, steps: int) -> torch.Tensor:
-    """`method` (grad_frozen, ig_frozen, ig_frozen_attn) on the model whose LM attention
-    patterns (and norm scales, but for ig_frozen_attn) are recorded at the input and replayed
-    for every point of the path (`freeze.frozen`, value replay; the MLPs stay live)."""
+def frozen_baseline(
+    vlm: Any, inputs: Any, token: int, method: str, steps: int, others: list[int]
+) -> torch.Tensor:
+    """`method` (one of FROZEN) on the model whose LM attention patterns (and norm scales, but
+    for ig_frozen_attn) are recorded at the input and replayed for every point of the path
+    (`freeze.frozen`, value replay; the MLPs stay live), or, for ig_frozen_path*, recorded and
+    held at each point of the path (`baselines.integrated_gradients(freeze_path=True)`);
+    *_contrast: against the other answers `others`."""
     from vlmscope.attribution import baselines
     from vlmscope.attribution.freeze import FreezeState, frozen
 
+    against = others if method.endswith("_contrast") else []
+    if method.startswith("ig_frozen_path"):
+        return baselines.integrated_gradients(
+            vlm, inputs, token, steps, against=against, freeze_path=True
+        )
     state = FreezeState(mode="record", norms=method != "ig_frozen_attn")
     with torch.no_grad(), frozen(vlm, state):
         vlm.forward(inputs)
@@ -133,7 +150,7 @@ def frozen_baseline(vlm: Any, inputs: Any, token: int, method: str, steps: int) 
     with frozen(vlm, state):
         if method == "grad_frozen":
             return baselines.gradient_x_input(vlm, inputs, token)
-        return baselines.integrated_gradients(vlm, inputs, token, steps)
+        return baselines.integrated_gradients(vlm, inputs, token, steps, against=against)
 
 
 def target_patches(sample: Any, config: Any, grid: int) -> list[tuple[int, int]]:
@@ -298,7 +315,7 @@ def main() -> None:
                     vlm, inputs, token, args.ig_steps, against=others
                 )
             elif m in FROZEN:
-                heats[m] = frozen_baseline(vlm, inputs, token, m, args.ig_steps)
+                heats[m] = frozen_baseline(vlm, inputs, token, m, args.ig_steps, others)
             elif m == "attention":
                 heats[m] = baselines.attention_from_answer(vlm, inputs)
             elif m == "rollout":

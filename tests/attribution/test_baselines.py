@@ -84,3 +84,30 @@ def test_attention_maps_match_the_models_own_weights(case: tuple[HookedVLM, Any,
         expected = torch.zeros_like(got)
         expected[rows, cols] = want[pos].double()
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_integrated_gradients_frozen_along_the_path(case: tuple[HookedVLM, Any, int]) -> None:
+    """freeze_path holds each point's own patterns and norm scales for its gradient: the map
+    equals the mean of gradients taken one point at a time, each in a replay recorded at that
+    point alone, times (x - x'); and it differs from the live map (the frozen parts matter)."""
+    from vlmscope.attribution.freeze import FreezeState, frozen
+
+    vlm, inputs, token = case
+    pos, rows, cols = bl.image_grid(vlm, inputs)
+    x = bl._embeddings(vlm, inputs)
+    base = bl._embeddings(vlm, bl.blank_inputs(inputs))
+    grads = []
+    for a in (0.25, 0.75):  # the midpoints of 2 steps
+        point = base + a * (x - base)
+        state = FreezeState(mode="record")
+        with torch.no_grad(), frozen(vlm, state):
+            bl._logits_at(vlm, inputs, point, token)
+        state.mode = "replay"
+        with frozen(vlm, state):
+            grads.append(bl._gradients(vlm, inputs, point, token))
+    per_pos = ((x - base)[0] * torch.stack(grads).mean(0)[0]).sum(-1)
+    want = bl.to_grid(per_pos[pos].abs(), rows, cols)
+    got = bl.integrated_gradients(vlm, inputs, token, steps=2, freeze_path=True)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.max()))
+    live = bl.integrated_gradients(vlm, inputs, token, steps=2)
+    assert float((live - got).abs().max()) > 1e-2 * float(want.max())

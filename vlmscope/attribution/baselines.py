@@ -17,7 +17,11 @@ logit minus the mean logit (the graph's logit direction ``W_U[t] - mean(W_U)``),
   baseline is available but a poor fit for a decoder that normalises its input: RMSNorm is
   scale-invariant except within ~sqrt(eps) of zero, so on the path from 0 the logit jumps in
   the first sliver of [0, 1] and the midpoint sums miss the jump (on the toy, 64 or 256 steps
-  give the same sum, 13% off ``f(x) - f(0)``).
+  give the same sum, 13% off ``f(x) - f(0)``). With ``freeze_path``, the LM's attention patterns
+  and norm scales are recorded at each point of the path and held there for its gradient: IG of
+  the model linearised point by point as an attribution graph linearises it at the input (the
+  grounding benchmark's test of whether a graph integrated along the path would close the gap
+  to IG: it does not, see benchmarks/README.md).
 - ``attention``: the attention weights from the last position to each image position, averaged
   over heads and layers.
 - ``attention rollout`` (Abnar & Zuidema 2020) over the decoder: per layer ``A = (mean_heads
@@ -35,6 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vlmscope.attribution.freeze import FreezeState, frozen
 from vlmscope.models.hooked import HookContext, HookedVLM
 
 EMBED_HOOK = "lm.blocks.0.hook_resid_pre"
@@ -155,11 +160,13 @@ def integrated_gradients(
     baseline: str = "blank",
     signed: dict[str, Tensor] | None = None,
     against: Sequence[int] = (),
+    freeze_path: bool = False,
 ) -> Tensor:
     """[rows, cols] |integrated gradients| of the centred answer logit on the image
     embeddings, from the ``blank`` image's embeddings or ``zero`` ones (`steps` midpoints, one
     batched pass). Pass a dict as `signed` to receive the signed attribution of every position
-    (``"all"``, [seq]) and ``f(x) - f(x')`` (``"delta"``): the completeness check."""
+    (``"all"``, [seq]) and ``f(x) - f(x')`` (``"delta"``): the completeness check (which
+    `freeze_path`, patterns and norm scales held at each point, gives up)."""
     pos, rows, cols = image_grid(vlm, inputs)
     x = _embeddings(vlm, inputs)
     if baseline == "blank":
@@ -170,7 +177,16 @@ def integrated_gradients(
     else:
         raise ValueError(f"baseline must be 'blank' or 'zero', got {baseline!r}")
     alphas = ((torch.arange(steps, dtype=x.dtype) + 0.5) / steps).to(x.device)
-    grad = _gradients(vlm, inputs, base + alphas[:, None, None] * (x - base), token_id, against)
+    points = base + alphas[:, None, None] * (x - base)
+    if freeze_path:
+        state = FreezeState(mode="record")  # one row per point: each held at its own values
+        with torch.no_grad(), frozen(vlm, state):
+            _logits_at(vlm, inputs, points, token_id, against)
+        state.mode = "replay"
+        with frozen(vlm, state):
+            grad = _gradients(vlm, inputs, points, token_id, against)
+    else:
+        grad = _gradients(vlm, inputs, points, token_id, against)
     per_pos = ((x - base)[0] * grad.mean(0)).sum(-1)
     if signed is not None:
         with torch.no_grad():
