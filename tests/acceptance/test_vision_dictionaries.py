@@ -18,7 +18,7 @@ import torch
 from tests.conftest import random_image
 from vlmscope.models import zoo
 from vlmscope.models.hooked import HookedVLM
-from vlmscope.models.vision import VisionLayoutError, vision_row_mask
+from vlmscope.models.vision import vision_row_mask
 from vlmscope.replacement.evaluate import evaluate
 from vlmscope.training.config import parse_train_args
 from vlmscope.training.trainer import TrainingError, train
