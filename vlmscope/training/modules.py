@@ -167,37 +167,6 @@ class ModuleShards:
             full[i] = float(values[j])
         return self.layout.sum(full)
 
-    def gather_state(self, bundle: DictionaryBundle) -> dict[str, Tensor] | None:
-        """Rank 0: the state dict of every unit (from its owner); other ranks: None."""
-        mine = {
-            k: v.detach().cpu() for k, v in bundle.state_dict().items() if _unit_of(k) in self.mine
-        }
-        parts = self.layout.gather_to_main(mine)
-        if parts is None:
-            return None
-        merged: dict[str, Tensor] = {}
-        for part in parts:
-            merged.update(part)
-        return merged
-
-    def optimizer_flat(
-        self, optimizer: torch.optim.Optimizer, bundle: DictionaryBundle
-    ) -> tuple[dict[str, Any], dict[str, Any]] | None:
-        """Every rank's optimiser state, keyed by name, merged on rank 0 (None elsewhere)."""
-        from vlmscope.training.checkpoint import optimizer_to_flat, parameter_names
-
-        parts = self.layout.gather_to_main(optimizer_to_flat(optimizer, parameter_names(bundle)))
-        if parts is None:
-            return None
-        tensors: dict[str, Any] = {}
-        scalars: dict[str, Any] = {**parts[0][1], "state": {}}
-        names = [n for _, sc in parts for g in sc["param_groups"] for n in g["params"]]
-        scalars["param_groups"] = [{**parts[0][1]["param_groups"][0], "params": names}]
-        for t, sc in parts:
-            tensors.update(t)
-            scalars["state"].update(sc["state"])
-        return tensors, scalars
-
 
 def _unit_of(key: str) -> int:
     """`coders.3.W_enc` -> 3."""
