@@ -141,7 +141,9 @@ def _write_safetensors(path: Path, tensors: Mapping[str, Tensor]) -> dict[str, A
     return {
         "header_crc32": zlib.crc32(raw),
         "block_bytes": CHECKSUM_BLOCK,
-        "tensors": {name: block_crcs(_tensor_bytes(t)) for name, t in plain.items()},
+        "tensors": {
+            name: block_crcs(_tensor_bytes(t), CHECKSUM_BLOCK) for name, t in plain.items()
+        },
     }
 
 
@@ -193,7 +195,8 @@ def stream_safetensors(
     header (from `specs`: name -> dtype, shape) first, then, tensor by tensor in the file's
     order, the bytes `pieces(name)` yields (CPU tensors or byte buffers, in row-major order).
     The file is byte for byte what `save_file` writes for the same tensors; it is written
-    under a temporary name and renamed. Returns its checksum record, as `_write_safetensors`."""
+    under a temporary name and renamed. Returns its checksum record, as `_write_safetensors`
+    (tensors listed in the order of `specs`: give them in state-dict order to match it)."""
     order = _header_order(specs)
     header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     sizes, offset = {}, 0
@@ -228,7 +231,8 @@ def stream_safetensors(
                 crcs[name] = acc.result()
 
     write_atomically(path, write)
-    return {"header_crc32": zlib.crc32(raw), "block_bytes": CHECKSUM_BLOCK, "tensors": crcs}
+    in_order = {name: crcs[name] for name in specs}  # the record lists them as `specs` does
+    return {"header_crc32": zlib.crc32(raw), "block_bytes": CHECKSUM_BLOCK, "tensors": in_order}
 
 
 def _read_json(path: Path) -> dict[str, Any]:

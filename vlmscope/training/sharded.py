@@ -234,8 +234,10 @@ def _write_clt_layers(folder: Path, shard: Any, layout: Layout) -> dict[str, Any
             stream.send()
             continue
         local = {k: v.detach().cpu() for k, v in shard.layers[str(s)].state_dict().items()}
-        specs = {k: (v.dtype, tuple(v.shape)) for k, v in local.items()}
-        specs["W_dec"] = (stream.dtype, stream.shape)
+        specs = {  # in the whole layer's state-dict order, as `save_clt` records checksums
+            k: (stream.dtype, stream.shape) if k == "W_dec" else (local[k].dtype, local[k].shape)
+            for k in shard.meta.layers[s].state_dict()
+        }
 
         def pieces(name: str, local: dict[str, Tensor] = local, stream: Any = stream) -> Any:
             return stream.blocks() if name == "W_dec" else [local[name]]
