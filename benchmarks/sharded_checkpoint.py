@@ -1,15 +1,17 @@
-"""Rank 0's memory and the wall time of one checkpoint save, --distribute-modules CLT, 2 gloo ranks.
+"""Each rank's memory and wall time while saving a checkpoint and the final dictionaries of a
+--distribute-modules CLT on 2 gloo ranks.
 
     python benchmarks/sharded_checkpoint.py                  # this checkout's code path
     PYTHONPATH=/path/to/other/checkout python benchmarks/sharded_checkpoint.py   # another's
 
 A CLT on 4 layers (every source writes every later layer), d 512, 18,432 latents: 528 MB of
 parameters, 1.6 GB with Adam's two moments. Each rank trains one step (so the moments exist),
-then every rank calls the trainer's `_checkpoint()` three times; the figures are rank 0's peak
-RSS growth over the call (VmHWM, reset through /proc/self/clear_refs before each call) and
-its wall time, the median of the three. The code path is whichever `vlmscope` is imported: run
-it once on a checkout before sharded checkpoints (rank 0 gathers and writes the whole bundle)
-and once after (each rank writes its own shard). Wrap in `flock /tmp/vlmscope-heavy.lock`.
+then every rank calls the trainer's `_checkpoint()` three times, and the write of the final
+dictionaries three times; the figures are each rank's peak RSS growth over the call (VmHWM,
+reset through /proc/self/clear_refs before each call) and its wall time, the median of three.
+The code path is whichever `vlmscope` is imported: run it once on a checkout before sharded
+checkpoints (rank 0 gathers and writes the whole bundle) and once after (each rank writes its
+own shard). Wrap in `flock /tmp/vlmscope-heavy.lock`.
 """
 
 from __future__ import annotations
@@ -90,20 +92,39 @@ def rank_main(rank: int, world: int, port: int, out: str) -> None:
     layout = Layout.from_environment(cfg.dist_timeout)
     trainer = Trainer(cfg, progress=False, source=Source(rank), layout=layout)  # type: ignore[arg-type]
     trainer.fit()  # one step: Adam's moments exist
-    figures = []
-    for _ in range(3):
-        layout.barrier("benchmark")
-        exact = reset_peak()
-        before = rss_mib("VmRSS")
-        t0 = time.perf_counter()
-        trainer._checkpoint()
-        seconds = time.perf_counter() - t0
-        figures.append({"seconds": seconds, "peak_growth_mib": rss_mib("VmHWM") - before,
-                        "exact_peak": exact})  # fmt: skip
+    report: dict[str, Any] = {"rank": rank}
+    for what, call in (("checkpoint", trainer._checkpoint), ("dictionaries", final(trainer))):
+        figures = []
+        for _ in range(3):
+            layout.barrier("benchmark")
+            exact = reset_peak()
+            before = rss_mib("VmRSS")
+            t0 = time.perf_counter()
+            call()
+            seconds = time.perf_counter() - t0
+            figures.append({"seconds": seconds, "peak_growth_mib": rss_mib("VmHWM") - before,
+                            "exact_peak": exact})  # fmt: skip
+        report[what] = figures
     ckpt = Path(out) / "bench" / "checkpoint"
-    on_disk = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
-    report = {"rank": rank, "runs": figures, "checkpoint_mib": on_disk / 2**20}
+    report["checkpoint_mib"] = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file()) / 2**20
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(report))
+
+
+def final(trainer: Any) -> Any:
+    """The trainer's write of the final dictionaries, as this checkout does it."""
+    try:
+        from vlmscope.training.sharded import save_final_dictionaries
+    except ImportError:  # before sharded checkpoints: rank 0 gathers the bundle and writes it
+        from vlmscope.training.checkpoint import save_final_dictionaries as gathered
+
+        def write() -> None:
+            full = trainer._assembled()
+            trainer.layout.phase(lambda: gathered(trainer.run_dir, full), main_only=True)
+
+        return write
+    return lambda: save_final_dictionaries(
+        trainer.run_dir, trainer.layout, trainer.bundle, trainer.shards
+    )
 
 
 def main() -> None:
@@ -125,14 +146,15 @@ def main() -> None:
     params = LAYERS * LATENTS * D * 4 + LATENTS * D * 4 * sum(range(1, LAYERS + 1))
     print(f"vlmscope from {Path(vlmscope.__file__).parent}; CLT {params / 1e6:.0f} MB of "
           f"parameters; checkpoint on disk {reports[0]['checkpoint_mib']:.0f} MiB")  # fmt: skip
-    for rep in reports:
-        runs = rep["runs"]
-        grow = statistics.median(r["peak_growth_mib"] for r in runs)
-        secs = statistics.median(r["seconds"] for r in runs)
-        print(f"rank {rep['rank']}: peak RSS growth {grow:,.0f} MiB, save {secs:.1f} s "
-              f"(median of {len(runs)}; each {[round(r['seconds'], 1) for r in runs]} s, "
-              f"{[round(r['peak_growth_mib']) for r in runs]} MiB; exact peak "
-              f"{runs[0]['exact_peak']})")  # fmt: skip
+    for what in ("checkpoint", "dictionaries"):
+        for rep in reports:
+            runs = rep[what]
+            grow = statistics.median(r["peak_growth_mib"] for r in runs)
+            secs = statistics.median(r["seconds"] for r in runs)
+            print(f"{what:>12} rank {rep['rank']}: peak RSS growth {grow:,.0f} MiB, {secs:.1f} s "
+                  f"(median of {len(runs)}; each {[round(r['seconds'], 1) for r in runs]} s, "
+                  f"{[round(r['peak_growth_mib']) for r in runs]} MiB; exact peak "
+                  f"{runs[0]['exact_peak']})")  # fmt: skip
     sys.stdout.flush()
 
 

@@ -1,11 +1,18 @@
 """Training checkpoints: dictionaries, optimizer, counters, data position and RNG, no pickle.
 
 A checkpoint is one folder written under a temporary name and swapped in by renames, so a crash
-(or SIGKILL) at any moment leaves the previous checkpoint whole:
+(or SIGKILL) at any moment leaves the previous checkpoint whole. Every rank writes what it holds
+into the same temporary folder (training/sharded.py; `write_folder_together`), rank 0 writes
+state.json last and does the renames:
 
-    <run>/checkpoint/dictionaries/   the bundle (JSON config + safetensors)
-    <run>/checkpoint/optimizer.safetensors, rng.safetensors
-    <run>/checkpoint/state.json      step, tokens, data position, skip counts, optimizer scalars
+    <run>/checkpoint/shard-{r}-of-{W}.safetensors  rank r's tensors: model state and optimiser
+                                     statistics of its parameters, under one process's names
+    <run>/checkpoint/rng.safetensors every rank's CPU RNG state
+    <run>/checkpoint/state.json      step, tokens, data position, skip counts, optimizer scalars,
+                                     the bindings, "shards" (file -> tensor names), "crc32"
+
+`load_checkpoint` reads that layout at any world size, and the one written before it (still
+loaded, never written): `dictionaries/` (the bundle), `optimizer.safetensors`, rng, state.json.
 """
 
 from __future__ import annotations

@@ -27,8 +27,13 @@ row, which spans owners: one all-reduce of per-latent squared norms (and, before
 gradient-row dot products) per step. Every rank runs the forward and the backward, also one
 that owns no layer, so the collectives stay paired.
 
-Checkpoints use the names of the ordinary CLT: rank 0 gathers every layer and writes each
-W_dec_s (and its Adam moments) whole; a resume slices them again by name, for any world size.
+Checkpoints use the names of the ordinary CLT and are written without gathering
+(training/sharded.py): each rank writes its own tensors, a decoder slice W_dec_s[:, t - s] as
+column `clt.layers.{s}.W_dec#{t - s}` (and its Adam moments likewise); a resume reads each
+slice it holds now by name, memory-mapped, from whichever rank's file has it (or cuts it from
+a whole W_dec_s), for any world size. The final dictionaries are the ordinary CLT folder: the
+owner of layer s writes layer_{s}.safetensors, receiving W_dec_s's other columns from their
+owners in blocks of rows, so no rank holds a whole W_dec_s.
 """
 
 from __future__ import annotations
