@@ -317,10 +317,10 @@ def _zoo_args(z: argparse.ArgumentParser) -> None:
             "CPU-minutes)",
             description="Train a toy VLM on the v2 shapes world (8x8 patches, up to 5 objects, "
             "relations, counting, paraphrased questions): a 1.7M-parameter LLaVA (CLIP tower, "
-            "Llama decoder), several questions per picture, a curriculum from one-object "
-            "scenes; saves it with save_pretrained and prints its held-out accuracy per "
-            "question type with training and held-out phrasings. The shipped default toy is "
-            "the v1 model (an earlier recipe); see benchmarks/README.md.",
+            "Llama decoder), one question per picture and 13 pictures per step by default, a "
+            "curriculum from two-object scenes; saves it with save_pretrained and prints its "
+            "held-out accuracy per question type with training and held-out phrasings. The "
+            "shipped default toy is the v1 model (an earlier recipe); see benchmarks/README.md.",
         )
     )
     toy_train.add_eval_args(

@@ -73,15 +73,15 @@ def test_shipped_toy_names_its_world() -> None:
 
 
 def test_training_conversations_mark_every_answer() -> None:
-    """A training picture carries several questions; the loss mask covers exactly each turn's
-    answer words and its </s>, and the first turn is token for token the single-question
-    sample (the prompt users type, see test_prepare_builds_the_training_prompt)."""
+    """A training picture can carry several questions (``--questions 4``); the loss mask covers
+    exactly each turn's answer words and its </s>, and the first turn is token for token the
+    single-question sample (the prompt users type, see test_prepare_builds_the_training_prompt)."""
     from vlmscope.data.sources import Record
 
     _, processor = build_toy(seed=0)
     tok = processor.tokenizer
     encoder = SampleEncoder(processor, CTX_LEN, [tok.convert_tokens_to_ids("<image>")])
-    for sample, questions, enc, turn in list(sample_stream(processor, 0, 1, 6)):
+    for sample, questions, enc, turn in list(sample_stream(processor, 0, 1, 6, questions=4)):
         ids = enc.tensors["input_ids"][0]
         assert len(questions) == 4 and sample.question == questions[0].text
         for i, q in enumerate(questions):
@@ -90,6 +90,33 @@ def test_training_conversations_mark_every_answer() -> None:
         single = encoder.encode(Record(sample.id, sample.messages(), [sample.image]))
         one = single.tensors["input_ids"][0]
         torch.testing.assert_close(ids[: len(one)], one)
+
+
+def test_default_recipe_asks_one_question_first_per_picture() -> None:
+    """The default recipe trains on one question per picture, written before the image (so the
+    match loss, which supervises the first turn, covers every question): each row of a batch
+    is the world's own question, then the image, then only its answer under the loss."""
+    from vlmscope.models.toy.train import ToyTrainConfig
+
+    cfg = ToyTrainConfig()
+    assert (cfg.questions, cfg.batch_size, cfg.question_first) == (1, 13, True)
+    assert cfg.match_weight > 0
+    _, processor = build_toy(seed=0, question_first=cfg.question_first)
+    tok = processor.tokenizer
+    image_id = tok.convert_tokens_to_ids("<image>")
+    items = list(sample_stream(processor, 0, 1, cfg.batch_size, questions=cfg.questions))
+    assert len(items) == cfg.batch_size
+    for sample, questions, enc, turn in items:
+        assert [q.text for q in questions] == [sample.question]
+        ids = enc.tensors["input_ids"][0]
+        first_image = int((ids == image_id).nonzero()[0])
+        assert sample.question in tok.decode(ids[:first_image])
+        assert set(turn.tolist()) == {-1, 0}
+        assert tok.decode(ids[turn == 0]) == f" {sample.answer}</s>"
+    data = TrainBatches(processor, 0, 1, cfg.batch_size, questions=cfg.questions, match_labels=True)
+    batch = next(iter(data))
+    assert batch.types == [[s.question_type] for s, _, _, _ in items]
+    assert batch.match is not None and batch.match.shape == (cfg.batch_size, 64)
 
 
 def test_a_few_steps_lower_the_loss() -> None:
@@ -167,7 +194,13 @@ def test_training_heads_are_not_saved(tmp_path: Path) -> None:
     from vlmscope.models.toy.train import ToyTrainConfig
 
     cfg = ToyTrainConfig(
-        steps=2, batch_size=2, eval_n=0, word_weight=1.0, match_weight=1.0, question_first=True
+        steps=2,
+        batch_size=2,
+        questions=4,  # the word loss reads the later turns, whose words follow the image
+        eval_n=0,
+        word_weight=1.0,
+        match_weight=1.0,
+        question_first=True,
     )
     metrics = train_toy(tmp_path / "toy", config=cfg, progress=False)
     assert any(k.startswith("word_") for k in metrics["history"][-1])
@@ -186,4 +219,14 @@ def test_match_loss_needs_the_question_first(tmp_path: Path) -> None:
 
     cfg = ToyTrainConfig(steps=1, batch_size=1, eval_n=0, match_weight=1.0, question_first=False)
     with pytest.raises(ValueError, match="question_first"):
+        train_toy(tmp_path / "toy", config=cfg, progress=False)
+
+
+def test_word_loss_needs_a_question_after_the_image(tmp_path: Path) -> None:
+    """Question first with one question per picture leaves no question word after the image,
+    so the word loss would silently train nothing: refused before building."""
+    from vlmscope.models.toy.train import ToyTrainConfig
+
+    cfg = ToyTrainConfig(steps=1, batch_size=1, eval_n=0, questions=1, word_weight=1.0)
+    with pytest.raises(ValueError, match="word_weight needs question words after the image"):
         train_toy(tmp_path / "toy", config=cfg, progress=False)

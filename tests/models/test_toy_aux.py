@@ -91,10 +91,12 @@ def test_question_word_labels_name_the_questions_objects() -> None:
 
     _, processor = build_toy(seed=0)
     tok = processor.tokenizer
-    data = TrainBatches(processor, 0, 2, 6, (Stage(0.0, 5, QUESTION_TYPES),), word_labels=True)
+    stages = (Stage(0.0, 5, QUESTION_TYPES),)
+    # four turns per picture, so the labels of later turns' words are checked too
+    data = TrainBatches(processor, 0, 2, 6, stages, questions=4, word_labels=True)
     seen = Counter()
     for step, batch in enumerate(data):
-        items = list(sample_stream(processor, 0, 2, 6, (Stage(0.0, 5, QUESTION_TYPES),)))
+        items = list(sample_stream(processor, 0, 2, 6, stages, questions=4))
         items = items[step * 6 : (step + 1) * 6]
         assert batch.word_at is not None and batch.words is not None
         for k, (row, pos) in enumerate(batch.word_at.tolist()):

@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -145,13 +146,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def join_or_kill(procs: list[Any], timeout: float = 150.0) -> None:
+    """Wait for every rank (not ctx.join: it kills the others when one rank dies); a rank
+    still running after `timeout` is killed and fails the test, which would otherwise pass
+    and leave pytest waiting for it at exit forever."""
+    end = time.monotonic() + timeout
+    for proc in procs:
+        proc.join(timeout=max(0.0, end - time.monotonic()))
+    stuck = [r for r, p in enumerate(procs) if p.is_alive()]
+    for r in stuck:
+        procs[r].kill()
+        procs[r].join()
+    if stuck:
+        pytest.fail(f"rank(s) {stuck} still running {timeout:g} s after the start: killed")
+
+
 def fork_ranks(fn: Any, world: int, job: dict[str, Any], report: Path) -> list[dict[str, Any]]:
     """Run fn(rank, world, port, job) in `world` forked processes (torch already imported)
     and return what each wrote to report/rank{r}.json ({"ok": None} for a rank that died)."""
     ctx = mp.start_processes(fn, args=(world, free_port(), job), nprocs=world, join=False,
                              start_method="fork")  # fmt: skip
-    for proc in ctx.processes:  # not ctx.join: it kills the others when one rank dies
-        proc.join(timeout=150)
+    join_or_kill(ctx.processes)
     return [
         json.loads(p.read_text()) if (p := report / f"rank{r}.json").exists() else {"ok": None}
         for r in range(world)
@@ -166,8 +181,7 @@ def run_ranks(world: int, out: Path, cfg: TrainConfig, total: int, sgd: bool = T
     method = os.environ.get("VLMSCOPE_TEST_START", "fork")
     ctx = mp.start_processes(_rank_main, args=(world, free_port(), job), nprocs=world,
                              join=False, start_method=method)  # fmt: skip
-    for proc in ctx.processes:  # not ctx.join: it kills the others when one rank dies
-        proc.join(timeout=150)
+    join_or_kill(ctx.processes)
     codes = [p.exitcode for p in ctx.processes]
     results = []
     for r in range(world):
@@ -267,8 +281,12 @@ def _rank_group_lifetime(rank: int, world: int, port: int, job: dict[str, Any]) 
         source = ArraySource(32, cfg.batch_size, Layout(rank, world))  # its windows only
         trainer = Trainer(cfg, progress=False, source=source)  # type: ignore[arg-type]
         seen["joined"] = dist.is_initialized() and trainer.layout.world == world
+        wrapper = weakref.ref(trainer.model)
+        seen["ddp"] = type(trainer.model).__name__ == "DistributedDataParallel"
         trainer.fit()
         seen["left"] = not dist.is_initialized()
+        # freed with the group still alive, not later by the trainer's end under the GIL
+        seen["wrapper_freed"] = wrapper() is None
     except Exception as e:  # reported to the test, which then shows what broke
         seen["error"] = repr(e)
     (Path(job["out"]) / f"rank{rank}.json").write_text(json.dumps(seen))
@@ -278,11 +296,13 @@ def test_a_trainer_leaves_the_group_it_joined(tmp_path: Path) -> None:
     """A process group nobody destroys can abort a finished torchrun job at interpreter exit
     (gloo: "terminate called without an active exception"): a Trainer that joined the group
     destroys it when the run ends. (A group the caller made is left to the caller: the other
-    tests here pass their layout and keep using it after fit.)"""
+    tests here pass their layout and keep using it after fit.) Its DDP wrapper is freed before:
+    the wrapper's reducer, freed last, ran gloo's destructor under the GIL, which waited for a
+    worker thread that waited for the GIL (the rank hung after the test had passed)."""
     cfg = config(tmp_path, "own", 4, "sae", max_steps=3, save_every=8).to_dict()
     job = {"cfg": cfg, "out": str(tmp_path)}
     for seen in fork_ranks(_rank_group_lifetime, 2, job, tmp_path):
-        assert seen == {"joined": True, "left": True}
+        assert seen == {"joined": True, "ddp": True, "left": True, "wrapper_freed": True}
 
 
 # --- checkpoint corruption (#16) -------------------------------------------------------------

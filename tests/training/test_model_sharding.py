@@ -15,7 +15,7 @@ from vlmscope.models.hooked import HookedVLM
 from vlmscope.training.distributed import Layout, shard_frozen_model
 
 from ..conftest import random_image
-from .test_distributed import free_port
+from .test_distributed import free_port, join_or_kill
 
 NAMES = ["lm.blocks.0.hook_resid_mid", "lm.blocks.2.mlp.hook_out", "lm.blocks.1.attn.hook_z"]
 
@@ -46,8 +46,7 @@ def test_fsdp_sharded_model_gives_the_unsharded_activations(tmp_path: Path, zoo_
     model = str(zoo_path("llava"))
     ctx = mp.start_processes(_rank, args=(2, free_port(), model, str(tmp_path)), nprocs=2,
                              join=False, start_method="fork")  # fmt: skip
-    for p in ctx.processes:
-        p.join(timeout=150)
+    join_or_kill(ctx.processes)
     assert [p.exitcode for p in ctx.processes] == [0, 0]
     full = HookedVLM.from_pretrained(model, device="cpu", dtype=torch.float32)
     ref = activations(full)

@@ -11,6 +11,7 @@ before the model loads.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -328,6 +329,18 @@ class Trainer:
                 return self._fit()
             finally:
                 self.close()
+                self._drop_ddp()
+
+    def _drop_ddp(self) -> None:
+        """Free the DDP wrapper while the process group is alive. DDP's reducer holds the
+        group; were it the last holder, freeing it later (the trainer going out of scope)
+        would run gloo's destructor under the GIL, which joins gloo's worker threads while one
+        of them waits for the GIL to free a finished collective's tensors: the process hangs
+        after a run that succeeded (seen in the test suite). The trained parameters stay in
+        the bundle and the optimiser; the wrapper is of no use once the run ended."""
+        if self.model is not self.trained:
+            self.model = self.trained
+            gc.collect()  # DDP's module graph has reference cycles
 
     def _fit(self) -> TrainResult:
         cfg, st, b, lay = self.cfg, self.state, self.trained, self.layout
