@@ -144,7 +144,7 @@ def write_folder_together(
     marks the folder whole goes last) and swaps the folder in by renames. A failure on any rank
     is a CheckpointError on every rank, and the folder it would replace stays whole; a crash
     at any moment leaves the previous folder whole (the temporary is named by rank 0's host and
-    pid, so `remove_stale_temporaries` removes it later). Collectives: three small gathers."""
+    pid, so `remove_stale_temporaries` removes it later). Collectives: four small gathers."""
     if not layout.distributed:
         return write_folder_atomically(
             run_dir, name, lambda tmp: write_last(tmp, [write_mine(tmp)]), what, recovery
