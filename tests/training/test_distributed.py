@@ -31,6 +31,7 @@ from vlmscope.training.bundle import DictionaryBundle
 from vlmscope.training.config import SaeArgs, TrainConfig
 from vlmscope.training.distributed import AgreedError, Layout, share, window_rows
 from vlmscope.training.errors import CheckpointError, TrainingError
+from vlmscope.training.sharded import read_checkpoint_state
 from vlmscope.training.sources import ActivationBatch, TrainState
 from vlmscope.training.trainer import Trainer
 
@@ -315,10 +316,10 @@ def _resume(tmp_path: Path, steps: int = 6) -> Trainer:
     return Trainer(cfg, progress=False, source=ArraySource(40, 4, Layout()), layout=Layout())  # type: ignore[arg-type]
 
 
-def test_a_truncated_optimizer_file_is_a_one_line_error_naming_it(tmp_path: Path) -> None:
-    opt = _one_run(tmp_path) / "optimizer.safetensors"
+def test_a_truncated_shard_file_is_a_one_line_error_naming_it(tmp_path: Path) -> None:
+    opt = _one_run(tmp_path) / "shard-0-of-1.safetensors"
     opt.write_bytes(opt.read_bytes()[: opt.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match=r"optimizer\.safetensors is unreadable") as e:
+    with pytest.raises(CheckpointError, match=r"shard-0-of-1\.safetensors is unreadable") as e:
         _resume(tmp_path)
     assert "\n" not in str(e.value)
 
@@ -332,7 +333,7 @@ def test_a_flipped_rng_header_is_a_one_line_error_naming_it(tmp_path: Path) -> N
         _resume(tmp_path)
 
 
-@pytest.mark.parametrize("name", ["optimizer.safetensors", "rng.safetensors"])
+@pytest.mark.parametrize("name", ["shard-0-of-1.safetensors", "rng.safetensors"])
 def test_flipped_tensor_bytes_fail_the_recorded_checksum(tmp_path: Path, name: str) -> None:
     """Bytes flipped in tensor data (past the header) still parse: only the CRC-32 recorded
     in state.json catches them."""
@@ -351,7 +352,7 @@ def test_flipped_tensor_bytes_fail_the_recorded_checksum(tmp_path: Path, name: s
     ("edit", "message"),
     [
         ({"step": -7}, r"train_state\.step must be an integer >= 0, got -7"),
-        ({"step": 9}, r"state\.json says step 9 but optimizer\.safetensors has taken \[3\.0\]"),
+        ({"step": 9}, r"state\.json says step 9 but the optimiser state has taken \[3\.0\]"),
         ({"rows": "x"}, r"train_state\.rows must be an integer"),
     ],
 )
@@ -365,7 +366,7 @@ def test_checkpoint_state_is_validated(tmp_path: Path, edit: dict[str, Any], mes
 
 
 def test_optimizer_state_is_keyed_by_parameter_name(tmp_path: Path) -> None:
-    opt = load_file(str(_one_run(tmp_path) / "optimizer.safetensors"))
+    opt = load_file(str(_one_run(tmp_path) / "shard-0-of-1.safetensors"))
     assert "state.coders.0.W_enc.exp_avg" in opt and "state.coders.2.b_dec.exp_avg_sq" in opt
     tr = _resume(tmp_path)
     assert tr.state.step == 3
@@ -435,10 +436,10 @@ def test_distributed_clt_equals_the_unsharded_run(tmp_path: Path, world: int, va
     ref = train_here(clt_config(tmp_path, "one", 3 * world, variant), 40, sgd=True,
                      layout=Layout())  # fmt: skip
     ref_w = dict(ref.bundle.state_dict())
-    for folder in ("dictionaries", "checkpoint/dictionaries"):  # rank 0 gathered every slice
-        saved = DictionaryBundle.load(tmp_path / "dm" / folder)
-        assert saved.clt is not None
-        assert_close(dict(saved.state_dict()), ref_w, atol=2e-6)
+    saved = DictionaryBundle.load(tmp_path / "dm" / "dictionaries")  # streamed W_dec columns
+    assert saved.clt is not None
+    assert_close(dict(saved.state_dict()), ref_w, atol=2e-6)
+    assert_close(read_checkpoint_state(tmp_path / "dm" / "checkpoint"), ref_w, atol=2e-6)
     if variant == "batchtopk":  # the dead counters moved and AuxK ran in both
         assert (ref_w["clt.layers.2.num_tokens_since_fired"] > 0).any()
         assert ref_w["clt.layers.0.activation.num_updates"].item() == 4
@@ -469,10 +470,10 @@ def test_distributed_clt_checkpoints_resume_bit_exact_and_re_split(tmp_path: Pat
     a = DictionaryBundle.load(tmp_path / "half" / "dictionaries").state_dict()
     b = DictionaryBundle.load(tmp_path / "full" / "dictionaries").state_dict()
     assert_close(dict(a), dict(b), atol=0)
-    opt = "checkpoint/optimizer.safetensors"
-    assert_close(load_file(tmp_path / "half" / opt), load_file(tmp_path / "full" / opt), atol=0)
-    before = {f: load_file(tmp_path / "split" / "checkpoint" / f)
-              for f in ("optimizer.safetensors", "dictionaries/layer_1.safetensors")}  # fmt: skip
-    run(4, "split", "r4", 2, resume=True)  # step 2 of 2: restore, gather, write
-    for f, tensors in before.items():
-        assert_close(load_file(tmp_path / "split" / "checkpoint" / f), tensors, atol=0)
+    half, full = (read_checkpoint_state(tmp_path / r / "checkpoint", optimizer=True)
+                  for r in ("half", "full"))  # fmt: skip
+    assert_close(half, full, atol=0)
+    before = read_checkpoint_state(tmp_path / "split" / "checkpoint", optimizer=True)
+    run(4, "split", "r4", 2, resume=True)  # step 2 of 2: restore, write each rank's shard
+    after = read_checkpoint_state(tmp_path / "split" / "checkpoint", optimizer=True)
+    assert_close(after, before, atol=0)

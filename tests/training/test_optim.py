@@ -19,6 +19,7 @@ from vlmscope.training.optim import (
     default_lr,
     lr_multiplier,
 )
+from vlmscope.training.sharded import read_checkpoint_state
 from vlmscope.training.trainer import Trainer
 
 
@@ -84,7 +85,7 @@ def test_signum_run_saves_the_average_and_checkpoints_the_training_point(tmp_pat
     cfg = config(tmp_path, "sf", 4, "sae", max_steps=5, optimizer="signum")
     train_here(cfg, 40, sgd=False, layout=Layout())
     final = DictionaryBundle.load(tmp_path / "sf" / "dictionaries").state_dict()
-    y = DictionaryBundle.load(tmp_path / "sf" / "checkpoint" / "dictionaries").state_dict()
+    y = read_checkpoint_state(tmp_path / "sf" / "checkpoint")
     assert not torch.equal(final["coders.0.W_enc"], y["coders.0.W_enc"])
     again = config(tmp_path, "sf", 4, "sae", max_steps=5, optimizer="signum", resume=True)
     tr = Trainer(again, progress=False, source=ArraySource(40, 4, Layout()), layout=Layout())  # type: ignore[arg-type]

@@ -20,6 +20,7 @@ import torch
 from vlmscope.models.hooked import HookedVLM
 from vlmscope.training.bundle import DictionaryBundle, ModelMismatchError
 from vlmscope.training.config import TrainConfig, parse_train_args
+from vlmscope.training.sharded import read_checkpoint_state
 from vlmscope.training.trainer import CheckpointError, Trainer, TrainingError, train
 
 DATA = "shapes:48"
@@ -131,7 +132,7 @@ def test_nan_activations_stop_with_step_and_hook(
     import json
 
     assert json.loads((ckpt / "state.json").read_text())["train_state"]["step"] == 4
-    DictionaryBundle.load(ckpt / "dictionaries")  # intact and loadable
+    assert read_checkpoint_state(ckpt)  # intact and loadable
 
 
 def test_unwritable_output_fails_before_loading(tmp_path: Path, monkeypatch: Any) -> None:
@@ -278,13 +279,13 @@ class FakeSafetensorError(Exception):
 def test_a_checkpoint_that_cannot_be_written_keeps_the_previous_one(
     tmp_path: Path, zoo_path: Any, monkeypatch: Any, capsys: Any
 ) -> None:
-    import vlmscope.training.checkpoint as ckpt
+    import vlmscope.training.sharded as ckpt
     from vlmscope.cli import main
 
     real, calls = ckpt.save_file, {"n": 0}
 
     def disk_full_at_second_checkpoint(*a: Any, **k: Any) -> None:
-        calls["n"] += 1  # two files (optimizer, rng) per checkpoint
+        calls["n"] += 1  # two files (the one process's shard, rng) per checkpoint
         if calls["n"] > 2:
             raise FakeSafetensorError("No space left on device")
         real(*a, **k)
@@ -304,7 +305,7 @@ def test_a_checkpoint_that_cannot_be_written_keeps_the_previous_one(
     assert not list(run.glob(".checkpoint.tmp-*"))
     state = json.loads((run / "checkpoint" / "state.json").read_text())
     assert state["train_state"]["step"] == 2
-    DictionaryBundle.load(run / "checkpoint" / "dictionaries")  # whole and loadable
+    assert read_checkpoint_state(run / "checkpoint")  # whole and loadable
     assert issubclass(CheckpointError, TrainingError)
 
 

@@ -141,8 +141,98 @@ def _write_safetensors(path: Path, tensors: Mapping[str, Tensor]) -> dict[str, A
     return {
         "header_crc32": zlib.crc32(raw),
         "block_bytes": CHECKSUM_BLOCK,
-        "tensors": {name: block_crcs(_tensor_bytes(t)) for name, t in plain.items()},
+        "tensors": {
+            name: block_crcs(_tensor_bytes(t), CHECKSUM_BLOCK) for name, t in plain.items()
+        },
     }
+
+
+def _header_order(specs: Mapping[str, tuple[torch.dtype, Sequence[int]]]) -> list[str]:
+    """The order safetensors stores tensors in (by dtype, then name; its own rule, read off a
+    file of one-element stand-ins so that it is never restated here)."""
+    from safetensors.torch import save
+
+    dummies = {name: torch.zeros(1, dtype=dtype) for name, (dtype, _) in specs.items()}
+    raw = save(dummies)
+    n = int.from_bytes(raw[:8], "little")
+    return [k for k in json.loads(raw[8 : 8 + n]) if k != "__metadata__"]
+
+
+_ST_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
+
+
+class _BlockCRC:
+    """CRC-32 of each `block`-byte block of a byte stream fed in pieces of any size."""
+
+    def __init__(self, block: int) -> None:
+        self.block, self.crcs, self.crc, self.filled = block, [], 0, 0
+
+    def feed(self, data: memoryview) -> None:
+        while len(data):
+            take = min(len(data), self.block - self.filled)
+            self.crc = zlib.crc32(data[:take], self.crc)
+            self.filled += take
+            data = data[take:]
+            if self.filled == self.block:
+                self.crcs.append(self.crc)
+                self.crc, self.filled = 0, 0
+
+    def result(self) -> list[int]:
+        return [*self.crcs, self.crc] if self.filled or not self.crcs else self.crcs
+
+
+def stream_safetensors(
+    path: Path,
+    specs: Mapping[str, tuple[torch.dtype, Sequence[int]]],
+    pieces: Any,
+    metadata: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Write a safetensors file whose tensors arrive in pieces, never whole in memory: the
+    header (from `specs`: name -> dtype, shape) first, then, tensor by tensor in the file's
+    order, the bytes `pieces(name)` yields (CPU tensors or byte buffers, in row-major order).
+    The file is byte for byte what `save_file` writes for the same tensors; it is written
+    under a temporary name and renamed. Returns its checksum record, as `_write_safetensors`
+    (tensors listed in the order of `specs`: give them in state-dict order to match it)."""
+    order = _header_order(specs)
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    sizes, offset = {}, 0
+    for name in order:
+        dtype, shape = specs[name]
+        n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _ST_NAMES[dtype], "shape": [int(d) for d in shape],
+                        "data_offsets": [offset, offset + n]}  # fmt: skip
+        sizes[name], offset = n, offset + n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * ((8 - len(text) % 8) % 8)
+    raw = len(text).to_bytes(8, "little") + text
+    crcs: dict[str, list[int]] = {}
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(raw)
+            for name in order:
+                acc, written = _BlockCRC(CHECKSUM_BLOCK), 0
+                for piece in pieces(name):
+                    data = memoryview(
+                        _tensor_bytes(piece) if isinstance(piece, Tensor) else piece
+                    ).cast("B")
+                    acc.feed(data)
+                    f.write(data)
+                    written += len(data)
+                if written != sizes[name]:
+                    raise ValueError(
+                        f"{path}: tensor {name!r} got {written} bytes, its shape needs "
+                        f"{sizes[name]}"
+                    )
+                crcs[name] = acc.result()
+
+    write_atomically(path, write)
+    in_order = {name: crcs[name] for name in specs}  # the record lists them as `specs` does
+    return {"header_crc32": zlib.crc32(raw), "block_bytes": CHECKSUM_BLOCK, "tensors": in_order}
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -512,8 +602,21 @@ def save_clt(clt: CrossLayerTranscoder, path: PathLike) -> Path:
     for layer in clt.layers:
         name = f"layer_{layer.layer}.safetensors"
         sums[name] = _write_safetensors(folder / name, layer.state_dict())
-    _write_json(folder / RUN_CONFIG, _header("clt", config=clt.cfg.to_dict(), checksums=sums))
+    write_clt_config(folder, clt.cfg, sums)
     return folder
+
+
+def write_clt_config(folder: Path, cfg: SparseCoderConfig, sums: Mapping[str, Any]) -> None:
+    """A CLT folder's config.json, written once every layer file is (with their checksums)."""
+    _write_json(folder / RUN_CONFIG, _header("clt", config=cfg.to_dict(), checksums=dict(sums)))
+
+
+def write_coders_config(
+    folder: Path, hookpoints: Sequence[str], metadata: Mapping[str, Any] | None
+) -> None:
+    """A per-hookpoint run's config.json, written once every coder's folder is."""
+    header = _header("sparse_coders", hookpoints=list(hookpoints), metadata=dict(metadata or {}))
+    _write_json(folder / RUN_CONFIG, header)
 
 
 def load_clt(
@@ -578,8 +681,7 @@ def save_dictionaries(
         if not isinstance(coder, SparseCoder):
             raise TypeError(f"dictionaries[{name!r}] is a {type(coder).__name__}, not SparseCoder")
         save_sparse_coder(coder, folder / _check_hookpoint(name))
-    header = _header("sparse_coders", hookpoints=list(dictionaries), metadata=dict(metadata or {}))
-    _write_json(folder / RUN_CONFIG, header)
+    write_coders_config(folder, list(dictionaries), metadata)
     return folder
 
 

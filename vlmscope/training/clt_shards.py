@@ -27,8 +27,13 @@ row, which spans owners: one all-reduce of per-latent squared norms (and, before
 gradient-row dot products) per step. Every rank runs the forward and the backward, also one
 that owns no layer, so the collectives stay paired.
 
-Checkpoints use the names of the ordinary CLT: rank 0 gathers every layer and writes each
-W_dec_s (and its Adam moments) whole; a resume slices them again by name, for any world size.
+Checkpoints use the names of the ordinary CLT and are written without gathering
+(training/sharded.py): each rank writes its own tensors, a decoder slice W_dec_s[:, t - s] as
+column `clt.layers.{s}.W_dec#{t - s}` (and its Adam moments likewise); a resume reads each
+slice it holds now by name, memory-mapped, from whichever rank's file has it (or cuts it from
+a whole W_dec_s), for any world size. The final dictionaries are the ordinary CLT folder: the
+owner of layer s writes layer_{s}.safetensors, receiving W_dec_s's other columns from their
+owners in blocks of rows, so no rank holds a whole W_dec_s.
 """
 
 from __future__ import annotations
@@ -45,13 +50,10 @@ from vlmscope.dictionaries.coder import fvu, update_dead_counter_
 from vlmscope.dictionaries.config import SparseCoderConfig
 from vlmscope.dictionaries.kernels import sparse_decode
 from vlmscope.training.bundle import BundleOutput, DictionaryBundle
-from vlmscope.training.checkpoint import optimizer_to_flat, parameter_names
 from vlmscope.training.distributed import Layout, collective_errors
 from vlmscope.training.modules import ModuleShards, layer_seed
 
 __all__ = ["CLTShard", "CLTShards", "balanced_blocks", "balanced_owners"]
-
-_Flat = tuple[dict[str, Tensor], dict[str, Any]]
 
 
 def balanced_owners(cfg: SparseCoderConfig, world: int) -> list[int]:
@@ -96,64 +98,6 @@ class CLTShards(ModuleShards):
 
     def checkpoint_view(self) -> CLTShard | None:
         return self.module
-
-    def gather_state(self, bundle: DictionaryBundle) -> dict[str, Tensor] | None:
-        """Rank 0: the ordinary CLT state dict, each W_dec_s assembled from its slices."""
-        assert self.module is not None
-        parts = self.layout.gather_to_main(self.module.full_state())
-        return None if parts is None else _assemble(self.module.cfg, parts)
-
-    def optimizer_flat(
-        self, optimizer: torch.optim.Optimizer, bundle: DictionaryBundle
-    ) -> _Flat | None:
-        """Every rank's Adam state under the ordinary CLT's names, on rank 0 (W_dec_s's
-        moments assembled from the slices' like the weights); None on the others."""
-        assert self.module is not None
-        shard = self.module
-        tensors, scalars = optimizer_to_flat(optimizer, parameter_names(shard))
-        full_t: dict[Any, Tensor] = {}
-        for key, value in tensors.items():
-            name, stat = key[len("state.") :].rsplit(".", 1)
-            full, column = shard.full_name(name)
-            full_t[(f"state.{full}.{stat}", column) if column is not None and value.ndim
-                   else f"state.{full}.{stat}"] = value  # fmt: skip
-        state = {shard.full_name(n)[0]: v for n, v in scalars["state"].items()}
-        parts = self.layout.gather_to_main((full_t, state))
-        if parts is None:
-            return None
-        merged = _assemble(shard.cfg, [t for t, _ in parts], prefix="state.")
-        names = sorted({n for _, st in parts for n in st})
-        group = {**scalars["param_groups"][0], "params": names}
-        out_state: dict[str, Any] = {}
-        for _, st in parts:
-            out_state.update(st)
-        return merged, {**scalars, "param_groups": [group], "state": out_state}
-
-
-def _assemble(
-    cfg: SparseCoderConfig, parts: Sequence[dict[Any, Tensor]], prefix: str = ""
-) -> dict[str, Tensor]:
-    """Merge per-rank dicts; keys (name, column) are slices W_dec_s[:, column] of the tensor
-    `name` (a W_dec, or its optimiser statistic), written into a whole [F, n_out, d_out]."""
-    merged: dict[str, Tensor] = {}
-    filled: dict[str, set[int]] = {}
-    for part in parts:
-        for key, value in part.items():
-            if not isinstance(key, tuple):
-                merged[key] = value
-                continue
-            name, column = key
-            source = int(name[len(prefix) :].split(".")[2])  # [state.]clt.layers.{s}.W_dec[.x]
-            if name not in merged:
-                shape = (value.shape[0], cfg.n_out(source), value.shape[1])
-                merged[name] = value.new_empty(shape)
-            merged[name][:, column] = value
-            filled.setdefault(name, set()).add(column)
-    for name, columns in filled.items():
-        source = int(name[len(prefix) :].split(".")[2])
-        if columns != set(range(cfg.n_out(source))):  # every slice has exactly one owner
-            raise RuntimeError(f"gathering {name}: slices {sorted(columns)} of {cfg.n_out(source)}")
-    return merged
 
 
 class _SendValues(torch.autograd.Function):
@@ -235,35 +179,6 @@ class CLTShard(nn.Module):
             full, column = self.full_name(name)
             out[full if column is None else (full, column)] = value.detach().cpu()
         return out
-
-    def local_state(self, full: dict[str, Tensor]) -> dict[str, Tensor]:
-        """This shard's state dict cut from an ordinary CLT's (a checkpoint)."""
-        out = {}
-        for name in self.state_dict():
-            key, column = self.full_name(name)
-            out[name] = full[key] if column is None else full[key][:, column]
-        return out
-
-    def local_optimizer(self, tensors: dict[str, Tensor], scalars: dict[str, Any]) -> _Flat:
-        """A checkpoint's name-keyed Adam state, cut to this shard's parameters and names."""
-        names = [n for n, _ in self.named_parameters()]
-        by_param: dict[str, list[tuple[str, Tensor]]] = {}
-        for key, value in tensors.items():
-            param, stat = key[len("state.") :].rsplit(".", 1)
-            by_param.setdefault(param, []).append((stat, value))
-        out_t: dict[str, Tensor] = {}
-        state: dict[str, Any] = {}
-        for name in names:
-            full, column = self.full_name(name)
-            if full in scalars["state"]:
-                state[name] = scalars["state"][full]
-            for stat, value in by_param.get(full, []):
-                cut = value if column is None or value.ndim == 0 else value[:, column]
-                # A copy each: slices of one W_dec must not share their `step` counter (Adam
-                # would advance it once per slice), nor keep the whole tensor alive.
-                out_t[f"state.{name}.{stat}"] = cut.clone()
-        groups = [{**scalars["param_groups"][0], "params": names}]
-        return out_t, {**scalars, "param_groups": groups, "state": state}
 
     # --- training --------------------------------------------------------------------------
     @torch.no_grad()

@@ -166,18 +166,6 @@ class Layout:
             dist.all_gather_object(out, obj)
         return out
 
-    def gather_to_main(self, obj: Any) -> list[Any] | None:
-        """Every rank's `obj` on rank 0 only, in rank order (None elsewhere): for per-rank
-        shards that only rank 0 writes, so that no other rank receives them all."""
-        if not self.distributed:
-            return [obj]
-        import torch.distributed as dist
-
-        out: list[Any] | None = [None] * self.world if self.is_main else None
-        with collective_errors(self, "gathering per-rank state on rank 0"):
-            dist.gather_object(obj, out, dst=0)
-        return out
-
     def barrier(self, what: str) -> None:
         if self.distributed:
             import torch.distributed as dist

@@ -11,9 +11,11 @@ Dictionaries and Adam state per rank fall from `16 B x all parameters` (DDP) to
 `16 B x parameters / world`; the price is the all-to-all of `N x units x (d_in + d_out)`
 activations per micro-step. Non-owned units exist only on the meta device (no memory); each
 unit is initialised from its own seed (run seed, unit index), so any layout, and one process,
-start from the same weights. Checkpoints and the final dictionaries: rank 0 gathers each
-rank's units (and their optimiser state, keyed by parameter name) and writes one ordinary
-folder, loadable by eval and attribution; resuming re-splits them by name, for any world size.
+start from the same weights. Checkpoints: each rank writes its own units (and their optimiser
+state, keyed by parameter name) to its own file, nothing is gathered (training/sharded.py);
+resuming reads each unit by name from whichever file holds it, for any world size. The final
+dictionaries are one ordinary folder, loadable by eval and attribution, each owner writing
+its units' subfolders.
 
 Cross-layer transcoders (implemented in `clt_shards.py`). A CLT target t sums the decoders of
 every source s <= t in its window, so sharding by source would make each owner send dense
@@ -40,10 +42,11 @@ every source s <= t in its window, so sharding by source would make each owner s
   spans owners, take one all-reduce of per-latent squared norms (and one of gradient-row dot
   products before the step).
 All activations (TopK, BatchTopK, JumpReLU) and AuxK work unchanged: a source's codes are
-computed by its owner on the global batch. Checkpoints keep the ordinary CLT's names: rank 0
-assembles each W_dec_s and its Adam moments from the slices; a resume cuts them again by name
-(reading the checkpoint memory-mapped), for any world size. As for per-layer units, the
-gathered copy rank 0 writes is whole, in host memory, while a checkpoint is written.
+computed by its owner on the global batch. Checkpoints keep the ordinary CLT's names, each
+slice W_dec_s[:, t - s] (and its Adam moments) written by its owner as a column of W_dec_s; a
+resume cuts or reassembles them by name (memory-mapped), for any world size. No rank holds a
+whole W_dec_s while writing: the final dictionaries stream each layer file's W_dec_s in row
+blocks to the layer's owner (clt_shards.py, sharded.py).
 """
 
 from __future__ import annotations
@@ -166,37 +169,6 @@ class ModuleShards:
         for j, i in enumerate(self.mine):
             full[i] = float(values[j])
         return self.layout.sum(full)
-
-    def gather_state(self, bundle: DictionaryBundle) -> dict[str, Tensor] | None:
-        """Rank 0: the state dict of every unit (from its owner); other ranks: None."""
-        mine = {
-            k: v.detach().cpu() for k, v in bundle.state_dict().items() if _unit_of(k) in self.mine
-        }
-        parts = self.layout.gather_to_main(mine)
-        if parts is None:
-            return None
-        merged: dict[str, Tensor] = {}
-        for part in parts:
-            merged.update(part)
-        return merged
-
-    def optimizer_flat(
-        self, optimizer: torch.optim.Optimizer, bundle: DictionaryBundle
-    ) -> tuple[dict[str, Any], dict[str, Any]] | None:
-        """Every rank's optimiser state, keyed by name, merged on rank 0 (None elsewhere)."""
-        from vlmscope.training.checkpoint import optimizer_to_flat, parameter_names
-
-        parts = self.layout.gather_to_main(optimizer_to_flat(optimizer, parameter_names(bundle)))
-        if parts is None:
-            return None
-        tensors: dict[str, Any] = {}
-        scalars: dict[str, Any] = {**parts[0][1], "state": {}}
-        names = [n for _, sc in parts for g in sc["param_groups"] for n in g["params"]]
-        scalars["param_groups"] = [{**parts[0][1]["param_groups"][0], "params": names}]
-        for t, sc in parts:
-            tensors.update(t)
-            scalars["state"].update(sc["state"])
-        return tensors, scalars
 
 
 def _unit_of(key: str) -> int:

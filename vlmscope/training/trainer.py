@@ -30,19 +30,14 @@ from vlmscope.files import FolderLock, FolderLockedError, lock_folder
 from vlmscope.models.hooked import HookedVLM
 from vlmscope.progress import progress_bar
 from vlmscope.training.bundle import DictionaryBundle
-from vlmscope.training.checkpoint import (
-    find_checkpoint,
-    load_checkpoint,
-    remove_stale_temporaries,
-    save_checkpoint,
-    save_final_dictionaries,
-)
+from vlmscope.training.checkpoint import find_checkpoint, load_checkpoint, remove_stale_temporaries
 from vlmscope.training.config import TrainConfig
 from vlmscope.training.distributed import Layout, collective_errors, leaving, rank_seed
 from vlmscope.training.errors import CheckpointError, TrainingError
 from vlmscope.training.logging import MetricsLogger
 from vlmscope.training.modules import ModuleShards, seed_units, shards_for
 from vlmscope.training.optim import averaged, build_optimizer, is_schedule_free, lr_multiplier
+from vlmscope.training.sharded import save_checkpoint, save_final_dictionaries
 from vlmscope.training.sources import (
     ActivationBatch,
     ActivationSource,
@@ -280,9 +275,8 @@ class Trainer:
         lay = self.layout
         units = self.shards.mine if self.shards else None
         view = self.shards.checkpoint_view() if self.shards else None
-        raw = load_checkpoint(
-            checkpoint, self.bundle, self.optimizer, rank=lay.rank, units=units, local=view
-        )
+        raw = load_checkpoint(checkpoint, self.bundle, self.optimizer, rank=lay.rank,
+                              units=units, local=view, layout=lay)  # fmt: skip
         saved_world = int(raw.get("world_size", 1))
         if saved_world != lay.world and lay.is_main:
             warnings.warn(
@@ -471,8 +465,7 @@ class Trainer:
         self._checkpoint()  # the training weights (signum: y), which --resume continues from
         out_dir = self.run_dir / "dictionaries"
         with averaged(self.optimizer):  # signum: the averaged weights are the result
-            full = self._assembled()
-            self.layout.phase(lambda: save_final_dictionaries(self.run_dir, full), main_only=True)
+            save_final_dictionaries(self.run_dir, self.layout, self.bundle, self.shards)
         skips = self._global_skips()
         if skips.total and main:
             print(skips.summary())
@@ -590,37 +583,14 @@ class Trainer:
         return out
 
     def _checkpoint(self) -> None:
-        """Rank 0 writes the checkpoint (the dictionaries and optimiser are the same on every
-        rank) with every rank's RNG state; all ranks learn whether it worked."""
+        """Every rank writes what it holds (data parallel: rank 0 the dictionaries and
+        optimiser, the same on every rank), rank 0 the RNG states of all and the counters;
+        all ranks learn whether it worked (training/sharded.py)."""
         skips = self._global_skips()
         self.state.skips = dict(skips.counts)
         self.state.skip_examples = {k: list(v) for k, v in skips.examples.items()}
-        rngs = self.layout.gather(torch.get_rng_state())
         state = {"train_state": self.state.__dict__, "world_size": self.layout.world}
-        full = self._assembled()
-        flat = self._optimizer_flat()
-        self.layout.phase(
-            lambda: save_checkpoint(self.run_dir, full, self.optimizer, state, rngs, flat),
-            main_only=True,
-        )
-
-    def _assembled(self) -> DictionaryBundle:
-        """The whole bundle on rank 0 (distributed modules: every owner's units gathered into
-        a CPU copy); the bundle itself otherwise."""
-        if self.shards is None:
-            return self.bundle
-        merged = self.shards.gather_state(self.bundle)
-        if merged is None:
-            return self.bundle  # not rank 0: never written
-        full = self._create_bundle("cpu")
-        full.load_state_dict(merged)
-        return full
-
-    def _optimizer_flat(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
-        """Distributed modules: every rank's optimiser state, keyed by name, merged (rank 0)."""
-        if self.shards is None:
-            return None
-        return self.shards.optimizer_flat(self.optimizer, self.bundle)
+        save_checkpoint(self.run_dir, self.layout, self.bundle, self.optimizer, self.shards, state)
 
 
 def _explain_size_error(cfg: TrainConfig, width: int, err: ValueError) -> str:
