@@ -230,3 +230,36 @@ def test_word_loss_needs_a_question_after_the_image(tmp_path: Path) -> None:
     cfg = ToyTrainConfig(steps=1, batch_size=1, eval_n=0, questions=1, word_weight=1.0)
     with pytest.raises(ValueError, match="word_weight needs question words after the image"):
         train_toy(tmp_path / "toy", config=cfg, progress=False)
+
+
+def test_relation_head_runs_and_is_not_saved(tmp_path: Path) -> None:
+    """With the answer-position relation loss on (relation questions only, so every batch has
+    labels), the loss runs and the saved folder holds exactly a plain toy LLaVA's tensors."""
+    from safetensors import safe_open
+
+    from vlmscope.models.toy.train import Stage, ToyTrainConfig
+
+    cfg = ToyTrainConfig(
+        steps=2,
+        batch_size=3,
+        eval_n=0,
+        relation_weight=1.0,
+        curriculum=(Stage(0.0, 3, ("relation",)),),
+    )
+    metrics = train_toy(tmp_path / "toy", config=cfg, progress=False)
+    assert 0.0 <= metrics["history"][-1]["relation_aux"] <= 1.0
+    plain, _ = build_toy(seed=0, question_first=True)
+    plain.save_pretrained(tmp_path / "plain")
+    keys = []
+    for folder in ("toy", "plain"):
+        with safe_open(str(tmp_path / folder / "model.safetensors"), "pt") as f:
+            keys.append(set(f.keys()))
+    assert keys[0] == keys[1]
+
+
+def test_a_training_head_on_a_missing_layer_is_refused(tmp_path: Path) -> None:
+    from vlmscope.models.toy.train import ToyTrainConfig
+
+    cfg = ToyTrainConfig(steps=1, batch_size=1, eval_n=0, relation_weight=1.0, relation_layer=5)
+    with pytest.raises(ValueError, match=r"relation_layer must be in 1\.\.4"):
+        train_toy(tmp_path / "toy", config=cfg, progress=False)

@@ -225,6 +225,17 @@ class ToyTrainConfig:
     `question_first` (0: off)."""
     match_layer: int = 2
     """Decoder layer (1-based) whose output at the image tokens the match head reads."""
+    relation_weight: float = 0.0
+    """Weight of the training-only loss at the answer position of relation questions
+    (`toy.aux.relation_labels`: whether the first named object's block lies before or after
+    the second's, along rows and along columns), read by a throwaway linear head from the
+    decoder's hidden state at the last prompt token of the first turn after layer
+    `relation_layer` (0: off). The probe (benchmarks/toy_relation_probe.py) finds both objects
+    and their places at the image tokens, but the comparison never at the answer position."""
+    relation_layer: int = 3
+    """Decoder layer (1-based) whose output at the last prompt token the relation head reads:
+    after the match layer, so its attention can read image tokens that already know which
+    object they belong to."""
     decoder: dict[str, Any] = field(default_factory=dict)
     """Overrides of the decoder's config (`TEXT`), e.g. ``{"num_hidden_layers": 6}``."""
 
@@ -395,6 +406,8 @@ class ToyBatch:
     """The labels at `word_at`, shaped like `patches`' but per word."""
     match: torch.Tensor | None = None
     """[batch, patches] `aux.match_labels` of each row's first question, when asked for."""
+    relation: torch.Tensor | None = None
+    """[batch, 2] `aux.relation_labels` of each row's first question, when asked for."""
 
 
 def encode_conversation(
@@ -454,6 +467,7 @@ def collate_conversations(
     patch_labels: bool = False,
     tokenizer: Any = None,
     match_labels: bool = False,
+    relation_labels: bool = False,
 ) -> ToyBatch:
     """Right-padded batch of encoded conversations (with the pictures' per-patch auxiliary
     labels if `patch_labels`, and the question words' labels if a `tokenizer` is given)."""
@@ -485,8 +499,13 @@ def collate_conversations(
         match = torch.from_numpy(
             np.stack([aux.match_labels(qs[0], s.objects, WORLD) for s, qs, _, _ in items])
         )
+    relation = None
+    if relation_labels:
+        relation = torch.from_numpy(
+            np.stack([aux.relation_labels(qs[0], s.objects) for s, qs, _, _ in items])
+        )
     types = [[q.type for q in qs] for _, qs, _, _ in items]
-    return ToyBatch(batch.inputs, turn, types, patches, word_at, words, match)
+    return ToyBatch(batch.inputs, turn, types, patches, word_at, words, match, relation)
 
 
 def _image_token_id(processor: Any) -> int:
@@ -508,11 +527,13 @@ class TrainBatches(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
         patch_labels: bool = False,
         word_labels: bool = False,
         match_labels: bool = False,
+        relation_labels: bool = False,
     ) -> None:
         self.processor, self.seed, self.steps = processor, seed, steps
         self.batch_size, self.curriculum = batch_size, tuple(curriculum)
         self.questions, self.patch_labels = questions, patch_labels
         self.word_labels, self.match_labels = word_labels, match_labels
+        self.relation_labels = relation_labels
 
     def __iter__(self) -> Iterator[ToyBatch]:
         stream = sample_stream(
@@ -527,7 +548,9 @@ class TrainBatches(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
         for _ in range(self.steps):
             items = [next(stream) for _ in range(self.batch_size)]
             tok = self.processor.tokenizer if self.word_labels else None
-            yield collate_conversations(items, pad_id, self.patch_labels, tok, self.match_labels)
+            yield collate_conversations(
+                items, pad_id, self.patch_labels, tok, self.match_labels, self.relation_labels
+            )
 
 
 def _one_thread(_worker_id: int) -> None:
@@ -597,6 +620,34 @@ def _match_loss(
     return nn.functional.cross_entropy(logits, y), acc
 
 
+def answer_positions(turn: torch.Tensor) -> torch.Tensor:
+    """[batch] the last prompt position of each row's first turn (the token whose output
+    predicts the first answer token, where generation starts), from `ToyBatch.turn`."""
+    first = (turn == 0).long().argmax(1)
+    if bool((first == 0).any()):
+        raise ValueError("a row has no answer token of its first turn")
+    return first - 1
+
+
+def _relation_loss(
+    head: nn.Module, hidden: torch.Tensor, batch: ToyBatch
+) -> tuple[torch.Tensor, float] | None:
+    """Cross-entropy of `aux.relation_labels` read by `head` from the decoder's hidden states
+    at each row's answer position, and its accuracy; None when no row is labelled (no
+    relation question in the batch)."""
+    assert batch.relation is not None
+    y = batch.relation
+    if not bool((y != aux.IGNORE).any()):
+        return None
+    rows = torch.arange(hidden.shape[0])
+    h = hidden[rows, answer_positions(batch.turn)]
+    logits = head(h.float()).reshape(-1, 2)
+    y = y.reshape(-1)
+    on = y != aux.IGNORE
+    acc = float((logits.detach().argmax(-1) == y)[on].float().mean())
+    return nn.functional.cross_entropy(logits, y, ignore_index=aux.IGNORE), acc
+
+
 def _lr_at(step: int, cfg: ToyTrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -644,6 +695,11 @@ def train_toy(
             f"only question (questions={cfg.questions}) comes before it: ask questions >= 2 "
             "(the later turns follow the image) or set question_first=False"
         )
+    n_layers = (TEXT | cfg.decoder)["num_hidden_layers"]
+    for name in ("word", "match", "relation"):
+        layer = getattr(cfg, f"{name}_layer")
+        if getattr(cfg, f"{name}_weight") > 0 and not 1 <= layer <= n_layers:
+            raise ValueError(f"{name}_layer must be in 1..{n_layers}, got {layer}")
     start, cpu0, child0 = time.perf_counter(), cpu_seconds(), cpu_seconds(resource.RUSAGE_CHILDREN)
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
@@ -701,6 +757,11 @@ def _train(
     if cfg.match_weight > 0:
         match_head = nn.Linear(model.config.text_config.hidden_size, aux.MATCH_CLASSES)
         named += [(f"match.{n}", p) for n, p in match_head.named_parameters()]
+    relation_head = None
+    if cfg.relation_weight > 0:
+        n_axes = len(aux.RELATION_AXES)
+        relation_head = nn.Linear(model.config.text_config.hidden_size, 2 * n_axes)
+        named += [(f"relation.{n}", p) for n, p in relation_head.named_parameters()]
     decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in named if not (p.dim() >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW(
@@ -720,6 +781,7 @@ def _train(
         patch_labels=head is not None,
         word_labels=word_head is not None,
         match_labels=match_head is not None,
+        relation_labels=relation_head is not None,
     )
     stream = train_batches(data, cfg.workers)
     ema_loss, ema_acc = float("nan"), 0.0
@@ -737,6 +799,9 @@ def _train(
         aux.LayerTap(model.model.language_model.layers[cfg.match_layer - 1])
         if match_head is not None
         else contextlib.nullcontext() as match_tap,
+        aux.LayerTap(model.model.language_model.layers[cfg.relation_layer - 1])
+        if relation_head is not None
+        else contextlib.nullcontext() as relation_tap,
     ):
         for step in range(cfg.steps):
             if cpu_seconds() - cpu0 > cfg.minutes * 60:
@@ -750,6 +815,8 @@ def _train(
                 word_tap.output = None
             if match_tap is not None:
                 match_tap.output = None
+            if relation_tap is not None:
+                relation_tap.output = None
             loss, correct, qtypes = answer_loss(model, batch)
             lv = loss.item()
             if head is not None and tap is not None and tap.output is not None:
@@ -774,6 +841,15 @@ def _train(
                 )
                 loss = loss + cfg.match_weight * match_loss
                 by_type["match"] = 0.9 * by_type.get("match", match_acc) + 0.1 * match_acc
+            if (
+                relation_head is not None
+                and relation_tap is not None
+                and relation_tap.output is not None
+                and (got := _relation_loss(relation_head, relation_tap.output, batch))
+            ):
+                rel_loss, rel_acc = got
+                loss = loss + cfg.relation_weight * rel_loss
+                by_type["relation_aux"] = 0.9 * by_type.get("relation_aux", rel_acc) + 0.1 * rel_acc
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -1061,6 +1137,21 @@ def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help=f"decoder layer (1-based) the match loss reads (default {d.match_layer})",
     )
     p.add_argument(
+        "--relation-weight",
+        type=float,
+        default=d.relation_weight,
+        help="weight of the loss at the answer position of relation questions: whether the "
+        "first named object lies before or after the second along rows and along columns "
+        "(read from the decoder after --relation-layer at the last prompt token; training "
+        f"only, 0: off; default {d.relation_weight:g})",
+    )
+    p.add_argument(
+        "--relation-layer",
+        type=int,
+        default=d.relation_layer,
+        help=f"decoder layer (1-based) the relation loss reads (default {d.relation_layer})",
+    )
+    p.add_argument(
         "--eval-n",
         type=int,
         default=d.eval_n,
@@ -1098,6 +1189,8 @@ def run_train(args: argparse.Namespace) -> int:
         word_layer=args.word_layer,
         match_weight=args.match_weight,
         match_layer=args.match_layer,
+        relation_weight=args.relation_weight,
+        relation_layer=args.relation_layer,
         workers=args.workers,
         threads=args.threads,
         eval_n=args.eval_n,
