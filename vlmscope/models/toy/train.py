@@ -169,6 +169,27 @@ CURRICULUM_ONE_OBJECT_FIRST: tuple[Stage, ...] = (
 )
 
 
+def weighted_curriculum(
+    curriculum: Sequence[Stage], repeats: dict[str, int] | None
+) -> tuple[Stage, ...]:
+    """The curriculum with each type of `repeats` listed that many times in every stage that
+    asks it, so it is drawn that many times as often as an unlisted type (the world's balanced
+    blocks then hold it that many times); stages without it are left as they are."""
+    repeats = repeats or {}
+    known = set(shapes.ALL_QUESTION_TYPES)
+    for qtype, n in repeats.items():
+        if qtype not in known:
+            raise ValueError(f"unknown question type {qtype!r} to weight; known: {sorted(known)}")
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"{qtype}: a type's repeat count must be an int >= 1, got {n!r}")
+    return tuple(
+        replace(
+            st, question_types=tuple(t for t in st.question_types for _ in range(repeats.get(t, 1)))
+        )
+        for st in curriculum
+    )
+
+
 @dataclass
 class ToyTrainConfig:
     """How `train_toy` trains. The defaults are the best v2 recipe measured (benchmarks/README.md
@@ -236,6 +257,9 @@ class ToyTrainConfig:
     """Decoder layer (1-based) whose output at the last prompt token the relation head reads:
     after the match layer, so its attention can read image tokens that already know which
     object they belong to."""
+    type_repeats: dict[str, int] = field(default_factory=dict)
+    """Question type -> how many times as often as the others it is drawn, in every stage that
+    asks it (`weighted_curriculum`), e.g. ``{"relation": 2}``; empty: balanced."""
     decoder: dict[str, Any] = field(default_factory=dict)
     """Overrides of the decoder's config (`TEXT`), e.g. ``{"num_hidden_layers": 6}``."""
 
@@ -683,6 +707,7 @@ def train_toy(
                      eval_n=eval_n).items():  # fmt: skip
         if v is not None:
             setattr(cfg, k, v)
+    weighted_curriculum(cfg.curriculum, cfg.type_repeats)  # checks the weights before building
     if cfg.workers not in (0, 1):
         raise ValueError(f"workers must be 0 or 1, got {cfg.workers}")
     if cfg.match_weight > 0 and not cfg.question_first:
@@ -776,7 +801,7 @@ def _train(
         cfg.seed,
         cfg.steps,
         cfg.batch_size,
-        cfg.curriculum,
+        weighted_curriculum(cfg.curriculum, cfg.type_repeats),
         cfg.questions,
         patch_labels=head is not None,
         word_labels=word_head is not None,
@@ -1152,6 +1177,14 @@ def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help=f"decoder layer (1-based) the relation loss reads (default {d.relation_layer})",
     )
     p.add_argument(
+        "--type-repeat",
+        action="append",
+        default=[],
+        metavar="TYPE=N",
+        help="draw question type TYPE N times as often as the others, in every curriculum "
+        "stage that asks it (repeatable, e.g. --type-repeat relation=2; default: balanced)",
+    )
+    p.add_argument(
         "--eval-n",
         type=int,
         default=d.eval_n,
@@ -1174,6 +1207,17 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def parse_type_repeats(items: Sequence[str]) -> dict[str, int]:
+    """``["relation=2", ...]`` (the ``--type-repeat`` flags) -> ``{"relation": 2, ...}``."""
+    out: dict[str, int] = {}
+    for item in items:
+        qtype, sep, n = item.partition("=")
+        if not sep or not n.strip().isdigit():
+            raise ValueError(f"--type-repeat {item!r}: expected TYPE=N with N a whole number")
+        out[qtype.strip()] = int(n)
+    return out
+
+
 def run_train(args: argparse.Namespace) -> int:
     """`vlmscope zoo train-toy`: train, save, print the held-out accuracy table."""
     cfg = ToyTrainConfig(
@@ -1191,6 +1235,7 @@ def run_train(args: argparse.Namespace) -> int:
         match_layer=args.match_layer,
         relation_weight=args.relation_weight,
         relation_layer=args.relation_layer,
+        type_repeats=parse_type_repeats(args.type_repeat),
         workers=args.workers,
         threads=args.threads,
         eval_n=args.eval_n,
