@@ -244,6 +244,7 @@ def test_relation_head_runs_and_is_not_saved(tmp_path: Path) -> None:
         batch_size=3,
         eval_n=0,
         relation_weight=1.0,
+        relation_centres=True,
         curriculum=(Stage(0.0, 3, ("relation",)),),
     )
     metrics = train_toy(tmp_path / "toy", config=cfg, progress=False)

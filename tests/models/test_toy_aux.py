@@ -165,7 +165,7 @@ def test_relation_labels_on_a_hand_built_scene() -> None:
     when after, IGNORE when the blocks overlap along it; named by shape or by colour and
     shape; nothing for other question types."""
     from vlmscope.data.shapes import Question
-    from vlmscope.models.toy.aux import relation_labels
+    from vlmscope.models.toy.aux import relation_centres, relation_labels
 
     def rel(query: dict[str, str]) -> Question:
         return Question("relation", "?", "yes", query, [], 0, False)
@@ -185,6 +185,12 @@ def test_relation_labels_on_a_hand_built_scene() -> None:
     assert relation_labels(rel(third), scene).tolist() == [1, IGNORE]  # below; same columns
     colour_q = Question("colour", "?", "red", {"shape": "circle"}, [0], 0, False)
     assert relation_labels(colour_q, scene).tolist() == [IGNORE, IGNORE]
+    # centres (row, col) of A then B, in patches, scaled from the 8x8 grid to [-1, 1]
+    want = (np.array([2.0, 4.0, 1.0, 1.0]) - 4) / 4  # green cross (2, 4), red circle (1, 1)
+    np.testing.assert_allclose(relation_centres(rel(second), scene, V2), want)
+    want = (np.array([5.5, 6.5, 2.0, 4.0]) - 4) / 4  # square (5.5, 6.5), cross (2, 4)
+    np.testing.assert_allclose(relation_centres(rel(by_shape), scene, V2), want)
+    assert np.isnan(relation_centres(colour_q, scene, V2)).all()
 
 
 def test_relation_labels_at_the_answer_position_agree_with_the_worlds_answers() -> None:

@@ -253,6 +253,10 @@ class ToyTrainConfig:
     decoder's hidden state at the last prompt token of the first turn after layer
     `relation_layer` (0: off). The probe (benchmarks/toy_relation_probe.py) finds both objects
     and their places at the image tokens, but the comparison never at the answer position."""
+    relation_centres: bool = False
+    """With `relation_weight`: the relation head also regresses both named objects' centres
+    (`toy.aux.relation_centres`, mean squared error), so fetching each place is rewarded on
+    its own before the comparison is."""
     relation_layer: int = 3
     """Decoder layer (1-based) whose output at the last prompt token the relation head reads:
     after the match layer, so its attention can read image tokens that already know which
@@ -432,6 +436,8 @@ class ToyBatch:
     """[batch, patches] `aux.match_labels` of each row's first question, when asked for."""
     relation: torch.Tensor | None = None
     """[batch, 2] `aux.relation_labels` of each row's first question, when asked for."""
+    centres: torch.Tensor | None = None
+    """[batch, 4] `aux.relation_centres` of each row's first question, with `relation`."""
 
 
 def encode_conversation(
@@ -523,13 +529,16 @@ def collate_conversations(
         match = torch.from_numpy(
             np.stack([aux.match_labels(qs[0], s.objects, WORLD) for s, qs, _, _ in items])
         )
-    relation = None
+    relation, centres = None, None
     if relation_labels:
         relation = torch.from_numpy(
             np.stack([aux.relation_labels(qs[0], s.objects) for s, qs, _, _ in items])
         )
+        centres = torch.from_numpy(
+            np.stack([aux.relation_centres(qs[0], s.objects, WORLD) for s, qs, _, _ in items])
+        )
     types = [[q.type for q in qs] for _, qs, _, _ in items]
-    return ToyBatch(batch.inputs, turn, types, patches, word_at, words, match, relation)
+    return ToyBatch(batch.inputs, turn, types, patches, word_at, words, match, relation, centres)
 
 
 def _image_token_id(processor: Any) -> int:
@@ -665,11 +674,18 @@ def _relation_loss(
         return None
     rows = torch.arange(hidden.shape[0])
     h = hidden[rows, answer_positions(batch.turn)]
-    logits = head(h.float()).reshape(-1, 2)
+    out = head(h.float())
+    n_sign = 2 * y.shape[1]
+    logits = out[:, :n_sign].reshape(-1, 2)
     y = y.reshape(-1)
     on = y != aux.IGNORE
     acc = float((logits.detach().argmax(-1) == y)[on].float().mean())
-    return nn.functional.cross_entropy(logits, y, ignore_index=aux.IGNORE), acc
+    loss = nn.functional.cross_entropy(logits, y, ignore_index=aux.IGNORE)
+    if out.shape[1] > n_sign:  # the centres too (`ToyTrainConfig.relation_centres`)
+        assert batch.centres is not None
+        known = batch.centres.isfinite()
+        loss = loss + nn.functional.mse_loss(out[:, n_sign:][known], batch.centres[known])
+    return loss, acc
 
 
 def _lr_at(step: int, cfg: ToyTrainConfig) -> float:
@@ -785,7 +801,8 @@ def _train(
     relation_head = None
     if cfg.relation_weight > 0:
         n_axes = len(aux.RELATION_AXES)
-        relation_head = nn.Linear(model.config.text_config.hidden_size, 2 * n_axes)
+        n_out = 2 * n_axes + (2 * n_axes if cfg.relation_centres else 0)
+        relation_head = nn.Linear(model.config.text_config.hidden_size, n_out)
         named += [(f"relation.{n}", p) for n, p in relation_head.named_parameters()]
     decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in named if not (p.dim() >= 2 and "embed" not in n)]
@@ -1171,6 +1188,13 @@ def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         f"only, 0: off; default {d.relation_weight:g})",
     )
     p.add_argument(
+        "--relation-centres",
+        action=argparse.BooleanOptionalAction,
+        default=d.relation_centres,
+        help="with --relation-weight, the relation head also regresses both named objects' "
+        f"centres (default {d.relation_centres})",
+    )
+    p.add_argument(
         "--relation-layer",
         type=int,
         default=d.relation_layer,
@@ -1235,6 +1259,7 @@ def run_train(args: argparse.Namespace) -> int:
         match_layer=args.match_layer,
         relation_weight=args.relation_weight,
         relation_layer=args.relation_layer,
+        relation_centres=args.relation_centres,
         type_repeats=parse_type_repeats(args.type_repeat),
         workers=args.workers,
         threads=args.threads,
