@@ -49,6 +49,14 @@ the lookup every answer needs gets 64 labels per question instead of one answer 
 `benchmarks/toy_decoder_oracle.py` trains the decoder alone on oracle image tokens to measure
 these options without the vision tower.
 
+Options for relation questions, which stay at the yes/no prior (off by default; two full runs
+in benchmarks/README.md "Toy VLM training"): ``relation_weight`` adds a training-only loss at
+the answer position (the last prompt token) of relation questions, read by a throwaway linear
+head after decoder layer ``relation_layer``: the sign of the row and column differences of
+the two named objects (`aux.relation_labels`), and with ``relation_centres`` both objects'
+centres (`aux.relation_centres`). ``type_repeats`` (``--type-repeat relation=2``) draws a
+question type more often (`weighted_curriculum`).
+
 Time. Training runs one compute thread, with one data worker process building the next
 batches; ``training.json`` records the CPU seconds of both. On an idle 2-core machine each has
 a core, so the wall time is about the larger of the two (the compute thread's): that is the
