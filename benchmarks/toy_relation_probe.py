@@ -10,6 +10,11 @@ world, 2-5 objects) this fits, on frozen hidden states of the model as users pro
   located both named objects there (the match loss trains this after layer 2);
 - ``answer``: a linear map at the last prompt position to the world's yes/no: whether the
   comparison is computed anywhere on the way to the answer;
+- ``sign``: a linear map at the last prompt position to whether A's block lies before B's
+  along the asked axis (`aux.relation_labels`): the comparison without the relation word;
+- ``word``: a linear map at the last prompt position to the relation word (4 classes): the
+  other half of the answer ("yes" is drawn independently of the places, so the answer is the
+  XOR of the two);
 - ``compare``: a linear map from the mean image token over A's true patches minus that over
   B's (one copy per relation word, so a linear read can flip its sign for "right of" or
   "below") to yes/no: whether the places are linearly comparable once both are found.
@@ -56,6 +61,7 @@ def states(vlm: HookedVLM, samples: list[shapes.ShapesSample]) -> dict[str, torc
         "match": [],
         "yes": [],
         "rel": [],
+        "sign": [],
     }
     for s in samples:
         inputs = vlm.prepare(s.question, images=[s.image])
@@ -68,6 +74,8 @@ def states(vlm: HookedVLM, samples: list[shapes.ShapesSample]) -> dict[str, torc
         out["match"].append(torch.from_numpy(aux.match_labels(question_of(s), s.objects, WORLD)))
         out["yes"].append(torch.tensor(float(s.answer == "yes")))
         out["rel"].append(torch.tensor(RELATIONS.index(s.query["relation"])))
+        axis = 1 if s.query["relation"] in ("left", "right") else 0
+        out["sign"].append(torch.tensor(int(aux.relation_labels(question_of(s), s.objects)[axis])))
     return {k: torch.stack(v) for k, v in out.items()}
 
 
@@ -130,7 +138,8 @@ def main() -> None:
         f"model: {acc:.1%} right on {len(test)} held-out relation questions, says yes "
         f"{said_yes:.1%} (truth {result['truth_yes']:.1%})"
     )
-    print(f"{'layer':<6} {'find A':>8} {'find B':>8} {'answer':>8} {'compare':>8}")
+    cols = ("answer", "sign", "word", "compare")
+    print(f"{'layer':<6} {'find A':>8} {'find B':>8}" + "".join(f" {c:>8}" for c in cols))
     for layer in range(tr["image"].shape[1]):
         x_tr, x_te = standardise(
             tr["image"][:, layer].flatten(0, 1), te["image"][:, layer].flatten(0, 1)
@@ -141,18 +150,21 @@ def main() -> None:
             pred = find_head(x_te).argmax(-1)
         find = [float((pred[y_te == c] == c).float().mean()) for c in (1, 2)]
         row = {"layer": layer, "find_a": find[0], "find_b": find[1]}
-        for name, (f_tr, f_te) in {
-            "answer": (tr["last"][:, layer], te["last"][:, layer]),
-            "compare": (compare_features(tr, layer), compare_features(te, layer)),
-        }.items():
+        last = (tr["last"][:, layer], te["last"][:, layer])
+        for name, (f_tr, f_te), key, classes in (
+            ("answer", last, "yes", 2),
+            ("sign", last, "sign", 2),
+            ("word", last, "rel", len(RELATIONS)),
+            ("compare", (compare_features(tr, layer), compare_features(te, layer)), "yes", 2),
+        ):
             f_tr, f_te = standardise(f_tr, f_te)
-            head = fit(f_tr, tr["yes"].long(), 2, args.steps)
+            head = fit(f_tr, tr[key].long(), classes, args.steps)
             with torch.no_grad():
-                row[name] = float((head(f_te).argmax(-1) == te["yes"].long()).float().mean())
+                row[name] = float((head(f_te).argmax(-1) == te[key].long()).float().mean())
         result["layers"].append(row)
         print(
-            f"{layer:<6} {row['find_a']:>8.1%} {row['find_b']:>8.1%} {row['answer']:>8.1%} "
-            f"{row['compare']:>8.1%}"
+            f"{layer:<6} {row['find_a']:>8.1%} {row['find_b']:>8.1%}"
+            + "".join(f" {row[c]:>8.1%}" for c in cols)
         )
     if args.json:
         with open(args.json, "w") as f:

@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import torch
 
-from vlmscope.data.shapes import COLOURS, POSITIONS, ShapesConfig, generate
+from vlmscope.data.shapes import COLOURS, POSITIONS, ShapeObject, ShapesConfig, generate
 from vlmscope.models.toy.aux import IGNORE, PatchHead, ProjectorTap, collate_labels, patch_labels
 from vlmscope.models.toy.train import build_toy, sample_stream
 
@@ -152,3 +152,73 @@ def test_match_labels_mark_the_objects_the_question_is_about() -> None:
                 assert not lab.any()
             seen[qtype] += 1
     assert len(seen) == len(QUESTION_TYPES), seen
+
+
+def _obj(shape: str, colour: str, cell: tuple[int, int], span: int = 2) -> ShapeObject:
+    r, c = cell
+    return ShapeObject(shape, colour, "small", cell, (c * 8, r * 8, (c + span) * 8, (r + span) * 8),
+                       span=span)  # fmt: skip
+
+
+def test_relation_labels_on_a_hand_built_scene() -> None:
+    """Per axis, 0 when the first named object's block ends before the second's begins, 1
+    when after, IGNORE when the blocks overlap along it; named by shape or by colour and
+    shape; nothing for other question types."""
+    from vlmscope.data.shapes import Question
+    from vlmscope.models.toy.aux import relation_centres, relation_labels
+
+    def rel(query: dict[str, str]) -> Question:
+        return Question("relation", "?", "yes", query, [], 0, False)
+
+    circle = _obj("circle", "red", (0, 0))  # rows 0-1, columns 0-1
+    square = _obj("square", "blue", (4, 5), span=3)  # rows 4-6, columns 5-7
+    cross = _obj("cross", "green", (1, 3))  # rows 1-2 (overlaps the circle's), columns 3-4
+    blue_circle = _obj("circle", "blue", (6, 0))  # rows 6-7, columns 0-1
+    scene = [circle, square, cross, blue_circle]
+    by_shape = {"shape": "square", "other_shape": "cross", "relation": "left"}
+    assert relation_labels(rel(by_shape), scene).tolist() == [1, 1]  # square below, right
+    first = {"shape": "circle", "colour": "red", "other_shape": "square", "other_colour": "blue"}
+    assert relation_labels(rel(first), scene).tolist() == [0, 0]  # red circle above, left
+    second = {"shape": "cross", "colour": "green", "other_shape": "circle", "other_colour": "red"}
+    assert relation_labels(rel(second), scene).tolist() == [IGNORE, 1]  # same rows; right
+    third = {"shape": "circle", "colour": "blue", "other_shape": "circle", "other_colour": "red"}
+    assert relation_labels(rel(third), scene).tolist() == [1, IGNORE]  # below; same columns
+    colour_q = Question("colour", "?", "red", {"shape": "circle"}, [0], 0, False)
+    assert relation_labels(colour_q, scene).tolist() == [IGNORE, IGNORE]
+    # centres (row, col) of A then B, in patches, scaled from the 8x8 grid to [-1, 1]
+    want = (np.array([2.0, 4.0, 1.0, 1.0]) - 4) / 4  # green cross (2, 4), red circle (1, 1)
+    np.testing.assert_allclose(relation_centres(rel(second), scene, V2), want)
+    want = (np.array([5.5, 6.5, 2.0, 4.0]) - 4) / 4  # square (5.5, 6.5), cross (2, 4)
+    np.testing.assert_allclose(relation_centres(rel(by_shape), scene, V2), want)
+    assert np.isnan(relation_centres(colour_q, scene, V2)).all()
+
+
+def test_relation_labels_at_the_answer_position_agree_with_the_worlds_answers() -> None:
+    """In a training batch of relation questions, each row's labels sit with the token after
+    which the answer is generated, and the label on the asked axis gives the world's yes/no
+    through the relation word (left/above: A before B)."""
+    from vlmscope.models.toy.train import Stage, TrainBatches, answer_positions
+
+    _, processor = build_toy(seed=0, question_first=True)
+    tok = processor.tokenizer
+    stages = (Stage(0.0, 5, ("relation", "colour")),)
+    batch = next(iter(TrainBatches(processor, 0, 1, 12, stages, relation_labels=True)))
+    assert batch.relation is not None
+    pos = answer_positions(batch.turn)
+    items = list(sample_stream(processor, 0, 1, 12, stages))
+    seen = 0
+    for row, (_, qs, _, _) in enumerate(items):
+        ids = batch.inputs["input_ids"][row]
+        assert tok.decode(ids[: pos[row] + 1]).endswith("ASSISTANT:")
+        assert tok.decode(ids[pos[row] + 1]).strip() == qs[0].answer
+        lab = batch.relation[row].tolist()
+        if qs[0].type != "relation":
+            assert lab == [IGNORE, IGNORE]
+            continue
+        relation = qs[0].query["relation"]
+        axis = 1 if relation in ("left", "right") else 0
+        before = relation in ("left", "above")
+        assert lab[axis] != IGNORE  # the world only asks about objects apart on that axis
+        assert (lab[axis] == 0) == (before == (qs[0].answer == "yes"))
+        seen += 1
+    assert seen >= 4, seen

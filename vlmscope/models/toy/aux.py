@@ -214,6 +214,62 @@ def match_labels(
     return out.reshape(-1)
 
 
+RELATION_AXES: tuple[str, ...] = ("row", "column")
+"""The axes of `relation_labels`, in order."""
+
+
+def relation_labels(question: shapes.Question, objects: Sequence[shapes.ShapeObject]) -> np.ndarray:
+    """For a relation question about objects A and B (the first and the second it names):
+    int64 ``[2]``, per axis of `RELATION_AXES`, 0 when A's block ends before B's begins (A
+    above / left of B), 1 when B's ends before A's (A below / right of B), `IGNORE` when the
+    blocks overlap along that axis; all `IGNORE` for any other question type.
+
+    The target of a training-only loss at the answer position (the last prompt token): the
+    answer to any relation question is one of these two signs read through the relation word,
+    so a head there gets the comparison of the two places as dense supervision, independent
+    of which of the four relations was asked and whether the answer is yes or no."""
+    out = np.full(len(RELATION_AXES), IGNORE, np.int64)
+    if question.type != "relation":
+        return out
+    a, b = _relation_pair(question, objects)
+    for axis in range(len(RELATION_AXES)):
+        if a.cell[axis] + a.span <= b.cell[axis]:
+            out[axis] = 0
+        elif b.cell[axis] + b.span <= a.cell[axis]:
+            out[axis] = 1
+    return out
+
+
+def relation_centres(
+    question: shapes.Question, objects: Sequence[shapes.ShapeObject], config: shapes.ShapesConfig
+) -> np.ndarray:
+    """For a relation question: float32 ``[4]``, the (row, column) centres of its first and
+    second named objects, in patches scaled to [-1, 1] (as `patch_labels`' ``centre``); NaN
+    for any other question type. A regression target at the answer position that rewards
+    fetching each object's place on its own, before the two are compared."""
+    if question.type != "relation":
+        return np.full(4, np.nan, np.float32)
+    a, b = _relation_pair(question, objects)
+    half = config.grid / 2
+    return ((np.array([*a.centre, *b.centre], np.float64) - half) / half).astype(np.float32)
+
+
+def _relation_pair(
+    question: shapes.Question, objects: Sequence[shapes.ShapeObject]
+) -> tuple[shapes.ShapeObject, shapes.ShapeObject]:
+    """The first and the second object a relation question names (each unique in its scene)."""
+    q = question.query
+    first = {k: v for k, v in q.items() if k in ("shape", "colour")}
+    other = {k[len("other_") :]: v for k, v in q.items() if k.startswith("other_")}
+    found = [
+        [o for o in objects if all(getattr(o, k) == v for k, v in want.items())]
+        for want in (first, other)
+    ]
+    if any(len(f) != 1 for f in found):
+        raise ValueError(f"{question.text!r}: its two objects are not each unique in the scene")
+    return found[0][0], found[1][0]
+
+
 _Tap = TypeVar("_Tap", bound="LayerTap")
 
 

@@ -49,6 +49,14 @@ the lookup every answer needs gets 64 labels per question instead of one answer 
 `benchmarks/toy_decoder_oracle.py` trains the decoder alone on oracle image tokens to measure
 these options without the vision tower.
 
+Options for relation questions, which stay at the yes/no prior (off by default; two full runs
+in benchmarks/README.md "Toy VLM training"): ``relation_weight`` adds a training-only loss at
+the answer position (the last prompt token) of relation questions, read by a throwaway linear
+head after decoder layer ``relation_layer``: the sign of the row and column differences of
+the two named objects (`aux.relation_labels`), and with ``relation_centres`` both objects'
+centres (`aux.relation_centres`). ``type_repeats`` (``--type-repeat relation=2``) draws a
+question type more often (`weighted_curriculum`).
+
 Time. Training runs one compute thread, with one data worker process building the next
 batches; ``training.json`` records the CPU seconds of both. On an idle 2-core machine each has
 a core, so the wall time is about the larger of the two (the compute thread's): that is the
@@ -169,6 +177,27 @@ CURRICULUM_ONE_OBJECT_FIRST: tuple[Stage, ...] = (
 )
 
 
+def weighted_curriculum(
+    curriculum: Sequence[Stage], repeats: dict[str, int] | None
+) -> tuple[Stage, ...]:
+    """The curriculum with each type of `repeats` listed that many times in every stage that
+    asks it, so it is drawn that many times as often as an unlisted type (the world's balanced
+    blocks then hold it that many times); stages without it are left as they are."""
+    repeats = repeats or {}
+    known = set(shapes.ALL_QUESTION_TYPES)
+    for qtype, n in repeats.items():
+        if qtype not in known:
+            raise ValueError(f"unknown question type {qtype!r} to weight; known: {sorted(known)}")
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"{qtype}: a type's repeat count must be an int >= 1, got {n!r}")
+    return tuple(
+        replace(
+            st, question_types=tuple(t for t in st.question_types for _ in range(repeats.get(t, 1)))
+        )
+        for st in curriculum
+    )
+
+
 @dataclass
 class ToyTrainConfig:
     """How `train_toy` trains. The defaults are the best v2 recipe measured (benchmarks/README.md
@@ -225,6 +254,24 @@ class ToyTrainConfig:
     `question_first` (0: off)."""
     match_layer: int = 2
     """Decoder layer (1-based) whose output at the image tokens the match head reads."""
+    relation_weight: float = 0.0
+    """Weight of the training-only loss at the answer position of relation questions
+    (`toy.aux.relation_labels`: whether the first named object's block lies before or after
+    the second's, along rows and along columns), read by a throwaway linear head from the
+    decoder's hidden state at the last prompt token of the first turn after layer
+    `relation_layer` (0: off). The probe (benchmarks/toy_relation_probe.py) finds both objects
+    and their places at the image tokens, but the comparison never at the answer position."""
+    relation_centres: bool = False
+    """With `relation_weight`: the relation head also regresses both named objects' centres
+    (`toy.aux.relation_centres`, mean squared error), so fetching each place is rewarded on
+    its own before the comparison is."""
+    relation_layer: int = 3
+    """Decoder layer (1-based) whose output at the last prompt token the relation head reads:
+    after the match layer, so its attention can read image tokens that already know which
+    object they belong to."""
+    type_repeats: dict[str, int] = field(default_factory=dict)
+    """Question type -> how many times as often as the others it is drawn, in every stage that
+    asks it (`weighted_curriculum`), e.g. ``{"relation": 2}``; empty: balanced."""
     decoder: dict[str, Any] = field(default_factory=dict)
     """Overrides of the decoder's config (`TEXT`), e.g. ``{"num_hidden_layers": 6}``."""
 
@@ -395,6 +442,10 @@ class ToyBatch:
     """The labels at `word_at`, shaped like `patches`' but per word."""
     match: torch.Tensor | None = None
     """[batch, patches] `aux.match_labels` of each row's first question, when asked for."""
+    relation: torch.Tensor | None = None
+    """[batch, 2] `aux.relation_labels` of each row's first question, when asked for."""
+    centres: torch.Tensor | None = None
+    """[batch, 4] `aux.relation_centres` of each row's first question, with `relation`."""
 
 
 def encode_conversation(
@@ -454,6 +505,7 @@ def collate_conversations(
     patch_labels: bool = False,
     tokenizer: Any = None,
     match_labels: bool = False,
+    relation_labels: bool = False,
 ) -> ToyBatch:
     """Right-padded batch of encoded conversations (with the pictures' per-patch auxiliary
     labels if `patch_labels`, and the question words' labels if a `tokenizer` is given)."""
@@ -485,8 +537,16 @@ def collate_conversations(
         match = torch.from_numpy(
             np.stack([aux.match_labels(qs[0], s.objects, WORLD) for s, qs, _, _ in items])
         )
+    relation, centres = None, None
+    if relation_labels:
+        relation = torch.from_numpy(
+            np.stack([aux.relation_labels(qs[0], s.objects) for s, qs, _, _ in items])
+        )
+        centres = torch.from_numpy(
+            np.stack([aux.relation_centres(qs[0], s.objects, WORLD) for s, qs, _, _ in items])
+        )
     types = [[q.type for q in qs] for _, qs, _, _ in items]
-    return ToyBatch(batch.inputs, turn, types, patches, word_at, words, match)
+    return ToyBatch(batch.inputs, turn, types, patches, word_at, words, match, relation, centres)
 
 
 def _image_token_id(processor: Any) -> int:
@@ -508,11 +568,13 @@ class TrainBatches(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
         patch_labels: bool = False,
         word_labels: bool = False,
         match_labels: bool = False,
+        relation_labels: bool = False,
     ) -> None:
         self.processor, self.seed, self.steps = processor, seed, steps
         self.batch_size, self.curriculum = batch_size, tuple(curriculum)
         self.questions, self.patch_labels = questions, patch_labels
         self.word_labels, self.match_labels = word_labels, match_labels
+        self.relation_labels = relation_labels
 
     def __iter__(self) -> Iterator[ToyBatch]:
         stream = sample_stream(
@@ -527,7 +589,9 @@ class TrainBatches(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
         for _ in range(self.steps):
             items = [next(stream) for _ in range(self.batch_size)]
             tok = self.processor.tokenizer if self.word_labels else None
-            yield collate_conversations(items, pad_id, self.patch_labels, tok, self.match_labels)
+            yield collate_conversations(
+                items, pad_id, self.patch_labels, tok, self.match_labels, self.relation_labels
+            )
 
 
 def _one_thread(_worker_id: int) -> None:
@@ -597,6 +661,41 @@ def _match_loss(
     return nn.functional.cross_entropy(logits, y), acc
 
 
+def answer_positions(turn: torch.Tensor) -> torch.Tensor:
+    """[batch] the last prompt position of each row's first turn (the token whose output
+    predicts the first answer token, where generation starts), from `ToyBatch.turn`."""
+    first = (turn == 0).long().argmax(1)
+    if bool((first == 0).any()):
+        raise ValueError("a row has no answer token of its first turn")
+    return first - 1
+
+
+def _relation_loss(
+    head: nn.Module, hidden: torch.Tensor, batch: ToyBatch
+) -> tuple[torch.Tensor, float] | None:
+    """Cross-entropy of `aux.relation_labels` read by `head` from the decoder's hidden states
+    at each row's answer position, and its accuracy; None when no row is labelled (no
+    relation question in the batch)."""
+    assert batch.relation is not None
+    y = batch.relation
+    if not bool((y != aux.IGNORE).any()):
+        return None
+    rows = torch.arange(hidden.shape[0])
+    h = hidden[rows, answer_positions(batch.turn)]
+    out = head(h.float())
+    n_sign = 2 * y.shape[1]
+    logits = out[:, :n_sign].reshape(-1, 2)
+    y = y.reshape(-1)
+    on = y != aux.IGNORE
+    acc = float((logits.detach().argmax(-1) == y)[on].float().mean())
+    loss = nn.functional.cross_entropy(logits, y, ignore_index=aux.IGNORE)
+    if out.shape[1] > n_sign:  # the centres too (`ToyTrainConfig.relation_centres`)
+        assert batch.centres is not None
+        known = batch.centres.isfinite()
+        loss = loss + nn.functional.mse_loss(out[:, n_sign:][known], batch.centres[known])
+    return loss, acc
+
+
 def _lr_at(step: int, cfg: ToyTrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -632,6 +731,7 @@ def train_toy(
                      eval_n=eval_n).items():  # fmt: skip
         if v is not None:
             setattr(cfg, k, v)
+    weighted_curriculum(cfg.curriculum, cfg.type_repeats)  # checks the weights before building
     if cfg.workers not in (0, 1):
         raise ValueError(f"workers must be 0 or 1, got {cfg.workers}")
     if cfg.match_weight > 0 and not cfg.question_first:
@@ -644,6 +744,11 @@ def train_toy(
             f"only question (questions={cfg.questions}) comes before it: ask questions >= 2 "
             "(the later turns follow the image) or set question_first=False"
         )
+    n_layers = (TEXT | cfg.decoder)["num_hidden_layers"]
+    for name in ("word", "match", "relation"):
+        layer = getattr(cfg, f"{name}_layer")
+        if getattr(cfg, f"{name}_weight") > 0 and not 1 <= layer <= n_layers:
+            raise ValueError(f"{name}_layer must be in 1..{n_layers}, got {layer}")
     start, cpu0, child0 = time.perf_counter(), cpu_seconds(), cpu_seconds(resource.RUSAGE_CHILDREN)
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
@@ -701,6 +806,12 @@ def _train(
     if cfg.match_weight > 0:
         match_head = nn.Linear(model.config.text_config.hidden_size, aux.MATCH_CLASSES)
         named += [(f"match.{n}", p) for n, p in match_head.named_parameters()]
+    relation_head = None
+    if cfg.relation_weight > 0:
+        n_axes = len(aux.RELATION_AXES)
+        n_out = 2 * n_axes + (2 * n_axes if cfg.relation_centres else 0)
+        relation_head = nn.Linear(model.config.text_config.hidden_size, n_out)
+        named += [(f"relation.{n}", p) for n, p in relation_head.named_parameters()]
     decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in named if not (p.dim() >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW(
@@ -715,11 +826,12 @@ def _train(
         cfg.seed,
         cfg.steps,
         cfg.batch_size,
-        cfg.curriculum,
+        weighted_curriculum(cfg.curriculum, cfg.type_repeats),
         cfg.questions,
         patch_labels=head is not None,
         word_labels=word_head is not None,
         match_labels=match_head is not None,
+        relation_labels=relation_head is not None,
     )
     stream = train_batches(data, cfg.workers)
     ema_loss, ema_acc = float("nan"), 0.0
@@ -737,6 +849,9 @@ def _train(
         aux.LayerTap(model.model.language_model.layers[cfg.match_layer - 1])
         if match_head is not None
         else contextlib.nullcontext() as match_tap,
+        aux.LayerTap(model.model.language_model.layers[cfg.relation_layer - 1])
+        if relation_head is not None
+        else contextlib.nullcontext() as relation_tap,
     ):
         for step in range(cfg.steps):
             if cpu_seconds() - cpu0 > cfg.minutes * 60:
@@ -750,6 +865,8 @@ def _train(
                 word_tap.output = None
             if match_tap is not None:
                 match_tap.output = None
+            if relation_tap is not None:
+                relation_tap.output = None
             loss, correct, qtypes = answer_loss(model, batch)
             lv = loss.item()
             if head is not None and tap is not None and tap.output is not None:
@@ -774,6 +891,15 @@ def _train(
                 )
                 loss = loss + cfg.match_weight * match_loss
                 by_type["match"] = 0.9 * by_type.get("match", match_acc) + 0.1 * match_acc
+            if (
+                relation_head is not None
+                and relation_tap is not None
+                and relation_tap.output is not None
+                and (got := _relation_loss(relation_head, relation_tap.output, batch))
+            ):
+                rel_loss, rel_acc = got
+                loss = loss + cfg.relation_weight * rel_loss
+                by_type["relation_aux"] = 0.9 * by_type.get("relation_aux", rel_acc) + 0.1 * rel_acc
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -1061,6 +1187,36 @@ def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help=f"decoder layer (1-based) the match loss reads (default {d.match_layer})",
     )
     p.add_argument(
+        "--relation-weight",
+        type=float,
+        default=d.relation_weight,
+        help="weight of the loss at the answer position of relation questions: whether the "
+        "first named object lies before or after the second along rows and along columns "
+        "(read from the decoder after --relation-layer at the last prompt token; training "
+        f"only, 0: off; default {d.relation_weight:g})",
+    )
+    p.add_argument(
+        "--relation-centres",
+        action=argparse.BooleanOptionalAction,
+        default=d.relation_centres,
+        help="with --relation-weight, the relation head also regresses both named objects' "
+        f"centres (default {d.relation_centres})",
+    )
+    p.add_argument(
+        "--relation-layer",
+        type=int,
+        default=d.relation_layer,
+        help=f"decoder layer (1-based) the relation loss reads (default {d.relation_layer})",
+    )
+    p.add_argument(
+        "--type-repeat",
+        action="append",
+        default=[],
+        metavar="TYPE=N",
+        help="draw question type TYPE N times as often as the others, in every curriculum "
+        "stage that asks it (repeatable, e.g. --type-repeat relation=2; default: balanced)",
+    )
+    p.add_argument(
         "--eval-n",
         type=int,
         default=d.eval_n,
@@ -1083,6 +1239,17 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def parse_type_repeats(items: Sequence[str]) -> dict[str, int]:
+    """``["relation=2", ...]`` (the ``--type-repeat`` flags) -> ``{"relation": 2, ...}``."""
+    out: dict[str, int] = {}
+    for item in items:
+        qtype, sep, n = item.partition("=")
+        if not sep or not n.strip().isdigit():
+            raise ValueError(f"--type-repeat {item!r}: expected TYPE=N with N a whole number")
+        out[qtype.strip()] = int(n)
+    return out
+
+
 def run_train(args: argparse.Namespace) -> int:
     """`vlmscope zoo train-toy`: train, save, print the held-out accuracy table."""
     cfg = ToyTrainConfig(
@@ -1098,6 +1265,10 @@ def run_train(args: argparse.Namespace) -> int:
         word_layer=args.word_layer,
         match_weight=args.match_weight,
         match_layer=args.match_layer,
+        relation_weight=args.relation_weight,
+        relation_layer=args.relation_layer,
+        relation_centres=args.relation_centres,
+        type_repeats=parse_type_repeats(args.type_repeat),
         workers=args.workers,
         threads=args.threads,
         eval_n=args.eval_n,
