@@ -268,17 +268,9 @@ def _read_tensors(path: Path, crc: int | None = None) -> dict[str, torch.Tensor]
     try:
         tensors = load_file(str(path))
     except Exception as e:  # safetensors raises its own types for torn files and bad headers
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(
-            f"checkpoint file {path} is unreadable ({first}): it is truncated or corrupt; "
-            "restore it or start a new --run-name"
-        ) from None
+        raise _unreadable(path, e) from None
     if crc is not None and (got := file_crc32(path)) != crc:
-        raise CheckpointError(
-            f"checkpoint file {path} fails its checksum (crc32 {got:08x}, recorded "
-            f"{crc:08x}): its bytes changed since it was written; restore it or start a new "
-            "--run-name"
-        )
+        raise _bad_checksum(path, got, crc)
     return tensors
 
 
@@ -426,19 +418,26 @@ def _verify_file(path: Path, crc: int | None) -> None:
         with safe_open(str(path), framework="pt", device="cpu"):
             pass
     except Exception as e:  # safetensors raises its own types for torn files and bad headers
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(
-            f"checkpoint file {path} is unreadable ({first}): it is truncated or corrupt; "
-            "restore it or start a new --run-name"
-        ) from None
+        raise _unreadable(path, e) from None
     if crc is None:
         raise CheckpointError(f"checkpoint file {path}: state.json records no crc32 for it")
     if (got := file_crc32(path)) != crc:
-        raise CheckpointError(
-            f"checkpoint file {path} fails its checksum (crc32 {got:08x}, recorded "
-            f"{crc:08x}): its bytes changed since it was written; restore it or start a new "
-            "--run-name"
-        )
+        raise _bad_checksum(path, got, crc)
+
+
+def _unreadable(path: Path, e: Exception) -> CheckpointError:
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return CheckpointError(
+        f"checkpoint file {path} is unreadable ({first}): it is truncated or corrupt; "
+        "restore it or start a new --run-name"
+    )
+
+
+def _bad_checksum(path: Path, got: int, crc: int) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint file {path} fails its checksum (crc32 {got:08x}, recorded {crc:08x}): its "
+        "bytes changed since it was written; restore it or start a new --run-name"
+    )
 
 
 def _legacy_tensors(path: Path, state: dict[str, Any]) -> tuple[_Tensors, dict[str, Any]]:
