@@ -101,6 +101,9 @@ def test_default_recipe_asks_one_question_first_per_picture() -> None:
     cfg = ToyTrainConfig()
     assert (cfg.questions, cfg.batch_size, cfg.question_first) == (1, 13, True)
     assert cfg.match_weight > 0
+    # relation run 3's options (benchmarks/README.md "Toy VLM training")
+    relation = (cfg.relation_weight, cfg.relation_centres, cfg.relation_word, cfg.type_repeats)
+    assert cfg.steps == 5400 and relation == (1.0, True, True, {"relation": 2})
     _, processor = build_toy(seed=0, question_first=cfg.question_first)
     tok = processor.tokenizer
     image_id = tok.convert_tokens_to_ids("<image>")
@@ -234,7 +237,8 @@ def test_word_loss_needs_a_question_after_the_image(tmp_path: Path) -> None:
 
 def test_relation_head_runs_and_is_not_saved(tmp_path: Path) -> None:
     """With the answer-position relation loss on (relation questions only, so every batch has
-    labels), the loss runs and the saved folder holds exactly a plain toy LLaVA's tensors."""
+    labels), its centres and its relation-word target, the loss runs and the saved folder
+    holds exactly a plain toy LLaVA's tensors (and no relation-head file or key)."""
     from safetensors import safe_open
 
     from vlmscope.models.toy.train import Stage, ToyTrainConfig
@@ -245,12 +249,17 @@ def test_relation_head_runs_and_is_not_saved(tmp_path: Path) -> None:
         eval_n=0,
         relation_weight=1.0,
         relation_centres=True,
+        relation_word=True,
         curriculum=(Stage(0.0, 3, ("relation",)),),
     )
     metrics = train_toy(tmp_path / "toy", config=cfg, progress=False)
     assert 0.0 <= metrics["history"][-1]["relation_aux"] <= 1.0
-    plain, _ = build_toy(seed=0, question_first=True)
+    assert 0.0 <= metrics["history"][-1]["relation_word"] <= 1.0
+    plain, processor = build_toy(seed=0, question_first=True)
     plain.save_pretrained(tmp_path / "plain")
+    processor.save_pretrained(tmp_path / "plain")
+    files = {p.name for p in (tmp_path / "toy").iterdir()}
+    assert files == {p.name for p in (tmp_path / "plain").iterdir()} | {"training.json"}
     keys = []
     for folder in ("toy", "plain"):
         with safe_open(str(tmp_path / folder / "model.safetensors"), "pt") as f:

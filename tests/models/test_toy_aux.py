@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
+import pytest
 import torch
 
 from vlmscope.data.shapes import COLOURS, POSITIONS, ShapeObject, ShapesConfig, generate
@@ -193,6 +194,32 @@ def test_relation_labels_on_a_hand_built_scene() -> None:
     assert np.isnan(relation_centres(colour_q, scene, V2)).all()
 
 
+def test_relation_word_label_on_hand_built_questions() -> None:
+    """The relation word asked, as a class (left 0, right 1, above 2, below 3), taken from the
+    question's structure whatever its wording; nothing for other question types; a relation
+    question without a known relation word is refused."""
+    from vlmscope.data.shapes import Question
+    from vlmscope.models.toy.aux import relation_word_label
+
+    pair = {"shape": "circle", "other_shape": "square"}
+    want = {"left": 0, "right": 1, "above": 2, "below": 3}
+    texts = {
+        "left": "Is the circle on the left of the square?",
+        "right": "Is the circle right of the square?",
+        "above": "Is the circle higher than the square?",
+        "below": "Is the circle under the square?",
+    }
+    for relation, label in want.items():
+        q = Question("relation", texts[relation], "no", pair | {"relation": relation}, [], 2, True)
+        assert relation_word_label(q) == label, relation
+    colour_q = Question("colour", "What colour is the circle?", "red", {"shape": "circle"}, [0],
+                        0, False)  # fmt: skip
+    assert relation_word_label(colour_q) == IGNORE
+    with pytest.raises(ValueError, match="'Is the circle near the square\\?'"):
+        relation_word_label(Question("relation", "Is the circle near the square?", "no",
+                                     pair | {"relation": "near"}, [], 0, False))  # fmt: skip
+
+
 def test_relation_labels_at_the_answer_position_agree_with_the_worlds_answers() -> None:
     """In a training batch of relation questions, each row's labels sit with the token after
     which the answer is generated, and the label on the asked axis gives the world's yes/no
@@ -203,7 +230,7 @@ def test_relation_labels_at_the_answer_position_agree_with_the_worlds_answers() 
     tok = processor.tokenizer
     stages = (Stage(0.0, 5, ("relation", "colour")),)
     batch = next(iter(TrainBatches(processor, 0, 1, 12, stages, relation_labels=True)))
-    assert batch.relation is not None
+    assert batch.relation is not None and batch.relation_word is not None
     pos = answer_positions(batch.turn)
     items = list(sample_stream(processor, 0, 1, 12, stages))
     seen = 0
@@ -212,9 +239,21 @@ def test_relation_labels_at_the_answer_position_agree_with_the_worlds_answers() 
         assert tok.decode(ids[: pos[row] + 1]).endswith("ASSISTANT:")
         assert tok.decode(ids[pos[row] + 1]).strip() == qs[0].answer
         lab = batch.relation[row].tolist()
+        word = int(batch.relation_word[row])
         if qs[0].type != "relation":
             assert lab == [IGNORE, IGNORE]
+            assert word == IGNORE
             continue
+        # the class of the relation word, read independently from the question's text
+        text = qs[0].text.lower()
+        wordings = [
+            ("left of",),
+            ("right of",),
+            ("above", "over", "higher"),
+            ("below", "under", "lower"),
+        ]
+        said = [i for i, w in enumerate(wordings) if any(x in text for x in w)]
+        assert said == [word], (text, word)
         relation = qs[0].query["relation"]
         axis = 1 if relation in ("left", "right") else 0
         before = relation in ("left", "above")

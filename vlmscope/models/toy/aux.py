@@ -254,6 +254,23 @@ def relation_centres(
     return ((np.array([*a.centre, *b.centre], np.float64) - half) / half).astype(np.float32)
 
 
+def relation_word_label(question: shapes.Question) -> int:
+    """Which relation word a relation question asks, as its index in `shapes.RELATIONS`
+    (left, right, above, below: the axis and the direction the answer reads the places
+    through), from the question's structured ``query`` (not its text, whose three wordings per
+    relation all map to one class); `IGNORE` for any other question type.
+
+    A training-only target at the answer position: the probe on run 2 found the sign of the
+    places there after layer 3 but the word asked only after layer 4, so the last layer had to
+    fetch the word and combine it with the sign in one step."""
+    if question.type != "relation":
+        return IGNORE
+    relation = question.query.get("relation")
+    if relation not in shapes.RELATIONS:
+        raise ValueError(f"{question.text!r}: relation question without a known relation word")
+    return shapes.RELATIONS.index(relation)
+
+
 def _relation_pair(
     question: shapes.Question, objects: Sequence[shapes.ShapeObject]
 ) -> tuple[shapes.ShapeObject, shapes.ShapeObject]:
