@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Generated data (the shapes world) and zoo copies go to a per-session folder, not ~/.cache.
-os.environ.setdefault("VLMSCOPE_CACHE", __import__("tempfile").mkdtemp(prefix="vlmscope-test-"))
+# Generated data (the shapes world) and zoo copies go to a per-session folder, not ~/.cache,
+# removed when the session that made it ends (child pytests and ranks inherit it).
+if "VLMSCOPE_CACHE" not in os.environ:
+    os.environ["VLMSCOPE_CACHE"] = tempfile.mkdtemp(prefix="vlmscope-test-")
+    atexit.register(shutil.rmtree, os.environ["VLMSCOPE_CACHE"], ignore_errors=True)
 
 from collections.abc import Iterator
 from pathlib import Path
