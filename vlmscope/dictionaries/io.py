@@ -97,6 +97,14 @@ def _write_json(path: Path, obj: Any) -> None:
     write_text_atomically(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+_ST_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}
+
+
 def _tensor_bytes(t: Tensor) -> Any:
     """The raw bytes of a tensor as safetensors stores them (a numpy uint8 view, no copy when
     the tensor is contiguous on the CPU)."""
@@ -105,8 +113,9 @@ def _tensor_bytes(t: Tensor) -> Any:
 
 def block_crcs(data: Any, block: int = CHECKSUM_BLOCK) -> list[int]:
     """CRC-32 of each `block`-byte block of `data` (one entry for empty data)."""
-    n = len(data)
-    return [zlib.crc32(data[i : i + block]) for i in range(0, max(n, 1), block)]
+    acc = _BlockCRC(block)
+    acc.feed(memoryview(data).cast("B"))
+    return acc.result()
 
 
 def _safetensors_header(path: Path) -> tuple[bytes, dict[str, Any]]:
@@ -156,13 +165,6 @@ def _header_order(specs: Mapping[str, tuple[torch.dtype, Sequence[int]]]) -> lis
     raw = save(dummies)
     n = int.from_bytes(raw[:8], "little")
     return [k for k in json.loads(raw[8 : 8 + n]) if k != "__metadata__"]
-
-
-_ST_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint8: "U8", torch.bool: "BOOL",
-}  # fmt: skip
 
 
 class _BlockCRC:
@@ -339,13 +341,6 @@ def _check_block(path: Path, name: str, b: int, block: int, crc: int, want: Sequ
             f"checksum (crc32 {crc:08x}, recorded {recorded}): the file is corrupt; copy it "
             "again or re-train"
         )
-
-
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}  # fmt: skip
 
 
 @dataclass
