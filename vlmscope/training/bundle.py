@@ -217,9 +217,13 @@ class DictionaryBundle(nn.Module):
         return [self.clt] if self.clt is not None else list(self.coders)
 
     # --- files ------------------------------------------------------------------------------
+    def metadata(self) -> dict[str, Any]:
+        """The bindings every saved dictionary carries (under BUNDLE_KEY)."""
+        return {"reads": self.reads, "writes": self.writes, "model": self.model_info}
+
     def save(self, path: str | os.PathLike[str]) -> Path:
         """One folder: the dictionaries (JSON config + safetensors) with the bindings inside."""
-        meta = {"reads": self.reads, "writes": self.writes, "model": self.model_info}
+        meta = self.metadata()
         if self.clt is not None:
             self.clt.cfg.metadata = {BUNDLE_KEY: meta}
             return save_dictionaries(self.clt, path)

@@ -181,7 +181,7 @@ def save_final_dictionaries(
 ) -> Path:
     """Write `<run>/dictionaries` (the ordinary bundle format) atomically, every rank writing
     the files of what it holds; called on every rank together."""
-    meta = {"reads": bundle.reads, "writes": bundle.writes, "model": bundle.model_info}
+    meta = bundle.metadata()
     shard = shards.checkpoint_view() if shards is not None else None
 
     def write_mine(tmp: Path) -> Any:
