@@ -675,6 +675,11 @@ def _match_loss(
     return nn.functional.cross_entropy(logits, y), acc
 
 
+def _running(averages: dict[str, float], key: str, value: float, keep: float = 0.9) -> None:
+    """Update the running average `averages[key]` (it starts at the first value)."""
+    averages[key] = keep * averages.get(key, value) + (1 - keep) * value
+
+
 def answer_positions(turn: torch.Tensor) -> torch.Tensor:
     """[batch] the last prompt position of each row's first turn (the token whose output
     predicts the first answer token, where generation starts), from `ToyBatch.turn`."""
@@ -901,7 +906,7 @@ def _train(
                 aux_loss, aux_scores = head.loss(tap.output, batch.patches)
                 loss = loss + cfg.aux_weight * aux_loss
                 for t, a in aux_scores.items():
-                    by_type[f"aux_{t}"] = 0.9 * by_type.get(f"aux_{t}", a) + 0.1 * a
+                    _running(by_type, f"aux_{t}", a)
             if word_head is not None and word_tap is not None and word_tap.output is not None:
                 assert batch.word_at is not None and batch.words is not None
                 if len(batch.word_at):
@@ -910,31 +915,29 @@ def _train(
                     word_loss, word_scores = word_head.loss(h, labels)
                     loss = loss + cfg.word_weight * word_loss
                     for t, a in word_scores.items():
-                        by_type[f"word_{t}"] = 0.9 * by_type.get(f"word_{t}", a) + 0.1 * a
+                        _running(by_type, f"word_{t}", a)
             if match_head is not None and match_tap is not None and match_tap.output is not None:
                 assert batch.match is not None
                 match_loss, match_acc = _match_loss(
                     match_head, match_tap.output, batch, _image_token_id(processor)
                 )
                 loss = loss + cfg.match_weight * match_loss
-                by_type["match"] = 0.9 * by_type.get("match", match_acc) + 0.1 * match_acc
+                _running(by_type, "match", match_acc)
+            got = None
             if (
                 relation_head is not None
                 and relation_tap is not None
                 and relation_tap.output is not None
-                and (
-                    got := _relation_loss(
-                        relation_head, relation_tap.output, batch, cfg.relation_centres
-                    )
-                )
             ):
+                got = _relation_loss(
+                    relation_head, relation_tap.output, batch, cfg.relation_centres
+                )
+            if got is not None:  # None also when the batch asks no relation question
                 rel_loss, rel_acc, word_acc = got
                 loss = loss + cfg.relation_weight * rel_loss
-                by_type["relation_aux"] = 0.9 * by_type.get("relation_aux", rel_acc) + 0.1 * rel_acc
+                _running(by_type, "relation_aux", rel_acc)
                 if word_acc is not None:
-                    by_type["relation_word"] = (
-                        0.9 * by_type.get("relation_word", word_acc) + 0.1 * word_acc
-                    )
+                    _running(by_type, "relation_word", word_acc)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -944,7 +947,7 @@ def _train(
             ema_loss = lv if step == 0 else 0.95 * ema_loss + 0.05 * lv
             ema_acc = acc if step == 0 else 0.95 * ema_acc + 0.05 * acc
             for t, c in zip(qtypes, correct.tolist(), strict=True):
-                by_type[t] = 0.99 * by_type.get(t, c) + 0.01 * c
+                _running(by_type, t, c, keep=0.99)
             if step % 25 == 0 or done == cfg.steps:
                 history.append(
                     {"step": step, "loss": round(ema_loss, 4), "acc": round(ema_acc, 4),
