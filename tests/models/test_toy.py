@@ -189,11 +189,17 @@ def test_question_first_template_puts_the_question_before_the_image(tmp_path: Pa
     assert out.logits.shape[1] == len(prompt)
 
 
+def tensor_names(folder: Path) -> set[str]:
+    """The tensor names of a saved model's weights."""
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return set(f.keys())
+
+
 def test_training_heads_are_not_saved(tmp_path: Path) -> None:
     """With every training-only loss on (per-patch, question-word and match heads), the saved
     folder holds exactly a plain toy LLaVA's tensors, and the word and match losses did run."""
-    from safetensors import safe_open
-
     from vlmscope.models.toy.train import ToyTrainConfig
 
     cfg = ToyTrainConfig(
@@ -208,13 +214,9 @@ def test_training_heads_are_not_saved(tmp_path: Path) -> None:
     metrics = train_toy(tmp_path / "toy", config=cfg, progress=False)
     assert any(k.startswith("word_") for k in metrics["history"][-1])
     assert "match" in metrics["history"][-1]
-    plain, _ = build_toy(seed=0, question_first=True)
-    plain.save_pretrained(tmp_path / "plain")
-    keys = []
-    for folder in ("toy", "plain"):
-        with safe_open(str(tmp_path / folder / "model.safetensors"), "pt") as f:
-            keys.append(set(f.keys()))
-    assert keys[0] == keys[1]
+    plain = tmp_path / "plain"
+    build_toy(seed=0, question_first=True)[0].save_pretrained(plain)
+    assert tensor_names(tmp_path / "toy") == tensor_names(plain)
 
 
 def test_match_loss_needs_the_question_first(tmp_path: Path) -> None:
@@ -239,8 +241,6 @@ def test_relation_head_runs_and_is_not_saved(tmp_path: Path) -> None:
     """With the answer-position relation loss on (relation questions only, so every batch has
     labels), its centres and its relation-word target, the loss runs and the saved folder
     holds exactly a plain toy LLaVA's tensors (and no relation-head file or key)."""
-    from safetensors import safe_open
-
     from vlmscope.models.toy.train import Stage, ToyTrainConfig
 
     cfg = ToyTrainConfig(
@@ -260,11 +260,7 @@ def test_relation_head_runs_and_is_not_saved(tmp_path: Path) -> None:
     processor.save_pretrained(tmp_path / "plain")
     files = {p.name for p in (tmp_path / "toy").iterdir()}
     assert files == {p.name for p in (tmp_path / "plain").iterdir()} | {"training.json"}
-    keys = []
-    for folder in ("toy", "plain"):
-        with safe_open(str(tmp_path / folder / "model.safetensors"), "pt") as f:
-            keys.append(set(f.keys()))
-    assert keys[0] == keys[1]
+    assert tensor_names(tmp_path / "toy") == tensor_names(tmp_path / "plain")
 
 
 def test_a_training_head_on_a_missing_layer_is_refused(tmp_path: Path) -> None:
