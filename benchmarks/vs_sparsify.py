@@ -9,7 +9,8 @@ train on exactly those rows, in the same order, the same number of tokens per st
 fresh process of its own (so the peak RSS column is each tool's own):
 
 - text: the conversations with their images removed, run through the toy's language model;
-- vlm: the same conversations with their images (16 image tokens each).
+- vlm: the same conversations with their images (the toy's image tokens: 64 each; 16 on the
+  v1 toy that the figures in benchmarks/README.md dated before 2026-12-01 were measured on).
 
 Per kind:
 - sae: `lm.blocks.L.hook_resid_post` -> itself; sparsify's `SparseCoder` (SAE config).

@@ -19,7 +19,8 @@ from vlmscope.features.store import FeatureStore
 from vlmscope.models.hooked import HookedVLM
 from vlmscope.models.toy import toy_path
 
-OPTS = dict(max_tokens=400, batch_size=8, checkpoint_every=1, examples=4, shard_size=100)
+# Two toy prompts (about 85 tokens each) per batch, so 400 tokens take several checkpoints.
+OPTS = dict(max_tokens=400, batch_size=2, checkpoint_every=1, examples=4, shard_size=100)
 _CACHE: dict[str, Any] = {}
 
 
@@ -56,6 +57,7 @@ def test_cards_match_a_recomputation(toy: dict[str, Any]) -> None:
     data = open_training_data(TrainConfig(model="toy", dataset="shapes:64", max_steps=1))
     records = list(itertools.islice(iter(data), 64))
     enc = SampleEncoder(vlm.processor, 256, vlm.adapter.image_token_ids())
+    px = vlm.model.config.vision_config.patch_size
     checked = 0
     runs: dict[int, Any] = {}
 
@@ -85,7 +87,7 @@ def test_cards_match_a_recomputation(toy: dict[str, Any]) -> None:
                     stored = Image.open(out / ex["image"]["file"])
                     assert (np.asarray(stored) == np.asarray(pic.convert("RGB"))).all()
                     _, _, r, c = ex["image"]["cell"]
-                    assert ex["image"]["box"] == [16 * c, 16 * r, 16 * c + 16, 16 * r + 16]
+                    assert ex["image"]["box"] == [px * c, px * r, px * c + px, px * r + px]
                 checked += 1
     assert checked > 6
     # Each picture once: as many files as distinct images referenced, no orphan left.

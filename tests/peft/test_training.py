@@ -56,7 +56,9 @@ def test_hf_trainer_steps_equal_vlmscope_training_steps_on_image_tokens(
     )  # fmt: skip
     trainer.train()
     metrics = pm.last_sae_outputs.metrics[f"{TARGET.replace(chr(92), '')}/default"]
-    assert metrics["rows"] == ref_inputs[1].shape[0] == 2 * 16  # 16 image tokens per sample
+    vc = toy.model.config.vision_config
+    per_image = (vc.image_size // vc.patch_size) ** 2  # image tokens per sample
+    assert metrics["rows"] == ref_inputs[1].shape[0] == 2 * per_image
 
     opt = torch.optim.Adam(bundle.parameters(), lr=1e-3)
     bundle.train()
@@ -80,8 +82,8 @@ def test_hf_trainer_steps_equal_vlmscope_training_steps_on_image_tokens(
 
 def test_vision_and_projector_adapters_read_image_patches(toy: HookedVLM) -> None:
     """The collator's sae_mask gives modules of the vision tower and the projector their own
-    rows: the 16 patches of each image (not the CLS token), whatever the language-model
-    token selection."""
+    rows: the patches of each image (not the CLS token), whatever the language-model token
+    selection."""
     records = open_training_data(TrainConfig(model="toy", dataset="shapes:8", output_dir="x"))
     data = SaeTrainingData(toy, records, tokens="text")
     cfg = TopKSaeConfig(
@@ -98,8 +100,10 @@ def test_vision_and_projector_adapters_read_image_patches(toy: HookedVLM) -> Non
         pm(**batch)
     rows = {k.split("/")[0]: m["rows"] for k, m in pm.last_sae_outputs.metrics.items()}
     text = batch["sae_mask"]["model.language_model.*"]
+    vc = toy.model.config.vision_config
+    per_image = (vc.image_size // vc.patch_size) ** 2
     assert rows == {
-        "model.vision_tower.encoder.layers.1": 3 * 16,
-        "model.multi_modal_projector": 3 * 16,
+        "model.vision_tower.encoder.layers.1": 3 * per_image,
+        "model.multi_modal_projector": 3 * per_image,
         "model.language_model.layers.1": int(text.sum()),
     }

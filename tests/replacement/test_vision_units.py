@@ -23,7 +23,7 @@ READ, WRITE = "vision.blocks.1.mlp.hook_in", "vision.blocks.1.mlp.hook_out"
 
 def test_a_vision_mlp_transcoder_is_replaced_at_image_patches_only() -> None:
     """Evaluation's reconstruction metrics, replaced and zero-ablated CE equal what the same
-    transcoder gives when spliced in by hand at the 16 patch rows of each image (the CLS row
+    transcoder gives when spliced in by hand at the patch rows of each image (the CLS row
     keeps the MLP's own output, as the dictionaries never trained on it)."""
     vlm = HookedVLM.from_pretrained(toy_path(), device="cpu")
     torch.manual_seed(0)
@@ -40,7 +40,8 @@ def test_a_vision_mlp_transcoder_is_replaced_at_image_patches_only() -> None:
     )
     report = evaluate(vlm, bundle, inputs, progress=False)
 
-    patch = torch.ones(2, 17, 1, dtype=torch.bool)
+    vc = vlm.model.config.vision_config
+    patch = torch.ones(2, 1 + (vc.image_size // vc.patch_size) ** 2, 1, dtype=torch.bool)
     patch[:, 0] = False
     seen: dict[str, torch.Tensor] = {}
 
@@ -70,7 +71,7 @@ def test_a_vision_mlp_transcoder_is_replaced_at_image_patches_only() -> None:
     )
     x, y = seen["x"][:, 1:].reshape(-1, 128), seen["y"][:, 1:].reshape(-1, 128)
     recon = report.reconstruction["all"]["per_unit"][READ]
-    assert report.reconstruction["all"]["n_tokens"] == 32
+    assert report.reconstruction["all"]["n_tokens"] == x.shape[0] == 2 * (patch.shape[1] - 1)
     with torch.no_grad():
         want_fvu = float(fvu(y, coder(x, y).reconstruction))
     assert recon["fvu"] == pytest.approx(want_fvu, rel=1e-4)

@@ -36,9 +36,11 @@ def test_vision_rows_are_the_patches_and_the_language_model_never_runs(special: 
     finally:
         handle.remove()
     assert calls == []  # the forward stopped before the language model's layers
-    # Two images of 4x4 patches: 32 patch rows, plus the CLS row of each image if asked;
-    # the projector drops CLS, so it always has 32.
-    assert [x.shape for x in batch.xs] == [(34 if special else 32, 128), (32, 128)]
+    # Two images of g x g patches: 2 g^2 patch rows, plus the CLS row of each image if asked;
+    # the projector drops CLS, so it always has 2 g^2.
+    vc = vlm.model.config.vision_config
+    rows = 2 * (vc.image_size // vc.patch_size) ** 2
+    assert [x.shape for x in batch.xs] == [(rows + 2 if special else rows, 128), (rows, 128)]
     inputs = vlm.prepare(["a", "b"], images=[[_image(0)], [_image(1)]])
     # The rows are the cached activation's patch rows, in (image, row, col) order.
     _, cache = vlm.run_with_cache(inputs, names=HOOKS)

@@ -33,6 +33,7 @@ from tests.viewer.browser import (
     wait_ready,
 )
 from vlmscope.attribution.export import store_image, write_graph_files
+from vlmscope.features.store import FeatureStore
 from vlmscope.viewer.server import ViewerConfig
 
 REASON = missing_browser_reason()
@@ -102,17 +103,20 @@ def test_walk_through(site: dict[str, Any], tmp_path: Path) -> None:
         assert shown["nodes"] == len(data["nodes"])
         # The heatmap: the picture keeps its colours at patch centres (no tint).
         wait_for(page, "() => document.getElementById('image-canvas').dataset.drawn === '1'")
-        centre = page.evaluate("""() => { const c = document.getElementById('image-canvas');
-            return [c.width, c.height, ...c.getContext('2d').getImageData(
-                Math.floor(c.width / 8), Math.floor(c.height / 8), 1, 1).data]; }""")
         entry = data["images"][0]
+        rows, cols = entry["grid"]["0"]  # the centre of the top-left patch
+        centre = page.evaluate(f"""() => {{ const c = document.getElementById('image-canvas');
+            return [c.width, c.height, ...c.getContext('2d').getImageData(
+                Math.floor(c.width / {2 * cols}), Math.floor(c.height / {2 * rows}), 1, 1).data];
+            }}""")
         pic = Image.open(graphs / entry["path"]).convert("RGB")
-        want = pic.getpixel((pic.width // 8, pic.height // 8))
+        want = pic.getpixel((pic.width // (2 * cols), pic.height // (2 * rows)))
         assert tuple(centre[2:5]) == want
         # Click the feature node with the most influence whose card has an image example.
         feats = sorted((n for n in data["nodes"] if n["feature_type"] == "cross layer transcoder"),
                        key=lambda n: n["influence"])  # fmt: skip
-        node = next(n for n in feats if n["ctx_idx"] in _image_positions(data))
+        store = FeatureStore(site["features"])
+        node = next(n for n in feats if _has_image_example(store, n))
         pos = page.evaluate(f"() => window.__vlmscope.nodePos('{node['node_id']}')")
         page.mouse.click(pos["x"], pos["y"])
         feat = node["node_id"].split("_")[1]
@@ -175,5 +179,7 @@ def test_walk_through(site: dict[str, Any], tmp_path: Path) -> None:
             assert page.evaluate("() => window.__vlmscope.shown.nodes") == len(data["nodes"])
 
 
-def _image_positions(data: dict[str, Any]) -> set[int]:
-    return {n["ctx_idx"] for n in data["nodes"] if "image" in n}
+def _has_image_example(store: FeatureStore, node: dict[str, Any]) -> bool:
+    """Whether the feature's card (from the features run) shows an image crop."""
+    card = store.card(str(node["layer"]), int(node["node_id"].split("_")[1]))
+    return any("image" in e for e in card["examples"])

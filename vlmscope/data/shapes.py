@@ -6,12 +6,13 @@ patches of the triangle the question asks about?").
 
 Two worlds, picked by ``ShapesConfig.version``:
 
-- **v1** (``DEFAULT_VERSION``: the world the shipped toy VLM was trained on, which the demo and
-  the ``shapes:N`` datasets use): a 64x64 image is a 4x4 grid of 16 px cells, each object is
+- **v1** (the world of the first shipped toy VLM, kept so its figures can be reproduced,
+  ``ShapesConfig(version=1)``): a 64x64 image is a 4x4 grid of 16 px cells, each object is
   small or large and fills the middle of one cell, up to 4 objects, question types
   ``V1_QUESTION_TYPES`` (``count`` counts a shape), one wording per type (the first phrasing
   below), positions the quadrant of the object's cell. Labels use 8 px patches.
-- **v2**: described below. ``ShapesConfig(version=2)``.
+- **v2** (``DEFAULT_VERSION``: the world the shipped toy VLM is trained on, which the demo and
+  the ``shapes:N`` datasets use): described below.
 
 Version 2. A 64x64 image is an 8x8 grid of 8 px patches. Each object occupies a
 square block of patches, 2x2, 3x3 or 4x4 (sizes ``small``, ``medium``, ``large``), at any
@@ -75,7 +76,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 VERSIONS: tuple[int, ...] = (1, 2)
-DEFAULT_VERSION = 1
+DEFAULT_VERSION = 2
 """The world `ShapesConfig()` builds: the one the shipped toy VLM was trained on (demo,
 `shapes:N` datasets). The version is written to ``info.json``."""
 
