@@ -5,8 +5,9 @@
 
 Trains a TopK SAE on the toy VLM's `vision.blocks.{layer}.hook_resid_post` (image patches only,
 through `vlmscope train`'s own trainer), then reads the held-out shapes world (test split):
-the toy sees a 64x64 image as 4x4 patches of 16 px, exactly the shapes world's cells, so each
-patch is labelled with the colour and shape of the object drawn in its cell, or background.
+the toy sees a 64x64 image as 8x8 patches of 8 px, the shapes world's own patch grid, so each
+patch is labelled with the colour and shape of the object drawn on it (the world's exact
+per-patch labels), or background.
 
 Units are the SAE's features and, as baselines, the neurons of the same residual stream (each
 in both signs) and as many random directions in it. A unit's top patches are the N (--top)
@@ -21,7 +22,7 @@ are >= 90% on an object. Reported per kind of unit:
   best AUROC                      per colour (shape), how well the best unit's activation alone
                                   separates patches with it from all others (0.5 = chance)
 
-The figure shows the SAE's object features, each with its top patches (3x enlarged).
+The figure shows the SAE's object features, each with its top patches (enlarged).
 """
 
 from __future__ import annotations
@@ -76,9 +77,9 @@ def train_sae(args: argparse.Namespace, hook: str, out: Path) -> DictionaryBundl
 
 def held_out_patches(
     args: argparse.Namespace, hook: str, out: Path
-) -> tuple[torch.Tensor, list[str], list[str], list[tuple[Any, int, int]]]:
+) -> tuple[torch.Tensor, list[str], list[str], list[tuple[Any, int, int, int]]]:
     """Activations [patches, d] of the test split's image patches with their colour and shape
-    labels and (image, row, col)."""
+    labels and (image, row, col, patch px)."""
     folder = out / "shapes-test"
     shapes.write_dataset(folder, n=args.eval, seed=args.seed, split="test")
     records = list(open_dataset(folder / "test.parquet", schema="chat"))
@@ -86,6 +87,13 @@ def held_out_patches(
     labels = {r.row_id: row for r, row in zip(records, rows, strict=True)}
     pictures = {r.row_id: r.images[0] for r in records}
     vlm = HookedVLM.from_pretrained(toy_path(), device="cpu")
+    px = vlm.model.config.vision_config.patch_size
+    if any(row["patch_size"] != px for row in rows):
+        raise SystemExit(f"the toy's {px} px patches are not the shapes world's label patches")
+    owner = {  # (row id, patch row, patch col) -> the object drawn on that patch
+        (row_id, r, c): o for row_id, row in labels.items() for o in row["objects"]
+        for r, c in o["patches"]
+    }  # fmt: skip
     xs, colours, kinds, where = [], [], [], []
     for batch in iter_batches(vlm, records, batch_size=32):
         masks = batch.masks if batch.masks is not None else vlm.masks(batch.inputs)
@@ -96,10 +104,10 @@ def held_out_patches(
         xs.append(act.reshape(-1, act.shape[-1])[keep].float())
         for image, _, r, c in layout[keep].tolist():
             row_id = batch.row_ids[masks.image_sample[image]]
-            obj = next((o for o in labels[row_id]["objects"] if o["cell"] == [r, c]), None)
+            obj = owner.get((row_id, r, c))
             colours.append(obj["colour"] if obj else BACKGROUND)
             kinds.append(obj["shape"] if obj else BACKGROUND)
-            where.append((pictures[row_id], r, c))
+            where.append((pictures[row_id], r, c, px))
     return torch.cat(xs), colours, kinds, where
 
 
@@ -158,16 +166,15 @@ def figure(
     path: Path, profile: dict[str, Any], acts: torch.Tensor, where: list[Any], rows: int
 ) -> None:
     """The SAE's object features (top patches >= 90% on an object), most active first, each
-    with its top patches (3x enlarged) and the colour / shape purity of its top patches."""
+    with its top patches (enlarged to 48 px) and the colour / shape purity of its top patches."""
     from PIL import Image, ImageDraw
 
-    cell, scale, label_w, gap, shown = 16, 3, 200, 4, 10
+    size, label_w, gap, shown = 48, 200, 4, 10
     chosen = ((profile["object"] >= 0.9) & profile["live"]).nonzero().squeeze(1).tolist()
     chosen.sort(key=lambda u: -float(acts[:, u].max()))
     chosen = sorted(
         chosen[:rows], key=lambda u: (profile["shape_value"][u], profile["colour_value"][u])
     )
-    size = cell * scale
     canvas = Image.new(
         "RGB", (label_w + shown * (size + gap), len(chosen) * (size + gap) + gap), "white"
     )
@@ -180,8 +187,8 @@ def figure(
         )
         draw.multiline_text((6, y + 8), text, fill=(0, 0, 0))
         for j, n in enumerate(acts[:, u].topk(shown).indices.tolist()):
-            picture, r, c = where[n]
-            crop = picture.crop((c * cell, r * cell, c * cell + cell, r * cell + cell))
+            picture, r, c, px = where[n]
+            crop = picture.crop((c * px, r * px, c * px + px, r * px + px))
             x = label_w + j * (size + gap)
             canvas.paste(crop.resize((size, size), Image.NEAREST), (x, y))
             draw.rectangle([x - 1, y - 1, x + size, y + size], outline=(180, 180, 180))
