@@ -100,11 +100,12 @@ LABELS = {
 }
 
 
-def dictionaries(vlm: Any, model: str, out: Path, tokens: int) -> dict[str, Path]:
-    """CLT and per-layer transcoders trained on the toy with the demo's settings."""
+def dictionaries(vlm: Any, model: str, out: Path, tokens: int | None) -> dict[str, Path]:
+    """CLT and per-layer transcoders trained on the toy with the demo's settings (and its
+    token budget unless `tokens` is given)."""
     from vlmscope.demo import DemoBudget, _train
 
-    budget = DemoBudget(train_tokens=tokens)
+    budget = DemoBudget() if tokens is None else DemoBudget(train_tokens=tokens)
     clt = _train(vlm, model, "clt", 0, out / "runs", budget)
     plt = _train(vlm, model, "transcoder", 1, out / "runs", budget)
     return {"graph_clt": Path(clt.dictionaries), "graph_plt": Path(plt.dictionaries)}
@@ -221,7 +222,8 @@ def main() -> None:
     p.add_argument(
         "--transcoders", default=None, help="per-layer transcoders folder (default: train them)"
     )
-    p.add_argument("--train-tokens", type=int, default=120_000, help="tokens to train each on")
+    p.add_argument("--train-tokens", type=int, default=None,
+                   help="tokens to train each on (default: the demo's budget)")  # fmt: skip
     p.add_argument("--n", type=int, default=40, help="held-out questions per type (before "
                    "keeping the correctly answered ones with a target)")  # fmt: skip
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + FROZEN,
@@ -245,6 +247,7 @@ def main() -> None:
     from vlmscope.attribution import baselines
     from vlmscope.attribution.attribute import attribute
     from vlmscope.attribution.export import patch_effect, patch_influence
+    from vlmscope.capture.layout import sha256_file
     from vlmscope.data import shapes
     from vlmscope.models.hooked import HookedVLM
     from vlmscope.models.toy.train import generate_answers, heldout_samples, world_version
@@ -335,6 +338,8 @@ def main() -> None:
     result = {
         "command": "python benchmarks/grounding.py " + " ".join(sys.argv[1:]),
         "model": str(path),
+        # the demo quotes this summary only for these exact weights
+        "weights_sha256": sha256_file(Path(path) / "model.safetensors"),
         "world_version": version,
         "n_per_type": args.n,
         "methods": methods,

@@ -348,7 +348,7 @@ COMMANDS: dict[str, tuple[str, str | None, Callable[[argparse.ArgumentParser], N
         "shows a prompt's token masks and activations, trains a cross-layer transcoder (and "
         "per-layer transcoders of the same budget for comparison), evaluates the CLT as a "
         "replacement model and attributes 'What colour is the circle?' to image patches. "
-        "Takes about a minute on a 2-core CPU; --inspect does only the first step.",
+        "Takes about a minute and a half on a 2-core CPU; --inspect does only the first step.",
         _demo_args,
     ),
     "train": (
