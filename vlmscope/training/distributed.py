@@ -99,6 +99,7 @@ class Layout:
                 )
             if cuda:
                 torch.cuda.set_device(local)
+            _bind_functional_defaults_before_joining()
             try:
                 dist.init_process_group(
                     backend, timeout=datetime.timedelta(seconds=timeout_s), rank=rank,
@@ -301,6 +302,22 @@ def leaving(layout: Layout | None) -> Iterator[None]:
         raise
     if layout is not None:
         layout.leave()
+
+
+def _bind_functional_defaults_before_joining() -> None:
+    """Import `torch.distributed.nn.functional` while no group exists.
+
+    Its functions take ``group=group.WORLD`` as a default argument, evaluated once, at import.
+    Imported after `init_process_group` (transformers imports it while loading a model), they
+    keep the default group's Python object alive after `destroy_process_group`: gloo's worker
+    threads then outlive the interpreter, and one that frees a finished collective's tensors
+    during shutdown aborts the process ("terminate called without an active exception") after
+    a run that succeeded. Imported first, the defaults are None (the default group at call
+    time, so nothing changes for their callers)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        import torch.distributed.nn.functional  # noqa: F401
 
 
 def rank_seed(seed: int, rank: int) -> int:
