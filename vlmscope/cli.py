@@ -320,7 +320,7 @@ def _zoo_args(z: argparse.ArgumentParser) -> None:
             "Llama decoder), one question per picture and 13 pictures per step by default, a "
             "curriculum from two-object scenes; saves it with save_pretrained and prints its "
             "held-out accuracy per question type with training and held-out phrasings. The "
-            "shipped default toy is the v1 model (an earlier recipe); see benchmarks/README.md.",
+            "defaults (seed 0) make the shipped toy; see benchmarks/README.md.",
         )
     )
     toy_train.add_eval_args(

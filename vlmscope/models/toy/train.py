@@ -203,7 +203,7 @@ def weighted_curriculum(
 class ToyTrainConfig:
     """How `train_toy` trains. The defaults are the best v2 recipe measured (benchmarks/README.md
     "Toy VLM training", relation run 3: every type at 99-100% on held-out scenes and phrasings,
-    one seed); the shipped toy is still the v1 model, made by an earlier recipe."""
+    one seed); the shipped toy is this recipe's model (seed 0)."""
 
     steps: int = 5400
     """Optimizer steps; the learning-rate schedule and the curriculum are laid out over them."""
