@@ -259,6 +259,8 @@ def main() -> None:
     version = world_version(path)
     config = shapes.ShapesConfig(version=version)
     vlm = HookedVLM.from_pretrained(path, device="cpu", dtype=torch.float32)
+    weights = Path(path) / "model.safetensors"  # one file for the toy; None for sharded weights
+    weights_sha256 = sha256_file(weights) if weights.is_file() else None
     methods = list(args.methods)
     dicts: dict[str, Path] = {}
     graphs = sorted({"graph_" + m.split("_")[1] for m in methods if m.endswith(("_clt", "_plt"))})
@@ -339,7 +341,7 @@ def main() -> None:
         "command": "python benchmarks/grounding.py " + " ".join(sys.argv[1:]),
         "model": str(path),
         # the demo quotes this summary only for these exact weights
-        "weights_sha256": sha256_file(Path(path) / "model.safetensors"),
+        "weights_sha256": weights_sha256,
         "world_version": version,
         "n_per_type": args.n,
         "methods": methods,

@@ -76,14 +76,11 @@ def _token_strip(vlm: HookedVLM, inputs: Any, masks: Any, b: int = 0) -> str:
 
 
 def demo_image() -> Any:
-    """A small picture of a red circle and a blue square (no files needed)."""
-    from PIL import Image, ImageDraw
+    """A held-out shapes-world picture with one circle, generated (no files needed): the one
+    the attribution step explains, drawn as the toy saw its training pictures."""
+    from vlmscope.data import shapes
 
-    img = Image.new("RGB", (64, 64), "white")
-    d = ImageDraw.Draw(img)
-    d.ellipse((6, 6, 30, 30), fill="red")
-    d.rectangle((36, 36, 58, 58), fill="blue")
-    return img
+    return shapes.example_with_one("circle").image
 
 
 def show_model(vlm: HookedVLM, prompt: str, image: Any) -> None:

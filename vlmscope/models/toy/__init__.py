@@ -1,10 +1,11 @@
 """The shipped toy VLM: a small LLaVA (CLIP-style vision tower, MLP projector, Llama decoder)
 trained from scratch on the shapes world (`vlmscope.data.shapes`).
 
-Unlike the random zoo models it has learned structure (it answers colour, shape, count, exists
-and position questions about 64x64 shape images), so demos, tests and docs can look for real
-circuits. Its weights (safetensors) and processor ship in `TOY_DIR` and load through the same
-`from_pretrained` path as a hub model: ``HookedVLM.from_pretrained(toy_path())``. Rebuild it with
+Unlike the random zoo models it has learned structure (it answers colour, shape, existence,
+position, relation and counting-by-shape or by-colour questions about 64x64 shape images, 64
+image tokens each), so demos, tests and docs can look for real circuits. Its weights
+(safetensors) and processor ship in `TOY_DIR` and load through the same `from_pretrained` path
+as a hub model: ``HookedVLM.from_pretrained(toy_path())``. Rebuild it with
 ``vlmscope zoo train-toy``; ``vlmscope zoo eval-toy`` measures its held-out accuracy.
 """
 

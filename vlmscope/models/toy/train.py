@@ -1044,7 +1044,8 @@ def generate_answers(
     vlm: Any, samples: Sequence[shapes.ShapesSample], batch_size: int = 64
 ) -> list[str]:
     """Greedy answers to the samples' questions, prompted the way users prompt
-    (`HookedVLM.prepare`: chat template, image then question, generation prompt)."""
+    (`HookedVLM.prepare`: the model's chat template, which places the question and the image as
+    the toy was trained, then the generation prompt)."""
     tok = vlm.tokenizer
     answers: list[str] = []
     for i in range(0, len(samples), batch_size):
