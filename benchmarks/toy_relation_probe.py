@@ -74,7 +74,7 @@ def states(vlm: HookedVLM, samples: list[shapes.ShapesSample]) -> dict[str, torc
         out["match"].append(torch.from_numpy(aux.match_labels(question_of(s), s.objects, WORLD)))
         out["yes"].append(torch.tensor(float(s.answer == "yes")))
         out["rel"].append(torch.tensor(RELATIONS.index(s.query["relation"])))
-        axis = 1 if s.query["relation"] in ("left", "right") else 0
+        axis = shapes.relation_axis(s.query["relation"])
         out["sign"].append(torch.tensor(int(aux.relation_labels(question_of(s), s.objects)[axis])))
     return {k: torch.stack(v) for k, v in out.items()}
 

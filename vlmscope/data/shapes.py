@@ -66,7 +66,7 @@ import json
 import os
 import re
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
@@ -712,6 +712,11 @@ def _apart(a: ShapeObject, b: ShapeObject, axis: int) -> bool:
     return a.cell[axis] + a.span <= b.cell[axis] or b.cell[axis] + b.span <= a.cell[axis]
 
 
+def relation_axis(relation: str) -> int:
+    """The axis a relation word compares along (0: rows for above/below, 1: columns)."""
+    return 1 if relation in ("left", "right") else 0
+
+
 def relation_holds(a: ShapeObject, b: ShapeObject, relation: str) -> bool:
     """Whether `a` is `relation` ("left", "right", "above", "below") of `b`: its block ends
     before the other's begins along that axis."""
@@ -815,7 +820,7 @@ def _make_sample(seed: int, split: str, index: int, config: ShapesConfig) -> Sha
             slots = {"A": f"the {shape_a}", "B": f"the {shape_b}"}
         query["relation"] = relation
         slots |= dict(zip(("rel0", "rel1", "rel2"), RELATION_WORDS[relation], strict=True))
-        axis = 1 if relation in ("left", "right") else 0
+        axis = relation_axis(relation)
 
         def accept(objs: list[ShapeObject]) -> bool:
             a, b = objs[0], objs[1]
@@ -990,16 +995,32 @@ def ask(
     return Question(qtype, text, answer, query, _targets(objs, qtype, query), phrasing, held)
 
 
+def _matching(objects: Sequence[ShapeObject], query: dict[str, str], prefix: str = "") -> list[int]:
+    """Indices of the objects with every shape and colour the query names under `prefix`
+    ("": the first object it names; "other_": a relation's second)."""
+    want = {k[len(prefix) :]: v for k, v in query.items() if k.startswith(prefix)}
+    want = {k: v for k, v in want.items() if k in ("shape", "colour")}
+    return [i for i, o in enumerate(objects) if all(getattr(o, k) == v for k, v in want.items())]
+
+
 def _targets(objects: list[ShapeObject], qtype: str, query: dict[str, str]) -> list[int]:
     """Indices of the objects a question is about: those matching every attribute it names;
     for a relation, its two objects."""
-    first = {k: v for k, v in query.items() if k in ("shape", "colour")}
-    found = [i for i, o in enumerate(objects) if all(getattr(o, k) == v for k, v in first.items())]
+    found = _matching(objects, query)
     if qtype != "relation":
         return found
-    other = {k[len("other_") :]: v for k, v in query.items() if k.startswith("other_")}
-    found += [i for i, o in enumerate(objects) if all(getattr(o, k) == v for k, v in other.items())]
-    return sorted(found)
+    return sorted(found + _matching(objects, query, "other_"))
+
+
+def relation_objects(
+    objects: Sequence[ShapeObject], query: dict[str, str]
+) -> tuple[ShapeObject, ShapeObject]:
+    """The first and the second object a relation question's `query` names, in that order
+    (each unique in its scene)."""
+    found = [_matching(objects, query, prefix) for prefix in ("", "other_")]
+    if any(len(f) != 1 for f in found):
+        raise ValueError(f"relation {query}: its two objects are not each unique in the scene")
+    return objects[found[0][0]], objects[found[1][0]]
 
 
 def iter_samples(

@@ -231,7 +231,7 @@ def relation_labels(question: shapes.Question, objects: Sequence[shapes.ShapeObj
     out = np.full(len(RELATION_AXES), IGNORE, np.int64)
     if question.type != "relation":
         return out
-    a, b = _relation_pair(question, objects)
+    a, b = shapes.relation_objects(objects, question.query)
     for axis in range(len(RELATION_AXES)):
         if a.cell[axis] + a.span <= b.cell[axis]:
             out[axis] = 0
@@ -249,7 +249,7 @@ def relation_centres(
     fetching each object's place on its own, before the two are compared."""
     if question.type != "relation":
         return np.full(4, np.nan, np.float32)
-    a, b = _relation_pair(question, objects)
+    a, b = shapes.relation_objects(objects, question.query)
     half = config.grid / 2
     return ((np.array([*a.centre, *b.centre], np.float64) - half) / half).astype(np.float32)
 
@@ -269,22 +269,6 @@ def relation_word_label(question: shapes.Question) -> int:
     if relation not in shapes.RELATIONS:
         raise ValueError(f"{question.text!r}: relation question without a known relation word")
     return shapes.RELATIONS.index(relation)
-
-
-def _relation_pair(
-    question: shapes.Question, objects: Sequence[shapes.ShapeObject]
-) -> tuple[shapes.ShapeObject, shapes.ShapeObject]:
-    """The first and the second object a relation question names (each unique in its scene)."""
-    q = question.query
-    first = {k: v for k, v in q.items() if k in ("shape", "colour")}
-    other = {k[len("other_") :]: v for k, v in q.items() if k.startswith("other_")}
-    found = [
-        [o for o in objects if all(getattr(o, k) == v for k, v in want.items())]
-        for want in (first, other)
-    ]
-    if any(len(f) != 1 for f in found):
-        raise ValueError(f"{question.text!r}: its two objects are not each unique in the scene")
-    return found[0][0], found[1][0]
 
 
 _Tap = TypeVar("_Tap", bound="LayerTap")

@@ -690,13 +690,13 @@ def answer_positions(turn: torch.Tensor) -> torch.Tensor:
 
 
 def _relation_loss(
-    head: nn.Module, hidden: torch.Tensor, batch: ToyBatch, centres: bool = False
+    head: nn.Module, hidden: torch.Tensor, batch: ToyBatch, centres: bool, word: bool
 ) -> tuple[torch.Tensor, float, float | None] | None:
     """Cross-entropy of `aux.relation_labels` read by `head` from the decoder's hidden states
     at each row's answer position, its accuracy, and the relation word's accuracy (None
-    unless the head has its `aux.relation_word_label` logits, the last ones, after the
-    centres' when `centres`); None when no row is labelled (no relation question in the
-    batch)."""
+    unless `word`); the head's outputs are the signs' logits, then the centres' if `centres`,
+    then the `aux.relation_word_label` logits if `word`. None when no row is labelled (no
+    relation question in the batch)."""
     assert batch.relation is not None
     y = batch.relation
     if not bool((y != aux.IGNORE).any()):
@@ -718,7 +718,7 @@ def _relation_loss(
         got = out[:, n_sign : n_sign + n_centres]
         loss = loss + nn.functional.mse_loss(got[known], batch.centres[known])
     word_acc = None
-    if out.shape[1] > n_sign + n_centres:  # the word too (`ToyTrainConfig.relation_word`)
+    if word:  # `ToyTrainConfig.relation_word`
         assert batch.relation_word is not None
         word_logits, w = out[:, n_sign + n_centres :], batch.relation_word
         asked = w != aux.IGNORE
@@ -930,8 +930,9 @@ def _train(
                 and relation_tap.output is not None
             ):
                 got = _relation_loss(
-                    relation_head, relation_tap.output, batch, cfg.relation_centres
-                )
+                    relation_head, relation_tap.output, batch, cfg.relation_centres,
+                    cfg.relation_word,
+                )  # fmt: skip
             if got is not None:  # None also when the batch asks no relation question
                 rel_loss, rel_acc, word_acc = got
                 loss = loss + cfg.relation_weight * rel_loss
