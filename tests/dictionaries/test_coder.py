@@ -381,6 +381,11 @@ def test_non_finite_inputs_raise() -> None:
     coder.check_inputs = False  # the trainer may opt out of the per-step sync
     assert torch.isnan(coder(bad, y).reconstruction).any()
     check_finite("fine", x)
+    # finite entries whose sum overflows are fine; +Inf and -Inf that cancel to NaN are not
+    check_finite("large", torch.full((4, 4), 3e38))
+    opposite = torch.tensor([float("inf"), float("-inf"), 1.0])
+    with pytest.raises(NonFiniteError, match=r"^both has 0 NaN and 2 Inf values"):
+        check_finite("both", opposite)
 
 
 def test_shape_and_argument_errors() -> None:

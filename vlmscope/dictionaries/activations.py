@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from vlmscope.dictionaries import batchstats
 from vlmscope.dictionaries.config import ACTIVATION_NAMES, SparseCoderConfig
+from vlmscope.dictionaries.topk import row_topk_indices
 
 
 @dataclass(frozen=True)
@@ -165,12 +166,12 @@ class TopK(SparseActivation):
     def forward(self, pre: Tensor) -> SparseCodes:
         self._check(pre)
         # Unsorted: no consumer depends on the order of a row's entries, and sorting costs.
-        values, indices = pre.topk(self.k, dim=1, sorted=False)
-        return SparseCodes(values.relu(), indices, self.num_latents)
+        indices = row_topk_indices(pre.detach(), self.k)
+        return SparseCodes(pre.gather(1, indices).relu(), indices, self.num_latents)
 
     def forward_sparse(self, pre: Tensor, gather: Gather) -> SparseCodes:
         self._check(pre)
-        indices = pre.detach().topk(self.k, dim=1, sorted=False).indices
+        indices = row_topk_indices(pre.detach(), self.k)
         return SparseCodes(gather(indices).relu(), indices, self.num_latents)
 
     def extra_repr(self) -> str:

@@ -36,6 +36,7 @@ from vlmscope.dictionaries.coder import (
 )
 from vlmscope.dictionaries.config import SparseCoderConfig
 from vlmscope.dictionaries.kernels import gathered_pre, sparse_decode
+from vlmscope.dictionaries.topk import row_topk_indices
 
 if TYPE_CHECKING:
     import os
@@ -460,8 +461,7 @@ class CrossLayerTranscoder(nn.Module):
         """AuxK codes of one source layer: its top aux_k dead latents' pre-activations
         (relu'd); a layer with no dead latent gives zeros."""
         k = max(min(aux_k, int(dead_l.sum())), 1)
-        indices = pre.detach().masked_fill(~dead_l, -torch.inf).topk(k, dim=1, sorted=False)
-        indices = indices.indices
+        indices = row_topk_indices(pre.detach().masked_fill(~dead_l, -torch.inf), k)
         values = pre.gather(1, indices) if gather is None else gather(indices)
         values = values.masked_fill(~dead_l[indices], -torch.inf)
         return SparseCodes(values.relu(), indices, self.num_latents)

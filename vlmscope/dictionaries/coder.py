@@ -29,6 +29,7 @@ from vlmscope.dictionaries import batchstats
 from vlmscope.dictionaries.activations import Gather, SparseCodes, build_activation
 from vlmscope.dictionaries.config import SparseCoderConfig
 from vlmscope.dictionaries.kernels import centred_linear, gathered_pre, sparse_decode
+from vlmscope.dictionaries.topk import row_topk_indices
 
 if TYPE_CHECKING:
     import os
@@ -40,6 +41,10 @@ class NonFiniteError(ValueError):
 
 def check_finite(name: str, tensor: Tensor) -> None:
     """Raise NonFiniteError naming `name` and counting NaN/Inf entries (one host sync)."""
+    # A finite sum proves every entry finite (NaN and Inf propagate; Inf - Inf is NaN) at a
+    # sixteenth of isfinite().all()'s cost; a non-finite sum may be overflow, so look closer.
+    if bool(torch.isfinite(tensor.sum())):
+        return
     finite = torch.isfinite(tensor)
     if bool(finite.all()):
         return
@@ -100,7 +105,7 @@ def auxk_loss(
     k = min(aux_k, n_dead)
     scale = min(n_dead / aux_k, 1.0)
     masked = pre.detach().masked_fill(~dead, -torch.inf)
-    indices = masked.topk(k, dim=1, sorted=False).indices
+    indices = row_topk_indices(masked, k)
     values = pre.gather(1, indices) if gather is None else gather(indices)
     codes = SparseCodes(values.relu(), indices, pre.shape[1])
     err = (decode(codes).float() - residual.float()).pow(2).sum()
@@ -497,7 +502,7 @@ def choose_centring(W_enc: Tensor, x_n: Tensor, mean: Tensor, k: int | None) -> 
     for share in sorted(CENTRING_GRID, reverse=True):
         counts = torch.zeros(W_enc.shape[0], device=W_enc.device)
         for rows in x.split(chunk):
-            chosen = F.linear(rows - share * mean, W_enc).topk(k, dim=1, sorted=False).indices
+            chosen = row_topk_indices(F.linear(rows - share * mean, W_enc), k)
             counts += torch.bincount(chosen.flatten(), minlength=W_enc.shape[0])
         p = batchstats.all_sum(counts)
         p = p[p > 0] / p.sum()
