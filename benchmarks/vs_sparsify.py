@@ -2,6 +2,7 @@
 
     python benchmarks/vs_sparsify.py              # creates ../<repo>-peers/sparsify once
     python benchmarks/vs_sparsify.py --tokens 81920 --kinds sae transcoder
+    python benchmarks/vs_sparsify.py --synthetic 512 --expansion 16 --batch-tokens 2048 --repeat 1
 
 What is compared. The toy VLM's activations (shapes world, train split; held-out FVU on the
 test split) are captured once with vlmscope's hooks and written to a folder; both tools then
@@ -144,6 +145,41 @@ def capture(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             tensors = {k: torch.cat(v)[:budget].contiguous() for k, v in rows.items()}
             save_file(tensors, str(out / f"{modality}_{split}.safetensors"))
     return info
+
+
+def synthesise(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """--synthetic D: activations of a made-up 2-layer residual stream of width D, for sizes the
+    toy cannot reach. Each token is a sparse sum of 16 of 8 D true directions (exponential
+    magnitudes) plus noise; each layer's MLP output is a random GELU MLP of its input (width 4
+    D), scaled to the input's norm; resid_post = resid_mid + mlp_out feeds the next layer."""
+    from safetensors.torch import save_file
+
+    d, n_layers, n_true, active = args.synthetic, 2, 8 * args.synthetic, 16
+    gen = torch.Generator().manual_seed(1234)
+    directions = torch.nn.functional.normalize(torch.randn(n_true, d, generator=gen), dim=1)
+    mlps = [
+        (torch.randn(d, 4 * d, generator=gen) / d**0.5, torch.randn(4 * d, d, generator=gen) / d)
+        for _ in range(n_layers)
+    ]
+    for split, n in (("train", args.tokens + args.warmup * args.batch_tokens),
+                     ("test", args.heldout_tokens)):  # fmt: skip
+        path = out / f"synthetic_{split}.safetensors"
+        if path.exists():
+            continue
+        which = torch.rand(n, n_true, generator=gen).topk(active, dim=1).indices
+        size = -torch.rand(n, active, generator=gen).log()
+        parts = size.reshape(-1, 1) * directions[which.reshape(-1)]
+        x = torch.zeros(n, d).index_add_(0, torch.arange(n).repeat_interleave(active), parts)
+        x += 0.05 * torch.randn(n, d, generator=gen)
+        tensors = {}
+        for layer, (a, b) in enumerate(mlps):
+            mlp = torch.nn.functional.gelu(x @ a) @ b
+            mlp *= x.norm(dim=1, keepdim=True).mean() / mlp.norm(dim=1, keepdim=True).mean()
+            tensors[f"resid_mid.{layer}"], tensors[f"mlp_out.{layer}"] = x, mlp
+            x = x + mlp
+            tensors[f"resid_post.{layer}"] = x
+        save_file({k: v.clone() for k, v in tensors.items()}, str(path))  # some are shared
+    return {"layers": n_layers, "d": d}
 
 
 def _text_only(message: dict[str, Any]) -> dict[str, Any]:
@@ -385,6 +421,9 @@ def main() -> None:
                    help="with --init now: the share of the input mean transcoders and CLTs "
                         "remove at init (default: coder.choose_centring picks it)")  # fmt: skip
     p.add_argument("--modalities", nargs="+", default=["text", "vlm"])
+    p.add_argument("--synthetic", type=int, default=0, metavar="D",
+                   help="made-up activations of width D instead of the toy's (see "
+                        "synthesise; layer 0 for SAE and transcoder, 2 for CLTs)")  # fmt: skip
     p.add_argument("--lr-scale", type=float, default=1.0,
                    help="scales vlmscope's default learning rate (not sparsify's)")  # fmt: skip
     p.add_argument("--optimizer", default="auto", choices=["auto", "adam", "signum"],
@@ -411,6 +450,12 @@ def main() -> None:
                         ("tokens", "batch-tokens", "warmup", "heldout-tokens", "expansion", "k",
                          "layer", "seed", "threads", "curve", "init", "lr-scale", "optimizer",
                          "lr-warmup", "lr-decay", "centring")]  # fmt: skip
+    if args.synthetic:
+        args.modalities = ["synthetic"]
+        if args.layer >= 2:
+            args.layer = 0
+        args.passthrough = [a for a in args.passthrough if not a.startswith("--layer=")]
+        args.passthrough.append(f"--layer={args.layer}")
     if args.role != "driver":
         runner = run_sparsify if args.role == "sparsify" else run_vlmscope
         print(json.dumps(runner(args, Path(args.data), args.kind, args.modality)))
@@ -420,9 +465,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.activations or tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        info = capture(args, folder)
+        info = synthesise(args, folder) if args.synthetic else capture(args, folder)
         (folder / "info.json").write_text(json.dumps(info))
-        print(f"toy VLM: d = {info['d']}, {info['layers']} layers; {args.tokens} training tokens "
+        source = "synthetic" if args.synthetic else "toy VLM"
+        print(f"{source}: d = {info['d']}, {info['layers']} layers; {args.tokens} training tokens "
               f"in steps of {args.batch_tokens}; held-out {args.heldout_tokens} tokens; "
               f"{args.expansion} x d latents, k = {args.k}")  # fmt: skip
         for modality in args.modalities:
