@@ -22,4 +22,6 @@ if __name__ == "__main__":
     print("BENCH " + json.dumps({"rank": tr.layout.rank, "world": tr.layout.world,
                                  "rss": rss, "dict_bytes": held + adam,
                                  "tokens": res.tokens}), flush=True)  # fmt: skip
-    torch.distributed.destroy_process_group() if tr.layout.distributed else None
+    # fit() leaves the group itself (Layout.leave); this covers a run that did not
+    if tr.layout.distributed and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -91,14 +91,15 @@ def _select(x: Tensor, k: int) -> Tensor:
         for rows in chunks:
             chunk(rows)
     else:
-        list(_threads(n_threads).map(chunk, chunks))
+        list(_threads(torch.get_num_threads()).map(chunk, chunks))
     return torch.from_numpy(out)
 
 
 def _threads(n: int) -> ThreadPoolExecutor:
-    """A pool of at least n threads, made once (again after a fork: threads do not survive)."""
+    """A pool of n threads (torch's count), kept between calls and made again when that count
+    changes or after a fork (threads do not survive one)."""
     global _pool, _pool_workers
-    if _pool is None or _pool_workers < n:
+    if _pool is None or _pool_workers != n:
         if _pool is not None:
             _pool.shutdown(wait=False)
         _pool, _pool_workers = ThreadPoolExecutor(n, thread_name_prefix="vlmscope-topk"), n
