@@ -36,7 +36,6 @@ from vlmscope.dictionaries.coder import (
 )
 from vlmscope.dictionaries.config import SparseCoderConfig
 from vlmscope.dictionaries.kernels import gathered_pre, sparse_decode
-from vlmscope.dictionaries.topk import row_topk_indices
 
 if TYPE_CHECKING:
     import os
@@ -461,7 +460,9 @@ class CrossLayerTranscoder(nn.Module):
         """AuxK codes of one source layer: its top aux_k dead latents' pre-activations
         (relu'd); a layer with no dead latent gives zeros."""
         k = max(min(aux_k, int(dead_l.sum())), 1)
-        indices = row_topk_indices(pre.detach().masked_fill(~dead_l, -torch.inf), k)
+        # torch's topk: masked rows are mostly ties, where numpy's introselect is slow
+        masked = pre.detach().masked_fill(~dead_l, -torch.inf)
+        indices = masked.topk(k, dim=1, sorted=False).indices
         values = pre.gather(1, indices) if gather is None else gather(indices)
         values = values.masked_fill(~dead_l[indices], -torch.inf)
         return SparseCodes(values.relu(), indices, self.num_latents)

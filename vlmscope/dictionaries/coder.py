@@ -105,7 +105,9 @@ def auxk_loss(
     k = min(aux_k, n_dead)
     scale = min(n_dead / aux_k, 1.0)
     masked = pre.detach().masked_fill(~dead, -torch.inf)
-    indices = row_topk_indices(masked, k)
+    # torch's topk, not row_topk_indices: masked rows are mostly -inf ties, on which numpy's
+    # introselect runs 3-10x slower than torch (benchmarks/README.md, top-k selection)
+    indices = masked.topk(k, dim=1, sorted=False).indices
     values = pre.gather(1, indices) if gather is None else gather(indices)
     codes = SparseCodes(values.relu(), indices, pre.shape[1])
     err = (decode(codes).float() - residual.float()).pow(2).sum()
