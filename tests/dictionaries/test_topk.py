@@ -108,3 +108,10 @@ def test_selection_works_in_a_child_forked_after_the_pool_started(
     assert queue.get(timeout=60) == [1022, 1023]
     child.join(timeout=60)
     assert child.exitcode == 0
+
+
+def test_tensors_off_the_cpu_keep_torchs_topk() -> None:
+    """A tensor numpy cannot view (meta here; MPS and CUDA alike) goes to torch.topk."""
+    x = torch.empty(64, 4096, device="meta")
+    got = topk.row_topk_indices(x, 32)
+    assert got.device.type == "meta" and got.shape == (64, 32)

@@ -14,7 +14,8 @@ changes make it 1.1-2.8x cheaper (benchmarks/README.md, "Top-k selection on CPU"
 
 The answer is the same set of values as `x.topk(k, dim=1).values`; among entries tied with the
 k-th value either may be chosen, as with torch, and NaN counts as the largest, as with torch.
-CUDA tensors, other dtypes and small inputs keep torch's topk (a radix select on the GPU).
+Tensors off the CPU (CUDA's topk is a radix select; MPS and meta tensors have no numpy view),
+other dtypes and small inputs keep torch's topk.
 
 Not for rows with many equal entries: introselect slows down on heavy ties (rows 90% masked to
 -inf: 3-10x slower than torch.topk), so AuxK, which masks live latents out, keeps torch's
@@ -57,7 +58,7 @@ def row_topk_indices(x: Tensor, k: int) -> Tensor:
     x = x.detach()
     n_rows, width = x.shape
     block = _block_width(width, k)
-    if x.is_cuda or block < 2 or width < _BLOCKED_RATIO * k:
+    if x.device.type != "cpu" or block < 2 or width < _BLOCKED_RATIO * k:
         return _select(x, k)
     blocks = x.reshape(n_rows, width // block, block)
     best = _select(blocks.amax(2), k)  # [N, k]: the blocks with the largest maxima
@@ -78,7 +79,8 @@ def _block_width(width: int, k: int) -> int:
 def _select(x: Tensor, k: int) -> Tensor:
     """Indices of each row's k largest entries: numpy's argpartition on CPU floats, in row
     chunks over torch's threads; torch.topk elsewhere."""
-    if x.is_cuda or x.dtype not in (torch.float32, torch.float64) or x.numel() < _MIN_NUMPY:
+    on_cpu = x.device.type == "cpu"
+    if not on_cpu or x.dtype not in (torch.float32, torch.float64) or x.numel() < _MIN_NUMPY:
         return x.topk(k, dim=1, sorted=False).indices
     n_rows, width = x.shape
     arr = x.contiguous().numpy()
