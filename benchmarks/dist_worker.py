@@ -5,8 +5,6 @@ import json
 import resource
 import sys
 
-import torch
-
 from vlmscope.training.config import parse_train_args
 from vlmscope.training.trainer import Trainer
 
@@ -22,6 +20,4 @@ if __name__ == "__main__":
     print("BENCH " + json.dumps({"rank": tr.layout.rank, "world": tr.layout.world,
                                  "rss": rss, "dict_bytes": held + adam,
                                  "tokens": res.tokens}), flush=True)  # fmt: skip
-    # fit() leaves the group itself (Layout.leave); this covers a run that did not
-    if tr.layout.distributed and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    # fit() has left the process group already (Layout.leave): nothing to destroy here

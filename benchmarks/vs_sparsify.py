@@ -446,16 +446,13 @@ def main() -> None:
     p.add_argument("--kind", default="", help=argparse.SUPPRESS)
     p.add_argument("--modality", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.synthetic:  # two layers: the SAE and transcoder read layer 0 unless told otherwise
+        args.modalities = ["synthetic"]
+        args.layer = 0 if args.layer >= 2 else args.layer
     args.passthrough = [f"--{k}={getattr(args, k.replace('-', '_'))}" for k in
                         ("tokens", "batch-tokens", "warmup", "heldout-tokens", "expansion", "k",
                          "layer", "seed", "threads", "curve", "init", "lr-scale", "optimizer",
                          "lr-warmup", "lr-decay", "centring")]  # fmt: skip
-    if args.synthetic:
-        args.modalities = ["synthetic"]
-        if args.layer >= 2:
-            args.layer = 0
-        args.passthrough = [a for a in args.passthrough if not a.startswith("--layer=")]
-        args.passthrough.append(f"--layer={args.layer}")
     if args.role != "driver":
         runner = run_sparsify if args.role == "sparsify" else run_vlmscope
         print(json.dumps(runner(args, Path(args.data), args.kind, args.modality)))
