@@ -399,6 +399,8 @@ def test_flipped_tensor_bytes_fail_the_recorded_checksum(tmp_path: Path, name: s
         ({"step": -7}, r"train_state\.step must be an integer >= 0, got -7"),
         ({"step": 9}, r"state\.json says step 9 but the optimiser state has taken \[3\.0\]"),
         ({"rows": "x"}, r"train_state\.rows must be an integer"),
+        ({"lr_scale": 0}, r"train_state\.lr_scale must be > 0"),
+        ({"lr_scale": "x3"}, r"train_state\.lr_scale must be > 0"),
     ],
 )
 def test_checkpoint_state_is_validated(tmp_path: Path, edit: dict[str, Any], message: str) -> None:

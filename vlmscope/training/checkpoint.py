@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import socket
@@ -297,6 +298,9 @@ def _read_state(path: Path) -> dict[str, Any]:
             )
     if not isinstance(ts.get("initialized", False), bool):
         raise CheckpointError(f"checkpoint file {path}: train_state.initialized is not a bool")
+    scale = ts.get("lr_scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
+        raise CheckpointError(f"checkpoint file {path}: train_state.lr_scale must be > 0")
     skips = ts.get("skips", {})
     if not isinstance(skips, dict) or not all(
         isinstance(n, int) and n >= 0 for n in skips.values()

@@ -166,6 +166,7 @@ class TrainConfig:
     lr_warmup_fraction: float = 0.05
     #: None: 0.2 under Adam, 0 under signum (its averaging does the decay's work)
     lr_decay_fraction: float | None = None
+    lr_probe: int = 0
     k_anneal_tokens: int = 0
     max_tokens: int = 1_000_000
     max_steps: int = 0
@@ -212,7 +213,7 @@ class TrainConfig:
         for name in ("batch_size", "grad_acc_steps", "ctx_len", "save_every", "log_every"):
             if getattr(self, name) < 1:
                 raise bad(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_tokens", "max_steps", "k_anneal_tokens", "workers", "epochs"):
+        for name in ("max_tokens", "max_steps", "k_anneal_tokens", "workers", "epochs", "lr_probe"):
             if getattr(self, name) < 0:
                 raise bad(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.run_name and not _is_plain_folder_name(self.run_name):
@@ -247,6 +248,11 @@ class TrainConfig:
             raise bad(f"--optimizer must be auto, adam or signum, got {self.optimizer!r}")
         if self.lr < 0 or not math.isfinite(self.lr):
             raise bad(f"--lr must be a finite number >= 0, got {self.lr}")
+        if self.lr_probe and self.loss_fn != "fvu":
+            raise bad(
+                "--lr-probe scores rates by held-out FVU, not by the spliced model's "
+                f"--loss-fn {self.loss_fn}: probe with --loss-fn fvu and pass its rate with --lr"
+            )
         if not 0.0 <= self.lr_warmup_fraction <= 1.0:
             raise bad(f"--lr-warmup-fraction must be in [0, 1], got {self.lr_warmup_fraction}")
         if self.lr_decay_fraction is not None and not 0.0 <= self.lr_decay_fraction <= 1.0:
@@ -442,6 +448,11 @@ _HELP = {
     "the run) over which the learning rate rises linearly from 0",
     "lr_decay_fraction": "fraction of the budget at its end over which the learning rate "
     "decays linearly to 0 (default: 0.2 with adam, 0 with signum)",
+    "lr_probe": "N > 0: before training, train copies of the initialised dictionaries for the "
+    "run's first N steps at x1, x3 and x10 the learning rate, then train from the same start at "
+    "the one with the lowest FVU on the next batch (printed, and kept in lr_probe.json); worth "
+    "it for short runs, where the best rate depends on the data; costs 3N steps; one process "
+    "(0: off)",
     "k_anneal_tokens": "tokens over which k anneals from the input width down to --sae.k "
     "(0: no annealing; not for jumprelu)",
     "max_tokens": "stop after this many training tokens (selected positions; 0: no token limit)",

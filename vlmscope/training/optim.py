@@ -110,6 +110,21 @@ def averaged(opt: Any) -> Iterator[None]:
             opt.train()
 
 
+def take_step(dictionaries: Any, opt: Any, lr: float, normalize_decoder: bool) -> None:
+    """One optimiser step at `lr` on gradients already accumulated. With normalize_decoder
+    the step keeps decoder rows at unit norm: the gradient along each row is dropped first
+    and, under Adam, the rows are rescaled after (a schedule-free optimiser rescales before
+    its forward instead, so its averaged weights are its own)."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    if normalize_decoder:
+        dictionaries.remove_gradient_parallel_to_decoder_directions()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if normalize_decoder and not is_schedule_free(opt):
+        dictionaries.set_decoder_norm_to_unit_norm()
+
+
 def lr_multiplier(frac: float, warmup: float, decay: float) -> float:
     """The schedule at `frac` of the budget: linear warm-up over the first `warmup`, constant,
     linear decay to 0 over the last `decay` (fractions of the budget)."""

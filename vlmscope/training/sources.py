@@ -75,6 +75,8 @@ class TrainState:
     skips: dict[str, int] = field(default_factory=dict)
     skip_examples: dict[str, list[str]] = field(default_factory=dict)
     initialized: bool = False
+    #: the multiple of the rate --lr-probe chose (1: not probed)
+    lr_scale: float = 1.0
 
 
 #: (bundle, loss_fn) -> the model's ce/kl loss with the bundle spliced in at the batch's tokens.

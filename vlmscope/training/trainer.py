@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import itertools
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from vlmscope.data.processing import SkipCounter, SkipRecord
 from vlmscope.data.sources import BadRecordError
@@ -35,8 +37,15 @@ from vlmscope.training.config import TrainConfig
 from vlmscope.training.distributed import Layout, collective_errors, leaving, rank_seed
 from vlmscope.training.errors import CheckpointError, TrainingError
 from vlmscope.training.logging import MetricsLogger
+from vlmscope.training.lr_probe import probe_lr
 from vlmscope.training.modules import ModuleShards, seed_units, shards_for
-from vlmscope.training.optim import averaged, build_optimizer, is_schedule_free, lr_multiplier
+from vlmscope.training.optim import (
+    averaged,
+    build_optimizer,
+    is_schedule_free,
+    lr_multiplier,
+    take_step,
+)
 from vlmscope.training.sharded import save_checkpoint, save_final_dictionaries
 from vlmscope.training.sources import (
     ActivationBatch,
@@ -130,6 +139,12 @@ class Trainer:
     ) -> None:
         self.cfg = cfg
         self.progress = progress
+        world = layout.world if layout else int(os.environ.get("WORLD_SIZE", "1"))
+        if cfg.lr_probe and world > 1:  # refused before any rank joins a group
+            raise TrainingError(
+                f"--lr-probe runs in one process ({world} ranks here): probe there and "
+                "give the rate it prints to this run with --lr"
+            )
         self.layout = lay = layout or Layout.from_environment(cfg.dist_timeout, cfg.device)
         self._joined = layout is None  # the group is this trainer's to leave
         self.run_name = cfg.run_name or _default_run_name(cfg)
@@ -297,14 +312,16 @@ class Trainer:
         return self.cfg.epochs * getattr(self.source, "tokens_per_epoch", 0)
 
     def _lr_at(self, tokens: int, step: int) -> float:
-        """Linear warm-up, constant, linear decay to 0, as fractions of the budget: of
-        whichever of --max-tokens and --max-steps ends the run first (the larger fraction)."""
+        """--lr (or the default rule) times the multiple --lr-probe chose, under linear
+        warm-up, constant, linear decay to 0, as fractions of the budget: of whichever of
+        --max-tokens and --max-steps ends the run first (the larger fraction)."""
         cfg = self.cfg
         fracs = [tokens / cfg.max_tokens] if cfg.max_tokens else []
         fracs += [(step + 1) / cfg.max_steps] if cfg.max_steps else []
         if not fracs and self._epoch_budget():  # --epochs alone: a store knows its size
             fracs = [tokens / self._epoch_budget()]
-        return self.lr * lr_multiplier(max(fracs), cfg.lr_warmup_fraction, cfg.resolved_lr_decay())
+        mult = lr_multiplier(max(fracs), cfg.lr_warmup_fraction, cfg.resolved_lr_decay())
+        return self.lr * self.state.lr_scale * mult
 
     def _k_at(self, tokens: int) -> int | None:
         cfg = self.cfg
@@ -399,6 +416,8 @@ class Trainer:
                         n_local = int(xs[0].shape[0]) if xs else 0
                     if not st.initialized:
                         b.init_from_data(xs, ys)
+                        if cfg.lr_probe:
+                            batches = self._probe_lr(batch, batches)
                         st.initialized = True
                     k = self._k_at(st.tokens)
                     if k is not None:
@@ -433,14 +452,7 @@ class Trainer:
                     if not syncs:
                         continue
                     lr = self._lr_at(st.tokens, st.step)
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = lr
-                    if self.bundle.cfg.normalize_decoder:
-                        b.remove_gradient_parallel_to_decoder_directions()
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    if self.bundle.cfg.normalize_decoder and not norm_before:
-                        b.set_decoder_norm_to_unit_norm()
+                    take_step(b, self.optimizer, lr, self.bundle.cfg.normalize_decoder)
                     st.step += 1
                     if by_steps:
                         bar.update(1)
@@ -480,6 +492,46 @@ class Trainer:
             dict(zip(units, last.get("l0_per_unit", [math.nan] * len(units)), strict=True)),
             dict(zip(units, [v / 100 for v in dead], strict=True)),
         )
+
+    def _probe_lr(self, first: ActivationBatch, batches: Any) -> Any:
+        """--lr-probe: read the batches the probe needs after `first`, set the state's rate
+        multiple from it (see lr_probe), and return the batches to train on, those read
+        included, in order."""
+        cfg, st = self.cfg, self.state
+        read = [first]
+        want = cfg.lr_probe * cfg.grad_acc_steps + 1
+        while len(read) < want:
+            nxt, _ = self._next_batch(batches)  # one process: errors propagate as they are
+            if nxt is None:
+                break
+            read.append(nxt)
+        if len(read) < cfg.grad_acc_steps + 1:
+            warnings.warn(
+                f"--lr-probe: the data has {len(read)} batch(es), too few to probe one step "
+                "and score it on the next; training at the rate given",
+                stacklevel=2,
+            )
+            return itertools.chain(read[1:], batches)
+        n_steps = (len(read) - 1) // cfg.grad_acc_steps
+        acc = cfg.grad_acc_steps
+        steps = [[(r.xs, r.ys) for r in read[i * acc : (i + 1) * acc]] for i in range(n_steps)]
+        result = probe_lr(
+            self.bundle,
+            cfg.resolved_optimizer(),
+            self.lr,
+            steps,
+            (read[-1].xs, read[-1].ys),
+            self._k_at,
+            bool(self.bundle.cfg.normalize_decoder),
+        )
+        st.lr_scale = result.scale
+        summary = result.summary(self.lr)
+        report = {"base_lr": self.lr, "scale": result.scale, "steps": result.steps,
+                  "score": {f"{s:g}": v for s, v in result.fvu.items()}}  # fmt: skip
+        (self.run_dir / "lr_probe.json").write_text(json.dumps(report, indent=1))
+        if self.progress:
+            tqdm.write(summary)
+        return itertools.chain(read[1:], batches)
 
     def _next_batch(self, batches: Any) -> tuple[ActivationBatch | None, str | None]:
         """The source's next batch, or the error it raised (with several ranks the error is

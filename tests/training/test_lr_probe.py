@@ -1,0 +1,135 @@
+"""--lr-probe against runs the trainer makes without it.
+
+The truth for each candidate rate is an ordinary `Trainer` run of the probe's N steps at that
+rate with --lr, and the probe's schedule (warm-up over a quarter of the steps, no decay): its
+logged per-step FVU (measured before each update) and its final dictionaries evaluated on the
+next batch give the score the probe must report. The probed run must then train exactly as
+the run given the chosen rate.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from vlmscope.training.config import TrainConfig
+from vlmscope.training.distributed import Layout
+from vlmscope.training.errors import TrainingError
+from vlmscope.training.lr_probe import PROBE_WARMUP, SCALES
+from vlmscope.training.sources import ActivationBatch, TrainState
+from vlmscope.training.trainer import Trainer
+
+from .test_distributed import ArraySource, config, train_here
+
+BASE_LR = 2e-3
+PROBE = 8  # steps (the first at half the rate: warm-up)
+BATCH = 4  # rows per batch
+TOTAL = 64  # rows of the in-memory data set
+
+
+def cfg_for(tmp: Path, name: str, kind: str, **extra: Any) -> TrainConfig:
+    values: dict[str, Any] = {"lr": BASE_LR, "lr_warmup_fraction": 0.0,
+                              "lr_decay_fraction": 0.0, "log_every": 1, "max_steps": 12}  # fmt: skip
+    values.update(extra)
+    return config(tmp, name, BATCH, kind, **values)
+
+
+def state_of(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.bundle.state_dict().items()}
+
+
+def reference_score(tmp: Path, kind: str, scale: float) -> float:
+    """What the probe should score `scale`: a plain run of PROBE steps at that rate."""
+    cfg = cfg_for(tmp, f"ref{scale:g}", kind, lr=BASE_LR * scale, max_steps=PROBE,
+                  lr_warmup_fraction=PROBE_WARMUP)  # fmt: skip
+    trainer = train_here(cfg, TOTAL, sgd=False, layout=Layout())
+    lines = (Path(cfg.output_dir) / cfg.run_name / "metrics.jsonl").read_text().splitlines()
+    logged = {m["step"]: m["fvu"] for m in map(json.loads, lines)}
+    seen = [logged[s + 1] for s in range(PROBE // 2, PROBE)]  # logged after step s's update
+    xs, ys = ArraySource(TOTAL, BATCH, Layout()).rows(range(PROBE * BATCH, (PROBE + 1) * BATCH))
+    trainer.bundle.eval()
+    with torch.no_grad():
+        seen.append(float(trainer.bundle(xs, ys).fvu_per_unit.mean()))
+    return sum(seen) / len(seen)
+
+
+@pytest.mark.parametrize("kind", ["transcoder", "clt", "sae"])
+def test_probe_scores_what_runs_at_each_rate_measure_and_then_trains_as_the_chosen_rate(
+    tmp_path: Path, kind: str
+) -> None:
+    probed = train_here(cfg_for(tmp_path, "probed", kind, lr_probe=PROBE), TOTAL, sgd=False,
+                        layout=Layout())  # fmt: skip
+    report = json.loads((tmp_path / "probed" / "lr_probe.json").read_text())
+    assert report["base_lr"] == BASE_LR and report["steps"] == PROBE
+    truth = {s: reference_score(tmp_path, kind, s) for s in SCALES}
+    for s in SCALES:
+        assert report["score"][f"{s:g}"] == pytest.approx(truth[s], abs=2e-6), s
+    chosen = min(truth, key=lambda s: (truth[s], s))
+    assert report["scale"] == chosen and probed.state.lr_scale == chosen
+    # The run itself: as if --lr had been the chosen rate from the start.
+    plain = train_here(cfg_for(tmp_path, "plain", kind, lr=BASE_LR * chosen), TOTAL, sgd=False,
+                       layout=Layout())  # fmt: skip
+    ours, theirs = state_of(probed), state_of(plain)
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], atol=0, rtol=0, msg=k)
+
+
+def test_a_rate_ten_times_too_small_is_found(tmp_path: Path) -> None:
+    """A base rate far below what 8 steps need: the probe moves to x10 (else the test above
+    could pass with a probe that always keeps x1)."""
+    probed = train_here(cfg_for(tmp_path, "slow", "transcoder", lr=BASE_LR / 20, lr_probe=PROBE),
+                        TOTAL, sgd=False, layout=Layout())  # fmt: skip
+    assert probed.state.lr_scale == 10.0
+
+
+def test_a_probed_run_resumes_at_the_chosen_rate_bit_for_bit(tmp_path: Path) -> None:
+    full = train_here(cfg_for(tmp_path, "full", "transcoder", lr=BASE_LR / 20, lr_probe=PROBE,
+                              save_every=2), TOTAL, sgd=False, layout=Layout())  # fmt: skip
+    assert full.state.lr_scale == 10.0
+    cut = cfg_for(tmp_path, "cut", "transcoder", lr=BASE_LR / 20, lr_probe=PROBE, save_every=2)
+    # The source's 12th batch fails: the probe read batches 1-9, the run trained 1-11.
+    with pytest.raises(TrainingError, match="NaN"):
+        train_here(cut, TOTAL, sgd=False, layout=Layout(), nan_at=12)
+    state = json.loads((tmp_path / "cut" / "checkpoint" / "state.json").read_text())
+    assert state["train_state"]["step"] == 10 and state["train_state"]["lr_scale"] == 10.0
+    (tmp_path / "cut" / "lr_probe.json").unlink()  # a resume does not probe again
+    resumed = train_here(cfg_for(tmp_path, "cut", "transcoder", lr=BASE_LR / 20, lr_probe=PROBE,
+                                 save_every=2, resume=True), TOTAL, sgd=False,
+                         layout=Layout())  # fmt: skip
+    assert not (tmp_path / "cut" / "lr_probe.json").exists()
+    ours, theirs = state_of(resumed), state_of(full)
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], atol=0, rtol=0, msg=k)
+
+
+class OneBatch(ArraySource):
+    """Data that ends after its first batch."""
+
+    def batches(self, state: TrainState) -> Iterator[ActivationBatch]:
+        yield next(iter(super().batches(state)))
+
+
+def test_data_too_short_to_probe_trains_at_the_given_rate_and_says_so(tmp_path: Path) -> None:
+    cfg = cfg_for(tmp_path, "short", "transcoder", lr_probe=PROBE)
+    trainer = Trainer(cfg, progress=False, source=OneBatch(TOTAL, BATCH, Layout()),  # type: ignore[arg-type]
+                      layout=Layout())  # fmt: skip
+    with pytest.warns(UserWarning, match="too few to probe"):
+        trainer.fit()
+    assert trainer.state.step == 1 and trainer.state.lr_scale == 1.0
+
+
+def test_probe_refuses_what_it_cannot_do(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"--lr-probe must be >= 0"):
+        cfg_for(tmp_path, "neg", "transcoder", lr_probe=-1)
+    with pytest.raises(ValueError, match=r"--lr-probe scores rates by held-out FVU"):
+        cfg_for(tmp_path, "ce", "transcoder", lr_probe=2, loss_fn="ce")
+    cfg = cfg_for(tmp_path, "ranks", "transcoder", lr_probe=2)
+    with pytest.raises(TrainingError, match=r"--lr-probe runs in one process \(2 ranks"):
+        Trainer(cfg, progress=False, source=ArraySource(TOTAL, BATCH, Layout(0, 2)),  # type: ignore[arg-type]
+                layout=Layout(0, 2))  # fmt: skip

@@ -1,0 +1,139 @@
+"""`--lr-probe N`: choose the learning rate on the run's own first batches.
+
+Why: the default rate (`optim.default_lr`) is a rule fitted to long runs. Over a budget of a
+few hundred steps the best multiple of it depends on the data: on the toy VLM's rows with
+images the rule's rate is best and x10 doubles the held-out FVU, on the width-512 synthetic
+rows x10 halves it (benchmarks/README.md, "Choosing the learning rate"). Which of the two a
+model's activations resemble is not known before training, so the probe measures it.
+
+How: a copy of the freshly initialised dictionaries trains at each multiple in `SCALES` of
+the rate on the run's first N batches, with the run's top-k annealing but a schedule of its
+own: a linear warm-up over the first quarter of the N steps, then the peak rate. (The run's
+own first steps sit, in a long run, deep in its warm-up, at rates that say nothing about the
+peak; `PROBE_WARMUP` is as a run of N steps with --lr-warmup-fraction 0.25 has it.)
+Each copy is scored by its mean FVU on the batches of the probe's second half, each
+measured before the copy trained on it, and on the batch after the probe: data it had not
+seen when scored, over several batches (one batch alone picked x3 over x1 on the toy's image
+rows, where x1 ends better: x3's FVU there jumps from batch to batch). The run then starts
+from the same initial weights at the best multiple (ties go to the smaller). The copies
+cost len(SCALES) x N extra steps; the run's data, order and random state are untouched, so
+a probed run trains exactly as a run given the chosen rate with --lr.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from vlmscope.training.optim import (
+    averaged,
+    build_optimizer,
+    is_schedule_free,
+    lr_multiplier,
+    take_step,
+)
+
+#: multiples of the base rate tried. Not below 1: the rule's rate is the long-run one and a
+#: short probe can only favour rates at least as high (a lower rate never won a probe on the
+#: toy's or the synthetic rows).
+SCALES: tuple[float, ...] = (1.0, 3.0, 10.0)
+#: the probe's warm-up, a fraction of its steps
+PROBE_WARMUP = 0.25
+
+#: xs, ys of one batch (one list entry per unit)
+Batch = tuple[Sequence[Tensor], Sequence[Tensor]]
+
+
+@dataclass
+class ProbeResult:
+    """The chosen multiple of the base rate and every candidate's score (mean FVU on batches
+    it had not trained on; NaN: the copy's loss stopped being finite)."""
+
+    scale: float
+    fvu: dict[float, float]
+    steps: int
+
+    def summary(self, base_lr: float) -> str:
+        scores = ", ".join(f"x{s:g}: {v:.4f}" for s, v in self.fvu.items())
+        return (
+            f"--lr-probe: FVU on unseen batches over {self.steps} steps at {scores}; training at "
+            f"lr {base_lr * self.scale:.3g} (x{self.scale:g} of {base_lr:.3g})"
+        )
+
+
+def probe_lr(
+    bundle: nn.Module,
+    optimizer: str,
+    base_lr: float,
+    steps: Sequence[Sequence[Batch]],
+    heldout: Batch,
+    k_at: Callable[[int], int | None],
+    normalize_decoder: bool,
+    scales: Sequence[float] = SCALES,
+) -> ProbeResult:
+    """Train a copy of `bundle` (a DictionaryBundle after init_from_data) per scale on
+    `steps` (each step's micro-batches, gradients averaged over them as with
+    --grad-acc-steps) and score it (see `_train_and_score`). k_at(tokens) is the run's
+    annealed k after `tokens` tokens (None: fixed). The caller's random state is restored
+    afterwards."""
+    rng = torch.random.get_rng_state()
+    scores: dict[float, float] = {}
+    try:
+        for scale in scales:
+            scores[scale] = _train_and_score(
+                bundle, optimizer, base_lr * scale, steps, heldout, k_at, normalize_decoder,
+            )  # fmt: skip
+    finally:
+        torch.random.set_rng_state(rng)
+    finite = {s: v for s, v in scores.items() if math.isfinite(v)}
+    best = min(finite, key=lambda s: (finite[s], s)) if finite else min(scales)
+    return ProbeResult(best, scores, len(steps))
+
+
+def _train_and_score(
+    bundle: nn.Module,
+    optimizer: str,
+    lr: float,
+    steps: Sequence[Sequence[Batch]],
+    heldout: Batch,
+    k_at: Callable[[int], int | None],
+    normalize_decoder: bool,
+) -> float:
+    """The score of a copy of `bundle` trained on `steps` at peak rate `lr`: its
+    FVU (the units' mean, as the trainer logs it) on the second half's batches before each
+    update and on `heldout` after all, averaged."""
+    copy_ = copy.deepcopy(bundle)
+    copy_.train()
+    opt = build_optimizer(optimizer, copy_.parameters(), lr)
+    norm_before = normalize_decoder and is_schedule_free(opt)
+    tokens = 0
+    seen: list[float] = []  # FVU of each scored step's batches before the update
+    for step, micro in enumerate(steps):
+        fvu = 0.0
+        for i, (xs, ys) in enumerate(micro):
+            k = k_at(tokens)
+            if k is not None:
+                for act in copy_.activations():  # type: ignore[operator]
+                    act.k = k
+            if norm_before and i == 0:
+                copy_.set_decoder_norm_to_unit_norm()  # type: ignore[operator]
+            out = copy_(xs, ys)
+            loss = out.loss / len(micro)
+            if not torch.isfinite(loss):
+                return math.nan
+            loss.backward()
+            fvu += float(out.fvu_per_unit.mean()) / len(micro)
+            tokens += int(xs[0].shape[0])
+        if step >= len(steps) // 2:
+            seen.append(fvu)
+        warm = lr_multiplier((step + 1) / len(steps), PROBE_WARMUP, 0.0)
+        take_step(copy_, opt, lr * warm, normalize_decoder)
+    copy_.eval()
+    with torch.no_grad(), averaged(opt):
+        seen.append(float(copy_(*heldout).fvu_per_unit.mean()))
+    return sum(seen) / len(seen)
