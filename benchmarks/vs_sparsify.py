@@ -247,7 +247,9 @@ def run_vlmscope(args: argparse.Namespace, folder: Path, kind: str, modality: st
     """vlmscope's training step (what `vlmscope train` runs per batch) on the captured rows."""
     sys.path.insert(0, str(ROOT))
     from vlmscope.dictionaries import CrossLayerTranscoder, SparseCoder, SparseCoderConfig
+    from vlmscope.training.bundle import DictionaryBundle
     from vlmscope.training.config import SaeArgs, TrainConfig
+    from vlmscope.training.lr_probe import probe_lr
     from vlmscope.training.optim import (
         averaged,
         build_optimizer,
@@ -289,19 +291,38 @@ def run_vlmscope(args: argparse.Namespace, folder: Path, kind: str, modality: st
             return model(xs, ys)
         return model(xs[0]) if kind == "sae" else model(xs[0], ys[0])
 
-    def step(i: int) -> None:
+    total = args.tokens + args.warmup * args.batch_tokens
+    probe: dict[str, Any] = {}
+
+    def batch(i: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         sl = slice(i * args.batch_tokens, (i + 1) * args.batch_tokens)
-        xs, ys = [x[sl] for x in xs_all], [y[sl] for y in ys_all]
+        return [x[sl] for x in xs_all], [y[sl] for y in ys_all]
+
+    def step(i: int) -> None:
+        nonlocal base_lr
+        xs, ys = batch(i)
         if i == 0:
             if kind == "clt":
                 model.init_from_data(xs, ys)
             else:
                 model.init_from_data(xs[0], None if kind == "sae" else ys[0])
+            if args.lr_probe:  # what `vlmscope train --lr-probe N` does after the init
+                t0 = time.perf_counter()
+                hooks = [str(n) for n in range(len(xs))]
+                bundle = DictionaryBundle(kind, model if kind == "clt" else {"0": model},
+                                          hooks, hooks, {})  # fmt: skip
+                result = probe_lr(
+                    bundle, tcfg.resolved_optimizer(), base_lr,
+                    [[batch(j)] for j in range(args.lr_probe)], batch(args.lr_probe),
+                    lambda _: None, bool(cfg.normalize_decoder),
+                )  # fmt: skip
+                base_lr *= result.scale
+                probe.update(seconds=time.perf_counter() - t0, scale=result.scale,
+                             fvu={str(k): v for k, v in result.fvu.items()})  # fmt: skip
         if norm_before:
             model.set_decoder_norm_to_unit_norm()
         call(xs, ys).loss.backward()
         # The trainer's schedule, counted in tokens of this run (warm-up steps included).
-        total = args.tokens + args.warmup * args.batch_tokens
         for group in opt.param_groups:
             group["lr"] = base_lr * lr_multiplier((i + 1) * args.batch_tokens / total, warmup,
                                                   decay)  # fmt: skip
@@ -320,7 +341,12 @@ def run_vlmscope(args: argparse.Namespace, folder: Path, kind: str, modality: st
         recons = out.reconstruction if kind == "clt" else [out.reconstruction]
         return [fvu(y, r) for (_, y), r in zip(test, recons, strict=True)]
 
-    return _timed_loop(args, step, heldout)
+    out = _timed_loop(args, step, heldout)
+    if probe:  # the probe's time counted in the run's mean tokens/s (the median step has none)
+        out["probe"] = probe
+        out["tokens_per_s_mean"] = args.tokens / (args.tokens / out["tokens_per_s_mean"]
+                                                  + probe["seconds"])  # fmt: skip
+    return out
 
 
 def swap_init(mode: str) -> None:
@@ -426,6 +452,9 @@ def main() -> None:
                         "synthesise; layer 0 for SAE and transcoder, 2 for CLTs)")  # fmt: skip
     p.add_argument("--lr-scale", type=float, default=1.0,
                    help="scales vlmscope's default learning rate (not sparsify's)")  # fmt: skip
+    p.add_argument("--lr-probe", type=int, default=0, metavar="N",
+                   help="vlmscope's --lr-probe: choose x1/x3/x10 its rate on the first N "
+                        "steps (0: off; its time is in the mean tokens/s)")  # fmt: skip
     p.add_argument("--optimizer", default="auto", choices=["auto", "adam", "signum"],
                    help="vlmscope's --optimizer (auto: the trainer's per kind)")  # fmt: skip
     p.add_argument(
@@ -451,8 +480,8 @@ def main() -> None:
         args.layer = 0 if args.layer >= 2 else args.layer
     args.passthrough = [f"--{k}={getattr(args, k.replace('-', '_'))}" for k in
                         ("tokens", "batch-tokens", "warmup", "heldout-tokens", "expansion", "k",
-                         "layer", "seed", "threads", "curve", "init", "lr-scale", "optimizer",
-                         "lr-warmup", "lr-decay", "centring")]  # fmt: skip
+                         "layer", "seed", "threads", "curve", "init", "lr-scale", "lr-probe",
+                         "optimizer", "lr-warmup", "lr-decay", "centring")]  # fmt: skip
     if args.role != "driver":
         runner = run_sparsify if args.role == "sparsify" else run_vlmscope
         print(json.dumps(runner(args, Path(args.data), args.kind, args.modality)))
