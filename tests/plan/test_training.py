@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -116,3 +117,42 @@ def _one_coder(coder: Any) -> torch.nn.Module:
     from vlmscope.dictionaries import SparseCoder
 
     return SparseCoder(coder, device="meta")
+
+
+def test_planned_lr_probe_bytes_cover_what_a_probed_run_holds(
+    tmp_path: Path, zoo_path: Any, llava: HookedVLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy is the dictionaries' size exactly; the read-ahead line, planned at the
+    longest sample's tokens, bounds the batches the probe was given."""
+    from vlmscope.training import trainer as trainer_module
+
+    seen: dict[str, Any] = {}
+    real = trainer_module.probe_lr
+
+    def spy(bundle: Any, optimizer: str, lr: float, steps: Any, heldout: Any, *rest: Any) -> Any:
+        tensors = [t for micro in steps for xs, ys in micro for t in (*xs, *ys)]
+        tensors += [*heldout[0], *heldout[1]]
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+        seen["bytes"] = sum(storages.values())
+        seen["rows"] = max(int(xs[0].shape[0]) for micro in steps for xs, _ in micro)
+        seen["params"] = sum(p.numel() * p.element_size() for p in bundle.parameters())
+        return real(bundle, optimizer, lr, steps, heldout, *rest)
+
+    monkeypatch.setattr(trainer_module, "probe_lr", spy)
+    model = str(zoo_path("llava"))
+    argv = [model, "shapes:16", "--sae.transcode", "--sae.expansion-factor", "2", "--sae.k", "4",
+            "--grad-acc-steps", "2", "--max-steps", "1", "--batch-size", "2", "--run-name", "p",
+            "--output-dir", str(tmp_path), "--device", "cpu", "--dtype", "float32"]  # fmt: skip
+    cfg = parse_train_args([*argv, "--lr-probe", "2"])
+    Trainer(cfg, llava, progress=False).fit()
+    assert json.loads((tmp_path / "p" / "lr_probe.json").read_text())["steps"] == 2
+    per_sample = -(-seen["rows"] // cfg.batch_size)  # the longest micro-batch's tokens a sample
+    shape = ModelShape.from_config(model)
+    plan = plan_training(shape, cfg, gpus=1, gpu_mem_gib=1, tokens_per_sample=per_sample)
+    probe = lines(plan, "lr probe")
+    assert probe["copy of the dictionaries (fp32)"] == seen["params"]
+    assert seen["bytes"] <= probe["batches read ahead (at most)"] <= 2 * seen["bytes"]
+    without = plan_training(shape, parse_train_args(argv), gpus=1, gpu_mem_gib=1,
+                            tokens_per_sample=per_sample)  # fmt: skip
+    assert "lr probe" not in without.budget.groups
+    assert plan.budget.total() - without.budget.total() == sum(probe.values())
