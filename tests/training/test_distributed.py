@@ -20,6 +20,7 @@ import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -27,6 +28,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from vlmscope.data.processing import SkipCounter
+from vlmscope.training import lr_probe
 from vlmscope.training.bundle import DictionaryBundle
 from vlmscope.training.config import SaeArgs, TrainConfig
 from vlmscope.training.distributed import AgreedError, Layout, share, window_rows
@@ -102,12 +104,20 @@ def config(out: Path, name: str, batch: int, kind: str, **extra: Any) -> TrainCo
 
 
 def train_here(cfg: TrainConfig, total: int, sgd: bool, layout: Layout, **src: Any) -> Trainer:
+    """A run on ArraySource; sgd: plain SGD for the run and for --lr-probe's copies."""
     source = ArraySource(total, cfg.batch_size, layout, **src)
     trainer = Trainer(cfg, progress=False, source=source, layout=layout)  # type: ignore[arg-type]
-    if sgd:
-        params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
-        trainer.optimizer = torch.optim.SGD(params, lr=cfg.lr)
-    trainer.fit()
+    if not sgd:
+        trainer.fit()
+        return trainer
+    params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+    trainer.optimizer = torch.optim.SGD(params, lr=cfg.lr)
+
+    def sgd_for(name: str, params: Any, lr: float) -> torch.optim.Optimizer:
+        return torch.optim.SGD(list(params), lr=lr)
+
+    with mock.patch.object(lr_probe, "build_optimizer", sgd_for):
+        trainer.fit()
     return trainer
 
 

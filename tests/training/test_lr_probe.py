@@ -24,7 +24,7 @@ from vlmscope.training.lr_probe import PROBE_WARMUP, SCALES
 from vlmscope.training.sources import ActivationBatch, TrainState
 from vlmscope.training.trainer import Trainer
 
-from .test_distributed import ArraySource, config, train_here
+from .test_distributed import ArraySource, assert_close, config, run_ranks, train_here, weights_of
 
 BASE_LR = 2e-3
 PROBE = 8  # steps (the first at half the rate: warm-up)
@@ -33,8 +33,8 @@ TOTAL = 64  # rows of the in-memory data set
 
 
 def cfg_for(tmp: Path, name: str, kind: str, **extra: Any) -> TrainConfig:
-    values: dict[str, Any] = {"lr": BASE_LR, "lr_warmup_fraction": 0.0,
-                              "lr_decay_fraction": 0.0, "log_every": 1, "max_steps": 12}  # fmt: skip
+    values: dict[str, Any] = {"lr": BASE_LR, "lr_warmup_fraction": 0.0, "lr_decay_fraction": 0.0,
+                              "log_every": 1, "max_steps": 12}  # fmt: skip
     values.update(extra)
     return config(tmp, name, BATCH, kind, **values)
 
@@ -129,7 +129,29 @@ def test_probe_refuses_what_it_cannot_do(tmp_path: Path) -> None:
         cfg_for(tmp_path, "neg", "transcoder", lr_probe=-1)
     with pytest.raises(ValueError, match=r"--lr-probe scores rates by held-out FVU"):
         cfg_for(tmp_path, "ce", "transcoder", lr_probe=2, loss_fn="ce")
-    cfg = cfg_for(tmp_path, "ranks", "transcoder", lr_probe=2)
-    with pytest.raises(TrainingError, match=r"--lr-probe runs in one process \(2 ranks"):
+    cfg = cfg_for(tmp_path, "ranks", "transcoder", lr_probe=2, distribute_modules=True)
+    with pytest.raises(TrainingError, match=r"--lr-probe trains whole copies .* --distribute-mod"):
         Trainer(cfg, progress=False, source=ArraySource(TOTAL, BATCH, Layout(0, 2)),  # type: ignore[arg-type]
                 layout=Layout(0, 2))  # fmt: skip
+
+
+@pytest.mark.parametrize(("kind", "acc"), [("clt", 2), ("transcoder", 1)])
+def test_data_parallel_ranks_probe_as_one_process_on_the_global_batch(
+    tmp_path: Path, kind: str, acc: int
+) -> None:
+    """Two ranks, each reading its share of every batch: the same scores and choice as one
+    process given the whole batches, and the same dictionaries after (SGD, so that float
+    tolerance means something; see test_distributed)."""
+    extra = {"lr_probe": PROBE, "grad_acc_steps": acc, "max_steps": 10, "lr": 0.05}
+    cfg = config(tmp_path, "dp", BATCH, kind, **extra)
+    results = run_ranks(2, tmp_path / "dp", cfg, TOTAL)
+    assert all(r["ok"] for r in results), results
+    one = train_here(config(tmp_path, "one", 2 * BATCH, kind, **extra), TOTAL, sgd=True,
+                     layout=Layout())  # fmt: skip
+    dp = json.loads((tmp_path / "dp" / "lr_probe.json").read_text())
+    ref = json.loads((tmp_path / "one" / "lr_probe.json").read_text())
+    assert dp["scale"] == ref["scale"] == one.state.lr_scale
+    assert dp["score"] == pytest.approx(ref["score"], abs=1e-5)
+    ranks = [weights_of(tmp_path / "dp", r) for r in range(2)]
+    assert_close(ranks[1], ranks[0], atol=0)
+    assert_close(ranks[0], state_of(one), atol=2e-6)

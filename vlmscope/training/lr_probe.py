@@ -17,7 +17,9 @@ seen when scored, over several batches (one batch alone picked x3 over x1 on the
 rows, where x1 ends better: x3's FVU there jumps from batch to batch). The run then starts
 from the same initial weights at the best multiple (ties go to the smaller). The copies
 cost len(SCALES) x N extra steps; the run's data, order and random state are untouched, so
-a probed run trains exactly as a run given the chosen rate with --lr.
+a probed run trains exactly as a run given the chosen rate with --lr. With data parallel
+ranks each copy trains as DDP trains the run: every rank on its share of each batch, the
+gradients and the FVUs summed over the ranks (batchstats), so all ranks choose alike.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from vlmscope.dictionaries import batchstats
 from vlmscope.training.optim import (
     averaged,
     build_optimizer,
@@ -124,16 +127,27 @@ def _train_and_score(
                 copy_.set_decoder_norm_to_unit_norm()  # type: ignore[operator]
             out = copy_(xs, ys)
             loss = out.loss / len(micro)
-            if not torch.isfinite(loss):
+            # the same verdict on every rank, so none waits in a collective the others left
+            if batchstats.all_sum((~torch.isfinite(loss.detach())).float().reshape(1)) > 0:
                 return math.nan
             loss.backward()
-            fvu += float(out.fvu_per_unit.mean()) / len(micro)
-            tokens += int(xs[0].shape[0])
+            fvu += _global_fvu(out.fvu_per_unit) / len(micro)
+            tokens += int(batchstats.all_sum(torch.tensor([xs[0].shape[0]], device=xs[0].device)))
+        if batchstats.active():  # data parallel: each rank's loss is its share, as in DDP
+            for p in copy_.parameters():
+                if p.grad is not None:
+                    p.grad.copy_(batchstats.all_sum(p.grad))
         if step >= len(steps) // 2:
             seen.append(fvu)
         warm = lr_multiplier((step + 1) / len(steps), PROBE_WARMUP, 0.0)
         take_step(copy_, opt, lr * warm, normalize_decoder)
     copy_.eval()
     with torch.no_grad(), averaged(opt):
-        seen.append(float(copy_(*heldout).fvu_per_unit.mean()))
+        seen.append(_global_fvu(copy_(*heldout).fvu_per_unit))
     return sum(seen) / len(seen)
+
+
+def _global_fvu(per_unit: Tensor) -> float:
+    """The units' mean FVU of the global batch (with data parallel ranks each holds its
+    share of every unit's FVU, batchstats' convention)."""
+    return float(batchstats.all_sum(per_unit.detach()).mean())

@@ -140,9 +140,10 @@ class Trainer:
         self.cfg = cfg
         self.progress = progress
         world = layout.world if layout else int(os.environ.get("WORLD_SIZE", "1"))
-        if cfg.lr_probe and world > 1:  # refused before any rank joins a group
+        if cfg.lr_probe and cfg.distribute_modules and world > 1:  # before joining a group
             raise TrainingError(
-                f"--lr-probe runs in one process ({world} ranks here): probe there and "
+                "--lr-probe trains whole copies of the dictionaries, which --distribute-modules "
+                "splits over the ranks: probe without it (data parallel or one process) and "
                 "give the rate it prints to this run with --lr"
             )
         self.layout = lay = layout or Layout.from_environment(cfg.dist_timeout, cfg.device)
@@ -417,7 +418,7 @@ class Trainer:
                     if not st.initialized:
                         b.init_from_data(xs, ys)
                         if cfg.lr_probe:
-                            batches = self._probe_lr(batch, batches)
+                            batches = self._probe_lr(batch, n_tok, batches)
                         st.initialized = True
                     k = self._k_at(st.tokens)
                     if k is not None:
@@ -493,45 +494,51 @@ class Trainer:
             dict(zip(units, [v / 100 for v in dead], strict=True)),
         )
 
-    def _probe_lr(self, first: ActivationBatch, batches: Any) -> Any:
-        """--lr-probe: read the batches the probe needs after `first`, set the state's rate
-        multiple from it (see lr_probe), and return the batches to train on, those read
-        included, in order."""
-        cfg, st = self.cfg, self.state
-        read = [first]
+    def _probe_lr(self, first: ActivationBatch, n_first: int, batches: Any) -> Any:
+        """--lr-probe: read the batches the probe needs after `first` (of `n_first` tokens
+        over all ranks), set the state's rate multiple from it (see lr_probe), and return the
+        batches to train on, those read included, in order. With data parallel ranks every
+        rank reads its share, as in the loop, and the copies train as DDP would."""
+        cfg, st, lay = self.cfg, self.state, self.layout
+        read, tokens = [first], [n_first]
         want = cfg.lr_probe * cfg.grad_acc_steps + 1
         while len(read) < want:
-            nxt, _ = self._next_batch(batches)  # one process: errors propagate as they are
-            if nxt is None:
+            nxt, error = self._next_batch(batches)
+            if nxt is None and error is None:  # the data ended (on every rank alike)
                 break
+            tokens.append(self._step_status(nxt.n_tokens if nxt is not None else 0, error))
+            assert nxt is not None  # a failure on any rank has raised on all by now
             read.append(nxt)
-        if len(read) < cfg.grad_acc_steps + 1:
-            warnings.warn(
-                f"--lr-probe: the data has {len(read)} batch(es), too few to probe one step "
-                "and score it on the next; training at the rate given",
-                stacklevel=2,
-            )
-            return itertools.chain(read[1:], batches)
-        n_steps = (len(read) - 1) // cfg.grad_acc_steps
+        rest = itertools.chain(read[1:], batches)
+        usable = [r for r, n in zip(read, tokens, strict=True) if n > 0]
         acc = cfg.grad_acc_steps
-        steps = [[(r.xs, r.ys) for r in read[i * acc : (i + 1) * acc]] for i in range(n_steps)]
+        if len(usable) < acc + 1:
+            if lay.is_main:
+                warnings.warn(
+                    f"--lr-probe: the data has {len(usable)} batch(es) with tokens, too few to "
+                    "probe one step and score it on the next; training at the rate given",
+                    stacklevel=2,
+                )
+            return rest
+        steps = [[(r.xs, r.ys) for r in usable[i * acc : (i + 1) * acc]]
+                 for i in range((len(usable) - 1) // acc)]  # fmt: skip
         result = probe_lr(
             self.bundle,
             cfg.resolved_optimizer(),
             self.lr,
             steps,
-            (read[-1].xs, read[-1].ys),
+            (usable[-1].xs, usable[-1].ys),
             self._k_at,
             bool(self.bundle.cfg.normalize_decoder),
         )
         st.lr_scale = result.scale
-        summary = result.summary(self.lr)
-        report = {"base_lr": self.lr, "scale": result.scale, "steps": result.steps,
-                  "score": {f"{s:g}": v for s, v in result.fvu.items()}}  # fmt: skip
-        (self.run_dir / "lr_probe.json").write_text(json.dumps(report, indent=1))
-        if self.progress:
-            tqdm.write(summary)
-        return itertools.chain(read[1:], batches)
+        if lay.is_main:
+            report = {"base_lr": self.lr, "scale": result.scale, "steps": result.steps,
+                      "score": {f"{s:g}": v for s, v in result.fvu.items()}}  # fmt: skip
+            (self.run_dir / "lr_probe.json").write_text(json.dumps(report, indent=1))
+            if self.progress:
+                tqdm.write(result.summary(self.lr))
+        return rest
 
     def _next_batch(self, batches: Any) -> tuple[ActivationBatch | None, str | None]:
         """The source's next batch, or the error it raised (with several ranks the error is
