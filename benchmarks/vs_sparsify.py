@@ -255,6 +255,7 @@ def run_vlmscope(args: argparse.Namespace, folder: Path, kind: str, modality: st
         build_optimizer,
         is_schedule_free,
         lr_multiplier,
+        take_step,
     )
 
     info = json.loads((folder / "info.json").read_text())
@@ -323,15 +324,8 @@ def run_vlmscope(args: argparse.Namespace, folder: Path, kind: str, modality: st
             model.set_decoder_norm_to_unit_norm()
         call(xs, ys).loss.backward()
         # The trainer's schedule, counted in tokens of this run (warm-up steps included).
-        for group in opt.param_groups:
-            group["lr"] = base_lr * lr_multiplier((i + 1) * args.batch_tokens / total, warmup,
-                                                  decay)  # fmt: skip
-        if cfg.normalize_decoder:
-            model.remove_gradient_parallel_to_decoder_directions()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cfg.normalize_decoder and not norm_before:
-            model.set_decoder_norm_to_unit_norm()
+        lr = base_lr * lr_multiplier((i + 1) * args.batch_tokens / total, warmup, decay)
+        take_step(model, opt, lr, bool(cfg.normalize_decoder))
 
     def heldout() -> list[float]:
         model.eval()
