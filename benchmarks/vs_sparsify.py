@@ -114,7 +114,9 @@ def capture(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     info: dict[str, Any] = {"layers": n_layers, "d": vlm.adapter.d_model}
     for split, budget in (("train", args.tokens + args.warmup * args.batch_tokens),
                           ("test", args.heldout_tokens)):  # fmt: skip
-        cfg = TrainConfig(model="toy", dataset="shapes:4000", split=split, max_steps=1)
+        # 4,000 scenes hold ~64k text tokens; longer budgets draw more scenes
+        scenes = max(4000, -(-budget // 12))
+        cfg = TrainConfig(model="toy", dataset=f"shapes:{scenes}", split=split, max_steps=1)
         for modality in args.modalities:
             if (out / f"{modality}_{split}.safetensors").exists():
                 continue
