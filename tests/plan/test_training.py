@@ -122,8 +122,8 @@ def _one_coder(coder: Any) -> torch.nn.Module:
 def test_planned_lr_probe_bytes_cover_what_a_probed_run_holds(
     tmp_path: Path, zoo_path: Any, llava: HookedVLM, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The copy is the dictionaries' size exactly; the read-ahead line, planned at the
-    longest sample's tokens, bounds the batches the probe was given."""
+    """The read-ahead line, planned at the longest sample's tokens, bounds the batches the
+    probe was given (the candidates train the dictionaries in place: no other line)."""
     from vlmscope.training import trainer as trainer_module
 
     seen: dict[str, Any] = {}
@@ -135,7 +135,6 @@ def test_planned_lr_probe_bytes_cover_what_a_probed_run_holds(
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
         seen["bytes"] = sum(storages.values())
         seen["rows"] = max(int(xs[0].shape[0]) for micro in steps for xs, _ in micro)
-        seen["params"] = sum(p.numel() * p.element_size() for p in bundle.parameters())
         return real(bundle, optimizer, lr, steps, heldout, *rest)
 
     monkeypatch.setattr(trainer_module, "probe_lr", spy)
@@ -150,7 +149,7 @@ def test_planned_lr_probe_bytes_cover_what_a_probed_run_holds(
     shape = ModelShape.from_config(model)
     plan = plan_training(shape, cfg, gpus=1, gpu_mem_gib=1, tokens_per_sample=per_sample)
     probe = lines(plan, "lr probe")
-    assert probe["copy of the dictionaries (fp32)"] == seen["params"]
+    assert list(probe) == ["batches read ahead (at most)"]
     assert seen["bytes"] <= probe["batches read ahead (at most)"] <= 2 * seen["bytes"]
     without = plan_training(shape, parse_train_args(argv), gpus=1, gpu_mem_gib=1,
                             tokens_per_sample=per_sample)  # fmt: skip

@@ -448,11 +448,11 @@ _HELP = {
     "the run) over which the learning rate rises linearly from 0",
     "lr_decay_fraction": "fraction of the budget at its end over which the learning rate "
     "decays linearly to 0 (default: 0.2 with adam, 0 with signum)",
-    "lr_probe": "N > 0: before training, train copies of the initialised dictionaries for the "
-    "run's first N steps at x1, x3 and x10 the learning rate, then train from the same start at "
-    "the one with the lowest FVU on batches they had not trained on yet (printed, and kept in "
-    "lr_probe.json); worth it for short runs, where the best rate depends on the data; costs "
-    "3N steps; not with --distribute-modules (0: off)",
+    "lr_probe": "N > 0: before training, train the initialised dictionaries for the run's "
+    "first N steps at x1, x3 and x10 the learning rate (each time from the same start), then "
+    "train at the one with the lowest FVU on batches it had not trained on yet (printed, and "
+    "kept in lr_probe.json); worth it for short runs, where the best rate depends on the data; "
+    "costs 3N steps; not with --distribute-modules (0: off)",
     "k_anneal_tokens": "tokens over which k anneals from the input width down to --sae.k "
     "(0: no annealing; not for jumprelu)",
     "max_tokens": "stop after this many training tokens (selected positions; 0: no token limit)",

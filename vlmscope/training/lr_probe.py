@@ -6,25 +6,27 @@ images the rule's rate is best and x10 doubles the held-out FVU, on the width-51
 rows x10 halves it (benchmarks/README.md, "Choosing the learning rate"). Which of the two a
 model's activations resemble is not known before training, so the probe measures it.
 
-How: a copy of the freshly initialised dictionaries trains at each multiple in `SCALES` of
-the rate on the run's first N batches, with the run's top-k annealing but a schedule of its
-own: a linear warm-up over the first quarter of the N steps, then the peak rate. (The run's
-own first steps sit, in a long run, deep in its warm-up, at rates that say nothing about the
-peak; `PROBE_WARMUP` is as a run of N steps with --lr-warmup-fraction 0.25 has it.)
-Each copy is scored by its mean FVU on the batches of the probe's second half, each
-measured before the copy trained on it, and on the batch after the probe: data it had not
-seen when scored, over several batches (one batch alone picked x3 over x1 on the toy's image
-rows, where x1 ends better: x3's FVU there jumps from batch to batch). The run then starts
-from the same initial weights at the best multiple (ties go to the smaller). The copies
-cost len(SCALES) x N extra steps; the run's data, order and random state are untouched, so
-a probed run trains exactly as a run given the chosen rate with --lr. With data parallel
-ranks each copy trains as DDP trains the run: every rank on its share of each batch, the
-gradients and the FVUs summed over the ranks (batchstats), so all ranks choose alike.
+How: the freshly initialised dictionaries train at each multiple in `SCALES` of the rate
+on the run's first N batches, with the run's top-k annealing but a schedule of its own: a
+linear warm-up over the first quarter of the N steps, then the peak rate. (The run's own
+first steps sit, in a long run, deep in its warm-up, at rates that say nothing about the
+peak; `PROBE_WARMUP` is as a run of N steps with --lr-warmup-fraction 0.25 has it.) Each
+candidate is scored by its mean FVU on the batches of the probe's second half, each measured
+before it trained on that batch, and on the batch after the probe: data it had not seen when
+scored, over several batches (one batch alone picked x3 over x1 on the toy's image rows,
+where x1 ends better: x3's FVU there jumps from batch to batch). The run then starts from the
+same initial weights at the best multiple (ties go to the smaller).
+
+Cost: len(SCALES) x N extra steps; on the device no more memory than the run's own (the
+candidates train the dictionaries in place; the initial state waits in host memory). The
+run's data, order and random state are untouched, so a probed run trains exactly as a run
+given the chosen rate with --lr. With data parallel ranks each candidate trains as DDP trains
+the run: every rank on its share of each batch, the gradients and the FVUs summed over the
+ranks (batchstats), so all ranks choose alike.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -79,23 +81,42 @@ def probe_lr(
     normalize_decoder: bool,
     scales: Sequence[float] = SCALES,
 ) -> ProbeResult:
-    """Train a copy of `bundle` (a DictionaryBundle after init_from_data) per scale on
-    `steps` (each step's micro-batches, gradients averaged over them as with
-    --grad-acc-steps) and score it (see `_train_and_score`). k_at(tokens) is the run's
-    annealed k after `tokens` tokens (None: fixed). The caller's random state is restored
-    afterwards."""
+    """Train `bundle` (a DictionaryBundle after init_from_data) per scale on `steps` (each
+    step's micro-batches, gradients averaged over them as with --grad-acc-steps) and score
+    it (see `_train_and_score`). k_at(tokens) is the run's annealed k after `tokens` tokens
+    (None: fixed).
+
+    The candidates train the bundle itself, from its initial state kept in host memory and
+    loaded back after each (parameters, buffers, gradients, mode, k), so the probe needs no
+    second copy on the device: its peak there is the run's own (parameters, gradients,
+    optimiser moments). The caller's random state is restored too."""
     rng = torch.random.get_rng_state()
+    start = {k: v.detach().to("cpu", copy=True) for k, v in bundle.state_dict().items()}
+    mode, ks = bundle.training, [getattr(a, "k", None) for a in bundle.activations()]  # type: ignore[operator]
     scores: dict[float, float] = {}
     try:
         for scale in scales:
             scores[scale] = _train_and_score(
                 bundle, optimizer, base_lr * scale, steps, heldout, k_at, normalize_decoder,
             )  # fmt: skip
+            _restore(bundle, start)
     finally:
+        _restore(bundle, start)
+        bundle.train(mode)
+        for act, k in zip(bundle.activations(), ks, strict=True):  # type: ignore[operator]
+            if k is not None:
+                act.k = k
         torch.random.set_rng_state(rng)
     finite = {s: v for s, v in scores.items() if math.isfinite(v)}
     best = min(finite, key=lambda s: (finite[s], s)) if finite else min(scales)
     return ProbeResult(best, scores, len(steps))
+
+
+def _restore(bundle: nn.Module, start: dict[str, Tensor]) -> None:
+    """The bundle's initial state back, gradients dropped."""
+    bundle.load_state_dict(start)
+    for p in bundle.parameters():
+        p.grad = None
 
 
 def _train_and_score(
@@ -107,12 +128,12 @@ def _train_and_score(
     k_at: Callable[[int], int | None],
     normalize_decoder: bool,
 ) -> float:
-    """The score of a copy of `bundle` trained on `steps` at peak rate `lr`: its
-    FVU (the units' mean, as the trainer logs it) on the second half's batches before each
-    update and on `heldout` after all, averaged."""
-    copy_ = copy.deepcopy(bundle)
-    copy_.train()
-    opt = build_optimizer(optimizer, copy_.parameters(), lr)
+    """The score of `bundle` trained on `steps` at peak rate `lr` (in place): its FVU (the
+    units' mean, as the trainer logs it) on the second half's batches before each update and
+    on `heldout` after all, averaged."""
+    model = bundle
+    model.train()
+    opt = build_optimizer(optimizer, model.parameters(), lr)
     norm_before = normalize_decoder and is_schedule_free(opt)
     tokens = 0
     seen: list[float] = []  # FVU of each scored step's batches before the update
@@ -121,11 +142,11 @@ def _train_and_score(
         for i, (xs, ys) in enumerate(micro):
             k = k_at(tokens)
             if k is not None:
-                for act in copy_.activations():  # type: ignore[operator]
+                for act in model.activations():  # type: ignore[operator]
                     act.k = k
             if norm_before and i == 0:
-                copy_.set_decoder_norm_to_unit_norm()  # type: ignore[operator]
-            out = copy_(xs, ys)
+                model.set_decoder_norm_to_unit_norm()  # type: ignore[operator]
+            out = model(xs, ys)
             loss = out.loss / len(micro)
             # the same verdict on every rank, so none waits in a collective the others left
             if batchstats.all_sum((~torch.isfinite(loss.detach())).float().reshape(1)) > 0:
@@ -134,16 +155,16 @@ def _train_and_score(
             fvu += _global_fvu(out.fvu_per_unit) / len(micro)
             tokens += int(batchstats.all_sum(torch.tensor([xs[0].shape[0]], device=xs[0].device)))
         if batchstats.active():  # data parallel: each rank's loss is its share, as in DDP
-            for p in copy_.parameters():
+            for p in model.parameters():
                 if p.grad is not None:
                     p.grad.copy_(batchstats.all_sum(p.grad))
         if step >= len(steps) // 2:
             seen.append(fvu)
         warm = lr_multiplier((step + 1) / len(steps), PROBE_WARMUP, 0.0)
-        take_step(copy_, opt, lr * warm, normalize_decoder)
-    copy_.eval()
+        take_step(model, opt, lr * warm, normalize_decoder)
+    model.eval()
     with torch.no_grad(), averaged(opt):
-        seen.append(_global_fvu(copy_(*heldout).fvu_per_unit))
+        seen.append(_global_fvu(model(*heldout).fvu_per_unit))
     return sum(seen) / len(seen)
 
 
