@@ -72,6 +72,18 @@ def test_a_72b_clt_on_all_layers_does_not_fit_8x80_and_the_advice_does(tmp_path:
     assert plan_training(shape, again, gpus=8, gpu_mem_gib=80).fits
 
 
+def test_advice_to_distribute_modules_says_the_probe_must_go(tmp_path: Path) -> None:
+    """--distribute-modules and --lr-probe exclude each other (the trainer refuses the pair),
+    so advice that adds the one to a run with the other says so."""
+    shape = ModelShape.from_config("qwen2_5_vl_72b")
+    argv = ["x", "y", "--sae.kind", "clt", "--batch-size", "1", "--ctx-len", "2048"]
+    probed = plan_training(shape, parse_train_args([*argv, "--lr-probe", "8"]), 8, 80)
+    plain = plan_training(shape, parse_train_args(argv), 8, 80)
+    [with_probe] = [a for a in probed.advice if a.startswith("--distribute-modules")]
+    [without] = [a for a in plain.advice if a.startswith("--distribute-modules")]
+    assert "no --lr-probe" in with_probe and "--lr-probe" not in without
+
+
 @pytest.mark.parametrize(
     ("flags", "gpus"),
     [("--sae.kind clt --sae.n_targets 3 --sae.num-latents 64 --sae.k 4", 2),

@@ -209,9 +209,15 @@ def _advice(
         cfg = dataclasses.replace(cfg, shard_model="fsdp")
     if not cfg.distribute_modules and g > 1:
         p = fits(distribute_modules=True, shard_model=cfg.shard_model)
+        drop = (
+            " and no --lr-probe, which needs whole dictionaries on every GPU (probe in a "
+            "smaller run and pass its rate with --lr)"
+            if cfg.lr_probe
+            else ""
+        )
         out.append(
             f"--distribute-modules: each GPU holds 1/{g} of the dictionaries "
-            f"({p.budget.total() / GiB:.0f} GiB per GPU)"
+            f"({p.budget.total() / GiB:.0f} GiB per GPU){drop}"
         )
         cfg = dataclasses.replace(cfg, distribute_modules=True)
     if fits().fits:
