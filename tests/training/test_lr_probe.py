@@ -155,3 +155,30 @@ def test_data_parallel_ranks_probe_as_one_process_on_the_global_batch(
     ranks = [weights_of(tmp_path / "dp", r) for r in range(2)]
     assert_close(ranks[1], ranks[0], atol=0)
     assert_close(ranks[0], state_of(one), atol=2e-6)
+
+
+def test_a_probed_run_on_a_model_replays_every_batch_it_read_ahead(
+    tmp_path: Path, zoo_path: Any
+) -> None:
+    """On the zoo llava, live (batches cut from records, with their data cursor): the run
+    trains on every batch the probe read ahead, in order, as the run given the chosen --lr."""
+    from vlmscope.models.hooked import HookedVLM
+    from vlmscope.training.config import parse_train_args
+
+    vlm = HookedVLM.from_pretrained(zoo_path("llava"), device="cpu", dtype=torch.float32)
+    argv = [str(zoo_path("llava")), "shapes:24", "--sae.transcode", "--sae.expansion-factor",
+            "2", "--sae.k", "4", "--max-steps", "6", "--batch-size", "2",
+            "--lr-decay-fraction", "0", "--output-dir", str(tmp_path), "--device", "cpu",
+            "--dtype", "float32"]  # fmt: skip
+    probed = Trainer(parse_train_args([*argv, "--run-name", "p", "--lr-probe", "3"]), vlm,
+                     progress=False)  # fmt: skip
+    probed.fit()
+    report = json.loads((tmp_path / "p" / "lr_probe.json").read_text())
+    rate = report["base_lr"] * report["scale"]
+    plain = Trainer(parse_train_args([*argv, "--run-name", "q", "--lr", repr(rate)]), vlm,
+                    progress=False)  # fmt: skip
+    plain.fit()
+    assert probed.state.tokens == plain.state.tokens and probed.state.rows == plain.state.rows
+    ours, theirs = state_of(probed), state_of(plain)
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], atol=0, rtol=0, msg=k)

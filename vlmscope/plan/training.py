@@ -13,15 +13,14 @@ Per GPU, with G GPUs, B = --batch-size samples of T tokens (--tokens-per-sample,
                 gradient bucket; 1/G of them with --distribute-modules)
                 encoder pre-activations N_d * F * 4 B per held unit, reconstructions
                 N_d * d * 8 B  (N_d = N with DDP; G * N tokens of 1/G of the units otherwise)
-    lr probe    (--lr-probe N; not with --distribute-modules) N * --grad-acc-steps + 1
-                micro-batches read ahead, N * L * (d_in + d_out) * 4 B each (the candidates
-                train the dictionaries in place; their initial state waits in host memory)
     buffers     dead-latent counters F * 8 B per unit; all-to-all send + receive buffers
                 2 * N * L * (d_in + d_out) * 4 B with --distribute-modules; 1 GiB framework
 
 Parameters of a CLT layer l: F * d (encoder) + F (bias) + F * n_out(l) * d (decoder) + d, with
 n_out(l) = min(n_targets or L, L - l). The dictionary lines are exact (checked against the
-tensors of a real run in tests/plan); the activation lines are estimates.
+tensors of a real run in tests/plan); the activation lines are estimates. `--lr-probe` adds
+nothing on the device: its candidates train the dictionaries in place, and its saved state
+and read-ahead batches wait in host memory.
 """
 
 from __future__ import annotations
@@ -168,14 +167,6 @@ def plan_training(
     b.add("dictionary", "encoder pre-activations", n_d * f * 4 * units_held, f"F = {f}")
     b.add("dictionary", "reconstructions + targets", n_d * d * 8 * units_held)
 
-    # --lr-probe: before the first step the candidates train the dictionaries themselves, with
-    # gradients and Adam moments the size of the run's; what it adds to the device's peak is
-    # the batches read ahead for it.
-    if cfg.lr_probe and not (cfg.distribute_modules and g > 1):
-        n_read = cfg.lr_probe * cfg.grad_acc_steps + 1
-        b.add("lr probe", "batches read ahead (at most)", n_read * n * n_units * 2 * d * 4,
-              f"{n_read} micro-batches, fp32")  # fmt: skip
-
     # buffers
     b.add("buffers", "dead-latent counters", f * 8 * units_held)
     if cfg.distribute_modules and g > 1:
@@ -222,12 +213,6 @@ def _advice(
         cfg = dataclasses.replace(cfg, distribute_modules=True)
     if fits().fits:
         return out
-    if cfg.lr_probe and fits(lr_probe=0).fits:
-        return [
-            *out,
-            "--lr-probe 0: the batches the probe reads ahead are what does not fit; probe "
-            "on a shorter --ctx-len or fewer --layers and pass the rate with --lr",
-        ]
     # The largest dictionaries that fit: latents first (as many as possible), then the CLT
     # window (as wide as possible).
     d = shape.d_model

@@ -18,7 +18,8 @@ where x1 ends better: x3's FVU there jumps from batch to batch). The run then st
 same initial weights at the best multiple (ties go to the smaller).
 
 Cost: len(SCALES) x N extra steps; on the device no more memory than the run's own (the
-candidates train the dictionaries in place; the initial state waits in host memory). The
+candidates train the dictionaries in place; the initial state and the batches read ahead
+wait in host memory, each batch brought to the device when used). The
 run's data, order and random state are untouched, so a probed run trains exactly as a run
 given the chosen rate with --lr. With data parallel ranks each candidate trains as DDP trains
 the run: every rank on its share of each batch, the gradients and the FVUs summed over the
@@ -112,6 +113,18 @@ def probe_lr(
     return ProbeResult(best, scores, len(steps))
 
 
+def moved(batch: Batch, device: torch.device | str) -> Batch:
+    """xs, ys on `device` (a tensor that is both an x and a y stays one tensor)."""
+    done: dict[int, Tensor] = {}
+
+    def to(t: Tensor) -> Tensor:
+        if id(t) not in done:
+            done[id(t)] = t.to(device)
+        return done[id(t)]
+
+    return [to(x) for x in batch[0]], [to(y) for y in batch[1]]
+
+
 def _restore(bundle: nn.Module, start: dict[str, Tensor]) -> None:
     """The bundle's initial state back, gradients dropped."""
     bundle.load_state_dict(start)
@@ -135,11 +148,13 @@ def _train_and_score(
     model.train()
     opt = build_optimizer(optimizer, model.parameters(), lr)
     norm_before = normalize_decoder and is_schedule_free(opt)
+    device = next(model.parameters()).device
     tokens = 0
     seen: list[float] = []  # FVU of each scored step's batches before the update
     for step, micro in enumerate(steps):
         fvu = 0.0
-        for i, (xs, ys) in enumerate(micro):
+        for i, batch in enumerate(micro):
+            xs, ys = moved(batch, device)  # batches may wait in host memory
             k = k_at(tokens)
             if k is not None:
                 for act in model.activations():  # type: ignore[operator]
@@ -164,7 +179,7 @@ def _train_and_score(
         take_step(model, opt, lr * warm, normalize_decoder)
     model.eval()
     with torch.no_grad(), averaged(opt):
-        seen.append(_global_fvu(model(*heldout).fvu_per_unit))
+        seen.append(_global_fvu(model(*moved(heldout, device)).fvu_per_unit))
     return sum(seen) / len(seen)
 
 

@@ -37,7 +37,7 @@ from vlmscope.training.config import TrainConfig
 from vlmscope.training.distributed import Layout, collective_errors, leaving, rank_seed
 from vlmscope.training.errors import CheckpointError, TrainingError
 from vlmscope.training.logging import MetricsLogger
-from vlmscope.training.lr_probe import probe_lr
+from vlmscope.training.lr_probe import moved, probe_lr
 from vlmscope.training.modules import ModuleShards, seed_units, shards_for
 from vlmscope.training.optim import (
     averaged,
@@ -508,8 +508,9 @@ class Trainer:
                 break
             tokens.append(self._step_status(nxt.n_tokens if nxt is not None else 0, error))
             assert nxt is not None  # a failure on any rank has raised on all by now
-            read.append(nxt)
-        rest = itertools.chain(read[1:], batches)
+            read.append(self._moved(nxt, "cpu"))  # waits in host memory
+        # back on the device one at a time, as the loop takes them
+        rest = itertools.chain((self._moved(r, self.device) for r in read[1:]), batches)
         usable = [r for r, n in zip(read, tokens, strict=True) if n > 0]
         acc = cfg.grad_acc_steps
         if len(usable) < acc + 1:
@@ -539,6 +540,11 @@ class Trainer:
             if self.progress:
                 tqdm.write(result.summary(self.lr))
         return rest
+
+    @staticmethod
+    def _moved(batch: ActivationBatch, device: Any) -> ActivationBatch:
+        xs, ys = moved((batch.xs, batch.ys), device)
+        return dataclasses.replace(batch, xs=xs, ys=ys)
 
     def _next_batch(self, batches: Any) -> tuple[ActivationBatch | None, str | None]:
         """The source's next batch, or the error it raised (with several ranks the error is
