@@ -21,6 +21,7 @@ from vlmscope.training.config import TrainConfig
 from vlmscope.training.distributed import Layout
 from vlmscope.training.errors import TrainingError
 from vlmscope.training.lr_probe import PROBE_WARMUP, SCALES
+from vlmscope.training.optim import averaged
 from vlmscope.training.sources import ActivationBatch, TrainState
 from vlmscope.training.trainer import Trainer
 
@@ -43,37 +44,41 @@ def state_of(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in trainer.bundle.state_dict().items()}
 
 
-def reference_score(tmp: Path, kind: str, scale: float) -> float:
+def reference_score(tmp: Path, kind: str, scale: float, optimizer: str) -> float:
     """What the probe should score `scale`: a plain run of PROBE steps at that rate."""
     cfg = cfg_for(tmp, f"ref{scale:g}", kind, lr=BASE_LR * scale, max_steps=PROBE,
-                  lr_warmup_fraction=PROBE_WARMUP)  # fmt: skip
+                  lr_warmup_fraction=PROBE_WARMUP, optimizer=optimizer)  # fmt: skip
     trainer = train_here(cfg, TOTAL, sgd=False, layout=Layout())
     lines = (Path(cfg.output_dir) / cfg.run_name / "metrics.jsonl").read_text().splitlines()
     logged = {m["step"]: m["fvu"] for m in map(json.loads, lines)}
     seen = [logged[s + 1] for s in range(PROBE // 2, PROBE)]  # logged after step s's update
     xs, ys = ArraySource(TOTAL, BATCH, Layout()).rows(range(PROBE * BATCH, (PROBE + 1) * BATCH))
     trainer.bundle.eval()
-    with torch.no_grad():
+    with torch.no_grad(), averaged(trainer.optimizer):  # signum: the weights it saves
         seen.append(float(trainer.bundle(xs, ys).fvu_per_unit.mean()))
     return sum(seen) / len(seen)
 
 
-@pytest.mark.parametrize("kind", ["transcoder", "clt", "sae"])
+@pytest.mark.parametrize(
+    ("kind", "optimizer"), [("transcoder", "adam"), ("clt", "adam"), ("sae", "signum")]
+)
 def test_probe_scores_what_runs_at_each_rate_measure_and_then_trains_as_the_chosen_rate(
-    tmp_path: Path, kind: str
+    tmp_path: Path, kind: str, optimizer: str
 ) -> None:
-    probed = train_here(cfg_for(tmp_path, "probed", kind, lr_probe=PROBE), TOTAL, sgd=False,
-                        layout=Layout())  # fmt: skip
+    """signum: the candidates are scored at their averaged weights, as the run's
+    dictionaries are saved; the run's own optimiser starts after them untouched."""
+    probed = train_here(cfg_for(tmp_path, "probed", kind, lr_probe=PROBE, optimizer=optimizer),
+                        TOTAL, sgd=False, layout=Layout())  # fmt: skip
     report = json.loads((tmp_path / "probed" / "lr_probe.json").read_text())
     assert report["base_lr"] == BASE_LR and report["steps"] == PROBE
-    truth = {s: reference_score(tmp_path, kind, s) for s in SCALES}
+    truth = {s: reference_score(tmp_path, kind, s, optimizer) for s in SCALES}
     for s in SCALES:
         assert report["score"][f"{s:g}"] == pytest.approx(truth[s], abs=2e-6), s
     chosen = min(truth, key=lambda s: (truth[s], s))
     assert report["scale"] == chosen and probed.state.lr_scale == chosen
     # The run itself: as if --lr had been the chosen rate from the start.
-    plain = train_here(cfg_for(tmp_path, "plain", kind, lr=BASE_LR * chosen), TOTAL, sgd=False,
-                       layout=Layout())  # fmt: skip
+    plain = train_here(cfg_for(tmp_path, "plain", kind, lr=BASE_LR * chosen, optimizer=optimizer),
+                       TOTAL, sgd=False, layout=Layout())  # fmt: skip
     ours, theirs = state_of(probed), state_of(plain)
     assert ours.keys() == theirs.keys()
     for k in ours:
@@ -130,7 +135,7 @@ def test_probe_refuses_what_it_cannot_do(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"--lr-probe scores rates by held-out FVU"):
         cfg_for(tmp_path, "ce", "transcoder", lr_probe=2, loss_fn="ce")
     cfg = cfg_for(tmp_path, "ranks", "transcoder", lr_probe=2, distribute_modules=True)
-    with pytest.raises(TrainingError, match=r"--lr-probe trains whole copies .* --distribute-mod"):
+    with pytest.raises(TrainingError, match=r"every rank, which --distribute-modules splits"):
         Trainer(cfg, progress=False, source=ArraySource(TOTAL, BATCH, Layout(0, 2)),  # type: ignore[arg-type]
                 layout=Layout(0, 2))  # fmt: skip
 

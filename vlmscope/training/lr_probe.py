@@ -58,14 +58,14 @@ Batch = tuple[Sequence[Tensor], Sequence[Tensor]]
 @dataclass
 class ProbeResult:
     """The chosen multiple of the base rate and every candidate's score (mean FVU on batches
-    it had not trained on; NaN: the copy's loss stopped being finite)."""
+    it had not trained on; NaN: its loss stopped being finite)."""
 
     scale: float
-    fvu: dict[float, float]
+    score: dict[float, float]
     steps: int
 
     def summary(self, base_lr: float) -> str:
-        scores = ", ".join(f"x{s:g}: {v:.4f}" for s, v in self.fvu.items())
+        scores = ", ".join(f"x{s:g}: {v:.4f}" for s, v in self.score.items())
         return (
             f"--lr-probe: FVU on unseen batches over {self.steps} steps at {scores}; training at "
             f"lr {base_lr * self.scale:.3g} (x{self.scale:g} of {base_lr:.3g})"
@@ -144,11 +144,10 @@ def _train_and_score(
     """The score of `bundle` trained on `steps` at peak rate `lr` (in place): its FVU (the
     units' mean, as the trainer logs it) on the second half's batches before each update and
     on `heldout` after all, averaged."""
-    model = bundle
-    model.train()
-    opt = build_optimizer(optimizer, model.parameters(), lr)
+    bundle.train()
+    opt = build_optimizer(optimizer, bundle.parameters(), lr)
     norm_before = normalize_decoder and is_schedule_free(opt)
-    device = next(model.parameters()).device
+    device = next(bundle.parameters()).device
     tokens = 0
     seen: list[float] = []  # FVU of each scored step's batches before the update
     for step, micro in enumerate(steps):
@@ -157,11 +156,11 @@ def _train_and_score(
             xs, ys = moved(batch, device)  # batches may wait in host memory
             k = k_at(tokens)
             if k is not None:
-                for act in model.activations():  # type: ignore[operator]
+                for act in bundle.activations():  # type: ignore[operator]
                     act.k = k
             if norm_before and i == 0:
-                model.set_decoder_norm_to_unit_norm()  # type: ignore[operator]
-            out = model(xs, ys)
+                bundle.set_decoder_norm_to_unit_norm()  # type: ignore[operator]
+            out = bundle(xs, ys)
             loss = out.loss / len(micro)
             # the same verdict on every rank, so none waits in a collective the others left
             if batchstats.all_sum((~torch.isfinite(loss.detach())).float().reshape(1)) > 0:
@@ -170,16 +169,16 @@ def _train_and_score(
             fvu += _global_fvu(out.fvu_per_unit) / len(micro)
             tokens += int(batchstats.all_sum(torch.tensor([xs[0].shape[0]], device=xs[0].device)))
         if batchstats.active():  # data parallel: each rank's loss is its share, as in DDP
-            for p in model.parameters():
+            for p in bundle.parameters():
                 if p.grad is not None:
                     p.grad.copy_(batchstats.all_sum(p.grad))
         if step >= len(steps) // 2:
             seen.append(fvu)
         warm = lr_multiplier((step + 1) / len(steps), PROBE_WARMUP, 0.0)
-        take_step(model, opt, lr * warm, normalize_decoder)
-    model.eval()
+        take_step(bundle, opt, lr * warm, normalize_decoder)
+    bundle.eval()
     with torch.no_grad(), averaged(opt):
-        seen.append(_global_fvu(model(*moved(heldout, device)).fvu_per_unit))
+        seen.append(_global_fvu(bundle(*moved(heldout, device)).fvu_per_unit))
     return sum(seen) / len(seen)
 
 

@@ -142,9 +142,9 @@ class Trainer:
         world = layout.world if layout else int(os.environ.get("WORLD_SIZE", "1"))
         if cfg.lr_probe and cfg.distribute_modules and world > 1:  # before joining a group
             raise TrainingError(
-                "--lr-probe trains whole copies of the dictionaries, which --distribute-modules "
-                "splits over the ranks: probe without it (data parallel or one process) and "
-                "give the rate it prints to this run with --lr"
+                "--lr-probe trains the whole dictionaries on every rank, which "
+                "--distribute-modules splits over the ranks: probe without it (data parallel "
+                "or one process) and give the rate it prints to this run with --lr"
             )
         self.layout = lay = layout or Layout.from_environment(cfg.dist_timeout, cfg.device)
         self._joined = layout is None  # the group is this trainer's to leave
@@ -498,7 +498,7 @@ class Trainer:
         """--lr-probe: read the batches the probe needs after `first` (of `n_first` tokens
         over all ranks), set the state's rate multiple from it (see lr_probe), and return the
         batches to train on, those read included, in order. With data parallel ranks every
-        rank reads its share, as in the loop, and the copies train as DDP would."""
+        rank reads its share, as in the loop, and the candidates train as DDP would."""
         cfg, st, lay = self.cfg, self.state, self.layout
         read, tokens = [first], [n_first]
         want = cfg.lr_probe * cfg.grad_acc_steps + 1
@@ -535,7 +535,7 @@ class Trainer:
         st.lr_scale = result.scale
         if lay.is_main:
             report = {"base_lr": self.lr, "scale": result.scale, "steps": result.steps,
-                      "score": {f"{s:g}": v for s, v in result.fvu.items()}}  # fmt: skip
+                      "score": {f"{s:g}": v for s, v in result.score.items()}}  # fmt: skip
             (self.run_dir / "lr_probe.json").write_text(json.dumps(report, indent=1))
             if self.progress:
                 tqdm.write(result.summary(self.lr))
