@@ -103,6 +103,9 @@ def test_a_probed_run_resumes_at_the_chosen_rate_bit_for_bit(tmp_path: Path) -> 
         train_here(cut, TOTAL, sgd=False, layout=Layout(), nan_at=12)
     state = json.loads((tmp_path / "cut" / "checkpoint" / "state.json").read_text())
     assert state["train_state"]["step"] == 10 and state["train_state"]["lr_scale"] == 10.0
+    with pytest.raises(TrainingError, match=r"--lr-probe: 8 -> 0"):  # the run's own flags only
+        train_here(cfg_for(tmp_path, "cut", "transcoder", lr=BASE_LR / 20, save_every=2,
+                           resume=True), TOTAL, sgd=False, layout=Layout())  # fmt: skip
     (tmp_path / "cut" / "lr_probe.json").unlink()  # a resume does not probe again
     resumed = train_here(cfg_for(tmp_path, "cut", "transcoder", lr=BASE_LR / 20, lr_probe=PROBE,
                                  save_every=2, resume=True), TOTAL, sgd=False,

@@ -443,7 +443,8 @@ _HELP = {
     "optimizer": "adam: Adam; signum: sign-SGD with schedule-free averaging, the final "
     "dictionaries being the averaged weights (training/optim.py); auto: signum for SAEs, "
     "adam for transcoders and CLTs, which reach the lower held-out FVU at equal tokens",
-    "lr": "learning rate; 0: 2e-4 (adam) or 5e-3 (signum) scaled by 1/sqrt(num_latents / 2**14)",
+    "lr": "learning rate; 0: 2e-4 (adam) or 5e-3 (signum) scaled by 1/sqrt(num_latents / 2**14) "
+    "(--lr-probe may then multiply it by 3 or 10)",
     "lr_warmup_fraction": "fraction of the budget (--max-tokens or --max-steps, whichever ends "
     "the run) over which the learning rate rises linearly from 0",
     "lr_decay_fraction": "fraction of the budget at its end over which the learning rate "

@@ -678,7 +678,7 @@ def _explain_size_error(cfg: TrainConfig, width: int, err: ValueError) -> str:
 #: settings a resumed run must share with the run it continues (the budget may grow).
 _RESUME_FIXED = ("model", "dataset", "sae", "layers", "tower", "hookpoints", "tokens", "loss_fn",
                  "include_special_tokens", "batch_size", "grad_acc_steps", "ctx_len", "seed",
-                 "schema", "split", "columns", "optimizer", "lr", "pack", "activations",
+                 "schema", "split", "columns", "optimizer", "lr", "lr_probe", "pack", "activations",
                  "shuffle_buffer_mb")  # fmt: skip
 
 
