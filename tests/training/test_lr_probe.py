@@ -190,3 +190,32 @@ def test_a_probed_run_on_a_model_replays_every_batch_it_read_ahead(
     ours, theirs = state_of(probed), state_of(plain)
     for k in ours:
         torch.testing.assert_close(ours[k], theirs[k], atol=0, rtol=0, msg=k)
+
+
+def test_bad_activations_in_a_batch_read_ahead_name_the_step_it_was_for(
+    tmp_path: Path, zoo_path: Any
+) -> None:
+    """The source checks a batch when it is read, before the run's step counter moves: the
+    error says the probe read it and for which step."""
+    from vlmscope.models.hooked import HookedVLM
+    from vlmscope.training.config import parse_train_args
+
+    vlm = HookedVLM.from_pretrained(zoo_path("llava"), device="cpu", dtype=torch.float32)
+    argv = [str(zoo_path("llava")), "shapes:24", "--sae.transcode", "--sae.k", "4",
+            "--max-steps", "6", "--batch-size", "2", "--lr-probe", "4", "--output-dir",
+            str(tmp_path), "--device", "cpu", "--dtype", "float32"]  # fmt: skip
+    trainer = Trainer(parse_train_args(argv), vlm, progress=False)
+    calls = {"n": 0}
+
+    def poison(_m: Any, _i: Any, out: torch.Tensor) -> torch.Tensor | None:
+        calls["n"] += 1
+        return out * float("nan") if calls["n"] > 3 else None  # the 4th batch: for step 3
+
+    h = vlm.adapter.part(1, "mlp").register_forward_hook(poison)
+    try:
+        with pytest.raises(
+            TrainingError, match=r"NaN.*\[a batch --lr-probe read ahead, for step 3\]"
+        ):
+            trainer.fit()
+    finally:
+        h.remove()

@@ -500,10 +500,16 @@ class Trainer:
         batches to train on, those read included, in order. With data parallel ranks every
         rank reads its share, as in the loop, and the candidates train as DDP would."""
         cfg, st, lay = self.cfg, self.state, self.layout
+        acc = cfg.grad_acc_steps
         read, tokens = [first], [n_first]
         want = cfg.lr_probe * cfg.grad_acc_steps + 1
         while len(read) < want:
-            nxt, error = self._next_batch(batches)
+            try:
+                nxt, error = self._next_batch(batches)
+            except TrainingError as e:  # one process: the source names step 0, the step now
+                raise TrainingError(
+                    f"{e} [a batch --lr-probe read ahead, for step {len(read) // acc}]"
+                ) from None
             if nxt is None and error is None:  # the data ended (on every rank alike)
                 break
             tokens.append(self._step_status(nxt.n_tokens if nxt is not None else 0, error))
@@ -512,7 +518,6 @@ class Trainer:
         # back on the device one at a time, as the loop takes them
         rest = itertools.chain((self._moved(r, self.device) for r in read[1:]), batches)
         usable = [r for r, n in zip(read, tokens, strict=True) if n > 0]
-        acc = cfg.grad_acc_steps
         if len(usable) < acc + 1:
             if lay.is_main:
                 warnings.warn(
