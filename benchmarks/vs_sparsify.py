@@ -321,7 +321,7 @@ def run_vlmscope(args: argparse.Namespace, folder: Path, kind: str, modality: st
                 )  # fmt: skip
                 base_lr *= result.scale
                 probe.update(seconds=time.perf_counter() - t0, scale=result.scale,
-                             fvu={str(k): v for k, v in result.score.items()})  # fmt: skip
+                             score={str(k): v for k, v in result.score.items()})  # fmt: skip
         if norm_before:
             model.set_decoder_norm_to_unit_norm()
         call(xs, ys).loss.backward()

@@ -502,7 +502,7 @@ class Trainer:
         cfg, st, lay = self.cfg, self.state, self.layout
         acc = cfg.grad_acc_steps
         read, tokens = [first], [n_first]
-        want = cfg.lr_probe * cfg.grad_acc_steps + 1
+        want = cfg.lr_probe * acc + 1
         while len(read) < want:
             try:
                 nxt, error = self._next_batch(batches)
