@@ -1,14 +1,24 @@
-"""sparse_decode (embedding_bag) against the dense scatter+matmul reference and by hand."""
+"""sparse_decode (embedding_bag) against the dense scatter+matmul reference and by hand; the
+sparse weight gradients (SparsePattern) against dense products and embedding_bag's backward."""
 
 from __future__ import annotations
 
+import gc
+
+import numpy as np
 import pytest
 import torch
 
+from vlmscope.dictionaries import kernels
+from vlmscope.dictionaries.clt import CrossLayerTranscoder
+from vlmscope.dictionaries.coder import SparseCoder
+from vlmscope.dictionaries.config import SparseCoderConfig
 from vlmscope.dictionaries.kernels import (
+    SparsePattern,
     centred_linear,
     dense_decode,
     gathered_pre,
+    pattern_for,
     sparse_decode,
 )
 
@@ -157,3 +167,107 @@ def test_centred_linear_matches_autograd(input_grad: bool) -> None:
             assert got is None
         else:
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+# --------------------------------------------------------------------------- SparsePattern
+
+
+@pytest.mark.parametrize("num_latents", [40, 70_000])  # one radix pass, and two (> 2^16)
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_sparse_pattern_products_equal_the_dense_ones(
+    num_latents: int, index_dtype: torch.dtype
+) -> None:
+    gen = torch.Generator().manual_seed(num_latents)
+    n, k, d = 9, 6, 5
+    indices = torch.randint(0, num_latents, (n, k), generator=gen)
+    indices[0, 1] = indices[0, 0]  # a repeated entry adds up (BatchTopK padding repeats)
+    indices[1:4, 2] = indices[0, 3]  # a latent in several rows
+    weights = torch.randn(n, k, generator=gen, dtype=torch.float64)
+    rows = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    w = torch.randn(num_latents, d, generator=gen, dtype=torch.float64)
+    pattern = SparsePattern(indices.to(index_dtype), num_latents)
+
+    dense = torch.zeros(n, num_latents, dtype=torch.float64).scatter_add(1, indices, weights)
+    torch.testing.assert_close(pattern.rows_grad(weights, rows), dense.T @ rows)
+    torch.testing.assert_close(pattern.dots(rows, w), (rows @ w.T).gather(1, indices))
+
+
+@pytest.mark.parametrize("bound", [1_024, 1 << 16, 70_000, 1 << 20])
+def test_order_by_key_is_torchs_stable_sort(bound: int) -> None:
+    keys = torch.randint(0, bound, (5_000,), generator=torch.Generator().manual_seed(bound))
+    keys[:50] = bound - 1  # ties at the top key, where the high 16 bits are all set
+    order = kernels._order_by_key(keys.numpy(), bound)
+    assert order.dtype == np.int64
+    assert torch.equal(torch.from_numpy(order), keys.sort(stable=True).indices)
+
+
+def _train_grads(module: torch.nn.Module, inputs: tuple) -> dict[str, torch.Tensor]:
+    module.zero_grad(set_to_none=True)
+    module(*inputs).loss.backward()
+    return {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("csr_decoders", [True, False])
+@pytest.mark.parametrize("kind", ["sae", "transcoder", "clt"])
+def test_one_sort_per_batch_serves_encoder_and_decoders(
+    kind: str, csr_decoders: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step's weight gradients group each layer's codes once, shared by its encoder and every
+    decoder reading them (a CLT source's targets), and equal embedding_bag's and sparse COO's;
+    also where decoders are too large for the CSR backward (CSR_DECODER_MAX)."""
+    if not csr_decoders:
+        monkeypatch.setattr(kernels, "CSR_DECODER_MAX", 0)
+    torch.manual_seed(0)
+    d, n = 8, 64
+    if kind == "clt":
+        module: torch.nn.Module = CrossLayerTranscoder(
+            SparseCoderConfig(kind="clt", d_in=d, expansion_factor=4, k=3, n_layers=3)
+        )
+        xs, ys = [torch.randn(n, d) for _ in range(3)], [torch.randn(n, d) for _ in range(3)]
+        module.init_from_data(xs, ys)
+        inputs: tuple = (xs, ys)
+    else:
+        module = SparseCoder(SparseCoderConfig(kind=kind, d_in=d, expansion_factor=4, k=3))
+        x, y = torch.randn(n, d), torch.randn(n, d)
+        module.init_from_data(x, None if kind == "sae" else y)
+        inputs = (x,) if kind == "sae" else (x, y)
+    module.train()
+
+    sorts = []
+    order_by_key = kernels._order_by_key
+
+    def counted(keys: np.ndarray, bound: int) -> np.ndarray:
+        sorts.append(len(keys))
+        return order_by_key(keys, bound)
+
+    monkeypatch.setattr(kernels, "_order_by_key", counted)
+    got = _train_grads(module, inputs)
+    assert sorts == [n * 3] * (3 if kind == "clt" else 1)
+
+    monkeypatch.setattr(kernels, "_csr_backward", lambda weight: False)  # torch's kernels
+    want = _train_grads(module, inputs)
+    assert len(sorts) == (3 if kind == "clt" else 1)
+    assert got.keys() == want.keys() and {"W_enc", "W_dec"} <= {n.split(".")[-1] for n in got}
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_pattern_follows_in_place_edits_and_dies_with_its_graph() -> None:
+    indices = torch.tensor([[0, 2], [1, 2]])
+    first = pattern_for(indices, 3)
+    assert pattern_for(indices, 3) is first  # the same codes: one pattern
+    indices[0, 0] = 1  # edited in place: the old grouping would be wrong
+    second = pattern_for(indices, 3)
+    assert second is not first
+    assert pattern_for(indices, 4) is not second  # another width is another matrix
+    # Rows [[1, 2], [1, 2]] now: latents 1 and 2 each collect both unit rows, latent 0 none.
+    grouped = second.rows_grad(torch.ones(2, 2), torch.eye(2))
+    assert grouped.tolist() == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
+
+    w = torch.randn(3, 4, requires_grad=True)
+    out = sparse_decode(torch.ones(2, 2), indices, w)
+    held = pattern_for(indices, 3)
+    assert out.grad_fn is not None
+    del first, second, held, out
+    gc.collect()
+    assert all(ref() is None for ref in kernels._PATTERNS.values())  # nothing kept alive

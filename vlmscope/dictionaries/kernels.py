@@ -31,6 +31,16 @@ attaches exactly this backward to the kept entries of a `pre` computed without a
 `centred_linear` is the dense form (for activations that need the whole `pre`, like JumpReLU's
 threshold) with the same analytic b_dec gradient.
 
+On CPU both sparse weight gradients, the encoder's dL/dW above and the decoder's
+dL/dW_dec[f] = sum over (n, j) at f of values[n, j] g_out[n], are one [F, N] sparse matrix
+times a dense [N, d]: the batch's entries grouped by latent (`SparsePattern`, one radix sort
+per batch, shared by the encoder and every decoder that reads the same codes) and a CSR
+matmul. embedding_bag's own backward sorts the indices again for each decoder and then adds
+rows one by one: 2.3-3.2 ms against 0.2-0.5 ms for the CSR product on the toy's 512 x 1,024
+codes. The decoder's value gradient g_out[n] . W_dec[idx[n, j]] is then a sampled dense-dense
+product (`torch.sparse.sampled_addmm`). Large decoders keep embedding_bag's backward
+(`CSR_DECODER_MAX`); see benchmarks/README.md, "Sparse weight gradients on CPU".
+
 Optional Triton kernels (`vlmscope.dictionaries.triton_kernels`, the `triton` extra) fuse the
 encoder matmul with the TopK selection and decode without embedding_bag's bookkeeping; these
 torch functions are their reference. `sparse_decode` uses the Triton decoder on CUDA tensors
@@ -41,8 +51,10 @@ from __future__ import annotations
 
 import os
 import warnings
+import weakref
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -73,6 +85,9 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
 
         if triton_kernels.AVAILABLE:
             return triton_kernels.SparseDecode.apply(values, indices, W_dec)
+    needs_grad = torch.is_grad_enabled() and (W_dec.requires_grad or values.requires_grad)
+    if needs_grad and _csr_backward(W_dec) and W_dec.numel() <= CSR_DECODER_MAX:
+        return _SparseDecode.apply(values, W_dec, pattern_for(indices, W_dec.shape[0]))
     return F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
 
 
@@ -82,6 +97,131 @@ def dense_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
     dense = values.new_zeros(values.shape[0], W_dec.shape[0], dtype=W_dec.dtype)
     dense = dense.scatter_add(1, indices.long(), values.to(W_dec.dtype))
     return dense @ W_dec
+
+
+CSR_DECODER_MAX = 1 << 20
+"""Decoders with more entries than this keep embedding_bag's backward: the CSR product's
+output plumbing (a column-major copy) costs more than embedding_bag's row adds there. Decoder
+backward on 2 cores (benchmarks/step_kernels.py): 1.5-2.4x faster at 131k and 524k entries
+(the toy's transcoder, its CLT's first layer), 0.63-0.76x at 4M and 33M."""
+
+
+def _csr_backward(weight: Tensor) -> bool:
+    """Whether the sparse weight gradients go through `SparsePattern` (CPU float32/64: torch's
+    CSR matmul has no CPU kernel for half types; on CUDA embedding_bag's backward stays)."""
+    return weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.float64)
+
+
+class SparsePattern:
+    """Where a batch's [N, K] codes sit in the [N, F] activation matrix, for the sparse
+    gradients of the weights that read or write them.
+
+    The entries grouped by latent (a stable radix sort of the indices, done once, on first
+    use) make the [F, N] matrix of any per-entry weights a CSR tensor, so a weight gradient is
+    one CSR matmul; the [N, F] layout in row order needs no sort and gives sampled products."""
+
+    def __init__(self, indices: Tensor, num_latents: int) -> None:
+        self.indices = indices.long()
+        self.num_latents = num_latents
+        self._source = (weakref.ref(indices), indices._version)
+        self._by_latent: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def made_from(self, indices: Tensor, num_latents: int) -> bool:
+        """Whether this pattern is that of `indices` as they are now."""
+        ref, version = self._source
+        return ref() is indices and indices._version == version and num_latents == self.num_latents
+
+    def _grouped(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(crow [F + 1], the row n of each entry in latent order, that order) of the [F, N]
+        CSR matrix, computed once."""
+        if self._by_latent is None:
+            flat = self.indices.reshape(-1)
+            order = torch.from_numpy(_order_by_key(flat.numpy(), self.num_latents))
+            crow = flat.new_zeros(self.num_latents + 1)
+            torch.cumsum(torch.bincount(flat, minlength=self.num_latents), 0, out=crow[1:])
+            self._by_latent = (crow, order // self.indices.shape[1], order)
+        return self._by_latent
+
+    def rows_grad(self, weights: Tensor, rows: Tensor) -> Tensor:
+        """[F, d]: row f = sum over entries (n, j) at latent f of weights[n, j] * rows[n]."""
+        n, k = self.indices.shape
+        if n == 0 or k == 0:
+            return rows.new_zeros(self.num_latents, rows.shape[1])
+        crow, row_of, order = self._grouped()
+        values = weights.reshape(-1)[order].to(rows.dtype)
+        by_latent = _csr(crow, row_of, values, (self.num_latents, n))
+        return by_latent @ rows
+
+    def dots(self, rows: Tensor, weight: Tensor) -> Tensor:
+        """[N, K]: entry (n, j) = rows[n] . weight[indices[n, j]] (rows [N, d], weight [F, d])."""
+        n, k = self.indices.shape
+        if n == 0 or k == 0:
+            return rows.new_zeros(n, k)
+        crow = torch.arange(0, n * k + 1, k, device=rows.device)
+        ones = rows.new_ones(n * k)
+        mask = _csr(crow, self.indices.reshape(-1), ones, (n, self.num_latents))
+        sampled = torch.sparse.sampled_addmm(mask, rows, weight.t(), beta=0.0)
+        return sampled.values().view(n, k)
+
+
+def _csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
+    with warnings.catch_warnings():  # torch warns once that sparse CSR is in beta: noise here
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(crow, col, values, size)
+
+
+def _order_by_key(keys: np.ndarray, bound: int) -> np.ndarray:
+    """A stable order of `keys` in [0, bound): numpy's radix sort on 16-bit keys (one pass,
+    or two for bound > 2^16), 10x faster than torch.sort on the toy's 16k entries."""
+    if bound <= 1 << 16:
+        return np.argsort(keys.astype(np.uint16), kind="stable")
+    if bound > 1 << 32:
+        return np.argsort(keys, kind="stable")
+    low = np.argsort((keys & 0xFFFF).astype(np.uint16), kind="stable")
+    return low[np.argsort((keys[low] >> 16).astype(np.uint16), kind="stable")]
+
+
+# The live SparsePattern of each indices tensor, so the encoder gradient and every decoder that
+# reads the same codes (a CLT's targets, its sharded decoders) share one sort. Weak: a pattern
+# lives as long as the autograd graph that saved it, and an in-place edit of the indices
+# (a new version) gets a new one.
+_PATTERNS: dict[int, weakref.ref[SparsePattern]] = {}
+
+
+def pattern_for(indices: Tensor, num_latents: int) -> SparsePattern:
+    """The `SparsePattern` of `indices` [N, K] over `num_latents`, made once per tensor."""
+    ref = _PATTERNS.get(id(indices))
+    pattern = ref() if ref is not None else None
+    if pattern is not None and pattern.made_from(indices, num_latents):
+        return pattern
+    for key in [key for key, r in _PATTERNS.items() if r() is None]:
+        del _PATTERNS[key]
+    pattern = SparsePattern(indices, num_latents)
+    _PATTERNS[id(indices)] = weakref.ref(pattern)
+    return pattern
+
+
+class _SparseDecode(torch.autograd.Function):
+    """embedding_bag's forward with both gradients from a shared `SparsePattern`."""
+
+    @staticmethod
+    def forward(ctx: Any, values: Tensor, weight: Tensor, pattern: SparsePattern) -> Tensor:
+        ctx.save_for_backward(values, weight)
+        ctx.pattern = pattern
+        v = values.to(weight.dtype)
+        return F.embedding_bag(pattern.indices, weight, per_sample_weights=v, mode="sum")
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        values, weight = ctx.saved_tensors
+        pattern: SparsePattern = ctx.pattern
+        grad = grad.to(weight.dtype).contiguous()
+        grad_v = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_v = pattern.dots(grad, weight).to(values.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = pattern.rows_grad(values, grad)
+        return grad_v, grad_w, None
 
 
 def _sparse_rows_grad(indices: Tensor, grad: Tensor, rows: Tensor, num_latents: int) -> Tensor:
@@ -115,6 +255,8 @@ class _GatheredPre(torch.autograd.Function):
     ) -> Tensor:
         xc = x if centre is None else x - centre
         ctx.save_for_backward(xc, weight, indices)
+        # found now, while `indices` is the tensor the decoder reads, so both share one sort
+        ctx.pattern = pattern_for(indices, weight.shape[0]) if _csr_backward(weight) else None
         ctx.has_bias = bias is not None
         ctx.has_centre = centre is not None
         ctx.mark_non_differentiable(indices)
@@ -128,7 +270,9 @@ class _GatheredPre(torch.autograd.Function):
         grad_x = grad_w = grad_b = grad_c = None
         if need_x:
             grad_x = sparse_decode(g, indices, weight).to(xc.dtype)
-        if need_w:
+        if need_w and ctx.pattern is not None:
+            grad_w = ctx.pattern.rows_grad(g, xc.to(weight.dtype))
+        elif need_w:
             grad_w = _sparse_rows_grad(indices, g, xc.to(weight.dtype), weight.shape[0])
         if need_b or need_c:
             col = weight.new_zeros(weight.shape[0])
