@@ -102,8 +102,9 @@ def dense_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
 CSR_DECODER_MAX = 1 << 20
 """Decoders with more entries than this keep embedding_bag's backward: the CSR product's
 output plumbing (a column-major copy) costs more than embedding_bag's row adds there. Decoder
-backward on 2 cores (benchmarks/step_kernels.py): 1.5-2.4x faster at 131k and 524k entries
-(the toy's transcoder, its CLT's first layer), 0.63-0.76x at 4M and 33M."""
+backward on 2 threads (benchmarks/step_kernels.py): 2.4-2.6x and 1.5-1.7x embedding_bag's speed
+at 131k and 524k entries (the toy's transcoder, its CLT's first layer), 0.71-0.76x and
+0.63-0.73x at 4M and 33M."""
 
 
 def _csr_backward(weight: Tensor) -> bool:
