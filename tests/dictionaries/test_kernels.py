@@ -271,3 +271,12 @@ def test_a_pattern_follows_in_place_edits_and_dies_with_its_graph() -> None:
     del first, second, held, out
     gc.collect()
     assert all(ref() is None for ref in kernels._PATTERNS.values())  # nothing kept alive
+
+
+def test_codes_edited_in_place_before_backward_are_refused() -> None:
+    indices = torch.tensor([[0, 1]])
+    w = torch.randn(3, 2, requires_grad=True)
+    out = sparse_decode(torch.ones(1, 2), indices, w)
+    indices[0, 0] = 2  # the backward would group the new indices, not those decoded
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()

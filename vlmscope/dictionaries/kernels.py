@@ -207,14 +207,15 @@ class _SparseDecode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, values: Tensor, weight: Tensor, pattern: SparsePattern) -> Tensor:
-        ctx.save_for_backward(values, weight)
+        # the indices too, so an in-place edit before backward is refused, as embedding_bag does
+        ctx.save_for_backward(values, weight, pattern.indices)
         ctx.pattern = pattern
         v = values.to(weight.dtype)
         return F.embedding_bag(pattern.indices, weight, per_sample_weights=v, mode="sum")
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        values, weight = ctx.saved_tensors
+        values, weight, _ = ctx.saved_tensors
         pattern: SparsePattern = ctx.pattern
         grad = grad.to(weight.dtype).contiguous()
         grad_v = grad_w = None
