@@ -8,12 +8,14 @@ import math
 import pytest
 import torch
 
+from vlmscope.dictionaries.activations import SparseCodes
 from vlmscope.dictionaries.coder import (
     NonFiniteError,
     SparseCoder,
     check_finite,
     choose_centring,
     fvu,
+    update_dead_counter_,
 )
 from vlmscope.dictionaries.config import SparseCoderConfig
 
@@ -286,6 +288,10 @@ def test_dead_latent_counter_by_hand() -> None:
     assert coder.dead_mask().tolist() == [False, True, False, True, False, True]
     coder.eval()(x)  # eval does not count
     assert coder.num_tokens_since_fired.tolist() == [0, 5, 1, 5, 1, 5]
+    # Codes with int32 indices (a caller's own) count the same way.
+    codes = SparseCodes(torch.tensor([[1.0, 0.0]]), torch.tensor([[1, 3]], dtype=torch.int32), 6)
+    update_dead_counter_(coder.num_tokens_since_fired, codes, 2)
+    assert coder.num_tokens_since_fired.tolist() == [2, 0, 3, 7, 3, 7]
 
 
 def test_auxk_loss_by_hand() -> None:

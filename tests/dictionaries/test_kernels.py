@@ -280,3 +280,44 @@ def test_codes_edited_in_place_before_backward_are_refused() -> None:
     indices[0, 0] = 2  # the backward would group the new indices, not those decoded
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+
+
+def test_more_entries_per_row_than_latents_decode_and_differentiate() -> None:
+    # A caller's own codes may repeat a latent more often than there are latents (K > F).
+    values = torch.randn(3, 4, dtype=torch.float64)
+    indices = torch.tensor([[0, 1, 0, 1], [1, 1, 1, 0], [0, 0, 0, 0]])
+    w = torch.randn(2, 5, dtype=torch.float64)
+    grads = []
+    for fn in (sparse_decode, dense_decode):
+        v, weight = values.clone().requires_grad_(), w.clone().requires_grad_()
+        (fn(v, indices, weight) * torch.arange(15.0).view(3, 5)).sum().backward()
+        grads.append((v.grad, weight.grad))
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_gathered_pre_under_inference_mode_reads_the_kept_entries() -> None:
+    with torch.inference_mode():
+        x, w = torch.randn(5, 3), torch.randn(7, 3)
+        pre = x @ w.T
+        indices = pre.topk(2, dim=1).indices
+        assert torch.equal(gathered_pre(x, w, None, None, indices, pre), pre.gather(1, indices))
+
+
+def test_a_kept_graph_does_not_keep_the_sort_and_a_retained_one_runs_twice() -> None:
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 4, generator=gen)
+    w_enc = torch.randn(9, 4, generator=gen, requires_grad=True)
+    w_dec = torch.randn(9, 4, generator=gen, requires_grad=True)
+    with torch.no_grad():
+        pre = x @ w_enc.T
+    indices = pre.topk(3, dim=1).indices
+    out = sparse_decode(gathered_pre(x, w_enc, None, None, indices, pre), indices, w_dec)
+    loss = out.pow(2).sum()
+    loss.backward(retain_graph=True)
+    first = (w_enc.grad.clone(), w_dec.grad.clone())  # type: ignore[union-attr]
+    gc.collect()
+    assert all(ref() is None for ref in kernels._PATTERNS.values())  # `loss` still holds the graph
+    w_enc.grad = w_dec.grad = None
+    loss.backward()  # the retained graph groups its saved indices again
+    torch.testing.assert_close((w_enc.grad, w_dec.grad), first)

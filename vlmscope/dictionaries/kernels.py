@@ -86,7 +86,10 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
         if triton_kernels.AVAILABLE:
             return triton_kernels.SparseDecode.apply(values, indices, W_dec)
     needs_grad = torch.is_grad_enabled() and (W_dec.requires_grad or values.requires_grad)
-    if needs_grad and _csr_backward(W_dec) and W_dec.numel() <= CSR_DECODER_MAX:
+    # (more entries per row than latents, which only a caller's own codes have, would break
+    # the sampled product's one-entry-per-column layout: embedding_bag takes those)
+    fits = width <= W_dec.shape[0] and W_dec.numel() <= CSR_DECODER_MAX
+    if needs_grad and fits and _csr_backward(W_dec):
         return _SparseDecode.apply(values, W_dec, pattern_for(indices, W_dec.shape[0]))
     return F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
 
@@ -215,8 +218,8 @@ class _SparseDecode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        values, weight, _ = ctx.saved_tensors
-        pattern: SparsePattern = ctx.pattern
+        values, weight, indices = ctx.saved_tensors
+        pattern = _take_pattern(ctx, indices, weight.shape[0])
         grad = grad.to(weight.dtype).contiguous()
         grad_v = grad_w = None
         if ctx.needs_input_grad[0]:
@@ -224,6 +227,14 @@ class _SparseDecode(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_w = pattern.rows_grad(values, grad)
         return grad_v, grad_w, None
+
+
+def _take_pattern(ctx: Any, indices: Tensor, num_latents: int) -> SparsePattern:
+    """The pattern a backward saved, released from `ctx`: a graph kept alive after its backward
+    (a loss kept for logging) must not keep the sort with it. A second backward through a
+    retained graph groups the saved indices again."""
+    pattern, ctx.pattern = ctx.pattern, None
+    return pattern if pattern is not None else SparsePattern(indices, num_latents)
 
 
 def _sparse_rows_grad(indices: Tensor, grad: Tensor, rows: Tensor, num_latents: int) -> Tensor:
@@ -258,7 +269,9 @@ class _GatheredPre(torch.autograd.Function):
         xc = x if centre is None else x - centre
         ctx.save_for_backward(xc, weight, indices)
         # found now, while `indices` is the tensor the decoder reads, so both share one sort
-        ctx.pattern = pattern_for(indices, weight.shape[0]) if _csr_backward(weight) else None
+        # (inference tensors have no version to check it by, and no backward to serve)
+        ctx.csr = _csr_backward(weight) and not indices.is_inference()
+        ctx.pattern = pattern_for(indices, weight.shape[0]) if ctx.csr else None
         ctx.has_bias = bias is not None
         ctx.has_centre = centre is not None
         ctx.mark_non_differentiable(indices)
@@ -272,8 +285,9 @@ class _GatheredPre(torch.autograd.Function):
         grad_x = grad_w = grad_b = grad_c = None
         if need_x:
             grad_x = sparse_decode(g, indices, weight).to(xc.dtype)
-        if need_w and ctx.pattern is not None:
-            grad_w = ctx.pattern.rows_grad(g, xc.to(weight.dtype))
+        pattern = _take_pattern(ctx, indices, weight.shape[0]) if ctx.csr else None
+        if need_w and pattern is not None:
+            grad_w = pattern.rows_grad(g, xc.to(weight.dtype))
         elif need_w:
             grad_w = _sparse_rows_grad(indices, g, xc.to(weight.dtype), weight.shape[0])
         if need_b or need_c:
