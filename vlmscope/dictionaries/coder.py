@@ -408,18 +408,17 @@ class SparseCoder(nn.Module):
 def update_dead_counter_(counter: Tensor, codes: SparseCodes, n_rows: int) -> None:
     """Add n_rows to every latent's counter and reset those active in `codes` to 0 (over the
     global batch when data-parallel: its rows, and latents active on any rank)."""
-    if not batchstats.active():
+    # Inactive entries point past the end: one index_fill_ marks the fired latents, without
+    # boolean indexing's nonzero and index_put (133 against 395 us for the toy's 512 x 32 codes).
+    hit = torch.where(codes.active(), codes.indices.long(), counter.shape[0]).reshape(-1)
+    fired = torch.zeros(counter.shape[0] + 1, dtype=torch.int32, device=counter.device)
+    fired = fired.index_fill_(0, hit, 1)[:-1]
+    if batchstats.active():
+        counter += batchstats.rows(n_rows, counter.device)
+        fired = batchstats.all_max(fired)
+    else:
         counter += n_rows
-        # Inactive entries point past the end; a 0/1 mask filled by index avoids the nonzero
-        # and index_put of boolean indexing (133 against 395 us for the toy's 512 x 32 codes).
-        hit = torch.where(codes.active(), codes.indices.long(), counter.shape[0]).reshape(-1)
-        keep = torch.ones(counter.shape[0] + 1, dtype=counter.dtype, device=counter.device)
-        counter.mul_(keep.index_fill_(0, hit, 0)[:-1])
-        return
-    fired = torch.zeros(counter.shape, dtype=torch.int32, device=counter.device)
-    fired[codes.indices[codes.active()]] = 1
-    counter += batchstats.rows(n_rows, counter.device)
-    counter[batchstats.all_max(fired).bool()] = 0
+    counter.masked_fill_(fired.bool(), 0)
 
 
 CENTRING_GRID: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)

@@ -158,9 +158,7 @@ class SparsePattern:
 
     def dots(self, rows: Tensor, weight: Tensor) -> Tensor:
         """[N, K]: entry (n, j) = rows[n] . weight[indices[n, j]] (rows [N, d], weight [F, d])."""
-        n, k = self.indices.shape
-        if n == 0 or k == 0:
-            return rows.new_zeros(n, k)
+        n, k = self.indices.shape  # both > 0: sparse_decode answers empty codes itself
         crow = torch.arange(0, n * k + 1, k, device=rows.device)
         ones = rows.new_ones(n * k)
         mask = _csr(crow, self.indices.reshape(-1), ones, (n, self.num_latents))
