@@ -2,8 +2,9 @@
 
 Why: the default rate (`optim.default_lr`) is a rule fitted to long runs. Over a budget of a
 few hundred steps the best multiple of it depends on the data: on the toy VLM's rows with
-images the rule's rate is best and x10 doubles the held-out FVU, on the width-512 synthetic
-rows x10 halves it (benchmarks/README.md, "Choosing the learning rate"). Which of the two a
+images the rule's rate was best and x10 doubled the held-out FVU, on the width-512 synthetic
+rows x10 halved it (benchmarks/README.md, "Choosing the learning rate"; measured on raw
+activations, before the trainer normalised them by default). Which of the two a
 model's activations resemble is not known before training, so the probe measures it.
 
 How: the freshly initialised dictionaries train at each multiple in `SCALES` of the rate
@@ -44,10 +45,12 @@ from vlmscope.training.optim import (
     take_step,
 )
 
-#: multiples of the base rate tried. Not below 1: the rule's rate is the long-run one and a
-#: short probe can only favour rates at least as high (a lower rate never won a probe on the
-#: toy's or the synthetic rows).
-SCALES: tuple[float, ...] = (1.0, 3.0, 10.0)
+#: multiples of the base rate tried, either side of the rule. Up to 2026-12-01 the rule's
+#: Adam rate for transcoders and CLTs was 10x lower and the probe tried x1, x3 and x10 of it;
+#: on normalised activations x30 of the old rate lost on every row measured, and x3 of it (x1/3
+#: of the new) was the best on the toy's rows with images, so the candidates now sit either
+#: side of the new rate.
+SCALES: tuple[float, ...] = (1.0 / 3.0, 1.0, 3.0)
 #: the probe's warm-up, a fraction of its steps
 PROBE_WARMUP = 0.25
 
@@ -65,10 +68,10 @@ class ProbeResult:
     steps: int
 
     def summary(self, base_lr: float) -> str:
-        scores = ", ".join(f"x{s:g}: {v:.4f}" for s, v in self.score.items())
+        scores = ", ".join(f"x{s:.3g}: {v:.4f}" for s, v in self.score.items())
         return (
             f"--lr-probe: FVU on unseen batches over {self.steps} steps at {scores}; training at "
-            f"lr {base_lr * self.scale:.3g} (x{self.scale:g} of {base_lr:.3g})"
+            f"lr {base_lr * self.scale:.3g} (x{self.scale:.3g} of {base_lr:.3g})"
         )
 
 
