@@ -454,7 +454,7 @@ def main() -> None:
     p.add_argument("--lr-scale", type=float, default=1.0,
                    help="scales vlmscope's default learning rate (not sparsify's)")  # fmt: skip
     p.add_argument("--lr-probe", type=int, default=0, metavar="N",
-                   help="vlmscope's --lr-probe: choose x1/3, x1 or x3 its rate on the first N "
+                   help="vlmscope's --lr-probe: choose a multiple of its rate on the first N "
                         "steps (0: off; its time is in the mean tokens/s)")  # fmt: skip
     p.add_argument("--optimizer", default="auto", choices=["auto", "adam", "signum"],
                    help="vlmscope's --optimizer (auto: the trainer's per kind)")  # fmt: skip

@@ -461,7 +461,8 @@ _HELP = {
     "lr_decay_fraction": "fraction of the budget at its end over which the learning rate "
     "decays linearly to 0 (default: 0.2 with adam, 0 with signum)",
     "lr_probe": "N > 0: before training, train the initialised dictionaries for the run's "
-    "first N steps at x1, x3 and x10 the learning rate (each time from the same start), then "
+    "first N steps at x1/3, x1 and x3 the learning rate (signum: x1, x3, x10; each time from "
+    "the same start), then "
     "train at the one with the lowest FVU on batches it had not trained on yet (printed, and "
     "kept in lr_probe.json); worth it for short runs, where the best rate depends on the data; "
     "costs 3N steps; not with --distribute-modules (0: off)",
