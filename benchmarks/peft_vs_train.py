@@ -59,10 +59,13 @@ def held_out_fvu(bundle: DictionaryBundle | Path, args: argparse.Namespace) -> d
 
 
 def run_vlmscope(seed: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    # The adapters' settings (vlmscope.peft.training): Adam, raw activations. The trainer's own
+    # defaults (signum for SAEs, normalised activations) came after this comparison.
     cfg = TrainConfig(
         model="toy",
         dataset="shapes",
-        sae=SaeArgs(k=args.k, expansion_factor=args.expansion),
+        optimizer="adam",
+        sae=SaeArgs(k=args.k, expansion_factor=args.expansion, normalize_activations="none"),
         hookpoints=[HOOK],
         batch_size=args.batch_size,
         max_steps=args.steps,

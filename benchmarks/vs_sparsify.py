@@ -27,8 +27,9 @@ optimizer, sign-SGD under a schedule-free wrapper, evaluated after `optimizer.ev
 `save` does; AuxK off, its default). Its `Trainer` class itself needs a Hugging Face causal LM
 and token ids, so it cannot take the VLM's image tokens; its training step is what is timed.
 vlmscope runs the step of `vlmscope train` (init_from_data on the first batch, the trainer's
-optimiser, learning-rate rule and schedule: `--optimizer auto` is signum for SAEs, Adam for
-transcoders and CLTs, see training/optim.py; decoder-norm upkeep, dead-latent counters), and
+activation normalisation, optimiser, learning-rate rule and schedule: `--optimizer auto` is
+signum for SAEs, Adam for transcoders and CLTs, see training/optim.py; decoder-norm upkeep,
+dead-latent counters), and
 its held-out FVU is that of the weights it would save (signum: the schedule-free average).
 tokens/s is the dictionary step alone (forward, backward, optimizer) after `--warmup` steps,
 from the median step time (the mean is in the --json output);
@@ -271,16 +272,20 @@ def run_vlmscope(args: argparse.Namespace, folder: Path, kind: str, modality: st
         coder.CENTRING_GRID = (args.centring,)
     torch.manual_seed(args.seed)
     d = info["d"]
+    sae = SaeArgs(kind=kind)
+    if args.normalize != "auto":
+        sae.normalize_activations = args.normalize
+    common = {"d_in": d, "expansion_factor": args.expansion, "k": args.k,
+              "normalize_activations": sae.normalize_activations}  # fmt: skip
     if kind == "clt":
-        cfg = SparseCoderConfig(kind="clt", d_in=d, expansion_factor=args.expansion, k=args.k,
-                                n_layers=len(layers))  # fmt: skip
+        cfg = SparseCoderConfig(kind="clt", n_layers=len(layers), **common)
         model: Any = CrossLayerTranscoder(cfg)
     else:
-        cfg = SparseCoderConfig(kind=kind, d_in=d, expansion_factor=args.expansion, k=args.k)
+        cfg = SparseCoderConfig(kind=kind, **common)
         model = SparseCoder(cfg)
     model.train()
-    tcfg = TrainConfig(model="toy", dataset="shapes", max_tokens=args.tokens,
-                       sae=SaeArgs(kind=kind), optimizer=args.optimizer)  # fmt: skip
+    tcfg = TrainConfig(model="toy", dataset="shapes", max_tokens=args.tokens, sae=sae,
+                       optimizer=args.optimizer)  # fmt: skip
     warmup = tcfg.lr_warmup_fraction if args.lr_warmup < 0 else args.lr_warmup
     decay = tcfg.resolved_lr_decay() if args.lr_decay < 0 else args.lr_decay
     base_lr = tcfg.lr_for(cfg.num_latents) * args.lr_scale
@@ -449,7 +454,7 @@ def main() -> None:
     p.add_argument("--lr-scale", type=float, default=1.0,
                    help="scales vlmscope's default learning rate (not sparsify's)")  # fmt: skip
     p.add_argument("--lr-probe", type=int, default=0, metavar="N",
-                   help="vlmscope's --lr-probe: choose x1/x3/x10 its rate on the first N "
+                   help="vlmscope's --lr-probe: choose a multiple of its rate on the first N "
                         "steps (0: off; its time is in the mean tokens/s)")  # fmt: skip
     p.add_argument("--optimizer", default="auto", choices=["auto", "adam", "signum"],
                    help="vlmscope's --optimizer (auto: the trainer's per kind)")  # fmt: skip
@@ -462,6 +467,12 @@ def main() -> None:
     p.add_argument("--lr-decay", type=float, default=-1.0,
                    help="vlmscope's decay fraction (default: the trainer's)")  # fmt: skip
     p.add_argument("--sparsify-venv", default=str(ROOT.parent / f"{ROOT.name}-peers" / "sparsify"))
+    p.add_argument(
+        "--normalize",
+        default="auto",
+        choices=["auto", "none", "mean_norm"],
+        help="vlmscope's --sae.normalize-activations (auto: the trainer's default)",
+    )
     p.add_argument("--json", default="", help="also write the results here")
     p.add_argument("--activations", default="",
                    help="keep the captured activations in this folder and reuse them "
@@ -477,7 +488,8 @@ def main() -> None:
     args.passthrough = [f"--{k}={getattr(args, k.replace('-', '_'))}" for k in
                         ("tokens", "batch-tokens", "warmup", "heldout-tokens", "expansion", "k",
                          "layer", "seed", "threads", "curve", "init", "lr-scale", "lr-probe",
-                         "optimizer", "lr-warmup", "lr-decay", "centring")]  # fmt: skip
+                         "optimizer", "lr-warmup", "lr-decay", "centring",
+                         "normalize")]  # fmt: skip
     if args.role != "driver":
         runner = run_sparsify if args.role == "sparsify" else run_vlmscope
         print(json.dumps(runner(args, Path(args.data), args.kind, args.modality)))

@@ -71,8 +71,8 @@ def test_probe_scores_what_runs_at_each_rate_measure_and_then_trains_as_the_chos
                         TOTAL, sgd=False, layout=Layout())  # fmt: skip
     report = json.loads((tmp_path / "probed" / "lr_probe.json").read_text())
     assert report["base_lr"] == BASE_LR and report["steps"] == PROBE
-    truth = {s: reference_score(tmp_path, kind, s, optimizer) for s in SCALES}
-    for s in SCALES:
+    truth = {s: reference_score(tmp_path, kind, s, optimizer) for s in SCALES[optimizer]}
+    for s in SCALES[optimizer]:
         assert report["score"][f"{s:g}"] == pytest.approx(truth[s], abs=2e-6), s
     chosen = min(truth, key=lambda s: (truth[s], s))
     assert report["scale"] == chosen and probed.state.lr_scale == chosen
@@ -85,24 +85,32 @@ def test_probe_scores_what_runs_at_each_rate_measure_and_then_trains_as_the_chos
         torch.testing.assert_close(ours[k], theirs[k], atol=0, rtol=0, msg=k)
 
 
-def test_a_rate_ten_times_too_small_is_found(tmp_path: Path) -> None:
-    """A base rate far below what 8 steps need: the probe moves to x10 (else the test above
-    could pass with a probe that always keeps x1)."""
+def test_a_rate_far_too_small_is_found(tmp_path: Path) -> None:
+    """A base rate far below what 8 steps need: the probe moves to its largest multiple (else
+    the test above could pass with a probe that always keeps x1)."""
     probed = train_here(cfg_for(tmp_path, "slow", "transcoder", lr=BASE_LR / 20, lr_probe=PROBE),
                         TOTAL, sgd=False, layout=Layout())  # fmt: skip
-    assert probed.state.lr_scale == 10.0
+    assert probed.state.lr_scale == max(SCALES["adam"]) > 1
+
+
+def test_a_rate_far_too_large_is_found(tmp_path: Path) -> None:
+    """A base rate far above what 8 steps stand: the probe moves to its smallest multiple."""
+    probed = train_here(cfg_for(tmp_path, "fast", "transcoder", lr=BASE_LR * 50, lr_probe=PROBE),
+                        TOTAL, sgd=False, layout=Layout())  # fmt: skip
+    assert probed.state.lr_scale == min(SCALES["adam"]) < 1
 
 
 def test_a_probed_run_resumes_at_the_chosen_rate_bit_for_bit(tmp_path: Path) -> None:
     full = train_here(cfg_for(tmp_path, "full", "transcoder", lr=BASE_LR / 20, lr_probe=PROBE,
                               save_every=2), TOTAL, sgd=False, layout=Layout())  # fmt: skip
-    assert full.state.lr_scale == 10.0
+    assert full.state.lr_scale == max(SCALES["adam"])
     cut = cfg_for(tmp_path, "cut", "transcoder", lr=BASE_LR / 20, lr_probe=PROBE, save_every=2)
     # The source's 12th batch fails: the probe read batches 1-9, the run trained 1-11.
     with pytest.raises(TrainingError, match="NaN"):
         train_here(cut, TOTAL, sgd=False, layout=Layout(), nan_at=12)
     state = json.loads((tmp_path / "cut" / "checkpoint" / "state.json").read_text())
-    assert state["train_state"]["step"] == 10 and state["train_state"]["lr_scale"] == 10.0
+    assert state["train_state"]["step"] == 10
+    assert state["train_state"]["lr_scale"] == max(SCALES["adam"])
     with pytest.raises(TrainingError, match=r"--lr-probe: 8 -> 0"):  # the run's own flags only
         train_here(cfg_for(tmp_path, "cut", "transcoder", lr=BASE_LR / 20, save_every=2,
                            resume=True), TOTAL, sgd=False, layout=Layout())  # fmt: skip

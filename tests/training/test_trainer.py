@@ -206,7 +206,7 @@ def test_resume_with_other_settings_is_refused(
     tmp_path: Path, zoo_path: Any, llava: HookedVLM
 ) -> None:
     train(config(tmp_path, zoo_path("llava"), "--max-steps 2"), llava, progress=False)
-    with pytest.raises(TrainingError, match=r"--sae: .*--batch-size: 4 -> 8"):
+    with pytest.raises(TrainingError, match=r"--sae\.k: \d+ -> 5; --batch-size: 4 -> 8 "):
         Trainer(config(tmp_path, zoo_path("llava"), "--resume --sae.k 5 --batch-size 8"), llava,
                 progress=False)  # fmt: skip
     # A larger budget is a continuation, not a different run.
@@ -214,6 +214,22 @@ def test_resume_with_other_settings_is_refused(
         config(tmp_path, zoo_path("llava"), "--resume --max-steps 4"), llava, progress=False
     )
     assert res.step == 4
+
+
+def test_resuming_a_run_from_before_normalisation_names_the_flag(
+    tmp_path: Path, zoo_path: Any, llava: HookedVLM
+) -> None:
+    """A run saved when the trainer's default was raw activations: resuming it with today's
+    default is refused, by the flag's name and with the flag that continues it."""
+    flags = "--max-steps 2 --sae.normalize-activations none"
+    train(config(tmp_path, zoo_path("llava"), flags), llava, progress=False)
+    with pytest.raises(TrainingError, match=r"--sae\.normalize-activations: 'none' -> 'mean_norm'"
+                       r".*continues with --sae\.normalize-activations none"):  # fmt: skip
+        Trainer(config(tmp_path, zoo_path("llava"), "--resume --max-steps 3"), llava,
+                progress=False)  # fmt: skip
+    res = train(config(tmp_path, zoo_path("llava"), f"--resume {flags.replace('2', '3')}"), llava,
+                progress=False)  # fmt: skip
+    assert res.step == 3
 
 
 @contextlib.contextmanager

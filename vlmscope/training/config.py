@@ -92,7 +92,9 @@ class SaeArgs:
     jumprelu_bandwidth: float = 0.001
     sparsity_coeff: float = 0.0
     threshold_momentum: float = 0.0
-    normalize_activations: str = "none"
+    #: the trainer scales activations by default (the library's SparseCoderConfig does not):
+    #: one learning-rate rule then fits models whose activations differ in scale
+    normalize_activations: str = "mean_norm"
 
     def resolved_kind(self) -> str:
         """`kind` if given; else for --transcode a CLT when n_targets asks for a window (0: all
@@ -348,7 +350,12 @@ class TrainConfig:
             raise ValueError(f"--device {self.device}: XPU is not available on this machine")
 
     def lr_for(self, num_latents: int) -> float:
-        return self.lr or default_lr(num_latents, self.resolved_optimizer())
+        """--lr, or the optimiser's rule for this kind of dictionary (optim.default_lr)."""
+        if self.lr:
+            return self.lr
+        transcoding = self.sae.resolved_kind() != "sae"
+        normalised = self.sae.normalize_activations == "mean_norm"
+        return default_lr(num_latents, self.resolved_optimizer(), transcoding and normalised)
 
     def resolved_optimizer(self) -> str:
         """--optimizer, with auto resolved by kind: signum for SAEs, adam for transcoders and
@@ -423,7 +430,10 @@ _HELP = {
     "pseudo-gradient",
     "sae.sparsity_coeff": "JumpReLU L0 penalty weight (must be > 0 for jumprelu)",
     "sae.threshold_momentum": "BatchTopK eval threshold EMA (0: plain mean)",
-    "sae.normalize_activations": "none | mean_norm (scale inputs to mean norm sqrt(d))",
+    "sae.normalize_activations": "mean_norm: inputs and targets each scaled by one constant, "
+    "estimated on the first batch, to a mean norm of sqrt(d), so the default learning rates "
+    "hold whatever the model's activation scale (the scales are saved with the dictionaries "
+    "and undone on their outputs); none: train on the raw activations",
     "layers": "layers of --tower to train on; for a transcoder/CLT its source and target "
     "layers (a CLT's must be contiguous) (default: all layers)",
     "tower": "lm: --layers are language-model layers, transcoders read resid_mid and write "
@@ -443,14 +453,16 @@ _HELP = {
     "optimizer": "adam: Adam; signum: sign-SGD with schedule-free averaging, the final "
     "dictionaries being the averaged weights (training/optim.py); auto: signum for SAEs, "
     "adam for transcoders and CLTs, which reach the lower held-out FVU at equal tokens",
-    "lr": "learning rate; 0: 2e-4 (adam) or 5e-3 (signum) scaled by 1/sqrt(num_latents / 2**14) "
-    "(--lr-probe may then multiply it by 3 or 10)",
+    "lr": "learning rate; 0: 5e-3 (signum), 2e-4 (adam, SAEs) or 2e-3 (adam, transcoders and "
+    "CLTs on normalised activations) scaled by 1/sqrt(num_latents / 2**14) (--lr-probe may "
+    "then multiply it by 1/3 or 3)",
     "lr_warmup_fraction": "fraction of the budget (--max-tokens or --max-steps, whichever ends "
     "the run) over which the learning rate rises linearly from 0",
     "lr_decay_fraction": "fraction of the budget at its end over which the learning rate "
     "decays linearly to 0 (default: 0.2 with adam, 0 with signum)",
     "lr_probe": "N > 0: before training, train the initialised dictionaries for the run's "
-    "first N steps at x1, x3 and x10 the learning rate (each time from the same start), then "
+    "first N steps at x1/3, x1 and x3 the learning rate (signum: x1, x3, x10; each time from "
+    "the same start), then "
     "train at the one with the lowest FVU on batches it had not trained on yet (printed, and "
     "kept in lr_probe.json); worth it for short runs, where the best rate depends on the data; "
     "costs 3N steps; not with --distribute-modules (0: off)",

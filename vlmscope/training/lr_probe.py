@@ -2,13 +2,14 @@
 
 Why: the default rate (`optim.default_lr`) is a rule fitted to long runs. Over a budget of a
 few hundred steps the best multiple of it depends on the data: on the toy VLM's rows with
-images the rule's rate is best and x10 doubles the held-out FVU, on the width-512 synthetic
-rows x10 halves it (benchmarks/README.md, "Choosing the learning rate"). Which of the two a
+images the rule's rate was best and x10 doubled the held-out FVU, on the width-512 synthetic
+rows x10 halved it (benchmarks/README.md, "Choosing the learning rate"; measured on raw
+activations, before the trainer normalised them by default). Which of the two a
 model's activations resemble is not known before training, so the probe measures it.
 
-How: the freshly initialised dictionaries train at each multiple in `SCALES` of the rate
-on the run's first N batches, with the run's top-k annealing but a schedule of its own: a
-linear warm-up over the first quarter of the N steps, then the peak rate. (The run's own
+How: the freshly initialised dictionaries train at each multiple in `SCALES` (per optimiser)
+of the rate on the run's first N batches, with the run's top-k annealing but a schedule of
+its own: a linear warm-up over the first quarter of the N steps, then the peak rate. (The run's own
 first steps sit, in a long run, deep in its warm-up, at rates that say nothing about the
 peak; `PROBE_WARMUP` is as a run of N steps with --lr-warmup-fraction 0.25 has it.) Each
 candidate is scored by its mean FVU on the batches of the probe's second half, each measured
@@ -17,7 +18,7 @@ scored, over several batches (one batch alone picked x3 over x1 on the toy's ima
 where x1 ends better: x3's FVU there jumps from batch to batch). The run then starts from the
 same initial weights at the best multiple (ties go to the smaller).
 
-Cost: len(SCALES) x N extra steps; on the device no more memory than the run's own (the
+Cost: 3 x N extra steps; on the device no more memory than the run's own (the
 candidates train the dictionaries in place; the initial state and the batches read ahead
 wait in host memory, each batch brought to the device when used). The
 run's data, order and random state are untouched, so a probed run trains exactly as a run
@@ -44,10 +45,15 @@ from vlmscope.training.optim import (
     take_step,
 )
 
-#: multiples of the base rate tried. Not below 1: the rule's rate is the long-run one and a
-#: short probe can only favour rates at least as high (a lower rate never won a probe on the
-#: toy's or the synthetic rows).
-SCALES: tuple[float, ...] = (1.0, 3.0, 10.0)
+#: multiples of the base rate tried, per optimiser.
+#: - adam: either side of the rule. Until the rule's Adam rate for transcoders and CLTs went up
+#:   10x, the probe tried x1, x3 and x10 of it; on normalised activations x30 of the old rate
+#:   lost on every row measured, and x3 of it (x1/3 of the new) was the best on the toy's
+#:   transcoder rows with images.
+#: - signum: not below the rule. Under schedule-free averaging x1/3 scored best over the 8
+#:   steps on the toy's and the synthetic SAE rows, and then ended worse on two of the three
+#:   (held-out FVU 0.028 and 0.523 against x1's 0.025 and 0.451).
+SCALES: dict[str, tuple[float, ...]] = {"adam": (1.0 / 3.0, 1.0, 3.0), "signum": (1.0, 3.0, 10.0)}
 #: the probe's warm-up, a fraction of its steps
 PROBE_WARMUP = 0.25
 
@@ -65,10 +71,10 @@ class ProbeResult:
     steps: int
 
     def summary(self, base_lr: float) -> str:
-        scores = ", ".join(f"x{s:g}: {v:.4f}" for s, v in self.score.items())
+        scores = ", ".join(f"x{s:.3g}: {v:.4f}" for s, v in self.score.items())
         return (
             f"--lr-probe: FVU on unseen batches over {self.steps} steps at {scores}; training at "
-            f"lr {base_lr * self.scale:.3g} (x{self.scale:g} of {base_lr:.3g})"
+            f"lr {base_lr * self.scale:.3g} (x{self.scale:.3g} of {base_lr:.3g})"
         )
 
 
@@ -80,7 +86,7 @@ def probe_lr(
     heldout: Batch,
     k_at: Callable[[int], int | None],
     normalize_decoder: bool,
-    scales: Sequence[float] = SCALES,
+    scales: Sequence[float] | None = None,
 ) -> ProbeResult:
     """Train `bundle` (a DictionaryBundle after init_from_data) per scale on `steps` (each
     step's micro-batches, gradients averaged over them as with --grad-acc-steps) and score
@@ -96,7 +102,7 @@ def probe_lr(
     mode, ks = bundle.training, [getattr(a, "k", None) for a in bundle.activations()]  # type: ignore[operator]
     scores: dict[float, float] = {}
     try:
-        for scale in scales:
+        for scale in SCALES[optimizer] if scales is None else scales:
             scores[scale] = _train_and_score(
                 bundle, optimizer, base_lr * scale, steps, heldout, k_at, normalize_decoder,
             )  # fmt: skip

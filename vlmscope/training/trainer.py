@@ -699,8 +699,21 @@ def _check_resumable(saved_path: Path, cfg: TrainConfig) -> None:
             "--resume: this run was trained with Adam (before --optimizer existed); add "
             "--optimizer adam to continue it"
         )
-    diff = [f"--{k.replace('_', '-')}: {saved.get(k)!r} -> {now[k]!r}"
-            for k in _RESUME_FIXED if k in saved and saved[k] != now[k]]  # fmt: skip
+    diff = []
+    for k in _RESUME_FIXED:
+        if k not in saved or saved[k] == now[k]:
+            continue
+        if isinstance(now[k], dict) and isinstance(saved[k], dict):  # --sae.*: name the field
+            diff += [f"--{k}.{f.replace('_', '-')}: {saved[k].get(f)!r} -> {v!r}"
+                     for f, v in now[k].items() if saved[k].get(f, v) != v]  # fmt: skip
+        else:
+            diff.append(f"--{k.replace('_', '-')}: {saved[k]!r} -> {now[k]!r}")
+    raw_then = saved.get("sae", {}).get("normalize_activations") == "none"
+    if raw_then and now["sae"]["normalize_activations"] != "none":
+        diff.append(
+            "a run trained on raw activations (the default before 2026-12-01) continues "
+            "with --sae.normalize-activations none"
+        )
     if diff:
         raise TrainingError(
             "--resume with settings that differ from the run's: "
