@@ -56,6 +56,29 @@ def test_adam_and_the_learning_rate_rules() -> None:
         build_optimizer("sgd", [p], lr=1e-3)
     assert default_lr(2**14, "adam") == pytest.approx(2e-4)
     assert default_lr(1024, "signum") == pytest.approx(5e-3 * 4)  # 1 / sqrt(1024 / 2**14)
+    assert default_lr(2**14, "adam", transcoding=True) == pytest.approx(2e-3)
+    assert default_lr(2**14, "signum", transcoding=True) == pytest.approx(5e-3)
+
+
+@pytest.mark.parametrize(
+    ("flags", "rate"),
+    [
+        ("", 5e-3),  # an SAE: signum
+        ("--optimizer adam", 2e-4),
+        ("--sae.transcode", 2e-3),  # Adam on normalised activations
+        ("--sae.kind clt", 2e-3),
+        ("--sae.transcode --sae.normalize-activations none", 2e-4),  # raw: the SAE rule
+        ("--sae.transcode --optimizer signum", 5e-3),
+        ("--sae.transcode --lr 1e-5", 1e-5),
+    ],
+)
+def test_the_trainer_picks_the_rule_for_the_kind_and_the_activations(
+    flags: str, rate: float
+) -> None:
+    from vlmscope.training.config import parse_train_args
+
+    cfg = parse_train_args(["toy", "shapes", *flags.split()])
+    assert cfg.lr_for(2**14) == pytest.approx(rate)
     assert lr_multiplier(0.025, 0.05, 0.2) == pytest.approx(0.5)  # half-way up the warm-up
     assert lr_multiplier(0.5, 0.05, 0.2) == 1.0
     assert lr_multiplier(0.9, 0.05, 0.2) == pytest.approx(0.5)  # half-way down the decay
