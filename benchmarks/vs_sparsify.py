@@ -3,6 +3,7 @@
     python benchmarks/vs_sparsify.py              # creates ../<repo>-peers/sparsify once
     python benchmarks/vs_sparsify.py --tokens 81920 --kinds sae transcoder
     python benchmarks/vs_sparsify.py --synthetic 512 --expansion 16 --batch-tokens 2048 --repeat 1
+    python benchmarks/vs_sparsify.py --random-llama 512 --kinds sae transcoder --layer 1 --repeat 1
 
 What is compared. The toy VLM's activations (shapes world, train split; held-out FVU on the
 test split) are captured once with vlmscope's hooks and written to a folder; both tools then
@@ -183,6 +184,56 @@ def synthesise(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             tensors[f"resid_post.{layer}"] = x
         save_file({k: v.clone() for k, v in tensors.items()}, str(path))  # some are shared
     return {"layers": n_layers, "d": d}
+
+
+def random_llama_rows(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """--random-llama D: activations of the seeded random 8-layer Llama of width D that
+    vs_sparsify_e2e.py trains on, reading documents of its 30 words (BOS dropped): a third kind
+    of rows, whose MLP outputs are a random function of their inputs with no sparse structure
+    behind them."""
+    import random
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from vs_circuit_tracer import save_random_llama
+    from vs_sparsify_e2e import WORDS
+
+    n_layers = 8
+    if not (out / "model").exists():
+        save_random_llama(out / "model", args.random_llama, n_layers)
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    model = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    rng = random.Random(args.seed)
+    caps: dict[str, torch.Tensor] = {}
+
+    def keep(key: str) -> Any:
+        return lambda _m, _a, o: caps.__setitem__(key, o[0] if isinstance(o, tuple) else o)
+
+    for i, layer in enumerate(model.model.layers):
+        layer.post_attention_layernorm.register_forward_pre_hook(
+            lambda _m, a, i=i: caps.__setitem__(f"resid_mid.{i}", a[0])
+        )
+        layer.mlp.register_forward_hook(keep(f"mlp_out.{i}"))
+        layer.register_forward_hook(keep(f"resid_post.{i}"))
+    for split, budget in (("train", args.tokens + args.warmup * args.batch_tokens),
+                          ("test", args.heldout_tokens)):  # fmt: skip
+        path = out / f"llama_{split}.safetensors"
+        if path.exists():
+            continue
+        rows: dict[str, list[torch.Tensor]] = {}
+        n = 0
+        while n < budget:
+            text = " ".join(rng.choice(WORDS) for _ in range(300))
+            ids = tok(text, return_tensors="pt").input_ids[:, :256]
+            with torch.no_grad():
+                model(ids)
+            for key, v in caps.items():
+                rows.setdefault(key, []).append(v[0, 1:].float())
+            n += ids.shape[1] - 1
+        save_file({k: torch.cat(v)[:budget].contiguous() for k, v in rows.items()}, str(path))
+    return {"layers": n_layers, "d": args.random_llama}
 
 
 def _text_only(message: dict[str, Any]) -> dict[str, Any]:
@@ -451,6 +502,9 @@ def main() -> None:
     p.add_argument("--synthetic", type=int, default=0, metavar="D",
                    help="made-up activations of width D instead of the toy's (see "
                         "synthesise; layer 0 for SAE and transcoder, 2 for CLTs)")  # fmt: skip
+    p.add_argument("--random-llama", type=int, default=0, metavar="D",
+                   help="activations of vs_sparsify_e2e.py's random 8-layer Llama of "
+                        "width D instead of the toy's (see random_llama_rows)")  # fmt: skip
     p.add_argument("--lr-scale", type=float, default=1.0,
                    help="scales vlmscope's default learning rate (not sparsify's)")  # fmt: skip
     p.add_argument("--lr-probe", type=int, default=0, metavar="N",
@@ -485,6 +539,8 @@ def main() -> None:
     if args.synthetic:  # two layers: the SAE and transcoder read layer 0 unless told otherwise
         args.modalities = ["synthetic"]
         args.layer = 0 if args.layer >= 2 else args.layer
+    if args.random_llama:
+        args.modalities = ["llama"]
     args.passthrough = [f"--{k}={getattr(args, k.replace('-', '_'))}" for k in
                         ("tokens", "batch-tokens", "warmup", "heldout-tokens", "expansion", "k",
                          "layer", "seed", "threads", "curve", "init", "lr-scale", "lr-probe",
@@ -499,9 +555,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.activations or tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        info = synthesise(args, folder) if args.synthetic else capture(args, folder)
+        if args.synthetic:
+            info, source = synthesise(args, folder), "synthetic"
+        elif args.random_llama:
+            info, source = random_llama_rows(args, folder), "random Llama"
+        else:
+            info, source = capture(args, folder), "toy VLM"
         (folder / "info.json").write_text(json.dumps(info))
-        source = "synthetic" if args.synthetic else "toy VLM"
         print(f"{source}: d = {info['d']}, {info['layers']} layers; {args.tokens} training tokens "
               f"in steps of {args.batch_tokens}; held-out {args.heldout_tokens} tokens; "
               f"{args.expansion} x d latents, k = {args.k}")  # fmt: skip

@@ -464,7 +464,8 @@ _HELP = {
     "first N steps at x1/3, x1 and x3 the learning rate (signum: x1, x3, x10; each time from "
     "the same start), then "
     "train at the one with the lowest FVU on batches it had not trained on yet (printed, and "
-    "kept in lr_probe.json); worth it for short runs, where the best rate depends on the data; "
+    "kept in lr_probe.json); for short runs on data unlike the benchmarks' (on theirs the "
+    "default rates did as well: benchmarks/README.md); "
     "costs 3N steps; not with --distribute-modules (0: off)",
     "k_anneal_tokens": "tokens over which k anneals from the input width down to --sae.k "
     "(0: no annealing; not for jumprelu)",
