@@ -135,6 +135,10 @@ def test_every_readme_block_runs(tmp_path: Path) -> None:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["VLMSCOPE_PROGRESS_SECONDS"] = "60"
+    # torchrun's agent makes a torchelastic_* log folder per run in the temp dir: keep those
+    # inside pytest's tmp_path instead of leaving them in /tmp
+    (tmp_path / "tmp").mkdir()
+    env["TMPDIR"] = str(tmp_path / "tmp")
     proc = subprocess.run(
         [sys.executable, "-c", _DRIVER],
         input=json.dumps(run),
