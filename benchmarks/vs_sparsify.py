@@ -327,7 +327,8 @@ def run_vlmscope(args: argparse.Namespace, folder: Path, kind: str, modality: st
     if args.normalize != "auto":
         sae.normalize_activations = args.normalize
     common = {"d_in": d, "expansion_factor": args.expansion, "k": args.k,
-              "normalize_activations": sae.normalize_activations}  # fmt: skip
+              "normalize_activations": sae.normalize_activations,
+              "activation": args.activation}  # fmt: skip
     if kind == "clt":
         cfg = SparseCoderConfig(kind="clt", n_layers=len(layers), **common)
         model: Any = CrossLayerTranscoder(cfg)
@@ -502,6 +503,8 @@ def main() -> None:
     p.add_argument("--synthetic", type=int, default=0, metavar="D",
                    help="made-up activations of width D instead of the toy's (see "
                         "synthesise; layer 0 for SAE and transcoder, 2 for CLTs)")  # fmt: skip
+    p.add_argument("--activation", default="topk", choices=["topk", "batchtopk"],
+                   help="vlmscope's --sae.activation (sparsify's stays TopK)")  # fmt: skip
     p.add_argument("--random-llama", type=int, default=0, metavar="D",
                    help="activations of vs_sparsify_e2e.py's random 8-layer Llama of "
                         "width D instead of the toy's (see random_llama_rows)")  # fmt: skip
@@ -545,7 +548,7 @@ def main() -> None:
                         ("tokens", "batch-tokens", "warmup", "heldout-tokens", "expansion", "k",
                          "layer", "seed", "threads", "curve", "init", "lr-scale", "lr-probe",
                          "optimizer", "lr-warmup", "lr-decay", "centring",
-                         "normalize")]  # fmt: skip
+                         "normalize", "activation")]  # fmt: skip
     if args.role != "driver":
         runner = run_sparsify if args.role == "sparsify" else run_vlmscope
         print(json.dumps(runner(args, Path(args.data), args.kind, args.modality)))
