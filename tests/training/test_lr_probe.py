@@ -227,3 +227,21 @@ def test_bad_activations_in_a_batch_read_ahead_name_the_step_it_was_for(
             trainer.fit()
     finally:
         h.remove()
+
+
+def test_when_every_candidate_diverges_the_probe_keeps_the_smallest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No finite score: the smallest multiple of the optimiser's candidates, not an error."""
+    from vlmscope.training import lr_probe
+
+    class Bundle(torch.nn.Linear):
+        def activations(self) -> list[Any]:
+            return []
+
+    monkeypatch.setattr(lr_probe, "_train_and_score", lambda *a, **k: float("nan"))
+    for optimizer in ("adam", "signum"):
+        result = lr_probe.probe_lr(Bundle(2, 2), optimizer, 1e-3, [], ([], []), lambda _: None,
+                                   False)  # fmt: skip
+        assert result.scale == min(SCALES[optimizer])
+        assert set(result.score) == set(SCALES[optimizer])

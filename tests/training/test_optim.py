@@ -56,8 +56,9 @@ def test_adam_and_the_learning_rate_rules() -> None:
         build_optimizer("sgd", [p], lr=1e-3)
     assert default_lr(2**14, "adam") == pytest.approx(2e-4)
     assert default_lr(1024, "signum") == pytest.approx(5e-3 * 4)  # 1 / sqrt(1024 / 2**14)
-    assert default_lr(2**14, "adam", transcoding=True) == pytest.approx(2e-3)
-    assert default_lr(2**14, "signum", transcoding=True) == pytest.approx(5e-3)
+    assert default_lr(2**14, "adam", "transcoder", "mean_norm") == pytest.approx(2e-3)
+    assert default_lr(2**14, "adam", "clt", "none") == pytest.approx(2e-4)
+    assert default_lr(2**14, "signum", "transcoder", "mean_norm") == pytest.approx(5e-3)
 
 
 @pytest.mark.parametrize(

@@ -351,11 +351,8 @@ class TrainConfig:
 
     def lr_for(self, num_latents: int) -> float:
         """--lr, or the optimiser's rule for this kind of dictionary (optim.default_lr)."""
-        if self.lr:
-            return self.lr
-        transcoding = self.sae.resolved_kind() != "sae"
-        normalised = self.sae.normalize_activations == "mean_norm"
-        return default_lr(num_latents, self.resolved_optimizer(), transcoding and normalised)
+        kind, norm = self.sae.resolved_kind(), self.sae.normalize_activations
+        return self.lr or default_lr(num_latents, self.resolved_optimizer(), kind, norm)
 
     def resolved_optimizer(self) -> str:
         """--optimizer, with auto resolved by kind: signum for SAEs, adam for transcoders and

@@ -86,7 +86,6 @@ def probe_lr(
     heldout: Batch,
     k_at: Callable[[int], int | None],
     normalize_decoder: bool,
-    scales: Sequence[float] | None = None,
 ) -> ProbeResult:
     """Train `bundle` (a DictionaryBundle after init_from_data) per scale on `steps` (each
     step's micro-batches, gradients averaged over them as with --grad-acc-steps) and score
@@ -102,7 +101,7 @@ def probe_lr(
     mode, ks = bundle.training, [getattr(a, "k", None) for a in bundle.activations()]  # type: ignore[operator]
     scores: dict[float, float] = {}
     try:
-        for scale in SCALES[optimizer] if scales is None else scales:
+        for scale in SCALES[optimizer]:
             scores[scale] = _train_and_score(
                 bundle, optimizer, base_lr * scale, steps, heldout, k_at, normalize_decoder,
             )  # fmt: skip
@@ -115,7 +114,7 @@ def probe_lr(
                 act.k = k
         torch.random.set_rng_state(rng)
     finite = {s: v for s, v in scores.items() if math.isfinite(v)}
-    best = min(finite, key=lambda s: (finite[s], s)) if finite else min(scales)
+    best = min(finite, key=lambda s: (finite[s], s)) if finite else min(SCALES[optimizer])
     return ProbeResult(best, scores, len(steps))
 
 

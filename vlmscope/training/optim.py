@@ -49,10 +49,13 @@ TRANSCODER_ADAM_LR = 2e-3
 SIGNUM_MOMENTUM = 0.95
 
 
-def default_lr(num_latents: int, optimizer: str = "adam", transcoding: bool = False) -> float:
-    """The learning rate when --lr is 0: the optimiser's base rate / sqrt(num_latents / 2**14).
-    transcoding: a transcoder or CLT on normalised activations (Adam then starts from 2e-3)."""
-    base = TRANSCODER_ADAM_LR if transcoding and optimizer == "adam" else _BASE_LR[optimizer]
+def default_lr(
+    num_latents: int, optimizer: str = "adam", kind: str = "sae", normalization: str = "none"
+) -> float:
+    """The learning rate when --lr is 0: the optimiser's base rate / sqrt(num_latents / 2**14),
+    Adam's from 2e-3 for transcoders and CLTs on normalised activations (see above)."""
+    zero_decoder_adam = optimizer == "adam" and kind != "sae" and normalization != "none"
+    base = TRANSCODER_ADAM_LR if zero_decoder_adam else _BASE_LR[optimizer]
     return base / math.sqrt(num_latents / 2**14)
 
 
