@@ -472,6 +472,12 @@ def child(python: Path, role: str, args: argparse.Namespace, folder: Path, kind:
     cmd = [str(python), __file__, "--role", role, "--data", str(folder), "--kind", kind,
            "--modality", modality, *args.passthrough]  # fmt: skip
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    if role == "vlmscope":  # what `vlmscope train` sets before torch loads (vlmscope/openmp.py)
+        if str(ROOT) not in sys.path:
+            sys.path.insert(0, str(ROOT))
+        from vlmscope.openmp import spin_env
+
+        env.update(spin_env(env))
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode:
         raise SystemExit(f"{role} {kind}/{modality} failed:\n{res.stderr[-3000:]}")
