@@ -4,6 +4,8 @@
     python benchmarks/vs_sparsify.py --tokens 81920 --kinds sae transcoder
     python benchmarks/vs_sparsify.py --synthetic 512 --expansion 16 --batch-tokens 2048 --repeat 1
     python benchmarks/vs_sparsify.py --random-llama 512 --kinds sae transcoder --layer 1 --repeat 1
+    python benchmarks/vs_sparsify.py --model PATH --dataset DATA --heldout-split train \
+        --modalities text --kinds sae transcoder --layer 6     # your own weights and prompts
 
 What is compared. The toy VLM's activations (shapes world, train split; held-out FVU on the
 test split) are captured once with vlmscope's hooks and written to a folder; both tools then
@@ -89,38 +91,59 @@ def load_rows(folder: Path, name: str) -> dict[str, torch.Tensor]:
 def pairs_for(kind: str, tensors: dict[str, torch.Tensor], layers: list[int]) -> list[tuple]:
     """(x, y) per trained unit: an SAE reconstructs resid_post, transcoders map resid_mid to
     the MLP output."""
-    if kind == "sae":
-        return [(tensors[f"resid_post.{i}"], tensors[f"resid_post.{i}"]) for i in layers]
-    return [(tensors[f"resid_mid.{i}"], tensors[f"mlp_out.{i}"]) for i in layers]
+    kx, ky = ("resid_post", "resid_post") if kind == "sae" else ("resid_mid", "mlp_out")
+    missing = sorted({f"{k}.{i}" for i in layers for k in (kx, ky)} - set(tensors))
+    if missing:
+        raise SystemExit(
+            f"the captured rows lack {', '.join(missing)} (a --layer or kind they were not "
+            "captured for): use another --activations folder"
+        )
+    return [(tensors[f"{kx}.{i}"], tensors[f"{ky}.{i}"]) for i in layers]
 
 
 # --------------------------------------------------------------------------- capture
 
 
 def capture(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    """Activations of the toy VLM on the shapes world, with and without images."""
+    """Activations of `--model` (the toy VLM by default) on `--dataset` (the shapes world by
+    default), with and without images: the layers the kinds train, as `vlmscope train` hooks
+    them."""
     sys.path.insert(0, str(ROOT))
     from safetensors.torch import save_file
 
     from vlmscope.data.processing import SampleEncoder, batches
     from vlmscope.models.hooked import HookedVLM
     from vlmscope.training.config import TrainConfig
-    from vlmscope.training.trainer import open_training_data, resolve_model_path
+    from vlmscope.training.sources import open_training_data, resolve_model_path
 
-    vlm = HookedVLM.from_pretrained(resolve_model_path("toy"))
+    vlm = HookedVLM.from_pretrained(resolve_model_path(args.model))
     n_layers = vlm.adapter.n_layers
-    names = [f"lm.blocks.{i}.{h}" for i in range(n_layers)
+    if not 0 <= args.layer < n_layers:
+        raise SystemExit(f"--layer {args.layer}: {args.model} has layers 0..{n_layers - 1}")
+    # a CLT reads every layer; otherwise only --layer is kept (a 32-layer model's every hook
+    # would not fit in memory)
+    layers = list(range(n_layers)) if "clt" in args.kinds else [args.layer]
+    names = [f"lm.blocks.{i}.{h}" for i in layers
              for h in ("hook_resid_post", "hook_resid_mid", "mlp.hook_out")]  # fmt: skip
     enc = SampleEncoder(vlm.processor, 512, vlm.adapter.image_token_ids())
     pad = vlm.tokenizer.pad_token_id or 0
-    info: dict[str, Any] = {"layers": n_layers, "d": vlm.adapter.d_model}
-    for split, budget in (("train", args.tokens + args.warmup * args.batch_tokens),
-                          ("test", args.heldout_tokens)):  # fmt: skip
-        # 4,000 scenes hold ~64k text tokens; longer budgets draw more scenes
-        scenes = max(4000, -(-budget // 12))
-        cfg = TrainConfig(model="toy", dataset=f"shapes:{scenes}", split=split, max_steps=1)
+    info: dict[str, Any] = {"layers": n_layers, "d": vlm.adapter.d_model, "captured": layers,
+                            "model": args.model, "dataset": args.dataset}  # fmt: skip
+    train_budget = args.tokens + args.warmup * args.batch_tokens
+    # held-out rows from their own split, or (--heldout-split train) the rows after the
+    # training rows of the train split
+    same = args.heldout_split == "train"
+    plan = [("train", train_budget + (args.heldout_tokens if same else 0))]
+    if not same:
+        plan.append((args.heldout_split, args.heldout_tokens))
+    for split, budget in plan:
+        dataset = args.dataset
+        if args.dataset == "shapes":  # 4,000 scenes hold ~64k text tokens; longer budgets more
+            dataset = f"shapes:{max(4000, -(-budget // 12))}"
+        cfg = TrainConfig(model=args.model, dataset=dataset, split=split, max_steps=1)
         for modality in args.modalities:
-            if (out / f"{modality}_{split}.safetensors").exists():
+            writes = ["train", "test"] if same else ["train" if split == "train" else "test"]
+            if all((out / f"{modality}_{w}.safetensors").exists() for w in writes):
                 continue
             records = open_training_data(cfg)
             rows: dict[str, list[torch.Tensor]] = {}
@@ -145,9 +168,15 @@ def capture(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                 if n >= budget:
                     break
             if n < budget:
-                raise SystemExit(f"{split}/{modality}: only {n} tokens, {budget} needed")
+                raise SystemExit(f"{args.dataset} {split}/{modality}: only {n} tokens, "
+                                 f"{budget} needed")  # fmt: skip
             tensors = {k: torch.cat(v)[:budget].contiguous() for k, v in rows.items()}
-            save_file(tensors, str(out / f"{modality}_{split}.safetensors"))
+            if "train" in writes:
+                save_file({k: v[:train_budget].contiguous() for k, v in tensors.items()},
+                          str(out / f"{modality}_train.safetensors"))  # fmt: skip
+            if "test" in writes:
+                save_file({k: v[-args.heldout_tokens:].contiguous() for k, v in tensors.items()},
+                          str(out / f"{modality}_test.safetensors"))  # fmt: skip
     return info
 
 
@@ -494,6 +523,21 @@ def main() -> None:
     p.add_argument("--expansion", type=int, default=8)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--layer", type=int, default=2, help="layer of the SAE and transcoder")
+    p.add_argument(
+        "--model",
+        default="toy",
+        help="whose activations: `toy` (the shipped toy VLM), a zoo name, or a "
+        "Hugging Face model folder or name, as `vlmscope train` takes it",
+    )
+    p.add_argument(
+        "--dataset",
+        default="shapes",
+        help="what it reads: `shapes` (the shapes world) or a dataset as "
+        "`vlmscope train` takes it (chat schema)",
+    )
+    p.add_argument("--heldout-split", default="test",
+                   help="split of the held-out rows; `train`: the rows after the training "
+                        "rows")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads in each trainer")
     p.add_argument("--repeat", type=int, default=3,
@@ -569,7 +613,16 @@ def main() -> None:
         elif args.random_llama:
             info, source = random_llama_rows(args, folder), "random Llama"
         else:
-            info, source = capture(args, folder), "toy VLM"
+            kept = folder / "info.json"
+            if kept.exists():  # rows of another model or dataset must not be reused
+                was = json.loads(kept.read_text())
+                now = {"model": args.model, "dataset": args.dataset}
+                if {k: was.get(k, "toy" if k == "model" else "shapes") for k in now} != now:
+                    raise SystemExit(f"{folder} holds rows of {was.get('model', 'toy')} on "
+                                     f"{was.get('dataset', 'shapes')}: use another "
+                                     "--activations folder")  # fmt: skip
+            info = capture(args, folder)
+            source = "toy VLM" if args.model == "toy" else f"{args.model} on {args.dataset}"
         (folder / "info.json").write_text(json.dumps(info))
         print(f"{source}: d = {info['d']}, {info['layers']} layers; {args.tokens} training tokens "
               f"in steps of {args.batch_tokens}; held-out {args.heldout_tokens} tokens; "
