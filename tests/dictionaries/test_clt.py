@@ -73,6 +73,34 @@ def test_decode_sums_sources_within_the_window(n_targets: int, window: int) -> N
         torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize(("n_targets", "window"), [(2, 2), (0, 4)])
+def test_decode_gradients_equal_the_hand_decodes(n_targets: int, window: int) -> None:
+    """Every target's gradient reaches each source's decoder slice and code values as in the
+    dense sum by hand (the decode splits one product per source into its targets)."""
+    clt = make_clt(4, n_targets)
+    randomize(clt)
+    gen = torch.Generator().manual_seed(2)
+    values = [torch.randn(6, 2, generator=gen, requires_grad=True) for _ in range(4)]
+    indices = [torch.stack([torch.randperm(5, generator=gen)[:2] for _ in range(6)])
+               for _ in range(4)]  # fmt: skip
+    weights = [torch.randn(6, 3, generator=gen) for _ in range(4)]  # a loss per target
+    got = clt.decode([SparseCodes(v, i, 5) for v, i in zip(values, indices, strict=True)])
+    sum((g * w).sum() for g, w in zip(got, weights, strict=True)).backward()
+
+    ref_values = [v.detach().clone().requires_grad_() for v in values]
+    ref_dec = [layer.W_dec.detach().clone().requires_grad_() for layer in clt.layers]
+    loss = torch.zeros(())
+    for t in range(4):
+        for s in range(t + 1):
+            if t < s + window:
+                dense = torch.zeros(6, 5).scatter_add(1, indices[s], ref_values[s])
+                loss = loss + ((dense @ ref_dec[s][:, t - s]) * weights[t]).sum()
+    loss.backward()
+    for s in range(4):
+        torch.testing.assert_close(clt.layers[s].W_dec.grad, ref_dec[s].grad, atol=1e-5, rtol=0)
+        torch.testing.assert_close(values[s].grad, ref_values[s].grad, atol=1e-5, rtol=0)
+
+
 def test_source_zero_does_not_reach_targets_beyond_its_window() -> None:
     clt = make_clt(4, 2)
     randomize(clt)

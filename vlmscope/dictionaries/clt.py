@@ -405,10 +405,11 @@ class CrossLayerTranscoder(nn.Module):
                 )
             f, n_out, d = layer.W_dec.shape
             contrib = sparse_decode(c.values, c.indices, layer.W_dec.reshape(f, n_out * d))
-            contrib = contrib.view(n_rows, n_out, d)
-            for j in range(n_out):
+            # unbind, not contrib[:, j]: its backward stacks the targets' gradients once, where
+            # each select's fills a zero [rows, n_out, d] and adds it (n_out^2 rows x d traffic)
+            for j, part in enumerate(contrib.view(n_rows, n_out, d).unbind(1)):
                 prev = outs[s + j]
-                outs[s + j] = contrib[:, j] if prev is None else prev + contrib[:, j]
+                outs[s + j] = part if prev is None else prev + part
         return [
             o if o is not None else layers[0].b_dec.new_zeros(n_rows, self.cfg.d_out) for o in outs
         ]
