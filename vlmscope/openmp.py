@@ -1,12 +1,12 @@
 """OpenMP's idle spin, shortened before torch loads (the CLI does this first).
 
 Why: torch's CPU kernels run on a GNU OpenMP (libgomp) team whose workers, after each parallel
-region, busy-wait for the next one: 300,000 spins by default, milliseconds of a core. vlmscope's
-top-k selection (`dictionaries.topk`) runs numpy on threads of its own between torch's
-kernels, so on a 2-core machine it shared a core with a spinning worker: inside a training
-step at 2 threads it took 2.5-3.0 ms per [512, 1,024] selection against 1.1 ms with the
-workers asleep. With `GOMP_SPINCOUNT=10000` the median step of the toy's SAE and transcoder
-was about a quarter shorter (benchmarks/README.md, "OpenMP's idle spin").
+region, busy-wait for the next one (300,000 spins by default). vlmscope's top-k selection
+(`dictionaries.topk`) runs numpy on threads of its own between torch's kernels, so on a
+2-core machine it shared a core with a spinning worker: inside a training step at 2 threads
+it took 1.9-3.1 ms per [512, 1,024] selection against 1.1-1.7 ms with the workers asleep.
+With `GOMP_SPINCOUNT=10000` the median step of the toy's SAE and transcoder was about a
+quarter shorter (benchmarks/README.md, "OpenMP's idle spin").
 
 libgomp reads its environment once, when torch loads it, so this only works in a process that
 has not imported torch yet; a variable the user set, or any `OMP_WAIT_POLICY`, is kept.
