@@ -127,8 +127,8 @@ def capture(args: argparse.Namespace, out: Path) -> dict[str, Any]:
              for h in ("hook_resid_post", "hook_resid_mid", "mlp.hook_out")]  # fmt: skip
     enc = SampleEncoder(vlm.processor, 512, vlm.adapter.image_token_ids())
     pad = vlm.tokenizer.pad_token_id or 0
-    info: dict[str, Any] = {"layers": n_layers, "d": vlm.adapter.d_model, "captured": layers,
-                            "model": args.model, "dataset": args.dataset}  # fmt: skip
+    info: dict[str, Any] = {"layers": n_layers, "d": vlm.adapter.d_model, "model": args.model,
+                            "dataset": args.dataset}  # fmt: skip
     train_budget = args.tokens + args.warmup * args.batch_tokens
     # held-out rows from their own split, or (--heldout-split train) the rows after the
     # training rows of the train split
@@ -616,11 +616,10 @@ def main() -> None:
             kept = folder / "info.json"
             if kept.exists():  # rows of another model or dataset must not be reused
                 was = json.loads(kept.read_text())
-                now = {"model": args.model, "dataset": args.dataset}
-                if {k: was.get(k, "toy" if k == "model" else "shapes") for k in now} != now:
-                    raise SystemExit(f"{folder} holds rows of {was.get('model', 'toy')} on "
-                                     f"{was.get('dataset', 'shapes')}: use another "
-                                     "--activations folder")  # fmt: skip
+                was_src = (was.get("model", "toy"), was.get("dataset", "shapes"))
+                if was_src != (args.model, args.dataset):
+                    raise SystemExit(f"{folder} holds rows of {was_src[0]} on {was_src[1]}: "
+                                     "use another --activations folder")  # fmt: skip
             info = capture(args, folder)
             source = "toy VLM" if args.model == "toy" else f"{args.model} on {args.dataset}"
         (folder / "info.json").write_text(json.dumps(info))

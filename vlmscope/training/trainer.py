@@ -16,6 +16,7 @@ import itertools
 import json
 import math
 import os
+import shlex
 import time
 import warnings
 from contextlib import nullcontext
@@ -699,27 +700,36 @@ def _check_resumable(saved_path: Path, cfg: TrainConfig) -> None:
             "--resume: this run was trained with Adam (before --optimizer existed); add "
             "--optimizer adam to continue it"
         )
-    diff = []
+    diff, back = [], []  # "flag: old -> new", and the flags that continue the run
     for k in _RESUME_FIXED:
         if k not in saved or saved[k] == now[k]:
             continue
         if isinstance(now[k], dict) and isinstance(saved[k], dict):  # --sae.*: name the field
-            diff += [f"--{k}.{f.replace('_', '-')}: {saved[k].get(f)!r} -> {v!r}"
-                     for f, v in now[k].items() if saved[k].get(f, v) != v]  # fmt: skip
+            changed = [(f"{k}.{f}", saved[k].get(f), v)
+                       for f, v in now[k].items() if saved[k].get(f, v) != v]  # fmt: skip
         else:
-            diff.append(f"--{k.replace('_', '-')}: {saved[k]!r} -> {now[k]!r}")
-    raw_then = saved.get("sae", {}).get("normalize_activations") == "none"
-    if raw_then and now["sae"]["normalize_activations"] != "none":
-        diff.append(
-            "a run trained on raw activations (the default before 2026-12-01) continues "
-            "with --sae.normalize-activations none"
-        )
+            changed = [(k, saved[k], now[k])]
+        for name, old, new in changed:
+            flag = "--" + name.replace("_", "-")
+            diff.append(f"{flag}: {old!r} -> {new!r}")
+            back.append(_as_flag(flag, old))
     if diff:
+        again = " ".join(b for b in back if b) if all(back) else ""
         raise TrainingError(
             "--resume with settings that differ from the run's: "
             + "; ".join(diff)
-            + " (use the original flags, or start a new --run-name)"
+            + (f" (the run continues with {again}, " if again else " (use the original flags, ")
+            + "or start a new --run-name)"
         )
+
+
+def _as_flag(flag: str, value: Any) -> str | None:
+    """`flag value` as typed on the command line; None for values no flag spells plainly
+    (switches, unset values, nested ones)."""
+    items = value if isinstance(value, list) else [value]
+    if not items or any(isinstance(v, bool) or not isinstance(v, (str, int, float)) for v in items):
+        return None
+    return " ".join([flag, *(shlex.quote(str(v)) for v in items)])
 
 
 def _check_loggers(cfg: TrainConfig) -> None:
