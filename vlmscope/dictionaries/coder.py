@@ -282,7 +282,9 @@ class SparseCoder(nn.Module):
         if self.training:
             dead = self.dead_mask()
             self._update_dead(codes, x.shape[0])
-            if self.cfg.aux_k_coeff > 0:
+            # the residual and its variance only when some latent is dead: five [N, d] passes
+            # a step otherwise (`dead` is the same on every data-parallel rank)
+            if self.cfg.aux_k_coeff > 0 and bool(dead.any()):
                 sst = batchstats.total_variance(target_n)
                 auxk = auxk_loss(
                     pre,
