@@ -126,6 +126,12 @@ def capture(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     names = [f"lm.blocks.{i}.{h}" for i in layers
              for h in ("hook_resid_post", "hook_resid_mid", "mlp.hook_out")]  # fmt: skip
     enc = SampleEncoder(vlm.processor, 512, vlm.adapter.image_token_ids())
+    if not enc.has_images and "vlm" in args.modalities:
+        if args.modalities == ["vlm"]:
+            raise SystemExit(f"--modalities vlm: {args.model} has no image processor, so no "
+                             "rows with images; use --modalities text")  # fmt: skip
+        print(f"{args.model} has no image processor: text rows only (--modalities text)")
+        args.modalities = [m for m in args.modalities if m != "vlm"]
     pad = vlm.tokenizer.pad_token_id or 0
     info: dict[str, Any] = {"layers": n_layers, "d": vlm.adapter.d_model, "model": args.model,
                             "dataset": args.dataset}  # fmt: skip
@@ -145,7 +151,13 @@ def capture(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             writes = ["train", "test"] if same else ["train" if split == "train" else "test"]
             if all((out / f"{modality}_{w}.safetensors").exists() for w in writes):
                 continue
-            records = open_training_data(cfg)
+            try:
+                records = open_training_data(cfg)
+            except (ValueError, FileNotFoundError) as e:
+                if split == "train":
+                    raise
+                raise SystemExit(f"held-out rows: {e}. --heldout-split train holds out the "
+                                 "train split's rows after the training rows") from None  # fmt: skip
             rows: dict[str, list[torch.Tensor]] = {}
             n = 0
 
