@@ -156,8 +156,8 @@ def capture(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             except (ValueError, FileNotFoundError) as e:
                 if split == "train":
                     raise
-                raise SystemExit(f"held-out rows: {e}. --heldout-split train holds out the "
-                                 "train split's rows after the training rows") from None  # fmt: skip
+                hint = "--heldout-split train holds out the train rows after the training rows"
+                raise SystemExit(f"held-out rows: {e}. {hint}") from None
             rows: dict[str, list[torch.Tensor]] = {}
             n = 0
 
