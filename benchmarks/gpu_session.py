@@ -3,13 +3,9 @@
 vlmscope has been built and measured on CPUs only. When a session is lent a GPU (about 15
 minutes in all, start-up included), this script is what to run, once, early:
 
-    # here, once: the one dependency the device image lacks travels as a wheel
-    echo /.whl/ >> .git/info/exclude
-    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \\
-        --implementation cp --platform manylinux_2_28_x86_64 -d .whl schedulefree==1.4.1
-    # on the device (`run`, carry [".whl"], timeout_s 600):
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \\
-      PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 python3 benchmarks/gpu_session.py --out $OUT
+    # on the device (`run`, timeout_s 600; schedulefree, the one dependency the device
+    # image lacked, is no longer needed: signum is vlmscope's own since 2026-12-01):
+    PYTHONPATH=$PWD PYTHONUNBUFFERED=1 python3 benchmarks/gpu_session.py --out $OUT
 
     python benchmarks/gpu_session.py --smoke   # here: every stage at toy sizes on the CPU
 

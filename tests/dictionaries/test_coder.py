@@ -15,6 +15,7 @@ from vlmscope.dictionaries.coder import (
     check_finite,
     choose_centring,
     fvu,
+    remove_parallel_grad_,
     update_dead_counter_,
 )
 from vlmscope.dictionaries.config import SparseCoderConfig
@@ -238,6 +239,26 @@ def test_decoder_norm_helpers() -> None:
     torch.testing.assert_close(
         (coder.W_dec.grad * w).sum(dim=1), torch.zeros(12), atol=1e-6, rtol=0
     )
+
+
+def test_parallel_gradient_removed_along_rows_of_any_norm() -> None:
+    """Rows not at unit norm (an Adam step moved them, or a caller's own weights): the
+    component along each row's direction goes, whatever its length; a zero row, which has no
+    direction, keeps its gradient."""
+    gen = torch.Generator().manual_seed(3)
+    w = (
+        torch.randn(6, 2, 4, generator=gen)
+        * torch.tensor([0.1, 1.0, 7.0, 0.5, 2.0, 0.0])[:, None, None]
+    )
+    weight = torch.nn.Parameter(w.clone())
+    grad = torch.randn(6, 2, 4, generator=gen)
+    weight.grad = grad.clone()
+    remove_parallel_grad_(weight)
+    rows, g = w.flatten(1), grad.flatten(1)
+    unit = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    want = g - (g * unit).sum(dim=1, keepdim=True) * unit
+    torch.testing.assert_close(weight.grad.flatten(1), want)
+    assert torch.equal(weight.grad[5], grad[5])
 
 
 def train_steps(coder: SparseCoder, steps: int, renorm: bool, seed: int = 0) -> list[float]:

@@ -49,6 +49,60 @@ def test_signum_steps_as_the_hand_computation_says() -> None:
     torch.testing.assert_close(p.detach(), y2, atol=1e-12, rtol=0)
 
 
+class _SignSGD(torch.optim.Optimizer):
+    """The base the schedulefree package's wrapper is given in the reference below."""
+
+    def __init__(self, params: list[torch.Tensor], lr: float) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(torch.sign(p.grad), alpha=-group["lr"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_signum_matches_the_schedulefree_wrapper_bit_for_bit(dtype: torch.dtype) -> None:
+    """vlmscope's in-place signum against schedulefree's ScheduleFreeWrapper (XOR swaps around
+    a sign-SGD base): the same weights to the bit over steps at changing rates, in eval and
+    train mode, with a parameter that has no gradient on some steps; and the same state."""
+    from schedulefree import ScheduleFreeWrapper
+
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(64, 16, generator=gen, dtype=dtype), torch.randn(16, generator=gen,
+             dtype=dtype)]  # fmt: skip
+    ours_p = [torch.nn.Parameter(t.clone()) for t in start]
+    ref_p = [torch.nn.Parameter(t.clone()) for t in start]
+    ours = build_optimizer("signum", ours_p, lr=0.01)
+    ref = ScheduleFreeWrapper(_SignSGD(ref_p, lr=0.01), momentum=SIGNUM_MOMENTUM)
+    ref.train()
+    for step, lr in enumerate([0.01, 0.03, 0.02, 0.05, 0.01, 0.04]):
+        grads = [torch.randn(t.shape, generator=gen, dtype=dtype) for t in start]
+        for params in (ours_p, ref_p):
+            for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+                p.grad = None if (i == 1 and step % 3 == 2) else g.clone()
+        for opt in (ours, ref):
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.step()
+        for a, b in zip(ours_p, ref_p, strict=True):
+            assert torch.equal(a, b), step
+    ours.eval()
+    ref.eval()
+    for a, b in zip(ours_p, ref_p, strict=True):
+        assert torch.equal(a, b)  # x, the average
+    ours.train()
+    ref.train()
+    for a, b in zip(ours_p, ref_p, strict=True):
+        assert torch.equal(a, b)
+    mine, theirs = ours.state_dict(), ref.state_dict()
+    assert mine["param_groups"] == theirs["param_groups"]
+    for i in theirs["state"]:
+        assert torch.equal(mine["state"][i]["z"], theirs["state"][i]["z"])
+
+
 def test_adam_and_the_learning_rate_rules() -> None:
     p = torch.nn.Parameter(torch.ones(2))
     assert type(build_optimizer("adam", [p], lr=1e-3)) is torch.optim.Adam

@@ -79,8 +79,10 @@ def remove_parallel_grad_(weight: Tensor) -> None:
         return
     rows = weight.data.view(weight.shape[0], -1)
     grad = weight.grad.view(weight.shape[0], -1)
-    unit = rows / rows.norm(dim=1, keepdim=True).clamp_min(torch.finfo(rows.dtype).eps)
-    grad.sub_((grad * unit).sum(dim=1, keepdim=True) * unit)
+    # grad -= (grad . w / w . w) w: three passes and no [F, d] temporary, where the unit rows'
+    # form took six and three (16 vs 9 ms at 8,192 x 512 on 2 threads, benchmarks/README.md)
+    sq = torch.linalg.vecdot(rows, rows).clamp_min(torch.finfo(rows.dtype).eps ** 2)
+    grad.addcmul_(rows, (torch.linalg.vecdot(grad, rows) / sq).unsqueeze(1), value=-1)
 
 
 def auxk_loss(
