@@ -47,20 +47,26 @@ def test_row_topk_selects_what_torch_topk_selects(
         assert all(len(set(row.tolist())) == k for row in got)
 
 
-def test_blocked_selection_finds_a_rows_maxima_packed_into_few_blocks() -> None:
-    """All of a row's k largest entries in k / b adjacent blocks: a selection that kept one
-    candidate per block, or fewer than k blocks, would miss most of them."""
+def test_blocked_selection_finds_a_rows_maxima_packed_into_few_stripes() -> None:
+    """All of a row's k largest entries in k / b stripes (columns s, s + m, ...): a selection
+    that kept one candidate per stripe, or fewer than k stripes, would miss most of them. And
+    the k largest side by side, one per stripe."""
     n, f, k = 64, 4096, 32
     block = topk._block_width(f, k)
-    assert block >= 2 and f >= topk._BLOCKED_RATIO * k
+    m = f // block
+    assert block >= 2 and f >= topk._BLOCKED_RATIO * k and k % block == 0
     x = torch.randn(n, f) * 0.01
+    want = []
     for r in range(n):
-        start = (r % 5) * block
-        x[r, start : start + k] = 10.0 + torch.arange(k, dtype=torch.float32)
+        stripes = [(r + 7 * j) % m for j in range(k // block)]  # k / b stripes, all b entries
+        cols = sorted(s + i * m for s in stripes for i in range(block))
+        if r % 2:  # side by side instead
+            cols = list(range((r % 5) * block, (r % 5) * block + k))
+        x[r, cols] = 10.0 + torch.arange(k, dtype=torch.float32)
+        want.append(cols)
     got = topk.row_topk_indices(x, k)
     for r in range(n):
-        start = (r % 5) * block
-        assert sorted(got[r].tolist()) == list(range(start, start + k))
+        assert sorted(got[r].tolist()) == want[r]
 
 
 @pytest.mark.parametrize("f", [1024, 4096])
