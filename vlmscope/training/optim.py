@@ -89,7 +89,7 @@ class SignumScheduleFree(torch.optim.Optimizer):
         self.train_mode = False
 
     @torch.no_grad()
-    def train(self) -> None:  # type: ignore[override]
+    def train(self) -> None:
         """Parameters to y (the point gradients are taken at), from x."""
         if not self.train_mode:
             self._lerp_to_z(1 - self.momentum)
