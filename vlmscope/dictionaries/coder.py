@@ -88,22 +88,26 @@ def remove_parallel_grad_(weight: Tensor) -> None:
 def auxk_loss(
     pre: Tensor,
     dead: Tensor,
-    residual: Tensor,
+    target: Tensor,
+    reconstruction: Tensor,
     decode: Callable[[SparseCodes], Tensor],
     aux_k: int,
-    sst: Tensor,
     gather: Gather | None = None,
 ) -> Tensor:
-    """AuxK (Gao et al. 2024): dead latents' top-aux_k activations reconstruct the residual.
+    """AuxK (Gao et al. 2024): dead latents' top-aux_k activations reconstruct the residual
+    target - reconstruction (detached).
 
     Returns scale * ||decode(aux codes) - residual||^2 / sst with scale = min(n_dead / aux_k, 1)
-    (as in EleutherAI's sparsify), 0 when nothing is dead. `residual` should be detached.
-    `gather(indices)` gives the differentiable pre-activations at the chosen entries (default:
-    read them from `pre`, which then carries the gradient).
+    (as in EleutherAI's sparsify) and sst the target's total variance; 0 when nothing is dead,
+    before the residual and sst are computed (five [N, d] passes a step saved while no latent
+    is dead). `gather(indices)` gives the differentiable pre-activations at the chosen entries
+    (default: read them from `pre`, which then carries the gradient).
     """
     n_dead = int(dead.sum())
-    if n_dead == 0:
-        return pre.new_zeros((), dtype=torch.float32)
+    if n_dead == 0:  # on every data-parallel rank alike (the dead mask is global), so no rank
+        return pre.new_zeros((), dtype=torch.float32)  # waits in total_variance's all-reduce
+    residual = (target - reconstruction).detach()
+    sst = batchstats.total_variance(target)  # over the global batch when data-parallel
     k = min(aux_k, n_dead)
     scale = min(n_dead / aux_k, 1.0)
     masked = pre.detach().masked_fill(~dead, -torch.inf)
@@ -284,17 +288,14 @@ class SparseCoder(nn.Module):
         if self.training:
             dead = self.dead_mask()
             self._update_dead(codes, x.shape[0])
-            # the residual and its variance only when some latent is dead: five [N, d] passes
-            # a step otherwise (`dead` is the same on every data-parallel rank)
-            if self.cfg.aux_k_coeff > 0 and bool(dead.any()):
-                sst = batchstats.total_variance(target_n)
+            if self.cfg.aux_k_coeff > 0:
                 auxk = auxk_loss(
                     pre,
                     dead,
-                    (target_n - recon_n).detach(),
+                    target_n,
+                    recon_n,
                     lambda c: sparse_decode(c.values, c.indices, self.W_dec),
                     self.cfg.aux_k or max(self.cfg.d_out // 2, 1),
-                    sst,
                     gather,
                 )
         sparsity = self.activation.sparsity_loss(pre).float()
