@@ -143,12 +143,13 @@ def capture(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     if not same:
         plan.append((args.heldout_split, args.heldout_tokens))
     for split, budget in plan:
+        # the files this split's rows go to (both when the held-out rows come from train)
+        writes = ["train", "test"] if same else ["train" if split == "train" else "test"]
         dataset = args.dataset
         if args.dataset == "shapes":  # 4,000 scenes hold ~64k text tokens; longer budgets more
             dataset = f"shapes:{max(4000, -(-budget // 12))}"
         cfg = TrainConfig(model=args.model, dataset=dataset, split=split, max_steps=1)
         for modality in args.modalities:
-            writes = ["train", "test"] if same else ["train" if split == "train" else "test"]
             if all((out / f"{modality}_{w}.safetensors").exists() for w in writes):
                 continue
             try:
