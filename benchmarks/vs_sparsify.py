@@ -111,7 +111,7 @@ def capture(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT))
     from safetensors.torch import save_file
 
-    from vlmscope.data.processing import SampleEncoder, batches
+    from vlmscope.data.processing import SampleEncoder, SkipRecord, batches
     from vlmscope.models.hooked import HookedVLM
     from vlmscope.training.config import TrainConfig
     from vlmscope.training.sources import open_training_data, resolve_model_path
@@ -149,7 +149,7 @@ def capture(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         if args.dataset == "shapes":  # 4,000 scenes hold ~64k text tokens; longer budgets more
             dataset = f"shapes:{max(4000, -(-budget // 12))}"
         cfg = TrainConfig(model=args.model, dataset=dataset, split=split, max_steps=1)
-        for modality in args.modalities:
+        for modality in list(args.modalities):
             if all((out / f"{modality}_{w}.safetensors").exists() for w in writes):
                 continue
             try:
@@ -161,18 +161,32 @@ def capture(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                 raise SystemExit(f"held-out rows: {e}. {hint}") from None
             rows: dict[str, list[torch.Tensor]] = {}
             n = 0
+            skipped: list[SkipRecord] = []
 
-            def stream(records=records, modality=modality):  # type: ignore[no-untyped-def]
+            def stream(records=records, modality=modality, skipped=skipped):  # type: ignore[no-untyped-def]
+                encoded = 0
                 for r in records:
                     if modality == "text":
                         r.messages = [_text_only(m) for m in r.messages]
                         r.images = []
-                    yield enc.encode(r)
+                    try:  # as the trainer does: a record the processor refuses is skipped
+                        sample = enc.encode(r)
+                    except SkipRecord as e:
+                        skipped.append(e)
+                        if not encoded and len(skipped) >= 32:  # refused every time: say why
+                            return
+                        continue
+                    encoded += 1
+                    yield sample
 
             for batch in batches(stream(), 32, pad, masks=vlm.masks):
                 sel = batch.masks.select("all", include_special=False)  # type: ignore[union-attr]
                 _, cache = vlm.run_with_cache(batch.inputs, names=names, mask=sel,
                                               masks=batch.masks)  # fmt: skip
+                missing = [name for name in names if name not in cache]
+                if missing:  # e.g. Mllama's cross-attention layers, which run only with images
+                    _drop(args, modality, f"{', '.join(missing[:3])} did not run on its rows")
+                    break
                 for name in names:
                     _, _, layer, hook = name.split(".", 3)  # lm.blocks.L.<hook>
                     key = f"{hook.replace('hook_', '').replace('mlp.', 'mlp_')}.{layer}"
@@ -180,6 +194,12 @@ def capture(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                 n += int(sel.sum())
                 if n >= budget:
                     break
+            if modality not in args.modalities:
+                continue
+            if n == 0 and skipped:
+                _drop(args, modality, f"the processor refused its first {len(skipped)} "
+                                      f"prompts ({skipped[0]})")  # fmt: skip
+                continue
             if n < budget:
                 raise SystemExit(f"{args.dataset} {split}/{modality}: only {n} tokens, "
                                  f"{budget} needed")  # fmt: skip
@@ -276,6 +296,15 @@ def random_llama_rows(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             n += ids.shape[1] - 1
         save_file({k: torch.cat(v)[:budget].contiguous() for k, v in rows.items()}, str(path))
     return {"layers": n_layers, "d": args.random_llama}
+
+
+def _drop(args: argparse.Namespace, modality: str, why: str) -> None:
+    """Leave out `modality`'s rows, saying why; stop when no modality is left."""
+    what = {"text": "text rows (images removed)", "vlm": "rows with images"}[modality]
+    args.modalities = [m for m in args.modalities if m != modality]
+    if not args.modalities:
+        raise SystemExit(f"{args.model}: no {what} to compare: {why}")
+    print(f"{args.model}: {what} left out: {why}; comparing on {' '.join(args.modalities)}")
 
 
 def _text_only(message: dict[str, Any]) -> dict[str, Any]:
