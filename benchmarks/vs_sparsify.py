@@ -16,6 +16,11 @@ fresh process of its own (so the peak RSS column is each tool's own):
 - vlm: the same conversations with their images (the toy's image tokens: 64 each; 16 on the
   v1 toy that the figures in benchmarks/README.md dated before 2026-12-01 were measured on).
 
+A model without an image processor gives text rows only, and one that cannot give text rows
+(PaliGemma's processor wants an image in every prompt; Mllama's cross-attention layers, when
+a CLT or --layer reads one, run only with images) rows with images only; the driver says
+which rows it left out and why.
+
 Per kind:
 - sae: `lm.blocks.L.hook_resid_post` -> itself; sparsify's `SparseCoder` (SAE config).
 - transcoder: `hook_resid_mid` -> `mlp.hook_out` of layer L; sparsify's `SparseCoder` with
