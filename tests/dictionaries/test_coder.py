@@ -97,10 +97,12 @@ def test_fvu_of_exact_reconstruction_is_zero() -> None:
 
 def test_fvu_of_predicting_the_mean_is_one() -> None:
     cfg = SparseCoderConfig(kind="transcoder", d_in=5, d_out=3, num_latents=10, k=2)
-    coder = SparseCoder(cfg)  # transcoder init: decoder zero
+    coder = SparseCoder(cfg)
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, 5, generator=gen), torch.randn(64, 3, generator=gen) * 3 + 1
     coder.init_from_data(x, y)  # b_dec = mean of y
+    with torch.no_grad():
+        coder.W_dec.zero_()  # the output is b_dec alone
     out = coder(x, y)
     torch.testing.assert_close(out.reconstruction, y.mean(0).expand(64, 3))
     assert out.fvu.item() == pytest.approx(1.0, abs=1e-6)
@@ -185,6 +187,27 @@ def test_init_pre_activations_remove_the_chosen_share_of_the_mean(kind: str) -> 
     inp = x - coder.b_dec.detach() if kind == "sae" else x
     want = x - (1.0 if kind == "sae" else share) * x.mean(0)
     torch.testing.assert_close(inp @ W.T + b, want @ W.T, atol=1e-4, rtol=1e-4)
+
+
+def test_transcoder_init_solves_the_ridge_decoder_of_its_first_codes() -> None:
+    """init_from_data sets a transcoder's decoder to the ridge least-squares map from the
+    sample's codes to its centred target, (C^T C + r I)^-1 C^T t in the primal form solved here
+    by hand in float64 (the init solves the dual), r the mean squared code norm; it beats the
+    zero decoder on the sample, and latents that did not fire keep zero rows."""
+    cfg = SparseCoderConfig(kind="transcoder", d_in=12, d_out=6, num_latents=96, k=4)
+    coder = SparseCoder(cfg)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(80, 12, generator=gen)
+    y = torch.tanh(x @ torch.randn(12, 6, generator=gen)) + 2
+    coder.init_from_data(x, y)
+    c = coder.encode(x).to_dense().double()  # the codes the init read (no normalisation)
+    t = y.double() - coder.b_dec.detach().double()
+    ridge = (c * c).sum(1).mean()
+    want = torch.linalg.solve(c.T @ c + ridge * torch.eye(96, dtype=torch.float64), c.T @ t)
+    torch.testing.assert_close(coder.W_dec.detach().double(), want, atol=2e-5, rtol=1e-4)
+    silent = c.abs().sum(0) == 0
+    assert silent.any() and (coder.W_dec.detach()[silent] == 0).all()
+    assert coder(x, y).fvu.item() < 0.9 * fvu(t, torch.zeros_like(t)).item()
 
 
 def test_transcoder_init() -> None:

@@ -112,3 +112,23 @@ def kth_largest(values: Tensor, k: int) -> Tensor:
         prefix |= d << shift
         high_mask |= 0xFF << shift
     return torch.tensor(prefix, dtype=torch.int32).view(torch.float32).to(values.device)
+
+
+def gather_rows(t: Tensor) -> Tensor:
+    """The global batch's rows of `t` [n, ...], ranks in order (`t` itself when alone): for an
+    estimate that does not split into per-row sums, so every rank computes the one a single
+    process would on the global batch. Ranks may hold different numbers of rows (even none)."""
+    if not active():
+        return t
+    import torch.distributed as dist
+
+    group = _GROUP[-1]
+    count = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
+    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(counts, count, group=group)
+    sizes = [int(c) for c in counts]
+    padded = t.new_zeros((max(sizes), *t.shape[1:]))
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])

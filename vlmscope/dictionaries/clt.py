@@ -26,6 +26,8 @@ from vlmscope.dictionaries import batchstats
 from vlmscope.dictionaries.activations import Gather, SparseCodes, build_activation
 from vlmscope.dictionaries.coder import (
     check_finite,
+    codes_at_init,
+    fit_decoder_to_data_,
     fit_init_to_data_,
     fvu,
     init_transcoder_,
@@ -137,23 +139,34 @@ class CrossLayerTranscoder(nn.Module):
 
     @torch.no_grad()
     def init_from_data(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> None:
-        """Per layer: estimate normalisation scales (if any), set b_dec_t to mean(y_t) and
+        """Per layer: estimate normalisation scales (if any), set b_dec_t to mean(y_t),
         centre the encoder's pre-activations (the share of the sample's mean that
-        coder.choose_centring picks, in coder.fit_init_to_data_)."""
+        coder.choose_centring picks, in coder.fit_init_to_data_) and, without unit-norm
+        decoder rows, fit the decoder to its own layer's target as a per-layer transcoder's
+        is (coder.fit_decoder_to_data_); decoders to later layers start at zero."""
         xs, ys = self._as_lists(xs, ys)
         for layer, x, y in zip(self._layers(), xs, ys, strict=True):
-            self._init_layer_from_data(layer, x, y)
+            self._init_layer_from_data(layer, x, y, layer.W_dec[:, 0])
 
     @torch.no_grad()
-    def _init_layer_from_data(self, layer: CLTLayer, x: Tensor, y: Tensor) -> None:
-        """init_from_data of one layer (its source encoder and its target's bias/scales)."""
+    def _init_layer_from_data(
+        self, layer: CLTLayer, x: Tensor, y: Tensor, own_decoder: Tensor
+    ) -> None:
+        """init_from_data of one layer: its source encoder, its target's bias/scales and
+        `own_decoder` [F, d_out], the source's decoder into its own layer (wherever a
+        sharded CLT keeps it)."""
         check_finite(f"init_from_data xs[{layer.layer}]", x)
         check_finite(f"init_from_data ys[{layer.layer}]", y)
         if self.cfg.normalize_activations == "mean_norm":
             layer.input_scale.fill_(mean_norm_scale(x))
             layer.output_scale.fill_(mean_norm_scale(y))
-        layer.b_dec.copy_(batchstats.mean_rows(y.float() * layer.output_scale))
-        fit_init_to_data_(layer, self._scale_in(layer, x), None)
+        y_n = y.float() * layer.output_scale
+        layer.b_dec.copy_(batchstats.mean_rows(y_n))
+        x_n = self._scale_in(layer, x)
+        fit_init_to_data_(layer, x_n, None)
+        if not self.cfg.normalize_decoder:
+            codes = codes_at_init(layer.activation, self._pre(layer, x_n))
+            fit_decoder_to_data_(own_decoder, codes, y_n - layer.b_dec)
 
     # ---------------------------------------------------------------- properties
 

@@ -183,8 +183,8 @@ class CLTShard(nn.Module):
     # --- training --------------------------------------------------------------------------
     @torch.no_grad()
     def init_from_data(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> None:
-        for layer, x, y in zip(self._mine(), xs, ys, strict=True):
-            self.meta._init_layer_from_data(layer, x, y)
+        for t, layer, x, y in zip(self.mine, self._mine(), xs, ys, strict=True):
+            self.meta._init_layer_from_data(layer, x, y, self.decoders[f"{t}_{t}"])
 
     def activations(self) -> list[nn.Module]:
         return [layer.activation for layer in self._mine()]
