@@ -525,7 +525,7 @@ def fit_decoder_to_data_(W_dec: Tensor, codes: SparseCodes, target: Tensor) -> N
     so the first steps reconstruct little. Solving for the decoder the encoder's first codes
     call for starts it where those steps would head: on the toy's layer 2 at the trainer's
     defaults the held-out FVU after 40,960 tokens fell from 0.050 to 0.044 (text rows) and
-    0.084 to 0.080 (rows with images), and on the zoo's LLaVA from 0.211 to 0.201 and 0.174 to
+    0.084 to 0.081 (rows with images), and on the zoo's LLaVA from 0.211 to 0.201 and 0.174 to
     0.162 (benchmarks/README.md, "A least-squares decoder at init").
 
     Dual form, W = C^T (C C^T + r I)^-1 target with C the [N, F] codes, so the system is
@@ -533,15 +533,17 @@ def fit_decoder_to_data_(W_dec: Tensor, codes: SparseCodes, target: Tensor) -> N
     code norm (diag of C C^T): measured flat between 0.3x and 3x that. Latents that never fire
     in the sample keep zero rows. Every data-parallel rank gathers the same rows, so each
     solves the system one process would."""
-    values, indices = codes.values.float(), codes.indices.long()
+    # A rank's share of the global batch's first LSTSQ_ROWS rows is among its own first
+    # LSTSQ_ROWS: cut before gathering, so no rank receives every rank's whole batch.
+    values = codes.values[:LSTSQ_ROWS].float()
+    indices = codes.indices[:LSTSQ_ROWS].long()
+    target = target[:LSTSQ_ROWS].float()
     # codes packed per batch (BatchTopK, JumpReLU) are as wide as the batch's busiest row:
     # zero entries pad every rank's to the widest, so the rows can be gathered
     width = int(batchstats.all_max(torch.tensor(values.shape[1], device=values.device)))
-    values = F.pad(values, (0, width - values.shape[1]))
-    indices = F.pad(indices, (0, width - indices.shape[1]))
-    values = batchstats.gather_rows(values)[:LSTSQ_ROWS]
-    indices = batchstats.gather_rows(indices)[:LSTSQ_ROWS]
-    target = batchstats.gather_rows(target.float())[:LSTSQ_ROWS]
+    values = batchstats.gather_rows(F.pad(values, (0, width - values.shape[1])))[:LSTSQ_ROWS]
+    indices = batchstats.gather_rows(F.pad(indices, (0, width - indices.shape[1])))[:LSTSQ_ROWS]
+    target = batchstats.gather_rows(target)[:LSTSQ_ROWS]
     n, k = values.shape
     if n == 0 or k == 0:
         return
