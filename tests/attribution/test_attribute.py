@@ -149,10 +149,16 @@ def check_column(probe: FrozenProbe, graph: Graph, col: int, effect: torch.Tenso
     torch.testing.assert_close(effect[nf:], expected[nf:], atol=1e-5, rtol=0)
 
 
-def check_every_edge(vlm: HookedVLM, bundle: DictionaryBundle, inputs: Any) -> FrozenProbe:
+def check_every_edge(
+    vlm: HookedVLM,
+    bundle: DictionaryBundle,
+    inputs: Any,
+    n_features_checked: int = 6,
+    offload: Any = None,
+) -> FrozenProbe:
     """Attribute, then check sampled columns of every node kind against measured effects."""
     # A feature budget below the active count also exercises the influence-ordered search.
-    graph = attribute(vlm, bundle, inputs, batch_size=32, max_feature_nodes=96)
+    graph = attribute(vlm, bundle, inputs, batch_size=32, max_feature_nodes=96, offload=offload)
     assert graph.n_features == min(96, graph.metadata["n_active_features"])
     # Layers are the model's, whatever the dictionaries cover.
     assert graph.n_layers == vlm.adapter.n_layers
@@ -195,7 +201,7 @@ def check_every_edge(vlm: HookedVLM, bundle: DictionaryBundle, inputs: Any) -> F
     # Feature nodes: double the activation (add its decoder contributions once more).
     clt = bundle.clt
     assert clt is not None
-    for j in torch.randperm(graph.n_features, generator=gen)[:6].tolist():
+    for j in torch.randperm(graph.n_features, generator=gen)[:n_features_checked].tolist():
         layer, pos, f = graph.features[j].tolist()
         s = covered.index(layer)
         a = float(graph.activations[j])
@@ -241,6 +247,57 @@ def test_every_edge_with_dictionaries_on_some_layers(zoo_path: Any, tmp_path: Pa
     assert layers["mlp reconstruction error"] == {"0", "1", "2"}
     assert layers["logit"] == {"4"}
     assert load_raw(save_raw(graph, tmp_path / "g.safetensors")).n_layers == 3
+
+
+def _uneven_clt(vlm: HookedVLM, seed: int) -> DictionaryBundle:
+    """A JumpReLU CLT whose thresholds spread over two orders of magnitude, so positions fire
+    very different numbers of features (trained CLTs do: BOS fires hundreds)."""
+    from vlmscope.dictionaries import SparseCoderConfig
+    from vlmscope.training.bundle import mlp_out, resid_mid
+
+    torch.manual_seed(seed)
+    a = vlm.adapter
+    cfg = SparseCoderConfig(kind="clt", expansion_factor=4, activation="jumprelu", n_targets=2,
+                            sparsity_coeff=0.01)  # fmt: skip
+    info = {"name": "test", "family": a.family, "dims": a.dims(), "tokens": "all"}
+    layers = range(a.n_layers)
+    b = DictionaryBundle.create(cfg, [resid_mid(i) for i in layers], [mlp_out(i) for i in layers],
+                                a.d_model, a.d_model, info)  # fmt: skip
+    with torch.no_grad():
+        for layer in b.clt.layers:  # type: ignore[union-attr]
+            layer.W_dec.normal_(0, 0.3)
+            layer.b_dec.normal_(0, 0.1)
+            f = layer.W_enc.shape[0]
+            layer.activation.log_threshold.copy_(torch.empty(f).uniform_(-0.5, 1.5))
+    return b
+
+
+@pytest.mark.parametrize("small", [False, True], ids=["whole-blocks", "one-position-chunks"])
+def test_every_edge_with_uneven_feature_counts(
+    zoo_path: Any, small: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Positions with very different feature counts are laid out in blocks of similar counts
+    (context._blocks), whose features are not one run of columns: every edge still equals
+    its measured effect. `small`: chunks of one position within each block, and decoder rows
+    from the host cache (offload "cpu") instead of the dictionary in place."""
+    from vlmscope.attribution.context import BLOCK_FILL, AttributionContext
+
+    if small:
+        monkeypatch.setitem(AttributionContext.__init__.__kwdefaults__, "chunk_bytes", 1)
+    vlm = vlm_for("llama", zoo_path)
+    bundle = _uneven_clt(vlm, seed=3)
+    inputs = vlm.prepare("what colour is the circle and the square, and how many are there")
+    replace = ReplacementModel(vlm, bundle)._replace_mask(inputs["input_ids"], None)[0]
+    ctx = AttributionContext(vlm, bundle, inputs, replace)
+    ctx.record()
+    blocks = [b for u in ctx.units for b in u.blocks]
+    assert max(len(u.blocks) for u in ctx.units) > 1
+    assert any(b.start is None for b in blocks) and any(b.filled is not None for b in blocks)
+    # each block's slots are mostly features: padding is bounded per block
+    for b in blocks:
+        held = b.slots.numel() if b.filled is None else len(b.filled)
+        assert held >= BLOCK_FILL * b.slots.numel()
+    check_every_edge(vlm, bundle, inputs, n_features_checked=16, offload="cpu" if small else None)
 
 
 def test_partial_influence_equals_the_square_matrix_series() -> None:

@@ -133,17 +133,74 @@ class _Seed(torch.autograd.Function):
 
 
 @dataclass
+class _Block:
+    """Positions of one unit whose feature counts are close, laid out [P, k] for one batched
+    matmul: the padding is bounded by the block, not by the prompt's busiest position."""
+
+    positions: Tensor  # [P] ascending (device)
+    slots: Tensor  # [P, k] row of the unit's `unique` per slot; U (a zero row) for padding
+    filled: Tensor | None  # [m] the slots that hold a feature, in [P * k]; None: all of them
+    columns: Tensor  # [m] those features' indices within the unit, ascending (device)
+    start: int | None  # columns[0] when the columns are consecutive (one slice add), else None
+
+
+@dataclass
 class _UnitIndex:
     """Unit s's active features, arranged for the backward's batched dot products."""
 
     offset: int  # first column of the unit's features
     count: int
     unique: Tensor  # [U] sorted feature ids
-    positions: Tensor  # [P] positions with at least one feature (device)
-    slots: Tensor  # [P, kmax] row of `unique` per slot; U (a zero row) for padding (device)
-    valid: Tensor  # [P * kmax] bool, the slots that hold a feature, in feature order (device)
-    filled: Tensor  # [count] indices of the valid slots in [P * kmax] (device)
-    full: bool  # every slot holds a feature
+    inverse: Tensor  # [count] row of `unique` of each feature, in feature order (host)
+    blocks: list[_Block]
+
+
+BLOCK_FILL = 0.75
+"""A block of positions takes the next busiest position while its feature count is at least
+this share of the block's first (busiest): the slots that hold a feature are then at least
+that share of the block's [P, k], where one [P, kmax] layout over a JumpReLU CLT's prompt was
+2-50x padding (a few positions, BOS among them, fire hundreds of features)."""
+
+
+def _blocks(
+    pos: Tensor, inverse: Tensor, n_unique: int, seq: int, dev: torch.device
+) -> list[_Block]:
+    """The `_Block`s of a unit whose features (sorted by position) sit at `pos` and read row
+    `inverse` of its `n_unique` decoder rows (row n_unique: the zero row, for padding)."""
+    n = len(pos)
+    counts = torch.bincount(pos, minlength=seq)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(n) - starts[pos]  # slot of each feature within its position
+    positions = counts.nonzero().squeeze(1)
+    by_count = positions[torch.argsort(counts[positions], descending=True, stable=True)].tolist()
+    count_of = counts.tolist()
+    groups: list[list[int]] = []
+    for p in by_count:
+        if not groups or count_of[p] < BLOCK_FILL * count_of[groups[-1][0]]:
+            groups.append([])
+        groups[-1].append(p)
+    blocks = []
+    for group in groups:
+        members = torch.tensor(sorted(group), dtype=torch.long)
+        k = int(counts[members].max())
+        row = torch.full((seq,), -1, dtype=torch.long)
+        row[members] = torch.arange(len(members))
+        columns = (row[pos] >= 0).nonzero().squeeze(1)  # ascending: features are by position
+        flat = row[pos[columns]] * k + slot[columns]  # ascending too
+        slots = torch.full((len(members) * k,), n_unique)
+        slots[flat] = inverse[columns]
+        full = len(columns) == len(members) * k
+        consecutive = len(columns) > 0 and int(columns[-1] - columns[0]) == len(columns) - 1
+        blocks.append(
+            _Block(
+                positions=members.to(dev),
+                slots=slots.view(len(members), k).to(dev),
+                filled=None if full else flat.to(dev),
+                columns=columns.to(dev),
+                start=int(columns[0]) if consecutive else None,
+            )
+        )
+    return blocks
 
 
 class AttributionContext:
@@ -356,41 +413,18 @@ class AttributionContext:
         )
 
     def _index_units(self) -> None:
-        """Per unit: its unique features and the [position, slot] layout of its features
-        (computed on the host, kept on the device)."""
+        """Per unit: its unique features and the blocks of positions its features are laid
+        out in (computed on the host, kept on the device)."""
         feats, seq, dev = self.features, self.replace_mask.shape[0], self.device
         self.units: list[_UnitIndex] = []
         offset = 0
         for s in range(self.n_units):
             sel = (feats.unit == s).nonzero().squeeze(1)
-            n = len(sel)
             pos, f = feats.position[sel], feats.feature[sel]
             unique, inverse = torch.unique(f, return_inverse=True)
-            counts = torch.bincount(pos, minlength=seq)
-            positions = counts.nonzero().squeeze(1)
-            kmax = int(counts.max()) if n else 1
-            # Slot of each feature within its position (features are sorted by position).
-            starts = torch.cumsum(counts, 0) - counts
-            slot = torch.arange(n) - starts[pos]
-            rank = torch.full((seq,), -1, dtype=torch.long)
-            rank[positions] = torch.arange(len(positions))
-            slots = torch.full((len(positions), kmax), len(unique), dtype=torch.long)
-            slots[rank[pos], slot] = inverse
-            valid = torch.zeros(len(positions), kmax, dtype=torch.bool)
-            valid[rank[pos], slot] = True
-            flat = valid.reshape(-1)
-            index = _UnitIndex(
-                offset=offset,
-                count=n,
-                unique=unique,
-                positions=positions.to(dev),
-                slots=slots.to(dev),
-                valid=flat.to(dev),
-                filled=flat.nonzero().squeeze(1).to(dev),
-                full=bool(flat.all()),
-            )
-            self.units.append(index)
-            offset += n
+            blocks = _blocks(pos, inverse, len(unique), seq, dev)
+            self.units.append(_UnitIndex(offset, len(sel), unique, inverse, blocks))
+            offset += len(sel)
 
     def _build_decoder_cache(self) -> None:
         """Decoder rows of each unit's unique active features (+ one zero row for padding):
@@ -398,19 +432,20 @@ class AttributionContext:
         With "device" on a CPU, where the dictionaries already are, nothing is copied: the
         rows are read from the (memory-mapped) decoders themselves by feature id."""
         self._dec: list[Tensor | None] = []
-        self._slot_rows: list[Tensor] = []  # per unit: [P, kmax] rows of decoder_rows(s, j)
+        # per unit and block: [P, k] rows of decoder_rows(s, j)
+        self._slot_rows: list[list[Tensor]] = []
         self._feature_rows: list[Tensor] = []  # per unit: [count] the same, per feature
         for s, u in enumerate(self.units):
-            per_feature = u.slots.reshape(-1)[u.valid]
+            per_feature = u.inverse.to(self.device)
             if self._mapped(s):
                 self.weights.bundle.check(self.weights._name(s, "W_dec"), u.unique)
                 ids = torch.cat([u.unique, u.unique.new_zeros(1)]).to(self.device)
                 # Padding slots read row 0: their products are dropped (`filled`).
-                self._slot_rows.append(ids[u.slots])
+                self._slot_rows.append([ids[b.slots] for b in u.blocks])
                 self._feature_rows.append(ids[per_feature])
                 self._dec.append(None)
                 continue
-            self._slot_rows.append(u.slots)
+            self._slot_rows.append([b.slots for b in u.blocks])
             self._feature_rows.append(per_feature)
             if self.decoder_cache == "disk":
                 self._dec.append(None)
@@ -631,31 +666,35 @@ class AttributionContext:
 
     def _feature_columns(self, s: int, j: int, gt: Tensor, scale: float) -> None:
         """rows[:, unit s's features] += gt[p] . (decoder row of the feature at p, target j)
-        * scale, as one batched matmul per chunk of positions (gt: [seq, n, d] float32)."""
+        * scale, as one batched matmul per block and chunk of positions (gt: [seq, n, d]
+        float32)."""
         u, rows = self.units[s], self._rows
         assert rows is not None
         if u.count == 0:
             return
         dec = self.decoder_rows(s, j)
         seq, n, d = gt.shape
-        kmax = u.slots.shape[1]
-        per_pos = 4 * d * (n + 2 * kmax) + 4 * n * kmax
-        step = max(1, self.chunk_bytes // per_pos)
-        every = len(u.positions) == seq  # every position has features: slices, no gather
-        done = 0
-        for p0 in range(0, len(u.positions), step):
-            p1 = min(p0 + step, len(u.positions))
-            gp = gt[p0:p1] if every else gt[u.positions[p0:p1]]  # [P, n, d]
-            dp = dec[self._slot_rows[s][p0:p1]].float()  # [P, kmax, d]
-            out = torch.bmm(gp, dp.transpose(1, 2))  # [P, n, kmax]
-            out = out.transpose(0, 1).reshape(n, -1)  # [n, P * kmax]
-            if not u.full:  # the slots that hold a feature, in feature order
-                lo = int(torch.searchsorted(u.filled, p0 * kmax))
-                hi = int(torch.searchsorted(u.filled, p1 * kmax))
-                out = out.index_select(1, u.filled[lo:hi] - p0 * kmax)
-            k = out.shape[1]
-            rows[:, u.offset + done : u.offset + done + k].add_(out, alpha=scale)
-            done += k
+        for b, slot_rows in zip(u.blocks, self._slot_rows[s], strict=True):
+            n_pos, k = slot_rows.shape
+            per_pos = 4 * d * (n + 2 * k) + 4 * n * k
+            step = max(1, self.chunk_bytes // per_pos)
+            every = n_pos == seq  # every position, in order: slices, no gather
+            for p0 in range(0, n_pos, step):
+                p1 = min(p0 + step, n_pos)
+                gp = gt[p0:p1] if every else gt[b.positions[p0:p1]]  # [P, n, d]
+                dp = dec[slot_rows[p0:p1]].float()  # [P, k, d]
+                out = torch.bmm(gp, dp.transpose(1, 2))  # [P, n, k]
+                out = out.transpose(0, 1).reshape(n, -1)  # [n, P * k]
+                lo, hi = p0 * k, p1 * k
+                if b.filled is not None:  # the slots that hold a feature, in column order
+                    lo = int(torch.searchsorted(b.filled, lo))
+                    hi = int(torch.searchsorted(b.filled, hi))
+                    out = out.index_select(1, b.filled[lo:hi] - p0 * k)
+                if b.start is not None:
+                    first = u.offset + b.start + lo
+                    rows[:, first : first + out.shape[1]].add_(out, alpha=scale)
+                else:
+                    rows.index_add_(1, b.columns[lo:hi] + u.offset, out, alpha=scale)
 
     def _input_columns(self, layer: int | None) -> Callable[[Tensor], None]:
         """Backward callback of the input embeddings (layer None) or of what enters after
