@@ -268,8 +268,11 @@ def run_child(python: str, args: argparse.Namespace, tool: str, length: int) -> 
     cmd = [python, str(Path(__file__).resolve()), "--child", tool, "--work", str(args.work),
            "--length", str(length), "--max-feature-nodes", str(args.max_feature_nodes),
            "--batch-size", str(args.batch_size), "--threads", str(args.threads)]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "MALLOC_MMAP_THRESHOLD_": "65536", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    # torch's allocator alike for both: huge pages for its large tensors, as `vlmscope
+    # attribute` sets them (vlmscope/torch_env.py), unless the caller chose
+    env = {"THP_MEM_ALLOC_ENABLE": "1", **os.environ, "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "MALLOC_MMAP_THRESHOLD_": "65536",
+           "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{tool} at {length} tokens failed:\n{out.stderr[-3000:]}")

@@ -552,12 +552,15 @@ def child(python: Path, role: str, args: argparse.Namespace, folder: Path, kind:
           modality: str) -> dict:  # fmt: skip
     cmd = [str(python), __file__, "--role", role, "--data", str(folder), "--kind", kind,
            "--modality", modality, *args.passthrough]  # fmt: skip
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    if role == "vlmscope":  # what `vlmscope train` sets before torch loads (vlmscope/openmp.py)
-        if str(ROOT) not in sys.path:
-            sys.path.insert(0, str(ROOT))
-        from vlmscope.openmp import spin_env
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from vlmscope.torch_env import ALLOC_ENV, spin_env
 
+    # torch's allocator alike for both (huge pages, as `vlmscope train` sets them); OpenMP's
+    # shorter spin for vlmscope's role, which `vlmscope train` sets for its numpy selection
+    # threads (vlmscope/torch_env.py)
+    env = {**ALLOC_ENV, **os.environ, "PYTHONWARNINGS": "ignore"}
+    if role == "vlmscope":
         env.update(spin_env(env))
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode:

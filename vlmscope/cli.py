@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from vlmscope.argparsing import SuggestingParser
-from vlmscope.openmp import shorten_openmp_spin
+from vlmscope.torch_env import prepare_torch_env
 
 DEMO_PROMPT = "What colour is the circle?"
 
@@ -452,7 +452,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    shorten_openmp_spin()  # before any command imports torch
+    prepare_torch_env()  # before any command imports torch
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), "")
     args = build_parser(only=command if command in COMMANDS else "").parse_args(argv)

@@ -15,7 +15,7 @@ changes make it 1.1-2.8x cheaper (benchmarks/README.md, "Top-k selection on CPU"
 - numpy's introselect (`argpartition`), which does per row what torch's topk does with less
   overhead per row, and releases the GIL, so row chunks run on torch's thread count. Inside a
   training step that pays only while torch's OpenMP workers sleep rather than spin between
-  kernels: the CLI shortens their spin before torch loads (`vlmscope.openmp`).
+  kernels: the CLI shortens their spin before torch loads (`vlmscope.torch_env`).
 
 The answer is the same set of values as `x.topk(k, dim=1).values`; among entries tied with the
 k-th value either may be chosen, as with torch, and NaN counts as the largest, as with torch.
