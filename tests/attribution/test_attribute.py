@@ -252,21 +252,10 @@ def test_every_edge_with_dictionaries_on_some_layers(zoo_path: Any, tmp_path: Pa
 def _uneven_clt(vlm: HookedVLM, seed: int) -> DictionaryBundle:
     """A JumpReLU CLT whose thresholds spread over two orders of magnitude, so positions fire
     very different numbers of features (trained CLTs do: BOS fires hundreds)."""
-    from vlmscope.dictionaries import SparseCoderConfig
-    from vlmscope.training.bundle import mlp_out, resid_mid
-
-    torch.manual_seed(seed)
-    a = vlm.adapter
-    cfg = SparseCoderConfig(kind="clt", expansion_factor=4, activation="jumprelu", n_targets=2,
-                            sparsity_coeff=0.01)  # fmt: skip
-    info = {"name": "test", "family": a.family, "dims": a.dims(), "tokens": "all"}
-    layers = range(a.n_layers)
-    b = DictionaryBundle.create(cfg, [resid_mid(i) for i in layers], [mlp_out(i) for i in layers],
-                                a.d_model, a.d_model, info)  # fmt: skip
+    b = random_clt(vlm, n_targets=2, seed=seed, expansion_factor=4, activation="jumprelu",
+                   sparsity_coeff=0.01)  # fmt: skip
     with torch.no_grad():
         for layer in b.clt.layers:  # type: ignore[union-attr]
-            layer.W_dec.normal_(0, 0.3)
-            layer.b_dec.normal_(0, 0.1)
             f = layer.W_enc.shape[0]
             layer.activation.log_threshold.copy_(torch.empty(f).uniform_(-0.5, 1.5))
     return b
@@ -381,19 +370,9 @@ def test_bf16_edges_match_fp32_within_three_percent(zoo_path: Any) -> None:
 
 
 def _clt_with_skip(vlm: HookedVLM, seed: int) -> DictionaryBundle:
-    from vlmscope.dictionaries import SparseCoderConfig
-    from vlmscope.training.bundle import mlp_out, resid_mid
-
-    torch.manual_seed(seed)
-    a = vlm.adapter
-    cfg = SparseCoderConfig(kind="clt", expansion_factor=2, k=4, skip_connection=True)
-    info = {"name": "test", "family": a.family, "dims": a.dims(), "tokens": "all"}
-    layers = range(a.n_layers)
-    b = DictionaryBundle.create(cfg, [resid_mid(i) for i in layers], [mlp_out(i) for i in layers],
-                                a.d_model, a.d_model, info)  # fmt: skip
+    b = random_clt(vlm, seed=seed, skip_connection=True)
     with torch.no_grad():
         for layer in b.clt.layers:  # type: ignore[union-attr]
-            layer.W_dec.normal_(0, 0.3)
             layer.W_skip.normal_(0, 0.05)  # type: ignore[union-attr]
     return b
 

@@ -26,13 +26,19 @@ def vlm_for(name: str, zoo_path: Any) -> HookedVLM:
 
 
 def random_clt(
-    vlm: HookedVLM, n_targets: int = 0, seed: int = 0, layers: Sequence[int] | None = None
+    vlm: HookedVLM,
+    n_targets: int = 0,
+    seed: int = 0,
+    layers: Sequence[int] | None = None,
+    **config: Any,
 ) -> DictionaryBundle:
     """A CLT with random (untrained) weights: reconstructions far from the truth. `layers`:
-    the LM layers it covers (default: all), as `vlmscope train --layers` makes them."""
+    the LM layers it covers (default: all), as `vlmscope train --layers` makes them; `config`:
+    SparseCoderConfig fields other than the defaults here (expansion 2, TopK k = 4)."""
     torch.manual_seed(seed)
     a = vlm.adapter
-    cfg = SparseCoderConfig(kind="clt", expansion_factor=2, k=4, n_targets=n_targets)
+    config = {"expansion_factor": 2, "k": 4, **config}
+    cfg = SparseCoderConfig(kind="clt", n_targets=n_targets, **config)
     layers = list(range(a.n_layers)) if layers is None else list(layers)
     info = {"name": "test", "family": a.family, "dims": a.dims(), "tokens": "all", "layers": layers}
     b = DictionaryBundle.create(cfg, [resid_mid(i) for i in layers], [mlp_out(i) for i in layers],
