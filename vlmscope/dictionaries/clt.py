@@ -26,12 +26,9 @@ from vlmscope.dictionaries import batchstats
 from vlmscope.dictionaries.activations import Gather, SparseCodes, build_activation
 from vlmscope.dictionaries.coder import (
     check_finite,
-    codes_at_init,
-    fit_decoder_to_data_,
-    fit_init_to_data_,
     fvu,
     init_transcoder_,
-    mean_norm_scale,
+    init_unit_from_data_,
     remove_parallel_grad_,
     unit_norm_rows_,
     update_dead_counter_,
@@ -157,16 +154,9 @@ class CrossLayerTranscoder(nn.Module):
         sharded CLT keeps it)."""
         check_finite(f"init_from_data xs[{layer.layer}]", x)
         check_finite(f"init_from_data ys[{layer.layer}]", y)
-        if self.cfg.normalize_activations == "mean_norm":
-            layer.input_scale.fill_(mean_norm_scale(x))
-            layer.output_scale.fill_(mean_norm_scale(y))
-        y_n = y.float() * layer.output_scale
-        layer.b_dec.copy_(batchstats.mean_rows(y_n))
-        x_n = self._scale_in(layer, x)
-        fit_init_to_data_(layer, x_n, None)
-        if not self.cfg.normalize_decoder:
-            codes = codes_at_init(layer.activation, self._pre(layer, x_n))
-            fit_decoder_to_data_(own_decoder, codes, y_n - layer.b_dec)
+        mean_norm = self.cfg.normalize_activations == "mean_norm"
+        decoder = None if self.cfg.normalize_decoder else own_decoder
+        init_unit_from_data_(layer, x, y, mean_norm, sae=False, decoder=decoder)
 
     # ---------------------------------------------------------------- properties
 

@@ -231,16 +231,11 @@ class SparseCoder(nn.Module):
         target = self._target(x, y)
         check_finite("init_from_data x", x)
         check_finite("init_from_data y", target)
-        if self.cfg.normalize_activations == "mean_norm":
-            self.input_scale.fill_(mean_norm_scale(x))
-            self.output_scale.fill_(mean_norm_scale(target))
-        target_n = target.float() * self.output_scale
-        self.b_dec.copy_(batchstats.mean_rows(target_n))
-        x_n = self._scale_in(x)
-        fit_init_to_data_(self, x_n, self.b_dec if self.cfg.kind == "sae" else None)
-        if self.cfg.kind == "transcoder" and not self.cfg.normalize_decoder:
-            codes = codes_at_init(self.activation, self._pre(x_n))
-            fit_decoder_to_data_(self.W_dec, codes, target_n - self.b_dec)
+        cfg = self.cfg
+        fit_decoder = cfg.kind == "transcoder" and not cfg.normalize_decoder
+        mean_norm = cfg.normalize_activations == "mean_norm"
+        decoder = self.W_dec if fit_decoder else None
+        init_unit_from_data_(self, x, target, mean_norm, sae=cfg.kind == "sae", decoder=decoder)
 
     # ---------------------------------------------------------------- properties
 
@@ -439,6 +434,28 @@ CENTRING_GRID: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 CENTRING_CHUNK_BYTES = 1 << 28
 """Bound on `choose_centring`'s [rows, latents] temporaries (it scores rows in chunks)."""
+
+
+@torch.no_grad()
+def init_unit_from_data_(
+    unit: Any, x: Tensor, target: Tensor, mean_norm: bool, *, sae: bool, decoder: Tensor | None
+) -> None:
+    """`init_from_data` of one encoder/decoder pair (an SAE, a transcoder, a CLT layer: its
+    W_enc, b_enc, b_dec, activation and scales) on a sample x [N, d_in] with its target
+    [N, d_out]: the scales (`mean_norm`), b_dec = the target's mean, `fit_init_to_data_`
+    (an SAE centres on b_dec), then, given the `decoder` [F, d_out] to fit (wherever its
+    owner keeps it), `fit_decoder_to_data_`."""
+    if mean_norm:
+        unit.input_scale.fill_(mean_norm_scale(x))
+        unit.output_scale.fill_(mean_norm_scale(target))
+    target_n = target.float() * unit.output_scale
+    unit.b_dec.copy_(batchstats.mean_rows(target_n))
+    dtype = unit.W_enc.dtype
+    x_n = x.to(dtype) * unit.input_scale.to(dtype)
+    fit_init_to_data_(unit, x_n, unit.b_dec if sae else None)
+    if decoder is not None:  # a transcoder's or CLT layer's: no centre in its pre-activations
+        codes = codes_at_init(unit.activation, F.linear(x_n, unit.W_enc, unit.b_enc))
+        fit_decoder_to_data_(decoder, codes, target_n - unit.b_dec)
 
 
 @torch.no_grad()
