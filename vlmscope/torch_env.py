@@ -18,7 +18,8 @@ torch yet; a variable the user set is kept.
    (madvise). Attribution's backward allocates and frees tensors of tens of MB all the time,
    and the kernel faults in every fresh 4 KB page: at 480 tokens on the circuit-tracer
    benchmark's CLT that was 6.5 million faults and 11 s of system time in a 36 s run; with huge
-   pages 0.26 million and 26 s, at the same peak memory (benchmarks/README.md, "Huge pages").
+   pages 0.26 million and 26 s, at the same peak memory (benchmarks/README.md, "Blocks of
+   similar feature counts, and huge pages"; training: "Huge pages in training").
    It takes effect where the kernel's THP mode is `madvise` or `always`
    (/sys/kernel/mm/transparent_hugepage/enabled) and changes nothing elsewhere.
 

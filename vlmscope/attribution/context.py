@@ -183,7 +183,7 @@ def _blocks(
     blocks = []
     for group in groups:
         members = torch.tensor(sorted(group), dtype=torch.long)
-        k = int(counts[members].max())
+        k = count_of[group[0]]  # the busiest: the group was taken in descending count
         row = torch.full((seq,), -1, dtype=torch.long)
         row[members] = torch.arange(len(members))
         columns = (row[pos] >= 0).nonzero().squeeze(1)  # ascending: features are by position
