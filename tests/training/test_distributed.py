@@ -69,7 +69,12 @@ class ArraySource:
                 x = torch.stack([torch.randn(D, generator=torch.Generator().manual_seed(s))
                                  for s in seeds])  # fmt: skip
             xs.append(x * (1 + layer) + 0.5)
-            ys.append(torch.tanh(x @ self.mix[layer]) * 2 - 0.3)
+            # row by row: a matmul's rounding may depend on how many rows it is given (MKL's
+            # kernels for 3 and 6 rows differ on AMD EPYC), and a row must be the same
+            # whichever rank, or one process, draws it
+            mixed = [row @ self.mix[layer] for row in x]
+            y = torch.stack(mixed) if mixed else x.new_zeros(0, self.mix[layer].shape[1])
+            ys.append(torch.tanh(y) * 2 - 0.3)
         return xs, ys
 
     def batches(self, state: TrainState) -> Iterator[ActivationBatch]:
