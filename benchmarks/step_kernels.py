@@ -7,8 +7,8 @@ backward and Adam.
 Prints, per [N, F] pre-activation size and k: torch.topk(sorted=False) against
 `vlmscope.dictionaries.topk.row_topk_indices` (median ms, and whether the selected values are
 the same); per decoder size N x F x d with k: embedding_bag's backward (values and W_dec
-gradients) against `vlmscope.dictionaries.kernels`' CSR backward (one radix sort, a CSR
-matmul and a sampled product), forced at every size to show where `CSR_DECODER_MAX` falls;
+gradients) against `vlmscope.dictionaries.kernels`' (one radix sort, an embedding_bag forward
+with a bag per latent and a sampled product), which `sparse_decode` uses at every size on CPU;
 and per dictionary size [F, d]: torch's Adam step (for-each) against the fused one that
 `vlmscope train` uses. Timings only; correctness is tested in tests/dictionaries.
 """
@@ -70,16 +70,12 @@ def main() -> None:
             same = torch.equal(x.gather(1, row_topk_indices(x, k)).sort(1).values,
                                x.topk(k, dim=1).values.sort(1).values)  # fmt: skip
             print(f"{f'{n} x {f}, {k}':<22}{ref:>12.2f}{ours:>10.2f}{ref / ours:>9.2f}x{same!s:>6}")
-        limit = kernels.CSR_DECODER_MAX
-        print(f"{threads} thread(s): decoder backward (values and W_dec), median ms; `used`: "
-              f"what sparse_decode picks (CSR up to {limit:,} entries)")  # fmt: skip
-        print(f"{'N x F x d, k':<26}{'embedding_bag':>14}{'CSR':>10}{'speed-up':>10}{'used':>8}")
+        print(f"{threads} thread(s): decoder backward (values and W_dec), median ms")
+        print(f"{'N x F x d, k':<26}{'embedding_bag':>14}{'vlmscope':>10}{'speed-up':>10}")
         for size in args.decoders:
             n, f, d, k = (int(v) for v in size.split("x"))
             ref, ours = decoder_backward_ms(n, f, d, k)
-            used = "CSR" if f * d <= kernels.CSR_DECODER_MAX else "bag"
-            print(f"{f'{n} x {f} x {d}, {k}':<26}{ref:>14.2f}{ours:>10.2f}{ref / ours:>9.2f}x"
-                  f"{used:>8}")  # fmt: skip
+            print(f"{f'{n} x {f} x {d}, {k}':<26}{ref:>14.2f}{ours:>10.2f}{ref / ours:>9.2f}x")
         print(f"{threads} thread(s): Adam step over W_enc, W_dec [F, d], b_enc, b_dec, median ms")
         for size in args.adam:
             f, d = (int(v) for v in size.split("x"))
@@ -120,12 +116,7 @@ def decoder_backward_ms(n: int, f: int, d: int, k: int) -> tuple[float, float]:
     def ours() -> torch.Tensor:
         return kernels.sparse_decode(values, indices.clone(), w)  # a new tensor: a new pattern
 
-    limit = kernels.CSR_DECODER_MAX
-    kernels.CSR_DECODER_MAX = f * d  # the CSR backward at every size, to see where it loses
-    try:
-        return median_ms(run(reference), repeats), median_ms(run(ours), repeats)
-    finally:
-        kernels.CSR_DECODER_MAX = limit
+    return median_ms(run(reference), repeats), median_ms(run(ours), repeats)
 
 
 if __name__ == "__main__":

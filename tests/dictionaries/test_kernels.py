@@ -207,16 +207,12 @@ def _train_grads(module: torch.nn.Module, inputs: tuple) -> dict[str, torch.Tens
     return {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("csr_decoders", [True, False])
 @pytest.mark.parametrize("kind", ["sae", "transcoder", "clt"])
 def test_one_sort_per_batch_serves_encoder_and_decoders(
-    kind: str, csr_decoders: bool, monkeypatch: pytest.MonkeyPatch
+    kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A step's weight gradients group each layer's codes once, shared by its encoder and every
-    decoder reading them (a CLT source's targets), and equal embedding_bag's and sparse COO's;
-    also where decoders are too large for the CSR backward (CSR_DECODER_MAX)."""
-    if not csr_decoders:
-        monkeypatch.setattr(kernels, "CSR_DECODER_MAX", 0)
+    decoder reading them (a CLT source's targets), and equal embedding_bag's and sparse COO's."""
     torch.manual_seed(0)
     d, n = 8, 64
     if kind == "clt":

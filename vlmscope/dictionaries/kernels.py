@@ -34,12 +34,13 @@ threshold) with the same analytic b_dec gradient.
 On CPU both sparse weight gradients, the encoder's dL/dW above and the decoder's
 dL/dW_dec[f] = sum over (n, j) at f of values[n, j] g_out[n], are one [F, N] sparse matrix
 times a dense [N, d]: the batch's entries grouped by latent (`SparsePattern`, one radix sort
-per batch, shared by the encoder and every decoder that reads the same codes) and a CSR
-matmul. embedding_bag's own backward sorts the indices again for each decoder and then adds
-rows one by one: 2.3-3.2 ms against 0.2-0.5 ms for the CSR product on the toy's 512 x 1,024
-codes. The decoder's value gradient g_out[n] . W_dec[idx[n, j]] is then a sampled dense-dense
-product (`torch.sparse.sampled_addmm`). Large decoders keep embedding_bag's backward
-(`CSR_DECODER_MAX`); see benchmarks/README.md, "Sparse weight gradients on CPU".
+per batch, shared by the encoder and every decoder that reads the same codes), then one
+embedding_bag forward over the [N, d] rows with a bag per latent. embedding_bag's own backward
+sorts the indices again for each decoder and then adds rows one by one: 2.0 ms against 0.76
+for the whole decode backward this way on the toy's 512 x 1,024 codes, and 101 against 87 ms
+at 2,048 x 32,768 x 1,024. The decoder's value gradient g_out[n] . W_dec[idx[n, j]] is a
+sampled dense-dense product (`torch.sparse.sampled_addmm`). See benchmarks/README.md, "Sparse
+weight gradients on CPU" and "The weight gradients as embedding_bag's forward".
 
 Optional Triton kernels (`vlmscope.dictionaries.triton_kernels`, the `triton` extra) fuse the
 encoder matmul with the TopK selection and decode without embedding_bag's bookkeeping; these
@@ -88,8 +89,7 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
     needs_grad = torch.is_grad_enabled() and (W_dec.requires_grad or values.requires_grad)
     # (more entries per row than latents, which only a caller's own codes have, would break
     # the sampled product's one-entry-per-column layout: embedding_bag takes those)
-    fits = width <= W_dec.shape[0] and W_dec.numel() <= CSR_DECODER_MAX
-    if needs_grad and fits and _csr_backward(W_dec):
+    if needs_grad and width <= W_dec.shape[0] and _csr_backward(W_dec):
         return _SparseDecode.apply(values, W_dec, pattern_for(indices, W_dec.shape[0]))
     return F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
 
@@ -102,17 +102,10 @@ def dense_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
     return dense @ W_dec
 
 
-CSR_DECODER_MAX = 1 << 20
-"""Decoders with more entries than this keep embedding_bag's backward: the CSR product's
-output plumbing (a column-major copy) costs more than embedding_bag's row adds there. Decoder
-backward on 2 threads (benchmarks/step_kernels.py): 2.4-2.6x and 1.5-1.7x embedding_bag's speed
-at 131k and 524k entries (the toy's transcoder, its CLT's first layer), 0.71-0.76x and
-0.63-0.73x at 4M and 33M."""
-
-
 def _csr_backward(weight: Tensor) -> bool:
     """Whether the sparse weight gradients go through `SparsePattern` (CPU float32/64: torch's
-    CSR matmul has no CPU kernel for half types; on CUDA embedding_bag's backward stays)."""
+    sampled CSR product has no CPU kernel for half types; on CUDA embedding_bag's backward
+    stays)."""
     return weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.float64)
 
 
@@ -121,8 +114,9 @@ class SparsePattern:
     gradients of the weights that read or write them.
 
     The entries grouped by latent (a stable radix sort of the indices, done once, on first
-    use) make the [F, N] matrix of any per-entry weights a CSR tensor, so a weight gradient is
-    one CSR matmul; the [N, F] layout in row order needs no sort and gives sampled products."""
+    use) make the [F, N] matrix of any per-entry weights one embedding_bag (a bag per latent),
+    so a weight gradient is one embedding_bag forward; the [N, F] layout in row order needs no
+    sort and gives sampled products."""
 
     def __init__(self, indices: Tensor, num_latents: int) -> None:
         self.indices = indices.long()
@@ -136,8 +130,8 @@ class SparsePattern:
         return ref() is indices and indices._version == version and num_latents == self.num_latents
 
     def _grouped(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(crow [F + 1], the row n of each entry in latent order, that order) of the [F, N]
-        CSR matrix, computed once."""
+        """(crow [F + 1]: where each latent's entries start, the row n of each entry in
+        latent order, that order), computed once."""
         if self._by_latent is None:
             # numpy throughout: torch's bincount scans for the min and max first, and its
             # integer division is 4x numpy's on the toy's 16k entries (benchmarks/README.md)
@@ -158,8 +152,12 @@ class SparsePattern:
         crow, row_of, order = self._grouped()
         # index_select, not [order]: advanced indexing costs 2-3x more on 16k entries
         values = weights.reshape(-1).index_select(0, order).to(rows.dtype)
-        by_latent = _csr(crow, row_of, values, (self.num_latents, n))
-        return by_latent @ rows
+        # The [F, N] matrix times rows is embedding_bag's forward over `rows`: bag f sums the
+        # weighted rows of latent f's entries (an empty bag is a zero row). A third of the time
+        # of torch's CSR matmul, whose output plumbing (a zero fill and a column-major copy)
+        # cost more than the product (benchmarks/README.md, "The weight gradients as
+        # embedding_bag's forward").
+        return F.embedding_bag(row_of, rows, crow[:-1], mode="sum", per_sample_weights=values)
 
     def dots(self, rows: Tensor, weight: Tensor) -> Tensor:
         """[N, K]: entry (n, j) = rows[n] . weight[indices[n, j]] (rows [N, d], weight [F, d])."""
