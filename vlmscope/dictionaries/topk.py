@@ -1,30 +1,29 @@
 """Per-row top-k selection for TopK dictionaries, faster than `torch.topk` on CPU.
 
-A TopK dictionary's training step selects the k largest of F pre-activations in every row; on
-CPU, torch's topk was 45% of a transcoder step (N 512, F 1,024, k 32, one thread). Two exact
-changes make it 1.1-2.8x cheaper (benchmarks/README.md, "Top-k selection on CPU"):
+A TopK dictionary's training step selects the k largest of F pre-activations in every row. On
+CPU, torch's topk took 2.4 ms of a 7-9 ms transcoder step at N 512, F 1,024, k 32 on 2 threads
+(per row an introselect, about 5 ns an entry; numpy's argpartition, which this module used
+before, 8 ns). This module finds the same set in 0.9-1.0 ms (benchmarks/README.md, "Top-k
+from sorted values"):
 
-- Stripes. Cut each row into m >= k stripes of b entries (stripe s: columns s, s + m, s + 2m,
-  ...) and search only the k stripes with the largest maxima. An entry among the row's k
-  largest is at least the k-th largest stripe maximum, so its stripe's maximum is too: the
-  stripes kept hold every entry of the answer. Cost: one pass of stripe maxima (an elementwise
-  maximum of b contiguous [N, m] slices: 0.55 ms at [512, 8,192] on 2 threads, where maxima
-  of b adjacent entries took 4.4-5.0 ms), a selection over m maxima and one over k * b
-  candidates (b about 1.5 sqrt(F / k)); used where F / k is large enough for that to pay
-  (`_BLOCKED_RATIO`).
-- numpy's introselect (`argpartition`), which does per row what torch's topk does with less
-  overhead per row, and releases the GIL, so row chunks run on torch's thread count. Inside a
-  training step that pays only while torch's OpenMP workers sleep rather than spin between
-  kernels: the CLI shortens their spin before torch loads (`vlmscope.torch_env`).
+- The k-th largest value of a row of at most SORT_WIDTH entries is read off numpy's sort of
+  the row's values, which runs on vector instructions (sorting networks) for rows that short:
+  0.15-0.75 us a row of 128-512 floats, far less than any selection that carries indices
+  along. The columns are then the entries at least that value: one comparison and one
+  `flatnonzero`, exactly k per row unless values tie at the k-th.
+- Longer rows are cut into m > k stripes of b entries (stripe s: columns s, s + m, s + 2m,
+  ...). An entry among the row's k largest is at most its stripe's maximum, so that maximum is
+  too, and the stripe is among the k with the largest maxima: those k stripes' b * k entries
+  hold the answer. The k best stripes of the [N, m] maxima and the k largest of the [N, b * k]
+  candidates are two selections of the same kind (each by stripes again where it is wider
+  than SORT_WIDTH); b about sqrt(F / k) balances their widths.
 
-The answer is the same set of values as `x.topk(k, dim=1).values`; among entries tied with the
-k-th value either may be chosen, as with torch, and NaN counts as the largest, as with torch.
-Tensors off the CPU (CUDA's topk is a radix select; MPS and meta tensors have no numpy view),
-other dtypes and small inputs keep torch's topk.
-
-Not for rows with many equal entries: introselect slows down on heavy ties (rows 90% masked to
--inf: 3-10x slower than torch.topk), so AuxK, which masks live latents out, keeps torch's
-topk. Pre-activations of a TopK encoder are continuous and rarely tie.
+Values tied with the k-th largest (more than k entries qualify, and torch would pick some)
+and NaN (which torch counts as the largest, and no comparison keeps) leave some row with
+other than k; such a batch gets torch's topk instead. Pre-activations of a TopK encoder are
+continuous and rarely tie. The answer is the same set of values as `x.topk(k, dim=1).values`.
+Tensors off the CPU (CUDA's topk is a radix select; MPS and meta tensors have no numpy
+view), other dtypes and small inputs keep torch's topk.
 """
 
 from __future__ import annotations
@@ -36,75 +35,108 @@ import numpy as np
 import torch
 from torch import Tensor
 
-_MIN_NUMPY = 1 << 12
-"""Fewer entries than this: torch.topk (the numpy round trip costs more than it saves)."""
+SORT_WIDTH = 512
+"""Rows at most this wide are selected from by sorting their values whole. numpy's float sort
+is vectorised (x86-simd-sort): 1.1-1.5 ns an entry for rows of 128-512, then a jump ([512,
+512] in 0.39 ms, [512, 1,024] in 3.2 ms; one thread of the 2-core VM)."""
 
-_MIN_CHUNK_ROWS = 64
-"""Rows per thread below which splitting a selection over threads does not pay."""
+_MIN_NUMPY = 1 << 17
+"""Fewer entries than this: torch.topk (the numpy round trips cost more than they save)."""
 
-_CHUNK_ENTRIES = 1 << 18
-"""Entries per numpy call at most (its [rows, F] int64 answer is 2 MB at this size)."""
-
-_BLOCKED_RATIO = 64
-"""F / k from which the block pass pays for itself (measured on 2 cores: at 32 it costs more
-than it saves, at 64 it breaks even, at 512 it takes 55-60% off)."""
+_MIN_PARALLEL = 1 << 18
+"""Entries from which a sort is split into row chunks over torch's thread count."""
 
 _pool: ThreadPoolExecutor | None = None
 _pool_workers = 0
 
 
 def row_topk_indices(x: Tensor, k: int) -> Tensor:
-    """[N, k] int64: positions of the k largest entries of each row of x [N, F], unordered
-    (the same selection as `x.topk(k, dim=1, sorted=False).indices`; see the module doc)."""
+    """[N, k] int64: positions of the k largest entries of each row of x [N, F] (the same
+    selection as `x.topk(k, dim=1, sorted=False).indices`; see the module doc), in increasing
+    order on CPU, unordered elsewhere."""
     if x.ndim != 2 or not 1 <= k <= x.shape[1]:
         raise ValueError(
             f"row_topk_indices: need x [N, F] and 1 <= k <= F, got {tuple(x.shape)}, k={k}"
         )
     x = x.detach()
-    n_rows, width = x.shape
-    block = _block_width(width, k)
-    if x.device.type != "cpu" or block < 2 or width < _BLOCKED_RATIO * k:
-        return _select(x, k)
+    if x.device.type != "cpu":
+        return x.topk(k, dim=1, sorted=False).indices
+    if x.dtype in (torch.float32, torch.float64) and x.numel() >= _MIN_NUMPY:
+        columns = _columns(x.contiguous(), k)
+        if columns is not None:
+            return torch.from_numpy(columns)
+    # in increasing order as `_columns` gives them: a row's codes, and so the order its
+    # decoder rows are summed in, must not depend on which path the batch took (a data-
+    # parallel rank's share of the batch is smaller than one process's whole batch)
+    return x.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+
+
+def _columns(x: Tensor, k: int) -> np.ndarray | None:
+    """[N, k] int64 columns of each row's k largest entries of x [N, W] (CPU, contiguous), in
+    increasing order; None where ties or NaN leave some row without exactly k (see above)."""
+    n, width = x.shape
+    if width <= SORT_WIDTH:
+        values = x.numpy()
+        return _exactly_k(values >= _kth_largest(values, k)[:, None], k)
+    block = _stripe_width(width, k)
+    if block < 2:
+        return None
     m = width // block
-    stripes = x.reshape(n_rows, block, m)  # [n, i, s] = x[n, i * m + s]: stripe s is column s
-    best = _select(stripes.amax(1), k)  # [N, k]: the stripes with the largest maxima
-    picked = stripes.gather(2, best.unsqueeze(1).expand(n_rows, block, k))  # [N, b, k]
-    inner = _select(picked.reshape(n_rows, block * k), k)  # q = i * k + j: stripe best[j]
-    return best.gather(1, inner % k) + (inner // k) * m
+    stripes = x.view(n, block, m)  # [n, i, s] = x[n, i * m + s]: stripe s is column s
+    best = _columns(stripes.amax(1), k)  # [N, k]: the stripes with the largest maxima
+    if best is None:
+        return None
+    index = torch.from_numpy(best).unsqueeze(1).expand(n, block, k)
+    picked = stripes.gather(2, index).view(n, block * k)  # q = i * k + j: stripe best[j]
+    inner = _columns(picked, k)
+    if inner is None:
+        return None
+    return np.take_along_axis(best, inner % k, axis=1) + (inner // k) * m
 
 
-def _block_width(width: int, k: int) -> int:
-    """Largest divisor of `width` at most 1.5 sqrt(width / k), leaving at least k stripes."""
-    target = min(int(1.5 * (width / k) ** 0.5), width // k)
-    for b in range(target, 1, -1):
-        if width % b == 0:
+def _stripe_width(width: int, k: int) -> int:
+    """The stripe length b: a divisor of `width` near sqrt(width / k), leaving more than k
+    stripes (so each level narrows the row); 1 where there is none."""
+    target = min(int((width / k) ** 0.5), width // (k + 1))
+    for b in range(max(target, 2), 1, -1):
+        if width % b == 0 and width // b > k:
             return b
     return 1
 
 
-def _select(x: Tensor, k: int) -> Tensor:
-    """Indices of each row's k largest entries: numpy's argpartition on CPU floats, in row
-    chunks over torch's threads; torch.topk elsewhere."""
-    on_cpu = x.device.type == "cpu"
-    if not on_cpu or x.dtype not in (torch.float32, torch.float64) or x.numel() < _MIN_NUMPY:
-        return x.topk(k, dim=1, sorted=False).indices
-    n_rows, width = x.shape
-    arr = x.contiguous().numpy()
-    out = np.empty((n_rows, k), dtype=np.int64)
+def _kth_largest(values: np.ndarray, k: int) -> np.ndarray:
+    """[N]: the k-th largest of each row of values [N, W] (NaN sorts last, i.e. largest), by
+    sorting rows in chunks over torch's thread count (numpy's sort releases the GIL)."""
+    n, width = values.shape
+    n_threads = min(torch.get_num_threads(), max(1, values.size // _MIN_PARALLEL))
+    if n_threads < 2:
+        return np.sort(values, axis=1)[:, width - k]
+    out = np.empty(n, dtype=values.dtype)
+    per = -(-n // n_threads)
 
     def chunk(rows: slice) -> None:
-        out[rows] = np.argpartition(arr[rows], width - k, axis=1)[:, width - k :]
+        out[rows] = np.sort(values[rows], axis=1)[:, width - k]
 
-    # argpartition returns all F positions of a row: chunks bound that temporary
-    n_threads = min(torch.get_num_threads(), max(1, n_rows // _MIN_CHUNK_ROWS))
-    per = min(-(-n_rows // n_threads), max(1, _CHUNK_ENTRIES // width))
-    chunks = [slice(i, i + per) for i in range(0, n_rows, per)]
-    if n_threads < 2 or len(chunks) < 2:
-        for rows in chunks:
-            chunk(rows)
-    else:
-        list(_threads(torch.get_num_threads()).map(chunk, chunks))
-    return torch.from_numpy(out)
+    list(
+        _threads(torch.get_num_threads()).map(chunk, [slice(i, i + per) for i in range(0, n, per)])
+    )
+    return out
+
+
+def _exactly_k(mask: np.ndarray, k: int) -> np.ndarray | None:
+    """[N, k] columns of the True entries of mask [N, W], if every row has exactly k."""
+    n, width = mask.shape
+    flat = np.flatnonzero(mask)  # row-major: rows in order, each row's columns increasing
+    if flat.size != n * k:
+        return None
+    # n * k entries in row order: every row has k iff the j-th block of k starts and ends in
+    # row j (a row with more pushes some block across a row boundary)
+    rows = np.arange(n)
+    if not (
+        np.array_equal(flat[::k] // width, rows) and np.array_equal(flat[k - 1 :: k] // width, rows)
+    ):
+        return None
+    return (flat % width).reshape(n, k)
 
 
 def _threads(n: int) -> ThreadPoolExecutor:
