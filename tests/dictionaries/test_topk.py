@@ -178,3 +178,17 @@ def test_tensors_off_the_cpu_keep_torchs_topk() -> None:
     x = torch.empty(64, 4096, device="meta")
     got = topk.row_topk_indices(x, 32)
     assert got.device.type == "meta" and got.shape == (64, 32)
+
+
+@pytest.mark.parametrize(("n_allowed", "k"), [(1, 1), (40, 16), (700, 32)])
+def test_topk_among_the_allowed_columns_is_the_masked_topk(n_allowed: int, k: int) -> None:
+    """AuxK's selection: the same values as torch's topk over rows masked to -inf outside the
+    allowed columns, and only allowed positions."""
+    gen = torch.Generator().manual_seed(n_allowed)
+    x = torch.randn(300, 1024, generator=gen)
+    allowed = torch.zeros(1024, dtype=torch.bool)
+    allowed[torch.randperm(1024, generator=gen)[:n_allowed]] = True
+    got = topk.topk_among(x, allowed, k)
+    assert got.shape == (300, k) and bool(allowed[got].all())
+    masked = x.masked_fill(~allowed, -torch.inf)
+    assert torch.equal(_selected_values(x, got), masked.topk(k, dim=1).values)

@@ -35,6 +35,7 @@ from vlmscope.dictionaries.coder import (
 )
 from vlmscope.dictionaries.config import SparseCoderConfig
 from vlmscope.dictionaries.kernels import gathered_pre, sparse_decode
+from vlmscope.dictionaries.topk import topk_among
 
 if TYPE_CHECKING:
     import os
@@ -463,10 +464,11 @@ class CrossLayerTranscoder(nn.Module):
     ) -> SparseCodes:
         """AuxK codes of one source layer: its top aux_k dead latents' pre-activations
         (relu'd); a layer with no dead latent gives zeros."""
-        k = max(min(aux_k, int(dead_l.sum())), 1)
-        # torch's topk: masked rows are mostly ties, where numpy's introselect is slow
-        masked = pre.detach().masked_fill(~dead_l, -torch.inf)
-        indices = masked.topk(k, dim=1, sorted=False).indices
+        n_dead = int(dead_l.sum())
+        if n_dead:
+            indices = topk_among(pre.detach(), dead_l, min(aux_k, n_dead))
+        else:  # one arbitrary latent per row, zeroed below (the graph stays connected)
+            indices = pre.new_zeros((pre.shape[0], 1), dtype=torch.long)
         values = pre.gather(1, indices) if gather is None else gather(indices)
         values = values.masked_fill(~dead_l[indices], -torch.inf)
         return SparseCodes(values.relu(), indices, self.num_latents)

@@ -30,7 +30,7 @@ from vlmscope.dictionaries import batchstats
 from vlmscope.dictionaries.activations import Gather, SparseCodes, build_activation
 from vlmscope.dictionaries.config import SparseCoderConfig
 from vlmscope.dictionaries.kernels import centred_linear, gathered_pre, sparse_decode
-from vlmscope.dictionaries.topk import row_topk_indices
+from vlmscope.dictionaries.topk import row_topk_indices, topk_among
 
 if TYPE_CHECKING:
     import os
@@ -111,10 +111,7 @@ def auxk_loss(
     sst = batchstats.total_variance(target)  # over the global batch when data-parallel
     k = min(aux_k, n_dead)
     scale = min(n_dead / aux_k, 1.0)
-    masked = pre.detach().masked_fill(~dead, -torch.inf)
-    # torch's topk, not row_topk_indices: masked rows are mostly -inf ties, on which numpy's
-    # introselect runs 3-10x slower than torch (benchmarks/README.md, top-k selection)
-    indices = masked.topk(k, dim=1, sorted=False).indices
+    indices = topk_among(pre.detach(), dead, k)
     values = pre.gather(1, indices) if gather is None else gather(indices)
     codes = SparseCodes(values.relu(), indices, pre.shape[1])
     err = (decode(codes).float() - residual.float()).pow(2).sum()

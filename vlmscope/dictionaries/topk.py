@@ -1,16 +1,16 @@
 """Per-row top-k selection for TopK dictionaries, faster than `torch.topk` on CPU.
 
 A TopK dictionary's training step selects the k largest of F pre-activations in every row. On
-CPU, torch's topk took 2.4 ms of a 7-9 ms transcoder step at N 512, F 1,024, k 32 on 2 threads
-(per row an introselect, about 5 ns an entry; numpy's argpartition, which this module used
-before, 8 ns). This module finds the same set in 0.9-1.0 ms (benchmarks/README.md, "Top-k
-from sorted values"):
+the 2-core VM (N 512, F 1,024, k 32, 2 threads) torch's topk takes 2.4 ms, about 5 ns an entry
+(per row an introselect), and numpy's argpartition, which this module used before, 3.1-3.4 ms
+of a 7-9 ms transcoder step. This module finds the same set in 0.9-1.0 ms (benchmarks/
+README.md, "Top-k from sorted values; weight gradients as embedding_bag's forward"):
 
 - The k-th largest value of a row of at most SORT_WIDTH entries is read off numpy's sort of
-  the row's values, which runs on vector instructions (sorting networks) for rows that short:
-  0.15-0.75 us a row of 128-512 floats, far less than any selection that carries indices
-  along. The columns are then the entries at least that value: one comparison and one
-  `flatnonzero`, exactly k per row unless values tie at the k-th.
+  the row's values, which is vectorised for float rows that short: 0.15-0.75 us a row of
+  128-512, far less than any selection that carries indices along. The columns are then the
+  entries at least that value: one comparison and one `flatnonzero`, exactly k per row unless
+  values tie at the k-th.
 - Longer rows are cut into m > k stripes of b entries (stripe s: columns s, s + m, s + 2m,
   ...). An entry among the row's k largest is at most its stripe's maximum, so that maximum is
   too, and the stripe is among the k with the largest maxima: those k stripes' b * k entries
@@ -69,6 +69,15 @@ def row_topk_indices(x: Tensor, k: int) -> Tensor:
     # decoder rows are summed in, must not depend on which path the batch took (a data-
     # parallel rank's share of the batch is smaller than one process's whole batch)
     return x.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+
+
+def topk_among(x: Tensor, allowed: Tensor, k: int) -> Tensor:
+    """[N, k] int64: positions in x [N, F] of each row's k largest entries among the columns
+    where `allowed` [F] (bool) is set, 1 <= k <= allowed.sum(). AuxK's choice among the dead
+    latents: the rows it replaces, masked to -inf outside them, are mostly ties, which send
+    `row_topk_indices` to torch's topk at full width; here only the allowed columns are read."""
+    columns = allowed.nonzero().squeeze(1)
+    return columns[row_topk_indices(x.index_select(1, columns), k)]
 
 
 def _columns(x: Tensor, k: int) -> np.ndarray | None:
