@@ -8,6 +8,7 @@ import gc
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vlmscope.dictionaries import kernels
 from vlmscope.dictionaries.clt import CrossLayerTranscoder
@@ -317,3 +318,39 @@ def test_a_kept_graph_does_not_keep_the_sort_and_a_retained_one_runs_twice() -> 
     w_enc.grad = w_dec.grad = None
     loss.backward()  # the retained graph groups its saved indices again
     torch.testing.assert_close((w_enc.grad, w_dec.grad), first)
+
+
+# --------------------------------------------------------------------------- training_pre
+
+
+@pytest.mark.parametrize("with_centre", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_training_pre_is_the_centred_linear_map(with_centre: bool, with_bias: bool) -> None:
+    """oneDNN's product (or the fallback) against a float64 reference of (x - c) W^T + b."""
+    gen = torch.Generator().manual_seed(3)
+    x, w = torch.randn(300, 96, generator=gen), torch.randn(700, 96, generator=gen)
+    b = torch.randn(700, generator=gen) if with_bias else None
+    c = torch.randn(96, generator=gen) if with_centre else None
+    got = kernels.training_pre(x, w, b, c)
+    xc = x.double() - (c.double() if c is not None else 0.0)
+    want = xc @ w.double().T + (b.double() if b is not None else 0.0)
+    assert got.dtype == torch.float32 and got.shape == (300, 700)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_training_pre_falls_back_to_f_linear_for_good(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torch build whose oneDNN kernel fails (or is missing) gets F.linear, from then on."""
+    calls = []
+
+    def broken(*args: object) -> torch.Tensor:
+        calls.append(1)
+        raise RuntimeError("no oneDNN here")
+
+    monkeypatch.setattr(kernels, "ONEDNN_PRE", True)
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", broken)
+    x, w, b = torch.randn(8, 4), torch.randn(5, 4), torch.randn(5)
+    for _ in range(2):
+        assert torch.equal(kernels.training_pre(x, w, b, None), F.linear(x, w, b))
+    assert calls == [1] and kernels.ONEDNN_PRE is False
+    half = kernels.training_pre(x.double(), w.double(), b.double(), None)  # not float32
+    assert half.dtype == torch.float64

@@ -34,7 +34,7 @@ from vlmscope.dictionaries.coder import (
     update_dead_counter_,
 )
 from vlmscope.dictionaries.config import SparseCoderConfig
-from vlmscope.dictionaries.kernels import gathered_pre, sparse_decode
+from vlmscope.dictionaries.kernels import gathered_pre, sparse_decode, training_pre
 from vlmscope.dictionaries.topk import topk_among
 
 if TYPE_CHECKING:
@@ -390,7 +390,7 @@ class CrossLayerTranscoder(nn.Module):
             pre = cls._pre(layer, x_n)
             return pre, layer.activation(pre), None
         with torch.no_grad():
-            pre = cls._pre(layer, x_n)
+            pre = training_pre(x_n, layer.W_enc, layer.b_enc, None)
 
         def gather(indices: Tensor) -> Tensor:
             return gathered_pre(x_n, layer.W_enc, layer.b_enc, None, indices, pre)

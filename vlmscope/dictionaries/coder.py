@@ -29,7 +29,12 @@ from torch import Tensor, nn
 from vlmscope.dictionaries import batchstats
 from vlmscope.dictionaries.activations import Gather, SparseCodes, build_activation
 from vlmscope.dictionaries.config import SparseCoderConfig
-from vlmscope.dictionaries.kernels import centred_linear, gathered_pre, sparse_decode
+from vlmscope.dictionaries.kernels import (
+    centred_linear,
+    gathered_pre,
+    sparse_decode,
+    training_pre,
+)
 from vlmscope.dictionaries.topk import row_topk_indices, topk_among
 
 if TYPE_CHECKING:
@@ -385,9 +390,9 @@ class SparseCoder(nn.Module):
         if not (torch.is_grad_enabled() and self.activation.sparse_backward):
             pre = self._pre(x_n)
             return pre, self.activation(pre), None
-        with torch.no_grad():
-            pre = self._pre(x_n)
         centre = self._centre()
+        with torch.no_grad():
+            pre = training_pre(x_n, self.W_enc, self.b_enc, centre)
 
         def gather(indices: Tensor) -> Tensor:
             return gathered_pre(x_n, self.W_enc, self.b_enc, centre, indices, pre)
