@@ -12,11 +12,12 @@ README.md, "Top-k from sorted values; weight gradients as embedding_bag's forwar
   entries at least that value: one comparison and one `flatnonzero`, exactly k per row unless
   values tie at the k-th.
 - Longer rows are cut into m > k stripes of b entries (stripe s: columns s, s + m, s + 2m,
-  ...). An entry among the row's k largest is at most its stripe's maximum, so that maximum is
-  too, and the stripe is among the k with the largest maxima: those k stripes' b * k entries
-  hold the answer. The k best stripes of the [N, m] maxima and the k largest of the [N, b * k]
-  candidates are two selections of the same kind (each by stripes again where it is wider
-  than SORT_WIDTH); b about sqrt(F / k) balances their widths.
+  ...). An entry among the row's k largest has fewer than k entries above it, so fewer than
+  k stripes have a maximum above its stripe's: its stripe is among the k with the largest
+  maxima, and those k stripes' b * k entries hold the answer. The k best stripes of the
+  [N, m] maxima and the k largest of the [N, b * k] candidates are two selections of the same
+  kind (each by stripes again where it is wider than SORT_WIDTH); b about sqrt(F / k)
+  balances their widths.
 
 Values tied with the k-th largest (more than k entries qualify, and torch would pick some)
 and NaN (which torch counts as the largest, and no comparison keeps) leave some row with
