@@ -241,7 +241,7 @@ def test_one_sort_per_batch_serves_encoder_and_decoders(
     got = _train_grads(module, inputs)
     assert sorts == [n * 3] * (3 if kind == "clt" else 1)
 
-    monkeypatch.setattr(kernels, "_csr_backward", lambda weight: False)  # torch's kernels
+    monkeypatch.setattr(kernels, "_pattern_backward", lambda weight: False)  # torch's kernels
     want = _train_grads(module, inputs)
     assert len(sorts) == (3 if kind == "clt" else 1)
     assert got.keys() == want.keys() and {"W_enc", "W_dec"} <= {n.split(".")[-1] for n in got}

@@ -89,7 +89,7 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
     needs_grad = torch.is_grad_enabled() and (W_dec.requires_grad or values.requires_grad)
     # (more entries per row than latents, which only a caller's own codes have, would break
     # the sampled product's one-entry-per-column layout: embedding_bag takes those)
-    if needs_grad and width <= W_dec.shape[0] and _csr_backward(W_dec):
+    if needs_grad and width <= W_dec.shape[0] and _pattern_backward(W_dec):
         return _SparseDecode.apply(values, W_dec, pattern_for(indices, W_dec.shape[0]))
     return F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
 
@@ -102,7 +102,7 @@ def dense_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
     return dense @ W_dec
 
 
-def _csr_backward(weight: Tensor) -> bool:
+def _pattern_backward(weight: Tensor) -> bool:
     """Whether the sparse weight gradients go through `SparsePattern` (CPU float32/64: torch's
     sampled CSR product has no CPU kernel for half types; on CUDA embedding_bag's backward
     stays)."""
@@ -271,8 +271,8 @@ class _GatheredPre(torch.autograd.Function):
         ctx.save_for_backward(xc, weight, indices)
         # found now, while `indices` is the tensor the decoder reads, so both share one sort
         # (inference tensors have no version to check it by, and no backward to serve)
-        ctx.csr = _csr_backward(weight) and not indices.is_inference()
-        ctx.pattern = pattern_for(indices, weight.shape[0]) if ctx.csr else None
+        ctx.grouped = _pattern_backward(weight) and not indices.is_inference()
+        ctx.pattern = pattern_for(indices, weight.shape[0]) if ctx.grouped else None
         ctx.has_bias = bias is not None
         ctx.has_centre = centre is not None
         ctx.mark_non_differentiable(indices)
@@ -286,7 +286,7 @@ class _GatheredPre(torch.autograd.Function):
         grad_x = grad_w = grad_b = grad_c = None
         if need_x:
             grad_x = sparse_decode(g, indices, weight).to(xc.dtype)
-        pattern = _take_pattern(ctx, indices, weight.shape[0]) if ctx.csr else None
+        pattern = _take_pattern(ctx, indices, weight.shape[0]) if ctx.grouped else None
         if need_w and pattern is not None:
             grad_w = pattern.rows_grad(g, xc.to(weight.dtype))
         elif need_w:
