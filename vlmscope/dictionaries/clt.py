@@ -465,12 +465,13 @@ class CrossLayerTranscoder(nn.Module):
         """AuxK codes of one source layer: its top aux_k dead latents' pre-activations
         (relu'd); a layer with no dead latent gives zeros."""
         n_dead = int(dead_l.sum())
-        if n_dead:
+        if n_dead:  # every chosen latent is dead: nothing to mask
             indices = topk_among(pre.detach(), dead_l, min(aux_k, n_dead))
         else:  # one arbitrary latent per row, zeroed below (the graph stays connected)
             indices = pre.new_zeros((pre.shape[0], 1), dtype=torch.long)
         values = pre.gather(1, indices) if gather is None else gather(indices)
-        values = values.masked_fill(~dead_l[indices], -torch.inf)
+        if not n_dead:
+            values = values.masked_fill(torch.ones_like(values, dtype=torch.bool), 0.0)
         return SparseCodes(values.relu(), indices, self.num_latents)
 
     @staticmethod
