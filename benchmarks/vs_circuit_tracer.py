@@ -3,10 +3,18 @@
     python benchmarks/vs_circuit_tracer.py            # creates ../<repo>-peers/circuit-tracer
     python benchmarks/vs_circuit_tracer.py --lengths 18 64 480 --max-feature-nodes 256
     python benchmarks/vs_circuit_tracer.py --ct-python /path/to/venv/bin/python
+    python benchmarks/vs_circuit_tracer.py --model MODEL --dictionaries CLT --prompt "..."
+
+By default both tools attribute prompts of --lengths tokens on a random model and CLT built here
+(below). `--model` takes a Hugging Face folder of your own instead (an architecture both tools
+load and hook the same way: Llama, Gemma 2, Gemma 3), `--dictionaries` a vlmscope bundle trained
+on it (a JumpReLU or ReLU CLT, or per-layer JumpReLU transcoders, over every layer; without it a
+random CLT is built for the model), and `--prompt` / `--prompts-file` your prompts (each row is
+one prompt, labelled by its token count).
 
 Same weights, same prompt, same settings. A random text Llama (width --d-model, --layers
 layers) and a cross-layer transcoder over every layer (JumpReLU, its per-layer threshold set
-so that about --k features fire per position on the longest prompt) are built once with
+so that about --k features fire per position on a 480-token prompt) are built once with
 vlmscope; the CLT is saved in vlmscope's layout and exported to circuit-tracer's with
 `export_circuit_tracer`. Each tool then attributes each prompt in a fresh process of its own
 (so its peak memory is its own), after one small warm-up attribution in that process, with the
@@ -30,11 +38,18 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+# the prompt length the CLT's thresholds are set on, whatever lengths are measured, so that the
+# same command builds the same CLT
+CALIBRATION = 480
+# architectures whose hook_resid_mid and hook_mlp_out circuit-tracer 0.5.0's nnsight backend
+# maps to the places vlmscope's resid_mid and mlp_out read (its Qwen3 mapping has neither)
+CT_ARCHITECTURES = ("LlamaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForConditionalGeneration")
 CT_PINS = [
     "circuit-tracer==0.5.0",
     "transformers==4.57.3",
@@ -84,8 +99,9 @@ def child_vlmscope(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     work = Path(args.work)
-    vlm = HookedVLM.from_pretrained(work / "model", device="cpu", dtype=torch.float32)
-    bundle = DictionaryBundle.load(work / "vlmscope_clt", mmap=True)
+    setup = json.loads((work / "setup.json").read_text())
+    vlm = HookedVLM.from_pretrained(setup["model"], device="cpu", dtype=torch.float32)
+    bundle = DictionaryBundle.load(setup["vlmscope"], mmap=True)
     prompts = json.loads((work / "prompts.json").read_text())
 
     def run(ids: list[int], nodes: int) -> Any:
@@ -107,13 +123,22 @@ def child_ct(args: argparse.Namespace) -> dict[str, Any]:
         NNSightReplacementModel,
     )
     from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
+    from circuit_tracer.transcoder.single_layer_transcoder import load_transcoder_set
 
     torch.set_num_threads(args.threads)
     work = Path(args.work)
+    setup = json.loads((work / "setup.json").read_text())
     cpu = torch.device("cpu")
-    clt = load_clt(str(work / "ct_clt"), device=cpu, dtype=torch.float32)
+    folder = work / "ct_clt"
+    hooks = {"feature_input_hook": "hook_resid_mid", "feature_output_hook": "hook_mlp_out"}
+    if setup["ct_kind"] == "cross_layer_transcoder":
+        dicts: Any = load_clt(str(folder), device=cpu, dtype=torch.float32, **hooks)
+    else:
+        paths = {int(f.stem.split("_")[1]): str(f) for f in folder.glob("layer_*.safetensors")}
+        dicts = load_transcoder_set(paths, scan=str(folder), device=cpu, dtype=torch.float32,
+                                    **hooks)  # fmt: skip
     model = NNSightReplacementModel.from_pretrained_and_transcoders(
-        str(work / "model"), clt, device=cpu, dtype=torch.float32
+        setup["model"], dicts, device=cpu, dtype=torch.float32
     )
     prompts = json.loads((work / "prompts.json").read_text())
 
@@ -166,60 +191,141 @@ def save_random_llama(folder: Path, d_model: int, n_layers: int) -> None:
     )
 
 
-def build_shared(args: argparse.Namespace, work: Path) -> None:
-    """The random Llama, the CLT in both layouts, and the prompts (token ids)."""
+def build_shared(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """The model (--model, or a random Llama), the dictionaries in both layouts (--dictionaries,
+    or a random JumpReLU CLT), and setup.json, which tells the children where they are."""
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from vlmscope.dictionaries import SparseCoderConfig, export_circuit_tracer
+    from vlmscope.dictionaries import export_circuit_tracer
     from vlmscope.models.hooked import HookedVLM
     from vlmscope.training.bundle import DictionaryBundle, mlp_out, resid_mid
 
-    save_random_llama(work / "model", args.d_model, args.layers)
-    prompts = write_prompts(work, [18, 64, 480, *args.lengths])
+    if args.model is None:
+        model = work / "model"
+        save_random_llama(model, args.d_model, args.layers)
+    else:
+        model = Path(args.model).resolve()
+    vlm = HookedVLM.from_pretrained(model, device="cpu", dtype=torch.float32)
+    a = vlm.adapter
+    if args.dictionaries is not None:
+        ours = Path(args.dictionaries).resolve()
+        bundle = DictionaryBundle.load(ours)
+    else:
+        ours = work / "vlmscope_clt"
+        bundle = random_clt(args, vlm, model)
+        bundle.save(ours)
+    hooks = [resid_mid(i) for i in range(a.n_layers)], [mlp_out(i) for i in range(a.n_layers)]
+    if (bundle.reads, bundle.writes) != hooks:
+        raise SystemExit(
+            f"{ours}: circuit-tracer's dictionaries read hook_resid_mid and write hook_mlp_out "
+            f"of every layer; these read {bundle.reads} and write {bundle.writes}"
+        )
+    if bundle.clt is not None:
+        export_circuit_tracer(bundle.clt, work / "ct_clt")
+        kind = "cross_layer_transcoder"
+    else:
+        if bundle.cfg.activation not in ("jumprelu", "relu"):
+            raise SystemExit(
+                f"{ours}: circuit-tracer 0.5.0 loads per-layer transcoders as JumpReLU or ReLU "
+                f"only, and these are {bundle.cfg.activation}"
+            )
+        export_circuit_tracer(dict(zip(bundle.reads, bundle.coders, strict=True)), work / "ct_clt")
+        kind = "transcoder_set"
+    setup = {"model": str(model), "vlmscope": str(ours), "ct_kind": kind, "stamp": stamp(args)}
+    (work / "setup.json").write_text(json.dumps(setup, indent=2))
+    return setup
 
-    vlm = HookedVLM.from_pretrained(work / "model", device="cpu", dtype=torch.float32)
+
+def random_clt(args: argparse.Namespace, vlm: Any, model: Path) -> Any:
+    """A JumpReLU CLT over every layer, its thresholds set so that about --k features fire per
+    position on the CALIBRATION-token prompt, and decoder rows small enough for a sane output."""
+    import torch
+
+    from vlmscope.dictionaries import SparseCoderConfig
+    from vlmscope.training.bundle import DictionaryBundle, mlp_out, resid_mid
+
     a = vlm.adapter
     layers = range(a.n_layers)
     dcfg = SparseCoderConfig(
         kind="clt", num_latents=args.latents, activation="jumprelu", sparsity_coeff=0.01
     )
-    info = {"name": str(work / "model"), "family": a.family, "dims": a.dims(), "tokens": "all",
+    info = {"name": str(model), "family": a.family, "dims": a.dims(), "tokens": "all",
             "include_special_tokens": True}  # fmt: skip
     reads, writes = [resid_mid(i) for i in layers], [mlp_out(i) for i in layers]
     bundle = DictionaryBundle.create(dcfg, reads, writes, a.d_model, a.d_model, info)
     clt = bundle.clt
     assert clt is not None
-    longest = max(args.lengths)
+    calibration = corpus_prompts(model, [CALIBRATION])[str(CALIBRATION)]
     mids: dict[int, torch.Tensor] = {}
 
     def grab(t: torch.Tensor, ctx: Any) -> None:
         mids[int(ctx.layer)] = t[0].detach()
 
     with torch.no_grad(), vlm.hooks([("lm.blocks.*.hook_resid_mid", grab)]):
-        vlm.forward({"input_ids": torch.tensor([prompts[str(longest)]])})
+        vlm.forward({"input_ids": torch.tensor([calibration])})
     with torch.no_grad():
         for i, layer in enumerate(clt.layers):
-            layer.W_dec.normal_(0, 0.5 / args.d_model**0.5)
+            layer.W_dec.normal_(0, 0.5 / a.d_model**0.5)
             pre = mids[i][1:] @ layer.W_enc.T  # position 0 is zeroed by the convention
             t = torch.quantile(pre.flatten()[:2_000_000], 1 - args.k / args.latents)
             layer.activation.log_threshold.fill_(float(torch.log(t.clamp(min=1e-4))))
-    bundle.save(work / "vlmscope_clt")
-    export_circuit_tracer(clt, work / "ct_clt")
+    return bundle
 
 
-def write_prompts(work: Path, lengths: list[int]) -> dict[str, list[int]]:
-    """Token ids of English-like text about shapes, one prompt per length, each with a BOS."""
+def stamp(args: argparse.Namespace) -> dict[str, Any]:
+    """What the shared setup depends on: a change rebuilds it."""
+    keys = ("model", "dictionaries", "d_model", "layers", "latents", "k")
+    return {k: str(getattr(args, k)) for k in keys}
+
+
+def corpus_prompts(model: Path, lengths: list[int]) -> dict[str, list[int]]:
+    """Token ids of English-like text about shapes, one prompt per length, each from the
+    tokenizer's BOS (where it has one)."""
     from transformers import AutoTokenizer
 
     sys.path.insert(0, str(ROOT))
     from vlmscope.models.zoo.common import corpus
 
-    tok = AutoTokenizer.from_pretrained(work / "model")
+    tok = AutoTokenizer.from_pretrained(model)
     ids = tok(" ".join(corpus(4000, seed=1)), add_special_tokens=False)["input_ids"]
-    prompts = {str(n): [tok.bos_token_id, *ids[: n - 1]] for n in sorted(set(lengths))}
+    bos = [] if tok.bos_token_id is None else [tok.bos_token_id]
+    return {str(n): [*bos, *ids[: n - len(bos)]] for n in sorted(set(lengths))}
+
+
+def write_prompts(work: Path, model: Path, lengths: list[int], texts: list[str]) -> list[int]:
+    """prompts.json: the corpus at each of `lengths` (18 always, for the warm-up), and each of
+    `texts` tokenised as the model's tokenizer does by default. Returns the lengths to measure."""
+    from transformers import AutoTokenizer
+
+    prompts = corpus_prompts(model, [18, *lengths])
+    if not texts:
+        (work / "prompts.json").write_text(json.dumps(prompts))
+        return lengths
+    tok = AutoTokenizer.from_pretrained(model)
+    measured = []
+    for text in texts:
+        ids = tok(text)["input_ids"]
+        if str(len(ids)) in prompts and len(ids) in measured:
+            raise SystemExit(f"two prompts of {len(ids)} tokens: rows are labelled by length")
+        prompts[str(len(ids))] = ids
+        measured.append(len(ids))
     (work / "prompts.json").write_text(json.dumps(prompts))
-    return prompts
+    return measured
+
+
+def check_architecture(args: argparse.Namespace) -> None:
+    if args.model is None:
+        return
+    config = Path(args.model) / "config.json"
+    if not config.exists():
+        raise SystemExit(f"--model {args.model}: no config.json (a Hugging Face model folder?)")
+    archs = json.loads(config.read_text()).get("architectures") or []
+    if not set(archs) & set(CT_ARCHITECTURES):
+        raise SystemExit(
+            f"--model {args.model} is {archs}: circuit-tracer 0.5.0 hooks hook_resid_mid and "
+            f"hook_mlp_out where vlmscope does only for {', '.join(CT_ARCHITECTURES)}"
+        )
 
 
 def ensure_ct_python(args: argparse.Namespace) -> str:
@@ -244,7 +350,7 @@ def ensure_ct_python(args: argparse.Namespace) -> str:
 
 def compare(work: Path, length: int) -> float:
     """Largest |edge difference| between the two graphs on the nodes both hold, relative to
-    the largest edge."""
+    the largest edge; where that is not small, which sources differ is printed."""
     import torch
     from safetensors.torch import load_file
 
@@ -261,10 +367,35 @@ def compare(work: Path, length: int) -> float:
     ia = torch.cat([torch.tensor([p[0] for p in pairs], dtype=torch.long), rest_a])
     ib = torch.cat([torch.tensor([p[1] for p in pairs], dtype=torch.long), rest_b])
     sa, sb = a["adjacency"][ia][:, ia], b["adjacency"][ib][:, ib]
-    return float((sa - sb).abs().max() / sb.abs().max().clamp(min=1e-30))
+    scale = sb.abs().max().clamp(min=1e-30)
+    diff = float((sa - sb).abs().max() / scale)
+    if diff > 1e-4:
+        # columns are [features, errors, tokens, logits]: name the kind of source that differs
+        n_logits = len(a["logits"])
+        tokens = slice(sa.shape[1] - n_logits - length, sa.shape[1] - n_logits)
+        others = torch.ones(sa.shape[1], dtype=torch.bool)
+        others[tokens] = False
+        ta, tb = sa[:, tokens], sb[:, tokens]
+        big = tb.abs() > 1e-3 * tb.abs().max()
+        ratio = (ta[big] / tb[big]).median() if big.any() else float("nan")
+        print(f"  {length} tokens: edges from token nodes differ by {float(ratio):.4g}x "
+              f"(vlmscope / circuit-tracer, median); from other sources by at most "
+              f"{float((sa - sb)[:, others].abs().max() / scale):.2e}", flush=True)  # fmt: skip
+    return diff
+
+
+def _rss(pid: int) -> int:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def run_child(python: str, args: argparse.Namespace, tool: str, length: int) -> dict[str, Any]:
+    """One attribution in a fresh process; {"failed": why} if it exits with an error or its
+    resident memory passes --mem-limit-gb (then it is killed), so that a sweep of lengths finds
+    the longest prompt each tool can do on this machine."""
     cmd = [python, str(Path(__file__).resolve()), "--child", tool, "--work", str(args.work),
            "--length", str(length), "--max-feature-nodes", str(args.max_feature_nodes),
            "--batch-size", str(args.batch_size), "--threads", str(args.threads)]  # fmt: skip
@@ -273,10 +404,43 @@ def run_child(python: str, args: argparse.Namespace, tool: str, length: int) -> 
     env = {"THP_MEM_ALLOC_ENABLE": "1", **os.environ, "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "MALLOC_MMAP_THRESHOLD_": "65536",
            "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"{tool} at {length} tokens failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    limit = args.mem_limit_gb * 2**30
+    with subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as proc:
+        # the pipes are drained by threads so a chatty child cannot block on a full pipe
+        chunks: dict[str, str] = {}
+
+        def drain(name: str, stream: Any) -> None:
+            chunks[name] = stream.read()
+
+        readers = [threading.Thread(target=drain, args=(n, st), daemon=True)
+                   for n, st in (("out", proc.stdout), ("err", proc.stderr))]  # fmt: skip
+        for r in readers:
+            r.start()
+        over = 0
+        while proc.poll() is None:
+            over = max(over, _rss(proc.pid))
+            if over > limit:
+                proc.kill()
+                proc.wait()
+                return {"failed": f"over {args.mem_limit_gb:g} GB"}
+            time.sleep(0.2)
+        for r in readers:
+            r.join()
+    if proc.returncode != 0:
+        err = chunks.get("err", "").strip().splitlines()
+        why = err[-1] if err else f"exit status {proc.returncode}"
+        print(f"{tool} at {length} tokens failed: {why}", file=sys.stderr, flush=True)
+        return {"failed": why[:60]}
+    return json.loads(chunks["out"].strip().splitlines()[-1])
+
+
+def _memory_gb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) / 2**20
+    return 0.0
 
 
 def main() -> None:
@@ -295,6 +459,22 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/vlmscope-vs-circuit-tracer")
     p.add_argument("--ct-python", default=None, help="python of an existing circuit-tracer venv")
     p.add_argument("--rebuild", action="store_true", help="rebuild the shared model and CLT")
+    p.add_argument("--model", default=None,
+                   help="a Hugging Face model folder of your own (Llama, Gemma 2, Gemma 3) "
+                   "instead of the random Llama")  # fmt: skip
+    p.add_argument("--dictionaries", default=None,
+                   help="a vlmscope bundle for --model (a JumpReLU/ReLU CLT or per-layer "
+                   "JumpReLU transcoders over every layer) instead of a random CLT")  # fmt: skip
+    p.add_argument(
+        "--prompt",
+        action="append",
+        default=None,
+        help="a prompt to attribute (repeatable); replaces --lengths",
+    )
+    p.add_argument("--prompts-file", default=None, help="prompts to attribute, one per line")
+    p.add_argument("--mem-limit-gb", type=float, default=round(0.85 * _memory_gb(), 1),
+                   help="a child whose resident memory passes this is stopped and its row marked; "
+                   "default 85%% of this machine's memory")  # fmt: skip
     p.add_argument("--child", choices=["vlmscope", "ct"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--length", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -304,36 +484,59 @@ def main() -> None:
         return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    if args.rebuild or not (work / "ct_clt" / "config.yaml").exists():
-        build_shared(args, work)
-    write_prompts(work, [18, *args.lengths])
+    check_architecture(args)
+    texts = list(args.prompt or [])
+    if args.prompts_file:
+        texts += [t for t in Path(args.prompts_file).read_text().splitlines() if t.strip()]
+    setup_file = work / "setup.json"
+    setup = json.loads(setup_file.read_text()) if setup_file.exists() else {}
+    if args.rebuild or setup.get("stamp") != stamp(args):
+        setup = build_shared(args, work)
+    lengths = write_prompts(work, Path(setup["model"]), args.lengths, texts)
     ct_py = ensure_ct_python(args)
-    print(f"Llama d={args.d_model}, {args.layers} layers; CLT {args.latents} latents/layer "
-          f"(JumpReLU, ~{args.k} active per position); max_feature_nodes "
-          f"{args.max_feature_nodes}, batch {args.batch_size}, float32, {args.threads} threads; "
+    what = (f"Llama d={args.d_model}, {args.layers} layers" if args.model is None
+            else f"model {args.model}")  # fmt: skip
+    dicts = (f"CLT {args.latents} latents/layer (JumpReLU, ~{args.k} active per position)"
+             if args.dictionaries is None else f"dictionaries {args.dictionaries}")  # fmt: skip
+    print(f"{what}; {dicts}; max_feature_nodes {args.max_feature_nodes}, "
+          f"batch {args.batch_size}, float32, {args.threads} threads; "
           f"best of {args.repeats}")  # fmt: skip
     head = ("tokens", "active", "vlmscope s", "c-t s", "speed-up", "vlmscope MB", "c-t MB",
             "mem ratio", "max edge diff")  # fmt: skip
     print(" ".join(f"{h:>12}" for h in head), flush=True)
     rows = []
-    for n in args.lengths:
+    for n in lengths:
         best: dict[str, dict[str, Any]] = {}
         for _ in range(args.repeats):
             for tool, py in (("vlmscope", sys.executable), ("ct", ct_py)):
                 r = run_child(py, args, tool, n)
-                if tool not in best or r["seconds"] < best[tool]["seconds"]:
-                    best[tool] = {
-                        **r,
-                        "peak_bytes": min(r["peak_bytes"], best.get(tool, r)["peak_bytes"]),
-                    }
+                prev = best.get(tool)
+                if "failed" in r or prev is None or "failed" in prev:
+                    best[tool] = r if prev is None or "failed" in r else prev
+                elif r["seconds"] < prev["seconds"]:
+                    best[tool] = {**r, "peak_bytes": min(r["peak_bytes"], prev["peak_bytes"])}
+                else:
+                    prev["peak_bytes"] = min(r["peak_bytes"], prev["peak_bytes"])
         v, c = best["vlmscope"], best["ct"]
+        if "failed" in v or "failed" in c:
+            row = {"tokens": n, "vlmscope": v, "ct": c}
+            rows.append(row)
+            shown = [
+                f"{v['seconds']:.2f} s, {v['peak_bytes'] / 2**20:.0f} MB"
+                if "failed" not in v
+                else v["failed"],
+                c.get("failed", f"{c.get('seconds', 0):.2f} s"),
+            ]
+            print(f"{n:>12} vlmscope: {shown[0]}; circuit-tracer: {shown[1]}", flush=True)
+            continue
         diff = compare(work, n)
-        row = (n, v["active"], v["seconds"], c["seconds"], c["seconds"] / v["seconds"],
-               v["peak_bytes"] / 2**20, c["peak_bytes"] / 2**20,
-               c["peak_bytes"] / max(1, v["peak_bytes"]), diff)  # fmt: skip
-        rows.append(dict(zip(head, row, strict=True)))
-        line = (f"{row[0]:>12} {row[1]:>12} {row[2]:>12.2f} {row[3]:>12.2f} {row[4]:>11.2f}x "
-                f"{row[5]:>12.0f} {row[6]:>12.0f} {row[7]:>11.2f}x {row[8]:>12.2e}")  # fmt: skip
+        vals = (n, v["active"], v["seconds"], c["seconds"], c["seconds"] / v["seconds"],
+                v["peak_bytes"] / 2**20, c["peak_bytes"] / 2**20,
+                c["peak_bytes"] / max(1, v["peak_bytes"]), diff)  # fmt: skip
+        rows.append(dict(zip(head, vals, strict=True)))
+        line = (f"{vals[0]:>12} {vals[1]:>12} {vals[2]:>12.2f} {vals[3]:>12.2f} "
+                f"{vals[4]:>11.2f}x {vals[5]:>12.0f} {vals[6]:>12.0f} {vals[7]:>11.2f}x "
+                f"{vals[8]:>12.2e}")  # fmt: skip
         print(line, flush=True)
     (work / "results.json").write_text(json.dumps(rows, indent=2))
     print(f"(speed-up and mem ratio: circuit-tracer / vlmscope; results in {work}/results.json)")
