@@ -208,15 +208,16 @@ def build_shared(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         model = Path(args.model).resolve()
     vlm = HookedVLM.from_pretrained(model, device="cpu", dtype=torch.float32)
     a = vlm.adapter
+    reads = [resid_mid(i) for i in range(a.n_layers)]
+    writes = [mlp_out(i) for i in range(a.n_layers)]
     if args.dictionaries is not None:
         ours = Path(args.dictionaries).resolve()
         bundle = DictionaryBundle.load(ours)
     else:
         ours = work / "vlmscope_clt"
-        bundle = random_clt(args, vlm, model)
+        bundle = random_clt(args, vlm, model, reads, writes)
         bundle.save(ours)
-    hooks = [resid_mid(i) for i in range(a.n_layers)], [mlp_out(i) for i in range(a.n_layers)]
-    if (bundle.reads, bundle.writes) != hooks:
+    if (bundle.reads, bundle.writes) != (reads, writes):
         raise SystemExit(
             f"{ours}: circuit-tracer's dictionaries read hook_resid_mid and write hook_mlp_out "
             f"of every layer; these read {bundle.reads} and write {bundle.writes}"
@@ -237,26 +238,28 @@ def build_shared(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return setup
 
 
-def random_clt(args: argparse.Namespace, vlm: Any, model: Path) -> Any:
+def random_clt(
+    args: argparse.Namespace, vlm: Any, model: Path, reads: list[str], writes: list[str]
+) -> Any:
     """A JumpReLU CLT over every layer, its thresholds set so that about --k features fire per
     position on the CALIBRATION-token prompt, and decoder rows small enough for a sane output."""
     import torch
+    from transformers import AutoTokenizer
 
     from vlmscope.dictionaries import SparseCoderConfig
-    from vlmscope.training.bundle import DictionaryBundle, mlp_out, resid_mid
+    from vlmscope.training.bundle import DictionaryBundle
 
     a = vlm.adapter
-    layers = range(a.n_layers)
     dcfg = SparseCoderConfig(
         kind="clt", num_latents=args.latents, activation="jumprelu", sparsity_coeff=0.01
     )
     info = {"name": str(model), "family": a.family, "dims": a.dims(), "tokens": "all",
             "include_special_tokens": True}  # fmt: skip
-    reads, writes = [resid_mid(i) for i in layers], [mlp_out(i) for i in layers]
     bundle = DictionaryBundle.create(dcfg, reads, writes, a.d_model, a.d_model, info)
     clt = bundle.clt
     assert clt is not None
-    calibration = corpus_prompts(model, [CALIBRATION])[str(CALIBRATION)]
+    tok = AutoTokenizer.from_pretrained(model)
+    calibration = corpus_prompts(tok, [CALIBRATION])[str(CALIBRATION)]
     mids: dict[int, torch.Tensor] = {}
 
     def grab(t: torch.Tensor, ctx: Any) -> None:
@@ -279,15 +282,12 @@ def stamp(args: argparse.Namespace) -> dict[str, Any]:
     return {k: str(getattr(args, k)) for k in keys}
 
 
-def corpus_prompts(model: Path, lengths: list[int]) -> dict[str, list[int]]:
+def corpus_prompts(tok: Any, lengths: list[int]) -> dict[str, list[int]]:
     """Token ids of English-like text about shapes, one prompt per length, each from the
     tokenizer's BOS (where it has one)."""
-    from transformers import AutoTokenizer
-
     sys.path.insert(0, str(ROOT))
     from vlmscope.models.zoo.common import corpus
 
-    tok = AutoTokenizer.from_pretrained(model)
     ids = tok(" ".join(corpus(4000, seed=1)), add_special_tokens=False)["input_ids"]
     bos = [] if tok.bos_token_id is None else [tok.bos_token_id]
     return {str(n): [*bos, *ids[: n - len(bos)]] for n in sorted(set(lengths))}
@@ -298,20 +298,17 @@ def write_prompts(work: Path, model: Path, lengths: list[int], texts: list[str])
     `texts` tokenised as the model's tokenizer does by default. Returns the lengths to measure."""
     from transformers import AutoTokenizer
 
-    prompts = corpus_prompts(model, [18, *lengths])
-    if not texts:
-        (work / "prompts.json").write_text(json.dumps(prompts))
-        return lengths
     tok = AutoTokenizer.from_pretrained(model)
+    prompts = corpus_prompts(tok, [18, *lengths])
     measured = []
     for text in texts:
         ids = tok(text)["input_ids"]
-        if str(len(ids)) in prompts and len(ids) in measured:
+        if len(ids) in measured:
             raise SystemExit(f"two prompts of {len(ids)} tokens: rows are labelled by length")
         prompts[str(len(ids))] = ids
         measured.append(len(ids))
     (work / "prompts.json").write_text(json.dumps(prompts))
-    return measured
+    return measured or lengths
 
 
 def check_architecture(args: argparse.Namespace) -> None:
@@ -431,10 +428,8 @@ def run_child(python: str, args: argparse.Namespace, tool: str, length: int) -> 
                    for n, st in (("out", proc.stdout), ("err", proc.stderr))]  # fmt: skip
         for r in readers:
             r.start()
-        over = 0
         while proc.poll() is None:
-            over = max(over, _rss(proc.pid))
-            if over > limit:
+            if _rss(proc.pid) > limit:
                 proc.kill()
                 proc.wait()
                 return {"failed": f"over {args.mem_limit_gb:g} GB"}
@@ -447,6 +442,21 @@ def run_child(python: str, args: argparse.Namespace, tool: str, length: int) -> 
         print(f"{tool} at {length} tokens failed: {why}", file=sys.stderr, flush=True)
         return {"failed": why[:60]}
     return json.loads(chunks["out"].strip().splitlines()[-1])
+
+
+def best_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A tool's fastest run with its lowest peak; its first failure if any run failed."""
+    failed = [r for r in runs if "failed" in r]
+    if failed:
+        return failed[0]
+    fastest = min(runs, key=lambda r: r["seconds"])
+    return {**fastest, "peak_bytes": min(r["peak_bytes"] for r in runs)}
+
+
+def describe(run: dict[str, Any]) -> str:
+    if "failed" in run:
+        return str(run["failed"])
+    return f"{run['seconds']:.2f} s, {run['peak_bytes'] / 2**20:.0f} MB"
 
 
 def _memory_gb() -> float:
@@ -519,28 +529,14 @@ def main() -> None:
     print(" ".join(f"{h:>12}" for h in head), flush=True)
     rows = []
     for n in lengths:
-        best: dict[str, dict[str, Any]] = {}
-        for _ in range(args.repeats):
+        runs: dict[str, list[dict[str, Any]]] = {"vlmscope": [], "ct": []}
+        for _ in range(args.repeats):  # alternating, so a noisy minute hits both
             for tool, py in (("vlmscope", sys.executable), ("ct", ct_py)):
-                r = run_child(py, args, tool, n)
-                prev = best.get(tool)
-                if "failed" in r or prev is None or "failed" in prev:
-                    best[tool] = r if prev is None or "failed" in r else prev
-                elif r["seconds"] < prev["seconds"]:
-                    best[tool] = {**r, "peak_bytes": min(r["peak_bytes"], prev["peak_bytes"])}
-                else:
-                    prev["peak_bytes"] = min(r["peak_bytes"], prev["peak_bytes"])
-        v, c = best["vlmscope"], best["ct"]
+                runs[tool].append(run_child(py, args, tool, n))
+        v, c = best_of(runs["vlmscope"]), best_of(runs["ct"])
         if "failed" in v or "failed" in c:
-            row = {"tokens": n, "vlmscope": v, "ct": c}
-            rows.append(row)
-            shown = [
-                f"{v['seconds']:.2f} s, {v['peak_bytes'] / 2**20:.0f} MB"
-                if "failed" not in v
-                else v["failed"],
-                c.get("failed", f"{c.get('seconds', 0):.2f} s"),
-            ]
-            print(f"{n:>12} vlmscope: {shown[0]}; circuit-tracer: {shown[1]}", flush=True)
+            rows.append({"tokens": n, "vlmscope": v, "ct": c})
+            print(f"{n:>12} vlmscope: {describe(v)}; circuit-tracer: {describe(c)}", flush=True)
             continue
         diff = compare(work, n)
         vals = (n, v["active"], v["seconds"], c["seconds"], c["seconds"] / v["seconds"],
