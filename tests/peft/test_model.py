@@ -175,6 +175,23 @@ def test_disable_adapter_gives_the_base_model_back() -> None:
     assert torch.equal(model(x), replaced)
 
 
+def test_unload_puts_every_module_back_even_those_without_a_weight() -> None:
+    """`tupled` and `dicted` are blocks (no `weight` of their own), like the MLPs and decoder
+    layers adapters usually sit on; `linear` is a Linear."""
+    torch.manual_seed(0)
+    net = Net()
+    x = torch.randn(4, 10)
+    clean = net(x)
+    modules = {name: getattr(net, name) for name in ("linear", "tupled", "dicted")}
+    config = TopKSaeConfig(k=2, num_latents=8, target_modules=list(modules))
+    model = get_peft_sae_model(net, config)
+    assert not torch.allclose(model(x), clean)
+    base = model.unload()
+    assert all(getattr(base, name) is module for name, module in modules.items())
+    assert not any(isinstance(m, SaeLayer) for m in base.modules())
+    assert torch.equal(base(x), clean)
+
+
 def test_only_adapter_tensors_are_trainable_and_a_step_leaves_the_model_alone() -> None:
     torch.manual_seed(0)
     net = Net()

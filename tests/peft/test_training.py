@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import Trainer
 
@@ -12,7 +13,7 @@ from vlmscope.models.hooked import HookedVLM
 from vlmscope.peft import TopKSaeConfig, get_peft_sae_model
 from vlmscope.peft.training import SaeCallback, SaeTrainingData, sae_training_arguments
 from vlmscope.training.bundle import DictionaryBundle
-from vlmscope.training.config import TrainConfig
+from vlmscope.training.config import SaeArgs, TrainConfig
 from vlmscope.training.trainer import open_training_data
 
 HOOK = "lm.blocks.2.mlp.hook_out"
@@ -107,3 +108,16 @@ def test_vision_and_projector_adapters_read_image_patches(toy: HookedVLM) -> Non
         "model.multi_modal_projector": 3 * per_image,
         "model.language_model.layers.1": int(text.sum()),
     }
+
+
+@pytest.mark.parametrize("kind", ["sae", "transcoder"])
+@pytest.mark.parametrize("norm", ["none", "mean_norm"])
+def test_the_default_rate_is_vlmscope_trains_adam_rate_for_the_kind(kind: str, norm: str) -> None:
+    """Transcoders on normalised activations start 10x higher under `vlmscope train` (their
+    decoders start at zero); adapters of the same kind get the same rate."""
+    sae = SaeArgs(kind=kind, normalize_activations=norm, num_latents=4096)
+    run = TrainConfig(model="toy", dataset="shapes", output_dir="unused", optimizer="adam", sae=sae)
+    args = sae_training_arguments(
+        "unused", max_steps=10, num_latents=4096, kind=kind, normalize_activations=norm
+    )
+    assert args.learning_rate == run.lr_for(4096)

@@ -47,14 +47,27 @@ def add_peft_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "hook points at the adapted modules.",
     )
     im.add_argument("model", help=MODEL_HELP)
-    im.add_argument("adapter", help="PEFT adapter folder (adapter_config.json inside)")
+    im.add_argument(
+        "adapter",
+        help="PEFT adapter folder: adapter_config.json inside, or in its subfolder named "
+        "--adapter-name (where PEFT's save_pretrained puts adapters not named default)",
+    )
     im.add_argument("out", help="dictionaries folder to write")
     im.add_argument(
         "--tokens",
         choices=("all", "image", "text"),
-        default="all",
+        default=None,
         help="the token positions the adapter was trained on; the replacement model replaces "
-        "those (default: all)",
+        "those (default: what the adapter records, as `vlmscope peft export` writes the run's; "
+        "all if it records none)",
+    )
+    im.add_argument(
+        "--include-special-tokens",
+        "--include_special_tokens",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="whether BOS and chat-template markers were among those positions (default: what "
+        "the adapter records; no if it records nothing)",
     )
     for p in (ex, im):
         p.add_argument(
@@ -99,13 +112,18 @@ def _export(args: argparse.Namespace, vlm: Any, out: Path) -> list[tuple[str, st
 
     bundle = DictionaryBundle.load(args.dictionaries)
     model = from_bundle(vlm.model, bundle, args.adapter_name, mode=args.mode, vlm=vlm)
-    write_folder_atomically(
-        out.parent,
-        out.name,
-        lambda tmp: model.save_pretrained(tmp, selected_adapters=[args.adapter_name]),
-        "the PEFT adapter",
-        f"{out} is unchanged",
-    )
+
+    def save(tmp: Path) -> None:
+        model.save_pretrained(tmp, selected_adapters=[args.adapter_name])
+        # PEFT puts an adapter not named "default" in a subfolder of that name; OUT is to
+        # hold the adapter itself, as `peft import` and PeftModel.from_pretrained read it
+        nested = tmp / args.adapter_name
+        if args.adapter_name != "default" and (nested / "adapter_config.json").is_file():
+            for f in nested.iterdir():
+                f.replace(tmp / f.name)
+            nested.rmdir()
+
+    write_folder_atomically(out.parent, out.name, save, "the PEFT adapter", f"{out} is unchanged")
     return _rows(bundle, vlm)
 
 
@@ -114,8 +132,18 @@ def _import(args: argparse.Namespace, vlm: Any, out: Path) -> list[tuple[str, st
     from vlmscope.peft.model import PeftSaeModel
     from vlmscope.training.checkpoint import write_folder_atomically
 
-    model = PeftSaeModel.from_pretrained(vlm.model, args.adapter, adapter_name=args.adapter_name)
-    bundle = to_bundle(model, args.adapter_name, vlm=vlm, model_name=args.model, tokens=args.tokens)
+    folder, config = Path(args.adapter), "adapter_config.json"
+    if not (folder / config).is_file() and (folder / args.adapter_name / config).is_file():
+        folder = folder / args.adapter_name
+    model = PeftSaeModel.from_pretrained(vlm.model, str(folder), adapter_name=args.adapter_name)
+    bundle = to_bundle(
+        model,
+        args.adapter_name,
+        vlm=vlm,
+        model_name=args.model,
+        tokens=args.tokens,
+        include_special_tokens=args.include_special_tokens,
+    )
     write_folder_atomically(
         out.parent, out.name, bundle.save, "the dictionaries", f"{out} is unchanged"
     )

@@ -21,6 +21,7 @@ from peft.config import PeftConfig
 
 from vlmscope.dictionaries.config import SparseCoderConfig
 from vlmscope.peft.registry import PEFT_TYPE
+from vlmscope.training.config import TOKEN_KINDS
 
 #: SparseCoderConfig fields that a module fills in (widths) or that are for CLTs / the trainer.
 _NOT_ADAPTER_FIELDS = ("d_in", "d_out", "n_layers", "n_targets", "metadata")
@@ -62,6 +63,11 @@ class SaeConfig(_CoderFields):  # type: ignore[misc, valid-type]
         module's input (first positional argument or `hidden_states`).
     d_in, d_out: the input / output width where it cannot be read off the module (0: infer).
     init_from_data: set b_dec to the mean of the first training batch (as `vlmscope train`).
+    tokens, include_special_tokens: the positions the dictionaries were trained on ("all",
+        "image" or "text"; BOS and chat-template markers too or not), as `vlmscope train`
+        records them in a run. `from_bundle` (`vlmscope peft export`) copies them from the run
+        and `to_bundle` (`vlmscope peft import`) back into one, so the replacement model
+        replaces the same positions after the round trip; None: not recorded.
     Every other field is a SparseCoderConfig field with its meaning and default.
     """
 
@@ -71,6 +77,8 @@ class SaeConfig(_CoderFields):  # type: ignore[misc, valid-type]
     d_in: int = 0
     d_out: int = 0
     init_from_data: bool = True
+    tokens: str | None = None
+    include_special_tokens: bool | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -87,6 +95,11 @@ class SaeConfig(_CoderFields):  # type: ignore[misc, valid-type]
             raise ValueError(
                 f"{type(self).__name__}: kind must be one of {ADAPTER_KINDS}, got {self.kind!r} "
                 "(a cross-layer transcoder spans modules: train it with `vlmscope train`)"
+            )
+        if self.tokens not in (None, *TOKEN_KINDS):
+            raise ValueError(
+                f"{type(self).__name__}: tokens must be one of {TOKEN_KINDS} or None, "
+                f"got {self.tokens!r}"
             )
         for name in ("d_in", "d_out"):
             if getattr(self, name) < 0:

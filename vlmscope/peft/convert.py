@@ -54,14 +54,21 @@ def to_bundle(
     *,
     vlm: HookedVLM | None = None,
     model_name: str | None = None,
-    tokens: str = "all",
-    include_special_tokens: bool = False,
+    tokens: str | None = None,
+    include_special_tokens: bool | None = None,
 ) -> DictionaryBundle:
     """The adapter as a DictionaryBundle bound to vlmscope hook names (weights copied).
 
     `tokens` / `include_special_tokens` record which positions the adapter was trained on
-    (the replacement model replaces those). `vlm` is built from the model when not given."""
+    (the replacement model replaces those); None: what the adapter's config records (an
+    adapter written by `from_bundle` records its run's), else "all" and False. `vlm` is built
+    from the model when not given."""
     hf = _hf_model(model)
+    recorded = _adapter_config(model, adapter_name)
+    if tokens is None:
+        tokens = getattr(recorded, "tokens", None) or "all"
+    if include_special_tokens is None:
+        include_special_tokens = bool(getattr(recorded, "include_special_tokens", None))
     vlm = vlm or HookedVLM(hf)
     by_module = _hooks_by_module(vlm)
     coders = to_dictionaries(hf, adapter_name)
@@ -148,6 +155,8 @@ def from_bundle(
         d_in=bundle.cfg.d_in,
         d_out=bundle.cfg.d_out,
         init_from_data=False,
+        tokens=bundle.model_info.get("tokens"),
+        include_special_tokens=bundle.model_info.get("include_special_tokens"),
     )
     if isinstance(model, PeftSaeModel):
         model.add_adapter(adapter_name, config)
@@ -166,6 +175,16 @@ def _copy_into(layer: SaeLayer, adapter_name: str, coder: SparseCoder) -> None:
     device = target.W_enc.device
     target.load_state_dict({k: v.to(device) for k, v in coder.state_dict().items()})
     layer.sae_initialized[adapter_name] = True
+
+
+def _adapter_config(model: nn.Module, adapter_name: str) -> Any:
+    """The PEFT config of adapter `adapter_name` on model (a PeftSaeModel, or a model PEFT
+    injected adapters into), None where there is none."""
+    for holder in (model, _hf_model(model)):
+        configs = getattr(holder, "peft_config", None)
+        if isinstance(configs, Mapping) and adapter_name in configs:
+            return configs[adapter_name]
+    return None
 
 
 def _hf_model(model: nn.Module) -> nn.Module:

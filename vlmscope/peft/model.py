@@ -74,6 +74,18 @@ class SaeModel(BaseTuner):
             new.requires_grad_(False)
         self._replace_module(parent, target_name, new, target)
 
+    def _replace_module(
+        self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module
+    ) -> None:
+        # Unloading puts each wrapped module back. PEFT's own replacement then copies the
+        # wrapper's `weight` onto it, which only a Linear-like module has: an MLP or a decoder
+        # layer (which SAE adapters sit on) has none, so unload() raised AttributeError. The
+        # module is the one the wrapper held, weights and all: set it back as it is.
+        if new_module is getattr(child, "base_layer", None):
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
+
     def inject_adapter(
         self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any
     ) -> None:

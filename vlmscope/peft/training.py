@@ -16,8 +16,9 @@ sparsity penalty); `SaeCallback` keeps SAE decoder rows at unit norm as `vlmscop
 does (gradient component along each row removed before the step, rows renormalised after).
 `sae_training_arguments` sets the optimiser and schedule of `vlmscope train --optimizer adam`
 (Adam without weight decay or clipping, linear warm-up over 5%, linear decay over the last
-20%, learning rate 2e-4 / sqrt(num_latents / 2**14)), so the two train the same way. (`vlmscope
-train` itself trains SAEs with sign-SGD under schedule-free averaging by default, see
+20%, and its default rate for the dictionary's kind and normalisation: 2e-4 / sqrt(num_latents
+/ 2**14), from 2e-3 for transcoders on mean_norm activations), so the two train the same way.
+(`vlmscope train` itself trains SAEs with sign-SGD under schedule-free averaging by default, see
 `training/optim.py`; that needs the averaged weights swapped in around saving, which the
 `Trainer` does not do, so adapters keep Adam.)
 """
@@ -146,6 +147,8 @@ def sae_training_arguments(
     *,
     max_steps: int,
     num_latents: int,
+    kind: str = "sae",
+    normalize_activations: str = "none",
     batch_size: int = 8,
     lr: float = 0.0,
     warmup_fraction: float = 0.05,
@@ -154,14 +157,16 @@ def sae_training_arguments(
     **overrides: Any,
 ) -> TrainingArguments:
     """TrainingArguments that train SAE adapters as `vlmscope train --optimizer adam` trains
-    dictionaries (see the module docstring); `overrides` are passed on to TrainingArguments."""
+    dictionaries (see the module docstring). `kind` and `normalize_activations` are the
+    adapters' (their SaeConfig's), for the default rate when `lr` is 0; `overrides` are passed
+    on to TrainingArguments."""
     warmup = max(0, round(warmup_fraction * max_steps))
     decay = max(0, round(decay_fraction * max_steps))
     values: dict[str, Any] = {
         "output_dir": output_dir,
         "max_steps": max_steps,
         "per_device_train_batch_size": batch_size,
-        "learning_rate": lr or default_lr(num_latents),
+        "learning_rate": lr or default_lr(num_latents, "adam", kind, normalize_activations),
         "weight_decay": 0.0,
         "max_grad_norm": 0.0,
         "lr_scheduler_type": "warmup_stable_decay",
