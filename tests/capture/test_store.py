@@ -23,6 +23,7 @@ from vlmscope.capture import (
 )
 
 HOOKS = {"lm.blocks.0.hook_resid_mid": 6, "lm.blocks.0.mlp.hook_out": 6}
+HOOK0 = "lm.blocks.0.hook_resid_mid"
 
 
 def synthetic_store(
@@ -260,3 +261,48 @@ def test_parts_of_every_batch_are_disjoint_and_make_up_the_whole_batch(
     for a, b in zip(rest, parts[1][3:], strict=True):
         assert torch.equal(a.tensors[key], b.tensors[key])
     assert sum(b.n_tokens for p in parts for b in p) == truth[key].shape[0]
+
+
+def rewrite_shard(folder: Path, index: int, edit: Any) -> Path:
+    """Apply `edit` to shard `index`'s tensors and write it back with the manifest's size and
+    checksum updated, as a store written by another tool could be: it passes every byte check."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from vlmscope.capture.layout import sha256_file
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    entry = manifest["shards"][index]
+    path = folder / entry["file"]
+    with safe_open(str(path), "pt") as f:
+        header = f.metadata()
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path), metadata=header)
+    entry["bytes"], entry["sha256"] = path.stat().st_size, sha256_file(path)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("edit", "says"),
+    [
+        (lambda t: t.update({HOOK0: t[HOOK0][:, :4].contiguous()}), r"is \[17, 4\] F32, the "
+         r"manifest says \[17, 6\] F32"),
+        (lambda t: t.update({HOOK0: t[HOOK0][3:].contiguous()}), r"is \[14, 6\] F32"),
+        (lambda t: t.update({HOOK0: t[HOOK0].double()}), r"is \[17, 6\] F64"),
+        (lambda t: t.pop("meta.patch"), r"holds no tensor 'meta\.patch'"),
+        (lambda t: t["meta.modality"].fill_(7), r"meta\.modality holds 17 of code 7"),
+    ],
+)  # fmt: skip
+def test_a_shard_whose_tensors_disagree_with_the_manifest_is_named(
+    tmp_path: Path, edit: Any, says: str
+) -> None:
+    synthetic_store(tmp_path / "s")
+    path = rewrite_shard(tmp_path / "s", 1, edit)
+    st = ActivationStore(tmp_path / "s")  # sizes and checksums agree with the manifest
+    with pytest.raises(StoreError, match=rf"shard {path}.*{says}"):
+        list(st.batches(list(HOOKS), batch_tokens=8))
+    before = list(st.batches(list(HOOKS), batch_tokens=8, shards=st.shards[:1]))
+    assert sum(b.n_tokens for b in before) == st.selected_tokens(shards=st.shards[:1]) > 0

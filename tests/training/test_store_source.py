@@ -21,6 +21,8 @@ from vlmscope.training.config import TrainConfig, parse_train_args
 from vlmscope.training.sources import ActivationBatch, TrainState
 from vlmscope.training.trainer import Trainer, TrainingError, train
 
+from ..capture.test_store import rewrite_shard
+
 DATA = "shapes:48"
 CLT = "--sae.transcode --sae.n_targets 2 --sae.expansion-factor 2 --sae.k 4 --batch-size 4"
 
@@ -203,6 +205,23 @@ def test_stores_that_do_not_fit_the_run_are_refused_before_training(
             parse_train_args(
                 f"--activations {corrupt} {CLT} --shuffle-buffer-mb 0 --run-name "
                 f"x --epochs 1 {out}".split()
+            ),
+            progress=False,
+        )
+    # NaN in a store passes every byte check (a capture in bf16 that overflowed writes it)
+    nan = edited(store, tmp_path / "e", lambda m: None)
+    hook = "lm.blocks.1.hook_resid_mid"
+    path = rewrite_shard(nan, 5, lambda t: t[hook][1].fill_(float("nan")))
+    sample = int(ActivationStore(nan).read(5, ["meta.sample"])["meta.sample"][1])
+    with pytest.raises(
+        TrainingError,
+        match=rf"store {nan}: {hook} has 64 NaN and 0 Inf .* in store samples \[{sample}\] "
+        rf"\(the first held in [^)]*{path.name}[^)]*\); the last checkpoint is intact",
+    ):
+        train(
+            parse_train_args(
+                f"--activations {nan} {CLT} --shuffle-buffer-mb 0 --run-name y --epochs 1 "
+                f"{out}".split()
             ),
             progress=False,
         )

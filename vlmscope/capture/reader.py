@@ -46,6 +46,16 @@ from vlmscope.capture.layout import (
     sha256_file,
 )
 
+#: safetensors' names of the dtypes a store and its metadata use
+_SAFETENSORS_DTYPES = {
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.uint8: "U8",
+}
+
 
 @dataclass(frozen=True)
 class Shard:
@@ -99,6 +109,7 @@ class ActivationStore:
         self.manifest = read_manifest(self.path)
         self.verify = verify
         self._verified: set[Path] = set()
+        self._laid_out: set[Path] = set()
         m = self.manifest
         try:
             self.hooks: dict[str, int] = {k: int(v["width"]) for k, v in m["hooks"].items()}
@@ -173,6 +184,34 @@ class ActivationStore:
             )
         self._verified.add(shard.path)
 
+    def check_layout(self, shard: Shard) -> None:
+        """Raise StoreError naming the shard and tensor when the shard's header disagrees with
+        the manifest: a tensor missing, or not [tokens, width] (`meta.*`: [tokens, ...]) of
+        the store's dtype. A store written by other tools passes its SHA-256 check whatever
+        its tensors hold; this finds a wrong one before any row of it is used. Reads only the
+        header, once per shard."""
+        if shard.path in self._laid_out:
+            return
+        want = {h: ((shard.tokens, w), self.dtype) for h, w in self.hooks.items()}
+        want |= {k: ((shard.tokens, *trail), dt) for k, (dt, trail, _) in META.items()}
+        try:
+            with safe_open(str(shard.path), framework="pt") as f:
+                held = set(f.keys())
+                for name, (shape, dtype) in want.items():
+                    if name not in held:
+                        raise StoreError(f"shard {shard.path} holds no tensor {name!r}")
+                    piece = f.get_slice(name)
+                    got_shape, got_dtype = tuple(piece.get_shape()), piece.get_dtype()
+                    if got_shape != shape or got_dtype != _SAFETENSORS_DTYPES[dtype]:
+                        raise StoreError(
+                            f"shard {shard.path}: {name} is {list(got_shape)} {got_dtype}, the "
+                            f"manifest says {list(shape)} {_SAFETENSORS_DTYPES[dtype]} "
+                            f"({shard.tokens} tokens); capture it again (or restore the file)"
+                        )
+        except (OSError, RuntimeError) as e:  # safetensors' header errors
+            raise StoreError(f"cannot read the header of shard {shard.path}: {e}") from e
+        self._laid_out.add(shard.path)
+
     def read(
         self,
         shard: Shard | int,
@@ -185,6 +224,7 @@ class ActivationStore:
             shard = self.shards[shard]
         if self.verify:
             self.check(shard)
+        self.check_layout(shard)
         names = list(names) if names is not None else [*self.hooks, *META]
         out: dict[str, torch.Tensor] = {}
         try:
@@ -213,6 +253,11 @@ class ActivationStore:
             header = json.loads((f.metadata() or {}).get("vlmscope", "{}"))
         off = shard.sample_offset
         return [(int(s) + off, int(r), str(i)) for s, r, i in header.get("samples", [])]
+
+    def shards_of_sample(self, sample: int) -> list[Shard]:
+        """The shards holding tokens of global sample index `sample` (a sample may straddle
+        two); reads every shard's header, so for naming a culprit, not for loops."""
+        return [s for s in self.shards if any(i == sample for i, _, _ in self.samples(s))]
 
     # --- batches ------------------------------------------------------------------------------
     def selected_tokens(
@@ -374,6 +419,15 @@ class ActivationStore:
         out = []
         for s in window:
             modality = self.read(s, ["meta.modality"])["meta.modality"]
+            counts = torch.bincount(modality.long(), minlength=len(MODALITIES)).tolist()
+            listed = [s.modality_tokens.get(m, 0) for m in MODALITIES]
+            if counts != listed:
+                found = ", ".join(f"{n} of code {c}" for c, n in enumerate(counts) if n)
+                raise StoreError(
+                    f"shard {s.path}: meta.modality holds {found} (codes: 0 text, 1 image, 2 "
+                    f"special), the manifest says {listed[0]} text, {listed[1]} image, "
+                    f"{listed[2]} special; capture it again (or restore the file)"
+                )
             keep = torch.isin(modality, torch.tensor(sorted(mods), dtype=modality.dtype))
             rows = None if bool(keep.all()) else keep.nonzero().squeeze(1)
             out.append((s, rows, int(modality.shape[0]) if rows is None else len(rows)))

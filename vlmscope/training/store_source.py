@@ -35,6 +35,7 @@ import torch
 from vlmscope.capture import ActivationStore, StoreError, config_sha256
 from vlmscope.capture.layout import MODALITIES, selected_modalities
 from vlmscope.data.processing import SkipCounter
+from vlmscope.dictionaries import NonFiniteError, check_finite
 from vlmscope.training.bundle import mlp_out, resid_mid
 from vlmscope.training.config import TrainConfig
 from vlmscope.training.errors import TrainingError
@@ -272,6 +273,8 @@ class StoreSource:
                 ):
                     t = b.tensors
                     acts = {h: t[h].to(self.device, non_blocking=True).float() for h in names}
+                    for h in names:
+                        _check_finite(store, h, acts[h], t["meta.sample"])
                     xs, ys = [acts[h] for h in self.reads], [acts[h] for h in self.writes]
                     samples = torch.unique_consecutive(t["meta.sample"][:64]).tolist()[:4]
                     rows = [f"store sample {s}" for s in samples]
@@ -280,6 +283,23 @@ class StoreSource:
                 raise TrainingError(f"{e}; the last checkpoint is intact") from None
             state.epoch += 1
             state.store_tokens = 0
+
+
+def _check_finite(store: ActivationStore, hook: str, acts: torch.Tensor, sample: Any) -> None:
+    """Raise StoreError naming the store, hook, samples and shard when a batch of hook's
+    activations holds NaN or Inf: the store's bytes pass their checksum whatever they hold
+    (a model that overflowed in bf16 while capturing writes them)."""
+    try:
+        check_finite(hook, acts)
+    except NonFiniteError as e:
+        bad = (~torch.isfinite(acts)).any(1).cpu()
+        samples = torch.unique(sample[bad]).tolist()
+        shards = ", ".join(s.path.name for s in store.shards_of_sample(samples[0]))
+        where = f" (the first held in {shards})" if shards else ""
+        raise StoreError(
+            f"store {store.path}: {e}; in store samples {samples[:4]}"
+            f"{'...' if len(samples) > 4 else ''}{where}"
+        ) from None
 
 
 def _counts(modality_tokens: dict[str, int]) -> str:
