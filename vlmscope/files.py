@@ -22,6 +22,21 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[Path], objec
     return path
 
 
+def unwritable_reason(folder: str | os.PathLike[str]) -> str | None:
+    """Why files cannot be written in `folder` (made if missing), or None if they can: its
+    nearest existing ancestor must be a folder this process may write in. Checked before long
+    work, so a typo in an output path fails in a second, not after the work."""
+    path = Path(folder).absolute()
+    for at in (path, *path.parents):
+        if at.exists():
+            if not at.is_dir():
+                return f"{at} is a file, not a folder"
+            if not os.access(at, os.W_OK | os.X_OK):
+                return f"{at} is not writable"
+            return None
+    return f"{path} has no existing folder above it"
+
+
 def umask() -> int:
     """The process's file-creation mask (read without changing it where /proc allows)."""
     try:

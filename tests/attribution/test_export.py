@@ -441,6 +441,18 @@ def test_cli_graph_dir_and_slug(llava_setup: dict[str, Path], capsys: Any) -> No
         assert why in capsys.readouterr().err
 
 
+def test_cli_an_output_path_it_cannot_write_fails_before_any_work(
+    llava_setup: dict[str, Path], tmp_path: Path, capsys: Any
+) -> None:
+    s = llava_setup
+    (tmp_path / "afile").write_text("not a folder")
+    for out in (tmp_path / "afile" / "sub" / "g.json", tmp_path / "afile" / "g.json"):
+        assert run_attribute_command(parse(cli_args(s, out))) == 2
+        err = capsys.readouterr()
+        assert f"--out: cannot write {out}: {tmp_path / 'afile'} is a file, not a folder" in err.err
+        assert "logit" not in err.out.lower(), "it stopped before loading the model"
+
+
 @pytest.mark.parametrize(
     ("name", "why"), [("missing.png", "no such file"), ("bad.png", "cannot read")]
 )

@@ -442,3 +442,21 @@ def test_provenance_in_the_dictionaries_is_used_away_from_the_run(
     on_test = TrainConfig(model="llava", dataset="shapes:8", split="test", seed=0)
     assert same_data_as_training(folder, on_test) is False
     assert same_data_as_training(random_clt(llava).save(tmp_path / "bare"), on_train) is None
+
+
+def test_cli_on_data_without_one_good_record_counts_what_the_reader_refused(
+    tmp_path: Path, zoo_path: Any, llava: HookedVLM, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    turns = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]
+    images = ["missing.png", "corrupt.png", "corrupt.png"]
+    rows = [{"id": str(i), "image": im, "conversations": turns} for i, im in enumerate(images)]
+    data = tmp_path / "bad.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    folder = random_clt(llava).save(tmp_path / "dictionaries")
+    argv = [str(zoo_path("llava")), str(folder), str(data), "--split", "train", "--device",
+            "cpu", "--no-per-layer", "--no-progress"]  # fmt: skip
+    assert run_eval_command(_parse(argv)) == 1
+    err = capsys.readouterr().err
+    assert "no batches to evaluate (3 records skipped - missing_image: 1 (e.g. bad.jsonl:0)" in err
+    assert "corrupt_image: 2 (e.g. bad.jsonl:1, bad.jsonl:2))" in err

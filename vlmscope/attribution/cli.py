@@ -30,6 +30,7 @@ from vlmscope.attribution.export import (
     write_graph_files,
 )
 from vlmscope.attribution.heatmap import heatmap_path, save_heatmap_png
+from vlmscope.files import unwritable_reason
 
 
 class AttributeInputError(ValueError):
@@ -232,6 +233,10 @@ def _check_args(args: argparse.Namespace) -> list[Any]:
         raise AttributeInputError(f"--out {out} is a folder; give a file name such as graph.json")
     if out.suffix == ".safetensors":
         raise AttributeInputError(f"--out {out}: the raw graph takes that name; use a .json name")
+    why = unwritable_reason(out.parent)
+    if why is not None:
+        flag = "--out" if args.graph_dir is None else "--graph-dir"
+        raise AttributeInputError(f"{flag}: cannot write {out}: {why}")
     return images
 
 

@@ -384,6 +384,13 @@ class SkipCounter:
         if len(ex) < self.keep:
             ex.append(row_id)
 
+    def merge(self, counts: Mapping[str, int], examples: Mapping[str, Sequence[str]]) -> None:
+        """Add another counter's counts and examples (e.g. a Dataset's BadRecordStats)."""
+        for reason, n in counts.items():
+            self.counts[reason] = self.counts.get(reason, 0) + n
+            ex = self.examples.setdefault(reason, [])
+            ex.extend(list(examples.get(reason, []))[: max(0, self.keep - len(ex))])
+
     @property
     def total(self) -> int:
         return sum(self.counts.values())

@@ -693,6 +693,11 @@ def evaluate(
         bar.close()
         bundle.train(was_training)
     if n_batches == 0:
+        # records a Dataset refused (unreadable images, wrong columns) never reach the
+        # encoder, so they are in its own stats, not in `skips`
+        stats = getattr(data, "stats", None)
+        if stats is not None:
+            skips.merge(stats.counts, stats.examples)
         raise ValueError(f"no batches to evaluate ({skips.summary()})")
     if skips.total:
         print(skips.summary(), file=sys.stderr)
