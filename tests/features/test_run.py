@@ -137,7 +137,17 @@ def test_interrupted_run_resumes_to_the_same_cards(
     )
 
 
-def test_bad_input_names_the_culprit(toy: dict[str, Any], tmp_path: Path) -> None:
+def test_bad_input_names_the_culprit(toy: dict[str, Any], tmp_path: Path, zoo_path: Any) -> None:
+    finished = toy["out"]
+    before = {p: p.read_bytes() for p in finished.rglob("*") if p.is_file()}
+    with pytest.raises(FeaturesError, match=r"holds the cards of a finished run.*--overwrite"):
+        collect_features("toy", str(toy["dicts"]), "shapes:64", finished,
+                         FeaturesOptions(**OPTS), vlm=toy["vlm"], progress=False)  # fmt: skip
+    assert before == {p: p.read_bytes() for p in finished.rglob("*") if p.is_file()}
+    other = HookedVLM.from_pretrained(str(zoo_path("llava")), device="cpu")  # d_model 64
+    with pytest.raises(FeaturesError, match=r"dictionaries trained on .* do not match"):
+        collect_features("toy", str(toy["dicts"]), "shapes:64", tmp_path / "o",
+                         vlm=other, progress=False)  # fmt: skip
     with pytest.raises(FeaturesError, match="DICTIONARIES"):
         collect_features("toy", str(tmp_path / "nope"), "shapes:64", tmp_path / "o",
                          vlm=toy["vlm"], progress=False)  # fmt: skip

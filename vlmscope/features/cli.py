@@ -87,6 +87,12 @@ def add_features_arguments(p: argparse.ArgumentParser) -> None:
         default=d.checkpoint_every,
         help=f"batches between checkpoints (default: {d.checkpoint_every})",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the cards of a finished run in --out (without it such a folder is refused; "
+        "an unfinished run there resumes)",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="model dtype (default: the checkpoint's)")
 
@@ -103,7 +109,8 @@ def run_features_command(args: argparse.Namespace) -> int:
     )  # fmt: skip
     try:
         res = collect_features(args.model, args.dictionaries, args.dataset, args.out, opts,
-                               device=args.device, dtype=args.dtype)  # fmt: skip
+                               device=args.device, dtype=args.dtype,
+                               overwrite=args.overwrite)  # fmt: skip
     except FeaturesError as e:
         print(f"vlmscope features: error: {e}", file=sys.stderr)
         return 2

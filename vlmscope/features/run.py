@@ -113,8 +113,10 @@ def collect_features(
     dtype: str | None = None,
     progress: bool = True,
     vlm: Any = None,
+    overwrite: bool = False,
 ) -> FeaturesResult:
-    """Run the phases above; returns where the cards are and how fast it went."""
+    """Run the phases above; returns where the cards are and how fast it went. A folder that
+    holds a finished run's cards is refused unless `overwrite` (an unfinished one resumes)."""
     opts = opts or FeaturesOptions()
     out = Path(out)
     _check_options(opts)
@@ -126,6 +128,12 @@ def collect_features(
     except FolderLockedError as e:
         raise FeaturesError(f"{e} (another `vlmscope features` into this --out?)") from None
     try:
+        finished = (out / INDEX).is_file() and not (out / PROGRESS / "state.json").exists()
+        if finished and not overwrite:
+            raise FeaturesError(
+                f"--out {out} holds the cards of a finished run ({INDEX}); give another --out, "
+                "or --overwrite to replace them"
+            )
         return _collect(model, dictionaries, dataset, out, opts, device, dtype, progress, vlm)
     finally:
         lock.release()
@@ -144,7 +152,7 @@ def _collect(
 ) -> FeaturesResult:
     from vlmscope.data.processing import SampleEncoder, SkipCounter, batches, encode_stream
     from vlmscope.models.hooked import HookedVLM
-    from vlmscope.training.bundle import DictionaryBundle
+    from vlmscope.training.bundle import DictionaryBundle, ModelMismatchError
     from vlmscope.training.config import TrainConfig
     from vlmscope.training.trainer import open_training_data, resolve_model_path
 
@@ -157,7 +165,10 @@ def _collect(
     state = _load_progress(out, settings, bundle)
     if vlm is None:
         vlm = HookedVLM.from_pretrained(resolve_model_path(model), device=device, dtype=dtype)
-    bundle.check_model(vlm.adapter)
+    try:
+        bundle.check_model(vlm.adapter)
+    except ModelMismatchError as e:
+        raise FeaturesError(str(e)) from None
     bundle = bundle.to(vlm.device).eval()
     n_units = len(bundle.units)
     n_feats = bundle.cfg.num_latents
