@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -89,3 +90,22 @@ def test_a_run_without_an_adapter_form_is_one_error_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "hook_resid_mid" in err[0] and err[0].startswith("vlmscope peft")
     assert not (tmp_path / "ad").exists()
+
+
+def test_import_of_an_adapter_made_for_another_model_is_one_error_line(
+    toy: HookedVLM, tmp_path: Path, zoo_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An exported adapter records its widths (d_in, d_out), so PEFT builds it at those
+    widths on any model with modules of the same names: what import would write is refused
+    before it is written."""
+    hook = "lm.blocks.1.mlp.hook_out"
+    info = {"name": "toy", "family": "llava", "dims": toy.adapter.dims()}  # d_model 128
+    cfg = SparseCoderConfig(kind="sae", k=4, num_latents=64)
+    DictionaryBundle.create(cfg, [hook], [hook], 128, 128, info).save(tmp_path / "run")
+    assert main(["peft", "export", "toy", str(tmp_path / "run"), str(tmp_path / "ad")]) == 0
+    argv = ["peft", "import", str(zoo_path("llava")), str(tmp_path / "ad"), str(tmp_path / "b")]
+    assert main([*argv, "--device", "cpu"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert f"its dictionary is 128 wide where {hook} of this model is 64" in err[0]
+    assert not (tmp_path / "b").exists()

@@ -30,7 +30,7 @@ from vlmscope.models.hooked import HookedVLM
 from vlmscope.peft.config import SaeConfig
 from vlmscope.peft.layer import SaeLayer
 from vlmscope.peft.model import PeftSaeModel, get_peft_sae_model, module_name_pattern, sae_layers
-from vlmscope.training.bundle import DictionaryBundle
+from vlmscope.training.bundle import DictionaryBundle, hook_width
 
 
 class ConversionError(ValueError):
@@ -77,6 +77,7 @@ def to_bundle(
         raise ConversionError(f"adapter {adapter_name!r} mixes kinds {sorted(kinds)}")
     kind = kinds.pop()
     reads, writes, dicts = [], [], {}
+    dims = vlm.adapter.dims()
     for module_name, coder in coders.items():
         hooks = by_module.get(module_name, {})
         write = hooks.get("out")
@@ -89,6 +90,15 @@ def to_bundle(
             )
         if read in dicts:
             raise ConversionError(f"two adapter layers map to hook point {read!r}")
+        # PEFT loads an adapter onto any model with modules of the same names: its widths are
+        # the config's, not the module's, so one made for another model loads without a word
+        for hook, width in ((read, coder.cfg.d_in), (write, coder.cfg.d_out)):
+            want = hook_width(hook, dims)
+            if want is not None and want != width:
+                raise ConversionError(
+                    f"adapter {adapter_name!r} on {module_name}: its dictionary is {width} wide "
+                    f"where {hook} of this model is {want}; it was made for another model"
+                )
         reads.append(read)
         writes.append(write)
         dicts[read] = coder
