@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,11 @@ def _add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="write the plan as JSON here")
 
 
+def _seconds(s: float) -> str:
+    """A time estimate to the precision it has: '<0.1 s' below a tenth of a second."""
+    return "<0.1 s" if s < 0.05 else f"{s:.1f} s" if s < 100 else f"{s:,.0f} s"
+
+
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "model",
@@ -130,8 +136,38 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     add_config_flags(p)
 
 
+#: numeric flags and the least value each may take: (flag, attribute, minimum, inclusive)
+_LIMITS = {
+    "train": [("--gpus", "gpus", 1, True), ("--gpu-mem", "gpu_mem", 0, False),
+              ("--tokens-per-sample", "tokens_per_sample", 0, True)],
+    "attribute": [("--gpu-mem", "gpu_mem", 0, False), ("--host-mem", "host_mem", 0, False),
+                  ("--tflops", "tflops", 0, False), ("--link-gbs", "link_gbs", 0, False),
+                  ("--unique-fraction", "unique_fraction", 0, False),
+                  ("--max-feature-nodes", "max_feature_nodes", 1, True),
+                  ("--max-n-logits", "max_n_logits", 1, True)],
+}  # fmt: skip
+
+
+def _out_of_range(args: argparse.Namespace) -> str | None:
+    """The first numeric flag outside its range, as an error line (None: all are fine)."""
+    for flag, name, least, inclusive in _LIMITS[args.plan_cmd]:
+        value = getattr(args, name)
+        if value is None:
+            continue
+        ok = math.isfinite(value) and (value >= least if inclusive else value > least)
+        if not ok:
+            return f"{flag} must be {'>=' if inclusive else '>'} {least}, got {value:g}"
+    if args.plan_cmd == "attribute" and args.unique_fraction > 1:
+        return f"--unique-fraction must be <= 1, got {args.unique_fraction:g}"
+    return None
+
+
 def run_plan_command(args: argparse.Namespace) -> int:
     """Run `vlmscope plan`; 0 when the job fits, 1 when it does not, 2 for bad input."""
+    bad = _out_of_range(args)
+    if bad is not None:
+        print(f"vlmscope plan: error: {bad}", file=sys.stderr)
+        return 2
     if args.plan_cmd == "train":
         return _plan_training(args)
     return _plan_attribution(args)
@@ -209,10 +245,10 @@ def _plan_attribution(args: argparse.Namespace) -> int:
         rates=rates,
     )
     print(
-        f"attribution of {shape.positions} positions: {shape.n_layers} layers, "
-        f"{shape.n_units} dictionary layers of {shape.latents} latents, "
+        f"attribution of {shape.positions:,} positions: {shape.n_layers} layers, "
+        f"{shape.n_units} dictionary layers of {shape.latents:,} latents, "
         f"{shape.n_active:,} active features ({sum(shape.unique):,} distinct), "
-        f"{min(shape.max_feature_nodes, shape.n_active)} explored"
+        f"{min(shape.max_feature_nodes, shape.n_active):,} explored"
     )
     print(c.plan.table())
     total_s = sum(c.seconds.values())
@@ -223,8 +259,9 @@ def _plan_attribution(args: argparse.Namespace) -> int:
     )
     print(
         "expected time: "
-        + ", ".join(f"{k} {v:.1f} s" for k, v in c.seconds.items())
-        + f"; total {total_s:.0f} s (at {args.tflops:g} TFLOP/s, {args.link_gbs:g} GB/s)"
+        + ", ".join(f"{k} {_seconds(v)}" for k, v in c.seconds.items())
+        + f"; total {_seconds(total_s)} (on a device at {args.tflops:g} TFLOP/s, "
+        f"{args.link_gbs:g} GB/s from the host: --tflops, --link-gbs)"
     )
     if args.out:
         from vlmscope.files import write_text_atomically

@@ -55,7 +55,8 @@ class TrainingPlan:
             "",
             self.budget.table(),
             "",
-            f"per GPU: {self.budget.total() / GiB:.1f} GiB of {self.gpu_mem_gib:g} GiB: {verdict}",
+            f"per GPU: {self.budget.total() / GiB:.1f} GiB of {self.gpu_mem_gib:.1f} GiB: "
+            f"{verdict}",
             f"tokens per optimiser step: {self.tokens_per_step:,}",
         ]
         if self.advice:
