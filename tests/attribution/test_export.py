@@ -451,6 +451,10 @@ def test_cli_an_output_path_it_cannot_write_fails_before_any_work(
         err = capsys.readouterr()
         assert f"--out: cannot write {out}: {tmp_path / 'afile'} is a file, not a folder" in err.err
         assert "logit" not in err.out.lower(), "it stopped before loading the model"
+    argv = cli_args(s, tmp_path / "g.json")
+    argv[1] = str(tmp_path / "no-model")  # a path, not a hub name: not "Repo id must be ..."
+    assert run_attribute_command(parse(argv)) == 1
+    assert f"model path '{tmp_path / 'no-model'}' does not exist" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -707,3 +707,21 @@ def test_empty_and_all_bad_json_files_say_why(tmp_path: Path) -> None:
     (folder / "a.jsonl").write_bytes(b"")
     (folder / "b.jsonl").write_text('{"text": "hello"}\n')
     assert [r.text for r in open_dataset(folder)] == ["hello"]
+
+
+def test_images_under_another_column_name_are_named_with_the_fix(tmp_path: Path) -> None:
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    turns = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]
+    llava = tmp_path / "llava.jsonl"
+    llava.write_text(json.dumps({"id": "0", "picture": "a.png", "conversations": turns}) + "\n")
+    hint = r"no '{}' column \(it has \[{}\]\): name yours with --columns {}=NAME"
+    with pytest.raises(BadRecordError, match=hint.format("image", ".*'picture'.*", "image")):
+        list(open_dataset(llava, strict=True))
+    good = open_dataset(llava, columns=ColumnMap(image="picture"), strict=True)
+    assert [len(r.images) for r in good] == [1]
+    parts = [{"type": "image"}, {"type": "text", "text": "What colour?"}]
+    chat = tmp_path / "chat.jsonl"
+    row = {"messages": [{"role": "user", "content": parts}], "pics": ["a.png"]}
+    chat.write_text(json.dumps(row) + "\n")
+    with pytest.raises(BadRecordError, match=hint.format("images", ".*'pics'.*", "images")):
+        list(open_dataset(chat, strict=True))

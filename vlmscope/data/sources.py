@@ -398,6 +398,17 @@ def _image_items(value: Any) -> list[Any]:
     return [value]
 
 
+def _column_hint(row: dict[str, Any], column: str, key: str) -> str:
+    """For a row with image placeholders but no images: if it lacks the image column, the
+    likelier cause is that its images are under another name; say which names it has."""
+    if column in row:
+        return ""
+    return (
+        f"; the row has no {column!r} column (it has {sorted(row)[:8]}): name yours with "
+        f"--columns {key}=NAME"
+    )
+
+
 def _llava_record(row: dict[str, Any], cm: ColumnMap, loader: _ImageLoader) -> Record:
     conv = _as_list(row.get(cm.conversations))
     if conv is None:
@@ -422,7 +433,10 @@ def _llava_record(row: dict[str, Any], cm: ColumnMap, loader: _ImageLoader) -> R
         raise _Bad(Reason.EMPTY_CONVERSATION, "no text in any turn")
     n_tokens = sum(v.count(IMAGE_TOKEN) for _, v in turns)
     if n_tokens != len(items):
-        raise _Bad(Reason.IMAGE_COUNT_MISMATCH, f"{n_tokens} <image> tokens, {len(items)} images")
+        hint = _column_hint(row, cm.image, "image")
+        raise _Bad(
+            Reason.IMAGE_COUNT_MISMATCH, f"{n_tokens} <image> tokens, {len(items)} images{hint}"
+        )
     if items:
         messages = [{"role": r, "content": _split_image_tokens(v)} for r, v in turns]
     else:
@@ -491,7 +505,8 @@ def _chat_record(row: dict[str, Any], cm: ColumnMap, loader: _ImageLoader) -> Re
     if not items and inline and len(inline) == n_parts:
         items = inline
     if n_parts != len(items):
-        raise _Bad(Reason.IMAGE_COUNT_MISMATCH, f"{n_parts} image parts, {len(items)} images")
+        hint = _column_hint(row, cm.images, "images") if not inline else ""
+        raise _Bad(Reason.IMAGE_COUNT_MISMATCH, f"{n_parts} image parts, {len(items)} images{hint}")
     images = [loader.load(item) for item in items]
     return Record(row_id="", messages=messages, images=images, source_id=_source_id(row, cm))
 

@@ -164,7 +164,11 @@ def _collect(
                 **{k: getattr(opts, k) for k in _SAME_ON_RESUME}}  # fmt: skip
     state = _load_progress(out, settings, bundle)
     if vlm is None:
-        vlm = HookedVLM.from_pretrained(resolve_model_path(model), device=device, dtype=dtype)
+        try:
+            path = resolve_model_path(model)
+            vlm = HookedVLM.from_pretrained(path, device=device, dtype=dtype)
+        except (OSError, ValueError) as e:
+            raise FeaturesError(f"cannot load model {model!r}: {e}") from e
     try:
         bundle.check_model(vlm.adapter)
     except ModelMismatchError as e:

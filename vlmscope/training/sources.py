@@ -124,7 +124,8 @@ class ActivationSource(Protocol):
 
 # --- models and data -----------------------------------------------------------------------
 def resolve_model_path(model: str) -> str:
-    """`toy` is the shipped toy VLM, a zoo name builds that tiny model; else a HF name/path."""
+    """`toy` is the shipped toy VLM, a zoo name builds that tiny model; else a HF name/path
+    (FileNotFoundError for a path that can only be local, e.g. `./m` or `/m`, and is not)."""
     from vlmscope.models import zoo
 
     if os.path.exists(model):
@@ -135,6 +136,8 @@ def resolve_model_path(model: str) -> str:
         return str(toy_path())
     if model in zoo.names():
         return str(zoo.cached_path(model))
+    if _looks_like_local_path(model):  # not a hub name: say so, not "Repo id must be ..."
+        raise FileNotFoundError(f"model path {model!r} does not exist")
     return model
 
 
