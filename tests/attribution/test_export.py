@@ -399,6 +399,9 @@ def test_cli_writes_json_raw_and_heatmap(llava_setup: dict[str, Path], capsys: A
     # The image is copied next to the graph, once, and referenced relatively: no local path.
     stored = data["images"][0]["path"]
     assert stored.startswith("images/") and (out.parent / stored).is_file()
+    wrote = printed.split("\nWrote ", 1)[1].strip().split(", ")
+    assert wrote == [str(out), str(out.with_suffix(".safetensors")), str(out.parent / stored),
+                     str(out.with_suffix(".heatmap.png"))]  # fmt: skip
     assert (np.asarray(Image.open(out.parent / stored)) == np.asarray(Image.open(img))).all()
     assert str(s["dir"]) not in out.read_text()
     assert data["metadata"]["scan"] == Path(s["model"]).name  # folder name, not path

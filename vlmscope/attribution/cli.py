@@ -396,10 +396,10 @@ def run_attribute_command(args: argparse.Namespace) -> int:
     slug = args.slug or out.stem
     # Images are copied next to the graph (once each, named by content) and referenced by a
     # relative path: the graph folder is self-contained and carries no path of the author's.
-    if args.embed_images:
-        image_kw: dict[str, Any] = {"images": images}
-    else:
-        image_kw = {"image_paths": [out.parent / store_image(im, out.parent) for im in images]}
+    stored = (
+        [] if args.embed_images else [out.parent / store_image(im, out.parent) for im in images]
+    )
+    image_kw: dict[str, Any] = {"images": images} if args.embed_images else {"image_paths": stored}
     kwargs = dict(
         prune_result=pr,
         node_threshold=args.node_threshold,
@@ -415,6 +415,7 @@ def run_attribute_command(args: argparse.Namespace) -> int:
     else:
         written = [save_json(graph, out, slug=slug, **kwargs)]
     written.append(save_raw(graph, out.with_suffix(".safetensors")))
+    written += list(dict.fromkeys(stored))  # the images the JSON points to
     vs = list(range(1, graph.n_logits)) if args.contrast else []
     heat = patch_effect(graph, 0, against=vs)
     proc = getattr(vlm.processor, "image_processor", None)
