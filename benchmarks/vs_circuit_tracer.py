@@ -466,21 +466,30 @@ def _memory_gb() -> float:
     return 0.0
 
 
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default."""
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--lengths", type=int, nargs="+", default=[18, 64, 480])
-    p.add_argument("--max-feature-nodes", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--d-model", type=int, default=512)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--latents", type=int, default=4096)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_Help)
+    p.add_argument("--lengths", type=int, nargs="+", default=[18, 64, 480],
+                   help="prompt lengths in tokens, one row each")  # fmt: skip
+    p.add_argument("--max-feature-nodes", type=int, default=256,
+                   help="features explored, both tools")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="backward passes batched together, both tools")  # fmt: skip
+    p.add_argument("--d-model", type=int, default=512, help="width of the random Llama")
+    p.add_argument("--layers", type=int, default=8, help="layers of the random Llama")
+    p.add_argument("--latents", type=int, default=4096, help="CLT features per layer")
     p.add_argument("--k", type=int, default=16, help="features firing per position (target)")
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--work", default="/tmp/vlmscope-vs-circuit-tracer")
-    p.add_argument("--ct-python", default=None, help="python of an existing circuit-tracer venv")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="runs of each tool per row, alternating; the fastest is kept")  # fmt: skip
+    p.add_argument("--threads", type=int, default=2, help="torch threads in each tool's process")
+    p.add_argument("--work", default="/tmp/vlmscope-vs-circuit-tracer",
+                   help="folder for the shared model, CLT, prompts and results")  # fmt: skip
+    p.add_argument("--ct-python", default=None,
+                   help="python of an existing circuit-tracer venv (None: the one this "
+                   "script makes once in ../<repo>-peers/circuit-tracer)")  # fmt: skip
     p.add_argument("--rebuild", action="store_true", help="rebuild the shared model and CLT")
     p.add_argument("--model", default=None,
                    help="a Hugging Face model folder of your own (Llama, Gemma 2, Gemma 3) "
@@ -496,8 +505,8 @@ def main() -> None:
     )
     p.add_argument("--prompts-file", default=None, help="prompts to attribute, one per line")
     p.add_argument("--mem-limit-gb", type=float, default=round(0.85 * _memory_gb(), 1),
-                   help="a child whose resident memory passes this is stopped and its row marked; "
-                   "default 85%% of this machine's memory")  # fmt: skip
+                   help="a child whose resident memory passes this is stopped and its row "
+                   "marked (85%% of this machine's memory)")  # fmt: skip
     p.add_argument("--child", choices=["vlmscope", "ct"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--length", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -4,7 +4,7 @@
     python benchmarks/vs_sparsify.py --tokens 81920 --kinds sae transcoder
     python benchmarks/vs_sparsify.py --synthetic 512 --expansion 16 --batch-tokens 2048 --repeat 1
     python benchmarks/vs_sparsify.py --random-llama 512 --kinds sae transcoder --layer 1 --repeat 1
-    python benchmarks/vs_sparsify.py --model PATH --dataset DATA --heldout-split train \
+    python benchmarks/vs_sparsify.py --model PATH --dataset DATA --heldout-split train \\
         --modalities text --kinds sae transcoder --layer 6     # your own weights and prompts
 
 What is compared. The toy VLM's activations (shapes world, train split; held-out FVU on the
@@ -568,15 +568,19 @@ def child(python: Path, role: str, args: argparse.Namespace, folder: Path, kind:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default."""
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_Help)
     p.add_argument("--tokens", type=int, default=40960, help="training tokens per run (timed)")
     p.add_argument("--batch-tokens", type=int, default=512, help="tokens per step, both tools")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
-    p.add_argument("--heldout-tokens", type=int, default=8192)
-    p.add_argument("--expansion", type=int, default=8)
-    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--heldout-tokens", type=int, default=8192,
+                   help="tokens the held-out FVU is measured on")  # fmt: skip
+    p.add_argument("--expansion", type=int, default=8, help="latents per input dimension")
+    p.add_argument("--k", type=int, default=32, help="latents active per token (TopK)")
     p.add_argument("--layer", type=int, default=2, help="layer of the SAE and transcoder")
     p.add_argument(
         "--model",
@@ -593,18 +597,20 @@ def main() -> None:
     p.add_argument("--heldout-split", default="test",
                    help="split of the held-out rows; `train`: the rows after the training "
                         "rows")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of both tools' initialisation")
     p.add_argument("--threads", type=int, default=2, help="torch threads in each trainer")
     p.add_argument("--repeat", type=int, default=3,
                    help="runs of each tool per row, alternating; prints the median")  # fmt: skip
     p.add_argument("--curve", type=int, default=0, help="held-out FVU every N steps (0: end)")
-    p.add_argument("--kinds", nargs="+", default=["sae", "transcoder", "clt"])
+    p.add_argument("--kinds", nargs="+", default=["sae", "transcoder", "clt"],
+                   choices=["sae", "transcoder", "clt"], help="rows: dictionary kinds")  # fmt: skip
     p.add_argument("--init", default="now", choices=["now", "before", "sparsify"],
                    help="vlmscope's init (see swap_init), to compare inits")  # fmt: skip
     p.add_argument("--centring", type=float, default=-1.0,
                    help="with --init now: the share of the input mean transcoders and CLTs "
-                        "remove at init (default: coder.choose_centring picks it)")  # fmt: skip
-    p.add_argument("--modalities", nargs="+", default=["text", "vlm"])
+                        "remove at init (-1: coder.choose_centring picks it)")  # fmt: skip
+    p.add_argument("--modalities", nargs="+", default=["text", "vlm"],
+                   help="rows: text (images removed), vlm (with images); see above")  # fmt: skip
     p.add_argument("--synthetic", type=int, default=0, metavar="D",
                    help="made-up activations of width D instead of the toy's (see "
                         "synthesise; layer 0 for SAE and transcoder, 2 for CLTs)")  # fmt: skip
@@ -624,11 +630,12 @@ def main() -> None:
         "--lr-warmup",
         type=float,
         default=-1.0,
-        help="vlmscope's warm-up fraction (default: the trainer's)",
+        help="vlmscope's warm-up fraction (-1: the trainer's)",
     )
     p.add_argument("--lr-decay", type=float, default=-1.0,
-                   help="vlmscope's decay fraction (default: the trainer's)")  # fmt: skip
-    p.add_argument("--sparsify-venv", default=str(ROOT.parent / f"{ROOT.name}-peers" / "sparsify"))
+                   help="vlmscope's decay fraction (-1: the trainer's)")  # fmt: skip
+    p.add_argument("--sparsify-venv", default=str(ROOT.parent / f"{ROOT.name}-peers" / "sparsify"),
+                   help="sparsify's venv, made once if missing (not vlmscope's)")  # fmt: skip
     p.add_argument(
         "--normalize",
         default="auto",
