@@ -468,7 +468,9 @@ def _capture(
         unit="tok",
         unit_scale=True,
         disable=not (progress and lay.is_main),
-        desc=f"capture {folder.name}",
+        # rank 0's own tokens and share of --max-tokens: a global count would cost a
+        # collective per batch; the summary at the end gives the total
+        desc=f"capture {folder.name}" + (f" (rank 0 of {lay.world})" if lay.distributed else ""),
         dynamic_ncols=True,
     )
     start, new_tokens = time.perf_counter(), 0
