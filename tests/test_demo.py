@@ -31,6 +31,8 @@ def test_quick_demo_on_the_toy_vlm(tmp_path: Path) -> None:
     for name in ("circle-colour.json", "circle-colour.safetensors", "circle-colour.heatmap.png",
                  "graph-metadata.json"):  # fmt: skip
         assert (tmp_path / "demo" / "attribution" / name).exists()
+    graph = json.loads((tmp_path / "demo" / "attribution" / "circle-colour.json").read_text())
+    assert graph["metadata"]["scan"] == "toy"  # as `vlmscope attribute --model toy` names it
     assert (tmp_path / "demo" / "summary.json").exists()
     assert (tmp_path / "demo" / "features" / "index.json").exists()
     assert summary["features"]["alive"] > 0

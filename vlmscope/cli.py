@@ -293,7 +293,13 @@ def _zoo_args(z: argparse.ArgumentParser) -> None:
     from vlmscope.models.toy import train as toy_train
 
     zs = z.add_subparsers(dest="zoo_cmd", required=True, metavar="ZOO_COMMAND")
-    zs.add_parser("list", help="list zoo entries")
+    zs.add_parser(
+        "list",
+        help="list zoo entries",
+        description="The zoo's entries: one tiny randomly initialised model per supported "
+        "family, with its modalities and what it is made of; `vlmscope zoo save NAME DIR` "
+        "writes one, and any command takes a zoo name where it takes a model.",
+    )
     save = zs.add_parser("save", help="build a zoo model and save it with save_pretrained")
     save.add_argument("name", help="zoo entry name (see `vlmscope zoo list`)")
     save.add_argument("out", help="output folder")
@@ -340,7 +346,10 @@ def _zoo_args(z: argparse.ArgumentParser) -> None:
 COMMANDS: dict[str, tuple[str, str | None, Callable[[argparse.ArgumentParser], None]]] = {
     "models": (
         "list supported model families, hook points and flags",
-        None,
+        "The model families vlmscope hooks (chosen by a checkpoint's model_type), each with "
+        "its zoo entry and capability flags (vision tower, patch grid, sliding window, MoE "
+        "MLP, ...), and the stable hook point names they share. Other decoders load through "
+        "the generic adapter, found by structure.",
         lambda m: m.set_defaults(func=cmd_models),
     ),
     "demo": (

@@ -157,15 +157,22 @@ def _heldout(budget: DemoBudget) -> Any:
 
 
 def attribution_example(
-    vlm: HookedVLM, dictionaries: Path, out: Path, max_feature_nodes: int = 400, n_scan: int = 400
+    vlm: HookedVLM,
+    dictionaries: Path,
+    out: Path,
+    max_feature_nodes: int = 400,
+    n_scan: int = 400,
+    model: str | None = None,
 ) -> dict[str, Any]:
     """Attribute QUESTION on a held-out shapes image with exactly one circle; report how much
     of the image patches' effect on the top logit (the heatmap's map) lands on the circle's
-    patches, beside the grounding benchmark's mean for colour questions."""
+    patches, beside the grounding benchmark's mean for colour questions. `model`: the name the
+    graph shows (`vlmscope attribute --model` gives it the same way; default: the folder's)."""
     from vlmscope.attribution.attribute import attribute
     from vlmscope.attribution.export import (
         concentration,
         patch_effect,
+        public_model_name,
         save_raw,
         store_image,
         write_graph_files,
@@ -192,6 +199,7 @@ def attribution_example(
         prompt_text=QUESTION,
         image_paths=[out / store_image(image, out)],
         relative_to=out,
+        scan=public_model_name(model),
     )
     raw_path = save_raw(graph, json_path.with_suffix(".safetensors"))
     png_path = save_heatmap_png(graph, image, heatmap_path(json_path), logit_index=0)
@@ -325,7 +333,7 @@ def run_demo(
 
     _section(5, "attribution graph for a shapes-world question")
     summary["attribution"] = attribution_example(
-        vlm, clt.dictionaries, out / "attribution", budget.max_feature_nodes
+        vlm, clt.dictionaries, out / "attribution", budget.max_feature_nodes, model=model
     )
 
     _section(6, "feature dashboards for the viewer")

@@ -1282,9 +1282,14 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Flags of `vlmscope zoo eval-toy`."""
     p.add_argument("--model", default=None, help="model folder (default: the shipped toy)")
     p.add_argument(
-        "--n", type=int, default=200, help="held-out questions per type and phrasing set"
+        "--n",
+        type=int,
+        default=200,
+        help="held-out questions per type and phrasing set (default: 200)",
     )
-    p.add_argument("--seed", type=int, default=EVAL_SEED, help="held-out split seed")
+    p.add_argument(
+        "--seed", type=int, default=EVAL_SEED, help=f"held-out split seed (default: {EVAL_SEED})"
+    )
     p.add_argument("--json", default=None, help="also write the accuracies to this JSON file")
     return p
 
