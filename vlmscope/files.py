@@ -4,6 +4,8 @@ rename, so a reader never sees a torn file and a crash leaves the previous versi
 from __future__ import annotations
 
 import os
+import secrets
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,7 +14,8 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[Path], objec
     """Call `write(tmp)` on a temporary path next to `path`, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # unique per call: threads of one process (the viewer's server) may write one file at once
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     try:
         write(tmp)
         apply_umask(tmp)
@@ -84,9 +87,13 @@ class FolderLock:
     (Windows) the lock is advisory only through the file's contents.
     """
 
-    def __init__(self, folder: str | os.PathLike[str], what: str = "folder") -> None:
+    def __init__(
+        self, folder: str | os.PathLike[str], what: str = "folder", wait_s: float = 0.0
+    ) -> None:
         self.folder = Path(folder)
         self.what = what
+        #: how long to wait for a live holder before refusing (0: refuse at once)
+        self.wait_s = wait_s
         self.path = self.folder / LOCK_NAME
         self._fd: int | None = None
         #: the holder recorded in a lock file that was stale (its process gone), if any.
@@ -96,20 +103,25 @@ class FolderLock:
         import json
         import socket
         import sys
-        import time
 
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             import fcntl
         except ImportError:  # pragma: no cover - not POSIX
             fcntl = None  # type: ignore[assignment]
-        if fcntl is not None:
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            if fcntl is None:
+                break
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 holder = _read_holder(fd)
                 os.close(fd)
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
                 who = (
                     f"pid {holder.get('pid')} on host {holder.get('host')}"
                     + (f" ({holder.get('command')})" if holder.get("command") else "")
@@ -120,6 +132,16 @@ class FolderLock:
                     f"{self.what} {self.folder} is in use by {who}: wait for it to finish, "
                     "or write elsewhere"
                 ) from None
+            # The holder before us unlinks the file as it releases: a file we opened before
+            # that is no longer the lock, and a writer that opens the path now locks a new
+            # one. Hold the flock only if it is on the file the path names.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
         previous = _read_holder(fd)
         if previous and previous.get("pid") != os.getpid():
             self.stale_holder = previous  # we hold the flock, so its writer is gone
@@ -153,9 +175,13 @@ class FolderLock:
         self.release()
 
 
-def lock_folder(folder: str | os.PathLike[str], what: str = "folder") -> FolderLock:
-    """Acquire the folder's writer lock (use as a context manager, or call `release()`)."""
-    return FolderLock(folder, what).acquire()
+def lock_folder(
+    folder: str | os.PathLike[str], what: str = "folder", wait_s: float = 0.0
+) -> FolderLock:
+    """Acquire the folder's writer lock (use as a context manager, or call `release()`),
+    waiting up to `wait_s` seconds for a live holder (for short sections such as an index
+    update; a long job refuses at once and names the holder)."""
+    return FolderLock(folder, what, wait_s).acquire()
 
 
 def _read_holder(fd: int) -> dict[str, object]:

@@ -235,6 +235,10 @@ def test_public_model_name_drops_local_folders(tmp_path: Path) -> None:
     meta = to_json(g, images=[random_image(8, 8, 1), random_image(8, 8, 2)])["metadata"]
     assert (meta["scan"], meta["model"]) == ("toy", "toy")
     assert str(tmp_path) not in json.dumps(meta)
+    g.metadata["dictionaries_trained_on"] = str(tmp_path / "secret" / "toy")
+    raw = save_raw(g, tmp_path / "g.safetensors")
+    assert str(tmp_path / "secret") not in raw.read_bytes().decode("latin-1")  # the header too
+    assert load_raw(raw).metadata["model"] == "toy"
 
 
 def test_store_image_keeps_each_picture_once(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ from vlmscope.attribution.export import (
     write_graph_files,
 )
 from vlmscope.attribution.heatmap import heatmap_path, save_heatmap_png
-from vlmscope.files import unwritable_reason
+from vlmscope.files import FolderLockedError, unwritable_reason
 
 
 class AttributeInputError(ValueError):
@@ -392,6 +392,20 @@ def run_attribute_command(args: argparse.Namespace) -> int:
     for t in graph.logit_targets[:5]:
         print(f"{t.token!r:<20} {t.probability:>7.4f}")
 
+    try:
+        written = _write_outputs(args, vlm, graph, pr, images)
+    except (OSError, ValueError, FolderLockedError) as e:
+        print(f"vlmscope attribute: error: cannot write the graph: {e}", file=sys.stderr)
+        return 1
+    print("\nWrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _write_outputs(
+    args: argparse.Namespace, vlm: Any, graph: Any, pr: Any, images: list[Any]
+) -> list[Path]:
+    """The viewer JSON (or graph folder entry), the raw graph, the images and heatmaps;
+    returns the paths written."""
     out = _json_path(args)
     slug = args.slug or out.stem
     # Images are copied next to the graph (once each, named by content) and referenced by a
@@ -429,8 +443,7 @@ def run_attribute_command(args: argparse.Namespace) -> int:
         )
         cells = ", ".join(f"({r},{c}) {v:+.3f}" for r, c, v in top_patches(heat[i][0]))
         print(f"image {i}: top patches (row, col) on {graph.logit_targets[0].token!r}: {cells}")
-    print("\nWrote " + ", ".join(str(p) for p in written))
-    return 0
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -406,6 +406,10 @@ def store_image(image: Image.Image, folder: PathLike) -> str:
     return rel
 
 
+#: seconds a graph writer waits for another to finish updating the folder's index
+GRAPH_INDEX_WAIT_S = 60.0
+
+
 def write_graph_files(
     graph: Graph, folder: PathLike, slug: str, **kwargs: Any
 ) -> tuple[Path, dict[str, Any]]:
@@ -418,12 +422,13 @@ def write_graph_files(
     index = folder / GRAPH_INDEX
     read_graph_index(index)  # a corrupt index fails before anything is written
     data = to_json(graph, slug=slug, **kwargs)
-    path = write_text_atomically(
-        folder / f"{slug}.json", json.dumps(data, separators=(",", ":"), allow_nan=False)
-    )
+    text = json.dumps(data, separators=(",", ":"), allow_nan=False)
     entry = {k: data["metadata"][k] for k in INDEX_FIELDS}
-    # One writer at a time: two runs updating the index at once would drop an entry.
-    with lock_folder(folder, "graph folder"):
+    # One writer at a time: two runs updating the index at once would drop an entry. The
+    # section is short, so a second writer waits for it; the graph is written inside it, so a
+    # writer that gives up leaves no graph the index does not list.
+    with lock_folder(folder, "graph folder", wait_s=GRAPH_INDEX_WAIT_S):
+        path = write_text_atomically(folder / f"{slug}.json", text)
         graphs = [g for g in read_graph_index(index) if g.get("slug") != slug] + [entry]
         write_text_atomically(index, json.dumps({"graphs": graphs}, indent=2))
     return path, data["metadata"]
@@ -474,7 +479,16 @@ def save_raw(graph: Graph, path: PathLike) -> Path:
         "input_kinds": list(graph.input_kinds),
         "input_tokens": list(graph.input_tokens),
         "logit_tokens": [t.token for t in graph.logit_targets],
-        "metadata": graph.metadata,
+        # model names as the JSON gives them: a file shared with a colleague carries no path
+        # of the author's (a local model folder is named by its last part)
+        "metadata": {
+            **graph.metadata,
+            **{
+                k: public_model_name(graph.metadata[k])
+                for k in ("model", "dictionaries_trained_on")
+                if k in graph.metadata
+            },
+        },
     }
     try:
         header = json.dumps(info)
