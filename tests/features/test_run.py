@@ -15,7 +15,7 @@ from PIL import Image
 from tests.replacement.test_model import random_clt
 from vlmscope.features import run as run_mod
 from vlmscope.features.run import FeaturesError, FeaturesOptions, collect_features
-from vlmscope.features.store import FeatureStore
+from vlmscope.features.store import FeatureStore, FeatureUnavailable
 from vlmscope.models.hooked import HookedVLM
 from vlmscope.models.toy import toy_path
 
@@ -158,3 +158,23 @@ def test_bad_input_names_the_culprit(toy: dict[str, Any], tmp_path: Path, zoo_pa
     with pytest.raises(FeaturesError, match="--examples"):
         collect_features("toy", str(toy["dicts"]), "shapes:64", tmp_path / "o",
                          FeaturesOptions(examples=0), vlm=toy["vlm"], progress=False)  # fmt: skip
+
+
+def test_a_unit_folder_that_links_out_of_the_features_folder_is_refused(
+    toy: dict[str, Any], tmp_path: Path
+) -> None:
+    import shutil
+
+    copy = tmp_path / "features"
+    shutil.copytree(toy["out"], copy)
+    store = FeatureStore(copy)
+    unit = next(iter(store.units.values()))
+    good = store.card(str(unit["key"]), 0)
+    outside = tmp_path / "outside"
+    shutil.move(str(copy / unit["folder"]), outside)  # same cards, now outside the folder
+    (copy / unit["folder"]).symlink_to(outside, target_is_directory=True)
+    with pytest.raises(FeatureUnavailable, match="leads out of the features folder"):
+        FeatureStore(copy).card(str(unit["key"]), 0)
+    (copy / unit["folder"]).unlink()
+    shutil.move(str(outside), copy / unit["folder"])
+    assert FeatureStore(copy).card(str(unit["key"]), 0) == good

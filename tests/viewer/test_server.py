@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -156,6 +157,38 @@ def test_writes_need_the_session_token(site: tuple[Client, Path, Path]) -> None:
     status, _ = c.post("/api/graphs/missing/annotations", ann, c.server.cfg.token)
     assert status == 404 and not (graphs / "missing.annotations.json").exists()
     assert json.loads(target.read_text()) == ann  # the saved file is intact
+
+
+def test_a_refused_post_never_leaves_its_body_to_be_read_as_a_request(
+    site: tuple[Client, Path, Path],
+) -> None:
+    """HTTP/1.1 keeps the connection open: a POST answered before its body is read (no token,
+    no such graph) must close it, or the body is parsed as the next request line."""
+    import socket
+
+    c, _, _ = site
+    body = b'{"pinnedIds":[],"supernodes":[]}'
+    host = f"Host: 127.0.0.1:{c.port}\r\n"
+    for token in ("", f"{TOKEN_HEADER}: {c.server.cfg.token}\r\n"):
+        post = (
+            f"POST /api/graphs/nosuch/annotations HTTP/1.1\r\n{host}{token}"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        get = f"GET /api/info HTTP/1.1\r\n{host}\r\n"
+        with socket.create_connection(("127.0.0.1", c.port), timeout=20) as sock:
+            sock.sendall(post.encode() + body + get.encode())
+            replies = b""
+            while chunk := sock.recv(65536):
+                replies += chunk
+        statuses = re.findall(rb"HTTP/1\.[01] (\d{3})", replies)
+        assert statuses in ([b"403"], [b"404"]), replies[:300]  # one answer, then closed
+    # NaN and Infinity are not JSON, though Python's parser reads them
+    status, _, data = c.request("POST", "/api/intervene", b'{"slug": NaN}',
+                                {TOKEN_HEADER: c.server.cfg.token})  # fmt: skip
+    assert status == 400 and b"NaN is not a JSON number" in data
+    status, _, data = c.request("POST", "/api/intervene", b"[1]",
+                                {TOKEN_HEADER: c.server.cfg.token})  # fmt: skip
+    assert status == 400 and b"must be a JSON object" in data
 
 
 def test_other_hosts_are_refused(site: tuple[Client, Path, Path]) -> None:

@@ -15,6 +15,7 @@ position, tokens: [...], acts: [...], focus, image?: {file, width, height, box, 
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 from pathlib import Path
@@ -75,6 +76,12 @@ class FeatureStore:
         path = self.folder / str(unit["folder"]) / shard_name(start)
         if not path.is_file() or path.is_symlink():
             raise FeatureUnavailable(f"missing shard {path.relative_to(self.folder)}")
+        # the shard itself is no link, but its unit folder could be one that leads out
+        if Path(os.path.realpath(self.folder)) not in Path(os.path.realpath(path)).parents:
+            raise FeatureUnavailable(
+                f"refused shard {path.relative_to(self.folder)}: it leads out of the features "
+                "folder"
+            )
         with self._lock:
             cards = self._cache.get(path)
             if cards is None:

@@ -199,11 +199,13 @@ class Handler(BaseHTTPRequestHandler):
             handler = self._post if write else self._get
             handler(path, parts)
         except Refused as e:
+            self.close_connection |= write  # its body may be unread: never parse it as a request
             self._error(e.status, e.message)
         except (BrokenPipeError, ConnectionResetError):
             pass
         except Exception as e:  # the server stays up; the page shows the message
             traceback.print_exc(file=sys.stderr)
+            self.close_connection |= write
             self._error(500, f"{type(e).__name__}: {e}")
 
     def do_GET(self) -> None:
@@ -229,7 +231,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise Refused(413, f"request body over {self.server.cfg.max_body_bytes} bytes")
         try:
-            return json.loads(self.rfile.read(n))
+            return json.loads(self.rfile.read(n), parse_constant=_not_json)
         except (ValueError, UnicodeDecodeError) as e:
             raise Refused(400, f"request body is not JSON: {e}") from None
 
@@ -322,6 +324,8 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200, {"saved": target.name, **obj})
         elif parts == ["api", "intervene"]:
             body = self._body()
+            if not isinstance(body, dict):
+                raise Refused(400, "the request body must be a JSON object")
             intervener = self.server.get_intervener()
             if intervener is None:
                 raise Refused(404, "no model: start the viewer with --model and --dictionaries")
@@ -332,6 +336,11 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200, intervener.run(graph, self._graph_folder(), body.get("interventions")))
         else:
             raise Refused(404, f"no such endpoint {path[:80]!r}")
+
+
+def _not_json(name: str) -> Any:
+    """json.loads reads NaN and Infinity, which JSON has not; a request holding them is bad."""
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def _features_message(cfg: ViewerConfig) -> str:
