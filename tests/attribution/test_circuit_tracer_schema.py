@@ -94,8 +94,11 @@ def test_every_node_type_uses_circuit_tracers_ids() -> None:
     for layer, pos, feat in g.features.tolist():
         expected[f"{layer}_{feat}_{pos}"] = ct_feature_node(layer, pos, feat)
     for layer in range(g.n_layers):
-        for pos in range(g.n_pos):
-            expected[f"0_{layer}_{pos}"] = ct_error_node(layer, pos)
+        for pos in range(g.n_pos):  # 0.5.0's fields; the id that no feature can also have
+            expected[f"{layer}_error_{pos}"] = {
+                **ct_error_node(layer, pos),
+                "node_id": f"{layer}_error_{pos}",
+            }
     for pos, vocab in enumerate(g.input_ids.tolist()):
         expected[f"E_{vocab}_{pos}"] = ct_token_node(pos, vocab)
     for t in g.logit_targets:

@@ -157,12 +157,22 @@ def test_json_error_nodes_use_circuit_tracer_ids() -> None:
     errors = {
         n["node_id"]: n for n in data["nodes"] if n["feature_type"] == "mlp reconstruction error"
     }
-    # circuit-tracer 0.5.0's Node.error_node: node_id 0_{layer}_{pos}, jsNodeId {layer}_{pos}-0.
-    assert set(errors) == {"0_0_1", "0_1_1"}  # e(0,0) and e(1,0) have no influence: pruned
-    e = errors["0_1_1"]
+    # circuit-tracer 0.5.0's Node.error_node fields (jsNodeId {layer}_{pos}-0), but not its id
+    # 0_{layer}_{pos}: that is layer 0's feature `layer` at `pos` too
+    assert set(errors) == {"0_error_1", "1_error_1"}  # e(0,0), e(1,0): no influence, pruned
+    e = errors["1_error_1"]
     assert (e["feature"], e["layer"], e["ctx_idx"], e["jsNodeId"]) == (-1, "1", 1, "1_1-0")
     links = {(x["source"], x["target"]) for x in data["links"]}
-    assert ("0_0_1", "1_5_1") in links and ("0_1_1", "3_7_1") in links
+    assert ("0_error_1", "1_5_1") in links and ("1_error_1", "3_7_1") in links
+    # Layer 0's feature 1 at position 1 has 0.5.0's error id for e(1, 1): both in one graph
+    g.features[0] = torch.tensor([0, 1, 1])
+    clash = to_json(g, node_threshold=0.95, edge_threshold=1.0)
+    ids = [n["node_id"] for n in clash["nodes"]]
+    assert len(ids) == len(set(ids)) and {"0_1_1", "1_error_1"} <= set(ids)
+    logit = next(n["node_id"] for n in clash["nodes"] if n["feature_type"] == "logit")
+    into = {x["source"]: x["weight"] for x in clash["links"] if x["target"] == logit}
+    assert into["0_1_1"] == -into["1_error_1"] > 0  # A[L0, F0] = 2, A[L0, E11] = -2
+    g = hand_graph()
     # A prune result passed in is used as is.
     pr = prune(g, 0.8, 0.98)
     assert to_json(g, prune_result=pr, node_threshold=0.8) == to_json(g, node_threshold=0.8)

@@ -167,6 +167,26 @@ def test_walk_through(site: dict[str, Any], tmp_path: Path) -> None:
         wait_ready(page)
         assert page.evaluate("() => window.__vlmscope.error") is None
         assert page.evaluate("() => window.__vlmscope.shown") == {"nodes": 5, "edges": 4}
+        # Choose one graph, then at once another, and let the first one's load end last: the
+        # page shows (and would save pins for) the one chosen last.
+        held: list[Any] = []
+        page.route(f"**/api/graphs/{slug}/compact", lambda route: held.append(route))  # held
+        page.evaluate(f"""() => {{ const s = document.getElementById('graph-select');
+            for (const v of ['{slug}', 'ct-text']) {{
+                s.value = v; s.dispatchEvent(new Event('change')); }} }}""")
+        wait_ready(page)
+        wait_for(page, "() => document.getElementById('graph-title').textContent === 'The'")
+        assert len(held) == 1
+        held[0].continue_()
+        page.unroute(f"**/api/graphs/{slug}/compact")
+        wait_for(
+            page,
+            f"""() => performance.getEntriesByType('resource').filter((e) =>
+            e.name.includes('/api/graphs/{slug}/compact')).length >= 2""",
+        )
+        page.wait_for_timeout(300)  # the stale load's remaining steps, had it any
+        assert page.inner_text("#graph-title") == "The"
+        assert page.evaluate("() => window.__vlmscope.shown") == {"nodes": 5, "edges": 4}
         assert page.errors == []
         # No features folder: the graph still opens and the card says features are unavailable.
         with running(ViewerConfig(graphs=graphs, features=None, port=0)) as bare:

@@ -3,8 +3,11 @@
 `to_json` writes the layout of circuit-tracer's `create_graph_files` (which its local frontend
 and Neuronpedia read), and `write_graph_files` writes it as that frontend's folder does:
 `DIR/<slug>.json` plus the `DIR/graph-metadata.json` index. Node ids follow circuit-tracer 0.5.0's
-`frontend/graph_models.py` for every node type it has (features `{layer}_{feature}_{pos}`, errors
-`0_{layer}_{pos}`, inputs `E_{token}_{pos}`, logits `{n_layers + 1}_{token}_{pos}`). Image patches
+`frontend/graph_models.py` (features `{layer}_{feature}_{pos}`, inputs `E_{token}_{pos}`, logits
+`{n_layers + 1}_{token}_{pos}`) except error nodes: 0.5.0 writes `0_{layer}_{pos}`, which is also
+the id of layer 0's feature number `layer` at that position, so when that feature is in a graph
+two nodes share an id and links naming it are ambiguous (both frontends key nodes by id). They
+are `{layer}_error_{pos}` here, the form later circuit-tracer forks use. Image patches
 are `embedding` nodes (the type that frontend always keeps and labels on its x-axis) whose prompt
 token is a readable label (`img0 r1c2`) and which carry their (image, view, row, col); images,
 signed patch effects and special-token flags are additions that other tools ignore. `save_raw`
@@ -74,9 +77,9 @@ def feature_node_id(layer: int, feature: int, pos: int) -> str:
 
 
 def error_node_id(layer: int, pos: int) -> str:
-    """`0_{layer}_{pos}`, as circuit-tracer 0.5.0 writes error nodes (its frontend tells them
-    from layer-0 features by `feature_type`)."""
-    return f"0_{layer}_{pos}"
+    """`{layer}_error_{pos}`: never a feature's id (circuit-tracer 0.5.0's `0_{layer}_{pos}`
+    is layer 0's feature `layer` at `pos`; see the module docstring)."""
+    return f"{layer}_error_{pos}"
 
 
 def input_node_id(token_id: int, pos: int) -> str:

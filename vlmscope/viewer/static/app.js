@@ -134,6 +134,10 @@ async function openGraph(slug) {
     // links as typed arrays, strongest first. The graph's own JSON stays the file on disk.
     const r = await fetch(`/api/graphs/${encodeURIComponent(slug)}/compact`);
     const buf = await r.arrayBuffer();
+    // Another graph was chosen while this one loaded: that call owns the page now (building
+    // this model, or its pins, over it would show one graph's title on another's nodes and
+    // save its pins under the other's name).
+    if (S.slug !== slug) return;
     if (!r.ok) {
       let msg = `${r.status}`;
       try { msg = JSON.parse(new TextDecoder().decode(buf)).error; } catch (e) { /* keep the status */ }
@@ -147,6 +151,7 @@ async function openGraph(slug) {
     buildModel(data, compact);
     window.__vlmscope.modelMs = performance.now() - t0;
   } catch (e) {
+    if (S.slug !== slug) return;
     clearCanvas();
     message(e.message, true);
     window.__vlmscope.ready = true;
@@ -160,10 +165,12 @@ async function openGraph(slug) {
   $("node-threshold-value").textContent = th.toFixed(2);
   try {
     const ann = await annotations;
+    if (S.slug !== slug) return;
     const q = data.qParams || {};
     S.pins = new Set([...(q.pinnedIds || []), ...ann.pinnedIds].filter((id) => S.byId.has(id)));
     S.supernodes = (ann.supernodes.length ? ann.supernodes : (q.supernodes || []));
   } catch (e) {
+    if (S.slug !== slug) return;
     S.pins = new Set(); S.supernodes = [];
     message(e.message, true);
   }
@@ -219,7 +226,10 @@ function buildModel(data, compact) {
   S.inStart = csr(dst, nN); S.inIdx = csrFill(dst, S.inStart);
   S.outStart = csr(src, nN); S.outIdx = csrFill(src, S.outStart);
   S.tokens = tokens;
-  S.nPos = Math.max(tokens.length, 1 + Math.max(0, ...S.nodes.map((n) => n.ctx)));
+  // a loop, not Math.max(...nodes): spreading 100k+ arguments overflows the call stack
+  let lastCtx = 0;
+  for (const n of S.nodes) if (n.ctx > lastCtx) lastCtx = n.ctx;
+  S.nPos = Math.max(tokens.length, 1 + lastCtx);
 }
 
 function csr(ends, n) {
