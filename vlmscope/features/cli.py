@@ -39,7 +39,8 @@ def add_features_arguments(p: argparse.ArgumentParser) -> None:
         "--max-tokens",
         type=int,
         default=d.max_tokens,
-        help="stop after this many tokens (default: 0 = one pass over the data)",
+        help="stop at the first batch that reaches this many tokens (default: 0 = one pass "
+        "over the data)",
     )
     p.add_argument(
         "--batch-size",

@@ -452,7 +452,7 @@ _HELP = {
     "adam for transcoders and CLTs, which reach the lower held-out FVU at equal tokens",
     "lr": "learning rate; 0: 5e-3 (signum), 2e-4 (adam, SAEs) or 2e-3 (adam, transcoders and "
     "CLTs on normalised activations) scaled by 1/sqrt(num_latents / 2**14) (--lr-probe may "
-    "then multiply it by 1/3 or 3)",
+    "then multiply it by 1/3 or 3; under signum by 3 or 10)",
     "lr_warmup_fraction": "fraction of the budget (--max-tokens or --max-steps, whichever ends "
     "the run) over which the learning rate rises linearly from 0",
     "lr_decay_fraction": "fraction of the budget at its end over which the learning rate "
