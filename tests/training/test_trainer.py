@@ -670,3 +670,69 @@ def test_worker_processes_last_the_whole_run_and_train_the_same_weights(
     after = {p.pid for p in multiprocessing.active_children()}
     assert after <= before  # the pool's workers stopped with the run
     states_equal(res.dictionaries, ref.dictionaries, atol=0)
+
+
+def test_grad_accumulation_steps_end_whole_and_log_all_their_micro_batches(
+    tmp_path: Path, zoo_path: Any, llava: HookedVLM, monkeypatch: Any
+) -> None:
+    """A --max-tokens budget reached inside a cycle of --grad-acc-steps ends that step with all
+    of its micro-batches (stopping mid-cycle dropped their gradient while their tokens and rows
+    counted as trained on); and a step's loss, FVU and L0 are token-weighted means over its
+    micro-batches, as each micro-batch's own forward computed them."""
+    seen: list[tuple[int, float, list[float], list[float]]] = []
+    real = Trainer._loss
+
+    def record(self: Trainer, res: Any, batch: Any, n_local: int, n_tok: int) -> Any:
+        loss = real(self, res, batch, n_local, n_tok)
+        seen.append(
+            (n_tok, float(loss.detach()), res.fvu_per_unit.tolist(), res.l0_per_unit.tolist())
+        )
+        return loss
+
+    monkeypatch.setattr(Trainer, "_loss", record)
+    cfg = config(tmp_path, zoo_path("llava"), "--grad-acc-steps 3 --batch-size 2 --max-steps 0 "
+                 "--max-tokens 500")  # fmt: skip
+    res = train(cfg, llava, progress=False)
+    assert len(seen) == 3 * res.step, "every step had its 3 micro-batches"
+    assert sum(n for n, *_ in seen[:-3]) < 500 <= res.tokens == sum(n for n, *_ in seen)
+    logged = metrics_of(res.run_dir)
+    assert len(logged) == res.step
+    for step, m in enumerate(logged):
+        micro = seen[3 * step : 3 * step + 3]
+        n = sum(t for t, *_ in micro)
+        assert m["loss"] == pytest.approx(sum(t * v for t, v, *_ in micro) / n, rel=1e-6)
+        for u, fvu in enumerate(m["fvu_per_unit"]):
+            assert fvu == pytest.approx(sum(t * f[u] for t, _, f, _ in micro) / n, abs=2e-6)
+        for u, l0 in enumerate(m["l0_per_unit"]):
+            assert l0 == pytest.approx(sum(t * z[u] for t, _, _, z in micro) / n, abs=2e-3)
+
+
+def test_epochs_alone_set_the_budget_and_a_probe_may_read_past_the_first_pass(
+    tmp_path: Path, zoo_path: Any, llava: HookedVLM
+) -> None:
+    """--epochs without --max-tokens has no token budget (the default 1,000,000 would set the
+    learning-rate schedule far past the passes), and --lr-probe reading ahead across the end
+    of a short first pass does not take it for a pass without tokens."""
+    cfg = config(tmp_path, zoo_path("llava"), "--epochs 2")
+    assert cfg.max_tokens == 0 and cfg.max_steps == 8
+    assert config(tmp_path, zoo_path("llava")).max_tokens == 1_000_000
+    probe = "--max-steps 10 --lr-probe 8 --batch-size 2 --run-name probe"
+    res = train(  # shapes:16 in batches of 2: 8 per pass; the probe reads 9 ahead
+        parse_train_args(f"{zoo_path('llava')} shapes:16 --sae.transcode --sae.expansion-factor "
+                         f"2 --sae.k 4 --output-dir {tmp_path} {probe}".split()),
+        llava, progress=False,
+    )  # fmt: skip
+    assert res.step == 10
+    assert json.loads((res.run_dir / "lr_probe.json").read_text())["steps"] > 0
+
+
+def test_resume_refuses_another_k_schedule_or_model_dtype(
+    tmp_path: Path, zoo_path: Any, llava: HookedVLM
+) -> None:
+    train(config(tmp_path, zoo_path("llava"), "--max-steps 2"), llava, progress=False)
+    for flags, says in (("--k-anneal-tokens 1000", "--k-anneal-tokens: 0 -> 1000"),
+                        ("--dtype bfloat16", "--dtype: '' -> 'bfloat16'"),
+                        ("--autocast off", "--autocast: 'auto' -> 'off'")):  # fmt: skip
+        with pytest.raises(TrainingError, match=says):
+            Trainer(config(tmp_path, zoo_path("llava"), f"--resume {flags}"), llava,
+                    progress=False)  # fmt: skip

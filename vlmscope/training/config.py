@@ -24,6 +24,8 @@ from vlmscope.training.optim import OPTIMIZERS, default_lr
 
 LOSSES = ("fvu", "ce", "kl")
 TOKEN_KINDS = ("all", "image", "text")
+#: --max-tokens when neither it nor --epochs is given
+DEFAULT_MAX_TOKENS = 1_000_000
 TOWERS = ("lm", "vision")
 
 #: SparseCoderConfig fields the trainer fills in from the model; not flags.
@@ -170,7 +172,9 @@ class TrainConfig:
     lr_decay_fraction: float | None = None
     lr_probe: int = 0
     k_anneal_tokens: int = 0
-    max_tokens: int = 1_000_000
+    #: None: DEFAULT_MAX_TOKENS, or 0 (no token limit) when --epochs is given, so that the
+    #: passes set the budget (and, from a store, the learning-rate schedule)
+    max_tokens: int | None = None
     max_steps: int = 0
     ctx_len: int = 2048
     save_every: int = 1000
@@ -200,6 +204,8 @@ class TrainConfig:
     shuffle_buffer_mb: float = 1024.0
 
     def __post_init__(self) -> None:
+        if self.max_tokens is None:
+            self.max_tokens = 0 if self.epochs else DEFAULT_MAX_TOKENS
         self.validate()
 
     def validate(self) -> None:
@@ -466,7 +472,8 @@ _HELP = {
     "costs 3N steps; not with --distribute-modules (0: off)",
     "k_anneal_tokens": "tokens over which k anneals from the input width down to --sae.k "
     "(0: no annealing; not for jumprelu)",
-    "max_tokens": "stop after this many training tokens (selected positions; 0: no token limit)",
+    "max_tokens": "stop after this many training tokens (selected positions; 0: no token "
+    "limit) (default: 1000000, or 0 with --epochs)",
     "max_steps": "stop after this many optimizer steps (0: no step limit)",
     "ctx_len": "truncate each sample to this many tokens",
     "save_every": "write a checkpoint every this many optimizer steps (and at the end)",

@@ -22,6 +22,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -72,6 +73,34 @@ __all__ = [
     "resolve_model_path",
     "train",
 ]
+
+
+class _Cycle:
+    """One optimizer step's micro-batches (--grad-acc-steps): its loss and per-unit FVU and L0
+    are their means weighted by tokens, not the last micro-batch's. Each value is what
+    `Trainer._metrics` takes (a rank's share with several ranks; sums stay sums)."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[torch.Tensor, Any, int, int]] = []
+        self.n_local = self.n_tok = 0
+
+    def add(self, loss: torch.Tensor, res: Any, n_local: int, n_tok: int) -> None:
+        self.parts.append((loss.detach(), res, n_local, n_tok))
+        self.n_local += n_local
+        self.n_tok += n_tok
+
+    def mean(self) -> tuple[torch.Tensor, Any]:
+        """(loss, an object with fvu_per_unit and l0_per_unit, or None where no unit ran)."""
+        if len(self.parts) == 1:  # no grad accumulation: the values as they are
+            return self.parts[0][0], self.parts[0][1]
+        tok = max(self.n_tok, 1)
+        loss = sum(p[0] * p[3] for p in self.parts) / tok
+        ran = [p for p in self.parts if p[1] is not None]
+        if not ran:
+            return loss, None  # type: ignore[return-value]
+        fvu = sum(p[1].fvu_per_unit.detach() * p[3] for p in ran) / tok
+        l0 = sum(p[1].l0_per_unit.detach() * p[2] for p in ran) / max(self.n_local, 1)
+        return loss, SimpleNamespace(fvu_per_unit=fvu, l0_per_unit=l0)  # type: ignore[return-value]
 
 
 @dataclass
@@ -403,8 +432,13 @@ class Trainer:
         try:
             with steps, stats:
                 while True:
+                    # The budget is checked between optimizer steps only: a step that began
+                    # ends with all of its micro-batches (stopping inside a cycle would drop
+                    # its gradient while its tokens and rows count as trained on).
+                    if micro % cfg.grad_acc_steps == 0 and self._done():
+                        break
                     batch, error = self._next_batch(batches)
-                    if (batch is None and error is None) or self._done():
+                    if batch is None and error is None:
                         break
                     n_local = batch.n_tokens if batch is not None else 0
                     n_tok = self._step_status(n_local, error)
@@ -426,8 +460,10 @@ class Trainer:
                         for act in b.activations():
                             act.k = k  # type: ignore[assignment]
                     syncs = (micro + 1) % cfg.grad_acc_steps == 0
-                    if norm_before and micro % cfg.grad_acc_steps == 0:
-                        b.set_decoder_norm_to_unit_norm()
+                    if micro % cfg.grad_acc_steps == 0:
+                        cycle = _Cycle()
+                        if norm_before:
+                            b.set_decoder_norm_to_unit_norm()
                     with lay.no_sync(self.model, skip=not syncs):
                         runs = xs or (shards is not None and shards.collective_forward)
                         res = self.model(xs, ys) if runs else None
@@ -446,6 +482,7 @@ class Trainer:
                         scale = (1 if shards else lay.world) / cfg.grad_acc_steps
                         if res is not None:
                             (loss * scale).backward()
+                    cycle.add(loss, res, n_local, n_tok)
                     st.tokens += n_tok
                     self._commit(batch.cursor)
                     if not by_steps:
@@ -459,7 +496,7 @@ class Trainer:
                     if by_steps:
                         bar.update(1)
                     tps = (st.tokens - tok0) / (time.perf_counter() - t0)
-                    last = self._metrics(loss, res, lr, k, tps, n_local, n_tok)
+                    last = self._metrics(*cycle.mean(), lr, k, tps, cycle.n_local, cycle.n_tok)
                     bar.set_postfix(
                         loss=f"{last['loss']:.4f}", fvu=f"{last['fvu']:.3f}", tokens=st.tokens
                     )
@@ -504,18 +541,26 @@ class Trainer:
         acc = cfg.grad_acc_steps
         read, tokens = [first], [n_first]
         want = cfg.lr_probe * acc + 1
-        while len(read) < want:
-            try:
-                nxt, error = self._next_batch(batches)
-            except TrainingError as e:  # one process: the source names step 0, the step now
-                raise TrainingError(
-                    f"{e} [a batch --lr-probe read ahead, for step {len(read) // acc}]"
-                ) from None
-            if nxt is None and error is None:  # the data ended (on every rank alike)
-                break
-            tokens.append(self._step_status(nxt.n_tokens if nxt is not None else 0, error))
-            assert nxt is not None  # a failure on any rank has raised on all by now
-            read.append(self._moved(nxt, "cpu"))  # waits in host memory
+        # The source checks, as a pass ends, that its batches selected tokens, from the count
+        # the loop keeps: count the batches read ahead meanwhile as if trained on (the loop
+        # counts them again as it trains on them).
+        st.tokens += n_first
+        try:
+            while len(read) < want:
+                try:
+                    nxt, error = self._next_batch(batches)
+                except TrainingError as e:  # one process: the source names step 0, the step now
+                    raise TrainingError(
+                        f"{e} [a batch --lr-probe read ahead, for step {len(read) // acc}]"
+                    ) from None
+                if nxt is None and error is None:  # the data ended (on every rank alike)
+                    break
+                tokens.append(self._step_status(nxt.n_tokens if nxt is not None else 0, error))
+                assert nxt is not None  # a failure on any rank has raised on all by now
+                read.append(self._moved(nxt, "cpu"))  # waits in host memory
+                st.tokens += tokens[-1]
+        finally:
+            st.tokens -= sum(tokens)
         # back on the device one at a time, as the loop takes them
         rest = itertools.chain((self._moved(r, self.device) for r in read[1:]), batches)
         usable = [r for r, n in zip(read, tokens, strict=True) if n > 0]
@@ -647,10 +692,7 @@ class Trainer:
             return mine
         out = SkipCounter()
         for counts, examples in self.layout.gather((mine.counts, mine.examples)):
-            for reason, n in counts.items():
-                out.counts[reason] = out.counts.get(reason, 0) + n
-                kept = out.examples.setdefault(reason, [])
-                kept += examples.get(reason, [])[: max(0, out.keep - len(kept))]
+            out.merge(counts, examples)
         return out
 
     def _checkpoint(self) -> None:
@@ -685,7 +727,7 @@ def _explain_size_error(cfg: TrainConfig, width: int, err: ValueError) -> str:
 _RESUME_FIXED = ("model", "dataset", "sae", "layers", "tower", "hookpoints", "tokens", "loss_fn",
                  "include_special_tokens", "batch_size", "grad_acc_steps", "ctx_len", "seed",
                  "schema", "split", "columns", "optimizer", "lr", "lr_probe", "pack", "activations",
-                 "shuffle_buffer_mb")  # fmt: skip
+                 "shuffle_buffer_mb", "k_anneal_tokens", "dtype", "autocast")  # fmt: skip
 
 
 def _check_resumable(saved_path: Path, cfg: TrainConfig) -> None:
