@@ -396,3 +396,31 @@ def test_block_contributions_add_up(family: str, load: Callable[..., HookedVLM])
         else:
             torch.testing.assert_close(mid, pre + attn, atol=1e-5, rtol=0)
             torch.testing.assert_close(post, mid + mlp, atol=1e-5, rtol=0)
+
+
+def test_vision_mlp_edits_equal_stream_edits_on_every_forward(
+    family: str, load: Callable[..., HookedVLM]
+) -> None:
+    """An MLP's output is its block's contribution to the vision stream: adding a vector to
+    `vision.blocks.{i}.mlp.hook_out` changes the logits as adding it to the block's
+    `hook_resid_post` does. The MLP edit reaches everything downstream by the model's own
+    arithmetic; the stream edit only if vlmscope's hook runs before the hooks transformers
+    installs on a first forward to record hidden states (which a LLaVA-style projector reads),
+    and with a layer scale (InternViT) only if the hook shows the scaled contribution."""
+    vlm = load(family)
+    if not (vlm.adapter.capabilities.has_vision and vlm.adapter.has_vision_mlp()):
+        pytest.skip("no vision MLP hook points")
+    inputs = batch(vlm, samples(True)[:1])
+    clean = vlm.forward(inputs).logits  # after this, transformers' recording hooks exist
+
+    def add(t: torch.Tensor, ctx: Any) -> torch.Tensor:
+        g = torch.Generator().manual_seed(0)
+        return t + 0.5 * torch.randn(t.shape, generator=g).to(t.dtype)
+
+    moved = 0
+    for i in range(vlm.adapter.n_vision_layers):
+        via_mlp = vlm.run_with_hooks(inputs, [(f"vision.blocks.{i}.mlp.hook_out", add)]).logits
+        via_stream = vlm.run_with_hooks(inputs, [(f"vision.blocks.{i}.hook_resid_post", add)])
+        torch.testing.assert_close(via_stream.logits, via_mlp, atol=2e-4, rtol=1e-4)
+        moved += not torch.allclose(via_mlp, clean, atol=1e-3)
+    assert moved, "no vision edit reached the logits"

@@ -73,3 +73,35 @@ def test_hooks_and_sae_adapters_coexist_on_wrapped_modules(
     )
     with pm.disable_adapter():
         torch.testing.assert_close(vlm.forward(inputs).logits, plain.forward(inputs).logits)
+
+
+def test_an_adapter_on_the_vision_layer_the_projector_reads_acts_on_every_forward(
+    toy: HookedVLM, circle: Image.Image
+) -> None:
+    """The toy feeds its projector the vision layer's output that transformers records with
+    a hook of its own on that layer (installed on a first forward): a replacing adapter there
+    must reach the projector, on the first forward and every later one, exactly as replacing
+    the hook point's value with the same dictionary does."""
+    import copy
+
+    cfg = toy.model.config
+    i = cfg.vision_config.num_hidden_layers + cfg.vision_feature_layer  # the layer it reads
+    inputs = toy.prepare("What colour is the circle?", images=[circle])
+    clean = toy.forward(inputs).logits  # transformers' recording hooks are installed here
+    target = rf"model\.vision_tower\.encoder\.layers\.{i}"
+    torch.manual_seed(0)
+    pm = get_peft_sae_model(toy.model, TopKSaeConfig(k=4, num_latents=256, target_modules=target))
+    pm.eval()
+    got = [pm(**inputs).logits for _ in range(2)]
+    coder = copy.deepcopy(
+        next(m for m in pm.modules() if isinstance(m, SaeLayer)).sae_coders["default"]
+    )
+    pm.unload()
+
+    def replace(t: torch.Tensor, ctx: object) -> torch.Tensor:
+        return coder(t.reshape(-1, t.shape[-1]).float()).reconstruction.reshape(t.shape)
+
+    want = toy.run_with_hooks(inputs, [(f"vision.blocks.{i}.hook_resid_post", replace)]).logits
+    assert not torch.allclose(want, clean, atol=1e-3), "the replacement changes the answer"
+    for g in got:
+        torch.testing.assert_close(g, want, atol=1e-5, rtol=1e-5)

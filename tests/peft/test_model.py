@@ -189,6 +189,8 @@ def test_unload_puts_every_module_back_even_those_without_a_weight() -> None:
     base = model.unload()
     assert all(getattr(base, name) is module for name, module in modules.items())
     assert not any(isinstance(m, SaeLayer) for m in base.modules())
+    for m in modules.values():  # the adapters' hook and back-reference went with them
+        assert "_sae_owner" not in m.__dict__ and not m._forward_hooks
     assert torch.equal(base(x), clean)
 
 

@@ -281,6 +281,12 @@ class ModelAdapter:
             raise AttributeError(f"{self.family} models have no vision tower")
         return get_submodule(blocks[i], self.vision_mlp)
 
+    def vision_mlp_out_scale(self, i: int) -> torch.Tensor | None:
+        """What vision block i multiplies its MLP's output by before adding it to the stream
+        (a layer scale), or None: `vision.blocks.{i}.mlp.hook_out` shows the product, the
+        block's contribution, whatever module computes it."""
+        return None
+
     def has_vision_mlp(self) -> bool:
         """Whether vision blocks have an MLP at `vision_mlp` (for its hook points)."""
         try:

@@ -164,6 +164,27 @@ def missing_package_message(path: str, error: ImportError) -> str:
     )
 
 
+def _first_among_others(module: nn.Module, fn: Callable[..., Any], **kw: Any) -> RemovableHandle:
+    """Register forward hook `fn` on `module` to run before any hook not vlmscope's, after
+    vlmscope's own in the order they came (see `run_vlmscope_hooks_first`)."""
+    fn._vlmscope = True  # type: ignore[attr-defined]
+    handle = module.register_forward_hook(fn, **kw)
+    run_vlmscope_hooks_first(module)
+    return handle
+
+
+def run_vlmscope_hooks_first(module: nn.Module) -> None:
+    """Order `module`'s forward hooks: vlmscope's (functions marked `_vlmscope`) first, in
+    their own order, then the others. transformers (5.x) records `hidden_states` with forward
+    hooks of its own, installed on a model's first forward; a LLaVA-style model feeds its
+    projector the recorded output of a vision layer, so a vlmscope edit there that ran after
+    the recording was lost on every forward but the first."""
+    hooks = module._forward_hooks
+    ours = [k for k, f in hooks.items() if getattr(f, "_vlmscope", False)]
+    for k in reversed(ours):
+        hooks.move_to_end(k, last=False)
+
+
 def _first_tensor(x: Any) -> torch.Tensor:
     return x[0] if isinstance(x, (tuple, list)) else x
 
@@ -517,6 +538,14 @@ class HookedVLM:
             sl = self.adapter.qkv_slice(rh.layer, p.target) if fused else None  # type: ignore[arg-type]
             # Mixture-of-experts blocks may return [tokens, d]: shown as the input's [b, s, d].
             in_shape: dict[str, torch.Size] = {}
+            # A vision MLP whose block scales its output (InternViT's lambda_2): the hook
+            # shows the block's contribution, and an edit of it moves the MLP's output by the
+            # edit over the scale (no edit: the output untouched, bit for bit).
+            scale = (
+                self.adapter.vision_mlp_out_scale(rh.layer)  # type: ignore[arg-type]
+                if p.target == "vision_mlp"
+                else None
+            )
 
             def out_hook(_m: nn.Module, _args: Any, output: Any) -> Any:
                 t = _first_tensor(output)
@@ -525,7 +554,14 @@ class HookedVLM:
                     view = t[..., sl]
                 elif t.dim() == 2 and len(in_shape.get("x", ())) == 3:
                     view = t.view(*in_shape["x"][:-1], t.shape[-1])
-                r = call(view)
+                if scale is not None:
+                    shown = view * scale.to(view.dtype)
+                    r = call(shown)
+                    if r is None:
+                        return None
+                    r = view + (r - shown) / scale.to(view.dtype)
+                else:
+                    r = call(view)
                 if r is None:
                     return None
                 if sl is not None:
@@ -541,7 +577,7 @@ class HookedVLM:
                 if isinstance(x, torch.Tensor):
                     in_shape["x"] = x.shape
 
-            handles = [module.register_forward_hook(out_hook)]
+            handles = [_first_among_others(module, out_hook)]
             if p.target in ("mlp", "mlp_out"):
                 handles.append(module.register_forward_pre_hook(shape_hook, with_kwargs=True))
             return handles
@@ -576,7 +612,8 @@ class HookedVLM:
                     return (output[0] + delta, *output[1:])
                 return output + delta
 
-            handles.append(self.adapter.block(rh.layer).register_forward_hook(carry, prepend=True))  # type: ignore[arg-type]
+            block = self.adapter.block(rh.layer)  # type: ignore[arg-type]
+            handles.append(_first_among_others(block, carry, prepend=True))
         return handles
 
     def _attach_pattern(

@@ -88,6 +88,11 @@ class SaeLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
+        # The adapters act in a forward hook of the wrapped module, run before any other hook
+        # on it: transformers records a layer's output (the hidden_states a LLaVA-style
+        # projector reads) with a hook on the module itself, which must see the replacement.
+        object.__setattr__(base_layer, "_sae_owner", self)  # not a submodule: no cycle
+        base_layer.register_forward_hook(_adapters_after_base, with_kwargs=True)
 
     def __getattr__(self, name: str) -> Any:
         """Attributes the wrapped module has (e.g. an attention layer's `scaling`) stay
@@ -151,9 +156,26 @@ class SaeLayer(nn.Module, BaseTunerLayer):
                 self.sae_initialized[name] = True
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[arg-type]
 
+    def detach_from_base(self) -> None:
+        """Take the adapters' hook off the wrapped module (unload puts the module back)."""
+        base = self.base_layer
+        for key, fn in list(base._forward_hooks.items()):
+            if fn is _adapters_after_base:
+                for hooks in (base._forward_hooks, base._forward_hooks_with_kwargs,
+                              base._forward_hooks_always_called):  # fmt: skip
+                    hooks.pop(key, None)
+        base.__dict__.pop("_sae_owner", None)
+
     # --- forward -----------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        out = self.base_layer(*args, **kwargs)
+        from vlmscope.models.hooked import run_vlmscope_hooks_first
+
+        run_vlmscope_hooks_first(self.base_layer)  # transformers may have hooked it since
+        return self.base_layer(*args, **kwargs)
+
+    def _after_base(self, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+        """The wrapped module's output with the active adapters' reconstructions in place
+        (replace mode), or unchanged."""
         active = [a for a in self.active_adapters if a in self.sae_coders]
         if self.disable_adapters or not active:
             return out
@@ -281,6 +303,18 @@ def _device_of(module: nn.Module) -> torch.device | None:
 
 
 _WIDTH_ATTRS = ("hidden_size", "embed_dim", "d_model", "dim")
+
+
+def _adapters_after_base(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
+) -> Any:
+    """Forward hook of a module an SaeLayer wraps: hands its output to the layer's adapters.
+    A module-level function, not a closure, so a deep copy of the model hooks the copy."""
+    layer = module.__dict__.get("_sae_owner")
+    return None if layer is None else layer._after_base(args, kwargs, out)
+
+
+_adapters_after_base._vlmscope = True  # type: ignore[attr-defined]
 
 
 def module_widths(module: nn.Module, config: SaeConfig, where: str) -> tuple[int, int]:

@@ -82,6 +82,8 @@ class SaeModel(BaseTuner):
         # layer (which SAE adapters sit on) has none, so unload() raised AttributeError. The
         # module is the one the wrapper held, weights and all: set it back as it is.
         if new_module is getattr(child, "base_layer", None):
+            if isinstance(child, SaeLayer):
+                child.detach_from_base()
             setattr(parent, child_name, new_module)
             return
         super()._replace_module(parent, child_name, new_module, child)

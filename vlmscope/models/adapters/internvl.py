@@ -43,6 +43,12 @@ class InternVLAdapter(TileRunViews):
     vision_blocks = "model.vision_tower.encoder.layer"
     projector = "model.multi_modal_projector"
 
+    def vision_mlp_out_scale(self, i: int) -> torch.Tensor | None:
+        """InternViT's layer scale: a block adds lambda_2 * mlp(x) to its stream."""
+        blocks = self.vision_block_list()
+        assert blocks is not None
+        return getattr(blocks[i], "lambda_2", None)  # type: ignore[index]
+
     def tile_grid(self) -> int:
         """Side of one tile's token grid: (image size / patch size) x downsample ratio."""
         vc = self.config.vision_config
