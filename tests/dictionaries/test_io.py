@@ -62,7 +62,9 @@ def make_coder(kind: str, activation: str, *, seed: int = 0, **kw: object) -> Sp
     return coder
 
 
-def make_clt(activation: str, n_layers: int = 3, n_targets: int = 2) -> CrossLayerTranscoder:
+def make_clt(
+    activation: str, n_layers: int = 3, n_targets: int = 2, skip: bool = True
+) -> CrossLayerTranscoder:
     cfg = SparseCoderConfig(
         kind="clt",
         activation=activation,
@@ -71,7 +73,7 @@ def make_clt(activation: str, n_layers: int = 3, n_targets: int = 2) -> CrossLay
         k=3,
         n_layers=n_layers,
         n_targets=n_targets,
-        skip_connection=True,
+        skip_connection=skip,
         sparsity_coeff=0.1,
         normalize_activations="mean_norm",
     )
@@ -309,7 +311,7 @@ def read_yaml(path: Path) -> dict:
 
 @pytest.mark.parametrize("activation", ["jumprelu", "batchtopk"])
 def test_circuit_tracer_clt_export(tmp_path: Path, activation: str) -> None:
-    clt = make_clt(activation, n_layers=3, n_targets=2)
+    clt = make_clt(activation, n_layers=3, n_targets=2, skip=False)
     export_circuit_tracer(
         clt,
         tmp_path,
@@ -332,7 +334,6 @@ def test_circuit_tracer_clt_export(tmp_path: Path, activation: str) -> None:
             f"b_enc_{layer}": (F,),
             f"b_dec_{layer}": (D,),
             f"threshold_{layer}": (F,),
-            f"W_skip_{layer}": (D, D),
         }
         w_dec = load_file(str(tmp_path / f"W_dec_{layer}.safetensors"))[f"W_dec_{layer}"]
         assert w_dec.shape == (F, n_layers - layer, D)
@@ -342,7 +343,7 @@ def test_circuit_tracer_clt_export(tmp_path: Path, activation: str) -> None:
         enc.append(e)
         dec.append(w_dec)
     # circuit-tracer's CLT: f = x W_enc^T + b_enc, a = f * (f > threshold),
-    # y_t = sum_{s <= t} a_s W_dec_s[:, t - s] + b_dec_t + x_t @ W_skip_t.
+    # y_t = sum_{s <= t} a_s W_dec_s[:, t - s] + b_dec_t.
     xs = inputs(n_layers)
     acts = []
     for layer, x in enumerate(xs):
@@ -350,16 +351,20 @@ def test_circuit_tracer_clt_export(tmp_path: Path, activation: str) -> None:
         acts.append(f * (f > enc[layer][f"threshold_{layer}"]))
     out = clt(xs, [x * 0.1 for x in xs])
     for t in range(n_layers):
-        y = enc[t][f"b_dec_{t}"] + xs[t] @ enc[t][f"W_skip_{t}"]
+        y = enc[t][f"b_dec_{t}"]
         for s in range(t + 1):
             y = y + acts[s] @ dec[s][:, t - s]
         torch.testing.assert_close(y, out.reconstruction[t], atol=1e-5, rtol=0)
     assert all(0 < v < F for v in out.l0_per_layer.tolist())
 
 
-def test_circuit_tracer_refuses_a_topk_clt(tmp_path: Path) -> None:
+def test_circuit_tracer_refuses_a_topk_clt_and_a_clt_with_a_skip(tmp_path: Path) -> None:
+    """circuit-tracer 0.5.0's load_clt reads W_enc_{l}, b_enc_{l}, b_dec_{l}, threshold_{l} and
+    W_dec_{l} from these files and builds its CLT with a skip only from other formats."""
+    with pytest.raises(ValueError, match="reads no skip connection from a CLT folder"):
+        export_circuit_tracer(make_clt("jumprelu"), tmp_path)
     with pytest.raises(ValueError, match="supports only ReLU and JumpReLU") as e:
-        export_circuit_tracer(make_clt("topk"), tmp_path)
+        export_circuit_tracer(make_clt("topk", skip=False), tmp_path)
     assert "train it with --sae.activation jumprelu" in str(e.value)
     assert not tmp_path.joinpath("config.yaml").exists()
 
@@ -380,7 +385,7 @@ def test_circuit_tracer_refuses_a_clt_on_some_of_the_layers(
     tmp_path: Path, layers: list[int], n_model: int
 ) -> None:
     """circuit-tracer numbers the model's layers 0..L-1: a subset would shift every index."""
-    clt = make_clt("jumprelu")
+    clt = make_clt("jumprelu", skip=False)
     clt.cfg.metadata = run_metadata(layers, n_model)
     with pytest.raises(
         ValueError, match=rf"0\.\.L-1 of the {n_model}-layer model.*{re.escape(str(layers))}"
@@ -450,23 +455,12 @@ def test_circuit_tracer_transcoder_set_export(tmp_path: Path) -> None:
         torch.testing.assert_close(coder(x, y).reconstruction, want, atol=1e-5, rtol=0)
 
 
-def test_circuit_tracer_topk_transcoder_set(tmp_path: Path) -> None:
+def test_circuit_tracer_refuses_a_topk_transcoder_set(tmp_path: Path) -> None:
+    """circuit-tracer 0.5.0 loads a transcoder file without a threshold as ReLU."""
     coders = {i: make_coder("transcoder", "topk", seed=i) for i in range(2)}
-    for coder in coders.values():
-        with torch.no_grad():
-            coder.b_enc.add_(20.0)  # every top-k pre-activation positive: no ReLU difference
-    export_circuit_tracer(coders, tmp_path)
-    cfg = read_yaml(tmp_path / "config.yaml")
-    assert (cfg["model_kind"], cfg["activation"], cfg["k"]) == ("transcoder_set", "topk", 3)
-    (x,) = inputs()
-    for layer, coder in coders.items():
-        w = load_file(str(tmp_path / f"layer_{layer}.safetensors"))
-        assert "activation_function.threshold" not in w and "W_skip" not in w
-        pre = x @ w["W_enc"].T + w["b_enc"]
-        values, indices = pre.topk(3, dim=-1)  # circuit-tracer's TopK: raw values
-        acts = torch.zeros_like(pre).scatter(-1, indices, values)
-        want = acts @ w["W_dec"] + w["b_dec"]
-        torch.testing.assert_close(coder(x, x).reconstruction, want, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="loads a transcoder without a threshold as ReLU"):
+        export_circuit_tracer(coders, tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()
 
 
 def test_circuit_tracer_transcoder_set_errors(tmp_path: Path) -> None:

@@ -25,11 +25,10 @@ same outputs on raw activations) and write:
 
     circuit-tracer, CLT        config.yaml (model_kind: cross_layer_transcoder, hooks)
                                W_enc_{l}.safetensors: W_enc_{l} [F, d], b_enc_{l} [F], b_dec_{l}
-                               [d], threshold_{l} [F] (JumpReLU/BatchTopK), W_skip_{l} [d, d]
-                               (applied as x @ W_skip, circuit-tracer's CLT convention)
+                               [d], threshold_{l} [F] (JumpReLU/BatchTopK)
                                W_dec_{l}.safetensors: W_dec_{l} [F, L - l, d], zero beyond the
                                n_targets window
-    circuit-tracer, per-layer  config.yaml (model_kind: transcoder_set, hooks, activation, k)
+    circuit-tracer, per-layer  config.yaml (model_kind: transcoder_set, hooks, activation)
                                layer_{l}.safetensors: W_enc [F, d_in], W_dec [F, d_out], b_enc,
                                b_dec, W_skip [d_out, d_in] (applied as x @ W_skip.T), and
                                "activation_function.threshold" [F] for JumpReLU/BatchTopK
@@ -37,10 +36,11 @@ same outputs on raw activations) and write:
                                [d_sae, d_in], b_enc, b_dec, threshold (jumprelu)
 
 BatchTopK exports as JumpReLU with its eval threshold for every latent, which is exactly its
-eval behaviour. TopK has no threshold: SAELens "topk" matches it (top-k, then ReLU);
-circuit-tracer's per-layer TopK keeps the raw top-k values without a ReLU (different only for
-rows with fewer than k positive pre-activations), and its CLT has no TopK, so a TopK CLT is
-refused.
+eval behaviour. TopK has no threshold: SAELens "topk" matches it (top-k, then ReLU), but
+circuit-tracer 0.5.0 loads a transcoder file without a threshold as ReLU (`load_transcoder_set`,
+`load_clt`: every positive pre-activation fires), so TopK dictionaries are refused for it. So is
+a CLT with a skip connection: 0.5.0's `load_clt` never reads one from these files (its CLT has
+`W_skip` only from other formats), and the export would load without it.
 
 Runs written by `vlmscope train` carry their hook bindings and model in
 `cfg.metadata["vlmscope_bundle"]` (reads, writes, model name and dims). The exporters use it
@@ -834,6 +834,13 @@ def export_circuit_tracer(
         }
     else:
         coders = _layer_list(dictionaries)
+        if coders[0].cfg.activation == "topk":
+            raise ValueError(
+                "circuit-tracer 0.5.0 loads a transcoder without a threshold as ReLU (every "
+                "positive pre-activation fires), so a TopK transcoder set would not compute "
+                "what it computes here: train it with --sae.activation jumprelu (or batchtopk, "
+                "whose eval threshold exports as JumpReLU)"
+            )
         folder.mkdir(parents=True, exist_ok=True)
         _export_ct_transcoders(coders, folder, dtype)
         config = {
@@ -841,16 +848,20 @@ def export_circuit_tracer(
             "feature_input_hook": feature_input_hook,
             "feature_output_hook": feature_output_hook,
         }
-        if coders[0].cfg.activation == "topk":
-            config.update(activation="topk", k=coders[0].cfg.k)
-        else:
-            config["activation"] = "jumprelu"
+        config["activation"] = "jumprelu"
     config.update(extra_config or {})
     _write_yaml(folder / "config.yaml", config)
     return folder
 
 
 def _check_clt_layers(cfg: SparseCoderConfig) -> None:
+    if cfg.skip_connection:
+        raise ValueError(
+            "circuit-tracer 0.5.0's load_clt reads no skip connection from a CLT folder (its "
+            "W_skip comes only from other formats), so this CLT would load without its skip "
+            "and reconstruct something else: export a CLT trained without "
+            "--sae.skip-connection"
+        )
     if cfg.activation == "topk":
         raise ValueError(
             "circuit-tracer's CrossLayerTranscoder supports only ReLU and JumpReLU, and a TopK "
@@ -931,8 +942,6 @@ def _export_ct_clt(clt: CrossLayerTranscoder, folder: Path, dtype: torch.dtype |
         threshold = _threshold(layer.activation, f"layer {l_idx}")
         if threshold is not None:
             enc[f"threshold_{l_idx}"] = threshold
-        if layer.W_skip is not None:
-            enc[f"W_skip_{l_idx}"] = (layer.W_skip.detach() * (s_in[l_idx] / s_out[l_idx])).T
         f, n_out, d = layer.W_dec.shape
         w_dec = layer.W_dec.new_zeros(f, n_layers - l_idx, d)
         for j in range(n_out):
