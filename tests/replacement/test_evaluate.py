@@ -460,3 +460,32 @@ def test_cli_on_data_without_one_good_record_counts_what_the_reader_refused(
     err = capsys.readouterr().err
     assert "no batches to evaluate (3 records skipped - missing_image: 1 (e.g. bad.jsonl:0)" in err
     assert "corrupt_image: 2 (e.g. bad.jsonl:1, bad.jsonl:2))" in err
+
+
+def test_pooled_figures_count_each_units_own_rows(llava: HookedVLM) -> None:
+    """A projector unit reads image patches and a language-model unit reads tokens: the pooled
+    L0 is per row of both, and a token group no patch is in still counts the tokens."""
+    hooks = ["projector.hook_out", "lm.blocks.0.hook_resid_post"]
+    inputs = llava.prepare(
+        ["what colour is the circle", "and the square"],
+        images=[[random_image(32, 40, seed=1)], [random_image(32, 32, seed=2)]],
+    )
+    report = evaluate(llava, exact_sae(llava, hooks), inputs, per_layer=False, progress=False)
+    for group, res in report.reconstruction.items():
+        units = [res["per_unit"][h] for h in hooks]
+        assert all(u["fvu"] == 0.0 for u in units if u["l0"] == u["l0"])  # exact, where rows
+        rows = {h: report_rows(llava, inputs, h, group) for h in hooks}
+        assert res["n_tokens"] == max(rows.values()) > 0
+        if all(rows.values()):
+            l0 = sum(u["l0"] * rows[h] for h, u in zip(hooks, units, strict=True))
+            assert res["overall"]["l0"] == pytest.approx(l0 / sum(rows.values()), rel=1e-9)
+        assert res["overall"]["fvu"] == 0.0
+
+
+def report_rows(vlm: HookedVLM, inputs: Any, hook: str, group: str) -> int:
+    """Rows a unit on `hook` reads in token group `group`: the projector's image patches
+    (in every group that holds image tokens), or the language model's tokens of the group."""
+    masks = vlm.masks(inputs)
+    if hook.startswith("projector"):
+        return int(masks.select("image").sum()) if group in ("all", "image") else 0
+    return int(masks.select(group).sum())

@@ -194,8 +194,10 @@ class ReconStats:
 
 
 def pooled_recon(stats: Sequence[ReconStats]) -> dict[str, float]:
-    """Overall reconstruction metrics of several units (see the module docstring)."""
-    n = stats[0].n if stats else 0
+    """Overall reconstruction metrics of several units (see the module docstring). Units may
+    see different numbers of rows (a projector's patches beside a language model's tokens):
+    L0 is per row of all of them."""
+    n = sum(s.n for s in stats)
     tiny = torch.finfo(torch.float64).tiny
     sse = sum(s.sse for s in stats)
     f = _nan_if_empty(n, sse / max(sum(s.sst for s in stats), tiny))
@@ -205,7 +207,7 @@ def pooled_recon(stats: Sequence[ReconStats]) -> dict[str, float]:
         "fvu": f,
         "explained_variance": 1.0 - f,
         "normalized_mse": _nan_if_empty(n, sse / max(sum(s.sum_sq for s in stats), tiny)),
-        "l0": _nan_if_empty(n, sum(s.l0_sum for s in stats) / max(n * len(stats), 1)),
+        "l0": _nan_if_empty(n, sum(s.l0_sum for s in stats) / max(n, 1)),
         "dead_fraction": _nan_if_empty(n, 1.0 - fired / max(latents, 1)),
     }
 
@@ -580,7 +582,9 @@ class _Evaluator:
         recon: dict[str, dict[str, Any]] = {}
         for g, stats in self.recon.items():
             recon[g] = {
-                "n_tokens": stats[0].n,
+                # units may read different rows (a projector's patches beside the language
+                # model's tokens): the most any unit read, 0 only when none read any
+                "n_tokens": max(s.n for s in stats),
                 "overall": pooled_recon(stats),
                 "per_unit": {u: s.result() for u, s in zip(units, stats, strict=True)},
             }
