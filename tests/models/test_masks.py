@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -88,3 +90,23 @@ def test_select_rejects_unknown_kind() -> None:
     m = compute_masks(torch.tensor([[BOS, 5]]), None, [IMG], [BOS], None)
     with pytest.raises(ValueError, match="tokens must be"):
         m.select("video")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_qwen_video_inputs_are_refused_by_name(family: str, zoo_path: Any) -> None:
+    """A hub Qwen processor makes video inputs (the zoo's has no video processor): the image
+    placeholders become <|video_pad|> and the pixels pixel_values_videos, which transformers
+    runs and vlmscope's masks do not lay out yet."""
+    from tests.conftest import random_image
+    from vlmscope.models.hooked import HookedVLM
+
+    vlm = HookedVLM.from_pretrained(zoo_path(family), device="cpu", dtype=torch.float32)
+    inputs = dict(vlm.prepare("what is shown", images=[random_image(32, 32, seed=1)]))
+    cfg = vlm.model.config
+    ids = inputs["input_ids"].clone()
+    ids[ids == cfg.image_token_id] = cfg.video_token_id
+    video = {**{k: v for k, v in inputs.items() if k not in ("pixel_values", "image_grid_thw")},
+             "input_ids": ids, "pixel_values_videos": inputs["pixel_values"],
+             "video_grid_thw": inputs["image_grid_thw"]}  # fmt: skip
+    with pytest.raises(ImageTokenMismatchError, match=f"{family}: video inputs"):
+        vlm.masks(video)

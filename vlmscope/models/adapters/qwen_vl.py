@@ -13,6 +13,7 @@ import torch
 
 from vlmscope.models.adapter import Capabilities, LayerMap, ModelAdapter
 from vlmscope.models.adapters.llava import grid_cells
+from vlmscope.models.masks import ImageTokenMismatchError
 from vlmscope.models.registry import register_adapter
 from vlmscope.models.vision import VisionLayoutError
 
@@ -25,6 +26,13 @@ class QwenVLAdapter(ModelAdapter):
     positions_from_padding = False
 
     def image_token_grids(self, inputs: Mapping[str, Any]) -> list[torch.Tensor]:
+        if inputs.get("pixel_values_videos") is not None or "video_grid_thw" in inputs:
+            # Their <|video_pad|> tokens would be neither image nor text in the masks, and the
+            # tower's second run (the videos) has no layout here: say so, not KeyError.
+            raise ImageTokenMismatchError(
+                f"{self.family}: video inputs (pixel_values_videos) are not supported yet; "
+                "pass a video's frames as images"
+            )
         m = int(self.config.vision_config.spatial_merge_size)
         out = []
         for t, h, w in inputs["image_grid_thw"].tolist():
