@@ -105,3 +105,24 @@ def test_an_adapter_on_the_vision_layer_the_projector_reads_acts_on_every_forwar
     assert not torch.allclose(want, clean, atol=1e-3), "the replacement changes the answer"
     for g in got:
         torch.testing.assert_close(g, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_hook_edit_on_a_wrapped_vision_layer_reaches_the_projector(
+    toy: HookedVLM, circle: Image.Image
+) -> None:
+    """Zero-ablating the output of the vision layer the projector reads gives the same logits
+    with or without a replacing adapter on that layer (the edit acts after the adapter), on
+    every forward."""
+    cfg = toy.model.config
+    i = cfg.vision_config.num_hidden_layers + cfg.vision_feature_layer
+    hook = [(f"vision.blocks.{i}.hook_resid_post", HookedVLM.zero_ablate())]
+    inputs = toy.prepare("What colour is the circle?", images=[circle])
+    toy.forward(inputs)
+    want = toy.run_with_hooks(inputs, hook).logits
+    target = rf"model\.vision_tower\.encoder\.layers\.{i}"
+    pm = get_peft_sae_model(toy.model, TopKSaeConfig(k=4, num_latents=256, target_modules=target))
+    pm.eval()
+    wrapped = HookedVLM(pm, toy.processor)
+    for _ in range(2):
+        torch.testing.assert_close(wrapped.run_with_hooks(inputs, hook).logits, want)
+    assert not torch.allclose(wrapped.forward(inputs).logits, want, atol=1e-3)

@@ -530,6 +530,12 @@ class HookedVLM:
             return r.flatten(-2) if heads else r
 
         module = self._target(rh)
+        base = getattr(module, "base_layer", None)
+        if p.io == "out" and base is not None and base.__dict__.get("_sae_owner") is module:
+            # A module a vlmscope PEFT adapter wraps: the adapters act in a hook on it, first;
+            # hooking the module itself puts this hook after them and before transformers'
+            # recorders (a hook on the wrapper would run after both).
+            module = base
         if p.io == "computed":
             return self._attach_pattern(rh, fn, ctx)
         if p.io == "out":
