@@ -54,7 +54,7 @@ from torch import Tensor
 from vlmscope.attribution.cross_inputs import cross_attention_inputs
 from vlmscope.attribution.freeze import FreezeState, frozen
 from vlmscope.attribution.weights import DictionaryWeights
-from vlmscope.models.hooked import HookContext, HookedVLM
+from vlmscope.models.hooked import HookContext, HookedVLM, register_vlmscope_hook
 from vlmscope.training.bundle import DictionaryBundle, mlp_out
 
 DecoderCache = Literal["device", "cpu", "disk"]
@@ -829,7 +829,7 @@ def _as_module_hook(fn: Callable[[Tensor, HookContext], Tensor], layer: int) -> 
 @contextlib.contextmanager
 def _module_hooks(pairs: list[tuple[torch.nn.Module, Any]]) -> Iterator[None]:
     """Forward hooks on modules for the duration of the block."""
-    handles = [m.register_forward_hook(fn) for m, fn in pairs]
+    handles = [register_vlmscope_hook(m, fn) for m, fn in pairs]
     try:
         yield
     finally:
@@ -906,7 +906,7 @@ def _no_grad_modules(modules: list[torch.nn.Module]) -> Iterator[None]:
         torch.set_grad_enabled(modes.pop())
 
     handles = [h for m in modules for h in (m.register_forward_pre_hook(pre),
-                                             m.register_forward_hook(post))]  # fmt: skip
+                                             register_vlmscope_hook(m, post))]  # fmt: skip
     try:
         yield
     finally:

@@ -36,7 +36,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from vlmscope.models.hooked import HookedVLM
+from vlmscope.models.hooked import HookedVLM, register_vlmscope_hook
 
 FROZEN_ATTENTION = "vlmscope_frozen"
 
@@ -213,7 +213,7 @@ def _norm_hooks(name: str, m: nn.Module, state: FreezeState, kind: str | None) -
             return ((out.float() - bias) * ratio + bias).to(out.dtype)
         return (out.float() * ratio).to(out.dtype)
 
-    return [m.register_forward_pre_hook(pre), m.register_forward_hook(hook)]
+    return [m.register_forward_pre_hook(pre), register_vlmscope_hook(m, hook)]
 
 
 @contextlib.contextmanager

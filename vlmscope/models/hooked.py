@@ -164,10 +164,19 @@ def missing_package_message(path: str, error: ImportError) -> str:
     )
 
 
-def _first_among_others(module: nn.Module, fn: Callable[..., Any], **kw: Any) -> RemovableHandle:
-    """Register forward hook `fn` on `module` to run before any hook not vlmscope's, after
-    vlmscope's own in the order they came (see `run_vlmscope_hooks_first`)."""
-    fn._vlmscope = True  # type: ignore[attr-defined]
+def register_vlmscope_hook(module: nn.Module, fn: Callable[..., Any], **kw: Any) -> RemovableHandle:
+    """`module.register_forward_hook(fn, **kw)` for every forward hook vlmscope registers: it
+    runs after vlmscope's hooks already there and before any other's (see
+    `run_vlmscope_hooks_first`), so vlmscope's hooks keep their own order among themselves."""
+    try:
+        fn._vlmscope = True  # type: ignore[attr-defined]
+    except AttributeError:  # a bound method: mark a plain function that calls it
+        method = fn
+
+        def fn(*args: Any, **kwargs: Any) -> Any:
+            return method(*args, **kwargs)
+
+        fn._vlmscope = True  # type: ignore[attr-defined]
     handle = module.register_forward_hook(fn, **kw)
     run_vlmscope_hooks_first(module)
     return handle
@@ -583,7 +592,7 @@ class HookedVLM:
                 if isinstance(x, torch.Tensor):
                     in_shape["x"] = x.shape
 
-            handles = [_first_among_others(module, out_hook)]
+            handles = [register_vlmscope_hook(module, out_hook)]
             if p.target in ("mlp", "mlp_out"):
                 handles.append(module.register_forward_pre_hook(shape_hook, with_kwargs=True))
             return handles
@@ -619,7 +628,7 @@ class HookedVLM:
                 return output + delta
 
             block = self.adapter.block(rh.layer)  # type: ignore[arg-type]
-            handles.append(_first_among_others(block, carry, prepend=True))
+            handles.append(register_vlmscope_hook(block, carry, prepend=True))
         return handles
 
     def _attach_pattern(
@@ -659,16 +668,16 @@ class HookedVLM:
                 t = _first_tensor(output)
                 seen["q"], seen["k"] = t[..., q_slice], t[..., k_slice]
 
-            grabs = [a.part(i, "q").register_forward_hook(grab_qkv)]
+            grabs = [register_vlmscope_hook(a.part(i, "q"), grab_qkv)]
         else:
             grabs = [
-                a.part(i, "q").register_forward_hook(grab("q")),
-                a.part(i, "k").register_forward_hook(grab("k")),
+                register_vlmscope_hook(a.part(i, "q"), grab("q")),
+                register_vlmscope_hook(a.part(i, "k"), grab("k")),
             ]
         return [
             *grabs,
             attn.register_forward_pre_hook(pre, with_kwargs=True),
-            attn.register_forward_hook(post),
+            register_vlmscope_hook(attn, post),
         ]
 
     # --- ready-made hook functions ----------------------------------------------------------

@@ -91,8 +91,10 @@ class SaeLayer(nn.Module, BaseTunerLayer):
         # The adapters act in a forward hook of the wrapped module, run before any other hook
         # on it: transformers records a layer's output (the hidden_states a LLaVA-style
         # projector reads) with a hook on the module itself, which must see the replacement.
+        from vlmscope.models.hooked import register_vlmscope_hook
+
         object.__setattr__(base_layer, "_sae_owner", self)  # not a submodule: no cycle
-        base_layer.register_forward_hook(_adapters_after_base, with_kwargs=True)
+        register_vlmscope_hook(base_layer, _adapters_after_base, with_kwargs=True)
 
     def __getattr__(self, name: str) -> Any:
         """Attributes the wrapped module has (e.g. an attention layer's `scaling`) stay

@@ -63,7 +63,9 @@ class Llama4Adapter(TileRunViews):
         super().__init__(model, processor)
         lm = get_submodule(model, "language_model")
         if not getattr(lm, "_vlmscope_image_outputs_hook", False):
-            lm.register_forward_hook(_with_image_outputs)
+            from vlmscope.models.hooked import register_vlmscope_hook
+
+            register_vlmscope_hook(lm, _with_image_outputs)
             lm._vlmscope_image_outputs_hook = True
 
     markers: ClassVar[dict[str, str]] = {

@@ -279,7 +279,9 @@ class LayerTap:
 
     def __init__(self, module: nn.Module) -> None:
         self.output: torch.Tensor | None = None
-        self._handle = module.register_forward_hook(self._keep)
+        from vlmscope.models.hooked import register_vlmscope_hook
+
+        self._handle = register_vlmscope_hook(module, self._keep)
 
     def _keep(self, _module: nn.Module, _inputs: object, output: Any) -> None:
         self.output = output[0] if isinstance(output, tuple) else output
