@@ -94,3 +94,19 @@ def test_offload_and_decoder_placement_give_identical_edges(zoo_path: Any, tmp_p
     after = vlm.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(p.device.type == "cpu" and p.numel() > 0 for p in vlm.model.parameters())
+
+
+def test_an_explicit_batch_is_capped_at_the_rows_whatever_the_offload(
+    zoo_path: Any, tmp_path: Any
+) -> None:
+    """A --batch-size above the rows to compute replays only as many copies as rows, with the
+    planner choosing the offload (the CLI default) as without it: at 100,000 copies the
+    planner had refused 2 GB ("try --offload disk", after trying it)."""
+    vlm = vlm_for("llama", zoo_path)
+    random_clt(vlm, n_targets=2, seed=3).save(tmp_path / "clt")
+    inputs = vlm.prepare("what colour is the circle and the square")
+    kw: dict[str, Any] = {"batch_size": 100_000, "max_feature_nodes": 40}
+    fixed = attribute(vlm, tmp_path / "clt", inputs, offload=None, **kw)
+    auto = attribute(vlm, tmp_path / "clt", inputs, offload="auto", memory_gb=2, **kw)
+    assert fixed.metadata["batch_size"] == auto.metadata["batch_size"] == 40  # 40 feature rows
+    assert torch.equal(auto.adjacency, fixed.adjacency)

@@ -162,7 +162,7 @@ def attribute(
         from vlmscope.plan.attribution import plan_after_record
 
         plan = plan_after_record(ctx, max_feats, n_logits, batch_size, offload, memory_gb)
-        copies, offload = plan.batch, plan.choices["offload"]
+        copies, offload = min(plan.batch, wanted), plan.choices["offload"]
         if progress:
             tqdm.write(plan.choices["summary"])
     else:

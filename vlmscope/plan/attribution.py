@@ -480,8 +480,8 @@ def choose(
         per_copy = plan(shape, 1, off, device_type).total("device") - base
         if batch == "auto":
             b = min(wanted, int((usable - base) // per_copy)) if usable > base else 0
-        else:
-            b = int(batch)
+        else:  # as asked, but never more copies than there are rows to compute
+            b = min(int(batch), max(1, shape.n_logits, shape.n_rows - shape.n_logits))
         p = plan(shape, max(b, 1), off, device_type)
         dev, host = peak(p, shape), p.total("host")
         fits = b >= 1 and dev <= usable and (host_budget is None or host <= host_budget)
@@ -564,7 +564,9 @@ def plan_after_record(
         raise MemoryError(
             f"attribution does not fit: {c.device_peak / GB:.1f} GB needed on {device} at "
             f"batch {c.batch} (offload {c.offload or 'none'}), {budget / GB:.1f} GB available; "
-            "try --offload disk, a shorter prompt or fewer dictionary layers"
+            + ("try " if c.offload == "disk" else "try --offload disk, ")
+            + ("a smaller --batch-size, " if batch != "auto" else "")
+            + "a shorter prompt or fewer dictionary layers"
         )
     c.plan.choices["summary"] = (
         f"batch size {c.batch}, offload {c.offload or 'none'}: planned peak "
