@@ -129,3 +129,24 @@ def test_layers_are_model_layers_with_dictionaries_on_some_layers(zoo_path: Any)
     assert t["value"][hit].tolist() == [9.0]
     with pytest.raises(ValueError, match=r"layer 1: the dictionaries cover layers \[0, 2\]"):
         intervene(rm, inputs, [(1, n - 1, 5, 9.0)])
+
+
+def test_a_feature_set_twice_takes_its_last_value_active_or_not(zoo_path: Any) -> None:
+    """(all positions -> 2, then position p -> 5) sets 5 at p; an inactive feature set twice
+    used to be appended twice, its two columns adding up in the decoder (7 at p)."""
+    vlm = vlm_for("llama", zoo_path)
+    inputs = vlm.prepare("what colour is the circle and the square")
+    rm = ReplacementModel(vlm, random_clt(vlm, seed=3), replace_tokens="all")
+    active = {tuple(f) for f in attribute(rm, None, inputs, batch_size=64).features.tolist()}
+    layer, pos = 1, 5
+    for feat in (next(f for (l_, p, f) in sorted(active) if (l_, p) == (layer, pos)),
+                 next(f for f in range(10_000) if (layer, pos, f) not in active)):  # fmt: skip
+        once = intervene(rm, inputs, [(layer, pos, feat, 5.0)], freeze_attention=True).logits
+        twice = [(layer, pos, feat, 7.0), (layer, pos, feat, 5.0)]
+        torch.testing.assert_close(intervene(rm, inputs, twice, freeze_attention=True).logits,
+                                   once, atol=1e-5, rtol=0)  # fmt: skip
+        everywhere_then_p = [(layer, None, feat, 2.0), (layer, pos, feat, 5.0)]
+        both = intervene(rm, inputs, everywhere_then_p, freeze_attention=True).logits
+        by_hand = [(layer, q, feat, 5.0 if q == pos else 2.0) for q in range(pos + 1)]
+        want = intervene(rm, inputs, by_hand, freeze_attention=True).logits
+        torch.testing.assert_close(both[:, : pos + 1], want[:, : pos + 1], atol=1e-5, rtol=0)

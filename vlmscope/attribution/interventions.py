@@ -93,11 +93,14 @@ class InterventionResult:
 
 
 def _override(codes: SparseCodes, items: Sequence[tuple[int, int, float]]) -> SparseCodes:
-    """Codes with (row, feature, value) set, appending columns for features not yet active."""
+    """Codes with (row, feature, value) set, appending columns for features not yet active.
+    A (row, feature) set twice takes its last value, whether or not it was active (appended
+    twice, an inactive feature's two columns would add up in the decoder)."""
     values, indices = codes.values.clone(), codes.indices.clone()
     extra: dict[int, int] = {}
     appended: list[tuple[int, int, float]] = []
-    for row, feat, val in items:
+    last = {(row, feat): val for row, feat, val in items}
+    for (row, feat), val in last.items():
         hit = (indices[row] == feat) & (values[row] != 0)
         if bool(hit.any()):
             values[row, hit] = val
