@@ -114,3 +114,28 @@ def test_integrated_gradients_frozen_along_the_path(case: tuple[HookedVLM, Any, 
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.max()))
     live = bl.integrated_gradients(vlm, inputs, token, steps=2)
     assert float((live - got).abs().max()) > 1e-2 * float(want.max())
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "idefics3", "internvl", "qwen2_vl"])
+def test_a_blank_image_is_one_colour_across_tiles_and_channels(family: str, zoo_path: Any) -> None:
+    """The top-left pixel's colour everywhere: one value per channel over every image and tile
+    ([..., C, H, W]), or over every row of flattened patches ([patches, C x T x P x P])."""
+    from PIL import Image
+
+    from tests.replacement.test_model import vlm_for
+
+    pic = Image.new("RGB", (64, 48), (0, 0, 255))
+    pic.paste((255, 0, 0), (0, 0, 32, 24))  # the top-left quadrant red, the rest blue
+    vlm = vlm_for(family, zoo_path)
+    pv = vlm.prepare("what is shown", images=[pic])["pixel_values"]
+    blank = bl.blank_inputs({"pixel_values": pv})["pixel_values"]
+    assert blank.shape == pv.shape
+    if pv.dim() >= 4:
+        first = pv.reshape(-1, *pv.shape[-3:])[0, :, 0, 0]
+        channels = blank.movedim(-3, 0).reshape(pv.shape[-3], -1)
+        assert torch.equal(channels, first[:, None].expand_as(channels))
+    else:
+        block = pv.shape[1] // 3
+        want = pv[0, ::block].repeat_interleave(block)
+        assert torch.equal(blank, want.expand_as(pv))
+        assert len(set(pv[0, ::block].tolist())) > 1  # red: the channels differ

@@ -144,10 +144,26 @@ def gradient_x_input(
 
 
 def blank_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
-    """`inputs` with every image blank: each pixel the (processed) value of its top-left one."""
+    """`inputs` with every image blank: every pixel of every image and tile the (processed)
+    colour of the first image's top-left pixel. Pixels laid out as [..., C, H, W] take it per
+    channel; flattened patches ([patches, C x T x P x P] rows, Qwen-VL and GLM-4V, channel
+    by channel) take each channel's first value across its block. (Taking each tile's own
+    corner gave a tiled image several colours, and a flattened row one value for all
+    channels.)"""
     out = dict(inputs)
     pv = inputs["pixel_values"]
-    out["pixel_values"] = pv[..., :1, :1].expand_as(pv).clone()
+    if pv.dim() >= 4:
+        colour = pv.reshape(-1, *pv.shape[-3:])[0, :, :1, :1]  # [C, 1, 1]
+        out["pixel_values"] = colour.expand_as(pv).clone()
+    elif pv.dim() == 2 and pv.shape[1] % 3 == 0:
+        block = pv.shape[1] // 3
+        colour = pv[0, ::block]  # the first value of each channel's block
+        out["pixel_values"] = colour.repeat_interleave(block).expand_as(pv).clone()
+    else:
+        raise ValueError(
+            f"blank_inputs: pixel_values of shape {tuple(pv.shape)} are neither [..., C, H, W] "
+            "nor rows of flattened RGB patches"
+        )
     return out
 
 
