@@ -505,6 +505,12 @@ def test_iter_json_list_streams_in_small_chunks() -> None:
     assert isinstance(cut[-1], _Malformed) and cut[:-1] == []
     broken = list(iter_json_list(io.StringIO('[{"a": 1}, {"a": 2} {"a": 3}]'), chunk_chars=4))
     assert broken[:2] == [{"a": 1}, {"a": 2}] and isinstance(broken[2], _Malformed)
+    # A read that ends just after a number's "." or "e" (the decoder stops before them): the
+    # number goes on in the next read, and the rest of the file is still read
+    numbers = '[12.5,-2e+3,1.0E-2,7,{"a": 1}]'
+    for chunk in range(1, len(numbers) + 1):
+        got = list(iter_json_list(io.StringIO(numbers), chunk_chars=chunk))
+        assert got == [12.5, -2000.0, 0.01, 7, {"a": 1}], chunk
 
 
 def test_text_json_list_and_column_map(tmp_path: Path) -> None:
@@ -725,3 +731,20 @@ def test_images_under_another_column_name_are_named_with_the_fix(tmp_path: Path)
     chat.write_text(json.dumps(row) + "\n")
     with pytest.raises(BadRecordError, match=hint.format("images", ".*'pics'.*", "images")):
         list(open_dataset(chat, strict=True))
+
+
+def test_exif_rotated_photos_load_upright_as_transformers_loads_them(tmp_path: Path) -> None:
+    from transformers.image_utils import load_image
+
+    im = Image.new("RGB", (80, 40), (255, 0, 0))
+    im.paste((0, 0, 255), (0, 0, 20, 40))  # a blue band on the left, to see the rotation
+    exif = im.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to view": how phone cameras save
+    im.save(tmp_path / "photo.jpg", exif=exif)
+    turns = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]
+    row = {"id": "0", "image": "photo.jpg", "conversations": turns}
+    (tmp_path / "d.jsonl").write_text(json.dumps(row) + "\n")
+    (got,) = [r.images[0] for r in open_dataset(tmp_path / "d.jsonl")]
+    want = load_image(str(tmp_path / "photo.jpg"))
+    assert got.size == want.size == (40, 80)
+    assert np.array_equal(np.asarray(got), np.asarray(want.convert("RGB")))

@@ -41,13 +41,14 @@ import itertools
 import json
 import logging
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Protocol, TextIO
 
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 logger = logging.getLogger("vlmscope.data")
 
@@ -348,9 +349,11 @@ class _ImageLoader:
             raise _Bad(Reason.IMAGE_TOO_LARGE, f"{what}: {w}x{h} > {self.max_pixels} pixels")
         try:
             im.load()  # full decode: truncated or broken data fails here, not in the model
-            if self.mode and im.mode != self.mode:
-                return im.convert(self.mode)
-            return im.copy()
+            # upright as a viewer shows it, as transformers' own image loading turns it
+            upright = ImageOps.exif_transpose(im)
+            if self.mode and upright.mode != self.mode:
+                return upright.convert(self.mode)
+            return upright if upright is not im else im.copy()
         except Exception as e:  # decoders raise many types on hostile data
             raise _Bad(Reason.CORRUPT_IMAGE, f"{what}: {type(e).__name__}: {e}") from None
 
@@ -875,7 +878,10 @@ def iter_json_list(f: TextIO, chunk_chars: int = 1 << 20) -> Iterator[Any]:
             return
         try:
             obj, end = dec.raw_decode(buf, pos)
-            complete = end < len(buf) or eof  # a number at the buffer's end may continue
+            # A number may go on past the buffer's end, even past characters the decoder
+            # stopped at ("12." then "5"): complete once what follows it is in the buffer.
+            tail = _NUMBER_TAIL.match(buf, end) if isinstance(obj, int | float) else None
+            complete = eof or (tail.end() if tail else end) < len(buf)
         except json.JSONDecodeError as e:
             if eof:
                 yield _Malformed(f"element {index}: {e}")
@@ -888,6 +894,10 @@ def iter_json_list(f: TextIO, chunk_chars: int = 1 << 20) -> Iterator[Any]:
         want = chunk_chars
         yield obj
         pos, index, need_comma = end, index + 1, True
+
+
+#: characters that can continue a JSON number the decoder stopped before
+_NUMBER_TAIL = re.compile(r"[0-9eE.+-]*")
 
 
 class _JsonListSource:
