@@ -292,3 +292,24 @@ def test_one_template_render_per_sample_matches_two(name: str, zoo_path: Any) ->
         prefix = apply(r.messages[:-1], True)
         assert full == want_full
         assert answer == want_full[len(prefix) :]
+
+
+def test_a_worker_killed_mid_stream_is_an_error_not_a_hang(zoo_path: Any) -> None:
+    """The pool replaces a dead worker but the chunk it held never answers: the stream names
+    the death (SIGKILL, as the out-of-memory killer sends) instead of waiting forever."""
+    import os
+    import signal
+
+    from vlmscope.data.processing import WorkerDiedError
+
+    vlm = vlm_for("llava", zoo_path)
+    enc = SampleEncoder(vlm.processor, 4096, vlm.adapter.image_token_ids())
+    recs = [*records(True)] * 40
+    with EncoderPool(enc, 1) as pool:
+        stream = encode_stream(recs, enc, SkipCounter(), pool=pool)
+        next(stream)
+        (worker,) = [p for p in multiprocessing.active_children() if p.pid in
+                     {q.pid for q in pool._processes}]  # fmt: skip
+        os.kill(worker.pid, signal.SIGKILL)
+        with pytest.raises(WorkerDiedError, match=r"died: killed by signal 9.*out of memory"):
+            list(stream)

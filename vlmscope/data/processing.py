@@ -47,6 +47,14 @@ class RecordLike(Protocol):
     text: str
 
 
+class WorkerDiedError(RuntimeError):
+    """A data worker process exited while encoding (killed, or crashed in native code)."""
+
+
+#: seconds between checks that the data workers are alive while waiting on one
+_POLL_S = 1.0
+
+
 class SkipRecord(Exception):
     """A record that cannot become a sample; `reason` is counted, not fatal."""
 
@@ -518,7 +526,13 @@ def _encode_in(
     submit()
     while pending:
         row_ids, task = pending.popleft()
-        results = task.get()
+        while True:  # a worker killed mid-task (out of memory, a crashing decoder) never answers
+            try:
+                results = task.get(timeout=_POLL_S)
+                break
+            except mp.TimeoutError:
+                pool.check_alive()
+        pool.check_alive()  # and one killed between tasks is as much a sign to stop
         submit()
         for record_id, res in zip(row_ids, results, strict=True):
             s = handle(record_id, _from_wire(res))
@@ -538,6 +552,21 @@ class EncoderPool:
         ctx = mp.get_context("spawn")
         self._pool = ctx.Pool(workers, initializer=_init_worker,
                               initargs=(_EncoderFactory(encoder),))  # fmt: skip
+        # The pool replaces a worker that dies, but the chunk it held is lost and its result
+        # never comes: the processes it started are watched instead (`check_alive`).
+        self._processes = list(self._pool._pool)  # type: ignore[attr-defined]
+
+    def check_alive(self) -> None:
+        """Raise WorkerDiedError if a worker process has exited (they only end at close)."""
+        for proc in self._processes:
+            if proc.exitcode is not None:
+                how = (f"killed by signal {-proc.exitcode}" if proc.exitcode < 0
+                       else f"exit code {proc.exitcode}")  # fmt: skip
+                raise WorkerDiedError(
+                    f"a data worker process (pid {proc.pid}) died: {how}; SIGKILL (9) is "
+                    "usually the system out of memory: fewer --workers, a smaller --batch-size "
+                    "or --ctx-len, or --workers 0 to see the error in this process"
+                )
 
     def submit(self, chunk: list[Any]) -> AsyncResult[list[_Wire | SkipRecord]]:
         return self._pool.apply_async(_encode_chunk_in_worker, (chunk,))

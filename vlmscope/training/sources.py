@@ -31,6 +31,7 @@ from vlmscope.data.processing import (
     EncoderPool,
     SampleEncoder,
     SkipCounter,
+    WorkerDiedError,
     batches,
     collate,
     encode_stream,
@@ -518,6 +519,8 @@ class LiveSource:
                     yield batch, {"rows": batch.positions[-1] + 1}
             except ProcessedDataError as e:  # pixel_values that cannot fit the vision tower
                 raise TrainingError(str(e)) from None
+            except WorkerDiedError as e:
+                raise TrainingError(f"{e}; the last checkpoint is intact") from None
             if not got_any and full_pass:
                 raise TrainingError(
                     f"dataset {cfg.dataset!r} produced no usable samples ({self.skips.summary()})"
