@@ -489,6 +489,14 @@ def test_dataset_dict_folder_and_split_files(tmp_path: Path) -> None:
     assert len(open_dataset(tmp_path / "hub")) == 3
     with pytest.raises(ValueError, match="splits found"):
         open_dataset(tmp_path / "hub", split="validation")
+    # ultrachat_200k's layout: two train splits, neither of them "train"
+    uc = tmp_path / "uc" / "data"
+    uc.mkdir(parents=True)
+    for split in ("train_sft", "train_gen", "test_sft"):
+        pq.write_table(pa.table({"text": [split]}), uc / f"{split}-00000-of-00001.parquet")
+    assert [r.text for r in open_dataset(tmp_path / "uc", split="train_sft")] == ["train_sft"]
+    with pytest.raises(ValueError, match=r"splits found: \['test_sft', 'train_gen', 'train_sft'\]"):
+        open_dataset(tmp_path / "uc", split="train")
 
 
 # --------------------------------------------------------------------------------------------

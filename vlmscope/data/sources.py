@@ -1127,20 +1127,25 @@ class Dataset:
 # open_dataset
 
 
-def _is_split_file(rel: Path, split: str) -> bool:
-    if split in rel.parts[:-1]:
-        return True
-    name = rel.name
-    return any(name.startswith(split + sep) for sep in "-_.")
+def _split_of(rel: Path) -> str:
+    """The split a file belongs to in the HF hub layouts: a folder named for a known split
+    (`test/...`), else its name up to the first "." or "-" (`train-00000-of-00002.parquet`,
+    `train_sft-00000-of-00003.parquet`, `test.jsonl`)."""
+    for part in rel.parts[:-1]:
+        if part in _KNOWN_SPLITS:
+            return part
+    return rel.name.split(".")[0].split("-")[0]
 
 
 def _filter_split(files: list[Path], root: Path, split: str) -> list[Path]:
-    """Files of one split when the folder names splits (HF hub layout); else all files."""
-    rels = [f.relative_to(root) for f in files]
-    found = sorted({s for s in _KNOWN_SPLITS for r in rels if _is_split_file(r, s)})
+    """Files of one split when the folder names splits (HF hub layout); else all files. A
+    split is matched whole: `train` is not `train_sft` (ultrachat_200k has train_sft and
+    train_gen; matching by prefix read both as one)."""
+    names = [_split_of(f.relative_to(root)) for f in files]
+    found = sorted({n for n in names for k in _KNOWN_SPLITS if n == k or n.startswith(k + "_")})
     if not found:
         return files
-    chosen = [f for f, r in zip(files, rels, strict=True) if _is_split_file(r, split)]
+    chosen = [f for f, n in zip(files, names, strict=True) if n == split]
     if not chosen:
         raise ValueError(f"no files for split {split!r} in {root}; splits found: {found}")
     return chosen
