@@ -147,7 +147,8 @@ def add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
         default="none",
         choices=["none", "blank"],
         help="blank: also record each edge from the embeddings of the prompt with a blank image "
-        "(every pixel the top-left one's colour), saved in the raw graph, and draw the heatmap "
+        "(every pixel of every image and tile the first image's top-left colour), saved in "
+        "the raw graph, and draw the heatmap "
         "as each patch's effect measured from that image rather than from a zero embedding "
         "(default: none; see benchmarks/README.md, Grounding)",
     )
