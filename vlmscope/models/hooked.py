@@ -165,33 +165,31 @@ def missing_package_message(path: str, error: ImportError) -> str:
 
 
 def register_vlmscope_hook(module: nn.Module, fn: Callable[..., Any], **kw: Any) -> RemovableHandle:
-    """`module.register_forward_hook(fn, **kw)` for every forward hook vlmscope registers: it
-    runs after vlmscope's hooks already there and before any other's (see
-    `run_vlmscope_hooks_first`), so vlmscope's hooks keep their own order among themselves."""
-    try:
-        fn._vlmscope = True  # type: ignore[attr-defined]
-    except AttributeError:  # a bound method: mark a plain function that calls it
-        method = fn
-
-        def fn(*args: Any, **kwargs: Any) -> Any:
-            return method(*args, **kwargs)
-
-        fn._vlmscope = True  # type: ignore[attr-defined]
+    """`module.register_forward_hook(fn, **kw)`, then transformers' output recorders moved
+    after it (see `run_recorders_last`); every forward hook vlmscope registers goes here."""
     handle = module.register_forward_hook(fn, **kw)
-    run_vlmscope_hooks_first(module)
+    run_recorders_last(module)
     return handle
 
 
-def run_vlmscope_hooks_first(module: nn.Module) -> None:
-    """Order `module`'s forward hooks: vlmscope's (functions marked `_vlmscope`) first, in
-    their own order, then the others. transformers (5.x) records `hidden_states` with forward
-    hooks of its own, installed on a model's first forward; a LLaVA-style model feeds its
-    projector the recorded output of a vision layer, so a vlmscope edit there that ran after
-    the recording was lost on every forward but the first."""
+def run_recorders_last(module: nn.Module) -> None:
+    """Move the forward hooks transformers (5.x) uses to record `hidden_states` after every
+    other hook on `module`, the others keeping their order. transformers installs them on a
+    model's first forward, and a LLaVA-style model feeds its projector the recorded output of
+    a vision layer: a hook registered after them (every vlmscope hook on every forward but a
+    fresh model's first) edited an output that had already been recorded, so its edit was
+    lost."""
     hooks = module._forward_hooks
-    ours = [k for k, f in hooks.items() if getattr(f, "_vlmscope", False)]
-    for k in reversed(ours):
-        hooks.move_to_end(k, last=False)
+    for key in [k for k, fn in hooks.items() if _is_output_recorder(fn)]:
+        hooks.move_to_end(key)
+
+
+def _is_output_recorder(fn: Any) -> bool:
+    """Whether `fn` is one of transformers' hidden-state recording hooks
+    (`transformers.utils.output_capturing`)."""
+    return "output_captur" in (getattr(fn, "__module__", None) or "") + (
+        getattr(fn, "__qualname__", None) or ""
+    )
 
 
 def _first_tensor(x: Any) -> torch.Tensor:

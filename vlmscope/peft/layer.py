@@ -170,9 +170,9 @@ class SaeLayer(nn.Module, BaseTunerLayer):
 
     # --- forward -----------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        from vlmscope.models.hooked import run_vlmscope_hooks_first
+        from vlmscope.models.hooked import run_recorders_last
 
-        run_vlmscope_hooks_first(self.base_layer)  # transformers may have hooked it since
+        run_recorders_last(self.base_layer)  # transformers may have hooked it since
         return self.base_layer(*args, **kwargs)
 
     def _after_base(self, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
@@ -314,9 +314,6 @@ def _adapters_after_base(
     A module-level function, not a closure, so a deep copy of the model hooks the copy."""
     layer = module.__dict__.get("_sae_owner")
     return None if layer is None else layer._after_base(args, kwargs, out)
-
-
-_adapters_after_base._vlmscope = True  # type: ignore[attr-defined]
 
 
 def module_widths(module: nn.Module, config: SaeConfig, where: str) -> tuple[int, int]:
