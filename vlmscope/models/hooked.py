@@ -567,16 +567,13 @@ class HookedVLM:
                     view = t[..., sl]
                 elif t.dim() == 2 and len(in_shape.get("x", ())) == 3:
                     view = t.view(*in_shape["x"][:-1], t.shape[-1])
-                if scale is not None:
-                    shown = view * scale.to(view.dtype)
-                    r = call(shown)
-                    if r is None:
-                        return None
-                    r = view + (r - shown) / scale.to(view.dtype)
-                else:
-                    r = call(view)
+                s = None if scale is None else scale.to(view.dtype)
+                shown = view if s is None else view * s
+                r = call(shown)
                 if r is None:
                     return None
+                if s is not None:
+                    r = view + (r - shown) / s
                 if sl is not None:
                     r = torch.cat([t[..., : sl.start], r, t[..., sl.stop :]], dim=-1)
                 elif view is not t:

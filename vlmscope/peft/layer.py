@@ -88,9 +88,9 @@ class SaeLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
-        # The adapters act in a forward hook of the wrapped module, run before any other hook
-        # on it: transformers records a layer's output (the hidden_states a LLaVA-style
-        # projector reads) with a hook on the module itself, which must see the replacement.
+        # The adapters act in a forward hook of the wrapped module, kept ahead of the hook
+        # transformers records a layer's output with (the hidden_states a LLaVA-style
+        # projector reads), which must see the replacement.
         from vlmscope.models.hooked import register_vlmscope_hook
 
         object.__setattr__(base_layer, "_sae_owner", self)  # not a submodule: no cycle

@@ -78,29 +78,37 @@ __all__ = [
 class _Cycle:
     """One optimizer step's micro-batches (--grad-acc-steps): its loss and per-unit FVU and L0
     are their means weighted by tokens, not the last micro-batch's. Each value is what
-    `Trainer._metrics` takes (a rank's share with several ranks; sums stay sums)."""
+    `Trainer._metrics` takes (a rank's share with several ranks; sums stay sums). Only the
+    detached metrics are kept, not the micro-batches' results (reconstructions)."""
 
     def __init__(self) -> None:
-        self.parts: list[tuple[torch.Tensor, Any, int, int]] = []
+        #: (loss, fvu_per_unit, l0_per_unit, local tokens, tokens), FVU/L0 None where no unit ran
+        self.parts: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int, int]]
+        self.parts = []
         self.n_local = self.n_tok = 0
 
     def add(self, loss: torch.Tensor, res: Any, n_local: int, n_tok: int) -> None:
-        self.parts.append((loss.detach(), res, n_local, n_tok))
+        fvu, l0 = (None, None) if res is None else (res.fvu_per_unit, res.l0_per_unit)
+        self.parts.append((loss.detach(), _detached(fvu), _detached(l0), n_local, n_tok))
         self.n_local += n_local
         self.n_tok += n_tok
 
     def mean(self) -> tuple[torch.Tensor, Any]:
         """(loss, an object with fvu_per_unit and l0_per_unit, or None where no unit ran)."""
-        if len(self.parts) == 1:  # no grad accumulation: the values as they are
-            return self.parts[0][0], self.parts[0][1]
-        tok = max(self.n_tok, 1)
-        loss = sum(p[0] * p[3] for p in self.parts) / tok
         ran = [p for p in self.parts if p[1] is not None]
-        if not ran:
-            return loss, None  # type: ignore[return-value]
-        fvu = sum(p[1].fvu_per_unit.detach() * p[3] for p in ran) / tok
-        l0 = sum(p[1].l0_per_unit.detach() * p[2] for p in ran) / max(self.n_local, 1)
-        return loss, SimpleNamespace(fvu_per_unit=fvu, l0_per_unit=l0)  # type: ignore[return-value]
+        if len(self.parts) == 1:  # no grad accumulation: the values as they are
+            loss, fvu, l0 = self.parts[0][:3]
+        else:
+            tok = max(self.n_tok, 1)
+            loss = sum(p[0] * p[4] for p in self.parts) / tok  # type: ignore[assignment]
+            fvu = sum(p[1] * p[4] for p in ran) / tok if ran else None  # type: ignore[operator]
+            l0 = sum(p[2] * p[3] for p in ran) / max(self.n_local, 1) if ran else None  # type: ignore[operator]
+        res = SimpleNamespace(fvu_per_unit=fvu, l0_per_unit=l0) if ran else None
+        return loss, res
+
+
+def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
 
 
 @dataclass
