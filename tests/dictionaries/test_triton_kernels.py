@@ -3,14 +3,22 @@ CPU (TRITON_INTERPRET=1); skipped where the `triton` extra is not installed.
 
 Triton reads TRITON_INTERPRET when it is first imported, and other libraries in the suite may
 import it first, so the kernel tests run in a child pytest with the variable set; in the main
-run they show as skipped and `test_kernels_under_the_interpreter` reports for them."""
+run they show as skipped and `test_kernels_under_the_interpreter` reports for them.
+
+The interpreter runs any program numpy can; a GPU compiler is stricter (layouts, shared memory,
+types tl.dot accepts). Without a GPU, the main run compiles both kernels ahead of time for
+sm_80 and sm_90 with the ptxas the triton wheel ships, at the constants `topk_encode` launches
+with, and reads the compiled IR for what the interpreter cannot show: the precision of tl.dot."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
@@ -45,6 +53,8 @@ def tk() -> ModuleType:
 def test_fused_topk_encoder_matches_dense_topk(
     tk: ModuleType, n: int, d: int, f: int, k: int, centred: bool
 ) -> None:
+    # fp32 only: the interpreter keeps bf16 as uint16 and its tl.dot multiplies those integers
+    # (triton 3.9), so the bf16 product is checked compiled (below) and timed on a GPU
     gen = torch.Generator().manual_seed(f)
     x = torch.randn(n, d, generator=gen)
     w = torch.randn(f, d, generator=gen)
@@ -94,3 +104,60 @@ def test_triton_sparse_decode_matches_dense_in_values_and_gradients(
         results.append((out.detach(), v.grad, w.grad))
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# Per-block shared memory a kernel may use (bytes): A100 (sm_80) 163 KB, H100/H200 (sm_90) 227 KB.
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+TRITON_TYPE = {torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _compile_for_gpu(kernel: Any, types: dict[str, str], meta: dict[str, Any], arch: int) -> Any:
+    """triton.compile for CUDA compute capability `arch`, to cubin; skipped without ptxas."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
+        pytest.skip("this triton build ships no ptxas")
+    signature = {**types, **dict.fromkeys(meta, "constexpr")}
+    assert set(signature) == set(kernel.arg_names), "the kernel's arguments changed"
+    src = ASTSource(fn=kernel, signature=signature, constexprs=meta)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32))
+
+
+def _dot_lines(compiled: Any) -> list[str]:
+    return [line for line in compiled.asm["ttir"].splitlines() if "tt.dot " in line]
+
+
+@pytest.mark.skipif(INTERPRETED, reason="compiles for a GPU, not interpreted")
+@pytest.mark.parametrize(
+    ("dtype", "arch", "k"),
+    [(torch.bfloat16, 90, 32), (torch.float32, 90, 32), (torch.bfloat16, 80, 128)],
+)
+def test_fused_topk_encoder_compiles_for_the_gpu_in_the_inputs_precision(
+    tk: ModuleType, dtype: torch.dtype, arch: int, k: int
+) -> None:
+    t = TRITON_TYPE[dtype]
+    types = {"X": f"*{t}", "W": f"*{t}", "B": f"*{t}", "C": f"*{t}", "KEYS": "*i64"}
+    types |= dict.fromkeys(["N", "D", "F", "stride_xn", "stride_wf", "stride_kn"], "i32")
+    meta = tk.encoder_meta(k, dtype, centred=True)
+    compiled = _compile_for_gpu(tk._topk_encoder_kernel, types, meta, arch)
+    assert compiled.asm["cubin"] and compiled.metadata.shared <= SHARED_LIMIT[arch]
+    (dot,) = _dot_lines(compiled)
+    # the product's operands stay in the inputs' dtype: bf16 on tensor cores, fp32 in fp32
+    # (an fp32 tl.dot defaults to TF32 on a GPU; the interpreter computes it in full fp32)
+    operand = "bf16" if dtype == torch.bfloat16 else "f32"
+    assert re.search(
+        rf"tensor<\d+x\d+x{operand}> \* tensor<\d+x\d+x{operand}> -> tensor<\S+xf32>", dot
+    )
+    if dtype == torch.float32:
+        assert "tf32" not in dot
+
+
+@pytest.mark.skipif(INTERPRETED, reason="compiles for a GPU, not interpreted")
+def test_sparse_decoder_compiles_for_the_gpu(tk: ModuleType) -> None:
+    types = {"V": "*bf16", "IDX": "*i64", "W": "*bf16", "OUT": "*fp32"}
+    types |= dict.fromkeys(["K", "D", "stride_vn", "stride_wf", "stride_on"], "i32")
+    compiled = _compile_for_gpu(tk._sparse_decode_kernel, types, {"BD": 128}, 90)
+    assert compiled.asm["cubin"] and compiled.metadata.shared <= SHARED_LIMIT[90]

@@ -5,6 +5,8 @@ imported. The kernels run on CUDA tensors, or on CPU tensors under the Triton in
 (`TRITON_INTERPRET=1`, how the tests check them against the torch references in kernels.py).
 They are used only when asked for (`VLMSCOPE_TRITON=1` and CUDA inputs, see `enabled`): no
 GPU was available to time them, so the torch paths stay the default until they are measured.
+The interpreter accepts programs a GPU compiler rejects, so the tests also compile both kernels
+ahead of time for sm_80 and sm_90 with the ptxas the triton wheel ships (no GPU needed).
 
 Fused TopK encoder. pre = (x - c) W^T + b is computed tile by tile, [BM rows, BF latents] per
 program, and each tile keeps only its own top K' = next power of two >= k entries per row; the
@@ -54,7 +56,7 @@ if AVAILABLE:
         N, D, F,
         stride_xn, stride_wf, stride_kn,
         HAS_CENTRE: tl.constexpr, BM: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr,
-        K: tl.constexpr,
+        K: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         pid_m = tl.program_id(0)
         pid_f = tl.program_id(1)
@@ -65,12 +67,12 @@ if AVAILABLE:
             rk = d0 + tl.arange(0, BK)
             x = tl.load(X + rm[:, None] * stride_xn + rk[None, :],
                         mask=(rm[:, None] < N) & (rk[None, :] < D), other=0.0)  # fmt: skip
-            x = x.to(tl.float32)
-            if HAS_CENTRE:
-                x = x - tl.load(C + rk, mask=rk < D, other=0.0).to(tl.float32)[None, :]
+            if HAS_CENTRE:  # rounded back to the input's dtype, as torch's x - c is
+                c = tl.load(C + rk, mask=rk < D, other=0.0).to(tl.float32)
+                x = (x.to(tl.float32) - c[None, :]).to(X.dtype.element_ty)
             w = tl.load(W + rf[:, None] * stride_wf + rk[None, :],
                         mask=(rf[:, None] < F) & (rk[None, :] < D), other=0.0)  # fmt: skip
-            acc += tl.dot(x, tl.trans(w.to(tl.float32)))
+            acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
         acc += tl.load(B + rf, mask=rf < F, other=0.0).to(tl.float32)[None, :]
         acc = tl.where(rf[None, :] < F, acc, float("-inf"))
         bits = acc.to(tl.int32, bitcast=True)
@@ -105,6 +107,21 @@ def _unpack(keys: Tensor) -> tuple[Tensor, Tensor]:
     return bits.view(torch.float32), keys & 0xFFFFFFFF
 
 
+def encoder_meta(
+    k: int, dtype: torch.dtype, centred: bool, block_m: int = 32, block_f: int = 64,
+    block_k: int = 32,
+) -> dict[str, Any]:  # fmt: skip
+    """The compile-time constants `topk_encode` launches the encoder kernel with (also what
+    the tests compile ahead of time for a GPU): a tile keeps K' = next power of two >= k
+    candidates, so it is at least K' wide. fp32 products are computed in fp32 ("ieee"): a GPU's
+    tl.dot rounds fp32 inputs to TF32 by default (~1e-3 relative), where torch's matmul does
+    not; bf16 and fp16 products run on tensor cores with fp32 accumulation."""
+    kk = _next_pow2(k)
+    precision = "ieee" if dtype == torch.float32 else "tf32"  # tf32: ignored for 16-bit inputs
+    return {"HAS_CENTRE": centred, "BM": block_m, "BF": max(block_f, kk), "BK": block_k,
+            "K": kk, "PRECISION": precision}  # fmt: skip
+
+
 def topk_encode(
     x: Tensor, weight: Tensor, bias: Tensor, centre: Tensor | None, k: int,
     block_m: int = 32, block_f: int = 64, block_k: int = 32,
@@ -112,24 +129,22 @@ def topk_encode(
     """(values [N, k] float32 pre-activations, indices [N, k] int64) of the k largest entries of
     each row of (x - centre) W^T + bias, without forming the [N, F] matrix. No autograd: wrap
     the values with `kernels.gathered_pre` for the sparse backward. Order within a row is
-    unspecified."""
+    unspecified. The product is in weight's dtype, as F.linear's (x and centre are cast)."""
     if not AVAILABLE:
         raise RuntimeError("topk_encode needs the optional `triton` package")
     n, d = x.shape
     f = weight.shape[0]
-    kk = _next_pow2(k)
-    block_f = max(block_f, kk)
     if not 1 <= k <= f:
         raise ValueError(f"topk_encode: need 1 <= k <= {f}, got {k}")
-    x, weight, bias = x.contiguous(), weight.contiguous(), bias.contiguous()
-    tiles = triton.cdiv(f, block_f)
-    keys = torch.empty(n, tiles * kk, dtype=torch.int64, device=x.device)
-    c = centre.contiguous() if centre is not None else bias
+    meta = encoder_meta(k, weight.dtype, centre is not None, block_m, block_f, block_k)
+    x, weight, bias = x.to(weight.dtype).contiguous(), weight.contiguous(), bias.contiguous()
+    tiles = triton.cdiv(f, meta["BF"])
+    keys = torch.empty(n, tiles * meta["K"], dtype=torch.int64, device=x.device)
+    c = centre.to(weight.dtype).contiguous() if centre is not None else bias
     grid = (triton.cdiv(n, block_m), tiles)
     _topk_encoder_kernel[grid](
         x, weight, bias, c, keys, n, d, f,
-        x.stride(0), weight.stride(0), keys.stride(0),
-        HAS_CENTRE=centre is not None, BM=block_m, BF=block_f, BK=block_k, K=kk,
+        x.stride(0), weight.stride(0), keys.stride(0), **meta,
     )  # fmt: skip
     best = keys.topk(k, dim=1, sorted=False).values
     return _unpack(best)
