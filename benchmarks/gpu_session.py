@@ -87,6 +87,10 @@ def _timer(device: Any) -> Any:
     return time_ms
 
 
+ENCODER_TILES = [(32, 64, 32, 4), (64, 64, 32, 4), (64, 64, 64, 8), (64, 128, 32, 8),
+                 (128, 64, 32, 8), (128, 128, 32, 8), (128, 128, 32, 16)]  # fmt: skip
+
+
 def stage_kernels(args: argparse.Namespace) -> dict[str, Any]:
     """Triton against torch at one shape: exactness first, then time."""
     import torch
@@ -128,6 +132,22 @@ def stage_kernels(args: argparse.Namespace) -> dict[str, Any]:
     out["encoder_triton_picks_above_kth"] = float((exact >= kth - 0.02 * scale).float().mean())
     out["encoder_ms_torch"] = time_ms(lambda: F.linear(x - c, w, b).topk(k, 1, sorted=False), reps)
     out["encoder_ms_triton"] = time_ms(lambda: tk.topk_encode(x, w, b, c, k), reps)
+    # Tiles (block_m, block_f, block_k, num_warps) that compile for sm_90 at k 32 without
+    # register spills (ptxas -v, checked without a GPU); the default is the first.
+    tiles = ENCODER_TILES if cuda else ENCODER_TILES[:2]
+    sweep: dict[str, Any] = {}
+    for bm, bf, bk, warps in tiles:
+
+        def call(bm: int = bm, bf: int = bf, bk: int = bk, warps: int = warps) -> Any:
+            return tk.topk_encode(x, w, b, c, k, bm, bf, bk, num_warps=warps)
+
+        try:  # picks of every tile against the default's: a tile must not change the answer
+            same = (call()[1].sort(1).values == tri_idx.sort(1).values).all(1).float().mean()
+            sweep[f"{bm}x{bf}x{bk}/w{warps}"] = {"ms": time_ms(call, reps),
+                                                 "rows_same_picks": float(same)}  # fmt: skip
+        except Exception as e:  # one tile failing to compile must not cost the others
+            sweep[f"{bm}x{bf}x{bk}/w{warps}"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    out["encoder_tiles"] = sweep
 
     # decoder: sum_j v[n, j] W[idx[n, j]]
     vals = torch.rand(n, k, device=device, generator=gen).to(dtype)

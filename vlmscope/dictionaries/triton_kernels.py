@@ -24,6 +24,10 @@ the row's K entries, reading only those K rows of W. Its backward is embedding_b
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -124,12 +128,17 @@ def encoder_meta(
 
 def topk_encode(
     x: Tensor, weight: Tensor, bias: Tensor, centre: Tensor | None, k: int,
-    block_m: int = 32, block_f: int = 64, block_k: int = 32,
+    block_m: int = 32, block_f: int = 64, block_k: int = 32, num_warps: int = 4,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """(values [N, k] float32 pre-activations, indices [N, k] int64) of the k largest entries of
     each row of (x - centre) W^T + bias, without forming the [N, F] matrix. No autograd: wrap
     the values with `kernels.gathered_pre` for the sparse backward. Order within a row is
-    unspecified. The product is in weight's dtype, as F.linear's (x and centre are cast)."""
+    unspecified. The product is in weight's dtype, as F.linear's (x and centre are cast).
+
+    The tile (block_m rows x block_f latents, block_k inputs a step) and num_warps are the
+    launch's; the defaults compile for sm_90 without register spills at k 32 (ptxas -v: 148
+    registers). Which tile is fastest is for a GPU to say: benchmarks/gpu_session.py sweeps
+    the candidates that compile without spills."""
     if not AVAILABLE:
         raise RuntimeError("topk_encode needs the optional `triton` package")
     n, d = x.shape
@@ -144,7 +153,7 @@ def topk_encode(
     grid = (triton.cdiv(n, block_m), tiles)
     _topk_encoder_kernel[grid](
         x, weight, bias, c, keys, n, d, f,
-        x.stride(0), weight.stride(0), keys.stride(0), **meta,
+        x.stride(0), weight.stride(0), keys.stride(0), **meta, num_warps=num_warps,
     )  # fmt: skip
     best = keys.topk(k, dim=1, sorted=False).values
     return _unpack(best)
@@ -189,3 +198,65 @@ class SparseDecode(torch.autograd.Function):
         grad_v = next(grads) if v.requires_grad else None
         grad_w = next(grads) if w.requires_grad else None
         return grad_v, None, grad_w
+
+
+_TRITON_TYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def _compile(kernel: Any, types: dict[str, str], meta: dict[str, Any], arch: int,
+             num_warps: int) -> Any:  # fmt: skip
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {**types, **dict.fromkeys(meta, "constexpr")}
+    if set(signature) != set(kernel.arg_names):
+        raise RuntimeError(f"compile: {kernel.arg_names} are the kernel's arguments")
+    src = ASTSource(fn=kernel, signature=signature, constexprs=meta)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+
+
+def compile_encoder(
+    arch: int, dtype: torch.dtype, k: int, block_m: int = 32, block_f: int = 64,
+    block_k: int = 32, num_warps: int = 4,
+) -> Any:  # fmt: skip
+    """The fused encoder compiled ahead of time for CUDA compute capability `arch` (80, 90, ...)
+    as `topk_encode` would launch it, without a GPU: Triton's compiler and the ptxas its wheel
+    ships. For checks the interpreter cannot make: does it compile, how much shared memory and
+    how many registers it takes, and which precision its product runs in (`asm["ttir"]`)."""
+    t = _TRITON_TYPE[dtype]
+    types = {"X": f"*{t}", "W": f"*{t}", "B": f"*{t}", "C": f"*{t}", "KEYS": "*i64"}
+    types |= dict.fromkeys(["N", "D", "F", "stride_xn", "stride_wf", "stride_kn"], "i32")
+    meta = encoder_meta(k, dtype, True, block_m, block_f, block_k)
+    return _compile(_topk_encoder_kernel, types, meta, arch, num_warps)
+
+
+def compile_decoder(arch: int, dtype: torch.dtype, block_d: int = 128) -> Any:
+    """The sparse decoder compiled ahead of time for `arch`, as `compile_encoder`."""
+    t = _TRITON_TYPE[dtype]
+    types = {"V": f"*{t}", "IDX": "*i64", "W": f"*{t}", "OUT": "*fp32"}
+    types |= dict.fromkeys(["K", "D", "stride_vn", "stride_wf", "stride_on"], "i32")
+    return _compile(_sparse_decode_kernel, types, {"BD": block_d}, arch, num_warps=4)
+
+
+def register_use(compiled: Any, arch: int) -> dict[str, int]:
+    """{"registers", "spill_bytes"} per thread of a compiled kernel, from `ptxas -v` (the same
+    assembler Triton used). Spilled registers go to local memory: a slow kernel, not a wrong
+    one."""
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    # the wheel ships two assemblers; the newer reads the PTX versions Triton writes
+    ptxas = next((p for p in (bin_dir / "ptxas-blackwell", bin_dir / "ptxas") if p.exists()), None)
+    if ptxas is None:
+        raise RuntimeError(f"no ptxas in {bin_dir}")
+    suffix = "a" if arch >= 90 else ""  # Triton targets sm_90a for wgmma
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "kernel.ptx"
+        ptx.write_text(compiled.asm["ptx"])
+        cmd = [str(ptxas), f"-arch=sm_{arch}{suffix}", "-v", str(ptx), "-o", f"{tmp}/kernel.o"]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {res.stderr[-500:]}")
+    regs = re.search(r"Used (\d+) registers", res.stderr)
+    spills = re.search(r"(\d+) bytes spill stores", res.stderr)
+    if regs is None or spills is None:
+        raise RuntimeError(f"unexpected ptxas -v output: {res.stderr[-500:]}")
+    return {"registers": int(regs.group(1)), "spill_bytes": int(spills.group(1))}
