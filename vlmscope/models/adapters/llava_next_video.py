@@ -24,7 +24,7 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
     family = "llava_next_video"
     model_types = ("llava_next_video",)
     architectures = ("LlavaNextVideoForConditionalGeneration",)
-    capabilities = Capabilities(contiguous_image_tokens=True)
+    capabilities = Capabilities(contiguous_image_tokens=True, video=True)
 
     def image_token_ids(self) -> tuple[int, ...]:
         """Image and video placeholders: both receive vision features."""
