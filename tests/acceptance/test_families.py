@@ -332,31 +332,42 @@ def test_saved_model_loads_with_same_logits(family: str, load: Callable[..., Hoo
     )
 
 
-def test_video_frames_are_views_of_one_image(load: Callable[[str], HookedVLM]) -> None:
-    """LLaVA-NeXT-Video: a video (a list of frames) next to an image in another sample. Its
-    tokens count as one image whose frames are views of the pooled grid, as many as the
-    processor writes; hooks equal HF's hidden states; the batch equals the samples alone."""
-    vlm = load("llava_next_video")
-    proc = vlm.processor
+def test_video_frames_are_views_of_one_image(family: str, load: Callable[..., HookedVLM]) -> None:
+    """Families that lay videos out (`capabilities.video`): a video (a list of frames) next to
+    an image in another sample. Its tokens, exactly the model's video placeholders, count as
+    one image whose views are the frames (Qwen-VL: the temporal patches of
+    `video_grid_thw`), each a whole grid, as many tokens as the processor writes; hooks equal
+    HF's hidden states; the batch equals the samples alone."""
+    vlm = load(family)
+    if not vlm.adapter.capabilities.video:
+        pytest.skip("no video path in this family's adapter")
+    proc, cfg = vlm.processor, vlm.model.config
     frames = [random_image(40, 48, seed=s) for s in range(3)]
     prompts = ["what happens in the video", "what colour is the circle"]
     images, videos = [[], [random_image(32, 40, seed=5)]], [[frames], []]
     inputs = vlm.prepare(prompts, images=images, videos=videos)
     masks = vlm.masks(inputs)
     ids = inputs["input_ids"]
-    n_video = int((ids[0] == proc.video_token_id).sum())
-    expected = proc.replace_video_token({"pixel_values_videos": inputs["pixel_values_videos"]}, 0)
-    assert n_video == expected.count(proc.video_token) > 0
-    assert masks.image_token_counts()[0] == n_video
+    is_video = ids[0] == cfg.video_token_id
+    assert torch.equal(masks.image[0], is_video)
+    if "video_grid_thw" in inputs:  # Qwen-VL: temporal patches of merged grids
+        m = int(cfg.vision_config.spatial_merge_size)
+        t, h, w = inputs["video_grid_thw"][0].tolist()
+        n_views, grid, expected = t, (h // m, w // m), t * h * w // m**2
+    else:
+        pv = {"pixel_values_videos": inputs["pixel_values_videos"]}
+        expected = proc.replace_video_token(pv, 0).count(proc.video_token)
+        n_views, grid = len(frames), None
+    assert int(is_video.sum()) == expected > 0
     assert masks.images_per_sample() == [1, 1]
     cells = masks.patch_map[0][masks.image[0]]
     assert cells[:, 0].unique().tolist() == [0]  # one "image": the video
-    assert cells[:, 1].unique().tolist() == list(range(len(frames)))  # its frames are views
-    for f in range(len(frames)):
-        grid = cells[cells[:, 1] == f][:, 2:]
-        side = int(grid.max()) + 1
-        assert sorted(map(tuple, grid.tolist())) == [
-            (r, c) for r in range(side) for c in range(side)
+    assert cells[:, 1].unique().tolist() == list(range(n_views))  # its frames are views
+    for f in range(n_views):
+        got = cells[cells[:, 1] == f][:, 2:]
+        rows, cols = grid or (int(got[:, 0].max()) + 1, int(got[:, 1].max()) + 1)
+        assert sorted(map(tuple, got.tolist())) == [
+            (r, c) for r in range(rows) for c in range(cols)
         ]
     out, cache = vlm.run_with_cache(inputs, names="lm.blocks.*.hook_resid_post")
     hs = vlm.model(**inputs, output_hidden_states=True, use_cache=False).hidden_states

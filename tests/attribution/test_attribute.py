@@ -431,3 +431,16 @@ def test_nan_dictionary_weights_are_named_not_a_cycle(zoo_path: Any) -> None:
     adj = torch.tensor([[0.0, float("nan")], [1.0, 0.0]])
     with pytest.raises(NonFiniteGraphError, match="NaN/Inf entries"):
         influence(normalize_rows(adj), torch.tensor([0.0, 1.0]))
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen3_vl"])
+def test_every_edge_with_a_video_prompt(name: str, zoo_path: Any) -> None:
+    """A video's tokens are image nodes (Qwen3-VL: with DeepStack injections, runs between
+    timestamps); their edges, like every other, equal measured effects."""
+    vlm = vlm_for(name, zoo_path)
+    frames = [random_image(32, 40, s) for s in range(3)]
+    inputs = vlm.prepare("what happens in the video", videos=frames)
+    masks = vlm.masks(inputs)
+    assert torch.equal(masks.image, inputs["input_ids"] == vlm.model.config.video_token_id)
+    assert masks.patch_map[masks.image][:, 1].unique().tolist() == [0, 1]  # temporal patches
+    check_every_edge(vlm, random_clt(vlm, n_targets=2, seed=1), inputs)

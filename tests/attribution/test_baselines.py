@@ -139,3 +139,32 @@ def test_a_blank_image_is_one_colour_across_tiles_and_channels(family: str, zoo_
         want = pv[0, ::block].repeat_interleave(block)
         assert torch.equal(blank, want.expand_as(pv))
         assert len(set(pv[0, ::block].tolist())) > 1  # red: the channels differ
+
+
+@pytest.mark.parametrize("family", ["llava_next_video", "qwen2_vl"])
+def test_a_blank_video_takes_the_first_images_colour(family: str, zoo_path: Any) -> None:
+    """Videos are blanked with the images, every frame in the first image's top-left colour
+    (the first video's without an image): a blank left the videos as they were, so a video's
+    patches were measured from themselves."""
+    from PIL import Image
+
+    from tests.conftest import random_image
+    from tests.replacement.test_model import vlm_for
+
+    vlm = vlm_for(family, zoo_path)
+    pic = Image.new("RGB", (64, 48), (255, 0, 0))
+    frames = [random_image(40, 48, seed=s) for s in range(3)]
+    both = vlm.prepare("what is shown", images=[pic], videos=frames)
+    alone = vlm.prepare("what is shown", videos=frames)
+    for inputs, key in ((both, "pixel_values"), (alone, "pixel_values_videos")):
+        blank = bl.blank_inputs(inputs)
+        first = bl.blank_inputs({key: inputs[key]})[key]  # the one colour, as images get it
+        pv, vid = inputs["pixel_values_videos"], blank["pixel_values_videos"]
+        assert vid.shape == pv.shape and not torch.equal(vid, pv)
+        if pv.dim() >= 4:
+            colour = first.reshape(-1, *first.shape[-3:])[0, :, 0, 0]
+            assert torch.equal(vid, colour[:, None, None].expand_as(pv))
+        else:
+            assert torch.equal(vid, first[:1].expand_as(pv))
+    with pytest.raises(ValueError, match="no pixel_values or pixel_values_videos"):
+        bl.blank_inputs({"input_ids": both["input_ids"]})

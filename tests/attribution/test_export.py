@@ -703,6 +703,38 @@ def test_patch_effect_equals_the_measured_change_of_swapping_a_patch(zoo_path: A
         patch_effect(replace(graph, reference_edges=None), 0, reference=True)
 
 
+def test_patch_effect_of_a_video_is_measured_from_the_blank_video(zoo_path: Any) -> None:
+    """A Qwen2-VL video prompt with reference="blank": on each temporal patch (view), the
+    effect from the blank video at patch p is the logit's change when p's embedding is swapped
+    for the blank video's in the frozen linear replacement model."""
+    from vlmscope.attribution.attribute import attribute
+    from vlmscope.attribution.baselines import EMBED_HOOK, blank_inputs
+    from vlmscope.attribution.export import patch_effect
+
+    vlm = vlm_for("qwen2_vl", zoo_path)
+    bundle = random_clt(vlm, n_targets=2, seed=1)
+    frames = [random_image(32, 40, s) for s in range(3)]
+    inputs = vlm.prepare("what happens in the video", videos=frames)
+    graph = attribute(vlm, bundle, inputs, batch_size=512, logit_targets=[5], reference="blank")
+    assert graph.n_features == graph.metadata["n_active_features"]  # every path is in it
+    run, x = linear_replacement_logits(vlm, bundle, inputs, graph)
+    _, cache = vlm.run_with_cache(blank_inputs(inputs), EMBED_HOOK)
+    x_blank = cache[EMBED_HOOK]
+    base = run(x)
+    heat = patch_effect(graph, 0)[0]  # the video is image 0; its views the temporal patches
+    assert sorted(heat) == [0, 1]
+    video = [p for p in range(graph.n_pos) if graph.input_kinds[p] == "image"]
+    scale, checked = float(base.abs().max()), {0: 0.0, 1: 0.0}
+    for p in video[:: max(1, (len(video) + 3) // 4)]:  # four patches
+        _, view, r, c = graph.patch_map[p].tolist()
+        blanked = x.clone()
+        blanked[0, p] = x_blank[0, p]
+        d_blank = run(blanked) - base
+        torch.testing.assert_close(heat[view][r, c], -d_blank[0], atol=1e-4 * scale, rtol=1e-3)
+        checked[view] = max(checked[view], float(d_blank[0].abs()))
+    assert min(checked.values()) > 1e-3, "a view's swaps changed nothing: nothing was checked"
+
+
 def deepstack_injections(vlm: Any, inputs: Any) -> dict[int, torch.Tensor]:
     """Per layer l, what enters layer l + 1 besides layer l's output (DeepStack's visual
     features), measured from the hooks of an ordinary forward: [1, seq, d], nonzero only."""

@@ -92,21 +92,46 @@ def test_select_rejects_unknown_kind() -> None:
         m.select("video")  # type: ignore[arg-type]
 
 
+def as_video(vlm: Any, inputs: Any) -> dict[str, Any]:
+    """A one-image batch as a hub Qwen processor makes the same picture as a one-temporal-patch
+    video: <|video_pad|> placeholders, pixel_values_videos and video_grid_thw (transformers'
+    image processor repeats an image's frame across the temporal patch, so the pixels are the
+    same), and the token types marking video (2) where they marked image (1)."""
+    cfg = vlm.model.config
+    ids = inputs["input_ids"].clone()
+    ids[ids == cfg.image_token_id] = cfg.video_token_id
+    kinds = inputs["mm_token_type_ids"].clone()
+    kinds[kinds == 1] = 2
+    rest = {k: v for k, v in inputs.items() if k not in ("pixel_values", "image_grid_thw")}
+    return {**rest, "input_ids": ids, "mm_token_type_ids": kinds,
+            "pixel_values_videos": inputs["pixel_values"],
+            "video_grid_thw": inputs["image_grid_thw"]}  # fmt: skip
+
+
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
-def test_qwen_video_inputs_are_refused_by_name(family: str, zoo_path: Any) -> None:
-    """A hub Qwen processor makes video inputs (the zoo's has no video processor): the image
-    placeholders become <|video_pad|> and the pixels pixel_values_videos, which transformers
-    runs and vlmscope's masks do not lay out yet."""
+def test_a_qwen_image_sent_as_a_video_is_the_same_image(family: str, zoo_path: Any) -> None:
+    """The masks mark the <|video_pad|> tokens as the image's tokens, with the image's patch
+    map, and the model (transformers' video path) gives the image's logits."""
     from tests.conftest import random_image
     from vlmscope.models.hooked import HookedVLM
 
     vlm = HookedVLM.from_pretrained(zoo_path(family), device="cpu", dtype=torch.float32)
-    inputs = dict(vlm.prepare("what is shown", images=[random_image(32, 32, seed=1)]))
-    cfg = vlm.model.config
-    ids = inputs["input_ids"].clone()
-    ids[ids == cfg.image_token_id] = cfg.video_token_id
-    video = {**{k: v for k, v in inputs.items() if k not in ("pixel_values", "image_grid_thw")},
-             "input_ids": ids, "pixel_values_videos": inputs["pixel_values"],
-             "video_grid_thw": inputs["image_grid_thw"]}  # fmt: skip
-    with pytest.raises(ImageTokenMismatchError, match=f"{family}: video inputs"):
-        vlm.masks(video)
+    image = dict(vlm.prepare("what is shown", images=[random_image(32, 48, seed=1)]))
+    video = as_video(vlm, image)
+    got, want = vlm.masks(video), vlm.masks(image)
+    assert torch.equal(got.image, video["input_ids"] == vlm.model.config.video_token_id)
+    assert torch.equal(got.image, want.image) and torch.equal(got.patch_map, want.patch_map)
+    assert torch.equal(got.special, want.special)
+    torch.testing.assert_close(vlm.forward(video).logits, vlm.forward(image).logits, atol=0, rtol=0)
+
+
+def test_glm4v_video_inputs_are_refused_by_name(zoo_path: Any) -> None:
+    """GLM-4V writes a video's frames as image tokens between timestamps, which its adapter
+    does not lay out: its masks refuse videos, naming the family, instead of a KeyError."""
+    from tests.conftest import random_image
+    from vlmscope.models.hooked import HookedVLM
+
+    vlm = HookedVLM.from_pretrained(zoo_path("glm4v"), device="cpu", dtype=torch.float32)
+    image = dict(vlm.prepare("what is shown", images=[random_image(32, 32, seed=1)]))
+    with pytest.raises(ImageTokenMismatchError, match="glm4v: video inputs"):
+        vlm.masks(as_video(vlm, image))

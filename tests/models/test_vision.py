@@ -127,3 +127,22 @@ def test_llama4_vision_rows_put_each_tiles_cls_token_last(zoo_path: Any) -> None
     torch.testing.assert_close(rows[cls], rows[cls][:1].expand(int(cls.sum()), -1))
     first = layout[:, 2] == 0
     assert not torch.allclose(rows[first & (layout[:, 3] == 0)][0], rows[first][-1])
+
+
+def test_llava_next_video_refuses_to_lay_out_the_towers_video_rows(zoo_path: Any) -> None:
+    """LLaVA-NeXT-Video's tower also runs over every video frame, rows its adapter does not
+    lay out: a vision hook's layout on a batch with a video names the hook and the videos
+    (it was a KeyError on image_sizes), and the batch's images alone are still laid out."""
+    vlm = HookedVLM.from_pretrained(zoo_path("llava_next_video"), device="cpu", dtype=torch.float32)
+    frames = [random_image(40, 48, seed=s) for s in range(2)]
+    name = "vision.blocks.0.hook_resid_post"
+    for inputs in (
+        vlm.prepare("what happens", videos=frames),
+        vlm.prepare("what happens", images=[random_image(32, 40, 1)], videos=frames),
+    ):
+        _, cache = vlm.run_with_cache(inputs, names=name)
+        with pytest.raises(VisionLayoutError, match=f"{name}: .*pixel_values_videos"):
+            vlm.vision_positions(inputs, name, cache[name].shape[:-1])
+    images = vlm.prepare("what is shown", images=[random_image(32, 40, 1)])
+    _, cache = vlm.run_with_cache(images, names=name)
+    assert len(vlm.vision_positions(images, name, cache[name].shape[:-1])) > 0

@@ -94,9 +94,10 @@ def attribute(
     what the replay never runs off the device ("cpu") or out of memory ("disk"); edges are
     the same. See the module docstring for `convention`.
 
-    `reference` ("blank": the prompt with every image blank, `baselines.blank_inputs`; or a
-    prompt of the same tokens) also records each row's edges from the reference's input
-    sources into `graph.reference_edges`, so heatmaps can measure patches against it
+    `reference` ("blank": the prompt with every image and video blank,
+    `baselines.blank_inputs`; or a prompt of the same tokens) also records each row's edges
+    from the reference's input sources into `graph.reference_edges`, so heatmaps can measure
+    patches against it
     (`export.patch_effect`). The graph's own edges do not change.
     """
     if convention not in ("vlmscope", "circuit-tracer"):
@@ -133,8 +134,8 @@ def attribute(
             reference_kind = reference
             if reference != "blank":
                 raise ValueError(f"reference must be 'blank' or a prompt, not {reference!r}")
-            if "pixel_values" not in inputs:
-                raise ValueError("reference='blank' needs a prompt with an image")
+            if not any(k in inputs for k in ("pixel_values", "pixel_values_videos")):
+                raise ValueError("reference='blank' needs a prompt with an image or a video")
             from vlmscope.attribution.baselines import blank_inputs
 
             reference = blank_inputs(inputs)

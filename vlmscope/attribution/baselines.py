@@ -144,27 +144,44 @@ def gradient_x_input(
 
 
 def blank_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
-    """`inputs` with every image blank: every pixel of every image and tile the (processed)
-    colour of the first image's top-left pixel. Pixels laid out as [..., C, H, W] take it per
-    channel; flattened patches ([patches, C x T x P x P] rows, Qwen-VL and GLM-4V, channel
-    by channel) take each channel's first value across its block. (Taking each tile's own
-    corner gave a tiled image several colours, and a flattened row one value for all
-    channels.)"""
+    """`inputs` with every image and video blank: every pixel of every image, tile and video
+    frame the (processed) colour of the first image's top-left pixel (the first video's when
+    there is no image). Pixels laid out as [..., C, H, W] take it per channel; flattened
+    patches ([patches, C x T x P x P] rows, Qwen-VL and GLM-4V, channel by channel) take each
+    channel's first value across its block. (Taking each tile's own corner gave a tiled image
+    several colours, and a flattened row one value for all channels; leaving the videos as
+    they were measured their patches from themselves.)"""
+    keys = [k for k in ("pixel_values", "pixel_values_videos") if inputs.get(k) is not None]
+    if not keys:
+        raise ValueError("blank_inputs: the prompt has no pixel_values or pixel_values_videos")
     out = dict(inputs)
-    pv = inputs["pixel_values"]
-    if pv.dim() >= 4:
-        colour = pv.reshape(-1, *pv.shape[-3:])[0, :, :1, :1]  # [C, 1, 1]
-        out["pixel_values"] = colour.expand_as(pv).clone()
-    elif pv.dim() == 2 and pv.shape[1] % 3 == 0:
-        block = pv.shape[1] // 3
-        colour = pv[0, ::block]  # the first value of each channel's block
-        out["pixel_values"] = colour.repeat_interleave(block).expand_as(pv).clone()
-    else:
-        raise ValueError(
-            f"blank_inputs: pixel_values of shape {tuple(pv.shape)} are neither [..., C, H, W] "
-            "nor rows of flattened RGB patches"
-        )
+    colour = _corner_colour(inputs[keys[0]], keys[0])
+    for k in keys:
+        pv = inputs[k]
+        if pv.dim() >= 4:
+            out[k] = colour.to(pv)[:, None, None].expand_as(pv).clone()
+        else:
+            block = _channel_block(pv, k)
+            out[k] = colour.to(pv).repeat_interleave(block).expand_as(pv).clone()
     return out
+
+
+def _channel_block(pv: Tensor, key: str) -> int:
+    """Values per channel in a row of flattened RGB patches ([patches, 3 x block])."""
+    if pv.dim() == 2 and pv.shape[1] % 3 == 0:
+        return pv.shape[1] // 3
+    raise ValueError(
+        f"blank_inputs: {key} of shape {tuple(pv.shape)} are neither [..., C, H, W] nor rows "
+        "of flattened RGB patches"
+    )
+
+
+def _corner_colour(pv: Tensor, key: str) -> Tensor:
+    """[C] the first image's top-left pixel: of [..., C, H, W] pixels, or the first value of
+    each channel's block of the first flattened patch."""
+    if pv.dim() >= 4:
+        return pv.reshape(-1, *pv.shape[-3:])[0, :, 0, 0]
+    return pv[0, :: _channel_block(pv, key)]
 
 
 def integrated_gradients(

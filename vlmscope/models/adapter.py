@@ -48,6 +48,9 @@ class Capabilities:
     parallel_block: bool = False
     #: image features enter through cross-attention layers, not image tokens (Mllama).
     cross_attention: bool = False
+    #: videos (`pixel_values_videos`) are laid out: their placeholders are image tokens, each
+    #: video one image whose views are its frames (Qwen-VL: its temporal patches).
+    video: bool = False
 
     def to_dict(self) -> dict[str, bool]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

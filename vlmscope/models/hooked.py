@@ -259,11 +259,11 @@ class HookedVLM:
 
         A prompt is a string (wrapped into one user turn, images first, when the processor has a
         chat template) or a list of chat messages. `images` holds one image or a list per prompt.
-        `videos` (families with a video path, e.g. LLaVA-NeXT-Video) holds one video or a list
-        per prompt, a video being a list of frames; its tokens count as one image whose frames
-        are views. `padding_side` None keeps the processor's choice (left for InternVL, else the
-        tokenizer's); left-padded batches run with positions counted from each sample's first
-        real token (see `forward`).
+        `videos` (families with a video path: LLaVA-NeXT-Video, Qwen2/2.5/3-VL) holds one video
+        or a list per prompt, a video being a list of frames; its tokens count as one image
+        whose frames (Qwen: temporal patches of 2 frames) are views. `padding_side` None keeps
+        the processor's choice (left for InternVL, else the tokenizer's); left-padded batches
+        run with positions counted from each sample's first real token (see `forward`).
         """
         batch = [prompts] if isinstance(prompts, str) or _is_messages(prompts) else list(prompts)
         per_sample = _images_per_sample(images, len(batch))

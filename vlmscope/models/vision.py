@@ -8,7 +8,8 @@ token positions: its rows are the vision encoder's own, laid out per family:
     tiles + base view per image        LLaVA-NeXT / OneVision: [tiles, (1 +) g*g, d], base first
     tiles + global view per image      Idefics3 / SmolVLM: [views, g*g, d], global last
     flat merged patches                Qwen2-VL / 2.5-VL / 3-VL: [patches, d] in 2x2 merge groups
-                                       (2.5-VL: in window order inside the tower)
+                                       (2.5-VL: in window order inside the tower); a batch's
+                                       videos are a second run, after the images
 
 `ModelAdapter.vision_views(inputs)` lists the views the encoder sees, in its order, as
 (image, view, tile_row, tile_col); `view_layout` turns that into one (image, view, row, col)

@@ -17,6 +17,7 @@ from vlmscope.models.adapter import Capabilities
 from vlmscope.models.adapters.llava import LlavaNextAdapter, grid_cells
 from vlmscope.models.masks import ImageTokenMismatchError
 from vlmscope.models.registry import register_adapter
+from vlmscope.models.vision import VisionLayoutError
 
 
 @register_adapter
@@ -24,7 +25,7 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
     family = "llava_next_video"
     model_types = ("llava_next_video",)
     architectures = ("LlavaNextVideoForConditionalGeneration",)
-    capabilities = Capabilities(contiguous_image_tokens=True)
+    capabilities = Capabilities(contiguous_image_tokens=True, video=True)
 
     def image_token_ids(self) -> tuple[int, ...]:
         """Image and video placeholders: both receive vision features."""
@@ -76,3 +77,17 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
                 "tokens in the prompts"
             )
         return out
+
+    def vision_layout(
+        self, inputs: Mapping[str, Any], name: str, shape: tuple[int, ...]
+    ) -> torch.Tensor:
+        """Images as LLaVA-NeXT lays them out. The tower's second run, over the videos'
+        frames (whose projector rows are pooled first), has no layout here: refused by name
+        rather than failing on the missing image_sizes or laying out the wrong rows."""
+        if inputs.get("pixel_values_videos") is not None:
+            raise VisionLayoutError(
+                f"{name}: {self.family} lays out the vision rows of images only, and this batch "
+                "has videos (pixel_values_videos), whose frames the tower runs over too; use "
+                "language-model hooks on video batches, or pass the frames as images"
+            )
+        return super().vision_layout(inputs, name, shape)

@@ -23,7 +23,7 @@ import torch
 __all__ = ["ZooSpec", "build", "cached_path", "names", "register", "save", "spec"]
 
 # Bump when a builder changes, so cached copies on disk are rebuilt.
-ZOO_VERSION = "2"
+ZOO_VERSION = "3"
 
 
 @dataclass(frozen=True)

@@ -108,13 +108,15 @@ def train_tokenizer(
 
 
 # Chat templates in the style of the real families, kept short. They receive `messages` whose
-# content is either a string or a list of {"type": "text"|"image"} parts.
+# content is either a string or a list of {"type": "text"|"image"} parts (and "video" parts
+# where the family has a video path).
 
 CHATML_VISION = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
     "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -155,7 +157,8 @@ def gemma_template(image_marker: str = "") -> str:
 
 
 class ImageOnlyProcessorMixin:
-    """Mixin that drops the video processor from a processor (Qwen-VL, InternVL, GLM-4V, ...).
+    """Mixin that drops the video processor from a processor (InternVL, GLM-4V, ...; Qwen-VL's
+    puts a stand-in back, `qwen2_vl.QwenVideoProcessorMixin`).
 
     Why: these processors require a video processor, and their video processors need
     torchvision, which this environment lacks; passing `video_processor=None` fails the

@@ -19,7 +19,7 @@ from vlmscope.models.zoo.qwen2_vl import (
     PATCH,
     TEMPORAL_PATCH,
     TEXT_HIDDEN,
-    ImageOnlyProcessorMixin,
+    QwenVideoProcessorMixin,
     qwen_image_processor,
     qwen_text_kwargs,
     qwen_tokenizer,
@@ -33,8 +33,8 @@ WINDOW_SIZE = 2 * MERGE * PATCH
 
 
 @register_processor
-class Qwen2_5_VLImageOnlyProcessor(ImageOnlyProcessorMixin, Qwen2_5_VLProcessor):
-    """Qwen2_5_VLProcessor without a video processor (see `qwen2_vl.ImageOnlyProcessorMixin`)."""
+class Qwen2_5_VLFramesProcessor(QwenVideoProcessorMixin, Qwen2_5_VLProcessor):
+    """Qwen2_5_VLProcessor with videos through `qwen2_vl.QwenFramesAsVideo`."""
 
 
 @register(
@@ -43,7 +43,7 @@ class Qwen2_5_VLImageOnlyProcessor(ImageOnlyProcessorMixin, Qwen2_5_VLProcessor)
 def build_qwen2_5_vl() -> tuple[Any, Any]:
     """Adds what 2.5 changed: RMSNorm + gated-MLP ViT with windowed attention blocks."""
     tokenizer = qwen_tokenizer()
-    processor = Qwen2_5_VLImageOnlyProcessor(
+    processor = Qwen2_5_VLFramesProcessor(
         image_processor=qwen_image_processor(),
         tokenizer=tokenizer,
         chat_template=CHATML_VISION,

@@ -1,20 +1,25 @@
 """Tiny Qwen2-VL: ViT with 2D RoPE and 2x2 patch merger, Qwen2 decoder with M-RoPE.
 
-Also holds what the three Qwen-VL entries share (tokenizer, image processor, the image-only
-processor classes), so `qwen2_5_vl.py` and `qwen3_vl.py` import them from here.
+Also holds what the three Qwen-VL entries share (tokenizer, image processor, the stand-in for
+the video processor and the processor mixin that installs it), so `qwen2_5_vl.py` and
+`qwen3_vl.py` import them from here.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+import torch
 from transformers import (
+    BatchFeature,
     PreTrainedTokenizerFast,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLProcessor,
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.video_utils import make_batched_metadata, make_batched_videos
 
 from vlmscope.models.zoo import register
 from vlmscope.models.zoo.common import (
@@ -105,9 +110,79 @@ def token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
     )
 
 
+class QwenFramesAsVideo:
+    """Stands in for the Qwen-VL video processors, which need torchvision.
+
+    Those resize every frame as an image (`smart_resize` to multiples of patch x merge),
+    rescale, normalise, repeat the last frame up to a multiple of `temporal_patch_size`, and cut
+    the clip into patches of temporal_patch_size frames x patch x patch, in merge-group order:
+    rows [t, h/m, w/m, m, m] of (channel, frame, pixel row, pixel column). Here each frame goes
+    through the family's own image processor with a temporal patch of one frame, and the frames
+    of a temporal patch are interleaved channel by channel, which is that layout (an image is
+    the same patch with its one frame repeated). Frames are used as given: no sampling. The
+    metadata (`return_metadata`) is transformers' default for a list of frames: no fps, frame
+    indices 0..n-1 (Qwen2.5-VL's and Qwen3-VL's processors read it for the temporal positions
+    and the timestamps). Qwen3-VL's own processor budgets pixels over the whole clip, not per
+    frame; the zoo's tiny frames fit either budget."""
+
+    def __init__(self, image_processor: Qwen2VLImageProcessorPil) -> None:
+        self.image_processor = image_processor
+        self.patch_size = int(image_processor.patch_size)
+        self.merge_size = int(image_processor.merge_size)
+        self.temporal_patch_size = int(image_processor.temporal_patch_size)
+
+    def __call__(
+        self,
+        videos: Any,
+        video_metadata: Any = None,
+        return_metadata: bool = False,
+        **kwargs: Any,
+    ) -> BatchFeature:
+        clips = make_batched_videos(videos)
+        metadata = make_batched_metadata(clips, video_metadata=video_metadata)
+        tp = self.temporal_patch_size
+        rows, grids = [], []
+        for clip in clips:
+            frames = [np.asarray(f) for f in clip]
+            frames += [frames[-1]] * (-len(frames) % tp)
+            out = self.image_processor(frames, temporal_patch_size=1, return_tensors="pt")
+            thw = out["image_grid_thw"]
+            if not bool((thw == thw[0]).all()):
+                raise ValueError("every frame of a video must have the same size")
+            _, h, w = thw[0].tolist()
+            pv = out["pixel_values"].reshape(len(frames) // tp, tp, h * w, 3, -1)
+            rows.append(pv.permute(0, 2, 3, 1, 4).reshape(len(frames) // tp * h * w, -1))
+            grids.append([len(frames) // tp, h, w])
+        data: dict[str, Any] = {
+            "pixel_values_videos": torch.cat(rows),
+            "video_grid_thw": torch.tensor(grids),
+        }
+        if return_metadata:
+            data["video_metadata"] = metadata
+        return BatchFeature(data)
+
+
+class QwenVideoProcessorMixin(ImageOnlyProcessorMixin):
+    """A Qwen-VL processor whose videos go through `QwenFramesAsVideo` (no torchvision).
+
+    `ImageOnlyProcessorMixin` keeps the video processor out of `__init__`, so ProcessorMixin
+    neither checks its class nor saves it; it is rebuilt from the image processor here, also
+    on load. The stock processor then expands each `<|video_pad|>` as it does with its own."""
+
+    def __init__(
+        self,
+        image_processor: Any = None,
+        tokenizer: Any = None,
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(image_processor, tokenizer, chat_template, **kwargs)
+        self.video_processor = QwenFramesAsVideo(self.image_processor)
+
+
 @register_processor
-class Qwen2VLImageOnlyProcessor(ImageOnlyProcessorMixin, Qwen2VLProcessor):
-    """Qwen2VLProcessor without a video processor (see `ImageOnlyProcessorMixin`)."""
+class Qwen2VLFramesProcessor(QwenVideoProcessorMixin, Qwen2VLProcessor):
+    """Qwen2VLProcessor with videos through `QwenFramesAsVideo`."""
 
 
 def qwen_text_kwargs(vocab_size: int, tokenizer: PreTrainedTokenizerFast) -> dict[str, Any]:
@@ -131,7 +206,7 @@ def qwen_text_kwargs(vocab_size: int, tokenizer: PreTrainedTokenizerFast) -> dic
 def build_qwen2_vl() -> tuple[Any, Any]:
     """The original M-RoPE family: LayerNorm ViT, full vision attention, q/k/v biases."""
     tokenizer = qwen_tokenizer()
-    processor = Qwen2VLImageOnlyProcessor(
+    processor = Qwen2VLFramesProcessor(
         image_processor=qwen_image_processor(),
         tokenizer=tokenizer,
         chat_template=CHATML_VISION,

@@ -16,7 +16,7 @@ from vlmscope.models.zoo.qwen2_vl import (
     TEMPORAL_PATCH,
     TEXT_HEADS,
     TEXT_HIDDEN,
-    ImageOnlyProcessorMixin,
+    QwenVideoProcessorMixin,
     qwen_image_processor,
     qwen_text_kwargs,
     qwen_tokenizer,
@@ -29,8 +29,8 @@ MROPE_SECTION_QWEN3 = [6, 5, 5]
 
 
 @register_processor
-class Qwen3VLImageOnlyProcessor(ImageOnlyProcessorMixin, Qwen3VLProcessor):
-    """Qwen3VLProcessor without a video processor (see `qwen2_vl.ImageOnlyProcessorMixin`)."""
+class Qwen3VLFramesProcessor(QwenVideoProcessorMixin, Qwen3VLProcessor):
+    """Qwen3VLProcessor with videos through `qwen2_vl.QwenFramesAsVideo`."""
 
 
 @register(
@@ -39,7 +39,7 @@ class Qwen3VLImageOnlyProcessor(ImageOnlyProcessorMixin, Qwen3VLProcessor):
 def build_qwen3_vl() -> tuple[Any, Any]:
     """DeepStack, interleaved M-RoPE and q/k norms: the parts adapters must handle."""
     tokenizer = qwen_tokenizer()
-    processor = Qwen3VLImageOnlyProcessor(
+    processor = Qwen3VLFramesProcessor(
         # Qwen3-VL checkpoints normalise with mean = std = 0.5, not the CLIP statistics.
         image_processor=qwen_image_processor(image_mean=[0.5] * 3, image_std=[0.5] * 3),
         tokenizer=tokenizer,
