@@ -61,3 +61,25 @@ def test_the_processor_expands_each_video_placeholder(zoo_path: Any) -> None:
     m = vlm.processor.video_processor.merge_size
     n = int((inputs["input_ids"] == vlm.processor.video_token_id).sum())
     assert n == int(inputs["video_grid_thw"].prod()) // m**2 > 0
+
+
+def test_a_zoo_folder_saved_before_videos_loads_its_processor(zoo_path: Any, tmp_path: Any) -> None:
+    """Folders saved at ZOO_VERSION 2 name `Qwen2VLImageOnlyProcessor`; an unregistered name
+    would make AutoProcessor return the bare tokenizer, and images would fail later."""
+    import shutil
+
+    from vlmscope.models.hooked import HookedVLM
+
+    old = tmp_path / "qwen2_vl-v2"
+    shutil.copytree(zoo_path("qwen2_vl"), old)
+    for name in ("processor_config.json", "tokenizer_config.json"):
+        path = old / name
+        text = path.read_text()
+        assert "Qwen2VLFramesProcessor" in text
+        path.write_text(text.replace("Qwen2VLFramesProcessor", "Qwen2VLImageOnlyProcessor"))
+    vlm = HookedVLM.from_pretrained(str(old))
+    assert type(vlm.processor).__name__ == "Qwen2VLImageOnlyProcessor"
+    want = vlm_for("qwen2_vl", zoo_path).prepare("a picture", images=[random_image(40, 56)])
+    got = vlm.prepare("a picture", images=[random_image(40, 56)])
+    assert torch.equal(got["pixel_values"], want["pixel_values"])
+    assert torch.equal(got["input_ids"], want["input_ids"])

@@ -37,6 +37,12 @@ class Qwen2_5_VLFramesProcessor(QwenVideoProcessorMixin, Qwen2_5_VLProcessor):
     """Qwen2_5_VLProcessor with videos through `qwen2_vl.QwenFramesAsVideo`."""
 
 
+@register_processor
+class Qwen2_5_VLImageOnlyProcessor(Qwen2_5_VLFramesProcessor):
+    """The name zoo folders saved before videos (ZOO_VERSION 2) record: they load with it
+    (an unregistered name would load as the bare tokenizer)."""
+
+
 @register(
     "qwen2_5_vl", description="Qwen2.5-VL (window-attention ViT + merger + Qwen2 with M-RoPE)"
 )

@@ -185,6 +185,12 @@ class Qwen2VLFramesProcessor(QwenVideoProcessorMixin, Qwen2VLProcessor):
     """Qwen2VLProcessor with videos through `QwenFramesAsVideo`."""
 
 
+@register_processor
+class Qwen2VLImageOnlyProcessor(Qwen2VLFramesProcessor):
+    """The name zoo folders saved before videos (ZOO_VERSION 2) record: they load with it
+    (an unregistered name would load as the bare tokenizer)."""
+
+
 def qwen_text_kwargs(vocab_size: int, tokenizer: PreTrainedTokenizerFast) -> dict[str, Any]:
     """Text-config fields shared by the three families (3 layers, GQA, O(1) init)."""
     return dict(

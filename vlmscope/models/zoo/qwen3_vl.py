@@ -33,6 +33,12 @@ class Qwen3VLFramesProcessor(QwenVideoProcessorMixin, Qwen3VLProcessor):
     """Qwen3VLProcessor with videos through `qwen2_vl.QwenFramesAsVideo`."""
 
 
+@register_processor
+class Qwen3VLImageOnlyProcessor(Qwen3VLFramesProcessor):
+    """The name zoo folders saved before videos (ZOO_VERSION 2) record: they load with it
+    (an unregistered name would load as the bare tokenizer)."""
+
+
 @register(
     "qwen3_vl", description="Qwen3-VL (ViT + DeepStack mergers + Qwen3 with interleaved M-RoPE)"
 )
