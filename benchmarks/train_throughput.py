@@ -271,8 +271,8 @@ def trainer_run(args: argparse.Namespace, vlm: HookedVLM, label: str, dataset: s
     n_layers = vlm.adapter.n_layers
     layers = " ".join(str(i) for i in range(min(args.layers, n_layers)))
     with tempfile.TemporaryDirectory() as out:
-        hooks = " --hookpoints lm.blocks.*.hook_resid_post" if kind == "sae" else ""
-        flags = (f"{label} {dataset} --sae.kind {kind} --layers {layers}{hooks} "
+        # an SAE reads hook_resid_post of --layers (a --hookpoints pattern would take them all)
+        flags = (f"{label} {dataset} --sae.kind {kind} --layers {layers} "
                  f"--sae.expansion-factor {args.expansion} --sae.k {args.k} "
                  f"--batch-size {batch_size} "
                  f"--max-steps {args.warmup + args.steps} --max-tokens 0 --log-every 1 "

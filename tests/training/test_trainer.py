@@ -158,6 +158,22 @@ def test_layers_and_hooks_that_do_not_exist(
         Trainer(sae, llava, progress=False)
 
 
+def test_hookpoints_are_taken_within_layers(tmp_path: Path, llava: HookedVLM) -> None:
+    """`--hookpoints` with `--layers` trains the matches in those layers, as `capture` stores
+    them (the pattern alone took every layer's, ignoring --layers)."""
+    from vlmscope.training.sources import bindings
+
+    flags = f"m {DATA} --hookpoints lm.blocks.*.hook_resid_post --output-dir {tmp_path}"
+    names, _, _ = bindings(parse_train_args([*flags.split(), "--layers", "0", "2"]), llava)
+    assert names == ["lm.blocks.0.hook_resid_post", "lm.blocks.2.hook_resid_post"]
+    all_names, _, _ = bindings(parse_train_args(flags.split()), llava)
+    assert len(all_names) == llava.adapter.n_layers
+    narrow = parse_train_args([*f"{flags} --layers 1".split()])
+    narrow.hookpoints = ["lm.blocks.0.hook_resid_post"]
+    with pytest.raises(TrainingError, match=r"match nothing in --layers \[1\]"):
+        bindings(narrow, llava)
+
+
 def test_dictionaries_for_another_model_are_refused(
     tmp_path: Path, zoo_path: Any, llava: HookedVLM
 ) -> None:

@@ -242,7 +242,7 @@ def capture_hooks(cfg: TrainConfig, vlm: HookedVLM) -> list[str]:
     layers = sorted(cfg.layers) if cfg.layers else list(range(n))
     if not cfg.hookpoints:
         return vlm.hook_names([h for i in layers for h in (resid_mid(i), mlp_out(i))])
-    names = hookpoint_names(cfg.hookpoints, vlm)
+    names = hookpoint_names(cfg.hookpoints, vlm, cfg.layers)
     vision = [h for h in names if not h.startswith("lm.")]
     if vision:
         raise TrainingError(
@@ -250,10 +250,6 @@ def capture_hooks(cfg: TrainConfig, vlm: HookedVLM) -> list[str]:
             "token positions only; train vision and projector dictionaries on the fly "
             "(vlmscope train --hookpoints ...)"
         )
-    if cfg.layers:
-        names = [h for h in names if int(h.split(".")[2]) in layers]
-        if not names:
-            raise TrainingError(f"--hookpoints {cfg.hookpoints} match nothing in --layers {layers}")
     return names
 
 

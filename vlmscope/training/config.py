@@ -438,7 +438,8 @@ _HELP = {
     "hold whatever the model's activation scale (the scales are saved with the dictionaries "
     "and undone on their outputs); none: train on the raw activations",
     "layers": "layers of --tower to train on; for a transcoder/CLT its source and target "
-    "layers (a CLT's must be contiguous) (default: all layers)",
+    "layers (a CLT's must be contiguous); with --hookpoints, the matches in these layers "
+    "(default: all layers)",
     "tower": "lm: --layers are language-model layers, transcoders read resid_mid and write "
     "mlp.hook_out; vision: --layers are vision blocks, SAEs read vision.blocks.{i}."
     "hook_resid_post and transcoders map the block's mlp.hook_in to mlp.hook_out",

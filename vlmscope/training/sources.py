@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -199,7 +200,7 @@ def bindings(cfg: TrainConfig, vlm: HookedVLM) -> tuple[list[str], list[str], li
     kind = cfg.sae.resolved_kind()
     if kind == "sae":
         if cfg.hookpoints:
-            names = hookpoint_names(cfg.hookpoints, vlm)
+            names = hookpoint_names(cfg.hookpoints, vlm, cfg.layers)
         elif cfg.tower == "vision":
             names = [f"vision.blocks.{layer}.hook_resid_post" for layer in layers]
         else:
@@ -219,13 +220,21 @@ def bindings(cfg: TrainConfig, vlm: HookedVLM) -> tuple[list[str], list[str], li
     return [resid_mid(layer) for layer in layers], [mlp_out(layer) for layer in layers], layers
 
 
-def hookpoint_names(patterns: list[str], vlm: HookedVLM) -> list[str]:
-    """The hooks `--hookpoints` patterns match, in forward order; unknown or untrainable ones
-    are a TrainingError naming them."""
+def hookpoint_names(
+    patterns: list[str], vlm: HookedVLM, layers: list[int] | None = None
+) -> list[str]:
+    """The hooks `--hookpoints` patterns match, in forward order, within `layers` (--layers,
+    when given: block hooks of other layers are dropped, hooks outside blocks kept); unknown or
+    untrainable ones, or none left, are a TrainingError naming them."""
     try:
         names = vlm.hook_names(patterns)
     except KeyError as e:  # unknown hook point: the message lists close matches
         raise TrainingError(str(e.args[0])) from None
+    if layers:
+        blocks = [re.match(r"(?:lm|vision)\.blocks\.(\d+)\.", h) for h in names]
+        names = [h for h, m in zip(names, blocks, strict=True) if m is None or int(m[1]) in layers]
+        if not names:
+            raise TrainingError(f"--hookpoints {patterns} match nothing in --layers {layers}")
     untrainable = [h for h in names if not trainable_hook(h)]
     if untrainable:
         raise TrainingError(
