@@ -110,3 +110,35 @@ def test_an_explicit_batch_is_capped_at_the_rows_whatever_the_offload(
     auto = attribute(vlm, tmp_path / "clt", inputs, offload="auto", memory_gb=2, **kw)
     assert fixed.metadata["batch_size"] == auto.metadata["batch_size"] == 40  # 40 feature rows
     assert torch.equal(auto.adjacency, fixed.adjacency)
+
+
+@pytest.mark.parametrize(
+    ("error", "falls_back"),
+    [
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), False),
+        (RuntimeError("shape '[1, 0, 4, 8]' is invalid for input of size 0"), True),
+    ],
+)
+def test_the_replay_falls_back_for_empty_queries_only(error: Exception, falls_back: bool) -> None:
+    """A family whose attention refuses empty queries and keys gets them computed; running out
+    of device memory (also a RuntimeError) is raised, not retried on the path that takes more
+    memory with the skip then off for the rest of the graph."""
+    calls: list[bool] = []
+
+    class Replaying(AttributionContext):
+        def __init__(self) -> None:  # only what replay() touches
+            self._skip_qk, self.final = True, None
+
+        def _replay(self, copies: int, skip_qk: bool) -> None:
+            calls.append(skip_qk)
+            if skip_qk:
+                raise error
+
+    ctx = Replaying()
+    if falls_back:
+        ctx.replay(4)
+        assert calls == [True, False] and not ctx._skip_qk
+    else:
+        with pytest.raises(torch.OutOfMemoryError):
+            ctx.replay(4)
+        assert calls == [True] and ctx._skip_qk

@@ -547,7 +547,11 @@ class AttributionContext:
             try:
                 self._replay(copies, skip_qk=True)
                 return
-            except (RuntimeError, ValueError, IndexError):
+            except (RuntimeError, ValueError, IndexError) as e:
+                # Running out of memory is not a family's attention refusing empty queries and
+                # keys (both are RuntimeErrors): the fallback would take more memory, silently.
+                if _out_of_memory(e):
+                    raise
                 # A family whose attention cannot run on empty queries and keys: compute them
                 # (without autograd) from now on.
                 self._skip_qk = False
@@ -927,3 +931,11 @@ def _no_parameter_grads(*modules: torch.nn.Module) -> Iterator[None]:
     finally:
         for p in params:
             p.requires_grad_(True)
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether `e` is an accelerator running out of memory (or failing), not a model error."""
+    accelerator = getattr(torch, "AcceleratorError", None)  # torch >= 2.8
+    return isinstance(e, torch.OutOfMemoryError) or (
+        accelerator is not None and isinstance(e, accelerator)
+    )
