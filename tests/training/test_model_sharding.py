@@ -7,12 +7,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from vlmscope.models.hooked import HookedVLM
 from vlmscope.training.distributed import Layout, shard_frozen_model
+from vlmscope.training.errors import TrainingError
 
 from ..conftest import random_image
 from .test_distributed import free_port, join_or_kill
@@ -77,3 +79,32 @@ def test_bf16_autocast_runs_the_model_and_hands_float32_to_the_dictionaries(
     diff = (got["bf16"] - got["off"]).abs().max().item()
     scale = got["off"].abs().max().item()
     assert 0 < diff < 0.05 * scale  # bf16 rounding: different, and close
+
+
+def test_autocast_keeps_a_half_precision_model_in_its_own_dtype(
+    tmp_path: Path, zoo_path: Any
+) -> None:
+    """Under bf16 autocast a float16 model's residual stream turns float32 (fp16 + bf16
+    promote) while its matmuls run in bf16: activations neither eval nor attribute (which run
+    the model as loaded) ever see. auto leaves a half-precision model alone; an explicit bf16
+    on float16 is refused before anything runs."""
+    from vlmscope.training.config import parse_train_args
+    from vlmscope.training.sources import LiveSource, autocast_on
+
+    vlm = HookedVLM.from_pretrained(zoo_path("llava"), device="cpu", dtype=torch.float16)
+    ids = vlm.prepare(["a red circle"])
+    names = ["lm.blocks.0.hook_resid_mid", "lm.blocks.1.hook_resid_post"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, mixed = vlm.run_with_cache(ids, names=names)
+    assert {t.dtype for t in mixed.values()} == {torch.float32}  # the mix autocast makes
+    cuda = torch.device("cuda")
+    assert autocast_on("auto", cuda, torch.float32)
+    assert not autocast_on("auto", cuda, torch.float16)
+    assert not autocast_on("auto", cuda, torch.bfloat16)
+    assert not autocast_on("auto", torch.device("cpu"), torch.float32)
+    cfg = parse_train_args([str(zoo_path("llava")), "shapes:8", "--sae.transcode",
+                            "--autocast", "bf16", "--output-dir", str(tmp_path)])  # fmt: skip
+    src = LiveSource(cfg)
+    src.open_data()
+    with pytest.raises(TrainingError, match="--autocast bf16 on a float16 model"):
+        src.bind_model(vlm)

@@ -509,8 +509,10 @@ _HELP = {
     "shard_model": "none: every rank holds the whole frozen model; fsdp: shard its weights "
     "over the ranks with FSDP2 fully_shard, each decoder layer gathered for its forward only "
     "(for models larger than one GPU)",
-    "autocast": "auto: the model runs under bfloat16 autocast on CUDA, plain on CPU; bf16 / off "
-    "force it; dictionaries and their optimiser stay float32 either way",
+    "autocast": "auto: a float32 model runs under bfloat16 autocast on CUDA; a bf16 or fp16 "
+    "model, or any on CPU, runs in its own dtype (what eval and attribute run); bf16 / off "
+    "force it (bf16 on a float16 model is refused: the two would mix into float32); "
+    "dictionaries and their optimiser stay float32 either way",
     "dist_timeout": "with several processes (torchrun): seconds a collective waits for the "
     "other ranks before every rank stops with an error (a rank died or hangs)",
     "workers": "processes that preprocess records under the read-ahead thread that prepares "

@@ -220,6 +220,23 @@ def bindings(cfg: TrainConfig, vlm: HookedVLM) -> tuple[list[str], list[str], li
     return [resid_mid(layer) for layer in layers], [mlp_out(layer) for layer in layers], layers
 
 
+def autocast_on(mode: str, device: torch.device, model_dtype: torch.dtype) -> bool:
+    """Whether the model's forward runs under bf16 autocast (`--autocast`). auto: only a
+    float32 model on CUDA; a checkpoint in bf16 or fp16 runs in its own dtype, as eval and
+    attribute run it (under bf16 autocast an fp16 model's residual stream turns float32,
+    fp16 + bf16 promoting, while its matmuls run in bf16: activations no other command
+    sees). An explicit bf16 on an fp16 model is refused for that reason."""
+    if mode == "bf16" and model_dtype == torch.float16:
+        raise TrainingError(
+            "--autocast bf16 on a float16 model mixes the two: the residual stream turns "
+            "float32 while the matmuls run in bfloat16; load it as bfloat16 (--dtype bfloat16) "
+            "or use --autocast off"
+        )
+    if mode == "bf16":
+        return True
+    return mode == "auto" and device.type == "cuda" and model_dtype == torch.float32
+
+
 def hookpoint_names(
     patterns: list[str], vlm: HookedVLM, layers: list[int] | None = None
 ) -> list[str]:
@@ -323,6 +340,7 @@ class LiveSource:
             shard_frozen_model(vlm, self.layout)
         self.vlm = vlm
         self.device = vlm.device
+        autocast_on(cfg.autocast, self.device, vlm.dtype)  # a refused mix stops here
         self.reads, self.writes, self.layers = bindings(cfg, vlm)
         self.vision = any(is_vision_hook(h) for h in self.reads + self.writes)
         width = vlm.adapter.d_model
@@ -634,11 +652,9 @@ class LiveSource:
         return xs, ys, out, masks, positions
 
     def _autocast(self) -> Any:
-        """bf16 autocast for the model forward (auto: on CUDA only); the activations handed
+        """bf16 autocast for the model forward where `autocast_on` says; the activations handed
         to the dictionaries are float32 either way."""
-        mode = self.cfg.autocast
-        on = mode == "bf16" or (mode == "auto" and self.device.type == "cuda")
-        if not on:
+        if not autocast_on(self.cfg.autocast, self.device, self._model().dtype):
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
