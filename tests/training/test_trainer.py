@@ -174,6 +174,38 @@ def test_hookpoints_are_taken_within_layers(tmp_path: Path, llava: HookedVLM) ->
         bindings(narrow, llava)
 
 
+def test_a_run_reports_its_last_steps_metrics_whatever_it_logs(
+    tmp_path: Path, zoo_path: Any, llava: HookedVLM
+) -> None:
+    """Metrics are read back (a device sync each on a GPU) on log steps only; a run whose data
+    ends between log steps still reports its last step's, which a run logging every step wrote
+    to metrics.jsonl. Meanwhile the dictionaries leave the NaN/Inf check to the source."""
+    import vlmscope.dictionaries.clt as clt_module
+    import vlmscope.dictionaries.coder as coder_module
+
+    checked: list[str] = []  # the dictionaries' own NaN/Inf checks of x and y, by name
+    check = coder_module.check_finite
+
+    def spy(name: str, tensor: torch.Tensor) -> None:
+        checked.append(name)
+        check(name, tensor)
+
+    results = {}
+    for every in (1, 100):  # 12 steps: the data (48 rows, 4 a batch) ends before step 100
+        extra = f"--epochs 1 --max-steps 1000 --log-every {every} --sae.n_targets 0"
+        cfg = config(tmp_path, zoo_path("llava"), extra, name=f"log{every}")
+        with pytest.MonkeyPatch.context() as mp:
+            for module in (coder_module, clt_module):
+                mp.setattr(module, "check_finite", spy)
+            results[every] = train(cfg, llava, progress=False)
+    every_step, sparse = results[1], results[100]
+    logs = [json.loads(x) for x in (every_step.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sparse.step == every_step.step == logs[-1]["step"] > 1
+    assert list(sparse.fvu_per_unit.values()) == logs[-1]["fvu_per_unit"]
+    assert list(sparse.l0_per_unit.values()) == logs[-1]["l0_per_unit"]
+    assert checked and all(name.startswith("init_from_data") for name in checked)
+
+
 def test_dictionaries_for_another_model_are_refused(
     tmp_path: Path, zoo_path: Any, llava: HookedVLM
 ) -> None:

@@ -112,6 +112,9 @@ class ActivationSource(Protocol):
     d_out: int
     device: torch.device
     skips: SkipCounter
+    #: whether `batches` refuses NaN/Inf activations itself (then the trainer's dictionaries
+    #: skip their own check); a source without the attribute is taken as not checking.
+    checks_finite: bool
 
     def model_info(self) -> dict[str, Any]:
         """Provenance recorded in the dictionaries (model name, family, dims, layers, data)."""
@@ -305,6 +308,8 @@ class LiveSource:
     in seconds) and `bind_model` (loads the model unless one is given, checks the hooks, reads
     their widths). The cursor is the dataset row after the batch, within the current epoch.
     """
+
+    checks_finite = True  # every batch's activations, naming the hook and rows
 
     def __init__(self, cfg: TrainConfig, layout: Layout | None = None) -> None:
         self.cfg = cfg

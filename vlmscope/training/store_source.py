@@ -113,6 +113,8 @@ class StoreSource:
     module docstring); the default reads them whole.
     """
 
+    checks_finite = True  # every batch, naming the store's samples and shard (_check_finite)
+
     def __init__(self, cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> None:
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size

@@ -19,7 +19,8 @@ import os
 import shlex
 import time
 import warnings
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -431,6 +432,7 @@ class Trainer:
         # so the last step's y, and with it the averaged x, is the optimiser's own.
         norm_before = self.bundle.cfg.normalize_decoder and is_schedule_free(self.optimizer)
         last: dict[str, Any] = {}
+        finished: tuple[_Cycle, float, int | None, float] | None = None  # the last step's
         t0, tok0 = time.perf_counter(), st.tokens
         batches = iter(self.source.batches(st))
         steps = collective_errors(lay, "a training step") if lay.distributed else nullcontext()
@@ -438,7 +440,7 @@ class Trainer:
         # already holds the global batch of its units.
         stats = lay.statistics() if shards is None else nullcontext()
         try:
-            with steps, stats:
+            with steps, stats, self._source_checks_inputs():
                 while True:
                     # The budget is checked between optimizer steps only: a step that began
                     # ends with all of its micro-batches (stopping inside a cycle would drop
@@ -504,16 +506,21 @@ class Trainer:
                     if by_steps:
                         bar.update(1)
                     tps = (st.tokens - tok0) / (time.perf_counter() - t0)
-                    last = self._metrics(*cycle.mean(), lr, k, tps, cycle.n_local, cycle.n_tok)
-                    bar.set_postfix(
-                        loss=f"{last['loss']:.4f}", fvu=f"{last['fvu']:.3f}", tokens=st.tokens
-                    )
-                    if logger is not None and (st.step % cfg.log_every == 0 or self._done()):
-                        logger.log(last)
+                    finished = (cycle, lr, k, tps)
+                    # Read back on log steps only: each value is a device-to-host sync on a
+                    # GPU (and a collective with several ranks, which all log the same steps).
+                    if st.step % cfg.log_every == 0 or self._done():
+                        last = self._metrics_of(*finished)
+                        bar.set_postfix(loss=f"{last['loss']:.4f}", fvu=f"{last['fvu']:.3f}",
+                                        tokens=st.tokens)  # fmt: skip
+                        if logger is not None:
+                            logger.log(last)
                     if st.step % cfg.save_every == 0:
                         self._checkpoint()
                     if self._done():
                         break
+                if finished is not None and last.get("step") != st.step:  # the data ran out
+                    last = self._metrics_of(*finished)  # the summary's: the last step's
         finally:
             bar.close()
             if logger is not None:
@@ -645,6 +652,28 @@ class Trainer:
         if self.layout.distributed:
             spliced = spliced * (n_local / n_tok)
         return spliced + extra  # type: ignore[no-any-return]
+
+    @contextmanager
+    def _source_checks_inputs(self) -> Iterator[None]:
+        """While training, dictionaries skip their own NaN/Inf check of x and y where the
+        source has refused non-finite batches already (naming hook and rows): the second check
+        is one device-to-host sync per tensor per step on a GPU."""
+        if not getattr(self.source, "checks_finite", False):
+            yield
+            return
+        coders = [m for m in self.trained.modules() if hasattr(m, "check_inputs")]
+        before = [m.check_inputs for m in coders]
+        for m in coders:
+            m.check_inputs = False
+        try:
+            yield
+        finally:
+            for m, was in zip(coders, before, strict=True):
+                m.check_inputs = was
+
+    def _metrics_of(self, cycle: _Cycle, lr: float, k: int | None, tps: float) -> dict[str, Any]:
+        """`_metrics` of one optimizer step's cycle of micro-batches."""
+        return self._metrics(*cycle.mean(), lr, k, tps, cycle.n_local, cycle.n_tok)
 
     def _metrics(
         self,
