@@ -784,3 +784,21 @@ def test_resume_refuses_another_k_schedule_or_model_dtype(
         with pytest.raises(TrainingError, match=says):
             Trainer(config(tmp_path, zoo_path("llava"), f"--resume {flags}"), llava,
                     progress=False)  # fmt: skip
+
+
+def test_tf32_is_set_for_cuda_matmuls_only_while_training_and_then_restored() -> None:
+    """--tf32 (the default) turns CUDA's float32 matmuls to TF32 while a CUDA run trains, as
+    sparsify does; CPU runs and everything after training keep the setting they had (the
+    legacy getter still answers: mixing the legacy and per-backend APIs makes it raise)."""
+    from vlmscope.training.trainer import tf32_matmuls
+
+    matmul = torch.backends.cuda.matmul
+    before = (matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision)
+    with tf32_matmuls(torch.device("cuda"), True):  # a setting: no GPU is touched
+        assert matmul.fp32_precision == "tf32"
+        assert torch.backends.mkldnn.matmul.fp32_precision == before[1]  # CPU matmuls alone
+    for device, on in ((torch.device("cpu"), True), (torch.device("cuda"), False)):
+        with tf32_matmuls(device, on):
+            assert matmul.fp32_precision == before[0]
+    assert (matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision) == before
+    assert torch.get_float32_matmul_precision() == "highest"

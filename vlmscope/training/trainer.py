@@ -440,7 +440,7 @@ class Trainer:
         # already holds the global batch of its units.
         stats = lay.statistics() if shards is None else nullcontext()
         try:
-            with steps, stats, self._source_checks_inputs():
+            with steps, stats, self._source_checks_inputs(), tf32_matmuls(self.device, cfg.tf32):
                 while True:
                     # The budget is checked between optimizer steps only: a step that began
                     # ends with all of its micro-batches (stopping inside a cycle would drop
@@ -760,11 +760,29 @@ def _explain_size_error(cfg: TrainConfig, width: int, err: ValueError) -> str:
     return f"cannot build the dictionaries with these --sae.* flags: {err}"
 
 
+@contextmanager
+def tf32_matmuls(device: torch.device, on: bool) -> Iterator[None]:
+    """While training on CUDA (with --tf32), float32 matmuls run on TF32 tensor cores, then
+    the setting goes back to what it was. CUDA's matmul setting only (the new per-backend API):
+    the legacy `set_float32_matmul_precision("high")` would also turn oneDNN's CPU matmuls to
+    TF32 and cuDNN's convolutions, and mixing the two APIs makes the legacy getter raise."""
+    if device.type != "cuda" or not on:
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
+
+
 #: settings a resumed run must share with the run it continues (the budget may grow).
 _RESUME_FIXED = ("model", "dataset", "sae", "layers", "tower", "hookpoints", "tokens", "loss_fn",
                  "include_special_tokens", "batch_size", "grad_acc_steps", "ctx_len", "seed",
                  "schema", "split", "columns", "optimizer", "lr", "lr_probe", "pack", "activations",
-                 "shuffle_buffer_mb", "k_anneal_tokens", "dtype", "autocast")  # fmt: skip
+                 "shuffle_buffer_mb", "k_anneal_tokens", "dtype", "autocast", "tf32")  # fmt: skip
 
 
 def _check_resumable(saved_path: Path, cfg: TrainConfig) -> None:
