@@ -167,12 +167,13 @@ def test_packed_training_on_two_ranks_equals_one_process_on_the_global_batch(
     assert cursors[0] == cursors[1] and cursors[0]["offset"] > 0, cursors
 
 
-@pytest.mark.parametrize("pack", [False])
+@pytest.mark.parametrize("pack", [True, False])
 def test_two_ranks_count_the_bad_rows_before_the_global_cursor_once(
     tmp_path: Path, zoo_path: Any, pack: bool
 ) -> None:
-    """Under torchrun each rank counts the rows it reads and the checkpoint sums them: a rank
-    reads its next window's first sample before its batch of this one is trained on."""
+    """Under torchrun each rank counts the rows it reads and the checkpoint sums them: packed,
+    every rank reads the whole stream (rank 0 alone counts it); unpacked, a rank reads its
+    next window's first sample before its batch of this one is trained on."""
     from tests.training.test_trainer import llava_rows_with_bad_ones
 
     from .test_store_source import store_ranks

@@ -580,7 +580,9 @@ class LiveSource:
                     f"--tokens {cfg.tokens} selected no tokens in a full pass over "
                     f"{cfg.dataset!r}{_NO_TOKENS_HINT[cfg.tokens]}"
                 )
-            yield batch, cursor.as_state(), journal.take((cursor.epoch, cursor.rows))
+            skipped = journal.take((cursor.epoch, cursor.rows))
+            # Every rank reads the whole stream: rank 0 alone counts its rejected rows.
+            yield batch, cursor.as_state(), skipped if self.layout.is_main else []
 
     def _prepared(
         self, rows: int, pad_id: int
