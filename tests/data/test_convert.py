@@ -65,6 +65,26 @@ def test_process_refuses_processed_input_a_held_folder_and_bad_flags(
     assert not (tmp_path / "strict").exists()
 
 
+def test_max_rows_reports_the_rows_it_consumed_with_workers_reading_ahead(
+    tmp_path: Path, zoo_path: Any
+) -> None:
+    """--workers 2 read rows past the --max-rows-th sample; rows read and skipped are those
+    up to it, as without workers."""
+    texts = ["" if i % 3 == 0 else f"row {i}" for i in range(24)]
+    data = tmp_path / "docs.jsonl"
+    data.write_text(
+        "".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(texts))
+    )
+    end = [i for i, t in enumerate(texts) if t][1] + 1  # the rows up to the 2nd good one
+    for workers in ("0", "1"):
+        out = tmp_path / f"out{workers}"
+        assert run(str(zoo_path("llava")), str(data), "--out", str(out), "--max-rows", "2",
+                   "--workers", workers) == 0  # fmt: skip
+        manifest = json.loads((out / "processed.json").read_text())
+        assert manifest["rows"] == 2 and manifest["rows_read"] == end
+        assert manifest["skipped"] == {"empty_text": sum(not t for t in texts[:end])}
+
+
 def test_process_help_explains_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["data", "process", "--help"])

@@ -15,6 +15,7 @@ from vlmscope.data.processing import (
     EncoderPool,
     SampleEncoder,
     SkipCounter,
+    SkipJournal,
     SkipRecord,
     batches,
     collate,
@@ -188,6 +189,28 @@ def test_stream_counts_skips_and_keeps_order(zoo_path: Any) -> None:
     }
     with pytest.raises(SkipRecord, match="row empty"):
         list(encode_stream([good[0], bad[0]], enc, SkipCounter(), strict=True))
+
+
+def test_a_skip_journal_hands_over_the_records_before_a_cursor_in_stream_order() -> None:
+    """Workers note a rejection of the reader (read ahead) before one of the encoder at an
+    earlier row, and the packer reads the next pass before this one is trained on: `take`
+    gives what lies before a cursor (epoch, rows), in the stream's order."""
+    from vlmscope.data.sources import BadRecord
+
+    journal = SkipJournal()
+    journal.note_bad(BadRecord("f:5", "corrupt_image", "detail", 5))  # the reader, ahead
+    journal.note(2, "empty_text", "f:2")  # the encoder, behind it
+    journal.note(1, "processor_error", "f:1")
+    journal.epoch = 1
+    journal.note(0, "missing_image", "f:0")
+    assert journal.take((0, 2)) == [("processor_error", "f:1")]
+    assert journal.take((0, 5)) == [("empty_text", "f:2")]  # row 5 itself is not passed
+    assert journal.take((1, 0)) == [("corrupt_image", "f:5")]
+    assert journal.take() == [("missing_image", "f:0")]
+    assert journal.take() == []
+    counter = SkipCounter()
+    counter.add_all([("empty_text", "f:2"), ("empty_text", "f:7")])
+    assert (counter.counts, counter.examples) == ({"empty_text": 2}, {"empty_text": ["f:2", "f:7"]})
 
 
 def test_worker_processes_give_the_same_samples_reading_ahead_a_bounded_window(

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests.training.test_trainer import llava_rows_with_bad_ones
 from vlmscope.capture import ActivationStore
 from vlmscope.cli import build_parser, main
 from vlmscope.models.hooked import HookedVLM
@@ -243,6 +244,26 @@ def test_bad_records_are_counted_and_strict_stops(
     assert main([*argv[:4], str(tmp_path / "strict"), "--strict", *argv[5:]]) == 1
     err = capsys.readouterr().err
     assert "vlmscope capture: error:" in err and "missing.png" in err
+
+
+def test_a_capture_stopped_by_its_budget_counts_the_bad_rows_before_where_it_stopped(
+    tmp_path: Path, zoo_path: Any, llava: HookedVLM
+) -> None:
+    """--workers 2 read rows past the last batch stored; the skip counts are those of the
+    rows the capture consumed, as without workers."""
+    data, bad = llava_rows_with_bad_ones(tmp_path)
+    counted = []
+    for workers in (0, 1):
+        argv = (f"capture {zoo_path('llava')} {data} --out {tmp_path / f's{workers}'} "
+                f"--batch-size 2 --max-tokens 150 --workers {workers}").split()  # fmt: skip
+        res = capture(config_from_capture_args(build_parser().parse_args(argv)), llava,
+                      progress=False)  # fmt: skip
+        last = int(ActivationStore(res.folder).metadata()["meta.row"].max())
+        assert max(bad) > last  # the budget stopped the capture before the last bad row
+        truth = sum(p < last for p in bad)
+        assert sum(res.manifest["writers"]["0"]["skips"].values()) == truth > 0
+        counted.append(res.manifest["writers"]["0"]["skips"])
+    assert counted[0] == counted[1]
 
 
 def test_an_existing_folder_or_other_settings_are_refused(

@@ -88,6 +88,46 @@ def test_packed_training_resumes_mid_document_bit_exactly(
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def documents_with_empty_ones(path: Path) -> tuple[Path, list[int]]:
+    """`documents` with four empty texts among them, which the reader rejects; their rows."""
+    rows = [json.loads(line) for line in documents(path).read_text().splitlines()]
+    for p in (1, 4, 9, 13):
+        rows.insert(p, {"id": f"empty{p}", "text": " "})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path, [i for i, r in enumerate(rows) if not r["text"].strip()]
+
+
+def checked_skips(run_dir: Path, bad: dict[str, list[int]]) -> dict[str, Any]:
+    """The run's checkpointed train state, its skip counts checked against the bad rows (by
+    reason) before its cursor (epoch, rows): every pass before holds all of them."""
+    state = json.loads((run_dir / "checkpoint" / "state.json").read_text())["train_state"]
+    truth = {r: state["epoch"] * len(rows) + sum(p < state["rows"] for p in rows)
+             for r, rows in bad.items()}  # fmt: skip
+    assert state["skips"] == {r: n for r, n in truth.items() if n}, state
+    return state  # type: ignore[no-any-return]
+
+
+def test_packed_skip_counts_hold_the_rows_before_the_cursor(
+    tmp_path: Path, zoo_path: Any, llama: HookedVLM
+) -> None:
+    """The packer tokenises documents in groups, far ahead of the chunks trained on (here
+    across several passes of a small file); a checkpoint's skip counts are the bad rows before
+    its cursor (epoch, rows) all the same, so a run stopped at step 2 and resumed to step 4
+    counts what an uninterrupted run counts."""
+    model, (data, bad) = zoo_path("llama"), documents_with_empty_ones(tmp_path / "docs.jsonl")
+
+    def run(name: str, extra: str) -> dict[str, Any]:
+        train(flags(model, data, tmp_path, name, extra), llama, progress=False)
+        return checked_skips(tmp_path / name, {"empty_text": bad})
+
+    stopped = run("crashed", "--max-steps 2")
+    assert stopped["skips"]  # bad rows lie before the cursor and after it
+    resumed = run("crashed", "--resume")
+    whole = run("full", "")
+    assert resumed["skips"] == whole["skips"]
+    assert (resumed["epoch"], resumed["rows"]) == (whole["epoch"], whole["rows"])
+
+
 def test_pack_is_the_default_for_text_only_models_on_plain_text(
     tmp_path: Path, zoo_path: Any, llama: HookedVLM
 ) -> None:
@@ -125,3 +165,33 @@ def test_packed_training_on_two_ranks_equals_one_process_on_the_global_batch(
     cursors = [json.loads((tmp_path / n / "checkpoint" / "state.json").read_text())["train_state"]
                for n in ("two", "one")]  # fmt: skip
     assert cursors[0] == cursors[1] and cursors[0]["offset"] > 0, cursors
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_two_ranks_count_the_bad_rows_before_the_global_cursor_once(
+    tmp_path: Path, zoo_path: Any, pack: bool
+) -> None:
+    """Under torchrun each rank counts the rows it reads and the checkpoint sums them: packed,
+    every rank reads the whole stream (rank 0 alone counts it); unpacked, a rank reads its
+    next window's first sample before its batch of this one is trained on."""
+    from tests.training.test_trainer import llava_rows_with_bad_ones
+
+    from .test_store_source import store_ranks
+
+    if pack:
+        model, (data, bad_rows) = zoo_path("llama"), documents_with_empty_ones(tmp_path / "d.jsonl")
+        bad = {"empty_text": bad_rows}
+        extra = "--layers 1 --ctx-len 16 --max-steps 2 --pack"
+    else:
+        model, (data, bad_rows) = zoo_path("llava"), llava_rows_with_bad_ones(tmp_path)
+        # every third row is bad, missing and corrupt images in turn
+        bad = {r: bad_rows[i::2] for i, r in enumerate(("missing_image", "corrupt_image"))}
+        extra = "--sae.transcode --max-steps 1"
+    cfg = parse_train_args(
+        f"{model} {data} --sae.expansion-factor 2 --sae.k 4 --batch-size 2 --device cpu "
+        f"--output-dir {tmp_path} --run-name two {extra}".split()
+    )
+    results = store_ranks(2, tmp_path / "r2", cfg)
+    assert all(r["ok"] for r in results), results
+    state = checked_skips(tmp_path / "two", bad)
+    assert state["skips"]  # bad rows lie before the cursor

@@ -581,6 +581,64 @@ def test_bad_records_are_counted_when_the_run_stops_mid_pass(
     assert state["train_state"]["skips"] == {"missing_image": 1, "corrupt_image": 1}
 
 
+def llava_rows_with_bad_ones(folder: Path, n: int = 30) -> tuple[Path, list[int]]:
+    """A LLaVA JSONL file of `n` rows whose every third row has a missing or corrupt image;
+    the positions of those bad rows."""
+    from PIL import Image
+
+    Image.new("RGB", (40, 32), "red").save(folder / "good.png")
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    turns = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]
+    images = ["good.png" if i % 3 else ("missing.png", "corrupt.png")[i % 2] for i in range(n)]
+    rows = [{"id": str(i), "image": im, "conversations": turns} for i, im in enumerate(images)]
+    data = folder / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data, [i for i, im in enumerate(images) if im != "good.png"]
+
+
+def state_after_training(
+    data: Path, bad: list[int], out: Path, model: Path, llava: HookedVLM, name: str, extra: str
+) -> dict[str, Any]:
+    """Train on `data` (bad rows at `bad`) within its first pass; the checkpoint's train state,
+    whose skip counts are checked against the bad rows before its cursor."""
+    cfg = parse_train_args(
+        f"{model} {data} --sae.transcode --sae.expansion-factor 2 --sae.k 4 --batch-size 2 "
+        f"--save-every 100 --output-dir {out} --run-name {name} {extra}".split()
+    )
+    train(cfg, llava, progress=False)
+    state = json.loads((out / name / "checkpoint" / "state.json").read_text())["train_state"]
+    assert state["epoch"] == 0  # the pass is not over: the truth below holds
+    assert sum(state["skips"].values()) == sum(p < state["rows"] for p in bad), state
+    return state  # type: ignore[no-any-return]
+
+
+def test_skip_counts_hold_the_rows_before_the_cursor_with_workers_reading_ahead(
+    tmp_path: Path, zoo_path: Any, llava: HookedVLM
+) -> None:
+    """A --workers process reads rows ahead of training (one is enough: 8 rows ahead, and a
+    pool of one starts twice as fast); a checkpoint's skip counts are the bad rows before its
+    data cursor all the same, so a run stopped at step 2 and resumed to step 4 counts what an
+    uninterrupted run counts (the rows past the cursor were read, and counted, twice)."""
+    data, bad = llava_rows_with_bad_ones(tmp_path)
+    args = (data, bad, tmp_path / "out", zoo_path("llava"), llava)
+    stopped = state_after_training(*args, "i", "--max-steps 2 --workers 1")
+    assert sum(stopped["skips"].values()) > 0  # bad rows lie before the cursor and after it
+    resumed = state_after_training(*args, "i", "--max-steps 4 --workers 1 --resume")
+    whole = state_after_training(*args, "u", "--max-steps 4")
+    assert (resumed["rows"], resumed["skips"]) == (whole["rows"], whole["skips"])
+
+
+def test_skip_counts_wait_for_the_step_of_a_batch_the_lr_probe_read_ahead(
+    tmp_path: Path, zoo_path: Any, llava: HookedVLM
+) -> None:
+    """--lr-probe 3 reads four batches before step 1 trains; the checkpoint of step 1 counts
+    the bad rows before step 1's cursor, not those of the batches still waiting."""
+    data, bad = llava_rows_with_bad_ones(tmp_path)
+    args = (data, bad, tmp_path / "out", zoo_path("llava"), llava)
+    state = state_after_training(*args, "probe", "--lr-probe 3 --max-steps 1 --save-every 1")
+    assert (state["step"], state["rows"]) == (1, 3)
+
+
 def test_columns_with_other_names_train_when_mapped(
     tmp_path: Path, zoo_path: Any, llava: HookedVLM
 ) -> None:

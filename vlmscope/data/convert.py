@@ -227,12 +227,14 @@ def process_dataset(
     skipped. `ctx_len` 0 keeps every token (each training run truncates to its own)."""
     import itertools
 
-    from vlmscope.data.processing import SampleEncoder, encode_stream
+    from vlmscope.data.processing import SampleEncoder, SkipJournal, encode_stream
     from vlmscope.progress import progress_bar
 
     spec = ProcessedSpec(vlm, name)
-    skips = SkipCounter()
-    dataset.on_bad_record = lambda bad: skips.add(bad.reason, bad.row_id)
+    # --workers read records ahead of the ones written: a skipped record is counted only if
+    # the rows written reach past it, so --max-rows reports the rows it consumed.
+    journal = SkipJournal()
+    dataset.on_bad_record = journal.note_bad
     encoder = SampleEncoder(vlm.processor, ctx_len or 1 << 30, vlm.adapter.image_token_ids())
     ids: dict[str, str] = {}
 
@@ -247,13 +249,22 @@ def process_dataset(
         bar.update(dataset.stats.rows - bar.n)  # rows read so far, skipped ones included
         return ids.pop(s.row_id, s.row_id)
 
-    samples = encode_stream(records(), encoder, skips, strict=strict, workers=workers)
+    samples: Iterator[Sample] = encode_stream(
+        records(), encoder, journal, strict=strict, workers=workers
+    )
     if max_rows:
         samples = itertools.islice(samples, max_rows)
+    end: list[int] = []  # the row after the last sample written
+
+    def written(samples: Iterator[Sample]) -> Iterator[Sample]:
+        for s in samples:
+            end[:] = [s.position + 1]
+            yield s
+
     try:
         extra = {"source": source or {"dataset": dataset.description}, "ctx_len": ctx_len or None}
         info = write_processed(
-            samples,
+            written(samples),
             spec,
             folder,
             split=split,
@@ -264,7 +275,10 @@ def process_dataset(
     finally:
         bar.update(dataset.stats.rows - bar.n)
         bar.close()
-    info["rows_read"] = dataset.stats.rows
+    skips = SkipCounter()
+    stopped = bool(max_rows) and info["rows"] == max_rows
+    skips.add_all(journal.take((0, end[0]) if stopped else None))
+    info["rows_read"] = info["rows"] + skips.total
     info["skipped"] = dict(skips.counts)
     (folder / MANIFEST).write_text(json.dumps(info, indent=1) + "\n")
     return info

@@ -25,6 +25,7 @@ from vlmscope.models.masks import TokenMasks
 
 if TYPE_CHECKING:
     from vlmscope.data.processed import ProcessedSpec
+    from vlmscope.data.sources import BadRecord
 
 #: Per-token tensors ([1, seq] per sample) and the value they are padded with (None: pad id).
 TOKEN_KEYS: dict[str, int | None] = {
@@ -244,7 +245,7 @@ class SampleEncoder:
             record.row_id,
             tensors,
             n_answer=min(n_answer, len(ids)),
-            position=int(getattr(record, "position", -1)),
+            position=_position(record),
         )
         return self._truncate(sample)
 
@@ -411,6 +412,44 @@ class SkipCounter:
         ]
         return f"{self.total} records skipped - " + "; ".join(parts)
 
+    def add_all(self, skipped: Iterable[tuple[str, str]]) -> None:
+        """Count (reason, row id) pairs, such as those a SkipJournal hands over."""
+        for reason, row_id in skipped:
+            self.add(reason, row_id)
+
+
+class SkipJournal:
+    """Skipped records noted where they lie in the stream, to be counted once a cursor passes
+    them.
+
+    Read-ahead (a prefetch thread, --workers processes, the packer's tokenizer groups) meets a
+    bad record before the consumer reaches it. Counted then, a checkpoint's counts would hold
+    rows past its cursor, which a resumed run reads and counts again; and a run that stops
+    early would report rows it never used. The journal keeps each record's pass and position
+    instead, and `take` hands over those before a cursor, to be counted with the batch that
+    ends there. Note and take from one thread: the one that reads.
+    """
+
+    def __init__(self, epoch: int = 0) -> None:
+        #: the pass being read: positions start again at each one.
+        self.epoch = epoch
+        self._notes: list[tuple[int, int, str, str]] = []
+
+    def note(self, position: int, reason: str, row_id: str) -> None:
+        self._notes.append((self.epoch, position, reason, row_id))
+
+    def note_bad(self, bad: BadRecord) -> None:
+        """A reader's `on_bad_record`: note the row it rejected."""
+        self.note(bad.position, bad.reason, bad.row_id)
+
+    def take(self, before: tuple[int, int] | None = None) -> list[tuple[str, str]]:
+        """(reason, row id) of the records before the cursor `before` (epoch, rows), or of
+        all without one, in stream order (workers note a rejection of the reader before one
+        of the encoder at an earlier row); they leave the journal."""
+        out = [n for n in self._notes if before is None or n[:2] < before]
+        self._notes = [n for n in self._notes if before is not None and n[:2] >= before]
+        return [(reason, row_id) for _, _, reason, row_id in sorted(out, key=lambda n: n[:2])]
+
 
 # --- worker processes ------------------------------------------------------------------------
 _WORKER_ENCODER: SampleEncoder | None = None
@@ -462,25 +501,30 @@ def _from_wire(res: _Wire | SkipRecord) -> Sample | SkipRecord:
 def encode_stream(
     records: Iterable[RecordLike],
     encoder: SampleEncoder,
-    skips: SkipCounter,
+    skips: SkipCounter | SkipJournal,
     *,
     strict: bool = False,
     workers: int = 0,
     on_skip: Callable[[str, str, str], None] | None = None,
     pool: EncoderPool | None = None,
 ) -> Iterator[Sample]:
-    """Encode records in order, skipping (and counting) the ones that cannot be processed.
+    """Encode records in order, skipping the ones that cannot be processed: counted in
+    `skips`, or noted with their positions when it is a SkipJournal (a consumer that reads
+    ahead counts them as its cursor passes them).
 
     With `workers > 0` encoding runs in that many processes, or in `pool`'s (kept by a caller
     that streams several passes); order is kept, and memory stays flat: at most 2 * workers
     chunks of STREAM_CHUNK records are read ahead of the consumer.
     """
 
-    def handle(record_id: str, result: Sample | SkipRecord) -> Sample | None:
+    def handle(record_id: str, position: int, result: Sample | SkipRecord) -> Sample | None:
         if isinstance(result, SkipRecord):
             if strict:
                 raise SkipRecord(result.reason, f"row {record_id}: {result.detail}")
-            skips.add(result.reason, record_id)
+            if isinstance(skips, SkipJournal):
+                skips.note(position, result.reason, record_id)
+            else:
+                skips.add(result.reason, record_id)
             if on_skip is not None:
                 on_skip(result.reason, record_id, result.detail)
             return None
@@ -499,29 +543,34 @@ def encode_stream(
                 res: Sample | SkipRecord = encoder.encode(r)
             except SkipRecord as e:
                 res = e
-            s = handle(r.row_id, res)
+            s = handle(r.row_id, _position(r), res)
             if s is not None:
                 yield s
         return
 
 
+def _position(record: RecordLike) -> int:
+    """The record's row in its dataset (-1 for a record that does not say)."""
+    return int(getattr(record, "position", -1))
+
+
 def _encode_in(
     pool: EncoderPool,
     records: Iterable[RecordLike],
-    handle: Callable[[str, Sample | SkipRecord], Sample | None],
+    handle: Callable[[str, int, Sample | SkipRecord], Sample | None],
 ) -> Iterator[Sample]:
     source = iter(records)
     # A bounded window of chunks in flight: workers never run more than `window` chunks ahead
     # of the consumer, so a dataset larger than memory streams with flat memory.
     window = 2 * pool.workers
-    pending: deque[tuple[list[str], AsyncResult[list[_Wire | SkipRecord]]]] = deque()
+    pending: deque[tuple[list[tuple[str, int]], AsyncResult[list[_Wire | SkipRecord]]]] = deque()
 
     def submit() -> None:
         while len(pending) < window:
             chunk = list(itertools.islice(source, STREAM_CHUNK))
             if not chunk:
                 return
-            pending.append(([r.row_id for r in chunk], pool.submit(chunk)))
+            pending.append(([(r.row_id, _position(r)) for r in chunk], pool.submit(chunk)))
 
     submit()
     while pending:
@@ -534,8 +583,8 @@ def _encode_in(
                 pool.check_alive()
         pool.check_alive()  # and one killed between tasks is as much a sign to stop
         submit()
-        for record_id, res in zip(row_ids, results, strict=True):
-            s = handle(record_id, _from_wire(res))
+        for (record_id, position), res in zip(row_ids, results, strict=True):
+            s = handle(record_id, position, _from_wire(res))
             if s is not None:
                 yield s
 

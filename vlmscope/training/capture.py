@@ -482,8 +482,9 @@ def _capture(
                         if item is None:
                             working = False
                         else:
-                            batch, after = item
+                            batch, after, skipped = item
                             n = _capture_batch(model, run, names, writer, batch, sample, cursor)
+                            source.skips.add_all(skipped)  # the rows the cursor now passes
                             sample += batch.size
                             stream += n
                             state.tokens = stream

@@ -3,8 +3,10 @@
 A source knows which hook points the run reads and writes, their widths and the model they came
 from, and yields `ActivationBatch`es: per-unit inputs `xs` and targets `ys` at the selected
 tokens, plus the data cursor to commit once the batch has been trained on (so a checkpoint
-taken after it resumes at the next batch). The trainer owns the dictionaries, the optimiser,
-the schedule and the checkpoints; it does not know whether activations come from
+taken after it resumes at the next batch) and the records skipped before that cursor, counted
+as it is committed (so the checkpoint's skip counts are those of the rows before it). The
+trainer owns the dictionaries, the optimiser, the schedule and the checkpoints; it does not
+know whether activations come from
 
 - `LiveSource`: a model forward with hooks per batch of the dataset (on-the-fly training), or
 - a store of captured activations, or a per-rank slice of either (later sources).
@@ -32,13 +34,13 @@ from vlmscope.data.processing import (
     EncoderPool,
     SampleEncoder,
     SkipCounter,
+    SkipJournal,
     WorkerDiedError,
     batches,
     collate,
     encode_stream,
     prefetch,
 )
-from vlmscope.data.sources import BadRecord
 from vlmscope.dictionaries import NonFiniteError, check_finite
 from vlmscope.models.hooked import HookContext, HookedVLM
 from vlmscope.models.masks import TokenMasks
@@ -96,6 +98,9 @@ class ActivationBatch:
     #: rows (or record ids) the batch came from, for error messages.
     row_ids: list[str] = field(default_factory=list)
     spliced_loss: SplicedLoss | None = None
+    #: (reason, row id) of the records skipped between the previous batch's cursor and this
+    #: one's: counted when the cursor is committed, so a checkpoint counts the rows it passed.
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def n_tokens(self) -> int:
@@ -111,6 +116,7 @@ class ActivationSource(Protocol):
     d_in: int
     d_out: int
     device: torch.device
+    #: skipped records of the batches committed (their `skipped`, counted by the trainer).
     skips: SkipCounter
     #: whether `batches` refuses NaN/Inf activations itself (then the trainer's dictionaries
     #: skip their own check); a source without the attribute is taken as not checking.
@@ -286,19 +292,8 @@ _NO_TOKENS_HINT = {
 
 
 # --- the live source -------------------------------------------------------------------------
-class _SkipJournal(SkipCounter):
-    """Skipped records noted in order by the read-ahead thread, handed over with each batch."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.events: list[tuple[str, str]] = []
-
-    def add(self, reason: str, row_id: str) -> None:
-        self.events.append((reason, row_id))
-
-    def take(self) -> list[tuple[str, str]]:
-        events, self.events = self.events, []
-        return events
+#: (batch or None, the cursor after it, the records skipped before that cursor since the last)
+_Part = tuple[Batch | None, dict[str, int], list[tuple[str, str]]]
 
 
 class LiveSource:
@@ -307,6 +302,8 @@ class LiveSource:
     Opening it is two phases with a gap between them: `open_data` (cheap: a missing file fails
     in seconds) and `bind_model` (loads the model unless one is given, checks the hooks, reads
     their widths). The cursor is the dataset row after the batch, within the current epoch.
+    Every pass reads through a SkipJournal, so the records skipped before a batch's cursor
+    travel with the batch, however far ahead the rows were read.
     """
 
     checks_finite = True  # every batch's activations, naming the hook and rows
@@ -315,7 +312,6 @@ class LiveSource:
         self.cfg = cfg
         self.layout = layout or Layout()
         self.skips = SkipCounter()
-        self._bad_records: SkipCounter = self.skips
         self.dataset: Any = None
         self.vlm: HookedVLM | None = None
         #: requires_grad of a caller's model's parameters before training froze them.
@@ -325,13 +321,12 @@ class LiveSource:
 
     # --- phases --------------------------------------------------------------------------
     def open_data(self) -> None:
-        """Open the dataset; records its reader rejects (missing or corrupt images, bad
-        columns) join the run's skip counts, kept in checkpoints."""
+        """Open the dataset. Each pass reads a view of it whose rejected records (missing or
+        corrupt images, bad columns) go to the pass's SkipJournal (`_journaled`)."""
         try:
             self.dataset = open_training_data(self.cfg)
         except (OSError, ValueError, ImportError, RuntimeError) as e:
             raise TrainingError(f"cannot open dataset {self.cfg.dataset!r}: {e}") from e
-        self.dataset.on_bad_record = self._count_bad_record
 
     def bind_model(self, vlm: HookedVLM | None = None) -> None:
         """Load (or take) the model, freeze it and bind the run's hook points to it. A model
@@ -424,9 +419,13 @@ class LiveSource:
             raise RuntimeError("LiveSource.bind_model() has not run")
         return self.vlm
 
-    def _count_bad_record(self, bad: BadRecord) -> None:
-        # Called by the reader, in the read-ahead thread while training (see _prepared).
-        self._bad_records.add(bad.reason, bad.row_id)
+    def _journaled(self, rows: int, journal: SkipJournal) -> Any:
+        """The dataset from row `rows` on, its reader noting the records it rejects in
+        `journal` (the view's own callback: a pass read in another thread touches no shared
+        state)."""
+        view = self.dataset.skip(rows)
+        view.on_bad_record = journal.note_bad
+        return view
 
     def _hook_width(self, names: list[str]) -> int:
         """The one width of the SAE hook points (a head hook counts heads x head width), read
@@ -455,13 +454,13 @@ class LiveSource:
             parts = self._rank_batches(state)
         else:
             parts = self._model_batches(state)
-        for batch, cursor in parts:
+        for batch, cursor, skipped in parts:
             if batch is None:  # this rank's rows of the window all failed: a zero-row step
                 if self.cfg.shard_model == "fsdp":  # sharded layers gather in every forward
                     self._model().forward(self._model().prepare(["a"]))
                 xs = [torch.zeros(0, self.d_in, device=self.device) for _ in self.reads]
                 ys = [torch.zeros(0, self.d_out, device=self.device) for _ in self.writes]
-                yield ActivationBatch(xs, ys, cursor)
+                yield ActivationBatch(xs, ys, cursor, skipped=skipped)
                 continue
             xs, ys, out, masks, positions = self._activations(batch, state.step)
             spliced = None
@@ -472,10 +471,11 @@ class LiveSource:
                             positions: torch.Tensor = positions) -> torch.Tensor:  # fmt: skip
                     return self._spliced_loss(bundle, loss_fn, batch, out.logits, masks, positions)
 
-            yield ActivationBatch(xs, ys, cursor, list(batch.row_ids), spliced)
+            yield ActivationBatch(xs, ys, cursor, list(batch.row_ids), spliced, skipped)
 
-    def _rank_batches(self, state: TrainState) -> Iterator[tuple[Batch | None, dict[str, int]]]:
-        """(this rank's batch or None, the cursor after the window) with several ranks.
+    def _rank_batches(self, state: TrainState) -> Iterator[_Part]:
+        """(this rank's batch or None, the cursor after the window, this rank's records skipped
+        in the window) with several ranks.
 
         Each micro-step reads a window of world * batch_size rows from the global cursor;
         rank r takes rows [r * B, (r + 1) * B) of it (counted from the cursor, so a run resumed
@@ -496,9 +496,10 @@ class LiveSource:
             def mine(pos: int, start: int = start) -> bool:
                 return ((pos - start) // size) % lay.world == rank
 
-            data = self.dataset.skip(start).select(mine)
+            journal = SkipJournal()
+            data = self._journaled(start, journal).select(mine)
             samples = encode_stream(
-                data, self.encoder, self.skips, strict=cfg.strict, pool=self._workers()
+                data, self.encoder, journal, strict=cfg.strict, pool=self._workers()
             )
             pending = next(samples, None)
             got, tokens_before = 0, state.tokens
@@ -513,7 +514,7 @@ class LiveSource:
                     part = collate(buf, pad_id, masks=vlm.masks) if buf else None
                 except ProcessedDataError as e:  # pixel_values that cannot fit the tower
                     raise TrainingError(str(e)) from None
-                yield part, {"rows": end}
+                yield part, {"rows": end}, journal.take((0, end))
             if start == 0:  # a full pass: the same checks as one process, over all ranks
                 if lay.sum([float(got)]).item() == 0:
                     raise TrainingError(
@@ -528,27 +529,30 @@ class LiveSource:
             state.epoch += 1
             state.rows = 0
 
-    def _model_batches(self, state: TrainState) -> Iterator[tuple[Batch, dict[str, int]]]:
-        """(batch, cursor after it) from the saved position, epoch after epoch."""
+    def _model_batches(
+        self, state: TrainState
+    ) -> Iterator[tuple[Batch, dict[str, int], list[tuple[str, str]]]]:
+        """(batch, cursor after it, records skipped before that cursor since the previous
+        batch's) from the saved position, epoch after epoch. The consumer counts the skipped
+        records as it commits the cursor; those after a pass's last batch are counted here,
+        as the pass ends (and with it the cursor's epoch)."""
         cfg, vlm = self.cfg, self._model()
         pad = vlm.tokenizer.pad_token_id
         pad_id = pad if pad is not None else 0
         while not cfg.epochs or state.epoch < cfg.epochs:
-            data = self.dataset.skip(state.rows) if state.rows else self.dataset
             full_pass = state.rows == 0
             got_any = False
             tokens_before = state.tokens  # the trainer counts the tokens each batch selects
             # Data preparation runs in a thread ahead of training (and in --workers processes
-            # under it); the records it skips are counted when their batch is trained on, so a
-            # checkpoint holds the counts of the rows it has consumed, no more.
+            # under it), reading rows ahead of the batches it hands over; the records it skips
+            # travel with the batch whose cursor passes them.
             try:
-                for batch, skipped in prefetch(self._prepared(data, pad_id)):
-                    for reason, row_id in skipped:
-                        self.skips.add(reason, row_id)
+                for batch, skipped in prefetch(self._prepared(state.rows, pad_id)):
                     if batch is None:
+                        self.skips.add_all(skipped)
                         break
                     got_any = True
-                    yield batch, {"rows": batch.positions[-1] + 1}
+                    yield batch, {"rows": batch.positions[-1] + 1}, skipped
             except ProcessedDataError as e:  # pixel_values that cannot fit the vision tower
                 raise TrainingError(str(e)) from None
             except WorkerDiedError as e:
@@ -571,23 +575,28 @@ class LiveSource:
             state.epoch += 1
             state.rows = 0
 
-    def _packed_batches(self, state: TrainState) -> Iterator[tuple[Batch | None, dict[str, int]]]:
+    def _packed_batches(self, state: TrainState) -> Iterator[_Part]:
         """--pack: batches of full ctx_len chunks of the document stream, which runs on across
         epochs; the cursor (epoch, rows, offset) resumes mid-document. With several ranks each
         packs the whole stream (tokenising text is cheap beside the forward) and trains on its
-        share of every window of world x batch chunks."""
+        share of every window of world x batch chunks. The packer reads documents in groups
+        far ahead of the chunks (on a small dataset, passes ahead): a rejected row travels
+        with the batch whose cursor passes it."""
         cfg, vlm = self.cfg, self._model()
         assert self.packer is not None
         pad = vlm.tokenizer.pad_token_id
+        journal = SkipJournal(state.epoch)
 
         def documents() -> Iterator[Document]:
             epoch, rows = state.epoch, state.rows
             while True:
                 full_pass, got_any = rows == 0, False
-                for record in self.dataset.skip(rows) if rows else self.dataset:
+                journal.epoch = epoch
+                for record in self._journaled(rows, journal):
                     got_any = True
                     yield Document(epoch, record.position, record.row_id, record.text)
                 if full_pass and not got_any:
+                    self.skips.add_all(journal.take())  # the pass is over: name its rows
                     raise TrainingError(
                         f"dataset {cfg.dataset!r} produced no usable documents "
                         f"({self.skips.summary()})"
@@ -603,24 +612,23 @@ class LiveSource:
                     f"--tokens {cfg.tokens} selected no tokens in a full pass over "
                     f"{cfg.dataset!r}{_NO_TOKENS_HINT[cfg.tokens]}"
                 )
-            yield batch, cursor.as_state()
+            skipped = journal.take((cursor.epoch, cursor.rows))
+            # Every rank reads the whole stream: rank 0 alone counts its rejected rows.
+            yield batch, cursor.as_state(), skipped if self.layout.is_main else []
 
     def _prepared(
-        self, data: Any, pad_id: int
+        self, rows: int, pad_id: int
     ) -> Iterator[tuple[Batch | None, list[tuple[str, str]]]]:
-        """(batch, records skipped since the previous batch), then (None, the rest)."""
+        """The pass from row `rows` on: (batch, records skipped before its cursor since the
+        previous batch's), then (None, the rest of the pass's)."""
         cfg, vlm = self.cfg, self._model()
-        journal = _SkipJournal()
-        self._bad_records = journal
-        try:
-            samples = encode_stream(
-                data, self.encoder, journal, strict=cfg.strict, pool=self._workers()
-            )
-            for batch in batches(samples, cfg.batch_size, pad_id, masks=vlm.masks):
-                yield batch, journal.take()
-            yield None, journal.take()
-        finally:
-            self._bad_records = self.skips
+        journal = SkipJournal()
+        data = self._journaled(rows, journal)
+        pool = self._workers()
+        samples = encode_stream(data, self.encoder, journal, strict=cfg.strict, pool=pool)
+        for batch in batches(samples, cfg.batch_size, pad_id, masks=vlm.masks):
+            yield batch, journal.take((0, batch.positions[-1] + 1))
+        yield None, journal.take()
 
     def _activations(
         self, batch: Batch, step: int

@@ -454,7 +454,7 @@ class Trainer:
                     n_tok = self._step_status(n_local, error)
                     assert batch is not None
                     if n_tok == 0:
-                        self._commit(batch.cursor)
+                        self._commit(batch)
                         continue
                     xs, ys = batch.xs, batch.ys
                     if shards is not None:
@@ -494,7 +494,7 @@ class Trainer:
                             (loss * scale).backward()
                     cycle.add(loss, res, n_local, n_tok)
                     st.tokens += n_tok
-                    self._commit(batch.cursor)
+                    self._commit(batch)
                     if not by_steps:
                         bar.update(n_tok)
                     micro += 1
@@ -717,10 +717,13 @@ class Trainer:
             "tokens_per_s": round(tps, 1),
         }
 
-    def _commit(self, cursor: dict[str, Any]) -> None:
-        """Move the data cursor past a batch that has been trained on (or had no tokens)."""
-        for key, value in cursor.items():
+    def _commit(self, batch: ActivationBatch) -> None:
+        """Move the data cursor past a batch that has been trained on (or had no tokens), and
+        count the records skipped before it: the source read them ahead (and --lr-probe reads
+        batches ahead), so counting them any earlier would save rows past the cursor."""
+        for key, value in batch.cursor.items():
             setattr(self.state, key, value)
+        self.skips.add_all(batch.skipped)
 
     def _global_skips(self) -> SkipCounter:
         """Skipped records of all ranks (each counts its own rows)."""
