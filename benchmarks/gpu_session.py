@@ -15,9 +15,10 @@ only its share (results accumulate in OUT/gpu_session.json, the log in OUT/*.log
 2. kernels (#15): the Triton fused TopK encoder and sparse decoder against torch at LLaVA-7B
    width (4,096 rows, d 4096, 32,768 latents, k 32, bf16): agreement with an fp32 dense
    reference and milliseconds per call of each path.
-3. train (#15): `train_throughput.py --llava7b`: the bf16 dictionary step's tokens/s and MFU
-   for SAE, transcoder and CLT, then the trainer end to end on the LLaVA-7B-shaped random model;
-   once with the torch kernels, once with VLMSCOPE_TRITON=1.
+3. train (#15): `train_throughput.py --llava7b`: the dictionary step's tokens/s and MFU for
+   SAE, transcoder and CLT, in bf16 and in float32 on TF32 tensor cores (what `vlmscope train`
+   runs on CUDA), then the trainer end to end on the LLaVA-7B-shaped random model; once with
+   the torch kernels, once with VLMSCOPE_TRITON=1.
 4. attribution (#20): a 576-image-token prompt of about 1,000 positions on the LLaVA-7B-shaped
    model cut to N layers, with a random 32,768-feature CLT over them, `batch_size="auto"`:
    seconds, the batch chosen, and peak GPU memory against the planner's prediction for the

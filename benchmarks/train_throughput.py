@@ -33,6 +33,9 @@ from vlmscope.models.hooked import HookedVLM
 
 #: dense bf16 tensor-core peaks (no sparsity), used for the MFU column.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+#: dense TF32 tensor-core peaks: the MFU of float32 dictionaries as `vlmscope train` runs them
+#: on CUDA (--tf32, the default)
+PEAK_TFLOPS_TF32 = {"H100": 494.7, "H200": 494.7, "A100": 156.0}
 
 
 def sync(device: torch.device) -> None:
@@ -125,12 +128,26 @@ def dictionary_flops(kind: str, n: int, d: int, latents: int, k: int, n_layers: 
 
 
 def bench_dictionaries(args: argparse.Namespace, device: torch.device, d: int) -> list[dict]:
+    """The dictionary step alone, per kind: in bf16 on a GPU, and in float32 on TF32 tensor
+    cores as the trainer runs it there; float32 on a CPU."""
+    from vlmscope.training.trainer import tf32_matmuls
+
+    cuda = device.type == "cuda"
+    rows = []
+    for dtype in (torch.bfloat16, torch.float32) if cuda else (torch.float32,):
+        with tf32_matmuls(device, True):
+            rows += _bench_dictionaries(args, device, d, dtype)
+    return rows
+
+
+def _bench_dictionaries(
+    args: argparse.Namespace, device: torch.device, d: int, dtype: torch.dtype
+) -> list[dict]:
     rows = []
     n = args.tokens
     for kind in ("sae", "transcoder", "clt"):
         torch.manual_seed(0)
         model = build(kind, d, args.layers, args.latents or 8 * d, args.k, device)
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         model.to(dtype)
         xs = [torch.randn(n, d, device=device, dtype=dtype) for _ in range(args.layers)]
         ys = (
@@ -149,6 +166,11 @@ def bench_dictionaries(args: argparse.Namespace, device: torch.device, d: int) -
         total = sum(split.values())
         row = {
             "kind": kind,
+            "dtype": "bf16"
+            if dtype == torch.bfloat16
+            else "fp32+tf32"
+            if device.type == "cuda"
+            else "fp32",
             "tokens_per_s": n * args.steps / total,
             "peak_mb": peak_memory_mb(device),
             **{k: 1000 * v / args.steps for k, v in split.items()},
@@ -156,7 +178,8 @@ def bench_dictionaries(args: argparse.Namespace, device: torch.device, d: int) -
         if device.type == "cuda":
             flops = dictionary_flops(kind, n, d, args.latents or 8 * d, args.k, args.layers)
             name = torch.cuda.get_device_name(device)
-            peak = next((v for key, v in PEAK_TFLOPS.items() if key in name), None)
+            peaks = PEAK_TFLOPS if dtype == torch.bfloat16 else PEAK_TFLOPS_TF32
+            peak = next((v for key, v in peaks.items() if key in name), None)
             row["tflops"] = flops * args.steps / total / 1e12
             row["mfu"] = row["tflops"] / peak if peak else float("nan")
         rows.append(row)
@@ -353,9 +376,10 @@ def print_table(title: str, rows: list[dict]) -> None:
              "vlm_tok_step", "text_tok_step")  # fmt: skip
     keys = [k for k in order if k in rows[0]]
     print(f"\n{title}")
-    print(f"{'kind':<16}" + "".join(f"{k:>15}" for k in keys))
+    print(f"{'kind':<22}" + "".join(f"{k:>15}" for k in keys))
     for r in rows:
-        print(f"{r['kind']:<16}" + "".join(f"{r[k]:>15.2f}" for k in keys))
+        label = f"{r['kind']} {r['dtype']}" if "dtype" in r else r["kind"]
+        print(f"{label:<22}" + "".join(f"{r[k]:>15.2f}" for k in keys))
     print("(times in ms per step; peak_mb is the process peak RSS on CPU, allocated memory on GPU)")
 
 
