@@ -319,20 +319,36 @@ def test_one_template_render_per_sample_matches_two(name: str, zoo_path: Any) ->
 
 def test_a_worker_killed_mid_stream_is_an_error_not_a_hang(zoo_path: Any) -> None:
     """The pool replaces a dead worker but the chunk it held never answers: the stream names
-    the death (SIGKILL, as the out-of-memory killer sends) instead of waiting forever."""
+    the death (SIGKILL, as the out-of-memory killer sends) instead of waiting forever. And the
+    pool still closes when the worker died holding the result queue's lock, which the workers
+    share (the killer does not wait for a result to be sent): Pool.terminate() waits on it for
+    ever. The test holds that lock as such a worker would, to make that case certain."""
     import os
     import signal
+    import threading
 
     from vlmscope.data.processing import WorkerDiedError
 
     vlm = vlm_for("llava", zoo_path)
     enc = SampleEncoder(vlm.processor, 4096, vlm.adapter.image_token_ids())
     recs = [*records(True)] * 40
-    with EncoderPool(enc, 1) as pool:
+    pool = EncoderPool(enc, 1)
+    lock = pool._pool._outqueue._wlock  # type: ignore[attr-defined]
+    held = False
+    try:
         stream = encode_stream(recs, enc, SkipCounter(), pool=pool)
         next(stream)
         (worker,) = [p for p in multiprocessing.active_children() if p.pid in
                      {q.pid for q in pool._processes}]  # fmt: skip
+        held = lock.acquire()
         os.kill(worker.pid, signal.SIGKILL)
         with pytest.raises(WorkerDiedError, match=r"died: killed by signal 9.*out of memory"):
             list(stream)
+        closer = threading.Thread(target=pool.close, daemon=True)
+        closer.start()
+        closer.join(60)
+        assert not closer.is_alive(), "closing the pool waits on the lock the dead worker held"
+        assert all(p.exitcode is not None for p in pool._pool._pool)  # type: ignore[attr-defined]
+    finally:
+        if held:
+            lock.release()

@@ -589,6 +589,10 @@ def _encode_in(
                 yield s
 
 
+#: seconds close() gives each stage of stopping a pool one of whose workers died
+_CLOSE_WAIT_S = 2.0
+
+
 class EncoderPool:
     """`workers` processes that encode records with `encoder`, for as long as the caller keeps
     them: a trainer keeps one for the whole run, because starting a worker (a fresh interpreter
@@ -621,9 +625,24 @@ class EncoderPool:
         return self._pool.apply_async(_encode_chunk_in_worker, (chunk,))
 
     def close(self) -> None:
-        """Stop the workers (idempotent)."""
-        self._pool.terminate()
-        self._pool.join()
+        """Stop the workers (idempotent; after a worker died, in seconds at most)."""
+        if not any(p.exitcode is not None for p in self._processes):
+            self._pool.terminate()
+            self._pool.join()
+            return
+        # The pool's workers share one lock per queue; a worker killed while it held one (the
+        # out-of-memory killer does not wait for a result to be sent) leaves it held for good,
+        # and terminate() waits on it for ever. It runs aside, where its first steps stop the
+        # pool from starting replacements; the workers are then killed, and a terminate still
+        # waiting is left to its daemon thread.
+        stopper = threading.Thread(target=self._pool.terminate, daemon=True)
+        stopper.start()
+        stopper.join(_CLOSE_WAIT_S)
+        for proc in {*self._processes, *self._pool._pool}:  # type: ignore[attr-defined]
+            if proc.exitcode is None:
+                proc.kill()
+                proc.join(_CLOSE_WAIT_S)
+        stopper.join(_CLOSE_WAIT_S)
 
     def __enter__(self) -> EncoderPool:
         return self
