@@ -285,3 +285,36 @@ def test_processed_text_without_pixel_values_trains_as_text_with_a_warning(
     assert "text.jsonl' has no pixel_values column: " in said and "is a vision-language" in said
     assert "has columns ['token_type_ids'], which " in said and "not passed to the model" in said
     assert res.step == 1 and res.tokens > 0
+
+
+def test_qwen_data_processed_before_videos_counted_as_image_tokens_is_accepted(
+    tmp_path: Path, zoo_path: Any
+) -> None:
+    """Qwen-VL adapters count `<|video_pad|>` as an image token since 2026-12-02, which moved
+    the fingerprint of every Qwen-VL model; data processed before holds no video tokens and is
+    as valid as it was. Its manifest carries the fingerprint of the image placeholder alone;
+    a fingerprint of anything else is still refused."""
+    from vlmscope.data.processed import ProcessedDataError, ProcessedSpec, _fingerprint
+
+    model = zoo_path("qwen2_vl")
+    out = tmp_path / "proc"
+    assert cli_process(model, SHAPES, out) == 0
+    vlm = _vlm(model)
+    spec = ProcessedSpec(vlm, str(model))
+    manifest_path = out / "processed.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["fingerprint"] == spec.fingerprint
+    config = vlm.model.config
+    assert config.video_token_id in spec.image_token_ids
+    for ids, accepted in (
+        ((config.image_token_id,), True),
+        ((config.vision_start_token_id,), False),
+    ):
+        manifest["fingerprint"] = _fingerprint(vlm.tokenizer, spec.keys, ids)
+        manifest_path.write_text(json.dumps(manifest))
+        data = open_training_data(train_flags(model, out, tmp_path, "check"))
+        if accepted:
+            spec.check_dataset(data)
+        else:
+            with pytest.raises(ProcessedDataError, match="was processed for"):
+                spec.check_dataset(data)

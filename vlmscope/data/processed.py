@@ -108,6 +108,11 @@ class ProcessedSpec:
             (k for k in vlm.adapter.pixel_keys if k in self.image_keys), "pixel_values"
         )
         self.fingerprint = _fingerprint(vlm.tokenizer, self.keys, self.image_token_ids)
+        # Qwen-VL adapters counted video placeholders as image tokens from 2026-12-02 on: data
+        # processed before (video tokens are never in it) is as valid as it was
+        video = getattr(vlm.model.config, "video_token_id", None)
+        before_videos = tuple(i for i in self.image_token_ids if i != video)
+        self._accepted = {self.fingerprint, _fingerprint(vlm.tokenizer, self.keys, before_videos)}
 
     @property
     def keys(self) -> dict[str, KeySpec]:
@@ -240,7 +245,7 @@ class ProcessedSpec:
                 stacklevel=2,
             )
         manifest = find_manifest(dataset)
-        if manifest is not None and manifest.get("fingerprint") not in (None, self.fingerprint):
+        if manifest is not None and manifest.get("fingerprint") not in {None, *self._accepted}:
             raise ProcessedDataError(
                 f"{what} was processed for {manifest.get('model')!r} ({manifest.get('family')}), "
                 f"whose tokenizer or processor differ from {self.name!r}'s ({self.family}); "
