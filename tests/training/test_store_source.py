@@ -146,6 +146,18 @@ def test_tokens_by_modality_the_seed_clt_flags_and_an_sae(
     b = DictionaryBundle.load(sae.dictionaries)
     assert b.kind == "sae" and b.reads == [f"lm.blocks.{i}.hook_resid_post" for i in range(3)]
     b.check_model(llava.adapter)
+    # --layers narrows --hookpoints as it does on the fly
+    from vlmscope.training.sources import bindings
+    from vlmscope.training.store_source import store_bindings
+
+    flags = f"--hookpoints lm.blocks.*.hook_resid_post --layers 1 --output-dir {tmp_path}"
+    stored = parse_train_args(f"--activations {store} {flags}".split())
+    live = parse_train_args(f"m shapes:4 {flags}".split())
+    assert (
+        store_bindings(stored, b.reads, 3, str(store))[0]
+        == bindings(live, llava)[0]
+        == ["lm.blocks.1.hook_resid_post"]
+    )
 
 
 def edited(store: Path, to: Path, change: Any) -> Path:

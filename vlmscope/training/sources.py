@@ -246,6 +246,18 @@ def autocast_on(mode: str, device: torch.device, model_dtype: torch.dtype) -> bo
     return mode == "auto" and device.type == "cuda" and model_dtype == torch.float32
 
 
+def within_layers(names: list[str], layers: list[int] | None, patterns: list[str]) -> list[str]:
+    """The `--hookpoints` matches `names` that lie in `layers` (--layers; all when none): block
+    hooks of other layers are dropped, hooks outside blocks kept; none left is an error."""
+    if not layers:
+        return names
+    blocks = [re.match(r"(?:lm|vision)\.blocks\.(\d+)\.", h) for h in names]
+    kept = [h for h, m in zip(names, blocks, strict=True) if m is None or int(m[1]) in layers]
+    if not kept:
+        raise TrainingError(f"--hookpoints {patterns} match nothing in --layers {layers}")
+    return kept
+
+
 def hookpoint_names(
     patterns: list[str], vlm: HookedVLM, layers: list[int] | None = None
 ) -> list[str]:
@@ -256,11 +268,7 @@ def hookpoint_names(
         names = vlm.hook_names(patterns)
     except KeyError as e:  # unknown hook point: the message lists close matches
         raise TrainingError(str(e.args[0])) from None
-    if layers:
-        blocks = [re.match(r"(?:lm|vision)\.blocks\.(\d+)\.", h) for h in names]
-        names = [h for h, m in zip(names, blocks, strict=True) if m is None or int(m[1]) in layers]
-        if not names:
-            raise TrainingError(f"--hookpoints {patterns} match nothing in --layers {layers}")
+    names = within_layers(names, layers, patterns)
     untrainable = [h for h in names if not trainable_hook(h)]
     if untrainable:
         raise TrainingError(

@@ -39,7 +39,12 @@ from vlmscope.dictionaries import NonFiniteError, check_finite
 from vlmscope.training.bundle import mlp_out, resid_mid
 from vlmscope.training.config import TrainConfig
 from vlmscope.training.errors import TrainingError
-from vlmscope.training.sources import ActivationBatch, TrainState, resolve_model_path
+from vlmscope.training.sources import (
+    ActivationBatch,
+    TrainState,
+    resolve_model_path,
+    within_layers,
+)
 
 __all__ = ["StoreSource", "store_bindings"]
 
@@ -64,6 +69,7 @@ def store_bindings(
                 f"--hookpoints {cfg.hookpoints} match no hook of the store {where}, which holds "
                 f"{_short(hooks)}; capture them with `vlmscope capture ... --hookpoints ...`"
             )
+        names = within_layers(names, cfg.layers, cfg.hookpoints)  # as on the fly
         layers = sorted({int(h.split(".")[2]) for h in names if h.startswith("lm.blocks.")})
         return names, names, layers
     if kind == "sae":
