@@ -860,3 +860,44 @@ def test_tf32_is_set_for_cuda_matmuls_only_while_training_and_then_restored() ->
             assert matmul.fp32_precision == before[0]
     assert (matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision) == before
     assert torch.get_float32_matmul_precision() == "highest"
+
+
+def test_tf32_covers_the_dictionaries_not_the_model_forward_that_makes_activations(
+    tmp_path: Path, zoo_path: Any, llava: HookedVLM
+) -> None:
+    """The activations must stay what eval and attribute see (IEEE float32 for a float32
+    model): the model's forward runs outside the TF32 scope, the dictionaries' forward,
+    backward and step inside it."""
+    import contextlib
+
+    import vlmscope.training.trainer as trainer_module
+    from vlmscope.training.bundle import DictionaryBundle
+
+    inside = [False]
+    seen: dict[str, list[bool]] = {"model": [], "dictionaries": [], "step": []}
+
+    @contextlib.contextmanager
+    def scope(device: torch.device, on: bool) -> Iterator[None]:
+        assert on  # the default
+        inside[0] = True
+        try:
+            yield
+        finally:
+            inside[0] = False
+
+    def spy(name: str, fn: Any) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            seen[name].append(inside[0])
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer_module, "tf32_matmuls", scope)
+        mp.setattr(HookedVLM, "run_with_cache", spy("model", HookedVLM.run_with_cache))
+        mp.setattr(DictionaryBundle, "forward", spy("dictionaries", DictionaryBundle.forward))
+        mp.setattr(trainer_module, "take_step", spy("step", trainer_module.take_step))
+        train(config(tmp_path, zoo_path("llava"), "--max-steps 2"), llava, progress=False)
+    assert seen["model"] and not any(seen["model"])
+    assert seen["dictionaries"] and all(seen["dictionaries"])
+    assert seen["step"] == [True, True]

@@ -514,9 +514,10 @@ _HELP = {
     "model, or any on CPU, runs in its own dtype (what eval and attribute run); bf16 / off "
     "force it (bf16 on a float16 model is refused: the two would mix into float32); "
     "dictionaries and their optimiser stay float32 either way",
-    "tf32": "on CUDA, float32 matmuls (the dictionaries' encoder and decoder products) run on "
-    "TF32 tensor cores: a 10-bit mantissa, about 8x the IEEE float32 rate on A100/H100, as "
-    "sparsify trains; --no-tf32 keeps IEEE float32. No effect on CPU",
+    "tf32": "on CUDA, the dictionaries' float32 matmuls (forward, backward, optimiser step; not "
+    "the model's forward that makes their activations) run on TF32 tensor cores: a 10-bit "
+    "mantissa, about 8x the IEEE float32 rate on A100/H100, as sparsify trains; --no-tf32 "
+    "keeps IEEE float32. No effect on CPU",
     "dist_timeout": "with several processes (torchrun): seconds a collective waits for the "
     "other ranks before every rank stops with an error (a rank died or hangs)",
     "workers": "processes that preprocess records under the read-ahead thread that prepares "

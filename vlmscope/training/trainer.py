@@ -440,7 +440,7 @@ class Trainer:
         # already holds the global batch of its units.
         stats = lay.statistics() if shards is None else nullcontext()
         try:
-            with steps, stats, self._source_checks_inputs(), tf32_matmuls(self.device, cfg.tf32):
+            with steps, stats, self._source_checks_inputs():
                 while True:
                     # The budget is checked between optimizer steps only: a step that began
                     # ends with all of its micro-batches (stopping inside a cycle would drop
@@ -476,7 +476,8 @@ class Trainer:
                             b.set_decoder_norm_to_unit_norm()
                     with lay.no_sync(self.model, skip=not syncs):
                         runs = xs or (shards is not None and shards.collective_forward)
-                        res = self.model(xs, ys) if runs else None
+                        with tf32_matmuls(self.device, cfg.tf32):
+                            res = self.model(xs, ys) if runs else None
                         loss = self._loss(res, batch, n_local, n_tok)
                         bad = None
                         if not torch.isfinite(loss):
@@ -491,7 +492,8 @@ class Trainer:
                         # of distributed modules has its units' whole loss.
                         scale = (1 if shards else lay.world) / cfg.grad_acc_steps
                         if res is not None:
-                            (loss * scale).backward()
+                            with tf32_matmuls(self.device, cfg.tf32):
+                                (loss * scale).backward()
                     cycle.add(loss, res, n_local, n_tok)
                     st.tokens += n_tok
                     self._commit(batch)
@@ -501,7 +503,8 @@ class Trainer:
                     if not syncs:
                         continue
                     lr = self._lr_at(st.tokens, st.step)
-                    take_step(b, self.optimizer, lr, self.bundle.cfg.normalize_decoder)
+                    with tf32_matmuls(self.device, cfg.tf32):
+                        take_step(b, self.optimizer, lr, self.bundle.cfg.normalize_decoder)
                     st.step += 1
                     if by_steps:
                         bar.update(1)
@@ -765,8 +768,11 @@ def _explain_size_error(cfg: TrainConfig, width: int, err: ValueError) -> str:
 
 @contextmanager
 def tf32_matmuls(device: torch.device, on: bool) -> Iterator[None]:
-    """While training on CUDA (with --tf32), float32 matmuls run on TF32 tensor cores, then
-    the setting goes back to what it was. CUDA's matmul setting only (the new per-backend API):
+    """On CUDA (with --tf32), float32 matmuls inside run on TF32 tensor cores, then the setting
+    goes back to what it was. The trainer opens it around the dictionaries' forward, the
+    backward and the optimiser step, never around the model's forward that makes the
+    activations (they stay what eval and attribute see; a spliced ce/kl loss's backward does
+    run through the model in TF32). CUDA's matmul setting only (the new per-backend API):
     the legacy `set_float32_matmul_precision("high")` would also turn oneDNN's CPU matmuls to
     TF32 and cuDNN's convolutions, and mixing the two APIs makes the legacy getter raise."""
     if device.type != "cuda" or not on:
