@@ -901,3 +901,35 @@ def test_tf32_covers_the_dictionaries_not_the_model_forward_that_makes_activatio
     assert seen["model"] and not any(seen["model"])
     assert seen["dictionaries"] and all(seen["dictionaries"])
     assert seen["step"] == [True, True]
+
+
+def test_a_run_from_before_tf32_resumes_as_it_was_trained(
+    tmp_path: Path, zoo_path: Any, llava: HookedVLM
+) -> None:
+    """A train_config.json written before 2026-12-02 has no tf32 (its matmuls were IEEE) and,
+    with --hookpoints and --layers, trained every match (--layers did not narrow them yet).
+    Resumed with the same flags, it continues so, equal to the same run never interrupted."""
+    model = zoo_path("llava")
+
+    def sae(name: str, extra: str) -> TrainConfig:
+        flags = (f"{model} {DATA} --hookpoints lm.blocks.*.hook_resid_post --sae.k 4 "
+                 f"--sae.expansion-factor 2 --batch-size 4 --save-every 2 --output-dir "
+                 f"{tmp_path} --run-name {name} {extra}")  # fmt: skip
+        return parse_train_args(flags.split())
+
+    whole = train(sae("whole", "--max-steps 4"), llava, progress=False)
+    first = train(sae("old", "--max-steps 2"), llava, progress=False)
+    saved_path = first.run_dir / "train_config.json"
+    saved = json.loads(saved_path.read_text())
+    del saved["tf32"]
+    saved["layers"] = [0]  # as the run was started: the flag did not narrow the hooks then
+    saved_path.write_text(json.dumps(saved))
+    again = sae("old", "--layers 0 --max-steps 4 --resume")
+    with pytest.warns(UserWarning, match="before --layers narrowed --hookpoints"):
+        resumed = train(again, llava, progress=False)
+    assert DictionaryBundle.load(resumed.dictionaries).reads == [
+        f"lm.blocks.{i}.hook_resid_post" for i in range(llava.adapter.n_layers)
+    ]
+    states_equal(whole.dictionaries, resumed.dictionaries, atol=0)
+    now = json.loads(saved_path.read_text())
+    assert now["tf32"] is False and now["layers"] == []

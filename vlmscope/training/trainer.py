@@ -197,6 +197,10 @@ class Trainer:
             found = self.layout.phase(self._prepare_run_dir, main_only=True)
             existing = lay.gather(str(found) if found is not None else None)[0]
             existing = Path(existing) if existing is not None else None
+            if existing is not None:  # every rank: the source binds the run's hooks next
+                for note in _continue_as_trained(self.run_dir / "train_config.json", cfg):
+                    if lay.is_main:
+                        warnings.warn(note, stacklevel=2)
 
             def open_it() -> ActivationSource:
                 return source if source is not None else open_source(cfg, vlm, lay)
@@ -792,6 +796,28 @@ _RESUME_FIXED = ("model", "dataset", "sae", "layers", "tower", "hookpoints", "to
                  "include_special_tokens", "batch_size", "grad_acc_steps", "ctx_len", "seed",
                  "schema", "split", "columns", "optimizer", "lr", "lr_probe", "pack", "activations",
                  "shuffle_buffer_mb", "k_anneal_tokens", "dtype", "autocast", "tf32")  # fmt: skip
+
+
+def _continue_as_trained(saved_path: Path, cfg: TrainConfig) -> list[str]:
+    """Settings whose meaning changed since a resumed run was written, set in `cfg` to what
+    that run trained with (its train_config.json predates --tf32, 2026-12-02); the notes to
+    show. A run then continues as it began instead of changing numerics or hooks midway."""
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (OSError, ValueError):
+        return []
+    if "tf32" in saved:
+        return []
+    cfg.tf32 = False  # its matmuls were IEEE float32 (no effect on CPU)
+    notes = []
+    if saved.get("hookpoints") and saved.get("layers") and cfg.hookpoints and cfg.layers:
+        cfg.layers = []
+        notes.append(
+            f"--resume: this run was started before --layers narrowed --hookpoints, so it "
+            f"trains every match of {cfg.hookpoints} and continues so; resume it without "
+            "--layers from now on"
+        )
+    return notes
 
 
 def _check_resumable(saved_path: Path, cfg: TrainConfig) -> None:
