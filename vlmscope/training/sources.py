@@ -147,13 +147,16 @@ def _looks_like_local_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or name in (".", "..")
 
 
-def load_model(cfg: TrainConfig) -> HookedVLM:
-    """The model of cfg.model; a missing path or hub name is a TrainingError, not a traceback."""
+def load_model(cfg: TrainConfig, on_cpu: bool = False) -> HookedVLM:
+    """The model of cfg.model; a missing path or hub name is a TrainingError, not a traceback.
+    `on_cpu`: load into host memory whatever cfg.device says (a model to be sharded over the
+    ranks' GPUs may not fit whole on one)."""
     if _looks_like_local_path(cfg.model) and not os.path.exists(cfg.model):
         raise TrainingError(f"model path {cfg.model!r} does not exist")
+    device = "cpu" if on_cpu else cfg.device or None
     try:
         path = resolve_model_path(cfg.model)
-        return HookedVLM.from_pretrained(path, device=cfg.device or None, dtype=cfg.dtype or None)
+        return HookedVLM.from_pretrained(path, device=device, dtype=cfg.dtype or None)
     except (OSError, ValueError) as e:
         raise TrainingError(f"cannot load model {cfg.model!r}: {e}") from e
 
@@ -277,7 +280,9 @@ class LiveSource:
 
     Opening it is two phases with a gap between them: `open_data` (cheap: a missing file fails
     in seconds) and `bind_model` (loads the model unless one is given, checks the hooks, reads
-    their widths). The cursor is the dataset row after the batch, within the current epoch.
+    their widths). With --shard-model fsdp over several ranks the widths wait for a third,
+    `open_together`, which every rank runs at once (see there). The cursor is the dataset row
+    after the batch, within the current epoch.
     """
 
     def __init__(self, cfg: TrainConfig, layout: Layout | None = None) -> None:
@@ -291,6 +296,7 @@ class LiveSource:
         self._grad_flags: list[tuple[torch.nn.Parameter, bool]] = []
         self._pool: EncoderPool | None = None  # --workers processes, kept for the whole run
         self._total_rows: int | None = None
+        self._opened = False  # open_together has run
 
     # --- phases --------------------------------------------------------------------------
     def open_data(self) -> None:
@@ -304,22 +310,16 @@ class LiveSource:
 
     def bind_model(self, vlm: HookedVLM | None = None) -> None:
         """Load (or take) the model, freeze it and bind the run's hook points to it. A model
-        the caller passed in gets its requires_grad flags back from `release_model`."""
+        the caller passed in gets its requires_grad flags back from `release_model`. Unless
+        the model is to be sharded over several ranks, `open_together` follows at once."""
         cfg = self.cfg
         if vlm is not None:
             self._grad_flags = [(p, p.requires_grad) for p in vlm.model.parameters()]
-        vlm = vlm if vlm is not None else load_model(cfg)
+        vlm = vlm if vlm is not None else load_model(cfg, on_cpu=self._sharded())
         vlm.model.requires_grad_(False)
-        if cfg.shard_model == "fsdp":
-            shard_frozen_model(vlm, self.layout)
         self.vlm = vlm
-        self.device = vlm.device
         self.reads, self.writes, self.layers = bindings(cfg, vlm)
         self.vision = any(is_vision_hook(h) for h in self.reads + self.writes)
-        width = vlm.adapter.d_model
-        if cfg.sae.resolved_kind() == "sae" or self.vision:
-            width = self._hook_width(list(dict.fromkeys(self.reads + self.writes)))
-        self.d_in = self.d_out = width
         processed = None
         if self.dataset.schema == "processed":
             processed = ProcessedSpec(vlm, cfg.model)
@@ -331,6 +331,30 @@ class LiveSource:
             vlm.processor, cfg.ctx_len, vlm.adapter.image_token_ids(), processed=processed
         )
         self.packer = self._packer(vlm)
+        if not self._sharded():
+            self.open_together()
+
+    def open_together(self) -> None:
+        """Shard the model (--shard-model fsdp) and read the hook widths, the part of opening
+        that runs a forward. A sharded model's forward gathers each unit's weights from every
+        rank, so the trainer runs this on all ranks at once, after each opened the rest in
+        turn: rank 0's probe forward alone would wait for ever on ranks waiting to agree.
+        Once only (a source the caller opened may be opened again by the trainer)."""
+        if self._opened:
+            return
+        vlm = self._model()
+        if self._sharded():
+            shard_frozen_model(vlm, self.layout)  # moves a model loaded on the CPU to the GPU
+        self.device = vlm.device
+        width = vlm.adapter.d_model
+        if self.cfg.sae.resolved_kind() == "sae" or self.vision:
+            width = self._hook_width(list(dict.fromkeys(self.reads + self.writes)))
+        self.d_in = self.d_out = width
+        self._opened = True
+
+    def _sharded(self) -> bool:
+        """Whether the model is sharded over several ranks (FSDP2)."""
+        return self.cfg.shard_model == "fsdp" and self.layout.distributed
 
     def _packer(self, vlm: HookedVLM) -> Packer | None:
         """The packer of a --pack run: on by default for a text-only model reading plain text."""

@@ -204,6 +204,11 @@ class Trainer:
             first = self.layout.phase(open_it, main_only=True)
             rest = self.layout.phase(open_it, others_only=True)
             self.source = first if lay.is_main else rest
+            # Then together: a model sharded over the ranks gathers its weights from all of
+            # them in every forward, the probe that reads hook widths included.
+            together = getattr(self.source, "open_together", None)
+            if together is not None:
+                self.layout.phase(together)
             self.device = self.source.device
             self.reads, self.writes, self.layers = (
                 self.source.reads,
