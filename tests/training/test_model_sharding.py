@@ -189,3 +189,33 @@ def test_an_sae_trains_on_a_sharded_model(tmp_path: Path, zoo_path: Any) -> None
     assert sharded.keys() == ddp.keys()
     for k in ddp:
         torch.testing.assert_close(sharded[k], ddp[k], atol=1e-5, rtol=1e-5, msg=k)
+
+
+def test_ranks_with_and_without_images_train_the_one_process_dictionaries(
+    tmp_path: Path, zoo_path: Any
+) -> None:
+    """Rank 0's rows have images, rank 1's none: HF LLaVA skips the vision tower without
+    pixel_values, so the tower must not be FSDP units of its own. The result is one process's
+    on the global batches."""
+    data = chat_rows(tmp_path, ["red.png", None, "red.png", None])
+    flags = f"{zoo_path('llava')} {data} {FSDP_FLAGS} --sae.transcode"
+    sharded = train_ranks(tmp_path / "fsdp", f"{flags} --shard-model fsdp", 2)
+    one = train_ranks(tmp_path / "one", flags.replace("--batch-size 1", "--batch-size 2"), 1)
+    assert sharded.keys() == one.keys()
+    for k in one:
+        torch.testing.assert_close(sharded[k], one[k], atol=1e-5, rtol=1e-5, msg=k)
+
+
+def test_a_rank_whose_rows_all_failed_runs_the_others_forward(
+    tmp_path: Path, zoo_path: Any
+) -> None:
+    """Rank 1's only row of the first window is rejected by the reader: its stand-in forward
+    stops where the others' stop (--loss-fn fvu ends at the last hook read), and the run
+    trains what unsharded data parallelism trains."""
+    data = chat_rows(tmp_path, [None, "missing.png", None, None])
+    flags = f"{zoo_path('llava')} {data} {FSDP_FLAGS} --sae.transcode"
+    sharded = train_ranks(tmp_path / "fsdp", f"{flags} --shard-model fsdp", 2)
+    ddp = train_ranks(tmp_path / "ddp", flags, 2)
+    assert sharded.keys() == ddp.keys()
+    for k in ddp:
+        torch.testing.assert_close(sharded[k], ddp[k], atol=1e-5, rtol=1e-5, msg=k)

@@ -246,12 +246,23 @@ class Layout:
 
 def shard_frozen_model(vlm: Any, layout: Layout) -> None:
     """Shard the frozen model's weights over the ranks with FSDP2 (`fully_shard`, ZeRO-3 for
-    parameters): each decoder layer (and vision block) is its own unit, gathered for its
-    forward and freed after, the rest (embeddings, norms, head, projector) one root unit.
-    Forward hooks keep working: a hooked submodule runs inside its unit's gathered forward.
-    Every rank must run the same forwards (LiveSource runs a stand-in forward on a rank whose
-    rows all failed). Weights are loaded whole by each rank before sharding, so CPU memory
-    must hold one copy per rank on a node while it starts."""
+    parameters): each language-model decoder layer is its own unit, gathered for its forward
+    and freed after, the rest (embeddings, norms, head, projector and the whole vision tower)
+    one root unit, gathered at the start of every forward. Forward hooks keep working: a
+    hooked submodule runs inside its unit's gathered forward.
+
+    Every rank must issue the same all-gathers in the same order, so every rank must run the
+    same forwards: LiveSource opens the model on all ranks at once, runs a stand-in forward
+    like the others' on a rank whose rows all failed, and the vision tower is not a unit of
+    its own because HF models skip it for a batch without images (one rank's batch may have
+    images and another's none); it is small next to the language model. Families whose
+    language model skips layers without images (mllama's cross-attention layers) still
+    mismatch on such batches.
+
+    The model may come on the CPU (the trainer loads it there under fsdp, so a model larger
+    than one GPU fits): `fully_shard` moves every parameter and buffer of the modules it
+    manages, the root's being all the rest, to the mesh's device (this rank's GPU under NCCL).
+    Host memory must hold one whole copy per rank on a node while they start."""
     if not layout.distributed:
         return
     from torch.distributed.device_mesh import init_device_mesh
@@ -260,10 +271,7 @@ def shard_frozen_model(vlm: Any, layout: Layout) -> None:
     device = "cuda" if layout.backend == "nccl" else "cpu"
     with collective_errors(layout, "sharding the model (FSDP2)"):
         mesh = init_device_mesh(device, (layout.world,))
-        units = list(vlm.adapter.blocks())
-        vision = vlm.adapter.vision_block_list()
-        units += list(vision) if vision is not None else []
-        for block in units:
+        for block in vlm.adapter.blocks():
             fully_shard(block, mesh=mesh)
         fully_shard(vlm.model, mesh=mesh)
 

@@ -449,8 +449,8 @@ class LiveSource:
             parts = self._model_batches(state)
         for batch, cursor in parts:
             if batch is None:  # this rank's rows of the window all failed: a zero-row step
-                if self.cfg.shard_model == "fsdp":  # sharded layers gather in every forward
-                    self._model().forward(self._model().prepare(["a"]))
+                if self._sharded():  # sharded layers gather in every forward: run the others'
+                    self._stand_in_forward()
                 xs = [torch.zeros(0, self.d_in, device=self.device) for _ in self.reads]
                 ys = [torch.zeros(0, self.d_out, device=self.device) for _ in self.writes]
                 yield ActivationBatch(xs, ys, cursor)
@@ -620,17 +620,7 @@ class LiveSource:
         vlm = self._model()
         masks = batch.masks if batch.masks is not None else vlm.masks(batch.inputs)
         positions = masks.select(self.cfg.tokens, include_special=self.cfg.include_special_tokens)
-        names = list(dict.fromkeys(self.reads + self.writes))
-        out: Any = None
-        with self._autocast():
-            if all(is_vision_hook(n) for n in names):
-                cache = self._vision_cache(batch, names, masks)
-            else:
-                # The plain FVU loss needs no logits: the forward ends at the last hook read.
-                out, cache = vlm.run_with_cache(
-                    batch.inputs, names=names, mask=positions, masks=masks,
-                    stop_early=self.cfg.loss_fn == "fvu",
-                )  # fmt: skip
+        out, cache = self._forward(batch.inputs, masks, positions)
         rows = self._rows
         xs = [rows(batch.inputs, r, cache.get(r), self.d_in) for r in self.reads]
         ys = [rows(batch.inputs, w, cache.get(w), self.d_out) for w in self.writes]
@@ -648,6 +638,32 @@ class LiveSource:
                 ) from None
         return xs, ys, out, masks, positions
 
+    def _forward(
+        self, inputs: Any, masks: TokenMasks, positions: torch.Tensor
+    ) -> tuple[Any, dict[str, torch.Tensor]]:
+        """(model output or None, activations of the run's hooks) of one training forward."""
+        vlm = self._model()
+        names = list(dict.fromkeys(self.reads + self.writes))
+        with self._autocast():
+            if all(is_vision_hook(n) for n in names):
+                return None, self._vision_cache(inputs, names, masks)
+            # The plain FVU loss needs no logits: the forward ends at the last hook read.
+            out, cache = vlm.run_with_cache(
+                inputs, names=names, mask=positions, masks=masks,
+                stop_early=self.cfg.loss_fn == "fvu",
+            )  # fmt: skip
+        return out, cache
+
+    def _stand_in_forward(self) -> None:
+        """The forward a rank without rows runs on a sharded model, so that its all-gathers
+        pair with the other ranks': the training forward (same hooks, same early stop) on a
+        one-word prompt, its activations dropped. Images change no gather (the vision tower
+        is in the root unit, see shard_frozen_model)."""
+        vlm = self._model()
+        inputs = vlm.prepare(["a"])
+        masks = vlm.masks(inputs)
+        self._forward(inputs, masks, masks.select("all"))
+
     def _autocast(self) -> Any:
         """bf16 autocast for the model forward (auto: on CUDA only); the activations handed
         to the dictionaries are float32 either way."""
@@ -658,7 +674,7 @@ class LiveSource:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
     def _vision_cache(
-        self, batch: Batch, names: list[str], masks: TokenMasks
+        self, inputs: Any, names: list[str], masks: TokenMasks
     ) -> dict[str, torch.Tensor]:
         """Vision-side activations from a forward that stops where the language model starts:
         a run on vision and projector hooks alone never needs the language model's layers."""
@@ -674,7 +690,7 @@ class LiveSource:
 
         hooks = [(n, store) for n in names] + [("lm.blocks.0.hook_resid_pre", stop)]
         with torch.no_grad(), vlm.hooks(hooks, masks=masks), contextlib.suppress(_VisionDone):
-            vlm.forward(batch.inputs, masks=masks)
+            vlm.forward(inputs, masks=masks)
         return cache
 
     def _rows(self, inputs: Any, name: str, t: torch.Tensor | None, width: int) -> torch.Tensor:
