@@ -219,3 +219,18 @@ def test_a_rank_whose_rows_all_failed_runs_the_others_forward(
     assert sharded.keys() == ddp.keys()
     for k in ddp:
         torch.testing.assert_close(sharded[k], ddp[k], atol=1e-5, rtol=1e-5, msg=k)
+
+
+def test_a_rank_without_rows_splices_like_the_others_under_the_ce_loss(
+    tmp_path: Path, zoo_path: Any
+) -> None:
+    """--loss-fn ce: the others run a second, spliced forward and its backward through the
+    sharded model, whose gathers a rank without rows must match (weighted by its zero share
+    of the tokens), and the run trains what DDP trains."""
+    data = chat_rows(tmp_path, [None, "missing.png", None, None])
+    flags = f"{zoo_path('llava')} {data} {FSDP_FLAGS} --sae.transcode --loss-fn ce"
+    sharded = train_ranks(tmp_path / "fsdp", f"{flags} --shard-model fsdp", 2)
+    ddp = train_ranks(tmp_path / "ddp", flags, 2)
+    assert sharded.keys() == ddp.keys()
+    for k in ddp:
+        torch.testing.assert_close(sharded[k], ddp[k], atol=1e-5, rtol=1e-5, msg=k)

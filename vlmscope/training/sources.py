@@ -16,6 +16,7 @@ Only a live source can splice dictionaries back into the model (`loss_fn` ce/kl)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -147,16 +148,13 @@ def _looks_like_local_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or name in (".", "..")
 
 
-def load_model(cfg: TrainConfig, on_cpu: bool = False) -> HookedVLM:
-    """The model of cfg.model; a missing path or hub name is a TrainingError, not a traceback.
-    `on_cpu`: load into host memory whatever cfg.device says (a model to be sharded over the
-    ranks' GPUs may not fit whole on one)."""
+def load_model(cfg: TrainConfig) -> HookedVLM:
+    """The model of cfg.model; a missing path or hub name is a TrainingError, not a traceback."""
     if _looks_like_local_path(cfg.model) and not os.path.exists(cfg.model):
         raise TrainingError(f"model path {cfg.model!r} does not exist")
-    device = "cpu" if on_cpu else cfg.device or None
     try:
         path = resolve_model_path(cfg.model)
-        return HookedVLM.from_pretrained(path, device=device, dtype=cfg.dtype or None)
+        return HookedVLM.from_pretrained(path, device=cfg.device or None, dtype=cfg.dtype or None)
     except (OSError, ValueError) as e:
         raise TrainingError(f"cannot load model {cfg.model!r}: {e}") from e
 
@@ -315,7 +313,8 @@ class LiveSource:
         cfg = self.cfg
         if vlm is not None:
             self._grad_flags = [(p, p.requires_grad) for p in vlm.model.parameters()]
-        vlm = vlm if vlm is not None else load_model(cfg, on_cpu=self._sharded())
+        if vlm is None:  # a model to shard loads into host memory: it may not fit one GPU
+            vlm = load_model(dataclasses.replace(cfg, device="cpu") if self._sharded() else cfg)
         vlm.model.requires_grad_(False)
         self.vlm = vlm
         self.reads, self.writes, self.layers = bindings(cfg, vlm)
@@ -449,21 +448,15 @@ class LiveSource:
             parts = self._model_batches(state)
         for batch, cursor in parts:
             if batch is None:  # this rank's rows of the window all failed: a zero-row step
+                spliced = None
                 if self._sharded():  # sharded layers gather in every forward: run the others'
-                    self._stand_in_forward()
+                    spliced = self._stand_in_forward()
                 xs = [torch.zeros(0, self.d_in, device=self.device) for _ in self.reads]
                 ys = [torch.zeros(0, self.d_out, device=self.device) for _ in self.writes]
-                yield ActivationBatch(xs, ys, cursor)
+                yield ActivationBatch(xs, ys, cursor, spliced_loss=spliced)
                 continue
             xs, ys, out, masks, positions = self._activations(batch, state.step)
-            spliced = None
-            if self.cfg.loss_fn != "fvu":
-
-                def spliced(bundle: DictionaryBundle, loss_fn: str, batch: Batch = batch,
-                            out: Any = out, masks: TokenMasks = masks,
-                            positions: torch.Tensor = positions) -> torch.Tensor:  # fmt: skip
-                    return self._spliced_loss(bundle, loss_fn, batch, out.logits, masks, positions)
-
+            spliced = self._splicer(batch.inputs, out, masks, positions)
             yield ActivationBatch(xs, ys, cursor, list(batch.row_ids), spliced)
 
     def _rank_batches(self, state: TrainState) -> Iterator[tuple[Batch | None, dict[str, int]]]:
@@ -654,15 +647,30 @@ class LiveSource:
             )  # fmt: skip
         return out, cache
 
-    def _stand_in_forward(self) -> None:
+    def _stand_in_forward(self) -> SplicedLoss | None:
         """The forward a rank without rows runs on a sharded model, so that its all-gathers
         pair with the other ranks': the training forward (same hooks, same early stop) on a
-        one-word prompt, its activations dropped. Images change no gather (the vision tower
-        is in the root unit, see shard_frozen_model)."""
+        one-word prompt, its activations dropped; with --loss-fn ce/kl also the spliced loss
+        the trainer then runs, forward and backward, at no token (its share is zero). Images
+        change no gather (the vision tower is in the root unit, see shard_frozen_model)."""
         vlm = self._model()
         inputs = vlm.prepare(["a"])
         masks = vlm.masks(inputs)
-        self._forward(inputs, masks, masks.select("all"))
+        none = torch.zeros_like(masks.select("all"))
+        out, _ = self._forward(inputs, masks, none)
+        return self._splicer(inputs, out, masks, none)
+
+    def _splicer(
+        self, inputs: Any, out: Any, masks: TokenMasks, positions: torch.Tensor
+    ) -> SplicedLoss | None:
+        """The batch's spliced ce/kl loss, to be run by the trainer (None for --loss-fn fvu)."""
+        if self.cfg.loss_fn == "fvu":
+            return None
+
+        def spliced(bundle: DictionaryBundle, loss_fn: str) -> torch.Tensor:
+            return self._spliced_loss(bundle, loss_fn, inputs, out.logits, masks, positions)
+
+        return spliced
 
     def _autocast(self) -> Any:
         """bf16 autocast for the model forward (auto: on CUDA only); the activations handed
@@ -709,7 +717,7 @@ class LiveSource:
         self,
         b: DictionaryBundle,
         loss_fn: str,
-        batch: Batch,
+        model_inputs: Any,
         clean_logits: torch.Tensor,
         masks: TokenMasks,
         positions: torch.Tensor,
@@ -717,7 +725,9 @@ class LiveSource:
         """CE or KL of the model with every written hook replaced by its reconstruction at the
         selected positions (the others keep the model's own values, as in training). Running
         statistics (BatchTopK's threshold, dead-latent counters) are left alone: the training
-        forward already counted this batch, once and on the selected tokens only."""
+        forward already counted this batch, once and on the selected tokens only. No token
+        selected (a rank without rows): zero, still through the spliced model and the
+        dictionaries, so its backward gathers and reduces what the other ranks' do."""
         vlm = self._model()
         codes: dict[int, Any] = {}
         inputs: dict[int, torch.Tensor] = {}
@@ -742,14 +752,18 @@ class LiveSource:
 
         hooks = [(r, read) for r in b.reads] + [(w, write) for w in b.writes]
         with b.frozen_statistics(), self._autocast():
-            logits = vlm.run_with_hooks(batch.inputs, hooks, masks=masks).logits.float()
+            logits = vlm.run_with_hooks(model_inputs, hooks, masks=masks).logits.float()
         pos = positions.to(logits.device)
         if loss_fn == "kl":
+            if not pos.any():
+                return logits[:, :0].sum()
             logp = F.log_softmax(clean_logits.float(), -1)[pos]
             logq = F.log_softmax(logits, -1)[pos]
             return (logp.exp() * (logp - logq)).sum(-1).mean()
-        targets = batch.inputs["input_ids"][:, 1:].to(logits.device)
-        sel = pos[:, :-1] & batch.inputs["attention_mask"][:, 1:].to(logits.device).bool()
+        targets = model_inputs["input_ids"][:, 1:].to(logits.device)
+        sel = pos[:, :-1] & model_inputs["attention_mask"][:, 1:].to(logits.device).bool()
+        if not sel.any():
+            return logits[:, :0].sum()
         return F.cross_entropy(logits[:, :-1][sel], targets[sel])
 
 

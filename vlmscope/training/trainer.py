@@ -634,11 +634,13 @@ class Trainer:
 
     def _loss(self, res: Any, batch: ActivationBatch, n_local: int, n_tok: int) -> torch.Tensor:
         """The loss to minimise: the bundle's (already this rank's share of the global batch's)
-        or, for ce/kl, the spliced model's loss weighted by this rank's share of the tokens."""
+        or, for ce/kl, the spliced model's loss weighted by this rank's share of the tokens,
+        run by a rank without tokens too when its source splices (a sharded model's forward
+        and backward must be every rank's)."""
         cfg = self.cfg
         if res is None:  # a rank that owns no distributed module
             return torch.zeros(())
-        if cfg.loss_fn == "fvu" or n_local == 0:
+        if cfg.loss_fn == "fvu" or (n_local == 0 and batch.spliced_loss is None):
             return res.loss  # type: ignore[no-any-return]
         if batch.spliced_loss is None:
             raise TrainingError(
