@@ -206,29 +206,21 @@ def test_ranks_with_and_without_images_train_the_one_process_dictionaries(
         torch.testing.assert_close(sharded[k], one[k], atol=1e-5, rtol=1e-5, msg=k)
 
 
-def test_a_rank_whose_rows_all_failed_runs_the_others_forward(
-    tmp_path: Path, zoo_path: Any
+@pytest.mark.parametrize(
+    "flags",
+    ["--sae.transcode", "--sae.transcode --loss-fn ce", "--tower vision"],
+    ids=["fvu", "ce", "vision"],
+)
+def test_a_rank_whose_rows_all_failed_runs_the_others_forwards(
+    tmp_path: Path, zoo_path: Any, flags: str
 ) -> None:
-    """Rank 1's only row of the first window is rejected by the reader: its stand-in forward
-    stops where the others' stop (--loss-fn fvu ends at the last hook read), and the run
-    trains what unsharded data parallelism trains."""
-    data = chat_rows(tmp_path, [None, "missing.png", None, None])
-    flags = f"{zoo_path('llava')} {data} {FSDP_FLAGS} --sae.transcode"
-    sharded = train_ranks(tmp_path / "fsdp", f"{flags} --shard-model fsdp", 2)
-    ddp = train_ranks(tmp_path / "ddp", flags, 2)
-    assert sharded.keys() == ddp.keys()
-    for k in ddp:
-        torch.testing.assert_close(sharded[k], ddp[k], atol=1e-5, rtol=1e-5, msg=k)
-
-
-def test_a_rank_without_rows_splices_like_the_others_under_the_ce_loss(
-    tmp_path: Path, zoo_path: Any
-) -> None:
-    """--loss-fn ce: the others run a second, spliced forward and its backward through the
-    sharded model, whose gathers a rank without rows must match (weighted by its zero share
-    of the tokens), and the run trains what DDP trains."""
-    data = chat_rows(tmp_path, [None, "missing.png", None, None])
-    flags = f"{zoo_path('llava')} {data} {FSDP_FLAGS} --sae.transcode --loss-fn ce"
+    """Rank 1's only row of the first window is rejected by the reader, and the run trains
+    what unsharded data parallelism trains. Its stand-in forward stops where the others' stop
+    (--loss-fn fvu ends at the last hook read, --tower vision where the language model
+    starts); under --loss-fn ce the others also run a spliced forward and its backward through
+    the sharded model, which it runs too at its zero share of the tokens."""
+    data = chat_rows(tmp_path, ["red.png", "missing.png", None, "red.png"])
+    flags = f"{zoo_path('llava')} {data} {FSDP_FLAGS} {flags}"
     sharded = train_ranks(tmp_path / "fsdp", f"{flags} --shard-model fsdp", 2)
     ddp = train_ranks(tmp_path / "ddp", flags, 2)
     assert sharded.keys() == ddp.keys()
