@@ -137,14 +137,19 @@ def _train_rank(rank: int, world: int, port: int, job: dict[str, Any]) -> None:
         tr.fit()
         weights = {k: v.detach().contiguous() for k, v in tr.bundle.state_dict().items()}
         save_file(weights, str(out / f"rank{rank}.safetensors"))
-        (out / f"rank{rank}.json").write_text(json.dumps({"ok": True, "step": tr.state.step}))
+        assert tr.vlm is not None
+        # a unit left gathered holds plain tensors where its sharded DTensors were
+        gathered = sorted({n.rsplit(".", 1)[0] for n, p in tr.vlm.model.named_parameters()
+                           if not isinstance(p, DTensor)})  # fmt: skip
+        (out / f"rank{rank}.json").write_text(json.dumps({"ok": True, "gathered": gathered}))
     except Exception as e:  # reported to the test, which shows it
         (out / f"rank{rank}.json").write_text(json.dumps({"ok": False, "error": repr(e)}))
 
 
 def train_ranks(out: Path, flags: str, world: int) -> dict[str, torch.Tensor]:
     """Rank 0's dictionaries after a run of `flags` on `world` forked ranks (1: in-process);
-    every rank must finish, within --dist-timeout of any mismatch."""
+    every rank must finish, within --dist-timeout of any mismatch, and a sharded model must
+    end with no unit left gathered."""
     from .test_distributed import fork_ranks
 
     out.mkdir(parents=True)
@@ -156,6 +161,8 @@ def train_ranks(out: Path, flags: str, world: int) -> dict[str, torch.Tensor]:
     else:
         reports = fork_ranks(_train_rank, world, job, out)
     assert [r["ok"] for r in reports] == [True] * world, reports
+    if "--shard-model fsdp" in flags:  # freed between forwards, not only sharded at the start
+        assert [r["gathered"] for r in reports] == [[]] * world, reports
     return load_file(str(out / "rank0.safetensors"))
 
 

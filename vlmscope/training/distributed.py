@@ -54,6 +54,7 @@ __all__ = [
     "collective_errors",
     "leaving",
     "rank_seed",
+    "release_frozen_model",
 ]
 
 
@@ -274,6 +275,30 @@ def shard_frozen_model(vlm: Any, layout: Layout) -> None:
         for block in vlm.adapter.blocks():
             fully_shard(block, mesh=mesh)
         fully_shard(vlm.model, mesh=mesh)
+
+
+def release_frozen_model(vlm: Any) -> None:
+    """End a sharded model's forward as FSDP2 ends an iteration: every unit resharded (its
+    gathered weights freed) and the per-iteration state cleared. A forward that an exception
+    ended (the early stop at the last hook read, the vision-only forward) never ran FSDP2's
+    post-forward hooks: the stopping layer and the root unit (with the vision tower) stayed
+    gathered between steps, and the root still counted as inside its forward, so the next
+    forward skipped its root pre-forward. Local to the rank: no collective. Nothing for a
+    model that is not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    model = vlm.model
+    if not isinstance(model, FSDPModule):
+        return
+    # FSDP2's own recovery after a mid-forward exception (private in torch 2.13); without
+    # it, reshard every unit, which frees the weights but leaves the root's state.
+    reset = getattr(model._get_fsdp_state(), "_reset_iter_state", None)
+    if reset is not None:
+        reset()
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def window_rows(cursor: int, total: int, batch_size: int, world: int) -> Iterator[range]:

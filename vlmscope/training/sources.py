@@ -45,7 +45,7 @@ from vlmscope.models.masks import TokenMasks
 from vlmscope.models.vision import is_vision_hook, join_firings, vision_row_mask
 from vlmscope.training.bundle import DictionaryBundle, mlp_out, resid_mid
 from vlmscope.training.config import TrainConfig, column_map, trainable_hook
-from vlmscope.training.distributed import Layout, shard_frozen_model
+from vlmscope.training.distributed import Layout, release_frozen_model, shard_frozen_model
 from vlmscope.training.errors import TrainingError
 
 __all__ = [
@@ -348,6 +348,7 @@ class LiveSource:
         width = vlm.adapter.d_model
         if self.cfg.sae.resolved_kind() == "sae" or self.vision:
             width = self._hook_width(list(dict.fromkeys(self.reads + self.writes)))
+            release_frozen_model(vlm)  # the probe's gathered weights
         self.d_in = self.d_out = width
         self._opened = True
 
@@ -637,15 +638,18 @@ class LiveSource:
         """(model output or None, activations of the run's hooks) of one training forward."""
         vlm = self._model()
         names = list(dict.fromkeys(self.reads + self.writes))
-        with self._autocast():
-            if all(is_vision_hook(n) for n in names):
-                return None, self._vision_cache(inputs, names, masks)
-            # The plain FVU loss needs no logits: the forward ends at the last hook read.
-            out, cache = vlm.run_with_cache(
-                inputs, names=names, mask=positions, masks=masks,
-                stop_early=self.cfg.loss_fn == "fvu",
-            )  # fmt: skip
-        return out, cache
+        try:
+            with self._autocast():
+                if all(is_vision_hook(n) for n in names):
+                    return None, self._vision_cache(inputs, names, masks)
+                # The plain FVU loss needs no logits: the forward ends at the last hook read.
+                out, cache = vlm.run_with_cache(
+                    inputs, names=names, mask=positions, masks=masks,
+                    stop_early=self.cfg.loss_fn == "fvu",
+                )  # fmt: skip
+            return out, cache
+        finally:  # a sharded model's gathered weights are freed between forwards
+            release_frozen_model(vlm)
 
     def _stand_in_forward(self) -> SplicedLoss | None:
         """The forward a rank without rows runs on a sharded model, so that its all-gathers
