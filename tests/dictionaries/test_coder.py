@@ -501,3 +501,25 @@ def test_sparse_encoder_backward_equals_the_dense_one(kind: str, activation: str
     for name, want in dense_grads.items():
         assert want.abs().sum() > 0, name
         torch.testing.assert_close(sparse_grads[name], want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("kind", "activation"),
+    [("sae", "topk"), ("transcoder", "topk"), ("transcoder", "jumprelu")],
+)
+def test_a_training_forward_without_rows_gives_every_parameter_a_zero_gradient(
+    kind: str, activation: str
+) -> None:
+    """A data-parallel rank whose rows all failed trains on zero rows: DDP all-reduces a
+    gradient bucket only once every parameter in it has one, so a parameter left without
+    gradient (the encoder, before) stalls that rank while the others reduce."""
+    cfg = SparseCoderConfig(kind=kind, activation=activation, d_in=6, num_latents=24, k=3,
+                            sparsity_coeff=0.01 if activation == "jumprelu" else 0.0,
+                            skip_connection=kind == "transcoder")  # fmt: skip
+    coder = SparseCoder(cfg).train()
+    randomize(coder)
+    x = torch.zeros(0, 6)
+    grads = _train_grads(coder, *((x,) if kind == "sae" else (x, torch.zeros(0, 6))))
+    assert grads.keys() == {name for name, _ in coder.named_parameters()}
+    for name, g in grads.items():
+        assert not g.any(), name

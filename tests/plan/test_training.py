@@ -129,3 +129,24 @@ def _one_coder(coder: Any) -> torch.nn.Module:
     from vlmscope.dictionaries import SparseCoder
 
     return SparseCoder(coder, device="meta")
+
+
+def test_the_fsdp_root_unit_is_every_weight_outside_the_sharded_layers(
+    tmp_path: Path, zoo_path: Any, llava: HookedVLM
+) -> None:
+    """--shard-model fsdp gathers the root unit (embeddings, head, projector and the vision
+    tower) whole for every forward: the plan counts it, equal to the real model's weights
+    outside the decoder layers that shard_frozen_model makes units of."""
+    model = str(zoo_path("llava"))
+    argv = [model, "shapes:16", "--shard-model", "fsdp", "--dtype", "float32", "--sae.k", "4"]
+    cfg = parse_train_args(argv)
+    plan = plan_training(ModelShape.from_config(model), cfg, gpus=2, gpu_mem_gib=1)
+    size = {id(p): p.numel() * p.element_size() for p in llava.model.parameters()}
+    in_layers = {id(p) for block in llava.adapter.blocks() for p in block.parameters()}
+    vision = llava.adapter.vision_block_list()
+    assert vision is not None and not in_layers & {id(p) for p in vision.parameters()}
+    root = sum(n for i, n in size.items() if i not in in_layers)
+    assert (
+        lines(plan, "model")["FSDP root unit, gathered whole (embeddings, head, vision tower)"]
+        == root
+    )

@@ -3,6 +3,8 @@ activations (zoo llava, CPU), and bf16 autocast leaves the dictionaries' inputs 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
 
 from vlmscope.models.hooked import HookedVLM
 from vlmscope.training.distributed import Layout, shard_frozen_model
@@ -37,6 +40,14 @@ def _rank(rank: int, world: int, port: int, model: str, out: str) -> None:
     vlm = HookedVLM.from_pretrained(model, device="cpu", dtype=torch.float32)
     vlm.model.requires_grad_(False)
     shard_frozen_model(vlm, layout)
+    # every weight sharded (the vision tower's in the root unit) and every tensor on the
+    # mesh's device, where fully_shard moves a model loaded on the CPU (cpu under gloo)
+    mesh_device = torch.device("cpu")
+    unsharded = [n for n, p in vlm.model.named_parameters() if not isinstance(p, DTensor)]
+    assert not unsharded, unsharded[:4]
+    elsewhere = [n for n, t in [*vlm.model.named_parameters(), *vlm.model.named_buffers()]
+                 if t.device != mesh_device]  # fmt: skip
+    assert not elsewhere, elsewhere[:4]
     w = vlm.adapter.block(0).mlp.down_proj.weight  # type: ignore[union-attr]
     shard_rows = int(w.to_local().shape[0])  # a DTensor: this rank holds a slice
     acts = activations(vlm)
@@ -58,6 +69,33 @@ def test_fsdp_sharded_model_gives_the_unsharded_activations(tmp_path: Path, zoo_
         assert int(got.pop("shard_rows")) == rows // 2
         for n in NAMES:
             torch.testing.assert_close(got[n], ref[n], atol=1e-5, rtol=1e-5, msg=n)
+
+
+def test_a_model_to_shard_loads_into_host_memory(
+    tmp_path: Path, zoo_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--shard-model fsdp is for models larger than one GPU: each rank loads the whole model
+    on the CPU and fully_shard moves its shard to the GPU (loading onto --device first ran out
+    of memory before sharding). One process does not shard: the model goes to --device."""
+    from vlmscope.training.config import parse_train_args
+    from vlmscope.training.sources import LiveSource
+
+    real = HookedVLM.from_pretrained.__func__  # type: ignore[attr-defined]
+    asked: list[Any] = []
+
+    def spy(cls: type, path: str, *, device: Any = None, **kw: Any) -> HookedVLM:
+        asked.append(device)
+        return real(cls, path, device="cpu", **kw)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(HookedVLM, "from_pretrained", classmethod(spy))
+    flags = [str(zoo_path("llava")), "shapes:8", "--max-steps", "1"]
+    for world, shard in ((2, "fsdp"), (1, "fsdp"), (2, "none")):
+        cfg = parse_train_args([*flags, "--shard-model", shard])
+        cfg = dataclasses.replace(cfg, device="cuda:1")  # the spy loads on the CPU anyway
+        src = LiveSource(cfg, Layout(rank=0, world=world))  # no group: bind_model joins none
+        src.open_data()
+        src.bind_model()
+    assert asked == ["cpu", "cuda:1", "cuda:1"]
 
 
 def test_bf16_autocast_runs_the_model_and_hands_float32_to_the_dictionaries(
@@ -108,3 +146,120 @@ def test_autocast_keeps_a_half_precision_model_in_its_own_dtype(
     src.open_data()
     with pytest.raises(TrainingError, match="--autocast bf16 on a float16 model"):
         src.bind_model(vlm)
+
+
+# --- whole training runs with --shard-model fsdp: every rank runs the same forwards ------------
+def _train_rank(rank: int, world: int, port: int, job: dict[str, Any]) -> None:
+    """One rank of a Trainer run on `job["flags"]`, plain SGD (float tolerance stays meaningful
+    after a step, see test_distributed); writes its weights and rank{r}.json."""
+    from vlmscope.training.config import parse_train_args
+    from vlmscope.training.trainer import Trainer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)
+    out = Path(job["out"])
+    try:
+        cfg = parse_train_args(job["flags"])
+        tr = Trainer(cfg, progress=False, layout=Layout.from_environment(cfg.dist_timeout))
+        params = [p for g in tr.optimizer.param_groups for p in g["params"]]
+        tr.optimizer = torch.optim.SGD(params, lr=cfg.lr)
+        tr.fit()
+        weights = {k: v.detach().contiguous() for k, v in tr.bundle.state_dict().items()}
+        save_file(weights, str(out / f"rank{rank}.safetensors"))
+        assert tr.vlm is not None
+        # a unit left gathered holds plain tensors where its sharded DTensors were
+        gathered = sorted({n.rsplit(".", 1)[0] for n, p in tr.vlm.model.named_parameters()
+                           if not isinstance(p, DTensor)})  # fmt: skip
+        (out / f"rank{rank}.json").write_text(json.dumps({"ok": True, "gathered": gathered}))
+    except Exception as e:  # reported to the test, which shows it
+        (out / f"rank{rank}.json").write_text(json.dumps({"ok": False, "error": repr(e)}))
+
+
+def train_ranks(out: Path, flags: str, world: int) -> dict[str, torch.Tensor]:
+    """Rank 0's dictionaries after a run of `flags` on `world` forked ranks (1: in-process);
+    every rank must finish, within --dist-timeout of any mismatch, and a sharded model must
+    end with no unit left gathered."""
+    from .test_distributed import fork_ranks
+
+    out.mkdir(parents=True)
+    argv = [*flags.split(), "--output-dir", str(out), "--run-name", "run"]
+    job = {"flags": argv, "out": str(out)}
+    if world == 1:
+        _train_rank(0, 1, free_port(), job)
+        reports = [json.loads((out / "rank0.json").read_text())]
+    else:
+        reports = fork_ranks(_train_rank, world, job, out)
+    assert [r["ok"] for r in reports] == [True] * world, reports
+    if "--shard-model fsdp" in flags:  # freed between forwards, not only sharded at the start
+        assert [r["gathered"] for r in reports] == [[]] * world, reports
+    return load_file(str(out / "rank0.safetensors"))
+
+
+def chat_rows(folder: Path, images: list[str | None]) -> Path:
+    """A LLaVA-style dataset: row i has image images[i] (None: a text-only row; a missing
+    file: a row the reader rejects)."""
+    from PIL import Image
+
+    Image.new("RGB", (40, 32), "red").save(folder / "red.png")
+    rows = []
+    for i, im in enumerate(images):
+        turns = [{"from": "human", "value": ("<image>\n" if im else "") + f"What is {i}?"},
+                 {"from": "gpt", "value": f"It is {i}."}]  # fmt: skip
+        rows.append({"id": str(i), "conversations": turns, **({"image": im} if im else {})})
+    data = folder / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data
+
+
+FSDP_FLAGS = ("--batch-size 1 --max-steps 2 --lr 0.01 --tokens all --layers 0 --dist-timeout 15 "
+              "--sae.expansion-factor 2 --sae.k 4")  # fmt: skip
+
+
+def test_an_sae_trains_on_a_sharded_model(tmp_path: Path, zoo_path: Any) -> None:
+    """The SAE's hook width is read off a probe forward: on a sharded model every rank runs it
+    (rank 0 alone deadlocked in the FSDP all-gathers while the others waited to agree)."""
+    data = chat_rows(tmp_path, [None] * 4)
+    flags = f"{zoo_path('llava')} {data} {FSDP_FLAGS}"
+    sharded = train_ranks(tmp_path / "fsdp", f"{flags} --shard-model fsdp", 2)
+    ddp = train_ranks(tmp_path / "ddp", flags, 2)
+    assert sharded.keys() == ddp.keys()
+    for k in ddp:
+        torch.testing.assert_close(sharded[k], ddp[k], atol=1e-5, rtol=1e-5, msg=k)
+
+
+def test_ranks_with_and_without_images_train_the_one_process_dictionaries(
+    tmp_path: Path, zoo_path: Any
+) -> None:
+    """Rank 0's rows have images, rank 1's none: HF LLaVA skips the vision tower without
+    pixel_values, so the tower must not be FSDP units of its own. The result is one process's
+    on the global batches."""
+    data = chat_rows(tmp_path, ["red.png", None, "red.png", None])
+    flags = f"{zoo_path('llava')} {data} {FSDP_FLAGS} --sae.transcode"
+    sharded = train_ranks(tmp_path / "fsdp", f"{flags} --shard-model fsdp", 2)
+    one = train_ranks(tmp_path / "one", flags.replace("--batch-size 1", "--batch-size 2"), 1)
+    assert sharded.keys() == one.keys()
+    for k in one:
+        torch.testing.assert_close(sharded[k], one[k], atol=1e-5, rtol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    ["--sae.transcode", "--sae.transcode --loss-fn ce", "--tower vision"],
+    ids=["fvu", "ce", "vision"],
+)
+def test_a_rank_whose_rows_all_failed_runs_the_others_forwards(
+    tmp_path: Path, zoo_path: Any, flags: str
+) -> None:
+    """Rank 1's only row of the first window is rejected by the reader, and the run trains
+    what unsharded data parallelism trains. Its stand-in forward stops where the others' stop
+    (--loss-fn fvu ends at the last hook read, --tower vision where the language model
+    starts); under --loss-fn ce the others also run a spliced forward and its backward through
+    the sharded model, which it runs too at its zero share of the tokens."""
+    data = chat_rows(tmp_path, ["red.png", "missing.png", None, "red.png"])
+    flags = f"{zoo_path('llava')} {data} {FSDP_FLAGS} {flags}"
+    sharded = train_ranks(tmp_path / "fsdp", f"{flags} --shard-model fsdp", 2)
+    ddp = train_ranks(tmp_path / "ddp", flags, 2)
+    assert sharded.keys() == ddp.keys()
+    for k in ddp:
+        torch.testing.assert_close(sharded[k], ddp[k], atol=1e-5, rtol=1e-5, msg=k)

@@ -3,7 +3,6 @@ language-model layers run for them."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -70,8 +69,7 @@ def test_a_projector_that_runs_once_per_image_gives_every_images_rows(zoo_path: 
         assert len(fired) == 3  # one firing per image
         whole = torch.cat([f.reshape(-1, f.shape[-1]) for f in fired])
         torch.testing.assert_close(cache["projector.hook_out"], whole)
-        batch = SimpleNamespace(inputs=inputs)
-        got = source._vision_cache(batch, ["projector.hook_out"], vlm.masks(inputs))  # type: ignore[arg-type]
+        got = source._vision_cache(inputs, ["projector.hook_out"], vlm.masks(inputs))
     finally:
         handle.remove()
     layout = vlm.vision_positions(inputs, "projector.hook_out", whole.shape[:-1])

@@ -78,9 +78,10 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
     _check(values, indices, W_dec)
     n_rows, width = values.shape
     if width == 0 or n_rows == 0:
-        # Zeros still connected to W_dec, so it gets a (zero) gradient like every other
-        # parameter: a data-parallel rank with no rows must reduce the same gradients.
-        return values.new_zeros(n_rows, 0, dtype=W_dec.dtype) @ W_dec[:0]
+        # Zeros still connected to W_dec and to the values (through them to the encoder), so
+        # every parameter gets a (zero) gradient: a data-parallel rank with no rows must
+        # reduce the same gradients (DDP waits for each one).
+        return values[:, :0].to(W_dec.dtype) @ W_dec[:0]
     if W_dec.is_cuda and os.environ.get("VLMSCOPE_TRITON", "0") == "1":
         from vlmscope.dictionaries import triton_kernels
 

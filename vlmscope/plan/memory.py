@@ -181,6 +181,9 @@ class ModelShape:
     #: parameters of the largest decoder layer (what FSDP gathers at once).
     largest_layer: int
     dtype: str
+    #: parameters outside the decoder layers (embeddings, head, vision tower, projector):
+    #: FSDP's root unit, gathered whole for every forward.
+    root_unit: int = 0
 
     @classmethod
     def from_config(cls, model: str) -> ModelShape:
@@ -206,17 +209,19 @@ class ModelShape:
         text = getattr(config, "text_config", None) or config
         module = meta_model_from_config(config)
         layers = _decoder_layers(module)
-        largest = max((sum(p.numel() for p in lay.parameters()) for lay in layers), default=0)
+        sizes = [sum(p.numel() for p in lay.parameters()) for lay in layers]
+        n_params = sum(p.numel() for p in module.parameters())
         dtype = str(getattr(text, "dtype", None) or getattr(config, "torch_dtype", None) or "")
         return cls(
             name=model,
-            n_params=sum(p.numel() for p in module.parameters()),
+            n_params=n_params,
             n_layers=int(text.num_hidden_layers),
             d_model=int(text.hidden_size),
             d_ffn=int(getattr(text, "intermediate_size", 4 * text.hidden_size)),
             vocab=int(text.vocab_size),
-            largest_layer=int(largest),
+            largest_layer=max(sizes, default=0),
             dtype=dtype.replace("torch.", "") or "bfloat16",
+            root_unit=n_params - sum(sizes),
         )
 
 

@@ -5,7 +5,8 @@ Per GPU, with G GPUs, B = --batch-size samples of T tokens (--tokens-per-sample,
 --ctx-len), N = B * T tokens per micro-step, L trained layers, F latents, d the model width:
 
     model       weights P * bytes(dtype)            (/ G with --shard-model fsdp, plus two
-                                                      decoder layers gathered at once)
+                                                      decoder layers gathered at once and
+                                                      the root unit: all but the layers)
                 forward transients N * (4 d + 3 d_ffn) * 2 B, logits N * vocab * 2 B
                 hook cache N * L * (d_in + d_out) * (bytes(dtype) + 4)  (model dtype + fp32)
     dictionary  parameters, gradients (4 B each), Adam moments (8 B): 16 B per parameter of
@@ -149,6 +150,8 @@ def plan_training(
     )
     if fsdp:
         b.add("model", "FSDP gathered layers (2 in flight)", 2 * shape.largest_layer * wb)
+        b.add("model", "FSDP root unit, gathered whole (embeddings, head, vision tower)",
+              shape.root_unit * wb)  # fmt: skip
     b.add("model", "forward transients", n * (4 * d + 3 * shape.d_ffn) * 2, f"{n} tokens")
     b.add("model", "logits", n * shape.vocab * 2)
     b.add("model", "hook cache (model dtype + fp32)", n * n_units * 2 * d * (wb + 4))

@@ -54,6 +54,7 @@ __all__ = [
     "collective_errors",
     "leaving",
     "rank_seed",
+    "release_frozen_model",
 ]
 
 
@@ -246,12 +247,23 @@ class Layout:
 
 def shard_frozen_model(vlm: Any, layout: Layout) -> None:
     """Shard the frozen model's weights over the ranks with FSDP2 (`fully_shard`, ZeRO-3 for
-    parameters): each decoder layer (and vision block) is its own unit, gathered for its
-    forward and freed after, the rest (embeddings, norms, head, projector) one root unit.
-    Forward hooks keep working: a hooked submodule runs inside its unit's gathered forward.
-    Every rank must run the same forwards (LiveSource runs a stand-in forward on a rank whose
-    rows all failed). Weights are loaded whole by each rank before sharding, so CPU memory
-    must hold one copy per rank on a node while it starts."""
+    parameters): each language-model decoder layer is its own unit, gathered for its forward
+    and freed after, the rest (embeddings, norms, head, projector and the whole vision tower)
+    one root unit, gathered at the start of every forward. Forward hooks keep working: a
+    hooked submodule runs inside its unit's gathered forward.
+
+    Every rank must issue the same all-gathers in the same order, so every rank must run the
+    same forwards: LiveSource opens the model on all ranks at once, runs a stand-in forward
+    like the others' on a rank whose rows all failed, and the vision tower is not a unit of
+    its own because HF models skip it for a batch without images (one rank's batch may have
+    images and another's none); it is small next to the language model. Families whose
+    language model skips layers without images (mllama's cross-attention layers) still
+    mismatch on such batches.
+
+    The model may come on the CPU (the trainer loads it there under fsdp, so a model larger
+    than one GPU fits): `fully_shard` moves every parameter and buffer of the modules it
+    manages, the root's being all the rest, to the mesh's device (this rank's GPU under NCCL).
+    Host memory must hold one whole copy per rank on a node while they start."""
     if not layout.distributed:
         return
     from torch.distributed.device_mesh import init_device_mesh
@@ -260,12 +272,33 @@ def shard_frozen_model(vlm: Any, layout: Layout) -> None:
     device = "cuda" if layout.backend == "nccl" else "cpu"
     with collective_errors(layout, "sharding the model (FSDP2)"):
         mesh = init_device_mesh(device, (layout.world,))
-        units = list(vlm.adapter.blocks())
-        vision = vlm.adapter.vision_block_list()
-        units += list(vision) if vision is not None else []
-        for block in units:
+        for block in vlm.adapter.blocks():
             fully_shard(block, mesh=mesh)
         fully_shard(vlm.model, mesh=mesh)
+
+
+def release_frozen_model(vlm: Any) -> None:
+    """End a sharded model's forward as FSDP2 ends an iteration: every unit resharded (its
+    gathered weights freed) and the per-iteration state cleared. A forward that an exception
+    ended (the early stop at the last hook read, the vision-only forward) never ran FSDP2's
+    post-forward hooks: the stopping layer and the root unit (with the vision tower) stayed
+    gathered between steps, and the root still counted as inside its forward, so the next
+    forward skipped its root pre-forward. Local to the rank: no collective. Nothing for a
+    model that is not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    model = vlm.model
+    if not isinstance(model, FSDPModule):
+        return
+    # FSDP2's own recovery after a mid-forward exception (private in torch 2.13); without
+    # it, reshard every unit, which frees the weights but leaves the root's state.
+    reset = getattr(model._get_fsdp_state(), "_reset_iter_state", None)
+    if reset is not None:
+        reset()
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def window_rows(cursor: int, total: int, batch_size: int, world: int) -> Iterator[range]:

@@ -18,6 +18,7 @@ Only a live source can splice dictionaries back into the model (`loss_fn` ce/kl)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -47,7 +48,7 @@ from vlmscope.models.masks import TokenMasks
 from vlmscope.models.vision import is_vision_hook, join_firings, vision_row_mask
 from vlmscope.training.bundle import DictionaryBundle, mlp_out, resid_mid
 from vlmscope.training.config import TrainConfig, column_map, trainable_hook
-from vlmscope.training.distributed import Layout, shard_frozen_model
+from vlmscope.training.distributed import Layout, release_frozen_model, shard_frozen_model
 from vlmscope.training.errors import TrainingError
 
 __all__ = [
@@ -309,9 +310,11 @@ class LiveSource:
 
     Opening it is two phases with a gap between them: `open_data` (cheap: a missing file fails
     in seconds) and `bind_model` (loads the model unless one is given, checks the hooks, reads
-    their widths). The cursor is the dataset row after the batch, within the current epoch.
-    Every pass reads through a SkipJournal, so the records skipped before a batch's cursor
-    travel with the batch, however far ahead the rows were read.
+    their widths). With --shard-model fsdp over several ranks the widths wait for a third,
+    `open_together`, which every rank runs at once (see there). The cursor is the dataset row
+    after the batch, within the current epoch. Every pass reads through a SkipJournal, so the
+    records skipped before a batch's cursor travel with the batch, however far ahead the rows
+    were read.
     """
 
     checks_finite = True  # every batch's activations, naming the hook and rows
@@ -326,6 +329,7 @@ class LiveSource:
         self._grad_flags: list[tuple[torch.nn.Parameter, bool]] = []
         self._pool: EncoderPool | None = None  # --workers processes, kept for the whole run
         self._total_rows: int | None = None
+        self._opened = False  # open_together has run
 
     # --- phases --------------------------------------------------------------------------
     def open_data(self) -> None:
@@ -338,23 +342,18 @@ class LiveSource:
 
     def bind_model(self, vlm: HookedVLM | None = None) -> None:
         """Load (or take) the model, freeze it and bind the run's hook points to it. A model
-        the caller passed in gets its requires_grad flags back from `release_model`."""
+        the caller passed in gets its requires_grad flags back from `release_model`. Unless
+        the model is to be sharded over several ranks, `open_together` follows at once."""
         cfg = self.cfg
         if vlm is not None:
             self._grad_flags = [(p, p.requires_grad) for p in vlm.model.parameters()]
-        vlm = vlm if vlm is not None else load_model(cfg)
+        if vlm is None:  # a model to shard loads into host memory: it may not fit one GPU
+            vlm = load_model(dataclasses.replace(cfg, device="cpu") if self._sharded() else cfg)
         vlm.model.requires_grad_(False)
-        if cfg.shard_model == "fsdp":
-            shard_frozen_model(vlm, self.layout)
         self.vlm = vlm
-        self.device = vlm.device
-        autocast_on(cfg.autocast, self.device, vlm.dtype)  # a refused mix stops here
+        autocast_on(cfg.autocast, vlm.device, vlm.dtype)  # a refused mix stops here
         self.reads, self.writes, self.layers = bindings(cfg, vlm)
         self.vision = any(is_vision_hook(h) for h in self.reads + self.writes)
-        width = vlm.adapter.d_model
-        if cfg.sae.resolved_kind() == "sae" or self.vision:
-            width = self._hook_width(list(dict.fromkeys(self.reads + self.writes)))
-        self.d_in = self.d_out = width
         processed = None
         if self.dataset.schema == "processed":
             processed = ProcessedSpec(vlm, cfg.model)
@@ -366,6 +365,31 @@ class LiveSource:
             vlm.processor, cfg.ctx_len, vlm.adapter.image_token_ids(), processed=processed
         )
         self.packer = self._packer(vlm)
+        if not self._sharded():
+            self.open_together()
+
+    def open_together(self) -> None:
+        """Shard the model (--shard-model fsdp) and read the hook widths, the part of opening
+        that runs a forward. A sharded model's forward gathers each unit's weights from every
+        rank, so the trainer runs this on all ranks at once, after each opened the rest in
+        turn: rank 0's probe forward alone would wait for ever on ranks waiting to agree.
+        Once only (a source the caller opened may be opened again by the trainer)."""
+        if self._opened:
+            return
+        vlm = self._model()
+        if self._sharded():
+            shard_frozen_model(vlm, self.layout)  # moves a model loaded on the CPU to the GPU
+        self.device = vlm.device
+        width = vlm.adapter.d_model
+        if self.cfg.sae.resolved_kind() == "sae" or self.vision:
+            width = self._hook_width(list(dict.fromkeys(self.reads + self.writes)))
+            release_frozen_model(vlm)  # the probe's gathered weights
+        self.d_in = self.d_out = width
+        self._opened = True
+
+    def _sharded(self) -> bool:
+        """Whether the model is sharded over several ranks (FSDP2)."""
+        return self.cfg.shard_model == "fsdp" and self.layout.distributed
 
     def _packer(self, vlm: HookedVLM) -> Packer | None:
         """The packer of a --pack run: on by default for a text-only model reading plain text."""
@@ -464,21 +488,15 @@ class LiveSource:
             parts = self._model_batches(state)
         for batch, cursor, skipped in parts:
             if batch is None:  # this rank's rows of the window all failed: a zero-row step
-                if self.cfg.shard_model == "fsdp":  # sharded layers gather in every forward
-                    self._model().forward(self._model().prepare(["a"]))
+                spliced = None
+                if self._sharded():  # sharded layers gather in every forward: run the others'
+                    spliced = self._stand_in_forward()
                 xs = [torch.zeros(0, self.d_in, device=self.device) for _ in self.reads]
                 ys = [torch.zeros(0, self.d_out, device=self.device) for _ in self.writes]
-                yield ActivationBatch(xs, ys, cursor, skipped=skipped)
+                yield ActivationBatch(xs, ys, cursor, spliced_loss=spliced, skipped=skipped)
                 continue
             xs, ys, out, masks, positions = self._activations(batch, state.step)
-            spliced = None
-            if self.cfg.loss_fn != "fvu":
-
-                def spliced(bundle: DictionaryBundle, loss_fn: str, batch: Batch = batch,
-                            out: Any = out, masks: TokenMasks = masks,
-                            positions: torch.Tensor = positions) -> torch.Tensor:  # fmt: skip
-                    return self._spliced_loss(bundle, loss_fn, batch, out.logits, masks, positions)
-
+            spliced = self._splicer(batch.inputs, out, masks, positions)
             yield ActivationBatch(xs, ys, cursor, list(batch.row_ids), spliced, skipped)
 
     def _rank_batches(self, state: TrainState) -> Iterator[_Part]:
@@ -644,17 +662,7 @@ class LiveSource:
         vlm = self._model()
         masks = batch.masks if batch.masks is not None else vlm.masks(batch.inputs)
         positions = masks.select(self.cfg.tokens, include_special=self.cfg.include_special_tokens)
-        names = list(dict.fromkeys(self.reads + self.writes))
-        out: Any = None
-        with self._autocast():
-            if all(is_vision_hook(n) for n in names):
-                cache = self._vision_cache(batch, names, masks)
-            else:
-                # The plain FVU loss needs no logits: the forward ends at the last hook read.
-                out, cache = vlm.run_with_cache(
-                    batch.inputs, names=names, mask=positions, masks=masks,
-                    stop_early=self.cfg.loss_fn == "fvu",
-                )  # fmt: skip
+        out, cache = self._forward(batch.inputs, masks, positions)
         rows = self._rows
         xs = [rows(batch.inputs, r, cache.get(r), self.d_in) for r in self.reads]
         ys = [rows(batch.inputs, w, cache.get(w), self.d_out) for w in self.writes]
@@ -672,6 +680,50 @@ class LiveSource:
                 ) from None
         return xs, ys, out, masks, positions
 
+    def _forward(
+        self, inputs: Any, masks: TokenMasks, positions: torch.Tensor
+    ) -> tuple[Any, dict[str, torch.Tensor]]:
+        """(model output or None, activations of the run's hooks) of one training forward."""
+        vlm = self._model()
+        names = list(dict.fromkeys(self.reads + self.writes))
+        try:
+            with self._autocast():
+                if all(is_vision_hook(n) for n in names):
+                    return None, self._vision_cache(inputs, names, masks)
+                # The plain FVU loss needs no logits: the forward ends at the last hook read.
+                out, cache = vlm.run_with_cache(
+                    inputs, names=names, mask=positions, masks=masks,
+                    stop_early=self.cfg.loss_fn == "fvu",
+                )  # fmt: skip
+            return out, cache
+        finally:  # a sharded model's gathered weights are freed between forwards
+            release_frozen_model(vlm)
+
+    def _stand_in_forward(self) -> SplicedLoss | None:
+        """The forward a rank without rows runs on a sharded model, so that its all-gathers
+        pair with the other ranks': the training forward (same hooks, same early stop) on a
+        one-word prompt, its activations dropped; with --loss-fn ce/kl also the spliced loss
+        the trainer then runs, forward and backward, at no token (its share is zero). Images
+        change no gather (the vision tower is in the root unit, see shard_frozen_model)."""
+        vlm = self._model()
+        inputs = vlm.prepare(["a"])
+        masks = vlm.masks(inputs)
+        none = torch.zeros_like(masks.select("all"))
+        out, _ = self._forward(inputs, masks, none)
+        return self._splicer(inputs, out, masks, none)
+
+    def _splicer(
+        self, inputs: Any, out: Any, masks: TokenMasks, positions: torch.Tensor
+    ) -> SplicedLoss | None:
+        """The batch's spliced ce/kl loss, to be run by the trainer (None for --loss-fn fvu)."""
+        if self.cfg.loss_fn == "fvu":
+            return None
+
+        def spliced(bundle: DictionaryBundle, loss_fn: str) -> torch.Tensor:
+            return self._spliced_loss(bundle, loss_fn, inputs, out.logits, masks, positions)
+
+        return spliced
+
     def _autocast(self) -> Any:
         """bf16 autocast for the model forward where `autocast_on` says; the activations handed
         to the dictionaries are float32 either way."""
@@ -680,7 +732,7 @@ class LiveSource:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
     def _vision_cache(
-        self, batch: Batch, names: list[str], masks: TokenMasks
+        self, inputs: Any, names: list[str], masks: TokenMasks
     ) -> dict[str, torch.Tensor]:
         """Vision-side activations from a forward that stops where the language model starts:
         a run on vision and projector hooks alone never needs the language model's layers."""
@@ -696,7 +748,7 @@ class LiveSource:
 
         hooks = [(n, store) for n in names] + [("lm.blocks.0.hook_resid_pre", stop)]
         with torch.no_grad(), vlm.hooks(hooks, masks=masks), contextlib.suppress(_VisionDone):
-            vlm.forward(batch.inputs, masks=masks)
+            vlm.forward(inputs, masks=masks)
         return cache
 
     def _rows(self, inputs: Any, name: str, t: torch.Tensor | None, width: int) -> torch.Tensor:
@@ -715,7 +767,7 @@ class LiveSource:
         self,
         b: DictionaryBundle,
         loss_fn: str,
-        batch: Batch,
+        model_inputs: Any,
         clean_logits: torch.Tensor,
         masks: TokenMasks,
         positions: torch.Tensor,
@@ -723,7 +775,9 @@ class LiveSource:
         """CE or KL of the model with every written hook replaced by its reconstruction at the
         selected positions (the others keep the model's own values, as in training). Running
         statistics (BatchTopK's threshold, dead-latent counters) are left alone: the training
-        forward already counted this batch, once and on the selected tokens only."""
+        forward already counted this batch, once and on the selected tokens only. No token
+        selected (a rank without rows): zero, still through the spliced model and the
+        dictionaries, so its backward gathers and reduces what the other ranks' do."""
         vlm = self._model()
         codes: dict[int, Any] = {}
         inputs: dict[int, torch.Tensor] = {}
@@ -748,14 +802,18 @@ class LiveSource:
 
         hooks = [(r, read) for r in b.reads] + [(w, write) for w in b.writes]
         with b.frozen_statistics(), self._autocast():
-            logits = vlm.run_with_hooks(batch.inputs, hooks, masks=masks).logits.float()
+            logits = vlm.run_with_hooks(model_inputs, hooks, masks=masks).logits.float()
         pos = positions.to(logits.device)
         if loss_fn == "kl":
+            if not pos.any():
+                return logits[:, :0].sum()
             logp = F.log_softmax(clean_logits.float(), -1)[pos]
             logq = F.log_softmax(logits, -1)[pos]
             return (logp.exp() * (logp - logq)).sum(-1).mean()
-        targets = batch.inputs["input_ids"][:, 1:].to(logits.device)
-        sel = pos[:, :-1] & batch.inputs["attention_mask"][:, 1:].to(logits.device).bool()
+        targets = model_inputs["input_ids"][:, 1:].to(logits.device)
+        sel = pos[:, :-1] & model_inputs["attention_mask"][:, 1:].to(logits.device).bool()
+        if not sel.any():
+            return logits[:, :0].sum()
         return F.cross_entropy(logits[:, :-1][sel], targets[sel])
 
 

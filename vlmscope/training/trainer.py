@@ -209,6 +209,11 @@ class Trainer:
             first = self.layout.phase(open_it, main_only=True)
             rest = self.layout.phase(open_it, others_only=True)
             self.source = first if lay.is_main else rest
+            # Then together: a model sharded over the ranks gathers its weights from all of
+            # them in every forward, the probe that reads hook widths included.
+            together = getattr(self.source, "open_together", None)
+            if together is not None:
+                self.layout.phase(together)
             self.device = self.source.device
             self.reads, self.writes, self.layers = (
                 self.source.reads,
@@ -643,11 +648,13 @@ class Trainer:
 
     def _loss(self, res: Any, batch: ActivationBatch, n_local: int, n_tok: int) -> torch.Tensor:
         """The loss to minimise: the bundle's (already this rank's share of the global batch's)
-        or, for ce/kl, the spliced model's loss weighted by this rank's share of the tokens."""
+        or, for ce/kl, the spliced model's loss weighted by this rank's share of the tokens,
+        run by a rank without tokens too when its source splices (a sharded model's forward
+        and backward must be every rank's)."""
         cfg = self.cfg
         if res is None:  # a rank that owns no distributed module
             return torch.zeros(())
-        if cfg.loss_fn == "fvu" or n_local == 0:
+        if cfg.loss_fn == "fvu" or (n_local == 0 and batch.spliced_loss is None):
             return res.loss  # type: ignore[no-any-return]
         if batch.spliced_loss is None:
             raise TrainingError(
