@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -185,8 +186,10 @@ def train_ranks(out: Path, flags: str, world: int) -> dict[str, torch.Tensor]:
     out.mkdir(parents=True)
     argv = [*flags.split(), "--output-dir", str(out), "--run-name", "run"]
     job = {"flags": argv, "out": str(out)}
-    if world == 1:
-        _train_rank(0, 1, free_port(), job)
+    if world == 1:  # in this process: the variables a rank sets go when it is done (a
+        # RANK / WORLD_SIZE left set makes accelerate, in later tests, start a process group)
+        with mock.patch.dict(os.environ):
+            _train_rank(0, 1, free_port(), job)
         reports = [json.loads((out / "rank0.json").read_text())]
     else:
         reports = fork_ranks(_train_rank, world, job, out)
