@@ -933,3 +933,29 @@ def test_a_run_from_before_tf32_resumes_as_it_was_trained(
     states_equal(whole.dictionaries, resumed.dictionaries, atol=0)
     now = json.loads(saved_path.read_text())
     assert now["tf32"] is False and now["layers"] == []
+
+
+def test_a_probe_reading_past_a_pass_end_leaves_the_cursor_of_what_was_trained(
+    tmp_path: Path, zoo_path: Any, llava: HookedVLM
+) -> None:
+    """--lr-probe reads batches ahead, here across the end of a two-batch pass; a checkpoint
+    after step 1 must resume at pass 0, row 4 (the pass used to move on when it was read,
+    and the resumed run skipped the rest of pass 0), and the resumed run equals the
+    uninterrupted one (at a constant rate: a shorter budget would change the schedule)."""
+    model = zoo_path("llava")
+
+    def probed(name: str, extra: str) -> TrainConfig:
+        flags = (f"{model} shapes:8 --sae.transcode --sae.n_targets 0 --sae.expansion-factor 2 "
+                 f"--sae.k 4 --batch-size 4 --lr-probe 3 --lr-warmup-fraction 0 "
+                 f"--lr-decay-fraction 0 --epochs 3 --max-steps 6 "
+                 f"--output-dir {tmp_path} --run-name {name} {extra}")  # fmt: skip
+        return parse_train_args(flags.split())
+
+    whole = train(probed("whole", ""), llava, progress=False)
+    assert whole.step == 6
+    train(probed("cut", "--max-steps 1 --save-every 1"), llava, progress=False)
+    st = json.loads((tmp_path / "cut" / "checkpoint" / "state.json").read_text())["train_state"]
+    assert (st["step"], st["epoch"], st["rows"]) == (1, 0, 4)
+    resumed = train(probed("cut", "--resume"), llava, progress=False)
+    assert resumed.step == 6
+    states_equal(whole.dictionaries, resumed.dictionaries, atol=0)

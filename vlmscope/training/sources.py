@@ -247,6 +247,20 @@ def autocast_on(mode: str, device: torch.device, model_dtype: torch.dtype) -> bo
     return mode == "auto" and device.type == "cuda" and model_dtype == torch.float32
 
 
+def pass_ended(state: TrainState, epoch: int, last: dict[str, int]) -> bool:
+    """At the end of pass `epoch`, whose last batch's cursor was `last`: if the trainer has
+    trained that batch (the usual case: it asks for the next batch once the last is
+    committed), move its cursor to the start of the next pass, so a checkpoint from now on
+    resumes there; True then. Not when batches were read ahead of training (--lr-probe): the
+    next pass's first batch carries the new epoch in its own cursor."""
+    if state.epoch != epoch or any(getattr(state, k) != v for k, v in last.items()):
+        return False
+    state.epoch = epoch + 1
+    for key in last:
+        setattr(state, key, 0)
+    return True
+
+
 def within_layers(names: list[str], layers: list[int] | None, patterns: list[str]) -> list[str]:
     """The `--hookpoints` matches `names` that lie in `layers` (--layers; all when none): block
     hooks of other layers are dropped, hooks outside blocks kept; none left is an error."""
@@ -515,8 +529,11 @@ class LiveSource:
         if self._total_rows is None:
             self._total_rows = int(self.dataset.count_rows())
         total = self._total_rows
-        while not cfg.epochs or state.epoch < cfg.epochs:
-            start = state.rows
+        # The pass and row read from are local: a batch's cursor says where it ends, and the
+        # trainer commits it once trained (--lr-probe reads batches ahead across a pass's end).
+        epoch, start = state.epoch, state.rows
+        while not cfg.epochs or epoch < cfg.epochs:
+            end = start
             n_windows = -(-(total - start) // window) if total > start else 0
 
             def mine(pos: int, start: int = start) -> bool:
@@ -540,7 +557,7 @@ class LiveSource:
                     part = collate(buf, pad_id, masks=vlm.masks) if buf else None
                 except ProcessedDataError as e:  # pixel_values that cannot fit the tower
                     raise TrainingError(str(e)) from None
-                yield part, {"rows": end}, journal.take((0, end))
+                yield part, {"epoch": epoch, "rows": end}, journal.take((0, end))
             if start == 0:  # a full pass: the same checks as one process, over all ranks
                 if lay.sum([float(got)]).item() == 0:
                     raise TrainingError(
@@ -552,8 +569,8 @@ class LiveSource:
                         f"--tokens {cfg.tokens} selected no tokens in a full pass over "
                         f"{cfg.dataset!r}{_NO_TOKENS_HINT[cfg.tokens]}"
                     )
-            state.epoch += 1
-            state.rows = 0
+            pass_ended(state, epoch, {"rows": end})
+            epoch, start = epoch + 1, 0
 
     def _model_batches(
         self, state: TrainState
@@ -565,20 +582,27 @@ class LiveSource:
         cfg, vlm = self.cfg, self._model()
         pad = vlm.tokenizer.pad_token_id
         pad_id = pad if pad is not None else 0
-        while not cfg.epochs or state.epoch < cfg.epochs:
-            full_pass = state.rows == 0
+        # The pass and row read from are local (see _rank_batches); the records skipped after a
+        # pass's last batch travel with the next batch, or are counted when the data ends.
+        epoch, rows = state.epoch, state.rows
+        trailing: list[tuple[str, str]] = []
+        while not cfg.epochs or epoch < cfg.epochs:
+            full_pass = rows == 0
             got_any = False
             tokens_before = state.tokens  # the trainer counts the tokens each batch selects
             # Data preparation runs in a thread ahead of training (and in --workers processes
             # under it), reading rows ahead of the batches it hands over; the records it skips
             # travel with the batch whose cursor passes them.
             try:
-                for batch, skipped in prefetch(self._prepared(state.rows, pad_id)):
+                last = rows
+                for batch, skipped in prefetch(self._prepared(rows, pad_id)):
                     if batch is None:
-                        self.skips.add_all(skipped)
+                        trailing += skipped
                         break
                     got_any = True
-                    yield batch, {"rows": batch.positions[-1] + 1}, skipped
+                    last = batch.positions[-1] + 1
+                    yield batch, {"epoch": epoch, "rows": last}, trailing + skipped
+                    trailing = []
             except ProcessedDataError as e:  # pixel_values that cannot fit the vision tower
                 raise TrainingError(str(e)) from None
             except WorkerDiedError as e:
@@ -598,8 +622,11 @@ class LiveSource:
                     f"--tokens {cfg.tokens} selected no tokens in a full pass over "
                     f"{cfg.dataset!r}{_NO_TOKENS_HINT[cfg.tokens]}"
                 )
-            state.epoch += 1
-            state.rows = 0
+            if pass_ended(state, epoch, {"rows": last}):
+                self.skips.add_all(trailing)
+                trailing = []
+            epoch, rows = epoch + 1, 0
+        self.skips.add_all(trailing)  # the data ended: no batch follows to carry them
 
     def _packed_batches(self, state: TrainState) -> Iterator[_Part]:
         """--pack: batches of full ctx_len chunks of the document stream, which runs on across

@@ -42,6 +42,7 @@ from vlmscope.training.errors import TrainingError
 from vlmscope.training.sources import (
     ActivationBatch,
     TrainState,
+    pass_ended,
     resolve_model_path,
     within_layers,
 )
@@ -264,7 +265,11 @@ class StoreSource:
         cfg, store = self.cfg, self._store()
         names = list(dict.fromkeys(self.reads + self.writes))
         ordered = cfg.shuffle_buffer_mb == 0
-        while not cfg.epochs or state.epoch < cfg.epochs:
+        # The pass and offset read from are local: a batch's cursor says where it ends, and the
+        # trainer commits it once trained (--lr-probe reads batches ahead across a pass's end).
+        epoch, start = state.epoch, state.store_tokens
+        while not cfg.epochs or epoch < cfg.epochs:
+            last = start
             try:
                 for b in store.batches(
                     names,
@@ -274,8 +279,8 @@ class StoreSource:
                     batch_tokens=self.batch_tokens,
                     shuffle_buffer_mb=cfg.shuffle_buffer_mb,
                     seed=cfg.seed,
-                    epoch=state.epoch,
-                    start=state.store_tokens,
+                    epoch=epoch,
+                    start=start,
                     meta=("meta.sample",),
                     part=(self.rank, self.world_size),
                 ):
@@ -286,11 +291,12 @@ class StoreSource:
                     xs, ys = [acts[h] for h in self.reads], [acts[h] for h in self.writes]
                     samples = torch.unique_consecutive(t["meta.sample"][:64]).tolist()[:4]
                     rows = [f"store sample {s}" for s in samples]
-                    yield ActivationBatch(xs, ys, {"store_tokens": b.end}, rows, None)
+                    last = b.end
+                    yield ActivationBatch(xs, ys, {"epoch": epoch, "store_tokens": last}, rows)
             except StoreError as e:
                 raise TrainingError(f"{e}; the last checkpoint is intact") from None
-            state.epoch += 1
-            state.store_tokens = 0
+            pass_ended(state, epoch, {"store_tokens": last})
+            epoch, start = epoch + 1, 0
 
 
 def _check_finite(store: ActivationStore, hook: str, acts: torch.Tensor, sample: Any) -> None:
