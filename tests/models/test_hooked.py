@@ -327,3 +327,12 @@ def test_stop_early_records_the_same_values_without_running_later_layers(
     only_vision, cache = llava.run_with_cache(inputs, names=names[:2], stop_early=True)
     assert only_vision is not None  # nothing in the language model to stop at: a whole run
     torch.testing.assert_close(cache[names[1]], full[names[1]], rtol=0, atol=0)
+    # A batch without images never fires the vision hooks; it stops where one with images does
+    # (ranks of a sharded model must run the same layers)
+    handle = last.register_forward_hook(lambda *_: runs.append(1))
+    try:
+        text, cache = llava.run_with_cache(llava.prepare(["no picture"]), names=names,
+                                           mask="all", stop_early=True)  # fmt: skip
+        assert text is None and runs == [1] and set(cache) == set(names[2:])
+    finally:
+        handle.remove()

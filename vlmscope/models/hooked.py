@@ -430,10 +430,11 @@ class HookedVLM:
         token positions of LM activations, flattened to [n_tokens, ...]; padding is always
         dropped by the string forms. Vision and projector activations are kept whole.
         `masks`: the batch's masks when the caller has them (else they are computed here).
-        `stop_early`: end the forward at the first language-model hook after which every name
-        has been recorded, and return None for the output: training on layer 8 of 32 then
-        skips the 24 layers after it and the logits. (Checked at language-model hooks only:
-        they run after the vision tower, however many times a tower hook fires.)
+        `stop_early`: end the forward at the first language-model hook after which every
+        language-model name has been recorded, and return None for the output: training on
+        layer 8 of 32 then skips the 24 layers after it and the logits. (Vision and projector
+        hooks, which run before the language model, are recorded by then if the batch has
+        images at all; a batch without images stops at the same layer as one with them.)
         A vision or projector hook that fires more than once in the forward (a part that runs
         once per image) is cached as its firings' rows in order, [rows, width].
         """
@@ -466,7 +467,10 @@ class HookedVLM:
             return None
 
         resolved = resolve_names(self.adapter, names)
-        wanted, seen = {rh.name for rh in resolved}, set[str]()
+        # The stop waits for the language-model hooks only: a batch without images never fires
+        # a vision or projector hook (and every rank of a sharded model must stop at one layer)
+        wanted = {rh.name for rh in resolved if rh.name.startswith("lm.")}
+        seen = set[str]()
         grad = contextlib.nullcontext() if not detach else torch.no_grad()
         out = None
         with grad, self.hooks(list(fwd_hooks), masks=masks):
