@@ -266,3 +266,49 @@ def test_a_rank_whose_rows_all_failed_runs_the_others_forwards(
     assert sharded.keys() == ddp.keys()
     for k in ddp:
         torch.testing.assert_close(sharded[k], ddp[k], atol=1e-5, rtol=1e-5, msg=k)
+
+
+def test_projector_and_lm_hooks_stop_every_rank_at_one_layer(tmp_path: Path, zoo_path: Any) -> None:
+    """A rank whose batch has no image never fires projector.hook_out; the forward must still
+    stop where the ranks with images stop (it ran every layer: mismatched all-gathers)."""
+    data = chat_rows(tmp_path, ["red.png", None, "red.png", None])
+    flags = (f"{zoo_path('llava')} {data} {FSDP_FLAGS} "
+             "--hookpoints projector.hook_out lm.blocks.0.hook_resid_post")  # fmt: skip
+    sharded = train_ranks(tmp_path / "fsdp", f"{flags} --shard-model fsdp", 2)
+    ddp = train_ranks(tmp_path / "ddp", flags, 2)
+    for k in ddp:
+        torch.testing.assert_close(sharded[k], ddp[k], atol=1e-5, rtol=1e-5, msg=k)
+
+
+def test_a_bad_record_on_one_sharded_rank_stops_every_rank_with_it(
+    tmp_path: Path, zoo_path: Any
+) -> None:
+    """Under --strict rank 1's missing image is an error before its forward; the others are
+    in their forward's all-gathers, so it runs that forward first, and every rank stops with
+    the record named (it waited for --dist-timeout and the record was lost)."""
+    from .test_distributed import fork_ranks
+
+    data = chat_rows(tmp_path, ["red.png", "missing.png", None, "red.png"])
+    out = tmp_path / "o"
+    out.mkdir()
+    flags = f"{zoo_path('llava')} {data} {FSDP_FLAGS} --sae.transcode --strict --shard-model fsdp"
+    argv = [*flags.split(), "--output-dir", str(out), "--run-name", "run"]
+    reports = fork_ranks(_train_rank, 2, {"flags": argv, "out": str(out)}, out)
+    for r in reports:
+        assert not r["ok"] and "AgreedError" in r["error"], reports
+        assert "missing_image" in r["error"] and "all 2 ranks stopped" in r["error"], reports
+
+
+def test_a_rank_without_rows_joins_the_spliced_batchtopk_selection(
+    tmp_path: Path, zoo_path: Any
+) -> None:
+    """Data parallel, unsharded: BatchTopK selects over all ranks inside the spliced ce loss,
+    so a rank whose window is empty (3 rows on 2 ranks: the last window) must run it too; it
+    waited for ever. The result is what one process trains on the same global batches."""
+    data = chat_rows(tmp_path, ["red.png", None, "red.png"])
+    flags = (f"{zoo_path('llava')} {data} {FSDP_FLAGS} --sae.transcode --loss-fn ce "
+             "--sae.activation batchtopk")  # fmt: skip
+    two = train_ranks(tmp_path / "two", flags, 2)
+    one = train_ranks(tmp_path / "one", flags.replace("--batch-size 1", "--batch-size 2"), 1)
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=1e-5, msg=k)

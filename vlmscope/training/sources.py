@@ -36,12 +36,14 @@ from vlmscope.data.processing import (
     SampleEncoder,
     SkipCounter,
     SkipJournal,
+    SkipRecord,
     WorkerDiedError,
     batches,
     collate,
     encode_stream,
     prefetch,
 )
+from vlmscope.data.sources import BadRecordError
 from vlmscope.dictionaries import NonFiniteError, check_finite
 from vlmscope.models.hooked import HookContext, HookedVLM
 from vlmscope.models.masks import TokenMasks
@@ -500,10 +502,12 @@ class LiveSource:
             parts = self._rank_batches(state)
         else:
             parts = self._model_batches(state)
-        for batch, cursor, skipped in parts:
+        for batch, cursor, skipped in self._paired_errors(parts):
             if batch is None:  # this rank's rows of the window all failed: a zero-row step
                 spliced = None
-                if self._sharded():  # sharded layers gather in every forward: run the others'
+                # A sharded model gathers its layers in every forward, and a spliced ce/kl loss
+                # selects BatchTopK codes over all ranks: run what the others run.
+                if self._sharded() or (self.layout.distributed and self.cfg.loss_fn != "fvu"):
                     spliced = self._stand_in_forward()
                 xs = [torch.zeros(0, self.d_in, device=self.device) for _ in self.reads]
                 ys = [torch.zeros(0, self.d_out, device=self.device) for _ in self.writes]
@@ -512,6 +516,25 @@ class LiveSource:
             xs, ys, out, masks, positions = self._activations(batch, state.step)
             spliced = self._splicer(batch.inputs, out, masks, positions)
             yield ActivationBatch(xs, ys, cursor, list(batch.row_ids), spliced, skipped)
+
+    def _paired_errors(self, parts: Iterator[_Part]) -> Iterator[_Part]:
+        """`parts`, and on a sharded model an error raised while reading them (a bad record
+        under --strict, rows that cannot fit the tower) first runs the forward the other ranks
+        are in, whose all-gathers would otherwise wait for this rank until the timeout; then
+        every rank learns the error at the step's agreement, as without sharding."""
+        it = iter(parts)
+        while True:
+            try:
+                part = next(it)
+            except StopIteration:
+                return
+            except (TrainingError, BadRecordError, SkipRecord, WorkerDiedError) as e:
+                if self._sharded():
+                    self._stand_in_forward()
+                if isinstance(e, WorkerDiedError):  # as _model_batches says it, on every path
+                    raise TrainingError(f"{e}; the last checkpoint is intact") from None
+                raise
+            yield part
 
     def _rank_batches(self, state: TrainState) -> Iterator[_Part]:
         """(this rank's batch or None, the cursor after the window, this rank's records skipped
