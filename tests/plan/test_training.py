@@ -150,3 +150,30 @@ def test_the_fsdp_root_unit_is_every_weight_outside_the_sharded_layers(
         lines(plan, "model")["FSDP root unit, gathered whole (embeddings, head, vision tower)"]
         == root
     )
+
+
+def test_the_sharded_layers_are_the_decoders_when_the_vision_tower_has_more_blocks(
+    tmp_path: Path, zoo_path: Any
+) -> None:
+    """Qwen2-VL-7B has 32 vision blocks and 28 decoder layers: the planner took the longest
+    list of layers, the vision blocks, for the units FSDP shards (about 10 GiB per GPU too
+    high at 7B). It takes the language model's decoder layers, as the model holds them."""
+    from transformers import AutoConfig, Qwen2VLForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(zoo_path("qwen2_vl"))
+    config.vision_config.depth = config.text_config.num_hidden_layers + 2
+    config.save_pretrained(tmp_path / "deep")
+    shape = ModelShape.from_config(str(tmp_path / "deep"))
+    with torch.device("meta"):
+        model = Qwen2VLForConditionalGeneration(config)
+    layers = model.model.language_model.layers
+    sizes = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+    assert len(model.model.visual.blocks) > len(layers)
+    assert shape.largest_layer == max(sizes)
+    assert shape.root_unit == sum(p.numel() for p in model.parameters()) - sum(sizes)
+    # one process shards nothing: no shard, root or gathered layers on top of the weights
+    cfg = parse_train_args(
+        [str(tmp_path / "deep"), "shapes:16", "--shard-model", "fsdp", "--sae.k", "4"]
+    )
+    one = lines(plan_training(shape, cfg, gpus=1, gpu_mem_gib=1), "model")
+    assert not any("FSDP" in what for what in one)

@@ -208,7 +208,7 @@ class ModelShape:
             )
         text = getattr(config, "text_config", None) or config
         module = meta_model_from_config(config)
-        layers = _decoder_layers(module)
+        layers = _decoder_layers(module, int(text.num_hidden_layers))
         sizes = [sum(p.numel() for p in lay.parameters()) for lay in layers]
         n_params = sum(p.numel() for p in module.parameters())
         dtype = str(getattr(text, "dtype", None) or getattr(config, "torch_dtype", None) or "")
@@ -225,10 +225,21 @@ class ModelShape:
         )
 
 
-def _decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
-    """The longest ModuleList of the model (its decoder layers)."""
-    lists = [m for m in module.modules() if isinstance(m, torch.nn.ModuleList)]
-    return list(max(lists, key=len)) if lists else []
+def _decoder_layers(module: torch.nn.Module, n_layers: int) -> list[torch.nn.Module]:
+    """The language model's decoder layers, the units --shard-model fsdp shards: the
+    ModuleList of the text config's length outside the vision tower (Qwen2-VL's 32 vision
+    blocks outnumber its 28 decoder layers, so the longest list is not it), else the longest."""
+    lists = [(name, m) for name, m in module.named_modules() if isinstance(m, torch.nn.ModuleList)]
+    text = [m for name, m in lists if len(m) == n_layers and not _in_vision_tower(name)]
+    if text:
+        return list(text[0])
+    return list(max((m for _, m in lists), key=len)) if lists else []
+
+
+def _in_vision_tower(name: str) -> bool:
+    return any(
+        part in ("visual", "vision_tower", "vision_model", "vision") for part in name.split(".")
+    )
 
 
 @dataclass

@@ -141,7 +141,7 @@ def plan_training(
     b = Budget()
 
     # model
-    fsdp = cfg.shard_model == "fsdp"
+    fsdp = cfg.shard_model == "fsdp" and g > 1  # one process holds its model whole
     b.add(
         "model",
         "weights" + (" (FSDP shard)" if fsdp else ""),
