@@ -177,3 +177,16 @@ def test_the_sharded_layers_are_the_decoders_when_the_vision_tower_has_more_bloc
     )
     one = lines(plan_training(shape, cfg, gpus=1, gpu_mem_gib=1), "model")
     assert not any("FSDP" in what for what in one)
+
+
+def test_the_weights_are_planned_in_the_checkpoints_dtype_under_autocast(
+    zoo_path: Any, llava: HookedVLM
+) -> None:
+    """Autocast (`--autocast auto`, the default) changes the dtype matmuls compute in, not the
+    one weights are stored in: a float32 checkpoint's weights take 4 bytes each (the plan
+    assumed bf16 under autocast), as the loaded model's do."""
+    model = str(zoo_path("llava"))
+    plan = plan_training(ModelShape.from_config(model), parse_train_args([model, "shapes:16",
+                         "--sae.k", "4"]), gpus=1, gpu_mem_gib=1)  # fmt: skip
+    real = sum(p.numel() * p.element_size() for p in llava.model.parameters())
+    assert lines(plan, "model")["weights"] == real

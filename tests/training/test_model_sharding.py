@@ -199,6 +199,13 @@ def train_ranks(out: Path, flags: str, world: int) -> dict[str, torch.Tensor]:
     return load_file(str(out / "rank0.safetensors"))
 
 
+def same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    """The same tensors, to float tolerance (the ranks' sums run in another order)."""
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-5, msg=k)
+
+
 def chat_rows(folder: Path, images: list[str | None]) -> Path:
     """A LLaVA-style dataset: row i has image images[i] (None: a text-only row; a missing
     file: a row the reader rejects)."""
@@ -226,9 +233,7 @@ def test_an_sae_trains_on_a_sharded_model(tmp_path: Path, zoo_path: Any) -> None
     flags = f"{zoo_path('llava')} {data} {FSDP_FLAGS}"
     sharded = train_ranks(tmp_path / "fsdp", f"{flags} --shard-model fsdp", 2)
     ddp = train_ranks(tmp_path / "ddp", flags, 2)
-    assert sharded.keys() == ddp.keys()
-    for k in ddp:
-        torch.testing.assert_close(sharded[k], ddp[k], atol=1e-5, rtol=1e-5, msg=k)
+    same_weights(sharded, ddp)
 
 
 def test_ranks_with_and_without_images_train_the_one_process_dictionaries(
@@ -241,9 +246,7 @@ def test_ranks_with_and_without_images_train_the_one_process_dictionaries(
     flags = f"{zoo_path('llava')} {data} {FSDP_FLAGS} --sae.transcode"
     sharded = train_ranks(tmp_path / "fsdp", f"{flags} --shard-model fsdp", 2)
     one = train_ranks(tmp_path / "one", flags.replace("--batch-size 1", "--batch-size 2"), 1)
-    assert sharded.keys() == one.keys()
-    for k in one:
-        torch.testing.assert_close(sharded[k], one[k], atol=1e-5, rtol=1e-5, msg=k)
+    same_weights(sharded, one)
 
 
 @pytest.mark.parametrize(
@@ -263,9 +266,7 @@ def test_a_rank_whose_rows_all_failed_runs_the_others_forwards(
     flags = f"{zoo_path('llava')} {data} {FSDP_FLAGS} {flags}"
     sharded = train_ranks(tmp_path / "fsdp", f"{flags} --shard-model fsdp", 2)
     ddp = train_ranks(tmp_path / "ddp", flags, 2)
-    assert sharded.keys() == ddp.keys()
-    for k in ddp:
-        torch.testing.assert_close(sharded[k], ddp[k], atol=1e-5, rtol=1e-5, msg=k)
+    same_weights(sharded, ddp)
 
 
 def test_projector_and_lm_hooks_stop_every_rank_at_one_layer(tmp_path: Path, zoo_path: Any) -> None:
@@ -276,8 +277,7 @@ def test_projector_and_lm_hooks_stop_every_rank_at_one_layer(tmp_path: Path, zoo
              "--hookpoints projector.hook_out lm.blocks.0.hook_resid_post")  # fmt: skip
     sharded = train_ranks(tmp_path / "fsdp", f"{flags} --shard-model fsdp", 2)
     ddp = train_ranks(tmp_path / "ddp", flags, 2)
-    for k in ddp:
-        torch.testing.assert_close(sharded[k], ddp[k], atol=1e-5, rtol=1e-5, msg=k)
+    same_weights(sharded, ddp)
 
 
 def test_a_bad_record_on_one_sharded_rank_stops_every_rank_with_it(
@@ -310,5 +310,4 @@ def test_a_rank_without_rows_joins_the_spliced_batchtopk_selection(
              "--sae.activation batchtopk")  # fmt: skip
     two = train_ranks(tmp_path / "two", flags, 2)
     one = train_ranks(tmp_path / "one", flags.replace("--batch-size 1", "--batch-size 2"), 1)
-    for k in one:
-        torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=1e-5, msg=k)
+    same_weights(two, one)

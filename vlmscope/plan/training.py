@@ -136,7 +136,8 @@ def plan_training(
     f = sae.num_latents or sae.expansion_factor * d
     t = tokens_per_sample or cfg.ctx_len
     n = cfg.batch_size * t
-    dtype = cfg.dtype or ("bfloat16" if cfg.autocast != "off" else shape.dtype)
+    # autocast changes what matmuls compute in, not what the weights are stored in
+    dtype = cfg.dtype or shape.dtype
     wb = DTYPE_BYTES.get(dtype, 2)
     b = Budget()
 
