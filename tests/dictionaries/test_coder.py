@@ -242,6 +242,24 @@ def test_mean_norm_scales_inputs_and_returns_caller_units() -> None:
     torch.testing.assert_close(out.reconstruction, want)
     # The loss lives in the normalised space; FVU is a ratio, so it equals the raw-unit FVU.
     assert out.fvu.item() == pytest.approx(fvu(y, want).item(), rel=1e-5)
+    # The scales are read from the device once per value (each read is a host sync on a GPU),
+    # and again once they change in place: an unset scale loaded later is still refused.
+    reads = []
+    real = torch.Tensor.__bool__
+
+    def counted(t: torch.Tensor) -> bool:
+        reads.append(t.numel())
+        return real(t)
+
+    coder.check_inputs = False  # its NaN check of x and y reads too (a trainer's source checks)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.Tensor, "__bool__", counted)
+        coder(x, y)
+        assert reads == []  # both scales were read by the forwards above
+        with torch.no_grad():
+            coder.output_scale.fill_(0.0)
+        with pytest.raises(RuntimeError, match="call init_from_data"):
+            coder(x, y)
 
 
 def test_decoder_norm_helpers() -> None:

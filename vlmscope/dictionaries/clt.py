@@ -30,6 +30,7 @@ from vlmscope.dictionaries.coder import (
     init_transcoder_,
     init_unit_from_data_,
     remove_parallel_grad_,
+    scale_is_set,
     unit_norm_rows_,
     update_dead_counter_,
 )
@@ -368,7 +369,7 @@ class CrossLayerTranscoder(nn.Module):
         return xs, ys
 
     def _scale(self, scale: Tensor) -> Tensor:
-        if self.cfg.normalize_activations == "mean_norm" and not bool(scale > 0):
+        if self.cfg.normalize_activations == "mean_norm" and not scale_is_set(scale):
             raise RuntimeError(
                 "normalize_activations='mean_norm' but the scales are not estimated yet; call "
                 "init_from_data(xs, ys) with a sample of activations first"

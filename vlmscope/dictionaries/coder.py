@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,31 @@ def check_finite(name: str, tensor: Tensor) -> None:
         f"{name} has {n_nan} NaN and {n_inf} Inf values (of {tensor.numel()}, shape "
         f"{tuple(tensor.shape)}); dictionaries need finite activations"
     )
+
+
+#: mean_norm scales found positive: id -> (weak reference, the tensor's version then)
+_POSITIVE: dict[int, tuple[weakref.ref[Tensor], int]] = {}
+
+
+def scale_is_set(scale: Tensor) -> bool:
+    """Whether a mean_norm scale has been estimated (> 0), read from the device once per value
+    of the tensor rather than per call: a training step asks twice per unit, and each read is a
+    host sync on a GPU. An in-place change (init_from_data, load_state_dict) moves the tensor's
+    version, and the next call reads it again."""
+    try:
+        version = scale._version
+    except RuntimeError:  # an inference tensor keeps no version: read it every time
+        return bool(scale > 0)
+    seen = _POSITIVE.get(id(scale))
+    if seen is not None and seen[0]() is scale and seen[1] == version:
+        return True
+    if not bool(scale > 0):
+        return False
+    if len(_POSITIVE) > 1024:
+        for key in [k for k, (ref, _) in _POSITIVE.items() if ref() is None]:
+            del _POSITIVE[key]
+    _POSITIVE[id(scale)] = (weakref.ref(scale), version)
+    return True
 
 
 def fvu(target: Tensor, reconstruction: Tensor) -> Tensor:
@@ -371,7 +397,7 @@ class SparseCoder(nn.Module):
             )
 
     def _scale(self, scale: Tensor) -> Tensor:
-        if self.cfg.normalize_activations == "mean_norm" and not bool(scale > 0):
+        if self.cfg.normalize_activations == "mean_norm" and not scale_is_set(scale):
             raise RuntimeError(
                 "normalize_activations='mean_norm' but the scale is not estimated yet; call "
                 "init_from_data(x, y) with a sample of activations first"
