@@ -299,14 +299,18 @@ def test_a_bad_record_on_one_sharded_rank_stops_every_rank_with_it(
         assert "missing_image" in r["error"] and "all 2 ranks stopped" in r["error"], reports
 
 
+@pytest.mark.parametrize(
+    ("family", "images"), [("llava", ["red.png", None, "red.png"]), ("paligemma", ["red.png"] * 3)]
+)
 def test_a_rank_without_rows_joins_the_spliced_batchtopk_selection(
-    tmp_path: Path, zoo_path: Any
+    tmp_path: Path, zoo_path: Any, family: str, images: list[str | None]
 ) -> None:
     """Data parallel, unsharded: BatchTopK selects over all ranks inside the spliced ce loss,
     so a rank whose window is empty (3 rows on 2 ranks: the last window) must run it too; it
-    waited for ever. The result is what one process trains on the same global batches."""
-    data = chat_rows(tmp_path, ["red.png", None, "red.png"])
-    flags = (f"{zoo_path('llava')} {data} {FSDP_FLAGS} --sae.transcode --loss-fn ce "
+    waited for ever. The result is what one process trains on the same global batches.
+    PaliGemma's processor refuses a prompt without an image: the stand-in brings one."""
+    data = chat_rows(tmp_path, images)
+    flags = (f"{zoo_path(family)} {data} {FSDP_FLAGS} --sae.transcode --loss-fn ce "
              "--sae.activation batchtopk")  # fmt: skip
     two = train_ranks(tmp_path / "two", flags, 2)
     one = train_ranks(tmp_path / "one", flags.replace("--batch-size 1", "--batch-size 2"), 1)

@@ -925,14 +925,21 @@ def test_a_run_from_before_tf32_resumes_as_it_was_trained(
     saved["layers"] = [0]  # as the run was started: the flag did not narrow the hooks then
     saved_path.write_text(json.dumps(saved))
     again = sae("old", "--layers 0 --max-steps 4 --resume")
-    with pytest.warns(UserWarning, match="before --layers narrowed --hookpoints"):
+    with pytest.warns(UserWarning) as notes:
         resumed = train(again, llava, progress=False)
+    said = " ".join(str(n.message) for n in notes)
+    assert "before --layers narrowed --hookpoints" in said and "with --no-tf32" in said
     assert DictionaryBundle.load(resumed.dictionaries).reads == [
         f"lm.blocks.{i}.hook_resid_post" for i in range(llava.adapter.n_layers)
     ]
     states_equal(whole.dictionaries, resumed.dictionaries, atol=0)
     now = json.loads(saved_path.read_text())
     assert now["tf32"] is False and now["layers"] == []
+    # from now on the run's own flags are --no-tf32 and no --layers, as the notes said
+    with pytest.raises(TrainingError, match=r"--tf32: False -> True \(the run continues with "
+                       r"--no-tf32"):  # fmt: skip
+        train(sae("old", "--max-steps 6 --resume"), llava, progress=False)
+    assert train(sae("old", "--max-steps 6 --resume --no-tf32"), llava, progress=False).step == 6
 
 
 def test_a_probe_reading_past_a_pass_end_leaves_the_cursor_of_what_was_trained(

@@ -530,7 +530,8 @@ class LiveSource:
                 return
             except (TrainingError, BadRecordError, SkipRecord, WorkerDiedError) as e:
                 if self._sharded():
-                    self._stand_in_forward()
+                    with contextlib.suppress(Exception):  # the error to report is `e`
+                        self._stand_in_forward()
                 if isinstance(e, WorkerDiedError):  # as _model_batches says it, on every path
                     raise TrainingError(f"{e}; the last checkpoint is intact") from None
                 raise
@@ -761,7 +762,10 @@ class LiveSource:
         the trainer then runs, forward and backward, at no token (its share is zero). Images
         change no gather (the vision tower is in the root unit, see shard_frozen_model)."""
         vlm = self._model()
-        inputs = vlm.prepare(["a"])
+        try:
+            inputs = vlm.prepare(["a"])
+        except ValueError:  # a processor that wants an image with every prompt (PaliGemma)
+            inputs = vlm.prepare(["a"], images=[[_probe_image()]])
         masks = vlm.masks(inputs)
         none = torch.zeros_like(masks.select("all"))
         out, _ = self._forward(inputs, masks, none)

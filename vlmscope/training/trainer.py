@@ -815,8 +815,13 @@ def _continue_as_trained(saved_path: Path, cfg: TrainConfig) -> list[str]:
         return []
     if "tf32" in saved:
         return []
-    cfg.tf32 = False  # its matmuls were IEEE float32 (no effect on CPU)
     notes = []
+    if cfg.tf32:  # its matmuls were IEEE float32 (no effect on CPU)
+        cfg.tf32 = False
+        notes.append(
+            "--resume: this run was started before --tf32 existed and trained in IEEE float32, "
+            "as it continues; resume it with --no-tf32 from now on"
+        )
     if saved.get("hookpoints") and saved.get("layers") and cfg.hookpoints and cfg.layers:
         cfg.layers = []
         notes.append(
@@ -863,8 +868,10 @@ def _check_resumable(saved_path: Path, cfg: TrainConfig) -> None:
 
 
 def _as_flag(flag: str, value: Any) -> str | None:
-    """`flag value` as typed on the command line; None for values no flag spells plainly
-    (switches, unset values, nested ones)."""
+    """`flag value` as typed on the command line (a switch as `--x` / `--no-x`); None for
+    values no flag spells plainly (unset values, nested ones)."""
+    if isinstance(value, bool):  # a switch: --x / --no-x
+        return flag if value else f"--no-{flag.removeprefix('--')}"
     items = value if isinstance(value, list) else [value]
     if not items or any(isinstance(v, bool) or not isinstance(v, (str, int, float)) for v in items):
         return None
