@@ -206,6 +206,12 @@ def same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) ->
         torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-5, msg=k)
 
 
+def trains_as_data_parallel(tmp_path: Path, flags: str) -> None:
+    """2 ranks with `flags --shard-model fsdp` train what unsharded data parallelism does."""
+    sharded = train_ranks(tmp_path / "fsdp", f"{flags} --shard-model fsdp", 2)
+    same_weights(sharded, train_ranks(tmp_path / "ddp", flags, 2))
+
+
 def chat_rows(folder: Path, images: list[str | None]) -> Path:
     """A LLaVA-style dataset: row i has image images[i] (None: a text-only row; a missing
     file: a row the reader rejects)."""
@@ -231,9 +237,7 @@ def test_an_sae_trains_on_a_sharded_model(tmp_path: Path, zoo_path: Any) -> None
     (rank 0 alone deadlocked in the FSDP all-gathers while the others waited to agree)."""
     data = chat_rows(tmp_path, [None] * 4)
     flags = f"{zoo_path('llava')} {data} {FSDP_FLAGS}"
-    sharded = train_ranks(tmp_path / "fsdp", f"{flags} --shard-model fsdp", 2)
-    ddp = train_ranks(tmp_path / "ddp", flags, 2)
-    same_weights(sharded, ddp)
+    trains_as_data_parallel(tmp_path, flags)
 
 
 def test_ranks_with_and_without_images_train_the_one_process_dictionaries(
@@ -264,9 +268,7 @@ def test_a_rank_whose_rows_all_failed_runs_the_others_forwards(
     the sharded model, which it runs too at its zero share of the tokens."""
     data = chat_rows(tmp_path, ["red.png", "missing.png", None, "red.png"])
     flags = f"{zoo_path('llava')} {data} {FSDP_FLAGS} {flags}"
-    sharded = train_ranks(tmp_path / "fsdp", f"{flags} --shard-model fsdp", 2)
-    ddp = train_ranks(tmp_path / "ddp", flags, 2)
-    same_weights(sharded, ddp)
+    trains_as_data_parallel(tmp_path, flags)
 
 
 def test_projector_and_lm_hooks_stop_every_rank_at_one_layer(tmp_path: Path, zoo_path: Any) -> None:
@@ -275,9 +277,7 @@ def test_projector_and_lm_hooks_stop_every_rank_at_one_layer(tmp_path: Path, zoo
     data = chat_rows(tmp_path, ["red.png", None, "red.png", None])
     flags = (f"{zoo_path('llava')} {data} {FSDP_FLAGS} "
              "--hookpoints projector.hook_out lm.blocks.0.hook_resid_post")  # fmt: skip
-    sharded = train_ranks(tmp_path / "fsdp", f"{flags} --shard-model fsdp", 2)
-    ddp = train_ranks(tmp_path / "ddp", flags, 2)
-    same_weights(sharded, ddp)
+    trains_as_data_parallel(tmp_path, flags)
 
 
 def test_a_bad_record_on_one_sharded_rank_stops_every_rank_with_it(
