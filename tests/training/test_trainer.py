@@ -966,3 +966,18 @@ def test_a_probe_reading_past_a_pass_end_leaves_the_cursor_of_what_was_trained(
     resumed = train(probed("cut", "--resume"), llava, progress=False)
     assert resumed.step == 6
     states_equal(whole.dictionaries, resumed.dictionaries, atol=0)
+
+
+def test_an_sae_trains_on_a_model_whose_processor_wants_an_image_with_every_prompt(
+    tmp_path: Path, zoo_path: Any
+) -> None:
+    """An SAE's width is read off a one-word probe prompt, which PaliGemma's processor refuses
+    without an image: `vlmscope train` of a PaliGemma SAE stopped before its first step with
+    the processor's ValueError. The probe brings an image where the processor wants one."""
+    model = zoo_path("paligemma")
+    flags = f"{model} shapes:8 --max-steps 1 --sae.k 4 --sae.expansion-factor 2"
+    res = train(parse_train_args([*flags.split(), "--output-dir", str(tmp_path)]), progress=False)
+    bundle = DictionaryBundle.load(res.dictionaries)
+    paligemma = HookedVLM.from_pretrained(model, device="cpu")
+    assert res.step == 1 and bundle.kind == "sae"
+    assert bundle.cfg.d_in == paligemma.adapter.d_model

@@ -70,7 +70,7 @@ from vlmscope.training.config import (
 )
 from vlmscope.training.distributed import Layout, collective_errors, leaving
 from vlmscope.training.errors import TrainingError
-from vlmscope.training.sources import LiveSource, TrainState, hookpoint_names
+from vlmscope.training.sources import LiveSource, TrainState, hookpoint_names, probe_inputs
 
 __all__ = [
     "CaptureConfig",
@@ -255,7 +255,7 @@ def capture_hooks(cfg: TrainConfig, vlm: HookedVLM) -> list[str]:
 
 def _hook_widths(vlm: HookedVLM, names: list[str]) -> dict[str, int]:
     """Per-token width of each hook (heads flattened), read off one tiny forward pass."""
-    _, cache = vlm.run_with_cache(vlm.prepare(["a"]), names=names, mask="all")
+    _, cache = vlm.run_with_cache(probe_inputs(vlm), names=names, mask="all")
     return {name: int(cache[name].flatten(1).shape[1]) for name in names}
 
 

@@ -479,8 +479,7 @@ class LiveSource:
         """The one width of the SAE hook points (a head hook counts heads x head width), read
         off one tiny forward pass the way training reads them; mixed widths are refused."""
         vlm = self._model()
-        images = [[_probe_image()]] if any(is_vision_hook(n) for n in names) else None
-        probe = vlm.prepare(["a"], images=images)
+        probe = probe_inputs(vlm, image=any(is_vision_hook(n) for n in names))
         _, cache = vlm.run_with_cache(probe, names=names, mask="all")
         widths = {
             name: int(cache[name].shape[-1] if is_vision_hook(name) else cache[name][0].numel())
@@ -762,10 +761,7 @@ class LiveSource:
         the trainer then runs, forward and backward, at no token (its share is zero). Images
         change no gather (the vision tower is in the root unit, see shard_frozen_model)."""
         vlm = self._model()
-        try:
-            inputs = vlm.prepare(["a"])
-        except ValueError:  # a processor that wants an image with every prompt (PaliGemma)
-            inputs = vlm.prepare(["a"], images=[[_probe_image()]])
+        inputs = probe_inputs(vlm)
         masks = vlm.masks(inputs)
         none = torch.zeros_like(masks.select("all"))
         out, _ = self._forward(inputs, masks, none)
@@ -881,6 +877,18 @@ def _probe_image() -> Any:
     from PIL import Image
 
     return Image.new("RGB", (64, 64), (255, 255, 255))
+
+
+def probe_inputs(vlm: HookedVLM, image: bool = False) -> Any:
+    """A one-word prompt for a forward whose activations are not trained on (hook widths, a
+    rank's stand-in): with a small image when asked, or when the processor wants one with
+    every prompt (PaliGemma's refuses text alone)."""
+    if not image:
+        try:
+            return vlm.prepare(["a"])
+        except ValueError:  # "images are expected": the image is not optional
+            pass
+    return vlm.prepare(["a"], images=[[_probe_image()]])
 
 
 class _VisionDone(Exception):
