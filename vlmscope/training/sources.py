@@ -859,17 +859,16 @@ class LiveSource:
         with b.frozen_statistics(), self._autocast():
             logits = vlm.run_with_hooks(model_inputs, hooks, masks=masks).logits.float()
         pos = positions.to(logits.device)
+        # Means as sums over at least one position: no token selected gives 0, still through
+        # the spliced model (no branch, no host read of the count)
         if loss_fn == "kl":
-            if not pos.any():
-                return logits[:, :0].sum()
             logp = F.log_softmax(clean_logits.float(), -1)[pos]
             logq = F.log_softmax(logits, -1)[pos]
-            return (logp.exp() * (logp - logq)).sum(-1).mean()
+            return (logp.exp() * (logp - logq)).sum() / pos.sum().clamp_min(1)
         targets = model_inputs["input_ids"][:, 1:].to(logits.device)
         sel = pos[:, :-1] & model_inputs["attention_mask"][:, 1:].to(logits.device).bool()
-        if not sel.any():
-            return logits[:, :0].sum()
-        return F.cross_entropy(logits[:, :-1][sel], targets[sel])
+        ce = F.cross_entropy(logits[:, :-1][sel], targets[sel], reduction="sum")
+        return ce / sel.sum().clamp_min(1)
 
 
 def _probe_image() -> Any:
