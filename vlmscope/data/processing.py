@@ -412,6 +412,10 @@ class SkipCounter:
         ]
         return f"{self.total} records skipped - " + "; ".join(parts)
 
+    def note(self, position: int, reason: str, row_id: str) -> None:
+        """As `SkipJournal.note`: counted at once (where nothing reads ahead)."""
+        self.add(reason, row_id)
+
     def add_all(self, skipped: Iterable[tuple[str, str]]) -> None:
         """Count (reason, row id) pairs, such as those a SkipJournal hands over."""
         for reason, row_id in skipped:
@@ -521,10 +525,7 @@ def encode_stream(
         if isinstance(result, SkipRecord):
             if strict:
                 raise SkipRecord(result.reason, f"row {record_id}: {result.detail}")
-            if isinstance(skips, SkipJournal):
-                skips.note(position, result.reason, record_id)
-            else:
-                skips.add(result.reason, record_id)
+            skips.note(position, result.reason, record_id)
             if on_skip is not None:
                 on_skip(result.reason, record_id, result.detail)
             return None
