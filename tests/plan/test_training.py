@@ -84,6 +84,26 @@ def test_advice_to_distribute_modules_says_the_probe_must_go(tmp_path: Path) -> 
     assert probed.budget.total() == plain.budget.total()  # the probe waits in host memory
 
 
+def test_advice_stops_once_the_plan_fits_and_never_raises_memory() -> None:
+    """A one-layer CLT of a 72B model on 8 GPUs fits once the weights are sharded;
+    --distribute-modules would then raise memory (G times the tokens per held unit and the
+    all-to-all buffers against 1/G of a small dictionary), so the advice must not add it."""
+    shape = ModelShape.from_config("qwen2_5_vl_72b")
+    argv = ["x", "y", "--sae.kind", "clt", "--sae.num-latents", "1024", "--layers", "0",
+            "--batch-size", "1", "--ctx-len", "2048"]  # fmt: skip
+
+    def total(*extra: str) -> float:
+        return plan_training(shape, parse_train_args([*argv, *extra]), 8, 80).budget.total()
+
+    sharded = plan_training(shape, parse_train_args([*argv, "--shard-model", "fsdp"]), 8, 80)
+    assert sharded.fits and total("--shard-model", "fsdp", "--distribute-modules") > total(
+        "--shard-model", "fsdp"
+    )
+    plan = plan_training(shape, parse_train_args(argv), 8, 80)
+    assert not plan.fits
+    assert [a.split(":")[0] for a in plan.advice] == ["--shard-model fsdp"]
+
+
 @pytest.mark.parametrize(
     ("flags", "gpus"),
     [("--sae.kind clt --sae.n_targets 3 --sae.num-latents 64 --sae.k 4", 2),

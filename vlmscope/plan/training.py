@@ -195,16 +195,24 @@ def _advice(
         new = dataclasses.replace(cfg, sae=sae, **changes)
         return plan_training(shape, new, g, mem, t, advise=False)
 
+    # Each change is kept only if it lowers the plan (--distribute-modules trades the
+    # dictionaries' share for all-to-all buffers and G times the tokens per held unit, which
+    # can cost more than it saves), and none is added once the plan fits.
+    now = b.total()
     model_only = b.total("model") + FRAMEWORK_BYTES
     if cfg.shard_model != "fsdp" and model_only > 0.6 * mem * GiB and g > 1:
         p = fits(shard_model="fsdp")
-        out.append(
-            f"--shard-model fsdp: the weights take {b.total('model') / GiB:.0f} GiB per "
-            f"GPU unsharded ({p.budget.total() / GiB:.0f} GiB total with it)"
-        )
-        cfg = dataclasses.replace(cfg, shard_model="fsdp")
-    if not cfg.distribute_modules and g > 1:
-        p = fits(distribute_modules=True, shard_model=cfg.shard_model)
+        if p.budget.total() < now:
+            out.append(
+                f"--shard-model fsdp: the weights take {b.total('model') / GiB:.0f} GiB per "
+                f"GPU unsharded ({p.budget.total() / GiB:.0f} GiB total with it)"
+            )
+            cfg = dataclasses.replace(cfg, shard_model="fsdp")
+            now = p.budget.total()
+            if p.fits:
+                return out
+    p = fits(distribute_modules=True) if not cfg.distribute_modules and g > 1 else None
+    if p is not None and p.budget.total() < now:
         drop = (
             " and no --lr-probe, which needs whole dictionaries on every GPU (probe in a "
             "smaller run and pass its rate with --lr)"
