@@ -37,6 +37,19 @@ TOKEN_KEYS: dict[str, int | None] = {
 #: per-token tensors with more (ragged) dimensions after the sequence: Mllama's
 #: cross_attention_mask [batch, seq, images, tiles].
 TOKEN_GRID_KEYS = ("cross_attention_mask",)
+#: Image tensors that some processors batch by sample rather than by image ([batch, images or
+#: views, ...]), a sample without images getting a block of zeros: keyed by the tensor only
+#: those processors write. Idefics3/SmolVLM: pixel_values, pixel_attention_mask; Mllama:
+#: pixel_values, the aspect ratios and cross_attention_mask.
+PER_SAMPLE_IMAGE_KEYS: dict[str, tuple[str, ...]] = {
+    "pixel_attention_mask": ("pixel_values", "pixel_attention_mask"),
+    "aspect_ratio_ids": (
+        "pixel_values",
+        "aspect_ratio_ids",
+        "aspect_ratio_mask",
+        "cross_attention_mask",
+    ),
+}
 
 
 class RecordLike(Protocol):
@@ -319,9 +332,13 @@ def collate(
         raise ValueError("cannot collate an empty list of samples")
     longest = max(s.length for s in samples)
     keys = dict.fromkeys(k for s in samples for k in s.tensors)
+    per_sample = {k for sig, ks in PER_SAMPLE_IMAGE_KEYS.items() if sig in keys for k in ks}
     inputs: dict[str, torch.Tensor] = {}
     for k in keys:
-        parts = [s.tensors[k] for s in samples if k in s.tensors]
+        if k in per_sample:  # a sample without images gets zeros, as the processor gives it
+            parts = [_tensor_or_zeros(s, k, samples) for s in samples]
+        else:
+            parts = [s.tensors[k] for s in samples if k in s.tensors]
         if k in TOKEN_KEYS:
             fill = pad_token_id if TOKEN_KEYS[k] is None else TOKEN_KEYS[k]
             inputs[k] = torch.cat([_pad_seq(p, longest, fill, padding_side) for p in parts])  # type: ignore[arg-type]
@@ -345,6 +362,16 @@ def collate(
         masks=masks(inputs) if masks is not None else None,
         positions=[s.position for s in samples],
     )
+
+
+def _tensor_or_zeros(sample: Sample, key: str, samples: Sequence[Sample]) -> torch.Tensor:
+    """`sample`'s tensor `key`, or zeros shaped like another sample's (per-token grids over
+    this sample's own length) where it has none: an image tensor batched by sample."""
+    if key in sample.tensors:
+        return sample.tensors[key]
+    like = next(s.tensors[key] for s in samples if key in s.tensors)
+    rest = (sample.length, *like.shape[2:]) if key in TOKEN_GRID_KEYS else like.shape[1:]
+    return like.new_zeros(1, *rest)
 
 
 def _pad_seq(t: torch.Tensor, length: int, fill: int, side: str) -> torch.Tensor:
