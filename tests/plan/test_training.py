@@ -151,22 +151,34 @@ def _one_coder(coder: Any) -> torch.nn.Module:
     return SparseCoder(coder, device="meta")
 
 
+@pytest.mark.parametrize("family", ["llava", "mllama"])
 def test_the_fsdp_root_unit_is_every_weight_outside_the_sharded_layers(
-    tmp_path: Path, zoo_path: Any, llava: HookedVLM
+    zoo_path: Any, monkeypatch: pytest.MonkeyPatch, family: str
 ) -> None:
-    """--shard-model fsdp gathers the root unit (embeddings, head, projector and the vision
-    tower) whole for every forward: the plan counts it, equal to the real model's weights
-    outside the decoder layers that shard_frozen_model makes units of."""
-    model = str(zoo_path("llava"))
+    """--shard-model fsdp gathers the root unit (embeddings, head, projector, the vision tower
+    and Mllama's cross-attention layers) whole for every forward: the plan counts it, and the
+    largest unit gathered beside it, as the units shard_frozen_model makes (seen by a spy on
+    fully_shard)."""
+    import torch.distributed.device_mesh
+    import torch.distributed.fsdp
+
+    from vlmscope.training.distributed import Layout, shard_frozen_model
+
+    model = str(zoo_path(family))
+    vlm = HookedVLM.from_pretrained(model, device="cpu", dtype=torch.float32)
+    units: list[torch.nn.Module] = []
+    monkeypatch.setattr(torch.distributed.fsdp, "fully_shard", lambda m, mesh: units.append(m))
+    monkeypatch.setattr(torch.distributed.device_mesh, "init_device_mesh", lambda *a: None)
+    shard_frozen_model(vlm, Layout(rank=0, world=2, backend="gloo"))
+    assert units[-1] is vlm.model
+    size = {id(p): p.numel() * p.element_size() for p in vlm.model.parameters()}
+    in_units = [{id(p) for p in unit.parameters()} for unit in units[:-1]]
+    root = sum(n for i, n in size.items() if not any(i in u for u in in_units))
     argv = [model, "shapes:16", "--shard-model", "fsdp", "--dtype", "float32", "--sae.k", "4"]
-    cfg = parse_train_args(argv)
-    plan = plan_training(ModelShape.from_config(model), cfg, gpus=2, gpu_mem_gib=1)
-    size = {id(p): p.numel() * p.element_size() for p in llava.model.parameters()}
-    in_layers = {id(p) for block in llava.adapter.blocks() for p in block.parameters()}
-    vision = llava.adapter.vision_block_list()
-    assert vision is not None and not in_layers & {id(p) for p in vision.parameters()}
-    root = sum(n for i, n in size.items() if i not in in_layers)
+    plan = plan_training(ModelShape.from_config(model), parse_train_args(argv), 2, 1)
     assert lines(plan, "model")["FSDP root unit, gathered whole"] == root
+    largest = max(sum(size[i] for i in u) for u in in_units)
+    assert lines(plan, "model")["FSDP gathered layers (2 in flight)"] == 2 * largest
 
 
 def test_the_sharded_layers_are_the_decoders_when_the_vision_tower_has_more_blocks(

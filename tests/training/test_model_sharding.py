@@ -253,6 +253,20 @@ def test_ranks_with_and_without_images_train_the_one_process_dictionaries(
     same_weights(sharded, one)
 
 
+def test_mllama_ranks_with_and_without_images_train_as_data_parallel(
+    tmp_path: Path, zoo_path: Any
+) -> None:
+    """Mllama's language model skips its cross-attention layers for a batch without images,
+    so a rank without images ran fewer units' all-gathers than one with (a hang on NCCL, a
+    size mismatch on gloo): those layers belong to the root unit. Layer 2 is read, past the
+    zoo model's cross-attention layer 1. (Compared with unsharded ranks, not one process: in
+    a batch with an image HF runs the cross-attention layers on a text row too, which moves
+    its activations.)"""
+    data = chat_rows(tmp_path, ["red.png", None, "red.png", None])
+    flags = f"{zoo_path('mllama')} {data} {FSDP_FLAGS} --sae.transcode"
+    trains_as_data_parallel(tmp_path, flags.replace("--layers 0", "--layers 2"))
+
+
 @pytest.mark.parametrize(
     "flags",
     ["--sae.transcode", "--sae.transcode --loss-fn ce", "--tower vision"],

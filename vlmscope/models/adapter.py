@@ -204,6 +204,12 @@ class ModelAdapter:
     def block(self, i: int) -> nn.Module:
         return self.blocks()[i]
 
+    def skippable_blocks(self) -> frozenset[int]:
+        """Decoder layers the language model skips for a batch without images (Mllama's
+        cross-attention layers). Sharding keeps them in the root unit, so ranks whose
+        batches differ in images still gather the same units."""
+        return frozenset()
+
     def layer_map_of(self, i: int) -> LayerMap:
         """The component mapping of decoder layer `i` (one for every layer unless a family
         mixes layer kinds, as Mllama mixes self- and cross-attention layers)."""

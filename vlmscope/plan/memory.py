@@ -181,8 +181,9 @@ class ModelShape:
     #: parameters of the largest decoder layer (what FSDP gathers at once).
     largest_layer: int
     dtype: str
-    #: parameters outside the decoder layers (embeddings, head, vision tower, projector):
-    #: FSDP's root unit, gathered whole for every forward.
+    #: parameters outside the sharded decoder layers (embeddings, head, vision tower,
+    #: projector, Mllama's cross-attention layers): FSDP's root unit, gathered whole for
+    #: every forward.
     root_unit: int = 0
 
     @classmethod
@@ -209,7 +210,13 @@ class ModelShape:
         text = getattr(config, "text_config", None) or config
         module = meta_model_from_config(config)
         layers = _decoder_layers(module, int(text.num_hidden_layers))
-        sizes = [sum(p.numel() for p in lay.parameters()) for lay in layers]
+        # layers a forward without images skips stay in the root unit (shard_frozen_model)
+        skipped = set(getattr(text, "cross_attention_layers", None) or ())
+        sizes = [
+            sum(p.numel() for p in lay.parameters())
+            for i, lay in enumerate(layers)
+            if i not in skipped
+        ]
         n_params = sum(p.numel() for p in module.parameters())
         dtype = str(getattr(text, "dtype", None) or getattr(config, "torch_dtype", None) or "")
         return cls(

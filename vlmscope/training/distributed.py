@@ -248,17 +248,16 @@ class Layout:
 def shard_frozen_model(vlm: Any, layout: Layout) -> None:
     """Shard the frozen model's weights over the ranks with FSDP2 (`fully_shard`, ZeRO-3 for
     parameters): each language-model decoder layer is its own unit, gathered for its forward
-    and freed after, the rest (embeddings, norms, head, projector and the whole vision tower)
-    one root unit, gathered at the start of every forward. Forward hooks keep working: a
-    hooked submodule runs inside its unit's gathered forward.
+    and freed after, the rest (embeddings, norms, head, projector, the whole vision tower and
+    the layers a forward may skip) one root unit, gathered at the start of every forward.
+    Forward hooks keep working: a hooked submodule runs inside its unit's gathered forward.
 
     Every rank must issue the same all-gathers in the same order, so every rank must run the
     same forwards: LiveSource opens the model on all ranks at once, runs a stand-in forward
-    like the others' on a rank whose rows all failed, and the vision tower is not a unit of
-    its own because HF models skip it for a batch without images (one rank's batch may have
-    images and another's none); it is small next to the language model. Families whose
-    language model skips layers without images (mllama's cross-attention layers) still
-    mismatch on such batches.
+    like the others' on a rank whose rows all failed, and what HF models skip for a batch
+    without images (one rank's batch may have images and another's none) is not a unit of
+    its own: the vision tower, small next to the language model, and the decoder layers the
+    adapter says are skipped (Mllama's cross-attention layers).
 
     The model may come on the CPU (the trainer loads it there under fsdp, so a model larger
     than one GPU fits): `fully_shard` moves every parameter and buffer of the modules it
@@ -272,8 +271,10 @@ def shard_frozen_model(vlm: Any, layout: Layout) -> None:
     device = "cuda" if layout.backend == "nccl" else "cpu"
     with collective_errors(layout, "sharding the model (FSDP2)"):
         mesh = init_device_mesh(device, (layout.world,))
-        for block in vlm.adapter.blocks():
-            fully_shard(block, mesh=mesh)
+        skippable = vlm.adapter.skippable_blocks()
+        for i, block in enumerate(vlm.adapter.blocks()):
+            if i not in skippable:
+                fully_shard(block, mesh=mesh)
         fully_shard(vlm.model, mesh=mesh)
 
 

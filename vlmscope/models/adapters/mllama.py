@@ -64,6 +64,9 @@ class MllamaAdapter(ModelAdapter):
     def layer_map_of(self, i: int) -> LayerMap:
         return CROSS_LAYER if i in self.cross_layers else self.layer_map
 
+    def skippable_blocks(self) -> frozenset[int]:
+        return self.cross_layers
+
     def image_token_ids(self) -> tuple[int, ...]:
         return (int(self.config.image_token_index),)
 
