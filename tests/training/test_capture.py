@@ -230,14 +230,16 @@ def test_bad_records_are_counted_and_strict_stops(
     Image.new("RGB", (40, 32), "red").save(tmp_path / "good.png")
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     turns = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]
-    images = ["good.png", "missing.png", "good.png", "corrupt.png", "good.png"]
+    # the last row is bad too: read after the last batch, it is counted as the data ends
+    images = ["good.png", "missing.png", "good.png", "corrupt.png", "good.png", "missing.png"]
     rows = [{"id": f"r{i}", "image": im, "conversations": turns} for i, im in enumerate(images)]
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     argv = f"capture {zoo_path('llava')} {data} --out {tmp_path / 's'} --batch-size 2".split()
     res = capture(config_from_capture_args(build_parser().parse_args(argv)), llava, progress=False)
     writer = res.manifest["writers"]["0"]
-    assert writer["skips"] == {"missing_image": 1, "corrupt_image": 1}
+    assert writer["skips"] == {"missing_image": 2, "corrupt_image": 1}
+    assert res.skips.counts == writer["skips"]
     assert res.manifest["samples"] == 3
     rows_stored = ActivationStore(res.folder).metadata()["meta.row"].unique().tolist()
     assert rows_stored == [0, 2, 4]  # dataset rows, the bad ones counted

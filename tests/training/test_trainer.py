@@ -639,6 +639,36 @@ def test_skip_counts_wait_for_the_step_of_a_batch_the_lr_probe_read_ahead(
     assert (state["step"], state["rows"]) == (1, 3)
 
 
+def test_skips_after_the_last_batch_wait_for_the_lr_probe_read_ahead_to_be_trained(
+    tmp_path: Path, zoo_path: Any, llava: HookedVLM
+) -> None:
+    """The data ends with two bad rows after its last batch; --lr-probe 3 reads to the end
+    of the one pass (--epochs 1) before step 1 trains. Step 1's checkpoint counts no skip
+    (they lie past its cursor), a resume counts them once, and the finished run counts them
+    as an uninterrupted run does (they were counted as the read-ahead reached the end)."""
+    data, _ = llava_rows_with_bad_ones(tmp_path, n=6)  # bad rows 0 and 3
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    good = [r for r in rows if r["image"] == "good.png"]
+    bad = [r for r in rows if r["image"] != "good.png"]
+    data.write_text("".join(json.dumps(r) + "\n" for r in good + bad))  # 4 good, then 2 bad
+    out = tmp_path / "out"
+    base = (f"{zoo_path('llava')} {data} --sae.transcode --sae.expansion-factor 2 --sae.k 4 "
+            f"--batch-size 2 --epochs 1 --save-every 1 --output-dir {out}")  # fmt: skip
+
+    def state(name: str, extra: str) -> dict[str, Any]:
+        train(parse_train_args(f"{base} --run-name {name} {extra}".split()), llava,
+              progress=False)  # fmt: skip
+        saved = json.loads((out / name / "checkpoint" / "state.json").read_text())
+        return saved["train_state"]  # type: ignore[no-any-return]
+
+    first = state("p", "--lr-probe 3 --max-steps 1")
+    assert (first["step"], first["rows"], sum(first["skips"].values())) == (1, 2, 0)
+    resumed = state("p", "--lr-probe 3 --max-steps 10 --resume")
+    whole = state("w", "--max-steps 10")
+    assert whole["step"] == resumed["step"] == 2
+    assert resumed["skips"] == whole["skips"] == {"missing_image": 1, "corrupt_image": 1}
+
+
 def test_columns_with_other_names_train_when_mapped(
     tmp_path: Path, zoo_path: Any, llava: HookedVLM
 ) -> None:

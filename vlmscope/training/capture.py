@@ -481,6 +481,9 @@ def _capture(
                         item = next(batches, None)
                         if item is None:
                             working = False
+                        elif item[0] is None:  # the data's end: the records skipped after
+                            source.skips.add_all(item[2])  # its last batch
+                            cursor = _cursor(cursor["rows"], sample, stream, source.skips)
                         else:
                             batch, after, skipped = item
                             n = _capture_batch(model, run, names, writer, batch, sample, cursor)

@@ -601,7 +601,8 @@ class LiveSource:
         """(batch, cursor after it, records skipped before that cursor since the previous
         batch's) from the saved position, epoch after epoch. The consumer counts the skipped
         records as it commits the cursor; those after a pass's last batch are counted here,
-        as the pass ends (and with it the cursor's epoch)."""
+        as the pass ends (and with it the cursor's epoch), or, when the consumer reads ahead
+        (--lr-probe), by a last item whose batch is None and whose cursor is the data's end."""
         cfg, vlm = self.cfg, self._model()
         pad = vlm.tokenizer.pad_token_id
         pad_id = pad if pad is not None else 0
@@ -649,7 +650,9 @@ class LiveSource:
                 self.skips.add_all(trailing)
                 trailing = []
             epoch, rows = epoch + 1, 0
-        self.skips.add_all(trailing)  # the data ended: no batch follows to carry them
+        if trailing:  # the data ended, and batches were read ahead of training (--lr-probe):
+            # a closing item without rows carries the rest, counted when the trainer reaches it
+            yield None, {"epoch": epoch, "rows": 0}, trailing
 
     def _packed_batches(self, state: TrainState) -> Iterator[_Part]:
         """--pack: batches of full ctx_len chunks of the document stream, which runs on across
