@@ -318,3 +318,50 @@ def test_qwen_data_processed_before_videos_counted_as_image_tokens_is_accepted(
         else:
             with pytest.raises(ProcessedDataError, match="was processed for"):
                 spec.check_dataset(data)
+
+
+@pytest.mark.parametrize("name", ["mllama", "mistral3", "llava"])
+def test_rows_with_two_images_or_a_portrait_image_are_the_raw_samples_processed(
+    tmp_path: Path, zoo_path: Any, name: str
+) -> None:
+    """Fixed pixel dimensions were those equal in two one-image probes, both landscape or
+    square: Mllama's images per sample and Pixtral's (Mistral 3's) width passed for fixed, and
+    a processed row with two images or a portrait image stopped the run as data made for
+    another model. Such rows are the raw rows' samples now; data processed with the old
+    probes (its manifest's fingerprint) is still accepted."""
+    from PIL import Image
+
+    from vlmscope.data import open_dataset
+    from vlmscope.data.processed import _fingerprint, _probe
+    from vlmscope.data.processing import SampleEncoder
+
+    model = zoo_path(name)
+    Image.new("RGB", (24, 100), (200, 30, 30)).save(tmp_path / "tall.png")
+    Image.new("RGB", (90, 40), (30, 200, 30)).save(tmp_path / "wide.png")
+    rows = []
+    for i, images in enumerate([["tall.png"], ["wide.png", "tall.png"], ["wide.png"]]):
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": f"What {i}?"}]
+        rows.append({"messages": [{"role": "user", "content": content},
+                                  {"role": "assistant", "content": f"It is {i}."}],
+                     "images": images})  # fmt: skip
+    data = tmp_path / "raw.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli_process(model, str(data), tmp_path / "proc") == 0
+    samples, counts, details = encoded(model, tmp_path / "proc")
+    assert counts == {} and len(samples) == 3, details
+    vlm = _vlm(model)
+    enc = SampleEncoder(vlm.processor, 2048, vlm.adapter.image_token_ids())
+    for sample, record in zip(samples, open_dataset(data), strict=True):
+        direct = enc.encode(record)
+        assert sample.tensors.keys() == direct.tensors.keys()
+        for k, t in direct.tensors.items():
+            assert torch.equal(sample.tensors[k], t), k
+    text, now, before = _probe(vlm, _spec(model).image_token_ids, True)
+    assert (now != before) == (name != "llava")  # the old probes were wrong for these two
+    manifest_path = tmp_path / "proc" / "processed.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["fingerprint"] = _fingerprint(vlm.tokenizer, {**text, **before},
+                                           _spec(model).image_token_ids)  # fmt: skip
+    manifest_path.write_text(json.dumps(manifest))
+    _spec(model).check_dataset(open_training_data(train_flags(model, tmp_path / "proc",
+                                                              tmp_path, "check")))  # fmt: skip

@@ -33,6 +33,7 @@ a VLM trains as text, with a warning that names it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import itertools
@@ -101,7 +102,7 @@ class ProcessedSpec:
         self.vocab_size = int(vlm.model.get_input_embeddings().num_embeddings)
         self.image_token_ids = tuple(vlm.adapter.image_token_ids())
         self.has_vision = hasattr(vlm.processor, "image_processor") and bool(self.image_token_ids)
-        self.text_keys, self.image_keys = _probe(vlm, self.image_token_ids, self.has_vision)
+        self.text_keys, self.image_keys, legacy = _probe(vlm, self.image_token_ids, self.has_vision)
         #: the column holding the images' pixels: ``pixel_values`` for most families, the
         #: adapter's own key otherwise (Phi-4-multimodal's ``image_pixel_values``)
         self.pixel_key = next(
@@ -112,7 +113,14 @@ class ProcessedSpec:
         # processed before (video tokens are never in it) is as valid as it was
         video = getattr(vlm.model.config, "video_token_id", None)
         before_videos = tuple(i for i in self.image_token_ids if i != video)
-        self._accepted = {self.fingerprint, _fingerprint(vlm.tokenizer, self.keys, before_videos)}
+        # and fixed dimensions were read from two probes before that day's portrait and
+        # two-image probes (Mllama's images per sample, Pixtral's width passed for fixed)
+        before_probes = {**self.text_keys, **legacy}
+        self._accepted = {
+            _fingerprint(vlm.tokenizer, keys, ids)
+            for keys in (self.keys, before_probes)
+            for ids in (self.image_token_ids, before_videos)
+        }
 
     @property
     def keys(self) -> dict[str, KeySpec]:
@@ -294,14 +302,18 @@ def _answer_length(labels: torch.Tensor | None) -> int:
 
 
 # --- probing the processor ---------------------------------------------------------------------
-_PROBE_SIZES = ((64, 64), (40, 112))  # (height, width): different sizes and aspect ratios
+#: (height, width) of the one-image probes: square, landscape, portrait (a processor that keeps
+#: aspect ratios varies both sides); one more probe holds the first two images
+_PROBE_SIZES = ((64, 64), (40, 112), (112, 40))
 
 
 def _probe(
     vlm: HookedVLM, image_ids: tuple[int, ...], vision: bool
-) -> tuple[dict[str, KeySpec], dict[str, KeySpec]]:
-    """(text keys, image keys) of the model's processor, from probe records; an image key's
-    fixed dimensions are those equal in both image probes (dimension 0 is never fixed)."""
+) -> tuple[dict[str, KeySpec], dict[str, KeySpec], dict[str, KeySpec]]:
+    """(text keys, image keys, image keys as probed before 2026-12-02) of the model's
+    processor, from probe records; an image key's fixed dimensions are those equal in every
+    image probe (dimension 0 is never fixed; Mllama's images per sample vary with two images,
+    Pixtral's width with a portrait). Before, two probes decided (the third value)."""
     encoder = SampleEncoder(vlm.processor, 1 << 30, image_ids)
 
     def run(images: list[Image.Image]) -> Mapping[str, torch.Tensor]:
@@ -313,26 +325,29 @@ def _probe(
         ]
         return encoder.encode(Record("probe", messages=messages, images=images)).tensors
 
-    a, b = (
-        (run([Image.new("RGB", (w, h), (120, 90, 60))]) for h, w in _PROBE_SIZES)
-        if vision
-        else ({}, {})
-    )
+    pictures = [Image.new("RGB", (w, h), (120, 90, 60)) for h, w in _PROBE_SIZES]
+    probes = [run([p]) for p in pictures] if vision else [{}, {}]
+    if vision:
+        with contextlib.suppress(SkipRecord):  # a processor that takes one image per prompt
+            probes.append(run(pictures[:2]))
+    a = probes[0]
     try:
         text = {k: KeySpec(v.dim(), v.dtype) for k, v in run([]).items()}
     except SkipRecord:  # a processor that needs an image (PaliGemma): its per-token keys
         text = {k: KeySpec(v.dim(), v.dtype) for k, v in a.items() if k in TOKEN_KEYS}
-    image: dict[str, KeySpec] = {}
-    for k, v in a.items():
-        if k in text:
-            continue
-        other = b.get(k)
-        fixed: dict[int, int] = {}
-        if other is not None and other.dim() == v.dim():
+
+    def keys(others: list[Mapping[str, torch.Tensor]]) -> dict[str, KeySpec]:
+        image: dict[str, KeySpec] = {}
+        for k, v in a.items():
+            if k in text:
+                continue
+            same = [o[k] for o in others if k in o and o[k].dim() == v.dim()]
             fixed = {d - v.dim(): int(v.shape[d]) for d in range(1, v.dim())
-                     if v.shape[d] == other.shape[d]}  # fmt: skip
-        image[k] = KeySpec(v.dim(), v.dtype, fixed if k in vlm.adapter.pixel_keys else {})
-    return text, image
+                     if same and all(o.shape[d] == v.shape[d] for o in same)}  # fmt: skip
+            image[k] = KeySpec(v.dim(), v.dtype, fixed if k in vlm.adapter.pixel_keys else {})
+        return image
+
+    return text, keys(probes[1:]), keys(probes[1:2])
 
 
 def _fingerprint(tokenizer: Any, keys: Mapping[str, KeySpec], image_ids: tuple[int, ...]) -> str:
