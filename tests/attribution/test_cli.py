@@ -34,6 +34,39 @@ def test_an_image_far_below_the_processor_resolution_is_warned_about(processor: 
     assert warned[0].startswith("image 0 is 1x1 px") and warned[1].startswith("image 2 is")
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "glm4v"])
+def test_a_dynamic_resolution_processor_warns_only_about_images_it_upscales_4x(
+    family: str, zoo_path: Any
+) -> None:
+    """Qwen-style size bounds are pixel counts (min_pixels, max_pixels): read as a side, a
+    640x480 photo was warned about as resized up to 'about 3136 px' (found by review). The
+    warning follows what the processor does: the processed grid's sides in pixels."""
+    from transformers import AutoProcessor
+
+    for processor in (AutoProcessor.from_pretrained(zoo_path(family)), _stock_qwen()):
+        ip = processor.image_processor
+        for w, h in ((640, 480), (100, 100), (12, 12), (5, 9)):
+            img = Image.new("RGB", (w, h))
+            grid = ip(images=[img], return_tensors="pt")["image_grid_thw"][0]
+            side = int(min(grid[1:])) * int(ip.patch_size)  # processed, shorter side
+            warned = input_warnings(processor, [img], "What colour is the circle?")
+            assert bool(warned) == (side >= 4 * min(w, h)), (family, w, h, side, warned)
+    # by hand: the stock processor enlarges an image below 56 x 56 = min_pixels to that area
+    stock = _stock_qwen()
+    assert input_warnings(stock, [Image.new("RGB", (640, 480))], "a") == []
+    [tiny] = input_warnings(stock, [Image.new("RGB", (12, 12))], "a")
+    assert "to about 56 px" in tiny
+
+
+def _stock_qwen() -> Any:
+    """A processor with Qwen2-VL's image processor at its defaults, as the hub's ships."""
+    from types import SimpleNamespace
+
+    from transformers import Qwen2VLImageProcessorPil
+
+    return SimpleNamespace(image_processor=Qwen2VLImageProcessorPil(), image_token=None)
+
+
 def test_a_prompt_with_fewer_placeholders_than_images_is_warned_about(processor: Any) -> None:
     img = Image.new("RGB", (64, 64))
     token = processor.image_token

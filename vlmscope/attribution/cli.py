@@ -12,7 +12,6 @@ checked before the model loads, so a typo costs seconds, not a model load.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
@@ -241,6 +240,22 @@ def _check_args(args: argparse.Namespace) -> list[Any]:
     return images
 
 
+def _processed_side(image_processor: Any, image: Any) -> int | None:
+    """The shorter side, in pixels, that the image processor gives `image`. A Qwen-style
+    dynamic resolution keeps each image's aspect ratio, within pixel-count bounds (its size's
+    shortest_edge is min_pixels, an area): the processor itself says, by its patch grid.
+    Otherwise the side it resizes every image towards."""
+    grid_of = getattr(image_processor, "temporal_patch_size", None)
+    patch = getattr(image_processor, "patch_size", None)
+    if grid_of is not None and isinstance(patch, int):
+        try:
+            grid = image_processor(images=[image], return_tensors="pt")["image_grid_thw"][0]
+        except (KeyError, ValueError, TypeError, RuntimeError):
+            return None  # the model's own preprocessing will say what is wrong
+        return int(min(grid[1:])) * patch
+    return _processor_side(image_processor)
+
+
 def _processor_side(image_processor: Any) -> int | None:
     """The side length, in pixels, that the image processor resizes images towards."""
     for attr in ("crop_size", "size"):
@@ -254,8 +269,7 @@ def _processor_side(image_processor: Any) -> int | None:
         sides = [v for v in found if isinstance(v, int)]
         if sides:
             return min(sides)
-    pixels = getattr(image_processor, "min_pixels", None)  # Qwen-style dynamic resolution
-    return int(math.sqrt(pixels)) if isinstance(pixels, int) and pixels > 0 else None
+    return None
 
 
 def input_warnings(processor: Any, images: list[Any], prompt: str) -> list[str]:
@@ -263,9 +277,10 @@ def input_warnings(processor: Any, images: list[Any], prompt: str) -> list[str]:
     processor's resolution (its patches are upsampled blur), or a prompt that places fewer
     image placeholders than there are images."""
     out = []
-    side = _processor_side(getattr(processor, "image_processor", None))
+    image_processor = getattr(processor, "image_processor", None)
     for i, img in enumerate(images):
         w, h = img.size
+        side = _processed_side(image_processor, img)
         if side is not None and min(w, h) * 4 <= side:
             out.append(
                 f"image {i} is {w}x{h} px; the processor resizes it to about {side} px, so its "
