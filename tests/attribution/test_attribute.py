@@ -444,3 +444,15 @@ def test_every_edge_with_a_video_prompt(name: str, zoo_path: Any) -> None:
     assert torch.equal(masks.image, inputs["input_ids"] == vlm.model.config.video_token_id)
     assert masks.patch_map[masks.image][:, 1].unique().tolist() == [0, 1]  # temporal patches
     check_every_edge(vlm, random_clt(vlm, n_targets=2, seed=1), inputs)
+
+
+def test_an_mllama_prompt_without_an_image_is_refused_by_name(zoo_path: Any) -> None:
+    """Without an image transformers skips Mllama's cross-attention layers, while the graph's
+    replay runs every layer: it stopped with a KeyError deep in the replay. With an image the
+    same dictionaries attribute."""
+    vlm = vlm_for("mllama", zoo_path)
+    clt = random_clt(vlm)
+    with pytest.raises(ValueError, match=r"mllama skips its layers \[1, 3\].*give an image"):
+        attribute(vlm, clt, vlm.prepare(["Say hello."]), max_feature_nodes=4)
+    inputs = vlm.prepare(["Say hello."], images=[[random_image(32, 32)]])
+    assert attribute(vlm, clt, inputs, max_feature_nodes=4).adjacency.shape[0] > 0

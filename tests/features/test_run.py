@@ -178,3 +178,27 @@ def test_a_unit_folder_that_links_out_of_the_features_folder_is_refused(
     (copy / unit["folder"]).unlink()
     shutil.move(str(outside), copy / unit["folder"])
     assert FeatureStore(copy).card(str(unit["key"]), 0) == good
+
+
+def test_mllama_batches_without_images_are_left_out(
+    tmp_path: Path, zoo_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Transformers runs no cross-attention layer for a batch without images, whose hooks a
+    CLT over every layer reads: collecting stopped there. Such a batch is left out and said
+    to be; the cards are those of the image rows alone."""
+    from tests.training.test_sources import mllama_rows
+
+    vlm = HookedVLM.from_pretrained(zoo_path("mllama"), device="cpu", dtype=torch.float32)
+    random_clt(vlm, seed=1).save(tmp_path / "dicts")
+    mixed = mllama_rows(tmp_path, [False, False, True, True])
+    only = mixed.with_name("image_rows.jsonl")
+    only.write_text("".join(mixed.read_text().splitlines(keepends=True)[2:]))
+    cards = []
+    for name, data in (("mixed", mixed), ("only", only)):
+        res = collect_features(str(zoo_path("mllama")), str(tmp_path / "dicts"), str(data),
+                               tmp_path / name, FeaturesOptions(batch_size=2), vlm=vlm,
+                               progress=False)  # fmt: skip
+        index = json.loads((res.out / "index.json").read_text())
+        cards.append((res.tokens, index["tokens"], index["units"]))
+    assert "1 batch(es) left out" in capsys.readouterr().err
+    assert cards[0] == cards[1] and cards[0][0] > 0

@@ -489,3 +489,27 @@ def report_rows(vlm: HookedVLM, inputs: Any, hook: str, group: str) -> int:
     if hook.startswith("projector"):
         return int(masks.select("image").sum()) if group in ("all", "image") else 0
     return int(masks.select(group).sum())
+
+
+def test_mllama_batches_without_images_are_left_out_where_dictionaries_read_skipped_layers(
+    tmp_path: Path, zoo_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Transformers runs no cross-attention layer for a batch without images: a CLT over
+    every layer failed there (its codes of layer 1 were missing). Such a batch is left out
+    and said to be; the report is that of the image rows alone."""
+    from tests.training.test_sources import mllama_rows
+
+    vlm = vlm_for("mllama", zoo_path)
+    clt = random_clt(vlm)
+    mixed = mllama_rows(tmp_path, [False, False, True, True])
+    only = mixed.with_name("image_rows.jsonl")
+    only.write_text("".join(mixed.read_text().splitlines(keepends=True)[2:]))
+    reports = []
+    for data in (mixed, only):
+        cfg = TrainConfig(model=str(zoo_path("mllama")), dataset=str(data))
+        reports.append(evaluate(vlm, clt, open_training_data(cfg), batch_size=2, progress=False))
+    assert "1 batch(es) left out" in capsys.readouterr().err
+    got, want = reports
+    assert (got.n_batches, got.n_samples, got.n_tokens) == (1, 2, want.n_tokens)
+    assert want.n_tokens > 0 and want.n_batches == 1
+    assert (got.reconstruction, got.next_token) == (want.reconstruction, want.next_token)

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -387,3 +388,31 @@ def test_rank_blocks_are_whole_batches_that_cover_the_rows_once(
     assert all(lo % batch == 0 and (hi % batch == 0 or hi == total) for lo, hi in blocks)
     sizes = [-(-(hi - lo) // batch) for lo, hi in blocks]  # batches per rank
     assert max(sizes) - min(sizes) <= 1
+
+
+def test_mllama_batches_without_images_are_left_out(tmp_path: Path, zoo_path: Any) -> None:
+    """Capture's hook widths came from a text prompt, on which transformers runs no
+    cross-attention layer (1 and 3 in the zoo model): every Mllama capture of those layers
+    stopped before its first batch. A batch without images is left out; the store holds what
+    the image rows alone give."""
+    from tests.training.test_sources import mllama_rows
+
+    vlm = HookedVLM.from_pretrained(zoo_path("mllama"), device="cpu", dtype=torch.float32)
+    mixed = mllama_rows(tmp_path, [False, False, True, True])
+    only = mixed.with_name("image_rows.jsonl")
+    only.write_text("".join(mixed.read_text().splitlines(keepends=True)[2:]))
+    stores = []
+    for name, data in (("mixed", mixed), ("only", only)):
+        argv = f"capture {zoo_path('mllama')} {data} --out {tmp_path / name} --batch-size 2"
+        with pytest.warns(UserWarning, match="left out") if name == "mixed" else nullcontext():
+            res = capture(config_from_capture_args(build_parser().parse_args(argv.split())), vlm,
+                          progress=False)  # fmt: skip
+        store = ActivationStore(res.folder)
+        assert res.manifest["samples"] == 2
+        hooks = [h for h in store.hooks if h.startswith(("lm.blocks.1.", "lm.blocks.3."))]
+        assert hooks  # the cross-attention layers' hooks are stored
+        hooks.append("meta.sample")
+        parts = [store.read(i, hooks) for i in range(len(store.shards))]
+        stores.append({h: torch.cat([p[h] for p in parts]) for h in hooks})
+    for h, t in stores[1].items():
+        assert torch.equal(stores[0][h], t), h

@@ -3,6 +3,7 @@ mid-document bit-exactly) and the choices around it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -195,3 +196,39 @@ def test_two_ranks_count_the_bad_rows_before_the_global_cursor_once(
     assert all(r["ok"] for r in results), results
     state = checked_skips(tmp_path / "two", bad)
     assert state["skips"]  # bad rows lie before the cursor
+
+
+# --- Mllama: batches without images skip the cross-attention layers ----------------------------
+def mllama_rows(folder: Path, images: list[bool]) -> Path:
+    """LLaVA-style rows, with a red picture where `images` says."""
+    from .test_model_sharding import chat_rows
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return chat_rows(folder, ["red.png" if im else None for im in images])
+
+
+@pytest.mark.parametrize("kind", ["--sae.kind sae", "--sae.kind clt"])
+def test_mllama_batches_without_images_are_left_out_where_the_run_reads_skipped_layers(
+    tmp_path: Path, zoo_path: Any, kind: str
+) -> None:
+    """Transformers runs no cross-attention layer (1 and 3 in the zoo model) for a batch
+    without images, so their hooks give no rows: an SAE on every layer stopped before its first
+    step (its hook-width probe was text alone) and a CLT at the first such batch. Such a batch
+    is left out, said once, and the run trains what it trains on the image rows alone."""
+    model = zoo_path("mllama")
+    flags = f"--batch-size 2 --max-steps 1 --sae.expansion-factor 2 --sae.k 4 {kind}"
+    mixed = mllama_rows(tmp_path / "mixed", [False, False, True, True])
+    only = mixed.with_name("image_rows.jsonl")  # the same image rows alone
+    only.write_text("".join(mixed.read_text().splitlines(keepends=True)[2:]))
+    got = {}
+    for name, data in (("mixed", mixed), ("only", only)):
+        cfg = parse_train_args(f"{model} {data} {flags} --output-dir {tmp_path} "
+                               f"--run-name {name}".split())  # fmt: skip
+        with pytest.warns(UserWarning, match=r"layers \[1, 3\].*left out") if name == "mixed" \
+                else contextlib.nullcontext():  # fmt: skip
+            res = train(cfg, progress=False)
+        assert res.step == 1
+        got[name] = DictionaryBundle.load(res.run_dir / "dictionaries").state_dict()
+    assert got["mixed"].keys() == got["only"].keys()
+    for k, t in got["only"].items():
+        assert torch.equal(got["mixed"][k], t), k

@@ -117,6 +117,12 @@ def attribute(
         )
         bundle.check_model(vlm.adapter)
     bundle.eval()
+    skipped = vlm.adapter.skipped_blocks(inputs)
+    if skipped:  # the graph's replay runs every layer, as the recorded forward must
+        raise ValueError(
+            f"{vlm.adapter.family} skips its layers {sorted(skipped)} (cross-attention) for a "
+            "prompt without an image, so its graph cannot be built on one: give an image"
+        )
     masks = vlm.masks(inputs)
     ids, attn = inputs["input_ids"], inputs.get("attention_mask")
     seq = ids.shape[1]

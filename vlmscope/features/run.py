@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -204,12 +205,18 @@ def _collect(
     bar = tqdm(total=opts.max_tokens or None, initial=start_tokens, unit="tok", unit_scale=True,
                disable=not progress, desc="features")  # fmt: skip
     t0 = time.perf_counter()
-    n_batches = 0
+    n_batches = left_out = 0
     with torch.no_grad():
         for batch in batches(stream, opts.batch_size, pad if pad is not None else 0,
                              masks=vlm.masks):  # fmt: skip
             if opts.max_tokens and collectors[0].tokens >= opts.max_tokens:
                 break
+            last = batch.positions[-1] if batch.positions else -1
+            after = last + 1 if last >= 0 else rows  # the dataset row to resume from
+            if vlm.skipped_hooks(batch.inputs, bundle.reads):
+                left_out += 1  # no activations where the model skips layers (Mllama's
+                rows = after  # cross-attention layers without an image)
+                continue
             batch = batch.to(vlm.device)
             masks = batch.masks
             counted = masks.select("all", include_special=opts.include_special_tokens)
@@ -237,13 +244,19 @@ def _collect(
                 )
             _save_new_images(out, collectors, samples, batch, cache, image_refs, proc)
             samples += b
-            rows = batch.positions[-1] + 1 if batch.positions and batch.positions[-1] >= 0 else rows
+            rows = after
             n_batches += 1
             bar.update(int(counted.sum()))
             if n_batches % opts.checkpoint_every == 0:
                 _save_progress(out, settings, collectors, rows, samples, image_refs)
     bar.close()
     seconds = time.perf_counter() - t0
+    if left_out:
+        print(
+            f"{left_out} batch(es) left out: without an image {vlm.adapter.family} skips its "
+            f"layers {sorted(vlm.adapter.skippable_blocks())}, which the dictionaries read",
+            file=sys.stderr,
+        )
     if collectors[0].tokens == 0:
         raise FeaturesError(f"dataset {dataset!r} gave no tokens to collect features on")
     units = _write_cards(out, vlm, bundle, collectors, image_refs, opts, settings)

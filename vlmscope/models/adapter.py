@@ -210,6 +210,14 @@ class ModelAdapter:
         batches differ in images still gather the same units."""
         return frozenset()
 
+    def skipped_blocks(self, inputs: Mapping[str, Any]) -> frozenset[int]:
+        """The decoder layers a forward of `inputs` skips: `skippable_blocks` when the batch
+        holds no image (transformers then runs no cross-attention layer), else none."""
+        skippable = self.skippable_blocks()
+        if not skippable or any(inputs.get(k) is not None for k in self.pixel_keys):
+            return frozenset()
+        return skippable
+
     def layer_map_of(self, i: int) -> LayerMap:
         """The component mapping of decoder layer `i` (one for every layer unless a family
         mixes layer kinds, as Mllama mixes self- and cross-attention layers)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -314,6 +314,16 @@ class HookedVLM:
             tok.padding_side = old_side
         out.pop("labels", None)  # PaliGemma's processor adds training labels; not an input here
         return out.to(self.device)
+
+    def skipped_hooks(self, inputs: Mapping[str, Any], names: Iterable[str]) -> list[str]:
+        """The hook points of `names` that a forward of `inputs` never reaches: those in the
+        language-model layers the model skips for this batch (Mllama's cross-attention
+        layers without an image). Whoever needs every name's activations leaves such a
+        batch out, or refuses it, by this."""
+        skipped = self.adapter.skipped_blocks(inputs)
+        if not skipped:
+            return []
+        return [n for n in names if (i := _lm_layer(n)) is not None and i in skipped]
 
     def masks(self, inputs: Mapping[str, Any]) -> TokenMasks:
         """Token masks and patch map of a processed batch; raises if images and placeholders
@@ -766,3 +776,11 @@ def _images_per_sample(images: Any, n: int) -> list[list[Any]]:
 
 
 __all__ = ["ActivationCache", "HookContext", "HookFn", "HookedVLM"]
+
+
+def _lm_layer(name: str) -> int | None:
+    """The language-model layer a hook point lies in (lm.blocks.I.*), else None."""
+    parts = name.split(".")
+    if len(parts) > 2 and parts[0] == "lm" and parts[1] == "blocks" and parts[2].isdigit():
+        return int(parts[2])
+    return None

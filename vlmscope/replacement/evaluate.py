@@ -677,11 +677,14 @@ def evaluate(
     was_training = bundle.training
     rm = ReplacementModel(vlm, bundle, replace_tokens=replace_tokens)  # checks the model first
     ev = _Evaluator(vlm, rm, groups, per_layer)
-    n_batches = n_samples = n_tokens = 0
+    n_batches = n_samples = n_tokens = left_out = 0
     skips = SkipCounter()
     bar = tqdm(total=max_tokens or None, unit="tok", disable=not progress, desc="eval")
     try:
         for batch in iter_batches(vlm, data, batch_size=batch_size, ctx_len=ctx_len, skips=skips):
+            if vlm.skipped_hooks(batch.inputs, bundle.hook_names()):
+                left_out += 1  # the model skips layers the dictionaries read (Mllama's
+                continue  # cross-attention layers without an image): nothing to replace
             masks = batch.masks if batch.masks is not None else vlm.masks(batch.inputs)
             ev.run(batch, masks)
             n_batches += 1
@@ -696,6 +699,8 @@ def evaluate(
     finally:
         bar.close()
         bundle.train(was_training)
+    if left_out:
+        print(_left_out_note(vlm, left_out), file=sys.stderr)
     if n_batches == 0:
         # records a Dataset refused (unreadable images, wrong columns) never reach the
         # encoder, so they are in its own stats, not in `skips`
@@ -716,6 +721,14 @@ def evaluate(
         dataset=dataset,
         split=split,
         max_tokens=max_tokens or None,
+    )
+
+
+def _left_out_note(vlm: HookedVLM, n: int) -> str:
+    layers = sorted(vlm.adapter.skippable_blocks())
+    return (
+        f"{n} batch(es) left out: without an image {vlm.adapter.family} skips its layers "
+        f"{layers}, which the dictionaries read (rows without images count in batches with one)"
     )
 
 

@@ -486,9 +486,12 @@ def _capture(
                             cursor = _cursor(cursor["rows"], sample, stream, source.skips)
                         else:
                             batch, after, skipped = item
-                            n = _capture_batch(model, run, names, writer, batch, sample, cursor)
+                            n, stored = 0, 0
+                            if not source.left_out(batch, names):  # Mllama's skipped layers
+                                n = _capture_batch(model, run, names, writer, batch, sample, cursor)
+                                stored = batch.size
                             source.skips.add_all(skipped)  # the rows the cursor now passes
-                            sample += batch.size
+                            sample += stored
                             stream += n
                             state.tokens = stream
                             new_tokens += n

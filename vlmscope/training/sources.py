@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -339,6 +340,8 @@ class LiveSource:
         self.cfg = cfg
         self.layout = layout or Layout()
         self.skips = SkipCounter()
+        #: batches whose forward skipped a layer the run reads (see `left_out`)
+        self.batches_left_out = 0
         self.dataset: Any = None
         self.vlm: HookedVLM | None = None
         #: requires_grad of a caller's model's parameters before training froze them.
@@ -502,6 +505,8 @@ class LiveSource:
         else:
             parts = self._model_batches(state)
         for batch, cursor, skipped in self._paired_errors(parts):
+            if batch is not None and self.left_out(batch):
+                batch = None
             if batch is None:  # this rank's rows of the window all failed: a zero-row step
                 spliced = None
                 # A sharded model gathers its layers in every forward, and a spliced ce/kl loss
@@ -515,6 +520,25 @@ class LiveSource:
             xs, ys, out, masks, positions = self._activations(batch, state.step)
             spliced = self._splicer(batch.inputs, out, masks, positions)
             yield ActivationBatch(xs, ys, cursor, list(batch.row_ids), spliced, skipped)
+
+    def left_out(self, batch: Batch, names: list[str] | None = None) -> bool:
+        """Whether the batch's forward skips a layer the run reads (`names`, or the units'
+        hooks: Mllama's cross-attention layers, for a batch without images): its rows give no
+        activations there, so it trains as a step without rows; counted, and said once."""
+        vlm = self._model()
+        missed = vlm.skipped_hooks(batch.inputs, names or [*self.reads, *self.writes])
+        if not missed:
+            return False
+        self.batches_left_out += 1
+        if self.batches_left_out == 1 and self.layout.is_main:
+            warnings.warn(
+                f"{vlm.adapter.family}: a batch without images skips the language model's "
+                f"layers {sorted(vlm.adapter.skippable_blocks())}, which this run reads "
+                f"({missed[0]}): such batches are left out (rows {batch.row_ids[:3]} first); "
+                "rows without images train only in batches with an image",
+                stacklevel=2,
+            )
+        return True
 
     def _paired_errors(self, parts: Iterator[_Part]) -> Iterator[_Part]:
         """`parts`, and on a sharded model an error raised while reading them (a bad record
@@ -883,9 +907,10 @@ def _probe_image() -> Any:
 
 def probe_inputs(vlm: HookedVLM, image: bool = False) -> Any:
     """A one-word prompt for a forward whose activations are not trained on (hook widths, a
-    rank's stand-in): with a small image when asked, or when the processor wants one with
-    every prompt (PaliGemma's refuses text alone)."""
-    if not image:
+    rank's stand-in): with a small image when asked, when the model skips layers for a batch
+    without one (Mllama's cross-attention layers, whose hooks would not fire), or when the
+    processor wants one with every prompt (PaliGemma's refuses text alone)."""
+    if not image and not vlm.adapter.skippable_blocks():
         try:
             return vlm.prepare(["a"])
         except ValueError:  # "images are expected": the image is not optional
