@@ -521,6 +521,16 @@ class LiveSource:
             spliced = self._splicer(batch.inputs, out, masks, positions)
             yield ActivationBatch(xs, ys, cursor, list(batch.row_ids), spliced, skipped)
 
+    def _no_tokens_hint(self) -> str:
+        """Why a full pass may have selected no tokens: the --tokens choice, or every batch
+        left out (`left_out`)."""
+        if self.batches_left_out:
+            return (
+                f" ({self.batches_left_out} batch(es) without images were left out: the run "
+                "reads layers the model skips without one)"
+            )
+        return _NO_TOKENS_HINT[self.cfg.tokens]
+
     def left_out(self, batch: Batch, names: list[str] | None = None) -> bool:
         """Whether the batch's forward skips a layer the run reads (`names`, or the units'
         hooks: Mllama's cross-attention layers, for a batch without images): its rows give no
@@ -614,7 +624,7 @@ class LiveSource:
                 if state.tokens == tokens_before:
                     raise TrainingError(
                         f"--tokens {cfg.tokens} selected no tokens in a full pass over "
-                        f"{cfg.dataset!r}{_NO_TOKENS_HINT[cfg.tokens]}"
+                        f"{cfg.dataset!r}{self._no_tokens_hint()}"
                     )
             pass_ended(state, epoch, {"rows": end})
             epoch, start = epoch + 1, 0
@@ -668,7 +678,7 @@ class LiveSource:
                     )
                 raise TrainingError(
                     f"--tokens {cfg.tokens} selected no tokens in a full pass over "
-                    f"{cfg.dataset!r}{_NO_TOKENS_HINT[cfg.tokens]}"
+                    f"{cfg.dataset!r}{self._no_tokens_hint()}"
                 )
             if pass_ended(state, epoch, {"rows": last}):
                 self.skips.add_all(trailing)
@@ -713,7 +723,7 @@ class LiveSource:
             if cursor.epoch > epoch0 + 1 and state.tokens == tokens_before:
                 raise TrainingError(
                     f"--tokens {cfg.tokens} selected no tokens in a full pass over "
-                    f"{cfg.dataset!r}{_NO_TOKENS_HINT[cfg.tokens]}"
+                    f"{cfg.dataset!r}{self._no_tokens_hint()}"
                 )
             skipped = journal.take((cursor.epoch, cursor.rows))
             # Every rank reads the whole stream: rank 0 alone counts its rejected rows.
