@@ -245,6 +245,46 @@ def test_image_root_defaults_to_dataset_folder(tmp_path: Path) -> None:
     assert rec.messages[0] == user(IMG)
 
 
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparent_images_are_composited_on_white_as_the_processors_do(
+    tmp_path: Path, mode: str
+) -> None:
+    """A transparent picture read from a dataset (or by `attribute --image`) gives the pixels
+    transformers' image processors make of the same picture passed in memory (their
+    convert_to_rgb composites onto white); a plain convert("RGB") kept the colour under the
+    alpha, black here: two different inputs for one picture."""
+    import argparse
+
+    from transformers.image_transforms import convert_to_rgb
+
+    from vlmscope.attribution.cli import _check_args, add_attribute_arguments
+
+    rgba = np.zeros((6, 8, 4), dtype=np.uint8)
+    rgba[..., 0] = 200  # red under the alpha: opaque on the left half, clear on the right
+    rgba[:, :4, 3] = 255
+    picture = Image.fromarray(rgba, "RGBA")
+    if mode == "LA":
+        picture = picture.convert("LA")
+    elif mode == "P":  # a palette with one transparent entry
+        picture = picture.convert("RGB").quantize(2)
+        picture.info["transparency"] = int(np.asarray(picture)[0, -1])
+    picture.save(tmp_path / "a.png")
+    with Image.open(tmp_path / "a.png") as saved:
+        want = np.asarray(convert_to_rgb(saved, return_numpy=True))
+    assert (want[:, 4:] == 255).all()  # the clear half is white
+    row = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>"}]}
+    row["conversations"].append({"from": "gpt", "value": "a picture"})
+    (tmp_path / "d.jsonl").write_text(json.dumps(row) + "\n")
+    (rec,) = list(open_dataset(tmp_path / "d.jsonl"))
+    np.testing.assert_array_equal(pixels(rec.images[0]), want)
+    parser = argparse.ArgumentParser()
+    add_attribute_arguments(parser)
+    flags = f"--model m --dictionaries {tmp_path} --prompt p --image {tmp_path / 'a.png'}"
+    args = parser.parse_args([*flags.split(), "--out", str(tmp_path / "g.json")])
+    (read,) = _check_args(args)
+    np.testing.assert_array_equal(np.asarray(read), want)
+
+
 # --------------------------------------------------------------------------------------------
 # Parquet, chat schema
 

@@ -183,6 +183,8 @@ def _check_args(args: argparse.Namespace) -> list[Any]:
     """Validate flags and read the images; every problem names the flag or file at fault."""
     from PIL import Image
 
+    from vlmscope.data.sources import to_rgb
+
     if not args.prompt.strip():
         raise AttributeInputError("--prompt is empty")
     for name in ("node_threshold", "edge_threshold"):
@@ -213,7 +215,7 @@ def _check_args(args: argparse.Namespace) -> list[Any]:
         try:
             with Image.open(path) as im:
                 im.load()
-                images.append(im.convert("RGB"))
+                images.append(to_rgb(im))
         except Exception as e:  # PIL raises several types for corrupt files
             raise AttributeInputError(f"--image: cannot read {path} as an image: {e}") from e
     if args.graph_dir is not None:

@@ -261,6 +261,18 @@ BatchHook = Callable[[int], None]
 # Images
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` in RGB; transparency composited onto white, as transformers' image processors
+    convert an RGBA image they are given (`vlm.prepare` with a PIL image), so a picture read
+    from a dataset or a file gives the pixels the same picture passed in memory gives. A plain
+    convert("RGB") drops the alpha and keeps whatever colour lies under it (often black)."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 class _ImageLoader:
     """Turns any image item (path, bytes, HF Image struct, PIL image) into a verified image."""
 
@@ -351,6 +363,8 @@ class _ImageLoader:
             im.load()  # full decode: truncated or broken data fails here, not in the model
             # upright as a viewer shows it, as transformers' own image loading turns it
             upright = ImageOps.exif_transpose(im)
+            if self.mode == "RGB" and upright.mode != "RGB":
+                return to_rgb(upright)
             if self.mode and upright.mode != self.mode:
                 return upright.convert(self.mode)
             return upright if upright is not im else im.copy()

@@ -71,11 +71,13 @@ class Intervener:
 def _image(entry: dict[str, Any], folder: Path) -> Any:
     from PIL import Image
 
+    from vlmscope.data.sources import to_rgb
+
     if "data" in entry:
         head, _, b64 = str(entry["data"]).partition(",")
         if not head.startswith("data:image/"):
             raise Refused(422, "an embedded image is not a data URI")
-        return Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")
+        return to_rgb(Image.open(io.BytesIO(base64.b64decode(b64))))
     path = safe_child(folder, str(entry.get("path", "")))
     with Image.open(path) as im:
-        return im.convert("RGB")
+        return to_rgb(im)
