@@ -513,3 +513,8 @@ def test_mllama_batches_without_images_are_left_out_where_dictionaries_read_skip
     assert (got.n_batches, got.n_samples, got.n_tokens) == (1, 2, want.n_tokens)
     assert want.n_tokens > 0 and want.n_batches == 1
     assert (got.reconstruction, got.next_token) == (want.reconstruction, want.next_token)
+    texts = mixed.with_name("text_rows.jsonl")
+    texts.write_text("".join(mixed.read_text().splitlines(keepends=True)[:2]))
+    cfg = TrainConfig(model=str(zoo_path("mllama")), dataset=str(texts))
+    with pytest.raises(ValueError, match=r"no batches to evaluate.*1 batch\(es\) left out"):
+        evaluate(vlm, clt, open_training_data(cfg), batch_size=2, progress=False)

@@ -27,10 +27,10 @@ from vlmscope.training.errors import TrainingError
 DATA = "shapes:24"
 
 
-def capture_config(out: Path, model: Path, extra: str = "") -> CaptureConfig:
+def capture_config(out: Path, model: Path, extra: str = "", data: str = DATA) -> CaptureConfig:
     """Shards of 0.12 MB hold 78 tokens, about one batch of two samples: a capture stopped at
     its third shard has written the first batch whole, so a resume has something to skip."""
-    argv = f"capture {model} {DATA} --out {out} --batch-size 2 --shard-mb 0.12 {extra}"
+    argv = f"capture {model} {data} --out {out} --batch-size 2 --shard-mb 0.12 {extra}"
     return config_from_capture_args(build_parser().parse_args(argv.split()))
 
 
@@ -315,22 +315,22 @@ def _capture_rank(rank: int, world: int, port: int, job: dict[str, Any]) -> None
         writer_mod.save_file = dying
     out = Path(job["report"])
     try:
-        res = capture(capture_config(Path(job["out"]), job["model"], job["flags"]), _MODEL[0],
-                      progress=False)  # fmt: skip
+        cfg = capture_config(Path(job["out"]), job["model"], job["flags"], job["data"])
+        res = capture(cfg, _MODEL[0], progress=False)
         (out / f"rank{rank}.json").write_text(json.dumps({"ok": True, "new": res.new_tokens}))
     except Exception as e:
         (out / f"rank{rank}.json").write_text(json.dumps({"ok": False, "error": str(e)}))
 
 
 def capture_ranks(world: int, store: Path, report: Path, model: Path, llava: HookedVLM,
-                  flags: str = "--max-tokens 0", die_at_shard: int = 0,
+                  flags: str = "--max-tokens 0", die_at_shard: int = 0, data: str = DATA,
                   ) -> list[dict[str, Any]]:  # fmt: skip
     from .test_distributed import fork_ranks
 
     report.mkdir(parents=True, exist_ok=True)
     _MODEL[:] = [llava]
     job = {"out": str(store), "report": str(report), "model": str(model), "flags": flags,
-           "die_at_shard": die_at_shard}  # fmt: skip
+           "die_at_shard": die_at_shard, "data": data}  # fmt: skip
     return fork_ranks(_capture_rank, world, job, report)
 
 
@@ -416,3 +416,25 @@ def test_mllama_batches_without_images_are_left_out(tmp_path: Path, zoo_path: An
         stores.append({h: torch.cat([p[h] for p in parts]) for h in hooks})
     for h, t in stores[1].items():
         assert torch.equal(stores[0][h], t), h
+
+
+def test_ranks_whose_first_block_gives_nothing_capture_what_one_process_does(
+    tmp_path: Path, zoo_path: Any
+) -> None:
+    """Each rank captures its block of the rows; rank 0 checked its block as if it were a
+    whole pass, so a capture whose first rows give no tokens (here Mllama rows without images,
+    whose batches skip the cross-attention layer read) stopped on 2 ranks and not in one
+    process. The ranks now check the pass together: the store is the one-process store."""
+    from tests.training.test_sources import mllama_rows
+
+    model = zoo_path("mllama")
+    vlm = HookedVLM.from_pretrained(model, device="cpu", dtype=torch.float32)
+    data = str(mllama_rows(tmp_path, [False] * 4 + [True] * 4))
+    one = capture(capture_config(tmp_path / "one", model, "--layers 1", data), vlm,
+                  progress=False)  # fmt: skip
+    reports = capture_ranks(2, tmp_path / "two", tmp_path / "r", model, vlm, "--layers 1",
+                            data=data)  # fmt: skip
+    assert all(r["ok"] for r in reports), reports
+    two = ActivationStore(tmp_path / "two")
+    assert two.manifest["samples"] == one.manifest["samples"] == 4
+    assert two.manifest["tokens"] == one.manifest["tokens"] > 0

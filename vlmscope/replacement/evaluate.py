@@ -699,15 +699,16 @@ def evaluate(
     finally:
         bar.close()
         bundle.train(was_training)
-    if left_out:
-        print(_left_out_note(vlm, left_out), file=sys.stderr)
     if n_batches == 0:
         # records a Dataset refused (unreadable images, wrong columns) never reach the
         # encoder, so they are in its own stats, not in `skips`
         stats = getattr(data, "stats", None)
         if stats is not None:
             skips.merge(stats.counts, stats.examples)
-        raise ValueError(f"no batches to evaluate ({skips.summary()})")
+        why = f"; {_left_out_note(vlm, left_out)}" if left_out else ""
+        raise ValueError(f"no batches to evaluate ({skips.summary()}){why}")
+    if left_out:
+        print(_left_out_note(vlm, left_out), file=sys.stderr)
     if skips.total:
         print(skips.summary(), file=sys.stderr)
     name = model_name or str(getattr(vlm.model.config, "_name_or_path", "") or "model")

@@ -470,7 +470,8 @@ def _capture(
         dynamic_ncols=True,
     )
     start, new_tokens = time.perf_counter(), 0
-    batches = iter(source._model_batches(state))
+    # A rank reads its block of the data: the checks of a whole pass are the ranks' together
+    batches = iter(source._model_batches(state, pass_checks=not lay.distributed))
     cursor = _cursor(state.rows, sample, stream, source.skips)
     working, error = not idle, None
     try:
@@ -513,6 +514,17 @@ def _capture(
                     lay.agree(error)
                 if status[0].item() == 0:
                     break
+            if lay.distributed:  # what one process checks as its pass ends, over all ranks
+                got = lay.sum([float(sample), float(stream)])
+                problem = None
+                if got[0].item() == 0:
+                    problem = (
+                        f"dataset {run.dataset!r} produced no usable samples on any of the "
+                        f"{lay.world} ranks ({source.skips.summary()})"
+                    )
+                elif got[1].item() == 0:
+                    problem = source.no_tokens_message()
+                lay.agree(problem)
             error = None
             try:
                 if not finished:

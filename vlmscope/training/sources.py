@@ -521,15 +521,21 @@ class LiveSource:
             spliced = self._splicer(batch.inputs, out, masks, positions)
             yield ActivationBatch(xs, ys, cursor, list(batch.row_ids), spliced, skipped)
 
-    def _no_tokens_hint(self) -> str:
-        """Why a full pass may have selected no tokens: the --tokens choice, or every batch
-        left out (`left_out`)."""
+    def no_tokens_message(self) -> str:
+        """Why a full pass gave no tokens: the --tokens choice, or every batch left out."""
+        cfg = self.cfg
         if self.batches_left_out:
+            vlm = self._model()
             return (
-                f" ({self.batches_left_out} batch(es) without images were left out: the run "
-                "reads layers the model skips without one)"
+                f"no tokens in a full pass over {cfg.dataset!r}: its "
+                f"{self.batches_left_out} batch(es) hold no image, and {vlm.adapter.family} "
+                f"skips its layers {sorted(vlm.adapter.skippable_blocks())}, which the run "
+                "reads, without one (see `left_out`): give rows with images"
             )
-        return _NO_TOKENS_HINT[self.cfg.tokens]
+        return (
+            f"--tokens {cfg.tokens} selected no tokens in a full pass over {cfg.dataset!r}"
+            f"{_NO_TOKENS_HINT[cfg.tokens]}"
+        )
 
     def left_out(self, batch: Batch, names: list[str] | None = None) -> bool:
         """Whether the batch's forward skips a layer the run reads (`names`, or the units'
@@ -540,9 +546,10 @@ class LiveSource:
         if not missed:
             return False
         self.batches_left_out += 1
-        if self.batches_left_out == 1 and self.layout.is_main:
+        if self.batches_left_out == 1:  # any rank's first: another rank may leave out none
+            where = f"rank {self.layout.rank}: " if self.layout.distributed else ""
             warnings.warn(
-                f"{vlm.adapter.family}: a batch without images skips the language model's "
+                f"{where}{vlm.adapter.family}: a batch without images skips the language model's "
                 f"layers {sorted(vlm.adapter.skippable_blocks())}, which this run reads "
                 f"({missed[0]}): such batches are left out (rows {batch.row_ids[:3]} first); "
                 "rows without images train only in batches with an image",
@@ -622,21 +629,20 @@ class LiveSource:
                         f"{lay.world} ranks (rank {rank}: {self.skips.summary()})"
                     )
                 if state.tokens == tokens_before:
-                    raise TrainingError(
-                        f"--tokens {cfg.tokens} selected no tokens in a full pass over "
-                        f"{cfg.dataset!r}{self._no_tokens_hint()}"
-                    )
+                    raise TrainingError(self.no_tokens_message())
             pass_ended(state, epoch, {"rows": end})
             epoch, start = epoch + 1, 0
 
     def _model_batches(
-        self, state: TrainState
+        self, state: TrainState, pass_checks: bool = True
     ) -> Iterator[tuple[Batch, dict[str, int], list[tuple[str, str]]]]:
         """(batch, cursor after it, records skipped before that cursor since the previous
         batch's) from the saved position, epoch after epoch. The consumer counts the skipped
         records as it commits the cursor; those after a pass's last batch are counted here,
         as the pass ends (and with it the cursor's epoch), or, when the consumer reads ahead
-        (--lr-probe), by a last item whose batch is None and whose cursor is the data's end."""
+        (--lr-probe), by a last item whose batch is None and whose cursor is the data's end.
+        A full pass without samples or tokens is an error unless `pass_checks` is off (a
+        capture rank reads its block of the data only, and the ranks check together)."""
         cfg, vlm = self.cfg, self._model()
         pad = vlm.tokenizer.pad_token_id
         pad_id = pad if pad is not None else 0
@@ -665,6 +671,7 @@ class LiveSource:
                 raise TrainingError(str(e)) from None
             except WorkerDiedError as e:
                 raise TrainingError(f"{e}; the last checkpoint is intact") from None
+            full_pass = full_pass and pass_checks
             if not got_any and full_pass:
                 raise TrainingError(
                     f"dataset {cfg.dataset!r} produced no usable samples ({self.skips.summary()})"
@@ -676,10 +683,7 @@ class LiveSource:
                         f"{cfg.dataset!r}: vision and projector dictionaries need records "
                         "with images"
                     )
-                raise TrainingError(
-                    f"--tokens {cfg.tokens} selected no tokens in a full pass over "
-                    f"{cfg.dataset!r}{self._no_tokens_hint()}"
-                )
+                raise TrainingError(self.no_tokens_message())
             if pass_ended(state, epoch, {"rows": last}):
                 self.skips.add_all(trailing)
                 trailing = []
@@ -721,10 +725,7 @@ class LiveSource:
         part = (self.layout.rank, self.layout.world)
         for batch, cursor in packed_batches(chunks, cfg.batch_size, pad or 0, vlm.masks, part):
             if cursor.epoch > epoch0 + 1 and state.tokens == tokens_before:
-                raise TrainingError(
-                    f"--tokens {cfg.tokens} selected no tokens in a full pass over "
-                    f"{cfg.dataset!r}{self._no_tokens_hint()}"
-                )
+                raise TrainingError(self.no_tokens_message())
             skipped = journal.take((cursor.epoch, cursor.rows))
             # Every rank reads the whole stream: rank 0 alone counts its rejected rows.
             yield batch, cursor.as_state(), skipped if self.layout.is_main else []
