@@ -110,3 +110,26 @@ def test_zoo_shapes_image_writes_the_scene_it_describes(
     with Image.open(out) as im:  # the pixels of the sample it names, not just any picture
         assert list(im.convert("RGB").getdata()) == list(sample.image.convert("RGB").getdata())
     assert sample.caption in capsys.readouterr().out
+
+
+def test_vlmscopes_own_warnings_are_one_line_named_by_the_command(
+    tmp_path: Path, zoo_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A warning of vlmscope's reads like its errors (`vlmscope train: WARNING: ...`), not as
+    Python's `/path/sources.py:551: UserWarning: ...` with a line of source under it; others'
+    warnings keep Python's form, and the command leaves warnings as it found them."""
+    import warnings
+
+    from tests.training.test_sources import mllama_rows
+
+    data = mllama_rows(tmp_path, [False, False, True, True])  # the text batch is left out
+    before = warnings.showwarning
+    flags = "--sae.kind clt --max-steps 1 --batch-size 2 --sae.k 4"
+    argv = ["train", str(zoo_path("mllama")), str(data), *flags.split(), "--output-dir",
+            str(tmp_path / "ck")]  # fmt: skip
+    assert main(argv) == 0
+    assert warnings.showwarning is before
+    err = capsys.readouterr().err
+    [line] = [x for x in err.splitlines() if "left out" in x]
+    assert line.startswith("vlmscope train: WARNING: mllama: a batch without images")
+    assert "UserWarning" not in err

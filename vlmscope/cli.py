@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
+from typing import Any, TextIO
 
 from vlmscope.argparsing import SuggestingParser
 from vlmscope.torch_env import prepare_torch_env
@@ -465,11 +467,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), "")
     args = build_parser(only=command if command in COMMANDS else "").parse_args(argv)
+    shown = warnings.showwarning
+    warnings.showwarning = _own_warnings(command, shown)
     try:
         return int(args.func(args))
     except BrokenPipeError:  # output piped into `head` and closed early
         sys.stderr.close()
         return 0
+    finally:
+        warnings.showwarning = shown
+
+
+def _own_warnings(command: str, other: Callable[..., None]) -> Callable[..., None]:
+    """A showwarning that prints vlmscope's own warnings as one line, `vlmscope COMMAND:
+    WARNING: ...` like its errors (not Python's file:line and source line), and other
+    packages' through `other`."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> Any:
+        if os.path.abspath(filename).startswith(package):
+            print(f"vlmscope {command}: WARNING: {message}", file=file or sys.stderr)
+            return None
+        return other(message, category, filename, lineno, file, line)
+
+    return show
 
 
 if __name__ == "__main__":
