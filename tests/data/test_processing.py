@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -378,3 +380,45 @@ def test_a_worker_killed_mid_stream_is_an_error_not_a_hang(zoo_path: Any) -> Non
     finally:
         if held:
             lock.release()
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_next_video"])
+def test_video_rows_become_the_samples_vlm_prepare_makes(
+    name: str, zoo_path: Any, tmp_path: Path
+) -> None:
+    """A chat row's `{"type": "video"}` part takes its frames inline (a list of images) or
+    from a `videos` column; the sample is the one `HookedVLM.prepare` makes of the same
+    conversation and frames (checked against transformers there), its masks count a video as
+    one image, and the record's pictures follow the parts' order (a video's first frame)."""
+    from vlmscope.data import open_dataset
+
+    for i in range(4):
+        random_image(32, 40, 10 + i).save(tmp_path / f"f{i}.png")
+    random_image(36, 36, 20).save(tmp_path / "im.png")
+    frames = [f"f{i}.png" for i in range(4)]
+    rows = [
+        {"messages": [{"role": "user", "content": [{"type": "video", "video": frames},
+                                                   {"type": "text", "text": "What moves?"}]},
+                      {"role": "assistant", "content": "A dot."}]},
+        {"messages": [{"role": "user", "content": [{"type": "image"},
+                                                   {"type": "text", "text": "and"},
+                                                   {"type": "video"}]},
+                      {"role": "assistant", "content": "Both."}],
+         "images": ["im.png"], "videos": [frames[:3]]},
+    ]  # fmt: skip
+    (tmp_path / "v.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    vlm = vlm_for(name, zoo_path)
+    enc = SampleEncoder(vlm.processor, 4096, vlm.adapter.image_token_ids())
+    records = list(open_dataset(tmp_path / "v.jsonl"))
+    assert [len(r.videos) for r in records] == [1, 1] and len(records[1].videos[0]) == 3
+    for rec, n_pictures in zip(records, (1, 2), strict=True):
+        sample = enc.encode(rec)
+        want = vlm.prepare([rec.messages], images=[rec.images] if rec.images else None,
+                           videos=[rec.videos], add_generation_prompt=False)  # fmt: skip
+        assert sample.tensors.keys() == set(want.keys())
+        for k, t in want.items():
+            assert torch.equal(sample.tensors[k], t), k
+        assert sample.n_answer > 0
+        assert vlm.masks(sample.tensors).images_per_sample() == [n_pictures]
+    assert records[1].pictures()[0] is records[1].images[0]  # the image part comes first
+    assert records[1].pictures()[1] is records[1].videos[0][0]

@@ -285,6 +285,39 @@ def test_transparent_images_are_composited_on_white_as_the_processors_do(
     np.testing.assert_array_equal(np.asarray(read), want)
 
 
+def test_video_parts_take_frames_and_bad_ones_are_counted_by_reason(tmp_path: Path) -> None:
+    """A video is a list of frames, inline in its part or in the `videos` column, each frame
+    read as an image is; a video file (not decoded here), a count that disagrees with the
+    parts, or a missing frame are bad records with a reason that says so."""
+    (tmp_path / "a.png").write_bytes(png(noise(5)))
+    (tmp_path / "b.png").write_bytes(png(noise(6)))
+
+    def row(part: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        content = [part, {"type": "text", "text": "what moves?"}]
+        return {"messages": [{"role": "user", "content": content},
+                             {"role": "assistant", "content": "a dot"}], **extra}  # fmt: skip
+
+    rows = [
+        row({"type": "video", "video": ["a.png", "b.png"]}),
+        row({"type": "video"}, videos=[["b.png"]]),
+        row({"type": "video", "video": "clip.mp4"}),
+        row({"type": "video"}),
+        row({"type": "video", "video": ["a.png", "gone.png"]}),
+    ]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = open_dataset(tmp_path / "d.jsonl")
+    good = list(ds)
+    assert [[pixels(f).tolist() for f in r.videos[0]] for r in good] == [
+        [noise(5).tolist(), noise(6).tolist()],
+        [noise(6).tolist()],
+    ]
+    assert ds.stats.counts == {
+        Reason.BAD_VALUE: 1,
+        Reason.IMAGE_COUNT_MISMATCH: 1,
+        Reason.MISSING_IMAGE: 1,
+    }
+
+
 # --------------------------------------------------------------------------------------------
 # Parquet, chat schema
 
@@ -307,7 +340,7 @@ def chat_parquet(tmp_path: Path) -> ChatCase:
         {"id": "2", "messages": None, "images": [png(g[0])]},
         {"id": "3", "messages": [], "images": []},
         {"id": "4", "messages": [{"role": "robot", "content": [txt("x")]}], "images": []},
-        {"id": "5", "messages": [user({"type": "video", "text": None})], "images": []},
+        {"id": "5", "messages": [user({"type": "audio", "text": None})], "images": []},
         {"id": "6", "messages": one, "images": None},
         {"id": "7", "messages": one, "images": [png(g[0]), png(g[1])]},
         {"id": "8", "messages": one, "images": [BAD_BYTES["garbage"]]},

@@ -232,3 +232,26 @@ def test_mllama_batches_without_images_are_left_out_where_the_run_reads_skipped_
     assert got["mixed"].keys() == got["only"].keys()
     for k, t in got["only"].items():
         assert torch.equal(got["mixed"][k], t), k
+
+
+def test_video_rows_train_a_video_model_and_are_counted_for_another(
+    tmp_path: Path, zoo_path: Any
+) -> None:
+    """Qwen2-VL trains on rows whose videos are lists of frames; LLaVA, whose processor takes
+    no video, skips them by reason, and a pass where every row was skipped names them (its
+    message said "no records skipped": the pass's skips were counted after it)."""
+    from PIL import Image
+
+    for i in range(2):
+        Image.new("RGB", (40, 32), (90 * i, 40, 200)).save(tmp_path / f"f{i}.png")
+    part = {"type": "video", "video": ["f0.png", "f1.png"]}
+    rows = [{"messages": [{"role": "user", "content": [part, {"type": "text", "text": f"{i}?"}]},
+                          {"role": "assistant", "content": f"It is {i}."}]}
+            for i in range(4)]  # fmt: skip
+    data = tmp_path / "videos.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    flags = f"{data} --sae.transcode --max-steps 2 --batch-size 2 --sae.k 4 --output-dir {tmp_path}"
+    res = train(parse_train_args(f"{zoo_path('qwen2_vl')} {flags}".split()), progress=False)
+    assert res.step == 2 and res.tokens > 0
+    with pytest.raises(TrainingError, match=r"no usable samples \(4 records skipped.*videos_for"):
+        train(parse_train_args(f"{zoo_path('llava')} {flags}".split()), progress=False)

@@ -94,6 +94,11 @@ def _nested(values: list[np.ndarray | None], depth: int, leaf: Any) -> Any:
 def _row_arrays(sample: Sample, spec: ProcessedSpec) -> dict[str, np.ndarray | None]:
     """One sample's stored arrays: per-token keys without the sample dim, labels if any."""
     extra = set(sample.tensors) - set(spec.keys)
+    if any("video" in k for k in extra):
+        raise ValueError(
+            f"row {sample.row_id} holds a video, which the processed schema does not store "
+            "yet: train on the raw rows (the data readers take video frames)"
+        )
     if extra:
         raise ValueError(
             f"row {sample.row_id}: the processor made {sorted(extra)}, which its probe did not: "

@@ -53,7 +53,8 @@ PER_SAMPLE_IMAGE_KEYS: dict[str, tuple[str, ...]] = {
 
 
 class RecordLike(Protocol):
-    """What processing needs from a data record (see vlmscope.data.sources.Record)."""
+    """What processing needs from a data record (see vlmscope.data.sources.Record; `videos`,
+    each a list of frames, is read where the record has it)."""
 
     row_id: str
     messages: list[dict[str, Any]]
@@ -142,6 +143,7 @@ class SampleEncoder:
         self.special_ids = tokenizer_special_ids(self.tokenizer) - set(image_token_ids)
         self.add_generation_prompt = add_generation_prompt
         self.has_images = hasattr(processor, "image_processor")
+        self.has_videos = getattr(processor, "video_processor", None) is not None
         self.template = getattr(processor, "chat_template", None) or getattr(
             self.tokenizer, "chat_template", None
         )
@@ -221,8 +223,11 @@ class SampleEncoder:
             return self._truncate(self.processed.sample(record))  # type: ignore[arg-type]
         text, answer = self.render(record)
         images = list(record.images or [])
+        videos = list(getattr(record, "videos", None) or [])
         if images and not self.has_images:
             raise SkipRecord("images_for_text_model", "this model has no image processor")
+        if videos and not self.has_videos:
+            raise SkipRecord("videos_for_model", "this model's processor takes no videos")
         extra: dict[str, Any] = {}
         if self.template is None and self.takes_suffix and answer:
             extra["suffix"] = [answer]
@@ -231,11 +236,15 @@ class SampleEncoder:
             # Template output holds its own BOS where the template writes one: tokenize it as
             # apply_chat_template(tokenize=True) does, so no family gets a second BOS.
             kw["add_special_tokens"] = add_special_tokens_for_rendered(self.processor, [text])
+        if videos:  # one flat list of videos, as for a batch (see HookedVLM.prepare)
+            kw["videos"] = videos
         try:
             if images:
                 out = self.processor(
                     text=[text], images=[images], return_tensors="pt", **extra, **kw
                 )
+            elif videos:
+                out = self.processor(text=[text], return_tensors="pt", **extra, **kw)
             elif self.processor is self.tokenizer:
                 out = self.processor([text], return_tensors="pt", **kw)
             else:
@@ -245,7 +254,7 @@ class SampleEncoder:
         # Processors that build training labels (PaliGemma) are not the loss here: drop them.
         tensors = {k: v for k, v in out.items() if isinstance(v, torch.Tensor) and k != "labels"}
         ids = tensors["input_ids"][0]
-        if images and not bool(torch.isin(ids, self.image_token_ids).any()):
+        if (images or videos) and not bool(torch.isin(ids, self.image_token_ids).any()):
             raise SkipRecord("image_placeholder_mismatch", "no image token in the prompt")
         n_answer = 0
         if extra:

@@ -17,7 +17,7 @@ Bad-record reasons (the fixed set `REASONS`, also available as `Reason.<NAME>`):
 - ``empty_text``: a plain-text record whose text is empty or whitespace.
 - ``empty_conversation``: a conversation with no turns or without any non-empty text.
 - ``image_count_mismatch``: number of image placeholders (``<image>`` or ``{"type": "image"}``)
-  differs from the number of images.
+  differs from the number of images, or of ``{"type": "video"}`` parts from the videos.
 - ``missing_image``: an image path that does not exist (or a null image / remote URL).
 - ``corrupt_image``: bytes PIL cannot identify or fully decode (garbage, truncated).
 - ``empty_image``: an image of 0 pixels, or an empty (0-byte) file / payload.
@@ -116,8 +116,9 @@ class Record:
     """One normalised example.
 
     Chat records have ``messages`` (roles user/assistant/system; content a str, or a list of
-    ``{"type": "text", "text": ...}`` / ``{"type": "image"}`` parts), ``images`` in the order
-    of the image parts and ``text == ""``; plain-text records have ``text`` and no messages.
+    ``{"type": "text", "text": ...}`` / ``{"type": "image"}`` / ``{"type": "video"}`` parts),
+    ``images`` in the order of the image parts, ``videos`` (each a list of frames) in the order
+    of the video parts, and ``text == ""``; plain-text records have ``text`` and no messages.
     LLaVA records with images use list content in every turn; text-only ones use str content.
     ``position`` is the row's index in the whole dataset (bad rows included): resume a run with
     ``skip(position + 1)``. ``source_id`` is the row's own id column, if any. Processed records
@@ -128,6 +129,7 @@ class Record:
     row_id: str
     messages: list[dict[str, Any]] = field(default_factory=list)
     images: list[Image.Image] = field(default_factory=list)
+    videos: list[list[Image.Image]] = field(default_factory=list)
     text: str = ""
     position: int = 0
     source_id: str | None = None
@@ -138,6 +140,20 @@ class Record:
         """True for a plain-text record (no chat structure, not processed)."""
         return not self.messages and not self.tensors
 
+    def pictures(self) -> list[Image.Image]:
+        """One picture per image or video, in the order of their parts (the order in which
+        the masks number them): an image itself, a video's first frame."""
+        images, videos = iter(self.images), iter(self.videos)
+        out = []
+        for msg in self.messages:
+            content = msg.get("content")
+            for part in content if isinstance(content, list) else []:
+                if part.get("type") == "image":
+                    out.append(next(images))
+                elif part.get("type") == "video":
+                    out.append(next(videos)[0])
+        return out
+
 
 @dataclass(frozen=True)
 class ColumnMap:
@@ -145,6 +161,7 @@ class ColumnMap:
 
     messages: str = "messages"
     images: str = "images"
+    videos: str = "videos"
     text: str = "text"
     id: str = "id"
     conversations: str = "conversations"
@@ -154,7 +171,7 @@ class ColumnMap:
         """Columns a schema reads; Parquet/Arrow readers fetch only these."""
         return {
             "llava": [self.id, self.conversations, self.image],
-            "chat": [self.id, self.messages, self.images],
+            "chat": [self.id, self.messages, self.images, self.videos],
             "text": [self.id, self.text],
             "processed": [self.id, *PROCESSED_COLUMNS],
         }[schema]
@@ -463,7 +480,8 @@ def _llava_record(row: dict[str, Any], cm: ColumnMap, loader: _ImageLoader) -> R
 
 
 def _clean_part(part: Any, i: int, j: int) -> tuple[dict[str, Any], Any]:
-    """One content part -> (part without null fields, inline image source or None)."""
+    """One content part -> (part without null fields, inline image source or None; for a
+    video part, its inline list of frames or None)."""
     if not isinstance(part, dict):
         raise _Bad(Reason.BAD_VALUE, f"message {i} part {j} is {type(part).__name__}")
     kind = part.get("type")
@@ -478,6 +496,16 @@ def _clean_part(part: Any, i: int, j: int) -> tuple[dict[str, Any], Any]:
         inline = next((part[k] for k in keys if part.get(k) is not None), None)
         clean = {k: v for k, v in part.items() if v is not None and k not in keys}
         return clean, inline
+    if kind == "video":
+        keys = ("video", "frames", "path", "url")
+        inline = next((part[k] for k in keys if part.get(k) is not None), None)
+        if inline is not None and not isinstance(inline, list | tuple):
+            raise _Bad(
+                Reason.BAD_VALUE,
+                f"message {i} part {j}: a video as {type(inline).__name__}; give its frames "
+                "as a list of images (video files are not decoded here)",
+            )
+        return {k: v for k, v in part.items() if v is not None and k not in keys}, inline
     raise _Bad(Reason.BAD_VALUE, f"message {i} part {j}: unsupported part type {kind!r}")
 
 
@@ -491,7 +519,8 @@ def _chat_record(row: dict[str, Any], cm: ColumnMap, loader: _ImageLoader) -> Re
         raise _Bad(Reason.EMPTY_CONVERSATION, "no messages")
     messages: list[dict[str, Any]] = []
     inline: list[Any] = []
-    n_parts = 0
+    inline_videos: list[Any] = []
+    n_parts = n_video_parts = 0
     has_text = False
     for i, msg in enumerate(raw):
         if not isinstance(msg, dict):
@@ -512,6 +541,10 @@ def _chat_record(row: dict[str, Any], cm: ColumnMap, loader: _ImageLoader) -> Re
                 n_parts += 1
                 if src is not None:
                     inline.append(src)
+            elif clean["type"] == "video":
+                n_video_parts += 1
+                if src is not None:
+                    inline_videos.append(src)
             else:
                 has_text = has_text or bool(clean["text"].strip())
             parts.append(clean)
@@ -524,8 +557,26 @@ def _chat_record(row: dict[str, Any], cm: ColumnMap, loader: _ImageLoader) -> Re
     if n_parts != len(items):
         hint = _column_hint(row, cm.images, "images") if not inline else ""
         raise _Bad(Reason.IMAGE_COUNT_MISMATCH, f"{n_parts} image parts, {len(items)} images{hint}")
+    videos = _image_items(row.get(cm.videos))
+    if not videos and inline_videos and len(inline_videos) == n_video_parts:
+        videos = inline_videos
+    if n_video_parts != len(videos):
+        hint = _column_hint(row, cm.videos, "videos") if not inline_videos else ""
+        raise _Bad(
+            Reason.IMAGE_COUNT_MISMATCH,
+            f"{n_video_parts} video parts, {len(videos)} videos{hint}",
+        )
+    for v, frames in enumerate(videos):
+        if not isinstance(frames, list | tuple) or not frames:
+            raise _Bad(Reason.BAD_VALUE, f"video {v} is not a non-empty list of frames")
     images = [loader.load(item) for item in items]
-    return Record(row_id="", messages=messages, images=images, source_id=_source_id(row, cm))
+    return Record(
+        row_id="",
+        messages=messages,
+        images=images,
+        videos=[[loader.load(f) for f in frames] for frames in videos],
+        source_id=_source_id(row, cm),
+    )
 
 
 def _text_record(row: dict[str, Any], cm: ColumnMap, loader: _ImageLoader) -> Record:

@@ -94,7 +94,9 @@ class _ImageCache:
 
     def wrap(self, records: Any) -> Iterator[Any]:
         for r in records:
-            imgs = getattr(r, "images", None)
+            # with videos, one picture per image or video in token order (a video's first
+            # frame), as the masks number them
+            imgs = r.pictures() if getattr(r, "videos", None) else getattr(r, "images", None)
             if imgs:
                 self.items[r.row_id] = list(imgs)
                 self.items.move_to_end(r.row_id)

@@ -673,6 +673,7 @@ class LiveSource:
                 raise TrainingError(f"{e}; the last checkpoint is intact") from None
             full_pass = full_pass and pass_checks
             if not got_any and full_pass:
+                self.skips.add_all(trailing)  # the pass's rows, all of them skipped
                 raise TrainingError(
                     f"dataset {cfg.dataset!r} produced no usable samples ({self.skips.summary()})"
                 )
