@@ -133,3 +133,14 @@ def test_vlmscopes_own_warnings_are_one_line_named_by_the_command(
     [line] = [x for x in err.splitlines() if "left out" in x]
     assert line.startswith("vlmscope train: WARNING: mllama: a batch without images")
     assert "UserWarning" not in err
+    # torch's own warnings point at the vlmscope line that called it: still torch's
+    from vlmscope import VlmscopeWarning
+    from vlmscope.cli import _own_warnings
+
+    others: list[Any] = []
+    show = _own_warnings("train", lambda *a: others.append(a))
+    sources = str(Path(__file__).parents[1] / "vlmscope" / "training" / "sources.py")
+    show("not writable", UserWarning, sources, 1)
+    show("left out", VlmscopeWarning, sources, 1)
+    assert [a[0] for a in others] == ["not writable"]
+    assert capsys.readouterr().err == "vlmscope train: WARNING: left out\n"

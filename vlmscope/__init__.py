@@ -6,6 +6,11 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+
+class VlmscopeWarning(UserWarning):
+    """vlmscope's own warnings (the CLI prints them as one line, as its errors)."""
+
+
 if TYPE_CHECKING:
     from vlmscope.attribution.attribute import attribute
     from vlmscope.capture import ActivationStore

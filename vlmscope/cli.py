@@ -81,6 +81,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except ValueError as e:
         args.parser.error(str(e))
     _quiet_transformers()
+    from vlmscope.data.processing import SkipRecord
     from vlmscope.data.sources import BadRecordError
     from vlmscope.training.distributed import AgreedError
     from vlmscope.training.trainer import TrainingError, train
@@ -88,7 +89,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     main_rank = os.environ.get("RANK", "0") == "0"  # torchrun: only rank 0 reports
     try:
         result = train(cfg)
-    except (TrainingError, BadRecordError) as e:  # BadRecordError: --strict stopped the run
+    except (TrainingError, BadRecordError, SkipRecord) as e:  # the last two: --strict
         if main_rank or not isinstance(e, AgreedError):  # an agreed error is the same on all
             print(f"vlmscope train: error: {e}", file=sys.stderr)
         return 1
@@ -479,10 +480,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _own_warnings(command: str, other: Callable[..., None]) -> Callable[..., None]:
-    """A showwarning that prints vlmscope's own warnings as one line, `vlmscope COMMAND:
-    WARNING: ...` like its errors (not Python's file:line and source line), and other
-    packages' through `other`."""
-    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    """A showwarning that prints vlmscope's own warnings (VlmscopeWarning) as one line,
+    `vlmscope COMMAND: WARNING: ...` like its errors (not Python's file:line and source line),
+    and other packages' through `other`, whatever file they point at."""
+    from vlmscope import VlmscopeWarning
 
     def show(
         message: Warning | str,
@@ -492,7 +493,7 @@ def _own_warnings(command: str, other: Callable[..., None]) -> Callable[..., Non
         file: TextIO | None = None,
         line: str | None = None,
     ) -> Any:
-        if os.path.abspath(filename).startswith(package):
+        if issubclass(category, VlmscopeWarning):
             print(f"vlmscope {command}: WARNING: {message}", file=file or sys.stderr)
             return None
         return other(message, category, filename, lineno, file, line)

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vlmscope import VlmscopeWarning
 from vlmscope.data.processing import TOKEN_KEYS, Sample, SampleEncoder, SkipRecord
 from vlmscope.data.sources import PROCESSED_COLUMNS, Record
 from vlmscope.models.masks import ImageTokenMismatchError
@@ -226,6 +227,7 @@ class ProcessedSpec:
             warnings.warn(
                 f"{what} has columns {ignored}, which {self.name}'s processor does not make: "
                 "they are not passed to the model",
+                category=VlmscopeWarning,
                 stacklevel=2,
             )
         foreign = sorted(extra - set(TOKEN_KEYS))  # another family's image layout
@@ -250,6 +252,7 @@ class ProcessedSpec:
             warnings.warn(
                 f"{what} has no {pixels} column: {self.name} is a vision-language model, "
                 "but this dataset trains it on text only",
+                category=VlmscopeWarning,
                 stacklevel=2,
             )
         manifest = find_manifest(dataset)

@@ -64,6 +64,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from vlmscope import VlmscopeWarning
 from vlmscope.dictionaries.activations import BatchTopK, SparseActivation
 from vlmscope.dictionaries.clt import CrossLayerTranscoder
 from vlmscope.dictionaries.coder import SparseCoder
@@ -1022,7 +1023,7 @@ def export_saelens(
 
     tl_hook, hf_id, why = transformer_lens_names(hook, family, ours)
     if why:
-        warnings.warn(f"SAELens export of {hook}: {why}", stacklevel=2)
+        warnings.warn(f"SAELens export of {hook}: {why}", category=VlmscopeWarning, stacklevel=2)
     meta: dict[str, Any] = {
         "sae_lens_version": "6.0.0",  # the config layout written (metadata block)
         "model_name": hf_id or ours,

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from vlmscope import VlmscopeWarning
 from vlmscope.models.adapter import AttentionInputs, ModelAdapter
 from vlmscope.models.adapters.generic import DecoderNotFoundError
 from vlmscope.models.chat import add_special_tokens_for_rendered
@@ -135,7 +136,7 @@ def load_hf(
     except ImportError as e:
         # The processor's class (or its image/video processor) needs a package that is not
         # installed, typically torchvision: say which, and go on with the tokenizer.
-        warnings.warn(missing_package_message(path, e), stacklevel=3)
+        warnings.warn(missing_package_message(path, e), category=VlmscopeWarning, stacklevel=3)
         processor = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError):
         processor = AutoTokenizer.from_pretrained(path)
@@ -143,6 +144,7 @@ def load_hf(
         warnings.warn(
             f"{path} is an image-text model but no image processor was found with it; "
             "prepare() can only process text for it",
+            category=VlmscopeWarning,
             stacklevel=3,
         )
     return model.eval(), processor

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from vlmscope import VlmscopeWarning
 from vlmscope.models.adapter import ModelAdapter
 
 A = TypeVar("A", bound=type[ModelAdapter])
@@ -86,6 +87,7 @@ def resolve_adapter(model: nn.Module, processor: Any = None) -> ModelAdapter:
         "Hook names work; image-token layouts come from the vision config (a guess is "
         "announced), and family-specific attention details (M-RoPE, soft-capping, unusual "
         "RoPE) are not checked for this model.",
+        category=VlmscopeWarning,
         stacklevel=2,
     )
     return adapter

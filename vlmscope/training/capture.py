@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from vlmscope import VlmscopeWarning
 from vlmscope.capture import (
     DTYPES,
     MANIFEST,
@@ -183,7 +184,11 @@ def _open_folder(cfg: CaptureConfig) -> dict[str, Any] | None:
                 f"{', ...' if len(others) > 3 else ''}): choose an empty or new folder"
             )
         if cfg.resume:
-            warnings.warn(f"--resume: no store in {folder}; starting fresh", stacklevel=3)
+            warnings.warn(
+                f"--resume: no store in {folder}; starting fresh",
+                category=VlmscopeWarning,
+                stacklevel=3,
+            )
     return manifest
 
 

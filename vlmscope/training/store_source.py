@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from vlmscope import VlmscopeWarning
 from vlmscope.capture import ActivationStore, StoreError, config_sha256
 from vlmscope.capture.layout import MODALITIES, selected_modalities
 from vlmscope.data.processing import SkipCounter
@@ -210,6 +211,7 @@ class StoreSource:
             warnings.warn(
                 f"MODEL {cfg.model!r} has the config of the store's model {model['name']!r} "
                 "under another name; make sure they share their weights too",
+                category=VlmscopeWarning,
                 stacklevel=3,
             )
 

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from vlmscope import VlmscopeWarning
 from vlmscope.data.processing import SkipCounter, SkipRecord
 from vlmscope.data.sources import BadRecordError
 from vlmscope.files import FolderLock, FolderLockedError, lock_folder
@@ -200,7 +201,7 @@ class Trainer:
             if existing is not None:  # every rank: the source binds the run's hooks next
                 for note in _continue_as_trained(self.run_dir / "train_config.json", cfg):
                     if lay.is_main:
-                        warnings.warn(note, stacklevel=2)
+                        warnings.warn(note, category=VlmscopeWarning, stacklevel=2)
 
             def open_it() -> ActivationSource:
                 return source if source is not None else open_source(cfg, vlm, lay)
@@ -226,7 +227,9 @@ class Trainer:
                 self.layout.phase(lambda: self._restore(existing))
             elif cfg.resume and lay.is_main:
                 warnings.warn(
-                    f"--resume: no checkpoint in {self.run_dir}; starting fresh", stacklevel=2
+                    f"--resume: no checkpoint in {self.run_dir}; starting fresh",
+                    category=VlmscopeWarning,
+                    stacklevel=2,
                 )
             if lay.distributed:
                 torch.manual_seed(rank_seed(cfg.seed, lay.rank))
@@ -349,6 +352,7 @@ class Trainer:
                 "cursor carry over; batches from here on are cut for "
                 f"{lay.world} ranks (a global batch of {lay.world} x --batch-size), so the run "
                 "is not bit-identical to one continued with the old world size",
+                category=VlmscopeWarning,
                 stacklevel=2,
             )
         self.state = TrainState(**raw["train_state"])
@@ -539,7 +543,7 @@ class Trainer:
                 logger.close()
         if micro % cfg.grad_acc_steps and main:
             warnings.warn("the data ended inside a gradient-accumulation cycle; its gradient "
-                          "was dropped", stacklevel=2)  # fmt: skip
+                          "was dropped", category=VlmscopeWarning, stacklevel=2)  # fmt: skip
         self._checkpoint()  # the training weights (signum: y), which --resume continues from
         out_dir = self.run_dir / "dictionaries"
         with averaged(self.optimizer):  # signum: the averaged weights are the result
@@ -596,6 +600,7 @@ class Trainer:
                 warnings.warn(
                     f"--lr-probe: the data has {len(usable)} batch(es) with tokens, too few to "
                     "probe one step and score it on the next; training at the rate given",
+                    category=VlmscopeWarning,
                     stacklevel=2,
                 )
             return rest

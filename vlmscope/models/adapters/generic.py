@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlmscope import VlmscopeWarning
 from vlmscope.models.adapter import GEMMA_LAYER, Capabilities, LayerMap, ModelAdapter
 from vlmscope.models.adapters.llava import grid_cells
 
@@ -278,6 +279,7 @@ class GenericAdapter(ModelAdapter):
                 f"generic adapter ({self.config.model_type}): {guess}; the view grid from the "
                 f"vision config ({source}) does not fit. Patch positions in the patch map and "
                 "heatmaps are a guess for these images",
+                category=VlmscopeWarning,
                 stacklevel=3,
             )
         return out
