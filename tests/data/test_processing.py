@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import multiprocessing
 from dataclasses import dataclass, field
@@ -420,5 +421,48 @@ def test_video_rows_become_the_samples_vlm_prepare_makes(
             assert torch.equal(sample.tensors[k], t), k
         assert sample.n_answer > 0
         assert vlm.masks(sample.tensors).images_per_sample() == [n_pictures]
-    assert records[1].pictures()[0] is records[1].images[0]  # the image part comes first
-    assert records[1].pictures()[1] is records[1].videos[0][0]
+    assert records[1].pictures()[0] == (records[1].images[0], False)  # the image part first
+    assert records[1].pictures()[1] == (records[1].videos[0][0], True)
+
+
+def test_video_rows_are_skipped_for_a_model_whose_adapter_reads_no_videos(
+    zoo_path: Any, tmp_path: Path
+) -> None:
+    """Whether video rows are read is the model's (its adapter lays video tokens out), not
+    the processor's: with torchvision installed LLaVA-OneVision's processor has a video
+    processor while vlmscope lays out its images only, and its video tokens would have trained
+    as text. Simulated by giving the zoo processor a video processor."""
+    from vlmscope.data.processing import SkipRecord
+    from vlmscope.models.zoo.llava_next_video import FramesAsImages
+
+    vlm = vlm_for("llava_onevision", zoo_path)
+    assert not vlm.adapter.capabilities.video
+    processor = copy.copy(vlm.processor)
+    processor.video_processor = FramesAsImages(32)
+    frames = [random_image(32, 32, 30), random_image(32, 32, 31)]
+    content = [{"type": "video"}, {"type": "text", "text": "What moves?"}]
+    rec = Rec("v", [{"role": "user", "content": content},
+                    {"role": "assistant", "content": "A dot."}])  # fmt: skip
+    rec.videos = [frames]  # type: ignore[attr-defined]
+    assert SampleEncoder(processor, 4096, vlm.adapter.image_token_ids()).has_videos
+    enc = SampleEncoder(processor, 4096, vlm.adapter.image_token_ids(), videos=False)
+    with pytest.raises(SkipRecord, match="videos_for_model"):
+        enc.encode(rec)
+
+
+def test_videos_of_different_lengths_are_not_padded_into_one_batch() -> None:
+    """LLaVA-NeXT-Video's videos are [videos, frames, ...]: padding a 2-frame video to 3
+    frames gave it a blank frame its prompt has no tokens for, and the masks failed with a
+    traceback. The batch is refused by name; Qwen's flattened patches still concatenate."""
+    from vlmscope.data.processing import CollateError, Sample
+
+    def video(frames: int, dims: int = 5) -> Sample:
+        pixels = torch.zeros(1, frames, 3, 4, 4) if dims == 5 else torch.zeros(frames * 8, 12)
+        return Sample(f"r{frames}", {"input_ids": torch.ones(1, 3, dtype=torch.long),
+                                     "pixel_values_videos": pixels})  # fmt: skip
+
+    with pytest.raises(CollateError, match=r"\['r3', 'r2'\] hold videos of \[2, 3\] frames"):
+        collate([video(3), video(2)], 0)
+    assert collate([video(3), video(3)], 0).inputs["pixel_values_videos"].shape[1] == 3
+    flat = collate([video(3, dims=2), video(2, dims=2)], 0).inputs["pixel_values_videos"]
+    assert flat.shape == (40, 12)

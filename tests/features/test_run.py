@@ -202,3 +202,13 @@ def test_mllama_batches_without_images_are_left_out(
         cards.append((res.tokens, index["tokens"], index["units"]))
     assert "1 batch(es) left out" in capsys.readouterr().err
     assert cards[0] == cards[1] and cards[0][0] > 0
+
+
+def test_a_videos_frames_are_boxed_in_its_processed_region_like_its_first() -> None:
+    """A video's views are its frames, each centre-cropped as the first (the stored
+    picture); only image tiles and high-resolution views cover the whole picture. By hand:
+    a 40 x 32 frame cropped to x 4..36, a 2 x 2 grid."""
+    ref = {"region": [4, 0, 36, 32], "width": 40, "height": 32, "grids": {"0": [2, 2], "1": [2, 2]}}
+    assert run_mod._box(ref, 0, 1, 0) == [4.0, 16.0, 20.0, 32.0]
+    assert run_mod._box(ref, 1, 1, 0) == [0.0, 16.0, 20.0, 32.0]  # a tile: the whole picture
+    assert run_mod._box({**ref, "video": True}, 1, 1, 0) == [4.0, 16.0, 20.0, 32.0]

@@ -235,7 +235,7 @@ def test_mllama_batches_without_images_are_left_out_where_the_run_reads_skipped_
 
 
 def test_video_rows_train_a_video_model_and_are_counted_for_another(
-    tmp_path: Path, zoo_path: Any
+    tmp_path: Path, zoo_path: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Qwen2-VL trains on rows whose videos are lists of frames; LLaVA, whose processor takes
     no video, skips them by reason, and a pass where every row was skipped names them (its
@@ -255,3 +255,10 @@ def test_video_rows_train_a_video_model_and_are_counted_for_another(
     assert res.step == 2 and res.tokens > 0
     with pytest.raises(TrainingError, match=r"no usable samples \(4 records skipped.*videos_for"):
         train(parse_train_args(f"{zoo_path('llava')} {flags}".split()), progress=False)
+    # --strict stops at the first such row with one line, not a traceback
+    from vlmscope.cli import main
+
+    strict = [str(zoo_path("llava")), *flags.split(), "--strict", "--run-name", "strict"]
+    assert main(["train", *strict]) == 1
+    err = capsys.readouterr().err
+    assert "vlmscope train: error: videos_for_model: row videos.jsonl:0" in err

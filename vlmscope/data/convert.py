@@ -240,7 +240,12 @@ def process_dataset(
     # the rows written reach past it, so --max-rows reports the rows it consumed.
     journal = SkipJournal()
     dataset.on_bad_record = journal.note_bad
-    encoder = SampleEncoder(vlm.processor, ctx_len or 1 << 30, vlm.adapter.image_token_ids())
+    encoder = SampleEncoder(
+        vlm.processor,
+        ctx_len or 1 << 30,
+        vlm.adapter.image_token_ids(),
+        videos=vlm.adapter.capabilities.video,
+    )
     ids: dict[str, str] = {}
 
     def records() -> Iterator[Any]:

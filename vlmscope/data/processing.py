@@ -37,6 +37,8 @@ TOKEN_KEYS: dict[str, int | None] = {
 #: per-token tensors with more (ragged) dimensions after the sequence: Mllama's
 #: cross_attention_mask [batch, seq, images, tiles].
 TOKEN_GRID_KEYS = ("cross_attention_mask",)
+#: video tensors that keep a frame dimension ([videos, frames, ...]: LLaVA-NeXT-Video's)
+FRAME_KEYS = ("pixel_values_videos",)
 #: Image tensors that some processors batch by sample rather than by image ([batch, images or
 #: views, ...]), a sample without images getting a block of zeros: keyed by the tensor only
 #: those processors write. Idefics3/SmolVLM: pixel_values, pixel_attention_mask; Mllama:
@@ -134,6 +136,7 @@ class SampleEncoder:
         image_token_ids: Sequence[int] = (),
         add_generation_prompt: bool = False,
         processed: ProcessedSpec | None = None,
+        videos: bool | None = None,
     ) -> None:
         self.processor = processor
         self.processed = processed
@@ -143,7 +146,10 @@ class SampleEncoder:
         self.special_ids = tokenizer_special_ids(self.tokenizer) - set(image_token_ids)
         self.add_generation_prompt = add_generation_prompt
         self.has_images = hasattr(processor, "image_processor")
-        self.has_videos = getattr(processor, "video_processor", None) is not None
+        # `videos`: whether the model lays out video tokens (its adapter's capability); a
+        # processor may have a video processor the model's vlmscope adapter does not read
+        has_processor = getattr(processor, "video_processor", None) is not None
+        self.has_videos = has_processor and videos is not False
         self.template = getattr(processor, "chat_template", None) or getattr(
             self.tokenizer, "chat_template", None
         )
@@ -354,6 +360,8 @@ def collate(
         elif k in TOKEN_GRID_KEYS:
             inputs[k] = _cat_ragged([_pad_grid_seq(p, longest, padding_side) for p in parts])
         else:
+            if k in FRAME_KEYS:
+                _same_frame_counts(k, parts, samples)
             inputs[k] = _cat_ragged(parts)
             if k == "aspect_ratio_mask":
                 # Mllama's processor marks the first tile of a padding image slot as present
@@ -371,6 +379,25 @@ def collate(
         masks=masks(inputs) if masks is not None else None,
         positions=[s.position for s in samples],
     )
+
+
+class CollateError(ValueError):
+    """Samples that one batch cannot hold together (the processor would refuse them too)."""
+
+
+def _same_frame_counts(key: str, parts: list[torch.Tensor], samples: Sequence[Sample]) -> None:
+    """Videos as [videos, frames, ...] (LLaVA-NeXT-Video) batch only at one frame count:
+    padding the frames would give a shorter video blank frames its prompt has no tokens for."""
+    if any(p.dim() < 3 for p in parts):
+        return  # flattened patches (Qwen-VL): nothing to pad
+    counts = {int(p.shape[1]) for p in parts}
+    if len(counts) > 1:
+        rows = [s.row_id for s in samples if key in s.tensors]
+        raise CollateError(
+            f"rows {rows[:4]} hold videos of {sorted(counts)} frames in one batch, and this "
+            "processor batches videos of one length only: give every video the same number "
+            "of frames (sample them beforehand), or use --batch-size 1"
+        )
 
 
 def _tensor_or_zeros(sample: Sample, key: str, samples: Sequence[Sample]) -> torch.Tensor:
@@ -697,6 +724,7 @@ class _EncoderFactory:
         self.image_token_ids = encoder.image_token_ids.tolist()
         self.add_generation_prompt = encoder.add_generation_prompt
         self.processed = encoder.processed
+        self.videos = encoder.has_videos
 
     def __call__(self) -> SampleEncoder:
         return SampleEncoder(
@@ -705,6 +733,7 @@ class _EncoderFactory:
             self.image_token_ids,
             self.add_generation_prompt,
             self.processed,
+            self.videos,
         )
 
 

@@ -140,18 +140,18 @@ class Record:
         """True for a plain-text record (no chat structure, not processed)."""
         return not self.messages and not self.tensors
 
-    def pictures(self) -> list[Image.Image]:
-        """One picture per image or video, in the order of their parts (the order in which
-        the masks number them): an image itself, a video's first frame."""
+    def pictures(self) -> list[tuple[Image.Image, bool]]:
+        """(picture, is a video) per image or video, in the order of their parts (the order in
+        which the masks number them): an image itself, a video's first frame."""
         images, videos = iter(self.images), iter(self.videos)
         out = []
         for msg in self.messages:
             content = msg.get("content")
             for part in content if isinstance(content, list) else []:
                 if part.get("type") == "image":
-                    out.append(next(images))
+                    out.append((next(images), False))
                 elif part.get("type") == "video":
-                    out.append(next(videos)[0])
+                    out.append((next(videos)[0], True))
         return out
 
 

@@ -96,7 +96,11 @@ class _ImageCache:
         for r in records:
             # with videos, one picture per image or video in token order (a video's first
             # frame), as the masks number them
-            imgs = r.pictures() if getattr(r, "videos", None) else getattr(r, "images", None)
+            imgs = (
+                r.pictures()
+                if getattr(r, "videos", None)
+                else [(im, False) for im in getattr(r, "images", None) or []]
+            )
             if imgs:
                 self.items[r.row_id] = list(imgs)
                 self.items.move_to_end(r.row_id)
@@ -200,7 +204,12 @@ def _collect(
     if rows:
         data = data.skip(rows)
     cache = _ImageCache()
-    encoder = SampleEncoder(vlm.processor, opts.ctx_len, vlm.adapter.image_token_ids())
+    encoder = SampleEncoder(
+        vlm.processor,
+        opts.ctx_len,
+        vlm.adapter.image_token_ids(),
+        videos=vlm.adapter.capabilities.video,
+    )
     pad = vlm.tokenizer.pad_token_id
     stream = encode_stream(cache.wrap(data), encoder, SkipCounter())
     proc = getattr(vlm.processor, "image_processor", None)
@@ -298,7 +307,7 @@ def _save_new_images(
         pics = cache.items.get(batch.row_ids[b], [])
         if img >= len(pics):
             continue  # the reader's images are gone (not expected): the card shows text only
-        pic = pics[img]
+        pic, video = pics[img]
         cells = pm[b][img_mask[b] & (pm[b, :, 0] == img)]
         grids = {}
         for view in cells[:, 1].unique().tolist():
@@ -312,16 +321,19 @@ def _save_new_images(
             "height": pic.height,
             "region": list(region) if region is not None else [0, 0, pic.width, pic.height],
             "grids": grids,
+            **({"video": True} if video else {}),  # every view a frame, cropped alike
         }
 
 
 def _box(ref: dict[str, Any], view: int, row: int, col: int) -> list[float] | None:
     """Pixel box (x0, y0, x1, y1) of a patch cell in the stored image (tiles and high-
-    resolution views are taken to cover the whole image, as the heatmaps do)."""
+    resolution views are taken to cover the whole image, as the heatmaps do; a video's views
+    are its frames, each processed as the first, which is the stored picture)."""
     grid = ref["grids"].get(str(view))
     if grid is None or row < 0 or col < 0:
         return None
-    x0, y0, x1, y1 = ref["region"] if view == 0 else [0, 0, ref["width"], ref["height"]]
+    whole = [0, 0, ref["width"], ref["height"]]
+    x0, y0, x1, y1 = ref["region"] if view == 0 or ref.get("video") else whole
     ch, cw = (y1 - y0) / grid[0], (x1 - x0) / grid[1]
     return [x0 + col * cw, y0 + row * ch, x0 + (col + 1) * cw, y0 + (row + 1) * ch]
 

@@ -101,7 +101,12 @@ class SaeTrainingData(IterableDataset):  # type: ignore[type-arg]
     ) -> None:
         super().__init__()
         self.records = records
-        self.encoder = SampleEncoder(vlm.processor, ctx_len, vlm.adapter.image_token_ids())
+        self.encoder = SampleEncoder(
+            vlm.processor,
+            ctx_len,
+            vlm.adapter.image_token_ids(),
+            videos=vlm.adapter.capabilities.video,
+        )
         self.skips = SkipCounter()
         self.strict = strict
         self.collator = SaeCollator(vlm, tokens, include_special_tokens)

@@ -415,7 +415,11 @@ def iter_batches(
 
         processed = ProcessedSpec(vlm)
     encoder = SampleEncoder(
-        vlm.processor, ctx_len, vlm.adapter.image_token_ids(), processed=processed
+        vlm.processor,
+        ctx_len,
+        vlm.adapter.image_token_ids(),
+        processed=processed,
+        videos=vlm.adapter.capabilities.video,
     )
     samples = encode_stream(records(), encoder, skips if skips is not None else SkipCounter())
     pad = vlm.tokenizer.pad_token_id

@@ -29,10 +29,12 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from vlmscope import VlmscopeWarning
 from vlmscope.data.packing import Document, Packer, packed_batches
 from vlmscope.data.processed import ProcessedDataError, ProcessedSpec
 from vlmscope.data.processing import (
     Batch,
+    CollateError,
     EncoderPool,
     SampleEncoder,
     SkipCounter,
@@ -378,10 +380,14 @@ class LiveSource:
             processed = ProcessedSpec(vlm, cfg.model)
             try:  # before the first batch: a dataset made for another model stops here
                 processed.check_dataset(self.dataset, repr(cfg.dataset))
-            except ProcessedDataError as e:
+            except (ProcessedDataError, CollateError) as e:
                 raise TrainingError(str(e)) from None
         self.encoder = SampleEncoder(
-            vlm.processor, cfg.ctx_len, vlm.adapter.image_token_ids(), processed=processed
+            vlm.processor,
+            cfg.ctx_len,
+            vlm.adapter.image_token_ids(),
+            processed=processed,
+            videos=vlm.adapter.capabilities.video,
         )
         self.packer = self._packer(vlm)
         if not self._sharded():
@@ -553,6 +559,7 @@ class LiveSource:
                 f"layers {sorted(vlm.adapter.skippable_blocks())}, which this run reads "
                 f"({missed[0]}): such batches are left out (rows {batch.row_ids[:3]} first); "
                 "rows without images train only in batches with an image",
+                category=VlmscopeWarning,
                 stacklevel=2,
             )
         return True
@@ -619,7 +626,10 @@ class LiveSource:
                 end = min(start + (w + 1) * window, total)
                 try:
                     part = collate(buf, pad_id, masks=vlm.masks) if buf else None
-                except ProcessedDataError as e:  # pixel_values that cannot fit the tower
+                except (
+                    ProcessedDataError,
+                    CollateError,
+                ) as e:  # pixel_values that cannot fit the tower
                     raise TrainingError(str(e)) from None
                 yield part, {"epoch": epoch, "rows": end}, journal.take((0, end))
             if start == 0:  # a full pass: the same checks as one process, over all ranks
@@ -667,7 +677,10 @@ class LiveSource:
                     last = batch.positions[-1] + 1
                     yield batch, {"epoch": epoch, "rows": last}, trailing + skipped
                     trailing = []
-            except ProcessedDataError as e:  # pixel_values that cannot fit the vision tower
+            except (
+                ProcessedDataError,
+                CollateError,
+            ) as e:  # pixel_values that cannot fit the vision tower
                 raise TrainingError(str(e)) from None
             except WorkerDiedError as e:
                 raise TrainingError(f"{e}; the last checkpoint is intact") from None
