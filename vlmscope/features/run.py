@@ -94,13 +94,7 @@ class _ImageCache:
 
     def wrap(self, records: Any) -> Iterator[Any]:
         for r in records:
-            # with videos, one picture per image or video in token order (a video's first
-            # frame), as the masks number them
-            imgs = (
-                r.pictures()
-                if getattr(r, "videos", None)
-                else [(im, False) for im in getattr(r, "images", None) or []]
-            )
+            imgs = r.pictures()  # in token order, as the masks number them
             if imgs:
                 self.items[r.row_id] = list(imgs)
                 self.items.move_to_end(r.row_id)
@@ -263,11 +257,7 @@ def _collect(
     bar.close()
     seconds = time.perf_counter() - t0
     if left_out:
-        print(
-            f"{left_out} batch(es) left out: without an image {vlm.adapter.family} skips its "
-            f"layers {sorted(vlm.adapter.skippable_blocks())}, which the dictionaries read",
-            file=sys.stderr,
-        )
+        print(vlm.left_out_note(left_out), file=sys.stderr)
     if collectors[0].tokens == 0:
         raise FeaturesError(f"dataset {dataset!r} gave no tokens to collect features on")
     units = _write_cards(out, vlm, bundle, collectors, image_refs, opts, settings)

@@ -327,6 +327,19 @@ class HookedVLM:
             return []
         return [n for n in names if (i := _lm_layer(n)) is not None and i in skipped]
 
+    def skipped_layers(self) -> str:
+        """The layers `skipped_hooks` leaves out, said once for every message that names them:
+        'mllama: a batch without images skips the language model's layers [1, 3]'."""
+        layers = sorted(self.adapter.skippable_blocks())
+        return (
+            f"{self.adapter.family}: a batch without images skips the language model's "
+            f"layers {layers}"
+        )
+
+    def left_out_note(self, n: int) -> str:
+        """What eval and features say of the batches they left out by `skipped_hooks`."""
+        return f"{n} batch(es) left out ({self.skipped_layers()}, which the dictionaries read)"
+
     def masks(self, inputs: Mapping[str, Any]) -> TokenMasks:
         """Token masks and patch map of a processed batch; raises if images and placeholders
         disagree, naming the sample."""

@@ -152,7 +152,7 @@ def plan_training(
     if fsdp:
         b.add("model", "FSDP gathered layers (2 in flight)", 2 * shape.largest_layer * wb)
         b.add("model", "FSDP root unit, gathered whole", shape.root_unit * wb,
-              "embeddings, head, vision tower")  # fmt: skip
+              "all but the sharded layers")  # fmt: skip
     b.add("model", "forward transients", n * (4 * d + 3 * shape.d_ffn) * 2, f"{n} tokens")
     b.add("model", "logits", n * shape.vocab * 2)
     b.add("model", "hook cache (model dtype + fp32)", n * n_units * 2 * d * (wb + 4))

@@ -709,10 +709,10 @@ def evaluate(
         stats = getattr(data, "stats", None)
         if stats is not None:
             skips.merge(stats.counts, stats.examples)
-        why = f"; {_left_out_note(vlm, left_out)}" if left_out else ""
+        why = f"; {vlm.left_out_note(left_out)}" if left_out else ""
         raise ValueError(f"no batches to evaluate ({skips.summary()}){why}")
     if left_out:
-        print(_left_out_note(vlm, left_out), file=sys.stderr)
+        print(vlm.left_out_note(left_out), file=sys.stderr)
     if skips.total:
         print(skips.summary(), file=sys.stderr)
     name = model_name or str(getattr(vlm.model.config, "_name_or_path", "") or "model")
@@ -726,14 +726,6 @@ def evaluate(
         dataset=dataset,
         split=split,
         max_tokens=max_tokens or None,
-    )
-
-
-def _left_out_note(vlm: HookedVLM, n: int) -> str:
-    layers = sorted(vlm.adapter.skippable_blocks())
-    return (
-        f"{n} batch(es) left out: without an image {vlm.adapter.family} skips its layers "
-        f"{layers}, which the dictionaries read (rows without images count in batches with one)"
     )
 
 

@@ -523,10 +523,7 @@ def _capture(
                 got = lay.sum([float(sample), float(stream)])
                 problem = None
                 if got[0].item() == 0:
-                    problem = (
-                        f"dataset {run.dataset!r} produced no usable samples on any of the "
-                        f"{lay.world} ranks ({source.skips.summary()})"
-                    )
+                    problem = source.no_samples_message()
                 elif got[1].item() == 0:
                     problem = source.no_tokens_message()
                 lay.agree(problem)

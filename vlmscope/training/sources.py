@@ -533,14 +533,23 @@ class LiveSource:
         if self.batches_left_out:
             vlm = self._model()
             return (
-                f"no tokens in a full pass over {cfg.dataset!r}: its "
-                f"{self.batches_left_out} batch(es) hold no image, and {vlm.adapter.family} "
-                f"skips its layers {sorted(vlm.adapter.skippable_blocks())}, which the run "
-                "reads, without one (see `left_out`): give rows with images"
+                f"no tokens in a full pass over {cfg.dataset!r}: {self.batches_left_out} "
+                f"batch(es) left out ({vlm.skipped_layers()}, which this run reads): give "
+                "rows with images"
             )
         return (
             f"--tokens {cfg.tokens} selected no tokens in a full pass over {cfg.dataset!r}"
             f"{_NO_TOKENS_HINT[cfg.tokens]}"
+        )
+
+    def no_samples_message(self) -> str:
+        """A full pass gave no sample (on any rank, with several: this rank's skips named)."""
+        lay, skips = self.layout, self.skips.summary()
+        if not lay.distributed:
+            return f"dataset {self.cfg.dataset!r} produced no usable samples ({skips})"
+        return (
+            f"dataset {self.cfg.dataset!r} produced no usable samples on any of the "
+            f"{lay.world} ranks (rank {lay.rank}: {skips})"
         )
 
     def left_out(self, batch: Batch, names: list[str] | None = None) -> bool:
@@ -555,9 +564,8 @@ class LiveSource:
         if self.batches_left_out == 1:  # any rank's first: another rank may leave out none
             where = f"rank {self.layout.rank}: " if self.layout.distributed else ""
             warnings.warn(
-                f"{where}{vlm.adapter.family}: a batch without images skips the language model's "
-                f"layers {sorted(vlm.adapter.skippable_blocks())}, which this run reads "
-                f"({missed[0]}): such batches are left out (rows {batch.row_ids[:3]} first); "
+                f"{where}{vlm.skipped_layers()}, which this run reads ({missed[0]}): such "
+                f"batches are left out (rows {batch.row_ids[:3]} first); "
                 "rows without images train only in batches with an image",
                 category=VlmscopeWarning,
                 stacklevel=2,
@@ -626,18 +634,12 @@ class LiveSource:
                 end = min(start + (w + 1) * window, total)
                 try:
                     part = collate(buf, pad_id, masks=vlm.masks) if buf else None
-                except (
-                    ProcessedDataError,
-                    CollateError,
-                ) as e:  # pixel_values that cannot fit the tower
+                except (ProcessedDataError, CollateError) as e:  # rows no tower or batch takes
                     raise TrainingError(str(e)) from None
                 yield part, {"epoch": epoch, "rows": end}, journal.take((0, end))
             if start == 0:  # a full pass: the same checks as one process, over all ranks
                 if lay.sum([float(got)]).item() == 0:
-                    raise TrainingError(
-                        f"dataset {cfg.dataset!r} produced no usable samples on any of the "
-                        f"{lay.world} ranks (rank {rank}: {self.skips.summary()})"
-                    )
+                    raise TrainingError(self.no_samples_message())
                 if state.tokens == tokens_before:
                     raise TrainingError(self.no_tokens_message())
             pass_ended(state, epoch, {"rows": end})
@@ -677,19 +679,14 @@ class LiveSource:
                     last = batch.positions[-1] + 1
                     yield batch, {"epoch": epoch, "rows": last}, trailing + skipped
                     trailing = []
-            except (
-                ProcessedDataError,
-                CollateError,
-            ) as e:  # pixel_values that cannot fit the vision tower
+            except (ProcessedDataError, CollateError) as e:  # rows no tower or batch takes
                 raise TrainingError(str(e)) from None
             except WorkerDiedError as e:
                 raise TrainingError(f"{e}; the last checkpoint is intact") from None
             full_pass = full_pass and pass_checks
             if not got_any and full_pass:
                 self.skips.add_all(trailing)  # the pass's rows, all of them skipped
-                raise TrainingError(
-                    f"dataset {cfg.dataset!r} produced no usable samples ({self.skips.summary()})"
-                )
+                raise TrainingError(self.no_samples_message())
             if full_pass and state.tokens == tokens_before:
                 if self.vision:
                     raise TrainingError(
